@@ -1,0 +1,880 @@
+"""Membership core: SWIM failure detection with Lifeguard, gossip and push-pull. Sans-IO.
+
+Theory of operation
+-------------------
+The core is a state machine with no sockets and no clock. The shell (or the simulator) calls
+``receive(sender, msgs, now)`` for every decoded packet and ``tick(now)`` when
+``next_deadline()`` has passed; each call returns an :class:`Output` holding the packets to
+send and the membership events that happened. Randomness comes from the injected
+``random.Random``; times are the caller's monotonic seconds and are only compared with
+other times from the same caller.
+
+Rules, in the order the code applies them:
+
+Probing (SWIM)
+  P1. Every probe interval (scaled by the local health multiplier) the next member of a
+      shuffled round-robin list is pinged; the list is reshuffled at each wrap. Dead and
+      left members are skipped; self is never probed.
+  P2. If no ack arrives within the probe timeout (scaled), `indirect_checks` random alive
+      members are asked to ping the target (IndirectPing), and, with `tcp_fallback`, the
+      target is pinged once over a stream too.
+  P3. If no ack arrives by the end of the probe interval, the target is suspected.
+  P4. An indirect prober that gets no ack within nack_fraction * probe timeout sends a Nack
+      to the requester when asked to (Lifeguard); an ack it gets is forwarded.
+Lifeguard
+  L1. Local health: a successful probe lowers the score by one; a failed one raises it by the
+      missing nacks (by one when none were expected); refuting a suspicion of ourselves
+      raises it by one. Probe interval and timeout are multiplied by score + 1.
+  L2. A suspicion's timeout starts at suspicion_max and shrinks toward suspicion_min as
+      independent accusers confirm it (see suspicion.py). k = suspicion_mult - 2 expected.
+  L3. Buddy system: a ping to a suspected member carries the suspicion, so the member hears
+      it at once and refutes.
+  With ``lifeguard = False`` L1-L3 are off and the suspicion timeout is fixed at the minimum.
+Incarnations and state (memberlist's rules)
+  S1. Alive(i) about a known member applies if i > its incarnation (or the member is
+      dead/left and comes back with a new address). Suspect(i) applies if i >= its
+      incarnation and it is alive; if already suspect it is a confirmation. Dead(i) applies if
+      i >= its incarnation and it is not already dead/left; source == node means "left".
+  S2. A node that hears itself suspected or declared dead (and is not leaving), or hears an
+      alive about itself that differs from its own, refutes: incarnation = accused + 1 and a
+      new Alive is broadcast.
+  S3. Alive about an unknown member adds it. Alive for a known live member from another
+      address is a name conflict: reported, not applied.
+  S4. Dead and left members are kept for gossip_to_the_dead (they are still gossiped to, so
+      they can refute), then reaped from the table.
+Dissemination
+  D1. Every applied change is queued for broadcast (one per node, newest replaces older),
+      and piggybacked on every UDP packet we send, least-sent first, within the packet
+      budget; each is sent at most retransmit_mult * ceil(log10(N+1)) times.
+  D2. Every gossip interval, if anything is queued, a packet of broadcasts goes to
+      `gossip_nodes` random members (alive, suspect, or dead for less than
+      gossip_to_the_dead).
+Anti-entropy
+  A1. Every push-pull period (scaled up with log2 N) the full state is exchanged over a stream
+      with one random live member. The receiver merges first and replies after, so the reply
+      already carries its refutations (this is what lets a healed partition reunite in one
+      exchange). Merging treats a remote "dead" as a suspicion, never as a death.
+  A2. Every reconnect interval, with probability (#dead / #alive), one dead member's last
+      address is sent a join push-pull, until reconnect_timeout after its death. Left members
+      are retried only with reconnect_left.
+  A3. join(addrs) sends a join push-pull to each address; a reply is a JoinSucceeded event,
+      no reply within the join timeout a JoinFailed event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import cbor2
+
+from meshd.settings import MembershipSettings
+
+from .awareness import Awareness
+from .broadcast import ITEM_OVERHEAD, BroadcastQueue
+from .messages import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    STATE_NAMES,
+    SUSPECT,
+    Ack,
+    Alive,
+    Dead,
+    IndirectPing,
+    MemberState,
+    Message,
+    Nack,
+    Ping,
+    PushPull,
+    Suspect,
+)
+from .suspicion import Suspicion
+
+# Packet framing bytes around the items (array headers, version).
+PACKET_OVERHEAD = 4
+MAX_SEQ = 2**32
+
+
+class MembershipError(ValueError):
+    """Bad arguments to the core (too large tags, a bad name...)."""
+
+
+@dataclass(slots=True)
+class Member:
+    """One member as this node sees it."""
+
+    name: str
+    addr: str
+    incarnation: int
+    state: int
+    tags: dict[str, str]
+    state_change: float
+    rtt: float | None = None
+
+    @property
+    def status(self) -> str:
+        return STATE_NAMES[self.state]
+
+    def to_state(self) -> MemberState:
+        return MemberState(self.name, self.addr, self.incarnation, self.state, self.tags)
+
+
+@dataclass(slots=True)
+class MemberEvent:
+    """Something changed in the member table. kind is one of: join, update, alive (recovered
+    from suspicion), suspect, dead, left, reap, conflict, join-ok, join-failed."""
+
+    kind: str
+    node: str
+    addr: str
+    incarnation: int
+    tags: dict[str, str] = field(default_factory=dict)
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Send:
+    """A packet to send. Unreliable (UDP) unless `reliable` (a stream)."""
+
+    addr: str
+    msgs: list[Message]
+    reliable: bool
+    size: int
+
+
+@dataclass(slots=True)
+class Output:
+    sends: list[Send]
+    events: list[MemberEvent]
+
+
+class _Probe:
+    __slots__ = ("done", "expected_nacks", "interval", "nacks", "seq", "start", "target")
+
+    def __init__(self, target: str, seq: int, start: float, interval: float) -> None:
+        self.target = target
+        self.seq = seq
+        self.start = start
+        self.interval = interval
+        self.done = False
+        self.nacks = 0
+        self.expected_nacks = 0
+
+
+class _Relay:
+    """An indirect probe we run for someone else."""
+
+    __slots__ = ("done", "nack", "orig_seq", "requester_addr", "seq")
+
+    def __init__(self, seq: int, requester_addr: str, orig_seq: int, nack: bool) -> None:
+        self.seq = seq
+        self.requester_addr = requester_addr
+        self.orig_seq = orig_seq
+        self.nack = nack
+        self.done = False
+
+
+class _Former:
+    """A dead or left member remembered for reconnect attempts after it is reaped."""
+
+    __slots__ = ("addr", "since", "state")
+
+    def __init__(self, addr: str, state: int, since: float) -> None:
+        self.addr = addr
+        self.state = state
+        self.since = since
+
+
+def encoded_size(msg: Message) -> int:
+    return len(cbor2.dumps(msg.to_wire()))
+
+
+def tags_size(tags: dict[str, str]) -> int:
+    return len(cbor2.dumps(tags))
+
+
+def _tags_estimate(tags: dict[str, str]) -> int:
+    if not tags:
+        return 1
+    return 1 + sum(2 + len(k) + len(v) for k, v in tags.items())
+
+
+class Membership:
+    """SWIM + Lifeguard membership of one node. See the module docstring for the rules."""
+
+    def __init__(
+        self,
+        name: str,
+        addr: str,
+        settings: MembershipSettings,
+        rng: random.Random,
+        now: float,
+        tags: dict[str, str] | None = None,
+        incarnation: int = 0,
+    ) -> None:
+        if not name or len(name) > 128:
+            raise MembershipError("node name must be 1..128 characters")
+        tags = dict(tags or {})
+        if tags_size(tags) > settings.max_meta_bytes:
+            raise MembershipError(
+                f"tags take {tags_size(tags)} bytes encoded; the limit is "
+                f"{settings.max_meta_bytes}")
+        self.s = settings
+        self.rng = rng
+        self.me = Member(name, addr, incarnation, ALIVE, tags, now)
+        self.members: dict[str, Member] = {name: self.me}
+        self.leaving = False
+        # live members other than self, for O(1) random choice and removal
+        self._live: list[str] = []
+        self._live_pos: dict[str, int] = {}
+        self._recent_dead: dict[str, float] = {}
+        self._former: dict[str, _Former] = {}
+        self._probe_list: list[str] = []
+        self._probe_index = 0
+        self._probe: _Probe | None = None
+        self._seq = 0
+        self._acks: dict[int, Any] = {}
+        self._suspicions: dict[str, Suspicion] = {}
+        self._joins: dict[str, float] = {}
+        self._broadcasts = BroadcastQueue()
+        self._awareness = Awareness(settings.awareness_max_multiplier)
+        self._timers: list[tuple[float, int, Callable[[Any, float], None], Any]] = []
+        self._timer_seq = 0
+        self._sends: list[Send] = []
+        self._events: list[MemberEvent] = []
+        self._gossip_armed = False
+        self._now = now
+        self._snapshot_cache: tuple[list[MemberState], int] | None = None
+        # Random phases so that nodes started together do not act in lockstep.
+        self._schedule(now + rng.uniform(0, settings.probe_interval), self._probe_round, None)
+        self._schedule(now + rng.uniform(0, settings.push_pull_interval),
+                       self._push_pull_round, None)
+        self._schedule(now + rng.uniform(0, settings.reconnect_interval),
+                       self._reconnect_round, None)
+        self._next_gossip = now + rng.uniform(0, settings.gossip_interval)
+
+    # --- public API ----------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.me.name
+
+    @property
+    def health_score(self) -> int:
+        """Lifeguard local health score (0 = healthy)."""
+        return self._awareness.score
+
+    def num_live(self) -> int:
+        """Alive and suspect members, self included: the N of every formula."""
+        return len(self._live) + 1
+
+    def member_list(self) -> list[Member]:
+        return list(self.members.values())
+
+    def restore(self, states: Iterable[MemberState], now: float) -> None:
+        """Load members as known without gossiping them (a converged start, or a member list
+        persisted before a restart). Probing verifies them from there."""
+        added = False
+        for st in states:
+            if st.node == self.me.name or st.node in self.members:
+                continue
+            self.members[st.node] = Member(st.node, st.addr, st.incarnation, st.state,
+                                           dict(st.tags), now)
+            if st.state in (ALIVE, SUSPECT) and st.node not in self._live_pos:
+                self._live_pos[st.node] = len(self._live)
+                self._live.append(st.node)
+            self._probe_list.append(st.node)
+            added = True
+        if added:
+            self._snapshot_cache = None
+            self.rng.shuffle(self._probe_list)
+            self._probe_index = 0
+
+    def join(self, addrs: Iterable[str], now: float, timeout: float = 10.0) -> Output:
+        """Contact seeds with a join push-pull (A3)."""
+        self._now = now
+        for addr in addrs:
+            if addr == self.me.addr:
+                continue
+            self._joins[addr] = now + timeout
+            self._schedule(now + timeout, self._join_expired, addr)
+            self._send_push_pull(addr, join=True)
+        return self._flush()
+
+    def leave(self, now: float) -> Output:
+        """Say goodbye: broadcast Dead(self, source=self) and gossip it right away."""
+        self._now = now
+        if not self.leaving:
+            self.leaving = True
+            msg = Dead(self.me.incarnation, self.me.name, self.me.name)
+            self.me.state = LEFT
+            self.me.state_change = now
+            self._snapshot_cache = None
+            self._broadcast(self.me.name, msg)
+            self._gossip(now)
+        return self._flush()
+
+    def update_tags(self, tags: dict[str, str], now: float) -> Output:
+        """Change this node's tags and spread them with a new incarnation."""
+        self._now = now
+        tags = dict(tags)
+        size = tags_size(tags)
+        if size > self.s.max_meta_bytes:
+            raise MembershipError(
+                f"tags take {size} bytes encoded; the limit is {self.s.max_meta_bytes}")
+        self.me.tags = tags
+        self.me.incarnation += 1
+        self._broadcast_self_alive()
+        return self._flush()
+
+    def pending_broadcasts(self) -> int:
+        return len(self._broadcasts)
+
+    def next_deadline(self) -> float:
+        """When tick() must next be called."""
+        timers = self._timers
+        while timers and self._is_stale(timers[0]):
+            heapq.heappop(timers)
+        deadline = timers[0][0] if timers else math.inf
+        if self._gossip_armed and self._next_gossip < deadline:
+            return self._next_gossip
+        return deadline
+
+    def tick(self, now: float) -> Output:
+        self._now = now
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, handler, arg = heapq.heappop(timers)
+            handler(arg, now)
+        if self._gossip_armed and self._next_gossip <= now:
+            self._gossip(now)
+        return self._flush()
+
+    def receive(self, sender: str, msgs: list[Message], now: float,
+                reliable: bool = False) -> Output:
+        """Handle a decoded packet from address `sender`."""
+        self._now = now
+        for msg in msgs:
+            handler = self._handlers.get(type(msg))
+            if handler is not None:
+                handler(self, msg, sender, now, reliable)
+        return self._flush()
+
+    # --- timers --------------------------------------------------------------------------
+
+    def _schedule(self, when: float, handler: Callable[[Any, float], None], arg: Any) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, handler, arg))
+
+    def _is_stale(self, entry: tuple[float, int, Any, Any]) -> bool:
+        """A timer whose work was already done or cancelled (skipped, never run)."""
+        arg = entry[3]
+        kind = type(arg)
+        if kind is _Probe or kind is _Relay:
+            return arg.done
+        if kind is tuple and type(arg[1]) is Suspicion:
+            name, sus = arg
+            return self._suspicions.get(name) is not sus or entry[0] < sus.deadline()
+        return False
+
+    def _flush(self) -> Output:
+        out = Output(self._sends, self._events)
+        self._sends = []
+        self._events = []
+        return out
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) % MAX_SEQ
+        return self._seq
+
+    def _send(self, addr: str, msg: Message, extra: list[Message] | None = None) -> None:
+        """Send one UDP packet with as many piggybacked broadcasts as fit."""
+        msgs = [msg]
+        size = PACKET_OVERHEAD + encoded_size(msg) + ITEM_OVERHEAD
+        if extra:
+            for m in extra:
+                size += encoded_size(m) + ITEM_OVERHEAD
+            msgs.extend(extra)
+        if self._broadcasts:
+            budget = self.s.packet_budget - size
+            limit = self.s.retransmit_limit(self.num_live())
+            for m in self._broadcasts.take(budget, limit):
+                msgs.append(m)
+                size += encoded_size(m) + ITEM_OVERHEAD
+        self._sends.append(Send(addr, msgs, False, size))
+
+    def _send_reliable(self, addr: str, msg: Message) -> None:
+        self._sends.append(Send(addr, [msg], True, PACKET_OVERHEAD + encoded_size(msg)))
+
+    def _broadcast(self, key: str, msg: Message) -> None:
+        self._broadcasts.queue(key, msg, encoded_size(msg))
+        if not self._gossip_armed:
+            # the gossip ticker keeps its phase while idle: the next round is the next
+            # grid point, not "now" (so a change waits for a round, as in memberlist)
+            self._gossip_armed = True
+            interval = self.s.gossip_interval
+            if self._next_gossip <= self._now:
+                skipped = math.floor((self._now - self._next_gossip) / interval) + 1
+                self._next_gossip += skipped * interval
+
+    def _broadcast_self_alive(self) -> None:
+        self._snapshot_cache = None
+        me = self.me
+        self._broadcast(me.name, Alive(me.incarnation, me.name, me.addr, dict(me.tags)))
+
+    def _event(self, kind: str, m: Member, detail: str = "") -> None:
+        self._snapshot_cache = None
+        self._events.append(MemberEvent(kind, m.name, m.addr, m.incarnation, m.tags, detail))
+
+    # --- member table bookkeeping ---------------------------------------------------------
+
+    def _add_member(self, name: str, addr: str, inc: int, tags: dict[str, str], now: float,
+                    state: int = ALIVE) -> Member:
+        m = Member(name, addr, inc, state, dict(tags), now)
+        self.members[name] = m
+        if state in (ALIVE, SUSPECT):
+            self._live_add(name)
+        # insert at a random position of the probe list (memberlist does the same)
+        pos = self.rng.randint(0, len(self._probe_list))
+        self._probe_list.insert(pos, name)
+        if pos < self._probe_index:
+            self._probe_index += 1
+        self._former.pop(name, None)
+        return m
+
+    def _live_add(self, name: str) -> None:
+        if name not in self._live_pos:
+            self._live_pos[name] = len(self._live)
+            self._live.append(name)
+        self._recent_dead.pop(name, None)
+
+    def _live_remove(self, name: str) -> None:
+        pos = self._live_pos.pop(name, None)
+        if pos is None:
+            return
+        last = self._live.pop()
+        if last != name:
+            self._live[pos] = last
+            self._live_pos[last] = pos
+
+    def _random_live(self, k: int, exclude: tuple[str, ...] = ()) -> list[str]:
+        """Up to k distinct random live members (not self), excluding `exclude`."""
+        live = self._live
+        n = len(live)
+        if n == 0 or k <= 0:
+            return []
+        if n <= 2 * (k + len(exclude)):
+            pool = [x for x in live if x not in exclude]
+            return self.rng.sample(pool, min(k, len(pool)))
+        chosen: list[str] = []
+        attempts = 0
+        while len(chosen) < k and attempts < 8 * k:
+            attempts += 1
+            cand = live[self.rng.randrange(n)]
+            if cand in exclude or cand in chosen:
+                continue
+            chosen.append(cand)
+        return chosen
+
+    def _set_dead(self, m: Member, state: int, now: float) -> None:
+        was_live = m.state in (ALIVE, SUSPECT)
+        m.state = state
+        m.state_change = now
+        if was_live:
+            self._live_remove(m.name)
+        self._recent_dead[m.name] = now
+        self._former[m.name] = _Former(m.addr, state, now)
+        self._schedule(now + self.s.gossip_to_the_dead, self._reap, (m.name, now))
+
+    # --- probing (P1-P4, L1, L3) ----------------------------------------------------------
+
+    def _next_probe_target(self) -> Member | None:
+        probe_list = self._probe_list
+        for _ in range(len(probe_list) + 1):
+            if self._probe_index >= len(probe_list):
+                # reshuffle at each wrap, dropping reaped names
+                probe_list[:] = [n for n in probe_list if n in self.members]
+                self.rng.shuffle(probe_list)
+                self._probe_index = 0
+                if not probe_list:
+                    return None
+            name = probe_list[self._probe_index]
+            self._probe_index += 1
+            m = self.members.get(name)
+            if m is not None and m.state in (ALIVE, SUSPECT):
+                return m
+        return None
+
+    def _probe_round(self, _: Any, now: float) -> None:
+        lifeguard = self.s.lifeguard
+        interval = self.s.probe_interval
+        if lifeguard:
+            interval = self._awareness.scale(interval)
+        self._schedule(now + interval, self._probe_round, None)
+        old = self._probe
+        if old is not None and not old.done:
+            self._probe_failed(old, now)
+        if self.leaving:
+            return
+        target = self._next_probe_target()
+        if target is None:
+            return
+        probe = _Probe(target.name, self._next_seq(), now, interval)
+        self._probe = probe
+        self._acks[probe.seq] = probe
+        extra = None
+        if lifeguard and target.state == SUSPECT:
+            extra = [Suspect(target.incarnation, target.name, self.me.name)]
+        self._send(target.addr,
+                   Ping(probe.seq, target.name, self.me.name, self.me.addr), extra)
+        timeout = self.s.probe_timeout
+        if lifeguard:
+            timeout = self._awareness.scale(timeout)
+        self._schedule(now + timeout, self._probe_indirect, probe)
+
+    def _probe_indirect(self, probe: _Probe, now: float) -> None:
+        if probe.done:
+            return
+        target = self.members.get(probe.target)
+        if target is None or target.state not in (ALIVE, SUSPECT):
+            self._probe_done(probe)
+            return
+        helpers = self._random_live(self.s.indirect_checks, (target.name,))
+        nack = self.s.lifeguard
+        for name in helpers:
+            helper = self.members[name]
+            self._send(helper.addr, IndirectPing(probe.seq, target.name, target.addr,
+                                                 self.me.name, self.me.addr, nack))
+        probe.expected_nacks = len(helpers) if nack else 0
+        if self.s.tcp_fallback:
+            self._send_reliable(target.addr,
+                                Ping(probe.seq, target.name, self.me.name, self.me.addr))
+        self._schedule(probe.start + probe.interval, self._probe_final, probe)
+
+    def _probe_final(self, probe: _Probe, now: float) -> None:
+        if not probe.done:
+            self._probe_failed(probe, now)
+
+    def _probe_done(self, probe: _Probe) -> None:
+        probe.done = True
+        self._acks.pop(probe.seq, None)
+
+    def _probe_failed(self, probe: _Probe, now: float) -> None:
+        self._probe_done(probe)
+        if self.s.lifeguard:
+            if probe.expected_nacks > 0:
+                self._awareness.apply(max(0, probe.expected_nacks - probe.nacks))
+            else:
+                self._awareness.apply(1)
+        target = self.members.get(probe.target)
+        if target is None or target.state not in (ALIVE, SUSPECT):
+            return
+        self._on_suspect(Suspect(target.incarnation, target.name, self.me.name),
+                         self.me.addr, now, False)
+
+    def _on_ping(self, msg: Ping, sender: str, now: float, reliable: bool) -> None:
+        if msg.target != self.me.name:
+            return  # meant for a node that used to have our address
+        if reliable:
+            self._send_reliable(sender, Ack(msg.seq))
+        else:
+            self._send(sender, Ack(msg.seq))
+
+    def _on_indirect_ping(self, msg: IndirectPing, sender: str, now: float,
+                          reliable: bool) -> None:
+        relay = _Relay(self._next_seq(), sender, msg.seq, msg.nack)
+        self._acks[relay.seq] = relay
+        self._send(msg.target_addr, Ping(relay.seq, msg.target, self.me.name, self.me.addr))
+        self._schedule(now + self.s.nack_fraction * self.s.probe_timeout,
+                       self._relay_expired, relay)
+
+    def _relay_expired(self, relay: _Relay, now: float) -> None:
+        if relay.done:
+            return
+        relay.done = True
+        self._acks.pop(relay.seq, None)
+        if relay.nack:
+            self._send(relay.requester_addr, Nack(relay.orig_seq))
+
+    def _on_ack(self, msg: Ack, sender: str, now: float, reliable: bool) -> None:
+        waiter = self._acks.pop(msg.seq, None)
+        if waiter is None:
+            return
+        if isinstance(waiter, _Probe):
+            waiter.done = True
+            if self.s.lifeguard:
+                self._awareness.apply(-1)
+            target = self.members.get(waiter.target)
+            if target is not None and not reliable and sender == target.addr:
+                rtt = now - waiter.start
+                target.rtt = rtt if target.rtt is None else 0.8 * target.rtt + 0.2 * rtt
+        else:
+            waiter.done = True
+            self._send(waiter.requester_addr, Ack(waiter.orig_seq))
+
+    def _on_nack(self, msg: Nack, sender: str, now: float, reliable: bool) -> None:
+        waiter = self._acks.get(msg.seq)
+        if isinstance(waiter, _Probe):
+            waiter.nacks += 1
+
+    # --- state changes (S1-S4) -----------------------------------------------------------
+
+    def _refute(self, accused_incarnation: int) -> None:
+        self.me.incarnation = max(self.me.incarnation, accused_incarnation) + 1
+        self._broadcast_self_alive()
+        if self.s.lifeguard:
+            self._awareness.apply(1)
+
+    def _on_alive(self, msg: Alive, sender: str, now: float, reliable: bool) -> None:
+        name = msg.node
+        if name == self.me.name:
+            me = self.me
+            if self.leaving or msg.incarnation < me.incarnation:
+                return
+            if msg.incarnation == me.incarnation and msg.addr == me.addr \
+                    and msg.tags == me.tags:
+                return
+            self._refute(msg.incarnation)
+            return
+        m = self.members.get(name)
+        if m is None:
+            if tags_size(msg.tags) > self.s.max_meta_bytes:
+                return
+            m = self._add_member(name, msg.addr, msg.incarnation, msg.tags, now)
+            self._broadcast(name, msg)
+            self._event("join", m)
+            return
+        if msg.addr != m.addr:
+            if m.state in (ALIVE, SUSPECT):
+                self._event("conflict", m, f"{name} also claimed by {msg.addr}")
+                return
+            m.addr = msg.addr  # a dead node came back on a new address
+        elif msg.incarnation <= m.incarnation:
+            return
+        if tags_size(msg.tags) > self.s.max_meta_bytes:
+            return
+        old_state = m.state
+        m.incarnation = msg.incarnation
+        m.tags = dict(msg.tags)
+        if old_state != ALIVE:
+            m.state = ALIVE
+            m.state_change = now
+        self._suspicions.pop(name, None)
+        if old_state in (DEAD, LEFT):
+            self._live_add(name)
+            self._former.pop(name, None)
+            if name not in self._probe_list:
+                self._probe_list.insert(self.rng.randint(0, len(self._probe_list)), name)
+        self._broadcast(name, msg)
+        kind = "join" if old_state in (DEAD, LEFT) else \
+            "alive" if old_state == SUSPECT else "update"
+        self._event(kind, m)
+
+    def _on_suspect(self, msg: Suspect, sender: str, now: float, reliable: bool) -> None:
+        name = msg.node
+        m = self.members.get(name)
+        if m is None or msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):
+            return
+        if name == self.me.name:
+            if not self.leaving:
+                self._refute(msg.incarnation)
+            return
+        if m.state == SUSPECT:
+            sus = self._suspicions.get(name)
+            if sus is not None and sus.confirm(msg.source):
+                self._broadcast(name, msg)
+                self._schedule(sus.deadline(), self._suspicion_expired, (name, sus))
+            return
+        m.incarnation = msg.incarnation
+        m.state = SUSPECT
+        m.state_change = now
+        n = self.num_live()
+        k = self.s.suspicion_mult - 2
+        if n - 2 < k:
+            k = 0
+        sus = Suspicion(msg.source, k, self.s.suspicion_min(n), self.s.suspicion_max(n), now)
+        self._suspicions[name] = sus
+        self._schedule(sus.deadline(), self._suspicion_expired, (name, sus))
+        self._broadcast(name, msg)
+        self._event("suspect", m, f"by {msg.source}")
+
+    def _suspicion_expired(self, arg: tuple[str, Suspicion], now: float) -> None:
+        name, sus = arg
+        if self._suspicions.get(name) is not sus or now < sus.deadline():
+            return  # cancelled, or a later deadline (an earlier one fired first)
+        m = self.members[name]
+        self._on_dead(Dead(m.incarnation, name, self.me.name), self.me.addr, now, False)
+
+    def _on_dead(self, msg: Dead, sender: str, now: float, reliable: bool) -> None:
+        name = msg.node
+        m = self.members.get(name)
+        if m is None or msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):
+            return
+        if name == self.me.name:
+            if not self.leaving:
+                self._refute(msg.incarnation)
+            return
+        self._suspicions.pop(name, None)
+        m.incarnation = msg.incarnation
+        state = LEFT if msg.source == name else DEAD
+        self._set_dead(m, state, now)
+        self._broadcast(name, msg)
+        self._event("left" if state == LEFT else "dead", m,
+                    "" if state == LEFT else f"by {msg.source}")
+
+    def _reap(self, arg: tuple[str, float], now: float) -> None:
+        name, since = arg
+        m = self.members.get(name)
+        if m is None or m.state not in (DEAD, LEFT) or m.state_change != since:
+            return
+        del self.members[name]
+        self._recent_dead.pop(name, None)
+        self._broadcasts.drop(name)
+        self._event("reap", m)
+
+    # --- gossip (D2) ---------------------------------------------------------------------
+
+    def _gossip(self, now: float) -> None:
+        interval = self.s.gossip_interval
+        self._next_gossip += interval
+        if self._next_gossip <= now:  # we were descheduled: keep the phase, skip the backlog
+            self._next_gossip += (math.floor((now - self._next_gossip) / interval) + 1) * interval
+        if not self._broadcasts:
+            self._gossip_armed = False
+            return
+        targets = self._random_live(self.s.gossip_nodes)
+        recent = self._recent_dead
+        if recent:
+            horizon = now - self.s.gossip_to_the_dead
+            for name in [n for n, t in recent.items() if t < horizon]:
+                del recent[name]
+            if recent:
+                # dead members may receive gossip too: each with the same chance as one live
+                pool = len(self._live) + len(recent)
+                for name in recent:
+                    if self.rng.random() * pool < self.s.gossip_nodes:
+                        targets.append(name)
+        limit = self.s.retransmit_limit(self.num_live())
+        budget = self.s.packet_budget - PACKET_OVERHEAD
+        for name in targets:
+            m = self.members.get(name)
+            if m is None:
+                continue
+            msgs = self._broadcasts.take(budget, limit)
+            if not msgs:
+                break
+            size = PACKET_OVERHEAD + sum(encoded_size(x) + ITEM_OVERHEAD for x in msgs)
+            self._sends.append(Send(m.addr, msgs, False, size))
+        if not self._broadcasts:
+            self._gossip_armed = False
+
+    # --- anti-entropy (A1-A3) ------------------------------------------------------------
+
+    def _snapshot(self) -> tuple[list[MemberState], int]:
+        """The member table as push-pull states, with its estimated encoded size. Cached
+        until the table changes (every change emits an event or is our own alive)."""
+        if self._snapshot_cache is None:
+            states = [m.to_state() for m in self.members.values()]
+            # estimated from the fields (exact encoding of thousands of states is costly and
+            # the shell measures real bytes): 12 bytes of headers and numbers per state
+            size = 16 + len(self.me.name) + sum(
+                12 + len(st.node) + len(st.addr) + _tags_estimate(st.tags) for st in states)
+            self._snapshot_cache = (states, size)
+        return self._snapshot_cache
+
+    def _send_push_pull(self, addr: str, join: bool, reply: bool = False) -> None:
+        states, size = self._snapshot()
+        msg = PushPull(self.me.name, join, reply, states)
+        self._sends.append(Send(addr, [msg], True, size))
+
+    def _push_pull_round(self, _: Any, now: float) -> None:
+        n = self.num_live()
+        period = self.s.push_pull_period(n)
+        self._schedule(now + period, self._push_pull_round, None)
+        if self.leaving:
+            return
+        peers = self._random_live(1)
+        if peers:
+            self._send_push_pull(self.members[peers[0]].addr, join=False)
+
+    def _on_push_pull(self, msg: PushPull, sender: str, now: float, reliable: bool) -> None:
+        if not reliable:
+            return  # full state only travels on streams
+        self._merge(msg, sender, now)
+        if not msg.reply:
+            self._send_push_pull(sender, join=msg.join, reply=True)
+        elif sender in self._joins:
+            del self._joins[sender]
+            self._events.append(MemberEvent("join-ok", msg.source, sender, 0))
+
+    def _merge(self, msg: PushPull, sender: str, now: float) -> None:
+        members = self.members
+        for st in msg.states:
+            m = members.get(st.node)
+            if m is not None and st.incarnation < m.incarnation:
+                continue  # older news than ours: no rule would apply it
+            if st.state == ALIVE:
+                if m is not None and st.incarnation == m.incarnation and st.addr == m.addr \
+                        and m is not self.me:
+                    continue  # nothing new (fast path: most of a push-pull)
+                self._on_alive(Alive(st.incarnation, st.node, st.addr, st.tags), sender, now,
+                               True)
+            elif st.state == LEFT:
+                self._on_dead(Dead(st.incarnation, st.node, st.node), sender, now, True)
+            else:
+                # a remote "dead" is only a suspicion here: we may still reach the node
+                self._on_suspect(Suspect(st.incarnation, st.node, msg.source), sender, now,
+                                 True)
+
+    def _join_expired(self, addr: str, now: float) -> None:
+        deadline = self._joins.get(addr)
+        if deadline is not None and deadline <= now:
+            del self._joins[addr]
+            self._events.append(MemberEvent("join-failed", "", addr, 0, {},
+                                            "no reply to join"))
+
+    def stream_failed(self, addr: str, now: float) -> Output:
+        """The shell could not open a stream to addr: fail a pending join at once."""
+        self._now = now
+        if addr in self._joins:
+            del self._joins[addr]
+            self._events.append(MemberEvent("join-failed", "", addr, 0, {},
+                                            "could not connect"))
+        return self._flush()
+
+    def _reconnect_round(self, _: Any, now: float) -> None:
+        self._schedule(now + self.s.reconnect_interval, self._reconnect_round, None)
+        if self.leaving or not self._former:
+            return
+        horizon = now - self.s.reconnect_timeout
+        for name in [n for n, f in self._former.items() if f.since < horizon]:
+            del self._former[name]
+        candidates = [f for f in self._former.values()
+                      if f.state == DEAD or (f.state == LEFT and self.s.reconnect_left)]
+        if not candidates:
+            return
+        if self.rng.random() * self.num_live() > len(candidates):
+            return
+        target = candidates[self.rng.randrange(len(candidates))]
+        self._send_push_pull(target.addr, join=True)
+
+    _handlers: ClassVar[dict[type, Callable[..., None]]] = {}
+
+
+Membership._handlers = {
+    Ping: Membership._on_ping,
+    IndirectPing: Membership._on_indirect_ping,
+    Ack: Membership._on_ack,
+    Nack: Membership._on_nack,
+    Alive: Membership._on_alive,
+    Suspect: Membership._on_suspect,
+    Dead: Membership._on_dead,
+    PushPull: Membership._on_push_pull,
+}

@@ -1,0 +1,257 @@
+"""Membership messages and their strict CBOR wire format.
+
+Rules:
+- A packet is the CBOR array ``[VERSION, [item, ...]]``; an item is ``[type, field, ...]``.
+  The first item is the packet's main message; the rest are piggybacked broadcasts (a gossip
+  packet has only broadcasts). Every item is handled the same way on receipt.
+- Decoding is strict: the version, each item's type, field count, field types and sizes are
+  checked. Anything wrong raises :class:`DecodeError` and nothing else, whatever the bytes.
+- Messages are plain slotted classes; the core never sees bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import cbor2
+
+VERSION = 1
+
+# Bounds checked while decoding. Sizes of whole packets and frames are the shell's business;
+# these bound each field so a hostile peer cannot make us hold huge objects.
+MAX_NAME = 128  # node names
+MAX_ADDR = 256  # "host:port", "[v6]:port" or ws:// URLs
+MAX_TAGS = 64  # number of tag entries
+MAX_TAG_TEXT = 256  # length of one tag key or value
+MAX_ITEMS = 256  # messages in one packet
+MAX_STATES = 100_000  # members in one push-pull
+MAX_UINT = 2**63 - 1
+MAX_SEQ = 2**32 - 1
+
+ALIVE, SUSPECT, DEAD, LEFT = 0, 1, 2, 3
+STATE_NAMES = ("alive", "suspect", "dead", "left")
+
+
+class DecodeError(ValueError):
+    """Raised for any input that is not a valid membership packet."""
+
+
+@dataclass(slots=True)
+class Ping:
+    """Direct probe. `target` is the name the sender thinks it is probing."""
+
+    TYPE: ClassVar[int] = 1
+    seq: int
+    target: str
+    source: str
+    source_addr: str
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.seq, self.target, self.source, self.source_addr]
+
+
+@dataclass(slots=True)
+class IndirectPing:
+    """Ask the receiver to probe `target` on the sender's behalf (and nack if `nack`)."""
+
+    TYPE: ClassVar[int] = 2
+    seq: int
+    target: str
+    target_addr: str
+    source: str
+    source_addr: str
+    nack: bool
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.seq, self.target, self.target_addr, self.source,
+                self.source_addr, self.nack]
+
+
+@dataclass(slots=True)
+class Ack:
+    TYPE: ClassVar[int] = 3
+    seq: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.seq]
+
+
+@dataclass(slots=True)
+class Nack:
+    """An indirect prober heard nothing from the target (Lifeguard)."""
+
+    TYPE: ClassVar[int] = 4
+    seq: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.seq]
+
+
+@dataclass(slots=True)
+class Alive:
+    TYPE: ClassVar[int] = 5
+    incarnation: int
+    node: str
+    addr: str
+    tags: dict[str, str]
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.incarnation, self.node, self.addr, self.tags]
+
+
+@dataclass(slots=True)
+class Suspect:
+    TYPE: ClassVar[int] = 6
+    incarnation: int
+    node: str
+    source: str
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.incarnation, self.node, self.source]
+
+
+@dataclass(slots=True)
+class Dead:
+    """`node` is dead at `incarnation`; when source == node it left gracefully."""
+
+    TYPE: ClassVar[int] = 7
+    incarnation: int
+    node: str
+    source: str
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.incarnation, self.node, self.source]
+
+
+@dataclass(slots=True)
+class MemberState:
+    """One member as carried by push-pull."""
+
+    node: str
+    addr: str
+    incarnation: int
+    state: int
+    tags: dict[str, str]
+
+    def to_wire(self) -> list[Any]:
+        return [self.node, self.addr, self.incarnation, self.state, self.tags]
+
+
+@dataclass(slots=True)
+class PushPull:
+    """Full-state exchange (anti-entropy). `join` marks a join or reconnect attempt;
+    `reply` marks the answer to a request."""
+
+    TYPE: ClassVar[int] = 8
+    source: str
+    join: bool
+    reply: bool
+    states: list[MemberState]
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.source, self.join, self.reply,
+                [s.to_wire() for s in self.states]]
+
+
+Message = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | PushPull
+
+
+def encode_packet(msgs: list[Message]) -> bytes:
+    """Encode messages as one packet."""
+    return cbor2.dumps([VERSION, [m.to_wire() for m in msgs]])
+
+
+def wire_size(msg: Message) -> int:
+    """Encoded size of one item inside a packet."""
+    return len(cbor2.dumps(msg.to_wire()))
+
+
+# --- strict decoding -------------------------------------------------------------------
+
+def _uint(v: Any, limit: int = MAX_UINT) -> int:
+    if type(v) is not int or v < 0 or v > limit:
+        raise DecodeError(f"expected unsigned integer <= {limit}")
+    return v
+
+
+def _text(v: Any, limit: int, allow_empty: bool = False) -> str:
+    if type(v) is not str or len(v) > limit or (not v and not allow_empty):
+        raise DecodeError(f"expected text of 1..{limit} characters")
+    return v
+
+
+def _flag(v: Any) -> bool:
+    if type(v) is not bool:
+        raise DecodeError("expected boolean")
+    return v
+
+
+def _tags(v: Any) -> dict[str, str]:
+    if type(v) is not dict or len(v) > MAX_TAGS:
+        raise DecodeError(f"expected a map of at most {MAX_TAGS} tags")
+    for key, value in v.items():
+        _text(key, MAX_TAG_TEXT)
+        _text(value, MAX_TAG_TEXT, allow_empty=True)
+    return v
+
+
+def _state(v: Any) -> MemberState:
+    if type(v) is not list or len(v) != 5:
+        raise DecodeError("member state must be a 5-item array")
+    state = _uint(v[3], LEFT)
+    return MemberState(_text(v[0], MAX_NAME), _text(v[1], MAX_ADDR), _uint(v[2]), state,
+                       _tags(v[4]))
+
+
+def _states(v: Any) -> list[MemberState]:
+    if type(v) is not list or len(v) > MAX_STATES:
+        raise DecodeError("push-pull states must be an array")
+    return [_state(s) for s in v]
+
+
+_DECODERS: dict[int, tuple[int, Any]] = {
+    Ping.TYPE: (5, lambda f: Ping(_uint(f[1], MAX_SEQ), _text(f[2], MAX_NAME),
+                                  _text(f[3], MAX_NAME), _text(f[4], MAX_ADDR))),
+    IndirectPing.TYPE: (7, lambda f: IndirectPing(
+        _uint(f[1], MAX_SEQ), _text(f[2], MAX_NAME), _text(f[3], MAX_ADDR),
+        _text(f[4], MAX_NAME), _text(f[5], MAX_ADDR), _flag(f[6]))),
+    Ack.TYPE: (2, lambda f: Ack(_uint(f[1], MAX_SEQ))),
+    Nack.TYPE: (2, lambda f: Nack(_uint(f[1], MAX_SEQ))),
+    Alive.TYPE: (5, lambda f: Alive(_uint(f[1]), _text(f[2], MAX_NAME), _text(f[3], MAX_ADDR),
+                                    _tags(f[4]))),
+    Suspect.TYPE: (4, lambda f: Suspect(_uint(f[1]), _text(f[2], MAX_NAME),
+                                        _text(f[3], MAX_NAME))),
+    Dead.TYPE: (4, lambda f: Dead(_uint(f[1]), _text(f[2], MAX_NAME), _text(f[3], MAX_NAME))),
+    PushPull.TYPE: (5, lambda f: PushPull(_text(f[1], MAX_NAME), _flag(f[2]), _flag(f[3]),
+                                          _states(f[4]))),
+}
+
+
+def decode_item(item: Any) -> Message:
+    """Decode one already-parsed item ``[type, field, ...]``."""
+    if type(item) is not list or not item:
+        raise DecodeError("message must be a non-empty array")
+    kind = item[0]
+    if type(kind) is not int or kind not in _DECODERS:
+        raise DecodeError(f"unknown message type {kind!r}")
+    nfields, build = _DECODERS[kind]
+    if len(item) != nfields:
+        raise DecodeError(f"message type {kind} needs {nfields} fields, got {len(item)}")
+    return build(item)
+
+
+def decode_packet(data: bytes) -> list[Message]:
+    """Decode a packet strictly; raises DecodeError for anything invalid."""
+    try:
+        raw = cbor2.loads(data, max_depth=8)
+    except Exception as exc:  # cbor2 raises many types for hostile input; all mean "invalid"
+        raise DecodeError(f"not valid CBOR: {type(exc).__name__}") from None
+    if type(raw) is not list or len(raw) != 2:
+        raise DecodeError("packet must be [version, items]")
+    if type(raw[0]) is not int or raw[0] != VERSION:
+        raise DecodeError(f"unsupported version {raw[0]!r}")
+    items = raw[1]
+    if type(items) is not list or not items or len(items) > MAX_ITEMS:
+        raise DecodeError(f"packet must carry 1..{MAX_ITEMS} messages")
+    return [decode_item(item) for item in items]

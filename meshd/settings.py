@@ -1,0 +1,214 @@
+"""Settings: every knob of the node, with its documented default and the reason for it.
+
+Rules:
+- One dataclass per component; every field has a default and a comment saying why.
+- Profiles (`lan`, `wan`, `local`) are named sets of overrides on top of the defaults,
+  in the manner of memberlist's DefaultLANConfig / DefaultWANConfig / DefaultLocalConfig.
+- Durations are float seconds; sizes are bytes.
+- Settings are plain values: components never read the environment or files themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+PROFILES = ("lan", "wan", "local")
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipSettings:
+    """SWIM + Lifeguard failure detection and gossip. Defaults are the LAN profile."""
+
+    # Time between two probes of this node (one random member per interval, round-robin).
+    # 1 s keeps first detection of a crash around one to two seconds while each node sends
+    # one ping per second whatever the cluster size (memberlist LAN).
+    probe_interval: float = 1.0
+    # How long to wait for a direct ack before asking others to probe indirectly. 500 ms is
+    # well above a LAN's 99.9th percentile RTT, and half the probe interval leaves the other
+    # half for indirect probes.
+    probe_timeout: float = 0.5
+    # Members asked to probe indirectly when the direct probe fails. Three independent paths
+    # make a false suspicion through a single lossy link unlikely (p_loss^3).
+    indirect_checks: int = 3
+    # Time between gossip rounds that push queued broadcasts to `gossip_nodes` members.
+    # 200 ms spreads a change through 1,000 nodes in about two seconds.
+    gossip_interval: float = 0.2
+    # Fanout: members each gossip round goes to. Three gives log4(N) rounds of spread and
+    # keeps per-node traffic flat in N.
+    gossip_nodes: int = 3
+    # Dead members still receive gossip this long, so a node wrongly declared dead hears it
+    # and refutes; also how long dead/left members stay in the table before they are reaped.
+    gossip_to_the_dead: float = 30.0
+    # Each broadcast is retransmitted retransmit_mult * ceil(log10(N + 1)) times: with 4 the
+    # chance a node misses a change is negligible even with 10% packet loss.
+    retransmit_mult: int = 4
+    # Minimum suspicion timeout = suspicion_mult * max(1, log10(N)) * probe_interval: time for
+    # the suspect to hear about it and refute, growing slowly with the cluster.
+    suspicion_mult: int = 4
+    # Lifeguard: an unconfirmed suspicion starts at this multiple of the minimum and shrinks
+    # toward the minimum as independent members confirm it. 6 gives a lone (maybe slow)
+    # accuser's victim plenty of time to refute.
+    suspicion_max_timeout_mult: int = 6
+    # Lifeguard: the local health multiplier may stretch probe interval and timeout up to this
+    # factor when this node notices that it is the slow one (missed nacks, refutations).
+    awareness_max_multiplier: int = 8
+    # Full state exchange with one random member, scaled up with log2(N) beyond 32 nodes so
+    # the bandwidth it costs stays flat. 30 s repairs anything gossip missed quickly enough.
+    push_pull_interval: float = 30.0
+    # Try to reach one dead member's last address this often so a healed partition rejoins
+    # without an operator (Serf's reconnect_interval).
+    reconnect_interval: float = 30.0
+    # Give up reconnecting to a dead member after this long (Serf's reconnect_timeout, 24 h).
+    reconnect_timeout: float = 86400.0
+    # Members that left gracefully said goodbye; retrying them would pull a deliberately
+    # removed node back in, so by default only dead members are retried.
+    reconnect_left: bool = False
+    # Largest UDP payload a gossip packet may use: below a 1500-byte Ethernet MTU with room
+    # for IP/UDP headers and the seal (nonce + tag).
+    packet_budget: int = 1400
+    # Node tags (region, cloud, role...) encoded may not exceed this; they ride every alive
+    # message, so they must stay small.
+    max_meta_bytes: int = 512
+    # When a UDP probe fails, also ping over a stream (TCP) in parallel with the indirect
+    # probes: a UDP-only firewall problem then does not kill healthy members (memberlist).
+    tcp_fallback: bool = True
+    # Lifeguard on (local health multiplier, nacks, dynamic suspicion timeout, buddy
+    # system). Only turned off to measure what it buys.
+    lifeguard: bool = True
+    # Nack: an indirect prober that hears nothing from the target tells the requester after
+    # this fraction of the probe timeout, so the requester can tell "target down" from
+    # "I am slow" (Lifeguard).
+    nack_fraction: float = 0.8
+    # Push-pull interval scaling starts above this many nodes (memberlist pushPullScale).
+    push_pull_scale_threshold: int = 32
+
+    def suspicion_min(self, n: int) -> float:
+        """Minimum suspicion timeout for a cluster of n members."""
+        return self.suspicion_mult * max(1.0, math.log10(max(1, n))) * self.probe_interval
+
+    def suspicion_max(self, n: int) -> float:
+        """Starting (maximum) suspicion timeout; equals the minimum without Lifeguard."""
+        if not self.lifeguard:
+            return self.suspicion_min(n)
+        return self.suspicion_max_timeout_mult * self.suspicion_min(n)
+
+    def retransmit_limit(self, n: int) -> int:
+        """How many times each broadcast is sent: retransmit_mult * ceil(log10(n + 1))."""
+        return self.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
+
+    def push_pull_period(self, n: int) -> float:
+        """Push-pull interval scaled for n members: x(ceil(log2 n - log2 32) + 1) above 32."""
+        threshold = self.push_pull_scale_threshold
+        if n <= threshold:
+            return self.push_pull_interval
+        mult = math.ceil(math.log2(n) - math.log2(threshold)) + 1.0
+        return self.push_pull_interval * mult
+
+
+# Profile overrides, applied on top of the defaults above (which are the LAN profile).
+_MEMBERSHIP_PROFILES: dict[str, dict[str, Any]] = {
+    "lan": {},
+    # Across regions and clouds: RTTs of 50-300 ms and more loss, so slower probes, longer
+    # timeouts and a larger suspicion multiplier (memberlist DefaultWANConfig).
+    "wan": {
+        "probe_interval": 5.0,
+        "probe_timeout": 3.0,
+        "suspicion_mult": 6,
+        "push_pull_interval": 60.0,
+        "gossip_nodes": 4,
+        "gossip_interval": 0.5,
+        "gossip_to_the_dead": 60.0,
+    },
+    # One host or loopback tests: near-zero RTT, so fast probes and short timeouts make
+    # tests and demos react within a second or two (memberlist DefaultLocalConfig).
+    "local": {
+        "probe_interval": 0.5,
+        "probe_timeout": 0.2,
+        "indirect_checks": 1,
+        "retransmit_mult": 2,
+        "suspicion_mult": 3,
+        "push_pull_interval": 15.0,
+        "gossip_interval": 0.1,
+        "gossip_to_the_dead": 15.0,
+        "reconnect_interval": 5.0,
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The whole settings tree of a node."""
+
+    profile: str = "lan"
+    membership: MembershipSettings = field(default_factory=MembershipSettings)
+
+
+class SettingsError(ValueError):
+    """A setting has an unknown name or a value of the wrong type or range."""
+
+
+def membership_profile(profile: str = "lan", **overrides: Any) -> MembershipSettings:
+    """Membership settings for a profile, with explicit overrides applied last."""
+    if profile not in _MEMBERSHIP_PROFILES:
+        raise SettingsError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    values = dict(_MEMBERSHIP_PROFILES[profile])
+    values.update(overrides)
+    return _replace_checked(MembershipSettings(), values, "membership")
+
+
+def _replace_checked(obj: Any, values: dict[str, Any], section: str) -> Any:
+    known = {f.name: f for f in fields(obj)}
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        f = known.get(key)
+        if f is None:
+            raise SettingsError(f"unknown setting {section}.{key}")
+        default = getattr(obj, key)
+        clean[key] = _coerce(value, default, f"{section}.{key}")
+    return replace(obj, **clean)
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    """Coerce a value (possibly a string from env/flags) to the type of its default."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, bool):
+                return value
+            raise ValueError(value)
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            result = int(value)
+            if isinstance(value, float) and result != value:
+                raise ValueError(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            result = float(value)
+            if not math.isfinite(result):
+                raise ValueError(value)
+        else:
+            return kind(value)
+    except (TypeError, ValueError):
+        raise SettingsError(
+            f"{name} must be {kind.__name__}, got {value!r}"
+        ) from None
+    if result < 0:
+        raise SettingsError(f"{name} must not be negative, got {value!r}")
+    return result
+
+
+def as_dict(settings: Any) -> dict[str, Any]:
+    """Settings as a plain dict (for --print-settings and reports)."""
+    return dataclasses.asdict(settings)

@@ -1,0 +1,88 @@
+"""Simulated network: per-link latency with jitter, loss, egress bandwidth and partitions.
+
+Rules:
+- Nodes sit in zones; a link's parameters come from the zone pair (`links` overrides) or the
+  network defaults. Latency is one-way: base + a jitter draw (uniform, normal or exponential).
+- A datagram is lost with the link's loss probability. A stream message is never lost but
+  each lost segment costs a retransmission timeout (200 ms, doubling); past `stream_timeout`
+  the stream fails. Opening a stream costs one round trip.
+- Each node's egress is a queue at the link bandwidth (bytes/s), if one is set.
+- Nodes in different partition groups cannot reach each other, in either direction.
+- All randomness comes from the one `random.Random` handed in.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+JITTER_KINDS = ("uniform", "normal", "exponential")
+
+
+@dataclass(slots=True)
+class Link:
+    latency: float = 0.0005  # one-way, seconds
+    jitter: float = 0.0001  # scale of the jitter draw, seconds
+    jitter_kind: str = "uniform"
+    loss: float = 0.0  # probability a datagram is dropped
+    bandwidth: float = 0.0  # bytes/s at the sender's egress; 0 = unlimited
+
+
+class Network:
+    def __init__(self, default: Link, rng: random.Random, stream_timeout: float = 10.0) -> None:
+        self.default = default
+        self.rng = rng
+        self.stream_timeout = stream_timeout
+        self.zone_of: list[int] = []
+        self.links: dict[tuple[int, int], Link] = {}
+        self.group_of: list[int] | None = None
+        self.egress_free: list[float] = []
+
+    def add_node(self, zone: int = 0) -> None:
+        self.zone_of.append(zone)
+        self.egress_free.append(0.0)
+
+    def link(self, src: int, dst: int) -> Link:
+        if not self.links:
+            return self.default
+        return self.links.get((self.zone_of[src], self.zone_of[dst]), self.default)
+
+    def partitioned(self, src: int, dst: int) -> bool:
+        groups = self.group_of
+        return groups is not None and groups[src] != groups[dst]
+
+    def _latency(self, link: Link) -> float:
+        jitter = link.jitter
+        if jitter <= 0:
+            return link.latency
+        kind = link.jitter_kind
+        if kind == "uniform":
+            return link.latency + self.rng.random() * jitter
+        if kind == "normal":
+            return link.latency + abs(self.rng.gauss(0.0, jitter))
+        return link.latency + self.rng.expovariate(1.0 / jitter)
+
+    def delivery_time(self, src: int, dst: int, size: int, now: float,
+                      reliable: bool) -> float | None:
+        """When a message sent now arrives, or None if it never does."""
+        if self.group_of is not None and self.group_of[src] != self.group_of[dst]:
+            return None
+        link = self.link(src, dst)
+        start = now
+        if link.bandwidth > 0:
+            start = max(now, self.egress_free[src])
+            self.egress_free[src] = start + size / link.bandwidth
+            start = self.egress_free[src]
+        if not reliable:
+            if link.loss > 0 and self.rng.random() < link.loss:
+                return None
+            return start + self._latency(link)
+        # stream: connection setup round trip, then retransmissions on loss
+        arrive = start + 2 * self._latency(link) + self._latency(link)
+        rto = 0.2
+        while link.loss > 0 and self.rng.random() < link.loss:
+            arrive += rto
+            rto *= 2
+            if arrive - now > self.stream_timeout:
+                return None
+        return arrive
