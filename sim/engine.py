@@ -180,10 +180,12 @@ class Simulation:
         core = node.core
         if core is None or not node.up or node.pause_mode == FULL:
             return
-        deadline = core.next_deadline() - node.offset
+        local = core.next_deadline()
+        deadline = local - node.offset
         if deadline < node.tick_at:
             node.tick_at = deadline
-            self._push(deadline if deadline > self.now else self.now, TICK, node, deadline)
+            # the local deadline rides along: (d - offset) + offset need not equal d in floats
+            self._push(deadline if deadline > self.now else self.now, TICK, node, local)
 
     def _transmit(self, src: SimNode, send: Any) -> None:
         now = self.now
@@ -459,10 +461,11 @@ class Simulation:
                 else:
                     self._deliver(target, payload)
             elif kind == TICK:
-                if target.tick_at != payload or not target.up or target.pause_mode == FULL:
+                if target.tick_at != payload - target.offset or not target.up \
+                        or target.pause_mode == FULL:
                     continue
                 target.tick_at = math.inf
-                self._apply(target, target.core.tick(when + target.offset))
+                self._apply(target, target.core.tick(max(when + target.offset, payload)))
             else:
                 target(payload)
             if progress is not None and handled % 20000 == 0:

@@ -27,6 +27,10 @@ class _Pending:
         self.transmits = 0
 
 
+def _newest_first(p: _Pending) -> int:
+    return -p.seq
+
+
 class BroadcastQueue:
     """Pending broadcasts grouped in tiers by how often they were sent."""
 
@@ -56,7 +60,10 @@ class BroadcastQueue:
             return []
         taken: list[_Pending] = []
         for tier in sorted(self._tiers):
-            for pending in reversed(self._tiers[tier].values()):
+            tier_items = self._tiers[tier]
+            ordered = reversed(tier_items.values()) if len(tier_items) < 2 else sorted(
+                tier_items.values(), key=_newest_first)
+            for pending in ordered:
                 cost = pending.size + ITEM_OVERHEAD
                 if cost <= budget:
                     budget -= cost
