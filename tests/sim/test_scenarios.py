@@ -105,13 +105,13 @@ def test_join_bootstrap_crash_restart_pause_and_clock_offsets():
 
 
 def test_scenario_errors_are_clear():
-    with pytest.raises(ScenarioError, match="unknown key scenario.nodez"):
+    with pytest.raises(ScenarioError, match=r"unknown key scenario\.nodez"):
         parse({"name": "x", "nodez": 3})
-    with pytest.raises(ScenarioError, match="faults\\[0\\].kind"):
+    with pytest.raises(ScenarioError, match=r"faults\[0\]\.kind"):
         parse({"name": "x", "faults": [{"kind": "meteor"}]})
     with pytest.raises(ScenarioError, match="loss is a probability"):
         parse({"name": "x", "network": {"loss": 3}})
-    with pytest.raises(ScenarioError, match="unknown setting membership.probe"):
+    with pytest.raises(ScenarioError, match=r"unknown setting membership\.probe"):
         parse({"name": "x", "membership": {"probe": 1}})
     with pytest.raises(ScenarioError, match="no scenario 'nope'"):
         load("nope")
@@ -135,3 +135,18 @@ def test_cli_json_has_the_contract_keys_and_errors_are_one_line():
     assert "Traceback" not in bad.output
     human = runner.invoke(sim_main, ["run", "crash", "--nodes", "20", "--duration", "40"])
     assert human.exit_code == 0 and "event log sha256" in human.output
+
+
+def test_event_log_is_identical_across_processes_and_hash_seeds():
+    import os
+    import subprocess
+    import sys
+
+    shas = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run(
+            [sys.executable, "-m", "sim", "run", "slow-nodes", "--nodes", "20", "--duration",
+             "120", "--json"], check=True, capture_output=True, text=True, env=env)
+        shas.append(json.loads(out.stdout)["event_log_sha256"])
+    assert shas[0] == shas[1]
