@@ -1,0 +1,1 @@
+"""Transports: sealed UDP datagrams and multiplexed secure stream links."""

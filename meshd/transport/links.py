@@ -1,0 +1,453 @@
+"""Secure stream links over TCP: one link per peer pair, multiplexed into channels.
+
+Theory of operation
+-------------------
+A link is a TCP connection that passed the handshake (secure/handshake.py); after that every
+frame is AEAD-sealed (secure/frames.py). Inside, frames carry [type, channel id, payload]:
+
+    OPEN   name        open a channel to the handler registered under `name`
+    DATA   bytes       part of a message
+    END    bytes       last part of a message
+    CLOSE              no more messages from this side
+    WINDOW increment   the receiver consumed this many bytes: the sender may send more
+
+Rules:
+- Channel ids: the dialing side uses odd numbers, the accepting side even ones.
+- Flow control per channel: a sender may have at most `window` unconsumed bytes in flight;
+  it waits for WINDOW frames beyond that. A peer that overruns the window is dropped. So one
+  busy channel cannot make a link buffer without bound, and a slow reader slows its writer.
+- Messages larger than a frame are split into DATA parts and a final END part.
+- One link per peer address: a link dialed while another is being set up waits for it; if
+  both sides dial at once, the link dialed by the lower node id is kept and the other stops
+  taking new channels and closes once idle.
+- Any protocol fault (bad frame, unknown type, window overrun, failed decryption) closes the
+  link and counts it; it never escapes the link's task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from meshd.identity import Identity
+from meshd.secure.frames import LENGTH, FrameCipher, FrameError
+from meshd.secure.handshake import HandshakeError, Initiator, LinkKeys, Responder
+from meshd.secure.keyring import Keyring
+
+from . import addr as addrs
+
+log = logging.getLogger("meshd.transport.links")
+
+OPEN, DATA, END, CLOSE, WINDOW = 1, 2, 3, 4, 5
+HEADER = struct.Struct(">BI")
+WINDOW_BYTES = 256 * 1024
+CHUNK = 64 * 1024
+HANDSHAKE_FRAME = 4096
+
+
+class LinkError(Exception):
+    """A link could not be set up or broke; str() says why."""
+
+
+class ChannelClosed(Exception):
+    """The other side closed the channel (or the link went away)."""
+
+
+async def _read_exact(stream: trio.abc.Stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise LinkError("connection closed by peer")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _read_plain(stream: trio.abc.Stream) -> bytes:
+    (n,) = LENGTH.unpack(await _read_exact(stream, 4))
+    if n > HANDSHAKE_FRAME:
+        raise HandshakeError("peer did not speak the meshd link protocol")
+    return await _read_exact(stream, n)
+
+
+def _plain(data: bytes) -> bytes:
+    return LENGTH.pack(len(data)) + data
+
+
+class Channel:
+    """One multiplexed conversation: send()/receive() whole messages, with backpressure."""
+
+    def __init__(self, link: Link, cid: int, name: str) -> None:
+        self.link = link
+        self.id = cid
+        self.name = name
+        self._in_send, self._in = trio.open_memory_channel[tuple[int, bytes]](math.inf)
+        self._buffered = 0
+        self._consumed = 0
+        self._send_window = WINDOW_BYTES
+        self._window_changed = trio.Event()
+        self._closed_local = False
+        self._closed_remote = False
+
+    @property
+    def peer_id(self) -> str:
+        return self.link.peer_id
+
+    @property
+    def peer_addr(self) -> str:
+        return self.link.peer_addr
+
+    # called by the link reader
+    def _on_data(self, ftype: int, payload: bytes) -> None:
+        self._buffered += len(payload)
+        if self._buffered > WINDOW_BYTES:
+            raise FrameError(f"peer overran the flow-control window on channel {self.id}")
+        self._in_send.send_nowait((ftype, payload))
+
+    def _on_window(self, increment: int) -> None:
+        self._send_window += increment
+        self._window_changed.set()
+        self._window_changed = trio.Event()
+
+    def _on_close(self) -> None:
+        self._closed_remote = True
+        self._in_send.send_nowait((CLOSE, b""))
+        self._window_changed.set()
+
+    async def send(self, message: bytes) -> None:
+        if self._closed_local:
+            raise ChannelClosed("channel already closed")
+        view = memoryview(message)
+        while True:
+            part = bytes(view[:CHUNK])
+            view = view[CHUNK:]
+            while self._send_window < len(part):
+                if self._closed_remote or self.link.closed:
+                    raise ChannelClosed("peer closed the channel")
+                await self._window_changed.wait()
+            if self.link.closed:
+                raise ChannelClosed(f"link to {self.link.peer_addr} closed")
+            self._send_window -= len(part)
+            await self.link._send(END if not view else DATA, self.id, part)
+            if not view:
+                return
+
+    async def receive(self) -> bytes:
+        parts: list[bytes] = []
+        while True:
+            ftype, payload = await self._in.receive()
+            if ftype == CLOSE:
+                self._in_send.send_nowait((CLOSE, b""))  # stay closed for later calls
+                raise ChannelClosed("peer closed the channel")
+            self._buffered -= len(payload)
+            self._consumed += len(payload)
+            parts.append(payload)
+            if self._consumed >= WINDOW_BYTES // 4 and not self.link.closed:
+                grant, self._consumed = self._consumed, 0
+                await self.link._send(WINDOW, self.id, grant.to_bytes(4, "big"))
+            if ftype == END:
+                return b"".join(parts) if len(parts) != 1 else parts[0]
+
+    async def aclose(self) -> None:
+        if not self._closed_local:
+            self._closed_local = True
+            if not self.link.closed:
+                with trio.move_on_after(1):
+                    try:
+                        await self.link._send(CLOSE, self.id, b"")
+                    except (LinkError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+            self.link._forget(self)
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Link:
+    def __init__(self, manager: LinkManager, stream: trio.abc.Stream, cipher: FrameCipher,
+                 keys: LinkKeys, initiator: bool, initiator_id: str) -> None:
+        self.manager = manager
+        self.stream = stream
+        self.cipher = cipher
+        self.peer_id = keys.peer_id
+        self.peer_addr = keys.peer_addr
+        self.initiator = initiator
+        self.initiator_id = initiator_id
+        self.channels: dict[int, Channel] = {}
+        self._next_id = 1 if initiator else 2
+        self._send_lock = trio.Lock()
+        self.closed = False
+        self.draining = False
+        self._nursery: trio.Nursery | None = None
+
+    async def _send(self, ftype: int, cid: int, payload: bytes) -> None:
+        if self.closed:
+            raise ChannelClosed(f"link to {self.peer_addr} closed")
+        async with self._send_lock:
+            data = self.cipher.seal(HEADER.pack(ftype, cid) + payload)
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._mark_closed()
+                raise ChannelClosed(f"link to {self.peer_addr} broke: {exc}") from None
+
+    async def open_channel(self, name: str) -> Channel:
+        if self.closed or self.draining:
+            raise ChannelClosed(f"link to {self.peer_addr} is closing")
+        cid = self._next_id
+        self._next_id += 2
+        ch = Channel(self, cid, name)
+        self.channels[cid] = ch
+        await self._send(OPEN, cid, name.encode())
+        return ch
+
+    def _forget(self, ch: Channel) -> None:
+        self.channels.pop(ch.id, None)
+        if self.draining and not self.channels and self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _mark_closed(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for ch in list(self.channels.values()):
+                ch._on_close()
+
+    async def run(self) -> None:
+        """Read frames until the link ends; closes everything on the way out."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._read_loop(nursery)
+                nursery.cancel_scope.cancel()
+        except (FrameError, LinkError, trio.BrokenResourceError, OSError) as exc:
+            if not isinstance(exc, LinkError):
+                self.manager.stats["links_dropped_bad_frames"] += 1
+            log.debug("link %s ended: %s", self.peer_addr, exc)
+        finally:
+            self._mark_closed()
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+            self.manager._unregister(self)
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                header = await _read_exact(self.stream, 4)
+            except (LinkError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            (n,) = LENGTH.unpack(header)
+            self.cipher.check_length(n)
+            body = await _read_exact(self.stream, n)
+            plain = self.cipher.open(body)
+            if len(plain) < HEADER.size:
+                raise FrameError("frame without header")
+            ftype, cid = HEADER.unpack_from(plain)
+            payload = plain[HEADER.size:]
+            if ftype == OPEN:
+                if cid in self.channels or (cid % 2 == 1) != (not self.initiator):
+                    raise FrameError(f"peer opened channel {cid} twice or with our parity")
+                name = payload.decode("utf-8", "replace")
+                ch = Channel(self, cid, name)
+                self.channels[cid] = ch
+                handler = self.manager.handlers.get(name)
+                if handler is None:
+                    nursery.start_soon(ch.aclose)
+                else:
+                    nursery.start_soon(self._serve_channel, handler, ch)
+                continue
+            ch = self.channels.get(cid)
+            if ftype in (DATA, END):
+                if ch is not None:
+                    ch._on_data(ftype, payload)
+            elif ftype == WINDOW:
+                if len(payload) != 4:
+                    raise FrameError("bad window frame")
+                if ch is not None:
+                    ch._on_window(int.from_bytes(payload, "big"))
+            elif ftype == CLOSE:
+                if ch is not None:
+                    ch._on_close()
+            else:
+                raise FrameError(f"unknown frame type {ftype}")
+
+    async def _serve_channel(self, handler: Callable[[Channel], Awaitable[None]],
+                             ch: Channel) -> None:
+        try:
+            await handler(ch)
+        except ChannelClosed:
+            pass
+        except Exception:  # a handler bug must not take the link or the node down
+            log.exception("handler for channel %r from %s failed", ch.name, self.peer_addr)
+        finally:
+            await ch.aclose()
+
+    async def aclose(self) -> None:
+        self._mark_closed()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+class LinkManager:
+    """Owns every link of this node; runs them in its nursery."""
+
+    def __init__(self, identity: Identity, keyring: Keyring, advertise: str,
+                 max_frame: int = 1 << 20, handshake_timeout: float = 5.0) -> None:
+        self.identity = identity
+        self.keyring = keyring
+        self.advertise = advertise
+        self.max_frame = max_frame
+        self.handshake_timeout = handshake_timeout
+        self.handlers: dict[str, Callable[[Channel], Awaitable[None]]] = {}
+        self.links: dict[str, Link] = {}
+        self._dialing: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self.listeners: list[trio.SocketListener] = []
+        self.stats: dict[str, int] = {
+            "links_accepted": 0, "links_dialed": 0, "handshakes_failed": 0,
+            "links_dropped_bad_frames": 0}
+
+    async def run(self, bind_host: str, port: int,
+                  task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=bind_host)
+        self.listeners = listeners
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(listeners[0].socket.getsockname()[1])
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener)
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        while True:
+            stream = await listener.accept()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._accept_one, stream)
+
+    async def _accept_one(self, stream: trio.SocketStream) -> None:
+        responder = Responder(self.identity, self.keyring, self.advertise)
+        keys: LinkKeys | None = None
+        with trio.move_on_after(self.handshake_timeout):
+            try:
+                hello = await _read_plain(stream)
+                try:
+                    welcome = responder.on_hello(hello)
+                except HandshakeError as exc:
+                    await stream.send_all(_plain(Responder.reject(str(exc))))
+                    raise
+                await stream.send_all(_plain(welcome))
+                keys = responder.on_confirm(await _read_plain(stream))
+            except (HandshakeError, LinkError, trio.BrokenResourceError, OSError) as exc:
+                self.stats["handshakes_failed"] += 1
+                log.info("refused link from %s: %s", _peer_name(stream), exc)
+        if keys is None:
+            await stream.aclose()
+            return
+        self.stats["links_accepted"] += 1
+        link = Link(self, stream, FrameCipher(keys.send_key, keys.recv_key, self.max_frame),
+                    keys, initiator=False, initiator_id=keys.peer_id)
+        self._register(link)
+        await link.run()
+
+    def _register(self, link: Link) -> None:
+        old = self.links.get(link.peer_addr)
+        if old is not None and not old.closed and old is not link:
+            # both sides dialed: keep the link dialed by the lower node id
+            keep_new = link.initiator_id < old.initiator_id
+            loser = old if keep_new else link
+            loser.draining = True
+            if not loser.channels and loser._nursery is not None:
+                loser._nursery.cancel_scope.cancel()
+            if not keep_new:
+                return
+        self.links[link.peer_addr] = link
+
+    def _unregister(self, link: Link) -> None:
+        for key in [k for k, v in self.links.items() if v is link]:
+            del self.links[key]
+
+    async def connect(self, addr: str) -> Link:
+        """The link to addr, dialing it if needed (LinkError with the reason on failure)."""
+        while True:
+            link = self.links.get(addr)
+            if link is not None and not link.closed and not link.draining:
+                return link
+            pending = self._dialing.get(addr)
+            if pending is None:
+                break
+            await pending.wait()
+        event = self._dialing[addr] = trio.Event()
+        try:
+            link = await self._dial(addr)
+        finally:
+            del self._dialing[addr]
+            event.set()
+        return link
+
+    async def _dial(self, addr: str) -> Link:
+        try:
+            host, port = addrs.parse(addr)
+        except addrs.AddressError as exc:
+            raise LinkError(str(exc)) from None
+        initiator = Initiator(self.identity, self.keyring, self.advertise)
+        stream: trio.SocketStream | None = None
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                stream = await trio.open_tcp_stream(host, port)
+                await stream.send_all(_plain(initiator.hello()))
+                confirm, keys = initiator.on_welcome(await _read_plain(stream))
+                await stream.send_all(_plain(confirm))
+        except trio.TooSlowError:
+            self.stats["handshakes_failed"] += 1
+            if stream is not None:
+                await stream.aclose()
+            raise LinkError(f"{addr} did not answer within {self.handshake_timeout:.0f} s"
+                            ) from None
+        except (OSError, HandshakeError, LinkError, trio.BrokenResourceError) as exc:
+            self.stats["handshakes_failed"] += 1
+            if stream is not None:
+                await stream.aclose()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise LinkError(f"cannot link to {addr}: {reason}") from None
+        self.stats["links_dialed"] += 1
+        link = Link(self, stream, FrameCipher(keys.send_key, keys.recv_key, self.max_frame),
+                    keys, initiator=True, initiator_id=self.identity.node_id)
+        # the peer may advertise another address than the one we dialed: file it under both
+        keys_addr = link.peer_addr
+        link.peer_addr = addr
+        self._register(link)
+        if keys_addr != addr and keys_addr not in self.links:
+            self.links[keys_addr] = link
+        assert self._nursery is not None
+        self._nursery.start_soon(link.run)
+        return link
+
+    async def open_channel(self, addr: str, name: str) -> Channel:
+        link = await self.connect(addr)
+        try:
+            return await link.open_channel(name)
+        except ChannelClosed:
+            link = await self.connect(addr)  # one retry on a fresh link
+            return await link.open_channel(name)
+
+    async def aclose(self) -> None:
+        for link in list(self.links.values()):
+            await link.aclose()
+        for listener in self.listeners:
+            await listener.aclose()
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return addrs.format(host, port)
+    except OSError:
+        return "?"

@@ -1,0 +1,77 @@
+"""Sealed UDP datagrams for probes and gossip.
+
+Rules:
+- Every packet out is sealed with the keyring's primary secret; every packet in must open
+  with one of its secrets, or it is dropped and counted (never raised).
+- Packets larger than `max_packet` are dropped on both sides.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from meshd.secure.keyring import Keyring, SealError
+
+from . import addr as addrs
+
+log = logging.getLogger("meshd.transport.udp")
+
+
+class UdpTransport:
+    def __init__(self, keyring: Keyring, max_packet: int = 65000) -> None:
+        self.keyring = keyring
+        self.max_packet = max_packet
+        self.sock: trio.socket.SocketType | None = None
+        self.stats = {"udp_in": 0, "udp_out": 0, "udp_dropped_unsealed": 0,
+                      "udp_dropped_oversize": 0, "udp_send_errors": 0}
+
+    async def bind(self, host: str, port: int) -> int:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        await sock.bind((host, port))
+        self.sock = sock
+        return sock.getsockname()[1]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    async def send(self, addr: str, plaintext: bytes) -> None:
+        assert self.sock is not None
+        data = self.keyring.seal(plaintext)
+        if len(data) > self.max_packet:
+            self.stats["udp_dropped_oversize"] += 1
+            return
+        try:
+            host, port = addrs.parse(addr)
+            await self.sock.sendto(data, (host, port))
+            self.stats["udp_out"] += 1
+        except (OSError, addrs.AddressError) as exc:
+            self.stats["udp_send_errors"] += 1
+            log.debug("udp send to %s failed: %s", addr, exc)
+
+    async def serve(self, handle: Callable[[str, bytes], Awaitable[None] | None]) -> None:
+        """Receive forever; hand each opened packet to handle(sender_addr, plaintext)."""
+        assert self.sock is not None
+        while True:
+            try:
+                data, source = await self.sock.recvfrom(65536)
+            except OSError as exc:  # e.g. ICMP port unreachable surfaced on Linux
+                log.debug("udp receive error: %s", exc)
+                continue
+            if len(data) > self.max_packet:
+                self.stats["udp_dropped_oversize"] += 1
+                continue
+            try:
+                plaintext = self.keyring.open(data)
+            except SealError:
+                self.stats["udp_dropped_unsealed"] += 1
+                continue
+            self.stats["udp_in"] += 1
+            result = handle(addrs.format(source[0], source[1]), plaintext)
+            if result is not None:
+                await result
