@@ -1,19 +1,73 @@
-"""The `meshd` command. Rules: one clear line and a non-zero exit on error; `--json` for
-programs. The daemon commands (`up`, `join`, `members`...) arrive with the daemon."""
+"""The `meshd` command.
+
+Rules:
+- Every command takes --data-dir (or MESHD_DATA_DIR) to find the node, or MESHD_ADDR.
+- Output: rich tables for people; --json prints the control API's own field names.
+- Any error is one line on stderr, "error: <status> <code>: <detail>", and exit status 1;
+  never a traceback.
+"""
 
 from __future__ import annotations
 
 import json
-from importlib.metadata import PackageNotFoundError, version
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from meshd.control import ControlClient, socket_path
+from meshd.datadir import default_data_dir
+from meshd.errors import MeshError
+
+console = Console()
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("meshd")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def data_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                        envvar="MESHD_DATA_DIR", help="The node's data dir.")(f)
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+
+
+def call(data_dir: Path | None, op: str, **args: Any) -> Any:
+    """One control call; exits with one clear line on failure."""
+    path = socket_path(data_dir or default_data_dir())
+
+    async def go() -> Any:
+        client = ControlClient(path)
+        try:
+            return await client.call(op, **args)
+        finally:
+            await client.aclose()
+
+    try:
+        return trio.run(go)
+    except MeshError as exc:
+        fail(str(exc))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,7 +76,7 @@ def main() -> None:
 
 
 @main.command("version")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 def version_cmd(as_json: bool) -> None:
     """Print the meshd version."""
     from meshd.membership.messages import VERSION
@@ -32,3 +86,244 @@ def version_cmd(as_json: bool) -> None:
         click.echo(json.dumps(info))
     else:
         click.echo(f"meshd {info['version']} (membership protocol {VERSION})")
+
+
+# --- up --------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--name", help="Node name, unique in the cluster (default: host name).")
+@click.option("--bind", help="HOST:PORT for gossip and links (default 0.0.0.0:7946).")
+@click.option("--advertise", help="HOST:PORT others reach us at.")
+@click.option("--join", "join", multiple=True, metavar="PEER", help="Join through PEER.")
+@click.option("--tags", "tags", multiple=True, metavar="K=V", help="Node tag (repeatable).")
+@click.option("--profile", type=click.Choice(["lan", "wan", "local"]), help="Timing profile.")
+@click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the cluster secret (or MESHD_SECRET).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="MESHD_CONFIG", help="TOML settings file.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--print-settings", is_flag=True, help="Print the effective settings and exit.")
+@data_dir_option
+@json_option
+def up(name: str | None, bind: str | None, advertise: str | None, join: tuple[str, ...],
+       tags: tuple[str, ...], profile: str | None, secret_file: Path | None,
+       config_file: Path | None, log_level: str | None, print_settings: bool,
+       data_dir: Path | None, as_json: bool) -> None:
+    """Run a node in the foreground (Ctrl-C leaves the cluster gracefully)."""
+    from meshd.node import Node, NodeError
+    from meshd.secure.keyring import KeyringError, parse_secret
+    from meshd.settings import SettingsError, as_dict, load_settings
+
+    toml: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            toml = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            fail(f"400 bad request: settings file {config_file}: {exc}")
+    flags = {"name": name, "bind": bind, "advertise": advertise, "join": join, "tags": tags,
+             "profile": profile, "log_level": log_level,
+             "data_dir": str(data_dir) if data_dir else None,
+             "secret_file": str(secret_file) if secret_file else None}
+    try:
+        settings = load_settings(toml, dict(os.environ), flags)
+    except SettingsError as exc:
+        fail(f"400 bad request: {exc}")
+    if print_settings:
+        data = as_dict(settings)
+        click.echo(json.dumps(data, indent=2) if as_json else _toml(data))
+        return
+    secret = None
+    try:
+        if settings.node.secret_file:
+            secret = parse_secret(Path(settings.node.secret_file).expanduser().read_text())
+        elif os.environ.get("MESHD_SECRET"):
+            secret = parse_secret(os.environ["MESHD_SECRET"])
+    except OSError as exc:
+        fail(f"400 bad request: cannot read the secret file: {exc.strerror}")
+    except KeyringError as exc:
+        fail(f"400 bad request: {exc}")
+    logging.basicConfig(
+        level=getattr(logging, settings.node.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+
+    def ready(node: Node) -> None:
+        if as_json:
+            click.echo(json.dumps(node.status()), err=False)
+            sys.stdout.flush()
+            return
+        st = node.status()
+        console.print(f"[bold green]meshd is up[/]  {st['name']} ({st['short_id']}) at "
+                      f"{st['address']}  profile {st['profile']}")
+        console.print(f"  data dir   {st['data_dir']}")
+        alive = st["members"].get("alive", 1)
+        verb = "created a new cluster" if node.created_cluster else "in a cluster"
+        console.print(f"  cluster    {verb} of {alive} alive member(s)")
+        console.print("  others join with `meshd invite` on this host, which prints:")
+        console.print(f"    MESHD_SECRET=… meshd up --join {st['address']}")
+        console.print("  Ctrl-C leaves the cluster gracefully.")
+        sys.stdout.flush()
+
+    node = Node(settings, secret, on_ready=ready)
+    try:
+        trio.run(node.run)
+    except NodeError as exc:
+        fail(f"503 unavailable: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+def _toml(data: dict[str, Any]) -> str:
+    lines = [f"profile = {json.dumps(data['profile'])}"]
+    for section in ("node", "membership", "limits"):
+        lines.append(f"\n[{section}]")
+        for key, value in data[section].items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, list | tuple):
+                text = json.dumps(list(value))
+            else:
+                text = json.dumps(value)
+            lines.append(f"{key} = {text}")
+    return "\n".join(lines)
+
+
+# --- cluster commands ----------------------------------------------------------------------
+
+@main.command("join")
+@click.argument("peers", nargs=-1, required=True)
+@data_dir_option
+@json_option
+def join_cmd(peers: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
+    """Make the running node join the cluster of PEERS."""
+    result = call(data_dir, "join", peers=list(peers))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"joined through {result['joined']} of {len(peers)} peer(s)")
+        for line in result["errors"]:
+            click.echo(f"  failed: {line}")
+
+
+@main.command()
+@data_dir_option
+@json_option
+def leave(data_dir: Path | None, as_json: bool) -> None:
+    """Leave the cluster gracefully and stop the node."""
+    result = call(data_dir, "leave")
+    click.echo(json.dumps(result) if as_json else "left the cluster; the node is stopping")
+
+
+@main.command()
+@click.option("--status", "status_filter", help="Only members with this status.")
+@data_dir_option
+@json_option
+def members(status_filter: str | None, data_dir: Path | None, as_json: bool) -> None:
+    """List the members this node knows."""
+    rows = call(data_dir, "members")
+    if status_filter:
+        rows = [r for r in rows if r["status"] == status_filter]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table = Table(show_header=True, header_style="bold")
+    for col in ("name", "id", "address", "status", "incarnation", "tags", "rtt"):
+        table.add_column(col)
+    colors = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+    for r in rows:
+        tags = ",".join(f"{k}={v}" for k, v in r["tags"].items())
+        rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f} ms"
+        table.add_row(r["name"] + (" *" if r["self"] else ""), r["id"][:8], r["address"],
+                      f"[{colors.get(r['status'], 'white')}]{r['status']}[/]",
+                      str(r["incarnation"]), tags, rtt)
+    console.print(table)
+
+
+@main.command()
+@data_dir_option
+@json_option
+def status(data_dir: Path | None, as_json: bool) -> None:
+    """Show this node's status."""
+    st = call(data_dir, "status")
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(st["members"].items()))
+    console.print(f"[bold]{st['name']}[/] ({st['short_id']}) at {st['address']}  "
+                  f"meshd {st['version']}, profile {st['profile']}, up {st['uptime_s']:.0f} s")
+    console.print(f"  members    {counts}")
+    console.print(f"  health     {st['health_score']} (0 is best), incarnation "
+                  f"{st['incarnation']}, {st['links']} secure link(s)")
+    console.print(f"  data dir   {st['data_dir']}")
+    dropped = {k: v for k, v in st["stats"].items() if v and ("drop" in k or "fail" in k
+                                                               or "error" in k)}
+    if dropped:
+        console.print("  rejected   " + ", ".join(f"{k}={v}" for k, v in dropped.items()))
+
+
+@main.command()
+@data_dir_option
+@json_option
+def invite(data_dir: Path | None, as_json: bool) -> None:
+    """Print the one-line command another host runs to join (secret included)."""
+    inv = call(data_dir, "invite")
+    if as_json:
+        click.echo(json.dumps(inv))
+    else:
+        click.echo(inv["command"])
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+@main.group()
+def keys() -> None:
+    """Manage the cluster secrets (roll a new one in without downtime)."""
+
+
+def _key_op(op: str) -> Callable[..., None]:
+    @click.argument("secret")
+    @data_dir_option
+    @json_option
+    def command(secret: str, data_dir: Path | None, as_json: bool) -> None:
+        result = call(data_dir, f"keys.{op}", op=op, secret=secret)
+        if as_json:
+            click.echo(json.dumps(result))
+            return
+        click.echo(f"{op}: {result['ok']} of {result['nodes']} node(s) done")
+        for line in result["errors"]:
+            click.echo(f"  failed: {line}")
+        if result["errors"]:
+            sys.exit(1)
+
+    command.__doc__ = {"install": "Add SECRET to every member's keyring.",
+                       "use": "Make SECRET the one every member seals with.",
+                       "remove": "Remove SECRET from every member's keyring."}[op]
+    return command
+
+
+for _op in ("install", "use", "remove"):
+    keys.command(_op)(_key_op(_op))
+
+
+@keys.command("list")
+@data_dir_option
+@json_option
+def keys_list(data_dir: Path | None, as_json: bool) -> None:
+    """List the secrets in the cluster and how many members hold each."""
+    result = call(data_dir, "keys.list")
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    table = Table(show_header=True, header_style="bold")
+    for col in ("secret", "members holding it", "primary on"):
+        table.add_column(col)
+    for k in result["keys"]:
+        table.add_row(k["key"], f"{k['nodes']}/{result['total_nodes']}", str(k["primary_on"]))
+    console.print(table)
+
+
+@main.command("new-secret")
+def new_secret_cmd() -> None:
+    """Print a fresh random cluster secret (for `meshd keys install`)."""
+    from meshd.secure.keyring import format_secret, new_secret
+
+    click.echo(format_secret(new_secret()))

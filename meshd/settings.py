@@ -139,11 +139,114 @@ _MEMBERSHIP_PROFILES: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """Who this node is and where it listens."""
+
+    # Unique in the cluster; empty means the host name.
+    name: str = ""
+    # UDP and TCP gossip/link port. All interfaces, like Serf's LAN port: peers on other hosts
+    # must reach it. The control socket, not this port, is what the local operator uses.
+    bind: str = "0.0.0.0:7946"
+    # Address others use to reach us; empty means the bind address, or this host's first
+    # non-loopback address when bound to all interfaces.
+    advertise: str = ""
+    # Where identity, keyring and state live; empty means the platform's user data dir.
+    data_dir: str = ""
+    # Peers to join at start (also the last known peers are retried after a restart).
+    join: tuple[str, ...] = ()
+    # key=value node tags (region, cloud, role...), at most 512 bytes encoded.
+    tags: tuple[str, ...] = ()
+    # File holding the cluster secret when joining an existing cluster (or MESHD_SECRET).
+    secret_file: str = ""
+    # debug, info, warning or error.
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """Bounds on what peers may send us."""
+
+    # Largest frame on a secure link; bigger messages are split, bigger frames close the link.
+    max_frame_bytes: int = 1 << 20
+    # Largest UDP datagram accepted (we send at most packet_budget bytes).
+    max_udp_packet: int = 65000
+    # A link handshake must finish within this; also bounds a join to a silent or foreign peer.
+    handshake_timeout: float = 5.0
+    # How long `join` waits for a seed's push-pull reply.
+    join_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole settings tree of a node."""
 
     profile: str = "lan"
+    node: NodeSettings = field(default_factory=NodeSettings)
     membership: MembershipSettings = field(default_factory=MembershipSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+
+
+_NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
+             "log_level"}
+
+
+def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                  flags: dict[str, Any] | None = None) -> Settings:
+    """Defaults < TOML < MESHD_* environment < flags.
+
+    TOML has a top-level `profile` and tables [node], [membership], [limits]. Environment:
+    MESHD_PROFILE, MESHD_<NODE KEY> (MESHD_NAME, MESHD_BIND, MESHD_JOIN="a:1,b:2", ...) and
+    MESHD_<SECTION>_<KEY> for membership and limits. Flags use the same names as TOML keys,
+    as "section.key" or a bare node key.
+    """
+    toml = dict(toml or {})
+    env = env or {}
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
+    layers: list[dict[str, dict[str, Any]]] = []
+    profile = "lan"
+    # TOML layer
+    if "profile" in toml:
+        profile = str(toml.pop("profile"))
+    layer: dict[str, dict[str, Any]] = {}
+    for section, values in toml.items():
+        if section not in ("node", "membership", "limits") or not isinstance(values, dict):
+            raise SettingsError(f"unknown settings table [{section}]; known: node, "
+                                "membership, limits, and the key profile")
+        layer[section] = dict(values)
+    layers.append(layer)
+    # environment layer
+    layer = {}
+    for key, value in env.items():
+        if not key.startswith("MESHD_"):
+            continue
+        rest = key[6:].lower()
+        if rest == "profile":
+            profile = value
+        elif rest in _NODE_ENV:
+            layer.setdefault("node", {})[rest] = value
+        else:
+            for section in ("membership", "limits"):
+                if rest.startswith(section + "_"):
+                    layer.setdefault(section, {})[rest[len(section) + 1:]] = value
+    layers.append(layer)
+    # flags layer
+    layer = {}
+    for key, value in flags.items():
+        if key == "profile":
+            profile = value
+            continue
+        section, _, name = key.rpartition(".")
+        layer.setdefault(section or "node", {})[name] = value
+    layers.append(layer)
+
+    if profile not in PROFILES:
+        raise SettingsError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    node, membership, limits = NodeSettings(), membership_profile(profile), LimitsSettings()
+    for lay in layers:
+        node = _replace_checked(node, lay.get("node", {}), "node")
+        membership = _replace_checked(membership, lay.get("membership", {}), "membership")
+        limits = _replace_checked(limits, lay.get("limits", {}), "limits")
+    return Settings(profile, node, membership, limits)
 
 
 class SettingsError(ValueError):
@@ -198,6 +301,16 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
             result = float(value)
             if not math.isfinite(result):
                 raise ValueError(value)
+        elif kind is tuple:
+            if isinstance(value, str):
+                return tuple(x.strip() for x in value.split(",") if x.strip())
+            if isinstance(value, list | tuple) and all(isinstance(x, str) for x in value):
+                return tuple(value)
+            raise ValueError(value)
+        elif kind is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
         else:
             return kind(value)
     except (TypeError, ValueError):

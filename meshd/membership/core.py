@@ -612,6 +612,10 @@ class Membership:
             if self.s.lifeguard:
                 self._awareness.apply(-1)
             target = self.members.get(waiter.target)
+            if reliable and target is not None:
+                self._events.append(MemberEvent(
+                    "udp-unreachable", target.name, target.addr, target.incarnation, {},
+                    "answered over TCP but not over UDP: check firewalls for UDP"))
             if target is not None and not reliable and sender == target.addr:
                 rtt = now - waiter.start
                 target.rtt = rtt if target.rtt is None else 0.8 * target.rtt + 0.2 * rtt
@@ -640,6 +644,12 @@ class Membership:
                 return
             if msg.incarnation == me.incarnation and msg.addr == me.addr \
                     and msg.tags == me.tags:
+                return
+            if msg.addr != me.addr and msg.incarnation >= me.incarnation:
+                # another node uses our name: refuting would make us fight over it forever
+                self._events.append(MemberEvent("conflict", me.name, msg.addr,
+                                                msg.incarnation, dict(msg.tags),
+                                                f"name {me.name} is also used by {msg.addr}"))
                 return
             self._refute(msg.incarnation)
             return
@@ -840,13 +850,13 @@ class Membership:
             self._events.append(MemberEvent("join-failed", "", addr, 0, {},
                                             "no reply to join"))
 
-    def stream_failed(self, addr: str, now: float) -> Output:
+    def stream_failed(self, addr: str, now: float, reason: str = "could not connect"
+                      ) -> Output:
         """The shell could not open a stream to addr: fail a pending join at once."""
         self._now = now
         if addr in self._joins:
             del self._joins[addr]
-            self._events.append(MemberEvent("join-failed", "", addr, 0, {},
-                                            "could not connect"))
+            self._events.append(MemberEvent("join-failed", "", addr, 0, {}, reason))
         return self._flush()
 
     def _reconnect_round(self, _: Any, now: float) -> None:

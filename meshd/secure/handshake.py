@@ -66,7 +66,7 @@ def _decode(data: bytes, kind: str, nfields: int) -> list[Any]:
     if type(msg) is not list or len(msg) < 2 or msg[0] != VERSION:
         raise HandshakeError("peer did not speak meshd link protocol version 1")
     if msg[1] == "reject" and len(msg) == 3 and isinstance(msg[2], str):
-        raise HandshakeError(f"peer refused the link: {msg[2][:200]}")
+        raise HandshakeError(msg[2][:200])
     if msg[1] != kind or len(msg) != nfields:
         raise HandshakeError(f"expected a {kind} message")
     return msg

@@ -26,6 +26,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import struct
@@ -157,11 +158,10 @@ class Channel:
         if not self._closed_local:
             self._closed_local = True
             if not self.link.closed:
-                with trio.move_on_after(1):
-                    try:
-                        await self.link._send(CLOSE, self.id, b"")
-                    except (LinkError, trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                with trio.move_on_after(1), contextlib.suppress(
+                        ChannelClosed, LinkError, trio.BrokenResourceError,
+                        trio.ClosedResourceError):
+                    await self.link._send(CLOSE, self.id, b"")
             self.link._forget(self)
 
     async def __aenter__(self) -> Channel:
@@ -416,7 +416,7 @@ class LinkManager:
             if stream is not None:
                 await stream.aclose()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise LinkError(f"cannot link to {addr}: {reason}") from None
+            raise LinkError(reason) from None
         self.stats["links_dialed"] += 1
         link = Link(self, stream, FrameCipher(keys.send_key, keys.recv_key, self.max_frame),
                     keys, initiator=True, initiator_id=self.identity.node_id)

@@ -1,0 +1,196 @@
+"""Local control API: CBOR requests and event streams on a unix socket in the data dir.
+
+Rules:
+- The socket is created mode 0600 inside the 0700 data dir: only the node's owner (the local
+  operator) can use it. It never listens on the network.
+- Framing: 4-byte big-endian length, then a CBOR map. Request: {"id", "op", "args"}.
+  Reply: {"id", "ok": true, "result"} or {"id", "ok": false, "error": {id, code, detail,
+  status}}. A streaming op sends {"id", "event": ...} items until either side closes.
+- Every failure inside a handler becomes a structured error reply; a malformed request gets
+  a 400 and the connection stays usable. Nothing a client sends can crash the node.
+- Clients find the socket via MESHD_ADDR (a path, optionally "unix:"-prefixed) or
+  <data dir>/meshd.sock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import trio
+
+from .errors import MeshError, bad_request, not_found, unavailable
+
+log = logging.getLogger("meshd.control")
+LENGTH = struct.Struct(">I")
+MAX_REQUEST = 4 << 20
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+StreamHandler = Callable[[dict[str, Any], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+def socket_path(data_dir: Path) -> Path:
+    env = os.environ.get("MESHD_ADDR")
+    if env:
+        return Path(env.removeprefix("unix:")).expanduser()
+    return data_dir / "meshd.sock"
+
+
+async def _read_frame(stream: trio.abc.Stream, limit: int = MAX_REQUEST) -> Any:
+    header = b""
+    while len(header) < 4:
+        chunk = await stream.receive_some(4 - len(header))
+        if not chunk:
+            raise EOFError
+        header += chunk
+    (n,) = LENGTH.unpack(header)
+    if n > limit:
+        raise MeshError(400, f"request of {n} bytes exceeds the {limit}-byte limit")
+    body = bytearray()
+    while len(body) < n:
+        chunk = await stream.receive_some(n - len(body))
+        if not chunk:
+            raise EOFError
+        body += chunk
+    try:
+        return cbor2.loads(bytes(body), max_depth=32)
+    except Exception:
+        raise bad_request("request is not valid CBOR") from None
+
+
+async def _write_frame(stream: trio.abc.Stream, value: Any) -> None:
+    data = cbor2.dumps(value)
+    await stream.send_all(LENGTH.pack(len(data)) + data)
+
+
+class ControlServer:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ops: dict[str, Handler] = {}
+        self.streams: dict[str, StreamHandler] = {}
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()  # stale: the data dir lock proves no node is using it
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        try:
+            task_status.started()
+            await trio.serve_listeners(self._serve, [listener])
+        finally:
+            self.path.unlink(missing_ok=True)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            while True:
+                try:
+                    req = await _read_frame(stream)
+                except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                except MeshError as exc:
+                    await _write_frame(stream, {"id": None, "ok": False,
+                                                "error": exc.to_dict()})
+                    return
+                if not await self._handle(stream, req):
+                    return
+
+    async def _handle(self, stream: trio.SocketStream, req: Any) -> bool:
+        rid = req.get("id") if isinstance(req, dict) else None
+        try:
+            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+                raise bad_request("request must be a map with an op")
+            args = req.get("args") or {}
+            if not isinstance(args, dict):
+                raise bad_request("args must be a map")
+            op = req["op"]
+            if op in self.streams:
+                async def emit(item: Any) -> None:
+                    await _write_frame(stream, {"id": rid, "event": item})
+                await _write_frame(stream, {"id": rid, "ok": True, "result": "streaming"})
+                await self.streams[op](args, emit)
+                return False
+            handler = self.ops.get(op)
+            if handler is None:
+                raise not_found(f"unknown operation {op!r}; known: "
+                                f"{', '.join(sorted([*self.ops, *self.streams]))}")
+            result = await handler(args)
+            await _write_frame(stream, {"id": rid, "ok": True, "result": result})
+            return True
+        except MeshError as exc:
+            reply = {"id": rid, "ok": False, "error": exc.to_dict()}
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        except Exception as exc:
+            log.exception("control operation failed")
+            reply = {"id": rid, "ok": False,
+                     "error": MeshError(500, f"{type(exc).__name__}: {exc}").to_dict()}
+        try:
+            await _write_frame(stream, reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+
+class ControlClient:
+    """Talks to the local daemon; every failure is a MeshError."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stream: trio.SocketStream | None = None
+        self._next = 0
+
+    async def _connect(self) -> trio.SocketStream:
+        if self._stream is None:
+            try:
+                self._stream = await trio.open_unix_socket(str(self.path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise unavailable(f"no meshd is running at {self.path}; start one with "
+                                  "`meshd up` (or point MESHD_ADDR / --data-dir at it)"
+                                  ) from None
+            except PermissionError:
+                raise MeshError(403, f"no permission to use {self.path}; run as the "
+                                     "user that runs meshd") from None
+        return self._stream
+
+    async def call(self, op: str, **args: Any) -> Any:
+        stream = await self._connect()
+        self._next += 1
+        try:
+            await _write_frame(stream, {"id": self._next, "op": op, "args": args})
+            reply = await _read_frame(stream, limit=1 << 30)
+        except (EOFError, trio.BrokenResourceError):
+            raise unavailable("meshd closed the control connection") from None
+        if not isinstance(reply, dict):
+            raise MeshError(500, "malformed reply from meshd")
+        if not reply.get("ok"):
+            raise MeshError.from_dict(reply.get("error"))
+        return reply.get("result")
+
+    async def stream(self, op: str, **args: Any) -> AsyncIterator[Any]:
+        await self.call(op, **args)
+        assert self._stream is not None
+        while True:
+            try:
+                item = await _read_frame(self._stream, limit=1 << 30)
+            except (EOFError, trio.BrokenResourceError):
+                return
+            if isinstance(item, dict) and "event" in item:
+                yield item["event"]
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+            self._stream = None

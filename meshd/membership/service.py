@@ -1,0 +1,195 @@
+"""Membership shell: drives the sans-IO core with trio, sealed UDP and secure links.
+
+Rules:
+- The core is only touched from this component's tasks; every call's Output goes through
+  `_dispatch`, which sends, publishes events and wakes the timer task.
+- UDP packets that do not decode are dropped and counted; stream messages that do not decode
+  close that channel. Neither reaches the core.
+- Reliable sends (push-pull, the TCP fallback ping) each run in their own task on a channel
+  named "membership"; a request's reply comes back on the same channel.
+- Event subscribers get a bounded queue; one that falls behind is dropped, never waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
+from meshd.transport.udp import UdpTransport
+
+from .core import MemberEvent, Membership, Output, Send
+from .messages import DecodeError, Ping, PushPull, decode_packet, encode_packet
+
+log = logging.getLogger("meshd.membership")
+CHANNEL = "membership"
+STREAM_TIMEOUT = 10.0
+_LOG_KINDS = {"join": logging.INFO, "left": logging.INFO, "dead": logging.WARNING,
+              "suspect": logging.INFO, "alive": logging.INFO, "conflict": logging.ERROR,
+              "update": logging.DEBUG, "reap": logging.DEBUG}
+
+
+class MembershipService:
+    def __init__(self, core: Membership, udp: UdpTransport, links: LinkManager,
+                 join_timeout: float = 5.0) -> None:
+        self.core = core
+        self.udp = udp
+        self.links = links
+        self.join_timeout = join_timeout
+        self.stats = {"decode_errors": 0, "stream_errors": 0}
+        self._kick = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._subscribers: list[trio.MemorySendChannel[MemberEvent]] = []
+        self._join_waiters: dict[str, tuple[trio.Event, list[MemberEvent]]] = {}
+        self._udp_warned: set[str] = set()
+        self.on_change: Callable[[], None] | None = None
+        links.handlers[CHANNEL] = self._serve_channel
+
+    # --- running -------------------------------------------------------------------------
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.udp.serve, self._on_udp)
+            nursery.start_soon(self._timer_loop)
+            task_status.started()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.core.next_deadline()
+            if deadline > trio.current_time():
+                with trio.move_on_at(deadline if math.isfinite(deadline) else math.inf):
+                    await self._kick.wait()
+                self._kick = trio.Event()
+            now = trio.current_time()
+            if now >= self.core.next_deadline():
+                self._dispatch(self.core.tick(now))
+
+    def _dispatch(self, out: Output) -> None:
+        for send in out.sends:
+            if send.reliable:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._stream_send, send)
+            else:
+                self._nursery.start_soon(self.udp.send, send.addr,  # type: ignore[union-attr]
+                                         encode_packet(send.msgs))
+        for ev in out.events:
+            self._publish(ev)
+        self._kick.set()
+        if out.events and self.on_change is not None:
+            self.on_change()
+
+    def _publish(self, ev: MemberEvent) -> None:
+        if ev.kind in ("join-ok", "join-failed"):
+            waiter = self._join_waiters.get(ev.addr)
+            if waiter is not None:
+                waiter[1].append(ev)
+                waiter[0].set()
+        if ev.kind == "udp-unreachable":
+            if ev.node not in self._udp_warned:
+                self._udp_warned.add(ev.node)
+                log.warning("member %s at %s %s", ev.node, ev.addr, ev.detail)
+        else:
+            level = _LOG_KINDS.get(ev.kind, logging.DEBUG)
+            log.log(level, "member %s %s addr=%s incarnation=%s %s", ev.node, ev.kind,
+                    ev.addr, ev.incarnation, ev.detail)
+        for sub in list(self._subscribers):
+            try:
+                sub.send_nowait(ev)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(sub)
+                sub.close()
+
+    def subscribe(self, size: int = 1000) -> trio.MemoryReceiveChannel[MemberEvent]:
+        send, recv = trio.open_memory_channel[MemberEvent](size)
+        self._subscribers.append(send)
+        return recv
+
+    # --- packets in ------------------------------------------------------------------------
+
+    def _on_udp(self, sender: str, plaintext: bytes) -> None:
+        try:
+            msgs = decode_packet(plaintext)
+        except DecodeError:
+            self.stats["decode_errors"] += 1
+            return
+        self._dispatch(self.core.receive(sender, msgs, trio.current_time()))
+
+    async def _serve_channel(self, ch: Channel) -> None:
+        with trio.move_on_after(STREAM_TIMEOUT):
+            data = await ch.receive()
+            try:
+                msgs = decode_packet(data)
+            except DecodeError:
+                self.stats["decode_errors"] += 1
+                return
+            sender = ch.peer_addr
+            out = self.core.receive(sender, msgs, trio.current_time(), reliable=True)
+            replies = [s for s in out.sends if s.reliable and s.addr == sender]
+            out.sends = [s for s in out.sends if not (s.reliable and s.addr == sender)]
+            self._dispatch(out)
+            for reply in replies:
+                await ch.send(encode_packet(reply.msgs))
+
+    async def _stream_send(self, send: Send) -> None:
+        msg = send.msgs[0]
+        wants_reply = isinstance(msg, Ping) or (isinstance(msg, PushPull) and not msg.reply)
+        reason = ""
+        try:
+            with trio.fail_after(STREAM_TIMEOUT):
+                ch = await self.links.open_channel(send.addr, CHANNEL)
+                async with ch:
+                    await ch.send(encode_packet(send.msgs))
+                    if wants_reply:
+                        msgs = decode_packet(await ch.receive())
+                        self._dispatch(self.core.receive(send.addr, msgs, trio.current_time(),
+                                                         reliable=True))
+            return
+        except LinkError as exc:
+            reason = str(exc)
+        except ChannelClosed:
+            reason = f"{send.addr} closed the stream"
+        except trio.TooSlowError:
+            reason = f"{send.addr} did not answer within {STREAM_TIMEOUT:.0f} s"
+        except DecodeError:
+            self.stats["decode_errors"] += 1
+            reason = f"{send.addr} sent an invalid reply"
+        self.stats["stream_errors"] += 1
+        log.debug("stream to %s failed: %s", send.addr, reason)
+        self._dispatch(self.core.stream_failed(send.addr, trio.current_time(), reason))
+
+    # --- operations ------------------------------------------------------------------------
+
+    async def join(self, addrs: list[str]) -> tuple[int, list[str]]:
+        """Join through each address; returns (successes, error lines)."""
+        addrs = [a for a in dict.fromkeys(addrs) if a != self.core.me.addr]
+        waiters = {}
+        for addr in addrs:
+            waiters[addr] = self._join_waiters[addr] = (trio.Event(), [])
+        try:
+            self._dispatch(self.core.join(addrs, trio.current_time(), timeout=self.join_timeout))
+            with trio.move_on_after(self.join_timeout + 1):
+                for event, _ in waiters.values():
+                    await event.wait()
+        finally:
+            for addr in addrs:
+                self._join_waiters.pop(addr, None)
+        ok, errors = 0, []
+        for addr, (_, evs) in waiters.items():
+            if evs and evs[0].kind == "join-ok":
+                ok += 1
+            else:
+                detail = evs[0].detail if evs else "no reply"
+                errors.append(f"{addr}: {detail}")
+        return ok, errors
+
+    async def leave(self, linger: float = 0.6) -> None:
+        """Tell the cluster we are leaving and give the message time to spread."""
+        self._dispatch(self.core.leave(trio.current_time()))
+        with trio.move_on_after(linger):
+            while self.core.pending_broadcasts():
+                await trio.sleep(0.05)

@@ -1,0 +1,424 @@
+"""The node: composes identity, keyring, transports, membership and the control API.
+
+Rules:
+- Every component runs in this node's nursery; nothing outlives `Node.run`.
+- Start-up refuses clearly (NodeError, one line) rather than half-starting: a data dir in use,
+  a bad key file, a join that needs a secret we do not have, a name already taken.
+- SIGINT/SIGTERM: leave the cluster gracefully (others see `left`), then return; the whole
+  shutdown takes well under 2 s.
+- State that must survive a restart (incarnation, last known peers, keyring) is written
+  atomically to the data dir as it changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import datadir
+from .control import ControlServer, socket_path
+from .errors import MeshError, bad_request
+from .identity import Identity
+from .membership.core import Membership, MembershipError
+from .membership.messages import STATE_NAMES
+from .membership.service import MembershipService
+from .secure.keyring import Keyring, KeyringError, format_secret, new_secret, parse_secret
+from .settings import Settings, as_dict
+from .transport import addr as addrs
+from .transport.links import Channel, ChannelClosed, LinkError, LinkManager
+from .transport.udp import UdpTransport
+
+log = logging.getLogger("meshd.node")
+RESERVED_TAGS = ("id",)
+
+
+class NodeError(RuntimeError):
+    """The node cannot start (or must stop); str() is one line for the operator."""
+
+
+def parse_tags(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise NodeError(f"tag {item!r} must look like key=value")
+        if key in RESERVED_TAGS:
+            raise NodeError(f"tag key {key!r} is reserved")
+        tags[key] = value
+    return tags
+
+
+def _guess_advertise_host() -> str:
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        return "127.0.0.1"
+    for info in infos:
+        host = info[4][0]
+        if not host.startswith("127."):
+            return host
+    return "127.0.0.1"
+
+
+class Node:
+    def __init__(self, settings: Settings, secret: bytes | None = None,
+                 on_ready: Callable[[Node], None] | None = None) -> None:
+        self.settings = settings
+        self.secret = secret
+        self.on_ready = on_ready
+        node = settings.node
+        self.data_dir = Path(node.data_dir).expanduser() if node.data_dir \
+            else datadir.default_data_dir()
+        self.name = node.name or socket.gethostname()
+        self.started = time.time()
+        self.identity: Identity
+        self.keyring: Keyring
+        self.core: Membership
+        self.membership: MembershipService
+        self.links: LinkManager
+        self.udp: UdpTransport
+        self.advertise = ""
+        self.created_cluster = False
+        self._lock = datadir.DataDirLock(self.data_dir)
+        self._cancel: trio.CancelScope | None = None
+        self._save_pending = False
+        self._conflict: str | None = None
+
+    # --- start-up -----------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        datadir.ensure_dir(self.data_dir)
+        try:
+            self._lock.acquire()
+        except datadir.DataDirLocked as exc:
+            raise NodeError(str(exc)) from None
+        try:
+            self.identity = Identity.load_or_create(self.data_dir)
+            keyring = Keyring.load(self.data_dir)
+            self.state = datadir.read_json(self.data_dir / datadir.STATE_FILE, {})
+        except (ValueError, KeyringError) as exc:
+            raise NodeError(str(exc)) from None
+        if keyring is None:
+            if self.secret is not None:
+                keyring = Keyring([self.secret])
+            elif self.settings.node.join:
+                raise NodeError("joining a cluster needs its secret: pass --secret-file PATH "
+                                "or set MESHD_SECRET (`meshd invite` on a member prints it)")
+            else:
+                keyring = Keyring([new_secret()])
+                self.created_cluster = True
+        elif self.secret is not None and keyring.install(self.secret):
+            keyring.use(self.secret)
+        keyring.save(self.data_dir)
+        self.keyring = keyring
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._prepare()
+        try:
+            await self._run(task_status)
+        finally:
+            self._save_state()
+            self._lock.release()
+
+    async def _run(self, task_status: Any) -> None:
+        s = self.settings
+        try:
+            bind_host, bind_port = addrs.parse(s.node.bind, 7946)
+        except addrs.AddressError as exc:
+            raise NodeError(f"--bind: {exc}") from None
+        self.udp = UdpTransport(self.keyring, s.limits.max_udp_packet)
+        try:
+            port = await self.udp.bind(bind_host, bind_port)
+        except OSError as exc:
+            raise NodeError(f"cannot bind UDP {s.node.bind}: {exc.strerror}") from None
+        if s.node.advertise:
+            try:
+                adv_host, adv_port = addrs.parse(s.node.advertise, port)
+            except addrs.AddressError as exc:
+                raise NodeError(f"--advertise: {exc}") from None
+        else:
+            adv_host = bind_host if bind_host not in ("0.0.0.0", "::") \
+                else _guess_advertise_host()
+            adv_port = port
+        self.advertise = addrs.format(adv_host, adv_port)
+        tags = parse_tags(s.node.tags)
+        tags["id"] = self.identity.node_id
+        incarnation = int(self.state.get("incarnation", -1)) + 1
+        try:
+            self.core = Membership(self.name, self.advertise, s.membership,
+                                   random.Random(), trio.current_time(), tags=tags,
+                                   incarnation=incarnation)
+        except MembershipError as exc:
+            raise NodeError(str(exc)) from None
+        self._save_state()
+        self.links = LinkManager(self.identity, self.keyring, self.advertise,
+                                 s.limits.max_frame_bytes, s.limits.handshake_timeout)
+        self.links.handlers["keys"] = self._serve_keys
+        self.membership = MembershipService(self.core, self.udp, self.links,
+                                            s.limits.join_timeout)
+        self.membership.on_change = self._schedule_save
+        control = ControlServer(socket_path(self.data_dir))
+        self._register_ops(control)
+        events = self.membership.subscribe()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel = nursery.cancel_scope
+                try:
+                    await nursery.start(self.links.run, bind_host, port)
+                except OSError as exc:
+                    raise NodeError(f"cannot listen on TCP {s.node.bind}: {exc.strerror}"
+                                    ) from None
+                await nursery.start(self.membership.run)
+                await nursery.start(control.run)
+                nursery.start_soon(self._watch_signals)
+                nursery.start_soon(self._watch_conflicts, events)
+                await self._initial_join()
+                if self.on_ready is not None:
+                    self.on_ready(self)
+                task_status.started(self)
+        finally:
+            self.udp.close()
+
+    async def _initial_join(self) -> None:
+        explicit = list(self.settings.node.join)
+        seeds = explicit or [p for p in self.state.get("peers", []) if p != self.advertise]
+        if not seeds:
+            return
+        ok, errors = await self.membership.join(seeds)
+        if self._conflict:
+            raise NodeError(self._conflict)
+        if ok == 0 and explicit:
+            raise NodeError("could not join: " + "; ".join(errors))
+        for line in errors:
+            log.warning("join %s", line)
+
+    async def _watch_conflicts(self, events: trio.MemoryReceiveChannel[Any]) -> None:
+        async for ev in events:
+            if ev.kind == "conflict" and ev.node == self.name:
+                self._conflict = (f"the name {self.name!r} is already used by {ev.addr} in "
+                                  "this cluster; pick another with --name")
+                log.error("%s", self._conflict)
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal %s: leaving the cluster", signal.Signals(signum).name)
+                await self.shutdown()
+                return
+
+    async def shutdown(self) -> None:
+        with trio.move_on_after(1.5):
+            await self.membership.leave()
+        self._save_state()
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def _schedule_save(self) -> None:
+        if not self._save_pending:
+            self._save_pending = True
+            try:
+                trio.lowlevel.current_trio_token().run_sync_soon(self._save_soon)
+            except RuntimeError:
+                self._save_pending = False
+
+    def _save_soon(self) -> None:
+        self._save_pending = False
+        self._save_state()
+
+    def _save_state(self) -> None:
+        core = getattr(self, "core", None)
+        if core is None:
+            return
+        peers = [m.addr for m in core.member_list()
+                 if m.name != core.me.name and m.state == 0]
+        state = {"incarnation": core.me.incarnation, "peers": peers[:64],
+                 "node_id": self.identity.node_id, "name": self.name}
+        if state != self.state:
+            datadir.write_json(self.data_dir / datadir.STATE_FILE, state)
+            self.state = state
+
+    # --- views ---------------------------------------------------------------------------
+
+    def member_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for m in sorted(self.core.member_list(), key=lambda m: m.name):
+            tags = {k: v for k, v in m.tags.items() if k not in RESERVED_TAGS}
+            rows.append({
+                "name": m.name, "id": m.tags.get("id", ""), "address": m.addr,
+                "status": STATE_NAMES[m.state], "incarnation": m.incarnation, "tags": tags,
+                "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
+                "self": m.name == self.name,
+            })
+        return rows
+
+    def status(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for m in self.core.member_list():
+            counts[STATE_NAMES[m.state]] = counts.get(STATE_NAMES[m.state], 0) + 1
+        stats = {**self.udp.stats, **self.links.stats, **self.membership.stats}
+        return {
+            "name": self.name, "id": self.identity.node_id, "short_id": self.identity.short,
+            "address": self.advertise, "data_dir": str(self.data_dir),
+            "profile": self.settings.profile, "incarnation": self.core.me.incarnation,
+            "health_score": self.core.health_score, "members": counts,
+            "links": len({id(v) for v in self.links.links.values()}),
+            "uptime_s": round(time.time() - self.started, 1), "stats": stats,
+            "version": _version(),
+        }
+
+    def invite(self) -> dict[str, Any]:
+        secret = format_secret(self.keyring.primary)
+        return {"secret": secret, "address": self.advertise,
+                "command": f"MESHD_SECRET={secret} meshd up --join {self.advertise}"}
+
+    # --- control operations --------------------------------------------------------------
+
+    def _register_ops(self, control: ControlServer) -> None:
+        async def status(_: dict[str, Any]) -> Any:
+            return self.status()
+
+        async def members(_: dict[str, Any]) -> Any:
+            return self.member_rows()
+
+        async def join(args: dict[str, Any]) -> Any:
+            peers = args.get("peers")
+            if not isinstance(peers, list) or not peers or \
+                    not all(isinstance(p, str) for p in peers):
+                raise bad_request("join needs a list of peer addresses")
+            for p in peers:
+                try:
+                    addrs.parse(p, 7946)
+                except addrs.AddressError as exc:
+                    raise bad_request(str(exc)) from None
+            full = [addrs.format(*addrs.parse(p, 7946)) for p in peers]
+            ok, errors = await self.membership.join(full)
+            if ok == 0:
+                raise MeshError(503, "could not join: " + "; ".join(errors))
+            return {"joined": ok, "errors": errors}
+
+        async def leave(_: dict[str, Any]) -> Any:
+            trio.lowlevel.spawn_system_task(self.shutdown)
+            return {"left": True}
+
+        async def invite(_: dict[str, Any]) -> Any:
+            return self.invite()
+
+        async def settings(_: dict[str, Any]) -> Any:
+            return as_dict(self.settings)
+
+        async def watch(args: dict[str, Any], emit: Any) -> None:
+            events = self.membership.subscribe()
+            async for ev in events:
+                await emit({"kind": ev.kind, "name": ev.node, "address": ev.addr,
+                            "incarnation": ev.incarnation, "detail": ev.detail})
+
+        control.ops.update({"status": status, "members": members, "join": join,
+                            "leave": leave, "invite": invite, "settings": settings,
+                            "keys.list": self._keys_list, "keys.install": self._keys_op,
+                            "keys.use": self._keys_op, "keys.remove": self._keys_op})
+        control.streams["members.watch"] = watch
+
+    # --- keyring across the cluster -------------------------------------------------------
+
+    def _apply_key_op(self, op: str, secret: bytes) -> None:
+        if op == "install":
+            self.keyring.install(secret)
+        elif op == "use":
+            self.keyring.install(secret)
+            self.keyring.use(secret)
+        elif op == "remove":
+            self.keyring.remove(secret)
+        else:
+            raise KeyringError(f"unknown key operation {op!r}")
+        self.keyring.save(self.data_dir)
+
+    async def _serve_keys(self, ch: Channel) -> None:
+        import cbor2
+
+        req = cbor2.loads(await ch.receive())
+        try:
+            if not isinstance(req, dict):
+                raise KeyringError("bad request")
+            if req.get("op") == "list":
+                reply: dict[str, Any] = {"ok": True, "keys": [
+                    format_secret(s) for s in self.keyring.secrets()],
+                    "primary": format_secret(self.keyring.primary)}
+            else:
+                self._apply_key_op(str(req.get("op")), parse_secret(str(req.get("secret"))))
+                reply = {"ok": True}
+        except KeyringError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        await ch.send(cbor2.dumps(reply))
+
+    async def _fanout(self, request: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+        import cbor2
+
+        peers = [m for m in self.core.member_list()
+                 if m.name != self.name and m.state in (0, 1)]
+        replies: list[dict[str, Any]] = []
+        errors: list[str] = []
+
+        async def ask(m: Any) -> None:
+            try:
+                with trio.fail_after(5):
+                    async with await self.links.open_channel(m.addr, "keys") as ch:
+                        await ch.send(cbor2.dumps(request))
+                        reply = cbor2.loads(await ch.receive())
+                if isinstance(reply, dict) and reply.get("ok"):
+                    replies.append(reply)
+                else:
+                    errors.append(f"{m.name}: {reply.get('error', 'refused')}")
+            except (LinkError, ChannelClosed, trio.TooSlowError, ValueError) as exc:
+                errors.append(f"{m.name}: {exc or 'no answer'}")
+
+        async with trio.open_nursery() as nursery:
+            for m in peers:
+                nursery.start_soon(ask, m)
+        return replies, errors
+
+    async def _keys_op(self, args: dict[str, Any]) -> Any:
+        op = args.get("op")
+        if op not in ("install", "use", "remove"):
+            raise bad_request("op must be install, use or remove")
+        try:
+            secret = parse_secret(str(args.get("secret", "")))
+            self._apply_key_op(op, secret)
+        except KeyringError as exc:
+            raise bad_request(str(exc)) from None
+        replies, errors = await self._fanout({"op": op, "secret": format_secret(secret)})
+        return {"op": op, "nodes": len(replies) + len(errors) + 1, "ok": len(replies) + 1,
+                "errors": errors}
+
+    async def _keys_list(self, _: dict[str, Any]) -> Any:
+        replies, errors = await self._fanout({"op": "list"})
+        mine = {"keys": [format_secret(s) for s in self.keyring.secrets()],
+                "primary": format_secret(self.keyring.primary)}
+        counts: dict[str, dict[str, Any]] = {}
+        for r in [mine, *replies]:
+            for k in r.get("keys", []):
+                entry = counts.setdefault(k, {"key": k, "nodes": 0, "primary_on": 0})
+                entry["nodes"] += 1
+            p = r.get("primary")
+            if p in counts:
+                counts[p]["primary_on"] += 1
+        return {"total_nodes": len(replies) + len(errors) + 1, "keys": list(counts.values()),
+                "errors": errors}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meshd")
+    except PackageNotFoundError:
+        return "0+unknown"
