@@ -104,6 +104,7 @@ class Node:
             self.identity = Identity.load_or_create(self.data_dir)
             keyring = Keyring.load(self.data_dir)
             self.state = datadir.read_json(self.data_dir / datadir.STATE_FILE, {})
+            self._saved_peers = [p for p in self.state.get("peers", []) if isinstance(p, str)]
         except (ValueError, KeyringError) as exc:
             raise NodeError(str(exc)) from None
         if keyring is None:
@@ -189,7 +190,7 @@ class Node:
 
     async def _initial_join(self) -> None:
         explicit = list(self.settings.node.join)
-        seeds = explicit or [p for p in self.state.get("peers", []) if p != self.advertise]
+        seeds = explicit or [p for p in self._saved_peers if p != self.advertise]
         if not seeds:
             return
         ok, errors = await self.membership.join(seeds)
@@ -241,6 +242,8 @@ class Node:
             return
         peers = [m.addr for m in core.member_list()
                  if m.name != core.me.name and m.state == 0]
+        if not peers:  # alone for now: keep the last known peers for the next restart
+            peers = list(self.state.get("peers", []))
         state = {"incarnation": core.me.incarnation, "peers": peers[:64],
                  "node_id": self.identity.node_id, "name": self.name}
         if state != self.state:

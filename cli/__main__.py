@@ -1,0 +1,5 @@
+"""`python -m cli` is the `meshd` command."""
+
+from .main import main
+
+main()

@@ -1,0 +1,175 @@
+"""Real daemons on loopback: join, agree, crash, restart, leave, wrong secret, locks, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from .cluster import Daemon, control, wait_for
+
+
+def all_alive(daemons, names) -> bool:
+    for d in daemons:
+        members = d.members()
+        if any(members.get(n, {}).get("status") != "alive" for n in names):
+            return False
+    return True
+
+
+def test_five_nodes_join_through_one_seed_and_agree(cluster):
+    seed = cluster.add("n1")
+    others = [cluster.add(f"n{i}", join=[seed.addr]) for i in range(2, 6)]
+    everyone = [seed, *others]
+    names = [d.name for d in everyone]
+    wait_for(lambda: all_alive(everyone, names), 10, "5 alive members everywhere")
+    views = [{(m["name"], m["address"], m["id"]) for m in d.members().values()}
+             for d in everyone]
+    assert all(v == views[0] for v in views), "members differ between nodes"
+    ids = {m[2] for m in views[0]}
+    assert len(ids) == 5 and all(len(i) == 26 for i in ids)
+
+
+def test_kill9_is_dead_then_restart_rejoins_with_higher_incarnation(cluster):
+    a = cluster.add("a")
+    b = cluster.add("b", join=[a.addr])
+    c = cluster.add("c", join=[a.addr])
+    wait_for(lambda: all_alive([a, b, c], ["a", "b", "c"]), 10, "3 alive")
+    inc_before = a.members()["c"]["incarnation"]
+    c.kill9()
+    wait_for(lambda: a.status_of("c") == "dead" and b.status_of("c") == "dead", 20,
+             "c dead on a and b")
+    # restart with the same data dir and no --join: it rejoins from its saved peers
+    c.start()
+    wait_for(lambda: all_alive([a, b, c], ["a", "b", "c"]), 15, "c alive again")
+    assert a.members()["c"]["incarnation"] > inc_before
+    assert b.members()["c"]["incarnation"] > inc_before
+
+
+def test_sigterm_leaves_gracefully_and_exits_zero_fast(cluster):
+    a = cluster.add("a")
+    b = cluster.add("b", join=[a.addr])
+    wait_for(lambda: all_alive([a, b], ["a", "b"]), 10, "2 alive")
+    took = b.terminate()
+    assert b.proc.returncode == 0
+    assert took < 2.0, f"shutdown took {took:.2f} s"
+    wait_for(lambda: a.status_of("b") == "left", 5, "b left on a")
+    time.sleep(1.5)
+    assert a.status_of("b") == "left", "a graceful leave must not turn into dead"
+
+
+def test_cli_leave_command(cluster):
+    a = cluster.add("a")
+    b = cluster.add("b", join=[a.addr])
+    wait_for(lambda: all_alive([a, b], ["a", "b"]), 10, "2 alive")
+    out = subprocess.run([sys.executable, "-m", "cli", "leave", "--data-dir", str(b.data_dir)],
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    b.proc.wait(5)
+    assert b.proc.returncode == 0
+    wait_for(lambda: a.status_of("b") == "left", 5, "b left on a")
+
+
+def test_wrong_secret_is_refused_quickly_with_a_clear_message(cluster):
+    from meshd.secure.keyring import format_secret, new_secret
+
+    a = cluster.add("a")
+    intruder = Daemon(cluster.root, "intruder", format_secret(new_secret()))
+    start = time.monotonic()
+    intruder.start(join=[a.addr], wait=False)
+    intruder.proc.wait(10)
+    took = time.monotonic() - start
+    err = intruder.log.read_text()
+    assert intruder.proc.returncode == 1
+    assert "secret does not match" in err
+    assert "Traceback" not in err
+    assert took < 5.0 + 2.0  # handshake bound plus interpreter start-up
+    assert "intruder" not in a.members()
+    # no secret at all: refused before anything starts
+    nosecret = Daemon(cluster.root, "nosecret", "")
+    nosecret.start(join=[a.addr], wait=False, env={"MESHD_SECRET": ""})
+    nosecret.proc.wait(10)
+    assert nosecret.proc.returncode == 1
+    assert "needs its secret" in nosecret.log.read_text()
+
+
+def test_second_node_on_same_data_dir_is_refused(cluster):
+    a = cluster.add("a")
+    twin = Daemon(cluster.root, "a", cluster.secret)
+    twin.start(wait=False)
+    twin.proc.wait(10)
+    assert twin.proc.returncode == 1
+    assert "in use by another meshd" in twin.log.read_text()
+    assert a.proc.poll() is None
+
+
+def test_duplicate_name_is_reported(cluster):
+    a = cluster.add("a")
+    dup = Daemon(cluster.root / "other", "a", cluster.secret)
+    (cluster.root / "other").mkdir()
+    dup.start(join=[a.addr], wait=False)
+    dup.proc.wait(15)
+    assert dup.proc.returncode == 1
+    assert "already used" in dup.log.read_text()
+
+
+def test_secret_files_are_private_and_invite_prints_a_working_command(cluster):
+    a = cluster.add("a")
+    for f in ("identity.key", "keyring.json", "state.json"):
+        assert oct((a.data_dir / f).stat().st_mode & 0o777) == "0o600", f
+    assert oct((a.data_dir / "meshd.sock").stat().st_mode & 0o777) == "0o600"
+    inv = control(a.data_dir, "invite")
+    assert inv["command"] == f"MESHD_SECRET={inv['secret']} meshd up --join {a.addr}"
+    # the printed secret lets a new node in
+    b = Daemon(cluster.root, "b", inv["secret"])
+    cluster.daemons["b"] = b
+    b.start(join=[a.addr])
+    wait_for(lambda: all_alive([a, b], ["a", "b"]), 10, "b joined with the invite")
+
+
+def test_cli_members_json_and_errors(cluster):
+    a = cluster.add("a", extra=("--tags", "region=eu", "--tags", "role=web"))
+    env = {**os.environ, "MESHD_DATA_DIR": str(a.data_dir)}
+    out = subprocess.run([sys.executable, "-m", "cli", "members", "--json"], env=env,
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    me = rows[0]
+    for key in ("name", "id", "address", "status", "incarnation", "tags"):
+        assert key in me
+    assert me["tags"] == {"region": "eu", "role": "web"}
+    assert me["status"] == "alive"
+    human = subprocess.run([sys.executable, "-m", "cli", "members"], env=env,
+                           capture_output=True, text=True, timeout=10)
+    assert "region=eu" in human.stdout
+    missing = subprocess.run([sys.executable, "-m", "cli", "members", "--data-dir",
+                              str(cluster.root / "nothing-here")], capture_output=True,
+                             text=True, timeout=10)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("error: 503")
+    assert "meshd up" in missing.stderr and "Traceback" not in missing.stderr
+    bad = subprocess.run([sys.executable, "-m", "cli", "join", "not a:host:x"], env=env,
+                         capture_output=True, text=True, timeout=10)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: 400")
+
+
+def test_print_settings_layers(tmp_path):
+    cfg = tmp_path / "meshd.toml"
+    cfg.write_text('profile = "wan"\n[membership]\nprobe_interval = 7.0\n')
+    env = {**os.environ, "MESHD_MEMBERSHIP_GOSSIP_NODES": "5"}
+    out = subprocess.run([sys.executable, "-m", "cli", "up", "--config", str(cfg),
+                          "--print-settings", "--json", "--name", "flagged"], env=env,
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert s["profile"] == "wan"
+    assert s["membership"]["probe_interval"] == 7.0  # toml over profile
+    assert s["membership"]["probe_timeout"] == 3.0  # wan profile
+    assert s["membership"]["gossip_nodes"] == 5  # env over toml/profile
+    assert s["node"]["name"] == "flagged"  # flag
+    bad = subprocess.run([sys.executable, "-m", "cli", "up", "--print-settings"],
+                         env={**os.environ, "MESHD_MEMBERSHIP_PROBE_INTERVAL": "soon"},
+                         capture_output=True, text=True, timeout=10)
+    assert bad.returncode == 1 and "probe_interval must be float" in bad.stderr
