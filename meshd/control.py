@@ -94,18 +94,24 @@ class ControlServer:
             self.path.unlink(missing_ok=True)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            while True:
-                try:
-                    req = await _read_frame(stream)
-                except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                except MeshError as exc:
-                    await _write_frame(stream, {"id": None, "ok": False,
-                                                "error": exc.to_dict()})
-                    return
-                if not await self._handle(stream, req):
-                    return
+        """One client connection; whatever it does, only this connection can end."""
+        try:
+            async with stream:
+                while True:
+                    try:
+                        req = await _read_frame(stream)
+                    except EOFError:
+                        return
+                    except MeshError as exc:
+                        await _write_frame(stream, {"id": None, "ok": False,
+                                                    "error": exc.to_dict()})
+                        return
+                    if not await self._handle(stream, req):
+                        return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:
+            log.exception("control connection failed")
 
     async def _handle(self, stream: trio.SocketStream, req: Any) -> bool:
         rid = req.get("id") if isinstance(req, dict) else None

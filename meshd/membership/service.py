@@ -40,12 +40,13 @@ class MembershipService:
         self.udp = udp
         self.links = links
         self.join_timeout = join_timeout
-        self.stats = {"decode_errors": 0, "stream_errors": 0}
+        self.stats = {"decode_errors": 0, "stream_errors": 0, "core_faults": 0}
         self._kick = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._subscribers: list[trio.MemorySendChannel[MemberEvent]] = []
         self._join_waiters: dict[str, tuple[trio.Event, list[MemberEvent]]] = {}
         self._udp_warned: set[str] = set()
+        self._conflict_logged: dict[str, float] = {}
         self.on_change: Callable[[], None] | None = None
         links.handlers[CHANNEL] = self._serve_channel
 
@@ -93,6 +94,8 @@ class MembershipService:
             if ev.node not in self._udp_warned:
                 self._udp_warned.add(ev.node)
                 log.warning("member %s at %s %s", ev.node, ev.addr, ev.detail)
+        elif ev.kind == "conflict" and not self._conflict_log_due(ev.node):
+            pass  # a hostile or confused peer can repeat this endlessly: log it sparingly
         else:
             level = _LOG_KINDS.get(ev.kind, logging.DEBUG)
             log.log(level, "member %s %s addr=%s incarnation=%s %s", ev.node, ev.kind,
@@ -103,6 +106,15 @@ class MembershipService:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.remove(sub)
                 sub.close()
+
+    def _conflict_log_due(self, name: str) -> bool:
+        now = trio.current_time()
+        if now - self._conflict_logged.get(name, -math.inf) < 60.0:
+            return False
+        if len(self._conflict_logged) > 1000:
+            self._conflict_logged.clear()
+        self._conflict_logged[name] = now
+        return True
 
     def subscribe(self, size: int = 1000) -> trio.MemoryReceiveChannel[MemberEvent]:
         send, recv = trio.open_memory_channel[MemberEvent](size)
@@ -117,7 +129,22 @@ class MembershipService:
         except DecodeError:
             self.stats["decode_errors"] += 1
             return
-        self._dispatch(self.core.receive(sender, msgs, trio.current_time()))
+        self._deliver(sender, msgs, False)
+
+    def _receive(self, sender: str, msgs: list[Any], reliable: bool) -> Output | None:
+        """Hand a packet to the core. A core fault on hostile input is logged and the packet
+        dropped: one peer's bytes must never stop the node."""
+        try:
+            return self.core.receive(sender, msgs, trio.current_time(), reliable)
+        except Exception:
+            self.stats["core_faults"] += 1
+            log.exception("membership core failed on a packet from %s; dropped it", sender)
+            return None
+
+    def _deliver(self, sender: str, msgs: list[Any], reliable: bool) -> None:
+        out = self._receive(sender, msgs, reliable)
+        if out is not None:
+            self._dispatch(out)
 
     async def _serve_channel(self, ch: Channel) -> None:
         with trio.move_on_after(STREAM_TIMEOUT):
@@ -128,7 +155,9 @@ class MembershipService:
                 self.stats["decode_errors"] += 1
                 return
             sender = ch.peer_addr
-            out = self.core.receive(sender, msgs, trio.current_time(), reliable=True)
+            out = self._receive(sender, msgs, True)
+            if out is None:
+                return
             replies = [s for s in out.sends if s.reliable and s.addr == sender]
             out.sends = [s for s in out.sends if not (s.reliable and s.addr == sender)]
             self._dispatch(out)
@@ -146,8 +175,7 @@ class MembershipService:
                     await ch.send(encode_packet(send.msgs))
                     if wants_reply:
                         msgs = decode_packet(await ch.receive())
-                        self._dispatch(self.core.receive(send.addr, msgs, trio.current_time(),
-                                                         reliable=True))
+                        self._deliver(send.addr, msgs, True)
             return
         except LinkError as exc:
             reason = str(exc)

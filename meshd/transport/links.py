@@ -347,7 +347,7 @@ class LinkManager:
                 keys = responder.on_confirm(await _read_plain(stream))
             except (HandshakeError, LinkError, trio.BrokenResourceError, OSError) as exc:
                 self.stats["handshakes_failed"] += 1
-                log.info("refused link from %s: %s", _peer_name(stream), exc)
+                log.debug("refused link from %s: %s", _peer_name(stream), exc)
         if keys is None:
             await stream.aclose()
             return

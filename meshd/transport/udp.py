@@ -4,10 +4,13 @@ Rules:
 - Every packet out is sealed with the keyring's primary secret; every packet in must open
   with one of its secrets, or it is dropped and counted (never raised).
 - Packets larger than `max_packet` are dropped on both sides.
+- Datagrams go only to IP-literal addresses (a peer can name any text as an address; we
+  never resolve names on its behalf); others are dropped and counted.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -27,7 +30,7 @@ class UdpTransport:
         self.max_packet = max_packet
         self.sock: trio.socket.SocketType | None = None
         self.stats = {"udp_in": 0, "udp_out": 0, "udp_dropped_unsealed": 0,
-                      "udp_dropped_oversize": 0, "udp_send_errors": 0}
+                      "udp_dropped_oversize": 0, "udp_send_errors": 0, "udp_bad_address": 0}
 
     async def bind(self, host: str, port: int) -> int:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -48,9 +51,14 @@ class UdpTransport:
             return
         try:
             host, port = addrs.parse(addr)
+            ipaddress.ip_address(host)  # gossip goes to IP literals only: no DNS on this path
+        except ValueError:
+            self.stats["udp_bad_address"] += 1
+            return
+        try:
             await self.sock.sendto(data, (host, port))
             self.stats["udp_out"] += 1
-        except (OSError, addrs.AddressError) as exc:
+        except (OSError, ValueError) as exc:
             self.stats["udp_send_errors"] += 1
             log.debug("udp send to %s failed: %s", addr, exc)
 
