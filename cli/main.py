@@ -284,7 +284,7 @@ def _key_op(op: str) -> Callable[..., None]:
     @data_dir_option
     @json_option
     def command(secret: str, data_dir: Path | None, as_json: bool) -> None:
-        result = call(data_dir, f"keys.{op}", op=op, secret=secret)
+        result = call(data_dir, f"keys.{op}", secret=secret)
         if as_json:
             click.echo(json.dumps(result))
             return

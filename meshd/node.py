@@ -135,11 +135,7 @@ class Node:
             bind_host, bind_port = addrs.parse(s.node.bind, 7946)
         except addrs.AddressError as exc:
             raise NodeError(f"--bind: {exc}") from None
-        self.udp = UdpTransport(self.keyring, s.limits.max_udp_packet)
-        try:
-            port = await self.udp.bind(bind_host, bind_port)
-        except OSError as exc:
-            raise NodeError(f"cannot bind UDP {s.node.bind}: {exc.strerror}") from None
+        port, listeners = await self._bind(bind_host, bind_port)
         if s.node.advertise:
             try:
                 adv_host, adv_port = addrs.parse(s.node.advertise, port)
@@ -168,25 +164,40 @@ class Node:
         self.membership.on_change = self._schedule_save
         control = ControlServer(socket_path(self.data_dir))
         self._register_ops(control)
-        events = self.membership.subscribe()
+        self.membership.listeners.append(self._watch_conflicts)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
-                try:
-                    await nursery.start(self.links.run, bind_host, port)
-                except OSError as exc:
-                    raise NodeError(f"cannot listen on TCP {s.node.bind}: {exc.strerror}"
-                                    ) from None
+                await nursery.start(self.links.run, listeners)
                 await nursery.start(self.membership.run)
                 await nursery.start(control.run)
                 nursery.start_soon(self._watch_signals)
-                nursery.start_soon(self._watch_conflicts, events)
                 await self._initial_join()
                 if self.on_ready is not None:
                     self.on_ready(self)
                 task_status.started(self)
         finally:
             self.udp.close()
+
+    async def _bind(self, host: str, port: int) -> tuple[int, list[trio.SocketListener]]:
+        """UDP and TCP on the same port. With port 0 the kernel picks the UDP port, which
+        may be taken for TCP: then try again with another."""
+        attempts = 20 if port == 0 else 1
+        for attempt in range(attempts):
+            self.udp = UdpTransport(self.keyring, self.settings.limits.max_udp_packet)
+            try:
+                chosen = await self.udp.bind(host, port)
+            except OSError as exc:
+                raise NodeError(f"cannot bind UDP {self.settings.node.bind}: "
+                                f"{exc.strerror}") from None
+            try:
+                return chosen, await trio.open_tcp_listeners(chosen, host=host)
+            except OSError as exc:
+                self.udp.close()
+                if attempt == attempts - 1:
+                    raise NodeError(f"cannot listen on TCP {addrs.format(host, chosen)}: "
+                                    f"{exc.strerror}") from None
+        raise AssertionError("unreachable")
 
     async def _initial_join(self) -> None:
         explicit = list(self.settings.node.join)
@@ -201,12 +212,11 @@ class Node:
         for line in errors:
             log.warning("join %s", line)
 
-    async def _watch_conflicts(self, events: trio.MemoryReceiveChannel[Any]) -> None:
-        async for ev in events:
-            if ev.kind == "conflict" and ev.node == self.name:
-                self._conflict = (f"the name {self.name!r} is already used by {ev.addr} in "
-                                  "this cluster; pick another with --name")
-                log.error("%s", self._conflict)
+    def _watch_conflicts(self, ev: Any) -> None:
+        if ev.kind == "conflict" and ev.node == self.name and self._conflict is None:
+            self._conflict = (f"the name {self.name!r} is already used by {ev.addr} in "
+                              "this cluster; pick another with --name")
+            log.error("%s", self._conflict)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -327,8 +337,10 @@ class Node:
 
         control.ops.update({"status": status, "members": members, "join": join,
                             "leave": leave, "invite": invite, "settings": settings,
-                            "keys.list": self._keys_list, "keys.install": self._keys_op,
-                            "keys.use": self._keys_op, "keys.remove": self._keys_op})
+                            "keys.list": self._keys_list,
+                            "keys.install": self._keys_handler("install"),
+                            "keys.use": self._keys_handler("use"),
+                            "keys.remove": self._keys_handler("remove")})
         control.streams["members.watch"] = watch
 
     # --- keyring across the cluster -------------------------------------------------------
@@ -389,10 +401,12 @@ class Node:
                 nursery.start_soon(ask, m)
         return replies, errors
 
-    async def _keys_op(self, args: dict[str, Any]) -> Any:
-        op = args.get("op")
-        if op not in ("install", "use", "remove"):
-            raise bad_request("op must be install, use or remove")
+    def _keys_handler(self, op: str) -> Callable[[dict[str, Any]], Any]:
+        async def handler(args: dict[str, Any]) -> Any:
+            return await self._keys_op(op, args)
+        return handler
+
+    async def _keys_op(self, op: str, args: dict[str, Any]) -> Any:
         try:
             secret = parse_secret(str(args.get("secret", "")))
             self._apply_key_op(op, secret)

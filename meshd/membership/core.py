@@ -257,6 +257,9 @@ class Membership:
         self._schedule(now + rng.uniform(0, settings.reconnect_interval),
                        self._reconnect_round, None)
         self._next_gossip = now + rng.uniform(0, settings.gossip_interval)
+        # announce ourselves (memberlist does the same on create): whoever we meet first
+        # passes it on, so a join does not rest on the seed's gossip alone
+        self._broadcast_self_alive()
 
     # --- public API ----------------------------------------------------------------------
 

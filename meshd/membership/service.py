@@ -48,6 +48,8 @@ class MembershipService:
         self._udp_warned: set[str] = set()
         self._conflict_logged: dict[str, float] = {}
         self.on_change: Callable[[], None] | None = None
+        # called synchronously for every event (must not block)
+        self.listeners: list[Callable[[MemberEvent], None]] = []
         links.handlers[CHANNEL] = self._serve_channel
 
     # --- running -------------------------------------------------------------------------
@@ -100,6 +102,8 @@ class MembershipService:
             level = _LOG_KINDS.get(ev.kind, logging.DEBUG)
             log.log(level, "member %s %s addr=%s incarnation=%s %s", ev.node, ev.kind,
                     ev.addr, ev.incarnation, ev.detail)
+        for listener in self.listeners:
+            listener(ev)
         for sub in list(self._subscribers):
             try:
                 sub.send_nowait(ev)

@@ -316,9 +316,9 @@ class LinkManager:
             "links_accepted": 0, "links_dialed": 0, "handshakes_failed": 0,
             "links_dropped_bad_frames": 0}
 
-    async def run(self, bind_host: str, port: int,
+    async def run(self, listeners: list[trio.SocketListener],
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=bind_host)
+        """Accept links on `listeners` (from trio.open_tcp_listeners) until cancelled."""
         self.listeners = listeners
         async with trio.open_nursery() as nursery:
             self._nursery = nursery

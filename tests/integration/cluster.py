@@ -45,7 +45,8 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
 
 class Daemon:
     def __init__(self, root: Path, name: str, secret: str, profile: str = "local",
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), prefix: list[str] | None = None) -> None:
+        self.prefix = prefix or []
         self.root = root
         self.name = name
         self.secret = secret
@@ -58,13 +59,14 @@ class Daemon:
 
     def start(self, join: list[str] | None = None, wait: bool = True,
               bind: str = "127.0.0.1:0", env: dict[str, str] | None = None) -> Daemon:
-        cmd = [sys.executable, "-m", "cli", "up", "--name", self.name, "--bind", bind,
+        cmd = [*self.prefix, sys.executable, "-m", "cli", "up", "--name", self.name, "--bind", bind,
                "--profile", self.profile, "--data-dir", str(self.data_dir), "--json",
                *self.extra]
         for peer in join or []:
             cmd += ["--join", peer]
         full_env = {**os.environ, "MESHD_SECRET": self.secret, **(env or {})}
         full_env.pop("MESHD_ADDR", None)
+        full_env["PYTHONPATH"] = os.pathsep.join(sys.path)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                      stderr=open(self.log, "ab"), env=full_env)  # noqa: SIM115
         if wait:

@@ -24,7 +24,7 @@ def test_five_nodes_join_through_one_seed_and_agree(cluster):
     others = [cluster.add(f"n{i}", join=[seed.addr]) for i in range(2, 6)]
     everyone = [seed, *others]
     names = [d.name for d in everyone]
-    wait_for(lambda: all_alive(everyone, names), 10, "5 alive members everywhere")
+    wait_for(lambda: all_alive(everyone, names), 20, "5 alive members everywhere")
     views = [{(m["name"], m["address"], m["id"]) for m in d.members().values()}
              for d in everyone]
     assert all(v == views[0] for v in views), "members differ between nodes"
@@ -173,3 +173,35 @@ def test_print_settings_layers(tmp_path):
                          env={**os.environ, "MESHD_MEMBERSHIP_PROBE_INTERVAL": "soon"},
                          capture_output=True, text=True, timeout=10)
     assert bad.returncode == 1 and "probe_interval must be float" in bad.stderr
+
+
+def test_keys_roll_across_the_cluster_without_downtime(cluster):
+    from meshd.secure.keyring import format_secret, new_secret
+
+    a = cluster.add("a")
+    b = cluster.add("b", join=[a.addr])
+    c = cluster.add("c", join=[a.addr])
+    names = ["a", "b", "c"]
+    wait_for(lambda: all_alive([a, b, c], names), 20, "3 alive")
+    new = format_secret(new_secret())
+    for op in ("install", "use"):
+        r = control(a.data_dir, f"keys.{op}", secret=new)
+        assert r["ok"] == 3 and not r["errors"], r
+    r = control(b.data_dir, "keys.remove", secret=cluster.secret)
+    assert r["ok"] == 3, r
+    listing = control(c.data_dir, "keys.list")
+    assert [k["key"] for k in listing["keys"]] == [new]
+    assert listing["keys"][0]["nodes"] == 3 and listing["keys"][0]["primary_on"] == 3
+    time.sleep(2)
+    assert all_alive([a, b, c], names), "the roll must not cost any member"
+    # only the new secret gets in now; the old one is refused
+    late = Daemon(cluster.root, "late", new)
+    cluster.daemons["late"] = late
+    late.start(join=[a.addr])
+    old = Daemon(cluster.root, "old", cluster.secret)
+    old.start(join=[a.addr], wait=False)
+    old.proc.wait(10)
+    assert old.proc.returncode == 1 and "secret does not match" in old.log.read_text()
+    bad = subprocess.run([sys.executable, "-m", "cli", "keys", "remove", new, "--data-dir",
+                          str(a.data_dir)], capture_output=True, text=True, timeout=10)
+    assert bad.returncode == 1 and "primary" in bad.stderr

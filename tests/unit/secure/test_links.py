@@ -78,8 +78,8 @@ async def _pair(secret_b: bytes | None = None, *, nursery):
     secret = new_secret()
     a = LinkManager(Identity.generate(), Keyring([secret]), "127.0.0.1:0")
     b = LinkManager(Identity.generate(), Keyring([secret_b or secret]), "127.0.0.1:0")
-    port_a = await nursery.start(a.run, "127.0.0.1", 0)
-    port_b = await nursery.start(b.run, "127.0.0.1", 0)
+    port_a = await nursery.start(a.run, await trio.open_tcp_listeners(0, host="127.0.0.1"))
+    port_b = await nursery.start(b.run, await trio.open_tcp_listeners(0, host="127.0.0.1"))
     a.advertise, b.advertise = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
     return a, b
 
