@@ -46,7 +46,7 @@ log = logging.getLogger("meshd.transport.links")
 
 OPEN, DATA, END, CLOSE, WINDOW = 1, 2, 3, 4, 5
 HEADER = struct.Struct(">BI")
-WINDOW_BYTES = 256 * 1024
+WINDOW_BYTES = 4 * 1024 * 1024
 CHUNK = 64 * 1024
 HANDSHAKE_FRAME = 4096
 
@@ -57,6 +57,25 @@ class LinkError(Exception):
 
 class ChannelClosed(Exception):
     """The other side closed the channel (or the link went away)."""
+
+
+class _Reader:
+    """Buffered reads: one receive call often brings several frames."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def read(self, n: int) -> bytes:
+        buf = self.buf
+        while len(buf) < n:
+            chunk = await self.stream.receive_some(max(n - len(buf), 262144))
+            if not chunk:
+                raise LinkError("connection closed by peer")
+            buf += chunk
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
 
 
 async def _read_exact(stream: trio.abc.Stream, n: int) -> bytes:
@@ -238,14 +257,15 @@ class Link:
             self.manager._unregister(self)
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
+        reader = _Reader(self.stream)
         while True:
             try:
-                header = await _read_exact(self.stream, 4)
+                header = await reader.read(4)
             except (LinkError, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             (n,) = LENGTH.unpack(header)
             self.cipher.check_length(n)
-            body = await _read_exact(self.stream, n)
+            body = await reader.read(n)
             plain = self.cipher.open(body)
             if len(plain) < HEADER.size:
                 raise FrameError("frame without header")
