@@ -322,8 +322,10 @@ def keys_list(data_dir: Path | None, as_json: bool) -> None:
 
 
 @main.command("new-secret")
-def new_secret_cmd() -> None:
+@json_option
+def new_secret_cmd(as_json: bool) -> None:
     """Print a fresh random cluster secret (for `meshd keys install`)."""
     from meshd.secure.keyring import format_secret, new_secret
 
-    click.echo(format_secret(new_secret()))
+    secret = format_secret(new_secret())
+    click.echo(json.dumps({"secret": secret}) if as_json else secret)

@@ -205,3 +205,36 @@ def test_keys_roll_across_the_cluster_without_downtime(cluster):
     bad = subprocess.run([sys.executable, "-m", "cli", "keys", "remove", new, "--data-dir",
                           str(a.data_dir)], capture_output=True, text=True, timeout=10)
     assert bad.returncode == 1 and "primary" in bad.stderr
+
+
+def test_sigint_also_leaves_and_watch_streams_member_events(cluster):
+    import signal
+
+    import trio
+
+    from meshd.control import ControlClient
+
+    a = cluster.add("a")
+    b = cluster.add("b", join=[a.addr])
+    wait_for(lambda: all_alive([a, b], ["a", "b"]), 10, "2 alive")
+    seen: list[dict] = []
+
+    async def watch() -> None:
+        client = ControlClient(a.data_dir / "meshd.sock")
+        with trio.move_on_after(8):
+            async for ev in client.stream("members.watch"):
+                seen.append(ev)
+                if ev["kind"] == "left":
+                    break
+        await client.aclose()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await trio.sleep(0.5)
+            b.proc.send_signal(signal.SIGINT)
+
+    trio.run(main)
+    b.proc.wait(5)
+    assert b.proc.returncode == 0
+    assert {"kind": "left", "name": "b"}.items() <= seen[-1].items()

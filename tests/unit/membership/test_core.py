@@ -386,3 +386,23 @@ def test_next_deadline_is_monotonic_work_free():
     assert 0 <= d <= 30.0
     out = a.tick(d - 1e-6)
     assert not out.sends
+
+
+def test_ack_over_the_stream_only_reports_udp_unreachable():
+    h = Harness()
+    h.add("a", "b", "c")
+    # b's UDP is blocked both ways, TCP works: the fallback ping saves it and says why
+    h.drop = lambda src, dst: "b" in (src, dst)
+    t = 0.0
+    while t < 3.0:
+        t = round(t + 0.05, 6)
+        h.tick_all(t)
+        batch, h.outbox = h.outbox, []
+        for src, send in batch:
+            dst = send.addr.split(":")[0]
+            if not send.reliable and "b" in (src, dst):
+                continue
+            h.take(dst, h.cores[dst].receive(addr(src), send.msgs, t, send.reliable))
+    kinds = [e.kind for o, e in h.events if o == "a" and e.node == "b"]
+    assert "udp-unreachable" in kinds
+    assert h.status("a", "b") == "alive"
