@@ -257,6 +257,10 @@ class Simulation:
     def _up_nodes(self) -> list[SimNode]:
         return [n for n in self.nodes if n.up and not n.paused]
 
+    def _random_up_node(self) -> SimNode | None:
+        pool = self._up_nodes()
+        return pool[self.fault_rng.randrange(len(pool))] if pool else None
+
     def _schedule_faults(self) -> None:
         for f in self.sc.faults:
             handler = getattr(self, f"_fault_{f.kind}")
@@ -279,10 +283,9 @@ class Simulation:
         self._repeat(f, self._crash_one)
 
     def _crash_one(self, f: Fault) -> None:
-        pool = self._up_nodes()
-        if not pool:
+        node = self._random_up_node()
+        if node is None:
             return
-        node = pool[self.fault_rng.randrange(len(pool))]
         core = node.core
         assert core is not None
         self.metrics.crash(node.name, core.me.incarnation, self.now)
@@ -305,10 +308,9 @@ class Simulation:
         self._repeat(f, self._leave_one)
 
     def _leave_one(self, f: Fault) -> None:
-        pool = self._up_nodes()
-        if not pool:
+        node = self._random_up_node()
+        if node is None:
             return
-        node = pool[self.fault_rng.randrange(len(pool))]
         self.log(f"{self.now:.6f} {node.name} leave")
         self._apply(node, node.core.leave(self.now + node.offset))  # type: ignore[union-attr]
         self.call_at(self.now + 1.0, self._stop_after_leave, node)
@@ -329,10 +331,9 @@ class Simulation:
         self._repeat(f, self._change_one)
 
     def _change_one(self, f: Fault) -> None:
-        pool = self._up_nodes()
-        if not pool:
+        node = self._random_up_node()
+        if node is None:
             return
-        node = pool[self.fault_rng.randrange(len(pool))]
         core = node.core
         assert core is not None
         out = core.update_tags({"version": str(core.me.incarnation + 1)}, self.now + node.offset)

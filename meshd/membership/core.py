@@ -690,15 +690,22 @@ class Membership:
             "alive" if old_state == SUSPECT else "update"
         self._event(kind, m)
 
-    def _on_suspect(self, msg: Suspect, sender: str, now: float, reliable: bool) -> None:
-        name = msg.node
-        m = self.members.get(name)
+    def _accused(self, msg: Suspect | Dead) -> Member | None:
+        """The member a suspect/dead message may act on (S1, S2); refutes if it is us."""
+        m = self.members.get(msg.node)
         if m is None or msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):
-            return
-        if name == self.me.name:
+            return None
+        if m is self.me:
             if not self.leaving:
                 self._refute(msg.incarnation)
+            return None
+        return m
+
+    def _on_suspect(self, msg: Suspect, sender: str, now: float, reliable: bool) -> None:
+        m = self._accused(msg)
+        if m is None:
             return
+        name = m.name
         if m.state == SUSPECT:
             sus = self._suspicions.get(name)
             if sus is not None and sus.confirm(msg.source):
@@ -726,14 +733,10 @@ class Membership:
         self._on_dead(Dead(m.incarnation, name, self.me.name), self.me.addr, now, False)
 
     def _on_dead(self, msg: Dead, sender: str, now: float, reliable: bool) -> None:
-        name = msg.node
-        m = self.members.get(name)
-        if m is None or msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):
+        m = self._accused(msg)
+        if m is None:
             return
-        if name == self.me.name:
-            if not self.leaving:
-                self._refute(msg.incarnation)
-            return
+        name = m.name
         self._suspicions.pop(name, None)
         m.incarnation = msg.incarnation
         state = LEFT if msg.source == name else DEAD
