@@ -3,8 +3,8 @@
 Rules:
 - Every command takes --data-dir (or MESHD_DATA_DIR) to find the node, or MESHD_ADDR.
 - Output: rich tables for people; --json prints the control API's own field names.
-- Any error is one line on stderr, "error: <status> <code>: <detail>", and exit status 1;
-  never a traceback.
+- Any error is one line on stderr, "<status> <code>: <detail>" (e.g. "404 not found:
+  service 'x' has no instances"), and exit status 1; never a traceback.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _version() -> str:
 
 
 def fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(message, err=True)
     sys.exit(1)
 
 
@@ -174,7 +174,7 @@ def up(name: str | None, bind: str | None, advertise: str | None, join: tuple[st
 
 def _toml(data: dict[str, Any]) -> str:
     lines = [f"profile = {json.dumps(data['profile'])}"]
-    for section in ("node", "membership", "limits"):
+    for section in ("node", "membership", "limits", "rpc"):
         lines.append(f"\n[{section}]")
         for key, value in data[section].items():
             if isinstance(value, bool):
@@ -329,3 +329,124 @@ def new_secret_cmd(as_json: bool) -> None:
 
     secret = format_secret(new_secret())
     click.echo(json.dumps({"secret": secret}) if as_json else secret)
+
+
+# --- services ----------------------------------------------------------------------------
+
+@main.command()
+@data_dir_option
+@json_option
+def services(data_dir: Path | None, as_json: bool) -> None:
+    """List the services in the registry."""
+    rows = call(data_dir, "services")
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table = Table(show_header=True, header_style="bold")
+    for col in ("service", "instances", "nodes", "versions"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], str(r["instances"]), ",".join(r["nodes"]),
+                      ",".join(r["versions"]))
+    console.print(table)
+
+
+@main.command()
+@click.argument("service")
+@data_dir_option
+@json_option
+def describe(service: str, data_dir: Path | None, as_json: bool) -> None:
+    """Show a service's instances, nodes and endpoints with their formats."""
+    info = call(data_dir, "describe", service=service)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    console.print(f"[bold]{info['name']}[/]")
+    for inst in info["instances"]:
+        console.print(f"  instance {inst['id']} on {inst['node']} ({inst['address']}) "
+                      f"version {inst.get('version') or '-'}")
+    first = info["instances"][0]
+    for ep in first["endpoints"]:
+        console.print(f"  endpoint [bold]{ep['name']}[/]")
+        console.print(f"    request  {json.dumps(ep.get('request'))}")
+        console.print(f"    response {json.dumps(ep.get('response'))}")
+
+
+@main.command("call")
+@click.argument("service")
+@click.argument("endpoint")
+@click.argument("body", required=False)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
+@click.option("--meta", multiple=True, metavar="K=V", help="Request metadata (repeatable).")
+@data_dir_option
+@json_option
+def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | None,
+             meta: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
+    """Call ENDPOINT of SERVICE with a JSON BODY (or JSON on stdin)."""
+    text = body if body is not None and body != "-" else (
+        sys.stdin.read() if not sys.stdin.isatty() else "{}")
+    try:
+        request = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        fail(f"400 bad request: the request is not valid JSON: {exc.msg} at line {exc.lineno} "
+             f"column {exc.colno}")
+    metadata = {}
+    for item in meta:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"400 bad request: --meta {item!r} must look like key=value")
+        metadata[key] = value
+    result = call(data_dir, "rpc.call", service=service, endpoint=endpoint, body=request,
+                  timeout=timeout, meta=metadata)
+    click.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+@main.command()
+@click.argument("service")
+@data_dir_option
+@json_option
+def health(service: str, data_dir: Path | None, as_json: bool) -> None:
+    """Check every instance of SERVICE."""
+    rows = call(data_dir, "health", service=service)
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        table = Table(show_header=True, header_style="bold")
+        for col in ("instance", "node", "status", "latency", "detail"):
+            table.add_column(col)
+        for r in rows:
+            color = "green" if r["status"] == "ok" else "red"
+            table.add_row(r["id"], r["node"], f"[{color}]{r['status']}[/]",
+                          f"{r['latency_ms']:.2f} ms", r["detail"])
+        console.print(table)
+    if any(r["status"] != "ok" for r in rows):
+        sys.exit(1)
+
+
+@main.command()
+@data_dir_option
+@json_option
+def watch(data_dir: Path | None, as_json: bool) -> None:
+    """Stream registry changes (create, update, delete) until interrupted."""
+    path = socket_path(data_dir or default_data_dir())
+
+    async def go() -> None:
+        client = ControlClient(path)
+        try:
+            async for ev in client.stream("services.watch"):
+                if as_json:
+                    click.echo(json.dumps(ev))
+                else:
+                    inst = ev["instance"]
+                    click.echo(f"{ev['kind']:7} {inst.get('service', '?')} {inst.get('id')} "
+                               f"on {inst.get('node')}")
+                sys.stdout.flush()
+        finally:
+            await client.aclose()
+
+    try:
+        trio.run(go)
+    except MeshError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass

@@ -69,11 +69,38 @@ async def _write_frame(stream: trio.abc.Stream, value: Any) -> None:
     await stream.send_all(LENGTH.pack(len(data)) + data)
 
 
+class Conn:
+    """A control connection turned into a two-way session (a service process's link)."""
+
+    def __init__(self, stream: trio.abc.Stream, rid: Any) -> None:
+        self.stream = stream
+        self.rid = rid
+        self._lock = trio.Lock()
+
+    async def reply(self, result: Any) -> None:
+        await self.send({"id": self.rid, "ok": True, "result": result})
+
+    async def send(self, item: Any) -> None:
+        async with self._lock:
+            await _write_frame(self.stream, item)
+
+    async def receive(self) -> Any:
+        """The next frame; EOFError when the other side is gone."""
+        try:
+            return await _read_frame(self.stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise EOFError from None
+
+
+SessionHandler = Callable[[dict[str, Any], Conn], Awaitable[None]]
+
+
 class ControlServer:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.ops: dict[str, Handler] = {}
         self.streams: dict[str, StreamHandler] = {}
+        self.sessions: dict[str, SessionHandler] = {}
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if self.path.exists() or self.path.is_symlink():
@@ -122,6 +149,9 @@ class ControlServer:
             if not isinstance(args, dict):
                 raise bad_request("args must be a map")
             op = req["op"]
+            if op in self.sessions:
+                await self.sessions[op](args, Conn(stream, rid))
+                return False
             if op in self.streams:
                 async def emit(item: Any) -> None:
                     await _write_frame(stream, {"id": rid, "event": item})
@@ -137,7 +167,7 @@ class ControlServer:
             return True
         except MeshError as exc:
             reply = {"id": rid, "ok": False, "error": exc.to_dict()}
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
             return False
         except Exception as exc:
             log.exception("control operation failed")
@@ -195,6 +225,12 @@ class ControlClient:
                 return
             if isinstance(item, dict) and "event" in item:
                 yield item["event"]
+
+    async def session(self, op: str, **args: Any) -> tuple[Any, Conn]:
+        """Open a two-way session (e.g. a service registration)."""
+        result = await self.call(op, **args)
+        assert self._stream is not None
+        return result, Conn(self._stream, None)
 
     async def aclose(self) -> None:
         if self._stream is not None:

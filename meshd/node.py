@@ -13,6 +13,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import socket
@@ -30,6 +31,8 @@ from .identity import Identity
 from .membership.core import Membership, MembershipError
 from .membership.messages import STATE_NAMES
 from .membership.service import MembershipService
+from .registry.service import RegistryService
+from .rpc.service import RpcService
 from .secure.keyring import Keyring, KeyringError, format_secret, new_secret, parse_secret
 from .settings import Settings, as_dict
 from .transport import addr as addrs
@@ -37,7 +40,7 @@ from .transport.links import Channel, ChannelClosed, LinkError, LinkManager
 from .transport.udp import UdpTransport
 
 log = logging.getLogger("meshd.node")
-RESERVED_TAGS = ("id",)
+RESERVED_TAGS = ("id", "boot")
 
 
 class NodeError(RuntimeError):
@@ -148,6 +151,8 @@ class Node:
         self.advertise = addrs.format(adv_host, adv_port)
         tags = parse_tags(s.node.tags)
         tags["id"] = self.identity.node_id
+        self.boot = os.urandom(6).hex()  # changes at every start: stale instances vanish
+        tags["boot"] = self.boot
         incarnation = int(self.state.get("incarnation", -1)) + 1
         try:
             self.core = Membership(self.name, self.advertise, s.membership,
@@ -162,6 +167,11 @@ class Node:
         self.membership = MembershipService(self.core, self.udp, self.links,
                                             s.limits.join_timeout)
         self.membership.on_change = self._schedule_save
+        self.registry = RegistryService(self.core, self.links, self.boot,
+                                        ttl=s.rpc.instance_ttl,
+                                        sync_interval=s.rpc.registry_sync_interval)
+        self.rpc = RpcService(self.registry, self.links, self.core, retries=s.rpc.retries,
+                              selector=s.rpc.selector, max_body=s.rpc.max_body_bytes)
         control = ControlServer(socket_path(self.data_dir))
         self._register_ops(control)
         self.membership.listeners.append(self._watch_conflicts)
@@ -170,6 +180,7 @@ class Node:
                 self._cancel = nursery.cancel_scope
                 await nursery.start(self.links.run, listeners)
                 await nursery.start(self.membership.run)
+                await nursery.start(self.registry.run)
                 await nursery.start(control.run)
                 nursery.start_soon(self._watch_signals)
                 await self._initial_join()
@@ -342,6 +353,65 @@ class Node:
                             "keys.use": self._keys_handler("use"),
                             "keys.remove": self._keys_handler("remove")})
         control.streams["members.watch"] = watch
+        self._register_service_ops(control)
+
+    def _register_service_ops(self, control: ControlServer) -> None:
+        async def services(_: dict[str, Any]) -> Any:
+            return self.registry.services()
+
+        async def describe(args: dict[str, Any]) -> Any:
+            name = args.get("service")
+            if not isinstance(name, str):
+                raise bad_request("describe needs a service name")
+            rows = self.registry.instances(name)
+            if not rows:
+                raise MeshError(404, f"service {name!r} has no instances")
+            return {"name": name, "instances": rows}
+
+        async def rpc_call(args: dict[str, Any]) -> Any:
+            service, endpoint = args.get("service"), args.get("endpoint")
+            if not isinstance(service, str) or not isinstance(endpoint, str):
+                raise bad_request("call needs a service and an endpoint")
+            timeout = args.get("timeout") or self.settings.rpc.default_timeout
+            meta = args.get("meta") or {}
+            if not isinstance(meta, dict):
+                raise bad_request("meta must be a map")
+            return await self.rpc.call(service, endpoint, args.get("body"), timeout, meta,
+                                       args.get("selector"))
+
+        async def health(args: dict[str, Any]) -> Any:
+            name = args.get("service")
+            if not isinstance(name, str):
+                raise bad_request("health needs a service name")
+            rows = self.registry.instances(name)
+            if not rows:
+                raise MeshError(404, f"service {name!r} has no instances")
+            results: list[dict[str, Any]] = []
+
+            async def check(inst: dict[str, Any]) -> None:
+                start = trio.current_time()
+                try:
+                    await self.rpc.call_instance(inst, "__health__", None, 5.0)
+                    status, detail = "ok", ""
+                except MeshError as exc:
+                    status, detail = "failing", str(exc)
+                results.append({"id": inst["id"], "node": inst["node"], "status": status,
+                                "latency_ms": round((trio.current_time() - start) * 1000, 3),
+                                "detail": detail})
+
+            async with trio.open_nursery() as nursery:
+                for inst in rows:
+                    nursery.start_soon(check, inst)
+            return sorted(results, key=lambda r: r["id"])
+
+        async def watch(args: dict[str, Any], emit: Any) -> None:
+            async for ev in self.registry.watch():
+                await emit(ev)
+
+        control.ops.update({"services": services, "describe": describe,
+                            "rpc.call": rpc_call, "health": health})
+        control.streams["services.watch"] = watch
+        control.sessions["service.register"] = self.registry.serve_session
 
     # --- keyring across the cluster -------------------------------------------------------
 

@@ -177,6 +177,25 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RpcSettings:
+    """Registry and RPC."""
+
+    # How a caller's daemon picks an instance: random, roundrobin or nearest (lowest RTT).
+    selector: str = "random"
+    # Other instances tried when a call could not be delivered (never after delivery).
+    retries: int = 2
+    # A service process that sends nothing (the SDK heartbeats every ttl/3) for this long is
+    # dropped from the registry: short enough to stop sending it calls soon after it hangs.
+    instance_ttl: float = 15.0
+    # Anti-entropy of the registry with one random member this often (pushes do the rest).
+    registry_sync_interval: float = 5.0
+    # Largest request body; larger calls are refused with 400.
+    max_body_bytes: int = 1 << 20
+    # Deadline of a call that names none.
+    default_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole settings tree of a node."""
 
@@ -184,6 +203,7 @@ class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     membership: MembershipSettings = field(default_factory=MembershipSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    rpc: RpcSettings = field(default_factory=RpcSettings)
 
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
@@ -196,7 +216,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
 
     TOML has a top-level `profile` and tables [node], [membership], [limits]. Environment:
     MESHD_PROFILE, MESHD_<NODE KEY> (MESHD_NAME, MESHD_BIND, MESHD_JOIN="a:1,b:2", ...) and
-    MESHD_<SECTION>_<KEY> for membership and limits. Flags use the same names as TOML keys,
+    MESHD_<SECTION>_<KEY> for membership, limits and rpc. Flags use the same names as TOML keys,
     as "section.key" or a bare node key.
     """
     toml = dict(toml or {})
@@ -209,9 +229,10 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         profile = str(toml.pop("profile"))
     layer: dict[str, dict[str, Any]] = {}
     for section, values in toml.items():
-        if section not in ("node", "membership", "limits") or not isinstance(values, dict):
+        if section not in ("node", "membership", "limits", "rpc") \
+                or not isinstance(values, dict):
             raise SettingsError(f"unknown settings table [{section}]; known: node, "
-                                "membership, limits, and the key profile")
+                                "membership, limits, rpc, and the key profile")
         layer[section] = dict(values)
     layers.append(layer)
     # environment layer
@@ -225,7 +246,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         elif rest in _NODE_ENV:
             layer.setdefault("node", {})[rest] = value
         else:
-            for section in ("membership", "limits"):
+            for section in ("membership", "limits", "rpc"):
                 if rest.startswith(section + "_"):
                     layer.setdefault(section, {})[rest[len(section) + 1:]] = value
     layers.append(layer)
@@ -242,11 +263,15 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
     if profile not in PROFILES:
         raise SettingsError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     node, membership, limits = NodeSettings(), membership_profile(profile), LimitsSettings()
+    rpc = RpcSettings()
     for lay in layers:
         node = _replace_checked(node, lay.get("node", {}), "node")
         membership = _replace_checked(membership, lay.get("membership", {}), "membership")
         limits = _replace_checked(limits, lay.get("limits", {}), "limits")
-    return Settings(profile, node, membership, limits)
+        rpc = _replace_checked(rpc, lay.get("rpc", {}), "rpc")
+    if rpc.selector not in ("random", "roundrobin", "nearest"):
+        raise SettingsError("rpc.selector must be random, roundrobin or nearest")
+    return Settings(profile, node, membership, limits, rpc)
 
 
 class SettingsError(ValueError):

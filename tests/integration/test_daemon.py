@@ -148,11 +148,11 @@ def test_cli_members_json_and_errors(cluster):
                               str(cluster.root / "nothing-here")], capture_output=True,
                              text=True, timeout=10)
     assert missing.returncode == 1
-    assert missing.stderr.startswith("error: 503")
+    assert missing.stderr.startswith("503 unavailable")
     assert "meshd up" in missing.stderr and "Traceback" not in missing.stderr
     bad = subprocess.run([sys.executable, "-m", "cli", "join", "not a:host:x"], env=env,
                          capture_output=True, text=True, timeout=10)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: 400")
+    assert bad.returncode == 1 and bad.stderr.startswith("400 bad request")
 
 
 def test_print_settings_layers(tmp_path):

@@ -1,0 +1,1 @@
+"""Registry: service instances replicated to every node as CRDT state."""

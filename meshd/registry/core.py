@@ -1,0 +1,114 @@
+"""Registry state (sans-IO): a last-writer-wins map of service instances.
+
+Rules:
+- A key is "<node>/<instance id>"; only that node writes it. Each entry carries an HLC
+  timestamp; the entry with the greater timestamp wins, a delete is a tombstone entry. So
+  merging is commutative, associative and idempotent, and every replica that has seen the
+  same entries holds the same state.
+- Entries also carry the writing daemon's boot id. An instance whose node is not alive in
+  the membership, or whose boot id is not that node's current one (it restarted), is not
+  served: a crashed node's instances vanish everywhere as soon as it is declared dead.
+- Digest for anti-entropy: per owner node, (count, xor of entry hashes). Two replicas agree
+  on an owner iff its digests match; only differing owners' entries are exchanged.
+- Tombstones are dropped after `tombstone_ttl` seconds of local time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from meshd.hlc import Timestamp
+
+
+@dataclass(slots=True)
+class Entry:
+    key: str
+    ts: Timestamp
+    boot: str
+    value: dict[str, Any] | None  # None = tombstone
+    seen_at: float = 0.0
+
+    @property
+    def owner(self) -> str:
+        return self.key.split("/", 1)[0]
+
+    def digest_part(self) -> int:
+        h = hashlib.blake2b(f"{self.key}|{self.ts[0]}|{self.ts[1]}|{self.ts[2]}".encode(),
+                            digest_size=8).digest()
+        return int.from_bytes(h, "big")
+
+    def to_wire(self) -> list[Any]:
+        return [self.key, list(self.ts), self.boot, self.value]
+
+
+class WireError(ValueError):
+    pass
+
+
+def entry_from_wire(raw: Any) -> Entry:
+    if type(raw) is not list or len(raw) != 4:
+        raise WireError("entry must be [key, ts, boot, value]")
+    key, ts, boot, value = raw
+    if type(key) is not str or "/" not in key or len(key) > 300:
+        raise WireError("bad entry key")
+    if type(ts) is not list or len(ts) != 3 or type(ts[0]) is not int \
+            or type(ts[1]) is not int or type(ts[2]) is not str:
+        raise WireError("bad entry timestamp")
+    if type(boot) is not str or len(boot) > 64:
+        raise WireError("bad boot id")
+    if value is not None and type(value) is not dict:
+        raise WireError("bad entry value")
+    return Entry(key, (ts[0], ts[1], ts[2]), boot, value)
+
+
+class RegistryState:
+    def __init__(self, tombstone_ttl: float = 600.0) -> None:
+        self.entries: dict[str, Entry] = {}
+        self.tombstone_ttl = tombstone_ttl
+        self._digest: dict[str, list[int]] = {}  # owner -> [count, xor]
+
+    def _account(self, e: Entry, sign: int) -> None:
+        d = self._digest.setdefault(e.owner, [0, 0])
+        d[0] += sign
+        d[1] ^= e.digest_part()
+        if d[0] == 0:
+            del self._digest[e.owner]
+
+    def apply(self, e: Entry, now: float) -> bool:
+        """Merge one entry; True if it changed our state."""
+        old = self.entries.get(e.key)
+        if old is not None and old.ts >= e.ts:
+            return False
+        if old is not None:
+            self._account(old, -1)
+        e.seen_at = now
+        self.entries[e.key] = e
+        self._account(e, +1)
+        return True
+
+    def digest(self) -> dict[str, list[int]]:
+        return {owner: list(v) for owner, v in self._digest.items()}
+
+    def differing_owners(self, remote: dict[str, Any]) -> list[str]:
+        owners = set(self._digest) | set(remote)
+        return sorted(o for o in owners if self._digest.get(o) != remote.get(o))
+
+    def entries_of(self, owners: list[str]) -> list[Entry]:
+        wanted = set(owners)
+        return [e for e in self.entries.values() if e.owner in wanted]
+
+    def collect(self, now: float) -> int:
+        """Drop tombstones older than the ttl; returns how many."""
+        old = [e for e in self.entries.values()
+               if e.value is None and now - e.seen_at > self.tombstone_ttl]
+        for e in old:
+            self._account(e, -1)
+            del self.entries[e.key]
+        return len(old)
+
+    def live(self, boots: dict[str, str]) -> list[Entry]:
+        """Entries to serve: not deleted, owner alive (in `boots`) with the same boot id."""
+        return [e for e in self.entries.values()
+                if e.value is not None and boots.get(e.owner) == e.boot]

@@ -1,0 +1,303 @@
+"""Registry shell: local service sessions, gossip of registry deltas, anti-entropy.
+
+Rules:
+- A service process registers over the control socket and keeps that connection as its
+  session. The instance leaves the registry when the connection closes or sends nothing for
+  `ttl` seconds (the SDK heartbeats every ttl/3).
+- A local change is pushed to `fanout` random live members over link channel "registry";
+  a member that learns something new from a push forwards it to `fanout` others.
+- Every `sync_interval` a random live member gets our digest and we exchange the entries of
+  the owners whose digests differ: partitions heal and missed pushes are repaired.
+- Malformed registry messages from a peer close that channel; they never reach the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import trio
+
+from meshd.control import Conn
+from meshd.errors import MeshError, bad_request, unavailable
+from meshd.hlc import HLC
+from meshd.membership.core import Membership
+from meshd.membership.messages import ALIVE, SUSPECT
+from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
+
+from .core import Entry, RegistryState, WireError, entry_from_wire
+
+log = logging.getLogger("meshd.registry")
+CHANNEL = "registry"
+MAX_NAME = 128
+
+
+@dataclass
+class LocalInstance:
+    id: str
+    service: str
+    conn: Conn
+    last_seen: float
+    pending: dict[int, trio.MemorySendChannel[Any]] = field(default_factory=dict)
+    next_call: int = 0
+    closed: bool = False
+
+
+def instance_view(e: Entry) -> dict[str, Any]:
+    return dict(e.value or {})
+
+
+class RegistryService:
+    def __init__(self, core: Membership, links: LinkManager, boot: str,
+                 ttl: float = 15.0, sync_interval: float = 5.0, fanout: int = 3) -> None:
+        self.core = core
+        self.links = links
+        self.boot = boot
+        self.ttl = ttl
+        self.sync_interval = sync_interval
+        self.fanout = fanout
+        self.node = core.me.name
+        self.state = RegistryState()
+        self.hlc = HLC(self.node, lambda: int(time.time() * 1000))
+        self.local: dict[str, LocalInstance] = {}
+        self.rng = random.Random()
+        self.stats = {"registry_bad_messages": 0, "registry_pushes": 0, "registry_syncs": 0}
+        self._watchers: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        self._nursery: trio.Nursery | None = None
+        self.on_local_change: Callable[[], None] | None = None
+        links.handlers[CHANNEL] = self._serve_channel
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._sync_loop)
+            nursery.start_soon(self._expire_loop)
+            task_status.started()
+
+    # --- views ---------------------------------------------------------------------------
+
+    def boots(self) -> dict[str, str]:
+        """Live nodes and their boot ids, from the membership view."""
+        out = {}
+        for m in self.core.member_list():
+            if m.state in (ALIVE, SUSPECT):
+                boot = m.tags.get("boot")
+                if boot:
+                    out[m.name] = boot
+        return out
+
+    def instances(self, service: str | None = None) -> list[dict[str, Any]]:
+        live = self.state.live(self.boots())
+        rows = [instance_view(e) for e in live]
+        if service is not None:
+            rows = [r for r in rows if r.get("service") == service]
+        return sorted(rows, key=lambda r: (r.get("service", ""), r.get("node", ""),
+                                           r.get("id", "")))
+
+    def services(self) -> list[dict[str, Any]]:
+        by_name: dict[str, dict[str, Any]] = {}
+        for inst in self.instances():
+            s = by_name.setdefault(inst["service"], {"name": inst["service"], "instances": 0,
+                                                     "nodes": set(), "versions": set()})
+            s["instances"] += 1
+            s["nodes"].add(inst["node"])
+            s["versions"].add(inst.get("version", ""))
+        return [{"name": s["name"], "instances": s["instances"], "nodes": sorted(s["nodes"]),
+                 "versions": sorted(s["versions"])} for s in by_name.values()]
+
+    # --- local registration --------------------------------------------------------------
+
+    async def serve_session(self, args: dict[str, Any], conn: Conn) -> None:
+        """Control session "service.register": the connection is the instance's lifeline."""
+        record = _validate_registration(args)
+        inst_id = f"{record['service']}-{os.urandom(4).hex()}"
+        record.update({"id": inst_id, "node": self.node, "address": self.core.me.addr})
+        local = LocalInstance(inst_id, record["service"], conn, trio.current_time())
+        self.local[inst_id] = local
+        self._write(inst_id, record)
+        log.info("registered %s (%s) from a local process", inst_id, record["service"])
+        try:
+            await conn.reply({"id": inst_id, "node": self.node, "ttl": self.ttl})
+            while True:
+                msg = await conn.receive()
+                local.last_seen = trio.current_time()
+                if not isinstance(msg, dict):
+                    continue
+                if "reply" in msg:
+                    waiter = local.pending.pop(msg.get("reply"), None)  # type: ignore[arg-type]
+                    if waiter is not None:
+                        waiter.send_nowait(msg)
+                elif "ping" in msg:
+                    await conn.send({"pong": msg["ping"]})
+        except (EOFError, MeshError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._drop_local(local, "its process disconnected")
+
+    def _drop_local(self, local: LocalInstance, why: str) -> None:
+        if local.closed:
+            return
+        local.closed = True
+        self.local.pop(local.id, None)
+        for waiter in local.pending.values():
+            waiter.send_nowait({"ok": False, "error": unavailable(
+                f"instance {local.id} went away ({why})", id="meshd.rpc").to_dict()})
+        local.pending.clear()
+        self._write(local.id, None)
+        log.info("deregistered %s: %s", local.id, why)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(min(1.0, self.ttl / 3))
+            now = trio.current_time()
+            for local in list(self.local.values()):
+                if now - local.last_seen > self.ttl:
+                    self._drop_local(local, f"no heartbeat for {self.ttl:.0f} s")
+                    with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                        await local.conn.stream.aclose()
+            self.state.collect(trio.current_time())
+
+    def _write(self, inst_id: str, record: dict[str, Any] | None) -> None:
+        entry = Entry(f"{self.node}/{inst_id}", self.hlc.now(), self.boot, record)
+        self._apply([entry], None)
+
+    # --- replication ---------------------------------------------------------------------
+
+    def _apply(self, entries: list[Entry], source: str | None) -> list[Entry]:
+        now = trio.current_time()
+        changed = []
+        for e in entries:
+            old = self.state.entries.get(e.key)
+            self.hlc.observe(e.ts)
+            if self.state.apply(e, now):
+                changed.append(e)
+                kind = "delete" if e.value is None else ("create" if old is None or
+                                                         old.value is None else "update")
+                self._notify(kind, e)
+        if changed:
+            self._push(changed, exclude=source)
+        return changed
+
+    def _notify(self, kind: str, e: Entry) -> None:
+        event = {"kind": kind, "key": e.key, "instance": instance_view(e) if e.value else
+                 {"id": e.key.split("/", 1)[1], "node": e.owner}}
+        for w in list(self._watchers):
+            try:
+                w.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._watchers.remove(w)
+
+    def watch(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        send, recv = trio.open_memory_channel[dict[str, Any]](1000)
+        self._watchers.append(send)
+        return recv
+
+    def _peers(self, k: int, exclude: str | None = None) -> list[str]:
+        addrs = [m.addr for m in self.core.member_list()
+                 if m.state == ALIVE and m.name != self.node and m.addr != exclude]
+        self.rng.shuffle(addrs)
+        return addrs[:k]
+
+    def _push(self, entries: list[Entry], exclude: str | None) -> None:
+        if self._nursery is None:
+            return
+        payload = cbor2.dumps({"t": "delta", "entries": [e.to_wire() for e in entries]})
+        for addr in self._peers(self.fanout, exclude):
+            self._nursery.start_soon(self._send_one, addr, payload)
+
+    async def _send_one(self, addr: str, payload: bytes) -> None:
+        try:
+            with trio.fail_after(5):
+                async with await self.links.open_channel(addr, CHANNEL) as ch:
+                    await ch.send(payload)
+            self.stats["registry_pushes"] += 1
+        except (LinkError, ChannelClosed, trio.TooSlowError):
+            pass
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await trio.sleep(self.sync_interval * (0.5 + self.rng.random()))
+            for addr in self._peers(1):
+                with trio.move_on_after(10):
+                    try:
+                        await self.sync_with(addr)
+                    except (LinkError, ChannelClosed, WireError, ValueError) as exc:
+                        log.debug("registry sync with %s failed: %s", addr, exc)
+
+    async def sync_with(self, addr: str) -> None:
+        """Anti-entropy with one peer: exchange only the owners whose digests differ."""
+        async with await self.links.open_channel(addr, CHANNEL) as ch:
+            await ch.send(cbor2.dumps({"t": "digest", "digest": self.state.digest()}))
+            reply = _decode(await ch.receive())
+            entries = [entry_from_wire(x) for x in reply.get("entries", [])]
+            self._apply(entries, addr)
+            wanted = reply.get("want", [])
+            if not isinstance(wanted, list):
+                raise WireError("bad want list")
+            mine = self.state.entries_of([w for w in wanted if isinstance(w, str)])
+            await ch.send(cbor2.dumps({"t": "entries",
+                                       "entries": [e.to_wire() for e in mine]}))
+        self.stats["registry_syncs"] += 1
+
+    async def _serve_channel(self, ch: Channel) -> None:
+        try:
+            msg = _decode(await ch.receive())
+            kind = msg.get("t")
+            if kind == "delta":
+                self._apply([entry_from_wire(x) for x in msg.get("entries", [])],
+                            ch.peer_addr)
+            elif kind == "digest":
+                remote = msg.get("digest")
+                if not isinstance(remote, dict):
+                    raise WireError("bad digest")
+                owners = self.state.differing_owners(remote)
+                ours = self.state.entries_of(owners)
+                await ch.send(cbor2.dumps({"t": "entries", "want": owners,
+                                           "entries": [e.to_wire() for e in ours]}))
+                back = _decode(await ch.receive())
+                self._apply([entry_from_wire(x) for x in back.get("entries", [])],
+                            ch.peer_addr)
+            else:
+                raise WireError(f"unknown registry message {kind!r}")
+        except (WireError, ValueError, TypeError) as exc:
+            self.stats["registry_bad_messages"] += 1
+            log.debug("bad registry message from %s: %s", ch.peer_addr, exc)
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    try:
+        msg = cbor2.loads(data, max_depth=32)
+    except Exception:
+        raise WireError("not CBOR") from None
+    if not isinstance(msg, dict):
+        raise WireError("not a map")
+    return msg
+
+
+def _validate_registration(args: dict[str, Any]) -> dict[str, Any]:
+    name = args.get("service")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or "/" in name:
+        raise bad_request("service name must be 1..128 characters without '/'")
+    version = args.get("version", "")
+    if not isinstance(version, str):
+        raise bad_request("version must be text")
+    endpoints = args.get("endpoints", [])
+    if not isinstance(endpoints, list):
+        raise bad_request("endpoints must be a list")
+    clean = []
+    for ep in endpoints:
+        if not isinstance(ep, dict) or not isinstance(ep.get("name"), str):
+            raise bad_request("each endpoint needs a name")
+        clean.append({"name": ep["name"], "request": ep.get("request"),
+                      "response": ep.get("response"), "metadata": ep.get("metadata") or {},
+                      "stream": bool(ep.get("stream", False))})
+    metadata = args.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise bad_request("metadata must be a map")
+    return {"service": name, "version": version, "endpoints": clean, "metadata": metadata}

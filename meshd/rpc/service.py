@@ -1,0 +1,248 @@
+"""RPC: route a call to an instance of a service, here or across the mesh.
+
+Rules:
+- The caller's daemon picks the instance (random, round-robin or nearest by RTT), skipping
+  instances that failed to connect in the last `skip_for` seconds. A local instance is called
+  through its control session without touching the network; a remote one through link
+  channel "rpc" to its node's daemon, which hands it to its local session.
+- Every call has a deadline; each hop is given the time that remains. A call still running at
+  its deadline fails with 408.
+- A call is retried on another instance (up to `retries` times) only when it was certainly
+  not delivered: the link could not be opened or the far daemon no longer has the instance.
+  Once delivered, a failure is the caller's answer (503 if the instance died mid-call).
+- Errors are MeshError maps: 400 bad request, 404 unknown service/endpoint, 408 timeout,
+  500 handler error, 503 unavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from typing import Any
+
+import cbor2
+import trio
+
+from meshd.errors import MeshError, bad_request, not_found, unavailable
+from meshd.membership.core import Membership
+from meshd.registry.service import LocalInstance, RegistryService
+from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
+
+log = logging.getLogger("meshd.rpc")
+CHANNEL = "rpc"
+SELECTORS = ("random", "roundrobin", "nearest")
+
+
+class NotDelivered(Exception):
+    """The request never reached a service process: safe to try another instance."""
+
+
+def _endpoint_names(inst: dict[str, Any]) -> list[str]:
+    return [ep.get("name") for ep in inst.get("endpoints", [])]
+
+
+class RpcService:
+    def __init__(self, registry: RegistryService, links: LinkManager, core: Membership,
+                 retries: int = 2, selector: str = "random", max_body: int = 1 << 20,
+                 skip_for: float = 10.0) -> None:
+        self.registry = registry
+        self.links = links
+        self.core = core
+        self.retries = retries
+        self.selector = selector
+        self.max_body = max_body
+        self.skip_for = skip_for
+        self.rng = random.Random()
+        self._rr = 0
+        self._failing: dict[str, float] = {}
+        self.stats = {"rpc_calls": 0, "rpc_errors": 0, "rpc_remote_served": 0}
+        links.handlers[CHANNEL] = self._serve_channel
+
+    # --- caller side ---------------------------------------------------------------------
+
+    def check_body(self, body: Any) -> None:
+        size = len(cbor2.dumps(body))
+        if size > self.max_body:
+            raise bad_request(f"request of {size} bytes exceeds the limit of {self.max_body} "
+                              "bytes", id="meshd.rpc")
+
+    def _pick(self, candidates: list[dict[str, Any]], tried: set[str],
+              selector: str) -> dict[str, Any] | None:
+        now = trio.current_time()
+        fresh = [c for c in candidates if c["id"] not in tried]
+        healthy = [c for c in fresh if self._failing.get(c["id"], -math.inf) < now]
+        pool = healthy or fresh
+        if not pool:
+            return None
+        if selector == "roundrobin":
+            self._rr += 1
+            return pool[self._rr % len(pool)]
+        if selector == "nearest":
+            def rtt(inst: dict[str, Any]) -> float:
+                if inst["node"] == self.core.me.name:
+                    return 0.0
+                m = self.core.members.get(inst["node"])
+                return m.rtt if m is not None and m.rtt is not None else math.inf
+            best = min(rtt(c) for c in pool)
+            pool = [c for c in pool if rtt(c) == best]
+        return pool[self.rng.randrange(len(pool))]
+
+    async def call(self, service: str, endpoint: str, body: Any, timeout: float,
+                   meta: dict[str, str] | None = None, selector: str | None = None) -> Any:
+        self.stats["rpc_calls"] += 1
+        try:
+            return await self._call(service, endpoint, body, timeout, dict(meta or {}),
+                                    selector or self.selector)
+        except MeshError:
+            self.stats["rpc_errors"] += 1
+            raise
+
+    async def _call(self, service: str, endpoint: str, body: Any, timeout: float,
+                    meta: dict[str, str], selector: str) -> Any:
+        if not (isinstance(timeout, int | float) and 0 < timeout <= 3600):
+            raise bad_request("timeout must be between 0 and 3600 seconds", id="meshd.rpc")
+        if selector not in SELECTORS:
+            raise bad_request(f"selector must be one of {', '.join(SELECTORS)}", id="meshd.rpc")
+        self.check_body(body)
+        deadline = trio.current_time() + timeout
+        meta.setdefault("trace-id", os.urandom(8).hex())
+        meta.setdefault("caller-node", self.core.me.name)
+        instances = self.registry.instances(service)
+        if not instances:
+            raise not_found(f"service {service!r} has no instances", id="meshd.rpc")
+        candidates = [i for i in instances if endpoint in _endpoint_names(i)]
+        if not candidates:
+            known = sorted({n for i in instances for n in _endpoint_names(i)})
+            raise not_found(f"service {service!r} has no endpoint {endpoint!r}; known: "
+                            f"{', '.join(known) or '(none)'}", id="meshd.rpc")
+        tried: set[str] = set()
+        last = "no instance answered"
+        for _ in range(self.retries + 1):
+            inst = self._pick(candidates, tried, selector)
+            if inst is None:
+                break
+            tried.add(inst["id"])
+            try:
+                with trio.fail_at(deadline):
+                    return await self._call_instance(inst, endpoint, body, meta, deadline)
+            except NotDelivered as exc:
+                self._failing[inst["id"]] = trio.current_time() + self.skip_for
+                last = str(exc)
+                log.info("call to %s.%s not delivered to %s: %s; trying another", service,
+                         endpoint, inst["id"], exc)
+            except trio.TooSlowError:
+                raise MeshError(408, f"call to {service}.{endpoint} did not finish within "
+                                     f"{timeout:g} s", id="meshd.rpc") from None
+        raise unavailable(f"no instance of {service!r} could be reached: {last}",
+                          id="meshd.rpc")
+
+    async def _call_instance(self, inst: dict[str, Any], endpoint: str, body: Any,
+                             meta: dict[str, str], deadline: float) -> Any:
+        if inst["node"] == self.core.me.name:
+            local = self.registry.local.get(inst["id"])
+            if local is None:
+                raise NotDelivered("the instance is gone")
+            return _unwrap(await call_local(local, endpoint, body, meta, deadline))
+        member = self.core.members.get(inst["node"])
+        addr = member.addr if member is not None else inst.get("address", "")
+        try:
+            ch = await self.links.open_channel(addr, CHANNEL)
+        except (LinkError, ChannelClosed) as exc:
+            raise NotDelivered(str(exc)) from None
+        async with ch:
+            try:
+                await ch.send(cbor2.dumps({"instance": inst["id"], "endpoint": endpoint,
+                                           "body": body, "meta": meta,
+                                           "timeout": deadline - trio.current_time()}))
+            except ChannelClosed as exc:
+                raise NotDelivered(str(exc)) from None
+            try:
+                reply = cbor2.loads(await ch.receive(), max_depth=64)
+            except ChannelClosed:
+                raise unavailable(f"node {inst['node']} closed the call before replying",
+                                  id="meshd.rpc") from None
+            except Exception:
+                raise MeshError(502, f"node {inst['node']} sent an invalid reply",
+                                id="meshd.rpc") from None
+        if isinstance(reply, dict) and reply.get("undelivered"):
+            raise NotDelivered(str(reply.get("error", {}).get("detail", "instance gone")))
+        return _unwrap(reply)
+
+    async def call_instance(self, inst: dict[str, Any], endpoint: str, body: Any,
+                            timeout: float) -> Any:
+        """Call one given instance (health checks): no selection, no retry."""
+        deadline = trio.current_time() + timeout
+        try:
+            with trio.fail_at(deadline):
+                return await self._call_instance(inst, endpoint, body, {}, deadline)
+        except NotDelivered as exc:
+            raise unavailable(str(exc), id="meshd.rpc") from None
+        except trio.TooSlowError:
+            raise MeshError(408, f"no answer within {timeout:g} s", id="meshd.rpc") from None
+
+    # --- callee side ---------------------------------------------------------------------
+
+    async def _serve_channel(self, ch: Channel) -> None:
+        try:
+            req = cbor2.loads(await ch.receive(), max_depth=64)
+            if not isinstance(req, dict) or not isinstance(req.get("instance"), str) \
+                    or not isinstance(req.get("endpoint"), str):
+                raise ValueError("bad request")
+            timeout = float(req.get("timeout", 10.0))
+            meta = req.get("meta") if isinstance(req.get("meta"), dict) else {}
+        except Exception:
+            await ch.send(cbor2.dumps({"ok": False, "error": bad_request(
+                "malformed rpc request", id="meshd.rpc").to_dict()}))
+            return
+        local = self.registry.local.get(req["instance"])
+        if local is None:
+            await ch.send(cbor2.dumps({"ok": False, "undelivered": True, "error": unavailable(
+                f"instance {req['instance']} is not on node {self.core.me.name}",
+                id="meshd.rpc").to_dict()}))
+            return
+        self.stats["rpc_remote_served"] += 1
+        deadline = trio.current_time() + max(0.0, min(timeout, 3600.0))
+        try:
+            with trio.fail_at(deadline):
+                reply = await call_local(local, req["endpoint"], req.get("body"), meta,
+                                         deadline)
+        except trio.TooSlowError:
+            reply = {"ok": False, "error": MeshError(
+                408, f"{local.service}.{req['endpoint']} did not answer before the deadline",
+                id="meshd.rpc").to_dict()}
+        await ch.send(cbor2.dumps(reply))
+
+
+async def call_local(local: LocalInstance, endpoint: str, body: Any, meta: dict[str, Any],
+                     deadline: float) -> dict[str, Any]:
+    """Hand a call to a local service process over its control session; await the reply."""
+    if local.closed:
+        raise NotDelivered("the instance is gone")
+    local.next_call += 1
+    cid = local.next_call
+    send, recv = trio.open_memory_channel[dict[str, Any]](1)
+    local.pending[cid] = send
+    try:
+        try:
+            await local.conn.send({"call": cid, "endpoint": endpoint, "body": body,
+                                   "meta": meta,
+                                   "timeout": max(0.0, deadline - trio.current_time())})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise NotDelivered("the service process is gone") from None
+        reply = await recv.receive()
+    finally:
+        local.pending.pop(cid, None)
+    if not isinstance(reply, dict):
+        return {"ok": False, "error": MeshError(500, "malformed reply from the service",
+                                                id="meshd.rpc").to_dict()}
+    return reply
+
+
+def _unwrap(reply: Any) -> Any:
+    if not isinstance(reply, dict):
+        raise MeshError(500, "malformed reply", id="meshd.rpc")
+    if reply.get("ok"):
+        return reply.get("body")
+    raise MeshError.from_dict(reply.get("error"))
