@@ -45,8 +45,10 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
 
 class Daemon:
     def __init__(self, root: Path, name: str, secret: str, profile: str = "local",
-                 extra: tuple[str, ...] = (), prefix: list[str] | None = None) -> None:
+                 extra: tuple[str, ...] = (), prefix: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.prefix = prefix or []
+        self.env = env or {}
         self.root = root
         self.name = name
         self.secret = secret
@@ -64,7 +66,7 @@ class Daemon:
                *self.extra]
         for peer in join or []:
             cmd += ["--join", peer]
-        full_env = {**os.environ, "MESHD_SECRET": self.secret, **(env or {})}
+        full_env = {**os.environ, "MESHD_SECRET": self.secret, **self.env, **(env or {})}
         full_env.pop("MESHD_ADDR", None)
         full_env["PYTHONPATH"] = os.pathsep.join(sys.path)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
@@ -120,6 +122,12 @@ class Cluster:
         self.root = root
         self.secret = format_secret(new_secret())
         self.daemons: dict[str, Daemon] = {}
+        self.services: list[Any] = []
+
+    def service(self, daemon: Daemon, name: str = "testsvc", **kw: Any) -> Any:
+        svc = ServiceProcess(daemon, name, **kw)
+        self.services.append(svc)
+        return svc
 
     def add(self, name: str, join: list[str] | None = None, **kw: Any) -> Daemon:
         d = Daemon(self.root, name, kw.pop("secret", self.secret), **kw)
@@ -128,5 +136,32 @@ class Cluster:
         return d
 
     def close(self) -> None:
+        for svc in self.services:
+            svc.stop()
         for d in self.daemons.values():
             d.stop()
+
+
+SERVICES = Path(__file__).parent / "services"
+
+
+class ServiceProcess:
+    """A test service process attached to one daemon."""
+
+    def __init__(self, daemon: Daemon, name: str = "testsvc",
+                 script: Path = SERVICES / "testsvc.py") -> None:
+        env = {**os.environ, "MESHD_ADDR": str(daemon.data_dir / "meshd.sock"),
+               "MESHD_NODE_NAME": daemon.name, "PYTHONPATH": os.pathsep.join(sys.path)}
+        self.log = daemon.root / f"{daemon.name}-{name}-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen([sys.executable, str(script), name], env=env,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "ab"))  # noqa: SIM115
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)

@@ -1,0 +1,54 @@
+"""A service for integration tests: `python testsvc.py NAME` next to a daemon."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import trio
+
+from sdk import Service
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Seconds:
+    seconds: float
+
+
+service = Service(sys.argv[1] if len(sys.argv) > 1 else "testsvc")
+
+
+@service.handler("Test.Echo")
+async def echo(req: Text) -> Text:
+    return Text(req.text)
+
+
+@service.handler("Test.Whoami")
+async def whoami(req: Text) -> Text:
+    return Text(f"{os.environ.get('MESHD_NODE_NAME', '?')}:{os.getpid()}")
+
+
+@service.handler("Test.Boom")
+async def boom(req: Text) -> Text:
+    raise RuntimeError(f"boom: {req.text}")
+
+
+@service.handler("Test.Sleep")
+async def sleep(req: Seconds) -> Text:
+    await trio.sleep(req.seconds)
+    return Text("slept")
+
+
+@service.handler("Test.Die")
+async def die(req: Text) -> Text:
+    os._exit(3)
+
+
+if __name__ == "__main__":
+    trio.run(service.run)
