@@ -450,3 +450,40 @@ def watch(data_dir: Path | None, as_json: bool) -> None:
         fail(str(exc))
     except KeyboardInterrupt:
         pass
+
+
+@main.command("stream")
+@click.argument("service")
+@click.argument("endpoint")
+@click.argument("body", required=False)
+@data_dir_option
+@json_option
+def stream_cmd(service: str, endpoint: str, body: str | None, data_dir: Path | None,
+               as_json: bool) -> None:
+    """Call a streaming ENDPOINT: send BODY (or each JSON line of stdin), print each reply."""
+    from sdk import Client
+
+    lines: list[Any] = []
+    try:
+        if body is not None and body != "-":
+            lines = [json.loads(body)]
+        elif not sys.stdin.isatty():
+            lines = [json.loads(line) for line in sys.stdin if line.strip()]
+    except json.JSONDecodeError as exc:
+        fail(f"400 bad request: the request is not valid JSON: {exc.msg} at column "
+             f"{exc.colno}")
+
+    async def go() -> None:
+        client = Client(socket_path(data_dir or default_data_dir()))
+        async with client.stream(service, endpoint) as s:
+            for item in lines:
+                await s.send(item)
+            await s.close_send()
+            async for msg in s:
+                click.echo(json.dumps(msg) if as_json else json.dumps(msg, indent=2))
+                sys.stdout.flush()
+
+    try:
+        trio.run(go)
+    except MeshError as exc:
+        fail(str(exc))

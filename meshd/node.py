@@ -33,6 +33,7 @@ from .membership.messages import STATE_NAMES
 from .membership.service import MembershipService
 from .registry.service import RegistryService
 from .rpc.service import RpcService
+from .rpc.streams import StreamService
 from .secure.keyring import Keyring, KeyringError, format_secret, new_secret, parse_secret
 from .settings import Settings, as_dict
 from .transport import addr as addrs
@@ -172,6 +173,7 @@ class Node:
                                         sync_interval=s.rpc.registry_sync_interval)
         self.rpc = RpcService(self.registry, self.links, self.core, retries=s.rpc.retries,
                               selector=s.rpc.selector, max_body=s.rpc.max_body_bytes)
+        self.streams = StreamService(self.rpc)
         control = ControlServer(socket_path(self.data_dir))
         self._register_ops(control)
         self.membership.listeners.append(self._watch_conflicts)
@@ -412,6 +414,7 @@ class Node:
                             "rpc.call": rpc_call, "health": health})
         control.streams["services.watch"] = watch
         control.sessions["service.register"] = self.registry.serve_session
+        control.sessions["rpc.stream"] = self.streams.serve_session
 
     # --- keyring across the cluster -------------------------------------------------------
 

@@ -11,15 +11,56 @@ Rules:
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from meshd.control import ControlClient
+from meshd.control import Conn, ControlClient
 from meshd.errors import MeshError
 
 from .daemon import socket_path
 from .schema import SchemaError, dump, load
 
 T = TypeVar("T")
+_NOTHING: Any = object()
+
+
+class ClientStream:
+    """The caller's end of a stream."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+        self._done = False
+
+    async def send(self, message: Any) -> None:
+        await self._conn.send({"msg": dump(message)})
+
+    async def close_send(self) -> None:
+        await self._conn.send({"end": True})
+
+    async def receive(self) -> Any:
+        """The next message; StopAsyncIteration at the end; MeshError on failure."""
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            frame = await self._conn.receive()
+        except EOFError:
+            self._done = True
+            raise MeshError(503, "the daemon closed the stream", id="sdk") from None
+        if not isinstance(frame, dict):
+            raise MeshError(502, "invalid stream frame", id="sdk")
+        if "msg" in frame:
+            return frame["msg"]
+        self._done = True
+        if "error" in frame:
+            raise MeshError.from_dict(frame["error"])
+        raise StopAsyncIteration
+
+    def __aiter__(self) -> ClientStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self.receive()
 
 
 class Client:
@@ -57,6 +98,23 @@ class Client:
         except SchemaError as exc:
             raise MeshError(500, f"reply does not fit {response.__name__}: {exc}",
                             id="sdk") from None
+
+    @asynccontextmanager
+    async def stream(self, service: str, endpoint: str, request: Any = _NOTHING, *,
+                     meta: dict[str, str] | None = None) -> AsyncIterator[ClientStream]:
+        """A streaming call. With `request`, it is sent and the sending side closed (server
+        streaming); otherwise use send()/close_send() (bidirectional). Iterate for replies."""
+        conn_client = ControlClient(self.path)
+        try:
+            _, conn = await conn_client.session("rpc.stream", service=service,
+                                                endpoint=endpoint, meta=meta or {})
+            stream = ClientStream(conn)
+            if request is not _NOTHING:
+                await stream.send(request)
+                await stream.close_send()
+            yield stream
+        finally:
+            await conn_client.aclose()
 
     async def services(self) -> list[dict[str, Any]]:
         return await self._request("services")

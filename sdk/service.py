@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +39,77 @@ class Endpoint:
     fn: Callable[[Any], Awaitable[Any]]
     request: Any
     response: Any
+    stream: bool = False
+
+
+class StreamClosed(Exception):
+    """The other side ended the stream."""
+
+
+class ServerStream:
+    """The service's end of a stream. Sending spends credits the daemon grants as the
+    caller reads, so a slow caller pauses the handler instead of filling memory."""
+
+    def __init__(self, conn: Conn, sid: int, credit: int) -> None:
+        self._conn = conn
+        self._sid = sid
+        self._endpoint: Endpoint | None = None
+        self._send_in, self._inbound = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self._credit = credit
+        self._window = max(2, credit)
+        self._credit_changed = trio.Event()
+        self._consumed = 0
+        self._closed = False
+
+    def on_frame(self, frame: dict[str, Any]) -> None:
+        if "credit" in frame:
+            if isinstance(frame["credit"], int) and frame["credit"] > 0:
+                self._credit += frame["credit"]
+                self._credit_changed.set()
+                self._credit_changed = trio.Event()
+            return
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self._send_in.send_nowait(frame)
+
+    def gone(self) -> None:
+        self._closed = True
+        self._send_in.close()
+        self._credit_changed.set()
+
+    async def receive(self) -> Any:
+        """The next message; StreamClosed when the caller has no more."""
+        try:
+            frame = await self._inbound.receive()
+        except trio.EndOfChannel:
+            raise StreamClosed from None
+        self._consumed += 1
+        if self._consumed >= self._window // 2:
+            grant, self._consumed = self._consumed, 0
+            await _send_quietly(self._conn, {"sid": self._sid, "credit": grant})
+        if "msg" not in frame:
+            raise StreamClosed
+        assert self._endpoint is not None
+        try:
+            return load(self._endpoint.request, frame["msg"])
+        except SchemaError as exc:
+            raise MeshError(400, str(exc)) from None
+
+    def __aiter__(self) -> ServerStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except StreamClosed:
+            raise StopAsyncIteration from None
+
+    async def send(self, message: Any) -> None:
+        while self._credit <= 0:
+            if self._closed:
+                raise StreamClosed
+            await self._credit_changed.wait()
+        self._credit -= 1
+        await self._conn.send({"sid": self._sid, "msg": dump(message)})
 
 
 class Service:
@@ -69,10 +141,32 @@ class Service:
             return fn
         return wrap
 
+    def stream(self, name: str, request: Any = Any, response: Any = Any
+               ) -> Callable[[Any], Any]:
+        """A streaming endpoint. An async generator `async def f(req) -> AsyncIterator[T]`
+        answers one request with many messages (server streaming); a plain async function
+        `async def f(stream: ServerStream)` talks both ways (bidirectional). `request` and
+        `response` type each message (taken from the annotations where they say it)."""
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            req_t, resp_t = request, response
+            if inspect.isasyncgenfunction(fn):
+                hints = get_type_hints(fn)
+                params = list(inspect.signature(fn).parameters)
+                if len(params) != 1:
+                    raise TypeError(f"stream handler {fn.__name__} takes one request")
+                if req_t is Any:
+                    req_t = hints.get(params[0], Any)
+            elif not inspect.iscoroutinefunction(fn):
+                raise TypeError(f"stream handler {fn.__name__} must be async")
+            describe(req_t), describe(resp_t)
+            self.endpoints[name] = Endpoint(name, fn, req_t, resp_t, stream=True)
+            return fn
+        return wrap
+
     def _registration(self) -> dict[str, Any]:
         return {"service": self.name, "version": self.version, "metadata": self.metadata,
                 "endpoints": [{"name": e.name, "request": describe(e.request),
-                               "response": describe(e.response)}
+                               "response": describe(e.response), "stream": e.stream}
                               for e in self.endpoints.values()]}
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -85,6 +179,7 @@ class Service:
                      info.get("node"))
             self.registered.set()
             task_status.started(self.instance_id)
+            streams: dict[int, ServerStream] = {}
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, conn, ttl)
                 while True:
@@ -93,8 +188,20 @@ class Service:
                     except EOFError:
                         raise MeshError(503, "the daemon closed the service connection",
                                         id="sdk") from None
-                    if isinstance(msg, dict) and "call" in msg:
+                    if not isinstance(msg, dict):
+                        continue
+                    if "call" in msg:
                         nursery.start_soon(self._serve_call, conn, msg)
+                    elif "open" in msg:
+                        credit = msg.get("credit") if isinstance(msg.get("credit"), int) \
+                            else 16
+                        stream = ServerStream(conn, msg["open"], credit)
+                        streams[msg["open"]] = stream
+                        nursery.start_soon(self._serve_stream, conn, msg, stream, streams)
+                    elif "sid" in msg:
+                        target = streams.get(msg["sid"])
+                        if target is not None:
+                            target.on_frame(msg)  # never blocks: credits bound the flow
         finally:
             await client.aclose()
 
@@ -114,6 +221,36 @@ class Service:
         reply["reply"] = cid
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await conn.send(reply)
+
+    async def _serve_stream(self, conn: Conn, msg: dict[str, Any], server: ServerStream,
+                            streams: dict[int, Any]) -> None:
+        sid = msg["open"]
+        endpoint = self.endpoints.get(msg.get("endpoint"))  # type: ignore[arg-type]
+        try:
+            if endpoint is None or not endpoint.stream:
+                raise MeshError(404, f"service {self.name!r} has no stream endpoint "
+                                     f"{msg.get('endpoint')!r}", id=self.name)
+            server._endpoint = endpoint
+            if inspect.isasyncgenfunction(endpoint.fn):
+                try:
+                    request = await server.receive()
+                except StreamClosed:
+                    raise MeshError(400, "a server-streaming call needs a request",
+                                    id=self.name) from None
+                async for item in endpoint.fn(request):
+                    await server.send(item)
+            else:
+                await endpoint.fn(server)
+            await conn.send({"sid": sid, "end": True})
+        except MeshError as exc:
+            await _send_quietly(conn, {"sid": sid, "error": exc.to_dict()})
+        except Exception as exc:
+            log.exception("stream handler %s failed", msg.get("endpoint"))
+            await _send_quietly(conn, {"sid": sid, "error": MeshError(
+                500, f"{msg.get('endpoint')} failed: {exc}", id=self.name).to_dict()})
+        finally:
+            streams.pop(sid, None)
+            server.gone()
 
     async def _answer(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = msg.get("endpoint")
@@ -140,3 +277,8 @@ class Service:
 
 def _error(exc: MeshError) -> dict[str, Any]:
     return {"ok": False, "error": exc.to_dict()}
+
+
+async def _send_quietly(conn: Conn, frame: dict[str, Any]) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await conn.send(frame)

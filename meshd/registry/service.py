@@ -45,6 +45,7 @@ class LocalInstance:
     conn: Conn
     last_seen: float
     pending: dict[int, trio.MemorySendChannel[Any]] = field(default_factory=dict)
+    streams: dict[int, Any] = field(default_factory=dict)  # sid -> rpc.streams.LocalStream
     next_call: int = 0
     closed: bool = False
 
@@ -133,6 +134,10 @@ class RegistryService:
                     waiter = local.pending.pop(msg.get("reply"), None)  # type: ignore[arg-type]
                     if waiter is not None:
                         waiter.send_nowait(msg)
+                elif "sid" in msg:
+                    stream = local.streams.get(msg.get("sid"))  # type: ignore[arg-type]
+                    if stream is not None:
+                        stream.on_frame(msg)  # never blocks: streams use credits
                 elif "ping" in msg:
                     await conn.send({"pong": msg["ping"]})
         except (EOFError, MeshError, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -149,6 +154,9 @@ class RegistryService:
             waiter.send_nowait({"ok": False, "error": unavailable(
                 f"instance {local.id} went away ({why})", id="meshd.rpc").to_dict()})
         local.pending.clear()
+        for stream in list(local.streams.values()):
+            stream.gone()
+        local.streams.clear()
         self._write(local.id, None)
         log.info("deregistered %s: %s", local.id, why)
 

@@ -181,3 +181,55 @@ def test_sdk_without_daemon_fails_at_once(tmp_path):
     assert out.returncode != 0
     assert "start one with `meshd up`" in out.stderr
     assert time.monotonic() - start < 5
+
+
+def test_server_and_bidirectional_streams_across_nodes(cluster):
+    a, b, _ = three_nodes(cluster)
+    cluster.service(b)
+    wait_for(lambda: instances_everywhere([a, b], "testsvc", 1), 10, "service up")
+
+    async def go():
+        async with Client(a.data_dir / "meshd.sock") as client:
+            async with client.stream("testsvc", "Test.Count", {"n": 500}) as s:
+                got = [m["text"] async for m in s]
+            assert got == [str(i) for i in range(500)]
+            async with client.stream("testsvc", "Test.Upper") as s:
+                for word in ("ada", "bob"):
+                    await s.send({"text": word})
+                    assert (await s.receive()) == {"text": word.upper()}
+                await s.close_send()
+                assert [m async for m in s] == []
+            with pytest.raises(MeshError) as info:
+                async with client.stream("testsvc", "Test.Upper") as s:
+                    await s.send({"text": 5})
+                    await s.receive()
+            assert info.value.status == 400
+
+    trio.run(go)
+    out = cli(a, "stream", "testsvc", "Test.Count", '{"n": 3}', "--json")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(x) for x in out.stdout.splitlines()] == [{"text": "0"}, {"text": "1"},
+                                                            {"text": "2"}]
+
+
+def test_stream_backpressure_slow_reader_bounds_the_pipeline(cluster):
+    a, b, _ = three_nodes(cluster)
+    cluster.service(b)
+    wait_for(lambda: instances_everywhere([a, b], "testsvc", 1), 10, "service up")
+    total, pad = 3000, 10_000  # 30 MB if nothing pushed back
+
+    async def go():
+        async with Client(a.data_dir / "meshd.sock") as client, \
+                client.stream("testsvc", "Test.Count", {"n": total, "pad": pad}) as s:
+            first = await s.receive()
+            await trio.sleep(2)  # stop reading: the producer must stall
+            during = (await client.call("testsvc", "Test.Produced", {"text": ""}))["n"]
+            rest = 0
+            async for _ in s:
+                rest += 1
+            return first, during, rest
+
+    first, during, rest = trio.run(go)
+    assert first["text"].startswith("0.") and rest == total - 1
+    assert during < total / 2, f"producer ran ahead by {during} messages: no backpressure"
+    print(f"producer stalled after {during} of {total} messages")

@@ -50,5 +50,32 @@ async def die(req: Text) -> Text:
     os._exit(3)
 
 
+@dataclass
+class Count:
+    n: int
+    pad: int = 0
+
+
+PRODUCED = {"count": 0}
+
+
+@service.stream("Test.Count")
+async def count(req: Count):  # server streaming: one request, n replies
+    for i in range(req.n):
+        PRODUCED["count"] = i + 1
+        yield Text(str(i) + "." * req.pad if req.pad else str(i))
+
+
+@service.handler("Test.Produced")
+async def produced(req: Text) -> Count:
+    return Count(PRODUCED["count"])
+
+
+@service.stream("Test.Upper", request=Text, response=Text)
+async def upper(stream):  # bidirectional: one reply per message, until the caller ends
+    async for msg in stream:
+        await stream.send(Text(msg.text.upper()))
+
+
 if __name__ == "__main__":
     trio.run(service.run)
