@@ -34,26 +34,31 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+import cbor2
+
+from meshd.hlc import HLC
 from meshd.membership.core import Membership, Output
 from meshd.membership.messages import ALIVE, decode_packet, encode_packet
+from meshd.registry.replication import Replicator
 
 from .metrics import Metrics
 from .network import Network
 from .scenario import Fault, Scenario
 
-DELIVER, TICK, CALL = 0, 1, 2
+DELIVER, TICK, CALL, REG = 0, 1, 2, 3
 NO_PAUSE, FULL, RECEIVE = 0, 1, 2
 
 
 class SimNode:
     __slots__ = ("addr", "backlog", "core", "degraded_until", "idx", "incarnation", "name",
-                 "offset", "pause_mode", "tick_at", "up")
+                 "offset", "pause_mode", "replicator", "tick_at", "up")
 
     def __init__(self, idx: int, name: str, addr: str) -> None:
         self.idx = idx
         self.name = name
         self.addr = addr
         self.core: Membership | None = None
+        self.replicator: Replicator | None = None
         self.up = False
         self.tick_at = math.inf
         self.offset = 0.0
@@ -160,12 +165,34 @@ class Simulation:
                           self._rng(f"core:{node.name}:{node.incarnation}"),
                           self.now + node.offset, incarnation=node.incarnation)
         node.core = core
+        if self.sc.registry:
+            node.replicator = self._start_replicator(node, core)
         node.up = True
         node.tick_at = math.inf
         node.pause_mode = NO_PAUSE
         node.backlog = []
         self._up += 1
         return core
+
+    def _start_replicator(self, node: SimNode, core: Membership) -> Replicator:
+        def peers() -> list[str]:
+            return [m.addr for m in core.member_list() if m.state == ALIVE and m is not core.me]
+
+        hlc = HLC(node.name, lambda: int((self.now + node.offset) * 1000))
+        return Replicator(node.name, hlc, peers, self._rng(f"reg:{node.name}:{node.incarnation}"),
+                          self.now + node.offset, sync_interval=self.sc.registry_sync_interval)
+
+    def _reg_send(self, node: SimNode, sends: list[tuple[str, Any]]) -> None:
+        for addr, msg in sends:
+            size = len(cbor2.dumps(msg))
+            self.metrics.sent(self.now, size)
+            self.metrics.registry_bytes += size
+            dst = self.by_addr.get(addr)
+            if dst is None:
+                continue
+            when = self.net.delivery_time(node.idx, dst.idx, size, self.now, True)
+            if when is not None:
+                self._push(when, REG, dst, (node.addr, msg))
 
     def _apply(self, node: SimNode, out: Output) -> None:
         now = self.now
@@ -181,6 +208,8 @@ class Simulation:
         if core is None or not node.up or node.pause_mode == FULL:
             return
         local = core.next_deadline()
+        if node.replicator is not None:
+            local = min(local, node.replicator.next_deadline())
         deadline = local - node.offset
         if deadline < node.tick_at:
             node.tick_at = deadline
@@ -291,6 +320,7 @@ class Simulation:
         self.metrics.crash(node.name, core.me.incarnation, self.now)
         node.incarnation = core.me.incarnation + 1
         node.core = None
+        node.replicator = None
         node.up = False
         node.backlog = []
         self._up -= 1
@@ -341,6 +371,48 @@ class Simulation:
         self.log(f"{self.now:.6f} {node.name} change {core.me.incarnation}")
         self._apply(node, out)
 
+    def _fault_register(self, f: Fault) -> None:
+        self.call_at(f.at, self._registry_writes, (f, True))
+
+    def _fault_deregister(self, f: Fault) -> None:
+        self.call_at(f.at, self._registry_writes, (f, False))
+
+    def _registry_writes(self, arg: tuple[Fault, bool]) -> None:
+        """Chosen nodes register (or remove) `count` instances each."""
+        f, register = arg
+        pool = [n for n in self.nodes if n.up and n.replicator is not None]
+        k = round((f.fraction if f.fraction is not None else 1.0) * len(pool))
+        for node in self.fault_rng.sample(pool, k):
+            rep = node.replicator
+            assert rep is not None
+            mine = sorted(e.key.split("/", 1)[1] for e in rep.state.entries.values()
+                          if e.owner == node.name and e.value is not None)
+            for i in range(f.count or 1):
+                now = self.now + node.offset
+                if register:
+                    key = f"svc-{self._seq}-{i}"
+                    value = {"service": f"svc{i % 3}", "node": node.name, "id": key}
+                    sends = rep.write(key, str(node.incarnation), value, now)
+                elif mine:
+                    key = mine.pop()
+                    sends = rep.write(key, str(node.incarnation), None, now)
+                else:
+                    break
+                entry = rep.state.entries[f"{node.name}/{key}"]
+                self.metrics.registry_latest[entry.key] = entry.ts
+                self._reg_send(node, sends)
+            self._schedule_tick(node)
+        self.log(f"{self.now:.6f} - registry {'register' if register else 'deregister'} {k}")
+
+    def _check_registry(self, healed_at: float) -> None:
+        up = [n for n in self.nodes if n.up and n.replicator is not None]
+        digests = [n.replicator.state.digest() for n in up]  # type: ignore[union-attr]
+        if all(d == digests[0] for d in digests):
+            self.metrics.registry_converged.append(self.now - healed_at)
+            self.log(f"{self.now:.6f} - registry converged")
+            return
+        self.call_at(self.now + 0.5, self._check_registry, healed_at)
+
     def _fault_loss(self, f: Fault) -> None:
         def set_loss(_a: Any) -> None:
             self.net.default.loss = f.loss
@@ -378,6 +450,12 @@ class Simulation:
         self.metrics.rejoin_after_heal.append(None)
         self.log(f"{self.now:.6f} - heal")
         self.call_at(self.now + 0.5, self._check_rejoin, (len(self.metrics.heals) - 1, self.now))
+        if self.sc.registry:
+            up = [n for n in self.nodes if n.up and n.replicator is not None]
+            distinct = {repr(sorted(n.replicator.state.digest().items()))  # type: ignore[union-attr]
+                        for n in up}
+            self.metrics.registry_versions_at_heal = len(distinct)
+            self.call_at(self.now + 0.5, self._check_registry, self.now)
 
     def _check_rejoin(self, arg: tuple[int, float]) -> None:
         index, healed_at = arg
@@ -439,6 +517,14 @@ class Simulation:
                 self._deliver(node, payload)
         self._schedule_next_pause(node, f)
 
+    def _registry_result(self) -> dict[str, Any]:
+        out = _registry_outcome(self.nodes, self.metrics.registry_latest)
+        conv = self.metrics.registry_converged
+        out["registry_converged_after_heal_s"] = round(max(conv), 3) if conv else None
+        out["registry_bytes"] = self.metrics.registry_bytes
+        out["registry_versions_at_heal"] = self.metrics.registry_versions_at_heal
+        return out
+
     # --- main loop -----------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -466,7 +552,16 @@ class Simulation:
                         or target.pause_mode == FULL:
                     continue
                 target.tick_at = math.inf
-                self._apply(target, target.core.tick(max(when + target.offset, payload)))
+                local_now = max(when + target.offset, payload)
+                if target.replicator is not None:
+                    self._reg_send(target, target.replicator.tick(local_now))
+                self._apply(target, target.core.tick(local_now))
+            elif kind == REG:
+                if target.up and target.replicator is not None and not target.paused:
+                    sender, msg = payload
+                    self._reg_send(target, target.replicator.receive(
+                        sender, msg, when + target.offset))
+                    self._schedule_tick(target)
             else:
                 target(payload)
             if progress is not None and handled % 20000 == 0:
@@ -477,6 +572,8 @@ class Simulation:
         self._events_handled = handled
         wall = time.perf_counter() - wall_start
         metrics = self.metrics.result(max(1, self.n_initial), end)
+        if self.sc.registry:
+            metrics.update(self._registry_result())
         return {
             "scenario": self.sc.name,
             "seed": self.seed,
@@ -490,6 +587,19 @@ class Simulation:
             "metrics": metrics,
             "false_death_examples": self.metrics.false_death_log[:5],
         }
+
+
+def _registry_outcome(nodes: list[SimNode], latest: dict[str, Any]) -> dict[str, Any]:
+    up = [n for n in nodes if n.up and n.replicator is not None]
+    digests = [n.replicator.state.digest() for n in up]  # type: ignore[union-attr]
+    missing = 0
+    for key, ts in latest.items():
+        for n in up:
+            e = n.replicator.state.entries.get(key)  # type: ignore[union-attr]
+            if e is None or e.ts != ts:
+                missing += 1
+    return {"registry_replicas_identical": all(d == digests[0] for d in digests),
+            "registry_writes": len(latest), "registry_missing_latest": missing}
 
 
 def _peak_rss_mb() -> float:

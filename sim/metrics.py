@@ -72,6 +72,10 @@ class Metrics:
         self.heals: list[float] = []
         self.rejoin_after_heal: list[float | None] = []
         self.false_death_log: list[str] = []
+        self.registry_latest: dict[str, Any] = {}
+        self.registry_converged: list[float] = []
+        self.registry_bytes = 0
+        self.registry_versions_at_heal = 0
 
     # --- feeds from the engine ---------------------------------------------------------
 

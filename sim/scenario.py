@@ -20,7 +20,8 @@ from meshd.settings import MembershipSettings, SettingsError, membership_profile
 from .network import JITTER_KINDS, Link
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
-FAULT_KINDS = ("crash", "leave", "change", "pause", "partition", "clock_offset", "join", "loss")
+FAULT_KINDS = ("crash", "leave", "change", "pause", "partition", "clock_offset", "join", "loss",
+               "register", "deregister")
 
 
 class ScenarioError(ValueError):
@@ -65,6 +66,8 @@ class Scenario:
     profile: str = "lan"
     bootstrap: str = "converged"
     codec: bool = False
+    registry: bool = False
+    registry_sync_interval: float = 5.0
     membership: MembershipSettings = field(default_factory=MembershipSettings)
     link: Link = field(default_factory=Link)
     stream_timeout: float = 10.0
@@ -74,7 +77,8 @@ class Scenario:
 
 
 _TOP_KEYS = {"name": str, "description": str, "nodes": int, "duration": float,
-             "warmup": float, "seed": int, "profile": str, "bootstrap": str, "codec": bool}
+             "warmup": float, "seed": int, "profile": str, "bootstrap": str, "codec": bool,
+             "registry": bool, "registry_sync_interval": float}
 _NET_KEYS = {"latency_ms": float, "jitter_ms": float, "jitter": str, "loss": float,
              "bandwidth_mbps": float, "stream_timeout": float}
 _LINK_KEYS = {"from": str, "to": str, "latency_ms": float, "jitter_ms": float, "jitter": str,

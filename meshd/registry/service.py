@@ -4,10 +4,8 @@ Rules:
 - A service process registers over the control socket and keeps that connection as its
   session. The instance leaves the registry when the connection closes or sends nothing for
   `ttl` seconds (the SDK heartbeats every ttl/3).
-- A local change is pushed to `fanout` random live members over link channel "registry";
-  a member that learns something new from a push forwards it to `fanout` others.
-- Every `sync_interval` a random live member gets our digest and we exchange the entries of
-  the owners whose digests differ: partitions heal and missed pushes are repaired.
+- Replication is decided by the sans-IO Replicator (replication.py): pushes of changes and
+  digest anti-entropy. This shell carries its messages, one per channel "registry".
 - Malformed registry messages from a peer close that channel; they never reach the state.
 """
 
@@ -31,7 +29,8 @@ from meshd.membership.core import Membership
 from meshd.membership.messages import ALIVE, SUSPECT
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
-from .core import Entry, RegistryState, WireError, entry_from_wire
+from .core import Entry, WireError
+from .replication import Replicator
 
 log = logging.getLogger("meshd.registry")
 CHANNEL = "registry"
@@ -64,11 +63,15 @@ class RegistryService:
         self.sync_interval = sync_interval
         self.fanout = fanout
         self.node = core.me.name
-        self.state = RegistryState()
         self.hlc = HLC(self.node, lambda: int(time.time() * 1000))
-        self.local: dict[str, LocalInstance] = {}
         self.rng = random.Random()
-        self.stats = {"registry_bad_messages": 0, "registry_pushes": 0, "registry_syncs": 0}
+        self.replicator = Replicator(self.node, self.hlc, self._peer_addrs, self.rng,
+                                     trio.current_time(), fanout, sync_interval)
+        self.replicator.on_change = self._notify
+        self.state = self.replicator.state
+        self.local: dict[str, LocalInstance] = {}
+        self.stats = {"registry_bad_messages": 0, "registry_messages_in": 0,
+                      "registry_messages_out": 0}
         self._watchers: list[trio.MemorySendChannel[dict[str, Any]]] = []
         self._nursery: trio.Nursery | None = None
         self.on_local_change: Callable[[], None] | None = None
@@ -172,27 +175,12 @@ class RegistryService:
             self.state.collect(trio.current_time())
 
     def _write(self, inst_id: str, record: dict[str, Any] | None) -> None:
-        entry = Entry(f"{self.node}/{inst_id}", self.hlc.now(), self.boot, record)
-        self._apply([entry], None)
+        self._send_all(self.replicator.write(inst_id, self.boot, record,
+                                             trio.current_time()))
 
-    # --- replication ---------------------------------------------------------------------
+    # --- replication (the sans-IO Replicator decides; this sends) -------------------------
 
-    def _apply(self, entries: list[Entry], source: str | None) -> list[Entry]:
-        now = trio.current_time()
-        changed = []
-        for e in entries:
-            old = self.state.entries.get(e.key)
-            self.hlc.observe(e.ts)
-            if self.state.apply(e, now):
-                changed.append(e)
-                kind = "delete" if e.value is None else ("create" if old is None or
-                                                         old.value is None else "update")
-                self._notify(kind, e)
-        if changed:
-            self._push(changed, exclude=source)
-        return changed
-
-    def _notify(self, kind: str, e: Entry) -> None:
+    def _notify(self, kind: str, e: Entry, old: Entry | None) -> None:
         event = {"kind": kind, "key": e.key, "instance": instance_view(e) if e.value else
                  {"id": e.key.split("/", 1)[1], "node": e.owner}}
         for w in list(self._watchers):
@@ -206,73 +194,35 @@ class RegistryService:
         self._watchers.append(send)
         return recv
 
-    def _peers(self, k: int, exclude: str | None = None) -> list[str]:
-        addrs = [m.addr for m in self.core.member_list()
-                 if m.state == ALIVE and m.name != self.node and m.addr != exclude]
-        self.rng.shuffle(addrs)
-        return addrs[:k]
+    def _peer_addrs(self) -> list[str]:
+        return [m.addr for m in self.core.member_list()
+                if m.state == ALIVE and m.name != self.node]
 
-    def _push(self, entries: list[Entry], exclude: str | None) -> None:
+    def _send_all(self, sends: list[tuple[str, dict[str, Any]]]) -> None:
         if self._nursery is None:
             return
-        payload = cbor2.dumps({"t": "delta", "entries": [e.to_wire() for e in entries]})
-        for addr in self._peers(self.fanout, exclude):
-            self._nursery.start_soon(self._send_one, addr, payload)
+        for addr, msg in sends:
+            self._nursery.start_soon(self._send_one, addr, cbor2.dumps(msg))
 
     async def _send_one(self, addr: str, payload: bytes) -> None:
         try:
             with trio.fail_after(5):
                 async with await self.links.open_channel(addr, CHANNEL) as ch:
                     await ch.send(payload)
-            self.stats["registry_pushes"] += 1
-        except (LinkError, ChannelClosed, trio.TooSlowError):
-            pass
+            self.stats["registry_messages_out"] += 1
+        except (LinkError, ChannelClosed, trio.TooSlowError) as exc:
+            log.debug("registry message to %s failed: %s", addr, exc)
 
     async def _sync_loop(self) -> None:
         while True:
-            await trio.sleep(self.sync_interval * (0.5 + self.rng.random()))
-            for addr in self._peers(1):
-                with trio.move_on_after(10):
-                    try:
-                        await self.sync_with(addr)
-                    except (LinkError, ChannelClosed, WireError, ValueError) as exc:
-                        log.debug("registry sync with %s failed: %s", addr, exc)
-
-    async def sync_with(self, addr: str) -> None:
-        """Anti-entropy with one peer: exchange only the owners whose digests differ."""
-        async with await self.links.open_channel(addr, CHANNEL) as ch:
-            await ch.send(cbor2.dumps({"t": "digest", "digest": self.state.digest()}))
-            reply = _decode(await ch.receive())
-            entries = [entry_from_wire(x) for x in reply.get("entries", [])]
-            self._apply(entries, addr)
-            wanted = reply.get("want", [])
-            if not isinstance(wanted, list):
-                raise WireError("bad want list")
-            mine = self.state.entries_of([w for w in wanted if isinstance(w, str)])
-            await ch.send(cbor2.dumps({"t": "entries",
-                                       "entries": [e.to_wire() for e in mine]}))
-        self.stats["registry_syncs"] += 1
+            await trio.sleep_until(self.replicator.next_deadline())
+            self._send_all(self.replicator.tick(trio.current_time()))
 
     async def _serve_channel(self, ch: Channel) -> None:
         try:
             msg = _decode(await ch.receive())
-            kind = msg.get("t")
-            if kind == "delta":
-                self._apply([entry_from_wire(x) for x in msg.get("entries", [])],
-                            ch.peer_addr)
-            elif kind == "digest":
-                remote = msg.get("digest")
-                if not isinstance(remote, dict):
-                    raise WireError("bad digest")
-                owners = self.state.differing_owners(remote)
-                ours = self.state.entries_of(owners)
-                await ch.send(cbor2.dumps({"t": "entries", "want": owners,
-                                           "entries": [e.to_wire() for e in ours]}))
-                back = _decode(await ch.receive())
-                self._apply([entry_from_wire(x) for x in back.get("entries", [])],
-                            ch.peer_addr)
-            else:
-                raise WireError(f"unknown registry message {kind!r}")
+            self._send_all(self.replicator.receive(ch.peer_addr, msg, trio.current_time()))
+            self.stats["registry_messages_in"] += 1
         except (WireError, ValueError, TypeError) as exc:
             self.stats["registry_bad_messages"] += 1
             log.debug("bad registry message from %s: %s", ch.peer_addr, exc)

@@ -150,3 +150,12 @@ def test_event_log_is_identical_across_processes_and_hash_seeds():
              "120", "--json"], check=True, capture_output=True, text=True, env=env)
         shas.append(json.loads(out.stdout)["event_log_sha256"])
     assert shas[0] == shas[1]
+
+
+def test_registry_replicas_converge_after_a_partition():
+    _, r = run("registry-partition")
+    m = r["metrics"]
+    assert m["registry_versions_at_heal"] >= 2, "the two sides should have diverged"
+    assert m["registry_converged_after_heal_s"] is not None
+    assert m["registry_replicas_identical"]
+    assert m["registry_writes"] > 100 and m["registry_missing_latest"] == 0

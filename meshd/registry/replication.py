@@ -1,0 +1,116 @@
+"""Registry replication (sans-IO): rumor pushes plus digest anti-entropy.
+
+Theory of operation
+-------------------
+Messages (plain dicts, CBOR on the wire):
+    {"t": "delta",   "entries": [...]}                   a change, pushed to `fanout` peers
+    {"t": "digest",  "digest": {owner: [count, xor]}}    starts a sync
+    {"t": "entries", "entries": [...], "want": [owner]}  the other side's differing owners,
+                                                         and which of ours it wants
+    {"t": "fill",    "entries": [...]}                   ours for the owners it wanted
+Rules:
+- A local write is pushed to `fanout` random live peers; a peer that learns something new
+  pushes the new entries on to `fanout` others (not back to the sender).
+- Every `sync_interval` (jittered) a random live peer gets our digest; only the entries of
+  owners whose digests differ travel, so repair costs grow with the difference.
+- Input that does not parse raises WireError; the shell counts it and drops the message.
+- The core never does I/O: `write`, `receive` and `tick` return (address, message) pairs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from meshd.hlc import HLC
+
+from .core import Entry, RegistryState, WireError, entry_from_wire
+
+Send = tuple[str, dict[str, Any]]
+
+
+class Replicator:
+    def __init__(self, node: str, hlc: HLC, peers: Callable[[], list[str]],
+                 rng: random.Random, now: float, fanout: int = 3,
+                 sync_interval: float = 5.0) -> None:
+        self.node = node
+        self.hlc = hlc
+        self.peers = peers
+        self.rng = rng
+        self.fanout = fanout
+        self.sync_interval = sync_interval
+        self.state = RegistryState()
+        self.next_sync = now + rng.uniform(0, sync_interval)
+        self.on_change: Callable[[str, Entry, Entry | None], None] | None = None
+
+    def write(self, key: str, boot: str, value: dict[str, Any] | None, now: float) -> list[Send]:
+        """A local change (value None deletes): applied here, then pushed."""
+        entry = Entry(f"{self.node}/{key}", self.hlc.now(), boot, value)
+        return self._apply([entry], None, now)
+
+    def _apply(self, entries: list[Entry], source: str | None, now: float) -> list[Send]:
+        changed = []
+        for e in entries:
+            old = self.state.entries.get(e.key)
+            self.hlc.observe(e.ts)
+            if self.state.apply(e, now):
+                changed.append(e)
+                if self.on_change is not None:
+                    kind = "delete" if e.value is None else (
+                        "create" if old is None or old.value is None else "update")
+                    self.on_change(kind, e, old)
+        if not changed:
+            return []
+        msg = {"t": "delta", "entries": [e.to_wire() for e in changed]}
+        targets = [p for p in self.peers() if p != source]
+        self.rng.shuffle(targets)
+        return [(addr, msg) for addr in targets[:self.fanout]]
+
+    def next_deadline(self) -> float:
+        return self.next_sync
+
+    def tick(self, now: float) -> list[Send]:
+        if now < self.next_sync:
+            return []
+        self.next_sync = now + self.sync_interval * (0.5 + self.rng.random())
+        self.state.collect(now)
+        peers = self.peers()
+        if not peers:
+            return []
+        return [(peers[self.rng.randrange(len(peers))],
+                 {"t": "digest", "digest": self.state.digest()})]
+
+    def receive(self, sender: str, msg: Any, now: float) -> list[Send]:
+        if not isinstance(msg, dict):
+            raise WireError("registry message must be a map")
+        kind = msg.get("t")
+        if kind == "delta":
+            return self._apply(_entries(msg), sender, now)
+        if kind == "digest":
+            remote = msg.get("digest")
+            if not isinstance(remote, dict):
+                raise WireError("bad digest")
+            owners = self.state.differing_owners(remote)
+            ours = self.state.entries_of(owners)
+            return [(sender, {"t": "entries", "want": owners,
+                              "entries": [e.to_wire() for e in ours]})]
+        if kind == "entries":
+            out = self._apply(_entries(msg), sender, now)
+            wanted = msg.get("want", [])
+            if not isinstance(wanted, list):
+                raise WireError("bad want list")
+            mine = self.state.entries_of([w for w in wanted if isinstance(w, str)])
+            if mine:
+                out.append((sender, {"t": "fill", "entries": [e.to_wire() for e in mine]}))
+            return out
+        if kind == "fill":
+            return self._apply(_entries(msg), sender, now)
+        raise WireError(f"unknown registry message {kind!r}")
+
+
+def _entries(msg: dict[str, Any]) -> list[Entry]:
+    raw = msg.get("entries", [])
+    if not isinstance(raw, list) or len(raw) > 100_000:
+        raise WireError("entries must be a list")
+    return [entry_from_wire(x) for x in raw]

@@ -1,0 +1,130 @@
+"""Registry CRDT laws (property tests) and replication rules."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshd.hlc import HLC
+from meshd.registry.core import Entry, RegistryState, WireError, entry_from_wire
+from meshd.registry.replication import Replicator
+
+def _write(key: str, ts: tuple[int, int, str]) -> Entry:
+    # one timestamp is one write (HLC timestamps never repeat): its value follows from it
+    v = (ts[0] * 7 + ts[1]) % 5
+    return Entry(key, ts, "x", None if v == 0 else {"v": v})
+
+
+entries = st.builds(
+    _write,
+    st.sampled_from(["a/1", "a/2", "b/1", "c/9"]),
+    st.tuples(st.integers(0, 50), st.integers(0, 5), st.sampled_from(["a", "b", "c"])),
+)
+
+
+def state_of(items):
+    s = RegistryState()
+    for e in items:
+        s.apply(Entry(e.key, e.ts, e.boot, e.value), 0.0)
+    return {k: (e.ts, e.value) for k, e in s.entries.items()}, s.digest()
+
+
+@settings(max_examples=300)
+@given(st.lists(entries, max_size=12), st.randoms())
+def test_merge_is_commutative_associative_idempotent(items, rnd):
+    shuffled = list(items)
+    rnd.shuffle(shuffled)
+    assert state_of(items) == state_of(shuffled)  # any order
+    assert state_of(items) == state_of(items + items)  # duplicates change nothing
+    half = len(items) // 2
+    left, right = RegistryState(), RegistryState()
+    for e in items[:half]:
+        left.apply(Entry(e.key, e.ts, e.boot, e.value), 0.0)
+    for e in items[half:]:
+        right.apply(Entry(e.key, e.ts, e.boot, e.value), 0.0)
+    for e in list(right.entries.values()):
+        left.apply(Entry(e.key, e.ts, e.boot, e.value), 0.0)
+    assert ({k: (e.ts, e.value) for k, e in left.entries.items()}, left.digest()) == \
+        state_of(items)
+
+
+def test_live_view_hides_dead_nodes_and_old_boots():
+    s = RegistryState()
+    s.apply(Entry("a/1", (1, 0, "a"), "boot1", {"service": "x"}), 0.0)
+    s.apply(Entry("b/1", (1, 0, "b"), "boot1", {"service": "x"}), 0.0)
+    s.apply(Entry("a/2", (2, 0, "a"), "boot1", None), 0.0)
+    assert [e.key for e in s.live({"a": "boot1", "b": "boot1"})] == ["a/1", "b/1"]
+    assert [e.key for e in s.live({"a": "boot1"})] == ["a/1"]  # b is dead
+    assert [e.key for e in s.live({"a": "boot2", "b": "boot1"})] == ["b/1"]  # a restarted
+
+
+def test_tombstones_are_collected_after_ttl():
+    s = RegistryState(tombstone_ttl=10)
+    s.apply(Entry("a/1", (1, 0, "a"), "x", None), 0.0)
+    assert s.collect(5.0) == 0
+    assert s.collect(11.0) == 1 and not s.entries and not s.digest()
+
+
+@pytest.mark.parametrize("raw", [None, [], ["nokey", [1, 0, "a"], "x", None],
+                                 ["a/1", [1, 0], "x", None], ["a/1", [1, 0, "a"], 5, None],
+                                 ["a/1", [1, 0, "a"], "x", [1]]])
+def test_bad_wire_entries_raise_wire_error(raw):
+    with pytest.raises(WireError):
+        entry_from_wire(raw)
+
+
+def _replicators(names):
+    clock = {"t": 1000}
+    reps = {}
+    for n in names:
+        reps[n] = Replicator(n, HLC(n, lambda: clock["t"]),
+                             lambda n=n: [x for x in names if x != n], random.Random(n), 0.0,
+                             fanout=1, sync_interval=5.0)
+    return reps
+
+
+def deliver(reps, sends, drop=lambda a, b: False, src=None):
+    queue = [(src, a, m) for a, m in sends]
+    while queue:
+        s, dst, msg = queue.pop(0)
+        if drop(s, dst):
+            continue
+        queue += [(dst, a, m) for a, m in reps[dst].receive(s, msg, 1.0)]
+
+
+def test_push_then_anti_entropy_repairs_what_pushes_missed():
+    reps = _replicators(["a", "b", "c", "d"])
+    # pushes are all lost: only anti-entropy can spread the write
+    reps["a"].write("i1", "x", {"service": "s"}, 0.0)
+    assert all("a/i1" not in r.state.entries for n, r in reps.items() if n != "a")
+    for t in range(1, 40):
+        for n, r in reps.items():
+            deliver(reps, r.tick(float(t)), src=n)
+    digests = [r.state.digest() for r in reps.values()]
+    assert all(d == digests[0] for d in digests)
+
+
+def test_anti_entropy_sends_only_differing_owners():
+    reps = _replicators(["a", "b"])
+    for i in range(50):
+        for n in ("a", "b"):
+            deliver(reps, reps[n].write(f"k{i}", "x", {"i": i}, 0.0), src=n)
+    reps["a"].write("late", "x", {"i": 99}, 0.0)  # not delivered
+    digest_msg = {"t": "digest", "digest": reps["a"].state.digest()}
+    reply = reps["b"].receive("a", digest_msg, 1.0)
+    assert reply[0][1]["want"] == ["a"] and reply[0][1]["entries"] == [
+        e.to_wire() for e in reps["b"].state.entries_of(["a"])]
+    back = reps["a"].receive("b", reply[0][1], 1.0)
+    fill = [m for _, m in back if m["t"] == "fill"][0]
+    assert {e[0] for e in fill["entries"]} == {f"a/k{i}" for i in range(50)} | {"a/late"}
+
+
+def test_unknown_message_raises_wire_error():
+    reps = _replicators(["a", "b"])
+    with pytest.raises(WireError):
+        reps["a"].receive("b", {"t": "nope"}, 0.0)
+    with pytest.raises(WireError):
+        reps["a"].receive("b", [1, 2], 0.0)
