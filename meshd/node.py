@@ -183,6 +183,7 @@ class Node:
                 await nursery.start(self.links.run, listeners)
                 await nursery.start(self.membership.run)
                 await nursery.start(self.registry.run)
+                await nursery.start(self.rpc.run)
                 await nursery.start(control.run)
                 nursery.start_soon(self._watch_signals)
                 await self._initial_join()

@@ -250,6 +250,8 @@ class Membership:
         self._gossip_armed = False
         self._now = now
         self._snapshot_cache: tuple[list[MemberState], int] | None = None
+        # bumped on every change of the member table, so views built on it can be cached
+        self.member_version = 0
         # Random phases so that nodes started together do not act in lockstep.
         self._schedule(now + rng.uniform(0, settings.probe_interval), self._probe_round, None)
         self._schedule(now + rng.uniform(0, settings.push_pull_interval),
@@ -294,7 +296,7 @@ class Membership:
             self._probe_list.append(st.node)
             added = True
         if added:
-            self._snapshot_cache = None
+            self._table_changed()
             self.rng.shuffle(self._probe_list)
             self._probe_index = 0
 
@@ -317,7 +319,7 @@ class Membership:
             msg = Dead(self.me.incarnation, self.me.name, self.me.name)
             self.me.state = LEFT
             self.me.state_change = now
-            self._snapshot_cache = None
+            self._table_changed()
             self._broadcast(self.me.name, msg)
             self._gossip(now)
         return self._flush()
@@ -428,12 +430,16 @@ class Membership:
                 self._next_gossip += skipped * interval
 
     def _broadcast_self_alive(self) -> None:
-        self._snapshot_cache = None
+        self._table_changed()
         me = self.me
         self._broadcast(me.name, Alive(me.incarnation, me.name, me.addr, dict(me.tags)))
 
-    def _event(self, kind: str, m: Member, detail: str = "") -> None:
+    def _table_changed(self) -> None:
         self._snapshot_cache = None
+        self.member_version += 1
+
+    def _event(self, kind: str, m: Member, detail: str = "") -> None:
+        self._table_changed()
         self._events.append(MemberEvent(kind, m.name, m.addr, m.incarnation, m.tags, detail))
 
     # --- member table bookkeeping ---------------------------------------------------------

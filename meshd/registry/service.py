@@ -70,6 +70,8 @@ class RegistryService:
         self.replicator.on_change = self._notify
         self.state = self.replicator.state
         self.local: dict[str, LocalInstance] = {}
+        self._version = 0
+        self._cache: dict[str | None, tuple[Any, list[dict[str, Any]]]] = {}
         self.stats = {"registry_bad_messages": 0, "registry_messages_in": 0,
                       "registry_messages_out": 0}
         self._watchers: list[trio.MemorySendChannel[dict[str, Any]]] = []
@@ -97,6 +99,19 @@ class RegistryService:
         return out
 
     def instances(self, service: str | None = None) -> list[dict[str, Any]]:
+        """Served instances (of one service). Cached until the registry or the membership
+        changes: this is on every call's path."""
+        key = (service, self._version, self.core.member_version)
+        cached = self._cache.get(service)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rows = self._instances(service)
+        if len(self._cache) > 1000:
+            self._cache.clear()
+        self._cache[service] = (key, rows)
+        return rows
+
+    def _instances(self, service: str | None) -> list[dict[str, Any]]:
         live = self.state.live(self.boots())
         rows = [instance_view(e) for e in live]
         if service is not None:
@@ -181,6 +196,7 @@ class RegistryService:
     # --- replication (the sans-IO Replicator decides; this sends) -------------------------
 
     def _notify(self, kind: str, e: Entry, old: Entry | None) -> None:
+        self._version += 1
         event = {"kind": kind, "key": e.key, "instance": instance_view(e) if e.value else
                  {"id": e.key.split("/", 1)[1], "node": e.owner}}
         for w in list(self._watchers):

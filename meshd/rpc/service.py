@@ -4,7 +4,8 @@ Rules:
 - The caller's daemon picks the instance (random, round-robin or nearest by RTT), skipping
   instances that failed to connect in the last `skip_for` seconds. A local instance is called
   through its control session without touching the network; a remote one through link
-  channel "rpc" to its node's daemon, which hands it to its local session.
+  channel "rpc" to its node's daemon, which hands it to its local session. All calls to one
+  peer share one long-lived channel, each request and reply tagged with an id.
 - Every call has a deadline; each hop is given the time that remains. A call still running at
   its deadline fails with 408.
 - A call is retried on another instance (up to `retries` times) only when it was certainly
@@ -16,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -57,6 +59,9 @@ class RpcService:
         self.rng = random.Random()
         self._rr = 0
         self._failing: dict[str, float] = {}
+        self._muxes: dict[str, _Mux] = {}
+        self._mux_locks: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
         self.stats = {"rpc_calls": 0, "rpc_errors": 0, "rpc_remote_served": 0}
         links.handlers[CHANNEL] = self._serve_channel
 
@@ -147,28 +152,38 @@ class RpcService:
             return _unwrap(await call_local(local, endpoint, body, meta, deadline))
         member = self.core.members.get(inst["node"])
         addr = member.addr if member is not None else inst.get("address", "")
-        try:
-            ch = await self.links.open_channel(addr, CHANNEL)
-        except (LinkError, ChannelClosed) as exc:
-            raise NotDelivered(str(exc)) from None
-        async with ch:
-            try:
-                await ch.send(cbor2.dumps({"instance": inst["id"], "endpoint": endpoint,
-                                           "body": body, "meta": meta,
-                                           "timeout": deadline - trio.current_time()}))
-            except ChannelClosed as exc:
-                raise NotDelivered(str(exc)) from None
-            try:
-                reply = cbor2.loads(await ch.receive(), max_depth=64)
-            except ChannelClosed:
-                raise unavailable(f"node {inst['node']} closed the call before replying",
-                                  id="meshd.rpc") from None
-            except Exception:
-                raise MeshError(502, f"node {inst['node']} sent an invalid reply",
-                                id="meshd.rpc") from None
+        mux = await self._mux_to(addr)
+        reply = await mux.call({"instance": inst["id"], "endpoint": endpoint, "body": body,
+                                "meta": meta, "timeout": deadline - trio.current_time()},
+                               inst["node"])
         if isinstance(reply, dict) and reply.get("undelivered"):
             raise NotDelivered(str(reply.get("error", {}).get("detail", "instance gone")))
         return _unwrap(reply)
+
+    async def _mux_to(self, addr: str) -> _Mux:
+        mux = self._muxes.get(addr)
+        if mux is not None and not mux.broken:
+            return mux
+        lock = self._mux_locks.setdefault(addr, trio.Lock())
+        async with lock:
+            mux = self._muxes.get(addr)
+            if mux is not None and not mux.broken:
+                return mux
+            try:
+                ch = await self.links.open_channel(addr, CHANNEL)
+            except (LinkError, ChannelClosed) as exc:
+                raise NotDelivered(str(exc)) from None
+            mux = _Mux(ch)
+            self._muxes[addr] = mux
+            assert self._nursery is not None
+            self._nursery.start_soon(mux.read_replies)
+            return mux
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     async def call_instance(self, inst: dict[str, Any], endpoint: str, body: Any,
                             timeout: float) -> Any:
@@ -185,34 +200,99 @@ class RpcService:
     # --- callee side ---------------------------------------------------------------------
 
     async def _serve_channel(self, ch: Channel) -> None:
+        """A caller daemon's call channel: many calls, each tagged with an id, served
+        concurrently; replies go back tagged with the same id."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                data = await ch.receive()
+                nursery.start_soon(self._serve_one, ch, data)
+
+    async def _serve_one(self, ch: Channel, data: bytes) -> None:
+        rid = None
         try:
-            req = cbor2.loads(await ch.receive(), max_depth=64)
-            if not isinstance(req, dict) or not isinstance(req.get("instance"), str) \
+            req = cbor2.loads(data, max_depth=64)
+            rid = req.get("id") if isinstance(req, dict) else None
+            if not isinstance(rid, int) or not isinstance(req.get("instance"), str) \
                     or not isinstance(req.get("endpoint"), str):
                 raise ValueError("bad request")
             timeout = float(req.get("timeout", 10.0))
             meta = req.get("meta") if isinstance(req.get("meta"), dict) else {}
         except Exception:
-            await ch.send(cbor2.dumps({"ok": False, "error": bad_request(
-                "malformed rpc request", id="meshd.rpc").to_dict()}))
-            return
+            reply: dict[str, Any] = {"ok": False, "error": bad_request(
+                "malformed rpc request", id="meshd.rpc").to_dict()}
+        else:
+            reply = await self._serve_request(req, timeout, meta)
+        reply["id"] = rid
+        with contextlib.suppress(ChannelClosed):
+            await ch.send(cbor2.dumps(reply))
+
+    async def _serve_request(self, req: dict[str, Any], timeout: float,
+                             meta: dict[str, Any]) -> dict[str, Any]:
         local = self.registry.local.get(req["instance"])
         if local is None:
-            await ch.send(cbor2.dumps({"ok": False, "undelivered": True, "error": unavailable(
+            return {"ok": False, "undelivered": True, "error": unavailable(
                 f"instance {req['instance']} is not on node {self.core.me.name}",
-                id="meshd.rpc").to_dict()}))
-            return
+                id="meshd.rpc").to_dict()}
         self.stats["rpc_remote_served"] += 1
         deadline = trio.current_time() + max(0.0, min(timeout, 3600.0))
         try:
             with trio.fail_at(deadline):
-                reply = await call_local(local, req["endpoint"], req.get("body"), meta,
-                                         deadline)
+                return await call_local(local, req["endpoint"], req.get("body"), meta,
+                                        deadline)
+        except NotDelivered:
+            return {"ok": False, "undelivered": True, "error": unavailable(
+                f"instance {req['instance']} went away", id="meshd.rpc").to_dict()}
         except trio.TooSlowError:
-            reply = {"ok": False, "error": MeshError(
+            return {"ok": False, "error": MeshError(
                 408, f"{local.service}.{req['endpoint']} did not answer before the deadline",
                 id="meshd.rpc").to_dict()}
-        await ch.send(cbor2.dumps(reply))
+
+
+class _Mux:
+    """All calls from this daemon to one peer daemon share one channel, tagged by id."""
+
+    def __init__(self, ch: Channel) -> None:
+        self.ch = ch
+        self.next_id = 0
+        self.pending: dict[int, trio.MemorySendChannel[Any]] = {}
+        self.broken = False
+
+    async def call(self, request: dict[str, Any], node: str) -> Any:
+        self.next_id += 1
+        rid = request["id"] = self.next_id
+        send, recv = trio.open_memory_channel[Any](1)
+        self.pending[rid] = send
+        try:
+            try:
+                await self.ch.send(cbor2.dumps(request))
+            except ChannelClosed as exc:
+                self.broken = True
+                raise NotDelivered(str(exc)) from None
+            reply = await recv.receive()
+        finally:
+            self.pending.pop(rid, None)
+        if reply is None:
+            raise unavailable(f"node {node} went away before replying", id="meshd.rpc")
+        return reply
+
+    async def read_replies(self) -> None:
+        try:
+            while True:
+                data = await self.ch.receive()
+                try:
+                    reply = cbor2.loads(data, max_depth=64)
+                except Exception:
+                    continue
+                waiter = self.pending.get(reply.get("id")) if isinstance(reply, dict) else None
+                if waiter is not None:
+                    waiter.send_nowait(reply)
+        except ChannelClosed:
+            pass
+        finally:
+            self.broken = True
+            for waiter in self.pending.values():
+                with contextlib.suppress(trio.WouldBlock):
+                    waiter.send_nowait(None)
 
 
 async def call_local(local: LocalInstance, endpoint: str, body: Any, meta: dict[str, Any],

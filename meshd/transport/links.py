@@ -113,6 +113,7 @@ class Channel:
         self._window_changed = trio.Event()
         self._closed_local = False
         self._closed_remote = False
+        self._send_lock = trio.Lock()
 
     @property
     def peer_id(self) -> str:
@@ -140,6 +141,11 @@ class Channel:
         self._window_changed.set()
 
     async def send(self, message: bytes) -> None:
+        """Send one whole message; safe to call from several tasks at once."""
+        async with self._send_lock:
+            await self._send_message(message)
+
+    async def _send_message(self, message: bytes) -> None:
         if self._closed_local:
             raise ChannelClosed("channel already closed")
         view = memoryview(message)

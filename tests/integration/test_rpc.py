@@ -233,3 +233,19 @@ def test_stream_backpressure_slow_reader_bounds_the_pipeline(cluster):
     assert first["text"].startswith("0.") and rest == total - 1
     assert during < total / 2, f"producer ran ahead by {during} messages: no backpressure"
     print(f"producer stalled after {during} of {total} messages")
+
+
+def test_calls_retry_on_another_instance_when_a_node_is_unreachable(cluster):
+    a, b, c = three_nodes(cluster)
+    cluster.service(b)
+    cluster.service(c)
+    wait_for(lambda: instances_everywhere([a, b, c], "testsvc", 2), 10, "2 instances")
+    # warm the mux to c, then kill c's daemon: its instance is still listed for a while
+    for _ in range(10):
+        sdk_call(a, "testsvc", "Test.Echo", {"text": "warm"})
+    c.kill9()
+    assert len(control(a.data_dir, "describe", service="testsvc")["instances"]) == 2
+    answers = [sdk_call(a, "testsvc", "Test.Whoami", {"text": ""})["text"] for _ in range(30)]
+    assert all(x.startswith("b:") for x in answers)
+    st = control(a.data_dir, "status")
+    assert st["name"] == "a"

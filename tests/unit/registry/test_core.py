@@ -12,6 +12,7 @@ from meshd.hlc import HLC
 from meshd.registry.core import Entry, RegistryState, WireError, entry_from_wire
 from meshd.registry.replication import Replicator
 
+
 def _write(key: str, ts: tuple[int, int, str]) -> Entry:
     # one timestamp is one write (HLC timestamps never repeat): its value follows from it
     v = (ts[0] * 7 + ts[1]) % 5
@@ -118,7 +119,7 @@ def test_anti_entropy_sends_only_differing_owners():
     assert reply[0][1]["want"] == ["a"] and reply[0][1]["entries"] == [
         e.to_wire() for e in reps["b"].state.entries_of(["a"])]
     back = reps["a"].receive("b", reply[0][1], 1.0)
-    fill = [m for _, m in back if m["t"] == "fill"][0]
+    fill = next(m for _, m in back if m["t"] == "fill")
     assert {e[0] for e in fill["entries"]} == {f"a/k{i}" for i in range(50)} | {"a/late"}
 
 

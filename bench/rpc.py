@@ -1,0 +1,263 @@
+"""RPC latency and throughput on loopback, side by side: `python bench/rpc.py [--seconds S]`.
+
+1 KiB JSON request and response, echoed:
+  (a) plain trio TCP echo (length-prefixed), client and server in two processes;
+  (b) grpcio (async API) unary call, client -> server directly, two processes;
+  (c) meshd: SDK -> daemon A -> daemon B -> service process (four processes);
+  (d) meshd local fast path: SDK -> daemon -> service on one host.
+For each: p50/p99 latency with 1 caller, calls/s with 1 and 32 concurrent callers.
+Goals: (c) >= 0.5x the calls/s of (b) at 32 callers, (c) p50 <= 2x (b) at 1 caller,
+(d) >= (b) at 32 callers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import trio  # noqa: E402
+
+from tests.integration.cluster import Cluster, wait_for  # noqa: E402
+
+PAYLOAD = {"text": "x" * 1000}
+RAW = json.dumps(PAYLOAD).encode()
+
+
+async def _measure(call: Callable[[], Awaitable[Any]], callers: int,
+                   seconds: float) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    count = 0
+    deadline = trio.current_time() + seconds
+
+    async def worker() -> None:
+        nonlocal count
+        while trio.current_time() < deadline:
+            t0 = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - t0)
+            count += 1
+
+    for _ in range(20):  # warm-up
+        await call()
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(callers):
+            nursery.start_soon(worker)
+    return count / (time.perf_counter() - start), latencies
+
+
+def _row(name: str, one: tuple[float, list[float]], many: tuple[float, list[float]]
+         ) -> dict[str, Any]:
+    lat = sorted(one[1])
+    return {"name": name, "p50_ms": statistics.median(lat) * 1000,
+            "p99_ms": lat[int(len(lat) * 0.99) - 1] * 1000, "cps_1": one[0], "cps_32": many[0]}
+
+
+# --- (a) plain trio TCP echo --------------------------------------------------------------
+
+def _tcp_server(port_q: Any) -> None:
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        try:
+            while True:
+                while len(buf) < 4:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                (n,) = struct.unpack(">I", buf[:4])
+                while len(buf) < 4 + n:
+                    buf += await stream.receive_some(65536)
+                msg, buf = buf[4:4 + n], buf[4 + n:]
+                await stream.send_all(struct.pack(">I", len(msg)) + msg)
+        except trio.BrokenResourceError:
+            return
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port_q.put(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(handle, listeners)
+
+    trio.run(main)
+
+
+async def _tcp_client(port: int, callers: int, seconds: float) -> tuple[float, list[float]]:
+    streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(callers)]
+    free = list(streams)
+
+    async def call() -> None:
+        s = free.pop()
+        try:
+            await s.send_all(struct.pack(">I", len(RAW)) + RAW)
+            buf = b""
+            while len(buf) < 4 + len(RAW):
+                buf += await s.receive_some(65536)
+            json.loads(buf[4:])
+        finally:
+            free.append(s)
+
+    return await _measure(call, callers, seconds)
+
+
+# --- (b) grpcio ------------------------------------------------------------------------------
+
+def _grpc_server(port_q: Any) -> None:
+    import asyncio
+
+    import grpc
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return json.dumps(json.loads(request)).encode()
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(echo)})
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_q.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def _grpc_client(port: int, callers: int, seconds: float) -> tuple[float, list[float]]:
+    import asyncio
+
+    import grpc
+
+    async def main() -> tuple[float, list[float]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            method = channel.unary_unary("/bench.Echo/Call")
+            for _ in range(20):
+                await method(RAW)
+            latencies: list[float] = []
+            count = 0
+            deadline = time.perf_counter() + seconds
+
+            async def worker() -> None:
+                nonlocal count
+                while time.perf_counter() < deadline:
+                    t0 = time.perf_counter()
+                    json.loads(await method(RAW))
+                    latencies.append(time.perf_counter() - t0)
+                    count += 1
+
+            start = time.perf_counter()
+            await asyncio.gather(*[worker() for _ in range(callers)])
+            return count / (time.perf_counter() - start), latencies
+
+    return asyncio.run(main())
+
+
+def _in_server(target: Callable[[Any], None]) -> tuple[Any, int]:
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=target, args=(q,), daemon=True)
+    proc.start()
+    return proc, q.get(timeout=30)
+
+
+# --- (c), (d) meshd ----------------------------------------------------------------------------
+
+async def _meshd_client(sock: Path, callers: int, seconds: float) -> tuple[float, list[float]]:
+    from sdk import Client
+
+    client = Client(sock, pool=callers + 4)
+
+    async def call() -> None:
+        await client.call("benchecho", "Bench.Echo", PAYLOAD)
+
+    try:
+        return await _measure(call, callers, seconds)
+    finally:
+        await client.aclose()
+
+
+ECHO_SERVICE = '''
+import trio
+from sdk import Service
+from typing import Any
+service = Service("benchecho")
+
+@service.handler("Bench.Echo")
+async def echo(req: dict[str, Any]) -> dict[str, Any]:
+    return req
+
+trio.run(service.run)
+'''
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    opts = ap.parse_args()
+    secs = opts.seconds
+    rows = []
+
+    proc, port = _in_server(_tcp_server)
+    rows.append(_row("(a) trio TCP echo", trio.run(_tcp_client, port, 1, secs),
+                     trio.run(_tcp_client, port, 32, secs)))
+    proc.terminate()
+    proc, port = _in_server(_grpc_server)
+    rows.append(_row("(b) grpcio unary", _grpc_client(port, 1, secs),
+                     _grpc_client(port, 32, secs)))
+    proc.terminate()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        script = root / "echo.py"
+        script.write_text(ECHO_SERVICE)
+        c = Cluster(root)
+        try:
+            a = c.add("a")
+            b = c.add("b", join=[a.addr])
+            c.service(b, "benchecho", script=script)
+            from tests.integration.cluster import control
+
+            def ready(d: Any) -> bool:
+                try:
+                    return len(control(d.data_dir, "describe",
+                                       service="benchecho")["instances"]) == 1
+                except Exception:
+                    return False
+
+            wait_for(lambda: ready(a) and ready(b), 20, "echo service everywhere")
+            sock_a, sock_b = a.data_dir / "meshd.sock", b.data_dir / "meshd.sock"
+            rows.append(_row("(c) meshd SDK->A->B->service",
+                             trio.run(_meshd_client, sock_a, 1, secs),
+                             trio.run(_meshd_client, sock_a, 32, secs)))
+            rows.append(_row("(d) meshd local SDK->B->service",
+                             trio.run(_meshd_client, sock_b, 1, secs),
+                             trio.run(_meshd_client, sock_b, 32, secs)))
+        finally:
+            c.close()
+
+    print(f"{'':34}{'p50 ms':>9}{'p99 ms':>9}{'calls/s 1':>11}{'calls/s 32':>12}")
+    for r in rows:
+        print(f"{r['name']:34}{r['p50_ms']:9.3f}{r['p99_ms']:9.3f}{r['cps_1']:11.0f}"
+              f"{r['cps_32']:12.0f}")
+    grpc_row, remote, local = rows[1], rows[2], rows[3]
+    print(f"\n(c)/(b) calls/s at 32: {remote['cps_32'] / grpc_row['cps_32']:.2f} (goal >= 0.5)")
+    print(f"(c)/(b) p50 at 1: {remote['p50_ms'] / grpc_row['p50_ms']:.2f} (goal <= 2)")
+    print(f"(d)/(b) calls/s at 32: {local['cps_32'] / grpc_row['cps_32']:.2f} (goal >= 1)")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
