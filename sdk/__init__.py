@@ -15,6 +15,7 @@ from meshd.errors import MeshError
 
 from .client import Client
 from .schema import SchemaError, describe
-from .service import Service
+from .service import CallInfo, Service, current_call
 
-__all__ = ["Client", "MeshError", "SchemaError", "Service", "describe"]
+__all__ = ["CallInfo", "Client", "MeshError", "SchemaError", "Service", "current_call",
+           "describe"]

@@ -14,6 +14,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import math
@@ -31,6 +32,32 @@ from .daemon import socket_path
 from .schema import SchemaError, describe, dump, load
 
 log = logging.getLogger("sdk.service")
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What a handler may know about the call it is serving (see `current_call()`)."""
+
+    endpoint: str
+    meta: dict[str, Any]
+
+    @property
+    def trace_id(self) -> str:
+        return str(self.meta.get("trace-id", ""))
+
+    @property
+    def caller_node(self) -> str:
+        return str(self.meta.get("caller-node", ""))
+
+
+_CURRENT: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(
+    "meshd_current_call", default=None)
+
+
+def current_call() -> CallInfo | None:
+    """The call being served by the running handler: its metadata (headers), trace id and
+    the calling node; None outside a handler."""
+    return _CURRENT.get()
 
 
 @dataclass
@@ -265,6 +292,8 @@ class Service:
             request = load(endpoint.request, msg.get("body"))
         except SchemaError as exc:
             return _error(MeshError(400, str(exc), id=self.name))
+        meta = msg.get("meta") if isinstance(msg.get("meta"), dict) else {}
+        token = _CURRENT.set(CallInfo(endpoint.name, meta))
         try:
             result = await endpoint.fn(request)
             return {"ok": True, "body": dump(result)}
@@ -273,6 +302,8 @@ class Service:
         except Exception as exc:
             log.exception("handler %s failed", endpoint.name)
             return _error(MeshError(500, f"{endpoint.name} failed: {exc}", id=self.name))
+        finally:
+            _CURRENT.reset(token)
 
 
 def _error(exc: MeshError) -> dict[str, Any]:

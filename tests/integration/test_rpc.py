@@ -249,3 +249,36 @@ def test_calls_retry_on_another_instance_when_a_node_is_unreachable(cluster):
     assert all(x.startswith("b:") for x in answers)
     st = control(a.data_dir, "status")
     assert st["name"] == "a"
+
+
+def test_metadata_trace_and_caller_reach_the_handler_and_roundrobin_is_even(cluster):
+    a, b, c = three_nodes(cluster)
+    for d in (a, b, c):
+        cluster.service(d)
+    wait_for(lambda: instances_everywhere([a, b, c], "testsvc", 3), 10, "3 instances")
+    got = sdk_call(a, "testsvc", "Test.Meta", {"text": "x-user"},
+                   meta={"x-user": "ada", "trace-id": "t-123"})
+    assert got == {"trace": "t-123", "caller": "a", "user": "ada"}
+    auto = sdk_call(a, "testsvc", "Test.Meta", {"text": "none"})
+    assert len(auto["trace"]) == 16
+    seen = Counter(sdk_call(b, "testsvc", "Test.Whoami", {"text": ""},
+                            selector="roundrobin")["text"].split(":")[0] for _ in range(30))
+    assert seen == {"a": 10, "b": 10, "c": 10}
+    near = Counter(sdk_call(b, "testsvc", "Test.Whoami", {"text": ""},
+                            selector="nearest")["text"].split(":")[0] for _ in range(10))
+    assert near == {"b": 10}, "the local instance is the nearest"
+
+
+def test_hung_service_process_misses_its_ttl_and_leaves(cluster):
+    import signal
+
+    a, b, _ = three_nodes(cluster)
+    svc = cluster.service(b)
+    wait_for(lambda: instances_everywhere([a, b], "testsvc", 1), 10, "service up")
+    svc.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+    try:
+        took = wait_for(lambda: instances_everywhere([a, b], "testsvc", 0), 2 + 5,
+                        "the hung instance dropped")
+        assert took < 2 + 3
+    finally:
+        svc.proc.send_signal(signal.SIGCONT)

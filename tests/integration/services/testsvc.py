@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import trio
 
-from sdk import Service
+from sdk import Service, current_call
 
 
 @dataclass
@@ -32,6 +32,14 @@ async def echo(req: Text) -> Text:
 @service.handler("Test.Whoami")
 async def whoami(req: Text) -> Text:
     return Text(f"{os.environ.get('MESHD_NODE_NAME', '?')}:{os.getpid()}")
+
+
+@service.handler("Test.Meta")
+async def meta(req: Text) -> dict[str, str]:
+    info = current_call()
+    assert info is not None
+    return {"trace": info.trace_id, "caller": info.caller_node,
+            "user": str(info.meta.get(req.text, ""))}
 
 
 @service.handler("Test.Boom")
