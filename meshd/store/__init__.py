@@ -1,0 +1,1 @@
+"""Store: a replicated key-value store built on CRDTs, persisted in SQLite."""

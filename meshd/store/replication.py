@@ -1,0 +1,278 @@
+"""Store replication (sans-IO): batched delta pushes and Merkle-style anti-entropy.
+
+Theory of operation
+-------------------
+Writes become deltas, queued per key (merged) and flushed every `batch_interval` in one
+message per peer: to every live peer while the cluster has at most `all_threshold` members
+(one hop, lowest latency, N-1 messages per batch), else to `fanout` random peers which
+forward what was new to them (epidemic, O(log N) hops, bounded cost per node).
+
+Anti-entropy every `sync_interval` with a random peer, five messages at most:
+    A -> B  roots     {table: [count, xor]}
+    B -> A  buckets   bucket digests of the tables whose roots differ
+    A -> B  keys      A's key hashes in the differing buckets
+    B -> A  records   B's records for keys that differ or A lacks, and the keys B wants
+    A -> B  fill      A's records for those keys
+Rules:
+- Merges are CRDT merges (crdt.py): order, duplicates and repeats of messages do not matter.
+- A write that asks for `replicas` > 1 carries an ack id; receivers answer with an ack; the
+  shell waits for enough acks.
+- Anything malformed raises WireError; the shell drops the message and counts it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from meshd.hlc import HLC
+
+from . import crdt
+from .state import BUCKETS, StoreState, split_name
+
+Send = tuple[str, dict[str, Any]]
+ChangeHook = Callable[[str, str, str, crdt.State, bool], None]
+
+
+class WireError(ValueError):
+    pass
+
+
+class StoreReplicator:
+    def __init__(self, node: str, hlc: HLC, peers: Callable[[], list[str]],
+                 rng: random.Random, now: float, *, batch_interval: float = 0.05,
+                 sync_interval: float = 10.0, fanout: int = 4, all_threshold: int = 64) -> None:
+        self.node = node
+        self.hlc = hlc
+        self.peers = peers
+        self.rng = rng
+        self.batch_interval = batch_interval
+        self.sync_interval = sync_interval
+        self.fanout = fanout
+        self.all_threshold = all_threshold
+        self.state = StoreState()
+        self.pending: dict[tuple[str, str, str], tuple[crdt.State, str | None]] = {}
+        self.pending_acks: list[int] = []
+        self.next_flush = float("inf")
+        self.next_sync = now + rng.uniform(0, sync_interval)
+        self.acks: dict[int, set[str]] = {}
+        self._next_wid = 0
+        self.on_change: ChangeHook | None = None
+        self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0}
+
+    # --- local writes ----------------------------------------------------------------------
+
+    def local(self, db: str, tbl: str, key: str, delta: crdt.State, now: float,
+              want_acks: bool = False) -> tuple[crdt.State, int | None]:
+        """Apply a local change; returns the merged state and, if asked, an ack id."""
+        merged = self.state.apply(db, tbl, key, delta)
+        current = merged if merged is not None else self.state.get(db, tbl, key) or {}
+        if merged is not None and self.on_change is not None:
+            self.on_change(db, tbl, key, merged, True)
+        self._queue(db, tbl, key, delta, None, now)
+        wid = None
+        if want_acks:
+            self._next_wid += 1
+            wid = self._next_wid
+            self.acks[wid] = set()
+            self.pending_acks.append(wid)
+        return current, wid
+
+    def _queue(self, db: str, tbl: str, key: str, delta: crdt.State, source: str | None,
+               now: float) -> None:
+        k = (db, tbl, key)
+        old = self.pending.get(k)
+        self.pending[k] = (crdt.merge(old[0], delta) if old else delta,
+                           source if old is None else old[1])
+        if self.next_flush == float("inf"):
+            self.next_flush = now + self.batch_interval
+
+    # --- timers ----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        return min(self.next_flush, self.next_sync)
+
+    def tick(self, now: float) -> list[Send]:
+        out: list[Send] = []
+        if now >= self.next_flush:
+            out += self._flush()
+        if now >= self.next_sync:
+            self.next_sync = now + self.sync_interval * (0.5 + self.rng.random())
+            peers = self.peers()
+            if peers:
+                target = peers[self.rng.randrange(len(peers))]
+                out.append((target, {"t": "roots", "roots": self.state.roots()}))
+        return out
+
+    def _flush(self) -> list[Send]:
+        self.next_flush = float("inf")
+        if not self.pending:
+            return []
+        peers = self.peers()
+        gossip = len(peers) + 1 > self.all_threshold
+        entries = [[db, tbl, key, state] for (db, tbl, key), (state, _) in self.pending.items()]
+        sources = {src for _, src in self.pending.values()}
+        msg: dict[str, Any] = {"t": "batch", "e": entries, "fwd": gossip}
+        if self.pending_acks:
+            msg["ack"] = self.pending_acks
+        self.pending = {}
+        self.pending_acks = []
+        if gossip:
+            targets = [p for p in peers if p not in sources]
+            self.rng.shuffle(targets)
+            peers = targets[:self.fanout]
+        self.stats["store_msgs_out"] += len(peers)
+        return [(p, msg) for p in peers]
+
+    # --- messages in -----------------------------------------------------------------------
+
+    def receive(self, sender: str, msg: Any, now: float) -> list[Send]:
+        if not isinstance(msg, dict):
+            raise WireError("store message must be a map")
+        kind = msg.get("t")
+        if kind == "batch":
+            self._merge_entries(_entries(msg.get("e")), sender, now, bool(msg.get("fwd")))
+            ids = msg.get("ack")
+            if isinstance(ids, list) and ids:
+                return [(sender, {"t": "ack", "ids": [i for i in ids if isinstance(i, int)]})]
+            return []
+        if kind == "ack":
+            for wid in msg.get("ids", []) if isinstance(msg.get("ids"), list) else []:
+                if wid in self.acks:
+                    self.acks[wid].add(sender)
+            return []
+        if kind == "roots":
+            remote = _map(msg.get("roots"))
+            mine = self.state.roots()
+            names = sorted(n for n in set(mine) | set(remote) if mine.get(n) != remote.get(n))
+            if not names:
+                return []
+            return [(sender, {"t": "buckets", "tables": {
+                n: self.state.bucket_digests(n) for n in names}})]
+        if kind == "buckets":
+            tables = _map(msg.get("tables"))
+            keys: dict[str, Any] = {}
+            for name, remote in tables.items():
+                if not isinstance(remote, list) or len(remote) != BUCKETS:
+                    raise WireError("bad bucket digests")
+                mine = self.state.bucket_digests(name)
+                differing = [i for i in range(BUCKETS) if mine[i] != remote[i]]
+                keys[name] = {"b": differing, "k": self.state.key_hashes(name, differing)}
+            return [(sender, {"t": "keys", "tables": keys})] if keys else []
+        if kind == "keys":
+            tables = _map(msg.get("tables"))
+            records, want = [], {}
+            for name, spec in tables.items():
+                if not isinstance(spec, dict) or not isinstance(spec.get("k"), dict) \
+                        or not isinstance(spec.get("b"), list):
+                    raise WireError("bad key list")
+                theirs: dict[str, int] = spec["k"]
+                mine = self.state.key_hashes(name, spec["b"])
+                db, tbl = split_name(name)
+                for key, h in mine.items():
+                    if theirs.get(key) != h:
+                        records.append([db, tbl, key, self.state.get(db, tbl, key)])
+                wanted = [k for k, h in theirs.items() if mine.get(k) != h]
+                if wanted:
+                    want[name] = wanted
+            return [(sender, {"t": "records", "e": records, "want": want})]
+        if kind == "records":
+            self._merge_entries(_entries(msg.get("e")), sender, now, False)
+            out = []
+            fill = []
+            for name, keys in _map(msg.get("want")).items():
+                db, tbl = split_name(name)
+                for key in keys if isinstance(keys, list) else []:
+                    s = self.state.get(db, tbl, key) if isinstance(key, str) else None
+                    if s is not None:
+                        fill.append([db, tbl, key, s])
+            if fill:
+                out.append((sender, {"t": "fill", "e": fill}))
+            return out
+        if kind == "fill":
+            self._merge_entries(_entries(msg.get("e")), sender, now, False)
+            return []
+        raise WireError(f"unknown store message {kind!r}")
+
+    def _merge_entries(self, entries: list[list[Any]], sender: str, now: float,
+                       forward: bool) -> None:
+        for db, tbl, key, state in entries:
+            reg = state.get("lww")
+            if reg is not None:
+                self.hlc.observe((reg[0][0], reg[0][1], reg[0][2]))
+            merged = self.state.apply(db, tbl, key, state)
+            if merged is None:
+                continue
+            if self.on_change is not None:
+                self.on_change(db, tbl, key, merged, False)
+            if forward:
+                self._queue(db, tbl, key, state, sender, now)
+
+
+# --- strict decoding -----------------------------------------------------------------------
+
+def _map(v: Any) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise WireError("expected a map")
+    return v
+
+
+def _text(v: Any, what: str) -> str:
+    if type(v) is not str or len(v) > 1024:
+        raise WireError(f"bad {what}")
+    return v
+
+
+def _int_map(v: Any) -> dict[str, int]:
+    if type(v) is not dict or not all(type(k) is str and type(n) is int and n >= 0
+                                      for k, n in v.items()):
+        raise WireError("bad counter")
+    return v
+
+
+def _is_register(reg: Any) -> bool:
+    return (type(reg) is list and len(reg) == 4 and type(reg[0]) is list and len(reg[0]) == 3
+            and type(reg[0][0]) is int and type(reg[0][1]) is int and type(reg[0][2]) is str
+            and (reg[1] is None or type(reg[1]) is bytes) and type(reg[2]) is dict
+            and (reg[3] is None or type(reg[3]) is int))
+
+
+def check_state(s: Any) -> crdt.State:
+    if type(s) is not dict or not set(s) <= {"lww", "counter", "set"}:
+        raise WireError("bad record state")
+    reg = s.get("lww")
+    if reg is not None and not _is_register(reg):
+        raise WireError("bad register")
+    c = s.get("counter")
+    if c is not None:
+        if type(c) is not dict or set(c) != {"p", "n", "bp", "bn"}:
+            raise WireError("bad counter")
+        for part in c.values():
+            _int_map(part)
+    st = s.get("set")
+    if st is not None:
+        if type(st) is not dict or type(st.get("adds")) is not dict \
+                or type(st.get("removed")) is not list:
+            raise WireError("bad set")
+        for elem, tags in st["adds"].items():
+            if type(elem) is not str or type(tags) is not list \
+                    or not all(type(t) is str for t in tags):
+                raise WireError("bad set")
+        if not all(type(t) is str for t in st["removed"]):
+            raise WireError("bad set")
+    return s
+
+
+def _entries(v: Any) -> list[list[Any]]:
+    if type(v) is not list:
+        raise WireError("entries must be a list")
+    out = []
+    for e in v:
+        if type(e) is not list or len(e) != 4:
+            raise WireError("entry must be [db, table, key, state]")
+        out.append([_text(e[0], "database"), _text(e[1], "table"), _text(e[2], "key"),
+                    check_state(e[3])])
+    return out
