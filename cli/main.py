@@ -53,7 +53,7 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
 
 
-def call(data_dir: Path | None, op: str, **args: Any) -> Any:
+def call(data_dir: Path | None, op: str, /, **args: Any) -> Any:
     """One control call; exits with one clear line on failure."""
     path = socket_path(data_dir or default_data_dir())
 
@@ -174,7 +174,7 @@ def up(name: str | None, bind: str | None, advertise: str | None, join: tuple[st
 
 def _toml(data: dict[str, Any]) -> str:
     lines = [f"profile = {json.dumps(data['profile'])}"]
-    for section in ("node", "membership", "limits", "rpc"):
+    for section in ("node", "membership", "limits", "rpc", "store"):
         lines.append(f"\n[{section}]")
         for key, value in data[section].items():
             if isinstance(value, bool):
@@ -487,3 +487,296 @@ def stream_cmd(service: str, endpoint: str, body: str | None, data_dir: Path | N
         trio.run(go)
     except MeshError as exc:
         fail(str(exc))
+
+
+# --- store -------------------------------------------------------------------------------
+
+def _store_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--table", default="store", show_default=True, help="Table.")(f)
+    f = click.option("--database", default="default", show_default=True, help="Database.")(f)
+    return data_dir_option(json_option(f))
+
+
+def _record_json(rec: dict[str, Any]) -> dict[str, Any]:
+    out = dict(rec)
+    if isinstance(out.get("value"), bytes):
+        try:
+            out["value"] = out["value"].decode()
+        except UnicodeDecodeError:
+            import base64
+
+            out["value_base64"] = base64.b64encode(out.pop("value")).decode()
+    return out
+
+
+@main.group()
+def store() -> None:
+    """The replicated key-value store."""
+
+
+@store.command("write")
+@click.argument("key")
+@click.argument("value")
+@click.option("--ttl", type=click.FloatRange(min=0, min_open=True), help="Expire after seconds.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1,
+              help="Wait until this many nodes hold the write.")
+@click.option("--meta", multiple=True, metavar="K=V", help="Record metadata (repeatable).")
+@_store_options
+def store_write(key: str, value: str, ttl: float | None, replicas: int, meta: tuple[str, ...],
+                database: str, table: str, data_dir: Path | None, as_json: bool) -> None:
+    """Write VALUE under KEY (VALUE "-" reads it from stdin)."""
+    raw = sys.stdin.buffer.read() if value == "-" else value.encode()
+    metadata = {}
+    for item in meta:
+        k, sep, v = item.partition("=")
+        if not sep:
+            fail(f"400 bad request: --meta {item!r} must look like key=value")
+        metadata[k] = v
+    rec = call(data_dir, "store.write", database=database, table=table, key=key,
+               value=raw, ttl=ttl, replicas=replicas, metadata=metadata)
+    click.echo(json.dumps(_record_json(rec)) if as_json else f"wrote {key}")
+
+
+@store.command("read")
+@click.argument("key", required=False)
+@click.option("--prefix", help="All keys with this prefix.")
+@click.option("--suffix", help="All keys with this suffix.")
+@click.option("--limit", type=click.IntRange(min=0), default=0)
+@click.option("--offset", type=click.IntRange(min=0), default=0)
+@_store_options
+def store_read(key: str | None, prefix: str | None, suffix: str | None, limit: int,
+               offset: int, database: str, table: str, data_dir: Path | None,
+               as_json: bool) -> None:
+    """Read KEY (or the keys matching --prefix/--suffix)."""
+    if key is None and prefix is None and suffix is None:
+        prefix = ""
+    rows = call(data_dir, "store.read", database=database, table=table, key=key,
+                prefix=prefix, suffix=suffix, limit=limit, offset=offset)
+    recs = [_record_json(r) for r in rows]
+    if as_json:
+        click.echo(json.dumps(recs[0] if key is not None else recs))
+        return
+    for r in recs:
+        shown = r.get("value", r.get("value_base64", r.get("counter", r.get("members"))))
+        click.echo(shown if key is not None else f"{r['key']}\t{shown}")
+
+
+@store.command("delete")
+@click.argument("key")
+@_store_options
+def store_delete(key: str, database: str, table: str, data_dir: Path | None,
+                 as_json: bool) -> None:
+    """Delete KEY."""
+    result = call(data_dir, "store.delete", database=database, table=table, key=key)
+    click.echo(json.dumps(result) if as_json else f"deleted {key}")
+
+
+@store.command("list")
+@click.option("--prefix")
+@click.option("--limit", type=click.IntRange(min=0), default=0)
+@_store_options
+def store_list(prefix: str | None, limit: int, database: str, table: str,
+               data_dir: Path | None, as_json: bool) -> None:
+    """List keys."""
+    keys = call(data_dir, "store.list", database=database, table=table, prefix=prefix,
+                limit=limit)
+    click.echo(json.dumps(keys) if as_json else "\n".join(keys))
+
+
+@store.command("databases")
+@data_dir_option
+@json_option
+def store_databases(data_dir: Path | None, as_json: bool) -> None:
+    """List databases."""
+    names = call(data_dir, "store.databases")
+    click.echo(json.dumps(names) if as_json else "\n".join(names))
+
+
+@store.command("tables")
+@click.option("--database", default="default", show_default=True)
+@data_dir_option
+@json_option
+def store_tables(database: str, data_dir: Path | None, as_json: bool) -> None:
+    """List the tables of a database."""
+    names = call(data_dir, "store.tables", database=database)
+    click.echo(json.dumps(names) if as_json else "\n".join(names))
+
+
+@store.command("counter")
+@click.argument("key")
+@click.argument("delta", type=int, default=0)
+@_store_options
+def store_counter(key: str, delta: int, database: str, table: str, data_dir: Path | None,
+                  as_json: bool) -> None:
+    """Add DELTA (may be negative; 0 reads) to the counter KEY."""
+    r = call(data_dir, "store.counter", database=database, table=table, key=key, delta=delta)
+    click.echo(json.dumps(r) if as_json else str(r["counter"]))
+
+
+@store.command("set")
+@click.argument("op", type=click.Choice(["add", "remove", "members"]))
+@click.argument("key")
+@click.argument("member", required=False)
+@_store_options
+def store_set(op: str, key: str, member: str | None, database: str, table: str,
+              data_dir: Path | None, as_json: bool) -> None:
+    """Add or remove MEMBER of the set KEY, or list its members."""
+    r = call(data_dir, "store.set", database=database, table=table, key=key, op=op,
+             member=member)
+    click.echo(json.dumps(r) if as_json else "\n".join(r["members"]))
+
+
+def _watch(data_dir: Path | None, op: str, show: Callable[[Any], str], **args: Any) -> None:
+    path = socket_path(data_dir or default_data_dir())
+
+    async def go() -> None:
+        client = ControlClient(path)
+        try:
+            async for ev in client.stream(op, **args):
+                click.echo(show(ev))
+                sys.stdout.flush()
+        finally:
+            await client.aclose()
+
+    try:
+        trio.run(go)
+    except MeshError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@store.command("watch")
+@click.option("--prefix", default="")
+@click.option("--table", help="Only this table (default: all).")
+@click.option("--database", default="default", show_default=True)
+@data_dir_option
+@json_option
+def store_watch(prefix: str, table: str | None, database: str, data_dir: Path | None,
+                as_json: bool) -> None:
+    """Stream changes under a key prefix as they land on this node."""
+    def show(ev: Any) -> str:
+        ev = {**ev, "record": _record_json(ev["record"])}
+        if as_json:
+            return json.dumps(ev)
+        what = "deleted" if ev["deleted"] else "written"
+        return f"{ev['table']}/{ev['key']} {what} ({ev['origin']})"
+
+    _watch(data_dir, "store.watch", show, database=database, table=table, prefix=prefix)
+
+
+@store.command("export")
+@_store_options
+def store_export(database: str, table: str, data_dir: Path | None, as_json: bool) -> None:
+    """Print every record of a table as JSON lines (for backup)."""
+    import base64
+
+    for rec in call(data_dir, "store.read", database=database, table=table, prefix=""):
+        line = {"key": rec["key"]}
+        if "value" in rec:
+            line.update({"value_base64": base64.b64encode(rec["value"]).decode(),
+                         "metadata": rec.get("metadata") or {}, "expiry": rec.get("expiry")})
+        if "counter" in rec:
+            line["counter"] = rec["counter"]
+        if "members" in rec:
+            line["members"] = rec["members"]
+        click.echo(json.dumps(line))
+
+
+@store.command("import")
+@click.argument("file", type=click.File("r"), default="-")
+@_store_options
+def store_import(file: Any, database: str, table: str, data_dir: Path | None,
+                 as_json: bool) -> None:
+    """Write the JSON lines of FILE (from `export`) into a table."""
+    import base64
+    import binascii
+
+    count = 0
+    for n, line in enumerate(file, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            key = rec["key"]
+            if "value_base64" in rec:
+                value = base64.b64decode(rec["value_base64"], validate=True)
+                ttl = None
+                if rec.get("expiry"):
+                    import time as _time
+
+                    ttl = rec["expiry"] / 1000 - _time.time()
+                    if ttl <= 0:
+                        continue
+                call(data_dir, "store.write", database=database, table=table, key=key,
+                     value=value, metadata=rec.get("metadata") or {}, ttl=ttl)
+            if rec.get("counter"):
+                call(data_dir, "store.counter", database=database, table=table, key=key,
+                     delta=int(rec["counter"]))
+            for member in rec.get("members", []):
+                call(data_dir, "store.set", database=database, table=table, key=key, op="add",
+                     member=member)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+            fail(f"400 bad request: line {n} is not an exported record: {exc}")
+        count += 1
+    click.echo(json.dumps({"imported": count}) if as_json else f"imported {count} records")
+
+
+# --- config ----------------------------------------------------------------------------------
+
+@main.group()
+def config() -> None:
+    """Dynamic config: JSON values at dot paths, replicated, watched."""
+
+
+def _ns_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--namespace", default="default", show_default=True)(f)
+    return data_dir_option(json_option(f))
+
+
+@config.command("get")
+@click.argument("path", default="")
+@_ns_option
+def config_get(path: str, namespace: str, data_dir: Path | None, as_json: bool) -> None:
+    """Print the JSON value at PATH (all of the namespace without one)."""
+    r = call(data_dir, "config.get", namespace=namespace, path=path)
+    click.echo(json.dumps(r["value"]) if as_json else json.dumps(r["value"], indent=2))
+
+
+@config.command("set")
+@click.argument("path")
+@click.argument("value")
+@_ns_option
+def config_set(path: str, value: str, namespace: str, data_dir: Path | None,
+               as_json: bool) -> None:
+    """Set PATH to the JSON VALUE."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        fail(f"400 bad request: value is not valid JSON: {exc.msg} at line {exc.lineno} "
+             f"column {exc.colno} (strings need quotes: '\"text\"')")
+    r = call(data_dir, "config.set", namespace=namespace, path=path, value=parsed)
+    click.echo(json.dumps(r) if as_json else f"set {path}")
+
+
+@config.command("del")
+@click.argument("path")
+@_ns_option
+def config_del(path: str, namespace: str, data_dir: Path | None, as_json: bool) -> None:
+    """Delete PATH (and everything below it)."""
+    r = call(data_dir, "config.del", namespace=namespace, path=path)
+    click.echo(json.dumps(r) if as_json else f"deleted {path}")
+
+
+@config.command("watch")
+@click.argument("path", default="")
+@_ns_option
+def config_watch(path: str, namespace: str, data_dir: Path | None, as_json: bool) -> None:
+    """Print PATH's value each time it changes (one JSON line per change with --json)."""
+    def show(ev: Any) -> str:
+        if as_json:
+            return json.dumps(ev)
+        return f"{ev['path']} = {json.dumps(ev['value'])}" if not ev["deleted"] \
+            else f"{ev['path']} deleted"
+
+    _watch(data_dir, "config.watch", show, namespace=namespace, path=path)

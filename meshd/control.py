@@ -201,7 +201,7 @@ class ControlClient:
                                      "user that runs meshd") from None
         return self._stream
 
-    async def call(self, op: str, **args: Any) -> Any:
+    async def call(self, op: str, /, **args: Any) -> Any:
         stream = await self._connect()
         self._next += 1
         try:
@@ -215,7 +215,7 @@ class ControlClient:
             raise MeshError.from_dict(reply.get("error"))
         return reply.get("result")
 
-    async def stream(self, op: str, **args: Any) -> AsyncIterator[Any]:
+    async def stream(self, op: str, /, **args: Any) -> AsyncIterator[Any]:
         await self.call(op, **args)
         assert self._stream is not None
         while True:
@@ -226,7 +226,7 @@ class ControlClient:
             if isinstance(item, dict) and "event" in item:
                 yield item["event"]
 
-    async def session(self, op: str, **args: Any) -> tuple[Any, Conn]:
+    async def session(self, op: str, /, **args: Any) -> tuple[Any, Conn]:
         """Open a two-way session (e.g. a service registration)."""
         result = await self.call(op, **args)
         assert self._stream is not None

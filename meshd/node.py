@@ -36,6 +36,8 @@ from .rpc.service import RpcService
 from .rpc.streams import StreamService
 from .secure.keyring import Keyring, KeyringError, format_secret, new_secret, parse_secret
 from .settings import Settings, as_dict
+from .store.persist import StoreFileError
+from .store.service import StoreService
 from .transport import addr as addrs
 from .transport.links import Channel, ChannelClosed, LinkError, LinkManager
 from .transport.udp import UdpTransport
@@ -174,6 +176,10 @@ class Node:
         self.rpc = RpcService(self.registry, self.links, self.core, retries=s.rpc.retries,
                               selector=s.rpc.selector, max_body=s.rpc.max_body_bytes)
         self.streams = StreamService(self.rpc)
+        try:
+            self.store = StoreService(self.core, self.links, self.data_dir, s.store)
+        except StoreFileError as exc:
+            raise NodeError(str(exc)) from None
         control = ControlServer(socket_path(self.data_dir))
         self._register_ops(control)
         self.membership.listeners.append(self._watch_conflicts)
@@ -184,6 +190,7 @@ class Node:
                 await nursery.start(self.membership.run)
                 await nursery.start(self.registry.run)
                 await nursery.start(self.rpc.run)
+                await nursery.start(self.store.run)
                 await nursery.start(control.run)
                 nursery.start_soon(self._watch_signals)
                 await self._initial_join()
@@ -292,7 +299,8 @@ class Node:
         counts: dict[str, int] = {}
         for m in self.core.member_list():
             counts[STATE_NAMES[m.state]] = counts.get(STATE_NAMES[m.state], 0) + 1
-        stats = {**self.udp.stats, **self.links.stats, **self.membership.stats}
+        stats = {**self.udp.stats, **self.links.stats, **self.membership.stats,
+                 **self.store.stats, **self.store.rep.stats}
         return {
             "name": self.name, "id": self.identity.node_id, "short_id": self.identity.short,
             "address": self.advertise, "data_dir": str(self.data_dir),
@@ -416,6 +424,15 @@ class Node:
         control.streams["services.watch"] = watch
         control.sessions["service.register"] = self.registry.serve_session
         control.sessions["rpc.stream"] = self.streams.serve_session
+        st = self.store
+        control.ops.update({
+            "store.write": st.write, "store.read": st.read, "store.delete": st.delete,
+            "store.list": st.list_keys, "store.databases": st.databases,
+            "store.tables": st.tables, "store.counter": st.counter, "store.set": st.set_op,
+            "config.get": st.config_get, "config.set": st.config_set,
+            "config.del": st.config_del})
+        control.streams["store.watch"] = st.watch
+        control.streams["config.watch"] = st.config_watch
 
     # --- keyring across the cluster -------------------------------------------------------
 

@@ -196,6 +196,29 @@ class RpcSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """The replicated store (and config, which lives in it)."""
+
+    # Writes are pushed in batches this often: one message per peer carries every write of
+    # the interval, so message count stays flat as write rate grows.
+    batch_interval: float = 0.05
+    # Anti-entropy with one random peer this often (repairs what pushes missed, heals
+    # partitions); only differing buckets and keys travel.
+    sync_interval: float = 10.0
+    # Up to this many members every batch goes straight to every member (one hop); beyond
+    # it, to `fanout` random members that forward what is new to them.
+    all_threshold: int = 64
+    fanout: int = 4
+    # A delete is remembered this long: a replica cut off for longer than this may bring a
+    # deleted key back when it returns (the classic tombstone trade-off).
+    tombstone_grace: float = 86400.0
+    max_value_bytes: int = 1 << 20
+    max_key_bytes: int = 1024
+    # How long a write with replicas > 1 waits for the other replicas' acknowledgements.
+    replica_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole settings tree of a node."""
 
@@ -204,6 +227,7 @@ class Settings:
     membership: MembershipSettings = field(default_factory=MembershipSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     rpc: RpcSettings = field(default_factory=RpcSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
 
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
@@ -229,10 +253,10 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         profile = str(toml.pop("profile"))
     layer: dict[str, dict[str, Any]] = {}
     for section, values in toml.items():
-        if section not in ("node", "membership", "limits", "rpc") \
+        if section not in ("node", "membership", "limits", "rpc", "store") \
                 or not isinstance(values, dict):
             raise SettingsError(f"unknown settings table [{section}]; known: node, "
-                                "membership, limits, rpc, and the key profile")
+                                "membership, limits, rpc, store, and the key profile")
         layer[section] = dict(values)
     layers.append(layer)
     # environment layer
@@ -246,7 +270,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         elif rest in _NODE_ENV:
             layer.setdefault("node", {})[rest] = value
         else:
-            for section in ("membership", "limits", "rpc"):
+            for section in ("membership", "limits", "rpc", "store"):
                 if rest.startswith(section + "_"):
                     layer.setdefault(section, {})[rest[len(section) + 1:]] = value
     layers.append(layer)
@@ -264,14 +288,16 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         raise SettingsError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     node, membership, limits = NodeSettings(), membership_profile(profile), LimitsSettings()
     rpc = RpcSettings()
+    store = StoreSettings()
     for lay in layers:
         node = _replace_checked(node, lay.get("node", {}), "node")
         membership = _replace_checked(membership, lay.get("membership", {}), "membership")
         limits = _replace_checked(limits, lay.get("limits", {}), "limits")
         rpc = _replace_checked(rpc, lay.get("rpc", {}), "rpc")
+        store = _replace_checked(store, lay.get("store", {}), "store")
     if rpc.selector not in ("random", "roundrobin", "nearest"):
         raise SettingsError("rpc.selector must be random, roundrobin or nearest")
-    return Settings(profile, node, membership, limits, rpc)
+    return Settings(profile, node, membership, limits, rpc, store)
 
 
 class SettingsError(ValueError):

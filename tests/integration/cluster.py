@@ -19,7 +19,7 @@ from meshd.errors import MeshError
 from meshd.secure.keyring import format_secret, new_secret
 
 
-def control(data_dir: Path, op: str, **args: Any) -> Any:
+def control(data_dir: Path, op: str, /, **args: Any) -> Any:
     async def go() -> Any:
         client = ControlClient(data_dir / "meshd.sock")
         try:

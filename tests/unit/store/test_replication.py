@@ -89,7 +89,7 @@ def test_anti_entropy_repairs_only_what_differs():
     for i in range(5000):
         write(reps["a"], f"key-{i:05d}", b"x" * 50)
     # b gets everything once (the full transfer), then misses 20 writes
-    full_msgs, full_bytes = run(reps, reps["a"].tick(1.0), "a")
+    _, full_bytes = run(reps, reps["a"].tick(1.0), "a")
     for i in range(20):
         write(reps["a"], f"key-{i * 97:05d}", b"y" * 50)
     reps["a"].pending.clear()

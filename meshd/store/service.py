@@ -1,0 +1,463 @@
+"""Store shell: durable local writes, replication over links, control operations, watches.
+
+Rules:
+- A local write is applied in memory, then acknowledged only after the SQLite commit that
+  holds it (group commit in a worker thread, so the event loop never waits on fsync).
+  With `replicas` = N > 1 the write also waits until N-1 other nodes acknowledged it.
+- Replication messages travel one per link channel "store"; malformed ones are dropped and
+  counted. The replicator (sans-IO) decides what to send.
+- Watches get every change that lands on this node (local or replicated) under their prefix.
+- Config is the "config" database: one table per namespace, one record per dot path holding
+  JSON. A path's value is built from the records at, above and below it, in write order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import trio
+
+from meshd.errors import MeshError, bad_request, not_found
+from meshd.hlc import HLC
+from meshd.membership.core import Membership
+from meshd.membership.messages import ALIVE
+from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
+
+from . import crdt
+from .persist import FILE, StoreDB
+from .replication import StoreReplicator, WireError
+from .state import view
+
+log = logging.getLogger("meshd.store")
+CHANNEL = "store"
+CONFIG_DB = "config"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class StoreService:
+    def __init__(self, core: Membership, links: LinkManager, data_dir: Path,
+                 settings: Any) -> None:
+        self.core = core
+        self.links = links
+        self.s = settings
+        self.node = core.me.name
+        self.hlc = HLC(self.node, _now_ms)
+        self.db = StoreDB(data_dir / FILE)
+        self.rep = StoreReplicator(
+            self.node, self.hlc, self._peers, random.Random(), trio.current_time(),
+            batch_interval=settings.batch_interval, sync_interval=settings.sync_interval,
+            fanout=settings.fanout, all_threshold=settings.all_threshold)
+        loaded = 0
+        for db, tbl, key, state in self.db.load():
+            self.rep.state.apply(db, tbl, key, state)
+            reg = state.get("lww")
+            if reg is not None:
+                self.hlc.observe((reg[0][0], reg[0][1], reg[0][2]))
+            loaded += 1
+        if loaded:
+            log.info("loaded %d records from %s", loaded, self.db.path)
+        self.rep.on_change = self._changed
+        self._dirty: dict[tuple[str, str, str], Any] = {}
+        self._dropped: list[tuple[str, str, str]] = []
+        self._committed = trio.Event()
+        self._commit_wanted = trio.Event()
+        self._watchers: list[tuple[str | None, str | None, str, trio.MemorySendChannel[Any]]] = []
+        self._kick = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"store_bad_messages": 0, "store_commits": 0}
+        links.handlers[CHANNEL] = self._serve_channel
+
+    def _peers(self) -> list[str]:
+        return [m.addr for m in self.core.member_list()
+                if m.state == ALIVE and m.name != self.node]
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._committer)
+                nursery.start_soon(self._timer)
+                nursery.start_soon(self._collector)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                if self._dirty:
+                    await trio.to_thread.run_sync(self._commit_now)
+            self.db.close()
+
+    # --- durability --------------------------------------------------------------------------
+
+    def _changed(self, db: str, tbl: str, key: str, state: crdt.State, local: bool) -> None:
+        self._dirty[(db, tbl, key)] = state
+        self._commit_wanted.set()
+        now = _now_ms()
+        rec = view(key, state, now)
+        for wdb, wtbl, prefix, chan in list(self._watchers):
+            if (wdb is None or wdb == db) and (wtbl is None or wtbl == tbl) \
+                    and key.startswith(prefix):
+                event = {"database": db, "table": tbl, "key": key, "origin":
+                         "local" if local else "replica",
+                         "deleted": "value" not in rec and "counter" not in rec
+                         and "members" not in rec, "record": rec}
+                try:
+                    chan.send_nowait(event)
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._watchers.remove((wdb, wtbl, prefix, chan))
+
+    def _commit_now(self) -> int:
+        rows = [(db, tbl, key, state) for (db, tbl, key), state in self._dirty.items()]
+        dropped = self._dropped
+        self._dirty = {}
+        self._dropped = []
+        self.db.save(rows, dropped)
+        return len(rows)
+
+    async def _committer(self) -> None:
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted = trio.Event()
+            done, self._committed = self._committed, trio.Event()
+            rows = [(db, tbl, key, state) for (db, tbl, key), state in self._dirty.items()]
+            dropped = self._dropped
+            self._dirty, self._dropped = {}, []
+            await trio.to_thread.run_sync(self.db.save, rows, dropped)
+            self.stats["store_commits"] += 1
+            done.set()
+
+    async def _durable(self) -> None:
+        """Wait until everything applied so far is committed."""
+        event = self._committed
+        self._commit_wanted.set()
+        await event.wait()
+
+    async def _collector(self) -> None:
+        while True:
+            await trio.sleep(min(60.0, self.s.tombstone_grace / 10))
+            before = set(self._all_keys())
+            n = self.rep.state.collect(_now_ms(), int(self.s.tombstone_grace * 1000))
+            if n:
+                after = set(self._all_keys())
+                self._dropped.extend(before - after)
+                self._commit_wanted.set()
+                log.info("collected %d tombstones older than %.0f s", n,
+                         self.s.tombstone_grace)
+
+    def _all_keys(self) -> list[tuple[str, str, str]]:
+        return [(db, tbl, k) for (db, tbl), t in self.rep.state.tables.items()
+                for k in t.records]
+
+    # --- replication -----------------------------------------------------------------------
+
+    async def _timer(self) -> None:
+        while True:
+            deadline = self.rep.next_deadline()
+            with trio.move_on_at(deadline):
+                await self._kick.wait()
+            self._kick = trio.Event()
+            self._send(self.rep.tick(trio.current_time()))
+
+    def _send(self, sends: list[tuple[str, dict[str, Any]]]) -> None:
+        assert self._nursery is not None
+        for addr, msg in sends:
+            self._nursery.start_soon(self._send_one, addr, cbor2.dumps(msg))
+
+    async def _send_one(self, addr: str, payload: bytes) -> None:
+        try:
+            with trio.fail_after(10):
+                async with await self.links.open_channel(addr, CHANNEL) as ch:
+                    await ch.send(payload)
+        except (LinkError, ChannelClosed, trio.TooSlowError) as exc:
+            log.debug("store message to %s failed: %s", addr, exc)
+
+    async def _serve_channel(self, ch: Channel) -> None:
+        try:
+            msg = cbor2.loads(await ch.receive(), max_depth=64)
+            self._send(self.rep.receive(ch.peer_addr, msg, trio.current_time()))
+        except (WireError, ValueError, TypeError, cbor2.CBORDecodeError) as exc:
+            self.stats["store_bad_messages"] += 1
+            log.debug("bad store message from %s: %s", ch.peer_addr, exc)
+
+    # --- operations ------------------------------------------------------------------------
+
+    def _names(self, args: dict[str, Any]) -> tuple[str, str]:
+        db = args.get("database", "default")
+        tbl = args.get("table", "store")
+        for what, v in (("database", db), ("table", tbl)):
+            if not isinstance(v, str) or not 0 < len(v) <= 128 or "\x00" in v:
+                raise bad_request(f"{what} must be 1..128 characters", id="meshd.store")
+        return db, tbl
+
+    def _key(self, args: dict[str, Any]) -> str:
+        key = args.get("key")
+        if not isinstance(key, str) or not key or len(key.encode()) > self.s.max_key_bytes:
+            raise bad_request(f"key must be 1..{self.s.max_key_bytes} bytes of text",
+                              id="meshd.store")
+        return key
+
+    def _exists(self, db: str, tbl: str) -> None:
+        now = _now_ms()
+        if db not in self.rep.state.databases(now):
+            raise not_found(f"no database {db!r}", id="meshd.store")
+        if tbl not in self.rep.state.table_names(db, now):
+            raise not_found(f"database {db!r} has no table {tbl!r}", id="meshd.store")
+
+    async def _commit_local(self, db: str, tbl: str, key: str, delta: crdt.State,
+                            replicas: int) -> crdt.State:
+        state, wid = self.rep.local(db, tbl, key, delta, trio.current_time(),
+                                    want_acks=replicas > 1)
+        self._kick.set()
+        await self._durable()
+        if wid is not None:
+            try:
+                with trio.fail_after(self.s.replica_timeout):
+                    while len(self.rep.acks[wid]) + 1 < replicas:
+                        await trio.sleep(0.005)
+            except trio.TooSlowError:
+                got = len(self.rep.acks[wid]) + 1
+                raise MeshError(408, f"only {got} of {replicas} replicas confirmed the write "
+                                     f"within {self.s.replica_timeout:g} s (it is durable "
+                                     "here and will still spread)", id="meshd.store") from None
+            finally:
+                self.rep.acks.pop(wid, None)
+        return state
+
+    async def write(self, args: dict[str, Any]) -> Any:
+        db, tbl = self._names(args)
+        key = self._key(args)
+        value = args.get("value")
+        if isinstance(value, str):
+            value = value.encode()
+        if not isinstance(value, bytes):
+            raise bad_request("value must be bytes or text", id="meshd.store")
+        if len(value) > self.s.max_value_bytes:
+            raise bad_request(f"value of {len(value)} bytes exceeds the limit of "
+                              f"{self.s.max_value_bytes} bytes (store.max_value_bytes)",
+                              id="meshd.store")
+        metadata = args.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise bad_request("metadata must be a map", id="meshd.store")
+        ttl = args.get("ttl")
+        if ttl is not None and not (isinstance(ttl, int | float) and ttl > 0):
+            raise bad_request("ttl must be a positive number of seconds", id="meshd.store")
+        replicas = int(args.get("replicas") or 1)
+        expiry = _now_ms() + int(ttl * 1000) if ttl else None
+        delta = {"lww": crdt.lww(self.hlc.now(), value, metadata, expiry)}
+        state = await self._commit_local(db, tbl, key, delta, replicas)
+        return view(key, state, _now_ms())
+
+    async def read(self, args: dict[str, Any]) -> Any:
+        db, tbl = self._names(args)
+        key = args.get("key")
+        limit, offset = int(args.get("limit") or 0), int(args.get("offset") or 0)
+        if limit < 0 or offset < 0:
+            raise bad_request("limit and offset must not be negative", id="meshd.store")
+        self._exists(db, tbl)
+        now = _now_ms()
+        rows = self.rep.state.read(db, tbl, now, key=key, prefix=args.get("prefix"),
+                                   suffix=args.get("suffix"), limit=limit, offset=offset)
+        if key is not None and not rows:
+            raise not_found(f"no key {key!r} in {db}/{tbl}", id="meshd.store")
+        return [view(k, s, now) for k, s in rows]
+
+    async def delete(self, args: dict[str, Any]) -> Any:
+        db, tbl = self._names(args)
+        key = self._key(args)
+        self._exists(db, tbl)
+        current = self.rep.state.get(db, tbl, key)
+        if current is None or not self._live(current):
+            raise not_found(f"no key {key!r} in {db}/{tbl}", id="meshd.store")
+        delta: crdt.State = {"lww": crdt.lww(self.hlc.now(), None)}
+        if "counter" in current:
+            delta["counter"] = crdt.counter_reset(current["counter"])
+        if "set" in current:
+            delta["set"] = crdt.set_remove(current["set"])
+        await self._commit_local(db, tbl, key, delta, int(args.get("replicas") or 1))
+        return {"deleted": key}
+
+    def _live(self, state: crdt.State) -> bool:
+        from .state import live
+
+        return live(state, _now_ms())
+
+    async def list_keys(self, args: dict[str, Any]) -> Any:
+        db, tbl = self._names(args)
+        self._exists(db, tbl)
+        rows = self.rep.state.read(db, tbl, _now_ms(), prefix=args.get("prefix"),
+                                   suffix=args.get("suffix"),
+                                   limit=int(args.get("limit") or 0),
+                                   offset=int(args.get("offset") or 0))
+        return [k for k, _ in rows]
+
+    async def databases(self, args: dict[str, Any]) -> Any:
+        return self.rep.state.databases(_now_ms())
+
+    async def tables(self, args: dict[str, Any]) -> Any:
+        db = args.get("database", "default")
+        names = self.rep.state.table_names(db, _now_ms())
+        if not names:
+            raise not_found(f"no database {db!r}", id="meshd.store")
+        return names
+
+    async def counter(self, args: dict[str, Any]) -> Any:
+        db, tbl = self._names(args)
+        key = self._key(args)
+        delta = args.get("delta", 0)
+        if not isinstance(delta, int) or isinstance(delta, bool):
+            raise bad_request("delta must be an integer", id="meshd.store")
+        current = self.rep.state.get(db, tbl, key) or {}
+        if delta == 0:
+            return {"key": key, "counter": crdt.counter_value(current.get("counter"))}
+        change = {"counter": crdt.counter_add(current.get("counter"), self.node, delta)}
+        state = await self._commit_local(db, tbl, key, change, int(args.get("replicas") or 1))
+        return {"key": key, "counter": crdt.counter_value(state.get("counter"))}
+
+    async def set_op(self, args: dict[str, Any]) -> Any:
+        db, tbl = self._names(args)
+        key = self._key(args)
+        op, member = args.get("op"), args.get("member")
+        current = self.rep.state.get(db, tbl, key) or {}
+        if op == "members":
+            return {"key": key, "members": crdt.set_members(current.get("set"))}
+        if not isinstance(member, str) or not member:
+            raise bad_request("member must be non-empty text", id="meshd.store")
+        if op == "add":
+            tag = f"{self.node}:{self.hlc.now()[0]}:{self.hlc.now()[1]}"
+            change = {"set": crdt.set_add(current.get("set"), member, tag)}
+        elif op == "remove":
+            removed = crdt.set_remove(current.get("set"), member)
+            if removed is None:
+                return {"key": key, "members": []}
+            change = {"set": removed}
+        else:
+            raise bad_request("op must be add, remove or members", id="meshd.store")
+        state = await self._commit_local(db, tbl, key, change, int(args.get("replicas") or 1))
+        return {"key": key, "members": crdt.set_members(state.get("set"))}
+
+    async def watch(self, args: dict[str, Any], emit: Any) -> None:
+        db = args.get("database")
+        tbl = args.get("table")
+        prefix = args.get("prefix") or ""
+        send, recv = trio.open_memory_channel[Any](1000)
+        entry = (db, tbl, prefix, send)
+        self._watchers.append(entry)
+        try:
+            async for ev in recv:
+                await emit(ev)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._watchers.remove(entry)
+
+    # --- config ------------------------------------------------------------------------------
+
+    def config_value(self, namespace: str, path: str) -> tuple[bool, Any]:
+        """(found, value) of a dot path, built from records at, above and below it."""
+        t = self.rep.state.table(CONFIG_DB, namespace)
+        if t is None:
+            return False, None
+        related = []
+        for key, state in t.records.items():
+            reg = state.get("lww")
+            if reg is None:
+                continue
+            if key == path or path.startswith(key + ".") or key.startswith(path + ".") \
+                    or path == "":
+                related.append((crdt.lww_ts(reg), key, reg[1]))
+        tree: dict[str, Any] = {}
+        for _, key, raw in sorted(related):
+            _put(tree, key.split("."), None if raw is None else json.loads(raw))
+        return _get(tree, path.split(".") if path else [])
+
+    async def config_get(self, args: dict[str, Any]) -> Any:
+        namespace, path = _config_args(args)
+        found, value = self.config_value(namespace, path)
+        if not found:
+            raise not_found(f"no config at {path!r} in namespace {namespace!r}",
+                            id="meshd.config")
+        return {"path": path, "value": value}
+
+    async def config_set(self, args: dict[str, Any]) -> Any:
+        namespace, path = _config_args(args)
+        if not path:
+            raise bad_request("set needs a path", id="meshd.config")
+        if "value" not in args:
+            raise bad_request("set needs a value", id="meshd.config")
+        raw = json.dumps(args["value"]).encode()
+        await self.write({"database": CONFIG_DB, "table": namespace, "key": path,
+                          "value": raw})
+        return {"path": path, "value": args["value"]}
+
+    async def config_del(self, args: dict[str, Any]) -> Any:
+        namespace, path = _config_args(args)
+        found, _ = self.config_value(namespace, path)
+        if not found:
+            raise not_found(f"no config at {path!r} in namespace {namespace!r}",
+                            id="meshd.config")
+        delta = {"lww": crdt.lww(self.hlc.now(), None)}
+        await self._commit_local(CONFIG_DB, namespace, path, delta, 1)
+        return {"deleted": path}
+
+    async def config_watch(self, args: dict[str, Any], emit: Any) -> None:
+        namespace, path = _config_args(args)
+        send, recv = trio.open_memory_channel[Any](1000)
+        entry = (CONFIG_DB, namespace, "", send)
+        self._watchers.append(entry)
+        last = self.config_value(namespace, path)
+        try:
+            async for ev in recv:
+                key = ev["key"]
+                if not (key == path or path.startswith(key + ".")
+                        or key.startswith(path + ".") or not path):
+                    continue
+                now = self.config_value(namespace, path)
+                if now != last:
+                    last = now
+                    await emit({"path": path, "value": now[1], "deleted": not now[0],
+                                "changed_key": key})
+        finally:
+            with contextlib.suppress(ValueError):
+                self._watchers.remove(entry)
+
+
+def _config_args(args: dict[str, Any]) -> tuple[str, str]:
+    namespace = args.get("namespace", "default")
+    path = args.get("path", "")
+    if not isinstance(namespace, str) or not namespace or len(namespace) > 128:
+        raise bad_request("namespace must be 1..128 characters", id="meshd.config")
+    if not isinstance(path, str) or len(path) > 512 or (path and (
+            path.startswith(".") or path.endswith(".") or ".." in path)):
+        raise bad_request(f"bad path {path!r}: use dot paths like db.host", id="meshd.config")
+    return namespace, path
+
+
+def _put(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = node[p] = {}
+        node = child
+    if value is None:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = value
+
+
+def _get(tree: dict[str, Any], parts: list[str]) -> tuple[bool, Any]:
+    node: Any = tree
+    for p in parts:
+        if not isinstance(node, dict) or p not in node:
+            return False, None
+        node = node[p]
+    if not parts and not tree:
+        return False, None
+    return True, node
