@@ -112,7 +112,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        sock.listen(64)
+        sock.listen(1024)
         listener = trio.SocketListener(sock)
         try:
             task_status.started()

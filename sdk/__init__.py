@@ -16,6 +16,7 @@ from meshd.errors import MeshError
 from .client import Client
 from .schema import SchemaError, describe
 from .service import CallInfo, Service, current_call
+from .store import Config, Store
 
-__all__ = ["CallInfo", "Client", "MeshError", "SchemaError", "Service", "current_call",
-           "describe"]
+__all__ = ["CallInfo", "Client", "Config", "MeshError", "SchemaError", "Service", "Store",
+           "current_call", "describe"]

@@ -69,7 +69,7 @@ class Client:
         self._idle: list[ControlClient] = []
         self._pool = pool
 
-    async def _request(self, op: str, **args: Any) -> Any:
+    async def _request(self, op: str, /, **args: Any) -> Any:
         conn = self._idle.pop() if self._idle else ControlClient(self.path)
         ok = False
         try:
