@@ -43,7 +43,8 @@ from meshd.registry.replication import Replicator
 
 from .metrics import Metrics
 from .network import Network
-from .scenario import Fault, Scenario
+from .scenario import Fault, Scenario, ScenarioError
+from .storesim import STORE, StoreSim
 
 DELIVER, TICK, CALL, REG = 0, 1, 2, 3
 NO_PAUSE, FULL, RECEIVE = 0, 1, 2
@@ -51,7 +52,7 @@ NO_PAUSE, FULL, RECEIVE = 0, 1, 2
 
 class SimNode:
     __slots__ = ("addr", "backlog", "core", "degraded_until", "idx", "incarnation", "name",
-                 "offset", "pause_mode", "replicator", "tick_at", "up")
+                 "offset", "pause_mode", "replicator", "store", "tick_at", "up")
 
     def __init__(self, idx: int, name: str, addr: str) -> None:
         self.idx = idx
@@ -59,6 +60,7 @@ class SimNode:
         self.addr = addr
         self.core: Membership | None = None
         self.replicator: Replicator | None = None
+        self.store: Any = None
         self.up = False
         self.tick_at = math.inf
         self.offset = 0.0
@@ -99,6 +101,7 @@ class Simulation:
         self._events_handled = 0
         self._codec = scenario.codec
         self._zone_index = {z.name: i for i, z in enumerate(scenario.zones)}
+        self.storesim = StoreSim(self) if scenario.store else None
         for a, b, link in scenario.zone_links:
             ia, ib = self._zone_index[a], self._zone_index[b]
             self.net.links[(ia, ib)] = link
@@ -167,6 +170,8 @@ class Simulation:
         node.core = core
         if self.sc.registry:
             node.replicator = self._start_replicator(node, core)
+        if self.storesim is not None:
+            node.store = self.storesim.start_node(node, core)
         node.up = True
         node.tick_at = math.inf
         node.pause_mode = NO_PAUSE
@@ -190,7 +195,8 @@ class Simulation:
             dst = self.by_addr.get(addr)
             if dst is None:
                 continue
-            when = self.net.delivery_time(node.idx, dst.idx, size, self.now, True)
+            when = self.net.delivery_time(node.idx, dst.idx, size, self.now, True,
+                                          connect=False)
             if when is not None:
                 self._push(when, REG, dst, (node.addr, msg))
 
@@ -210,6 +216,8 @@ class Simulation:
         local = core.next_deadline()
         if node.replicator is not None:
             local = min(local, node.replicator.next_deadline())
+        if node.store is not None:
+            local = min(local, node.store.next_deadline())
         deadline = local - node.offset
         if deadline < node.tick_at:
             node.tick_at = deadline
@@ -292,7 +300,7 @@ class Simulation:
 
     def _schedule_faults(self) -> None:
         for f in self.sc.faults:
-            handler = getattr(self, f"_fault_{f.kind}")
+            handler = getattr(self, f"_fault_{f.kind.replace('-', '_')}")
             handler(f)
 
     def _fault_clock_offset(self, f: Fault) -> None:
@@ -321,6 +329,7 @@ class Simulation:
         node.incarnation = core.me.incarnation + 1
         node.core = None
         node.replicator = None
+        node.store = None
         node.up = False
         node.backlog = []
         self._up -= 1
@@ -370,6 +379,16 @@ class Simulation:
         self.metrics.change(node.name, core.me.incarnation, self.now, self._up - 1)
         self.log(f"{self.now:.6f} {node.name} change {core.me.incarnation}")
         self._apply(node, out)
+
+    def _fault_store_writes(self, f: Fault) -> None:
+        if self.storesim is None:
+            raise ScenarioError("store-writes needs `store = true` in the scenario")
+        self.storesim.schedule_writes(f)
+
+    def _fault_store_deletes(self, f: Fault) -> None:
+        if self.storesim is None:
+            raise ScenarioError("store-deletes needs `store = true` in the scenario")
+        self.storesim.schedule_deletes(f)
 
     def _fault_register(self, f: Fault) -> None:
         self.call_at(f.at, self._registry_writes, (f, True))
@@ -450,6 +469,8 @@ class Simulation:
         self.metrics.rejoin_after_heal.append(None)
         self.log(f"{self.now:.6f} - heal")
         self.call_at(self.now + 0.5, self._check_rejoin, (len(self.metrics.heals) - 1, self.now))
+        if self.storesim is not None:
+            self.storesim.on_heal()
         if self.sc.registry:
             up = [n for n in self.nodes if n.up and n.replicator is not None]
             distinct = {repr(sorted(n.replicator.state.digest().items()))  # type: ignore[union-attr]
@@ -555,7 +576,12 @@ class Simulation:
                 local_now = max(when + target.offset, payload)
                 if target.replicator is not None:
                     self._reg_send(target, target.replicator.tick(local_now))
+                if target.store is not None:
+                    self.storesim.send(target, target.store.tick(local_now))
                 self._apply(target, target.core.tick(local_now))
+            elif kind == STORE:
+                if target.up and target.store is not None and not target.paused:
+                    self.storesim.deliver(target, payload)
             elif kind == REG:
                 if target.up and target.replicator is not None and not target.paused:
                     sender, msg = payload
@@ -574,6 +600,8 @@ class Simulation:
         metrics = self.metrics.result(max(1, self.n_initial), end)
         if self.sc.registry:
             metrics.update(self._registry_result())
+        if self.storesim is not None:
+            metrics.update(self.storesim.result())
         return {
             "scenario": self.sc.name,
             "seed": self.seed,

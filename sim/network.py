@@ -63,7 +63,7 @@ class Network:
         return link.latency + self.rng.expovariate(1.0 / jitter)
 
     def delivery_time(self, src: int, dst: int, size: int, now: float,
-                      reliable: bool) -> float | None:
+                      reliable: bool, connect: bool = True) -> float | None:
         """When a message sent now arrives, or None if it never does."""
         if self.group_of is not None and self.group_of[src] != self.group_of[dst]:
             return None
@@ -77,8 +77,11 @@ class Network:
             if link.loss > 0 and self.rng.random() < link.loss:
                 return None
             return start + self._latency(link)
-        # stream: connection setup round trip, then retransmissions on loss
-        arrive = start + 2 * self._latency(link) + self._latency(link)
+        # stream: a connection setup round trip (unless it rides an open link), then
+        # retransmissions on loss
+        arrive = start + self._latency(link)
+        if connect:
+            arrive += 2 * self._latency(link)
         rto = 0.2
         while link.loss > 0 and self.rng.random() < link.loss:
             arrive += rto

@@ -21,7 +21,7 @@ from .network import JITTER_KINDS, Link
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 FAULT_KINDS = ("crash", "leave", "change", "pause", "partition", "clock_offset", "join", "loss",
-               "register", "deregister")
+               "register", "deregister", "store-writes", "store-deletes")
 
 
 class ScenarioError(ValueError):
@@ -47,6 +47,8 @@ class Fault:
     fractions: tuple[float, ...] = (0.5, 0.5)
     max_s: float = 0.0
     loss: float = 0.0
+    rate: float = 10.0
+    keys: int = 100
 
 
 @dataclass(slots=True)
@@ -68,6 +70,11 @@ class Scenario:
     codec: bool = False
     registry: bool = False
     registry_sync_interval: float = 5.0
+    store: bool = False
+    store_batch_interval: float = 0.05
+    store_sync_interval: float = 10.0
+    store_tombstone_grace: float = 86400.0
+    store_hlc: bool = True
     membership: MembershipSettings = field(default_factory=MembershipSettings)
     link: Link = field(default_factory=Link)
     stream_timeout: float = 10.0
@@ -78,14 +85,17 @@ class Scenario:
 
 _TOP_KEYS = {"name": str, "description": str, "nodes": int, "duration": float,
              "warmup": float, "seed": int, "profile": str, "bootstrap": str, "codec": bool,
-             "registry": bool, "registry_sync_interval": float}
+             "registry": bool, "registry_sync_interval": float, "store": bool,
+             "store_batch_interval": float, "store_sync_interval": float,
+             "store_tombstone_grace": float, "store_hlc": bool}
 _NET_KEYS = {"latency_ms": float, "jitter_ms": float, "jitter": str, "loss": float,
              "bandwidth_mbps": float, "stream_timeout": float}
 _LINK_KEYS = {"from": str, "to": str, "latency_ms": float, "jitter_ms": float, "jitter": str,
               "loss": float, "bandwidth_mbps": float}
 _FAULT_KEYS = {"kind": str, "at": float, "count": int, "fraction": float, "spacing": float,
                "restart_after": float, "duration": float, "until": float, "every": list,
-               "pause": dict, "mode": str, "fractions": list, "max_s": float, "loss": float}
+               "pause": dict, "mode": str, "fractions": list, "max_s": float, "loss": float,
+               "rate": float, "keys": int}
 
 
 def _check(value: Any, kind: type, where: str) -> Any:
@@ -132,7 +142,7 @@ def _fault(raw: Any, where: str) -> Fault:
         raise ScenarioError(f"{where}.kind must be one of {', '.join(FAULT_KINDS)}")
     f = Fault(kind=kind)
     for key in ("at", "count", "fraction", "spacing", "restart_after", "duration", "until",
-                "max_s", "loss"):
+                "max_s", "loss", "rate", "keys"):
         if key in t:
             setattr(f, key, t[key])
     if f.fraction is not None and f.fraction > 1:

@@ -18,6 +18,9 @@ Rules:
 - A write that asks for `replicas` > 1 carries an ack id; receivers answer with an ack; the
   shell waits for enough acks.
 - Anything malformed raises WireError; the shell drops the message and counts it.
+- Deletes are tombstones, dropped `tombstone_grace` after they were written (checked at
+  each sync tick, against this node's clock). A replica cut off for longer than that may
+  bring the deleted value back: the grace must exceed the longest partition to tolerate.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class WireError(ValueError):
 class StoreReplicator:
     def __init__(self, node: str, hlc: HLC, peers: Callable[[], list[str]],
                  rng: random.Random, now: float, *, batch_interval: float = 0.05,
-                 sync_interval: float = 10.0, fanout: int = 4, all_threshold: int = 64) -> None:
+                 sync_interval: float = 10.0, fanout: int = 4, all_threshold: int = 64,
+                 tombstone_grace: float = 86400.0) -> None:
         self.node = node
         self.hlc = hlc
         self.peers = peers
@@ -51,6 +55,7 @@ class StoreReplicator:
         self.sync_interval = sync_interval
         self.fanout = fanout
         self.all_threshold = all_threshold
+        self.tombstone_grace_ms = int(tombstone_grace * 1000)
         self.state = StoreState()
         self.pending: dict[tuple[str, str, str], tuple[crdt.State, str | None]] = {}
         self.pending_acks: list[int] = []
@@ -59,6 +64,7 @@ class StoreReplicator:
         self.acks: dict[int, set[str]] = {}
         self._next_wid = 0
         self.on_change: ChangeHook | None = None
+        self.on_drop: Callable[[str, str, str], None] | None = None
         self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0}
 
     # --- local writes ----------------------------------------------------------------------
@@ -99,6 +105,9 @@ class StoreReplicator:
             out += self._flush()
         if now >= self.next_sync:
             self.next_sync = now + self.sync_interval * (0.5 + self.rng.random())
+            for db, tbl, key in self.state.collect(self.hlc.clock(), self.tombstone_grace_ms):
+                if self.on_drop is not None:
+                    self.on_drop(db, tbl, key)
             peers = self.peers()
             if peers:
                 target = peers[self.rng.randrange(len(peers))]

@@ -56,7 +56,8 @@ class StoreService:
         self.rep = StoreReplicator(
             self.node, self.hlc, self._peers, random.Random(), trio.current_time(),
             batch_interval=settings.batch_interval, sync_interval=settings.sync_interval,
-            fanout=settings.fanout, all_threshold=settings.all_threshold)
+            fanout=settings.fanout, all_threshold=settings.all_threshold,
+            tombstone_grace=settings.tombstone_grace)
         loaded = 0
         for db, tbl, key, state in self.db.load():
             self.rep.state.apply(db, tbl, key, state)
@@ -67,6 +68,7 @@ class StoreService:
         if loaded:
             log.info("loaded %d records from %s", loaded, self.db.path)
         self.rep.on_change = self._changed
+        self.rep.on_drop = self._drop
         self._dirty: dict[tuple[str, str, str], Any] = {}
         self._dropped: list[tuple[str, str, str]] = []
         self._committed = trio.Event()
@@ -87,7 +89,6 @@ class StoreService:
                 self._nursery = nursery
                 nursery.start_soon(self._committer)
                 nursery.start_soon(self._timer)
-                nursery.start_soon(self._collector)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -140,21 +141,10 @@ class StoreService:
         self._commit_wanted.set()
         await event.wait()
 
-    async def _collector(self) -> None:
-        while True:
-            await trio.sleep(min(60.0, self.s.tombstone_grace / 10))
-            before = set(self._all_keys())
-            n = self.rep.state.collect(_now_ms(), int(self.s.tombstone_grace * 1000))
-            if n:
-                after = set(self._all_keys())
-                self._dropped.extend(before - after)
-                self._commit_wanted.set()
-                log.info("collected %d tombstones older than %.0f s", n,
-                         self.s.tombstone_grace)
-
-    def _all_keys(self) -> list[tuple[str, str, str]]:
-        return [(db, tbl, k) for (db, tbl), t in self.rep.state.tables.items()
-                for k in t.records]
+    def _drop(self, db: str, tbl: str, key: str) -> None:
+        self._dirty.pop((db, tbl, key), None)
+        self._dropped.append((db, tbl, key))
+        self._commit_wanted.set()
 
     # --- replication -----------------------------------------------------------------------
 

@@ -154,16 +154,16 @@ class StoreState:
         wanted = set(buckets)
         return {k: h for k, h in t.hashes.items() if bucket_of(k) in wanted}
 
-    def collect(self, now_ms: int, grace_ms: int) -> int:
+    def collect(self, now_ms: int, grace_ms: int) -> list[tuple[str, str, str]]:
         """Drop LWW tombstones older than the grace period (and nothing else on the key)."""
-        dropped = 0
+        dropped = []
         for (db, tbl), t in list(self.tables.items()):
             for key, s in list(t.records.items()):
                 reg = s.get("lww")
                 if reg is not None and reg[1] is None and len(s) == 1 \
                         and now_ms - reg[0][0] > grace_ms:
                     self.drop(db, tbl, key)
-                    dropped += 1
+                    dropped.append((db, tbl, key))
         return dropped
 
 

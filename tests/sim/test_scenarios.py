@@ -159,3 +159,27 @@ def test_registry_replicas_converge_after_a_partition():
     assert m["registry_converged_after_heal_s"] is not None
     assert m["registry_replicas_identical"]
     assert m["registry_writes"] > 100 and m["registry_missing_latest"] == 0
+
+
+def test_store_partition_converges_with_no_lost_write():
+    _, r = run("store-partition")
+    m = r["metrics"]
+    assert m["store_versions_at_heal"] >= 2, "both sides must have diverged"
+    assert m["store_converged_after_heal_s"] is not None
+    assert m["store_replicas_identical"] and m["store_lost_writes"] == 0
+    assert m["writes_not_everywhere"] == 0
+
+
+def test_store_skewed_clocks_hlc_keeps_lww_sane():
+    _, with_hlc = run("store-skew")
+    _, wall_only = run("store-skew", "store_hlc=false")
+    assert with_hlc["metrics"]["store_last_writer_lost"] == 0
+    assert wall_only["metrics"]["store_last_writer_lost"] > 0, "skew should hurt raw clocks"
+
+
+def test_store_3d_workload_direction():
+    _, r = run("store-3d", "duration=14", "faults=[{kind='store-writes', at=2.0, "
+               "duration=10.0, rate=100.0, keys=1000}]")
+    m = r["metrics"]
+    assert m["ops"] == 1000 and m["writes_not_everywhere"] == 0
+    assert m["msgs_per_op"] < 30 and m["latency_max_ms"] < 600
