@@ -101,6 +101,8 @@ class StoreService:
     def _changed(self, db: str, tbl: str, key: str, state: crdt.State, local: bool) -> None:
         self._dirty[(db, tbl, key)] = state
         self._commit_wanted.set()
+        if not self._watchers:
+            return
         now = _now_ms()
         rec = view(key, state, now)
         for wdb, wtbl, prefix, chan in list(self._watchers):
