@@ -53,12 +53,37 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
 
 
+def token_file() -> Path:
+    env = os.environ.get("MESHD_TOKEN_FILE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("meshd")) / "token.json"
+
+
+def current_token() -> str | None:
+    """--token, else MESHD_TOKEN, else the token saved by `meshd auth login`."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        root = ctx.find_root()
+        if root.params.get("token"):
+            return root.params["token"]
+    if os.environ.get("MESHD_TOKEN"):
+        return os.environ["MESHD_TOKEN"]
+    try:
+        return json.loads(token_file().read_text()).get("token")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def call(data_dir: Path | None, op: str, /, **args: Any) -> Any:
     """One control call; exits with one clear line on failure."""
     path = socket_path(data_dir or default_data_dir())
+    token = current_token()
 
     async def go() -> Any:
-        client = ControlClient(path)
+        client = ControlClient(path, token=token)
         try:
             return await client.call(op, **args)
         finally:
@@ -71,7 +96,9 @@ def call(data_dir: Path | None, op: str, /, **args: Any) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option("--token", envvar="MESHD_TOKEN", help="Act with this token (or MESHD_TOKEN; "
+              "default: the one saved by `meshd auth login`, else as the local operator).")
+def main(token: str | None) -> None:
     """meshd: one daemon per host; services, store, config, auth and routing over gossip."""
 
 
@@ -160,6 +187,10 @@ def up(name: str | None, bind: str | None, advertise: str | None, join: tuple[st
         console.print(f"  cluster    {verb} of {alive} alive member(s)")
         console.print("  others join with `meshd invite` on this host, which prints:")
         console.print(f"    MESHD_SECRET=… meshd up --join {st['address']}")
+        if node.bootstrap_token:
+            console.print("  [bold]admin token[/] (shown once; also saved in the data dir as "
+                          "admin.token):")
+            console.print(f"    {node.bootstrap_token}")
         console.print("  Ctrl-C leaves the cluster gracefully.")
         sys.stdout.flush()
 
@@ -474,7 +505,7 @@ def stream_cmd(service: str, endpoint: str, body: str | None, data_dir: Path | N
              f"{exc.colno}")
 
     async def go() -> None:
-        client = Client(socket_path(data_dir or default_data_dir()))
+        client = Client(socket_path(data_dir or default_data_dir()), token=current_token())
         async with client.stream(service, endpoint) as s:
             for item in lines:
                 await s.send(item)
@@ -628,9 +659,10 @@ def store_set(op: str, key: str, member: str | None, database: str, table: str,
 
 def _watch(data_dir: Path | None, op: str, show: Callable[[Any], str], **args: Any) -> None:
     path = socket_path(data_dir or default_data_dir())
+    token = current_token()
 
     async def go() -> None:
-        client = ControlClient(path)
+        client = ControlClient(path, token=token)
         try:
             async for ev in client.stream(op, **args):
                 click.echo(show(ev))
@@ -780,3 +812,177 @@ def config_watch(path: str, namespace: str, data_dir: Path | None, as_json: bool
             else f"{ev['path']} deleted"
 
     _watch(data_dir, "config.watch", show, namespace=namespace, path=path)
+
+
+# --- auth ------------------------------------------------------------------------------------
+
+@main.group()
+def auth() -> None:
+    """Accounts, rules and tokens."""
+
+
+@auth.command("login")
+@click.option("--id", "account", required=True, help="Account id.")
+@click.option("--secret", prompt=True, hide_input=True, help="Account secret.")
+@data_dir_option
+@json_option
+def auth_login(account: str, secret: str, data_dir: Path | None, as_json: bool) -> None:
+    """Log in; the tokens are kept in your config dir for later commands."""
+    r = call(data_dir, "auth.login", id=account, secret=secret, source=f"uid:{os.getuid()}")
+    path = token_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from meshd.datadir import write_json
+
+    write_json(path, {"token": r["token"], "refresh_token": r["refresh_token"],
+                      "account": r["account"]})
+    click.echo(json.dumps(r) if as_json else f"logged in as {r['account']} (token kept in {path})")
+
+
+@auth.command("logout")
+def auth_logout() -> None:
+    """Forget the saved tokens."""
+    token_file().unlink(missing_ok=True)
+    click.echo("logged out")
+
+
+@auth.command("whoami")
+@data_dir_option
+@json_option
+def auth_whoami(data_dir: Path | None, as_json: bool) -> None:
+    """Who the daemon takes you for."""
+    r = call(data_dir, "auth.whoami")
+    click.echo(json.dumps(r) if as_json else f"{r['id']} (scopes: {', '.join(r['scopes']) or '-'};"
+               f" via {r['via']})")
+
+
+@auth.command("bootstrap")
+@data_dir_option
+@json_option
+def auth_bootstrap(data_dir: Path | None, as_json: bool) -> None:
+    """Set up auth on a cluster that has none (the first node does this itself)."""
+    r = call(data_dir, "auth.bootstrap")
+    click.echo(json.dumps(r) if as_json else f"admin token: {r['token']}")
+
+
+@auth.group("accounts")
+def auth_accounts() -> None:
+    """Accounts."""
+
+
+@auth_accounts.command("list")
+@data_dir_option
+@json_option
+def accounts_list(data_dir: Path | None, as_json: bool) -> None:
+    rows = call(data_dir, "auth.accounts.list")
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        click.echo(f"{r['id']}\t{r['type']}\t{','.join(r['scopes'])}")
+
+
+@auth_accounts.command("create")
+@click.argument("account")
+@click.option("--secret", required=True)
+@click.option("--scope", "scopes", multiple=True)
+@click.option("--type", "kind", type=click.Choice(["user", "service"]), default="user")
+@data_dir_option
+@json_option
+def accounts_create(account: str, secret: str, scopes: tuple[str, ...], kind: str,
+                    data_dir: Path | None, as_json: bool) -> None:
+    r = call(data_dir, "auth.accounts.create", id=account, secret=secret, scopes=list(scopes),
+             type=kind)
+    click.echo(json.dumps(r) if as_json else f"created account {account}")
+
+
+@auth_accounts.command("delete")
+@click.argument("account")
+@data_dir_option
+@json_option
+def accounts_delete(account: str, data_dir: Path | None, as_json: bool) -> None:
+    r = call(data_dir, "auth.accounts.delete", id=account)
+    click.echo(json.dumps(r) if as_json else f"deleted account {account}")
+
+
+@auth.group("rules")
+def auth_rules() -> None:
+    """Access rules."""
+
+
+@auth_rules.command("list")
+@data_dir_option
+@json_option
+def rules_list(data_dir: Path | None, as_json: bool) -> None:
+    rows = call(data_dir, "auth.rules.list")
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table = Table(show_header=True, header_style="bold")
+    for col in ("id", "resource", "scope", "access", "priority"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], r["resource"], repr(r["scope"]) if not r["scope"] else
+                      r["scope"], r["access"], str(r["priority"]))
+    console.print(table)
+
+
+@auth_rules.command("create")
+@click.argument("rule_id")
+@click.option("--resource", required=True, help="TYPE:NAME:ENDPOINT, '*' allowed.")
+@click.option("--scope", default="", help='"" public, "*" any account, or a scope.')
+@click.option("--access", type=click.Choice(["granted", "denied"]), required=True)
+@click.option("--priority", type=int, default=0)
+@data_dir_option
+@json_option
+def rules_create(rule_id: str, resource: str, scope: str, access: str, priority: int,
+                 data_dir: Path | None, as_json: bool) -> None:
+    r = call(data_dir, "auth.rules.create", id=rule_id, resource=resource, scope=scope,
+             access=access, priority=priority)
+    click.echo(json.dumps(r) if as_json else f"created rule {rule_id}")
+
+
+@auth_rules.command("delete")
+@click.argument("rule_id")
+@data_dir_option
+@json_option
+def rules_delete(rule_id: str, data_dir: Path | None, as_json: bool) -> None:
+    r = call(data_dir, "auth.rules.delete", id=rule_id)
+    click.echo(json.dumps(r) if as_json else f"deleted rule {rule_id}")
+
+
+@auth.group("token")
+def auth_token() -> None:
+    """Tokens."""
+
+
+@auth_token.command("create")
+@click.option("--account", required=True)
+@click.option("--ttl", type=click.FloatRange(min=1), default=3600.0, show_default=True)
+@data_dir_option
+@json_option
+def token_create(account: str, ttl: float, data_dir: Path | None, as_json: bool) -> None:
+    r = call(data_dir, "auth.token.create", account=account, ttl=ttl)
+    click.echo(json.dumps({"token": r["token"]}) if as_json else r["token"])
+
+
+@auth_token.command("revoke")
+@click.argument("token_text", metavar="TOKEN")
+@data_dir_option
+@json_option
+def token_revoke(token_text: str, data_dir: Path | None, as_json: bool) -> None:
+    r = call(data_dir, "auth.token.revoke", token=token_text)
+    click.echo(json.dumps(r) if as_json else f"revoked {r['revoked']}")
+
+
+@auth.group("keys")
+def auth_keys() -> None:
+    """Token issuer keys."""
+
+
+@auth_keys.command("rotate")
+@data_dir_option
+@json_option
+def keys_rotate(data_dir: Path | None, as_json: bool) -> None:
+    """Make a new issuer key on this node; old keys keep verifying their tokens."""
+    r = call(data_dir, "auth.keys.rotate")
+    click.echo(json.dumps(r) if as_json else f"new issuer key {r['kid']} on {r['signer']}")

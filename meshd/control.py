@@ -14,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
@@ -32,6 +33,10 @@ LENGTH = struct.Struct(">I")
 MAX_REQUEST = 4 << 20
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+# The token the current control request carries (None: the local operator, no token).
+REQUEST_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "meshd_request_token", default=None)
 StreamHandler = Callable[[dict[str, Any], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
@@ -149,6 +154,8 @@ class ControlServer:
             if not isinstance(args, dict):
                 raise bad_request("args must be a map")
             op = req["op"]
+            token = req.get("token")
+            REQUEST_TOKEN.set(token if isinstance(token, str) and token else None)
             if op in self.sessions:
                 await self.sessions[op](args, Conn(stream, rid))
                 return False
@@ -183,8 +190,9 @@ class ControlServer:
 class ControlClient:
     """Talks to the local daemon; every failure is a MeshError."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, token: str | None = None) -> None:
         self.path = path
+        self.token = token
         self._stream: trio.SocketStream | None = None
         self._next = 0
 
@@ -205,7 +213,10 @@ class ControlClient:
         stream = await self._connect()
         self._next += 1
         try:
-            await _write_frame(stream, {"id": self._next, "op": op, "args": args})
+            req = {"id": self._next, "op": op, "args": args}
+            if self.token:
+                req["token"] = self.token
+            await _write_frame(stream, req)
             reply = await _read_frame(stream, limit=1 << 30)
         except (EOFError, trio.BrokenResourceError):
             raise unavailable("meshd closed the control connection") from None

@@ -25,7 +25,8 @@ from typing import Any
 import trio
 
 from . import datadir
-from .control import ControlServer, socket_path
+from .auth.service import AuthService
+from .control import REQUEST_TOKEN, ControlServer, socket_path
 from .errors import MeshError, bad_request
 from .identity import Identity
 from .membership.core import Membership, MembershipError
@@ -180,6 +181,10 @@ class Node:
             self.store = StoreService(self.core, self.links, self.data_dir, s.store)
         except StoreFileError as exc:
             raise NodeError(str(exc)) from None
+        self.auth = AuthService(self.name, self.store, self.links, self.data_dir)
+        self.bootstrap_token: str | None = None
+        self.rpc.auth = self.auth
+        self.registry.service_token = self.auth.service_token
         control = ControlServer(socket_path(self.data_dir))
         self._register_ops(control)
         self.membership.listeners.append(self._watch_conflicts)
@@ -194,6 +199,8 @@ class Node:
                 await nursery.start(control.run)
                 nursery.start_soon(self._watch_signals)
                 await self._initial_join()
+                if self.created_cluster and not self.auth.bootstrapped():
+                    self.bootstrap_token = (await self.auth.bootstrap())["token"]
                 if self.on_ready is not None:
                     self.on_ready(self)
                 task_status.started(self)
@@ -388,7 +395,7 @@ class Node:
             if not isinstance(meta, dict):
                 raise bad_request("meta must be a map")
             return await self.rpc.call(service, endpoint, args.get("body"), timeout, meta,
-                                       args.get("selector"))
+                                       args.get("selector"), token=REQUEST_TOKEN.get())
 
         async def health(args: dict[str, Any]) -> Any:
             name = args.get("service")
@@ -425,14 +432,127 @@ class Node:
         control.sessions["service.register"] = self.registry.serve_session
         control.sessions["rpc.stream"] = self.streams.serve_session
         st = self.store
+
+        def guarded(kind: str, fn: Any, name_key: str, default: str, sub_key: str = "",
+                    stream: bool = False) -> Any:
+            """Check the caller against the rules for (kind, name, sub) before `fn`."""
+            def check(args: dict[str, Any]) -> None:
+                name = args.get(name_key) or default
+                sub = args.get(sub_key) or "" if sub_key else ""
+                if kind == "store" and name == "auth":
+                    self.auth.require_admin(REQUEST_TOKEN.get())
+                self.auth.check(REQUEST_TOKEN.get(), self.name,
+                                (kind, str(name), str(sub) or "*"))
+            if stream:
+                async def wrapped_stream(args: dict[str, Any], emit: Any) -> None:
+                    check(args)
+                    await fn(args, emit)
+                return wrapped_stream
+
+            async def wrapped(args: dict[str, Any]) -> Any:
+                check(args)
+                return await fn(args)
+            return wrapped
+
+        def store_op(fn: Any) -> Any:
+            return guarded("store", fn, "database", "default", "table")
+
+        def config_op(fn: Any) -> Any:
+            return guarded("config", fn, "namespace", "default", "path")
+
         control.ops.update({
-            "store.write": st.write, "store.read": st.read, "store.delete": st.delete,
-            "store.list": st.list_keys, "store.databases": st.databases,
-            "store.tables": st.tables, "store.counter": st.counter, "store.set": st.set_op,
-            "config.get": st.config_get, "config.set": st.config_set,
-            "config.del": st.config_del})
-        control.streams["store.watch"] = st.watch
-        control.streams["config.watch"] = st.config_watch
+            "store.write": store_op(st.write), "store.read": store_op(st.read),
+            "store.delete": store_op(st.delete), "store.list": store_op(st.list_keys),
+            "store.databases": st.databases, "store.tables": st.tables,
+            "store.counter": store_op(st.counter), "store.set": store_op(st.set_op),
+            "config.get": config_op(st.config_get), "config.set": config_op(st.config_set),
+            "config.del": config_op(st.config_del)})
+        control.streams["store.watch"] = guarded("store", st.watch, "database", "default",
+                                                 "table", stream=True)
+        control.streams["config.watch"] = guarded("config", st.config_watch, "namespace",
+                                                  "default", "path", stream=True)
+        self._register_auth_ops(control)
+
+    def _register_auth_ops(self, control: ControlServer) -> None:
+        auth = self.auth
+
+        def admin(fn: Any) -> Any:
+            async def wrapped(args: dict[str, Any]) -> Any:
+                auth.require_admin(REQUEST_TOKEN.get())
+                return await fn(args)
+            return wrapped
+
+        def text(args: dict[str, Any], key: str) -> str:
+            v = args.get(key)
+            if not isinstance(v, str) or not v:
+                raise bad_request(f"{key} is required")
+            return v
+
+        async def login(args: dict[str, Any]) -> Any:
+            return await auth.login(text(args, "id"), text(args, "secret"),
+                                    str(args.get("source") or "local"))
+
+        async def refresh(args: dict[str, Any]) -> Any:
+            return await auth.refresh(text(args, "refresh_token"))
+
+        async def whoami(args: dict[str, Any]) -> Any:
+            return auth.identify(REQUEST_TOKEN.get(), self.name).to_dict()
+
+        async def bootstrap(args: dict[str, Any]) -> Any:
+            return await auth.bootstrap()
+
+        async def accounts_list(args: dict[str, Any]) -> Any:
+            return auth.accounts()
+
+        async def accounts_create(args: dict[str, Any]) -> Any:
+            scopes = args.get("scopes") or []
+            if not isinstance(scopes, list) or not all(isinstance(x, str) for x in scopes):
+                raise bad_request("scopes must be a list of text")
+            return await auth.create_account(text(args, "id"), text(args, "secret"), scopes,
+                                             str(args.get("type") or "user"))
+
+        async def accounts_delete(args: dict[str, Any]) -> Any:
+            await auth.delete_account(text(args, "id"))
+            return {"deleted": args["id"]}
+
+        async def rules_list(args: dict[str, Any]) -> Any:
+            return auth.list_rules()
+
+        async def rules_create(args: dict[str, Any]) -> Any:
+            priority = args.get("priority", 0)
+            if not isinstance(priority, int):
+                raise bad_request("priority must be an integer")
+            scope = args.get("scope", "")
+            if not isinstance(scope, str):
+                raise bad_request("scope must be text")
+            return await auth.create_rule(text(args, "id"), text(args, "resource"), scope,
+                                          text(args, "access"), priority)
+
+        async def rules_delete(args: dict[str, Any]) -> Any:
+            await auth.delete_rule(text(args, "id"))
+            return {"deleted": args["id"]}
+
+        async def token_create(args: dict[str, Any]) -> Any:
+            ttl = args.get("ttl", auth.access_ttl)
+            if not isinstance(ttl, int | float):
+                raise bad_request("ttl must be a number of seconds")
+            return await auth.create_token(text(args, "account"), float(ttl))
+
+        async def token_revoke(args: dict[str, Any]) -> Any:
+            return await auth.revoke(text(args, "token"))
+
+        async def keys_rotate(args: dict[str, Any]) -> Any:
+            return await auth.rotate_keys()
+
+        control.ops.update({
+            "auth.login": login, "auth.refresh": refresh, "auth.whoami": whoami,
+            "auth.bootstrap": admin(bootstrap), "auth.accounts.list": admin(accounts_list),
+            "auth.accounts.create": admin(accounts_create),
+            "auth.accounts.delete": admin(accounts_delete),
+            "auth.rules.list": admin(rules_list), "auth.rules.create": admin(rules_create),
+            "auth.rules.delete": admin(rules_delete),
+            "auth.token.create": admin(token_create), "auth.token.revoke": admin(token_revoke),
+            "auth.keys.rotate": admin(keys_rotate)})
 
     # --- keyring across the cluster -------------------------------------------------------
 

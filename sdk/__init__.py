@@ -13,10 +13,11 @@
 
 from meshd.errors import MeshError
 
+from .auth import Auth
 from .client import Client
 from .schema import SchemaError, describe
 from .service import CallInfo, Service, current_call
 from .store import Config, Store
 
-__all__ = ["CallInfo", "Client", "Config", "MeshError", "SchemaError", "Service", "Store",
+__all__ = ["Auth", "CallInfo", "Client", "Config", "MeshError", "SchemaError", "Service", "Store",
            "current_call", "describe"]

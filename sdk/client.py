@@ -64,13 +64,24 @@ class ClientStream:
 
 
 class Client:
-    def __init__(self, addr: str | os.PathLike[str] | None = None, pool: int = 64) -> None:
+    def __init__(self, addr: str | os.PathLike[str] | None = None, pool: int = 64,
+                 token: str | None = None) -> None:
         self.path = socket_path(addr)
         self._idle: list[ControlClient] = []
         self._pool = pool
+        self._token = token
+
+    @property
+    def token(self) -> str | None:
+        """Explicit token, else the token of the service whose handler is running, else
+        MESHD_TOKEN; None calls as the local node."""
+        from .service import running_service_token
+
+        return self._token or running_service_token() or os.environ.get("MESHD_TOKEN")
 
     async def _request(self, op: str, /, **args: Any) -> Any:
         conn = self._idle.pop() if self._idle else ControlClient(self.path)
+        conn.token = self.token
         ok = False
         try:
             result = await conn.call(op, **args)
@@ -104,7 +115,7 @@ class Client:
                      meta: dict[str, str] | None = None) -> AsyncIterator[ClientStream]:
         """A streaming call. With `request`, it is sent and the sending side closed (server
         streaming); otherwise use send()/close_send() (bidirectional). Iterate for replies."""
-        conn_client = ControlClient(self.path)
+        conn_client = ControlClient(self.path, token=self.token)
         try:
             _, conn = await conn_client.session("rpc.stream", service=service,
                                                 endpoint=endpoint, meta=meta or {})

@@ -54,6 +54,15 @@ _CURRENT: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(
     "meshd_current_call", default=None)
 
 
+_SERVICE_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "meshd_service_token", default=None)
+
+
+def running_service_token() -> str | None:
+    """The service account token of the service whose handler is running (if any)."""
+    return _SERVICE_TOKEN.get()
+
+
 def current_call() -> CallInfo | None:
     """The call being served by the running handler: its metadata (headers), trace id and
     the calling node; None outside a handler."""
@@ -149,6 +158,7 @@ class Service:
         self.path = socket_path(addr)
         self.endpoints: dict[str, Endpoint] = {}
         self.instance_id: str | None = None
+        self.token: str | None = None
         self.registered = trio.Event()
 
     def handler(self, name: str | None = None) -> Callable[[Any], Any]:
@@ -201,6 +211,8 @@ class Service:
         try:
             info, conn = await client.session("service.register", **self._registration())
             self.instance_id = info["id"]
+            self.token = info.get("token")
+            _SERVICE_TOKEN.set(self.token)  # calls made from our handlers carry who we are
             ttl = float(info.get("ttl", 15.0))
             log.info("registered %s as %s on node %s", self.name, self.instance_id,
                      info.get("node"))

@@ -33,10 +33,10 @@ from .client import Client
 
 class Store:
     def __init__(self, database: str = "default", table: str = "store",
-                 addr: str | os.PathLike[str] | None = None) -> None:
+                 addr: str | os.PathLike[str] | None = None, token: str | None = None) -> None:
         self.database = database
         self.table = table
-        self._client = Client(addr)
+        self._client = Client(addr, token=token)
 
     def _args(self, **kw: Any) -> dict[str, Any]:
         return {"database": self.database, "table": self.table, **kw}
@@ -89,7 +89,7 @@ class Store:
             key=key, op="members")))["members"]
 
     async def watch(self, prefix: str = "") -> AsyncIterator[dict[str, Any]]:
-        client = ControlClient(self._client.path)
+        client = ControlClient(self._client.path, token=self._client.token)
         try:
             async for ev in client.stream("store.watch", database=self.database,
                                           table=self.table, prefix=prefix):
@@ -104,11 +104,11 @@ class Store:
 class Config:
     def __init__(self, namespace: str = "default", *, file: str | os.PathLike[str] | None = None,
                  env_prefix: str | None = None,
-                 addr: str | os.PathLike[str] | None = None) -> None:
+                 addr: str | os.PathLike[str] | None = None, token: str | None = None) -> None:
         self.namespace = namespace
         self.file = Path(file) if file else None
         self.env_prefix = env_prefix
-        self._client = Client(addr)
+        self._client = Client(addr, token=token)
 
     def _overrides(self) -> dict[str, Any]:
         """file < environment, flattened to dot paths."""
@@ -167,7 +167,7 @@ class Config:
 
     async def watch(self, path: str = "") -> AsyncIterator[Any]:
         """Yield the value at `path` each time it changes on this node (no restart needed)."""
-        client = ControlClient(self._client.path)
+        client = ControlClient(self._client.path, token=self._client.token)
         try:
             async for ev in client.stream("config.watch", namespace=self.namespace,
                                           path=path):

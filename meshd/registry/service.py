@@ -77,6 +77,8 @@ class RegistryService:
         self._watchers: list[trio.MemorySendChannel[dict[str, Any]]] = []
         self._nursery: trio.Nursery | None = None
         self.on_local_change: Callable[[], None] | None = None
+        # issues the token a registering service runs with (set by the node when auth is on)
+        self.service_token: Callable[[str], Any] | None = None
         links.handlers[CHANNEL] = self._serve_channel
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -142,7 +144,10 @@ class RegistryService:
         self._write(inst_id, record)
         log.info("registered %s (%s) from a local process", inst_id, record["service"])
         try:
-            await conn.reply({"id": inst_id, "node": self.node, "ttl": self.ttl})
+            token = await self.service_token(record["service"]) \
+                if self.service_token is not None else None
+            await conn.reply({"id": inst_id, "node": self.node, "ttl": self.ttl,
+                              "token": token})
             while True:
                 msg = await conn.receive()
                 local.last_seen = trio.current_time()

@@ -62,6 +62,7 @@ class RpcService:
         self._muxes: dict[str, _Mux] = {}
         self._mux_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
+        self.auth: Any = None  # AuthService, set by the node
         self.stats = {"rpc_calls": 0, "rpc_errors": 0, "rpc_remote_served": 0}
         links.handlers[CHANNEL] = self._serve_channel
 
@@ -95,17 +96,18 @@ class RpcService:
         return pool[self.rng.randrange(len(pool))]
 
     async def call(self, service: str, endpoint: str, body: Any, timeout: float,
-                   meta: dict[str, str] | None = None, selector: str | None = None) -> Any:
+                   meta: dict[str, str] | None = None, selector: str | None = None,
+                   token: str | None = None) -> Any:
         self.stats["rpc_calls"] += 1
         try:
             return await self._call(service, endpoint, body, timeout, dict(meta or {}),
-                                    selector or self.selector)
+                                    selector or self.selector, token)
         except MeshError:
             self.stats["rpc_errors"] += 1
             raise
 
     async def _call(self, service: str, endpoint: str, body: Any, timeout: float,
-                    meta: dict[str, str], selector: str) -> Any:
+                    meta: dict[str, str], selector: str, token: str | None = None) -> Any:
         if not (isinstance(timeout, int | float) and 0 < timeout <= 3600):
             raise bad_request("timeout must be between 0 and 3600 seconds", id="meshd.rpc")
         if selector not in SELECTORS:
@@ -131,7 +133,8 @@ class RpcService:
             tried.add(inst["id"])
             try:
                 with trio.fail_at(deadline):
-                    return await self._call_instance(inst, endpoint, body, meta, deadline)
+                    return await self._call_instance(inst, endpoint, body, meta, deadline,
+                                                     token)
             except NotDelivered as exc:
                 self._failing[inst["id"]] = trio.current_time() + self.skip_for
                 last = str(exc)
@@ -144,8 +147,10 @@ class RpcService:
                           id="meshd.rpc")
 
     async def _call_instance(self, inst: dict[str, Any], endpoint: str, body: Any,
-                             meta: dict[str, str], deadline: float) -> Any:
+                             meta: dict[str, str], deadline: float,
+                             token: str | None = None) -> Any:
         if inst["node"] == self.core.me.name:
+            self._authorize(token, self.core.me.name, inst["service"], endpoint)
             local = self.registry.local.get(inst["id"])
             if local is None:
                 raise NotDelivered("the instance is gone")
@@ -153,9 +158,11 @@ class RpcService:
         member = self.core.members.get(inst["node"])
         addr = member.addr if member is not None else inst.get("address", "")
         mux = await self._mux_to(addr)
-        reply = await mux.call({"instance": inst["id"], "endpoint": endpoint, "body": body,
-                                "meta": meta, "timeout": deadline - trio.current_time()},
-                               inst["node"])
+        request = {"instance": inst["id"], "endpoint": endpoint, "body": body, "meta": meta,
+                   "timeout": deadline - trio.current_time()}
+        if token:
+            request["token"] = token
+        reply = await mux.call(request, inst["node"])
         if isinstance(reply, dict) and reply.get("undelivered"):
             raise NotDelivered(str(reply.get("error", {}).get("detail", "instance gone")))
         return _unwrap(reply)
@@ -221,14 +228,31 @@ class RpcService:
             reply: dict[str, Any] = {"ok": False, "error": bad_request(
                 "malformed rpc request", id="meshd.rpc").to_dict()}
         else:
-            reply = await self._serve_request(req, timeout, meta)
+            reply = await self._serve_request(req, timeout, meta, ch.peer_addr)
         reply["id"] = rid
         with contextlib.suppress(ChannelClosed):
             await ch.send(cbor2.dumps(reply))
 
+    def _authorize(self, token: Any, node: str | None, service: str, endpoint: str) -> None:
+        if self.auth is not None:
+            self.auth.check(token if isinstance(token, str) else None, node,
+                            ("service", service, endpoint))
+
+    def _node_of(self, addr: str) -> str | None:
+        for m in self.core.member_list():
+            if m.addr == addr:
+                return m.name
+        return None
+
     async def _serve_request(self, req: dict[str, Any], timeout: float,
-                             meta: dict[str, Any]) -> dict[str, Any]:
+                             meta: dict[str, Any], peer: str = "") -> dict[str, Any]:
         local = self.registry.local.get(req["instance"])
+        if local is not None:
+            try:
+                self._authorize(req.get("token"), self._node_of(peer), local.service,
+                                req["endpoint"])
+            except MeshError as exc:
+                return {"ok": False, "error": exc.to_dict()}
         if local is None:
             return {"ok": False, "undelivered": True, "error": unavailable(
                 f"instance {req['instance']} is not on node {self.core.me.name}",

@@ -23,7 +23,7 @@ from typing import Any
 import cbor2
 import trio
 
-from meshd.control import Conn
+from meshd.control import REQUEST_TOKEN, Conn
 from meshd.errors import MeshError, bad_request, not_found, unavailable
 from meshd.registry.service import LocalInstance
 from meshd.transport.links import Channel, ChannelClosed, LinkError
@@ -135,7 +135,9 @@ class StreamService:
                             f"{', '.join(known)}", id="meshd.rpc")
         inst = self.rpc._pick(candidates, set(), self.rpc.selector)
         assert inst is not None
+        token = REQUEST_TOKEN.get()
         if inst["node"] == self.rpc.core.me.name:
+            self.rpc._authorize(token, self.rpc.core.me.name, service, endpoint)
             local = self.rpc.registry.local.get(inst["id"])
             if local is None:
                 raise unavailable("the instance is gone", id="meshd.rpc")
@@ -156,7 +158,7 @@ class StreamService:
                               ) from None
         async with ch:
             await ch.send(cbor2.dumps({"instance": inst["id"], "endpoint": endpoint,
-                                       "meta": meta}))
+                                       "meta": meta, "token": token}))
             ack = cbor2.loads(await ch.receive())
             if not isinstance(ack, dict) or not ack.get("ok"):
                 raise MeshError.from_dict(ack.get("error") if isinstance(ack, dict) else None)
@@ -185,6 +187,12 @@ class StreamService:
                 f"instance {inst_id} is not here", id="meshd.rpc").to_dict()}))
             return
         meta = head.get("meta") if isinstance(head.get("meta"), dict) else {}
+        try:
+            self.rpc._authorize(head.get("token"), self.rpc._node_of(ch.peer_addr),
+                                local.service, endpoint)
+        except MeshError as exc:
+            await ch.send(cbor2.dumps({"ok": False, "error": exc.to_dict()}))
+            return
         stream = LocalStream(local, endpoint, meta)
         try:
             await stream.open()
