@@ -44,7 +44,15 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+def _remember_token(ctx: click.Context, _param: Any, value: str | None) -> None:
+    if value:
+        ctx.find_root().meta["token"] = value
+
+
 def data_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--data-dir (MESHD_DATA_DIR) and --token, which every command talking to a node takes."""
+    f = click.option("--token", expose_value=False, callback=_remember_token,
+                     help="Act with this token (also MESHD_TOKEN).")(f)
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
                         envvar="MESHD_DATA_DIR", help="The node's data dir.")(f)
 
@@ -67,6 +75,8 @@ def current_token() -> str | None:
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
         root = ctx.find_root()
+        if root.meta.get("token"):
+            return root.meta["token"]
         if root.params.get("token"):
             return root.params["token"]
     if os.environ.get("MESHD_TOKEN"):

@@ -98,6 +98,7 @@ class Node:
         self._cancel: trio.CancelScope | None = None
         self._save_pending = False
         self._conflict: str | None = None
+        self._first_node = False
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -199,7 +200,8 @@ class Node:
                 await nursery.start(control.run)
                 nursery.start_soon(self._watch_signals)
                 await self._initial_join()
-                if self.created_cluster and not self.auth.bootstrapped():
+                if self._first_node and not self.auth.bootstrapped():
+                    # the first node of a cluster sets auth up (once: it is replicated)
                     self.bootstrap_token = (await self.auth.bootstrap())["token"]
                 if self.on_ready is not None:
                     self.on_ready(self)
@@ -230,6 +232,7 @@ class Node:
     async def _initial_join(self) -> None:
         explicit = list(self.settings.node.join)
         seeds = explicit or [p for p in self._saved_peers if p != self.advertise]
+        self._first_node = not seeds and not self.state.get("peers")
         if not seeds:
             return
         ok, errors = await self.membership.join(seeds)

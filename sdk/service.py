@@ -49,6 +49,12 @@ class CallInfo:
     def caller_node(self) -> str:
         return str(self.meta.get("caller-node", ""))
 
+    @property
+    def caller(self) -> str:
+        """Who is calling, as the callee's daemon established it: an account id (a user, or
+        service:NAME for a service) or node:NAME for an in-cluster caller without a token."""
+        return str(self.meta.get("caller", ""))
+
 
 _CURRENT: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(
     "meshd_current_call", default=None)

@@ -181,25 +181,33 @@ class AuthService:
         kid, private, public = new_signing_key()
         write_secret_file(self.data_dir / f"issuer-{kid}.pem", private)
         await self._put("keys", kid, {"public": public.decode(), "signer": self.node,
-                                      "created": int(time.time())})
+                                      "created": time.time()})
         return {"kid": kid, "signer": self.node}
 
-    def _local_signing_key(self) -> tuple[str, bytes] | None:
+    def _local_signing_key(self, newest_only: bool = False) -> tuple[str, bytes] | None:
+        """Our newest issuer key; with newest_only, only if it is the cluster's newest."""
         keys = self._records("keys")
-        mine = [(rec.get("created", 0), kid) for kid, rec in keys.items()
-                if rec.get("signer") == self.node
-                and (self.data_dir / f"issuer-{kid}.pem").exists()]
-        if not mine:
+        if not keys:
             return None
-        _, kid = max(mine)
-        return kid, (self.data_dir / f"issuer-{kid}.pem").read_bytes()
+        ranked = sorted(((rec.get("created", 0), kid, rec.get("signer"))
+                         for kid, rec in keys.items()), reverse=True)
+        for _, kid, signer in ranked:
+            if signer == self.node and (self.data_dir / f"issuer-{kid}.pem").exists():
+                return kid, (self.data_dir / f"issuer-{kid}.pem").read_bytes()
+            if newest_only:
+                return None
+        return None
 
     async def sign(self, claims: dict[str, Any]) -> str:
-        local = self._local_signing_key()
+        """Sign with the cluster's newest key: here if we hold it, else on its node; if that
+        node is unreachable, with our own newest key (still valid everywhere)."""
+        local = self._local_signing_key(newest_only=True)
         if local is not None:
             return issue(local[0], local[1], claims)
         keys = self._records("keys")
-        signers = sorted({rec.get("signer") for rec in keys.values() if rec.get("signer")})
+        ranked = sorted(((rec.get("created", 0), rec.get("signer")) for rec in keys.values()
+                         if rec.get("signer")), reverse=True)
+        signers = list(dict.fromkeys(signer for _, signer in ranked))
         members = {m.name: m.addr for m in self.store.core.member_list() if m.state == 0}
         for signer in signers:
             addr = members.get(signer)
@@ -214,6 +222,9 @@ class AuthService:
                     return reply["token"]
             except (LinkError, ChannelClosed, trio.TooSlowError, ValueError):
                 continue
+        own = self._local_signing_key()
+        if own is not None:
+            return issue(own[0], own[1], claims)
         raise MeshError(503, "no node holding an issuer key is reachable to sign a token",
                         id="meshd.auth")
 

@@ -150,7 +150,9 @@ class RpcService:
                              meta: dict[str, str], deadline: float,
                              token: str | None = None) -> Any:
         if inst["node"] == self.core.me.name:
-            self._authorize(token, self.core.me.name, inst["service"], endpoint)
+            who = self._authorize(token, self.core.me.name, inst["service"], endpoint)
+            if who:
+                meta = {**meta, "caller": who}
             local = self.registry.local.get(inst["id"])
             if local is None:
                 raise NotDelivered("the instance is gone")
@@ -233,10 +235,14 @@ class RpcService:
         with contextlib.suppress(ChannelClosed):
             await ch.send(cbor2.dumps(reply))
 
-    def _authorize(self, token: Any, node: str | None, service: str, endpoint: str) -> None:
-        if self.auth is not None:
-            self.auth.check(token if isinstance(token, str) else None, node,
-                            ("service", service, endpoint))
+    def _authorize(self, token: Any, node: str | None, service: str, endpoint: str
+                   ) -> str | None:
+        """Check the caller against the rules; returns who it is (an account or node:NAME)."""
+        if self.auth is None:
+            return None
+        who = self.auth.check(token if isinstance(token, str) else None, node,
+                              ("service", service, endpoint))
+        return who.id
 
     def _node_of(self, addr: str) -> str | None:
         for m in self.core.member_list():
@@ -249,10 +255,12 @@ class RpcService:
         local = self.registry.local.get(req["instance"])
         if local is not None:
             try:
-                self._authorize(req.get("token"), self._node_of(peer), local.service,
-                                req["endpoint"])
+                who = self._authorize(req.get("token"), self._node_of(peer), local.service,
+                                      req["endpoint"])
             except MeshError as exc:
                 return {"ok": False, "error": exc.to_dict()}
+            if who:
+                meta = {**meta, "caller": who}
         if local is None:
             return {"ok": False, "undelivered": True, "error": unavailable(
                 f"instance {req['instance']} is not on node {self.core.me.name}",

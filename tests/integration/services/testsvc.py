@@ -42,6 +42,21 @@ async def meta(req: Text) -> dict[str, str]:
             "user": str(info.meta.get(req.text, ""))}
 
 
+@service.handler("Test.Caller")
+async def caller(req: Text) -> Text:
+    info = current_call()
+    return Text(info.caller if info else "")
+
+
+@service.handler("Test.Relay")
+async def relay(req: Text) -> Text:
+    # call another service from inside a handler: it carries this service's identity
+    from sdk import Client
+
+    async with Client() as client:
+        return Text((await client.call(req.text, "Test.Caller", {"text": ""}))["text"])
+
+
 @service.handler("Test.Boom")
 async def boom(req: Text) -> Text:
     raise RuntimeError(f"boom: {req.text}")
