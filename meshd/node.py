@@ -189,6 +189,7 @@ class Node:
         control = ControlServer(socket_path(self.data_dir))
         self._register_ops(control)
         self.membership.listeners.append(self._watch_conflicts)
+        self.membership.listeners.append(self._sync_newcomer)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
@@ -242,6 +243,16 @@ class Node:
             raise NodeError("could not join: " + "; ".join(errors))
         for line in errors:
             log.warning("join %s", line)
+
+    def _sync_newcomer(self, ev: Any) -> None:
+        """A member (re)joined: exchange store and registry state with it right away, so it
+        does not wait for the next random anti-entropy round (auth state lives there)."""
+        if ev.kind != "join" or ev.node == self.name:
+            return
+        if getattr(self.store, "_nursery", None) is not None:
+            self.store._send(self.store.rep.sync_with(ev.addr))
+        if getattr(self.registry, "_nursery", None) is not None:
+            self.registry._send_all(self.registry.replicator.sync_with(ev.addr))
 
     def _watch_conflicts(self, ev: Any) -> None:
         if ev.kind == "conflict" and ev.node == self.name and self._conflict is None:

@@ -125,10 +125,14 @@ class AuthService:
         return None if t is None else tuple(t.root())
 
     def public_keys(self) -> dict[str, bytes]:
+        """Keys that still verify: current ones, and retired ones until every token they
+        could have signed has expired (retired + refresh ttl)."""
         v = self._version("keys")
-        if self._keys_cache[0] != v or v is None:
-            keys = {kid: rec["public"].encode() for kid, rec in self._records("keys").items()}
-            self._keys_cache = (v, keys)
+        now = time.time()
+        if self._keys_cache[0] != (v, int(now // 60)) or v is None:
+            keys = {kid: rec["public"].encode() for kid, rec in self._records("keys").items()
+                    if not rec.get("retired") or rec["retired"] + self.refresh_ttl > now}
+            self._keys_cache = ((v, int(now // 60)), keys)
         return self._keys_cache[1]
 
     def is_revoked(self, jti: str) -> bool:
@@ -178,6 +182,12 @@ class AuthService:
         return {"token": token, "account": "admin", "secret": secret}
 
     async def rotate_keys(self) -> dict[str, Any]:
+        """A new issuer key on this node signs from now on; older keys are marked retired and
+        keep verifying until the tokens they signed have expired."""
+        now = time.time()
+        for old_kid, rec in self._records("keys").items():
+            if not rec.get("retired"):
+                await self._put("keys", old_kid, {**rec, "retired": now})
         kid, private, public = new_signing_key()
         write_secret_file(self.data_dir / f"issuer-{kid}.pem", private)
         await self._put("keys", kid, {"public": public.decode(), "signer": self.node,
@@ -190,7 +200,7 @@ class AuthService:
         if not keys:
             return None
         ranked = sorted(((rec.get("created", 0), kid, rec.get("signer"))
-                         for kid, rec in keys.items()), reverse=True)
+                         for kid, rec in keys.items() if not rec.get("retired")), reverse=True)
         for _, kid, signer in ranked:
             if signer == self.node and (self.data_dir / f"issuer-{kid}.pem").exists():
                 return kid, (self.data_dir / f"issuer-{kid}.pem").read_bytes()
@@ -206,7 +216,7 @@ class AuthService:
             return issue(local[0], local[1], claims)
         keys = self._records("keys")
         ranked = sorted(((rec.get("created", 0), rec.get("signer")) for rec in keys.values()
-                         if rec.get("signer")), reverse=True)
+                         if rec.get("signer") and not rec.get("retired")), reverse=True)
         signers = list(dict.fromkeys(signer for _, signer in ranked))
         members = {m.name: m.addr for m in self.store.core.member_list() if m.state == 0}
         for signer in signers:
@@ -248,9 +258,10 @@ class AuthService:
                 self.stats["auth_bad_tokens"] += 1
                 log.info("refused a token: %s", exc)
                 raise MeshError(401, "invalid token", id="meshd.auth") from None
-            account = self._get("accounts", str(claims.get("sub")))
-            if account is not None and account.get("disabled"):
-                log.info("refused a token of disabled account %s", claims.get("sub"))
+            sub = str(claims.get("sub"))
+            account = self._get("accounts", sub)
+            if not sub.startswith("service:") and (account is None or account.get("disabled")):
+                log.info("refused a token of deleted or disabled account %s", sub)
                 raise MeshError(401, "invalid token", id="meshd.auth")
             return Principal(str(claims.get("sub")), list(claims.get("scopes") or []), "token")
         if node:

@@ -81,6 +81,10 @@ class Replicator:
         return [(peers[self.rng.randrange(len(peers))],
                  {"t": "digest", "digest": self.state.digest()})]
 
+    def sync_with(self, peer: str) -> list[Send]:
+        """Start anti-entropy with `peer` now (for a member that just joined)."""
+        return [(peer, {"t": "digest", "digest": self.state.digest()})]
+
     def receive(self, sender: str, msg: Any, now: float) -> list[Send]:
         if not isinstance(msg, dict):
             raise WireError("registry message must be a map")

@@ -114,6 +114,11 @@ class StoreReplicator:
                 out.append((target, {"t": "roots", "roots": self.state.roots()}))
         return out
 
+    def sync_with(self, peer: str) -> list[Send]:
+        """Start anti-entropy with `peer` now (a member that just joined gets our state at
+        once instead of at the next random sync)."""
+        return [(peer, {"t": "roots", "roots": self.state.roots()})]
+
     def _flush(self) -> list[Send]:
         self.next_flush = float("inf")
         if not self.pending:

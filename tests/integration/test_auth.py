@@ -187,3 +187,24 @@ def test_bootstrap_once_and_login_rate_limit(cluster):
         except MeshError as exc:
             statuses.append(exc.status)
     assert statuses[:5] == [401] * 5 and 429 in statuses[5:]
+
+
+def test_deleting_an_account_stops_its_tokens(cluster):
+    a = cluster.add("a", env=FAST)
+    admin(a, "auth.accounts.create", id="tmp", secret="tmp-secret-1", scopes=["admin"])
+    token = admin(a, "auth.token.create", account="tmp", ttl=600)["token"]
+
+    async def whoami():
+        from meshd.control import ControlClient
+
+        c = ControlClient(a.data_dir / "meshd.sock", token=token)
+        try:
+            return await c.call("auth.whoami")
+        finally:
+            await c.aclose()
+
+    assert trio.run(whoami)["id"] == "tmp"
+    admin(a, "auth.accounts.delete", id="tmp")
+    with pytest.raises(MeshError) as info:
+        trio.run(whoami)
+    assert info.value.status == 401
