@@ -38,6 +38,7 @@ from .state import view
 log = logging.getLogger("meshd.store")
 CHANNEL = "store"
 CONFIG_DB = "config"
+SYSTEM_DBS = ("auth",)
 
 
 def _now_ms() -> int:
@@ -291,7 +292,9 @@ class StoreService:
         return [k for k, _ in rows]
 
     async def databases(self, args: dict[str, Any]) -> Any:
-        return self.rep.state.databases(_now_ms())
+        """User databases; the system database "auth" (accounts, rules, keys) is not listed
+        and only admins may read it."""
+        return [db for db in self.rep.state.databases(_now_ms()) if db not in SYSTEM_DBS]
 
     async def tables(self, args: dict[str, Any]) -> Any:
         db = args.get("database", "default")
