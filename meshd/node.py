@@ -133,6 +133,12 @@ class Node:
         self._prepare()
         try:
             await self._run(task_status)
+        except BaseExceptionGroup as group:
+            # a start-up refusal raised inside the node's nursery arrives wrapped
+            err = _first(group, NodeError)
+            if err is not None:
+                raise err from None
+            raise
         finally:
             self._save_state()
             self._lock.release()
@@ -664,3 +670,14 @@ def _version() -> str:
         return version("meshd")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def _first(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
+    for exc in group.exceptions:
+        if isinstance(exc, kind):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first(exc, kind)
+            if found is not None:
+                return found
+    return None

@@ -231,8 +231,8 @@ class Service:
                     try:
                         msg = await conn.receive()
                     except EOFError:
-                        raise MeshError(503, "the daemon closed the service connection",
-                                        id="sdk") from None
+                        nursery.cancel_scope.cancel()
+                        break
                     if not isinstance(msg, dict):
                         continue
                     if "call" in msg:
@@ -249,6 +249,8 @@ class Service:
                             target.on_frame(msg)  # never blocks: credits bound the flow
         finally:
             await client.aclose()
+        # raised outside the nursery, so callers get it as is, not inside an exception group
+        raise MeshError(503, "the daemon closed the service connection", id="sdk")
 
     async def _heartbeat(self, conn: Conn, ttl: float) -> None:
         n = 0

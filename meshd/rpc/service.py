@@ -95,6 +95,18 @@ class RpcService:
             pool = [c for c in pool if rtt(c) == best]
         return pool[self.rng.randrange(len(pool))]
 
+    def candidates(self, service: str, endpoint: str) -> list[dict[str, Any]]:
+        """Instances of `service` that serve `endpoint`; 404 naming what is missing."""
+        instances = self.registry.instances(service)
+        if not instances:
+            raise not_found(f"service {service!r} has no instances", id="meshd.rpc")
+        found = [i for i in instances if endpoint in _endpoint_names(i)]
+        if not found:
+            known = sorted({n for i in instances for n in _endpoint_names(i)})
+            raise not_found(f"service {service!r} has no endpoint {endpoint!r}; known: "
+                            f"{', '.join(known) or '(none)'}", id="meshd.rpc")
+        return found
+
     async def call(self, service: str, endpoint: str, body: Any, timeout: float,
                    meta: dict[str, str] | None = None, selector: str | None = None,
                    token: str | None = None) -> Any:
@@ -116,14 +128,7 @@ class RpcService:
         deadline = trio.current_time() + timeout
         meta.setdefault("trace-id", os.urandom(8).hex())
         meta.setdefault("caller-node", self.core.me.name)
-        instances = self.registry.instances(service)
-        if not instances:
-            raise not_found(f"service {service!r} has no instances", id="meshd.rpc")
-        candidates = [i for i in instances if endpoint in _endpoint_names(i)]
-        if not candidates:
-            known = sorted({n for i in instances for n in _endpoint_names(i)})
-            raise not_found(f"service {service!r} has no endpoint {endpoint!r}; known: "
-                            f"{', '.join(known) or '(none)'}", id="meshd.rpc")
+        candidates = self.candidates(service, endpoint)
         tried: set[str] = set()
         last = "no instance answered"
         for _ in range(self.retries + 1):
@@ -213,7 +218,10 @@ class RpcService:
         concurrently; replies go back tagged with the same id."""
         async with trio.open_nursery() as nursery:
             while True:
-                data = await ch.receive()
+                try:
+                    data = await ch.receive()
+                except ChannelClosed:
+                    return  # in-flight calls finish in the nursery; nothing escapes it
                 nursery.start_soon(self._serve_one, ch, data)
 
     async def _serve_one(self, ch: Channel, data: bytes) -> None:

@@ -24,11 +24,11 @@ import cbor2
 import trio
 
 from meshd.control import REQUEST_TOKEN, Conn
-from meshd.errors import MeshError, bad_request, not_found, unavailable
+from meshd.errors import MeshError, bad_request, unavailable
 from meshd.registry.service import LocalInstance
 from meshd.transport.links import Channel, ChannelClosed, LinkError
 
-from .service import RpcService, _endpoint_names
+from .service import RpcService
 
 CHANNEL = "rpc-stream"
 CREDIT = 16  # messages either side may send on a stream before the other grants more
@@ -125,14 +125,7 @@ class StreamService:
         if not isinstance(service, str) or not isinstance(endpoint, str):
             raise bad_request("stream needs a service and an endpoint", id="meshd.rpc")
         meta = args.get("meta") if isinstance(args.get("meta"), dict) else {}
-        instances = self.rpc.registry.instances(service)
-        if not instances:
-            raise not_found(f"service {service!r} has no instances", id="meshd.rpc")
-        candidates = [i for i in instances if endpoint in _endpoint_names(i)]
-        if not candidates:
-            known = sorted({n for i in instances for n in _endpoint_names(i)})
-            raise not_found(f"service {service!r} has no endpoint {endpoint!r}; known: "
-                            f"{', '.join(known)}", id="meshd.rpc")
+        candidates = self.rpc.candidates(service, endpoint)
         inst = self.rpc._pick(candidates, set(), self.rpc.selector)
         assert inst is not None
         token = REQUEST_TOKEN.get()

@@ -250,12 +250,15 @@ class Link:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await self._read_loop(nursery)
+                # errors are handled inside the nursery: with strict exception groups an
+                # exception leaving it would arrive wrapped in a group
+                try:
+                    await self._read_loop(nursery)
+                except (FrameError, LinkError, trio.BrokenResourceError, OSError) as exc:
+                    if not isinstance(exc, LinkError):
+                        self.manager.stats["links_dropped_bad_frames"] += 1
+                    log.debug("link %s ended: %s", self.peer_addr, exc)
                 nursery.cancel_scope.cancel()
-        except (FrameError, LinkError, trio.BrokenResourceError, OSError) as exc:
-            if not isinstance(exc, LinkError):
-                self.manager.stats["links_dropped_bad_frames"] += 1
-            log.debug("link %s ended: %s", self.peer_addr, exc)
         finally:
             self._mark_closed()
             with trio.CancelScope(shield=True):
