@@ -1,0 +1,1 @@
+"""Routing: measured RTTs, Vivaldi coordinates and a latency-weighted next-hop table."""

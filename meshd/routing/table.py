@@ -1,0 +1,114 @@
+"""Latency-weighted next-hop table from gossiped link state (sans-IO, networkx).
+
+Rules:
+- Every node advertises its direct links: {peer: RTT} measured by its own probes (bounded
+  to the `max_links` nearest). An advert replaces the same origin's older one (by version).
+- The graph has an edge only where both ends advertise each other (a link one side cannot
+  use is not a link); its weight is the mean of the two RTTs.
+- Shortest paths by latency from this node give each destination a path and a next hop.
+- Recompute is rate-limited to once per `min_interval` and only when something changed.
+- Hysteresis: a destination keeps its current path while that path still exists and the new
+  best is not at least `switch_gain` (fraction) cheaper, so jittery RTTs do not flap routes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+
+
+@dataclass(frozen=True)
+class Route:
+    dest: str
+    next_hop: str
+    path: tuple[str, ...]
+    cost: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"destination": self.dest, "next_hop": self.next_hop, "path": list(self.path),
+                "latency_ms": round(self.cost * 1000, 3)}
+
+
+class RoutingTable:
+    def __init__(self, me: str, switch_gain: float = 0.10, min_interval: float = 1.0,
+                 max_links: int = 64) -> None:
+        self.me = me
+        self.switch_gain = switch_gain
+        self.min_interval = min_interval
+        self.max_links = max_links
+        self.adverts: dict[str, tuple[int, dict[str, float]]] = {}
+        self.routes: dict[str, Route] = {}
+        self.flaps = 0
+        self._dirty = False
+        self._last = -float("inf")
+
+    def advertise(self, origin: str, version: int, links: dict[str, float]) -> bool:
+        """Take an advert; True if it is news."""
+        old = self.adverts.get(origin)
+        if old is not None and old[0] >= version:
+            return False
+        nearest = dict(sorted(links.items(), key=lambda kv: kv[1])[:self.max_links])
+        self.adverts[origin] = (version, nearest)
+        self._dirty = True
+        return True
+
+    def forget(self, origin: str) -> None:
+        if self.adverts.pop(origin, None) is not None:
+            self._dirty = True
+
+    def graph(self) -> nx.Graph:
+        g = nx.Graph()
+        for origin, (_, links) in self.adverts.items():
+            for peer, rtt in links.items():
+                back = self.adverts.get(peer, (0, {}))[1].get(origin)
+                if back is not None:
+                    g.add_edge(origin, peer, weight=(rtt + back) / 2)
+        return g
+
+    def recompute(self, now: float, force: bool = False) -> bool:
+        """Rebuild routes if due; True if any next hop changed."""
+        if not force and (not self._dirty or now - self._last < self.min_interval):
+            return False
+        self._dirty = False
+        self._last = now
+        g = self.graph()
+        if self.me not in g:
+            changed = bool(self.routes)
+            self.routes = {}
+            return changed
+        dist, paths = nx.single_source_dijkstra(g, self.me, weight="weight")
+        changed = False
+        new: dict[str, Route] = {}
+        for dest, path in paths.items():
+            if dest == self.me:
+                continue
+            best = Route(dest, path[1], tuple(path), dist[dest])
+            old = self.routes.get(dest)
+            if old is not None and old.path != best.path:
+                old_cost = _path_cost(g, old.path)
+                if old_cost is not None and best.cost > old_cost * (1 - self.switch_gain):
+                    best = Route(dest, old.next_hop, old.path, old_cost)  # keep: not better
+            if old is None or old.next_hop != best.next_hop:
+                changed = True
+                if old is not None:
+                    self.flaps += 1
+            new[dest] = best
+        if set(new) != set(self.routes):
+            changed = True
+        self.routes = new
+        return changed
+
+    def route(self, dest: str) -> Route | None:
+        return self.routes.get(dest)
+
+
+def _path_cost(g: nx.Graph, path: tuple[str, ...]) -> float | None:
+    total = 0.0
+    for a, b in itertools.pairwise(path):
+        if not g.has_edge(a, b):
+            return None
+        total += g[a][b]["weight"]
+    return total
