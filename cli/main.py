@@ -1011,3 +1011,89 @@ def keys_rotate(data_dir: Path | None, as_json: bool) -> None:
     """Make a new issuer key on this node; old keys keep verifying their tokens."""
     r = call(data_dir, "auth.keys.rotate")
     click.echo(json.dumps(r) if as_json else f"new issuer key {r['kid']} on {r['signer']}")
+
+
+# --- network -----------------------------------------------------------------------------------
+
+@main.command()
+@data_dir_option
+@json_option
+def routes(data_dir: Path | None, as_json: bool) -> None:
+    """The routing table: destination, next hop, path and latency."""
+    rows = call(data_dir, "routes")
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table = Table(show_header=True, header_style="bold")
+    for col in ("destination", "next hop", "path", "latency"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["destination"], r["next_hop"], " -> ".join(r["path"]),
+                      f"{r['latency_ms']:.3f} ms")
+    console.print(table)
+
+
+def _svg(nodes: list[str], edges: list[dict[str, Any]]) -> str:
+    import math as _math
+
+    size, radius = 600, 240
+    pos = {n: (size / 2 + radius * _math.cos(2 * _math.pi * i / max(1, len(nodes))),
+               size / 2 + radius * _math.sin(2 * _math.pi * i / max(1, len(nodes))))
+           for i, n in enumerate(nodes)}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" '
+           f'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" '
+           'fill="white"/>']
+    for e in edges:
+        (x1, y1), (x2, y2) = pos[e["a"]], pos[e["b"]]
+        out.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
+                   'stroke="#888"/>')
+        out.append(f'<text x="{(x1 + x2) / 2:.1f}" y="{(y1 + y2) / 2:.1f}" fill="#555">'
+                   f'{e["latency_ms"]:.2f} ms</text>')
+    for n, (x, y) in pos.items():
+        out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="18" fill="#4a90d9"/>')
+        out.append(f'<text x="{x:.1f}" y="{y + 32:.1f}" text-anchor="middle">{n}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "dot", "svg"]), default="table")
+@data_dir_option
+@json_option
+def graph(fmt: str, data_dir: Path | None, as_json: bool) -> None:
+    """The link graph the routes are computed on (table, Graphviz DOT or an SVG picture)."""
+    g = call(data_dir, "graph")
+    if as_json:
+        click.echo(json.dumps(g))
+    elif fmt == "dot":
+        click.echo("graph meshd {")
+        for e in g["edges"]:
+            click.echo(f'  "{e["a"]}" -- "{e["b"]}" [label="{e["latency_ms"]:.2f} ms"];')
+        click.echo("}")
+    elif fmt == "svg":
+        click.echo(_svg(g["nodes"], g["edges"]))
+    else:
+        table = Table(show_header=True, header_style="bold")
+        for col in ("node", "node", "latency"):
+            table.add_column(col)
+        for e in g["edges"]:
+            table.add_row(e["a"], e["b"], f"{e['latency_ms']:.3f} ms")
+        console.print(table)
+
+
+@main.command()
+@click.argument("node")
+@click.option("--count", type=click.IntRange(1, 100), default=5, show_default=True)
+@data_dir_option
+@json_option
+def ping(node: str, count: int, data_dir: Path | None, as_json: bool) -> None:
+    """Round trips to NODE over the secure link."""
+    r = call(data_dir, "ping", node=node, count=count)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    for i, rtt in enumerate(r["rtt_ms"]):
+        click.echo(f"reply from {node} ({r['address']}): seq={i} time={rtt:.3f} ms")
+    est = r["vivaldi_estimate_ms"]
+    click.echo(f"min {r['min_ms']:.3f} ms, avg {r['avg_ms']:.3f} ms"
+               + (f", Vivaldi estimate {est:.3f} ms" if est is not None else ""))

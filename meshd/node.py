@@ -33,6 +33,7 @@ from .membership.core import Membership, MembershipError
 from .membership.messages import STATE_NAMES
 from .membership.service import MembershipService
 from .registry.service import RegistryService
+from .routing.service import RoutingService
 from .rpc.service import RpcService
 from .rpc.streams import StreamService
 from .secure.keyring import Keyring, KeyringError, format_secret, new_secret, parse_secret
@@ -189,6 +190,8 @@ class Node:
         except StoreFileError as exc:
             raise NodeError(str(exc)) from None
         self.auth = AuthService(self.name, self.store, self.links, self.data_dir)
+        self.routing = RoutingService(self.core, self.store)
+        self.links.handlers["ping"] = self._serve_ping
         self.bootstrap_token: str | None = None
         self.rpc.auth = self.auth
         self.registry.service_token = self.auth.service_token
@@ -204,6 +207,7 @@ class Node:
                 await nursery.start(self.registry.run)
                 await nursery.start(self.rpc.run)
                 await nursery.start(self.store.run)
+                await nursery.start(self.routing.run)
                 await nursery.start(control.run)
                 nursery.start_soon(self._watch_signals)
                 await self._initial_join()
@@ -249,6 +253,42 @@ class Node:
             raise NodeError("could not join: " + "; ".join(errors))
         for line in errors:
             log.warning("join %s", line)
+
+    async def _serve_ping(self, ch: Channel) -> None:
+        while True:
+            await ch.send(await ch.receive())
+
+    async def _ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Round trips over the secure link to a node (the first hop of its route)."""
+        node = args.get("node")
+        count = args.get("count", 5)
+        if not isinstance(node, str) or not isinstance(count, int) or not 0 < count <= 100:
+            raise bad_request("ping needs a node name and a count of 1..100")
+        member = self.core.members.get(node)
+        if member is None or member.state not in (0, 1):
+            raise MeshError(404, f"no live member named {node!r}")
+        route = self.routing.table.route(node)
+        if route is not None and route.next_hop != node:
+            raise MeshError(501, f"{node} is reached through {' -> '.join(route.path)}; "
+                                 "pinging across relays needs multi-hop forwarding, which "
+                                 "this version does not have yet")
+        samples = []
+        try:
+            with trio.fail_after(5 + count):
+                async with await self.links.open_channel(member.addr, "ping") as ch:
+                    for i in range(count):
+                        t0 = trio.current_time()
+                        await ch.send(i.to_bytes(4, "big"))
+                        await ch.receive()
+                        samples.append((trio.current_time() - t0) * 1000)
+        except (LinkError, ChannelClosed, trio.TooSlowError) as exc:
+            raise MeshError(503, f"cannot reach {node}: {exc or 'timeout'}") from None
+        estimate = self.routing.estimate(node)
+        return {"node": node, "address": member.addr, "path": [self.name, node],
+                "rtt_ms": [round(x, 3) for x in samples],
+                "min_ms": round(min(samples), 3),
+                "avg_ms": round(sum(samples) / len(samples), 3),
+                "vivaldi_estimate_ms": None if estimate is None else round(estimate * 1000, 3)}
 
     def _sync_newcomer(self, ev: Any) -> None:
         """A member (re)joined: exchange store and registry state with it right away, so it
@@ -446,6 +486,17 @@ class Node:
             async for ev in self.registry.watch():
                 await emit(ev)
 
+        async def routes(_: dict[str, Any]) -> Any:
+            return self.routing.routes()
+
+        async def graph(_: dict[str, Any]) -> Any:
+            return {"nodes": sorted({self.name, *self.routing.table.adverts}),
+                    "edges": self.routing.edges()}
+
+        async def ping(args: dict[str, Any]) -> Any:
+            return await self._ping(args)
+
+        control.ops.update({"routes": routes, "graph": graph, "ping": ping})
         control.ops.update({"services": services, "describe": describe,
                             "rpc.call": rpc_call, "health": health})
         control.streams["services.watch"] = watch

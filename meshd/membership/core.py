@@ -114,7 +114,8 @@ class Member:
     state: int
     tags: dict[str, str]
     state_change: float
-    rtt: float | None = None
+    rtt: float | None = None  # smoothed RTT of direct probes (UDP ping -> ack)
+    rtt_at: float | None = None  # when the last direct ack came (our clock)
 
     @property
     def status(self) -> str:
@@ -628,6 +629,7 @@ class Membership:
             if target is not None and not reliable and sender == target.addr:
                 rtt = now - waiter.start
                 target.rtt = rtt if target.rtt is None else 0.8 * target.rtt + 0.2 * rtt
+                target.rtt_at = now
         else:
             waiter.done = True
             self._send(waiter.requester_addr, Ack(waiter.orig_seq))

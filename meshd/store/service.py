@@ -38,7 +38,7 @@ from .state import view
 log = logging.getLogger("meshd.store")
 CHANNEL = "store"
 CONFIG_DB = "config"
-SYSTEM_DBS = ("auth",)
+SYSTEM_DBS = ("auth", "routing")
 
 
 def _now_ms() -> int:

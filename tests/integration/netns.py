@@ -66,6 +66,14 @@ class Hosts:
         run("ip", "netns", "exec", ns, "iptables", "-I", "OUTPUT", "!", "-o", "lo", "-j",
             "DROP")
 
+    def block(self, i: int, j: int) -> None:
+        """Drop everything between hosts i and j (both ways); the rest stays reachable."""
+        for a, b in ((i, j), (j, i)):
+            run("ip", "netns", "exec", self.names[a], "iptables", "-I", "INPUT", "-s",
+                self.ips[b], "-j", "DROP")
+            run("ip", "netns", "exec", self.names[a], "iptables", "-I", "OUTPUT", "-d",
+                self.ips[b], "-j", "DROP")
+
     def heal(self, i: int) -> None:
         run("ip", "netns", "exec", self.names[i], "iptables", "-F")
 

@@ -1,0 +1,158 @@
+"""Routing shell: advertise this node's direct links, build the next-hop table from everyone's.
+
+Rules:
+- Every `advertise_interval` this node publishes its direct links (members it probed directly
+  and got an ack from, with their RTT) and its Vivaldi coordinate, as a record in the store's
+  system database "routing" (table "links", key = node name). The store replicates it like
+  any record, so link state spreads by gossip and heals by anti-entropy.
+- Every `recompute_interval` the table takes any newer adverts of live members, forgets
+  members that are gone, and recomputes (with hysteresis, see table.py).
+- RTTs come from the membership core's direct probe acks; Vivaldi is fed the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import trio
+
+from meshd.membership.messages import ALIVE, SUSPECT
+from meshd.store import crdt
+from meshd.store.state import live
+
+from .rtt import RttFilter
+from .table import RoutingTable
+from .vivaldi import Coordinate, VivaldiClient
+
+log = logging.getLogger("meshd.routing")
+DB, TABLE = "routing", "links"
+
+
+class RoutingService:
+    def __init__(self, core: Any, store: Any, advertise_interval: float = 5.0,
+                 recompute_interval: float = 1.0) -> None:
+        self.core = core
+        self.store = store
+        self.me = core.me.name
+        self.advertise_interval = advertise_interval
+        self.table = RoutingTable(self.me, min_interval=recompute_interval)
+        self.recompute_interval = recompute_interval
+        self.rtts = RttFilter()
+        self.vivaldi = VivaldiClient()
+        self._seen_rtt: dict[str, float] = {}
+        self._version = 0
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        next_advert = trio.current_time()
+        while True:
+            now = trio.current_time()
+            self._sample()
+            if now >= next_advert:
+                await self._advertise()
+                next_advert = now + self.advertise_interval
+            self._load()
+            if self.table.recompute(now):
+                log.debug("routes changed: %d destinations", len(self.table.routes))
+            await trio.sleep(self.recompute_interval)
+
+    def direct_links(self) -> dict[str, float]:
+        """Members that answered a direct probe recently, with their filtered RTT. Each member
+        is probed once per round of the probe list, so "recently" scales with the cluster."""
+        now = trio.current_time()
+        s = self.core.s
+        horizon = max(30.0, 3 * self.core.num_live() * s.probe_interval)
+        out = {}
+        for m in self.core.member_list():
+            if m.name == self.me or m.state not in (ALIVE, SUSPECT) or m.rtt_at is None:
+                continue
+            if now - m.rtt_at > horizon:
+                continue
+            est = self.rtts.get(m.name)
+            if est is not None:
+                out[m.name] = est
+        return out
+
+    def _live_peers(self) -> list[str]:
+        return [m.name for m in self.core.member_list()
+                if m.state in (ALIVE, SUSPECT) and m.name != self.me]
+
+    def _sample(self) -> None:
+        """Take the newest direct-probe RTT of each member into the filter and Vivaldi."""
+        coords = self._coordinates()
+        for m in self.core.member_list():
+            if m.name == self.me or m.rtt is None or m.state not in (ALIVE, SUSPECT):
+                continue
+            if self._seen_rtt.get(m.name) == m.rtt:
+                continue
+            self._seen_rtt[m.name] = m.rtt
+            self.rtts.add(m.name, m.rtt)
+            other = coords.get(m.name)
+            if other is not None:
+                self.vivaldi.update(other, m.rtt)
+        for name in [n for n in self._seen_rtt if n not in set(self._live_peers())]:
+            self._seen_rtt.pop(name, None)
+            self.rtts.forget(name)
+
+    def _records(self) -> dict[str, Any]:
+        t = self.store.rep.state.table(DB, TABLE)
+        if t is None:
+            return {}
+        now = int(time.time() * 1000)
+        out = {}
+        for key, state in t.records.items():
+            if live(state, now):
+                try:
+                    out[key] = json.loads(state["lww"][1])
+                except (ValueError, TypeError):
+                    continue
+        return out
+
+    def _coordinates(self) -> dict[str, Coordinate]:
+        out = {}
+        for name, rec in self._records().items():
+            try:
+                out[name] = Coordinate.from_wire(rec.get("coord"))
+            except (ValueError, TypeError):
+                continue
+        return out
+
+    async def _advertise(self) -> None:
+        self._version = max(self._version + 1, int(time.time() * 1000))
+        record = {"v": self._version, "links": self.direct_links(),
+                  "coord": self.vivaldi.coord.to_wire()}
+        delta = {"lww": crdt.lww(self.store.hlc.now(), json.dumps(record).encode(), {},
+                                 int((time.time() + 10 * self.advertise_interval) * 1000))}
+        await self.store._commit_local(DB, TABLE, self.me, delta, 1)
+
+    def _load(self) -> None:
+        live_names = set(self._live_peers()) | {self.me}
+        for origin, rec in self._records().items():
+            if origin not in live_names:
+                self.table.forget(origin)
+                continue
+            links = rec.get("links")
+            version = rec.get("v")
+            if isinstance(links, dict) and isinstance(version, int):
+                clean = {k: float(v) for k, v in links.items()
+                         if isinstance(k, str) and isinstance(v, int | float) and v >= 0}
+                self.table.advertise(origin, version, clean)
+        for origin in [o for o in self.table.adverts if o not in live_names]:
+            self.table.forget(origin)
+
+    # --- views -------------------------------------------------------------------------------
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in sorted(self.table.routes.values(), key=lambda r: r.dest)]
+
+    def edges(self) -> list[dict[str, Any]]:
+        g = self.table.graph()
+        return [{"a": a, "b": b, "latency_ms": round(d["weight"] * 1000, 3)}
+                for a, b, d in sorted(g.edges(data=True))]
+
+    def estimate(self, node: str) -> float | None:
+        coord = self._coordinates().get(node)
+        return None if coord is None else self.vivaldi.coord.distance_to(coord)
