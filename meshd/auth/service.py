@@ -94,15 +94,7 @@ class AuthService:
     # --- state in the store ----------------------------------------------------------------
 
     def _records(self, table: str) -> dict[str, Any]:
-        t = self.store.rep.state.table(DB, table)
-        if t is None:
-            return {}
-        now = int(time.time() * 1000)
-        out = {}
-        for key, state in t.records.items():
-            if live(state, now) and state["lww"][1] is not None:
-                out[key] = json.loads(state["lww"][1])
-        return out
+        return self.store.json_records(DB, table)
 
     def _get(self, table: str, key: str) -> Any:
         state = self.store.rep.state.get(DB, table, key)

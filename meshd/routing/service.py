@@ -21,7 +21,6 @@ import trio
 
 from meshd.membership.messages import ALIVE, SUSPECT
 from meshd.store import crdt
-from meshd.store.state import live
 
 from .rtt import RttFilter
 from .table import RoutingTable
@@ -98,18 +97,7 @@ class RoutingService:
             self.rtts.forget(name)
 
     def _records(self) -> dict[str, Any]:
-        t = self.store.rep.state.table(DB, TABLE)
-        if t is None:
-            return {}
-        now = int(time.time() * 1000)
-        out = {}
-        for key, state in t.records.items():
-            if live(state, now):
-                try:
-                    out[key] = json.loads(state["lww"][1])
-                except (ValueError, TypeError):
-                    continue
-        return out
+        return self.store.json_records(DB, TABLE)
 
     def _coordinates(self) -> dict[str, Coordinate]:
         out = {}

@@ -277,10 +277,28 @@ class StoreService:
         await self._commit_local(db, tbl, key, delta, int(args.get("replicas") or 1))
         return {"deleted": key}
 
-    def _live(self, state: crdt.State) -> bool:
+    def json_records(self, db: str, tbl: str) -> dict[str, Any]:
+        """Live records of a table whose values are JSON, decoded (system databases such as
+        auth and routing keep their state this way); undecodable values are skipped."""
+        t = self.rep.state.table(db, tbl)
+        if t is None:
+            return {}
+        now = _now_ms()
+        out = {}
+        for key, state in t.records.items():
+            reg = state.get("lww")
+            if reg is None or reg[1] is None or not self._live(state, now):
+                continue
+            try:
+                out[key] = json.loads(reg[1])
+            except (ValueError, UnicodeDecodeError):
+                continue
+        return out
+
+    def _live(self, state: crdt.State, now: int | None = None) -> bool:
         from .state import live
 
-        return live(state, _now_ms())
+        return live(state, _now_ms() if now is None else now)
 
     async def list_keys(self, args: dict[str, Any]) -> Any:
         db, tbl = self._names(args)
