@@ -1097,3 +1097,118 @@ def ping(node: str, count: int, data_dir: Path | None, as_json: bool) -> None:
     est = r["vivaldi_estimate_ms"]
     click.echo(f"min {r['min_ms']:.3f} ms, avg {r['avg_ms']:.3f} ms"
                + (f", Vivaldi estimate {est:.3f} ms" if est is not None else ""))
+
+
+# --- tunnels -----------------------------------------------------------------------------------
+
+@main.group()
+def tunnel() -> None:
+    """TCP tunnels through the mesh, checked against the rules."""
+
+
+@tunnel.command("expose")
+@click.argument("name")
+@click.option("--to", "target", required=True, metavar="HOST:PORT", help="The TCP endpoint.")
+@data_dir_option
+@json_option
+def tunnel_expose(name: str, target: str, data_dir: Path | None, as_json: bool) -> None:
+    """Expose HOST:PORT from this node as tunnel NAME."""
+    r = call(data_dir, "tunnel.expose", name=name, to=target)
+    click.echo(json.dumps(r) if as_json else f"tunnel {name} -> {r['to']} exposed on {r['node']}")
+
+
+@tunnel.command("close")
+@click.argument("name")
+@data_dir_option
+@json_option
+def tunnel_close(name: str, data_dir: Path | None, as_json: bool) -> None:
+    """Stop exposing tunnel NAME from this node."""
+    r = call(data_dir, "tunnel.close", name=name)
+    click.echo(json.dumps(r) if as_json else f"closed tunnel {name}")
+
+
+@tunnel.command("list")
+@data_dir_option
+@json_option
+def tunnel_list(data_dir: Path | None, as_json: bool) -> None:
+    """Tunnels exposed anywhere in the cluster."""
+    rows = call(data_dir, "tunnel.list")
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        click.echo(f"{r['name']}\ton {r['node']}\t-> {r['target']}")
+
+
+@tunnel.command("connect")
+@click.argument("name")
+@click.option("--listen", required=True, metavar="HOST:PORT",
+              help="Local address to accept connections on (loopback unless you mean it).")
+@data_dir_option
+def tunnel_connect(name: str, listen: str, data_dir: Path | None) -> None:
+    """Accept connections on --listen and carry each to tunnel NAME (runs until Ctrl-C)."""
+    from meshd.transport import addr as addrs
+
+    try:
+        host, port = addrs.parse(listen)
+    except addrs.AddressError as exc:
+        fail(f"400 bad request: --listen: {exc}")
+    path = socket_path(data_dir or default_data_dir())
+    token = current_token(data_dir)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        client = ControlClient(path, token=token)
+        try:
+            _, conn = await client.session("tunnel.open", name=name)
+        except MeshError as exc:
+            click.echo(f"connection refused: {exc}", err=True)
+            await stream.aclose()
+            await client.aclose()
+            return
+
+        async def up() -> None:
+            try:
+                while True:
+                    data = await stream.receive_some(65536)
+                    await conn.send({"d": data})
+                    if not data:
+                        return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+        async def down() -> None:
+            try:
+                while True:
+                    frame = await conn.receive()
+                    if not isinstance(frame, dict) or "d" not in frame:
+                        if isinstance(frame, dict) and "error" in frame:
+                            click.echo(str(MeshError.from_dict(frame["error"])), err=True)
+                        break
+                    if not frame["d"]:
+                        await stream.send_eof()
+                        break
+                    await stream.send_all(frame["d"])
+            except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(up)
+                nursery.start_soon(down)
+        finally:
+            await stream.aclose()
+            await client.aclose()
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()
+        click.echo(f"tunnel {name}: listening on {addrs.format(bound[0], bound[1])}")
+        sys.stdout.flush()
+        await trio.serve_listeners(handle, listeners)
+
+    try:
+        trio.run(main)
+    except OSError as exc:
+        fail(f"503 unavailable: cannot listen on {listen}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        pass

@@ -32,6 +32,7 @@ from .identity import Identity
 from .membership.core import Membership, MembershipError
 from .membership.messages import STATE_NAMES
 from .membership.service import MembershipService
+from .proxy.tunnels import TunnelService
 from .registry.service import RegistryService
 from .routing.service import RoutingService
 from .rpc.service import RpcService
@@ -191,6 +192,7 @@ class Node:
             raise NodeError(str(exc)) from None
         self.auth = AuthService(self.name, self.store, self.links, self.data_dir)
         self.routing = RoutingService(self.core, self.store)
+        self.tunnels = TunnelService(self)
         self.links.handlers["ping"] = self._serve_ping
         self.bootstrap_token: str | None = None
         self.rpc.auth = self.auth
@@ -496,7 +498,13 @@ class Node:
         async def ping(args: dict[str, Any]) -> Any:
             return await self._ping(args)
 
-        control.ops.update({"routes": routes, "graph": graph, "ping": ping})
+        async def tunnel_list(args: dict[str, Any]) -> Any:
+            return self.tunnels.list(args)
+
+        control.ops.update({"routes": routes, "graph": graph, "ping": ping,
+                            "tunnel.expose": self.tunnels.expose,
+                            "tunnel.close": self.tunnels.close, "tunnel.list": tunnel_list})
+        control.sessions["tunnel.open"] = self.tunnels.open_session
         control.ops.update({"services": services, "describe": describe,
                             "rpc.call": rpc_call, "health": health})
         control.streams["services.watch"] = watch

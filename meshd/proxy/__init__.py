@@ -1,0 +1,1 @@
+"""Tunnels and the identity-aware proxy."""

@@ -1,0 +1,247 @@
+"""Tunnels: TCP endpoints exposed by one node and reached from any node through the mesh.
+
+Rules:
+- `expose NAME --to HOST:PORT` registers "tunnel:NAME" in the registry, owned by this node.
+  `close NAME` removes it. Exposures live as long as the daemon (run `expose` again after a
+  restart).
+- A session is opened at the caller's daemon (control session "tunnel.open") and carried to
+  the exposing node on link channel "tunnel". The exposing node decides: the caller (its
+  token, else its node) must be allowed on resource tunnel:NAME by the rules; then it
+  connects to the target and pipes bytes both ways.
+- Bytes flow as messages of at most 64 KiB; an empty message is end-of-data for that
+  direction only (half-close), so request/response protocols work through a tunnel.
+- Every leg has backpressure: the link channel's flow-control window, the unix socket to the
+  client, the TCP socket to the target. One slow session cannot starve the others on the
+  same link.
+- Every session is logged at the exposing node: who, from which node, when, bytes each way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import cbor2
+import trio
+
+from meshd.control import REQUEST_TOKEN, Conn
+from meshd.errors import MeshError, bad_request, not_found, unavailable
+from meshd.transport import addr as addrs
+from meshd.transport.links import Channel, ChannelClosed, LinkError
+
+log = logging.getLogger("meshd.tunnel")
+CHANNEL = "tunnel"
+CHUNK = 64 * 1024
+PREFIX = "tunnel:"
+
+
+class TunnelService:
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.exposed: dict[str, str] = {}  # name -> instance id
+        node.links.handlers[CHANNEL] = self._serve_channel
+
+    # --- exposing ----------------------------------------------------------------------------
+
+    async def expose(self, args: dict[str, Any]) -> Any:
+        name, target = args.get("name"), args.get("to")
+        if not isinstance(name, str) or not name or "/" in name or len(name) > 100:
+            raise bad_request("tunnel name must be 1..100 characters without '/'")
+        try:
+            host, port = addrs.parse(str(target))
+        except addrs.AddressError as exc:
+            raise bad_request(f"--to: {exc}") from None
+        if name in self.exposed:
+            raise MeshError(409, f"tunnel {name!r} is already exposed here; close it first")
+        registry = self.node.registry
+        inst_id = f"tunnel-{name}"
+        record = {"service": PREFIX + name, "version": "", "id": inst_id, "node": self.node.name,
+                  "address": self.node.advertise, "endpoints": [], "metadata": {
+                      "kind": "tunnel", "target": addrs.format(host, port)}}
+        registry._write(inst_id, record)
+        self.exposed[name] = inst_id
+        log.info("exposed tunnel %s -> %s", name, addrs.format(host, port))
+        return {"name": name, "to": addrs.format(host, port), "node": self.node.name}
+
+    async def close(self, args: dict[str, Any]) -> Any:
+        name = args.get("name")
+        inst_id = self.exposed.pop(name, None) if isinstance(name, str) else None
+        if inst_id is None:
+            raise not_found(f"no tunnel {name!r} is exposed on this node")
+        self.node.registry._write(inst_id, None)
+        return {"closed": name}
+
+    def list(self, args: dict[str, Any]) -> Any:
+        rows = []
+        for inst in self.node.registry.instances():
+            if inst.get("service", "").startswith(PREFIX):
+                rows.append({"name": inst["service"][len(PREFIX):], "node": inst["node"],
+                             "target": inst.get("metadata", {}).get("target", "")})
+        return rows
+
+    # --- caller side -------------------------------------------------------------------------
+
+    async def open_session(self, args: dict[str, Any], conn: Conn) -> None:
+        name = args.get("name")
+        if not isinstance(name, str):
+            raise bad_request("tunnel.open needs a name")
+        instances = self.node.registry.instances(PREFIX + name)
+        if not instances:
+            raise not_found(f"no tunnel named {name!r} is exposed")
+        inst = instances[0]
+        token = REQUEST_TOKEN.get()
+        if inst["node"] == self.node.name:
+            stream = await self._connect_target(name, token, self.node.name)
+            await conn.reply({"node": inst["node"]})
+            await _pipe_conn_stream(conn, stream)
+            return
+        member = self.node.core.members.get(inst["node"])
+        addr = member.addr if member is not None else inst.get("address", "")
+        try:
+            ch = await self.node.links.open_channel(addr, CHANNEL)
+        except (LinkError, ChannelClosed) as exc:
+            raise unavailable(f"cannot reach node {inst['node']}: {exc}") from None
+        async with ch:
+            await ch.send(cbor2.dumps({"name": name, "token": token}))
+            ack = cbor2.loads(await ch.receive())
+            if not isinstance(ack, dict) or not ack.get("ok"):
+                raise MeshError.from_dict(ack.get("error") if isinstance(ack, dict) else None)
+            await conn.reply({"node": inst["node"]})
+            await _pipe_conn_channel(conn, ch)
+
+    # --- exposing side -----------------------------------------------------------------------
+
+    async def _connect_target(self, name: str, token: str | None,
+                              caller_node: str | None) -> trio.SocketStream:
+        if name not in self.exposed:
+            raise not_found(f"tunnel {name!r} is not exposed on {self.node.name}")
+        self.node.auth.check(token, caller_node, ("tunnel", name, ""))
+        target = self._target(name)
+        host, port = addrs.parse(target)
+        try:
+            return await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise unavailable(f"tunnel {name!r}: cannot connect to {target}: "
+                              f"{exc.strerror or exc}") from None
+
+    def _target(self, name: str) -> str:
+        for inst in self.node.registry.instances(PREFIX + name):
+            if inst["node"] == self.node.name:
+                return inst["metadata"]["target"]
+        raise not_found(f"tunnel {name!r} is not exposed on {self.node.name}")
+
+    async def _serve_channel(self, ch: Channel) -> None:
+        try:
+            head = cbor2.loads(await ch.receive(), max_depth=8)
+            name, token = head["name"], head.get("token")
+            if not isinstance(name, str):
+                raise TypeError
+        except Exception:
+            await ch.send(cbor2.dumps({"ok": False, "error": bad_request(
+                "malformed tunnel request").to_dict()}))
+            return
+        caller_node = self.node.rpc._node_of(ch.peer_addr)
+        try:
+            who = self.node.auth.identify(token if isinstance(token, str) else None,
+                                          caller_node)
+            stream = await self._connect_target(name, token, caller_node)
+        except MeshError as exc:
+            log.info("refused tunnel %s to %s from node %s: %s", name,
+                     "token" if token else "no token", caller_node, exc.detail)
+            await ch.send(cbor2.dumps({"ok": False, "error": exc.to_dict()}))
+            return
+        await ch.send(cbor2.dumps({"ok": True}))
+        started = time.time()
+        counts = await _pipe_channel_stream(ch, stream)
+        log.info("tunnel session name=%s caller=%s from_node=%s started=%s bytes_in=%d "
+                 "bytes_out=%d seconds=%.1f", name, who.id, caller_node,
+                 time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)), counts[0],
+                 counts[1], time.time() - started)
+
+
+# --- pipes -------------------------------------------------------------------------------------
+
+async def _pipe(read: Any, write: Any, finish: Any) -> int:
+    total = 0
+    try:
+        while True:
+            data = await read()
+            if not data:
+                break
+            total += len(data)
+            await write(data)
+    except (ChannelClosed, EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            await finish()
+    return total
+
+
+async def _both(a: Any, b: Any) -> tuple[int, int]:
+    counts = [0, 0]
+
+    async def run(i: int, coro: Any) -> None:
+        counts[i] = await coro
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 0, a)
+        nursery.start_soon(run, 1, b)
+    return counts[0], counts[1]
+
+
+async def _pipe_channel_stream(ch: Channel, stream: trio.SocketStream) -> tuple[int, int]:
+    async def from_channel() -> bytes:
+        data = await ch.receive()
+        return data
+
+    async def from_stream() -> bytes:
+        return await stream.receive_some(CHUNK)
+
+    async def close_write() -> None:
+        await stream.send_eof()
+
+    async def channel_eof() -> None:
+        await ch.send(b"")  # an empty message is end-of-data: the other way stays open
+
+    async with stream:
+        return await _both(_pipe(from_channel, stream.send_all, close_write),
+                           _pipe(from_stream, ch.send, channel_eof))
+
+
+async def _pipe_conn_channel(conn: Conn, ch: Channel) -> None:
+    async def from_conn() -> bytes:
+        frame = await conn.receive()
+        return frame.get("d", b"") if isinstance(frame, dict) else b""
+
+    async def to_conn(data: bytes) -> None:
+        await conn.send({"d": data})
+
+    async def end_conn() -> None:
+        await conn.send({"d": b""})
+
+    async def channel_eof() -> None:
+        await ch.send(b"")
+
+    await _both(_pipe(from_conn, ch.send, channel_eof), _pipe(ch.receive, to_conn, end_conn))
+
+
+async def _pipe_conn_stream(conn: Conn, stream: trio.SocketStream) -> None:
+    async def from_conn() -> bytes:
+        frame = await conn.receive()
+        return frame.get("d", b"") if isinstance(frame, dict) else b""
+
+    async def to_conn(data: bytes) -> None:
+        await conn.send({"d": data})
+
+    async def end_conn() -> None:
+        await conn.send({"d": b""})
+
+    async def from_stream() -> bytes:
+        return await stream.receive_some(CHUNK)
+
+    async with stream:
+        await _both(_pipe(from_conn, stream.send_all, stream.send_eof),
+                    _pipe(from_stream, to_conn, end_conn))
