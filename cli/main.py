@@ -1146,69 +1146,34 @@ def tunnel_list(data_dir: Path | None, as_json: bool) -> None:
               help="Local address to accept connections on (loopback unless you mean it).")
 @data_dir_option
 def tunnel_connect(name: str, listen: str, data_dir: Path | None) -> None:
-    """Accept connections on --listen and carry each to tunnel NAME (runs until Ctrl-C)."""
-    from meshd.transport import addr as addrs
+    """Accept connections on --listen and carry each to tunnel NAME, until Ctrl-C.
 
-    try:
-        host, port = addrs.parse(listen)
-    except addrs.AddressError as exc:
-        fail(f"400 bad request: --listen: {exc}")
+    The local daemon does the listening and carries the bytes; this command only keeps the
+    listener open and reports refused connections."""
     path = socket_path(data_dir or default_data_dir())
     token = current_token(data_dir)
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def main() -> None:
         client = ControlClient(path, token=token)
         try:
-            _, conn = await client.session("tunnel.open", name=name)
-        except MeshError as exc:
-            click.echo(f"connection refused: {exc}", err=True)
-            await stream.aclose()
-            await client.aclose()
-            return
-
-        async def up() -> None:
-            try:
-                while True:
-                    data = await stream.receive_some(65536)
-                    await conn.send({"d": data})
-                    if not data:
-                        return
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-
-        async def down() -> None:
-            try:
-                while True:
+            info, conn = await client.session("tunnel.listen", name=name, listen=listen)
+            click.echo(f"tunnel {name}: listening on {info['listening']}")
+            sys.stdout.flush()
+            while True:
+                try:
                     frame = await conn.receive()
-                    if not isinstance(frame, dict) or "d" not in frame:
-                        if isinstance(frame, dict) and "error" in frame:
-                            click.echo(str(MeshError.from_dict(frame["error"])), err=True)
-                        break
-                    if not frame["d"]:
-                        await stream.send_eof()
-                        break
-                    await stream.send_all(frame["d"])
-            except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(up)
-                nursery.start_soon(down)
+                except EOFError:
+                    raise MeshError(503, "the daemon closed the tunnel listener") from None
+                if isinstance(frame, dict) and "refused" in frame:
+                    click.echo(f"connection refused: {MeshError.from_dict(frame['refused'])}",
+                               err=True)
+                    sys.stderr.flush()
         finally:
-            await stream.aclose()
             await client.aclose()
-
-    async def main() -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound = listeners[0].socket.getsockname()
-        click.echo(f"tunnel {name}: listening on {addrs.format(bound[0], bound[1])}")
-        sys.stdout.flush()
-        await trio.serve_listeners(handle, listeners)
 
     try:
         trio.run(main)
-    except OSError as exc:
-        fail(f"503 unavailable: cannot listen on {listen}: {exc.strerror or exc}")
+    except MeshError as exc:
+        fail(str(exc))
     except KeyboardInterrupt:
         pass

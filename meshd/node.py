@@ -505,6 +505,7 @@ class Node:
                             "tunnel.expose": self.tunnels.expose,
                             "tunnel.close": self.tunnels.close, "tunnel.list": tunnel_list})
         control.sessions["tunnel.open"] = self.tunnels.open_session
+        control.sessions["tunnel.listen"] = self.tunnels.listen_session
         control.ops.update({"services": services, "describe": describe,
                             "rpc.call": rpc_call, "health": health})
         control.streams["services.watch"] = watch

@@ -111,6 +111,70 @@ class TunnelService:
             await conn.reply({"node": inst["node"]})
             await _pipe_conn_channel(conn, ch)
 
+    async def listen_session(self, args: dict[str, Any], conn: Conn) -> None:
+        """Control session "tunnel.listen": this daemon accepts on `listen` and carries each
+        connection to tunnel `name`, for as long as the client keeps the session open. The
+        bytes never pass through the client process."""
+        name, listen = args.get("name"), args.get("listen")
+        if not isinstance(name, str) or not isinstance(listen, str):
+            raise bad_request("tunnel.listen needs a name and a listen address")
+        try:
+            host, port = addrs.parse(listen)
+        except addrs.AddressError as exc:
+            raise bad_request(f"--listen: {exc}") from None
+        if not self.node.registry.instances(PREFIX + name):
+            raise not_found(f"no tunnel named {name!r} is exposed")
+        token = REQUEST_TOKEN.get()
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise unavailable(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        bound = listeners[0].socket.getsockname()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, self._accepted(name, token, conn),
+                               listeners)
+            await conn.reply({"listening": addrs.format(bound[0], bound[1])})
+            with contextlib.suppress(EOFError, MeshError):
+                while True:
+                    await conn.receive()  # the client went away: stop listening
+            nursery.cancel_scope.cancel()
+
+    def _accepted(self, name: str, token: str | None, conn: Conn) -> Any:
+        async def handle(stream: trio.SocketStream) -> None:
+            async with stream:
+                try:
+                    await self._carry(name, token, stream)
+                except MeshError as exc:
+                    with contextlib.suppress(Exception):
+                        await conn.send({"refused": exc.to_dict()})
+        return handle
+
+    async def _carry(self, name: str, token: str | None, stream: trio.SocketStream) -> None:
+        instances = self.node.registry.instances(PREFIX + name)
+        if not instances:
+            raise not_found(f"no tunnel named {name!r} is exposed")
+        inst = instances[0]
+        if inst["node"] == self.node.name:
+            target = await self._connect_target(name, token, self.node.name)
+            async with target:
+                await _both(_pipe(lambda: stream.receive_some(CHUNK), target.send_all,
+                                  target.send_eof),
+                            _pipe(lambda: target.receive_some(CHUNK), stream.send_all,
+                                  stream.send_eof))
+            return
+        member = self.node.core.members.get(inst["node"])
+        addr = member.addr if member is not None else inst.get("address", "")
+        try:
+            ch = await self.node.links.open_channel(addr, CHANNEL)
+        except (LinkError, ChannelClosed) as exc:
+            raise unavailable(f"cannot reach node {inst['node']}: {exc}") from None
+        async with ch:
+            await ch.send(cbor2.dumps({"name": name, "token": token}))
+            ack = cbor2.loads(await ch.receive())
+            if not isinstance(ack, dict) or not ack.get("ok"):
+                raise MeshError.from_dict(ack.get("error") if isinstance(ack, dict) else None)
+            await _pipe_channel_stream(ch, stream, close_stream=False)
+
     # --- exposing side -----------------------------------------------------------------------
 
     async def _connect_target(self, name: str, token: str | None,
@@ -192,7 +256,8 @@ async def _both(a: Any, b: Any) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-async def _pipe_channel_stream(ch: Channel, stream: trio.SocketStream) -> tuple[int, int]:
+async def _pipe_channel_stream(ch: Channel, stream: trio.SocketStream,
+                               close_stream: bool = True) -> tuple[int, int]:
     async def from_channel() -> bytes:
         data = await ch.receive()
         return data
@@ -206,9 +271,12 @@ async def _pipe_channel_stream(ch: Channel, stream: trio.SocketStream) -> tuple[
     async def channel_eof() -> None:
         await ch.send(b"")  # an empty message is end-of-data: the other way stays open
 
+    pipes = (_pipe(from_channel, stream.send_all, close_write),
+             _pipe(from_stream, ch.send, channel_eof))
+    if not close_stream:
+        return await _both(*pipes)
     async with stream:
-        return await _both(_pipe(from_channel, stream.send_all, close_write),
-                           _pipe(from_stream, ch.send, channel_eof))
+        return await _both(*pipes)
 
 
 async def _pipe_conn_channel(conn: Conn, ch: Channel) -> None:

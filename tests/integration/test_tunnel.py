@@ -111,6 +111,7 @@ def test_tunnel_carries_a_checksummed_stream_and_obeys_the_rules(cluster):
         wait_for(lambda: any(r["id"] == "no-node-tunnels"
                              for r in control(b.data_dir, "auth.rules.list")), 10, "rule on b")
         assert through(port, b"hello") == b""
+        time.sleep(0.5)  # let the client print the refusal before we stop it
     finally:
         proc.terminate()
         proc.wait(5)
