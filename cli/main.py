@@ -144,7 +144,8 @@ def version_cmd(as_json: bool) -> None:
 @main.command()
 @click.option("--name", help="Node name, unique in the cluster (default: host name).")
 @click.option("--bind", help="HOST:PORT for gossip and links (default 0.0.0.0:7946).")
-@click.option("--advertise", help="HOST:PORT others reach us at.")
+@click.option("--advertise", help="HOST:PORT others reach us at (or ws://HOST:PORT).")
+@click.option("--ws-listen", help="Also accept links over WebSocket on HOST:PORT.")
 @click.option("--join", "join", multiple=True, metavar="PEER", help="Join through PEER.")
 @click.option("--tags", "tags", multiple=True, metavar="K=V", help="Node tag (repeatable).")
 @click.option("--profile", type=click.Choice(["lan", "wan", "local"]), help="Timing profile.")
@@ -156,7 +157,8 @@ def version_cmd(as_json: bool) -> None:
 @click.option("--print-settings", is_flag=True, help="Print the effective settings and exit.")
 @data_dir_option
 @json_option
-def up(name: str | None, bind: str | None, advertise: str | None, join: tuple[str, ...],
+def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str | None,
+       join: tuple[str, ...],
        tags: tuple[str, ...], profile: str | None, secret_file: Path | None,
        config_file: Path | None, log_level: str | None, print_settings: bool,
        data_dir: Path | None, as_json: bool) -> None:
@@ -171,7 +173,8 @@ def up(name: str | None, bind: str | None, advertise: str | None, join: tuple[st
             toml = tomllib.loads(config_file.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             fail(f"400 bad request: settings file {config_file}: {exc}")
-    flags = {"name": name, "bind": bind, "advertise": advertise, "join": join, "tags": tags,
+    flags = {"name": name, "bind": bind, "advertise": advertise, "ws_listen": ws_listen,
+             "join": join, "tags": tags,
              "profile": profile, "log_level": log_level,
              "data_dir": str(data_dir) if data_dir else None,
              "secret_file": str(secret_file) if secret_file else None}

@@ -152,7 +152,11 @@ class Node:
         except addrs.AddressError as exc:
             raise NodeError(f"--bind: {exc}") from None
         port, listeners = await self._bind(bind_host, bind_port)
-        if s.node.advertise:
+        if s.node.advertise.startswith(("ws://", "wss://")):
+            if not s.node.ws_listen:
+                raise NodeError("advertising a ws:// address needs --ws-listen HOST:PORT")
+            adv_host, adv_port = "", 0
+        elif s.node.advertise:
             try:
                 adv_host, adv_port = addrs.parse(s.node.advertise, port)
             except addrs.AddressError as exc:
@@ -161,7 +165,8 @@ class Node:
             adv_host = bind_host if bind_host not in ("0.0.0.0", "::") \
                 else _guess_advertise_host()
             adv_port = port
-        self.advertise = addrs.format(adv_host, adv_port)
+        self.advertise = s.node.advertise.rstrip("/") if adv_host == "" else \
+            addrs.format(adv_host, adv_port)
         tags = parse_tags(s.node.tags)
         tags["id"] = self.identity.node_id
         self.boot = os.urandom(6).hex()  # changes at every start: stale instances vanish
@@ -205,6 +210,12 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 await nursery.start(self.links.run, listeners)
+                if s.node.ws_listen:
+                    try:
+                        ws_host, ws_port = addrs.parse(s.node.ws_listen)
+                        await nursery.start(self.links.serve_ws, ws_host, ws_port)
+                    except (OSError, addrs.AddressError) as exc:
+                        raise NodeError(f"--ws-listen {s.node.ws_listen}: {exc}") from None
                 await nursery.start(self.membership.run)
                 await nursery.start(self.registry.run)
                 await nursery.start(self.rpc.run)

@@ -158,6 +158,9 @@ class NodeSettings:
     tags: tuple[str, ...] = ()
     # File holding the cluster secret when joining an existing cluster (or MESHD_SECRET).
     secret_file: str = ""
+    # Also accept links over WebSocket on HOST:PORT (empty: off). Advertise a ws:// address
+    # to make this node reachable only that way (through HTTP proxies and firewalls).
+    ws_listen: str = ""
     # debug, info, warning or error.
     log_level: str = "info"
 
@@ -231,7 +234,7 @@ class Settings:
 
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
-             "log_level"}
+             "log_level", "ws_listen"}
 
 
 def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None = None,

@@ -27,6 +27,7 @@ from .messages import DecodeError, Ping, PushPull, decode_packet, encode_packet
 
 log = logging.getLogger("meshd.membership")
 CHANNEL = "membership"
+DGRAM_CHANNEL = "membership-dgram"  # datagrams for peers reached over WebSocket links
 STREAM_TIMEOUT = 10.0
 _LOG_KINDS = {"join": logging.INFO, "left": logging.INFO, "dead": logging.WARNING,
               "suspect": logging.INFO, "alive": logging.INFO, "conflict": logging.ERROR,
@@ -51,6 +52,9 @@ class MembershipService:
         # called synchronously for every event (must not block)
         self.listeners: list[Callable[[MemberEvent], None]] = []
         links.handlers[CHANNEL] = self._serve_channel
+        links.handlers[DGRAM_CHANNEL] = self._serve_dgrams
+        self._dgram: dict[str, Channel] = {}
+        self._dgram_locks: dict[str, trio.Lock] = {}
 
     # --- running -------------------------------------------------------------------------
 
@@ -77,6 +81,10 @@ class MembershipService:
             if send.reliable:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._stream_send, send)
+            elif _over_link(send.addr) or _over_link(self.core.me.addr):
+                # a WebSocket node neither receives nor sends UDP: datagrams ride its links
+                self._nursery.start_soon(self._send_dgram, send.addr,  # type: ignore[union-attr]
+                                         encode_packet(send.msgs))
             else:
                 self._nursery.start_soon(self.udp.send, send.addr,  # type: ignore[union-attr]
                                          encode_packet(send.msgs))
@@ -149,6 +157,32 @@ class MembershipService:
         out = self._receive(sender, msgs, reliable)
         if out is not None:
             self._dispatch(out)
+
+    async def _send_dgram(self, addr: str, packet: bytes) -> None:
+        """Best effort, like UDP: one long-lived channel per peer; failures drop the packet."""
+        try:
+            ch = self._dgram.get(addr)
+            if ch is None or ch.link.closed:
+                lock = self._dgram_locks.setdefault(addr, trio.Lock())
+                async with lock:
+                    ch = self._dgram.get(addr)
+                    if ch is None or ch.link.closed:
+                        with trio.fail_after(STREAM_TIMEOUT):
+                            ch = await self.links.open_channel(addr, DGRAM_CHANNEL)
+                        self._dgram[addr] = ch
+            await ch.send(packet)
+        except (LinkError, ChannelClosed, trio.TooSlowError):
+            self._dgram.pop(addr, None)
+
+    async def _serve_dgrams(self, ch: Channel) -> None:
+        while True:
+            data = await ch.receive()
+            try:
+                msgs = decode_packet(data)
+            except DecodeError:
+                self.stats["decode_errors"] += 1
+                continue
+            self._deliver(ch.peer_addr, msgs, False)
 
     async def _serve_channel(self, ch: Channel) -> None:
         with trio.move_on_after(STREAM_TIMEOUT):
@@ -225,3 +259,7 @@ class MembershipService:
         with trio.move_on_after(linger):
             while self.core.pending_broadcasts():
                 await trio.sleep(0.05)
+
+
+def _over_link(addr: str) -> bool:
+    return addr.startswith(("ws://", "wss://"))

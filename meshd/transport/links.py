@@ -51,6 +51,40 @@ CHUNK = 64 * 1024
 HANDSHAKE_FRAME = 4096
 
 
+class WsStream:
+    """A WebSocket connection as a byte stream: the secure link runs over it unchanged, its
+    frames carried in binary messages (so a mesh can cross proxies that only pass HTTP(S))."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self._buf = b""
+
+    async def send_all(self, data: bytes) -> None:
+        import trio_websocket
+
+        try:
+            await self.ws.send_message(bytes(data))
+        except trio_websocket.ConnectionClosed:
+            raise trio.BrokenResourceError("websocket closed") from None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        import trio_websocket
+
+        if not self._buf:
+            try:
+                msg = await self.ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return b""
+            self._buf = msg if isinstance(msg, bytes) else msg.encode()
+        n = max_bytes or len(self._buf)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.aclose()
+
+
 class LinkError(Exception):
     """A link could not be set up or broke; str() says why."""
 
@@ -361,7 +395,7 @@ class LinkManager:
             assert self._nursery is not None
             self._nursery.start_soon(self._accept_one, stream)
 
-    async def _accept_one(self, stream: trio.SocketStream) -> None:
+    async def _accept_one(self, stream: Any) -> None:
         responder = Responder(self.identity, self.keyring, self.advertise)
         keys: LinkKeys | None = None
         with trio.move_on_after(self.handshake_timeout):
@@ -421,16 +455,42 @@ class LinkManager:
             event.set()
         return link
 
-    async def _dial(self, addr: str) -> Link:
+    async def serve_ws(self, host: str, port: int,
+                       task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept links over WebSocket on host:port (binary messages carry the link)."""
+        import trio_websocket
+
+        async def handler(request: Any) -> None:
+            ws = await request.accept()
+            await self._accept_one(WsStream(ws))  # type: ignore[arg-type]
+
+        await trio_websocket.serve_websocket(handler, host, port, ssl_context=None,
+                                             max_message_size=self.max_frame + 64,
+                                             task_status=task_status)
+
+    async def _open_stream(self, addr: str) -> Any:
+        if addr.startswith(("ws://", "wss://")):
+            import trio_websocket
+
+            assert self._nursery is not None
+            try:
+                ws = await trio_websocket.connect_websocket_url(
+                    self._nursery, addr, max_message_size=self.max_frame + 64)
+            except (trio_websocket.HandshakeError, trio_websocket.ConnectionRejected) as exc:
+                raise LinkError(f"websocket handshake with {addr} failed: {exc}") from None
+            return WsStream(ws)
         try:
             host, port = addrs.parse(addr)
         except addrs.AddressError as exc:
             raise LinkError(str(exc)) from None
+        return await trio.open_tcp_stream(host, port)
+
+    async def _dial(self, addr: str) -> Link:
         initiator = Initiator(self.identity, self.keyring, self.advertise)
-        stream: trio.SocketStream | None = None
+        stream: Any = None
         try:
             with trio.fail_after(self.handshake_timeout):
-                stream = await trio.open_tcp_stream(host, port)
+                stream = await self._open_stream(addr)
                 await stream.send_all(_plain(initiator.hello()))
                 confirm, keys = initiator.on_welcome(await _read_plain(stream))
                 await stream.send_all(_plain(confirm))
@@ -474,9 +534,9 @@ class LinkManager:
             await listener.aclose()
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
+def _peer_name(stream: Any) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
         return addrs.format(host, port)
-    except OSError:
-        return "?"
+    except (OSError, AttributeError):
+        return "websocket peer" if isinstance(stream, WsStream) else "?"
