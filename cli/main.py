@@ -146,6 +146,7 @@ def version_cmd(as_json: bool) -> None:
 @click.option("--bind", help="HOST:PORT for gossip and links (default 0.0.0.0:7946).")
 @click.option("--advertise", help="HOST:PORT others reach us at (or ws://HOST:PORT).")
 @click.option("--ws-listen", help="Also accept links over WebSocket on HOST:PORT.")
+@click.option("--proxy-listen", help="Serve outside clients (WebSocket, tokens) on HOST:PORT.")
 @click.option("--join", "join", multiple=True, metavar="PEER", help="Join through PEER.")
 @click.option("--tags", "tags", multiple=True, metavar="K=V", help="Node tag (repeatable).")
 @click.option("--profile", type=click.Choice(["lan", "wan", "local"]), help="Timing profile.")
@@ -158,7 +159,7 @@ def version_cmd(as_json: bool) -> None:
 @data_dir_option
 @json_option
 def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str | None,
-       join: tuple[str, ...],
+       proxy_listen: str | None, join: tuple[str, ...],
        tags: tuple[str, ...], profile: str | None, secret_file: Path | None,
        config_file: Path | None, log_level: str | None, print_settings: bool,
        data_dir: Path | None, as_json: bool) -> None:
@@ -174,6 +175,7 @@ def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str
         except (OSError, tomllib.TOMLDecodeError) as exc:
             fail(f"400 bad request: settings file {config_file}: {exc}")
     flags = {"name": name, "bind": bind, "advertise": advertise, "ws_listen": ws_listen,
+             "proxy_listen": proxy_listen,
              "join": join, "tags": tags,
              "profile": profile, "log_level": log_level,
              "data_dir": str(data_dir) if data_dir else None,
@@ -436,10 +438,14 @@ def describe(service: str, data_dir: Path | None, as_json: bool) -> None:
 @click.argument("body", required=False)
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
 @click.option("--meta", multiple=True, metavar="K=V", help="Request metadata (repeatable).")
+@click.option("--via", metavar="ws://HOST:PORT",
+              help="Call from outside the cluster through a node's proxy endpoint (needs "
+                   "--token).")
 @data_dir_option
 @json_option
 def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | None,
-             meta: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
+             meta: tuple[str, ...], via: str | None, data_dir: Path | None,
+             as_json: bool) -> None:
     """Call ENDPOINT of SERVICE with a JSON BODY (or JSON on stdin)."""
     text = body if body is not None and body != "-" else (
         sys.stdin.read() if not sys.stdin.isatty() else "{}")
@@ -454,8 +460,13 @@ def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | Non
         if not sep:
             fail(f"400 bad request: --meta {item!r} must look like key=value")
         metadata[key] = value
-    result = call(data_dir, "rpc.call", service=service, endpoint=endpoint, body=request,
-                  timeout=timeout, meta=metadata)
+    if via:
+        result = _via(via, {"op": "call", "token": current_token(), "service": service,
+                            "endpoint": endpoint, "body": request, "timeout": timeout,
+                            "meta": metadata})
+    else:
+        result = call(data_dir, "rpc.call", service=service, endpoint=endpoint, body=request,
+                      timeout=timeout, meta=metadata)
     click.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
@@ -1147,12 +1158,17 @@ def tunnel_list(data_dir: Path | None, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--listen", required=True, metavar="HOST:PORT",
               help="Local address to accept connections on (loopback unless you mean it).")
+@click.option("--via", metavar="ws://HOST:PORT",
+              help="From outside the cluster, through a node's proxy endpoint (needs --token).")
 @data_dir_option
-def tunnel_connect(name: str, listen: str, data_dir: Path | None) -> None:
+def tunnel_connect(name: str, listen: str, via: str | None, data_dir: Path | None) -> None:
     """Accept connections on --listen and carry each to tunnel NAME, until Ctrl-C.
 
     The local daemon does the listening and carries the bytes; this command only keeps the
     listener open and reports refused connections."""
+    if via:
+        _tunnel_via(name, listen, via, current_token())
+        return
     path = socket_path(data_dir or default_data_dir())
     token = current_token(data_dir)
 
@@ -1178,5 +1194,88 @@ def tunnel_connect(name: str, listen: str, data_dir: Path | None) -> None:
         trio.run(main)
     except MeshError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+def _via(url: str, request: dict[str, Any]) -> Any:
+    """One request to a proxy endpoint; exits with one line on failure."""
+    import cbor2
+    import trio_websocket
+
+    async def go() -> Any:
+        async with trio_websocket.open_websocket_url(url) as ws:
+            await ws.send_message(cbor2.dumps(request))
+            reply = cbor2.loads(await ws.get_message())
+        if not reply.get("ok"):
+            raise MeshError.from_dict(reply.get("error"))
+        return reply.get("body")
+
+    try:
+        return trio.run(go)
+    except MeshError as exc:
+        fail(str(exc))
+    except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
+        fail(f"503 unavailable: cannot reach the proxy at {url}: {exc}")
+
+
+def _tunnel_via(name: str, listen: str, url: str, token: str | None) -> None:
+    """Outside the cluster: accept locally, carry each connection over a WebSocket to the
+    proxy endpoint, which checks the token against the rules."""
+    import cbor2
+    import trio_websocket
+
+    from meshd.transport import addr as addrs
+
+    try:
+        host, port = addrs.parse(listen)
+    except addrs.AddressError as exc:
+        fail(f"400 bad request: --listen: {exc}")
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            async with trio_websocket.open_websocket_url(url, max_message_size=2 << 20) as ws:
+                await ws.send_message(cbor2.dumps({"op": "tunnel", "token": token,
+                                                   "name": name}))
+                reply = cbor2.loads(await ws.get_message())
+                if not reply.get("ok"):
+                    click.echo(f"connection refused: {MeshError.from_dict(reply.get('error'))}",
+                               err=True)
+                    sys.stderr.flush()
+                    return
+
+                async def up() -> None:
+                    while data := await stream.receive_some(65536):
+                        await ws.send_message(data)
+                    await ws.send_message(b"")
+
+                async def down() -> None:
+                    while True:
+                        msg = await ws.get_message()
+                        if not msg:
+                            await stream.send_eof()
+                            return
+                        await stream.send_all(msg)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(up)
+                    nursery.start_soon(down)
+        except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
+                trio.BrokenResourceError) as exc:
+            click.echo(f"tunnel {name}: {exc}", err=True)
+        finally:
+            await stream.aclose()
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()
+        click.echo(f"tunnel {name}: listening on {addrs.format(bound[0], bound[1])} via {url}")
+        sys.stdout.flush()
+        await trio.serve_listeners(handle, listeners)
+
+    try:
+        trio.run(main)
+    except OSError as exc:
+        fail(f"503 unavailable: cannot listen on {listen}: {exc.strerror or exc}")
     except KeyboardInterrupt:
         pass

@@ -32,6 +32,7 @@ from .identity import Identity
 from .membership.core import Membership, MembershipError
 from .membership.messages import STATE_NAMES
 from .membership.service import MembershipService
+from .proxy.edge import EdgeProxy
 from .proxy.tunnels import TunnelService
 from .registry.service import RegistryService
 from .routing.service import RoutingService
@@ -198,6 +199,7 @@ class Node:
         self.auth = AuthService(self.name, self.store, self.links, self.data_dir)
         self.routing = RoutingService(self.core, self.store)
         self.tunnels = TunnelService(self)
+        self.edge = EdgeProxy(self)
         self.links.handlers["ping"] = self._serve_ping
         self.bootstrap_token: str | None = None
         self.rpc.auth = self.auth
@@ -210,6 +212,13 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 await nursery.start(self.links.run, listeners)
+                if s.node.proxy_listen:
+                    try:
+                        p_host, p_port = addrs.parse(s.node.proxy_listen)
+                        await nursery.start(self.edge.serve, p_host, p_port)
+                    except (OSError, addrs.AddressError) as exc:
+                        raise NodeError(f"--proxy-listen {s.node.proxy_listen}: {exc}"
+                                        ) from None
                 if s.node.ws_listen:
                     try:
                         ws_host, ws_port = addrs.parse(s.node.ws_listen)
@@ -380,7 +389,7 @@ class Node:
         for m in self.core.member_list():
             counts[STATE_NAMES[m.state]] = counts.get(STATE_NAMES[m.state], 0) + 1
         stats = {**self.udp.stats, **self.links.stats, **self.membership.stats,
-                 **self.store.stats, **self.store.rep.stats}
+                 **self.store.stats, **self.store.rep.stats, **self.edge.stats}
         return {
             "name": self.name, "id": self.identity.node_id, "short_id": self.identity.short,
             "address": self.advertise, "data_dir": str(self.data_dir),

@@ -161,6 +161,9 @@ class NodeSettings:
     # Also accept links over WebSocket on HOST:PORT (empty: off). Advertise a ws:// address
     # to make this node reachable only that way (through HTTP proxies and firewalls).
     ws_listen: str = ""
+    # Serve the proxy endpoint for clients outside the cluster (WebSocket, token required)
+    # on HOST:PORT; empty: off. Nothing but the gossip port is reachable by default.
+    proxy_listen: str = ""
     # debug, info, warning or error.
     log_level: str = "info"
 
@@ -234,7 +237,7 @@ class Settings:
 
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
-             "log_level", "ws_listen"}
+             "log_level", "ws_listen", "proxy_listen"}
 
 
 def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None = None,

@@ -149,13 +149,17 @@ class TunnelService:
                         await conn.send({"refused": exc.to_dict()})
         return handle
 
-    async def _carry(self, name: str, token: str | None, stream: trio.SocketStream) -> None:
+    async def _carry(self, name: str, token: str | None, stream: Any,
+                     ack: Any = None) -> None:
+        """Carry one client stream to tunnel `name`; `ack()` runs once the far end is up."""
         instances = self.node.registry.instances(PREFIX + name)
         if not instances:
             raise not_found(f"no tunnel named {name!r} is exposed")
         inst = instances[0]
         if inst["node"] == self.node.name:
             target = await self._connect_target(name, token, self.node.name)
+            if ack is not None:
+                await ack()
             async with target:
                 await _both(_pipe(lambda: stream.receive_some(CHUNK), target.send_all,
                                   target.send_eof),
@@ -170,9 +174,12 @@ class TunnelService:
             raise unavailable(f"cannot reach node {inst['node']}: {exc}") from None
         async with ch:
             await ch.send(cbor2.dumps({"name": name, "token": token}))
-            ack = cbor2.loads(await ch.receive())
-            if not isinstance(ack, dict) or not ack.get("ok"):
-                raise MeshError.from_dict(ack.get("error") if isinstance(ack, dict) else None)
+            reply = cbor2.loads(await ch.receive())
+            if not isinstance(reply, dict) or not reply.get("ok"):
+                raise MeshError.from_dict(reply.get("error") if isinstance(reply, dict)
+                                          else None)
+            if ack is not None:
+                await ack()
             await _pipe_channel_stream(ch, stream, close_stream=False)
 
     # --- exposing side -----------------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""Outside clients (no cluster secret) reach services and tunnels through a proxy endpoint
+with a user token; no token or a token the rules do not allow is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from .cluster import control, wait_for
+from .test_tunnel import EchoServer, free_port, through
+
+
+def outside(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHD_TOKEN", "MESHD_ADDR")}
+    env["MESHD_TOKEN_FILE"] = "/nonexistent/token.json"
+    cmd = [sys.executable, "-m", "cli"] + (["--token", token] if token else []) + list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
+
+
+def test_outside_client_calls_and_tunnels_through_the_proxy(cluster, tmp_path):
+    proxy_port = free_port()
+    a = cluster.add("a", extra=("--proxy-listen", f"127.0.0.1:{proxy_port}"))
+    b = cluster.add("b", join=[a.addr])
+    cluster.service(b)
+    echo = EchoServer()
+    control(b.data_dir, "tunnel.expose", name="echo", to=f"127.0.0.1:{echo.port}")
+    wait_for(lambda: len(control(a.data_dir, "services")) >= 1, 10, "service visible on a")
+    control(a.data_dir, "auth.accounts.create", id="ada", secret="ada-secret-1",
+            scopes=["dev"])
+    control(a.data_dir, "auth.accounts.create", id="eve", secret="eve-secret-1",
+            scopes=["guest"])
+    control(a.data_dir, "auth.rules.create", id="dev", resource="*:*:*", scope="dev",
+            access="granted")
+    wait_for(lambda: {"ada", "eve"} <= {x["id"] for x in control(b.data_dir,
+             "auth.accounts.list")}, 10, "accounts on b")
+    ada = control(a.data_dir, "auth.token.create", account="ada", ttl=600)["token"]
+    eve = control(a.data_dir, "auth.token.create", account="eve", ttl=600)["token"]
+    via = f"ws://127.0.0.1:{proxy_port}"
+
+    ok = outside("call", "testsvc", "Test.Caller", '{"text": ""}', "--via", via, "--json",
+                 token=ada)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == {"text": "ada"}
+    none = outside("call", "testsvc", "Test.Echo", '{"text": "x"}', "--via", via)
+    assert none.returncode == 1 and none.stderr.startswith("401")
+    denied = outside("call", "testsvc", "Test.Echo", '{"text": "x"}', "--via", via, token=eve)
+    assert denied.returncode == 1 and denied.stderr.startswith("403")
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHD_TOKEN", "MESHD_ADDR")}
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "--token", ada, "tunnel", "connect",
+                             "echo", "--via", via, "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "listening" in proc.stdout.readline()
+        payload = os.urandom(2 * 1024 * 1024)
+        assert through(port, payload) == payload
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    port2 = free_port()
+    proc2 = subprocess.Popen([sys.executable, "-m", "cli", "tunnel", "connect", "echo",
+                              "--via", via, "--listen", f"127.0.0.1:{port2}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "listening" in proc2.stdout.readline()
+        with socket.create_connection(("127.0.0.1", port2), timeout=10) as s:
+            s.settimeout(10)
+            assert s.recv(10) == b""  # refused: closed without a byte
+        time.sleep(0.5)
+    finally:
+        proc2.terminate()
+        proc2.wait(5)
+    assert "connection refused: 401" in proc2.stderr.read()
+    assert "tunnel session name=echo caller=ada" in b.log.read_text()
