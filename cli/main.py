@@ -1279,3 +1279,29 @@ def _tunnel_via(name: str, listen: str, url: str, token: str | None) -> None:
         fail(f"503 unavailable: cannot listen on {listen}: {exc.strerror or exc}")
     except KeyboardInterrupt:
         pass
+
+
+# --- proxy ---------------------------------------------------------------------------------------
+
+@main.group()
+def proxy() -> None:
+    """The identity-aware proxy."""
+
+
+@proxy.command("http")
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT")
+@data_dir_option
+def proxy_http(listen: str, data_dir: Path | None) -> None:
+    """Forward HTTP requests to services by name: POST /SERVICE/ENDPOINT with a JSON body and
+    Authorization: Bearer TOKEN (runs until Ctrl-C)."""
+    from meshd.proxy.http import serve
+
+    path = socket_path(data_dir or default_data_dir())
+    click.echo(f"proxy http: forwarding http://{listen}/SERVICE/ENDPOINT through {path}")
+    sys.stdout.flush()
+    try:
+        trio.run(serve, path, listen)
+    except OSError as exc:
+        fail(f"503 unavailable: cannot listen on {listen}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        pass

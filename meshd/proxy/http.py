@@ -1,0 +1,99 @@
+"""HTTP mode of the identity-aware proxy: `meshd proxy http --listen HOST:PORT`.
+
+Rules:
+- POST /SERVICE/ENDPOINT with a JSON body calls ENDPOINT of SERVICE through the local daemon
+  and answers its JSON reply; GET / lists the services.
+- A bearer token is required (Authorization: Bearer TOKEN): requests come from outside the
+  cluster, so they never act as the node. The rules are checked where the service runs.
+- Errors keep their meaning as HTTP statuses (400, 401, 403, 404, 408, 500, 503) with the
+  structured error as the JSON body.
+- It is an ASGI app served by hypercorn on trio; it listens only where the operator says.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from meshd.errors import MeshError
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+MAX_BODY = 4 << 20
+
+
+def make_app(socket: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    from sdk import Client
+
+    async def respond(send: Send, status: int, payload: Any) -> None:
+        body = json.dumps(payload).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode()
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        try:
+            if not token:
+                raise MeshError(401, "send Authorization: Bearer TOKEN", id="meshd.proxy")
+            body = b""
+            while True:
+                msg = await receive()
+                body += msg.get("body", b"")
+                if len(body) > MAX_BODY:
+                    raise MeshError(400, f"request body over {MAX_BODY} bytes",
+                                    id="meshd.proxy")
+                if not msg.get("more_body"):
+                    break
+            parts = [p for p in scope["path"].split("/") if p]
+            async with Client(socket, token=token) as client:
+                if scope["method"] == "GET" and not parts:
+                    await respond(send, 200, await client.services())
+                    return
+                if scope["method"] != "POST" or len(parts) != 2:
+                    raise MeshError(404, "use POST /SERVICE/ENDPOINT with a JSON body",
+                                    id="meshd.proxy")
+                try:
+                    request = json.loads(body or b"{}")
+                except json.JSONDecodeError as exc:
+                    raise MeshError(400, f"body is not valid JSON: {exc.msg} at column "
+                                         f"{exc.colno}", id="meshd.proxy") from None
+                reply = await client.call(parts[0], parts[1], request)
+            await respond(send, 200, reply)
+        except MeshError as exc:
+            await respond(send, exc.status, exc.to_dict())
+
+    return app
+
+
+async def serve(socket: Path, listen: str, task_status: Any = None) -> None:
+    import trio
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    config = Config()
+    config.bind = [listen]
+    config.accesslog = None
+    config.errorlog = None
+    if task_status is not None:
+        await hypercorn_serve(make_app(socket), config,  # type: ignore[arg-type]
+                              task_status=task_status)
+    else:
+        await hypercorn_serve(make_app(socket), config)  # type: ignore[arg-type]
+    del trio
