@@ -198,6 +198,9 @@ class Node:
             raise NodeError(str(exc)) from None
         self.auth = AuthService(self.name, self.store, self.links, self.data_dir)
         self.routing = RoutingService(self.core, self.store)
+        self.links.my_name = self.name
+        self.links.route = self._relay_route
+        self.links.next_hop_for = self._next_hop_addr
         self.tunnels = TunnelService(self)
         self.edge = EdgeProxy(self)
         self.links.handlers["ping"] = self._serve_ping
@@ -290,10 +293,7 @@ class Node:
         if member is None or member.state not in (0, 1):
             raise MeshError(404, f"no live member named {node!r}")
         route = self.routing.table.route(node)
-        if route is not None and route.next_hop != node:
-            raise MeshError(501, f"{node} is reached through {' -> '.join(route.path)}; "
-                                 "pinging across relays needs multi-hop forwarding, which "
-                                 "this version does not have yet")
+        path = list(route.path) if route is not None else [self.name, node]
         samples = []
         try:
             with trio.fail_after(5 + count):
@@ -306,11 +306,30 @@ class Node:
         except (LinkError, ChannelClosed, trio.TooSlowError) as exc:
             raise MeshError(503, f"cannot reach {node}: {exc or 'timeout'}") from None
         estimate = self.routing.estimate(node)
-        return {"node": node, "address": member.addr, "path": [self.name, node],
+        return {"node": node, "address": member.addr, "path": path,
                 "rtt_ms": [round(x, 3) for x in samples],
                 "min_ms": round(min(samples), 3),
                 "avg_ms": round(sum(samples) / len(samples), 3),
                 "vivaldi_estimate_ms": None if estimate is None else round(estimate * 1000, 3)}
+
+    def _relay_route(self, addr: str) -> tuple[str, str] | None:
+        """(next hop address, destination) when `addr` is reached through relays."""
+        dest = next((m.name for m in self.core.member_list() if m.addr == addr), None)
+        if dest is None:
+            return None
+        route = self.routing.table.route(dest)
+        if route is None or route.next_hop == dest:
+            return None
+        hop = self.core.members.get(route.next_hop)
+        return (hop.addr, dest) if hop is not None else None
+
+    def _next_hop_addr(self, dest: str) -> str | None:
+        route = self.routing.table.route(dest)
+        if route is None:
+            member = self.core.members.get(dest)
+            return member.addr if member is not None and member.state in (0, 1) else None
+        hop = self.core.members.get(route.next_hop)
+        return hop.addr if hop is not None else None
 
     def _sync_newcomer(self, ev: Any) -> None:
         """A member (re)joined: exchange store and registry state with it right away, so it

@@ -10,6 +10,7 @@ frame is AEAD-sealed (secure/frames.py). Inside, frames carry [type, channel id,
     END    bytes       last part of a message
     CLOSE              no more messages from this side
     WINDOW increment   the receiver consumed this many bytes: the sender may send more
+    PING               keepalive; any frame proves the link alive
 
 Rules:
 - Channel ids: the dialing side uses odd numbers, the accepting side even ones.
@@ -22,6 +23,11 @@ Rules:
   taking new channels and closes once idle.
 - Any protocol fault (bad frame, unknown type, window overrun, failed decryption) closes the
   link and counts it; it never escapes the link's task.
+- Keepalive: each side pings every KEEPALIVE seconds; a link that heard nothing for
+  DEAD_AFTER seconds is closed, so a path that silently stops (a firewall starts dropping)
+  fails the calls on it and gets dialed again instead of hanging them.
+- When the routes say a destination is now reached through relays, a direct link to it is
+  dropped and the destination is dialed along the route.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import cbor2
 import trio
 
 from meshd.identity import Identity
@@ -44,7 +51,9 @@ from . import addr as addrs
 
 log = logging.getLogger("meshd.transport.links")
 
-OPEN, DATA, END, CLOSE, WINDOW = 1, 2, 3, 4, 5
+OPEN, DATA, END, CLOSE, WINDOW, PING = 1, 2, 3, 4, 5, 6
+KEEPALIVE = 5.0  # seconds between pings on a link
+DEAD_AFTER = 15.0  # a link that heard nothing for this long is closed (no silent hangs)
 HEADER = struct.Struct(">BI")
 WINDOW_BYTES = 4 * 1024 * 1024
 CHUNK = 64 * 1024
@@ -83,6 +92,40 @@ class WsStream:
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):
             await self.ws.aclose()
+
+
+class ChannelStream:
+    """A channel as a byte stream: a relayed link runs its own handshake and frames over it,
+    so relays carry only ciphertext they cannot read (end-to-end encryption)."""
+
+    def __init__(self, ch: Channel) -> None:
+        self.ch = ch
+        self._buf = b""
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            await self.ch.send(bytes(data))
+        except ChannelClosed:
+            raise trio.BrokenResourceError("relay channel closed") from None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self._buf:
+            try:
+                self._buf = await self.ch.receive()
+            except ChannelClosed:
+                return b""
+            if not self._buf:
+                return b""
+        n = max_bytes or len(self._buf)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    async def aclose(self) -> None:
+        await self.ch.aclose()
+
+
+RELAY = "relay"
+MAX_HOPS = 8
 
 
 class LinkError(Exception):
@@ -245,6 +288,8 @@ class Link:
         self._send_lock = trio.Lock()
         self.closed = False
         self.draining = False
+        self.relayed = False
+        self.last_rx = trio.current_time()
         self._nursery: trio.Nursery | None = None
 
     async def _send(self, ftype: int, cid: int, payload: bytes) -> None:
@@ -286,6 +331,7 @@ class Link:
                 self._nursery = nursery
                 # errors are handled inside the nursery: with strict exception groups an
                 # exception leaving it would arrive wrapped in a group
+                nursery.start_soon(self._keepalive)
                 try:
                     await self._read_loop(nursery)
                 except (FrameError, LinkError, trio.BrokenResourceError, OSError) as exc:
@@ -299,6 +345,16 @@ class Link:
                 await self.stream.aclose()
             self.manager._unregister(self)
 
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(KEEPALIVE)
+            if trio.current_time() - self.last_rx > DEAD_AFTER:
+                log.info("link %s silent for %.0f s: closing it", self.peer_addr, DEAD_AFTER)
+                await self.aclose()
+                return
+            with contextlib.suppress(ChannelClosed):
+                await self._send(PING, 0, b"")
+
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         reader = _Reader(self.stream)
         while True:
@@ -310,9 +366,12 @@ class Link:
             self.cipher.check_length(n)
             body = await reader.read(n)
             plain = self.cipher.open(body)
+            self.last_rx = trio.current_time()
             if len(plain) < HEADER.size:
                 raise FrameError("frame without header")
             ftype, cid = HEADER.unpack_from(plain)
+            if ftype == PING:
+                continue
             payload = plain[HEADER.size:]
             if ftype == OPEN:
                 if cid in self.channels or (cid % 2 == 1) != (not self.initiator):
@@ -377,7 +436,14 @@ class LinkManager:
         self.listeners: list[trio.SocketListener] = []
         self.stats: dict[str, int] = {
             "links_accepted": 0, "links_dialed": 0, "handshakes_failed": 0,
-            "links_dropped_bad_frames": 0}
+            "links_dropped_bad_frames": 0, "links_relayed": 0, "relay_sessions": 0}
+        # route(addr) -> (next hop address, destination node name) when addr is reached
+        # through relays; None when it is (or may be) reachable directly
+        self.route: Callable[[str], tuple[str, str] | None] | None = None
+        # name of a node -> its address, for relays to find their next hop
+        self.next_hop_for: Callable[[str], str | None] | None = None
+        self.my_name = ""
+        self.handlers[RELAY] = self._serve_relay
 
     async def run(self, listeners: list[trio.SocketListener],
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -417,6 +483,7 @@ class LinkManager:
         self.stats["links_accepted"] += 1
         link = Link(self, stream, FrameCipher(keys.send_key, keys.recv_key, self.max_frame),
                     keys, initiator=False, initiator_id=keys.peer_id)
+        link.relayed = isinstance(stream, ChannelStream)
         self._register(link)
         await link.run()
 
@@ -442,7 +509,12 @@ class LinkManager:
         while True:
             link = self.links.get(addr)
             if link is not None and not link.closed and not link.draining:
-                return link
+                if link.relayed or self.route is None or self.route(addr) is None:
+                    return link
+                # the routes now go through relays: this direct link is a dead end
+                link.draining = True
+                self._unregister(link)
+                continue
             pending = self._dialing.get(addr)
             if pending is None:
                 break
@@ -485,12 +557,62 @@ class LinkManager:
             raise LinkError(str(exc)) from None
         return await trio.open_tcp_stream(host, port)
 
+    async def _relay_stream(self, addr: str) -> Any:
+        """A byte stream to addr through the relays of its route, or None if direct."""
+        hop = self.route(addr) if self.route is not None else None
+        if hop is None:
+            return None
+        next_addr, dest = hop
+        ch = await self.open_channel(next_addr, RELAY)
+        await ch.send(cbor2.dumps({"dest": dest, "hops": MAX_HOPS - 1}))
+        self.stats["links_relayed"] += 1
+        return ChannelStream(ch)
+
+    async def _serve_relay(self, ch: Channel) -> None:
+        """Carry a relayed link one hop further, or end it here if we are its destination.
+        What passes through is the endpoints' ciphertext; a hop limit stops loops."""
+        try:
+            head = cbor2.loads(await ch.receive(), max_depth=4)
+            dest, hops = head["dest"], head["hops"]
+            if not isinstance(dest, str) or not isinstance(hops, int):
+                raise TypeError
+        except Exception:
+            return
+        if dest == self.my_name:
+            await self._accept_one(ChannelStream(ch))
+            return
+        if hops <= 0:
+            log.info("relay to %s dropped: hop limit reached", dest)
+            return
+        next_addr = self.next_hop_for(dest) if self.next_hop_for is not None else None
+        if next_addr is None:
+            log.info("relay to %s dropped: no route", dest)
+            return
+        try:
+            onward = await self.open_channel(next_addr, RELAY)
+        except (LinkError, ChannelClosed) as exc:
+            log.info("relay to %s via %s failed: %s", dest, next_addr, exc)
+            return
+        self.stats["relay_sessions"] += 1
+        await onward.send(cbor2.dumps({"dest": dest, "hops": hops - 1}))
+
+        async def pump(src: Channel, dst: Channel, cancel: trio.CancelScope) -> None:
+            try:
+                while True:
+                    await dst.send(await src.receive())
+            except ChannelClosed:
+                cancel.cancel()  # one side is gone: the relayed link ends both ways
+
+        async with onward, trio.open_nursery() as nursery:
+            nursery.start_soon(pump, ch, onward, nursery.cancel_scope)
+            nursery.start_soon(pump, onward, ch, nursery.cancel_scope)
+
     async def _dial(self, addr: str) -> Link:
         initiator = Initiator(self.identity, self.keyring, self.advertise)
         stream: Any = None
         try:
             with trio.fail_after(self.handshake_timeout):
-                stream = await self._open_stream(addr)
+                stream = await self._relay_stream(addr) or await self._open_stream(addr)
                 await stream.send_all(_plain(initiator.hello()))
                 confirm, keys = initiator.on_welcome(await _read_plain(stream))
                 await stream.send_all(_plain(confirm))
@@ -500,7 +622,8 @@ class LinkManager:
                 await stream.aclose()
             raise LinkError(f"{addr} did not answer within {self.handshake_timeout:.0f} s"
                             ) from None
-        except (OSError, HandshakeError, LinkError, trio.BrokenResourceError) as exc:
+        except (OSError, HandshakeError, LinkError, ChannelClosed,
+                trio.BrokenResourceError) as exc:
             self.stats["handshakes_failed"] += 1
             if stream is not None:
                 await stream.aclose()
@@ -509,6 +632,7 @@ class LinkManager:
         self.stats["links_dialed"] += 1
         link = Link(self, stream, FrameCipher(keys.send_key, keys.recv_key, self.max_frame),
                     keys, initiator=True, initiator_id=self.identity.node_id)
+        link.relayed = isinstance(stream, ChannelStream)
         # the peer may advertise another address than the one we dialed: file it under both
         keys_addr = link.peer_addr
         link.peer_addr = addr

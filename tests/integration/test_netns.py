@@ -73,3 +73,103 @@ def test_blocked_link_routes_through_the_middle_and_members_stay_alive(cluster):
     finally:
         cluster.close()
         hosts.close()
+
+
+def test_rpc_and_tunnel_cross_a_blocked_link_through_a_relay(cluster):
+    """Clouds A, B, C: A and C cannot reach each other; traffic goes A -> B -> C, end to end
+    encrypted, and again after the middle node restarts."""
+    import hashlib
+    import os
+    import socket as socketlib
+
+    import trio
+
+    from sdk import Client
+
+    from .cluster import control
+    from .test_tunnel import free_port
+
+    hosts = Hosts(3)
+    env = {"MESHD_MEMBERSHIP_PROBE_INTERVAL": "0.3", "MESHD_LOG_LEVEL": "debug"}
+    try:
+        daemons = {}
+        for i in (1, 0, 2):  # the middle node first: the others join through it
+            d = Daemon(cluster.root, f"h{i}", cluster.secret, prefix=hosts.prefix(i), env=env)
+            cluster.daemons[d.name] = d
+            d.start(join=[f"{hosts.ips[1]}:7946"] if i != 1 else None,
+                    bind=f"{hosts.ips[i]}:7946")
+            daemons[i] = d
+        h0, h1, h2 = daemons[0], daemons[1], daemons[2]
+        hosts.block(0, 2)
+        cluster.service(h2)
+        # a checksummed byte source on h2's side, exposed as a tunnel from h2
+        script = cluster.root / "source.py"
+        script.write_text(
+            "import socket, sys\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(4)\n"
+            "data = bytes(range(256)) * 4096\n"
+            "while True:\n"
+            "    c, _ = s.accept()\n"
+            "    for _ in range(100): c.sendall(data)\n"
+            "    c.close()\n")
+        src_port = free_port()
+        import subprocess
+        import sys as sysmod
+
+        source = subprocess.Popen([*hosts.prefix(2), sysmod.executable, str(script),
+                                   str(src_port)])
+        try:
+            time.sleep(0.5)
+            control(h2.data_dir, "tunnel.expose", name="src", to=f"127.0.0.1:{src_port}")
+
+            def routed() -> bool:
+                routes = {r["destination"]: r for r in control(h0.data_dir, "routes")}
+                return routes.get("h2", {}).get("path") == ["h0", "h1", "h2"]
+
+            wait_for(routed, 60, "h0 routes to h2 through h1")
+            wait_for(lambda: control(h0.data_dir, "tunnel.list") != [], 20, "tunnel on h0")
+
+            def rpc() -> str:
+                async def go():
+                    async with Client(h0.data_dir / "meshd.sock") as client:
+                        return (await client.call("testsvc", "Test.Whoami", {"text": ""},
+                                                  timeout=10))["text"]
+                return trio.run(go)
+
+            def tunnel_digest() -> str:
+                port = free_port()
+                proc = subprocess.Popen([*hosts.prefix(0), sysmod.executable, "-m", "cli",
+                                         "tunnel", "connect", "src", "--listen",
+                                         f"127.0.0.1:{port}", "--data-dir", str(h0.data_dir)],
+                                        stdout=subprocess.PIPE, text=True)
+                try:
+                    assert "listening" in proc.stdout.readline()
+                    out = subprocess.run(
+                        [*hosts.prefix(0), sysmod.executable, "-c",
+                         "import socket,hashlib,sys; s=socket.create_connection(('127.0.0.1',"
+                         f"{port})); h=hashlib.sha256(); n=0\n"
+                         "while True:\n d=s.recv(1<<20)\n if not d: break\n"
+                         " h.update(d); n+=len(d)\n"
+                         "print(n, h.hexdigest())"], capture_output=True, text=True, timeout=60)
+                    return out.stdout.strip()
+                finally:
+                    proc.terminate()
+                    proc.wait(5)
+
+            expected = f"{100 * 256 * 4096} " + hashlib.sha256(
+                (bytes(range(256)) * 4096) * 100).hexdigest()
+            assert rpc().startswith("h2:")
+            assert tunnel_digest() == expected
+            assert control(h1.data_dir, "status")["stats"]["relay_sessions"] >= 1
+            # restart the middle node: the relayed link breaks and is dialed again
+            h1.kill9()
+            h1.start(bind=f"{hosts.ips[1]}:7946")
+            wait_for(routed, 60, "route through the restarted h1")
+            wait_for(lambda: rpc().startswith("h2:"), 60, "rpc again after the restart")
+            assert tunnel_digest() == expected
+        finally:
+            source.kill()
+    finally:
+        cluster.close()
+        hosts.close()
+        del os, socketlib
