@@ -81,6 +81,8 @@ def test_tightened_rules_tokens_and_revocation_everywhere(cluster):
         return False
 
     wait_for(refused_without_token, 10, "the tightened rule applied at the callee")
+    wait_for(lambda: all({"ada", "bob"} <= {x["id"] for x in admin(d, "auth.accounts.list")}
+                         for d in (b, c)), 10, "accounts replicated")
 
     async def login(d, who, secret):
         auth = Auth(d.data_dir / "meshd.sock")
