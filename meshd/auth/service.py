@@ -89,6 +89,9 @@ class AuthService:
         self._login_by_account = _Bucket(5, 0.1)
         self._login_by_source = _Bucket(20, 0.5)
         self.stats = {"auth_denied": 0, "auth_bad_tokens": 0}
+        self._bootstrapped = False
+        self._decisions: dict[Any, tuple[bool, Rule | None]] = {}
+        self._decisions_version: Any = None
         links.handlers[CHANNEL] = self._serve_channel
 
     # --- state in the store ----------------------------------------------------------------
@@ -152,7 +155,9 @@ class AuthService:
     # --- bootstrap and keys ----------------------------------------------------------------
 
     def bootstrapped(self) -> bool:
-        return bool(self._records("keys"))
+        if not self._bootstrapped:  # once set up, auth stays set up: cache the answer
+            self._bootstrapped = bool(self._records("keys"))
+        return self._bootstrapped
 
     async def bootstrap(self) -> dict[str, Any]:
         if self.bootstrapped():
@@ -263,7 +268,16 @@ class AuthService:
     def authorize(self, who: Principal, resource: tuple[str, str, str]) -> None:
         if not self.bootstrapped():
             return  # no auth state yet (a node still syncing): nothing to enforce against
-        allowed, rule = decide(self.rules(), who.scopes, resource)
+        rules = self.rules()
+        version = self._rules_cache[0]
+        if version != self._decisions_version or len(self._decisions) > 10_000:
+            self._decisions = {}
+            self._decisions_version = version
+        key = (None if who.scopes is None else tuple(who.scopes), resource)
+        decision = self._decisions.get(key)
+        if decision is None:  # decisions are pure in (rules, scopes, resource): cache them
+            decision = self._decisions[key] = decide(rules, who.scopes, resource)
+        allowed, rule = decision
         if allowed:
             return
         self.stats["auth_denied"] += 1
