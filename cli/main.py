@@ -21,14 +21,31 @@ from typing import Any
 
 import click
 import trio
-from rich.console import Console
-from rich.table import Table
 
 from meshd.control import ControlClient, socket_path
 from meshd.datadir import default_data_dir
 from meshd.errors import MeshError
 
-console = Console()
+
+class _Console:
+    """rich's console, created on first use: `meshd up` (the daemon) then carries no more of
+    rich than its status screen needs."""
+
+    def __getattr__(self, name: str) -> Any:
+        from rich.console import Console
+
+        real = Console()
+        self.__dict__.update({"_real": real})
+        return getattr(real, name)
+
+
+console: Any = _Console()
+
+
+def Table(*args: Any, **kwargs: Any) -> Any:
+    from rich.table import Table as RichTable
+
+    return RichTable(*args, **kwargs)
 
 
 def _version() -> str:
@@ -203,24 +220,26 @@ def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
 
     def ready(node: Node) -> None:
+        # plain click output (not rich): the daemon then never loads rich at all
         if as_json:
             click.echo(json.dumps(node.status()), err=False)
             sys.stdout.flush()
             return
         st = node.status()
-        console.print(f"[bold green]meshd is up[/]  {st['name']} ({st['short_id']}) at "
-                      f"{st['address']}  profile {st['profile']}")
-        console.print(f"  data dir   {st['data_dir']}")
+        click.echo(click.style("meshd is up", fg="green", bold=True)
+                   + f"  {st['name']} ({st['short_id']}) at {st['address']}  "
+                   f"profile {st['profile']}")
+        click.echo(f"  data dir   {st['data_dir']}")
         alive = st["members"].get("alive", 1)
         verb = "created a new cluster" if node.created_cluster else "in a cluster"
-        console.print(f"  cluster    {verb} of {alive} alive member(s)")
-        console.print("  others join with `meshd invite` on this host, which prints:")
-        console.print(f"    MESHD_SECRET=… meshd up --join {st['address']}")
+        click.echo(f"  cluster    {verb} of {alive} alive member(s)")
+        click.echo("  others join with `meshd invite` on this host, which prints:")
+        click.echo(f"    MESHD_SECRET=… meshd up --join {st['address']}")
         if node.bootstrap_token:
-            console.print("  [bold]admin token[/] (shown once; also saved in the data dir as "
-                          "admin.token):")
-            console.print(f"    {node.bootstrap_token}")
-        console.print("  Ctrl-C leaves the cluster gracefully.")
+            click.echo("  " + click.style("admin token", bold=True)
+                       + " (shown once; also saved in the data dir as admin.token):")
+            click.echo(f"    {node.bootstrap_token}")
+        click.echo("  Ctrl-C leaves the cluster gracefully.")
         sys.stdout.flush()
 
     node = Node(settings, secret, on_ready=ready)

@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pyseto
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pyseto import Key
+
+# pyseto is imported when a token is first issued or checked (it is large and many nodes
+# never see a token).
 
 PREFIX = "v4.public."
 
@@ -43,6 +44,9 @@ def new_signing_key() -> tuple[str, bytes, bytes]:
 
 
 def issue(kid: str, private_pem: bytes, claims: dict[str, Any]) -> str:
+    import pyseto
+    from pyseto import Key
+
     key = Key.new(version=4, purpose="public", key=private_pem)
     token = pyseto.encode(key, json.dumps(claims).encode(),
                           footer=json.dumps({"kid": kid}).encode())
@@ -104,6 +108,9 @@ class Verifier:
         return claims
 
     def _verify_signature(self, token: str) -> dict[str, Any]:
+        import pyseto
+        from pyseto import Key
+
         parts = token.split(".")
         if len(parts) != 4:
             raise TokenError("token has no key id footer")

@@ -21,10 +21,12 @@ from typing import Any
 
 import cbor2
 import trio
-import trio_websocket
 
 from meshd.errors import MeshError, bad_request
 from meshd.transport.links import WsStream
+
+# trio_websocket (and wsproto under it) is imported only when a proxy endpoint is served:
+# most nodes never pay for it.
 
 log = logging.getLogger("meshd.proxy")
 
@@ -36,10 +38,14 @@ class EdgeProxy:
 
     async def serve(self, host: str, port: int,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        import trio_websocket
+
         await trio_websocket.serve_websocket(self._handle, host, port, ssl_context=None,
                                              max_message_size=2 << 20, task_status=task_status)
 
     async def _handle(self, request: Any) -> None:
+        import trio_websocket
+
         ws = await request.accept()
         try:
             raw = await ws.get_message()
@@ -91,6 +97,8 @@ class _EofWs(WsStream):
     """A WebSocket as a tunnel's client stream: an empty message is end-of-data."""
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        import trio_websocket
+
         if not self._buf:
             try:
                 msg = await self.ws.get_message()
@@ -104,5 +112,7 @@ class _EofWs(WsStream):
         return out
 
     async def send_eof(self) -> None:
+        import trio_websocket
+
         with contextlib.suppress(trio_websocket.ConnectionClosed):
             await self.ws.send_message(b"")
