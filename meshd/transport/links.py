@@ -218,8 +218,14 @@ class Channel:
         self._window_changed.set()
 
     async def send(self, message: bytes) -> None:
-        """Send one whole message; safe to call from several tasks at once."""
-        async with self._send_lock:
+        """Send one whole message; safe to call from several tasks at once. Only a message
+        split into several frames needs the channel lock (its parts must not interleave
+        with another message); a one-frame message goes straight out unless such a send is
+        under way."""
+        if len(message) > CHUNK or self._send_lock.locked():
+            async with self._send_lock:
+                await self._send_message(message)
+        else:
             await self._send_message(message)
 
     async def _send_message(self, message: bytes) -> None:
