@@ -545,7 +545,6 @@ class Node:
         control.ops.update({"routes": routes, "graph": graph, "ping": ping,
                             "tunnel.expose": self.tunnels.expose,
                             "tunnel.close": self.tunnels.close, "tunnel.list": tunnel_list})
-        control.sessions["tunnel.open"] = self.tunnels.open_session
         control.sessions["tunnel.listen"] = self.tunnels.listen_session
         control.ops.update({"services": services, "describe": describe,
                             "rpc.call": rpc_call, "health": health})

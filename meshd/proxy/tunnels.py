@@ -4,7 +4,8 @@ Rules:
 - `expose NAME --to HOST:PORT` registers "tunnel:NAME" in the registry, owned by this node.
   `close NAME` removes it. Exposures live as long as the daemon (run `expose` again after a
   restart).
-- A session is opened at the caller's daemon (control session "tunnel.open") and carried to
+- The caller's daemon accepts the connections (control session "tunnel.listen", held open
+  by `meshd tunnel connect`; or the proxy endpoint for outside clients) and carries each to
   the exposing node on link channel "tunnel". The exposing node decides: the caller (its
   token, else its node) must be allowed on resource tunnel:NAME by the rules; then it
   connects to the target and pipes bytes both ways.
@@ -82,34 +83,6 @@ class TunnelService:
         return rows
 
     # --- caller side -------------------------------------------------------------------------
-
-    async def open_session(self, args: dict[str, Any], conn: Conn) -> None:
-        name = args.get("name")
-        if not isinstance(name, str):
-            raise bad_request("tunnel.open needs a name")
-        instances = self.node.registry.instances(PREFIX + name)
-        if not instances:
-            raise not_found(f"no tunnel named {name!r} is exposed")
-        inst = instances[0]
-        token = REQUEST_TOKEN.get()
-        if inst["node"] == self.node.name:
-            stream = await self._connect_target(name, token, self.node.name)
-            await conn.reply({"node": inst["node"]})
-            await _pipe_conn_stream(conn, stream)
-            return
-        member = self.node.core.members.get(inst["node"])
-        addr = member.addr if member is not None else inst.get("address", "")
-        try:
-            ch = await self.node.links.open_channel(addr, CHANNEL)
-        except (LinkError, ChannelClosed) as exc:
-            raise unavailable(f"cannot reach node {inst['node']}: {exc}") from None
-        async with ch:
-            await ch.send(cbor2.dumps({"name": name, "token": token}))
-            ack = cbor2.loads(await ch.receive())
-            if not isinstance(ack, dict) or not ack.get("ok"):
-                raise MeshError.from_dict(ack.get("error") if isinstance(ack, dict) else None)
-            await conn.reply({"node": inst["node"]})
-            await _pipe_conn_channel(conn, ch)
 
     async def listen_session(self, args: dict[str, Any], conn: Conn) -> None:
         """Control session "tunnel.listen": this daemon accepts on `listen` and carries each
@@ -284,39 +257,3 @@ async def _pipe_channel_stream(ch: Channel, stream: trio.SocketStream,
         return await _both(*pipes)
     async with stream:
         return await _both(*pipes)
-
-
-async def _pipe_conn_channel(conn: Conn, ch: Channel) -> None:
-    async def from_conn() -> bytes:
-        frame = await conn.receive()
-        return frame.get("d", b"") if isinstance(frame, dict) else b""
-
-    async def to_conn(data: bytes) -> None:
-        await conn.send({"d": data})
-
-    async def end_conn() -> None:
-        await conn.send({"d": b""})
-
-    async def channel_eof() -> None:
-        await ch.send(b"")
-
-    await _both(_pipe(from_conn, ch.send, channel_eof), _pipe(ch.receive, to_conn, end_conn))
-
-
-async def _pipe_conn_stream(conn: Conn, stream: trio.SocketStream) -> None:
-    async def from_conn() -> bytes:
-        frame = await conn.receive()
-        return frame.get("d", b"") if isinstance(frame, dict) else b""
-
-    async def to_conn(data: bytes) -> None:
-        await conn.send({"d": data})
-
-    async def end_conn() -> None:
-        await conn.send({"d": b""})
-
-    async def from_stream() -> bytes:
-        return await stream.receive_some(CHUNK)
-
-    async with stream:
-        await _both(_pipe(from_conn, stream.send_all, stream.send_eof),
-                    _pipe(from_stream, to_conn, end_conn))
