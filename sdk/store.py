@@ -27,6 +27,7 @@ from typing import Any
 
 from meshd.control import ControlClient
 from meshd.errors import MeshError
+from meshd.store import paths
 
 from .client import Client
 
@@ -140,12 +141,9 @@ class Config:
                 found = True
         if not found:
             return False, None
-        node: Any = tree
-        for part in path.split(".") if path else []:
-            if not isinstance(node, dict) or part not in node:
-                return False, None
-            node = node[part]
-        return True, node
+        if not path:
+            return True, tree
+        return paths.lookup(tree, path.split("."))
 
     async def get(self, path: str = "", default: Any = None) -> Any:
         try:
@@ -193,10 +191,4 @@ def _set(tree: dict[str, Any], parts: list[str], value: Any) -> None:
         if isinstance(value, dict):
             tree.update(value)
         return
-    node = tree
-    for p in parts[:-1]:
-        child = node.get(p)
-        if not isinstance(child, dict):
-            child = node[p] = {}
-        node = child
-    node[parts[-1]] = value
+    paths.parent(tree, parts)[parts[-1]] = value

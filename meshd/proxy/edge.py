@@ -94,22 +94,7 @@ class EdgeProxy:
 
 
 class _EofWs(WsStream):
-    """A WebSocket as a tunnel's client stream: an empty message is end-of-data."""
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        import trio_websocket
-
-        if not self._buf:
-            try:
-                msg = await self.ws.get_message()
-            except trio_websocket.ConnectionClosed:
-                return b""
-            if not msg:
-                return b""
-            self._buf = msg if isinstance(msg, bytes) else msg.encode()
-        n = max_bytes or len(self._buf)
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
+    """A WebSocket as a tunnel's client stream: sends an empty message as end-of-data."""
 
     async def send_eof(self) -> None:
         import trio_websocket

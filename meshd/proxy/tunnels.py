@@ -139,10 +139,8 @@ class TunnelService:
                             _pipe(lambda: target.receive_some(CHUNK), stream.send_all,
                                   stream.send_eof))
             return
-        member = self.node.core.members.get(inst["node"])
-        addr = member.addr if member is not None else inst.get("address", "")
         try:
-            ch = await self.node.links.open_channel(addr, CHANNEL)
+            ch = await self.node.links.open_channel(self.node.rpc.node_addr(inst), CHANNEL)
         except (LinkError, ChannelClosed) as exc:
             raise unavailable(f"cannot reach node {inst['node']}: {exc}") from None
         async with ch:

@@ -95,6 +95,12 @@ class RpcService:
             pool = [c for c in pool if rtt(c) == best]
         return pool[self.rng.randrange(len(pool))]
 
+    def node_addr(self, inst: dict[str, Any]) -> str:
+        """Where the node of a registry instance is reached now (its registered address if
+        the member is no longer known)."""
+        member = self.core.members.get(inst["node"])
+        return member.addr if member is not None else inst.get("address", "")
+
     def candidates(self, service: str, endpoint: str) -> list[dict[str, Any]]:
         """Instances of `service` that serve `endpoint`; 404 naming what is missing."""
         instances = self.registry.instances(service)
@@ -162,9 +168,7 @@ class RpcService:
             if local is None:
                 raise NotDelivered("the instance is gone")
             return _unwrap(await call_local(local, endpoint, body, meta, deadline))
-        member = self.core.members.get(inst["node"])
-        addr = member.addr if member is not None else inst.get("address", "")
-        mux = await self._mux_to(addr)
+        mux = await self._mux_to(self.node_addr(inst))
         request = {"instance": inst["id"], "endpoint": endpoint, "body": body, "meta": meta,
                    "timeout": deadline - trio.current_time()}
         if token:

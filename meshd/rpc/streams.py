@@ -142,10 +142,8 @@ class StreamService:
             finally:
                 stream.close()
             return
-        member = self.rpc.core.members.get(inst["node"])
-        addr = member.addr if member is not None else inst.get("address", "")
         try:
-            ch = await self.rpc.links.open_channel(addr, CHANNEL)
+            ch = await self.rpc.links.open_channel(self.rpc.node_addr(inst), CHANNEL)
         except (LinkError, ChannelClosed) as exc:
             raise unavailable(f"cannot reach node {inst['node']}: {exc}", id="meshd.rpc"
                               ) from None

@@ -30,7 +30,7 @@ from meshd.membership.core import Membership
 from meshd.membership.messages import ALIVE
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
-from . import crdt
+from . import crdt, paths
 from .persist import FILE, StoreDB
 from .replication import StoreReplicator, WireError
 from .state import view
@@ -388,7 +388,7 @@ class StoreService:
         tree: dict[str, Any] = {}
         for _, key, raw in sorted(related):
             _put(tree, key.split("."), None if raw is None else json.loads(raw))
-        return _get(tree, path.split(".") if path else [])
+        return paths.lookup(tree, path.split(".") if path else [])
 
     async def config_get(self, args: dict[str, Any]) -> Any:
         namespace, path = _config_args(args)
@@ -453,24 +453,8 @@ def _config_args(args: dict[str, Any]) -> tuple[str, str]:
 
 
 def _put(tree: dict[str, Any], parts: list[str], value: Any) -> None:
-    node = tree
-    for p in parts[:-1]:
-        child = node.get(p)
-        if not isinstance(child, dict):
-            child = node[p] = {}
-        node = child
+    node = paths.parent(tree, parts)
     if value is None:
         node.pop(parts[-1], None)
     else:
         node[parts[-1]] = value
-
-
-def _get(tree: dict[str, Any], parts: list[str]) -> tuple[bool, Any]:
-    node: Any = tree
-    for p in parts:
-        if not isinstance(node, dict) or p not in node:
-            return False, None
-        node = node[p]
-    if not parts and not tree:
-        return False, None
-    return True, node

@@ -84,6 +84,8 @@ class WsStream:
                 msg = await self.ws.get_message()
             except trio_websocket.ConnectionClosed:
                 return b""
+            if not msg:
+                return b""  # an empty message is end-of-data (links never send one)
             self._buf = msg if isinstance(msg, bytes) else msg.encode()
         n = max_bytes or len(self._buf)
         out, self._buf = self._buf[:n], self._buf[n:]
