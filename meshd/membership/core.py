@@ -20,7 +20,15 @@ Probing (SWIM)
       target is pinged once over a stream too.
   P3. If no ack arrives by the end of the probe interval, the target is suspected.
   P4. An indirect prober that gets no ack within nack_fraction * probe timeout sends a Nack
-      to the requester when asked to (Lifeguard); an ack it gets is forwarded.
+      to the requester when asked to (Lifeguard); an ack it gets until the end of the probe
+      interval is forwarded.
+  P5. Routed probes. When the shell sets ``next_hop`` (its routing table: the first hop
+      towards a member, or None), a member whose next hop is another live member is not
+      reached directly (another cloud, a firewall). The indirect round then also asks that
+      hop, and a node asked to probe a target it reaches through a hop forwards the request
+      to the hop (at most MAX_HOPS relays) besides pinging the target itself; acks travel
+      back along the chain. So a member behind two gateways is alive, not dead. Helpers,
+      gossip and push-pull pick members reached directly (or with no route known).
 Lifeguard
   L1. Local health: a successful probe lowers the score by one; a failed one raises it by the
       missing nacks (by one when none were expected); refuting a suspicion of ourselves
@@ -80,6 +88,7 @@ from .messages import (
     ALIVE,
     DEAD,
     LEFT,
+    MAX_HOPS,
     STATE_NAMES,
     SUSPECT,
     Ack,
@@ -180,6 +189,15 @@ class _Relay:
         self.done = False
 
 
+class _RelayNack:
+    """The Lifeguard nack deadline of a relay (the relay itself lives on for late acks)."""
+
+    __slots__ = ("relay",)
+
+    def __init__(self, relay: _Relay) -> None:
+        self.relay = relay
+
+
 class _Former:
     """A dead or left member remembered for reconnect attempts after it is reaped."""
 
@@ -253,6 +271,8 @@ class Membership:
         self._snapshot_cache: tuple[list[MemberState], int] | None = None
         # bumped on every change of the member table, so views built on it can be cached
         self.member_version = 0
+        # routing table lookup set by the shell (P5): member name -> first hop name or None
+        self.next_hop: Callable[[str], str | None] | None = None
         # Random phases so that nodes started together do not act in lockstep.
         self._schedule(now + rng.uniform(0, settings.probe_interval), self._probe_round, None)
         self._schedule(now + rng.uniform(0, settings.push_pull_interval),
@@ -383,6 +403,8 @@ class Membership:
         kind = type(arg)
         if kind is _Probe or kind is _Relay:
             return arg.done
+        if kind is _RelayNack:
+            return arg.relay.done
         if kind is tuple and type(arg[1]) is Suspicion:
             name, sus = arg
             return self._suspicions.get(name) is not sus or entry[0] < sus.deadline()
@@ -493,6 +515,27 @@ class Membership:
             chosen.append(cand)
         return chosen
 
+    def _route_via(self, name: str) -> str | None:
+        """The live member through which `name` is reached, if not directly (P5)."""
+        if self.next_hop is None:
+            return None
+        hop = self.next_hop(name)
+        if hop is None or hop == name or hop == self.me.name or hop not in self._live_pos:
+            return None
+        return hop
+
+    def _random_direct(self, k: int, exclude: tuple[str, ...] = ()) -> list[str]:
+        """Up to k random live members reached directly (or with no route known)."""
+        if self.next_hop is None:
+            return self._random_live(k, exclude)
+        picked: list[str] = []
+        for name in self._random_live(min(len(self._live), 4 * k), exclude):
+            if self._route_via(name) is None:
+                picked.append(name)
+                if len(picked) == k:
+                    break
+        return picked
+
     def _set_dead(self, m: Member, state: int, now: float) -> None:
         was_live = m.state in (ALIVE, SUSPECT)
         m.state = state
@@ -556,7 +599,10 @@ class Membership:
         if target is None or target.state not in (ALIVE, SUSPECT):
             self._probe_done(probe)
             return
-        helpers = self._random_live(self.s.indirect_checks, (target.name,))
+        helpers = self._random_direct(self.s.indirect_checks, (target.name,))
+        hop = self._route_via(target.name)
+        if hop is not None and hop not in helpers:
+            helpers.append(hop)
         nack = self.s.lifeguard
         for name in helpers:
             helper = self.members[name]
@@ -599,19 +645,32 @@ class Membership:
 
     def _on_indirect_ping(self, msg: IndirectPing, sender: str, now: float,
                           reliable: bool) -> None:
+        if msg.target == self.me.name:  # we are the target (a relay before us routed here)
+            self._send(sender, Ack(msg.seq))
+            return
         relay = _Relay(self._next_seq(), sender, msg.seq, msg.nack)
         self._acks[relay.seq] = relay
         self._send(msg.target_addr, Ping(relay.seq, msg.target, self.me.name, self.me.addr))
-        self._schedule(now + self.s.nack_fraction * self.s.probe_timeout,
-                       self._relay_expired, relay)
+        hop = self._route_via(msg.target)
+        if hop is not None and msg.hops < MAX_HOPS and self.members[hop].addr != sender:
+            self._send(self.members[hop].addr,
+                       IndirectPing(relay.seq, msg.target, msg.target_addr, self.me.name,
+                                    self.me.addr, False, msg.hops + 1))
+        if msg.nack:
+            self._schedule(now + self.s.nack_fraction * self.s.probe_timeout,
+                           self._relay_nack, _RelayNack(relay))
+        self._schedule(now + self.s.probe_interval, self._relay_expired, relay)
+
+    def _relay_nack(self, arg: _RelayNack, now: float) -> None:
+        relay = arg.relay
+        if not relay.done:
+            self._send(relay.requester_addr, Nack(relay.orig_seq))
 
     def _relay_expired(self, relay: _Relay, now: float) -> None:
         if relay.done:
             return
         relay.done = True
         self._acks.pop(relay.seq, None)
-        if relay.nack:
-            self._send(relay.requester_addr, Nack(relay.orig_seq))
 
     def _on_ack(self, msg: Ack, sender: str, now: float, reliable: bool) -> None:
         waiter = self._acks.pop(msg.seq, None)
@@ -773,7 +832,7 @@ class Membership:
         if not self._broadcasts:
             self._gossip_armed = False
             return
-        targets = self._random_live(self.s.gossip_nodes)
+        targets = self._random_direct(self.s.gossip_nodes)
         recent = self._recent_dead
         if recent:
             horizon = now - self.s.gossip_to_the_dead
@@ -824,7 +883,7 @@ class Membership:
         self._schedule(now + period, self._push_pull_round, None)
         if self.leaving:
             return
-        peers = self._random_live(1)
+        peers = self._random_direct(1)
         if peers:
             self._send_push_pull(self.members[peers[0]].addr, join=False)
 

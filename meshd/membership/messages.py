@@ -28,6 +28,7 @@ MAX_ITEMS = 256  # messages in one packet
 MAX_STATES = 100_000  # members in one push-pull
 MAX_UINT = 2**63 - 1
 MAX_SEQ = 2**32 - 1
+MAX_HOPS = 8  # relays a routed indirect probe may pass (core.py P5)
 
 ALIVE, SUSPECT, DEAD, LEFT = 0, 1, 2, 3
 STATE_NAMES = ("alive", "suspect", "dead", "left")
@@ -62,10 +63,11 @@ class IndirectPing:
     source: str
     source_addr: str
     nack: bool
+    hops: int = 0  # relays this request already passed (routed probes, see core.py P5)
 
     def to_wire(self) -> list[Any]:
         return [self.TYPE, self.seq, self.target, self.target_addr, self.source,
-                self.source_addr, self.nack]
+                self.source_addr, self.nack, self.hops]
 
 
 @dataclass(slots=True)
@@ -213,9 +215,9 @@ def _states(v: Any) -> list[MemberState]:
 _DECODERS: dict[int, tuple[int, Any]] = {
     Ping.TYPE: (5, lambda f: Ping(_uint(f[1], MAX_SEQ), _text(f[2], MAX_NAME),
                                   _text(f[3], MAX_NAME), _text(f[4], MAX_ADDR))),
-    IndirectPing.TYPE: (7, lambda f: IndirectPing(
+    IndirectPing.TYPE: (8, lambda f: IndirectPing(
         _uint(f[1], MAX_SEQ), _text(f[2], MAX_NAME), _text(f[3], MAX_ADDR),
-        _text(f[4], MAX_NAME), _text(f[5], MAX_ADDR), _flag(f[6]))),
+        _text(f[4], MAX_NAME), _text(f[5], MAX_ADDR), _flag(f[6]), _uint(f[7], MAX_HOPS))),
     Ack.TYPE: (2, lambda f: Ack(_uint(f[1], MAX_SEQ))),
     Nack.TYPE: (2, lambda f: Nack(_uint(f[1], MAX_SEQ))),
     Alive.TYPE: (5, lambda f: Alive(_uint(f[1]), _text(f[2], MAX_NAME), _text(f[3], MAX_ADDR),

@@ -7,7 +7,10 @@ Rules:
   any record, so link state spreads by gossip and heals by anti-entropy.
 - Every `recompute_interval` the table takes any newer adverts of live members, forgets
   members that are gone, and recomputes (with hysteresis, see table.py).
-- RTTs come from the membership core's direct probe acks; Vivaldi is fed the same samples.
+- RTTs come from the membership core's direct probe acks; Vivaldi is fed the same samples
+  (monitor.py). Suspected members carry no transit traffic until refuted (table.py).
+- The table is the membership core's `next_hop`, so probes of members reached through a
+  relay follow the route (membership core P5).
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ from typing import Any
 
 import trio
 
-from meshd.membership.messages import ALIVE, SUSPECT
 from meshd.store import crdt
 
-from .rtt import RttFilter
+from .monitor import LinkMonitor
 from .table import RoutingTable
 from .vivaldi import Coordinate, VivaldiClient
 
@@ -39,62 +41,35 @@ class RoutingService:
         self.advertise_interval = advertise_interval
         self.table = RoutingTable(self.me, min_interval=recompute_interval)
         self.recompute_interval = recompute_interval
-        self.rtts = RttFilter()
-        self.vivaldi = VivaldiClient()
-        self._seen_rtt: dict[str, float] = {}
+        self.monitor = LinkMonitor(core)
         self._version = 0
+        core.next_hop = self.next_hop
+
+    @property
+    def vivaldi(self) -> VivaldiClient:
+        return self.monitor.vivaldi
+
+    def next_hop(self, dest: str) -> str | None:
+        route = self.table.routes.get(dest)
+        return None if route is None else route.next_hop
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         next_advert = trio.current_time()
         while True:
             now = trio.current_time()
-            self._sample()
+            self.monitor.sample(self._coordinates())
             if now >= next_advert:
                 await self._advertise()
                 next_advert = now + self.advertise_interval
             self._load()
+            self.table.set_avoid(self.monitor.suspects())
             if self.table.recompute(now):
                 log.debug("routes changed: %d destinations", len(self.table.routes))
             await trio.sleep(self.recompute_interval)
 
     def direct_links(self) -> dict[str, float]:
-        """Members that answered a direct probe recently, with their filtered RTT. Each member
-        is probed once per round of the probe list, so "recently" scales with the cluster."""
-        now = trio.current_time()
-        s = self.core.s
-        horizon = max(30.0, 3 * self.core.num_live() * s.probe_interval)
-        out = {}
-        for m in self.core.member_list():
-            if m.name == self.me or m.state not in (ALIVE, SUSPECT) or m.rtt_at is None:
-                continue
-            if now - m.rtt_at > horizon:
-                continue
-            est = self.rtts.get(m.name)
-            if est is not None:
-                out[m.name] = est
-        return out
-
-    def _live_peers(self) -> list[str]:
-        return [m.name for m in self.core.member_list()
-                if m.state in (ALIVE, SUSPECT) and m.name != self.me]
-
-    def _sample(self) -> None:
-        """Take the newest direct-probe RTT of each member into the filter and Vivaldi."""
-        coords = self._coordinates()
-        for m in self.core.member_list():
-            if m.name == self.me or m.rtt is None or m.state not in (ALIVE, SUSPECT):
-                continue
-            if self._seen_rtt.get(m.name) == m.rtt:
-                continue
-            self._seen_rtt[m.name] = m.rtt
-            self.rtts.add(m.name, m.rtt)
-            other = coords.get(m.name)
-            if other is not None:
-                self.vivaldi.update(other, m.rtt)
-        for name in [n for n in self._seen_rtt if n not in set(self._live_peers())]:
-            self._seen_rtt.pop(name, None)
-            self.rtts.forget(name)
+        return self.monitor.direct_links(trio.current_time())
 
     def _records(self) -> dict[str, Any]:
         return self.store.json_records(DB, TABLE)
@@ -117,7 +92,7 @@ class RoutingService:
         await self.store._commit_local(DB, TABLE, self.me, delta, 1)
 
     def _load(self) -> None:
-        live_names = set(self._live_peers()) | {self.me}
+        live_names = set(self.monitor.live()) | {self.me}
         for origin, rec in self._records().items():
             if origin not in live_names:
                 self.table.forget(origin)

@@ -9,6 +9,9 @@ Rules:
 - Recompute is rate-limited to once per `min_interval` and only when something changed.
 - Hysteresis: a destination keeps its current path while that path still exists and the new
   best is not at least `switch_gain` (fraction) cheaper, so jittery RTTs do not flap routes.
+- Members set as `avoid` (suspected by membership) carry no transit traffic: paths go around
+  them at once, without waiting for their adverts to age out; they stay reachable as
+  destinations. A path through an avoided node no longer "exists" for hysteresis.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class RoutingTable:
         self.adverts: dict[str, tuple[int, dict[str, float]]] = {}
         self.routes: dict[str, Route] = {}
         self.flaps = 0
+        self.avoid: frozenset[str] = frozenset()
         self._dirty = False
         self._last = -float("inf")
 
@@ -54,6 +58,13 @@ class RoutingTable:
         self.adverts[origin] = (version, nearest)
         self._dirty = True
         return True
+
+    def set_avoid(self, names: frozenset[str]) -> None:
+        """Members that must not carry transit traffic (suspected ones)."""
+        names = names - {self.me}
+        if names != self.avoid:
+            self.avoid = names
+            self._dirty = True
 
     def forget(self, origin: str) -> None:
         if self.adverts.pop(origin, None) is not None:
@@ -79,7 +90,7 @@ class RoutingTable:
             changed = bool(self.routes)
             self.routes = {}
             return changed
-        dist, paths = nx.single_source_dijkstra(g, self.me, weight="weight")
+        dist, paths = _shortest(g, self.me, self.avoid)
         changed = False
         new: dict[str, Route] = {}
         for dest, path in paths.items():
@@ -88,7 +99,7 @@ class RoutingTable:
             best = Route(dest, path[1], tuple(path), dist[dest])
             old = self.routes.get(dest)
             if old is not None and old.path != best.path:
-                old_cost = _path_cost(g, old.path)
+                old_cost = _path_cost(g, old.path, self.avoid)
                 if old_cost is not None and best.cost > old_cost * (1 - self.switch_gain):
                     best = Route(dest, old.next_hop, old.path, old_cost)  # keep: not better
             if old is None or old.next_hop != best.next_hop:
@@ -105,7 +116,27 @@ class RoutingTable:
         return self.routes.get(dest)
 
 
-def _path_cost(g: nx.Graph, path: tuple[str, ...]) -> float | None:
+def _shortest(g: nx.Graph, me: str, avoid: frozenset[str]
+              ) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Dijkstra from me where avoided nodes may only end a path."""
+    if not avoid or not any(n in g for n in avoid):
+        return nx.single_source_dijkstra(g, me, weight="weight")
+    transit = g.subgraph([n for n in g if n not in avoid or n == me])
+    dist, paths = nx.single_source_dijkstra(transit, me, weight="weight")
+    for dest in sorted(n for n in avoid if n in g):
+        best: tuple[float, list[str]] | None = None
+        for nbr, data in g[dest].items():
+            if nbr in dist and (best is None or dist[nbr] + data["weight"] < best[0]):
+                best = (dist[nbr] + data["weight"], [*paths[nbr], dest])
+        if best is not None:
+            dist[dest], paths[dest] = best
+    return dist, paths
+
+
+def _path_cost(g: nx.Graph, path: tuple[str, ...],
+               avoid: frozenset[str] = frozenset()) -> float | None:
+    if any(n in avoid for n in path[1:-1]):
+        return None
     total = 0.0
     for a, b in itertools.pairwise(path):
         if not g.has_edge(a, b):

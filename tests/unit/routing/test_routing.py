@@ -124,3 +124,27 @@ def test_coordinates_from_peers_are_checked():
         raise AssertionError(f"accepted {bad!r}")
     c = Coordinate.from_wire([[0.0] * 8, 9.0, 0.0, 0.0])
     assert c.error == 1.5 and c.height > 0
+
+
+def test_suspected_gateway_carries_no_transit_but_stays_a_destination():
+    links = clouds()
+    links["a2"]["b2"] = links["b2"]["a2"] = 0.045  # a second way out of cloud a
+    t = table_for("a3", links)
+    assert t.route("c3").next_hop == "a1"
+    t.set_avoid(frozenset({"a1"}))
+    assert t.recompute(0.5, force=True)
+    assert "a1" not in t.route("c3").path[1:-1]
+    assert t.route("c3").next_hop == "a2"
+    assert t.route("a1").path == ("a3", "a1")  # still reachable itself
+    t.set_avoid(frozenset())
+    t.recompute(1.0, force=True)
+    # refuted: the old way is only 10 ms cheaper (76 vs 86 ms, >10%), so it comes back
+    assert t.route("c3").next_hop == "a1"
+
+
+def test_avoiding_this_node_itself_is_ignored():
+    t = table_for("a1", clouds())
+    before = dict(t.routes)
+    t.set_avoid(frozenset({"a1"}))
+    t.recompute(1.0, force=True)
+    assert t.routes == before and len(before) == 8

@@ -1,0 +1,84 @@
+"""Routed probes (core rule P5): members behind gateways stay alive; gossip goes direct."""
+
+from __future__ import annotations
+
+from meshd.membership.messages import MAX_HOPS, Alive, IndirectPing, Ping
+
+from .helpers import Harness, addr, settings
+
+# a chain of reachability: a1 <-> ga <-> gc <-> c1 (as between two clouds' internal nodes)
+CHAIN = ["a1", "ga", "gc", "c1"]
+LINKS = {frozenset(p) for p in (("a1", "ga"), ("ga", "gc"), ("gc", "c1"))}
+
+
+def _next_hop_table(me: str):
+    pos = CHAIN.index(me)
+
+    def next_hop(dest: str) -> str | None:
+        if dest not in CHAIN or dest == me:
+            return None
+        step = 1 if CHAIN.index(dest) > pos else -1
+        return CHAIN[pos + step]
+    return next_hop
+
+
+def _chain(routed: bool) -> Harness:
+    h = Harness(s=settings(tcp_fallback=False))
+    h.add(*CHAIN)
+    h.drop = lambda src, dst: frozenset((src, dst)) not in LINKS
+    if routed:
+        for name, core in h.cores.items():
+            core.next_hop = _next_hop_table(name)
+    return h
+
+
+def test_member_two_relays_away_stays_alive_with_routes():
+    h = _chain(routed=True)
+    h.run(40.0)
+    for a in CHAIN:
+        for b in CHAIN:
+            if a != b:
+                assert h.status(a, b) == "alive", (a, b)
+                assert "suspect" not in h.kinds(a, b), (a, b)
+    forwarded = [m for m in h.msgs_sent("ga", IndirectPing, "gc") if m.target == "c1"]
+    assert [m for m in forwarded if m.hops == 1 and not m.nack], "ga never forwarded a1's probe"
+
+
+def test_without_routes_the_same_member_is_suspected():
+    h = _chain(routed=False)
+    h.run(40.0)
+    assert "suspect" in h.kinds("a1", "c1")
+
+
+def test_gossip_and_push_pull_go_only_to_members_reached_directly():
+    h = _chain(routed=True)
+    h.run(2.0)
+    h.sent.clear()
+    # a change to spread: a1's tags
+    h.take("a1", h.cores["a1"].update_tags({"v": "2"}, h.now))
+    h.run(40.0)
+    assert not [s for o, s in h.sent if o == "a1" and s.addr in (addr("gc"), addr("c1"))
+                and not any(isinstance(m, Ping | IndirectPing) for m in s.msgs)], \
+        "a1 sent gossip or push-pull to a member it only reaches through ga"
+    assert h.cores["c1"].members["a1"].tags == {"v": "2"}
+    assert [m for m in h.msgs_sent("a1", Alive) if m.node == "a1"]
+
+
+def test_routed_request_is_not_forwarded_past_the_hop_limit():
+    h = _chain(routed=True)
+    ga = h.cores["ga"]
+    out = ga.receive(addr("a1"), [IndirectPing(5, "c1", addr("c1"), "a1", addr("a1"), True,
+                                               MAX_HOPS)], 0.0)
+    assert not [m for s in out.sends for m in s.msgs if isinstance(m, IndirectPing)]
+    out = ga.receive(addr("a1"), [IndirectPing(6, "c1", addr("c1"), "a1", addr("a1"), True,
+                                               MAX_HOPS - 1)], 0.0)
+    fwd = [(s.addr, m) for s in out.sends for m in s.msgs if isinstance(m, IndirectPing)]
+    assert [(a, m.hops, m.nack) for a, m in fwd] == [(addr("gc"), MAX_HOPS, False)]
+
+
+def test_target_that_receives_a_routed_request_acks_it():
+    h = _chain(routed=True)
+    out = h.cores["c1"].receive(addr("gc"), [IndirectPing(9, "c1", addr("c1"), "gc",
+                                                          addr("gc"), False, 1)], 0.0)
+    assert [(s.addr, type(m).__name__, m.seq) for s in out.sends for m in s.msgs[:1]] == \
+        [(addr("gc"), "Ack", 9)]
