@@ -198,7 +198,7 @@ class Node:
         except StoreFileError as exc:
             raise NodeError(str(exc)) from None
         self.auth = AuthService(self.name, self.store, self.links, self.data_dir)
-        self.routing = RoutingService(self.core, self.store)
+        self.routing = RoutingService(self.core, self.store, measure=self.membership.measure)
         self.links.my_name = self.name
         self.links.route = self._relay_route
         self.links.next_hop_for = self._next_hop_addr

@@ -43,6 +43,7 @@ from meshd.registry.replication import Replicator
 
 from .metrics import Metrics
 from .network import Network
+from .routingsim import RoutingSim
 from .scenario import Fault, Scenario, ScenarioError
 from .storesim import STORE, StoreSim
 
@@ -52,7 +53,7 @@ NO_PAUSE, FULL, RECEIVE = 0, 1, 2
 
 class SimNode:
     __slots__ = ("addr", "backlog", "core", "degraded_until", "idx", "incarnation", "name",
-                 "offset", "pause_mode", "replicator", "store", "tick_at", "up")
+                 "offset", "pause_mode", "replicator", "routing", "store", "tick_at", "up")
 
     def __init__(self, idx: int, name: str, addr: str) -> None:
         self.idx = idx
@@ -61,6 +62,7 @@ class SimNode:
         self.core: Membership | None = None
         self.replicator: Replicator | None = None
         self.store: Any = None
+        self.routing: Any = None
         self.up = False
         self.tick_at = math.inf
         self.offset = 0.0
@@ -102,6 +104,9 @@ class Simulation:
         self._codec = scenario.codec
         self._zone_index = {z.name: i for i, z in enumerate(scenario.zones)}
         self.storesim = StoreSim(self) if scenario.store else None
+        self.routingsim = RoutingSim(self) if scenario.routing else None
+        self.net.restricted = {i for i, z in enumerate(scenario.zones) if z.gateways > 0}
+        self._zone_counts = [0] * len(scenario.zones)
         for a, b, link in scenario.zone_links:
             ia, ib = self._zone_index[a], self._zone_index[b]
             self.net.links[(ia, ib)] = link
@@ -160,8 +165,16 @@ class Simulation:
                 if pos <= acc:
                     zone = i
                     break
-        self.net.add_node(zone)
+        gateway = False
+        if self.sc.zones:
+            # the first `gateways` nodes of a zone are its gateways
+            gateway = self._zone_counts[zone] < self.sc.zones[zone].gateways
+            self._zone_counts[zone] += 1
+        self.net.add_node(zone, gateway)
         return node
+
+    def is_gateway(self, node: SimNode) -> bool:
+        return self.net.gateway[node.idx]
 
     def _start_core(self, node: SimNode) -> Membership:
         core = Membership(node.name, node.addr, self.settings,
@@ -173,6 +186,8 @@ class Simulation:
         if self.storesim is not None:
             node.store = self.storesim.start_node(node, core)
         node.up = True
+        if self.routingsim is not None:
+            node.routing = self.routingsim.start_node(node, core)
         node.tick_at = math.inf
         node.pause_mode = NO_PAUSE
         node.backlog = []
@@ -320,7 +335,14 @@ class Simulation:
         self._repeat(f, self._crash_one)
 
     def _crash_one(self, f: Fault) -> None:
-        node = self._random_up_node()
+        if f.target == "any" and f.zone is None:
+            node = self._random_up_node()
+        else:
+            zone = None if f.zone is None else self._zone_index[f.zone]
+            pool = [n for n in self._up_nodes()
+                    if (f.target == "any" or self.is_gateway(n) == (f.target == "gateway"))
+                    and (zone is None or self.net.zone_of[n.idx] == zone)]
+            node = pool[self.fault_rng.randrange(len(pool))] if pool else None
         if node is None:
             return
         core = node.core
@@ -330,10 +352,13 @@ class Simulation:
         node.core = None
         node.replicator = None
         node.store = None
+        node.routing = None
         node.up = False
         node.backlog = []
         self._up -= 1
         self.log(f"{self.now:.6f} {node.name} crash {core.me.incarnation}")
+        if self.routingsim is not None:
+            self.routingsim.on_crash()
         if f.restart_after is not None:
             self.call_at(self.now + f.restart_after, self._restart, node)
 
@@ -358,6 +383,7 @@ class Simulation:
         if node.up:
             node.up = False
             node.core = None
+            node.routing = None
             self._up -= 1
 
     def _fault_join(self, f: Fault) -> None:
@@ -602,6 +628,8 @@ class Simulation:
             metrics.update(self._registry_result())
         if self.storesim is not None:
             metrics.update(self.storesim.result())
+        if self.routingsim is not None:
+            metrics.update(self.routingsim.result())
         return {
             "scenario": self.sc.name,
             "seed": self.seed,

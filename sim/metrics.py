@@ -14,7 +14,7 @@ Rules (each metric's definition):
   observer by a partition within the last `grace` seconds. grace = the longest suspicion
   timeout, so anything a fault could still explain is not counted as false.
   degraded_deaths counts those explained by the subject's own pause or stall;
-  partition_deaths those across a cut.
+  partition_deaths those across a cut. The _after_warmup variants count only from warmup on.
 - rejoin_after_heal_s: after a partition heals, seconds until every running node sees every
   other running node alive.
 """
@@ -64,6 +64,8 @@ class Metrics:
         self.crashes: list[CrashTrack] = []
         self._crash_by_node: dict[str, CrashTrack] = {}
         self.false_deaths = 0
+        self.false_deaths_after_warmup = 0
+        self.suspicions_after_warmup = 0
         self.false_death_subjects: dict[str, None] = {}
         self.degraded_deaths = 0
         self.partition_deaths = 0
@@ -108,6 +110,8 @@ class Metrics:
             return
         if kind == "suspect":
             self.suspicions += 1
+            if now >= self.warmup:
+                self.suspicions_after_warmup += 1
             crash = self._crash_by_node.get(ev.node)
             if crash is not None and crash.first is None:
                 crash.first = now - crash.start
@@ -133,6 +137,8 @@ class Metrics:
             self.partition_deaths += 1
         else:
             self.false_deaths += 1
+            if now >= self.warmup:
+                self.false_deaths_after_warmup += 1
             self.false_death_subjects[ev.node] = None
             if len(self.false_death_log) < 20:
                 self.false_death_log.append(f"{now:.3f} {observer} declared {ev.node} dead "
@@ -151,6 +157,8 @@ class Metrics:
             "degraded_deaths": self.degraded_deaths,
             "partition_deaths": self.partition_deaths,
             "suspicions": self.suspicions,
+            "suspicions_after_warmup": self.suspicions_after_warmup,
+            "false_deaths_after_warmup": self.false_deaths_after_warmup,
         }
         if self.changes:
             p999: list[float] = []

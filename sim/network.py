@@ -8,6 +8,8 @@ Rules:
   the stream fails. Opening a stream costs one round trip.
 - Each node's egress is a queue at the link bandwidth (bytes/s), if one is set.
 - Nodes in different partition groups cannot reach each other, in either direction.
+- Gateways: in a zone marked `restricted`, only its gateway nodes reach other zones (the
+  others sit behind NAT or a firewall); both ends of a cross-zone packet must be allowed.
 - All randomness comes from the one `random.Random` handed in.
 """
 
@@ -37,10 +39,29 @@ class Network:
         self.links: dict[tuple[int, int], Link] = {}
         self.group_of: list[int] | None = None
         self.egress_free: list[float] = []
+        self.gateway: list[bool] = []
+        self.restricted: set[int] = set()  # zones where only gateways reach out
 
-    def add_node(self, zone: int = 0) -> None:
+    def add_node(self, zone: int = 0, gateway: bool = False) -> None:
         self.zone_of.append(zone)
         self.egress_free.append(0.0)
+        self.gateway.append(gateway)
+
+    def reachable(self, src: int, dst: int) -> bool:
+        """Whether src can reach dst at all right now (partitions, gateway rules)."""
+        if self.group_of is not None and self.group_of[src] != self.group_of[dst]:
+            return False
+        zs, zd = self.zone_of[src], self.zone_of[dst]
+        if zs == zd or not self.restricted:
+            return True
+        return (zs not in self.restricted or self.gateway[src]) and \
+            (zd not in self.restricted or self.gateway[dst])
+
+    def mean_latency(self, src: int, dst: int) -> float:
+        """Expected one-way latency of src -> dst (base plus the jitter draw's mean)."""
+        link = self.link(src, dst)
+        mean_jitter = {"uniform": 0.5, "normal": 0.7978845608, "exponential": 1.0}
+        return link.latency + link.jitter * mean_jitter[link.jitter_kind]
 
     def link(self, src: int, dst: int) -> Link:
         if not self.links:
@@ -65,7 +86,7 @@ class Network:
     def delivery_time(self, src: int, dst: int, size: int, now: float,
                       reliable: bool, connect: bool = True) -> float | None:
         """When a message sent now arrives, or None if it never does."""
-        if self.group_of is not None and self.group_of[src] != self.group_of[dst]:
+        if not self.reachable(src, dst):
             return None
         link = self.link(src, dst)
         start = now

@@ -49,12 +49,15 @@ class Fault:
     loss: float = 0.0
     rate: float = 10.0
     keys: int = 100
+    target: str = "any"  # crash: any node, a "gateway" or an "internal" (non-gateway) one
+    zone: str | None = None  # crash: only nodes of this zone
 
 
 @dataclass(slots=True)
 class Zone:
     name: str
     fraction: float
+    gateways: int = 0  # > 0: only this many nodes of the zone reach other zones
 
 
 @dataclass(slots=True)
@@ -75,6 +78,8 @@ class Scenario:
     store_sync_interval: float = 10.0
     store_tombstone_grace: float = 86400.0
     store_hlc: bool = True
+    routing: bool = False
+    routing_refresh_interval: float = 30.0
     membership: MembershipSettings = field(default_factory=MembershipSettings)
     link: Link = field(default_factory=Link)
     stream_timeout: float = 10.0
@@ -87,7 +92,8 @@ _TOP_KEYS = {"name": str, "description": str, "nodes": int, "duration": float,
              "warmup": float, "seed": int, "profile": str, "bootstrap": str, "codec": bool,
              "registry": bool, "registry_sync_interval": float, "store": bool,
              "store_batch_interval": float, "store_sync_interval": float,
-             "store_tombstone_grace": float, "store_hlc": bool}
+             "store_tombstone_grace": float, "store_hlc": bool, "routing": bool,
+             "routing_refresh_interval": float}
 _NET_KEYS = {"latency_ms": float, "jitter_ms": float, "jitter": str, "loss": float,
              "bandwidth_mbps": float, "stream_timeout": float}
 _LINK_KEYS = {"from": str, "to": str, "latency_ms": float, "jitter_ms": float, "jitter": str,
@@ -95,7 +101,7 @@ _LINK_KEYS = {"from": str, "to": str, "latency_ms": float, "jitter_ms": float, "
 _FAULT_KEYS = {"kind": str, "at": float, "count": int, "fraction": float, "spacing": float,
                "restart_after": float, "duration": float, "until": float, "every": list,
                "pause": dict, "mode": str, "fractions": list, "max_s": float, "loss": float,
-               "rate": float, "keys": int}
+               "rate": float, "keys": int, "target": str, "zone": str}
 
 
 def _check(value: Any, kind: type, where: str) -> Any:
@@ -142,9 +148,11 @@ def _fault(raw: Any, where: str) -> Fault:
         raise ScenarioError(f"{where}.kind must be one of {', '.join(FAULT_KINDS)}")
     f = Fault(kind=kind)
     for key in ("at", "count", "fraction", "spacing", "restart_after", "duration", "until",
-                "max_s", "loss", "rate", "keys"):
+                "max_s", "loss", "rate", "keys", "target", "zone"):
         if key in t:
             setattr(f, key, t[key])
+    if f.target not in ("any", "gateway", "internal"):
+        raise ScenarioError(f"{where}.target must be 'any', 'gateway' or 'internal'")
     if f.fraction is not None and f.fraction > 1:
         raise ScenarioError(f"{where}.fraction must be between 0 and 1")
     if "every" in t:
@@ -254,10 +262,11 @@ def parse(raw: dict[str, Any]) -> Scenario:
     sc.link = _link(net, Link(), "network")
     sc.stream_timeout = net.get("stream_timeout", sc.stream_timeout)
     for i, z in enumerate(zones_raw):
-        zt = _table(z, {"name": str, "fraction": float}, f"network.zones[{i}]")
+        zt = _table(z, {"name": str, "fraction": float, "gateways": int},
+                    f"network.zones[{i}]")
         if "name" not in zt or "fraction" not in zt:
             raise ScenarioError(f"network.zones[{i}] needs name and fraction")
-        sc.zones.append(Zone(zt["name"], zt["fraction"]))
+        sc.zones.append(Zone(zt["name"], zt["fraction"], zt.get("gateways", 0)))
     names = {z.name for z in sc.zones}
     for i, item in enumerate(links_raw):
         lt = _table(item, _LINK_KEYS, f"network.links[{i}]")
@@ -268,4 +277,7 @@ def parse(raw: dict[str, Any]) -> Scenario:
     if not isinstance(faults_raw, list):
         raise ScenarioError("faults must be an array of tables ([[faults]])")
     sc.faults = [_fault(f, f"faults[{i}]") for i, f in enumerate(faults_raw)]
+    for i, f in enumerate(sc.faults):
+        if f.zone is not None and f.zone not in names:
+            raise ScenarioError(f"faults[{i}].zone must name a zone from network.zones")
     return sc

@@ -24,11 +24,26 @@ Probing (SWIM)
       interval is forwarded.
   P5. Routed probes. When the shell sets ``next_hop`` (its routing table: the first hop
       towards a member, or None), a member whose next hop is another live member is not
-      reached directly (another cloud, a firewall). The indirect round then also asks that
-      hop, and a node asked to probe a target it reaches through a hop forwards the request
-      to the hop (at most MAX_HOPS relays) besides pinging the target itself; acks travel
-      back along the chain. So a member behind two gateways is alive, not dead. Helpers,
-      gossip and push-pull pick members reached directly (or with no route known).
+      reached directly (another cloud, a firewall). Its probe starts with an IndirectPing to
+      that hop instead of a Ping (no TCP fallback); the indirect round asks the random
+      helpers and the hop again. A node asked to probe a target it reaches through a hop
+      forwards the request to the hop (at most MAX_HOPS relays) instead of pinging; acks
+      and nacks travel back along the chain (only the last relay, which pings the target,
+      times out and nacks). A routed probe that fails with no nack at all means the path
+      is broken, not that the target is: the target is not suspected (the broken hop is
+      found by its own neighbours' direct probes, and routes go around it). So a member
+      behind two gateways is alive, not dead, and a dead gateway does not get the members
+      behind it suspected. The same holds for a blind probe (no route yet, the member never
+      answered us directly, and it changed state less than ROUTE_GRACE ago): while routes
+      are being built, silence on an unknown path is no evidence.
+      Helpers, gossip and push-pull pick members routed to directly or, where no route is
+      known yet, that answered a direct ping (any member if none qualifies: a cold start);
+      P6 finds direct links that appear (routes only follow measured links). Each gossip
+      round also sends to one transit hop (a next hop that other members are routed
+      through), taking them in turn, so broadcasts cross every gateway, not just by chance.
+  P6. measure(names) pings members once outside the probe round, so the routing layer
+      learns direct links in seconds rather than one probe round; an ack records the RTT as
+      a direct probe's does; silence means nothing (no suspicion, no health change).
 Lifeguard
   L1. Local health: a successful probe lowers the score by one; a failed one raises it by the
       missing nacks (by one when none were expected); refuting a suspicion of ourselves
@@ -106,6 +121,9 @@ from .suspicion import Suspicion
 
 # Packet framing bytes around the items (array headers, version).
 PACKET_OVERHEAD = 4
+# how long a member we have no route to and no direct answer from is given for routes to
+# form before a failed probe counts against it without a relay's nack (P5)
+ROUTE_GRACE = 60.0
 MAX_SEQ = 2**32
 
 
@@ -164,7 +182,8 @@ class Output:
 
 
 class _Probe:
-    __slots__ = ("done", "expected_nacks", "interval", "nacks", "seq", "start", "target")
+    __slots__ = ("done", "expected_nacks", "interval", "nacks", "routed", "seq", "start",
+                 "target")
 
     def __init__(self, target: str, seq: int, start: float, interval: float) -> None:
         self.target = target
@@ -174,6 +193,7 @@ class _Probe:
         self.done = False
         self.nacks = 0
         self.expected_nacks = 0
+        self.routed = False
 
 
 class _Relay:
@@ -186,6 +206,18 @@ class _Relay:
         self.requester_addr = requester_addr
         self.orig_seq = orig_seq
         self.nack = nack
+        self.done = False
+
+
+class _Measure:
+    """A one-off ping that only measures (P6)."""
+
+    __slots__ = ("done", "seq", "start", "target")
+
+    def __init__(self, target: str, seq: int, start: float) -> None:
+        self.target = target
+        self.seq = seq
+        self.start = start
         self.done = False
 
 
@@ -207,6 +239,11 @@ class _Former:
         self.addr = addr
         self.state = state
         self.since = since
+
+
+def _record_rtt(m: Member, rtt: float, now: float) -> None:
+    m.rtt = rtt if m.rtt is None else 0.8 * m.rtt + 0.2 * rtt
+    m.rtt_at = now
 
 
 def encoded_size(msg: Message) -> int:
@@ -273,6 +310,7 @@ class Membership:
         self.member_version = 0
         # routing table lookup set by the shell (P5): member name -> first hop name or None
         self.next_hop: Callable[[str], str | None] | None = None
+        self._transit_turn = 0
         # Random phases so that nodes started together do not act in lockstep.
         self._schedule(now + rng.uniform(0, settings.probe_interval), self._probe_round, None)
         self._schedule(now + rng.uniform(0, settings.push_pull_interval),
@@ -358,6 +396,25 @@ class Membership:
         self._broadcast_self_alive()
         return self._flush()
 
+    def measure(self, names: Iterable[str], now: float) -> Output:
+        """Ping these members once to learn whether and how fast they answer (P6)."""
+        self._now = now
+        me = self.me
+        for name in names:
+            m = self.members.get(name)
+            if m is None or m is me or m.state not in (ALIVE, SUSPECT):
+                continue
+            w = _Measure(name, self._next_seq(), now)
+            self._acks[w.seq] = w
+            self._send(m.addr, Ping(w.seq, name, me.name, me.addr), piggyback=False)
+            self._schedule(now + self.s.probe_interval, self._measure_expired, w)
+        return self._flush()
+
+    def _measure_expired(self, w: _Measure, now: float) -> None:
+        if not w.done:
+            w.done = True
+            self._acks.pop(w.seq, None)
+
     def pending_broadcasts(self) -> int:
         return len(self._broadcasts)
 
@@ -401,7 +458,7 @@ class Membership:
         """A timer whose work was already done or cancelled (skipped, never run)."""
         arg = entry[3]
         kind = type(arg)
-        if kind is _Probe or kind is _Relay:
+        if kind is _Probe or kind is _Relay or kind is _Measure:
             return arg.done
         if kind is _RelayNack:
             return arg.relay.done
@@ -422,15 +479,17 @@ class Membership:
         self._seq = (self._seq + 1) % MAX_SEQ
         return self._seq
 
-    def _send(self, addr: str, msg: Message, extra: list[Message] | None = None) -> None:
-        """Send one UDP packet with as many piggybacked broadcasts as fit."""
+    def _send(self, addr: str, msg: Message, extra: list[Message] | None = None,
+              piggyback: bool = True) -> None:
+        """Send one UDP packet with as many piggybacked broadcasts as fit (unless it may well
+        be lost: each piggybacked send uses up one of a broadcast's transmissions)."""
         msgs = [msg]
         size = PACKET_OVERHEAD + encoded_size(msg) + ITEM_OVERHEAD
         if extra:
             for m in extra:
                 size += encoded_size(m) + ITEM_OVERHEAD
             msgs.extend(extra)
-        if self._broadcasts:
+        if piggyback and self._broadcasts:
             budget = self.s.packet_budget - size
             limit = self.s.retransmit_limit(self.num_live())
             for m in self._broadcasts.take(budget, limit):
@@ -524,17 +583,30 @@ class Membership:
             return None
         return hop
 
+    def _is_direct(self, name: str) -> bool:
+        """Routed to directly, or (no usable route yet) it answered a direct ping once."""
+        if self._route_via(name) is not None:
+            return False
+        return self.next_hop(name) == name or self.members[name].rtt_at is not None  # type: ignore[misc]
+
+    def _transit_hops(self) -> list[str]:
+        """Next hops that some live member is routed through (P5)."""
+        hops = {self._route_via(name) for name in self._live}
+        hops.discard(None)
+        return sorted(hops)  # type: ignore[arg-type]
+
     def _random_direct(self, k: int, exclude: tuple[str, ...] = ()) -> list[str]:
-        """Up to k random live members reached directly (or with no route known)."""
+        """Up to k random live members known to be reached directly; with routing on and
+        none known (a cold start), any live members."""
         if self.next_hop is None:
             return self._random_live(k, exclude)
         picked: list[str] = []
         for name in self._random_live(min(len(self._live), 4 * k), exclude):
-            if self._route_via(name) is None:
+            if self._is_direct(name):
                 picked.append(name)
                 if len(picked) == k:
                     break
-        return picked
+        return picked or self._random_live(k, exclude)
 
     def _set_dead(self, m: Member, state: int, now: float) -> None:
         was_live = m.state in (ALIVE, SUSPECT)
@@ -585,8 +657,18 @@ class Membership:
         extra = None
         if lifeguard and target.state == SUSPECT:
             extra = [Suspect(target.incarnation, target.name, self.me.name)]
-        self._send(target.addr,
-                   Ping(probe.seq, target.name, self.me.name, self.me.addr), extra)
+        hop = self._route_via(target.name)
+        if hop is None:
+            if self.next_hop is not None and not self._is_direct(target.name) \
+                    and now - target.state_change < ROUTE_GRACE:
+                probe.routed = True  # blind: no route yet and it never answered us directly
+            self._send(target.addr,
+                       Ping(probe.seq, target.name, self.me.name, self.me.addr), extra)
+        else:
+            probe.routed = True
+            self._send(self.members[hop].addr,
+                       IndirectPing(probe.seq, target.name, target.addr, self.me.name,
+                                    self.me.addr, lifeguard), extra)
         timeout = self.s.probe_timeout
         if lifeguard:
             timeout = self._awareness.scale(timeout)
@@ -609,7 +691,7 @@ class Membership:
             self._send(helper.addr, IndirectPing(probe.seq, target.name, target.addr,
                                                  self.me.name, self.me.addr, nack))
         probe.expected_nacks = len(helpers) if nack else 0
-        if self.s.tcp_fallback:
+        if self.s.tcp_fallback and hop is None:
             self._send_reliable(target.addr,
                                 Ping(probe.seq, target.name, self.me.name, self.me.addr))
         self._schedule(probe.start + probe.interval, self._probe_final, probe)
@@ -632,6 +714,8 @@ class Membership:
         target = self.members.get(probe.target)
         if target is None or target.state not in (ALIVE, SUSPECT):
             return
+        if probe.routed and probe.nacks == 0 and self.s.lifeguard:
+            return  # no relay confirmed the target silent: the path failed, not the target
         self._on_suspect(Suspect(target.incarnation, target.name, self.me.name),
                          self.me.addr, now, False)
 
@@ -648,15 +732,23 @@ class Membership:
         if msg.target == self.me.name:  # we are the target (a relay before us routed here)
             self._send(sender, Ack(msg.seq))
             return
+        hop = self._route_via(msg.target)
+        if hop is not None and self.members[hop].addr == sender:
+            return  # our route leads back where the request came from: we cannot help
         relay = _Relay(self._next_seq(), sender, msg.seq, msg.nack)
         self._acks[relay.seq] = relay
-        self._send(msg.target_addr, Ping(relay.seq, msg.target, self.me.name, self.me.addr))
-        hop = self._route_via(msg.target)
-        if hop is not None and msg.hops < MAX_HOPS and self.members[hop].addr != sender:
+        # only a relay that reaches the target directly (as far as it knows) may say "silent"
+        final = hop is None and (self.next_hop is None or msg.target not in self.members
+                                 or self._is_direct(msg.target))
+        relay.nack = msg.nack and (final or hop is not None)
+        if hop is None:
+            self._send(msg.target_addr, Ping(relay.seq, msg.target, self.me.name, self.me.addr))
+        elif msg.hops < MAX_HOPS:
+            # a forwarding relay passes the nack of the last relay back; it has none itself
             self._send(self.members[hop].addr,
                        IndirectPing(relay.seq, msg.target, msg.target_addr, self.me.name,
-                                    self.me.addr, False, msg.hops + 1))
-        if msg.nack:
+                                    self.me.addr, msg.nack, msg.hops + 1))
+        if relay.nack and hop is None:
             self._schedule(now + self.s.nack_fraction * self.s.probe_timeout,
                            self._relay_nack, _RelayNack(relay))
         self._schedule(now + self.s.probe_interval, self._relay_expired, relay)
@@ -686,9 +778,12 @@ class Membership:
                     "udp-unreachable", target.name, target.addr, target.incarnation, {},
                     "answered over TCP but not over UDP: check firewalls for UDP"))
             if target is not None and not reliable and sender == target.addr:
-                rtt = now - waiter.start
-                target.rtt = rtt if target.rtt is None else 0.8 * target.rtt + 0.2 * rtt
-                target.rtt_at = now
+                _record_rtt(target, now - waiter.start, now)
+        elif isinstance(waiter, _Measure):
+            waiter.done = True
+            target = self.members.get(waiter.target)
+            if target is not None and not reliable and sender == target.addr:
+                _record_rtt(target, now - waiter.start, now)
         else:
             waiter.done = True
             self._send(waiter.requester_addr, Ack(waiter.orig_seq))
@@ -697,6 +792,8 @@ class Membership:
         waiter = self._acks.get(msg.seq)
         if isinstance(waiter, _Probe):
             waiter.nacks += 1
+        elif isinstance(waiter, _Relay) and waiter.nack and not waiter.done:
+            self._send(waiter.requester_addr, Nack(waiter.orig_seq))
 
     # --- state changes (S1-S4) -----------------------------------------------------------
 
@@ -833,6 +930,12 @@ class Membership:
             self._gossip_armed = False
             return
         targets = self._random_direct(self.s.gossip_nodes)
+        if self.next_hop is not None:
+            hops = self._transit_hops()
+            if hops:
+                self._transit_turn = (self._transit_turn + 1) % len(hops)
+                if hops[self._transit_turn] not in targets:
+                    targets.append(hops[self._transit_turn])
         recent = self._recent_dead
         if recent:
             horizon = now - self.s.gossip_to_the_dead

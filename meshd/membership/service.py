@@ -253,6 +253,10 @@ class MembershipService:
                 errors.append(f"{addr}: {detail}")
         return ok, errors
 
+    def measure(self, names: list[str]) -> None:
+        """One-off pings that measure direct RTTs (core rule P6)."""
+        self._dispatch(self.core.measure(names, trio.current_time()))
+
     async def leave(self, linger: float = 0.6) -> None:
         """Tell the cluster we are leaving and give the message time to spread."""
         self._dispatch(self.core.leave(trio.current_time()))

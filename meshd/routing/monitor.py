@@ -6,6 +6,14 @@ Rules:
 - A direct link is a live (alive or suspect) member that answered a direct probe within the
   horizon: each member is probed once per round of the probe list, so the horizon grows with
   the cluster (3 rounds, at least 30 s).
+- Members with no fresh direct RTT are measured with one-off pings (membership core P6), at
+  most `limit` per call, each retried no sooner than a probe round (at least 60 s) after the
+  last try: a new member's direct links are known within seconds, while members that are
+  not reachable directly (another cloud) cost one ping per round.
+- Next hops in use are watched like BFD watches a link: pinged every tick (`watch`), and one
+  that has not answered for 2 probe intervals plus a probe timeout is down, to be avoided at
+  once, without waiting for membership to suspect it (which takes a random wait for its
+  turn in someone's probe list). A down hop stays watched until it answers again.
 - Suspected members are to be avoided as transit (see table.py); dead and left members are
   not members of the routing graph at all.
 """
@@ -27,6 +35,9 @@ class LinkMonitor:
         self.rtts = RttFilter()
         self.vivaldi = VivaldiClient()
         self._seen_rtt: dict[str, float] = {}
+        self._tried: dict[str, float] = {}
+        self._watched: dict[str, float] = {}  # hop -> when watching began
+        self.down: frozenset[str] = frozenset()
 
     def live(self) -> list[str]:
         """Alive and suspect members other than this node."""
@@ -53,12 +64,55 @@ class LinkMonitor:
         for name in [n for n in self._seen_rtt if n not in live]:
             self._seen_rtt.pop(name, None)
             self.rtts.forget(name)
+        for name in [n for n in self._tried if n not in live]:
+            del self._tried[name]
+
+    def watch(self, hops: set[str], now: float) -> list[str]:
+        """Update `down` for the next hops in use; returns the hops to ping now."""
+        s = self.core.s
+        limit = 2 * s.probe_interval + s.probe_timeout
+        watched = hops | self.down
+        for h in [h for h in self._watched if h not in watched]:
+            del self._watched[h]
+        down = set()
+        for h in sorted(watched):
+            m = self.core.members.get(h)
+            if m is None or m.state not in (ALIVE, SUSPECT):
+                self._watched.pop(h, None)
+                continue
+            since = self._watched.setdefault(h, now)
+            last = since if m.rtt_at is None else max(m.rtt_at, since)
+            if now - last > limit:
+                down.add(h)
+        self.down = frozenset(down)
+        return sorted(self._watched)
+
+    def _horizon(self) -> float:
+        return max(30.0, 3 * self.core.num_live() * self.core.s.probe_interval)
+
+    def to_measure(self, now: float, limit: int = 64) -> list[str]:
+        """Live members to ping once now (no fresh direct RTT, not tried lately)."""
+        horizon = self._horizon()
+        retry = max(60.0, self.core.num_live() * self.core.s.probe_interval)
+        out: list[str] = []
+        for m in self.core.member_list():
+            if m.name == self.me or m.state not in (ALIVE, SUSPECT):
+                continue
+            if m.rtt_at is not None and now - m.rtt_at < horizon / 2:
+                continue
+            last = self._tried.get(m.name)
+            if last is not None and now - last < retry:
+                continue
+            self._tried[m.name] = now
+            out.append(m.name)
+            if len(out) >= limit:
+                break
+        return out
 
     def direct_links(self, now: float) -> dict[str, float]:
         """Members that answered a direct probe recently, with their filtered RTT; `now` is
         the core's clock."""
-        s = self.core.s
-        horizon = max(30.0, 3 * self.core.num_live() * s.probe_interval)
+        horizon = self._horizon()
         out = {}
         for m in self.core.member_list():
             if m.name == self.me or m.state not in (ALIVE, SUSPECT) or m.rtt_at is None:

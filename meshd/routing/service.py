@@ -8,7 +8,8 @@ Rules:
 - Every `recompute_interval` the table takes any newer adverts of live members, forgets
   members that are gone, and recomputes (with hysteresis, see table.py).
 - RTTs come from the membership core's direct probe acks; Vivaldi is fed the same samples
-  (monitor.py). Suspected members carry no transit traffic until refuted (table.py).
+  (monitor.py). Suspected members and next hops that stopped answering (monitor.py's watch)
+  carry no transit traffic (table.py).
 - The table is the membership core's `next_hop`, so probes of members reached through a
   relay follow the route (membership core P5).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -34,8 +36,10 @@ DB, TABLE = "routing", "links"
 
 class RoutingService:
     def __init__(self, core: Any, store: Any, advertise_interval: float = 5.0,
-                 recompute_interval: float = 1.0) -> None:
+                 recompute_interval: float = 1.0,
+                 measure: Callable[[list[str]], None] | None = None) -> None:
         self.core = core
+        self.measure = measure
         self.store = store
         self.me = core.me.name
         self.advertise_interval = advertise_interval
@@ -59,11 +63,16 @@ class RoutingService:
         while True:
             now = trio.current_time()
             self.monitor.sample(self._coordinates())
+            watched = self.monitor.watch(self.table.transit_hops(), now)
+            if self.measure is not None:
+                names = sorted(set(self.monitor.to_measure(now)) | set(watched))
+                if names:
+                    self.measure(names)
             if now >= next_advert:
                 await self._advertise()
                 next_advert = now + self.advertise_interval
             self._load()
-            self.table.set_avoid(self.monitor.suspects())
+            self.table.set_avoid(self.monitor.suspects() | self.monitor.down)
             if self.table.recompute(now):
                 log.debug("routes changed: %d destinations", len(self.table.routes))
             await trio.sleep(self.recompute_interval)

@@ -115,6 +115,10 @@ class RoutingTable:
     def route(self, dest: str) -> Route | None:
         return self.routes.get(dest)
 
+    def transit_hops(self) -> set[str]:
+        """Next hops that carry traffic for other destinations."""
+        return {r.next_hop for r in self.routes.values() if r.next_hop != r.dest}
+
 
 def _shortest(g: nx.Graph, me: str, avoid: frozenset[str]
               ) -> tuple[dict[str, float], dict[str, list[str]]]:
