@@ -66,6 +66,11 @@ class MembershipSettings:
     # Members that left gracefully said goodbye; retrying them would pull a deliberately
     # removed node back in, so by default only dead members are retried.
     reconnect_left: bool = False
+    # A member we have no route to and no direct answer from is not suspected on a failed
+    # probe alone for this long after it appeared (or changed state): routes take a few
+    # seconds to form (measure pings, adverts, recompute), and until they do, silence on an
+    # unknown path says nothing. Others that reach it directly still suspect it at once.
+    route_grace: float = 10.0
     # Largest UDP payload a gossip packet may use: below a 1500-byte Ethernet MTU with room
     # for IP/UDP headers and the seal (nonce + tag).
     packet_budget: int = 1400
@@ -121,6 +126,7 @@ _MEMBERSHIP_PROFILES: dict[str, dict[str, Any]] = {
         "gossip_nodes": 4,
         "gossip_interval": 0.5,
         "gossip_to_the_dead": 60.0,
+        "route_grace": 30.0,
     },
     # One host or loopback tests: near-zero RTT, so fast probes and short timeouts make
     # tests and demos react within a second or two (memberlist DefaultLocalConfig).
@@ -134,6 +140,7 @@ _MEMBERSHIP_PROFILES: dict[str, dict[str, Any]] = {
         "gossip_interval": 0.1,
         "gossip_to_the_dead": 15.0,
         "reconnect_interval": 5.0,
+        "route_grace": 3.0,
     },
 }
 

@@ -9,7 +9,7 @@ Rules (the model):
 - Adverts: the daemon carries link state as records of its replicated store; here they are
   flooded instead, which has the same effect (every node ends up with everyone's newest
   advert) without simulating the store. A node sends its advert to its direct links when
-  its link set changes or an RTT moves by more than `CHANGE` (relative), and every
+  its link set changes or an RTT moves by more than 20% (links_changed), and every
   `routing_refresh_interval`; a node forwards news to its own direct links (not back); a node
   that gains a direct link sends it every advert it holds (OSPF's database exchange). Adverts
   travel as stream messages with the link's latency and count in the message totals.
@@ -34,13 +34,12 @@ from typing import Any
 
 import networkx as nx
 
-from meshd.routing.monitor import LinkMonitor
+from meshd.routing.monitor import LinkMonitor, links_changed
 from meshd.routing.table import RoutingTable
 
 from .metrics import quantile_index
 
 RECOMPUTE_INTERVAL = 1.0
-CHANGE = 0.2
 CHECK_INTERVAL = 0.1
 
 
@@ -61,12 +60,6 @@ class NodeRouting:
             route = self.table.routes.get(dest)
             return None if route is None else route.next_hop
         core.next_hop = next_hop
-
-
-def _changed(old: dict[str, float], new: dict[str, float]) -> bool:
-    if old.keys() != new.keys():
-        return True
-    return any(abs(new[k] - v) > CHANGE * v for k, v in old.items())
 
 
 class RoutingSim:
@@ -106,7 +99,7 @@ class RoutingSim:
             sim._apply(node, node.core.measure(names, local))
         links = mon.direct_links(local)
         gained = [p for p in links if p not in state.last_links]
-        if _changed(state.last_links, links) or local >= state.next_refresh:
+        if links_changed(state.last_links, links) or local >= state.next_refresh:
             state.version = max(state.version + 1, int(local * 1000))
             state.last_links = links
             state.next_refresh = local + self.sc.routing_refresh_interval

@@ -34,7 +34,7 @@ Probing (SWIM)
       found by its own neighbours' direct probes, and routes go around it). So a member
       behind two gateways is alive, not dead, and a dead gateway does not get the members
       behind it suspected. The same holds for a blind probe (no route yet, the member never
-      answered us directly, and it changed state less than ROUTE_GRACE ago): while routes
+      answered us directly, and it changed state less than `route_grace` ago): while routes
       are being built, silence on an unknown path is no evidence.
       Helpers, gossip and push-pull pick members routed to directly or, where no route is
       known yet, that answered a direct ping (any member if none qualifies: a cold start);
@@ -121,9 +121,6 @@ from .suspicion import Suspicion
 
 # Packet framing bytes around the items (array headers, version).
 PACKET_OVERHEAD = 4
-# how long a member we have no route to and no direct answer from is given for routes to
-# form before a failed probe counts against it without a relay's nack (P5)
-ROUTE_GRACE = 60.0
 MAX_SEQ = 2**32
 
 
@@ -660,7 +657,7 @@ class Membership:
         hop = self._route_via(target.name)
         if hop is None:
             if self.next_hop is not None and not self._is_direct(target.name) \
-                    and now - target.state_change < ROUTE_GRACE:
+                    and now - target.state_change < self.s.route_grace:
                 probe.routed = True  # blind: no route yet and it never answered us directly
             self._send(target.addr,
                        Ping(probe.seq, target.name, self.me.name, self.me.addr), extra)

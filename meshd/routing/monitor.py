@@ -28,6 +28,15 @@ from .rtt import RttFilter
 from .vivaldi import Coordinate, VivaldiClient
 
 
+def links_changed(old: dict[str, float], new: dict[str, float], tolerance: float = 0.2
+                  ) -> bool:
+    """Whether an advert of `new` is news after `old`: another set of links, or an RTT that
+    moved by more than `tolerance` (relative); smaller moves wait for the periodic refresh."""
+    if old.keys() != new.keys():
+        return True
+    return any(abs(new[k] - v) > tolerance * v for k, v in old.items())
+
+
 class LinkMonitor:
     def __init__(self, core: Any) -> None:
         self.core = core

@@ -1,7 +1,8 @@
 """Routing shell: advertise this node's direct links, build the next-hop table from everyone's.
 
 Rules:
-- Every `advertise_interval` this node publishes its direct links (members it probed directly
+- Every `advertise_interval`, and at once when they change (monitor.links_changed), this
+  node publishes its direct links (members it probed directly
   and got an ack from, with their RTT) and its Vivaldi coordinate, as a record in the store's
   system database "routing" (table "links", key = node name). The store replicates it like
   any record, so link state spreads by gossip and heals by anti-entropy.
@@ -26,7 +27,7 @@ import trio
 
 from meshd.store import crdt
 
-from .monitor import LinkMonitor
+from .monitor import LinkMonitor, links_changed
 from .table import RoutingTable
 from .vivaldi import Coordinate, VivaldiClient
 
@@ -47,6 +48,7 @@ class RoutingService:
         self.recompute_interval = recompute_interval
         self.monitor = LinkMonitor(core)
         self._version = 0
+        self._advertised: dict[str, float] = {}
         core.next_hop = self.next_hop
 
     @property
@@ -68,8 +70,9 @@ class RoutingService:
                 names = sorted(set(self.monitor.to_measure(now)) | set(watched))
                 if names:
                     self.measure(names)
-            if now >= next_advert:
-                await self._advertise()
+            links = self.monitor.direct_links(now)
+            if now >= next_advert or links_changed(self._advertised, links):
+                await self._advertise(links)
                 next_advert = now + self.advertise_interval
             self._load()
             self.table.set_avoid(self.monitor.suspects() | self.monitor.down)
@@ -92,9 +95,10 @@ class RoutingService:
                 continue
         return out
 
-    async def _advertise(self) -> None:
+    async def _advertise(self, links: dict[str, float]) -> None:
         self._version = max(self._version + 1, int(time.time() * 1000))
-        record = {"v": self._version, "links": self.direct_links(),
+        self._advertised = links
+        record = {"v": self._version, "links": links,
                   "coord": self.vivaldi.coord.to_wire()}
         delta = {"lww": crdt.lww(self.store.hlc.now(), json.dumps(record).encode(), {},
                                  int((time.time() + 10 * self.advertise_interval) * 1000))}

@@ -141,3 +141,14 @@ def test_relay_whose_route_leads_back_to_the_requester_stays_out():
     assert not [m for s in out.sends for m in s.msgs if isinstance(m, Ping | IndirectPing)]
     assert not [m for s in h.cores["a1"].tick(5.0).sends for m in s.msgs
                 if isinstance(m, Nack)], "a relay that could not help said 'silent'"
+
+
+def test_blind_probe_waits_for_routes_then_counts():
+    h = _chain(routed=False)
+    for core in h.cores.values():
+        core.next_hop = lambda dest: None  # routing on, but no routes formed yet
+    grace = h.s.route_grace
+    h.run(grace - 1.0)
+    assert "suspect" not in h.kinds("a1", "c1"), "suspected before routes could form"
+    h.run(grace + 20.0)
+    assert "suspect" in h.kinds("a1", "c1"), "a member nobody routes to must not stay alive"
