@@ -128,8 +128,10 @@ def test_key_rotation_without_failed_calls_and_restart_keeps_state(cluster):
     admin(a, "auth.accounts.create", id="ada", secret="ada-secret-1", scopes=["dev"])
     admin(a, "auth.rules.create", id="dev-all", resource="*:*:*", scope="dev",
           access="granted")
-    wait_for(lambda: any(x["id"] == "ada" for x in admin(c, "auth.accounts.list")), 10,
-             "account replicated")
+    # the calls go from c to the service on b: both must hold the account and the rule
+    wait_for(lambda: all(any(x["id"] == "ada" for x in admin(n, "auth.accounts.list"))
+                         and any(r["id"] == "dev-all" for r in admin(n, "auth.rules.list"))
+                         for n in (b, c)), 10, "account and rule replicated")
     old = admin(a, "auth.token.create", account="ada", ttl=600)["token"]
     failures = []
 
