@@ -34,7 +34,7 @@ from meshd.identity import Identity, node_id_from_public, verify
 
 from .keyring import HINT_BYTES, Keyring
 
-VERSION = 1
+VERSION = 2  # 2: link frames are AES-256-GCM (1 was ChaCha20-Poly1305)
 MAX_HANDSHAKE_BYTES = 4096
 SECRET_MISMATCH = "the cluster secret does not match"
 
@@ -64,7 +64,8 @@ def _decode(data: bytes, kind: str, nfields: int) -> list[Any]:
     except Exception:
         raise HandshakeError("peer did not speak the meshd link protocol") from None
     if type(msg) is not list or len(msg) < 2 or msg[0] != VERSION:
-        raise HandshakeError("peer did not speak meshd link protocol version 1")
+        raise HandshakeError(f"peer did not speak meshd link protocol version {VERSION} "
+                             "(a different meshd release?)")
     if msg[1] == "reject" and len(msg) == 3 and isinstance(msg[2], str):
         raise HandshakeError(msg[2][:200])
     if msg[1] != kind or len(msg) != nfields:

@@ -152,7 +152,8 @@ class _Reader:
             if not chunk:
                 raise LinkError("connection closed by peer")
             buf += chunk
-        out = bytes(buf[:n])
+        with memoryview(buf) as view:
+            out = bytes(view[:n])  # one copy (a bytearray slice would make two)
         del buf[:n]
         return out
 
@@ -233,20 +234,28 @@ class Channel:
     async def _send_message(self, message: bytes) -> None:
         if self._closed_local:
             raise ChannelClosed("channel already closed")
+        if len(message) <= CHUNK:  # the common case: one frame, no slicing copies
+            await self._take_window(len(message))
+            await self.link._send(END, self.id, message)
+            return
         view = memoryview(message)
         while True:
             part = bytes(view[:CHUNK])
             view = view[CHUNK:]
-            while self._send_window < len(part):
-                if self._closed_remote or self.link.closed:
-                    raise ChannelClosed("peer closed the channel")
-                await self._window_changed.wait()
-            if self.link.closed:
-                raise ChannelClosed(f"link to {self.link.peer_addr} closed")
-            self._send_window -= len(part)
+            await self._take_window(len(part))
             await self.link._send(END if not view else DATA, self.id, part)
             if not view:
                 return
+
+    async def _take_window(self, n: int) -> None:
+        """Wait until the peer's window has room for n bytes, then use it."""
+        while self._send_window < n:
+            if self._closed_remote or self.link.closed:
+                raise ChannelClosed("peer closed the channel")
+            await self._window_changed.wait()
+        if self.link.closed:
+            raise ChannelClosed(f"link to {self.link.peer_addr} closed")
+        self._send_window -= n
 
     async def receive(self) -> bytes:
         parts: list[bytes] = []
