@@ -22,28 +22,28 @@ Probing (SWIM)
   P4. An indirect prober that gets no ack within nack_fraction * probe timeout sends a Nack
       to the requester when asked to (Lifeguard); an ack it gets until the end of the probe
       interval is forwarded.
-  P5. Routed probes. When the shell sets ``next_hop`` (its routing table: the first hop
-      towards a member, or None), a member whose next hop is another live member is not
-      reached directly (another cloud, a firewall). Its probe starts with an IndirectPing to
-      that hop instead of a Ping (no TCP fallback); the indirect round asks the random
-      helpers and the hop again. A node asked to probe a target it reaches through a hop
-      forwards the request to the hop (at most MAX_HOPS relays) instead of pinging; acks
-      and nacks travel back along the chain (only the last relay, which pings the target,
-      times out and nacks). A routed probe that fails with no nack at all means the path
-      is broken, not that the target is: the target is not suspected (the broken hop is
-      found by its own neighbours' direct probes, and routes go around it). So a member
-      behind two gateways is alive, not dead, and a dead gateway does not get the members
-      behind it suspected. The same holds for a blind probe (no route yet, the member never
-      answered us directly, and it changed state less than `route_grace` ago): while routes
-      are being built, silence on an unknown path is no evidence.
-      Helpers, gossip and push-pull pick members routed to directly or, where no route is
-      known yet, that answered a direct ping (any member if none qualifies: a cold start);
-      P6 finds direct links that appear (routes only follow measured links). Each gossip
-      round also sends to one transit hop (a next hop that other members are routed
-      through), taking them in turn, so broadcasts cross every gateway, not just by chance.
-  P6. measure(names) pings members once outside the probe round, so the routing layer
-      learns direct links in seconds rather than one probe round; an ack records the RTT as
-      a direct probe's does; silence means nothing (no suspicion, no health change).
+  P5. Routed probes. Membership cares whether a member answers, not which path is fastest:
+      a member is reached directly unless it was found silent to a direct ping (P6) and
+      never answered one since ("unreached": another cloud, NAT, a firewall). When the shell
+      sets ``next_hop`` (its routing table: first hop towards a member, or None), an
+      unreached member with a route through another live member is probed with an
+      IndirectPing to that hop instead of a Ping (no TCP fallback); the indirect round asks
+      the random helpers and the hop again. A relay forwards such a request along its own
+      route (at most MAX_HOPS relays) when it cannot reach the target directly itself, and
+      pings it when it can; acks and nacks travel back along the chain (only the last relay,
+      which pings the target, times out and nacks). A relay whose route leads back to the
+      requester stays out. A routed probe that fails with no nack at all means the path
+      broke, not that the target did: the target is not suspected (the broken hop is found
+      by its own neighbours' direct probes, and routes go around it). The same holds for a
+      blind probe (the member never answered us directly and changed state less than
+      `route_grace` ago): while links are being measured, silence is no evidence.
+      Helpers, gossip and push-pull skip unreached members (any member if none is left).
+      Each gossip round also sends to one transit hop (a next hop that unreached members
+      are routed through), taking them in turn, so broadcasts cross every gateway.
+  P6. measure(names) pings members once outside the probe round; an ack records the RTT as
+      a direct probe's does and clears "unreached"; silence sets it (no suspicion, no health
+      change). The routing layer measures members with no fresh RTT, so a new member's
+      reachability is known in about a second, and watches its next hops with it.
 Lifeguard
   L1. Local health: a successful probe lowers the score by one; a failed one raises it by the
       missing nacks (by one when none were expected); refuting a suspicion of ourselves
@@ -238,9 +238,10 @@ class _Former:
         self.since = since
 
 
-def _record_rtt(m: Member, rtt: float, now: float) -> None:
+def _record_rtt(m: Member, rtt: float, now: float, unreached: set[str]) -> None:
     m.rtt = rtt if m.rtt is None else 0.8 * m.rtt + 0.2 * rtt
     m.rtt_at = now
+    unreached.discard(m.name)
 
 
 def encoded_size(msg: Message) -> int:
@@ -308,6 +309,8 @@ class Membership:
         # routing table lookup set by the shell (P5): member name -> first hop name or None
         self.next_hop: Callable[[str], str | None] | None = None
         self._transit_turn = 0
+        # members found silent to a direct ping (P6) that have not answered one since
+        self._unreached: set[str] = set()
         # Random phases so that nodes started together do not act in lockstep.
         self._schedule(now + rng.uniform(0, settings.probe_interval), self._probe_round, None)
         self._schedule(now + rng.uniform(0, settings.push_pull_interval),
@@ -411,6 +414,8 @@ class Membership:
         if not w.done:
             w.done = True
             self._acks.pop(w.seq, None)
+            if w.target in self.members:
+                self._unreached.add(w.target)
 
     def pending_broadcasts(self) -> int:
         return len(self._broadcasts)
@@ -572,19 +577,23 @@ class Membership:
         return chosen
 
     def _route_via(self, name: str) -> str | None:
-        """The live member through which `name` is reached, if not directly (P5)."""
-        if self.next_hop is None:
+        """The live member through which `name` is reached: only for members found silent
+        to a direct ping (P6), whatever route latency prefers; None means directly (P5)."""
+        if self.next_hop is None or name not in self._unreached:
             return None
         hop = self.next_hop(name)
         if hop is None or hop == name or hop == self.me.name or hop not in self._live_pos:
             return None
         return hop
 
+    def _known_direct(self, name: str) -> bool:
+        """It answered a direct ping and was not found silent to one since."""
+        return self.members[name].rtt_at is not None and name not in self._unreached
+
     def _is_direct(self, name: str) -> bool:
-        """Routed to directly, or (no usable route yet) it answered a direct ping once."""
-        if self._route_via(name) is not None:
-            return False
-        return self.next_hop(name) == name or self.members[name].rtt_at is not None  # type: ignore[misc]
+        """Worth a packet: not found silent to a direct ping (a new member is presumed
+        reachable until a measure ping says otherwise)."""
+        return name not in self._unreached
 
     def _transit_hops(self) -> list[str]:
         """Next hops that some live member is routed through (P5)."""
@@ -656,7 +665,7 @@ class Membership:
             extra = [Suspect(target.incarnation, target.name, self.me.name)]
         hop = self._route_via(target.name)
         if hop is None:
-            if self.next_hop is not None and not self._is_direct(target.name) \
+            if self.next_hop is not None and not self._known_direct(target.name) \
                     and now - target.state_change < self.s.route_grace:
                 probe.routed = True  # blind: no route yet and it never answered us directly
             self._send(target.addr,
@@ -736,7 +745,7 @@ class Membership:
         self._acks[relay.seq] = relay
         # only a relay that reaches the target directly (as far as it knows) may say "silent"
         final = hop is None and (self.next_hop is None or msg.target not in self.members
-                                 or self._is_direct(msg.target))
+                                 or self._known_direct(msg.target))
         relay.nack = msg.nack and (final or hop is not None)
         if hop is None:
             self._send(msg.target_addr, Ping(relay.seq, msg.target, self.me.name, self.me.addr))
@@ -775,12 +784,12 @@ class Membership:
                     "udp-unreachable", target.name, target.addr, target.incarnation, {},
                     "answered over TCP but not over UDP: check firewalls for UDP"))
             if target is not None and not reliable and sender == target.addr:
-                _record_rtt(target, now - waiter.start, now)
+                _record_rtt(target, now - waiter.start, now, self._unreached)
         elif isinstance(waiter, _Measure):
             waiter.done = True
             target = self.members.get(waiter.target)
             if target is not None and not reliable and sender == target.addr:
-                _record_rtt(target, now - waiter.start, now)
+                _record_rtt(target, now - waiter.start, now, self._unreached)
         else:
             waiter.done = True
             self._send(waiter.requester_addr, Ack(waiter.orig_seq))
@@ -913,6 +922,7 @@ class Membership:
             return
         del self.members[name]
         self._recent_dead.pop(name, None)
+        self._unreached.discard(name)
         self._broadcasts.drop(name)
         self._event("reap", m)
 

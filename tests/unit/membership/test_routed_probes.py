@@ -29,7 +29,15 @@ def _chain(routed: bool) -> Harness:
     if routed:
         for name, core in h.cores.items():
             core.next_hop = _next_hop_table(name)
+        measure_all(h)
     return h
+
+
+def measure_all(h: Harness) -> None:
+    """What the routing layer does first (P6): ping everyone once; silence = unreached."""
+    for name, core in h.cores.items():
+        h.take(name, core.measure([n for n in h.cores if n != name], h.now))
+    h.deliver()
 
 
 def test_member_two_relays_away_stays_alive_with_routes():
@@ -66,12 +74,13 @@ def test_gossip_and_push_pull_go_only_to_members_reached_directly():
 
 def test_routed_request_is_not_forwarded_past_the_hop_limit():
     h = _chain(routed=True)
+    h.run(1.5)  # the measure pings of c1 expired: ga knows it does not reach c1 directly
     ga = h.cores["ga"]
     out = ga.receive(addr("a1"), [IndirectPing(5, "c1", addr("c1"), "a1", addr("a1"), True,
-                                               MAX_HOPS)], 0.0)
+                                               MAX_HOPS)], h.now)
     assert not [m for s in out.sends for m in s.msgs if isinstance(m, IndirectPing)]
     out = ga.receive(addr("a1"), [IndirectPing(6, "c1", addr("c1"), "a1", addr("a1"), True,
-                                               MAX_HOPS - 1)], 0.0)
+                                               MAX_HOPS - 1)], h.now)
     fwd = [(s.addr, m) for s in out.sends for m in s.msgs if isinstance(m, IndirectPing)]
     assert [(a, m.hops, m.nack) for a, m in fwd] == [(addr("gc"), MAX_HOPS, True)]
 
@@ -122,6 +131,7 @@ def test_broken_path_does_not_get_the_member_behind_it_suspected():
 
     for name, core in h.cores.items():
         core.next_hop = table(name)
+    measure_all(h)
     h.run(3.0)
     h.down = {"gc"}
     h.run(40.0)
@@ -133,13 +143,14 @@ def test_broken_path_does_not_get_the_member_behind_it_suspected():
 
 def test_relay_whose_route_leads_back_to_the_requester_stays_out():
     h = _chain(routed=True)
+    h.run(1.5)
     out = h.cores["ga"].receive(addr("gc"), [IndirectPing(3, "c1", addr("c1"), "gc",
-                                                          addr("gc"), True, 0)], 0.0)
+                                                          addr("gc"), True, 0)], h.now)
     assert not [m for s in out.sends for m in s.msgs if isinstance(m, Ping | IndirectPing)]
     out = h.cores["a1"].receive(addr("ga"), [IndirectPing(4, "c1", addr("c1"), "ga",
-                                                          addr("ga"), True, 0)], 0.0)
+                                                          addr("ga"), True, 0)], h.now)
     assert not [m for s in out.sends for m in s.msgs if isinstance(m, Ping | IndirectPing)]
-    assert not [m for s in h.cores["a1"].tick(5.0).sends for m in s.msgs
+    assert not [m for s in h.cores["a1"].tick(h.now + 5.0).sends for m in s.msgs
                 if isinstance(m, Nack)], "a relay that could not help said 'silent'"
 
 
