@@ -6,6 +6,10 @@ Rules (memberlist's TransmitLimitedQueue):
 - Packets take the least-sent broadcasts first and, among equals, the newest first, so a
   fresh change spreads fast and an old one does not starve new ones.
 - A broadcast goes into a packet only if it fits the remaining byte budget.
+- News a node has no use for about itself (an alive message, queued with for_subject=False)
+  is not put in packets to that node: it would spend one of the broadcast's few
+  transmissions on the one node that already knows. Suspicions do go to their subject
+  (that is how it refutes).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ ITEM_OVERHEAD = 2
 
 
 class _Pending:
-    __slots__ = ("key", "msg", "seq", "size", "transmits")
+    __slots__ = ("for_subject", "key", "msg", "seq", "size", "transmits")
 
-    def __init__(self, key: str, msg: Any, size: int, seq: int) -> None:
+    def __init__(self, key: str, msg: Any, size: int, seq: int, for_subject: bool) -> None:
         self.key = key
+        self.for_subject = for_subject
         self.msg = msg
         self.size = size
         self.seq = seq
@@ -44,18 +49,19 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def queue(self, key: str, msg: Any, size: int) -> None:
+    def queue(self, key: str, msg: Any, size: int, for_subject: bool = True) -> None:
         """Queue `msg` about node `key`, replacing any older broadcast about it."""
         old = self._by_key.pop(key, None)
         if old is not None:
             self._remove_from_tier(old)
         self._seq += 1
-        pending = _Pending(key, msg, size, self._seq)
+        pending = _Pending(key, msg, size, self._seq, for_subject)
         self._by_key[key] = pending
         self._tiers.setdefault(0, {})[pending.seq] = pending
 
-    def take(self, budget: int, limit: int) -> list[Any]:
-        """Messages that fit in `budget` bytes; each taken message counts one transmit."""
+    def take(self, budget: int, limit: int, to: str | None = None) -> list[Any]:
+        """Messages that fit in `budget` bytes for a packet to node `to`; each taken message
+        counts one transmit."""
         if not self._by_key:
             return []
         taken: list[_Pending] = []
@@ -64,6 +70,8 @@ class BroadcastQueue:
             ordered = reversed(tier_items.values()) if len(tier_items) < 2 else sorted(
                 tier_items.values(), key=_newest_first)
             for pending in ordered:
+                if pending.key == to and not pending.for_subject:
+                    continue
                 cost = pending.size + ITEM_OVERHEAD
                 if cost <= budget:
                     budget -= cost

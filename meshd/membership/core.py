@@ -40,7 +40,9 @@ Probing (SWIM)
       Helpers, gossip and push-pull skip unreached members (any member if none is left).
       Each gossip round also sends to one transit hop (a next hop that unreached members
       are routed through), taking them in turn, so broadcasts cross every gateway.
-  P6. measure(names) pings members once outside the probe round; an ack records the RTT as
+  P6. measure(names) pings members once outside the probe round, quietly (neither the ping
+      nor its ack carries broadcasts: a burst of measurements at a join would otherwise
+      spend the newcomer's few transmissions on nodes that already know); an ack records the RTT as
       a direct probe's does and clears "unreached"; silence sets it (no suspicion, no health
       change). The routing layer measures members with no fresh RTT, so a new member's
       reachability is known in about a second, and watches its next hops with it.
@@ -406,7 +408,7 @@ class Membership:
                 continue
             w = _Measure(name, self._next_seq(), now)
             self._acks[w.seq] = w
-            self._send(m.addr, Ping(w.seq, name, me.name, me.addr), piggyback=False)
+            self._send(m.addr, Ping(w.seq, name, me.name, me.addr, True), piggyback=False)
             self._schedule(now + self.s.probe_interval, self._measure_expired, w)
         return self._flush()
 
@@ -482,7 +484,7 @@ class Membership:
         return self._seq
 
     def _send(self, addr: str, msg: Message, extra: list[Message] | None = None,
-              piggyback: bool = True) -> None:
+              piggyback: bool = True, to: str | None = None) -> None:
         """Send one UDP packet with as many piggybacked broadcasts as fit (unless it may well
         be lost: each piggybacked send uses up one of a broadcast's transmissions)."""
         msgs = [msg]
@@ -494,7 +496,7 @@ class Membership:
         if piggyback and self._broadcasts:
             budget = self.s.packet_budget - size
             limit = self.s.retransmit_limit(self.num_live())
-            for m in self._broadcasts.take(budget, limit):
+            for m in self._broadcasts.take(budget, limit, to):
                 msgs.append(m)
                 size += encoded_size(m) + ITEM_OVERHEAD
         self._sends.append(Send(addr, msgs, False, size))
@@ -503,7 +505,7 @@ class Membership:
         self._sends.append(Send(addr, [msg], True, PACKET_OVERHEAD + encoded_size(msg)))
 
     def _broadcast(self, key: str, msg: Message) -> None:
-        self._broadcasts.queue(key, msg, encoded_size(msg))
+        self._broadcasts.queue(key, msg, encoded_size(msg), not isinstance(msg, Alive))
         if not self._gossip_armed:
             # the gossip ticker keeps its phase while idle: the next round is the next
             # grid point, not "now" (so a change waits for a round, as in memberlist)
@@ -669,12 +671,13 @@ class Membership:
                     and now - target.state_change < self.s.route_grace:
                 probe.routed = True  # blind: no route yet and it never answered us directly
             self._send(target.addr,
-                       Ping(probe.seq, target.name, self.me.name, self.me.addr), extra)
+                       Ping(probe.seq, target.name, self.me.name, self.me.addr), extra,
+                       to=target.name)
         else:
             probe.routed = True
             self._send(self.members[hop].addr,
                        IndirectPing(probe.seq, target.name, target.addr, self.me.name,
-                                    self.me.addr, lifeguard), extra)
+                                    self.me.addr, lifeguard), extra, to=hop)
         timeout = self.s.probe_timeout
         if lifeguard:
             timeout = self._awareness.scale(timeout)
@@ -695,7 +698,7 @@ class Membership:
         for name in helpers:
             helper = self.members[name]
             self._send(helper.addr, IndirectPing(probe.seq, target.name, target.addr,
-                                                 self.me.name, self.me.addr, nack))
+                                                 self.me.name, self.me.addr, nack), to=name)
         probe.expected_nacks = len(helpers) if nack else 0
         if self.s.tcp_fallback and hop is None:
             self._send_reliable(target.addr,
@@ -731,7 +734,7 @@ class Membership:
         if reliable:
             self._send_reliable(sender, Ack(msg.seq))
         else:
-            self._send(sender, Ack(msg.seq))
+            self._send(sender, Ack(msg.seq), piggyback=not msg.quiet, to=msg.source)
 
     def _on_indirect_ping(self, msg: IndirectPing, sender: str, now: float,
                           reliable: bool) -> None:
@@ -748,7 +751,8 @@ class Membership:
                                  or self._known_direct(msg.target))
         relay.nack = msg.nack and (final or hop is not None)
         if hop is None:
-            self._send(msg.target_addr, Ping(relay.seq, msg.target, self.me.name, self.me.addr))
+            self._send(msg.target_addr, Ping(relay.seq, msg.target, self.me.name, self.me.addr),
+                       to=msg.target)
         elif msg.hops < MAX_HOPS:
             # a forwarding relay passes the nack of the last relay back; it has none itself
             self._send(self.members[hop].addr,
@@ -960,7 +964,7 @@ class Membership:
             m = self.members.get(name)
             if m is None:
                 continue
-            msgs = self._broadcasts.take(budget, limit)
+            msgs = self._broadcasts.take(budget, limit, name)
             if not msgs:
                 break
             size = PACKET_OVERHEAD + sum(encoded_size(x) + ITEM_OVERHEAD for x in msgs)

@@ -40,16 +40,18 @@ class DecodeError(ValueError):
 
 @dataclass(slots=True)
 class Ping:
-    """Direct probe. `target` is the name the sender thinks it is probing."""
+    """Direct probe. `target` is the name the sender thinks it is probing. A `quiet` ping
+    (a measurement, core rule P6) is answered with a bare ack: no piggybacked broadcasts."""
 
     TYPE: ClassVar[int] = 1
     seq: int
     target: str
     source: str
     source_addr: str
+    quiet: bool = False
 
     def to_wire(self) -> list[Any]:
-        return [self.TYPE, self.seq, self.target, self.source, self.source_addr]
+        return [self.TYPE, self.seq, self.target, self.source, self.source_addr, self.quiet]
 
 
 @dataclass(slots=True)
@@ -213,8 +215,8 @@ def _states(v: Any) -> list[MemberState]:
 
 
 _DECODERS: dict[int, tuple[int, Any]] = {
-    Ping.TYPE: (5, lambda f: Ping(_uint(f[1], MAX_SEQ), _text(f[2], MAX_NAME),
-                                  _text(f[3], MAX_NAME), _text(f[4], MAX_ADDR))),
+    Ping.TYPE: (6, lambda f: Ping(_uint(f[1], MAX_SEQ), _text(f[2], MAX_NAME),
+                                  _text(f[3], MAX_NAME), _text(f[4], MAX_ADDR), _flag(f[5]))),
     IndirectPing.TYPE: (8, lambda f: IndirectPing(
         _uint(f[1], MAX_SEQ), _text(f[2], MAX_NAME), _text(f[3], MAX_ADDR),
         _text(f[4], MAX_NAME), _text(f[5], MAX_ADDR), _flag(f[6]), _uint(f[7], MAX_HOPS))),

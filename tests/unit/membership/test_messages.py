@@ -102,7 +102,7 @@ def test_wrong_shapes_never_raise_anything_but_decode_error(value):
     ([VERSION, [[5, 1, "", "a:1", {}]]], "text"),
     ([VERSION, [[5, 1, "n", "a:1", {"k": 5}]]], "text"),
     ([VERSION, [[7, 2**64, "n", "m"]]], "unsigned"),
-    ([VERSION, [[1, 1, "x" * 129, "a", "b"]]], "text"),
+    ([VERSION, [[1, 1, "x" * 129, "a", "b", False]]], "text"),
     ([VERSION, [[8, "n", True, False, [["a", "b", 1, 9, {}]]]]], "unsigned"),
 ])
 def test_specific_bad_packets_name_the_problem(packet, reason):
