@@ -43,9 +43,12 @@ Probing (SWIM)
   P6. measure(names) pings members once outside the probe round, quietly (neither the ping
       nor its ack carries broadcasts: a burst of measurements at a join would otherwise
       spend the newcomer's few transmissions on nodes that already know); an ack records the RTT as
-      a direct probe's does and clears "unreached"; silence sets it (no suspicion, no health
-      change). The routing layer measures members with no fresh RTT, so a new member's
-      reachability is known in about a second, and watches its next hops with it.
+      a direct probe's does and clears "unreached"; silence sets it unless the member
+      answered within 2 probe intervals plus a timeout (no suspicion, no health change), and
+      so do DIRECT_MISSES probes in a row that only a helper got answered
+      (the member is alive but our direct path to it broke). The routing layer measures
+      members with no fresh RTT, so a new member's reachability is known in about a second,
+      and watches its next hops with it.
 Lifeguard
   L1. Local health: a successful probe lowers the score by one; a failed one raises it by the
       missing nacks (by one when none were expected); refuting a suspicion of ourselves
@@ -123,6 +126,8 @@ from .suspicion import Suspicion
 
 # Packet framing bytes around the items (array headers, version).
 PACKET_OVERHEAD = 4
+# probes in a row that only a helper got answered before a member counts as unreached (P6)
+DIRECT_MISSES = 2
 MAX_SEQ = 2**32
 
 
@@ -313,6 +318,7 @@ class Membership:
         self._transit_turn = 0
         # members found silent to a direct ping (P6) that have not answered one since
         self._unreached: set[str] = set()
+        self._direct_misses: dict[str, int] = {}
         # Random phases so that nodes started together do not act in lockstep.
         self._schedule(now + rng.uniform(0, settings.probe_interval), self._probe_round, None)
         self._schedule(now + rng.uniform(0, settings.push_pull_interval),
@@ -329,6 +335,11 @@ class Membership:
     @property
     def name(self) -> str:
         return self.me.name
+
+    @property
+    def unreached(self) -> frozenset[str]:
+        """Members found silent to direct pings that have not answered one since (P6)."""
+        return frozenset(self._unreached)
 
     @property
     def health_score(self) -> int:
@@ -416,7 +427,10 @@ class Membership:
         if not w.done:
             w.done = True
             self._acks.pop(w.seq, None)
-            if w.target in self.members:
+            m = self.members.get(w.target)
+            # one lost ping of a member that answered moments ago proves nothing
+            if m is not None and (m.rtt_at is None or now - m.rtt_at > 2 * self.s.probe_interval
+                                  + self.s.probe_timeout):
                 self._unreached.add(w.target)
 
     def pending_broadcasts(self) -> int:
@@ -789,6 +803,13 @@ class Membership:
                     "answered over TCP but not over UDP: check firewalls for UDP"))
             if target is not None and not reliable and sender == target.addr:
                 _record_rtt(target, now - waiter.start, now, self._unreached)
+                self._direct_misses.pop(target.name, None)
+            elif target is not None and not waiter.routed and self.next_hop is not None:
+                # alive, but only a helper got through: the direct path may be broken
+                misses = self._direct_misses.get(target.name, 0) + 1
+                self._direct_misses[target.name] = misses
+                if misses >= DIRECT_MISSES:
+                    self._unreached.add(target.name)
         elif isinstance(waiter, _Measure):
             waiter.done = True
             target = self.members.get(waiter.target)
@@ -927,6 +948,7 @@ class Membership:
         del self.members[name]
         self._recent_dead.pop(name, None)
         self._unreached.discard(name)
+        self._direct_misses.pop(name, None)
         self._broadcasts.drop(name)
         self._event("reap", m)
 

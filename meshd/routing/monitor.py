@@ -4,8 +4,9 @@ Rules:
 - An RTT sample is the core's newest direct-probe ack of a member (acks that came back
   through a relay are not samples); each new one feeds the median filter and Vivaldi.
 - A direct link is a live (alive or suspect) member that answered a direct probe within the
-  horizon: each member is probed once per round of the probe list, so the horizon grows with
-  the cluster (3 rounds, at least 30 s).
+  horizon and has not been found silent to direct pings since (the core's `unreached`).
+  Each member is probed once per round of the probe list, so the horizon grows with the
+  cluster (3 rounds, at least 30 s).
 - Members with no fresh direct RTT are measured with one-off pings (membership core P6), at
   most `limit` per call, each retried no sooner than a probe round (at least 60 s) after the
   last try: a new member's direct links are known within seconds, while members that are
@@ -122,9 +123,11 @@ class LinkMonitor:
         """Members that answered a direct probe recently, with their filtered RTT; `now` is
         the core's clock."""
         horizon = self._horizon()
+        unreached = self.core.unreached
         out = {}
         for m in self.core.member_list():
-            if m.name == self.me or m.state not in (ALIVE, SUSPECT) or m.rtt_at is None:
+            if m.name == self.me or m.state not in (ALIVE, SUSPECT) or m.rtt_at is None \
+                    or m.name in unreached:
                 continue
             if now - m.rtt_at > horizon:
                 continue

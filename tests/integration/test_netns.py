@@ -173,3 +173,53 @@ def test_rpc_and_tunnel_cross_a_blocked_link_through_a_relay(cluster):
         cluster.close()
         hosts.close()
         del os, socketlib
+
+
+def test_chain_of_four_hosts_members_two_relays_away_stay_alive_and_answer(cluster):
+    """h0 - h1 - h2 - h3 with only neighbours reaching each other: no single helper reaches
+    both h0 and h3, so h3 stays alive on h0 only through probes that follow the route, and an
+    RPC from h0 reaches a service on h3 through two relays."""
+    import trio
+
+    from sdk import Client
+
+    from .cluster import control
+
+    hosts = Hosts(4, net=202)
+    env = {"MESHD_MEMBERSHIP_PROBE_INTERVAL": "0.3"}
+    try:
+        daemons = []
+        for i in range(4):
+            d = Daemon(cluster.root, f"h{i}", cluster.secret, prefix=hosts.prefix(i), env=env)
+            cluster.daemons[d.name] = d
+            d.start(join=[f"{hosts.ips[0]}:7946"] if i else None, bind=f"{hosts.ips[i]}:7946")
+            daemons.append(d)
+        h0, _, _, h3 = daemons
+        wait_for(lambda: all(x.status_of(y.name) == "alive" for x in daemons for y in daemons),
+                 20, "4 alive")
+        for i, j in ((0, 2), (0, 3), (1, 3)):
+            hosts.block(i, j)
+        cluster.service(h3)
+
+        def chain_routes() -> bool:
+            to_h3 = {r["destination"]: r for r in control(h0.data_dir, "routes")}.get("h3")
+            to_h0 = {r["destination"]: r for r in control(h3.data_dir, "routes")}.get("h0")
+            return (to_h3 is not None and to_h3["path"] == ["h0", "h1", "h2", "h3"]
+                    and to_h0 is not None and to_h0["path"] == ["h3", "h2", "h1", "h0"])
+
+        wait_for(chain_routes, 90, "routes along the chain both ways")
+        deadline = time.monotonic() + 8  # about 25 probe intervals
+        while time.monotonic() < deadline:
+            assert h0.status_of("h3") == "alive" and h3.status_of("h0") == "alive", \
+                "a member two relays away must stay alive"
+            time.sleep(0.2)
+
+        async def whoami() -> str:
+            async with Client(h0.data_dir / "meshd.sock") as client:
+                return (await client.call("testsvc", "Test.Whoami", {"text": ""},
+                                          timeout=10))["text"]
+
+        assert trio.run(whoami).startswith("h3:")
+    finally:
+        cluster.close()
+        hosts.close()

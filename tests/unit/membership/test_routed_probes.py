@@ -163,3 +163,23 @@ def test_blind_probe_waits_for_routes_then_counts():
     assert "suspect" not in h.kinds("a1", "c1"), "suspected before routes could form"
     h.run(grace + 20.0)
     assert "suspect" in h.kinds("a1", "c1"), "a member nobody routes to must not stay alive"
+
+
+def test_member_whose_direct_path_breaks_becomes_unreached_and_is_probed_through_the_route():
+    h = Harness(s=settings(tcp_fallback=False))
+    h.add("a", "b", "c")
+    tables = {"a": {"b": "c", "c": "c"}, "b": {"a": "c", "c": "c"}, "c": {"a": "a", "b": "b"}}
+    for name, core in h.cores.items():
+        core.next_hop = tables[name].get
+    measure_all(h)
+    h.run(3.0)
+    assert h.cores["a"].unreached == frozenset()  # everyone answered directly at first
+    h.drop = lambda src, dst: {src, dst} == {"a", "b"}  # a firewall rule appears
+    h.run(30.0)
+    assert "b" in h.cores["a"].unreached and "a" in h.cores["b"].unreached
+    assert "suspect" not in h.kinds("a", "b")
+    h.sent.clear()
+    h.run(40.0)
+    routed = [m for m in h.msgs_sent("a", IndirectPing, "c") if m.target == "b"]
+    assert routed, "a still probes b directly although only c gets through"
+    assert not [m for m in h.msgs_sent("a", Ping, "b") if not m.quiet]
