@@ -28,27 +28,29 @@ Probing (SWIM)
       sets ``next_hop`` (its routing table: first hop towards a member, or None), an
       unreached member with a route through another live member is probed with an
       IndirectPing to that hop instead of a Ping (no TCP fallback); the indirect round asks
-      the random helpers and the hop again. A relay forwards such a request along its own
-      route (at most MAX_HOPS relays) when it cannot reach the target directly itself, and
-      pings it when it can; acks and nacks travel back along the chain (only the last relay,
-      which pings the target, times out and nacks). A relay whose route leads back to the
-      requester stays out. A routed probe that fails with no nack at all means the path
-      broke, not that the target did: the target is not suspected (the broken hop is found
-      by its own neighbours' direct probes, and routes go around it). The same holds for a
-      blind probe (the member never answered us directly and changed state less than
-      `route_grace` ago): while links are being measured, silence is no evidence.
-      Helpers, gossip and push-pull skip unreached members (any member if none is left).
-      Each gossip round also sends to one transit hop (a next hop that unreached members
-      are routed through), taking them in turn, so broadcasts cross every gateway.
-  P6. measure(names) pings members once outside the probe round, quietly (neither the ping
-      nor its ack carries broadcasts: a burst of measurements at a join would otherwise
-      spend the newcomer's few transmissions on nodes that already know); an ack records the RTT as
-      a direct probe's does and clears "unreached"; silence sets it unless the member
-      answered within 2 probe intervals plus a timeout (no suspicion, no health change), and
-      so do DIRECT_MISSES probes in a row that only a helper got answered
-      (the member is alive but our direct path to it broke). The routing layer measures
-      members with no fresh RTT, so a new member's reachability is known in about a second,
-      and watches its next hops with it.
+      the random helpers and the table's hop (for any member: during a change the table may
+      know before we do). A relay forwards a request along its own table's route (at most
+      MAX_HOPS relays, never back to the requester) and also pings the target itself unless
+      it is unreached; acks and nacks travel back along the chain. Only a last relay (it
+      pings the target, knows it answers directly, forwards nowhere) times out and nacks;
+      a relay that can neither reach the target nor forward stays out. A routed probe that
+      fails with no nack at all means the path broke, not that the target did: the target
+      is not suspected (the broken hop is found by its own neighbours' direct probes, and
+      routes go around it). The same holds for a blind probe (the member never answered us
+      directly and changed state less than `route_grace` ago): while links are being
+      measured, silence is no evidence. Helpers, gossip and push-pull skip unreached
+      members (any member if none is left). Each gossip round also sends to one transit hop
+      (a next hop that unreached members are routed through), taking them in turn, so
+      broadcasts cross every gateway.
+  P6. measure(names) pings members once outside the probe round, quietly: neither the ping
+      nor its ack carries broadcasts (a burst of measurements at a join would otherwise
+      spend the newcomer's few transmissions on nodes that already know). An ack records
+      the RTT as a direct probe's does and clears "unreached"; silence sets it unless the
+      member answered within 2 probe intervals plus a timeout (no suspicion, no health
+      change), and so do DIRECT_MISSES probes in a row that only a helper got answered (the
+      member is alive but our direct path to it broke). The routing layer measures members
+      with no fresh RTT, so a new member's reachability is known in about a second, and
+      watches its next hops with it.
 Lifeguard
   L1. Local health: a successful probe lowers the score by one; a failed one raises it by the
       missing nacks (by one when none were expected); refuting a suspicion of ourselves
@@ -595,7 +597,13 @@ class Membership:
     def _route_via(self, name: str) -> str | None:
         """The live member through which `name` is reached: only for members found silent
         to a direct ping (P6), whatever route latency prefers; None means directly (P5)."""
-        if self.next_hop is None or name not in self._unreached:
+        if name not in self._unreached:
+            return None
+        return self._table_hop(name)
+
+    def _table_hop(self, name: str) -> str | None:
+        """The routing table's first hop towards `name` when it is another live member."""
+        if self.next_hop is None:
             return None
         hop = self.next_hop(name)
         if hop is None or hop == name or hop == self.me.name or hop not in self._live_pos:
@@ -705,7 +713,7 @@ class Membership:
             self._probe_done(probe)
             return
         helpers = self._random_direct(self.s.indirect_checks, (target.name,))
-        hop = self._route_via(target.name)
+        hop = self._table_hop(target.name)  # the route's way, even if we never marked it
         if hop is not None and hop not in helpers:
             helpers.append(hop)
         nack = self.s.lifeguard
@@ -755,23 +763,27 @@ class Membership:
         if msg.target == self.me.name:  # we are the target (a relay before us routed here)
             self._send(sender, Ack(msg.seq))
             return
-        hop = self._route_via(msg.target)
-        if hop is not None and self.members[hop].addr == sender:
-            return  # our route leads back where the request came from: we cannot help
+        hop = self._table_hop(msg.target)
+        if hop is not None and (self.members[hop].addr == sender or msg.hops >= MAX_HOPS):
+            hop = None  # the route leads back where the request came from, or too far
+        direct = msg.target not in self._unreached
+        if hop is None and not direct:
+            return  # we cannot reach it and know no way on: we cannot help
         relay = _Relay(self._next_seq(), sender, msg.seq, msg.nack)
         self._acks[relay.seq] = relay
-        # only a relay that reaches the target directly (as far as it knows) may say "silent"
-        final = hop is None and (self.next_hop is None or msg.target not in self.members
-                                 or self._known_direct(msg.target))
-        relay.nack = msg.nack and (final or hop is not None)
-        if hop is None:
+        if direct:
             self._send(msg.target_addr, Ping(relay.seq, msg.target, self.me.name, self.me.addr),
                        to=msg.target)
-        elif msg.hops < MAX_HOPS:
+        if hop is not None:
             # a forwarding relay passes the nack of the last relay back; it has none itself
             self._send(self.members[hop].addr,
                        IndirectPing(relay.seq, msg.target, msg.target_addr, self.me.name,
                                     self.me.addr, msg.nack, msg.hops + 1))
+        # only a relay that pings the target itself and knows it answers directly (as far
+        # as it knows) may say "silent"
+        final = hop is None and (self.next_hop is None or msg.target not in self.members
+                                 or self._known_direct(msg.target))
+        relay.nack = msg.nack and (final or hop is not None)
         if relay.nack and hop is None:
             self._schedule(now + self.s.nack_fraction * self.s.probe_timeout,
                            self._relay_nack, _RelayNack(relay))

@@ -448,7 +448,8 @@ class LinkManager:
         self.handshake_timeout = handshake_timeout
         self.handlers: dict[str, Callable[[Channel], Awaitable[None]]] = {}
         self.links: dict[str, Link] = {}
-        self._dialing: dict[str, trio.Event] = {}
+        # dials under way: addr -> (done, through relays)
+        self._dialing: dict[str, tuple[trio.Event, bool]] = {}
         self._nursery: trio.Nursery | None = None
         self.listeners: list[trio.SocketListener] = []
         self.stats: dict[str, int] = {
@@ -535,12 +536,17 @@ class LinkManager:
             pending = self._dialing.get(addr)
             if pending is None:
                 break
-            await pending.wait()
-        event = self._dialing[addr] = trio.Event()
+            done, relayed = pending
+            if not relayed and self.route is not None and self.route(addr) is not None:
+                break  # a direct dial is under way, but routes now go around it: do not wait
+            await done.wait()
+        event = trio.Event()
+        self._dialing[addr] = (event, self.route is not None and self.route(addr) is not None)
         try:
             link = await self._dial(addr)
         finally:
-            del self._dialing[addr]
+            if self._dialing.get(addr, (None, False))[0] is event:
+                del self._dialing[addr]
             event.set()
         return link
 
