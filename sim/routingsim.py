@@ -3,7 +3,7 @@
 Rules (the model):
 - Each node runs meshd.routing's LinkMonitor and RoutingTable on its membership core, and the
   table is the core's `next_hop` (routed probes, membership core P5). Every
-  `RECOMPUTE_INTERVAL` it samples RTTs, measures members with no fresh RTT and watches its
+  `TICK` it samples RTTs, measures members with no fresh RTT and watches its
   next hops (core P6, monitor.py), marks suspected and down hops as no-transit, forgets members
   that are gone and recomputes (rate limit and hysteresis as in the daemon).
 - Adverts: the daemon carries link state as records of its replicated store; here they are
@@ -40,6 +40,7 @@ from meshd.routing.table import RoutingTable
 from .metrics import quantile_index
 
 RECOMPUTE_INTERVAL = 1.0
+TICK = 1.0  # as the daemon's routing loop
 CHECK_INTERVAL = 0.1
 
 
@@ -75,7 +76,7 @@ class RoutingSim:
 
     def start_node(self, node: Any, core: Any) -> NodeRouting:
         state = NodeRouting(node, core)
-        first = self.sim.now + self._rng.uniform(0, RECOMPUTE_INTERVAL)
+        first = self.sim.now + self._rng.uniform(0, TICK)
         self.sim.call_at(first, self._tick, state)
         return state
 
@@ -87,7 +88,7 @@ class RoutingSim:
             return
         sim = self.sim
         node = state.node
-        sim.call_at(sim.now + RECOMPUTE_INTERVAL, self._tick, state)
+        sim.call_at(sim.now + TICK, self._tick, state)
         if node.paused:
             return
         local = sim.now + node.offset
@@ -111,7 +112,7 @@ class RoutingSim:
         live = set(mon.live()) | {node.name}
         for origin in [o for o in table.adverts if o not in live]:
             table.forget(origin)
-        table.set_avoid(mon.suspects() | mon.down)
+        table.set_avoid(mon.avoid(local))
         before = table.flaps
         table.recompute(local)
         if sim.now >= self.sc.warmup:

@@ -149,6 +149,8 @@ class Member:
     state_change: float
     rtt: float | None = None  # smoothed RTT of direct probes (UDP ping -> ack)
     rtt_at: float | None = None  # when the last direct ack came (our clock)
+    # when it last relayed an ack back to us (a routed probe through it): alive as a hop
+    heard_at: float | None = None
 
     @property
     def status(self) -> str:
@@ -189,7 +191,7 @@ class Output:
 
 class _Probe:
     __slots__ = ("done", "expected_nacks", "interval", "nacks", "routed", "seq", "start",
-                 "target")
+                 "target", "via")
 
     def __init__(self, target: str, seq: int, start: float, interval: float) -> None:
         self.target = target
@@ -200,6 +202,7 @@ class _Probe:
         self.nacks = 0
         self.expected_nacks = 0
         self.routed = False
+        self.via: str | None = None  # the hop a routed probe went through
 
 
 class _Relay:
@@ -697,6 +700,7 @@ class Membership:
                        to=target.name)
         else:
             probe.routed = True
+            probe.via = hop
             self._send(self.members[hop].addr,
                        IndirectPing(probe.seq, target.name, target.addr, self.me.name,
                                     self.me.addr, lifeguard), extra, to=hop)
@@ -816,6 +820,10 @@ class Membership:
             if target is not None and not reliable and sender == target.addr:
                 _record_rtt(target, now - waiter.start, now, self._unreached)
                 self._direct_misses.pop(target.name, None)
+            elif waiter.via is not None:
+                hop = self.members.get(waiter.via)
+                if hop is not None and sender == hop.addr:
+                    hop.heard_at = now
             elif target is not None and not waiter.routed and self.next_hop is not None:
                 # alive, but only a helper got through: the direct path may be broken
                 misses = self._direct_misses.get(target.name, 0) + 1

@@ -12,11 +12,12 @@ Rules:
   last try: a new member's direct links are known within seconds, while members that are
   not reachable directly (another cloud) cost one ping per round.
 - Next hops in use are watched like BFD watches a link: pinged every tick (`watch`), and one
-  that has not answered for 2 probe intervals plus a probe timeout is down, to be avoided at
+  that has not answered (a direct ack, or an ack it relayed back for one of our routed
+  probes) for 2 probe intervals plus a probe timeout is down, to be avoided at
   once, without waiting for membership to suspect it (which takes a random wait for its
   turn in someone's probe list). A down hop stays watched until it answers again.
-- Suspected members are to be avoided as transit (see table.py); dead and left members are
-  not members of the routing graph at all.
+- Suspected members that we do not watch are to be avoided as transit (see table.py); dead
+  and left members are not members of the routing graph at all.
 """
 
 from __future__ import annotations
@@ -91,11 +92,26 @@ class LinkMonitor:
                 self._watched.pop(h, None)
                 continue
             since = self._watched.setdefault(h, now)
-            last = since if m.rtt_at is None else max(m.rtt_at, since)
+            last = max(since, m.rtt_at or since, getattr(m, "heard_at", None) or since)
             if now - last > limit:
                 down.add(h)
         self.down = frozenset(down)
         return sorted(self._watched)
+
+    def avoid(self, now: float) -> frozenset[str]:
+        """Members to carry no transit traffic: next hops that stopped answering us, and
+        suspected members unless they are hops we watch that answered us within a probe
+        interval plus a timeout (our own evidence beats someone else's suspicion, so a
+        refuted suspicion of a gateway that answers us does not move our traffic around)."""
+        s = self.core.s
+        fresh = now - s.probe_interval - s.probe_timeout
+        out = set(self.down)
+        for name in self.suspects():
+            m = self.core.members.get(name)
+            if name not in self._watched or m is None \
+                    or max(m.rtt_at or -1e18, getattr(m, "heard_at", None) or -1e18) < fresh:
+                out.add(name)
+        return frozenset(out)
 
     def _horizon(self) -> float:
         return max(30.0, 3 * self.core.num_live() * self.core.s.probe_interval)

@@ -75,7 +75,7 @@ class RoutingService:
                 await self._advertise(links)
                 next_advert = now + self.advertise_interval
             self._load()
-            self.table.set_avoid(self.monitor.suspects() | self.monitor.down)
+            self.table.set_avoid(self.monitor.avoid(now))
             if self.table.recompute(now):
                 log.debug("routes changed: %d destinations", len(self.table.routes))
             await trio.sleep(self.recompute_interval)

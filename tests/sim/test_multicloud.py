@@ -57,3 +57,10 @@ def test_without_routed_probes_members_behind_gateways_die():
 def test_crash_fault_zone_must_exist():
     with pytest.raises(ScenarioError, match="zone"):
         load("multicloud-gateway-down", ["faults=[{kind='crash', zone='nowhere'}]"])
+
+
+def test_one_percent_loss_everywhere_no_false_deaths_every_pair_still_routed():
+    _, r = run("multicloud", "duration=1200", "network.loss=0.01")
+    m = r["metrics"]
+    assert m["false_deaths"] == 0
+    assert m["route_coverage"] == 1.0 and m["path_stretch_p99"] <= 1.10
