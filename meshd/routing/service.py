@@ -9,8 +9,8 @@ Rules:
 - Every `recompute_interval` the table takes any newer adverts of live members, forgets
   members that are gone, and recomputes (with hysteresis, see table.py).
 - RTTs come from the membership core's direct probe acks; Vivaldi is fed the same samples
-  (monitor.py). Suspected members and next hops that stopped answering (monitor.py's watch)
-  carry no transit traffic (table.py).
+  (monitor.py). Next hops that stopped answering (monitor.py's watch) and suspected members
+  (unless they are watched hops that answered us lately) carry no transit traffic.
 - The table is the membership core's `next_hop`, so probes of members reached through a
   relay follow the route (membership core P5).
 """
