@@ -26,6 +26,16 @@ _LABELS = {
     "msgs_per_node_per_s": "messages sent per node per second",
     "bytes_per_node_per_s": "bytes sent per node per second",
     "kbit_per_node_per_s": "kbit/s sent per node",
+    "suspicions_after_warmup": "suspicions after warmup",
+    "false_deaths_after_warmup": "healthy nodes declared dead after warmup",
+    "route_coverage": "route_coverage: pairs a packet reaches hop by hop",
+    "path_stretch_p99": "path_stretch_p99: path latency / optimum",
+    "path_stretch_max": "path_stretch_max",
+    "route_flaps": "route_flaps: next-hop changes after warmup",
+    "route_convergence_s_max": "route_convergence_s_max: crash to all pairs routed (s)",
+    "route_convergence_s": "route_convergence_s per crash",
+    "route_unconverged": "crashes after which routes never converged",
+    "routing_msgs": "link-state advert messages",
 }
 
 
