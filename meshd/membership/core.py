@@ -623,14 +623,14 @@ class Membership:
         return name not in self._unreached
 
     def _transit_hops(self) -> list[str]:
-        """Next hops that some live member is routed through (P5)."""
-        hops = {self._route_via(name) for name in self._live}
+        """Next hops that some live unreached member is routed through (P5)."""
+        hops = {self._table_hop(name) for name in self._unreached if name in self._live_pos}
         hops.discard(None)
         return sorted(hops)  # type: ignore[arg-type]
 
     def _random_direct(self, k: int, exclude: tuple[str, ...] = ()) -> list[str]:
-        """Up to k random live members known to be reached directly; with routing on and
-        none known (a cold start), any live members."""
+        """Up to k random live members that are not unreached (P5); if every candidate is,
+        any live members."""
         if self.next_hop is None:
             return self._random_live(k, exclude)
         picked: list[str] = []
