@@ -305,7 +305,7 @@ def members(status_filter: str | None, data_dir: Path | None, as_json: bool) -> 
         click.echo(json.dumps(rows))
         return
     table = Table(show_header=True, header_style="bold")
-    for col in ("name", "id", "address", "status", "incarnation", "tags", "rtt"):
+    for col in ("name", "id", "address", "status", "incarnation", "tags", "rtt", "reach"):
         table.add_column(col)
     colors = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
     for r in rows:
@@ -313,7 +313,7 @@ def members(status_filter: str | None, data_dir: Path | None, as_json: bool) -> 
         rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f} ms"
         table.add_row(r["name"] + (" *" if r["self"] else ""), r["id"][:8], r["address"],
                       f"[{colors.get(r['status'], 'white')}]{r['status']}[/]",
-                      str(r["incarnation"]), tags, rtt)
+                      str(r["incarnation"]), tags, rtt, r.get("reach", ""))
     console.print(table)
 
 

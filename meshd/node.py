@@ -395,6 +395,7 @@ class Node:
 
     def member_rows(self) -> list[dict[str, Any]]:
         rows = []
+        unreached = self.core.unreached
         for m in sorted(self.core.member_list(), key=lambda m: m.name):
             tags = {k: v for k, v in m.tags.items() if k not in RESERVED_TAGS}
             rows.append({
@@ -402,8 +403,20 @@ class Node:
                 "status": STATE_NAMES[m.state], "incarnation": m.incarnation, "tags": tags,
                 "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
                 "self": m.name == self.name,
+                "reach": self._reach(m, unreached),
             })
         return rows
+
+    def _reach(self, m: Any, unreached: frozenset[str]) -> str:
+        """How this node gets to a member: "direct", "via HOP" (it does not answer us
+        directly; probes and links follow the route), "no route" or "unknown" (not yet
+        measured)."""
+        if m.name == self.name:
+            return "self"
+        if m.name in unreached:
+            hop = self.routing.next_hop(m.name)
+            return f"via {hop}" if hop is not None and hop != m.name else "no route"
+        return "direct" if m.rtt_at is not None else "unknown"
 
     def status(self) -> dict[str, Any]:
         counts: dict[str, int] = {}

@@ -140,10 +140,15 @@ def test_cli_members_json_and_errors(cluster):
     for key in ("name", "id", "address", "status", "incarnation", "tags"):
         assert key in me
     assert me["tags"] == {"region": "eu", "role": "web"}
-    assert me["status"] == "alive"
-    human = subprocess.run([sys.executable, "-m", "cli", "members"], env=env,
-                           capture_output=True, text=True, timeout=10)
-    assert "region=eu" in human.stdout
+    assert me["status"] == "alive" and me["reach"] == "self"
+    b = cluster.add("b", join=[a.addr])
+    wait_for(lambda: all_alive([a, b], ["a", "b"]), 10, "b joined")
+    # b answers a directly within a second or two (measure pings, then probes)
+    wait_for(lambda: a.members()["b"]["reach"] == "direct", 10, "b reached directly")
+    human = subprocess.run([sys.executable, "-m", "cli", "members"],
+                           env={**env, "COLUMNS": "160"}, capture_output=True, text=True,
+                           timeout=10)
+    assert "region=eu" in human.stdout and "direct" in human.stdout
     missing = subprocess.run([sys.executable, "-m", "cli", "members", "--data-dir",
                               str(cluster.root / "nothing-here")], capture_output=True,
                              text=True, timeout=10)
