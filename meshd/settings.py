@@ -100,6 +100,11 @@ class MembershipSettings:
             return self.suspicion_min(n)
         return self.suspicion_max_timeout_mult * self.suspicion_min(n)
 
+    def silent_after(self) -> float:
+        """How long a member that answered us directly may go quiet before it counts as not
+        answering: two probe intervals plus a timeout (two lost pings are not enough)."""
+        return 2 * self.probe_interval + self.probe_timeout
+
     def retransmit_limit(self, n: int) -> int:
         """How many times each broadcast is sent: retransmit_mult * ceil(log10(n + 1))."""
         return self.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))

@@ -434,8 +434,7 @@ class Membership:
             self._acks.pop(w.seq, None)
             m = self.members.get(w.target)
             # one lost ping of a member that answered moments ago proves nothing
-            if m is not None and (m.rtt_at is None or now - m.rtt_at > 2 * self.s.probe_interval
-                                  + self.s.probe_timeout):
+            if m is not None and (m.rtt_at is None or now - m.rtt_at > self.s.silent_after()):
                 self._unreached.add(w.target)
 
     def pending_broadcasts(self) -> int:

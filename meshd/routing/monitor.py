@@ -22,6 +22,7 @@ Rules:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from meshd.membership.messages import ALIVE, SUSPECT
@@ -37,6 +38,13 @@ def links_changed(old: dict[str, float], new: dict[str, float], tolerance: float
     if old.keys() != new.keys():
         return True
     return any(abs(new[k] - v) > tolerance * v for k, v in old.items())
+
+
+def _last_answer(m: Any) -> float:
+    """When a member last showed us it is alive as a hop: a direct ack, or an ack it relayed
+    back for one of our routed probes (-inf if never)."""
+    return max(m.rtt_at if m.rtt_at is not None else -math.inf,
+               m.heard_at if m.heard_at is not None else -math.inf)
 
 
 class LinkMonitor:
@@ -80,8 +88,7 @@ class LinkMonitor:
 
     def watch(self, hops: set[str], now: float) -> list[str]:
         """Update `down` for the next hops in use; returns the hops to ping now."""
-        s = self.core.s
-        limit = 2 * s.probe_interval + s.probe_timeout
+        limit = self.core.s.silent_after()
         watched = hops | self.down
         for h in [h for h in self._watched if h not in watched]:
             del self._watched[h]
@@ -92,8 +99,7 @@ class LinkMonitor:
                 self._watched.pop(h, None)
                 continue
             since = self._watched.setdefault(h, now)
-            last = max(since, m.rtt_at or since, getattr(m, "heard_at", None) or since)
-            if now - last > limit:
+            if now - max(since, _last_answer(m)) > limit:
                 down.add(h)
         self.down = frozenset(down)
         return sorted(self._watched)
@@ -108,8 +114,7 @@ class LinkMonitor:
         out = set(self.down)
         for name in self.suspects():
             m = self.core.members.get(name)
-            if name not in self._watched or m is None \
-                    or max(m.rtt_at or -1e18, getattr(m, "heard_at", None) or -1e18) < fresh:
+            if name not in self._watched or m is None or _last_answer(m) < fresh:
                 out.add(name)
         return frozenset(out)
 
