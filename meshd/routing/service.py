@@ -64,7 +64,8 @@ class RoutingService:
         next_advert = trio.current_time()
         while True:
             now = trio.current_time()
-            self.monitor.sample(self._coordinates())
+            records = self._records()  # every advert, decoded once per tick
+            self.monitor.sample(self._coordinates(records))
             watched = self.monitor.watch(self.table.transit_hops(), now)
             if self.measure is not None:
                 names = sorted(set(self.monitor.to_measure(now)) | set(watched))
@@ -74,7 +75,7 @@ class RoutingService:
             if now >= next_advert or links_changed(self._advertised, links):
                 await self._advertise(links)
                 next_advert = now + self.advertise_interval
-            self._load()
+            self._load(records)
             self.table.set_avoid(self.monitor.avoid(now))
             if self.table.recompute(now):
                 log.debug("routes changed: %d destinations", len(self.table.routes))
@@ -86,9 +87,9 @@ class RoutingService:
     def _records(self) -> dict[str, Any]:
         return self.store.json_records(DB, TABLE)
 
-    def _coordinates(self) -> dict[str, Coordinate]:
+    def _coordinates(self, records: dict[str, Any]) -> dict[str, Coordinate]:
         out = {}
-        for name, rec in self._records().items():
+        for name, rec in records.items():
             try:
                 out[name] = Coordinate.from_wire(rec.get("coord"))
             except (ValueError, TypeError):
@@ -104,9 +105,9 @@ class RoutingService:
                                  int((time.time() + 10 * self.advertise_interval) * 1000))}
         await self.store._commit_local(DB, TABLE, self.me, delta, 1)
 
-    def _load(self) -> None:
+    def _load(self, records: dict[str, Any]) -> None:
         live_names = set(self.monitor.live()) | {self.me}
-        for origin, rec in self._records().items():
+        for origin, rec in records.items():
             if origin not in live_names:
                 self.table.forget(origin)
                 continue
@@ -130,5 +131,5 @@ class RoutingService:
                 for a, b, d in sorted(g.edges(data=True))]
 
     def estimate(self, node: str) -> float | None:
-        coord = self._coordinates().get(node)
+        coord = self._coordinates(self._records()).get(node)
         return None if coord is None else self.vivaldi.coord.distance_to(coord)

@@ -9,7 +9,7 @@ Rules:
 - Recompute is rate-limited to once per `min_interval` and only when something changed.
 - Hysteresis: a destination keeps its current path while that path still exists and the new
   best is not at least `switch_gain` (fraction) cheaper, so jittery RTTs do not flap routes.
-- Members set as `avoid` (suspected by membership) carry no transit traffic: paths go around
+- Members set as `avoid` (silent next hops, suspects) carry no transit traffic: paths go around
   them at once, without waiting for their adverts to age out; they stay reachable as
   destinations. A path through an avoided node no longer "exists" for hysteresis.
 """
@@ -60,7 +60,8 @@ class RoutingTable:
         return True
 
     def set_avoid(self, names: frozenset[str]) -> None:
-        """Members that must not carry transit traffic (suspected ones)."""
+        """Members that must not carry transit traffic (the routing monitor's avoid():
+        next hops that stopped answering, suspected members)."""
         names = names - {self.me}
         if names != self.avoid:
             self.avoid = names
