@@ -19,37 +19,20 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.cluster import Cluster, control, wait_for  # noqa: E402
+from tests.integration.cluster import Cluster, LoopbackServer, control, wait_for  # noqa: E402
 
 
-class Sink:
+class Sink(LoopbackServer):
     """Counts bytes until EOF, then answers with the count (so the sender knows it all got
     there)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _drain(conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         total = 0
         with conn:
             while data := conn.recv(1 << 20):

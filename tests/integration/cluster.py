@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,29 @@ import trio
 from meshd.control import ControlClient
 from meshd.errors import MeshError
 from meshd.secure.keyring import format_secret, new_secret
+
+
+class LoopbackServer:
+    """A TCP server on 127.0.0.1 (any free port) that runs `handle` on a thread per
+    connection; subclasses say what `handle` does."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
 
 def control(data_dir: Path, op: str, /, **args: Any) -> Any:
