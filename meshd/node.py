@@ -316,7 +316,7 @@ class Node:
 
     def _relay_route(self, addr: str) -> tuple[str, str] | None:
         """(next hop address, destination) when `addr` is reached through relays."""
-        dest = next((m.name for m in self.core.member_list() if m.addr == addr), None)
+        dest = self.core.name_at(addr)
         if dest is None:
             return None
         route = self.routing.table.route(dest)

@@ -318,6 +318,7 @@ class Membership:
         self._snapshot_cache: tuple[list[MemberState], int] | None = None
         # bumped on every change of the member table, so views built on it can be cached
         self.member_version = 0
+        self._addr_index: tuple[int, dict[str, str]] = (-1, {})
         # routing table lookup set by the shell (P5): member name -> first hop name or None
         self.next_hop: Callable[[str], str | None] | None = None
         self._transit_turn = 0
@@ -357,6 +358,17 @@ class Membership:
 
     def member_list(self) -> list[Member]:
         return list(self.members.values())
+
+    def name_at(self, addr: str) -> str | None:
+        """The member at an address (the first one, as the table lists them). The index is
+        rebuilt only when the member table changes: links and RPC ask on every call."""
+        version, index = self._addr_index
+        if version != self.member_version:
+            index = {}
+            for m in self.members.values():
+                index.setdefault(m.addr, m.name)
+            self._addr_index = (self.member_version, index)
+        return index.get(addr)
 
     def restore(self, states: Iterable[MemberState], now: float) -> None:
         """Load members as known without gossiping them (a converged start, or a member list
@@ -883,6 +895,7 @@ class Membership:
                 self._event("conflict", m, f"{name} also claimed by {msg.addr}")
                 return
             m.addr = msg.addr  # a dead node came back on a new address
+            self._table_changed()
         elif msg.incarnation <= m.incarnation:
             return
         if tags_size(msg.tags) > self.s.max_meta_bytes:

@@ -257,10 +257,7 @@ class RpcService:
         return who.id
 
     def _node_of(self, addr: str) -> str | None:
-        for m in self.core.member_list():
-            if m.addr == addr:
-                return m.name
-        return None
+        return self.core.name_at(addr)
 
     async def _serve_request(self, req: dict[str, Any], timeout: float,
                              meta: dict[str, Any], peer: str = "") -> dict[str, Any]:

@@ -406,3 +406,12 @@ def test_ack_over_the_stream_only_reports_udp_unreachable():
     kinds = [e.kind for o, e in h.events if o == "a" and e.node == "b"]
     assert "udp-unreachable" in kinds
     assert h.status("a", "b") == "alive"
+
+
+def test_name_at_follows_the_member_table():
+    h = Harness()
+    h.add("a", "b")
+    core = h.cores["a"]
+    assert core.name_at(addr("b")) == "b" and core.name_at("nowhere:1") is None
+    core.receive(addr("b"), [Alive(0, "newbie", "newbie:7946", {})], 1.0)
+    assert core.name_at("newbie:7946") == "newbie"

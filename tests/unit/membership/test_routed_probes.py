@@ -183,3 +183,4 @@ def test_member_whose_direct_path_breaks_becomes_unreached_and_is_probed_through
     routed = [m for m in h.msgs_sent("a", IndirectPing, "c") if m.target == "b"]
     assert routed, "a still probes b directly although only c gets through"
     assert not [m for m in h.msgs_sent("a", Ping, "b") if not m.quiet]
+
