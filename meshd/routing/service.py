@@ -81,9 +81,6 @@ class RoutingService:
                 log.debug("routes changed: %d destinations", len(self.table.routes))
             await trio.sleep(self.recompute_interval)
 
-    def direct_links(self) -> dict[str, float]:
-        return self.monitor.direct_links(trio.current_time())
-
     def _records(self) -> dict[str, Any]:
         return self.store.json_records(DB, TABLE)
 
