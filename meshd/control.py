@@ -8,14 +8,19 @@ Rules:
   status}}. A streaming op sends {"id", "event": ...} items until either side closes.
 - Every failure inside a handler becomes a structured error reply; a malformed request gets
   a 400 and the connection stays usable. Nothing a client sends can crash the node.
+- The listener goes through transport/listeners.py: capped connections, a first request
+  within FIRST_REQUEST seconds, EMFILE back-off; requests are decoded by meshd.wire (size and
+  depth bounded, no CBOR tags).
 - Clients find the socket via MESHD_ADDR (a path, optionally "unix:"-prefixed) or
   <data dir>/meshd.sock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
+import math
 import os
 import socket
 import struct
@@ -26,11 +31,14 @@ from typing import Any
 import cbor2
 import trio
 
+from . import wire
 from .errors import MeshError, bad_request, not_found, unavailable
+from .transport import listeners as serving
 
 log = logging.getLogger("meshd.control")
 LENGTH = struct.Struct(">I")
 MAX_REQUEST = 4 << 20
+FIRST_REQUEST = 10.0  # seconds a new connection has to send its first request
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -71,9 +79,9 @@ class Framed:
         body = bytes(self._buf[4:4 + n])
         del self._buf[:4 + n]
         try:
-            return cbor2.loads(body, max_depth=32)
-        except Exception:
-            raise bad_request("request is not valid CBOR") from None
+            return wire.loads(body, max_depth=32)
+        except wire.WireError as exc:
+            raise bad_request(f"request is not valid: {exc}") from None
 
     async def write(self, value: Any) -> None:
         data = cbor2.dumps(value)
@@ -113,6 +121,8 @@ class ControlServer:
         self.ops: dict[str, Handler] = {}
         self.streams: dict[str, StreamHandler] = {}
         self.sessions: dict[str, SessionHandler] = {}
+        self.stats: dict[str, int] = {}
+        self.gate = serving.Gate("control", self.stats, pending_timeout=FIRST_REQUEST)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if self.path.exists() or self.path.is_symlink():
@@ -127,30 +137,29 @@ class ControlServer:
         sock.listen(1024)
         listener = trio.SocketListener(sock)
         try:
-            task_status.started()
-            await trio.serve_listeners(self._serve, [listener])
+            await serving.serve([listener], self._serve, self.gate, task_status=task_status)
         finally:
             self.path.unlink(missing_ok=True)
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    async def _serve(self, stream: trio.SocketStream, ticket: serving.Ticket) -> None:
         """One client connection; whatever it does, only this connection can end."""
-        try:
-            async with stream:
-                framed = Framed(stream)
-                while True:
-                    try:
-                        req = await framed.read()
-                    except EOFError:
-                        return
-                    except MeshError as exc:
-                        await framed.write({"id": None, "ok": False, "error": exc.to_dict()})
-                        return
-                    if not await self._handle(framed, req):
-                        return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        except Exception:
-            log.exception("control connection failed")
+        framed = Framed(stream)
+        while True:
+            req = None
+            try:
+                with trio.move_on_at(ticket.deadline if ticket.pending else math.inf):
+                    req = await framed.read()
+                if req is None:
+                    return  # no first request in time
+            except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            except MeshError as exc:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await framed.write({"id": None, "ok": False, "error": exc.to_dict()})
+                return
+            ticket.authenticated()
+            if not await self._handle(framed, req):
+                return
 
     async def _handle(self, framed: Framed, req: Any) -> bool:
         rid = req.get("id") if isinstance(req, dict) else None

@@ -25,12 +25,13 @@ from typing import Any
 
 import trio
 
-from . import datadir
+from . import datadir, wire
 from .auth.service import AuthService
 from .control import REQUEST_TOKEN, ControlServer, socket_path
 from .errors import MeshError, bad_request
 from .identity import Identity
 from .membership.core import Membership, MembershipError
+from .membership.identity import AliveVerifier
 from .membership.messages import STATE_NAMES
 from .membership.service import MembershipService
 from .proxy.edge import EdgeProxy
@@ -174,15 +175,20 @@ class Node:
         self.boot = os.urandom(6).hex()  # changes at every start: stale instances vanish
         tags["boot"] = self.boot
         incarnation = int(self.state.get("incarnation", -1)) + 1
+        self.alive_verifier = AliveVerifier(self._key_revoked)
         try:
             self.core = Membership(self.name, self.advertise, s.membership,
                                    random.Random(), trio.current_time(), tags=tags,
-                                   incarnation=incarnation)
+                                   incarnation=incarnation, key=self.identity.public_bytes,
+                                   sign=self.identity.sign, verify=self.alive_verifier)
         except MembershipError as exc:
             raise NodeError(str(exc)) from None
         self._save_state()
         self.links = LinkManager(self.identity, self.keyring, self.advertise,
                                  s.limits.max_frame_bytes, s.limits.handshake_timeout)
+        self.links.expected_key = self.core.key_at
+        self.links.node_of_key = self.core.name_of_key
+        self.links.is_revoked = self._key_revoked
         self.links.handlers["keys"] = self._serve_keys
         self.membership = MembershipService(self.core, self.udp, self.links,
                                             s.limits.join_timeout)
@@ -209,6 +215,7 @@ class Node:
         self.rpc.auth = self.auth
         self.registry.service_token = self.auth.service_token
         control = ControlServer(socket_path(self.data_dir))
+        self.control_stats = control.stats
         self._register_ops(control)
         self.membership.listeners.append(self._watch_conflicts)
         self.membership.listeners.append(self._sync_newcomer)
@@ -313,6 +320,11 @@ class Node:
                 "min_ms": round(min(samples), 3),
                 "avg_ms": round(sum(samples) / len(samples), 3),
                 "vivaldi_estimate_ms": None if estimate is None else round(estimate * 1000, 3)}
+
+    def _key_revoked(self, key: bytes) -> bool:
+        """Whether an identity key was revoked by an admin (`meshd nodes revoke`)."""
+        auth = getattr(self, "auth", None)
+        return auth is not None and auth.node_revoked(key)
 
     def _relay_route(self, addr: str) -> tuple[str, str] | None:
         """(next hop address, destination) when `addr` is reached through relays."""
@@ -423,7 +435,8 @@ class Node:
         for m in self.core.member_list():
             counts[STATE_NAMES[m.state]] = counts.get(STATE_NAMES[m.state], 0) + 1
         stats = {**self.udp.stats, **self.links.stats, **self.membership.stats,
-                 **self.store.stats, **self.store.rep.stats, **self.edge.stats}
+                 **self.store.stats, **self.store.rep.stats, **self.edge.stats,
+                 **self.alive_verifier.stats, **self.control_stats}
         return {
             "name": self.name, "id": self.identity.node_id, "short_id": self.identity.short,
             "address": self.advertise, "data_dir": str(self.data_dir),
@@ -704,7 +717,10 @@ class Node:
     async def _serve_keys(self, ch: Channel) -> None:
         import cbor2
 
-        req = cbor2.loads(await ch.receive())
+        try:
+            req = wire.loads(await ch.receive(), max_depth=4, max_bytes=4096)
+        except wire.WireError:
+            return
         try:
             if not isinstance(req, dict):
                 raise KeyringError("bad request")
@@ -732,11 +748,12 @@ class Node:
                 with trio.fail_after(5):
                     async with await self.links.open_channel(m.addr, "keys") as ch:
                         await ch.send(cbor2.dumps(request))
-                        reply = cbor2.loads(await ch.receive())
+                        reply = wire.loads(await ch.receive(), max_depth=4, max_bytes=65536)
                 if isinstance(reply, dict) and reply.get("ok"):
                     replies.append(reply)
                 else:
-                    errors.append(f"{m.name}: {reply.get('error', 'refused')}")
+                    why = reply.get("error", "refused") if isinstance(reply, dict) else "?"
+                    errors.append(f"{m.name}: {str(why)[:200]}")
             except (LinkError, ChannelClosed, trio.TooSlowError, ValueError) as exc:
                 errors.append(f"{m.name}: {exc or 'no answer'}")
 

@@ -27,6 +27,7 @@ from typing import Any
 import cbor2
 import trio
 
+from meshd import wire
 from meshd.datadir import write_secret_file
 from meshd.errors import MeshError, bad_request, not_found
 from meshd.store import crdt
@@ -130,6 +131,10 @@ class AuthService:
             self._keys_cache = ((v, int(now // 60)), keys)
         return self._keys_cache[1]
 
+    def node_revoked(self, key: bytes) -> bool:
+        """Whether a node identity key was revoked (item filled in by `nodes revoke`)."""
+        return False
+
     def is_revoked(self, jti: str) -> bool:
         state = self.store.rep.state.get(DB, "revoked", jti)
         return state is not None and live(state, int(time.time() * 1000))
@@ -224,7 +229,7 @@ class AuthService:
                 with trio.fail_after(5):
                     async with await self.links.open_channel(addr, CHANNEL) as ch:
                         await ch.send(cbor2.dumps({"op": "sign", "claims": claims}))
-                        reply = cbor2.loads(await ch.receive())
+                        reply = wire.loads(await ch.receive(), max_depth=8)
                 if isinstance(reply, dict) and isinstance(reply.get("token"), str):
                     return reply["token"]
             except (LinkError, ChannelClosed, trio.TooSlowError, ValueError):
@@ -236,7 +241,7 @@ class AuthService:
                         id="meshd.auth")
 
     async def _serve_channel(self, ch: Channel) -> None:
-        req = cbor2.loads(await ch.receive(), max_depth=8)
+        req = wire.loads(await ch.receive(), max_depth=8)
         local = self._local_signing_key()
         if not isinstance(req, dict) or req.get("op") != "sign" or local is None \
                 or not isinstance(req.get("claims"), dict):

@@ -72,6 +72,13 @@ Incarnations and state (memberlist's rules)
       address is a name conflict: reported, not applied.
   S4. Dead and left members are kept for gossip_to_the_dead (they are still gossiped to, so
       they can refute), then reaped from the table.
+  S5. Identity. A member's name is bound to the identity key of the first alive that named
+      it, for as long as the member is in the table (dead and left ones included, until
+      reaped): an alive for that name with another key is a conflict, not applied, as is an
+      alive for our own name with a key that is not ours. An alive is applied only if the
+      shell's ``verify`` accepts it (its signature by that key); our own alives are signed
+      with ``sign``. Without ``sign``/``verify`` (the simulator) keys are empty and S5 only
+      binds names to the empty key.
 Dissemination
   D1. Every applied change is queued for broadcast (one per node, newest replaces older),
       and piggybacked on every UDP packet we send, least-sent first, within the packet
@@ -147,6 +154,8 @@ class Member:
     state: int
     tags: dict[str, str]
     state_change: float
+    key: bytes = b""  # identity key this member proved (S5)
+    sig: bytes = b""  # its signature of its alive at this incarnation
     rtt: float | None = None  # smoothed RTT of direct probes (UDP ping -> ack)
     rtt_at: float | None = None  # when the last direct ack came (our clock)
     # when it last relayed an ack back to us (a routed probe through it): alive as a hop
@@ -157,7 +166,8 @@ class Member:
         return STATE_NAMES[self.state]
 
     def to_state(self) -> MemberState:
-        return MemberState(self.name, self.addr, self.incarnation, self.state, self.tags)
+        return MemberState(self.name, self.addr, self.incarnation, self.state, self.tags,
+                           self.key, self.sig)
 
 
 @dataclass(slots=True)
@@ -282,6 +292,9 @@ class Membership:
         now: float,
         tags: dict[str, str] | None = None,
         incarnation: int = 0,
+        key: bytes = b"",
+        sign: Callable[[bytes], bytes] | None = None,
+        verify: Callable[[Alive], bool] | None = None,
     ) -> None:
         if not name or len(name) > 128:
             raise MembershipError("node name must be 1..128 characters")
@@ -292,8 +305,12 @@ class Membership:
                 f"{settings.max_meta_bytes}")
         self.s = settings
         self.rng = rng
-        self.me = Member(name, addr, incarnation, ALIVE, tags, now)
+        self.me = Member(name, addr, incarnation, ALIVE, tags, now, key=key)
         self.members: dict[str, Member] = {name: self.me}
+        self._sign = sign
+        self._verify = verify
+        self.bad_alives = 0  # alives refused by verify (bad signature, revoked key)
+        self._key_index: tuple[int, dict[bytes, str], dict[str, bytes]] = (-1, {}, {})
         self.leaving = False
         # live members other than self, for O(1) random choice and removal
         self._live: list[str] = []
@@ -370,6 +387,26 @@ class Membership:
             self._addr_index = (self.member_version, index)
         return index.get(addr)
 
+    def _identity_index(self) -> tuple[dict[bytes, str], dict[str, bytes]]:
+        version, by_key, by_addr = self._key_index
+        if version != self.member_version:
+            by_key, by_addr = {}, {}
+            for m in self.members.values():
+                if m.key and m.state in (ALIVE, SUSPECT):
+                    by_key.setdefault(m.key, m.name)
+                    by_addr.setdefault(m.addr, m.key)
+            self._key_index = (self.member_version, by_key, by_addr)
+        return by_key, by_addr
+
+    def name_of_key(self, key: bytes) -> str | None:
+        """The live member (alive or suspect) whose identity key this is (S5)."""
+        return self._identity_index()[0].get(key)
+
+    def key_at(self, addr: str) -> bytes | None:
+        """The identity key of the live member at an address (None: no live member there,
+        or one without a key)."""
+        return self._identity_index()[1].get(addr)
+
     def restore(self, states: Iterable[MemberState], now: float) -> None:
         """Load members as known without gossiping them (a converged start, or a member list
         persisted before a restart). Probing verifies them from there."""
@@ -378,7 +415,7 @@ class Membership:
             if st.node == self.me.name or st.node in self.members:
                 continue
             self.members[st.node] = Member(st.node, st.addr, st.incarnation, st.state,
-                                           dict(st.tags), now)
+                                           dict(st.tags), now, key=st.key, sig=st.sig)
             if st.state in (ALIVE, SUSPECT) and st.node not in self._live_pos:
                 self._live_pos[st.node] = len(self._live)
                 self._live.append(st.node)
@@ -548,7 +585,10 @@ class Membership:
     def _broadcast_self_alive(self) -> None:
         self._table_changed()
         me = self.me
-        self._broadcast(me.name, Alive(me.incarnation, me.name, me.addr, dict(me.tags)))
+        msg = Alive(me.incarnation, me.name, me.addr, dict(me.tags), me.key)
+        if self._sign is not None:
+            msg.sig = me.sig = self._sign(msg.payload())
+        self._broadcast(me.name, msg)
 
     def _table_changed(self) -> None:
         self._snapshot_cache = None
@@ -561,8 +601,8 @@ class Membership:
     # --- member table bookkeeping ---------------------------------------------------------
 
     def _add_member(self, name: str, addr: str, inc: int, tags: dict[str, str], now: float,
-                    state: int = ALIVE) -> Member:
-        m = Member(name, addr, inc, state, dict(tags), now)
+                    state: int = ALIVE, key: bytes = b"", sig: bytes = b"") -> Member:
+        m = Member(name, addr, inc, state, dict(tags), now, key=key, sig=sig)
         self.members[name] = m
         if state in (ALIVE, SUSPECT):
             self._live_add(name)
@@ -865,6 +905,13 @@ class Membership:
         if self.s.lifeguard:
             self._awareness.apply(1)
 
+    def _verified(self, msg: Alive) -> bool:
+        """S5: the shell's verdict on an alive we are about to apply."""
+        if self._verify is None or self._verify(msg):
+            return True
+        self.bad_alives += 1
+        return False
+
     def _on_alive(self, msg: Alive, sender: str, now: float, reliable: bool) -> None:
         name = msg.node
         if name == self.me.name:
@@ -872,7 +919,14 @@ class Membership:
             if self.leaving or msg.incarnation < me.incarnation:
                 return
             if msg.incarnation == me.incarnation and msg.addr == me.addr \
-                    and msg.tags == me.tags:
+                    and msg.tags == me.tags and msg.key == me.key:
+                return
+            if msg.key != me.key:
+                # another identity claims our name (S5): refuting would not stop it
+                if self._verified(msg):
+                    self._events.append(MemberEvent(
+                        "conflict", me.name, msg.addr, msg.incarnation, dict(msg.tags),
+                        f"name {me.name} is also claimed by another identity at {msg.addr}"))
                 return
             if msg.addr != me.addr and msg.incarnation >= me.incarnation:
                 # another node uses our name: refuting would make us fight over it forever
@@ -884,25 +938,36 @@ class Membership:
             return
         m = self.members.get(name)
         if m is None:
-            if tags_size(msg.tags) > self.s.max_meta_bytes:
+            if tags_size(msg.tags) > self.s.max_meta_bytes or not self._verified(msg):
                 return
-            m = self._add_member(name, msg.addr, msg.incarnation, msg.tags, now)
+            m = self._add_member(name, msg.addr, msg.incarnation, msg.tags, now,
+                                 key=msg.key, sig=msg.sig)
             self._broadcast(name, msg)
             self._event("join", m)
+            return
+        if m.key and msg.key != m.key:
+            # the name is bound to another identity while it is in the table (S5)
+            if msg.incarnation > m.incarnation and self._verified(msg):
+                self._event("conflict", m, f"{name} also claimed by another identity at "
+                                           f"{msg.addr}")
             return
         if msg.addr != m.addr:
             if m.state in (ALIVE, SUSPECT):
                 self._event("conflict", m, f"{name} also claimed by {msg.addr}")
                 return
+            if tags_size(msg.tags) > self.s.max_meta_bytes or not self._verified(msg):
+                return
             m.addr = msg.addr  # a dead node came back on a new address
             self._table_changed()
-        elif msg.incarnation <= m.incarnation:
-            return
-        if tags_size(msg.tags) > self.s.max_meta_bytes:
+        elif (msg.incarnation <= m.incarnation
+              or tags_size(msg.tags) > self.s.max_meta_bytes or not self._verified(msg)):
             return
         old_state = m.state
         m.incarnation = msg.incarnation
         m.tags = dict(msg.tags)
+        if m.key != msg.key or m.sig != msg.sig:
+            m.key, m.sig = msg.key, msg.sig
+            self._table_changed()
         if old_state != ALIVE:
             m.state = ALIVE
             m.state_change = now
@@ -1075,8 +1140,8 @@ class Membership:
                 if m is not None and st.incarnation == m.incarnation and st.addr == m.addr \
                         and m is not self.me:
                     continue  # nothing new (fast path: most of a push-pull)
-                self._on_alive(Alive(st.incarnation, st.node, st.addr, st.tags), sender, now,
-                               True)
+                self._on_alive(Alive(st.incarnation, st.node, st.addr, st.tags, st.key,
+                                     st.sig), sender, now, True)
             elif st.state == LEFT:
                 self._on_dead(Dead(st.incarnation, st.node, st.node), sender, now, True)
             else:

@@ -7,6 +7,11 @@ Rules:
 - Decoding is strict: the version, each item's type, field count, field types and sizes are
   checked. Anything wrong raises :class:`DecodeError` and nothing else, whatever the bytes.
 - Messages are plain slotted classes; the core never sees bytes.
+- Identity: an Alive (and a push-pull's member state) carries the member's ed25519 public
+  key and its signature over ``alive_payload`` (incarnation, name, address, tags, key), so
+  a member's name and address are bound to the key that proved them; only the key's holder
+  can change them. Keys and signatures are empty only where no identity is used (the
+  simulator); the daemon refuses unsigned alives (see membership/identity.py).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, ClassVar
 
 import cbor2
 
-VERSION = 1
+VERSION = 2  # 2: alives and member states carry the identity key and its signature
 
 # Bounds checked while decoding. Sizes of whole packets and frames are the shell's business;
 # these bound each field so a hostile peer cannot make us hold huge objects.
@@ -29,6 +34,8 @@ MAX_STATES = 100_000  # members in one push-pull
 MAX_UINT = 2**63 - 1
 MAX_SEQ = 2**32 - 1
 MAX_HOPS = 8  # relays a routed indirect probe may pass (core.py P5)
+KEY_BYTES = 32  # ed25519 public key
+SIG_BYTES = 64  # ed25519 signature
 
 ALIVE, SUSPECT, DEAD, LEFT = 0, 1, 2, 3
 STATE_NAMES = ("alive", "suspect", "dead", "left")
@@ -99,9 +106,21 @@ class Alive:
     node: str
     addr: str
     tags: dict[str, str]
+    key: bytes = b""  # the member's identity key (ed25519 public)
+    sig: bytes = b""  # its signature over alive_payload(...)
 
     def to_wire(self) -> list[Any]:
-        return [self.TYPE, self.incarnation, self.node, self.addr, self.tags]
+        return [self.TYPE, self.incarnation, self.node, self.addr, self.tags, self.key,
+                self.sig]
+
+    def payload(self) -> bytes:
+        return alive_payload(self.incarnation, self.node, self.addr, self.tags, self.key)
+
+
+def alive_payload(incarnation: int, node: str, addr: str, tags: dict[str, str],
+                  key: bytes) -> bytes:
+    """The bytes a member signs to say who and where it is (canonical CBOR)."""
+    return cbor2.dumps(["meshd-alive-v1", incarnation, node, addr, tags, key], canonical=True)
 
 
 @dataclass(slots=True)
@@ -137,9 +156,12 @@ class MemberState:
     incarnation: int
     state: int
     tags: dict[str, str]
+    key: bytes = b""
+    sig: bytes = b""  # the member's own signature of its alive at this incarnation
 
     def to_wire(self) -> list[Any]:
-        return [self.node, self.addr, self.incarnation, self.state, self.tags]
+        return [self.node, self.addr, self.incarnation, self.state, self.tags, self.key,
+                self.sig]
 
 
 @dataclass(slots=True)
@@ -200,12 +222,19 @@ def _tags(v: Any) -> dict[str, str]:
     return v
 
 
+def _blob(v: Any, size: int) -> bytes:
+    """Empty, or exactly `size` bytes (keys and signatures)."""
+    if type(v) is not bytes or len(v) not in (0, size):
+        raise DecodeError(f"expected 0 or {size} bytes")
+    return v
+
+
 def _state(v: Any) -> MemberState:
-    if type(v) is not list or len(v) != 5:
-        raise DecodeError("member state must be a 5-item array")
+    if type(v) is not list or len(v) != 7:
+        raise DecodeError("member state must be a 7-item array")
     state = _uint(v[3], LEFT)
     return MemberState(_text(v[0], MAX_NAME), _text(v[1], MAX_ADDR), _uint(v[2]), state,
-                       _tags(v[4]))
+                       _tags(v[4]), _blob(v[5], KEY_BYTES), _blob(v[6], SIG_BYTES))
 
 
 def _states(v: Any) -> list[MemberState]:
@@ -222,8 +251,9 @@ _DECODERS: dict[int, tuple[int, Any]] = {
         _text(f[4], MAX_NAME), _text(f[5], MAX_ADDR), _flag(f[6]), _uint(f[7], MAX_HOPS))),
     Ack.TYPE: (2, lambda f: Ack(_uint(f[1], MAX_SEQ))),
     Nack.TYPE: (2, lambda f: Nack(_uint(f[1], MAX_SEQ))),
-    Alive.TYPE: (5, lambda f: Alive(_uint(f[1]), _text(f[2], MAX_NAME), _text(f[3], MAX_ADDR),
-                                    _tags(f[4]))),
+    Alive.TYPE: (7, lambda f: Alive(_uint(f[1]), _text(f[2], MAX_NAME), _text(f[3], MAX_ADDR),
+                                    _tags(f[4]), _blob(f[5], KEY_BYTES),
+                                    _blob(f[6], SIG_BYTES))),
     Suspect.TYPE: (4, lambda f: Suspect(_uint(f[1]), _text(f[2], MAX_NAME),
                                         _text(f[3], MAX_NAME))),
     Dead.TYPE: (4, lambda f: Dead(_uint(f[1]), _text(f[2], MAX_NAME), _text(f[3], MAX_NAME))),

@@ -11,6 +11,10 @@ Rules:
 - tunnel: after {"ok": true} the socket carries the TCP bytes as binary messages; an empty
   message is end-of-data for that direction.
 - Listens where the operator says; like the control API, nothing is exposed by default.
+- Served through transport/listeners.py: the WebSocket upgrade and the first message must
+  arrive within the pending deadline (2 x limits.handshake_timeout), connections are capped,
+  and whatever one connection does (a reset mid-upgrade, a hostile first message) ends that
+  connection only. The first message is decoded with depth and size limits (meshd.wire).
 """
 
 from __future__ import annotations
@@ -19,44 +23,60 @@ import contextlib
 import logging
 from typing import Any
 
-import cbor2
 import trio
 
+from meshd import wire
 from meshd.errors import MeshError, bad_request
+from meshd.transport import listeners as serving
 from meshd.transport.links import WsStream
 
 # trio_websocket (and wsproto under it) is imported only when a proxy endpoint is served:
 # most nodes never pay for it.
 
 log = logging.getLogger("meshd.proxy")
+MAX_MESSAGE = 2 << 20  # a request (its body is bounded by rpc.max_body_bytes) or tunnel chunk
 
 
 class EdgeProxy:
     def __init__(self, node: Any) -> None:
         self.node = node
         self.stats = {"proxy_sessions": 0, "proxy_refused": 0}
+        self.gate = serving.Gate("proxy", self.stats,
+                                 pending_timeout=node.settings.limits.handshake_timeout * 2)
 
     async def serve(self, host: str, port: int,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        import trio_websocket
+        listeners = await serving.open_tcp(host, port)
+        handler = serving.websocket_handler(self._handle, MAX_MESSAGE)
+        await serving.serve(listeners, handler, self.gate, task_status=task_status)
 
-        await trio_websocket.serve_websocket(self._handle, host, port, ssl_context=None,
-                                             max_message_size=2 << 20, task_status=task_status)
-
-    async def _handle(self, request: Any) -> None:
-        import trio_websocket
-
-        ws = await request.accept()
-        try:
+    async def _first_message(self, ws: Any, ticket: serving.Ticket) -> dict[str, Any]:
+        """The request: a CBOR map, within the connection's pending deadline."""
+        raw = None
+        with trio.move_on_at(ticket.deadline):
             raw = await ws.get_message()
-            req = cbor2.loads(raw if isinstance(raw, bytes) else raw.encode(), max_depth=32)
-            if not isinstance(req, dict):
-                raise bad_request("the first message must be a CBOR map")
+        if raw is None:
+            raise MeshError(408, "no request within the time allowed", id="meshd.proxy")
+        try:
+            req = wire.loads(raw if isinstance(raw, bytes) else raw.encode(),
+                             max_depth=16, max_bytes=MAX_MESSAGE)
+        except wire.WireError as exc:
+            raise bad_request(f"the first message must be a CBOR map ({exc})") from None
+        if not isinstance(req, dict):
+            raise bad_request("the first message must be a CBOR map")
+        return req
+
+    async def _handle(self, ws: Any, ticket: serving.Ticket) -> None:
+        import trio_websocket
+
+        try:
+            req = await self._first_message(ws, ticket)
             token = req.get("token")
             if not isinstance(token, str) or not token:
                 raise MeshError(401, "the proxy needs a token (--token or MESHD_TOKEN)",
                                 id="meshd.proxy")
             self.node.auth.identify(token, None)  # a bad token stops here: 401
+            ticket.authenticated()
             self.stats["proxy_sessions"] += 1
             if req.get("op") == "call":
                 await self._call(ws, req, token)
@@ -66,13 +86,11 @@ class EdgeProxy:
                 raise bad_request("op must be call or tunnel")
         except MeshError as exc:
             self.stats["proxy_refused"] += 1
-            with contextlib.suppress(trio_websocket.ConnectionClosed):
-                await ws.send_message(cbor2.dumps({"ok": False, "error": exc.to_dict()}))
-        except (trio_websocket.ConnectionClosed, ValueError, cbor2.CBORDecodeError):
+            with contextlib.suppress(trio_websocket.ConnectionClosed, trio.BrokenResourceError,
+                                     trio.ClosedResourceError), trio.move_on_after(5):
+                await ws.send_message(wire.dumps({"ok": False, "error": exc.to_dict()}))
+        except trio_websocket.ConnectionClosed:
             pass
-        finally:
-            with contextlib.suppress(Exception):
-                await ws.aclose()
 
     async def _call(self, ws: Any, req: dict[str, Any], token: str) -> None:
         service, endpoint = req.get("service"), req.get("endpoint")
@@ -82,7 +100,8 @@ class EdgeProxy:
         meta = req.get("meta") if isinstance(req.get("meta"), dict) else {}
         body = await self.node.rpc.call(service, endpoint, req.get("body"), timeout, meta,
                                         token=token)
-        await ws.send_message(cbor2.dumps({"ok": True, "body": body}))
+        with trio.move_on_after(30):  # a client that never reads its reply is dropped
+            await ws.send_message(wire.dumps({"ok": True, "body": body}))
 
     async def _tunnel(self, ws: Any, req: dict[str, Any], token: str) -> None:
         name = req.get("name")
@@ -90,7 +109,7 @@ class EdgeProxy:
             raise bad_request("tunnel needs a name")
         stream = _EofWs(ws)
         await self.node.tunnels._carry(name, token, stream, ack=lambda: ws.send_message(
-            cbor2.dumps({"ok": True})))
+            wire.dumps({"ok": True})))
 
 
 class _EofWs(WsStream):

@@ -8,6 +8,11 @@ Rules:
 - Errors keep their meaning as HTTP statuses (400, 401, 403, 404, 408, 500, 503) with the
   structured error as the JSON body.
 - It is an ASGI app served by hypercorn on trio; it listens only where the operator says.
+- Bounds: bodies up to MAX_BODY, JSON decoded by meshd.wire (nesting cannot blow the stack),
+  at most MAX_IN_FLIGHT requests at once (503 beyond), idle or silent connections closed
+  after KEEP_ALIVE seconds and half-sent requests after READ_TIMEOUT. hypercorn's accept loop
+  (trio.serve_listeners) backs off when descriptors run out. The proxy is its own process:
+  whatever happens to it, the node is not affected.
 """
 
 from __future__ import annotations
@@ -17,16 +22,22 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from meshd import wire
 from meshd.errors import MeshError
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 MAX_BODY = 4 << 20
+MAX_IN_FLIGHT = 256  # requests served at once; more get 503 at once instead of queueing
+KEEP_ALIVE = 5.0  # an idle connection (also one that never sends a request) is closed
+READ_TIMEOUT = 10.0  # a request that stops arriving half-way is dropped (slow clients)
 
 
 def make_app(socket: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     from sdk import Client
+
+    in_flight = [0]  # requests being served now (per app: no module state)
 
     async def respond(send: Send, status: int, payload: Any) -> None:
         body = json.dumps(payload).encode()
@@ -47,8 +58,13 @@ def make_app(socket: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
         if scope["type"] != "http":
             return
         headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"").decode()
+        auth = headers.get(b"authorization", b"").decode("latin-1")
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if in_flight[0] >= MAX_IN_FLIGHT:
+            await respond(send, 503, MeshError(503, "too many requests in flight; retry",
+                                               id="meshd.proxy").to_dict())
+            return
+        in_flight[0] += 1
         try:
             if not token:
                 raise MeshError(401, "send Authorization: Bearer TOKEN", id="meshd.proxy")
@@ -70,14 +86,16 @@ def make_app(socket: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
                     raise MeshError(404, "use POST /SERVICE/ENDPOINT with a JSON body",
                                     id="meshd.proxy")
                 try:
-                    request = json.loads(body or b"{}")
-                except json.JSONDecodeError as exc:
-                    raise MeshError(400, f"body is not valid JSON: {exc.msg} at column "
-                                         f"{exc.colno}", id="meshd.proxy") from None
+                    request = wire.loads_json(body or b"{}")
+                except wire.WireError as exc:
+                    raise MeshError(400, f"body is not valid: {exc}", id="meshd.proxy"
+                                    ) from None
                 reply = await client.call(parts[0], parts[1], request)
             await respond(send, 200, reply)
         except MeshError as exc:
             await respond(send, exc.status, exc.to_dict())
+        finally:
+            in_flight[0] -= 1
 
     return app
 
@@ -91,6 +109,8 @@ async def serve(socket: Path, listen: str, task_status: Any = None) -> None:
     config.bind = [listen]
     config.accesslog = None
     config.errorlog = None
+    config.keep_alive_timeout = KEEP_ALIVE
+    config.read_timeout = int(READ_TIMEOUT)
     if task_status is not None:
         await hypercorn_serve(make_app(socket), config,  # type: ignore[arg-type]
                               task_status=task_status)

@@ -24,12 +24,13 @@ import logging
 import time
 from typing import Any
 
-import cbor2
 import trio
 
+from meshd import wire
 from meshd.control import REQUEST_TOKEN, Conn
 from meshd.errors import MeshError, bad_request, not_found, unavailable
 from meshd.transport import addr as addrs
+from meshd.transport import listeners as serving
 from meshd.transport.links import Channel, ChannelClosed, LinkError
 
 log = logging.getLogger("meshd.tunnel")
@@ -104,8 +105,9 @@ class TunnelService:
             raise unavailable(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         bound = listeners[0].socket.getsockname()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, self._accepted(name, token, conn),
-                               listeners)
+            gate = serving.Gate(f"tunnel_{name}", {})
+            nursery.start_soon(serving.serve, listeners, self._accepted(name, token, conn),
+                               gate)
             await conn.reply({"listening": addrs.format(bound[0], bound[1])})
             with contextlib.suppress(EOFError, MeshError):
                 while True:
@@ -113,13 +115,17 @@ class TunnelService:
             nursery.cancel_scope.cancel()
 
     def _accepted(self, name: str, token: str | None, conn: Conn) -> Any:
-        async def handle(stream: trio.SocketStream) -> None:
+        async def handle(stream: trio.SocketStream, ticket: serving.Ticket) -> None:
+            ticket.authenticated()  # the rules are checked per session at the far end
             async with stream:
                 try:
                     await self._carry(name, token, stream)
                 except MeshError as exc:
                     with contextlib.suppress(Exception):
                         await conn.send({"refused": exc.to_dict()})
+                except (ChannelClosed, LinkError, OSError, trio.BrokenResourceError,
+                        trio.ClosedResourceError) as exc:
+                    log.debug("tunnel %s connection ended: %s", name, exc)
         return handle
 
     async def _carry(self, name: str, token: str | None, stream: Any,
@@ -144,8 +150,14 @@ class TunnelService:
         except (LinkError, ChannelClosed) as exc:
             raise unavailable(f"cannot reach node {inst['node']}: {exc}") from None
         async with ch:
-            await ch.send(cbor2.dumps({"name": name, "token": token}))
-            reply = cbor2.loads(await ch.receive())
+            try:
+                await ch.send(wire.dumps({"name": name, "token": token}))
+                reply = wire.loads(await ch.receive(), max_depth=8)
+            except ChannelClosed:
+                raise unavailable(f"node {inst['node']} closed tunnel {name!r} while it was "
+                                  "being set up") from None
+            except wire.WireError:
+                reply = None
             if not isinstance(reply, dict) or not reply.get("ok"):
                 raise MeshError.from_dict(reply.get("error") if isinstance(reply, dict)
                                           else None)
@@ -176,15 +188,15 @@ class TunnelService:
 
     async def _serve_channel(self, ch: Channel) -> None:
         try:
-            head = cbor2.loads(await ch.receive(), max_depth=8)
+            head = wire.loads(await ch.receive(), max_depth=8)
             name, token = head["name"], head.get("token")
             if not isinstance(name, str):
                 raise TypeError
-        except Exception:
-            await ch.send(cbor2.dumps({"ok": False, "error": bad_request(
+        except (wire.WireError, TypeError, KeyError, AttributeError):
+            await ch.send(wire.dumps({"ok": False, "error": bad_request(
                 "malformed tunnel request").to_dict()}))
             return
-        caller_node = self.node.rpc._node_of(ch.peer_addr)
+        caller_node = ch.peer_node  # from the link's proven key, never from the request
         try:
             who = self.node.auth.identify(token if isinstance(token, str) else None,
                                           caller_node)
@@ -192,9 +204,9 @@ class TunnelService:
         except MeshError as exc:
             log.info("refused tunnel %s to %s from node %s: %s", name,
                      "token" if token else "no token", caller_node, exc.detail)
-            await ch.send(cbor2.dumps({"ok": False, "error": exc.to_dict()}))
+            await ch.send(wire.dumps({"ok": False, "error": exc.to_dict()}))
             return
-        await ch.send(cbor2.dumps({"ok": True}))
+        await ch.send(wire.dumps({"ok": True}))
         started = time.time()
         counts = await _pipe_channel_stream(ch, stream)
         log.info("tunnel session name=%s caller=%s from_node=%s started=%s bytes_in=%d "

@@ -22,6 +22,7 @@ from typing import Any
 import cbor2
 import trio
 
+from meshd import wire
 from meshd.control import Conn
 from meshd.errors import MeshError, bad_request, unavailable
 from meshd.hlc import HLC
@@ -251,9 +252,9 @@ class RegistryService:
 
 def _decode(data: bytes) -> dict[str, Any]:
     try:
-        msg = cbor2.loads(data, max_depth=32)
-    except Exception:
-        raise WireError("not CBOR") from None
+        msg = wire.loads(data, max_depth=32)
+    except wire.WireError as exc:
+        raise WireError(str(exc)) from None
     if not isinstance(msg, dict):
         raise WireError("not a map")
     return msg

@@ -24,9 +24,9 @@ import os
 import random
 from typing import Any
 
-import cbor2
 import trio
 
+from meshd import wire
 from meshd.errors import MeshError, bad_request, not_found, unavailable
 from meshd.membership.core import Membership
 from meshd.registry.service import LocalInstance, RegistryService
@@ -69,7 +69,10 @@ class RpcService:
     # --- caller side ---------------------------------------------------------------------
 
     def check_body(self, body: Any) -> None:
-        size = len(cbor2.dumps(body))
+        try:
+            size = len(wire.dumps(body))
+        except wire.WireError as exc:
+            raise bad_request(f"request body cannot be sent: {exc}", id="meshd.rpc") from None
         if size > self.max_body:
             raise bad_request(f"request of {size} bytes exceeds the limit of {self.max_body} "
                               "bytes", id="meshd.rpc")
@@ -133,7 +136,7 @@ class RpcService:
         self.check_body(body)
         deadline = trio.current_time() + timeout
         meta.setdefault("trace-id", os.urandom(8).hex())
-        meta.setdefault("caller-node", self.core.me.name)
+        meta["caller-node"] = self.core.me.name  # never what a client claims
         candidates = self.candidates(service, endpoint)
         tried: set[str] = set()
         last = "no instance answered"
@@ -219,7 +222,8 @@ class RpcService:
 
     async def _serve_channel(self, ch: Channel) -> None:
         """A caller daemon's call channel: many calls, each tagged with an id, served
-        concurrently; replies go back tagged with the same id."""
+        concurrently; replies go back tagged with the same id. One call's failure is that
+        call's error reply; it never ends the channel the other calls share."""
         async with trio.open_nursery() as nursery:
             while True:
                 try:
@@ -231,21 +235,35 @@ class RpcService:
     async def _serve_one(self, ch: Channel, data: bytes) -> None:
         rid = None
         try:
-            req = cbor2.loads(data, max_depth=64)
+            req = wire.loads(data, max_depth=64)
             rid = req.get("id") if isinstance(req, dict) else None
-            if not isinstance(rid, int) or not isinstance(req.get("instance"), str) \
+            if type(rid) is not int or not isinstance(req.get("instance"), str) \
                     or not isinstance(req.get("endpoint"), str):
                 raise ValueError("bad request")
             timeout = float(req.get("timeout", 10.0))
+            if timeout != timeout:  # NaN
+                raise ValueError("bad timeout")
             meta = req.get("meta") if isinstance(req.get("meta"), dict) else {}
-        except Exception:
+        except (ValueError, TypeError, OverflowError):
             reply: dict[str, Any] = {"ok": False, "error": bad_request(
                 "malformed rpc request", id="meshd.rpc").to_dict()}
         else:
-            reply = await self._serve_request(req, timeout, meta, ch.peer_addr)
+            meta = {k: v for k, v in meta.items() if isinstance(k, str)}
+            meta["caller-node"] = ch.peer_node or "?"  # from the link, never from the caller
+            try:
+                reply = await self._serve_request(req, timeout, meta, ch.peer_node)
+            except Exception:  # a bug serving one call must not end the shared channel
+                log.exception("serving a call from %s failed", ch.peer_addr)
+                reply = {"ok": False, "error": MeshError(500, "internal error serving the "
+                                                              "call", id="meshd.rpc").to_dict()}
         reply["id"] = rid
+        try:
+            payload = wire.dumps(reply)
+        except wire.WireError as exc:
+            payload = wire.dumps({"id": rid, "ok": False, "error": MeshError(
+                500, f"the reply cannot be sent: {exc}", id="meshd.rpc").to_dict()})
         with contextlib.suppress(ChannelClosed):
-            await ch.send(cbor2.dumps(reply))
+            await ch.send(payload)
 
     def _authorize(self, token: Any, node: str | None, service: str, endpoint: str
                    ) -> str | None:
@@ -256,15 +274,12 @@ class RpcService:
                               ("service", service, endpoint))
         return who.id
 
-    def _node_of(self, addr: str) -> str | None:
-        return self.core.name_at(addr)
-
     async def _serve_request(self, req: dict[str, Any], timeout: float,
-                             meta: dict[str, Any], peer: str = "") -> dict[str, Any]:
+                             meta: dict[str, Any], peer_node: str | None) -> dict[str, Any]:
         local = self.registry.local.get(req["instance"])
         if local is not None:
             try:
-                who = self._authorize(req.get("token"), self._node_of(peer), local.service,
+                who = self._authorize(req.get("token"), peer_node, local.service,
                                       req["endpoint"])
             except MeshError as exc:
                 return {"ok": False, "error": exc.to_dict()}
@@ -305,7 +320,7 @@ class _Mux:
         self.pending[rid] = send
         try:
             try:
-                await self.ch.send(cbor2.dumps(request))
+                await self.ch.send(wire.dumps(request))
             except ChannelClosed as exc:
                 self.broken = True
                 raise NotDelivered(str(exc)) from None
@@ -317,16 +332,23 @@ class _Mux:
         return reply
 
     async def read_replies(self) -> None:
+        """Hand each reply to its caller. A reply that does not decode, names no pending
+        call (unknown, not an integer, or a duplicate) is dropped: a peer's bad reply fails
+        at most the call it names, never this node."""
         try:
             while True:
                 data = await self.ch.receive()
                 try:
-                    reply = cbor2.loads(data, max_depth=64)
-                except Exception:
+                    reply = wire.loads(data, max_depth=64)
+                except wire.WireError:
                     continue
-                waiter = self.pending.get(reply.get("id")) if isinstance(reply, dict) else None
+                rid = reply.get("id") if isinstance(reply, dict) else None
+                if type(rid) is not int:
+                    continue
+                waiter = self.pending.pop(rid, None)
                 if waiter is not None:
-                    waiter.send_nowait(reply)
+                    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                        waiter.send_nowait(reply)
         except ChannelClosed:
             pass
         finally:

@@ -20,9 +20,9 @@ import contextlib
 import math
 from typing import Any
 
-import cbor2
 import trio
 
+from meshd import wire
 from meshd.control import REQUEST_TOKEN, Conn
 from meshd.errors import MeshError, bad_request, unavailable
 from meshd.registry.service import LocalInstance
@@ -125,6 +125,7 @@ class StreamService:
         if not isinstance(service, str) or not isinstance(endpoint, str):
             raise bad_request("stream needs a service and an endpoint", id="meshd.rpc")
         meta = args.get("meta") if isinstance(args.get("meta"), dict) else {}
+        meta = {**meta, "caller-node": self.rpc.core.me.name}  # never what a client claims
         candidates = self.rpc.candidates(service, endpoint)
         inst = self.rpc._pick(candidates, set(), self.rpc.selector)
         assert inst is not None
@@ -148,15 +149,18 @@ class StreamService:
             raise unavailable(f"cannot reach node {inst['node']}: {exc}", id="meshd.rpc"
                               ) from None
         async with ch:
-            await ch.send(cbor2.dumps({"instance": inst["id"], "endpoint": endpoint,
+            await ch.send(wire.dumps({"instance": inst["id"], "endpoint": endpoint,
                                        "meta": meta, "token": token}))
-            ack = cbor2.loads(await ch.receive())
+            try:
+                ack = wire.loads(await ch.receive(), max_depth=16)
+            except wire.WireError:
+                ack = None
             if not isinstance(ack, dict) or not ack.get("ok"):
                 raise MeshError.from_dict(ack.get("error") if isinstance(ack, dict) else None)
             await conn.reply({"instance": inst["id"]})
 
             async def to_peer(frame: dict[str, Any]) -> None:
-                await ch.send(cbor2.dumps(frame))
+                await ch.send(wire.dumps(frame))
 
             await _relay(conn.receive, to_peer, _channel_reader(ch), conn.send)
 
@@ -164,33 +168,34 @@ class StreamService:
 
     async def _serve_channel(self, ch: Channel) -> None:
         try:
-            head = cbor2.loads(await ch.receive(), max_depth=16)
+            head = wire.loads(await ch.receive(), max_depth=16)
             inst_id, endpoint = head["instance"], head["endpoint"]
             if not isinstance(inst_id, str) or not isinstance(endpoint, str):
                 raise TypeError
-        except Exception:
-            await ch.send(cbor2.dumps({"ok": False, "error": bad_request(
+        except (wire.WireError, TypeError, KeyError, AttributeError):
+            await ch.send(wire.dumps({"ok": False, "error": bad_request(
                 "malformed stream request", id="meshd.rpc").to_dict()}))
             return
         local = self.rpc.registry.local.get(inst_id)
         if local is None:
-            await ch.send(cbor2.dumps({"ok": False, "error": unavailable(
+            await ch.send(wire.dumps({"ok": False, "error": unavailable(
                 f"instance {inst_id} is not here", id="meshd.rpc").to_dict()}))
             return
         meta = head.get("meta") if isinstance(head.get("meta"), dict) else {}
+        meta = {k: v for k, v in meta.items() if isinstance(k, str)}
+        meta["caller-node"] = ch.peer_node or "?"  # from the link, never from the caller
         try:
-            self.rpc._authorize(head.get("token"), self.rpc._node_of(ch.peer_addr),
-                                local.service, endpoint)
+            self.rpc._authorize(head.get("token"), ch.peer_node, local.service, endpoint)
         except MeshError as exc:
-            await ch.send(cbor2.dumps({"ok": False, "error": exc.to_dict()}))
+            await ch.send(wire.dumps({"ok": False, "error": exc.to_dict()}))
             return
         stream = LocalStream(local, endpoint, meta)
         try:
             await stream.open()
-            await ch.send(cbor2.dumps({"ok": True}))
+            await ch.send(wire.dumps({"ok": True}))
 
             async def to_caller(frame: dict[str, Any]) -> None:
-                await ch.send(cbor2.dumps(frame))
+                await ch.send(wire.dumps(frame))
 
             await _relay(_channel_reader(ch), stream.to_service, stream.from_service,
                          to_caller)
@@ -201,10 +206,10 @@ class StreamService:
 def _channel_reader(ch: Channel) -> Any:
     async def read() -> dict[str, Any]:
         try:
-            frame = cbor2.loads(await ch.receive(), max_depth=64)
+            frame = wire.loads(await ch.receive(), max_depth=64)
         except ChannelClosed:
             raise EOFError from None
-        except Exception:
+        except wire.WireError:
             return _err(MeshError(502, "invalid stream frame from a peer", id="meshd.rpc"))
         return frame if isinstance(frame, dict) else _err(
             MeshError(502, "invalid stream frame from a peer", id="meshd.rpc"))

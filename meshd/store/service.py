@@ -24,6 +24,7 @@ from typing import Any
 import cbor2
 import trio
 
+from meshd import wire
 from meshd.errors import MeshError, bad_request, not_found
 from meshd.hlc import HLC
 from meshd.membership.core import Membership
@@ -174,9 +175,9 @@ class StoreService:
 
     async def _serve_channel(self, ch: Channel) -> None:
         try:
-            msg = cbor2.loads(await ch.receive(), max_depth=64)
+            msg = wire.loads(await ch.receive(), max_depth=64)
             self._send(self.rep.receive(ch.peer_addr, msg, trio.current_time()))
-        except (WireError, ValueError, TypeError, cbor2.CBORDecodeError) as exc:
+        except (WireError, ValueError, TypeError, KeyError, AttributeError) as exc:
             self.stats["store_bad_messages"] += 1
             log.debug("bad store message from %s: %s", ch.peer_addr, exc)
 

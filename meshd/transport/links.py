@@ -28,6 +28,27 @@ Rules:
   fails the calls on it and gets dialed again instead of hanging them.
 - When the routes say a destination is now reached through relays, a direct link to it is
   dropped and the destination is dialed along the route.
+Identity (who is at the other end):
+- A link's peer is the identity key it proved in the handshake (`peer_public`), never the
+  address it claims. `expected_key(addr)` (membership: the key of the live member at an
+  address) decides: a dialed link whose key is not the one expected at the address it was
+  dialed is refused (so a relay, or a member squatting an address, cannot terminate a link
+  meant for someone else); an existing link is reused for an address only while its key is
+  the one expected there.
+- An accepted link is filed under the address its peer claims only if no live member holds
+  that address with another key; otherwise under "key:<node id>", an address nothing else
+  uses, so it serves the channels that peer opens and nothing meant for the real owner.
+  A link never replaces another link of a different key (the lower-id rule applies only to
+  the same peer dialing both ways).
+- `is_revoked(key)`: links of a revoked identity are refused both ways.
+Bounds (a member may act as a node, never take the node down):
+- At most `max_channels` channels per link; OPENs beyond it are refused (closed at once).
+- A channel's queued frames are charged at least MIN_FRAME_COST bytes of window each, so
+  empty or tiny frames cannot queue without bound; an empty DATA frame is a protocol fault.
+- A message is at most `max_message` bytes; bytes held in partly received messages of one
+  link are bounded too; beyond either the link is closed.
+- Accepting goes through transport/listeners.py: caps on pending and open connections per
+  listener, the handshake deadline, EMFILE back-off, and a failure ends one connection only.
 """
 
 from __future__ import annotations
@@ -39,15 +60,16 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import cbor2
 import trio
 
-from meshd.identity import Identity
+from meshd import wire
+from meshd.identity import Identity, node_id_from_public
 from meshd.secure.frames import LENGTH, FrameCipher, FrameError
 from meshd.secure.handshake import HandshakeError, Initiator, LinkKeys, Responder
 from meshd.secure.keyring import Keyring
 
 from . import addr as addrs
+from . import listeners as serving
 
 log = logging.getLogger("meshd.transport.links")
 
@@ -58,6 +80,11 @@ HEADER = struct.Struct(">BI")
 WINDOW_BYTES = 4 * 1024 * 1024
 CHUNK = 64 * 1024
 HANDSHAKE_FRAME = 4096
+MIN_FRAME_COST = 64  # window bytes a queued frame costs at least (bounds empty frames)
+MAX_CHANNEL_NAME = 64
+MAX_CHANNELS = 8192  # open channels per link (streams, tunnels, calls in flight)
+MAX_MESSAGE = 64 << 20  # one channel message, all its DATA parts together
+KEY_PREFIX = "key:"  # address of an accepted link whose claimed address is someone else's
 
 
 class WsStream:
@@ -203,9 +230,21 @@ class Channel:
     def peer_addr(self) -> str:
         return self.link.peer_addr
 
+    @property
+    def peer_public(self) -> bytes:
+        """The identity key the peer proved in the link handshake."""
+        return self.link.peer_public
+
+    @property
+    def peer_node(self) -> str | None:
+        """The member this channel's peer is, by the key it proved (None: not a member)."""
+        return self.link.peer_node()
+
     # called by the link reader
     def _on_data(self, ftype: int, payload: bytes) -> None:
-        self._buffered += len(payload)
+        if ftype == DATA and not payload:
+            raise FrameError(f"empty DATA frame on channel {self.id}")
+        self._buffered += max(len(payload), MIN_FRAME_COST)
         if self._buffered > WINDOW_BYTES:
             raise FrameError(f"peer overran the flow-control window on channel {self.id}")
         self._in_send.send_nowait((ftype, payload))
@@ -235,14 +274,14 @@ class Channel:
         if self._closed_local:
             raise ChannelClosed("channel already closed")
         if len(message) <= CHUNK:  # the common case: one frame, no slicing copies
-            await self._take_window(len(message))
+            await self._take_window(max(len(message), MIN_FRAME_COST))
             await self.link._send(END, self.id, message)
             return
         view = memoryview(message)
         while True:
             part = bytes(view[:CHUNK])
             view = view[CHUNK:]
-            await self._take_window(len(part))
+            await self._take_window(max(len(part), MIN_FRAME_COST))
             await self.link._send(END if not view else DATA, self.id, part)
             if not view:
                 return
@@ -259,19 +298,35 @@ class Channel:
 
     async def receive(self) -> bytes:
         parts: list[bytes] = []
-        while True:
-            ftype, payload = await self._in.receive()
-            if ftype == CLOSE:
-                self._in_send.send_nowait((CLOSE, b""))  # stay closed for later calls
-                raise ChannelClosed("peer closed the channel")
-            self._buffered -= len(payload)
-            self._consumed += len(payload)
-            parts.append(payload)
-            if self._consumed >= WINDOW_BYTES // 4 and not self.link.closed:
-                grant, self._consumed = self._consumed, 0
-                await self.link._send(WINDOW, self.id, grant.to_bytes(4, "big"))
-            if ftype == END:
-                return b"".join(parts) if len(parts) != 1 else parts[0]
+        size = 0
+        link = self.link
+        try:
+            while True:
+                ftype, payload = await self._in.receive()
+                if ftype == CLOSE:
+                    self._in_send.send_nowait((CLOSE, b""))  # stay closed for later calls
+                    raise ChannelClosed("peer closed the channel")
+                cost = max(len(payload), MIN_FRAME_COST)
+                self._buffered -= cost
+                self._consumed += cost
+                if ftype == END and not parts:
+                    message = payload  # the common case: a one-frame message
+                else:
+                    size += len(payload)
+                    link.assembling += len(payload)
+                    if size > link.manager.max_message or \
+                            link.assembling > 2 * link.manager.max_message:
+                        link.protocol_fault(f"message on channel {self.id} over "
+                                            f"{link.manager.max_message} bytes")
+                        raise ChannelClosed("peer sent a message over the size limit")
+                    parts.append(payload)
+                if self._consumed >= WINDOW_BYTES // 4 and not link.closed:
+                    grant, self._consumed = self._consumed, 0
+                    await link._send(WINDOW, self.id, grant.to_bytes(4, "big"))
+                if ftype == END:
+                    return message if not parts else b"".join(parts)
+        finally:
+            link.assembling -= size
 
     async def aclose(self) -> None:
         if not self._closed_local:
@@ -297,7 +352,9 @@ class Link:
         self.stream = stream
         self.cipher = cipher
         self.peer_id = keys.peer_id
+        self.peer_public = keys.peer_public
         self.peer_addr = keys.peer_addr
+        self.assembling = 0  # bytes held in partly received messages of all channels
         self.initiator = initiator
         self.initiator_id = initiator_id
         self.channels: dict[int, Channel] = {}
@@ -329,6 +386,19 @@ class Link:
         self.channels[cid] = ch
         await self._send(OPEN, cid, name.encode())
         return ch
+
+    def peer_node(self) -> str | None:
+        """The member whose identity key this link proved (None: not a known member)."""
+        lookup = self.manager.node_of_key
+        return lookup(self.peer_public) if lookup is not None else None
+
+    def protocol_fault(self, why: str) -> None:
+        """The peer broke the protocol: count it and close the link (from any task)."""
+        log.info("link %s closed: %s", self.peer_addr, why)
+        self.manager.stats["links_dropped_bad_frames"] += 1
+        self._mark_closed()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     def _forget(self, ch: Channel) -> None:
         self.channels.pop(ch.id, None)
@@ -393,11 +463,15 @@ class Link:
             if ftype == OPEN:
                 if cid in self.channels or (cid % 2 == 1) != (not self.initiator):
                     raise FrameError(f"peer opened channel {cid} twice or with our parity")
+                if not 0 < len(payload) <= MAX_CHANNEL_NAME:
+                    raise FrameError("channel name empty or too long")
                 name = payload.decode("utf-8", "replace")
                 ch = Channel(self, cid, name)
                 self.channels[cid] = ch
                 handler = self.manager.handlers.get(name)
-                if handler is None:
+                if handler is None or len(self.channels) > self.manager.max_channels:
+                    if handler is not None:
+                        self.manager.stats["channels_refused_cap"] += 1
                     nursery.start_soon(ch.aclose)
                 else:
                     nursery.start_soon(self._serve_channel, handler, ch)
@@ -421,10 +495,15 @@ class Link:
                              ch: Channel) -> None:
         try:
             await handler(ch)
-        except ChannelClosed:
+        except (ChannelClosed, LinkError, wire.WireError, trio.BrokenResourceError,
+                trio.ClosedResourceError):
             pass
-        except Exception:  # a handler bug must not take the link or the node down
-            log.exception("handler for channel %r from %s failed", ch.name, self.peer_addr)
+        except BaseException as exc:  # a handler failure ends its channel only
+            if serving.must_propagate(exc) is not None:
+                raise
+            self.manager.stats["channel_handler_errors"] += 1
+            log.warning("handler for channel %r from %s failed", ch.name, self.peer_addr,
+                        exc_info=exc)
         finally:
             await ch.aclose()
 
@@ -440,26 +519,38 @@ class LinkManager:
     """Owns every link of this node; runs them in its nursery."""
 
     def __init__(self, identity: Identity, keyring: Keyring, advertise: str,
-                 max_frame: int = 1 << 20, handshake_timeout: float = 5.0) -> None:
+                 max_frame: int = 1 << 20, handshake_timeout: float = 5.0,
+                 max_channels: int = MAX_CHANNELS, max_message: int = MAX_MESSAGE) -> None:
         self.identity = identity
         self.keyring = keyring
         self.advertise = advertise
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
+        self.max_channels = max_channels
+        self.max_message = max_message
         self.handlers: dict[str, Callable[[Channel], Awaitable[None]]] = {}
         self.links: dict[str, Link] = {}
         # dials under way: addr -> (done, through relays)
         self._dialing: dict[str, tuple[trio.Event, bool]] = {}
         self._nursery: trio.Nursery | None = None
-        self.listeners: list[trio.SocketListener] = []
+        self.listeners: list[Any] = []
         self.stats: dict[str, int] = {
             "links_accepted": 0, "links_dialed": 0, "handshakes_failed": 0,
-            "links_dropped_bad_frames": 0, "links_relayed": 0, "relay_sessions": 0}
+            "links_dropped_bad_frames": 0, "links_relayed": 0, "relay_sessions": 0,
+            "links_refused_identity": 0, "links_refused_revoked": 0,
+            "channels_refused_cap": 0, "channel_handler_errors": 0}
+        self.gate_tcp = serving.Gate("link_tcp", self.stats, pending_timeout=handshake_timeout)
+        self.gate_ws = serving.Gate("link_ws", self.stats, pending_timeout=handshake_timeout)
         # route(addr) -> (next hop address, destination node name) when addr is reached
         # through relays; None when it is (or may be) reachable directly
         self.route: Callable[[str], tuple[str, str] | None] | None = None
         # name of a node -> its address, for relays to find their next hop
         self.next_hop_for: Callable[[str], str | None] | None = None
+        # identity: the key of the live member at an address (None: no live member there),
+        # the member holding a key, and whether a key is revoked (set by the node)
+        self.expected_key: Callable[[str], bytes | None] | None = None
+        self.node_of_key: Callable[[bytes], str | None] | None = None
+        self.is_revoked: Callable[[bytes], bool] | None = None
         self.my_name = ""
         self.handlers[RELAY] = self._serve_relay
 
@@ -469,20 +560,29 @@ class LinkManager:
         self.listeners = listeners
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(serving.serve, listeners, self._accept_one, self.gate_tcp)
             task_status.started(listeners[0].socket.getsockname()[1])
-            for listener in listeners:
-                nursery.start_soon(self._accept_loop, listener)
 
-    async def _accept_loop(self, listener: trio.SocketListener) -> None:
-        while True:
-            stream = await listener.accept()
-            assert self._nursery is not None
-            self._nursery.start_soon(self._accept_one, stream)
+    def _refusal(self, keys: LinkKeys, addr: str | None) -> str | None:
+        """Why a link with these proven keys must not be used (None: fine). `addr` is the
+        address we dialed (None for an accepted link)."""
+        if self.is_revoked is not None and self.is_revoked(keys.peer_public):
+            self.stats["links_refused_revoked"] += 1
+            return f"node {keys.peer_id[:8]} is revoked"
+        if addr is not None:
+            want = self.expected_key(addr) if self.expected_key is not None else None
+            if want is not None and want != keys.peer_public:
+                self.stats["links_refused_identity"] += 1
+                return (f"{addr} answered as node {keys.peer_id[:8]}, not the member known "
+                        f"at that address ({node_id_from_public(want)[:8]})")
+        return None
 
-    async def _accept_one(self, stream: Any) -> None:
+    async def _accept_one(self, stream: Any, ticket: serving.Ticket | None = None) -> None:
         responder = Responder(self.identity, self.keyring, self.advertise)
         keys: LinkKeys | None = None
-        with trio.move_on_after(self.handshake_timeout):
+        deadline = ticket.deadline if ticket is not None else \
+            trio.current_time() + self.handshake_timeout
+        with trio.move_on_at(deadline):
             try:
                 hello = await _read_plain(stream)
                 try:
@@ -492,22 +592,50 @@ class LinkManager:
                     raise
                 await stream.send_all(_plain(welcome))
                 keys = responder.on_confirm(await _read_plain(stream))
-            except (HandshakeError, LinkError, trio.BrokenResourceError, OSError) as exc:
+            except (HandshakeError, LinkError, trio.BrokenResourceError,
+                    trio.ClosedResourceError, OSError) as exc:
                 self.stats["handshakes_failed"] += 1
                 log.debug("refused link from %s: %s", _peer_name(stream), exc)
+        if keys is not None:
+            why = self._refusal(keys, None)
+            if why is not None:
+                log.info("refused link from %s: %s", _peer_name(stream), why)
+                keys = None
         if keys is None:
-            await stream.aclose()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
             return
+        if ticket is not None:
+            ticket.authenticated()
         self.stats["links_accepted"] += 1
         link = Link(self, stream, FrameCipher(keys.send_key, keys.recv_key, self.max_frame),
                     keys, initiator=False, initiator_id=keys.peer_id)
         link.relayed = isinstance(stream, ChannelStream)
+        want = self.expected_key(link.peer_addr) if self.expected_key is not None else None
+        if want is not None and want != link.peer_public:
+            # the address it claims belongs to a live member with another key: serve the
+            # channels it opens, under an address that reaches nothing else
+            log.info("link from node %s claims %s, the address of another member: filed "
+                     "as %s", keys.peer_id[:8], link.peer_addr, KEY_PREFIX + keys.peer_id)
+            self.stats["links_refused_identity"] += 1
+            link.peer_addr = KEY_PREFIX + keys.peer_id
         self._register(link)
         await link.run()
 
     def _register(self, link: Link) -> None:
         old = self.links.get(link.peer_addr)
         if old is not None and not old.closed and old is not link:
+            if old.peer_public != link.peer_public:
+                # another key already holds this address: keep the one expected there
+                want = self.expected_key(link.peer_addr) if self.expected_key else None
+                if want != link.peer_public:
+                    link.peer_addr = KEY_PREFIX + link.peer_id
+                    self.links[link.peer_addr] = link
+                    return
+                old.draining = True
+                self._unregister(old)
+                self.links[link.peer_addr] = link
+                return
             # both sides dialed: keep the link dialed by the lower node id
             keep_new = link.initiator_id < old.initiator_id
             loser = old if keep_new else link
@@ -522,17 +650,30 @@ class LinkManager:
         for key in [k for k, v in self.links.items() if v is link]:
             del self.links[key]
 
+    def _usable(self, link: Link, addr: str) -> bool:
+        """A filed link may carry traffic meant for `addr` only while its key is the one
+        expected there (a member's key can change only after it died and was reaped)."""
+        if addr.startswith(KEY_PREFIX) or self.expected_key is None:
+            return True
+        want = self.expected_key(addr)
+        return want is None or want == link.peer_public
+
     async def connect(self, addr: str) -> Link:
         """The link to addr, dialing it if needed (LinkError with the reason on failure)."""
         while True:
             link = self.links.get(addr)
             if link is not None and not link.closed and not link.draining:
+                if not self._usable(link, addr):
+                    self._unregister(link)
+                    continue
                 if link.relayed or self.route is None or self.route(addr) is None:
                     return link
                 # the routes now go through relays: this direct link is a dead end
                 link.draining = True
                 self._unregister(link)
                 continue
+            if addr.startswith(KEY_PREFIX):
+                raise LinkError(f"no link to {addr}")
             pending = self._dialing.get(addr)
             if pending is None:
                 break
@@ -553,15 +694,13 @@ class LinkManager:
     async def serve_ws(self, host: str, port: int,
                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Accept links over WebSocket on host:port (binary messages carry the link)."""
-        import trio_websocket
+        listeners = await serving.open_tcp(host, port)
 
-        async def handler(request: Any) -> None:
-            ws = await request.accept()
-            await self._accept_one(WsStream(ws))  # type: ignore[arg-type]
+        async def on_ws(ws: Any, ticket: serving.Ticket) -> None:
+            await self._accept_one(WsStream(ws), ticket)
 
-        await trio_websocket.serve_websocket(handler, host, port, ssl_context=None,
-                                             max_message_size=self.max_frame + 64,
-                                             task_status=task_status)
+        handler = serving.websocket_handler(on_ws, self.max_frame + 64)
+        await serving.serve(listeners, handler, self.gate_ws, task_status=task_status)
 
     async def _open_stream(self, addr: str) -> Any:
         if addr.startswith(("ws://", "wss://")):
@@ -587,7 +726,7 @@ class LinkManager:
             return None
         next_addr, dest = hop
         ch = await self.open_channel(next_addr, RELAY)
-        await ch.send(cbor2.dumps({"dest": dest, "hops": MAX_HOPS - 1}))
+        await ch.send(wire.dumps({"dest": dest, "hops": MAX_HOPS - 1}))
         self.stats["links_relayed"] += 1
         return ChannelStream(ch)
 
@@ -595,11 +734,11 @@ class LinkManager:
         """Carry a relayed link one hop further, or end it here if we are its destination.
         What passes through is the endpoints' ciphertext; a hop limit stops loops."""
         try:
-            head = cbor2.loads(await ch.receive(), max_depth=4)
+            head = wire.loads(await ch.receive(), max_depth=4, max_bytes=1024)
             dest, hops = head["dest"], head["hops"]
             if not isinstance(dest, str) or not isinstance(hops, int):
                 raise TypeError
-        except Exception:
+        except (wire.WireError, TypeError, KeyError):
             return
         if dest == self.my_name:
             await self._accept_one(ChannelStream(ch))
@@ -617,7 +756,7 @@ class LinkManager:
             log.info("relay to %s via %s failed: %s", dest, next_addr, exc)
             return
         self.stats["relay_sessions"] += 1
-        await onward.send(cbor2.dumps({"dest": dest, "hops": hops - 1}))
+        await onward.send(wire.dumps({"dest": dest, "hops": hops - 1}))
 
         async def pump(src: Channel, dst: Channel, cancel: trio.CancelScope) -> None:
             try:
@@ -638,6 +777,9 @@ class LinkManager:
                 stream = await self._relay_stream(addr) or await self._open_stream(addr)
                 await stream.send_all(_plain(initiator.hello()))
                 confirm, keys = initiator.on_welcome(await _read_plain(stream))
+                why = self._refusal(keys, addr)
+                if why is not None:
+                    raise HandshakeError(why)
                 await stream.send_all(_plain(confirm))
         except trio.TooSlowError:
             self.stats["handshakes_failed"] += 1
@@ -646,7 +788,7 @@ class LinkManager:
             raise LinkError(f"{addr} did not answer within {self.handshake_timeout:.0f} s"
                             ) from None
         except (OSError, HandshakeError, LinkError, ChannelClosed,
-                trio.BrokenResourceError) as exc:
+                trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.stats["handshakes_failed"] += 1
             if stream is not None:
                 await stream.aclose()
@@ -657,10 +799,11 @@ class LinkManager:
                     keys, initiator=True, initiator_id=self.identity.node_id)
         link.relayed = isinstance(stream, ChannelStream)
         # the peer may advertise another address than the one we dialed: file it under both
+        # (the second only if nobody else is expected there)
         keys_addr = link.peer_addr
         link.peer_addr = addr
         self._register(link)
-        if keys_addr != addr and keys_addr not in self.links:
+        if keys_addr != addr and keys_addr not in self.links and self._usable(link, keys_addr):
             self.links[keys_addr] = link
         assert self._nursery is not None
         self._nursery.start_soon(link.run)

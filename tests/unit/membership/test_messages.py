@@ -94,16 +94,20 @@ def test_wrong_shapes_never_raise_anything_but_decode_error(value):
 
 
 @pytest.mark.parametrize("packet, reason", [
-    ([2, [[3, 1]]], "version"),
+    ([1, [[3, 1]]], "version"),
     ([VERSION, []], "1.."),
     ([VERSION, [[99, 1]]], "unknown message type"),
     ([VERSION, [[3, -1]]], "unsigned"),
     ([VERSION, [[3, 1, 2]]], "fields"),
-    ([VERSION, [[5, 1, "", "a:1", {}]]], "text"),
-    ([VERSION, [[5, 1, "n", "a:1", {"k": 5}]]], "text"),
+    ([VERSION, [[5, 1, "", "a:1", {}, b"", b""]]], "text"),
+    ([VERSION, [[5, 1, "n", "a:1", {"k": 5}, b"", b""]]], "text"),
+    ([VERSION, [[5, 1, "n", "a:1", {}, b"short", b""]]], "bytes"),
+    ([VERSION, [[5, 1, "n", "a:1", {}, b"k" * 32, b"s" * 63]]], "bytes"),
+    ([VERSION, [[5, 1, "n", "a:1", {}]]], "fields"),
     ([VERSION, [[7, 2**64, "n", "m"]]], "unsigned"),
     ([VERSION, [[1, 1, "x" * 129, "a", "b", False]]], "text"),
-    ([VERSION, [[8, "n", True, False, [["a", "b", 1, 9, {}]]]]], "unsigned"),
+    ([VERSION, [[8, "n", True, False, [["a", "b", 1, 9, {}, b"", b""]]]]], "unsigned"),
+    ([VERSION, [[8, "n", True, False, [["a", "b", 1, 0, {}]]]]], "7-item"),
 ])
 def test_specific_bad_packets_name_the_problem(packet, reason):
     with pytest.raises(DecodeError, match=reason):
@@ -112,7 +116,8 @@ def test_specific_bad_packets_name_the_problem(packet, reason):
 
 def test_tags_and_deep_nesting_are_bounded():
     with pytest.raises(DecodeError):
-        decode_packet(cbor2.dumps([VERSION, [[5, 1, "n", "a", {str(i): "" for i in range(65)}]]]))
+        decode_packet(cbor2.dumps([VERSION, [[5, 1, "n", "a", {str(i): "" for i in range(65)},
+                                              b"", b""]]]))
     deep: list = []
     for _ in range(500):
         deep = [deep]

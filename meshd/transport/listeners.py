@@ -1,0 +1,248 @@
+"""Serving connections: every stream listener of the node accepts through here.
+
+Theory of operation
+-------------------
+A listener owns a :class:`Gate`: each accepted connection asks it for a :class:`Ticket`
+before anything else happens. A connection is *pending* until its handler calls
+``ticket.authenticated()`` (the link handshake finished, the proxy's first message checked
+out, the control request arrived), then *open* until it ends.
+
+Rules:
+- A handler's failure ends its connection only. Any exception (a peer that reset mid-
+  handshake, a decoder that raised, a bug) is caught here, counted and logged; it never
+  reaches the listener or the node's nursery.
+- Caps: at most ``max_pending`` connections of a listener may be pending and at most
+  ``max_open`` open (pending ones included). A new connection that finds the pending cap
+  full evicts the oldest pending one (as SYN-flood defences drop the oldest half-open
+  connection): idle connections cannot lock out a peer that completes its handshake
+  promptly. One over the open cap is closed at once, before a byte is read. Both are
+  counted. The defaults come from the process's open-file limit (``default_caps``), so a
+  flood of idle connections cannot take the descriptors the node needs for its links, its
+  store and its service sessions.
+- A pending connection has ``pending_timeout`` seconds to authenticate; the handler runs
+  its pre-authentication part under ``ticket.deadline`` (trio time).
+- accept() failing for lack of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs
+  off (100 ms doubling to 1 s) and retries: the listener stays up and drains its backlog once
+  descriptors are free again. It is counted and logged at most once a minute.
+- WebSocket listeners (``serve_websocket``) run the HTTP upgrade inside the pending deadline
+  with trio-websocket's stream wrapper, so a reset or a slow upgrade ends that connection and
+  nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import resource
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+log = logging.getLogger("meshd.transport.listeners")
+
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+BACKOFF_START, BACKOFF_MAX = 0.1, 1.0
+
+
+def default_caps() -> tuple[int, int]:
+    """(max_open, max_pending) per listener from the open-file limit: an eighth of the
+    descriptors may wait in handshakes on one listener, a third may be open on it. With the
+    common limit of 1024 that is 128 and 341; with 256 it is 32 and 85, which leaves room
+    for the node's own links, files and service sessions even with every listener full."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        soft = 1024
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        soft = 65536
+    return max(16, min(16384, soft // 3)), max(8, min(1024, soft // 8))
+
+
+class Ticket:
+    """One admitted connection: pending until authenticated, released when it ends."""
+
+    __slots__ = ("_gate", "_open", "_pending", "deadline", "scope")
+
+    def __init__(self, gate: Gate, deadline: float) -> None:
+        self._gate = gate
+        self._pending = True
+        self._open = True
+        self.deadline = deadline
+        self.scope = trio.CancelScope()  # cancelled to evict the connection
+
+    @property
+    def pending(self) -> bool:
+        """Not authenticated yet (still under the pending deadline and cap)."""
+        return self._pending
+
+    def authenticated(self) -> None:
+        """The connection proved itself: it no longer counts against the pending cap."""
+        if self._pending:
+            self._pending = False
+            self._gate.pending -= 1
+            self._gate._waiting.pop(self, None)
+
+    def release(self) -> None:
+        if self._pending:
+            self.authenticated()
+        if self._open:
+            self._open = False
+            self._gate.open -= 1
+
+
+class Gate:
+    """Counts one listener's connections against its caps; stats use the listener's name."""
+
+    def __init__(self, name: str, stats: dict[str, int], max_open: int = 0,
+                 max_pending: int = 0, pending_timeout: float = 10.0) -> None:
+        d_open, d_pending = default_caps()
+        self.name = name
+        self.max_open = max_open or d_open
+        self.max_pending = min(max_pending or d_pending, self.max_open)
+        self.pending_timeout = pending_timeout
+        self.open = 0
+        self.pending = 0
+        self._waiting: dict[Ticket, None] = {}  # pending tickets, oldest first
+        self.stats = stats
+        for key in ("accepted", "refused_cap", "evicted", "failed", "accept_errors"):
+            stats.setdefault(f"{name}_{key}", 0)
+        self._last_warned = -1e9
+
+    def _warn(self, what: str) -> None:
+        now = trio.current_time()
+        if now - self._last_warned > 60:
+            self._last_warned = now
+            log.warning("%s: %s (%d open, %d pending; caps %d/%d)", self.name, what,
+                        self.open, self.pending, self.max_open, self.max_pending)
+
+    def admit(self) -> Ticket | None:
+        if self.pending >= self.max_pending and self._waiting:
+            oldest = next(iter(self._waiting))
+            oldest.authenticated()  # no longer pending: it is on its way out
+            oldest.scope.cancel()
+            self.stats[f"{self.name}_evicted"] += 1
+            self._warn("pending cap reached: evicting the oldest unauthenticated "
+                       "connections")
+        if self.open >= self.max_open:
+            self.stats[f"{self.name}_refused_cap"] += 1
+            self._warn("connection cap reached: closing new connections until some end")
+            return None
+        self.open += 1
+        self.pending += 1
+        self.stats[f"{self.name}_accepted"] += 1
+        ticket = Ticket(self, trio.current_time() + self.pending_timeout)
+        self._waiting[ticket] = None
+        return ticket
+
+    def failed(self, exc: BaseException) -> None:
+        self.stats[f"{self.name}_failed"] += 1
+        expected = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                    OSError, EOFError, ValueError)
+        if isinstance(exc, expected):
+            log.debug("%s: connection ended: %s: %s", self.name, type(exc).__name__, exc)
+        else:  # a bug, not a peer's doing: keep the traceback, keep serving
+            log.warning("%s: connection handler failed", self.name, exc_info=exc)
+
+
+Handler = Callable[[Any, Ticket], Awaitable[None]]
+
+
+def must_propagate(exc: BaseException) -> BaseException | None:
+    """What of `exc` must propagate (cancellation, KeyboardInterrupt); None if it is all
+    ordinary errors that end only this connection."""
+    if isinstance(exc, Exception) and not isinstance(exc, BaseExceptionGroup):
+        return None
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(Exception)
+        return rest
+    return exc
+
+
+async def run_guarded(gate: Gate, ticket: Ticket, handler: Handler, stream: Any) -> None:
+    """Run one connection's handler; whatever it raises ends this connection only."""
+    try:
+        with ticket.scope:
+            await handler(stream, ticket)
+    except BaseException as exc:  # sorted below: only errors are contained
+        rest = must_propagate(exc)
+        if rest is not None:
+            raise
+        gate.failed(exc)
+    finally:
+        ticket.release()
+        # the connection is gone either way: close it quietly, even when cancelled
+        with trio.CancelScope(shield=True), trio.move_on_after(1), \
+                contextlib.suppress(Exception):
+            await stream.aclose()
+
+
+async def _accept_loop(listener: trio.abc.Listener[Any], handler: Handler, gate: Gate,
+                       nursery: trio.Nursery) -> None:
+    backoff = BACKOFF_START
+    last_logged = -1e9
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in CAPACITY_ERRNOS:
+                raise
+            gate.stats[f"{gate.name}_accept_errors"] += 1
+            now = trio.current_time()
+            if now - last_logged > 60:
+                last_logged = now
+                log.warning("%s: accept failed (%s): backing off; raise the open-file "
+                            "limit (ulimit -n) if this persists", gate.name,
+                            errno.errorcode.get(exc.errno or 0, exc))
+            await trio.sleep(backoff)
+            backoff = min(BACKOFF_MAX, backoff * 2)
+            continue
+        backoff = BACKOFF_START
+        ticket = gate.admit()
+        if ticket is None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+            continue
+        nursery.start_soon(run_guarded, gate, ticket, handler, stream)
+
+
+async def serve(listeners: list[Any], handler: Handler, gate: Gate,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Accept on every listener until cancelled; each connection runs handler(stream,
+    ticket) in its own task under the gate's caps."""
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, handler, gate, nursery)
+        task_status.started(listeners)
+
+
+async def open_tcp(host: str, port: int) -> list[trio.SocketListener]:
+    return await trio.open_tcp_listeners(port, host=host)
+
+
+def websocket_handler(handler: Callable[[Any, Ticket], Awaitable[None]],
+                      max_message_size: int) -> Handler:
+    """A stream handler that does the WebSocket upgrade within the ticket's deadline, then
+    hands the accepted WebSocket to `handler` (which authenticates the ticket itself)."""
+    import trio_websocket
+
+    async def on_stream(stream: Any, ticket: Ticket) -> None:
+        async with trio.open_nursery() as nursery:
+            ws = None
+            with trio.move_on_at(ticket.deadline):
+                request = await trio_websocket.wrap_server_stream(
+                    nursery, stream, max_message_size=max_message_size)
+                ws = await request.accept()
+            if ws is None:
+                nursery.cancel_scope.cancel()
+                raise trio.TooSlowError("WebSocket upgrade did not finish in time")
+            try:
+                await handler(ws, ticket)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1), \
+                        contextlib.suppress(Exception):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+
+    return on_stream
