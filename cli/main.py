@@ -1046,6 +1046,36 @@ def keys_rotate(data_dir: Path | None, as_json: bool) -> None:
     click.echo(json.dumps(r) if as_json else f"new issuer key {r['kid']} on {r['signer']}")
 
 
+@auth_keys.command("list")
+@data_dir_option
+@json_option
+def keys_list_cmd(data_dir: Path | None, as_json: bool) -> None:
+    """Issuer keys this node trusts: who holds each, who endorsed it, its state."""
+    rows = call(data_dir, "auth.keys.list")
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table = Table(show_header=True, header_style="bold")
+    for col in ("kid", "holder", "endorsed by", "state", "created"):
+        table.add_column(col)
+    for r in rows:
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created"]))
+        table.add_row(r["kid"] + (" (root)" if r["root"] else ""), r["signer"],
+                      r["endorsed_by"], r["state"], created)
+    console.print(table)
+
+
+@auth_keys.command("revoke")
+@click.argument("kid")
+@data_dir_option
+@json_option
+def keys_revoke_cmd(kid: str, data_dir: Path | None, as_json: bool) -> None:
+    """Stop trusting issuer key KID now: its tokens stop working everywhere (what it
+    signed is signed again with a current key)."""
+    r = call(data_dir, "auth.keys.revoke", kid=kid)
+    click.echo(json.dumps(r) if as_json else f"revoked issuer key {r['revoked']}")
+
+
 # --- network -----------------------------------------------------------------------------------
 
 @main.command()
@@ -1324,3 +1354,8 @@ def proxy_http(listen: str, data_dir: Path | None) -> None:
         fail(f"503 unavailable: cannot listen on {listen}: {exc.strerror or exc}")
     except KeyboardInterrupt:
         pass
+
+
+from cli import nodes as _nodes  # noqa: E402  (registers `meshd nodes`)
+
+main.add_command(_nodes.nodes)

@@ -45,7 +45,22 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 # The token the current control request carries (None: the local operator, no token).
 REQUEST_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "meshd_request_token", default=None)
+# Who the transport says the caller is ("uid:1000" on the control socket, from the kernel's
+# peer credentials): rate limits key on it, never on anything the client sends.
+REQUEST_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "meshd_request_source", default="local")
 StreamHandler = Callable[[dict[str, Any], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+def _peer_source(stream: trio.SocketStream) -> str:
+    """"uid:N" of the process at the other end of a unix socket (SO_PEERCRED)."""
+    try:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                         struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        return f"uid:{uid}"
+    except (OSError, AttributeError, struct.error):
+        return "local"
 
 
 def socket_path(data_dir: Path) -> Path:
@@ -144,7 +159,9 @@ class ControlServer:
     async def _serve(self, stream: trio.SocketStream, ticket: serving.Ticket) -> None:
         """One client connection; whatever it does, only this connection can end."""
         framed = Framed(stream)
+        source = _peer_source(stream)
         while True:
+            REQUEST_SOURCE.set(source)
             req = None
             try:
                 with trio.move_on_at(ticket.deadline if ticket.pending else math.inf):

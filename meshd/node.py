@@ -26,7 +26,9 @@ from typing import Any
 import trio
 
 from . import datadir, wire
-from .auth.service import AuthService
+from .auth.eviction import Evictor
+from .auth.ops import AuthOps
+from .auth.service import PIN_FILE, ROOT_TAG, AuthService, Principal
 from .control import REQUEST_TOKEN, ControlServer, socket_path
 from .errors import MeshError, bad_request
 from .identity import Identity
@@ -43,13 +45,13 @@ from .rpc.streams import StreamService
 from .secure.keyring import Keyring, KeyringError, format_secret, new_secret, parse_secret
 from .settings import Settings, as_dict
 from .store.persist import StoreFileError
-from .store.service import StoreService
+from .store.service import SYSTEM_DBS, StoreService
 from .transport import addr as addrs
 from .transport.links import Channel, ChannelClosed, LinkError, LinkManager
 from .transport.udp import UdpTransport
 
 log = logging.getLogger("meshd.node")
-RESERVED_TAGS = ("id", "boot")
+RESERVED_TAGS = ("id", "boot", "authroot")
 
 
 class NodeError(RuntimeError):
@@ -174,6 +176,9 @@ class Node:
         tags["id"] = self.identity.node_id
         self.boot = os.urandom(6).hex()  # changes at every start: stale instances vanish
         tags["boot"] = self.boot
+        pin = _read_text(self.data_dir / PIN_FILE)
+        if pin:
+            tags[ROOT_TAG] = pin  # the auth root we trust (joiners count these)
         incarnation = int(self.state.get("incarnation", -1)) + 1
         self.alive_verifier = AliveVerifier(self._key_revoked)
         try:
@@ -204,6 +209,12 @@ class Node:
         except StoreFileError as exc:
             raise NodeError(str(exc)) from None
         self.auth = AuthService(self.name, self.store, self.links, self.data_dir)
+        self.auth.vouched_roots = self._vouched_roots
+        self.auth.on_pin = self._advertise_root
+        self.auth.service_on_node = self._service_on_node
+        self.auth_ops = AuthOps(self.auth, self.name, self.member_rows)
+        self.evictor = Evictor(self.auth, self.core, self.membership, self.links)
+        self.membership.accept_sender = self.evictor.accept_sender
         self.routing = RoutingService(self.core, self.store, measure=self.membership.measure)
         self.links.my_name = self.name
         self.links.route = self._relay_route
@@ -242,6 +253,7 @@ class Node:
                 await nursery.start(self.store.run)
                 await nursery.start(self.routing.run)
                 await nursery.start(control.run)
+                await nursery.start(self.evictor.run)
                 nursery.start_soon(self._watch_signals)
                 await self._initial_join()
                 if self._first_node and not self.auth.bootstrapped():
@@ -320,6 +332,23 @@ class Node:
                 "min_ms": round(min(samples), 3),
                 "avg_ms": round(sum(samples) / len(samples), 3),
                 "vivaldi_estimate_ms": None if estimate is None else round(estimate * 1000, 3)}
+
+    def _vouched_roots(self) -> list[str]:
+        """The auth root fingerprints the live members other than us trust (their tags,
+        which each signs with its identity key)."""
+        return [m.tags[ROOT_TAG] for m in self.core.member_list()
+                if m.name != self.name and m.state == 0 and m.tags.get(ROOT_TAG)]
+
+    def _advertise_root(self, pin: str) -> None:
+        if self.core.me.tags.get(ROOT_TAG) != pin:
+            self.membership.set_tags({**self.core.me.tags, ROOT_TAG: pin})
+            self._schedule_save()  # the incarnation moved: a restart must start above it
+
+    def _service_on_node(self, service: str, node: str) -> bool:
+        return any(i.get("node") == node for i in self.registry.instances(service))
+
+    def _require_admin(self) -> Principal:
+        return self.auth_ops.require_admin()
 
     def _key_revoked(self, key: bytes) -> bool:
         """Whether an identity key was revoked by an admin (`meshd nodes revoke`)."""
@@ -580,18 +609,29 @@ class Node:
         st = self.store
 
         def guarded(kind: str, fn: Any, name_key: str, default: str, sub_key: str = "",
-                    stream: bool = False) -> Any:
-            """Check the caller against the rules for (kind, name, sub) before `fn`."""
+                    stream: bool = False, write: bool = False) -> Any:
+            """Check the caller against the rules for (kind, name, sub) before `fn`. The
+            system databases (auth, routing) are for admins only; a watch of every
+            database leaves them out."""
             def check(args: dict[str, Any]) -> None:
                 name = args.get(name_key) or default
                 sub = args.get(sub_key) or "" if sub_key else ""
-                if kind == "store" and name == "auth":
-                    self.auth.require_admin(REQUEST_TOKEN.get())
+                if kind == "store" and name in SYSTEM_DBS:
+                    if write:
+                        raise MeshError(403, f"the {name} database is written by meshd "
+                                             "itself (use `meshd auth ...`)")
+                    self._require_admin()
                 self.auth.check(REQUEST_TOKEN.get(), self.name,
                                 (kind, str(name), str(sub) or "*"))
             if stream:
                 async def wrapped_stream(args: dict[str, Any], emit: Any) -> None:
                     check(args)
+                    if kind == "store" and not args.get(name_key):
+                        async def user_only(ev: Any) -> None:
+                            if ev.get("database") not in SYSTEM_DBS:
+                                await emit(ev)
+                        await fn(args, user_only)
+                        return
                     await fn(args, emit)
                 return wrapped_stream
 
@@ -603,102 +643,25 @@ class Node:
         def store_op(fn: Any) -> Any:
             return guarded("store", fn, "database", "default", "table")
 
+        def store_write_op(fn: Any) -> Any:
+            return guarded("store", fn, "database", "default", "table", write=True)
+
         def config_op(fn: Any) -> Any:
             return guarded("config", fn, "namespace", "default", "path")
 
         control.ops.update({
-            "store.write": store_op(st.write), "store.read": store_op(st.read),
-            "store.delete": store_op(st.delete), "store.list": store_op(st.list_keys),
+            "store.write": store_write_op(st.write), "store.read": store_op(st.read),
+            "store.delete": store_write_op(st.delete), "store.list": store_op(st.list_keys),
             "store.databases": st.databases, "store.tables": st.tables,
-            "store.counter": store_op(st.counter), "store.set": store_op(st.set_op),
+            "store.counter": store_write_op(st.counter),
+            "store.set": store_write_op(st.set_op),
             "config.get": config_op(st.config_get), "config.set": config_op(st.config_set),
             "config.del": config_op(st.config_del)})
         control.streams["store.watch"] = guarded("store", st.watch, "database", "default",
                                                  "table", stream=True)
         control.streams["config.watch"] = guarded("config", st.config_watch, "namespace",
                                                   "default", "path", stream=True)
-        self._register_auth_ops(control)
-
-    def _register_auth_ops(self, control: ControlServer) -> None:
-        auth = self.auth
-
-        def admin(fn: Any) -> Any:
-            async def wrapped(args: dict[str, Any]) -> Any:
-                auth.require_admin(REQUEST_TOKEN.get())
-                return await fn(args)
-            return wrapped
-
-        def text(args: dict[str, Any], key: str) -> str:
-            v = args.get(key)
-            if not isinstance(v, str) or not v:
-                raise bad_request(f"{key} is required")
-            return v
-
-        async def login(args: dict[str, Any]) -> Any:
-            return await auth.login(text(args, "id"), text(args, "secret"),
-                                    str(args.get("source") or "local"))
-
-        async def refresh(args: dict[str, Any]) -> Any:
-            return await auth.refresh(text(args, "refresh_token"))
-
-        async def whoami(args: dict[str, Any]) -> Any:
-            return auth.identify(REQUEST_TOKEN.get(), self.name).to_dict()
-
-        async def bootstrap(args: dict[str, Any]) -> Any:
-            return await auth.bootstrap()
-
-        async def accounts_list(args: dict[str, Any]) -> Any:
-            return auth.accounts()
-
-        async def accounts_create(args: dict[str, Any]) -> Any:
-            scopes = args.get("scopes") or []
-            if not isinstance(scopes, list) or not all(isinstance(x, str) for x in scopes):
-                raise bad_request("scopes must be a list of text")
-            return await auth.create_account(text(args, "id"), text(args, "secret"), scopes,
-                                             str(args.get("type") or "user"))
-
-        async def accounts_delete(args: dict[str, Any]) -> Any:
-            await auth.delete_account(text(args, "id"))
-            return {"deleted": args["id"]}
-
-        async def rules_list(args: dict[str, Any]) -> Any:
-            return auth.list_rules()
-
-        async def rules_create(args: dict[str, Any]) -> Any:
-            priority = args.get("priority", 0)
-            if not isinstance(priority, int):
-                raise bad_request("priority must be an integer")
-            scope = args.get("scope", "")
-            if not isinstance(scope, str):
-                raise bad_request("scope must be text")
-            return await auth.create_rule(text(args, "id"), text(args, "resource"), scope,
-                                          text(args, "access"), priority)
-
-        async def rules_delete(args: dict[str, Any]) -> Any:
-            await auth.delete_rule(text(args, "id"))
-            return {"deleted": args["id"]}
-
-        async def token_create(args: dict[str, Any]) -> Any:
-            ttl = args.get("ttl", auth.access_ttl)
-            if not isinstance(ttl, int | float):
-                raise bad_request("ttl must be a number of seconds")
-            return await auth.create_token(text(args, "account"), float(ttl))
-
-        async def token_revoke(args: dict[str, Any]) -> Any:
-            return await auth.revoke(text(args, "token"))
-
-        async def keys_rotate(args: dict[str, Any]) -> Any:
-            return await auth.rotate_keys()
-
-        control.ops.update({
-            "auth.login": login, "auth.refresh": refresh, "auth.whoami": whoami,
-            "auth.bootstrap": admin(bootstrap), "auth.accounts.list": admin(accounts_list),
-            "auth.accounts.create": admin(accounts_create),
-            "auth.accounts.delete": admin(accounts_delete),
-            "auth.rules.list": admin(rules_list), "auth.rules.create": admin(rules_create),
-            "auth.rules.delete": admin(rules_delete),
-            "auth.token.create": admin(token_create), "auth.token.revoke": admin(token_revoke),
-            "auth.keys.rotate": admin(keys_rotate)})
+        control.ops.update(self.auth_ops.table())
 
     # --- keyring across the cluster -------------------------------------------------------
 
@@ -738,8 +701,9 @@ class Node:
     async def _fanout(self, request: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
         import cbor2
 
-        peers = [m for m in self.core.member_list()
-                 if m.name != self.name and m.state in (0, 1)]
+        peers = [m for m in self.core.member_list()  # never to revoked nodes
+                 if m.name != self.name and m.state in (0, 1)
+                 and not (m.key and self._key_revoked(m.key))]
         replies: list[dict[str, Any]] = []
         errors: list[str] = []
 
@@ -800,6 +764,13 @@ def _version() -> str:
         return version("meshd")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _first(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:

@@ -1,17 +1,31 @@
-"""Auth shell: accounts, rules, keys and revocations in the replicated store; identify and
-authorize every caller.
+"""Auth shell: accounts, rules, issuer keys and revocations in the replicated store; identify
+and authorize every caller.
 
 Rules:
-- State lives in the store's "auth" database (tables accounts, rules, keys, revoked, meta),
-  so it replicates, persists and heals like any store data. Issuer private keys never leave
-  the node that made them (`issuer-<kid>.pem`, 0600); their public keys are in auth/keys.
+- State lives in the store's "auth" database (tables accounts, rules, keys, keystate,
+  revoked, nodes, meta), so it replicates, persists and heals like any store data. Every
+  record is signed by an issuer key and a peer's record merges only if it verifies with a
+  key this node trusts (records.py): holding the cluster secret is not enough to write
+  auth state.
+- Issuer private keys never leave the node that made them (`issuer-<kid>.pem`, 0600).
+  Only a node holding a usable issuer key ("a signer") writes auth records; other nodes
+  ask a signer over link channel "auth" (remote.py), giving what justifies the request:
+  an admin token, the token to revoke, an account secret, or a service registered on the
+  asking node. A member can never have arbitrary claims signed.
 - A caller is identified by its token when it presents one (a bad token is a 401, never a
   fallback), else by its node (scope "node": cluster members and the local operator on the
-  control socket), else it is anonymous.
+  control socket), else it is anonymous. On every use a token is checked against the state
+  of now, not of when it was issued: its key must still be trusted and not revoked, its
+  account must exist and not be disabled, and its scopes count only while the account
+  still has them; a service token counts only with the "service" scope, from a node that
+  is not revoked.
 - Denials: 401 when the caller has no valid token, 403 when a valid token lacks access; the
   detail names the rule that decided. Reasons for refusing a token go to the log only.
-- Login is rate-limited per account and per source (token bucket).
-- A node without an issuer key asks a node that has one (link channel "auth").
+- Login is rate-limited per account and per source (the transport's idea of the caller:
+  the unix user on the control socket, the node for a forwarded login); the limit tables
+  are bounded.
+- Revoked nodes (`meshd nodes revoke`): their identity keys are refused by links and
+  membership everywhere (node_revoked) and they receive no new cluster secrets.
 """
 
 from __future__ import annotations
@@ -20,32 +34,42 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cbor2
 import trio
 
-from meshd import wire
 from meshd.datadir import write_secret_file
 from meshd.errors import MeshError, bad_request, not_found
+from meshd.identity import node_id_from_public
 from meshd.store import crdt
 from meshd.store.state import live
-from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
+from meshd.transport.links import LinkManager
 
+from . import records
 from .accounts import check_secret, hash_secret
+from .records import DB, KEYS, KEYSTATE, Trust
 from .rules import Rule, RuleError, decide, make_rule, parse_resource
 from .tokens import TokenError, Verifier, issue, make_claims, new_signing_key, unverified_claims
 
 log = logging.getLogger("meshd.auth")
-DB = "auth"
-CHANNEL = "auth"
+PIN_FILE = "auth-root"
+ROOT_TAG = "authroot"  # membership tag: the auth root fingerprint this member trusts
 DEFAULT_RULES = [
     make_rule("default-nodes", "*:*:*", "node", "granted"),
     make_rule("default-services", "*:*:*", "service", "granted"),
     make_rule("default-admin", "*:*:*", "admin", "granted"),
 ]
+SERVICE_SCOPES = ["service"]
+
+
+class NoIssuerKey(MeshError):
+    """This node holds no usable issuer key: the request must go to a signer."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "this node holds no issuer key", id="meshd.auth")
 
 
 @dataclass
@@ -59,12 +83,16 @@ class Principal:
 
 
 class _Bucket:
-    def __init__(self, burst: float, per_s: float) -> None:
-        self.burst, self.per_s = burst, per_s
+    """Token buckets per key; the table holds at most `cap` keys (full buckets go first)."""
+
+    def __init__(self, burst: float, per_s: float, cap: int = 10_000) -> None:
+        self.burst, self.per_s, self.cap = burst, per_s, cap
         self.level: dict[str, tuple[float, float]] = {}
 
     def take(self, key: str, now: float) -> float:
         """0 if allowed, else seconds to wait."""
+        if key not in self.level and len(self.level) >= self.cap:
+            self._prune(now)
         tokens, at = self.level.get(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.per_s)
         if tokens < 1:
@@ -72,6 +100,18 @@ class _Bucket:
             return (1 - tokens) / self.per_s
         self.level[key] = (tokens - 1, now)
         return 0.0
+
+    def _prune(self, now: float) -> None:
+        """Forget buckets that have refilled (they hold nothing); if every bucket is still
+        draining, forget the oldest half (a flood of sources cannot grow the table)."""
+        full = [k for k, (t, at) in self.level.items()
+                if t + (now - at) * self.per_s >= self.burst]
+        for k in full:
+            del self.level[k]
+        if len(self.level) >= self.cap:
+            oldest = sorted(self.level, key=lambda k: self.level[k][1])
+            for k in oldest[:len(oldest) // 2]:
+                del self.level[k]
 
 
 class AuthService:
@@ -84,16 +124,66 @@ class AuthService:
         self.data_dir = data_dir
         self.access_ttl = access_ttl
         self.refresh_ttl = refresh_ttl
+        self.trust = Trust(self._load_pin())
+        self._trust_version: Any = ("unset",)
         self.verifier = Verifier("", self.public_keys, self.is_revoked, leeway)
         self._rules_cache: tuple[Any, list[Rule]] = (None, [])
         self._keys_cache: tuple[Any, dict[str, bytes]] = (None, {})
+        self._nodes_cache: tuple[Any, frozenset[str], frozenset[str]] = (
+            ("unset",), frozenset(), frozenset())
         self._login_by_account = _Bucket(5, 0.1)
         self._login_by_source = _Bucket(20, 0.5)
-        self.stats = {"auth_denied": 0, "auth_bad_tokens": 0}
-        self._bootstrapped = False
+        self.stats = {"auth_denied": 0, "auth_bad_tokens": 0, "auth_records_refused": 0}
         self._decisions: dict[Any, tuple[bool, Rule | None]] = {}
         self._decisions_version: Any = None
-        links.handlers[CHANNEL] = self._serve_channel
+        self._refused_logged = 0.0
+        # set by the node: the live members' `authroot` tags (for pinning), a pin listener
+        # (to advertise ours), and whether a service is registered on a node
+        self.vouched_roots: Callable[[], list[str]] = lambda: []
+        self.on_pin: Callable[[str], None] | None = None
+        self.service_on_node: Callable[[str, str], bool] = lambda service, node: False
+        store.rep.accept = self._accept
+        store.rep.merge_first = records.MERGE_FIRST
+        from .remote import SignerChannel  # the link protocol to and from signers
+
+        self.remote = SignerChannel(self, links)
+
+    # --- the root pin ----------------------------------------------------------------------
+
+    def _load_pin(self) -> str | None:
+        try:
+            pin = (self.data_dir / PIN_FILE).read_text().strip()
+        except OSError:
+            return None
+        return pin or None
+
+    def _set_pin(self, pin: str) -> None:
+        write_secret_file(self.data_dir / PIN_FILE, pin.encode())
+        self.trust.pin = pin
+        self._trust_version = ("unset",)
+        log.info("auth root pinned: %s", pin)
+        if self.on_pin is not None:
+            self.on_pin(pin)
+
+    @property
+    def root_fingerprint(self) -> str | None:
+        return self.trust.pin
+
+    def _try_pin_from_members(self) -> bool:
+        """Pin the root the live members vouch for (strict majority of those that name
+        one; a tie pins nothing yet)."""
+        votes: dict[str, int] = {}
+        for fp in self.vouched_roots():
+            votes[fp] = votes.get(fp, 0) + 1
+        if not votes:
+            return False
+        ranked = sorted(votes.items(), key=lambda kv: -kv[1])
+        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+            log.warning("members disagree on the auth root (%s): not trusting any yet",
+                        ", ".join(f"{fp} x{n}" for fp, n in ranked))
+            return False
+        self._set_pin(ranked[0][0])
+        return True
 
     # --- state in the store ----------------------------------------------------------------
 
@@ -104,40 +194,127 @@ class AuthService:
         state = self.store.rep.state.get(DB, table, key)
         if state is None or not live(state, int(time.time() * 1000)):
             return None
-        return json.loads(state["lww"][1])
+        try:
+            return json.loads(state["lww"][1])
+        except (ValueError, TypeError, KeyError):
+            return None
 
-    async def _put(self, table: str, key: str, value: Any, ttl: float | None = None) -> None:
-        expiry = int((time.time() + ttl) * 1000) if ttl else None
-        delta = {"lww": crdt.lww(self.store.hlc.now(), json.dumps(value).encode(), {},
-                                 expiry)}
-        await self.store._commit_local(DB, table, key, delta, 1)
-
-    async def _delete(self, table: str, key: str) -> None:
-        await self.store._commit_local(DB, table, key,
-                                       {"lww": crdt.lww(self.store.hlc.now(), None)}, 1)
+    def _registers(self, table: str) -> dict[str, list[Any]]:
+        t = self.store.rep.state.table(DB, table)
+        if t is None:
+            return {}
+        return {k: s["lww"] for k, s in t.records.items() if "lww" in s}
 
     def _version(self, table: str) -> Any:
         t = self.store.rep.state.table(DB, table)
         return None if t is None else tuple(t.root())
 
-    def public_keys(self) -> dict[str, bytes]:
-        """Keys that still verify: current ones, and retired ones until every token they
-        could have signed has expired (retired + refresh ttl)."""
-        v = self._version("keys")
-        now = time.time()
-        if self._keys_cache[0] != (v, int(now // 60)) or v is None:
-            keys = {kid: rec["public"].encode() for kid, rec in self._records("keys").items()
-                    if not rec.get("retired") or rec["retired"] + self.refresh_ttl > now}
-            self._keys_cache = ((v, int(now // 60)), keys)
-        return self._keys_cache[1]
+    def _trusted(self) -> Trust:
+        version = (self._version(KEYS), self._version(KEYSTATE), self.trust.pin)
+        if version != self._trust_version:
+            self.trust.refresh(self._registers(KEYS), self._registers(KEYSTATE))
+            self._trust_version = version
+        return self.trust
 
-    def node_revoked(self, key: bytes) -> bool:
-        """Whether a node identity key was revoked (item filled in by `nodes revoke`)."""
+    def _accept(self, db: str, table: str, key: str, state: crdt.State) -> bool:
+        """Store replication hook: may this record from a peer merge?"""
+        if db != DB:
+            return True
+        if set(state) != {"lww"}:
+            return self._refuse(table, key, "auth records are registers only")
+        trust = self._trusted()
+        why = trust.check(table, key, state["lww"])
+        if why == "no auth root pinned yet" and self._try_pin_from_members():
+            why = self._trusted().check(table, key, state["lww"])
+        if why is not None:
+            return self._refuse(table, key, why)
+        return True
+
+    def _refuse(self, table: str, key: str, why: str) -> bool:
+        self.stats["auth_records_refused"] += 1
+        now = time.monotonic()
+        if now - self._refused_logged > 10:
+            self._refused_logged = now
+            log.warning("refused an auth record %s/%s from a peer: %s", table, key, why)
         return False
+
+    def _held_keys(self) -> list[tuple[records.KeyInfo, bytes]]:
+        """Usable issuer keys whose private half is on this node, newest first."""
+        trust = self._trusted()
+        out = []
+        for kid, info in trust.keys.items():
+            if trust.usable(kid) is None:
+                continue
+            path = self.data_dir / f"issuer-{kid}.pem"
+            if path.exists():
+                out.append((info, path.read_bytes()))
+        out.sort(key=lambda x: -x[0].created)
+        return out
+
+    def holds_key(self) -> bool:
+        """Whether this node holds a usable issuer key (it may write auth records, and its
+        local operator administers the cluster's auth)."""
+        return bool(self._held_keys())
+
+    def _record_key(self) -> tuple[str, Any]:
+        held = self._held_keys()
+        if not held:
+            raise NoIssuerKey()
+        info, pem = held[0]
+        return info.kid, records.load_private(pem)
+
+    def _token_key(self) -> tuple[str, bytes] | None:
+        """The key new tokens are signed with here: a held key that is not retired."""
+        for info, pem in self._held_keys():
+            if info.kid not in self.trust.retired:
+                return info.kid, pem
+        return None
+
+    async def _write(self, table: str, key: str, value: Any, ttl: float | None = None,
+                     kid_key: tuple[str, Any] | None = None) -> None:
+        """Write one signed record (a delete when value is None)."""
+        kid, private = kid_key or self._record_key()
+        raw = None if value is None else json.dumps(value).encode()
+        expiry = int((time.time() + ttl) * 1000) if ttl else None
+        ts = self.store.hlc.now()
+        meta = records.sign(kid, private, table, key, ts, raw, expiry)
+        await self.store._commit_local(DB, table, key, {"lww": crdt.lww(ts, raw, meta, expiry)},
+                                       1)
+
+    def public_keys(self) -> dict[str, bytes]:
+        """Keys that verify tokens: trusted and not revoked; retired ones only until every
+        token they could have signed has expired (retired + refresh ttl)."""
+        trust = self._trusted()
+        now = time.time()
+        version = (self._trust_version, int(now // 60))
+        if self._keys_cache[0] != version:
+            keys = {kid: info.pem.encode() for kid, info in trust.keys.items()
+                    if kid not in trust.revoked
+                    and trust.retired.get(kid, now + 1) + self.refresh_ttl > now}
+            self._keys_cache = (version, keys)
+        return self._keys_cache[1]
 
     def is_revoked(self, jti: str) -> bool:
         state = self.store.rep.state.get(DB, "revoked", jti)
         return state is not None and live(state, int(time.time() * 1000))
+
+    def _revoked_nodes(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(node ids, node names) revoked by an admin."""
+        version = self._version("nodes")
+        if self._nodes_cache[0] != version or version is None:
+            recs = self._records("nodes")
+            ids = frozenset(recs)
+            names = frozenset(str(r.get("name")) for r in recs.values() if r.get("name"))
+            self._nodes_cache = (version, ids, names)
+        return self._nodes_cache[1], self._nodes_cache[2]
+
+    def node_revoked(self, key: bytes) -> bool:
+        """Whether a node identity key was revoked (`meshd nodes revoke`)."""
+        ids, _ = self._revoked_nodes()
+        return bool(ids) and node_id_from_public(key) in ids
+
+    def node_name_revoked(self, name: str) -> bool:
+        return name in self._revoked_nodes()[1]
 
     def rules(self) -> list[Rule]:
         v = self._version("rules")
@@ -147,7 +324,7 @@ class AuthService:
                 try:
                     rules.append(make_rule(rid, rec["resource"], rec["scope"], rec["access"],
                                            rec.get("priority", 0)))
-                except (RuleError, KeyError):
+                except (RuleError, KeyError, TypeError):
                     log.warning("ignoring malformed rule %s", rid)
             self._rules_cache = (v, rules)
         return self._rules_cache[1]
@@ -155,27 +332,32 @@ class AuthService:
     @property
     def cluster_id(self) -> str:
         meta = self._get("meta", "cluster")
-        return meta["id"] if meta else ""
+        return meta["id"] if isinstance(meta, dict) and isinstance(meta.get("id"), str) else ""
 
     # --- bootstrap and keys ----------------------------------------------------------------
 
     def bootstrapped(self) -> bool:
-        if not self._bootstrapped:  # once set up, auth stays set up: cache the answer
-            self._bootstrapped = bool(self._records("keys"))
-        return self._bootstrapped
+        return self._trusted().root is not None
 
     async def bootstrap(self) -> dict[str, Any]:
-        if self.bootstrapped():
+        """Set up auth once for the cluster: a root issuer key (pinned here), the cluster
+        id, an admin account and the default rules; returns the admin token."""
+        if self.bootstrapped() or self._records(KEYS):
             raise MeshError(409, "this cluster already has auth set up; bootstrap runs once",
                             id="meshd.auth")
-        await self._put("meta", "cluster", {"id": os.urandom(8).hex()})
-        await self.rotate_keys()
+        kid, private_pem, public_pem = new_signing_key()
+        write_secret_file(self.data_dir / f"issuer-{kid}.pem", private_pem)
+        self._set_pin(records.fingerprint(public_pem))
+        private = records.load_private(private_pem)
+        await self._write(KEYS, kid, {"public": public_pem.decode(), "signer": self.node,
+                                      "created": time.time()}, kid_key=(kid, private))
+        await self._write("meta", "cluster", {"id": os.urandom(8).hex()})
         secret = os.urandom(18).hex()
-        await self._put("accounts", "admin", {"type": "user", "scopes": ["admin"],
-                                              "metadata": {}, "secret": hash_secret(secret)})
+        await self._write("accounts", "admin", {"type": "user", "scopes": ["admin"],
+                                                "metadata": {}, "secret": hash_secret(secret)})
         for rule in DEFAULT_RULES:
-            await self._put("rules", rule.id, {k: v for k, v in rule.to_dict().items()
-                                               if k != "id"})
+            await self._write("rules", rule.id, {k: v for k, v in rule.to_dict().items()
+                                                 if k != "id"})
         token = await self.sign(make_claims("admin", ["admin"], self.node, self.cluster_id,
                                             86400.0))
         write_secret_file(self.data_dir / "admin.token", token.encode())
@@ -183,71 +365,100 @@ class AuthService:
                  self.data_dir / "admin.token")
         return {"token": token, "account": "admin", "secret": secret}
 
-    async def rotate_keys(self) -> dict[str, Any]:
-        """A new issuer key on this node signs from now on; older keys are marked retired and
-        keep verifying until the tokens they signed have expired."""
+    async def endorse_key(self, kid: str, public_pem: str, holder: str) -> dict[str, Any]:
+        """Trust a new issuer key held by `holder` (signed by one of our keys) and retire
+        every other current key: new tokens come from the new key, old ones keep
+        verifying until they expire."""
+        if records.load_public(public_pem) is None or not kid or "/" in kid:
+            raise bad_request("not an ed25519 public key", id="meshd.auth")
         now = time.time()
-        for old_kid, rec in self._records("keys").items():
-            if not rec.get("retired"):
-                await self._put("keys", old_kid, {**rec, "retired": now})
+        await self._write(KEYS, kid, {"public": public_pem, "signer": holder, "created": now})
+        trust = self._trusted()
+        for old in list(trust.keys):
+            if old != kid and old not in trust.retired and old not in trust.revoked:
+                await self._write(KEYSTATE, old, {"retired": now})
+        return {"kid": kid, "signer": holder}
+
+    def new_key_here(self) -> tuple[str, str]:
+        """Make an issuer key pair on this node; (kid, public PEM) for endorsement."""
         kid, private, public = new_signing_key()
         write_secret_file(self.data_dir / f"issuer-{kid}.pem", private)
-        await self._put("keys", kid, {"public": public.decode(), "signer": self.node,
-                                      "created": time.time()})
-        return {"kid": kid, "signer": self.node}
+        return kid, public.decode()
 
-    def _local_signing_key(self, newest_only: bool = False) -> tuple[str, bytes] | None:
-        """Our newest issuer key; with newest_only, only if it is the cluster's newest."""
-        keys = self._records("keys")
-        if not keys:
-            return None
-        ranked = sorted(((rec.get("created", 0), kid, rec.get("signer"))
-                         for kid, rec in keys.items() if not rec.get("retired")), reverse=True)
-        for _, kid, signer in ranked:
-            if signer == self.node and (self.data_dir / f"issuer-{kid}.pem").exists():
-                return kid, (self.data_dir / f"issuer-{kid}.pem").read_bytes()
-            if newest_only:
-                return None
-        return None
+    async def revoke_key(self, kid: str) -> dict[str, Any]:
+        """Stop trusting issuer key `kid` at once: its tokens and records stop verifying.
+        What it signed is signed again with one of our keys first, so trust in the other
+        keys never rests on it."""
+        trust = self._trusted()
+        if kid not in trust.keys:
+            raise not_found(f"no trusted issuer key {kid!r}", id="meshd.auth")
+        if kid in trust.revoked:
+            return {"revoked": kid}
+        if kid == trust.root:
+            raise MeshError(409, f"key {kid} is the cluster's auth root, which every other "
+                                 "key's trust goes back to; it can be retired (rotate) but "
+                                 "not revoked", id="meshd.auth")
+        held = [(info, pem) for info, pem in self._held_keys()
+                if kid not in self._chain(info.kid)]
+        if not held:
+            raise NoIssuerKey() if not self._held_keys() else MeshError(
+                409, f"every issuer key this node holds is endorsed through {kid}; revoke "
+                     "it from a node whose key is not (the root's node)", id="meshd.auth")
+        signer = (held[0][0].kid, records.load_private(held[0][1]))
+        resigned = 0
+        for table in ("meta", "accounts", "rules", KEYS, KEYSTATE, "revoked", "nodes"):
+            for key, reg in self._registers(table).items():
+                meta = reg[2] if isinstance(reg[2], dict) else {}
+                if meta.get("kid") != kid or (table == KEYS and key == kid):
+                    continue
+                expiry = reg[3]
+                ttl = (expiry / 1000 - time.time()) if expiry else None
+                if ttl is not None and ttl <= 0:
+                    continue
+                value = None if reg[1] is None else json.loads(reg[1])  # tombstones too
+                await self._write(table, key, value, ttl=ttl, kid_key=signer)
+                resigned += 1
+        state = self._get(KEYSTATE, kid) or {}
+        await self._write(KEYSTATE, kid, {**state, "revoked": time.time()}, kid_key=signer)
+        log.warning("issuer key %s revoked; %d records re-signed with %s", kid, resigned,
+                    signer[0])
+        return {"revoked": kid, "resigned": resigned}
+
+    def _chain(self, kid: str) -> list[str]:
+        """The keys from `kid` back to the root along endorsements."""
+        chain, keys = [], self.trust.keys
+        while kid in keys and kid not in chain:
+            chain.append(kid)
+            kid = keys[kid].endorsed_by
+        return chain
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        trust = self._trusted()
+        rows = []
+        for kid, info in sorted(trust.keys.items(), key=lambda kv: kv[1].created):
+            state = "revoked" if kid in trust.revoked else \
+                "retired" if kid in trust.retired else "current"
+            rows.append({"kid": kid, "signer": info.signer, "endorsed_by": info.endorsed_by,
+                         "created": info.created, "state": state,
+                         "root": kid == trust.root})
+        return rows
+
+    # --- signing tokens --------------------------------------------------------------------
 
     async def sign(self, claims: dict[str, Any]) -> str:
-        """Sign with the cluster's newest key: here if we hold it, else on its node; if that
-        node is unreachable, with our own newest key (still valid everywhere)."""
-        local = self._local_signing_key(newest_only=True)
-        if local is not None:
-            return issue(local[0], local[1], claims)
-        keys = self._records("keys")
-        ranked = sorted(((rec.get("created", 0), rec.get("signer")) for rec in keys.values()
-                         if rec.get("signer") and not rec.get("retired")), reverse=True)
-        signers = list(dict.fromkeys(signer for _, signer in ranked))
-        members = {m.name: m.addr for m in self.store.core.member_list() if m.state == 0}
-        for signer in signers:
-            addr = members.get(signer)
-            if addr is None:
-                continue
-            try:
-                with trio.fail_after(5):
-                    async with await self.links.open_channel(addr, CHANNEL) as ch:
-                        await ch.send(cbor2.dumps({"op": "sign", "claims": claims}))
-                        reply = wire.loads(await ch.receive(), max_depth=8)
-                if isinstance(reply, dict) and isinstance(reply.get("token"), str):
-                    return reply["token"]
-            except (LinkError, ChannelClosed, trio.TooSlowError, ValueError):
-                continue
-        own = self._local_signing_key()
-        if own is not None:
-            return issue(own[0], own[1], claims)
-        raise MeshError(503, "no node holding an issuer key is reachable to sign a token",
-                        id="meshd.auth")
+        """Sign claims with a current key held here (callers decide what may be signed)."""
+        key = self._token_key()
+        if key is None:
+            raise NoIssuerKey()
+        return issue(key[0], key[1], claims)
 
-    async def _serve_channel(self, ch: Channel) -> None:
-        req = wire.loads(await ch.receive(), max_depth=8)
-        local = self._local_signing_key()
-        if not isinstance(req, dict) or req.get("op") != "sign" or local is None \
-                or not isinstance(req.get("claims"), dict):
-            await ch.send(cbor2.dumps({"error": "cannot sign"}))
-            return
-        await ch.send(cbor2.dumps({"token": issue(local[0], local[1], req["claims"])}))
+    def signers(self) -> list[str]:
+        """Live members that hold a current issuer key, newest key first."""
+        trust = self._trusted()
+        ranked = sorted((info for kid, info in trust.keys.items()
+                         if kid not in trust.revoked and kid not in trust.retired),
+                        key=lambda info: -info.created)
+        return list(dict.fromkeys(info.signer for info in ranked if info.signer))
 
     # --- identify and authorize ----------------------------------------------------------
 
@@ -256,19 +467,34 @@ class AuthService:
             self.verifier.audience = self.cluster_id
             try:
                 claims = self.verifier.verify(token)
+                principal = self._principal(claims)
             except TokenError as exc:
                 self.stats["auth_bad_tokens"] += 1
                 log.info("refused a token: %s", exc)
                 raise MeshError(401, "invalid token", id="meshd.auth") from None
-            sub = str(claims.get("sub"))
-            account = self._get("accounts", sub)
-            if not sub.startswith("service:") and (account is None or account.get("disabled")):
-                log.info("refused a token of deleted or disabled account %s", sub)
-                raise MeshError(401, "invalid token", id="meshd.auth")
-            return Principal(str(claims.get("sub")), list(claims.get("scopes") or []), "token")
+            return principal
         if node:
             return Principal(f"node:{node}", ["node"], "node")
         return Principal("anonymous", None, "anonymous")
+
+    def _principal(self, claims: dict[str, Any]) -> Principal:
+        """Who a verified token speaks for, with the scopes it has *now*."""
+        sub = claims.get("sub")
+        scopes = claims.get("scopes")
+        if not isinstance(sub, str) or not isinstance(scopes, list):
+            raise TokenError("token claims lack a subject or scopes")
+        if sub.startswith("service:"):
+            if scopes != SERVICE_SCOPES:
+                raise TokenError(f"service token with scopes {scopes!r}")
+            iss = claims.get("iss")
+            if not isinstance(iss, str) or self.node_name_revoked(iss):
+                raise TokenError(f"service token from a revoked node ({iss!r})")
+            return Principal(sub, list(SERVICE_SCOPES), "token")
+        account = self._get("accounts", sub)
+        if not isinstance(account, dict) or account.get("disabled"):
+            raise TokenError(f"token of deleted or disabled account {sub}")
+        current = account.get("scopes") or []
+        return Principal(sub, [s for s in scopes if s in current], "token")
 
     def authorize(self, who: Principal, resource: tuple[str, str, str]) -> None:
         if not self.bootstrapped():
@@ -298,12 +524,14 @@ class AuthService:
         self.authorize(who, resource)
         return who
 
-    def require_admin(self, token: str | None) -> Principal:
-        """Admin operations: an admin token, or the local operator (no token)."""
-        who = self.identify(token, self.node)
-        if who.via == "node" or "admin" in (who.scopes or []):
-            return who
-        raise MeshError(403, f"{who.id} is not an admin", id="meshd.auth")
+    def admin_token(self, token: str | None) -> Principal | None:
+        """The principal of an admin token (None without a token; 401/403 otherwise)."""
+        if not token:
+            return None
+        who = self.identify(token, None)
+        if "admin" not in (who.scopes or []):
+            raise MeshError(403, f"{who.id} is not an admin", id="meshd.auth")
+        return who
 
     # --- accounts, tokens ------------------------------------------------------------------
 
@@ -317,20 +545,22 @@ class AuthService:
             raise bad_request("the secret must have at least 8 characters")
         rec = {"type": type, "scopes": list(scopes), "metadata": metadata or {},
                "secret": hash_secret(secret)}
-        await self._put("accounts", id, rec)
+        await self._write("accounts", id, rec)
         return {"id": id, "type": type, "scopes": list(scopes)}
 
     def accounts(self) -> list[dict[str, Any]]:
         return [{"id": k, "type": v.get("type"), "scopes": v.get("scopes", []),
                  "disabled": bool(v.get("disabled"))}
-                for k, v in sorted(self._records("accounts").items())]
+                for k, v in sorted(self._records("accounts").items()) if isinstance(v, dict)]
 
     async def delete_account(self, id: str) -> None:
         if self._get("accounts", id) is None:
             raise not_found(f"no account {id!r}", id="meshd.auth")
-        await self._delete("accounts", id)
+        await self._write("accounts", id, None)
 
-    async def login(self, id: str, secret: str, source: str) -> dict[str, Any]:
+    def check_login(self, id: str, secret: str, source: str) -> list[str]:
+        """The account's scopes if id/secret are right (rate-limited per account and per
+        source); else 401/429."""
         now = time.monotonic()
         for bucket, key in ((self._login_by_account, id), (self._login_by_source, source)):
             wait = bucket.take(key, now)
@@ -338,13 +568,14 @@ class AuthService:
                 raise MeshError(429, f"too many login attempts; try again in {wait:.0f} s",
                                 code="too_many_requests", id="meshd.auth")
         account = self._get("accounts", id)
-        secret_ok = account is not None and check_secret(secret, account.get("secret", ""))
+        secret_ok = isinstance(account, dict) and check_secret(secret,
+                                                               str(account.get("secret", "")))
         if not secret_ok or account.get("disabled"):
             log.info("failed login for %r from %s", id, source)
             raise MeshError(401, "wrong account id or secret", id="meshd.auth")
-        return await self._tokens(id, account.get("scopes", []))
+        return list(account.get("scopes", []))
 
-    async def _tokens(self, sub: str, scopes: list[str]) -> dict[str, Any]:
+    async def tokens_for(self, sub: str, scopes: list[str]) -> dict[str, Any]:
         cid = self.cluster_id
         access = await self.sign(make_claims(sub, scopes, self.node, cid, self.access_ttl))
         refresh = await self.sign(make_claims(sub, scopes, self.node, cid, self.refresh_ttl,
@@ -352,7 +583,7 @@ class AuthService:
         return {"account": sub, "scopes": scopes, "token": access, "refresh_token": refresh,
                 "expires_in": int(self.access_ttl)}
 
-    async def refresh(self, refresh_token: str) -> dict[str, Any]:
+    def check_refresh(self, refresh_token: str) -> tuple[str, list[str]]:
         self.verifier.audience = self.cluster_id
         try:
             claims = self.verifier.verify(refresh_token, typ="refresh")
@@ -360,9 +591,21 @@ class AuthService:
             log.info("refused a refresh token: %s", exc)
             raise MeshError(401, "invalid token", id="meshd.auth") from None
         account = self._get("accounts", claims["sub"])
-        if account is None or account.get("disabled"):
+        if not isinstance(account, dict) or account.get("disabled"):
             raise MeshError(401, "invalid token", id="meshd.auth")
-        return await self._tokens(claims["sub"], account.get("scopes", []))
+        return claims["sub"], list(account.get("scopes", []))
+
+    async def login(self, id: str, secret: str, source: str) -> dict[str, Any]:
+        """Tokens for an account: here if we hold a current key, else from a signer."""
+        if self._token_key() is None:
+            return await self.remote.ask({"op": "login", "id": id, "secret": secret,
+                                          "source": source})
+        return await self.tokens_for(id, self.check_login(id, secret, source))
+
+    async def refresh(self, refresh_token: str) -> dict[str, Any]:
+        if self._token_key() is None:
+            return await self.remote.ask({"op": "refresh", "refresh_token": refresh_token})
+        return await self.tokens_for(*self.check_refresh(refresh_token))
 
     async def create_token(self, account_id: str, ttl: float) -> dict[str, Any]:
         account = self._get("accounts", account_id)
@@ -375,15 +618,25 @@ class AuthService:
         return {"token": token, "account": account_id, "expires_in": int(ttl)}
 
     async def service_token(self, service: str) -> str | None:
+        """A token for a service registered here (from a signer if we hold no key)."""
         if not self.bootstrapped():
             return None
         try:
-            return await self.sign(make_claims(f"service:{service}", ["service"], self.node,
-                                               self.cluster_id, 86400.0))
-        except MeshError:
+            if self._token_key() is None:
+                reply = await self.remote.ask({"op": "service", "service": service})
+                return reply.get("token") if isinstance(reply, dict) else None
+            return await self.service_token_for(service, self.node)
+        except MeshError as exc:
+            log.info("no service token for %s: %s", service, exc.detail)
             return None
 
-    async def revoke(self, token: str) -> dict[str, Any]:
+    async def service_token_for(self, service: str, node: str) -> str:
+        """Sign a service token for `service` on `node`: its own scope only."""
+        return await self.sign(make_claims(f"service:{service}", SERVICE_SCOPES, node,
+                                           self.cluster_id, 86400.0))
+
+    def revocation_of(self, token: str) -> tuple[str, float]:
+        """(token id, seconds to keep the revocation) of a token this cluster signed."""
         try:
             claims = unverified_claims(token)
         except TokenError as exc:
@@ -391,8 +644,30 @@ class AuthService:
         jti, exp = claims.get("jti"), claims.get("exp")
         if not isinstance(jti, str) or not isinstance(exp, int | float):
             raise bad_request("that token has no id or expiry")
-        remaining = max(60.0, exp - time.time() + self.verifier.leeway)
-        await self._put("revoked", jti, {"exp": exp}, ttl=remaining)
+        return jti, max(60.0, exp - time.time() + self.verifier.leeway)
+
+    def signed_here(self, token: str) -> bool:
+        """Whether a token carries a valid signature of a trusted key (expiry and
+        revocation aside): proof enough to revoke it."""
+        import pyseto
+        from pyseto import Key
+
+        try:
+            kid = Verifier._kid(token)
+        except TokenError:
+            return False
+        info = self._trusted().keys.get(kid)
+        if info is None:
+            return False
+        try:
+            pyseto.decode(Key.new(version=4, purpose="public", key=info.pem.encode()), token)
+        except Exception:  # pyseto raises several types for bad signatures and formats
+            return False
+        return True
+
+    async def revoke(self, token: str) -> dict[str, Any]:
+        jti, keep = self.revocation_of(token)
+        await self._write("revoked", jti, {"exp": time.time() + keep}, ttl=keep)
         return {"revoked": jti}
 
     # --- rules -----------------------------------------------------------------------------
@@ -403,18 +678,43 @@ class AuthService:
             rule = make_rule(id, resource, scope, access, priority)
         except RuleError as exc:
             raise bad_request(str(exc)) from None
-        await self._put("rules", id, {k: v for k, v in rule.to_dict().items() if k != "id"})
+        await self._write("rules", id, {k: v for k, v in rule.to_dict().items() if k != "id"})
         return rule.to_dict()
 
     async def delete_rule(self, id: str) -> None:
         if self._get("rules", id) is None:
             raise not_found(f"no rule {id!r}", id="meshd.auth")
-        await self._delete("rules", id)
+        await self._write("rules", id, None)
 
     def list_rules(self) -> list[dict[str, Any]]:
         return [r.to_dict() for r in sorted(self.rules(), key=lambda r: (-r.priority, r.id))]
+
+    # --- revoked nodes ---------------------------------------------------------------------
+
+    async def revoke_node(self, node_id: str, name: str, by: str) -> dict[str, Any]:
+        if len(node_id) != 26 or not node_id.isalnum():
+            raise bad_request("a node id has 26 characters (see `meshd members --json`)")
+        rec = {"name": name, "revoked": time.time(), "by": by}
+        await self._write("nodes", node_id, rec)
+        log.warning("node %s (%s) revoked by %s", name or "?", node_id, by)
+        return {"id": node_id, **rec}
+
+    def revocations(self) -> list[dict[str, Any]]:
+        return [{"id": k, **v} for k, v in sorted(self._records("nodes").items())
+                if isinstance(v, dict)]
 
 
 def resource(kind: str, name: str, endpoint: str = "") -> tuple[str, str, str]:
     parse_resource(f"{kind}:{name or '-'}:{endpoint}")
     return kind, name, endpoint
+
+
+async def wait_for_service(auth: AuthService, service: str, node: str,
+                           timeout: float = 3.0) -> bool:
+    """Whether `service` is (or within `timeout` becomes) registered on `node` here: the
+    registry entry of a fresh instance may arrive just after its token request."""
+    with trio.move_on_after(timeout):
+        while not auth.service_on_node(service, node):
+            await trio.sleep(0.05)
+        return True
+    return False

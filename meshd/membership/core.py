@@ -75,10 +75,13 @@ Incarnations and state (memberlist's rules)
   S5. Identity. A member's name is bound to the identity key of the first alive that named
       it, for as long as the member is in the table (dead and left ones included, until
       reaped): an alive for that name with another key is a conflict, not applied, as is an
-      alive for our own name with a key that is not ours. An alive is applied only if the
-      shell's ``verify`` accepts it (its signature by that key); our own alives are signed
-      with ``sign``. Without ``sign``/``verify`` (the simulator) keys are empty and S5 only
-      binds names to the empty key.
+      alive for our own name with a key that is not ours. With keys, the key (not the
+      address) tells who a member is: a newer alive signed by the member's own key moves it
+      to a new address (a restart elsewhere), and an alive with our own key from another
+      address is our earlier life, refuted like any stale alive about us. An alive is
+      applied only if the shell's ``verify`` accepts it (its signature by that key); our
+      own alives are signed with ``sign``. Without ``sign``/``verify`` (the simulator) keys
+      are empty, S5 only binds names to the empty key and addresses tell members apart.
 Dissemination
   D1. Every applied change is queued for broadcast (one per node, newest replaces older),
       and piggybacked on every UDP packet we send, least-sent first, within the packet
@@ -450,6 +453,15 @@ class Membership:
             self._gossip(now)
         return self._flush()
 
+    def evict(self, name: str, now: float) -> Output:
+        """Declare a member dead now (an admin revoked its identity): the shell's verify
+        refuses its alives from then on, so it cannot refute."""
+        self._now = now
+        m = self.members.get(name)
+        if m is not None and m is not self.me and m.state in (ALIVE, SUSPECT):
+            self._on_dead(Dead(m.incarnation, name, self.me.name), self.me.addr, now, False)
+        return self._flush()
+
     def update_tags(self, tags: dict[str, str], now: float) -> Output:
         """Change this node's tags and spread them with a new incarnation."""
         self._now = now
@@ -459,6 +471,8 @@ class Membership:
             raise MembershipError(
                 f"tags take {size} bytes encoded; the limit is {self.s.max_meta_bytes}")
         self.me.tags = tags
+        if self.leaving:
+            return self._flush()  # saying goodbye: an alive now would undo the leave
         self.me.incarnation += 1
         self._broadcast_self_alive()
         return self._flush()
@@ -928,8 +942,9 @@ class Membership:
                         "conflict", me.name, msg.addr, msg.incarnation, dict(msg.tags),
                         f"name {me.name} is also claimed by another identity at {msg.addr}"))
                 return
-            if msg.addr != me.addr and msg.incarnation >= me.incarnation:
+            if msg.addr != me.addr and msg.incarnation >= me.incarnation and not me.key:
                 # another node uses our name: refuting would make us fight over it forever
+                # (with identity keys the key says who it is: ours is our earlier life)
                 self._events.append(MemberEvent("conflict", me.name, msg.addr,
                                                 msg.incarnation, dict(msg.tags),
                                                 f"name {me.name} is also used by {msg.addr}"))
@@ -952,8 +967,11 @@ class Membership:
                                            f"{msg.addr}")
             return
         if msg.addr != m.addr:
-            if m.state in (ALIVE, SUSPECT):
-                self._event("conflict", m, f"{name} also claimed by {msg.addr}")
+            if m.state in (ALIVE, SUSPECT) and (not m.key or msg.incarnation <= m.incarnation):
+                # without keys a second address is a second node; with them, the member's
+                # own newer alive says it moved (only its key could sign it)
+                if not m.key:
+                    self._event("conflict", m, f"{name} also claimed by {msg.addr}")
                 return
             if tags_size(msg.tags) > self.s.max_meta_bytes or not self._verified(msg):
                 return

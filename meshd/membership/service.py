@@ -41,7 +41,10 @@ class MembershipService:
         self.udp = udp
         self.links = links
         self.join_timeout = join_timeout
-        self.stats = {"decode_errors": 0, "stream_errors": 0, "core_faults": 0}
+        self.stats = {"decode_errors": 0, "stream_errors": 0, "core_faults": 0,
+                      "refused_senders": 0}
+        # whether datagrams from an address are taken at all (not from revoked members)
+        self.accept_sender: Callable[[str], bool] | None = None
         self._kick = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._subscribers: list[trio.MemorySendChannel[MemberEvent]] = []
@@ -136,12 +139,23 @@ class MembershipService:
     # --- packets in ------------------------------------------------------------------------
 
     def _on_udp(self, sender: str, plaintext: bytes) -> None:
+        if self.accept_sender is not None and not self.accept_sender(sender):
+            self.stats["refused_senders"] += 1
+            return
         try:
             msgs = decode_packet(plaintext)
         except DecodeError:
             self.stats["decode_errors"] += 1
             return
         self._deliver(sender, msgs, False)
+
+    def apply(self, out: Output) -> None:
+        """Send and publish what a call on the core (made by another component) returned."""
+        self._dispatch(out)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Change this node's tags and spread them (a new incarnation)."""
+        self._dispatch(self.core.update_tags(tags, trio.current_time()))
 
     def _receive(self, sender: str, msgs: list[Any], reliable: bool) -> Output | None:
         """Hand a packet to the core. A core fault on hostile input is logged and the packet

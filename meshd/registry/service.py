@@ -48,6 +48,8 @@ class LocalInstance:
     streams: dict[int, Any] = field(default_factory=dict)  # sid -> rpc.streams.LocalStream
     next_call: int = 0
     closed: bool = False
+    # set once the process got its registration reply: nothing else may reach it before
+    ready: trio.Event = field(default_factory=trio.Event)
 
 
 def instance_view(e: Entry) -> dict[str, Any]:
@@ -149,6 +151,7 @@ class RegistryService:
                 if self.service_token is not None else None
             await conn.reply({"id": inst_id, "node": self.node, "ttl": self.ttl,
                               "token": token})
+            local.ready.set()
             while True:
                 msg = await conn.receive()
                 local.last_seen = trio.current_time()
@@ -173,6 +176,7 @@ class RegistryService:
         if local.closed:
             return
         local.closed = True
+        local.ready.set()  # whoever waits for it sees it closed
         self.local.pop(local.id, None)
         for waiter in local.pending.values():
             waiter.send_nowait({"ok": False, "error": unavailable(

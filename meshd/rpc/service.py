@@ -363,6 +363,10 @@ async def call_local(local: LocalInstance, endpoint: str, body: Any, meta: dict[
     """Hand a call to a local service process over its control session; await the reply."""
     if local.closed:
         raise NotDelivered("the instance is gone")
+    if not local.ready.is_set():  # registered, but its registration reply is not out yet
+        await local.ready.wait()
+        if local.closed:
+            raise NotDelivered("the instance is gone")
     local.next_call += 1
     cid = local.next_call
     send, recv = trio.open_memory_channel[dict[str, Any]](1)

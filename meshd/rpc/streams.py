@@ -78,6 +78,9 @@ class LocalStream:
         self._credit_changed.set()
 
     async def open(self) -> None:
+        await self.local.ready.wait()  # not before the process has its registration reply
+        if self.local.closed:
+            raise trio.BrokenResourceError("the instance is gone")
         await self.local.conn.send({"open": self.sid, "endpoint": self.endpoint,
                                     "meta": self.meta, "credit": CREDIT})
 

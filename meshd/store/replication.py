@@ -18,6 +18,9 @@ Rules:
 - A write that asks for `replicas` > 1 carries an ack id; receivers answer with an ack; the
   shell waits for enough acks.
 - Anything malformed raises WireError; the shell drops the message and counts it.
+- Records from peers pass `accept` before they merge (the auth database takes only records
+  signed by a trusted issuer key); refused ones are dropped and counted. Tables named in
+  `merge_first` merge first within a message, so a key arrives before what it signed.
 - Deletes are tombstones, dropped `tombstone_grace` after they were written (checked at
   each sync tick, against this node's clock). A replica cut off for longer than that may
   bring the deleted value back: the grace must exceed the longest partition to tolerate.
@@ -65,7 +68,12 @@ class StoreReplicator:
         self._next_wid = 0
         self.on_change: ChangeHook | None = None
         self.on_drop: Callable[[str, str, str], None] | None = None
-        self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0}
+        # accept(db, table, key, state) -> bool: whether a record from a peer may merge
+        # (the auth database takes only records signed by a trusted issuer key)
+        self.accept: Callable[[str, str, str, crdt.State], bool] | None = None
+        # tables merged first within one message (records that vouch for the others)
+        self.merge_first: tuple[tuple[str, str], ...] = ()
+        self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0, "store_refused": 0}
 
     # --- local writes ----------------------------------------------------------------------
 
@@ -211,7 +219,14 @@ class StoreReplicator:
 
     def _merge_entries(self, entries: list[list[Any]], sender: str, now: float,
                        forward: bool) -> None:
+        if self.merge_first:
+            first = self.merge_first
+            entries.sort(key=lambda e: (e[0], e[1]) not in first)
+        accept = self.accept
         for db, tbl, key, state in entries:
+            if accept is not None and not accept(db, tbl, key, state):
+                self.stats["store_refused"] += 1
+                continue
             reg = state.get("lww")
             if reg is not None:
                 self.hlc.observe((reg[0][0], reg[0][1], reg[0][2]))

@@ -140,6 +140,45 @@ class RoguePeer:
         await self.send_frame(OPEN, cid, name.encode())
         return cid
 
+    async def join(self, name: str) -> bool:
+        """Become a member under `name` at the claimed address: a join push-pull carrying
+        our own signed alive (what any holder of the secret can do). True if answered."""
+        from meshd.membership import messages
+        from meshd.membership.messages import ALIVE, MemberState, PushPull, encode_packet
+
+        tags = {"id": self.identity.node_id}
+        key = self.identity.public_bytes
+        cid = await self.open("membership")
+        if hasattr(messages, "alive_payload"):
+            sig = self.identity.sign(messages.alive_payload(1, name, self.claim, tags, key))
+            state = MemberState(name, self.claim, 1, ALIVE, tags, key, sig)
+        else:  # a release whose alives carry no identity (the attack is easier there)
+            state = MemberState(name, self.claim, 1, ALIVE, tags)
+        await self.send(cid, encode_packet([PushPull(name, True, False, [state])]))
+        try:
+            while True:
+                ftype, got, _ = await self.receive(timeout=5)
+                if got == cid and ftype == END:
+                    return True
+        except (trio.TooSlowError, EOFError):
+            return False
+
+    async def request(self, channel: str, message: bytes, timeout: float = 10) -> Any:
+        """Open a channel, send one message, return the decoded first reply (None if the
+        channel closed without one)."""
+        cid = await self.open(channel)
+        await self.send(cid, message)
+        with contextlib.suppress(trio.TooSlowError, EOFError):
+            while True:
+                ftype, got, payload = await self.receive(timeout=timeout)
+                if got != cid:
+                    continue
+                if ftype == END:
+                    return cbor2.loads(payload)
+                if ftype == 4:  # CLOSE
+                    return None
+        return None
+
     async def send_frame(self, ftype: int, cid: int, payload: bytes) -> None:
         assert self.stream is not None and self.cipher is not None
         await self.stream.send_all(self.cipher.seal(HEADER.pack(ftype, cid) + payload))
@@ -172,3 +211,52 @@ async def _read_exact(stream: trio.SocketStream, n: int) -> bytes:
             raise EOFError("closed")
         buf += chunk
     return buf
+
+
+def identity_below(node_id: str) -> Identity:
+    """A fresh identity whose node id sorts before `node_id` (the old link rules let the
+    lower id win when two links to one address met)."""
+    while True:
+        ident = Identity.generate()
+        if ident.node_id < node_id:
+            return ident
+
+
+class RogueListener:
+    """Answers link handshakes on a loopback port with its own identity (the cluster secret
+    in hand) and records every channel a node opens to it and what it sends there."""
+
+    def __init__(self, secret: bytes, port: int, claim: str) -> None:
+        self.identity = Identity.generate()
+        self.keyring = Keyring([secret])
+        self.port = port
+        self.claim = claim
+        self.hellos = 0  # handshakes begun by a dialer
+        self.handshakes = 0  # handshakes the dialer completed
+        self.opened: list[str] = []
+        self.received: list[bytes] = []
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from meshd.secure.handshake import Responder
+
+        async def handle(stream: trio.SocketStream) -> None:
+            with contextlib.suppress(Exception):
+                responder = Responder(self.identity, self.keyring, self.claim)
+                welcome = responder.on_hello(await _read_plain(stream))
+                self.hellos += 1
+                await stream.send_all(_plain(welcome))
+                keys = responder.on_confirm(await _read_plain(stream))
+                self.handshakes += 1
+                cipher = FrameCipher(keys.send_key, keys.recv_key, 1 << 20)
+                while True:
+                    head = await _read_exact(stream, 4)
+                    plain = cipher.open(await _read_exact(stream, struct.unpack(">I", head)[0]))
+                    ftype, _ = HEADER.unpack_from(plain)
+                    if ftype == OPEN:
+                        self.opened.append(plain[HEADER.size:].decode())
+                    elif ftype == END:
+                        self.received.append(plain[HEADER.size:])
+            await stream.aclose()
+
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        await trio.serve_listeners(handle, listeners, task_status=task_status)

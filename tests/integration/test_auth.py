@@ -36,11 +36,11 @@ def call(d, service, endpoint, body, token=None):
     return trio.run(go)
 
 
-def admin(d, op, **args):
+def admin(d, op, as_token=None, **args):
     async def go():
         from meshd.control import ControlClient
 
-        c = ControlClient(d.data_dir / "meshd.sock")
+        c = ControlClient(d.data_dir / "meshd.sock", token=as_token)
         try:
             return await c.call(op, **args)
         finally:
@@ -148,7 +148,9 @@ def test_key_rotation_without_failed_calls_and_restart_keeps_state(cluster):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(calls_during_rotation)
             await trio.sleep(0.5)
-            await trio.to_thread.run_sync(lambda: admin(b, "auth.keys.rotate"))
+            # b holds no issuer key: rotating there takes an admin token
+            token = (a.data_dir / "admin.token").read_text()
+            await trio.to_thread.run_sync(lambda: admin(b, "auth.keys.rotate", token))
 
     trio.run(main)
     assert failures == []
