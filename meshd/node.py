@@ -358,7 +358,8 @@ class Node:
 
     async def shutdown(self) -> None:
         with trio.move_on_after(1.5):
-            await self.membership.leave()
+            # returns once every live member confirmed the leave, or after 1 s
+            await self.membership.leave(timeout=1.0)
         self._save_state()
         if self._cancel is not None:
             self._cancel.cancel()
