@@ -29,13 +29,26 @@ from meshd.errors import MeshError
 
 class _Console:
     """rich's console, created on first use: `meshd up` (the daemon) then carries no more of
-    rich than its status screen needs."""
+    rich than its status screen needs.
+
+    On a terminal, rich fits tables to its width. Anywhere else (a pipe, a file) rich would
+    assume 80 columns and fold or ellipsize cells ("127.0.0.1…"); there the console is
+    PIPE_WIDTH wide instead, so tables keep their natural width and every cell its full
+    text, for grep and scripts. Colour codes are left out there as usual."""
+
+    PIPE_WIDTH = 100_000
 
     def __getattr__(self, name: str) -> Any:
-        from rich.console import Console
+        real = self.__dict__.get("_real")
+        if real is None:
+            from rich.console import Console
 
-        real = Console()
-        self.__dict__.update({"_real": real})
+            try:
+                tty = sys.stdout.isatty()
+            except (AttributeError, ValueError):  # replaced or closed stdout
+                tty = False
+            real = Console() if tty else Console(width=self.PIPE_WIDTH)
+            self.__dict__["_real"] = real
         return getattr(real, name)
 
 

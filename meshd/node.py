@@ -47,6 +47,7 @@ from .settings import Settings, as_dict
 from .store.persist import StoreFileError
 from .store.service import SYSTEM_DBS, StoreService
 from .transport import addr as addrs
+from .transport import advertise
 from .transport.links import Channel, ChannelClosed, LinkError, LinkManager
 from .transport.udp import UdpTransport
 
@@ -70,16 +71,13 @@ def parse_tags(items: tuple[str, ...] | list[str]) -> dict[str, str]:
     return tags
 
 
-def _guess_advertise_host() -> str:
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
-    except OSError:
-        return "127.0.0.1"
-    for info in infos:
-        host = info[4][0]
-        if not host.startswith("127."):
-            return host
-    return "127.0.0.1"
+def _guess_advertise_host(bind_host: str) -> str:
+    """The host to advertise when bound to all interfaces (see transport/advertise.py), with
+    one log line saying which and why."""
+    chosen = advertise.guess(ipv6=bind_host == "::")
+    level = logging.WARNING if chosen.host.startswith("127.") else logging.INFO
+    log.log(level, "%s", chosen.describe())
+    return chosen.host
 
 
 class Node:
@@ -168,7 +166,7 @@ class Node:
                 raise NodeError(f"--advertise: {exc}") from None
         else:
             adv_host = bind_host if bind_host not in ("0.0.0.0", "::") \
-                else _guess_advertise_host()
+                else _guess_advertise_host(bind_host)
             adv_port = port
         self.advertise = s.node.advertise.rstrip("/") if adv_host == "" else \
             addrs.format(adv_host, adv_port)
@@ -399,7 +397,8 @@ class Node:
 
     async def shutdown(self) -> None:
         with trio.move_on_after(1.5):
-            await self.membership.leave()
+            # returns once every live member confirmed the leave, or after 1 s
+            await self.membership.leave(timeout=1.0)
         self._save_state()
         if self._cancel is not None:
             self._cancel.cancel()

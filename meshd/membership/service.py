@@ -8,6 +8,11 @@ Rules:
 - Reliable sends (push-pull, the TCP fallback ping) each run in their own task on a channel
   named "membership"; a request's reply comes back on the same channel.
 - Event subscribers get a bounded queue; one that falls behind is dropped, never waited for.
+- Leaving is confirmed, not hoped for: besides the core's gossip of Dead(self), every live
+  member gets a farewell over a stream (a Ping with Dead(self) piggybacked, as any probe
+  carries broadcasts) and answers with an Ack once its core has applied it. `leave` returns
+  when all have answered or its time is up (bounded: SIGTERM must end well under 2 s); a
+  member that did not answer learns it from the others' gossip.
 """
 
 from __future__ import annotations
@@ -23,12 +28,25 @@ from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 from meshd.transport.udp import UdpTransport
 
 from .core import MemberEvent, Membership, Output, Send
-from .messages import DecodeError, Ping, PushPull, decode_packet, encode_packet
+from .messages import (
+    ALIVE,
+    SUSPECT,
+    Ack,
+    Dead,
+    DecodeError,
+    Ping,
+    PushPull,
+    decode_packet,
+    encode_packet,
+)
 
 log = logging.getLogger("meshd.membership")
 CHANNEL = "membership"
 DGRAM_CHANNEL = "membership-dgram"  # datagrams for peers reached over WebSocket links
 STREAM_TIMEOUT = 10.0
+# Farewells in flight at once when leaving: a small cluster hears from us directly, a large
+# one from as many members as the leave budget allows, and from their gossip.
+FAREWELL_FANOUT = 32
 _LOG_KINDS = {"join": logging.INFO, "left": logging.INFO, "dead": logging.WARNING,
               "suspect": logging.INFO, "alive": logging.INFO, "conflict": logging.ERROR,
               "update": logging.DEBUG, "reap": logging.DEBUG}
@@ -271,12 +289,51 @@ class MembershipService:
         """One-off pings that measure direct RTTs (core rule P6)."""
         self._dispatch(self.core.measure(names, trio.current_time()))
 
-    async def leave(self, linger: float = 0.6) -> None:
-        """Tell the cluster we are leaving and give the message time to spread."""
+    async def leave(self, timeout: float = 1.0) -> tuple[int, int]:
+        """Tell the cluster we are leaving and make sure the live members heard it: gossip
+        Dead(self) as usual, and send it to every live member over a stream, waiting for
+        each one's Ack, for at most `timeout` seconds. If some did not answer, the rest of
+        the time lets the gossip go out. Returns (members that confirmed, live members)."""
+        deadline = trio.current_time() + timeout
         self._dispatch(self.core.leave(trio.current_time()))
-        with trio.move_on_after(linger):
-            while self.core.pending_broadcasts():
-                await trio.sleep(0.05)
+        me = self.core.me
+        peers = [m for m in self.core.member_list()
+                 if m is not me and m.state in (ALIVE, SUSPECT)]
+        confirmed: set[str] = set()
+        limiter = trio.CapacityLimiter(FAREWELL_FANOUT)
+        with trio.move_on_at(deadline):
+            async with trio.open_nursery() as nursery:
+                for seq, m in enumerate(peers):
+                    packet = encode_packet([Ping(seq, m.name, me.name, me.addr, True),
+                                            Dead(me.incarnation, me.name, me.name)])
+                    nursery.start_soon(self._farewell, m.name, m.addr, seq, packet, limiter,
+                                       confirmed)
+        if len(confirmed) < len(peers):
+            missing = sorted({m.name for m in peers} - confirmed)
+            log.info("leaving: %d of %d live members confirmed; not: %s", len(confirmed),
+                     len(peers), ", ".join(missing[:10]))
+            with trio.move_on_at(deadline):
+                while self.core.pending_broadcasts():
+                    await trio.sleep(0.05)
+        elif peers:
+            log.info("leaving: all %d live members confirmed", len(peers))
+        return len(confirmed), len(peers)
+
+    async def _farewell(self, name: str, addr: str, seq: int, packet: bytes,
+                        limiter: trio.CapacityLimiter, confirmed: set[str]) -> None:
+        """Send one member our leave over a stream; it is confirmed by the Ack to the Ping
+        in the same packet (the member's core handles the whole packet before it answers)."""
+        try:
+            async with limiter:
+                ch = await self.links.open_channel(addr, CHANNEL)
+                async with ch:
+                    await ch.send(packet)
+                    reply = decode_packet(await ch.receive())
+        except (LinkError, ChannelClosed, DecodeError) as exc:
+            log.debug("farewell to %s at %s failed: %s", name, addr, exc)
+            return
+        if any(isinstance(msg, Ack) and msg.seq == seq for msg in reply):
+            confirmed.add(name)
 
 
 def _over_link(addr: str) -> bool:
