@@ -16,7 +16,9 @@ Anti-entropy every `sync_interval` with a random peer, five messages at most:
 Rules:
 - Merges are CRDT merges (crdt.py): order, duplicates and repeats of messages do not matter.
 - A write that asks for `replicas` > 1 carries an ack id; receivers answer with an ack; the
-  shell waits for enough acks.
+  shell waits for enough acks. An ack promises that the records are on the receiver's disk:
+  `receive` returns it among its sends, and the receiving shell must hold it back
+  (`split_acks`) until the commit holding everything merged so far has completed.
 - Anything malformed raises WireError; the shell drops the message and counts it.
 - Deletes are tombstones, dropped `tombstone_grace` after they were written (checked at
   each sync tick, against this node's clock). A replica cut off for longer than that may
@@ -222,6 +224,15 @@ class StoreReplicator:
                 self.on_change(db, tbl, key, merged, False)
             if forward:
                 self._queue(db, tbl, key, state, sender, now)
+
+
+def split_acks(sends: list[Send]) -> tuple[list[Send], list[Send]]:
+    """(sends to make now, acks to send once what was merged so far is durable)."""
+    now: list[Send] = []
+    acks: list[Send] = []
+    for send in sends:
+        (acks if send[1].get("t") == "ack" else now).append(send)
+    return now, acks
 
 
 # --- strict decoding -----------------------------------------------------------------------

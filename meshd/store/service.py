@@ -4,6 +4,8 @@ Rules:
 - A local write is applied in memory, then acknowledged only after the SQLite commit that
   holds it (group commit in a worker thread, so the event loop never waits on fsync).
   With `replicas` = N > 1 the write also waits until N-1 other nodes acknowledged it.
+- A replica acknowledges only what is on its disk: acks the replicator returns are held
+  until the commit that holds everything merged so far has completed.
 - Replication messages travel one per link channel "store"; malformed ones are dropped and
   counted. The replicator (sans-IO) decides what to send.
 - Watches get every change that lands on this node (local or replicated) under their prefix.
@@ -32,7 +34,7 @@ from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from . import crdt, paths
 from .persist import FILE, StoreDB
-from .replication import StoreReplicator, WireError
+from .replication import StoreReplicator, WireError, split_acks
 from .state import view
 
 log = logging.getLogger("meshd.store")
@@ -175,7 +177,11 @@ class StoreService:
     async def _serve_channel(self, ch: Channel) -> None:
         try:
             msg = cbor2.loads(await ch.receive(), max_depth=64)
-            self._send(self.rep.receive(ch.peer_addr, msg, trio.current_time()))
+            sends, acks = split_acks(self.rep.receive(ch.peer_addr, msg, trio.current_time()))
+            self._send(sends)
+            if acks:  # an ack promises the records are on disk here: commit first
+                await self._durable()
+                self._send(acks)
         except (WireError, ValueError, TypeError, cbor2.CBORDecodeError) as exc:
             self.stats["store_bad_messages"] += 1
             log.debug("bad store message from %s: %s", ch.peer_addr, exc)
