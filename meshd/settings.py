@@ -236,6 +236,13 @@ class StoreSettings:
     max_key_bytes: int = 1024
     # How long a write with replicas > 1 waits for the other replicas' acknowledgements.
     replica_timeout: float = 5.0
+    # A replicated record stamped more than this ahead of our clock is refused and counted
+    # (store_future_refused) instead of merged: one node with a clock in the future would
+    # otherwise drag every node's hybrid clock forward and win every conflict until real
+    # time caught up. 60 s is far above how far NTP-synced clocks drift apart (milliseconds);
+    # a clock a minute or more off is a fault to refuse, not to follow. Clocks must agree
+    # within it; the registry uses the same 60 s (hlc.MAX_DRIFT_MS).
+    max_clock_drift: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,12 @@ Rules:
 - A write that asks for `replicas` > 1 carries an ack id; receivers answer with an ack; the
   shell waits for enough acks. An ack promises that the records are on the receiver's disk:
   `receive` returns it among its sends, and the receiving shell must hold it back
-  (`split_acks`) until the commit holding everything merged so far has completed.
+  (`split_acks`) until the commit holding everything merged so far has completed. A batch
+  with a refused record is not acknowledged.
+- A record whose HLC timestamp is more than the clock's drift bound ahead of our physical
+  clock is refused, not merged, and counted (`store_future_refused`): one node with a clock
+  in the future must not drag every clock forward nor win every conflict (see hlc.py).
+  Anti-entropy offers it again later; it is accepted once real time has caught up.
 - Anything malformed raises WireError; the shell drops the message and counts it.
 - Deletes are tombstones, dropped `tombstone_grace` after they were written (checked at
   each sync tick, against this node's clock). A replica cut off for longer than that may
@@ -67,7 +72,7 @@ class StoreReplicator:
         self._next_wid = 0
         self.on_change: ChangeHook | None = None
         self.on_drop: Callable[[str, str, str], None] | None = None
-        self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0}
+        self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0, "store_future_refused": 0}
 
     # --- local writes ----------------------------------------------------------------------
 
@@ -148,9 +153,10 @@ class StoreReplicator:
             raise WireError("store message must be a map")
         kind = msg.get("t")
         if kind == "batch":
-            self._merge_entries(_entries(msg.get("e")), sender, now, bool(msg.get("fwd")))
+            refused = self._merge_entries(_entries(msg.get("e")), sender, now,
+                                          bool(msg.get("fwd")))
             ids = msg.get("ack")
-            if isinstance(ids, list) and ids:
+            if isinstance(ids, list) and ids and not refused:
                 return [(sender, {"t": "ack", "ids": [i for i in ids if isinstance(i, int)]})]
             return []
         if kind == "ack":
@@ -212,11 +218,14 @@ class StoreReplicator:
         raise WireError(f"unknown store message {kind!r}")
 
     def _merge_entries(self, entries: list[list[Any]], sender: str, now: float,
-                       forward: bool) -> None:
+                       forward: bool) -> int:
+        """Merge remote records; returns how many were refused (timestamps too far ahead)."""
+        refused = 0
         for db, tbl, key, state in entries:
             reg = state.get("lww")
-            if reg is not None:
-                self.hlc.observe((reg[0][0], reg[0][1], reg[0][2]))
+            if reg is not None and not self.hlc.observe((reg[0][0], reg[0][1], reg[0][2])):
+                refused += 1
+                continue
             merged = self.state.apply(db, tbl, key, state)
             if merged is None:
                 continue
@@ -224,6 +233,8 @@ class StoreReplicator:
                 self.on_change(db, tbl, key, merged, False)
             if forward:
                 self._queue(db, tbl, key, state, sender, now)
+        self.stats["store_future_refused"] += refused
+        return refused
 
 
 def split_acks(sends: list[Send]) -> tuple[list[Send], list[Send]]:

@@ -6,6 +6,9 @@ Rules:
   With `replicas` = N > 1 the write also waits until N-1 other nodes acknowledged it.
 - A replica acknowledges only what is on its disk: acks the replicator returns are held
   until the commit that holds everything merged so far has completed.
+- The HLC refuses remote timestamps more than `max_clock_drift` ahead of our clock (the
+  replicator drops and counts such records). Records loaded from our own file are kept
+  whatever their time, but do not push the clock past that bound either.
 - Replication messages travel one per link channel "store"; malformed ones are dropped and
   counted. The replicator (sans-IO) decides what to send.
 - Watches get every change that lands on this node (local or replicated) under their prefix.
@@ -54,7 +57,7 @@ class StoreService:
         self.links = links
         self.s = settings
         self.node = core.me.name
-        self.hlc = HLC(self.node, _now_ms)
+        self.hlc = HLC(self.node, _now_ms, max_drift_ms=int(settings.max_clock_drift * 1000))
         self.db = StoreDB(data_dir / FILE)
         self.rep = StoreReplicator(
             self.node, self.hlc, self._peers, random.Random(), trio.current_time(),
