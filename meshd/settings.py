@@ -194,6 +194,12 @@ class LimitsSettings:
     handshake_timeout: float = 5.0
     # How long `join` waits for a seed's push-pull reply.
     join_timeout: float = 5.0
+    # A sealed UDP packet carries its sender's wall-clock time: one more than this away from
+    # ours (either way) is dropped (udp_dropped_stale), and one already opened within it is
+    # dropped as a replay (udp_dropped_replay), so captured gossip cannot be played back.
+    # 60 s, like store.max_clock_drift: far above what NTP-synced clocks drift apart, short
+    # enough that the nonces remembered per window stay a few MB. Clocks must agree within it.
+    udp_replay_window: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
