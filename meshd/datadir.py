@@ -2,22 +2,33 @@
 
 Rules:
 - Default location per platformdirs (user data dir "meshd"); `--data-dir` / MESHD_DATA_DIR
-  override it. It is created mode 0700.
-- Files holding secrets are created mode 0600 and written atomically (temp file + rename).
+  override it. It is created mode 0700, and an existing one is tightened to 0700.
+- A data dir owned by another user is refused (DataDirError): its owner could read or swap
+  our keys whatever modes we set, and could loosen them again. A symlinked data dir is
+  followed (a dir on another volume is a common, legitimate setup) with a warning: the
+  checks apply to the real directory, and whoever may change the link could redirect it.
+- Files holding secrets are created mode 0600 and written atomically and durably: a temp
+  file opened with O_CREAT|O_EXCL|O_NOFOLLOW (a file or link planted at the temp name is
+  removed, never written through), fsynced, renamed over the target, then the directory is
+  fsynced so the rename itself survives a crash.
 - One running node per data dir: an exclusive flock on `meshd.lock`; a second node is
   refused with a message naming the dir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
+log = logging.getLogger("meshd.datadir")
 LOCK_FILE = "meshd.lock"
 SOCKET_FILE = "meshd.sock"
 STATE_FILE = "state.json"
@@ -30,22 +41,68 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("meshd"))
 
 
+class DataDirError(ValueError):
+    """The data dir cannot be used safely; str() names it and says what to do."""
+
+
 def ensure_dir(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create the data dir 0700, or check and tighten an existing one (see the rules)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise DataDirError(f"cannot create the data dir {path} ({exc.strerror}); pick "
+                           "another with --data-dir") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise DataDirError(f"the data dir {path} is not a directory; pick another with "
+                           "--data-dir")
+    if path.is_symlink():
+        log.warning("data dir %s is a symlink to %s: whoever may change the link can "
+                    "redirect meshd's keys", path, path.resolve())
+    if st.st_uid != os.geteuid():
+        raise DataDirError(f"the data dir {path} belongs to uid {st.st_uid}, not to this "
+                           f"user (uid {os.geteuid()}): its owner could read or replace "
+                           "the node's keys; use a dir you own (--data-dir) or chown it")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise DataDirError(f"cannot make the data dir {path} private ({exc.strerror})"
+                               ) from None
+        log.info("data dir %s was mode %o; tightened to 0700", path, stat.S_IMODE(st.st_mode))
     return path
 
 
 def write_secret_file(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from the first byte on."""
+    """Write atomically and durably with mode 0600 from the first byte on."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a stale temp (or anything planted there): unlink never follows links
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
     try:
-        os.write(fd, data)
+        try:
+            os.fchmod(fd, 0o600)  # exact, whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -194,6 +194,12 @@ class LimitsSettings:
     handshake_timeout: float = 5.0
     # How long `join` waits for a seed's push-pull reply.
     join_timeout: float = 5.0
+    # A sealed UDP packet carries its sender's wall-clock time: one more than this away from
+    # ours (either way) is dropped (udp_dropped_stale), and one already opened within it is
+    # dropped as a replay (udp_dropped_replay), so captured gossip cannot be played back.
+    # 60 s, like store.max_clock_drift: far above what NTP-synced clocks drift apart, short
+    # enough that the nonces remembered per window stay a few MB. Clocks must agree within it.
+    udp_replay_window: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +242,13 @@ class StoreSettings:
     max_key_bytes: int = 1024
     # How long a write with replicas > 1 waits for the other replicas' acknowledgements.
     replica_timeout: float = 5.0
+    # A replicated record stamped more than this ahead of our clock is refused and counted
+    # (store_future_refused) instead of merged: one node with a clock in the future would
+    # otherwise drag every node's hybrid clock forward and win every conflict until real
+    # time caught up. 60 s is far above how far NTP-synced clocks drift apart (milliseconds);
+    # a clock a minute or more off is a fault to refuse, not to follow. Clocks must agree
+    # within it; the registry uses the same 60 s (hlc.MAX_DRIFT_MS).
+    max_clock_drift: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import cbor2
 
-from meshd.hlc import HLC
+from meshd.hlc import HLC, MAX_DRIFT_MS
 from meshd.store import crdt
 from meshd.store.replication import StoreReplicator
 
@@ -33,8 +33,8 @@ STORE = 4
 class _WallClockOnly(HLC):
     """LWW on raw wall clocks: what you get without a hybrid logical clock."""
 
-    def observe(self, ts: Any) -> None:
-        pass
+    def observe(self, ts: Any) -> bool:
+        return True
 
 
 @dataclass
@@ -73,7 +73,8 @@ class StoreSim:
             return [m.addr for m in core.member_list() if m.state == ALIVE and m is not core.me]
 
         clock_cls = HLC if self.sc.store_hlc else _WallClockOnly
-        hlc = clock_cls(node.name, lambda: int((sim.now + node.offset) * 1000))
+        hlc = clock_cls(node.name, lambda: int((sim.now + node.offset) * 1000),
+                        max_drift_ms=self._drift_ms())
         rep = StoreReplicator(node.name, hlc, peers,
                               sim._rng(f"store:{node.name}:{node.incarnation}"),
                               sim.now + node.offset,
@@ -82,6 +83,13 @@ class StoreSim:
                               tombstone_grace=self.sc.store_tombstone_grace)
         rep.on_change = lambda db, tbl, key, state, local, n=node: self._changed(n, key, state)
         return rep
+
+    def _drift_ms(self) -> int:
+        """The HLC drift bound: the daemon's default, or wider when the scenario sets clocks
+        further apart than it (an operator must then raise store.max_clock_drift alike, or
+        such nodes' records are refused)."""
+        skew = max((f.max_s for f in self.sc.faults if f.kind == "clock_offset"), default=0.0)
+        return max(MAX_DRIFT_MS, int(2 * skew * 1000))
 
     def _changed(self, node: Any, key: str, state: crdt.State) -> None:
         reg = state.get("lww")

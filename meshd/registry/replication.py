@@ -14,6 +14,9 @@ Rules:
 - Every `sync_interval` (jittered) a random live peer gets our digest; only the entries of
   owners whose digests differ travel, so repair costs grow with the difference.
 - Input that does not parse raises WireError; the shell counts it and drops the message.
+- An entry whose HLC timestamp is more than the clock's drift bound ahead of our physical
+  clock is refused, not applied, and counted (`registry_future_refused`): one node with a
+  clock in the future must not drag every clock forward (see hlc.py).
 - The core never does I/O: `write`, `receive` and `tick` return (address, message) pairs.
 """
 
@@ -43,6 +46,7 @@ class Replicator:
         self.state = RegistryState()
         self.next_sync = now + rng.uniform(0, sync_interval)
         self.on_change: Callable[[str, Entry, Entry | None], None] | None = None
+        self.stats = {"registry_future_refused": 0}
 
     def write(self, key: str, boot: str, value: dict[str, Any] | None, now: float) -> list[Send]:
         """A local change (value None deletes): applied here, then pushed."""
@@ -52,8 +56,10 @@ class Replicator:
     def _apply(self, entries: list[Entry], source: str | None, now: float) -> list[Send]:
         changed = []
         for e in entries:
+            if source is not None and not self.hlc.observe(e.ts):  # source None: our own
+                self.stats["registry_future_refused"] += 1
+                continue
             old = self.state.entries.get(e.key)
-            self.hlc.observe(e.ts)
             if self.state.apply(e, now):
                 changed.append(e)
                 if self.on_change is not None:

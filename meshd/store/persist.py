@@ -7,10 +7,15 @@ Rules:
   a local write only after the commit that holds it (group commit: all writes that queued
   while the previous commit ran share the next one).
 - Rows hold the whole CRDT state of a key as CBOR, so loading is replaying the rows.
+- The file holds the auth database (accounts, rules, revocations): it is mode 0600 before
+  SQLite first opens it, so its -wal and -shm files (which SQLite creates with the mode of
+  the database file) are 0600 too; a file left wider by an older meshd is tightened, with
+  its -wal/-shm/-journal, when opened.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +26,8 @@ import cbor2
 APPLICATION_ID = 0x6D657368  # "mesh"
 SCHEMA_VERSION = 1
 FILE = "store.db"
+MODE = 0o600
+SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 class StoreFileError(RuntimeError):
@@ -30,7 +37,8 @@ class StoreFileError(RuntimeError):
 class StoreDB:
     def __init__(self, path: Path) -> None:
         self.path = path
-        existed = path.exists()
+        existed = _has_data(path)  # an empty file is ours, left by a crash right after creation
+        _private(path)
         try:
             self.conn = sqlite3.connect(str(path), check_same_thread=False,
                                         isolation_level=None)
@@ -89,3 +97,29 @@ class StoreDB:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _has_data(path: Path) -> bool:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    return size > 0 or path.with_name(path.name + "-wal").exists()
+
+
+def _private(path: Path) -> None:
+    """Make the store file (and the side files SQLite keeps next to it) owner-only."""
+    try:
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, MODE)
+            os.close(fd)
+        for p in [path, *(path.with_name(path.name + s) for s in SIDE_FILES)]:
+            try:
+                if p.stat().st_mode & 0o777 != MODE:
+                    os.chmod(p, MODE)
+            except FileNotFoundError:
+                continue
+    except OSError as exc:
+        raise StoreFileError(f"cannot make {path} private to this user ({exc.strerror}); "
+                             "check who owns it and the data dir") from None

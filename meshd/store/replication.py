@@ -16,7 +16,14 @@ Anti-entropy every `sync_interval` with a random peer, five messages at most:
 Rules:
 - Merges are CRDT merges (crdt.py): order, duplicates and repeats of messages do not matter.
 - A write that asks for `replicas` > 1 carries an ack id; receivers answer with an ack; the
-  shell waits for enough acks.
+  shell waits for enough acks. An ack promises that the records are on the receiver's disk:
+  `receive` returns it among its sends, and the receiving shell must hold it back
+  (`split_acks`) until the commit holding everything merged so far has completed. A batch
+  with a refused record is not acknowledged.
+- A record whose HLC timestamp is more than the clock's drift bound ahead of our physical
+  clock is refused, not merged, and counted (`store_future_refused`): one node with a clock
+  in the future must not drag every clock forward nor win every conflict (see hlc.py).
+  Anti-entropy offers it again later; it is accepted once real time has caught up.
 - Anything malformed raises WireError; the shell drops the message and counts it.
 - Records from peers pass `accept` before they merge (the auth database takes only records
   signed by a trusted issuer key); refused ones are dropped and counted. Tables named in
@@ -73,7 +80,8 @@ class StoreReplicator:
         self.accept: Callable[[str, str, str, crdt.State], bool] | None = None
         # tables merged first within one message (records that vouch for the others)
         self.merge_first: tuple[tuple[str, str], ...] = ()
-        self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0, "store_refused": 0}
+        self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0, "store_refused": 0,
+                      "store_future_refused": 0}
 
     # --- local writes ----------------------------------------------------------------------
 
@@ -154,9 +162,10 @@ class StoreReplicator:
             raise WireError("store message must be a map")
         kind = msg.get("t")
         if kind == "batch":
-            self._merge_entries(_entries(msg.get("e")), sender, now, bool(msg.get("fwd")))
+            refused = self._merge_entries(_entries(msg.get("e")), sender, now,
+                                          bool(msg.get("fwd")))
             ids = msg.get("ack")
-            if isinstance(ids, list) and ids:
+            if isinstance(ids, list) and ids and not refused:
                 return [(sender, {"t": "ack", "ids": [i for i in ids if isinstance(i, int)]})]
             return []
         if kind == "ack":
@@ -218,18 +227,22 @@ class StoreReplicator:
         raise WireError(f"unknown store message {kind!r}")
 
     def _merge_entries(self, entries: list[list[Any]], sender: str, now: float,
-                       forward: bool) -> None:
+                       forward: bool) -> int:
+        """Merge remote records; returns how many were refused for timestamps too far
+        ahead (records `accept` refuses are counted apart: they are not ours to ack)."""
         if self.merge_first:
             first = self.merge_first
             entries.sort(key=lambda e: (e[0], e[1]) not in first)
         accept = self.accept
+        refused = 0
         for db, tbl, key, state in entries:
             if accept is not None and not accept(db, tbl, key, state):
                 self.stats["store_refused"] += 1
                 continue
             reg = state.get("lww")
-            if reg is not None:
-                self.hlc.observe((reg[0][0], reg[0][1], reg[0][2]))
+            if reg is not None and not self.hlc.observe((reg[0][0], reg[0][1], reg[0][2])):
+                refused += 1
+                continue
             merged = self.state.apply(db, tbl, key, state)
             if merged is None:
                 continue
@@ -237,6 +250,17 @@ class StoreReplicator:
                 self.on_change(db, tbl, key, merged, False)
             if forward:
                 self._queue(db, tbl, key, state, sender, now)
+        self.stats["store_future_refused"] += refused
+        return refused
+
+
+def split_acks(sends: list[Send]) -> tuple[list[Send], list[Send]]:
+    """(sends to make now, acks to send once what was merged so far is durable)."""
+    now: list[Send] = []
+    acks: list[Send] = []
+    for send in sends:
+        (acks if send[1].get("t") == "ack" else now).append(send)
+    return now, acks
 
 
 # --- strict decoding -----------------------------------------------------------------------

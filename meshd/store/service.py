@@ -4,6 +4,11 @@ Rules:
 - A local write is applied in memory, then acknowledged only after the SQLite commit that
   holds it (group commit in a worker thread, so the event loop never waits on fsync).
   With `replicas` = N > 1 the write also waits until N-1 other nodes acknowledged it.
+- A replica acknowledges only what is on its disk: acks the replicator returns are held
+  until the commit that holds everything merged so far has completed.
+- The HLC refuses remote timestamps more than `max_clock_drift` ahead of our clock (the
+  replicator drops and counts such records). Records loaded from our own file are kept
+  whatever their time, but do not push the clock past that bound either.
 - Replication messages travel one per link channel "store"; malformed ones are dropped and
   counted. The replicator (sans-IO) decides what to send.
 - Watches get every change that lands on this node (local or replicated) under their prefix.
@@ -33,7 +38,7 @@ from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from . import crdt, paths
 from .persist import FILE, StoreDB
-from .replication import StoreReplicator, WireError
+from .replication import StoreReplicator, WireError, split_acks
 from .state import view
 
 log = logging.getLogger("meshd.store")
@@ -53,7 +58,7 @@ class StoreService:
         self.links = links
         self.s = settings
         self.node = core.me.name
-        self.hlc = HLC(self.node, _now_ms)
+        self.hlc = HLC(self.node, _now_ms, max_drift_ms=int(settings.max_clock_drift * 1000))
         self.db = StoreDB(data_dir / FILE)
         self.rep = StoreReplicator(
             self.node, self.hlc, self._peers, random.Random(), trio.current_time(),
@@ -176,7 +181,11 @@ class StoreService:
     async def _serve_channel(self, ch: Channel) -> None:
         try:
             msg = wire.loads(await ch.receive(), max_depth=64)
-            self._send(self.rep.receive(ch.peer_addr, msg, trio.current_time()))
+            sends, acks = split_acks(self.rep.receive(ch.peer_addr, msg, trio.current_time()))
+            self._send(sends)
+            if acks:  # an ack promises the records are on disk here: commit first
+                await self._durable()
+                self._send(acks)
         except (WireError, ValueError, TypeError, KeyError, AttributeError) as exc:
             self.stats["store_bad_messages"] += 1
             log.debug("bad store message from %s: %s", ch.peer_addr, exc)

@@ -1,0 +1,154 @@
+"""Issue 11 item 12 (store): a replica acknowledges a write only once it is on its disk, and
+the store files (they hold the auth database) are private to the node's user."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import stat
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import cbor2
+import trio
+import trio.testing
+
+from meshd.settings import StoreSettings
+from meshd.store import crdt
+from meshd.store.persist import FILE, StoreDB
+from meshd.store.service import StoreService
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Any:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _row(key: str = "k") -> tuple[str, str, str, Any]:
+    return ("d", "t", key, {"lww": crdt.lww((1, 0, "a"), b"v")})
+
+
+def test_a_new_store_and_its_wal_and_shm_are_0600(tmp_path):
+    with _umask(0o022):  # the usual umask: files would be 0644 unless made private
+        db = StoreDB(tmp_path / FILE)
+        db.save([_row()])
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                path = tmp_path / (FILE + suffix)
+                assert path.exists(), f"{path.name} should exist while the store is open"
+                assert _mode(path) == 0o600, f"{path.name} is {_mode(path):o}"
+        finally:
+            db.close()
+
+
+def test_an_existing_0644_store_is_tightened_on_open(tmp_path):
+    with _umask(0o022):
+        db = StoreDB(tmp_path / FILE)
+        db.save([_row()])
+        db.close()
+        for path in tmp_path.iterdir():
+            os.chmod(path, 0o644)  # as an older meshd left it
+        db = StoreDB(tmp_path / FILE)
+        try:
+            assert [r[2] for r in db.load()] == ["k"], "the data is kept"
+            for path in tmp_path.iterdir():
+                assert _mode(path) == 0o600, f"{path.name} is {_mode(path):o}"
+        finally:
+            db.close()
+
+
+# --- a replica acks only after its commit ------------------------------------------------
+
+class _Core:
+    me = SimpleNamespace(name="b")
+
+    @staticmethod
+    def member_list() -> list[Any]:
+        return []
+
+
+class _Out:
+    """An outgoing channel that notes, for each message, whether key k was on disk."""
+
+    def __init__(self, links: _Links) -> None:
+        self.links = links
+
+    async def __aenter__(self) -> _Out:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def send(self, payload: bytes) -> None:
+        conn = sqlite3.connect(self.links.db_path)
+        try:
+            (on_disk,) = conn.execute("SELECT count(*) FROM records WHERE key='k'").fetchone()
+        finally:
+            conn.close()
+        self.links.sent.append((cbor2.loads(payload), on_disk))
+        self.links.any_sent.set()
+
+
+class _Links:
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self.handlers: dict[str, Any] = {}
+        self.sent: list[tuple[dict[str, Any], int]] = []
+        self.any_sent = trio.Event()
+
+    async def open_channel(self, addr: str, name: str) -> _Out:
+        return _Out(self)
+
+
+class _In:
+    peer_addr = "127.0.0.1:7001"
+
+    def __init__(self, msg: dict[str, Any]) -> None:
+        self.payload = cbor2.dumps(msg)
+
+    async def receive(self) -> bytes:
+        return self.payload
+
+
+async def test_a_replica_sends_its_ack_only_after_the_commit_holding_the_write(tmp_path):
+    links = _Links(tmp_path / FILE)
+    svc = StoreService(_Core(), links, tmp_path, StoreSettings())  # type: ignore[arg-type]
+    gate, saving = threading.Event(), threading.Event()
+    real_save = svc.db.save
+
+    def slow_save(rows: Any, deleted: Any = ()) -> None:
+        saving.set()
+        gate.wait()  # the disk is slow: the commit has not completed yet
+        real_save(rows, deleted)
+
+    svc.db.save = slow_save  # type: ignore[method-assign]
+    batch = {"t": "batch", "fwd": False, "ack": [7],
+             "e": [["d", "t", "k", {"lww": crdt.lww((int(time.time() * 1000), 0, "a"),
+                                                     b"v")}]]}
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(svc.run)
+            nursery.start_soon(svc._serve_channel, _In(batch))
+            await trio.to_thread.run_sync(saving.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            assert links.sent == [], "acked while the commit holding the write was running"
+            gate.set()
+            with trio.fail_after(10):  # a hang guard, not a timing check
+                await links.any_sent.wait()
+            assert links.sent == [({"t": "ack", "ids": [7]}, 1)], \
+                "the ack must go out once the record is on disk"
+        finally:
+            gate.set()  # never leave the commit thread blocked (it cannot be cancelled)
+            nursery.cancel_scope.cancel()
