@@ -108,7 +108,10 @@ class Node:
     # --- start-up -----------------------------------------------------------------------
 
     def _prepare(self) -> None:
-        datadir.ensure_dir(self.data_dir)
+        try:
+            datadir.ensure_dir(self.data_dir)
+        except datadir.DataDirError as exc:
+            raise NodeError(str(exc)) from None
         try:
             self._lock.acquire()
         except datadir.DataDirLocked as exc:
@@ -269,7 +272,8 @@ class Node:
         may be taken for TCP: then try again with another."""
         attempts = 20 if port == 0 else 1
         for attempt in range(attempts):
-            self.udp = UdpTransport(self.keyring, self.settings.limits.max_udp_packet)
+            self.udp = UdpTransport(self.keyring, self.settings.limits.max_udp_packet,
+                                    self.settings.limits.udp_replay_window)
             try:
                 chosen = await self.udp.bind(host, port)
             except OSError as exc:
@@ -464,7 +468,8 @@ class Node:
             counts[STATE_NAMES[m.state]] = counts.get(STATE_NAMES[m.state], 0) + 1
         stats = {**self.udp.stats, **self.links.stats, **self.membership.stats,
                  **self.store.stats, **self.store.rep.stats, **self.edge.stats,
-                 **self.alive_verifier.stats, **self.control_stats}
+                 **self.alive_verifier.stats, **self.control_stats,
+                 **self.registry.replicator.stats, **self.auth.stats}
         return {
             "name": self.name, "id": self.identity.node_id, "short_id": self.identity.short,
             "address": self.advertise, "data_dir": str(self.data_dir),

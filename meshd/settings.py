@@ -161,8 +161,9 @@ class NodeSettings:
     # UDP and TCP gossip/link port. All interfaces, like Serf's LAN port: peers on other hosts
     # must reach it. The control socket, not this port, is what the local operator uses.
     bind: str = "0.0.0.0:7946"
-    # Address others use to reach us; empty means the bind address, or this host's first
-    # non-loopback address when bound to all interfaces.
+    # Address others use to reach us; empty means the bind address, or, when bound to all
+    # interfaces, the address of the interface carrying the default route (else the only
+    # private one), as Consul does; the node logs which and why.
     advertise: str = ""
     # Where identity, keyring and state live; empty means the platform's user data dir.
     data_dir: str = ""

@@ -28,6 +28,12 @@ Rules:
 - Records from peers pass `accept` before they merge (the auth database takes only records
   signed by a trusted issuer key); refused ones are dropped and counted. Tables named in
   `merge_first` merge first within a message, so a key arrives before what it signed.
+- Every repair message is bounded (`repair_bytes`, and at most REPAIR_TABLES tables and
+  REPAIR_KEYS key hashes per round): a round that had to leave differences out says "more",
+  and the side that started it starts the next round at once when the last one moved
+  something (a node that is far behind catches up in bounded steps, never with one huge
+  message a link would refuse; differences that cannot be repaired, such as refused
+  records, wait for the next sync tick).
 - Deletes are tombstones, dropped `tombstone_grace` after they were written (checked at
   each sync tick, against this node's clock). A replica cut off for longer than that may
   bring the deleted value back: the grace must exceed the longest partition to tolerate.
@@ -42,10 +48,13 @@ from typing import Any
 from meshd.hlc import HLC
 
 from . import crdt
-from .state import BUCKETS, StoreState, split_name
+from .state import BUCKETS, StoreState, bucket_of, split_name
 
 Send = tuple[str, dict[str, Any]]
 ChangeHook = Callable[[str, str, str, crdt.State, bool], None]
+REPAIR_BYTES = 8 << 20  # records in one repair message (links carry up to 64 MiB)
+REPAIR_TABLES = 64  # tables whose bucket digests go in one message (4096 numbers each)
+REPAIR_KEYS = 100_000  # key hashes in one message (about 4 MB)
 
 
 class WireError(ValueError):
@@ -56,8 +65,11 @@ class StoreReplicator:
     def __init__(self, node: str, hlc: HLC, peers: Callable[[], list[str]],
                  rng: random.Random, now: float, *, batch_interval: float = 0.05,
                  sync_interval: float = 10.0, fanout: int = 4, all_threshold: int = 64,
-                 tombstone_grace: float = 86400.0) -> None:
+                 tombstone_grace: float = 86400.0, repair_bytes: int = REPAIR_BYTES,
+                 repair_keys: int = REPAIR_KEYS) -> None:
         self.node = node
+        self.repair_bytes = repair_bytes
+        self.repair_keys = repair_keys
         self.hlc = hlc
         self.peers = peers
         self.rng = rng
@@ -179,21 +191,39 @@ class StoreReplicator:
             names = sorted(n for n in set(mine) | set(remote) if mine.get(n) != remote.get(n))
             if not names:
                 return []
-            return [(sender, {"t": "buckets", "tables": {
-                n: self.state.bucket_digests(n) for n in names}})]
+            reply: dict[str, Any] = {"t": "buckets", "tables": {
+                n: self.state.bucket_digests(n) for n in names[:REPAIR_TABLES]}}
+            if len(names) > REPAIR_TABLES:
+                reply["more"] = True
+            return [(sender, reply)]
         if kind == "buckets":
             tables = _map(msg.get("tables"))
             keys: dict[str, Any] = {}
+            budget = self.repair_keys
+            more = bool(msg.get("more"))
             for name, remote in tables.items():
                 if not isinstance(remote, list) or len(remote) != BUCKETS:
                     raise WireError("bad bucket digests")
+                if budget <= 0:
+                    more = True
+                    break
                 mine = self.state.bucket_digests(name)
                 differing = [i for i in range(BUCKETS) if mine[i] != remote[i]]
-                keys[name] = {"b": differing, "k": self.state.key_hashes(name, differing)}
-            return [(sender, {"t": "keys", "tables": keys})] if keys else []
+                hashes = self.state.key_hashes(name, differing)
+                if len(hashes) > budget:  # only the buckets that fit: the rest next round
+                    differing, hashes, more = self._fit(name, differing, budget), {}, True
+                    hashes = self.state.key_hashes(name, differing)
+                budget -= len(hashes)
+                keys[name] = {"b": differing, "k": hashes}
+            out: dict[str, Any] = {"t": "keys", "tables": keys}
+            if more:
+                out["more"] = True
+            return [(sender, out)] if keys else []
         if kind == "keys":
             tables = _map(msg.get("tables"))
             records, want = [], {}
+            budget = self.repair_bytes
+            more = bool(msg.get("more"))
             for name, spec in tables.items():
                 if not isinstance(spec, dict) or not isinstance(spec.get("k"), dict) \
                         or not isinstance(spec.get("b"), list):
@@ -203,23 +233,41 @@ class StoreReplicator:
                 db, tbl = split_name(name)
                 for key, h in mine.items():
                     if theirs.get(key) != h:
-                        records.append([db, tbl, key, self.state.get(db, tbl, key)])
+                        if budget <= 0:
+                            more = True
+                            break
+                        state = self.state.get(db, tbl, key)
+                        budget -= _size(key, state)
+                        records.append([db, tbl, key, state])
                 wanted = [k for k, h in theirs.items() if mine.get(k) != h]
                 if wanted:
                     want[name] = wanted
-            return [(sender, {"t": "records", "e": records, "want": want})]
+            reply = {"t": "records", "e": records, "want": want}
+            if more:
+                reply["more"] = True
+            return [(sender, reply)]
         if kind == "records":
+            before = self.state.roots()
             self._merge_entries(_entries(msg.get("e")), sender, now, False)
             out = []
             fill = []
+            budget = self.repair_bytes
+            more = bool(msg.get("more"))
             for name, keys in _map(msg.get("want")).items():
                 db, tbl = split_name(name)
                 for key in keys if isinstance(keys, list) else []:
                     s = self.state.get(db, tbl, key) if isinstance(key, str) else None
                     if s is not None:
+                        if budget <= 0:
+                            more = True
+                            break
+                        budget -= _size(key, s)
                         fill.append([db, tbl, key, s])
             if fill:
                 out.append((sender, {"t": "fill", "e": fill}))
+            if more and (fill or self.state.roots() != before):
+                # the round left differences out and moved something: go on at once
+                out.append((sender, {"t": "roots", "roots": self.state.roots()}))
             return out
         if kind == "fill":
             self._merge_entries(_entries(msg.get("e")), sender, now, False)
@@ -261,6 +309,33 @@ def split_acks(sends: list[Send]) -> tuple[list[Send], list[Send]]:
     for send in sends:
         (acks if send[1].get("t") == "ack" else now).append(send)
     return now, acks
+
+
+    def _fit(self, name: str, buckets: list[int], budget: int) -> list[int]:
+        """The leading buckets whose keys fit in `budget` key hashes (at least one)."""
+        t = self.state.tables.get(split_name(name))
+        if t is None:
+            return buckets
+        per_bucket: dict[int, int] = {}
+        for key in t.hashes:
+            b = bucket_of(key)
+            per_bucket[b] = per_bucket.get(b, 0) + 1
+        chosen, used = [], 0
+        for b in buckets:
+            n = per_bucket.get(b, 0)
+            if chosen and used + n > budget:
+                break
+            chosen.append(b)
+            used += n
+        return chosen
+
+
+def _size(key: str, state: crdt.State) -> int:
+    """Roughly the encoded size of a record (enough for a budget)."""
+    reg = state.get("lww") if isinstance(state, dict) else None
+    value = reg[1] if reg is not None and isinstance(reg[1], bytes) else b""
+    extra = 0 if reg is None else len(reg[2]) * 32
+    return 64 + len(key) + len(value) + extra + 16 * (len(state) - (reg is not None))
 
 
 # --- strict decoding -----------------------------------------------------------------------

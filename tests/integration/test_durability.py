@@ -47,6 +47,10 @@ def test_captured_suspect_and_ping_played_back_do_not_churn(cluster):
     b = cluster.add("b", join=[a.addr])
     wait_for(lambda: a.status_of("b") == "alive" and b.status_of("a") == "alive", 10,
              "a and b alive")
+    # b's incarnation moves once more when it pins the auth root (a new tag): let it settle
+    wait_for(lambda: len(control(b.data_dir, "auth.rules.list")) == 3
+             and a.members()["b"]["incarnation"] == control(b.data_dir, "status")[
+                 "incarnation"], 10, "b settled")
     inc_b = a.members()["b"]["incarnation"]
     b_self = control(b.data_dir, "status")["incarnation"]
     peer = _Peer(cluster.secret)

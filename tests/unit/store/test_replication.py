@@ -124,3 +124,19 @@ def test_malformed_messages_raise_wire_error(msg):
     reps, _ = make(["a", "b"])
     with pytest.raises(WireError):
         reps["a"].receive("b", msg, 0.0)
+
+
+def test_repair_goes_in_bounded_rounds_until_a_far_behind_node_caught_up():
+    reps, _ = make(["a", "b"], repair_bytes=64 * 1024, repair_keys=500)
+    for i in range(3000):
+        write(reps["a"], f"k{i}", b"x" * 200)
+    reps["a"].pending.clear()  # b missed every push: only anti-entropy can repair it
+    sizes = []
+    queue = [("b", "a", m) for _, m in reps["b"].sync_with("a")]
+    while queue:
+        s, dst, msg = queue.pop(0)
+        sizes.append(len(cbor2.dumps(msg)))
+        queue += [(dst, to, m) for to, m in reps[dst].receive(s, msg, 1.0)]
+    assert reps["b"].state.roots() == reps["a"].state.roots()
+    assert max(sizes) < 200 * 1024, "no repair message is much over its budget"
+    assert len(sizes) > 10, "it took several rounds, each started without waiting"
