@@ -26,6 +26,7 @@ from .attacks import idle_connections, proxy_request, reset_upgrades
 from .cluster import control, wait_for
 from .test_tunnel import free_port
 
+
 def nested_token(depth: int) -> str:
     """A token whose footer is `depth` nested JSON arrays."""
     return "v4.public.A." + base64.urlsafe_b64encode(b"[" * depth).decode().rstrip("=")
