@@ -9,6 +9,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -101,9 +102,9 @@ def token_file() -> Path:
     return Path(platformdirs.user_config_dir("meshd")) / "token.json"
 
 
-def current_token(data_dir: Path | None = None) -> str | None:
-    """--token, else MESHD_TOKEN, else the token saved by `meshd auth login`, else the admin
-    token the first node kept in its data dir for the local CLI."""
+def user_token() -> str | None:
+    """A token the user gave: --token, else MESHD_TOKEN, else the one saved by `meshd auth
+    login`. The only tokens that may leave this host (`--via`)."""
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
         root = ctx.find_root()
@@ -114,9 +115,18 @@ def current_token(data_dir: Path | None = None) -> str | None:
     if os.environ.get("MESHD_TOKEN"):
         return os.environ["MESHD_TOKEN"]
     try:
-        return json.loads(token_file().read_text()).get("token")
+        saved = json.loads(token_file().read_text()).get("token")
     except (OSError, ValueError, AttributeError):
-        pass
+        return None
+    return saved if isinstance(saved, str) and saved else None
+
+
+def current_token(data_dir: Path | None = None) -> str | None:
+    """For the local node: the user's token (`user_token`), else the admin token the first
+    node kept in its data dir for the local CLI. Never sent through a proxy (`--via`)."""
+    given = user_token()
+    if given:
+        return given
     try:
         admin = ((data_dir or default_data_dir()) / "admin.token").read_text().strip()
     except OSError:
@@ -177,6 +187,10 @@ def version_cmd(as_json: bool) -> None:
 @click.option("--advertise", help="HOST:PORT others reach us at (or ws://HOST:PORT).")
 @click.option("--ws-listen", help="Also accept links over WebSocket on HOST:PORT.")
 @click.option("--proxy-listen", help="Serve outside clients (WebSocket, tokens) on HOST:PORT.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="PEM certificate (chain) for the proxy endpoint: it then serves wss://.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="The unencrypted PEM private key of --tls-cert.")
 @click.option("--join", "join", multiple=True, metavar="PEER", help="Join through PEER.")
 @click.option("--tags", "tags", multiple=True, metavar="K=V", help="Node tag (repeatable).")
 @click.option("--profile", type=click.Choice(["lan", "wan", "local"]), help="Timing profile.")
@@ -189,7 +203,8 @@ def version_cmd(as_json: bool) -> None:
 @data_dir_option
 @json_option
 def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str | None,
-       proxy_listen: str | None, join: tuple[str, ...],
+       proxy_listen: str | None, tls_cert: Path | None, tls_key: Path | None,
+       join: tuple[str, ...],
        tags: tuple[str, ...], profile: str | None, secret_file: Path | None,
        config_file: Path | None, log_level: str | None, print_settings: bool,
        data_dir: Path | None, as_json: bool) -> None:
@@ -197,6 +212,7 @@ def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str
     from meshd.node import Node, NodeError
     from meshd.secure.keyring import KeyringError, parse_secret
     from meshd.settings import SettingsError, as_dict, load_settings
+    from meshd.tlsconf import TlsError, server_context
 
     toml: dict[str, Any] = {}
     if config_file is not None:
@@ -206,6 +222,8 @@ def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str
             fail(f"400 bad request: settings file {config_file}: {exc}")
     flags = {"name": name, "bind": bind, "advertise": advertise, "ws_listen": ws_listen,
              "proxy_listen": proxy_listen,
+             "tls_cert": str(tls_cert) if tls_cert else None,
+             "tls_key": str(tls_key) if tls_key else None,
              "join": join, "tags": tags,
              "profile": profile, "log_level": log_level,
              "data_dir": str(data_dir) if data_dir else None,
@@ -218,6 +236,10 @@ def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str
         data = as_dict(settings)
         click.echo(json.dumps(data, indent=2) if as_json else _toml(data))
         return
+    try:  # refuse a certificate or key that cannot serve before anything starts
+        server_context(settings.node.tls_cert, settings.node.tls_key)
+    except TlsError as exc:
+        fail(f"400 bad request: {exc}")
     secret = None
     try:
         if settings.node.secret_file:
@@ -470,14 +492,17 @@ def describe(service: str, data_dir: Path | None, as_json: bool) -> None:
 @click.argument("body", required=False)
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
 @click.option("--meta", multiple=True, metavar="K=V", help="Request metadata (repeatable).")
-@click.option("--via", metavar="ws://HOST:PORT",
-              help="Call from outside the cluster through a node's proxy endpoint (needs "
-                   "--token).")
+@click.option("--via", metavar="wss://HOST:PORT",
+              help="Call from outside the cluster through a node's proxy endpoint with your "
+                   "token (--token, MESHD_TOKEN or `auth login`).")
+@click.option("--ca-file", metavar="FILE",
+              help="Trust the --via wss:// proxy's certificate if this CA signed it "
+                   "(default: the system trust store).")
 @data_dir_option
 @json_option
 def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | None,
-             meta: tuple[str, ...], via: str | None, data_dir: Path | None,
-             as_json: bool) -> None:
+             meta: tuple[str, ...], via: str | None, ca_file: str | None,
+             data_dir: Path | None, as_json: bool) -> None:
     """Call ENDPOINT of SERVICE with a JSON BODY (or JSON on stdin)."""
     text = body if body is not None and body != "-" else (
         sys.stdin.read() if not sys.stdin.isatty() else "{}")
@@ -492,10 +517,12 @@ def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | Non
         if not sep:
             fail(f"400 bad request: --meta {item!r} must look like key=value")
         metadata[key] = value
+    if ca_file and not via:
+        fail("400 bad request: --ca-file goes with --via wss://HOST:PORT")
     if via:
-        result = _via(via, {"op": "call", "token": current_token(), "service": service,
-                            "endpoint": endpoint, "body": request, "timeout": timeout,
-                            "meta": metadata})
+        result = _via(via, ca_file, {"op": "call", "token": user_token(), "service": service,
+                                     "endpoint": endpoint, "body": request,
+                                     "timeout": timeout, "meta": metadata})
     else:
         result = call(data_dir, "rpc.call", service=service, endpoint=endpoint, body=request,
                       timeout=timeout, meta=metadata)
@@ -1220,17 +1247,24 @@ def tunnel_list(data_dir: Path | None, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--listen", required=True, metavar="HOST:PORT",
               help="Local address to accept connections on (loopback unless you mean it).")
-@click.option("--via", metavar="ws://HOST:PORT",
-              help="From outside the cluster, through a node's proxy endpoint (needs --token).")
+@click.option("--via", metavar="wss://HOST:PORT",
+              help="From outside the cluster, through a node's proxy endpoint with your token "
+                   "(--token, MESHD_TOKEN or `auth login`).")
+@click.option("--ca-file", metavar="FILE",
+              help="Trust the --via wss:// proxy's certificate if this CA signed it "
+                   "(default: the system trust store).")
 @data_dir_option
-def tunnel_connect(name: str, listen: str, via: str | None, data_dir: Path | None) -> None:
+def tunnel_connect(name: str, listen: str, via: str | None, ca_file: str | None,
+                   data_dir: Path | None) -> None:
     """Accept connections on --listen and carry each to tunnel NAME, until Ctrl-C.
 
     The local daemon does the listening and carries the bytes; this command only keeps the
     listener open and reports refused connections."""
     if via:
-        _tunnel_via(name, listen, via, current_token())
+        _tunnel_via(name, listen, via, ca_file, user_token())
         return
+    if ca_file:
+        fail("400 bad request: --ca-file goes with --via wss://HOST:PORT")
     path = socket_path(data_dir or default_data_dir())
     token = current_token(data_dir)
 
@@ -1260,15 +1294,47 @@ def tunnel_connect(name: str, listen: str, via: str | None, data_dir: Path | Non
         pass
 
 
-def _via(url: str, request: dict[str, Any]) -> Any:
-    """One request to a proxy endpoint; exits with one line on failure."""
+def _open_via(url: str, ca_file: str | None) -> Any:
+    """The proxy endpoint `--via` names (a meshd.proxy.via.Via); exits with one line if it
+    cannot be used, warns once on stderr if it is plain text across a network."""
+    from meshd.proxy.via import Via
+
+    try:
+        via = Via(url, ca_file)
+    except MeshError as exc:
+        fail(str(exc))
+    warning = via.cleartext_warning()
+    if warning:
+        click.echo(warning, err=True)
+    return via
+
+
+def _proxy_reply(raw: Any, via: Any) -> dict[str, Any]:
+    """The proxy's reply map; anything else is a 503 naming the proxy."""
+    from meshd import wire
+
+    try:
+        reply = wire.loads(raw if isinstance(raw, bytes) else str(raw).encode(),
+                           max_depth=66, max_bytes=4 << 20)  # an RPC body (64) in a map
+    except wire.WireError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise MeshError(503, f"the proxy at {via.where} did not answer like a meshd proxy")
+    return reply
+
+
+def _via(url: str, ca_file: str | None, request: dict[str, Any]) -> Any:
+    """One request to a proxy endpoint; exits with one line on failure. Sends only the token
+    in `request` (the user's), never the data dir's admin token."""
     import cbor2
     import trio_websocket
 
+    via = _open_via(url, ca_file)
+
     async def go() -> Any:
-        async with trio_websocket.open_websocket_url(url) as ws:
+        async with via.connect() as ws:
             await ws.send_message(cbor2.dumps(request))
-            reply = cbor2.loads(await ws.get_message())
+            reply = _proxy_reply(await ws.get_message(), via)
         if not reply.get("ok"):
             raise MeshError.from_dict(reply.get("error"))
         return reply.get("body")
@@ -1278,12 +1344,14 @@ def _via(url: str, request: dict[str, Any]) -> Any:
     except MeshError as exc:
         fail(str(exc))
     except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
-        fail(f"503 unavailable: cannot reach the proxy at {url}: {exc}")
+        fail(f"503 unavailable: the proxy at {via.where} closed the connection: {exc}")
 
 
-def _tunnel_via(name: str, listen: str, url: str, token: str | None) -> None:
+def _tunnel_via(name: str, listen: str, url: str, ca_file: str | None,
+                token: str | None) -> None:
     """Outside the cluster: accept locally, carry each connection over a WebSocket to the
-    proxy endpoint, which checks the token against the rules."""
+    proxy endpoint, which checks the token against the rules. A wss:// proxy's certificate
+    is checked once before listening, so a distrusted one fails at once."""
     import cbor2
     import trio_websocket
 
@@ -1293,13 +1361,14 @@ def _tunnel_via(name: str, listen: str, url: str, token: str | None) -> None:
         host, port = addrs.parse(listen)
     except addrs.AddressError as exc:
         fail(f"400 bad request: --listen: {exc}")
+    via = _open_via(url, ca_file)
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            async with trio_websocket.open_websocket_url(url, max_message_size=2 << 20) as ws:
+            async with via.connect(max_message_size=2 << 20) as ws:
                 await ws.send_message(cbor2.dumps({"op": "tunnel", "token": token,
                                                    "name": name}))
-                reply = cbor2.loads(await ws.get_message())
+                reply = _proxy_reply(await ws.get_message(), via)
                 if not reply.get("ok"):
                     click.echo(f"connection refused: {MeshError.from_dict(reply.get('error'))}",
                                err=True)
@@ -1322,6 +1391,8 @@ def _tunnel_via(name: str, listen: str, url: str, token: str | None) -> None:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(up)
                     nursery.start_soon(down)
+        except MeshError as exc:
+            click.echo(f"tunnel {name}: {exc}", err=True)
         except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
                 trio.BrokenResourceError) as exc:
             click.echo(f"tunnel {name}: {exc}", err=True)
@@ -1329,6 +1400,8 @@ def _tunnel_via(name: str, listen: str, url: str, token: str | None) -> None:
             await stream.aclose()
 
     async def main() -> None:
+        if via.secure:
+            await via.check()
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()
         click.echo(f"tunnel {name}: listening on {addrs.format(bound[0], bound[1])} via {url}")
@@ -1337,6 +1410,8 @@ def _tunnel_via(name: str, listen: str, url: str, token: str | None) -> None:
 
     try:
         trio.run(main)
+    except MeshError as exc:
+        fail(str(exc))
     except OSError as exc:
         fail(f"503 unavailable: cannot listen on {listen}: {exc.strerror or exc}")
     except KeyboardInterrupt:
@@ -1352,17 +1427,29 @@ def proxy() -> None:
 
 @proxy.command("http")
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT")
+@click.option("--tls-cert", envvar="MESHD_TLS_CERT", metavar="FILE",
+              help="PEM certificate (chain): serve https:// (also MESHD_TLS_CERT).")
+@click.option("--tls-key", envvar="MESHD_TLS_KEY", metavar="FILE",
+              help="The unencrypted PEM private key of --tls-cert (also MESHD_TLS_KEY).")
 @data_dir_option
-def proxy_http(listen: str, data_dir: Path | None) -> None:
+def proxy_http(listen: str, tls_cert: str | None, tls_key: str | None,
+               data_dir: Path | None) -> None:
     """Forward HTTP requests to services by name: POST /SERVICE/ENDPOINT with a JSON body and
     Authorization: Bearer TOKEN (runs until Ctrl-C)."""
     from meshd.proxy.http import serve
+    from meshd.tlsconf import TlsError, server_context
 
+    try:
+        tls = server_context(tls_cert or "", tls_key or "") is not None
+    except TlsError as exc:
+        fail(f"400 bad request: {exc}")
     path = socket_path(data_dir or default_data_dir())
-    click.echo(f"proxy http: forwarding http://{listen}/SERVICE/ENDPOINT through {path}")
+    scheme = "https" if tls else "http"
+    click.echo(f"proxy http: forwarding {scheme}://{listen}/SERVICE/ENDPOINT through {path}")
     sys.stdout.flush()
     try:
-        trio.run(serve, path, listen)
+        trio.run(functools.partial(serve, path, listen, tls_cert=tls_cert or "",
+                                   tls_key=tls_key or ""))
     except OSError as exc:
         fail(f"503 unavailable: cannot listen on {listen}: {exc.strerror or exc}")
     except KeyboardInterrupt:

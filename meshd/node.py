@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from . import datadir, wire
+from . import datadir, tlsconf, wire
 from .auth.eviction import Evictor
 from .auth.ops import AuthOps
 from .auth.service import PIN_FILE, ROOT_TAG, AuthService, Principal
@@ -238,8 +238,9 @@ class Node:
                 if s.node.proxy_listen:
                     try:
                         p_host, p_port = addrs.parse(s.node.proxy_listen)
-                        await nursery.start(self.edge.serve, p_host, p_port)
-                    except (OSError, addrs.AddressError) as exc:
+                        tls = tlsconf.server_context(s.node.tls_cert, s.node.tls_key)
+                        await nursery.start(self.edge.serve, p_host, p_port, tls)
+                    except (OSError, addrs.AddressError, tlsconf.TlsError) as exc:
                         raise NodeError(f"--proxy-listen {s.node.proxy_listen}: {exc}"
                                         ) from None
                 if s.node.ws_listen:

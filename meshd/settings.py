@@ -181,6 +181,11 @@ class NodeSettings:
     proxy_listen: str = ""
     # debug, info, warning or error.
     log_level: str = "info"
+    # PEM certificate (chain) and its unencrypted private key for the listeners outside
+    # clients reach: with both, the proxy endpoint serves wss:// only. Empty: plain ws://,
+    # which carries tokens in clear, so use it only on loopback or a trusted network.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +270,7 @@ class Settings:
 
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
-             "log_level", "ws_listen", "proxy_listen"}
+             "log_level", "ws_listen", "proxy_listen", "tls_cert", "tls_key"}
 
 
 def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None = None,

@@ -11,6 +11,8 @@ Rules:
 - tunnel: after {"ok": true} the socket carries the TCP bytes as binary messages; an empty
   message is end-of-data for that direction.
 - Listens where the operator says; like the control API, nothing is exposed by default.
+- With `--tls-cert FILE --tls-key FILE` it serves wss:// only: tokens and tunnel bytes never
+  cross the network in clear. The TLS handshake is the first step under the pending deadline.
 - Served through transport/listeners.py: the WebSocket upgrade and the first message must
   arrive within the pending deadline (2 x limits.handshake_timeout), connections are capped,
   and whatever one connection does (a reset mid-upgrade, a hostile first message) ends that
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from typing import Any
 
 import trio
@@ -44,10 +47,13 @@ class EdgeProxy:
         self.gate = serving.Gate("proxy", self.stats,
                                  pending_timeout=node.settings.limits.handshake_timeout * 2)
 
-    async def serve(self, host: str, port: int,
+    async def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve ws:// on host:port, or wss:// with a server TLS context."""
         listeners = await serving.open_tcp(host, port)
         handler = serving.websocket_handler(self._handle, MAX_MESSAGE)
+        if tls is not None:
+            handler = serving.tls_handler(handler, tls)
         await serving.serve(listeners, handler, self.gate, task_status=task_status)
 
     async def _first_message(self, ws: Any, ticket: serving.Ticket) -> dict[str, Any]:

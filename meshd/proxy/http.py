@@ -8,6 +8,8 @@ Rules:
 - Errors keep their meaning as HTTP statuses (400, 401, 403, 404, 408, 500, 503) with the
   structured error as the JSON body.
 - It is an ASGI app served by hypercorn on trio; it listens only where the operator says.
+- With `--tls-cert FILE --tls-key FILE` it serves https:// only (TLS 1.2 or later); a TLS
+  handshake must finish within READ_TIMEOUT, and a failed one ends that connection.
 - Bounds: bodies up to MAX_BODY, JSON decoded by meshd.wire (nesting cannot blow the stack),
   at most MAX_IN_FLIGHT requests at once (503 beyond), idle or silent connections closed
   after KEEP_ALIVE seconds and half-sent requests after READ_TIMEOUT. hypercorn's accept loop
@@ -100,7 +102,11 @@ def make_app(socket: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     return app
 
 
-async def serve(socket: Path, listen: str, task_status: Any = None) -> None:
+async def serve(socket: Path, listen: str, task_status: Any = None, tls_cert: str = "",
+                tls_key: str = "") -> None:
+    """Serve until cancelled: http://, or https:// with a certificate and its key (checked
+    by the caller with meshd.tlsconf.server_context, which hypercorn's TLS context matches:
+    TLS 1.2 or later)."""
     import trio
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
@@ -111,6 +117,9 @@ async def serve(socket: Path, listen: str, task_status: Any = None) -> None:
     config.errorlog = None
     config.keep_alive_timeout = KEEP_ALIVE
     config.read_timeout = int(READ_TIMEOUT)
+    if tls_cert and tls_key:
+        config.certfile, config.keyfile = tls_cert, tls_key
+        config.ssl_handshake_timeout = READ_TIMEOUT  # hypercorn's default is 60 s
     if task_status is not None:
         await hypercorn_serve(make_app(socket), config,  # type: ignore[arg-type]
                               task_status=task_status)

@@ -27,6 +27,9 @@ Rules:
 - WebSocket listeners (``serve_websocket``) run the HTTP upgrade inside the pending deadline
   with trio-websocket's stream wrapper, so a reset or a slow upgrade ends that connection and
   nothing else.
+- TLS listeners (``tls_handler``) run the TLS handshake inside the same pending deadline,
+  before any upgrade or first message: a plain-text client, a client that distrusts the
+  certificate, garbage or a stalled handshake end that connection only.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import contextlib
 import errno
 import logging
 import resource
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -244,5 +248,23 @@ def websocket_handler(handler: Callable[[Any, Ticket], Awaitable[None]],
                         contextlib.suppress(Exception):
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
+
+    return on_stream
+
+
+def tls_handler(handler: Handler, context: ssl.SSLContext) -> Handler:
+    """A stream handler that runs the server side of a TLS handshake within the ticket's
+    deadline, then hands the encrypted stream to `handler` (still pending: the upgrade and
+    first message that follow share the same deadline)."""
+
+    async def on_stream(stream: Any, ticket: Ticket) -> None:
+        tls = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+        done = False
+        with trio.move_on_at(ticket.deadline):
+            await tls.do_handshake()  # a failed handshake raises BrokenResourceError
+            done = True
+        if not done:
+            raise trio.TooSlowError("TLS handshake did not finish in time")
+        await handler(tls, ticket)
 
     return on_stream
