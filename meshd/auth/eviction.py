@@ -61,7 +61,8 @@ class Evictor:
             if (m.key and node_id_from_public(m.key) in ids) or m.tags.get("id") in ids:
                 log.warning("member %s at %s is revoked: evicting it", m.name, m.addr)
                 self.membership.apply(self.core.evict(m.name, trio.current_time()))
-        for link in list({id(v): v for v in self.links.links.values()}.values()):
-            if node_id_from_public(link.peer_public) in ids:
-                log.warning("closing the link to revoked node %s", link.peer_id[:8])
-                await link.aclose()
+        for key in {link.peer_public for link in self.links.live}:
+            if node_id_from_public(key) in ids:
+                n = await self.links.close_key(key)
+                log.warning("closed %d link(s) of revoked node %s", n,
+                            node_id_from_public(key)[:8])

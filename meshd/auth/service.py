@@ -342,7 +342,7 @@ class AuthService:
     async def bootstrap(self) -> dict[str, Any]:
         """Set up auth once for the cluster: a root issuer key (pinned here), the cluster
         id, an admin account and the default rules; returns the admin token."""
-        if self.bootstrapped() or self._records(KEYS):
+        if self.bootstrapped() or self.vouched_roots():
             raise MeshError(409, "this cluster already has auth set up; bootstrap runs once",
                             id="meshd.auth")
         kid, private_pem, public_pem = new_signing_key()
@@ -498,7 +498,10 @@ class AuthService:
 
     def authorize(self, who: Principal, resource: tuple[str, str, str]) -> None:
         if not self.bootstrapped():
-            return  # no auth state yet (a node still syncing): nothing to enforce against
+            if self.vouched_roots():  # the cluster has auth; we have not received it yet
+                raise MeshError(503, "this node has not received the cluster's auth state "
+                                     "yet; retry in a moment", id="meshd.auth")
+            return  # a cluster without auth set up yet: nothing to enforce against
         rules = self.rules()
         version = self._rules_cache[0]
         if version != self._decisions_version or len(self._decisions) > 10_000:

@@ -530,6 +530,7 @@ class LinkManager:
         self.max_message = max_message
         self.handlers: dict[str, Callable[[Channel], Awaitable[None]]] = {}
         self.links: dict[str, Link] = {}
+        self.live: set[Link] = set()  # every running link, filed or not (draining ones too)
         # dials under way: addr -> (done, through relays)
         self._dialing: dict[str, tuple[trio.Event, bool]] = {}
         self._nursery: trio.Nursery | None = None
@@ -623,6 +624,7 @@ class LinkManager:
         await link.run()
 
     def _register(self, link: Link) -> None:
+        self.live.add(link)
         old = self.links.get(link.peer_addr)
         if old is not None and not old.closed and old is not link:
             if old.peer_public != link.peer_public:
@@ -649,6 +651,16 @@ class LinkManager:
     def _unregister(self, link: Link) -> None:
         for key in [k for k, v in self.links.items() if v is link]:
             del self.links[key]
+        if link.closed:
+            self.live.discard(link)
+
+    async def close_key(self, key: bytes) -> int:
+        """Close every link whose peer proved `key` (a revoked node); how many."""
+        doomed = [link for link in self.live if link.peer_public == key]
+        for link in doomed:
+            await link.aclose()
+            self.live.discard(link)
+        return len(doomed)
 
     def _usable(self, link: Link, addr: str) -> bool:
         """A filed link may carry traffic meant for `addr` only while its key is the one
