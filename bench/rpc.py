@@ -8,6 +8,9 @@
 For each: p50/p99 latency with 1 caller, calls/s with 1 and 32 concurrent callers.
 Goals: (c) >= 0.5x the calls/s of (b) at 32 callers, (c) p50 <= 2x (b) at 1 caller,
 (d) >= (b) at 32 callers.
+Also CPU milliseconds per call of each meshd process in (c) at 32 callers (from
+/proc/PID/stat): on a shared machine calls/s swing by 10% between runs, CPU per call much
+less, so it is the figure to compare before and after a change on the hot path.
 """
 
 from __future__ import annotations
@@ -238,9 +241,14 @@ def main() -> int:
 
             wait_for(lambda: ready(a) and ready(b), 20, "echo service everywhere")
             sock_a, sock_b = a.data_dir / "meshd.sock", b.data_dir / "meshd.sock"
-            rows.append(_row("(c) meshd SDK->A->B->service",
-                             trio.run(_meshd_client, sock_a, 1, secs),
-                             trio.run(_meshd_client, sock_a, 32, secs)))
+            one = trio.run(_meshd_client, sock_a, 1, secs)
+            pids = {"daemon A": a.proc.pid, "daemon B": b.proc.pid,
+                    "service": c.services[0].proc.pid}
+            before = {k: _cpu_seconds(p) for k, p in pids.items()}
+            many = trio.run(_meshd_client, sock_a, 32, secs)
+            calls = many[0] * secs
+            cpu = {k: (_cpu_seconds(p) - before[k]) * 1000 / calls for k, p in pids.items()}
+            rows.append(_row("(c) meshd SDK->A->B->service", one, many))
             rows.append(_row("(d) meshd local SDK->B->service",
                              trio.run(_meshd_client, sock_b, 1, secs),
                              trio.run(_meshd_client, sock_b, 32, secs)))
@@ -255,7 +263,15 @@ def main() -> int:
     print(f"\n(c)/(b) calls/s at 32: {remote['cps_32'] / grpc_row['cps_32']:.2f} (goal >= 0.5)")
     print(f"(c)/(b) p50 at 1: {remote['p50_ms'] / grpc_row['p50_ms']:.2f} (goal <= 2)")
     print(f"(d)/(b) calls/s at 32: {local['cps_32'] / grpc_row['cps_32']:.2f} (goal >= 1)")
+    print("(c) CPU ms per call at 32 callers: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in cpu.items()))
     return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ One TCP stream of N MB into a sink server, through:
       missing and running as root);
   (c) a meshd tunnel: `meshd tunnel connect` on node b -> daemon b -> secure link -> daemon
       a -> the sink (two daemons on loopback).
-Goal: (c) >= 1.0x (b); the ratio to (a) is reported.
+Goal: (c) >= 1.0x (b); the ratio to (a) is reported. Also the CPU seconds per GB of the two
+daemons in (c) (from /proc/PID/stat): throughput on a shared machine swings between runs,
+CPU per byte much less, so it is the figure to compare before and after a change.
 """
 
 from __future__ import annotations
@@ -143,7 +145,10 @@ def main() -> int:
             assert proc.stdout is not None
             proc.stdout.readline()
             try:
+                before = {d.name: _cpu_seconds(d.proc.pid) for d in (a, b)}
                 results["(c) meshd tunnel"] = push(port, opts.mb)
+                cpu = {n: (_cpu_seconds(d.proc.pid) - before[n]) * 1024 / opts.mb
+                       for n, d in (("a", a), ("b", b))}
             finally:
                 proc.terminate()
         finally:
@@ -157,8 +162,15 @@ def main() -> int:
         print(f"meshd / ssh -L: {mesh / results['(b) ssh -L']:.2f} (goal >= 1.0)")
     else:
         print("ssh -L not measured (needs root to install and start openssh-server)")
+    print("(c) CPU s per GB: " + ", ".join(f"daemon {n} {v:.2f}" for n, v in cpu.items()))
     print("added latency per relay hop: see bench/relay.py (network namespaces, root)")
     return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

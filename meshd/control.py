@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import math
 import os
 import socket
 import struct
@@ -159,15 +158,17 @@ class ControlServer:
     async def _serve(self, stream: trio.SocketStream, ticket: serving.Ticket) -> None:
         """One client connection; whatever it does, only this connection can end."""
         framed = Framed(stream)
-        source = _peer_source(stream)
+        REQUEST_SOURCE.set(_peer_source(stream))
         while True:
-            REQUEST_SOURCE.set(source)
             req = None
             try:
-                with trio.move_on_at(ticket.deadline if ticket.pending else math.inf):
+                if ticket.pending:
+                    with trio.move_on_at(ticket.deadline):
+                        req = await framed.read()
+                    if req is None:
+                        return  # no first request in time
+                else:
                     req = await framed.read()
-                if req is None:
-                    return  # no first request in time
             except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             except MeshError as exc:

@@ -126,6 +126,7 @@ class AuthService:
         self.refresh_ttl = refresh_ttl
         self.trust = Trust(self._load_pin())
         self._trust_version: Any = ("unset",)
+        self._root_known = False
         self.verifier = Verifier("", self.public_keys, self.is_revoked, leeway)
         self._rules_cache: tuple[Any, list[Rule]] = (None, [])
         self._keys_cache: tuple[Any, dict[str, bytes]] = (None, {})
@@ -337,7 +338,9 @@ class AuthService:
     # --- bootstrap and keys ----------------------------------------------------------------
 
     def bootstrapped(self) -> bool:
-        return self._trusted().root is not None
+        if not self._root_known:  # once a root is trusted it stays (the pin never changes)
+            self._root_known = self._trusted().root is not None
+        return self._root_known
 
     async def bootstrap(self) -> dict[str, Any]:
         """Set up auth once for the cluster: a root issuer key (pinned here), the cluster
