@@ -192,6 +192,9 @@ def version_cmd(as_json: bool) -> None:
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="The unencrypted PEM private key of --tls-cert.")
 @click.option("--join", "join", multiple=True, metavar="PEER", help="Join through PEER.")
+@click.option("--auth-root", metavar="FP", help="Fingerprint of the cluster's auth root key "
+              "to trust (`meshd invite` prints it; default: the one the --join seeds vouch "
+              "for). Also MESHD_AUTH_ROOT.")
 @click.option("--tags", "tags", multiple=True, metavar="K=V", help="Node tag (repeatable).")
 @click.option("--profile", type=click.Choice(["lan", "wan", "local"]), help="Timing profile.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -204,7 +207,7 @@ def version_cmd(as_json: bool) -> None:
 @json_option
 def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str | None,
        proxy_listen: str | None, tls_cert: Path | None, tls_key: Path | None,
-       join: tuple[str, ...],
+       join: tuple[str, ...], auth_root: str | None,
        tags: tuple[str, ...], profile: str | None, secret_file: Path | None,
        config_file: Path | None, log_level: str | None, print_settings: bool,
        data_dir: Path | None, as_json: bool) -> None:
@@ -224,7 +227,7 @@ def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str
              "proxy_listen": proxy_listen,
              "tls_cert": str(tls_cert) if tls_cert else None,
              "tls_key": str(tls_key) if tls_key else None,
-             "join": join, "tags": tags,
+             "join": join, "tags": tags, "auth_root": auth_root,
              "profile": profile, "log_level": log_level,
              "data_dir": str(data_dir) if data_dir else None,
              "secret_file": str(secret_file) if secret_file else None}

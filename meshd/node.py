@@ -104,6 +104,7 @@ class Node:
         self._save_pending = False
         self._conflict: str | None = None
         self._first_node = False
+        self._seeds: set[str] = set()  # names of the seeds we joined through
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -177,9 +178,9 @@ class Node:
         tags["id"] = self.identity.node_id
         self.boot = os.urandom(6).hex()  # changes at every start: stale instances vanish
         tags["boot"] = self.boot
-        pin = _read_text(self.data_dir / PIN_FILE)
+        pin = self._auth_pin()
         if pin:
-            tags[ROOT_TAG] = pin  # the auth root we trust (joiners count these)
+            tags[ROOT_TAG] = pin  # the auth root we trust (nodes joining through us pin it)
         incarnation = int(self.state.get("incarnation", -1)) + 1
         self.alive_verifier = AliveVerifier(self._key_revoked)
         try:
@@ -211,6 +212,7 @@ class Node:
             raise NodeError(str(exc)) from None
         self.auth = AuthService(self.name, self.store, self.links, self.data_dir)
         self.auth.vouched_roots = self._vouched_roots
+        self.auth.seed_roots = self._seed_roots
         self.auth.on_pin = self._advertise_root
         self.auth.service_on_node = self._service_on_node
         self.auth_ops = AuthOps(self.auth, self.name, self.member_rows)
@@ -231,6 +233,7 @@ class Node:
         self._register_ops(control)
         self.membership.listeners.append(self._watch_conflicts)
         self.membership.listeners.append(self._sync_newcomer)
+        self.membership.listeners.append(self._note_seed)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
@@ -336,11 +339,40 @@ class Node:
                 "avg_ms": round(sum(samples) / len(samples), 3),
                 "vivaldi_estimate_ms": None if estimate is None else round(estimate * 1000, 3)}
 
+    def _auth_pin(self) -> str:
+        """The auth root this data dir trusts; `--auth-root` pins it on first use and must
+        agree with it afterwards."""
+        pin = _read_text(self.data_dir / PIN_FILE)
+        given = self.settings.node.auth_root.strip().lower()
+        if given:
+            if len(given) != 16 or any(c not in "0123456789abcdef" for c in given):
+                raise NodeError("--auth-root is the 16 hex digits `meshd invite` prints")
+            if pin and pin != given:
+                raise NodeError(f"this data dir trusts auth root {pin}, not {given}; a node "
+                                "cannot move to another cluster's auth (use a new data dir)")
+            if not pin:
+                datadir.write_secret_file(self.data_dir / PIN_FILE, given.encode())
+                pin = given
+        return pin
+
     def _vouched_roots(self) -> list[str]:
         """The auth root fingerprints the live members other than us trust (their tags,
-        which each signs with its identity key)."""
+        which each signs with its identity key): whether the cluster has auth at all."""
         return [m.tags[ROOT_TAG] for m in self.core.member_list()
                 if m.name != self.name and m.state == 0 and m.tags.get(ROOT_TAG)]
+
+    def _seed_roots(self) -> list[str]:
+        """The auth roots of the seeds we joined through (the nodes at the addresses the
+        operator gave): the only members whose word pins our root."""
+        seeds = set(self.state.get("seeds", [])) | self._seeds
+        return [m.tags[ROOT_TAG] for m in self.core.member_list()
+                if m.name in seeds and m.state in (0, 1) and m.tags.get(ROOT_TAG)]
+
+    def _note_seed(self, ev: Any) -> None:
+        """A join through a seed succeeded: remember whom we joined through."""
+        if ev.kind == "join-ok" and ev.node and ev.node not in self._seeds:
+            self._seeds.add(ev.node)
+            self._schedule_save()
 
     def _advertise_root(self, pin: str) -> None:
         if self.core.me.tags.get(ROOT_TAG) != pin:
@@ -430,8 +462,9 @@ class Node:
                  if m.name != core.me.name and m.state == 0]
         if not peers:  # alone for now: keep the last known peers for the next restart
             peers = list(self.state.get("peers", []))
+        seeds = sorted(set(self.state.get("seeds", [])) | self._seeds)[:16]
         state = {"incarnation": core.me.incarnation, "peers": peers[:64],
-                 "node_id": self.identity.node_id, "name": self.name}
+                 "node_id": self.identity.node_id, "name": self.name, "seeds": seeds}
         if state != self.state:
             datadir.write_json(self.data_dir / datadir.STATE_FILE, state)
             self.state = state
@@ -483,8 +516,10 @@ class Node:
 
     def invite(self) -> dict[str, Any]:
         secret = format_secret(self.keyring.primary)
-        return {"secret": secret, "address": self.advertise,
-                "command": f"MESHD_SECRET={secret} meshd up --join {self.advertise}"}
+        root = self.auth.root_fingerprint or ""
+        env = f"MESHD_SECRET={secret}" + (f" MESHD_AUTH_ROOT={root}" if root else "")
+        return {"secret": secret, "address": self.advertise, "auth_root": root,
+                "command": f"{env} meshd up --join {self.advertise}"}
 
     # --- control operations --------------------------------------------------------------
 

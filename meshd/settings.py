@@ -186,6 +186,9 @@ class NodeSettings:
     # which carries tokens in clear, so use it only on loopback or a trusted network.
     tls_cert: str = ""
     tls_key: str = ""
+    # The auth root to trust (its fingerprint, as `meshd invite` prints it). Empty: the one
+    # the seeds we join through vouch for; the first node of a cluster makes its own.
+    auth_root: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +273,7 @@ class Settings:
 
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
-             "log_level", "ws_listen", "proxy_listen", "tls_cert", "tls_key"}
+             "log_level", "ws_listen", "proxy_listen", "tls_cert", "tls_key", "auth_root"}
 
 
 def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None = None,

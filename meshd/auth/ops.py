@@ -8,7 +8,8 @@ Rules:
   operator of any other node is a member's operator: it acts as a node, never as admin.
 - A write that needs an issuer key this node does not hold goes to a signer
   (remote.py, "admin"), with the admin token or this node's key as proof; the signer runs
-  the same operation from this table.
+  the same operation from this table. Revoking issuer keys (also those of a revoked node)
+  goes to the node holding the root key: revocation is the root's word.
 - Anyone may revoke a token they hold (the token proves it); login and refresh work on any
   node (a signer checks the secret or the refresh token).
 - Login's rate-limit source comes from the transport (control.REQUEST_SOURCE: the unix
@@ -96,9 +97,10 @@ class AuthOps:
             who = self.require_admin()
             try:
                 return await fn(args, who, self.node)
-            except NoIssuerKey:
+            except NoIssuerKey as exc:  # a signer (the root's holder if it must be) does it
                 return await self.auth.remote.ask({"op": "admin", "name": name, "args": args,
-                                                   "token": REQUEST_TOKEN.get()})
+                                                   "token": REQUEST_TOKEN.get()},
+                                                  to=exc.holder)
         return op
 
     # --- open to everyone --------------------------------------------------------------------
@@ -199,5 +201,12 @@ class AuthOps:
         return await self._writer("nodes.revoke", self._nodes_revoke)(request)
 
     async def _nodes_revoke(self, args: dict[str, Any], who: Principal, node: str) -> Any:
-        return await self.auth.revoke_node(_text(args, "id"), str(args.get("name") or ""),
-                                           who.id)
+        """Revoke the node, and the issuer keys it holds (that takes the root's holder)."""
+        name = str(args.get("name") or "")
+        held = [k["kid"] for k in self.auth.list_keys()
+                if name and k["signer"] == name and k["state"] != "revoked"]
+        if held:
+            self.auth._root_key()  # NoRootKey: the root's holder does all of it
+        result = await self.auth.revoke_node(_text(args, "id"), name, who.id)
+        result["keys_revoked"] = [(await self.auth.revoke_key(kid))["revoked"] for kid in held]
+        return result

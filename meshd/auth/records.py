@@ -12,13 +12,18 @@ Which keys are trusted:
 - The root is the cluster's first issuer key (made by ``auth bootstrap``); its record in the
   ``keys`` table is signed by itself. A node trusts one root, named by its fingerprint (the
   first 16 hex digits of sha256 of the key's PEM) and pinned in the data dir: the one it
-  made, or the one the members it joined vouch for (their ``authroot`` membership tags,
-  which each member signs with its identity key; the shell takes the majority).
-- Any other key record is trusted when signed by a trusted key that is not revoked (an
-  admin's ``auth keys revoke`` writes ``revoked`` into the key's ``keystate`` record).
+  made, the one the operator gave (`--auth-root`, printed by `meshd invite`), or the one
+  the seeds it joined through vouch for (their ``authroot`` membership tag, signed with
+  their identity keys) — never a vote among members, whom anyone with the secret can add.
+- Any other key record is trusted when signed by a trusted key that is not revoked.
+- Revocation is the root's word: a ``keystate`` record saying ``revoked`` counts only when
+  the root key signed it (one is refused on merge otherwise), and the root itself cannot be
+  revoked. A revoked key takes down every key whose trust goes through it (the closure
+  above skips revoked signers), and what those keys signed stops counting: records are
+  read only if their signer is trusted and not revoked (``counts``). Nothing is re-signed,
+  so a stolen key cannot have its work laundered by the revocation.
 - Key records do not change once written (state such as retired or revoked lives in the
-  ``keystate`` table), so the chain of trust never loops back on itself; revoking a key
-  re-signs what it signed (the shell does that), so nothing keeps resting on it.
+  ``keystate`` table), so the chain of trust never loops back on itself.
 
 Rules:
 - ``Trust.check`` decides one incoming register: None (accept) or the reason to refuse.
@@ -113,16 +118,14 @@ class Trust:
             return None
         return self.keys.get(kid)
 
+    def counts(self, reg: Any) -> bool:
+        """Whether a register in local state counts: signed by a usable key."""
+        meta = reg[2] if type(reg) is list and len(reg) == 4 else None
+        kid = meta.get("kid") if isinstance(meta, dict) else None
+        return kid in self.keys and kid not in self.revoked
+
     def refresh(self, keys: dict[str, list[Any]], keystate: dict[str, list[Any]]) -> None:
         """Recompute the trusted set from the registers of the keys and keystate tables."""
-        self.revoked, self.retired = set(), {}
-        for kid, reg in keystate.items():
-            state = _json(reg[1])
-            if isinstance(state, dict):
-                if state.get("revoked"):
-                    self.revoked.add(kid)
-                if isinstance(state.get("retired"), int | float):
-                    self.retired[kid] = float(state["retired"])
         records: dict[str, tuple[dict[str, Any], str]] = {}
         for kid, reg in keys.items():
             value = _json(reg[1])
@@ -138,6 +141,16 @@ class Trust:
                 if info is not None:
                     trusted[kid] = info
                     self.root = kid
+        self.revoked, self.retired = set(), {}
+        for kid, reg in keystate.items():
+            state = _json(reg[1])
+            if not isinstance(state, dict) or kid == self.root:
+                continue
+            signer = reg[2].get("kid") if isinstance(reg[2], dict) else None
+            if state.get("revoked") and signer == self.root:
+                self.revoked.add(kid)
+            if isinstance(state.get("retired"), int | float):
+                self.retired[kid] = float(state["retired"])
         grew = True
         while grew:
             grew = False
@@ -184,6 +197,9 @@ class Trust:
             info = self.usable(kid)
             if info is None:
                 return f"signed by an untrusted or revoked key ({kid})"
+            if table == KEYSTATE and kid != self.root \
+                    and isinstance(value := _json(reg[1]), dict) and value.get("revoked"):
+                return "only the root key revokes keys"
             public = info.public
         try:
             public.verify(sig, data)

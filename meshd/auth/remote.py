@@ -76,14 +76,14 @@ class SignerChannel:
                                             "sig": private.sign(proof_payload(request))}}
         return request
 
-    async def ask(self, request: dict[str, Any]) -> Any:
-        """Send a request to the first live signer that answers; its result, or its
-        MeshError; 503 when no signer can be reached."""
+    async def ask(self, request: dict[str, Any], to: str | None = None) -> Any:
+        """Send a request to the first live signer that answers (or to node `to` only);
+        its result, or its MeshError; 503 when no signer can be reached."""
         if request.get("op") == "admin":
             request = self._prove(request)
         members = {m.name: m.addr for m in self.auth.store.core.member_list()
                    if m.state == 0 and m.name != self.auth.node}
-        signers = [s for s in self.auth.signers() if s in members]
+        signers = [s for s in ([to] if to else self.auth.signers()) if s in members]
         errors = []
         for signer in signers:
             try:

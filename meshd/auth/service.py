@@ -68,8 +68,19 @@ SERVICE_SCOPES = ["service"]
 class NoIssuerKey(MeshError):
     """This node holds no usable issuer key: the request must go to a signer."""
 
+    holder: str | None = None  # the node that must answer instead (None: any signer)
+
     def __init__(self) -> None:
         super().__init__(503, "this node holds no issuer key", id="meshd.auth")
+
+
+class NoRootKey(NoIssuerKey):
+    """Only the node holding the root key may do this (revoke issuer keys)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__()
+        self.holder = holder
+        self.detail = f"only {holder or 'the node'} holding the auth root key revokes keys"
 
 
 @dataclass
@@ -138,8 +149,11 @@ class AuthService:
         self._decisions: dict[Any, tuple[bool, Rule | None]] = {}
         self._decisions_version: Any = None
         self._refused_logged = 0.0
-        # set by the node: the live members' `authroot` tags (for pinning), a pin listener
-        # (to advertise ours), and whether a service is registered on a node
+        # set by the node: the `authroot` tags of the seeds we joined through (the nodes at
+        # the addresses the operator gave: they pin our root), of all live members (does
+        # the cluster have auth at all?), a pin listener (to advertise ours), and whether a
+        # service is registered on a node
+        self.seed_roots: Callable[[], list[str]] = lambda: []
         self.vouched_roots: Callable[[], list[str]] = lambda: []
         self.on_pin: Callable[[str], None] | None = None
         self.service_on_node: Callable[[str, str], bool] = lambda service, node: False
@@ -170,34 +184,48 @@ class AuthService:
     def root_fingerprint(self) -> str | None:
         return self.trust.pin
 
-    def _try_pin_from_members(self) -> bool:
-        """Pin the root the live members vouch for (strict majority of those that name
-        one; a tie pins nothing yet)."""
-        votes: dict[str, int] = {}
-        for fp in self.vouched_roots():
-            votes[fp] = votes.get(fp, 0) + 1
-        if not votes:
+    def _try_pin_from_seeds(self) -> bool:
+        """Pin the root the seeds we joined through vouch for. Not a vote among members:
+        anyone with the cluster secret can add members, but only the operator chose the
+        seeds (or give the root outright: `meshd up --auth-root FP`, which `meshd invite`
+        prints)."""
+        roots = set(self.seed_roots())
+        if len(roots) != 1:
+            if len(roots) > 1:
+                log.warning("the seeds we joined through vouch for different auth roots "
+                            "(%s): trusting none; pass --auth-root", ", ".join(sorted(roots)))
             return False
-        ranked = sorted(votes.items(), key=lambda kv: -kv[1])
-        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
-            log.warning("members disagree on the auth root (%s): not trusting any yet",
-                        ", ".join(f"{fp} x{n}" for fp, n in ranked))
-            return False
-        self._set_pin(ranked[0][0])
+        self._set_pin(roots.pop())
         return True
 
     # --- state in the store ----------------------------------------------------------------
 
     def _records(self, table: str) -> dict[str, Any]:
-        return self.store.json_records(DB, table)
+        """Live records of a table that count: signed by a trusted key not revoked."""
+        t = self.store.rep.state.table(DB, table)
+        if t is None:
+            return {}
+        trust = self._trusted()
+        now = int(time.time() * 1000)
+        out = {}
+        for key, state in t.records.items():
+            reg = state.get("lww")
+            if reg is None or reg[1] is None or not live(state, now) or not trust.counts(reg):
+                continue
+            try:
+                out[key] = json.loads(reg[1])
+            except (ValueError, TypeError, RecursionError):
+                continue
+        return out
 
     def _get(self, table: str, key: str) -> Any:
         state = self.store.rep.state.get(DB, table, key)
-        if state is None or not live(state, int(time.time() * 1000)):
+        if state is None or not live(state, int(time.time() * 1000)) \
+                or not self._trusted().counts(state.get("lww")):
             return None
         try:
             return json.loads(state["lww"][1])
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             return None
 
     def _registers(self, table: str) -> dict[str, list[Any]]:
@@ -225,7 +253,7 @@ class AuthService:
             return self._refuse(table, key, "auth records are registers only")
         trust = self._trusted()
         why = trust.check(table, key, state["lww"])
-        if why == "no auth root pinned yet" and self._try_pin_from_members():
+        if why == "no auth root pinned yet" and self._try_pin_from_seeds():
             why = self._trusted().check(table, key, state["lww"])
         if why is not None:
             return self._refuse(table, key, why)
@@ -301,8 +329,9 @@ class AuthService:
 
     def _revoked_nodes(self) -> tuple[frozenset[str], frozenset[str]]:
         """(node ids, node names) revoked by an admin."""
-        version = self._version("nodes")
-        if self._nodes_cache[0] != version or version is None:
+        self._trusted()
+        version = (self._version("nodes"), self._trust_version)
+        if self._nodes_cache[0] != version or version[0] is None:
             recs = self._records("nodes")
             ids = frozenset(recs)
             names = frozenset(str(r.get("name")) for r in recs.values() if r.get("name"))
@@ -318,7 +347,8 @@ class AuthService:
         return name in self._revoked_nodes()[1]
 
     def rules(self) -> list[Rule]:
-        v = self._version("rules")
+        self._trusted()
+        v = (self._version("rules"), self._trust_version)
         if self._rules_cache[0] != v or v is None:
             rules = []
             for rid, rec in self._records("rules").items():
@@ -388,52 +418,47 @@ class AuthService:
         write_secret_file(self.data_dir / f"issuer-{kid}.pem", private)
         return kid, public.decode()
 
+    def root_holder(self) -> str:
+        trust = self._trusted()
+        info = trust.keys.get(trust.root or "")
+        return info.signer if info is not None else ""
+
+    def _root_key(self) -> tuple[str, Any]:
+        trust = self._trusted()
+        path = self.data_dir / f"issuer-{trust.root}.pem"
+        if trust.root is None or not path.exists():
+            raise NoRootKey(self.root_holder())
+        return trust.root, records.load_private(path.read_bytes())
+
     async def revoke_key(self, kid: str) -> dict[str, Any]:
-        """Stop trusting issuer key `kid` at once: its tokens and records stop verifying.
-        What it signed is signed again with one of our keys first, so trust in the other
-        keys never rests on it."""
+        """Stop trusting issuer key `kid` at once (the root key signs the revocation): its
+        tokens stop verifying, keys it endorsed lose their trust with it, and the records
+        any of them signed stop counting. Nothing is re-signed: what is still wanted is
+        written again by an admin (the reply lists what no longer counts)."""
         trust = self._trusted()
         if kid not in trust.keys:
             raise not_found(f"no trusted issuer key {kid!r}", id="meshd.auth")
-        if kid in trust.revoked:
-            return {"revoked": kid}
         if kid == trust.root:
             raise MeshError(409, f"key {kid} is the cluster's auth root, which every other "
                                  "key's trust goes back to; it can be retired (rotate) but "
                                  "not revoked", id="meshd.auth")
-        held = [(info, pem) for info, pem in self._held_keys()
-                if kid not in self._chain(info.kid)]
-        if not held:
-            raise NoIssuerKey() if not self._held_keys() else MeshError(
-                409, f"every issuer key this node holds is endorsed through {kid}; revoke "
-                     "it from a node whose key is not (the root's node)", id="meshd.auth")
-        signer = (held[0][0].kid, records.load_private(held[0][1]))
-        resigned = 0
-        for table in ("meta", "accounts", "rules", KEYS, KEYSTATE, "revoked", "nodes"):
+        if kid in trust.revoked:
+            return {"revoked": kid, "keys_untrusted": [], "records_dropped": []}
+        root = self._root_key()
+        before = {k for k in trust.keys if k not in trust.revoked}
+        state = self._get(KEYSTATE, kid) or {}
+        await self._write(KEYSTATE, kid, {**state, "revoked": time.time()}, kid_key=root)
+        trust = self._trusted()
+        gone = sorted(before - {k for k in trust.keys if k not in trust.revoked})
+        dropped = []
+        for table in ("meta", "accounts", "rules", KEYSTATE, "revoked", "nodes"):
             for key, reg in self._registers(table).items():
                 meta = reg[2] if isinstance(reg[2], dict) else {}
-                if meta.get("kid") != kid or (table == KEYS and key == kid):
-                    continue
-                expiry = reg[3]
-                ttl = (expiry / 1000 - time.time()) if expiry else None
-                if ttl is not None and ttl <= 0:
-                    continue
-                value = None if reg[1] is None else json.loads(reg[1])  # tombstones too
-                await self._write(table, key, value, ttl=ttl, kid_key=signer)
-                resigned += 1
-        state = self._get(KEYSTATE, kid) or {}
-        await self._write(KEYSTATE, kid, {**state, "revoked": time.time()}, kid_key=signer)
-        log.warning("issuer key %s revoked; %d records re-signed with %s", kid, resigned,
-                    signer[0])
-        return {"revoked": kid, "resigned": resigned}
-
-    def _chain(self, kid: str) -> list[str]:
-        """The keys from `kid` back to the root along endorsements."""
-        chain, keys = [], self.trust.keys
-        while kid in keys and kid not in chain:
-            chain.append(kid)
-            kid = keys[kid].endorsed_by
-        return chain
+                if meta.get("kid") in gone and reg[1] is not None:
+                    dropped.append(f"{table}/{key}")
+        log.warning("issuer key %s revoked: %d key(s) no longer trusted (%s), %d record(s) "
+                    "no longer count", kid, len(gone), ", ".join(gone), len(dropped))
+        return {"revoked": kid, "keys_untrusted": gone, "records_dropped": dropped}
 
     def list_keys(self) -> list[dict[str, Any]]:
         trust = self._trusted()

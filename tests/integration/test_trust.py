@@ -324,6 +324,72 @@ def test_item10_a_retired_issuer_key_can_be_revoked_and_its_cached_tokens_stop(c
         as_token(c, "auth.whoami", old)
 
 
+def test_item10_revoking_a_key_takes_down_what_it_endorsed_and_signed(cluster):
+    """A stolen key (b's) endorsed another key and signed an account: after the admin
+    revokes it, neither that key nor what they signed counts anywhere."""
+    a = cluster.add("a", env=FAST)
+    b = cluster.add("b", join=[a.addr], env=FAST)
+    wait_for(lambda: len(control(b.data_dir, "auth.rules.list")) == 3, 10, "auth on b")
+    as_token(b, "auth.keys.rotate", admin_token(a))  # b gets K1
+    wait_for(lambda: len(control(b.data_dir, "auth.keys.list")) == 2, 10, "K1 on b")
+    k1 = next(k["kid"] for k in control(b.data_dir, "auth.keys.list") if not k["root"])
+    control(b.data_dir, "auth.keys.rotate")  # b's operator (holds K1) makes K2: endorsed by K1
+    wait_for(lambda: len(control(b.data_dir, "auth.keys.list")) == 3, 10, "K2 on b")
+    control(b.data_dir, "auth.accounts.create", id="mallory", secret="mallory-secret",
+            scopes=["admin"])
+    stolen = control(b.data_dir, "auth.token.create", account="mallory", ttl=600)["token"]
+    wait_for(lambda: "mallory" in {x["id"] for x in control(a.data_dir, "auth.accounts.list")},
+             10, "mallory replicated")
+    assert as_token(a, "auth.whoami", stolen)["scopes"] == ["admin"]
+    r = control(a.data_dir, "auth.keys.revoke", kid=k1)
+    assert len(r["keys_untrusted"]) == 2 and "accounts/mallory" in r["records_dropped"]
+
+    def gone_everywhere() -> bool:
+        for d in (a, b):
+            if "mallory" in {x["id"] for x in control(d.data_dir, "auth.accounts.list")}:
+                return False
+            keys = control(d.data_dir, "auth.keys.list")
+            if [k["state"] for k in keys if k["kid"] == k1] != ["revoked"] or len(keys) != 2:
+                return False  # K1 shown revoked, K2 not trusted at all
+            try:
+                as_token(d, "auth.whoami", stolen)
+                return False
+            except MeshError as exc:
+                if exc.status != 401:
+                    return False
+        return True
+
+    wait_for(gone_everywhere, 10, "K1, K2 and what they signed gone everywhere")
+    with pytest.raises(MeshError) as info:  # and b may not revoke keys: the root does
+        control(b.data_dir, "auth.keys.revoke", kid=k1)
+    assert info.value.status in (403, 404)
+
+
+def test_item8_extra_members_cannot_outvote_the_seed_on_the_auth_root(cluster):
+    """A holder of the secret brings up its own cluster (its own auth root) and merges it
+    with the real one: a node joining through a real seed still trusts the real root."""
+    l1 = cluster.add("l1", env=FAST)
+    l2 = cluster.add("l2", join=[l1.addr], env=FAST)
+    x0 = cluster.add("x0", env=FAST)  # the attacker's: a first node makes its own root
+    x1 = cluster.add("x1", join=[x0.addr], env=FAST)
+    x2 = cluster.add("x2", join=[x0.addr], env=FAST)
+    control(x0.data_dir, "join", peers=[l1.addr])
+    wait_for(lambda: l1.status_of("x2") == "alive" and x0.status_of("l2") == "alive", 15,
+             "the two merged")
+    v = cluster.add("v", join=[l1.addr], env=FAST)
+    wait_for(lambda: len(control(v.data_dir, "auth.rules.list")) == 3, 15, "auth on v")
+    assert (v.data_dir / "auth-root").read_text() == (l1.data_dir / "auth-root").read_text()
+    assert as_token(v, "auth.whoami", admin_token(l1))["scopes"] == ["admin"]
+    with pytest.raises(MeshError):
+        as_token(v, "auth.whoami", admin_token(x0))
+    del l2, x1, x2
+    invite = control(l1.data_dir, "invite")
+    assert f"MESHD_AUTH_ROOT={invite['auth_root']}" in invite["command"]
+    w = cluster.add("w", join=[x0.addr], env={**FAST, "MESHD_AUTH_ROOT": invite["auth_root"]})
+    wait_for(lambda: len(control(w.data_dir, "auth.rules.list")) == 3, 15, "auth on w")
+    assert as_token(w, "auth.whoami", admin_token(l1))["scopes"] == ["admin"]
+
+
 # --- item 15: the control socket --------------------------------------------------------------
 
 
