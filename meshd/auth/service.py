@@ -159,6 +159,10 @@ class AuthService:
         self.service_on_node: Callable[[str, str], bool] = lambda service, node: False
         store.rep.accept = self._accept
         store.rep.merge_first = records.MERGE_FIRST
+        # a deleted account or rule stays deleted: its old signed record must not come back
+        # by replay once a tombstone is collected, so auth tombstones never are (they are
+        # few: one per deleted account, rule or key)
+        store.rep.keep_tombstones = frozenset({DB})
         from .remote import SignerChannel  # the link protocol to and from signers
 
         self.remote = SignerChannel(self, links)

@@ -35,8 +35,9 @@ Rules:
   message a link would refuse; differences that cannot be repaired, such as refused
   records, wait for the next sync tick).
 - Deletes are tombstones, dropped `tombstone_grace` after they were written (checked at
-  each sync tick, against this node's clock). A replica cut off for longer than that may
-  bring the deleted value back: the grace must exceed the longest partition to tolerate.
+  each sync tick, against this node's clock), except in `keep_tombstones` databases. A
+  replica cut off for longer than that may bring the deleted value back: the grace must
+  exceed the longest partition to tolerate.
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ class StoreReplicator:
         self.accept: Callable[[str, str, str, crdt.State], bool] | None = None
         # tables merged first within one message (records that vouch for the others)
         self.merge_first: tuple[tuple[str, str], ...] = ()
+        # databases whose deletes are remembered for ever: a signed record there must never
+        # come back by replay once its tombstone is gone (the auth database)
+        self.keep_tombstones: frozenset[str] = frozenset()
         self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0, "store_refused": 0,
                       "store_future_refused": 0}
 
@@ -133,7 +137,8 @@ class StoreReplicator:
             out += self._flush()
         if now >= self.next_sync:
             self.next_sync = now + self.sync_interval * (0.5 + self.rng.random())
-            for db, tbl, key in self.state.collect(self.hlc.clock(), self.tombstone_grace_ms):
+            for db, tbl, key in self.state.collect(self.hlc.clock(), self.tombstone_grace_ms,
+                                                   self.keep_tombstones):
                 if self.on_drop is not None:
                     self.on_drop(db, tbl, key)
             peers = self.peers()

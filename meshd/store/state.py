@@ -154,10 +154,14 @@ class StoreState:
         wanted = set(buckets)
         return {k: h for k, h in t.hashes.items() if bucket_of(k) in wanted}
 
-    def collect(self, now_ms: int, grace_ms: int) -> list[tuple[str, str, str]]:
-        """Drop LWW tombstones older than the grace period (and nothing else on the key)."""
+    def collect(self, now_ms: int, grace_ms: int,
+                keep: frozenset[str] = frozenset()) -> list[tuple[str, str, str]]:
+        """Drop LWW tombstones older than the grace period (and nothing else on the key),
+        except in the databases named in `keep`."""
         dropped = []
         for (db, tbl), t in list(self.tables.items()):
+            if db in keep:
+                continue
             for key, s in list(t.records.items()):
                 reg = s.get("lww")
                 if reg is not None and reg[1] is None and len(s) == 1 \
