@@ -13,6 +13,8 @@ Rules:
   Once delivered, a failure is the caller's answer (503 if the instance died mid-call).
 - Errors are MeshError maps: 400 bad request, 404 unknown service/endpoint, 408 timeout,
   500 handler error, 503 unavailable.
+- A peer daemon has at most MAX_CALLS_PER_CHANNEL calls in flight here; beyond that its
+  channel is not read (flow control holds it back) until calls finish.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 log = logging.getLogger("meshd.rpc")
 CHANNEL = "rpc"
+MAX_CALLS_PER_CHANNEL = 1024  # calls one peer daemon has in flight here at once
 SELECTORS = ("random", "roundrobin", "nearest")
 
 
@@ -224,13 +227,23 @@ class RpcService:
         """A caller daemon's call channel: many calls, each tagged with an id, served
         concurrently; replies go back tagged with the same id. One call's failure is that
         call's error reply; it never ends the channel the other calls share."""
+        slots = trio.Semaphore(MAX_CALLS_PER_CHANNEL)
+
+        async def serve(data: bytes) -> None:
+            try:
+                await self._serve_one(ch, data)
+            finally:
+                slots.release()
+
         async with trio.open_nursery() as nursery:
             while True:
+                await slots.acquire()  # full: stop reading, the window holds the caller back
                 try:
                     data = await ch.receive()
                 except ChannelClosed:
+                    slots.release()
                     return  # in-flight calls finish in the nursery; nothing escapes it
-                nursery.start_soon(self._serve_one, ch, data)
+                nursery.start_soon(serve, data)
 
     async def _serve_one(self, ch: Channel, data: bytes) -> None:
         rid = None

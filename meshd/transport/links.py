@@ -47,6 +47,10 @@ Bounds (a member may act as a node, never take the node down):
   empty or tiny frames cannot queue without bound; an empty DATA frame is a protocol fault.
 - A message is at most `max_message` bytes; bytes held in partly received messages of one
   link are bounded too; beyond either the link is closed.
+- Received bytes that no handler has read yet are bounded per link (`link_buffer`: the
+  link is closed beyond it) and per node (`node_buffer`: the link holding the most is
+  closed), so channels a peer fills and never lets drain (4 MiB windows each) cannot
+  exhaust memory.
 - Accepting goes through transport/listeners.py: caps on pending and open connections per
   listener, the handshake deadline, EMFILE back-off, and a failure ends one connection only.
 """
@@ -85,6 +89,8 @@ MAX_CHANNEL_NAME = 64
 MAX_CHANNELS = 8192  # open channels per link (streams, tunnels, calls in flight)
 MAX_MESSAGE = 64 << 20  # one channel message, all its DATA parts together
 KEY_PREFIX = "key:"  # address of an accepted link whose claimed address is someone else's
+LINK_BUFFER = 128 << 20  # unread bytes one link may leave on its channels (32 full windows)
+NODE_BUFFER = 1 << 30  # unread bytes on all links together
 
 
 class WsStream:
@@ -244,9 +250,11 @@ class Channel:
     def _on_data(self, ftype: int, payload: bytes) -> None:
         if ftype == DATA and not payload:
             raise FrameError(f"empty DATA frame on channel {self.id}")
-        self._buffered += max(len(payload), MIN_FRAME_COST)
+        cost = max(len(payload), MIN_FRAME_COST)
+        self._buffered += cost
         if self._buffered > WINDOW_BYTES:
             raise FrameError(f"peer overran the flow-control window on channel {self.id}")
+        self.link._hold(cost)
         self._in_send.send_nowait((ftype, payload))
 
     def _on_window(self, increment: int) -> None:
@@ -308,6 +316,7 @@ class Channel:
                     raise ChannelClosed("peer closed the channel")
                 cost = max(len(payload), MIN_FRAME_COST)
                 self._buffered -= cost
+                link._release(cost)
                 self._consumed += cost
                 if ftype == END and not parts:
                     message = payload  # the common case: a one-frame message
@@ -355,6 +364,7 @@ class Link:
         self.peer_public = keys.peer_public
         self.peer_addr = keys.peer_addr
         self.assembling = 0  # bytes held in partly received messages of all channels
+        self.buffered = 0  # bytes received on its channels that no handler read yet
         self.initiator = initiator
         self.initiator_id = initiator_id
         self.channels: dict[int, Channel] = {}
@@ -400,7 +410,31 @@ class Link:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def _hold(self, n: int) -> None:
+        """Received bytes no handler has read yet: bounded per link and per node. Over the
+        link's budget the link is closed; over the node's, the link holding the most."""
+        self.buffered += n
+        manager = self.manager
+        manager.buffered += n
+        if self.buffered > manager.link_buffer:
+            raise FrameError(f"peer left {self.buffered} bytes unread on its channels "
+                             f"(link budget {manager.link_buffer})")
+        if manager.buffered > manager.node_buffer:
+            hog = max(manager.live, key=lambda link: link.buffered, default=self)
+            if hog is self:
+                raise FrameError("unread bytes over the node's budget: this link holds most")
+            hog.protocol_fault("unread bytes over the node's budget: this link holds most")
+
+    def _release(self, n: int) -> None:
+        if self.closed:
+            return  # a closed link released all it held at once (_mark_closed)
+        self.buffered -= n
+        self.manager.buffered -= n
+
     def _forget(self, ch: Channel) -> None:
+        if ch._buffered > 0:  # what its handler never read is dropped with it
+            self._release(ch._buffered)
+            ch._buffered = 0
         self.channels.pop(ch.id, None)
         if self.draining and not self.channels and self._nursery is not None:
             self._nursery.cancel_scope.cancel()
@@ -410,6 +444,8 @@ class Link:
             self.closed = True
             for ch in list(self.channels.values()):
                 ch._on_close()
+            self.manager.buffered -= self.buffered  # the link's unread bytes go with it
+            self.buffered = 0
 
     async def run(self) -> None:
         """Read frames until the link ends; closes everything on the way out."""
@@ -520,7 +556,8 @@ class LinkManager:
 
     def __init__(self, identity: Identity, keyring: Keyring, advertise: str,
                  max_frame: int = 1 << 20, handshake_timeout: float = 5.0,
-                 max_channels: int = MAX_CHANNELS, max_message: int = MAX_MESSAGE) -> None:
+                 max_channels: int = MAX_CHANNELS, max_message: int = MAX_MESSAGE,
+                 link_buffer: int = LINK_BUFFER, node_buffer: int = NODE_BUFFER) -> None:
         self.identity = identity
         self.keyring = keyring
         self.advertise = advertise
@@ -528,6 +565,9 @@ class LinkManager:
         self.handshake_timeout = handshake_timeout
         self.max_channels = max_channels
         self.max_message = max_message
+        self.link_buffer = link_buffer
+        self.node_buffer = node_buffer
+        self.buffered = 0  # unread bytes on every link
         self.handlers: dict[str, Callable[[Channel], Awaitable[None]]] = {}
         self.links: dict[str, Link] = {}
         self.live: set[Link] = set()  # every running link, filed or not (draining ones too)

@@ -174,3 +174,33 @@ def test_a_rogue_member_gets_nothing_and_the_cluster_keeps_serving(cluster):
              "a new member admitted")
     wait_for(lambda: len(control(c.data_dir, "auth.rules.list")) == 3, 15, "auth on c")
     assert "mallory" not in {x["id"] for x in control(c.data_dir, "auth.accounts.list")}
+
+
+def test_a_member_that_fills_windows_and_never_reads_loses_its_link(cluster):
+    """Each channel may hold a 4 MiB window of unread data; a member that opens many and
+    never lets them drain (the node's echo replies go unread) is cut off at the link's
+    budget (128 MiB) instead of growing the node without bound."""
+    a = cluster.add("a", env=FAST)
+    secret = parse_secret(cluster.secret)
+    blob = b"\x00" * 1_000_000
+
+    async def attack() -> int:
+        rogue = RoguePeer(secret, claim=f"127.0.0.1:{free_port()}")
+        await rogue.connect(a.addr)
+        sent = 0
+        try:
+            for _ in range(100):  # 400 MB if nothing stopped it
+                cid = await rogue.open("ping")
+                for _ in range(4):
+                    await rogue.send(cid, blob)
+                    sent += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        await rogue.aclose()
+        return sent
+
+    sent = trio.run(attack)
+    assert sent < 400, "the node kept taking unread data"
+    st = control(a.data_dir, "status")
+    assert st["stats"]["links_dropped_bad_frames"] >= 1
+    assert a.proc.poll() is None
