@@ -37,6 +37,7 @@ import trio
 
 from meshd import wire
 from meshd.errors import MeshError, bad_request
+from meshd.identity import node_id_from_public
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from . import records
@@ -111,7 +112,7 @@ class SignerChannel:
             request = wire.loads(await ch.receive(), max_depth=16, max_bytes=1 << 20)
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 raise bad_request("an auth request is a map with an op", id="meshd.auth")
-            result = await self._answer(request, ch.peer_node)
+            result = await self._answer(request, ch.peer_node, ch.peer_public)
             reply: dict[str, Any] = {"ok": True, "result": result}
         except wire.WireError as exc:
             reply = {"ok": False, "error": bad_request(str(exc), id="meshd.auth").to_dict()}
@@ -119,7 +120,8 @@ class SignerChannel:
             reply = {"ok": False, "error": exc.to_dict()}
         await ch.send(wire.dumps(reply))
 
-    async def _answer(self, request: dict[str, Any], peer: str | None) -> Any:
+    async def _answer(self, request: dict[str, Any], peer: str | None,
+                      peer_key: bytes = b"") -> Any:
         auth = self.auth
         if peer is None:
             raise MeshError(403, "auth requests come from members only", id="meshd.auth")
@@ -131,11 +133,13 @@ class SignerChannel:
             if not await wait_for_service(auth, service, peer):
                 raise MeshError(403, f"service {service!r} is not registered on node "
                                      f"{peer}", id="meshd.auth")
-            return {"token": await auth.service_token_for(service, peer)}
+            return {"token": await auth.service_token_for(service, peer,
+                                                          node_id_from_public(peer_key))}
         if op == "login":
-            source = str(request.get("source") or "?")[:64]
+            # limited per account and per asking node (what the asker says of its own
+            # caller is not ours to trust)
             scopes = auth.check_login(_text(request, "id"), _text(request, "secret"),
-                                      f"node:{peer}/{source}")
+                                      f"node:{peer}", per_node=True)
             return await auth.tokens_for(request["id"], scopes)
         if op == "refresh":
             return await auth.tokens_for(*auth.check_refresh(_text(request, "refresh_token")))

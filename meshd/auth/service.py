@@ -145,6 +145,7 @@ class AuthService:
             ("unset",), frozenset(), frozenset())
         self._login_by_account = _Bucket(5, 0.1)
         self._login_by_source = _Bucket(20, 0.5)
+        self._login_by_node = _Bucket(200, 10.0)  # logins forwarded by one member node
         self.stats = {"auth_denied": 0, "auth_bad_tokens": 0, "auth_records_refused": 0}
         self._decisions: dict[Any, tuple[bool, Rule | None]] = {}
         self._decisions_version: Any = None
@@ -518,8 +519,9 @@ class AuthService:
         if sub.startswith("service:"):
             if scopes != SERVICE_SCOPES:
                 raise TokenError(f"service token with scopes {scopes!r}")
-            iss = claims.get("iss")
-            if not isinstance(iss, str) or self.node_name_revoked(iss):
+            iss, nid = claims.get("iss"), claims.get("nid")
+            if not isinstance(iss, str) or not isinstance(nid, str) \
+                    or self.node_name_revoked(iss) or nid in self._revoked_nodes()[0]:
                 raise TokenError(f"service token from a revoked node ({iss!r})")
             return Principal(sub, list(SERVICE_SCOPES), "token")
         account = self._get("accounts", sub)
@@ -593,11 +595,13 @@ class AuthService:
             raise not_found(f"no account {id!r}", id="meshd.auth")
         await self._write("accounts", id, None)
 
-    def check_login(self, id: str, secret: str, source: str) -> list[str]:
+    def check_login(self, id: str, secret: str, source: str,
+                    per_node: bool = False) -> list[str]:
         """The account's scopes if id/secret are right (rate-limited per account and per
-        source); else 401/429."""
+        source, or per member node for logins it forwards); else 401/429."""
         now = time.monotonic()
-        for bucket, key in ((self._login_by_account, id), (self._login_by_source, source)):
+        by_source = self._login_by_node if per_node else self._login_by_source
+        for bucket, key in ((self._login_by_account, id), (by_source, source)):
             wait = bucket.take(key, now)
             if wait:
                 raise MeshError(429, f"too many login attempts; try again in {wait:.0f} s",
@@ -665,10 +669,13 @@ class AuthService:
             log.info("no service token for %s: %s", service, exc.detail)
             return None
 
-    async def service_token_for(self, service: str, node: str) -> str:
-        """Sign a service token for `service` on `node`: its own scope only."""
-        return await self.sign(make_claims(f"service:{service}", SERVICE_SCOPES, node,
-                                           self.cluster_id, 86400.0))
+    async def service_token_for(self, service: str, node: str, node_id: str = "") -> str:
+        """Sign a service token for `service` on `node` (its id in `nid`, so the token dies
+        with a revocation of the node whatever it is called): its own scope only."""
+        claims = make_claims(f"service:{service}", SERVICE_SCOPES, node, self.cluster_id,
+                             86400.0)
+        claims["nid"] = node_id or self.links.identity.node_id
+        return await self.sign(claims)
 
     def revocation_of(self, token: str) -> tuple[str, float]:
         """(token id, seconds to keep the revocation) of a token this cluster signed."""

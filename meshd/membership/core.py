@@ -397,7 +397,10 @@ class Membership:
             for m in self.members.values():
                 if m.key and m.state in (ALIVE, SUSPECT):
                     by_key.setdefault(m.key, m.name)
-                    by_addr.setdefault(m.addr, m.key)
+                    by_addr[m.addr] = m.key  # a live member's address is its own
+            for m in self.members.values():
+                if m.key and m.state not in (ALIVE, SUSPECT):
+                    by_addr.setdefault(m.addr, m.key)  # a dead one's, until reaped
             self._key_index = (self.member_version, by_key, by_addr)
         return by_key, by_addr
 
@@ -406,8 +409,9 @@ class Membership:
         return self._identity_index()[0].get(key)
 
     def key_at(self, addr: str) -> bytes | None:
-        """The identity key of the live member at an address (None: no live member there,
-        or one without a key)."""
+        """The identity key expected at an address: the live member's there, else a dead or
+        left member's still in the table (traffic meant for it, such as a reconnect, must
+        not reach another key); None if no member with a key is there."""
         return self._identity_index()[1].get(addr)
 
     def restore(self, states: Iterable[MemberState], now: float) -> None:

@@ -79,25 +79,32 @@ class ReplayWindow:
     (ReplayCacheFull, counted) rather than older nonces forgotten, since a forgotten nonce
     could be replayed. Only authentic packets are remembered, so only a holder of the
     cluster secret could fill it, and gossip stays far below the 1,600 packets/s it takes.
+    One source address may hold at most `per_source` of them (an eighth): a member that
+    floods gets its own packets refused, not everyone's.
     """
 
-    __slots__ = ("_buckets", "_count", "_expire_at", "max_entries", "window_ms")
+    __slots__ = ("_buckets", "_by_source", "_count", "_expire_at", "max_entries",
+                 "per_source", "window_ms")
 
     def __init__(self, window: float = REPLAY_WINDOW,
-                 max_entries: int = REPLAY_MAX_ENTRIES) -> None:
+                 max_entries: int = REPLAY_MAX_ENTRIES, per_source: int = 0) -> None:
         if not window > 0 or max_entries < 1:
             raise ValueError("the replay window and its capacity must be positive")
         self.window_ms = max(1, int(window * 1000))
         self.max_entries = max_entries
-        self._buckets: dict[int, set[bytes]] = {}
+        self.per_source = per_source or max(1, max_entries // 8)
+        self._buckets: dict[int, dict[bytes, str | None]] = {}
+        self._by_source: dict[str | None, int] = {}
         self._count = 0
         self._expire_at = float("inf")
 
     def __len__(self) -> int:
         return self._count
 
-    def check(self, sent_ms: int, nonce: bytes, now: float) -> None:
-        """Accept (and remember) a packet sent at `sent_ms`, or raise why not."""
+    def check(self, sent_ms: int, nonce: bytes, now: float,
+              source: str | None = None) -> None:
+        """Accept (and remember) a packet sent at `sent_ms` from `source`, or raise why
+        not."""
         now_ms = int(now * 1000)
         w = self.window_ms
         if abs(now_ms - sent_ms) > w:
@@ -111,16 +118,27 @@ class ReplayWindow:
             raise ReplayedPacket("packet already received")
         if self._count >= self.max_entries:
             raise ReplayCacheFull(f"replay window full ({self.max_entries} packets)")
+        held = self._by_source.get(source, 0)
+        if source is not None and held >= self.per_source:
+            raise ReplayCacheFull(f"{source} sent {held} packets within the window")
         if seen is None:
-            seen = self._buckets[b] = set()
+            seen = self._buckets[b] = {}
             self._expire_at = min(self._expire_at, (b + 2) * w)
-        seen.add(nonce)
+        seen[nonce] = source
+        self._by_source[source] = held + 1
         self._count += 1
 
     def _expire(self, now_ms: int) -> None:
         w = self.window_ms
         for b in [b for b in self._buckets if (b + 2) * w <= now_ms]:
-            self._count -= len(self._buckets.pop(b))
+            bucket = self._buckets.pop(b)
+            self._count -= len(bucket)
+            for source in bucket.values():
+                left = self._by_source[source] - 1
+                if left:
+                    self._by_source[source] = left
+                else:
+                    del self._by_source[source]
         self._expire_at = min(((b + 2) * w for b in self._buckets), default=float("inf"))
 
 
@@ -223,7 +241,7 @@ class Keyring:
         return header + nonce + key.aead.encrypt(nonce, plaintext, header)
 
     def open(self, packet: bytes, now: float | None = None,
-             replay: ReplayWindow | None = None) -> bytes:
+             replay: ReplayWindow | None = None, source: str | None = None) -> bytes:
         """The plaintext of an authentic, fresh, first-seen packet; else SealError (or its
         subclasses StalePacket, ReplayedPacket). `replay` is the receiver's window (the
         keyring's own if None)."""
@@ -240,7 +258,7 @@ class Keyring:
             raise SealError("packet failed authentication") from None
         (self.replay if replay is None else replay).check(
             _TIME.unpack_from(packet, HINT_BYTES)[0], nonce,
-            time.time() if now is None else now)
+            time.time() if now is None else now, source)
         return plaintext
 
     # --- persistence ---------------------------------------------------------------------

@@ -41,6 +41,8 @@ Identity (who is at the other end):
   A link never replaces another link of a different key (the lower-id rule applies only to
   the same peer dialing both ways).
 - `is_revoked(key)`: links of a revoked identity are refused both ways.
+- An accepted link whose key is not a live member is closed after NON_MEMBER_GRACE
+  seconds (and at every later check): links from keys that never join cannot pile up.
 Bounds (a member may act as a node, never take the node down):
 - At most `max_channels` channels per link; OPENs beyond it are refused (closed at once).
 - A channel's queued frames are charged at least MIN_FRAME_COST bytes of window each, so
@@ -89,6 +91,7 @@ MAX_CHANNEL_NAME = 64
 MAX_CHANNELS = 8192  # open channels per link (streams, tunnels, calls in flight)
 MAX_MESSAGE = 64 << 20  # one channel message, all its DATA parts together
 KEY_PREFIX = "key:"  # address of an accepted link whose claimed address is someone else's
+NON_MEMBER_GRACE = 30.0  # seconds an accepted link may stay without being a live member
 LINK_BUFFER = 128 << 20  # unread bytes one link may leave on its channels (32 full windows)
 NODE_BUFFER = 1 << 30  # unread bytes on all links together
 
@@ -455,6 +458,8 @@ class Link:
                 # errors are handled inside the nursery: with strict exception groups an
                 # exception leaving it would arrive wrapped in a group
                 nursery.start_soon(self._keepalive)
+                if not self.initiator and self.manager.node_of_key is not None:
+                    nursery.start_soon(self._member_watch)
                 try:
                     await self._read_loop(nursery)
                 except (FrameError, LinkError, trio.BrokenResourceError, OSError) as exc:
@@ -467,6 +472,20 @@ class Link:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
             self.manager._unregister(self)
+
+    async def _member_watch(self) -> None:
+        """An accepted link must belong to a member: one that is not a live member
+        NON_MEMBER_GRACE seconds after it came (or at any later check) is closed, so links
+        from keys that never join cannot pile up (a joining node is a member in about a
+        second; one that comes back later dials again)."""
+        while True:
+            await trio.sleep(NON_MEMBER_GRACE)
+            if self.peer_node() is None:
+                log.info("link %s: node %s is not a live member: closing it",
+                         self.peer_addr, self.peer_id[:8])
+                self.manager.stats["links_closed_not_member"] += 1
+                await self.aclose()
+                return
 
     async def _keepalive(self) -> None:
         while True:
@@ -579,6 +598,7 @@ class LinkManager:
             "links_accepted": 0, "links_dialed": 0, "handshakes_failed": 0,
             "links_dropped_bad_frames": 0, "links_relayed": 0, "relay_sessions": 0,
             "links_refused_identity": 0, "links_refused_revoked": 0,
+            "links_closed_not_member": 0,
             "channels_refused_cap": 0, "channel_handler_errors": 0}
         self.gate_tcp = serving.Gate("link_tcp", self.stats, pending_timeout=handshake_timeout)
         self.gate_ws = serving.Gate("link_ws", self.stats, pending_timeout=handshake_timeout)

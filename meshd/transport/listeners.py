@@ -19,6 +19,10 @@ Rules:
   counted. The defaults come from the process's open-file limit (``default_caps``), so a
   flood of idle connections cannot take the descriptors the node needs for its links, its
   store and its service sessions.
+- Per source address at most ``max_per_source`` connections may be open (a quarter of
+  ``max_open`` by default): one host cannot take every slot, even with connections it
+  authenticates (a holder of the cluster secret can complete link handshakes). A source at
+  its cap first loses its own oldest pending connection; with none, the new one is closed.
 - A pending connection has ``pending_timeout`` seconds to authenticate; the handler runs
   its pre-authentication part under ``ticket.deadline`` (trio time).
 - accept() failing for lack of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs
@@ -67,14 +71,15 @@ def default_caps() -> tuple[int, int]:
 class Ticket:
     """One admitted connection: pending until authenticated, released when it ends."""
 
-    __slots__ = ("_gate", "_open", "_pending", "deadline", "scope")
+    __slots__ = ("_gate", "_open", "_pending", "deadline", "scope", "source")
 
-    def __init__(self, gate: Gate, deadline: float) -> None:
+    def __init__(self, gate: Gate, deadline: float, source: str | None = None) -> None:
         self._gate = gate
         self._pending = True
         self._open = True
         self.deadline = deadline
         self.scope = trio.CancelScope()  # cancelled to evict the connection
+        self.source = source
 
     @property
     def pending(self) -> bool:
@@ -94,23 +99,34 @@ class Ticket:
         if self._open:
             self._open = False
             self._gate.open -= 1
+            if self.source is not None:
+                gate = self._gate
+                left = gate._by_source.get(self.source, 1) - 1
+                if left > 0:
+                    gate._by_source[self.source] = left
+                else:
+                    gate._by_source.pop(self.source, None)
 
 
 class Gate:
     """Counts one listener's connections against its caps; stats use the listener's name."""
 
     def __init__(self, name: str, stats: dict[str, int], max_open: int = 0,
-                 max_pending: int = 0, pending_timeout: float = 10.0) -> None:
+                 max_pending: int = 0, pending_timeout: float = 10.0,
+                 max_per_source: int = 0) -> None:
         d_open, d_pending = default_caps()
         self.name = name
         self.max_open = max_open or d_open
         self.max_pending = min(max_pending or d_pending, self.max_open)
+        self.max_per_source = max_per_source or max(8, self.max_open // 4)
+        self._by_source: dict[str, int] = {}
         self.pending_timeout = pending_timeout
         self.open = 0
         self.pending = 0
         self._waiting: dict[Ticket, None] = {}  # pending tickets, oldest first
         self.stats = stats
-        for key in ("accepted", "refused_cap", "evicted", "failed", "accept_errors"):
+        for key in ("accepted", "refused_cap", "refused_source", "evicted", "failed",
+                    "accept_errors"):
             stats.setdefault(f"{name}_{key}", 0)
         self._last_warned = -1e9
 
@@ -121,12 +137,21 @@ class Gate:
             log.warning("%s: %s (%d open, %d pending; caps %d/%d)", self.name, what,
                         self.open, self.pending, self.max_open, self.max_pending)
 
-    def admit(self) -> Ticket | None:
+    def _evict(self, ticket: Ticket) -> None:
+        ticket.authenticated()  # no longer pending: it is on its way out
+        ticket.scope.cancel()
+        self.stats[f"{self.name}_evicted"] += 1
+
+    def admit(self, source: str | None = None) -> Ticket | None:
+        if source is not None and self._by_source.get(source, 0) >= self.max_per_source:
+            own = next((t for t in self._waiting if t.source == source), None)
+            if own is None:
+                self.stats[f"{self.name}_refused_source"] += 1
+                self._warn(f"{source} holds its share of connections: closing new ones")
+                return None
+            self._evict(own)
         if self.pending >= self.max_pending and self._waiting:
-            oldest = next(iter(self._waiting))
-            oldest.authenticated()  # no longer pending: it is on its way out
-            oldest.scope.cancel()
-            self.stats[f"{self.name}_evicted"] += 1
+            self._evict(next(iter(self._waiting)))
             self._warn("pending cap reached: evicting the oldest unauthenticated "
                        "connections")
         if self.open >= self.max_open:
@@ -136,7 +161,9 @@ class Gate:
         self.open += 1
         self.pending += 1
         self.stats[f"{self.name}_accepted"] += 1
-        ticket = Ticket(self, trio.current_time() + self.pending_timeout)
+        ticket = Ticket(self, trio.current_time() + self.pending_timeout, source)
+        if source is not None:
+            self._by_source[source] = self._by_source.get(source, 0) + 1
         self._waiting[ticket] = None
         return ticket
 
@@ -203,12 +230,25 @@ async def _accept_loop(listener: trio.abc.Listener[Any], handler: Handler, gate:
             backoff = min(BACKOFF_MAX, backoff * 2)
             continue
         backoff = BACKOFF_START
-        ticket = gate.admit()
+        ticket = gate.admit(_source(stream))
         if ticket is None:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
             continue
         nursery.start_soon(run_guarded, gate, ticket, handler, stream)
+
+
+def _source(stream: Any) -> str | None:
+    """The peer's IP address (None for unix sockets and what has none)."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        transport = getattr(stream, "transport_stream", None)  # TLS over TCP
+        sock = getattr(transport, "socket", None)
+    try:
+        peer = sock.getpeername() if sock is not None else None
+    except OSError:
+        return None
+    return peer[0] if isinstance(peer, tuple) and peer else None
 
 
 async def serve(listeners: list[Any], handler: Handler, gate: Gate,

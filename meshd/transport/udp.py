@@ -94,7 +94,7 @@ class UdpTransport:
                 self.stats["udp_dropped_oversize"] += 1
                 continue
             try:
-                plaintext = self.keyring.open(data, time.time(), self.replay)
+                plaintext = self.keyring.open(data, time.time(), self.replay, source[0])
             except StalePacket:
                 self.stats["udp_dropped_stale"] += 1
                 continue

@@ -124,9 +124,10 @@ class RoguePeer:
         self.peer_id = ""
         self._next = 1
 
-    async def connect(self, addr: str) -> None:
+    async def connect(self, addr: str, local_address: str | None = None) -> None:
         host, port = addr.rsplit(":", 1)
-        self.stream = await trio.open_tcp_stream(host, int(port))
+        self.stream = await trio.open_tcp_stream(host, int(port),
+                                                 local_address=local_address)
         init = Initiator(self.identity, self.keyring, self.claim)
         await self.stream.send_all(_plain(init.hello()))
         confirm, keys = init.on_welcome(await _read_plain(self.stream))

@@ -204,3 +204,39 @@ def test_a_member_that_fills_windows_and_never_reads_loses_its_link(cluster):
     st = control(a.data_dir, "status")
     assert st["stats"]["links_dropped_bad_frames"] >= 1
     assert a.proc.poll() is None
+
+
+def test_authenticated_links_from_one_host_cannot_fill_the_link_listener(cluster):
+    """A holder of the secret completes handshakes with throwaway identities from one
+    address (127.0.0.2) and keeps the links: it gets its share of the listener and no more,
+    so a real node (from 127.0.0.1) still joins; the links of keys that never become
+    members are closed after a grace period."""
+    limited = ["bash", "-c", 'ulimit -n 256 && exec "$@"', "limited"]
+    a = cluster.add("a", prefix=limited, env=FAST)
+    secret = parse_secret(cluster.secret)
+
+    async def attack(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        rogues, refused = [], 0
+        for i in range(90):
+            r = RoguePeer(secret, claim=f"127.0.0.2:{20000 + i}")
+            try:
+                await r.connect(a.addr, local_address="127.0.0.2")
+                rogues.append(r)
+            except Exception:  # refused: closed before the handshake
+                refused += 1
+        task_status.started((len(rogues), refused))
+        await trio.sleep_forever()
+
+    async def main() -> tuple[int, int]:
+        async with trio.open_nursery() as nursery:
+            got = await nursery.start(attack)
+            await trio.to_thread.run_sync(lambda: cluster.add("b", join=[a.addr], env=FAST))
+            await trio.to_thread.run_sync(lambda: wait_for(
+                lambda: a.status_of("b") == "alive", 15, "b admitted"))
+            nursery.cancel_scope.cancel()
+        return got
+
+    held, refused = trio.run(main)
+    assert refused > 0 and held < 90, (held, refused)
+    stats = control(a.data_dir, "status")["stats"]
+    assert stats["link_tcp_refused_source"] > 0

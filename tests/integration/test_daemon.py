@@ -121,7 +121,8 @@ def test_secret_files_are_private_and_invite_prints_a_working_command(cluster):
         assert oct((a.data_dir / f).stat().st_mode & 0o777) == "0o600", f
     assert oct((a.data_dir / "meshd.sock").stat().st_mode & 0o777) == "0o600"
     inv = control(a.data_dir, "invite")
-    assert inv["command"] == f"MESHD_SECRET={inv['secret']} meshd up --join {a.addr}"
+    assert inv["command"] == (f"MESHD_SECRET={inv['secret']} MESHD_AUTH_ROOT="
+                              f"{inv['auth_root']} meshd up --join {a.addr}")
     # the printed secret lets a new node in
     b = Daemon(cluster.root, "b", inv["secret"])
     cluster.daemons["b"] = b

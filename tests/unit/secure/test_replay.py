@@ -95,3 +95,20 @@ async def test_udp_transport_drops_and_counts_replayed_and_stale_packets():
     assert rx.stats["udp_dropped_replay"] == 1
     assert rx.stats["udp_dropped_stale"] == 1
     assert rx.stats["udp_in"] == 2
+
+
+def test_one_source_cannot_fill_the_window_for_everyone():
+    from meshd.secure.keyring import ReplayCacheFull, ReplayWindow
+
+    w = ReplayWindow(60.0, max_entries=800)  # a source may hold an eighth: 100
+    now = 1000.0
+    refused = 0
+    for i in range(300):
+        try:
+            w.check(int(now * 1000), i.to_bytes(12, "big"), now, "10.0.0.66")
+        except ReplayCacheFull:
+            refused += 1
+    assert refused == 200
+    w.check(int(now * 1000), b"x" * 12, now, "10.0.0.5")  # another member is still heard
+    assert len(w) == 101
+    w.check(int((now + 200) * 1000), b"y" * 12, now + 200, "10.0.0.66")  # the window moved on
