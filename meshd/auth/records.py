@@ -144,10 +144,10 @@ class Trust:
         self.revoked, self.retired = set(), {}
         for kid, reg in keystate.items():
             state = _json(reg[1])
-            if not isinstance(state, dict) or kid == self.root:
+            if not isinstance(state, dict):
                 continue
             signer = reg[2].get("kid") if isinstance(reg[2], dict) else None
-            if state.get("revoked") and signer == self.root:
+            if state.get("revoked") and signer == self.root and kid != self.root:
                 self.revoked.add(kid)
             if isinstance(state.get("retired"), int | float):
                 self.retired[kid] = float(state["retired"])

@@ -71,3 +71,16 @@ def test_a_wrong_pin_trusts_nothing():
     trust = Trust(pin="0" * 16)
     trust.refresh({root[0]: key_record(root, root)}, {})
     assert trust.keys == {} and trust.root is None
+
+
+def test_the_root_retires_but_is_never_revoked():
+    root, k2 = key(), key()
+    keys = {root[0]: key_record(root, root), k2[0]: key_record(k2, root)}
+    state = {root[0]: reg(KEYSTATE, root[0], {"retired": 5.0, "revoked": 6.0}, root),
+             k2[0]: reg(KEYSTATE, k2[0], {"revoked": 7.0}, k2)}  # only the root revokes
+    trust = Trust(pin=records.fingerprint(root[2]))
+    trust.refresh(keys, state)
+    assert root[0] in trust.retired and trust.usable(root[0]) is not None
+    assert trust.usable(k2[0]) is not None
+    revoking = reg(KEYSTATE, root[0], {"revoked": 8.0}, k2)
+    assert trust.check(KEYSTATE, root[0], revoking) == "only the root key revokes keys"
