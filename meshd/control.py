@@ -243,6 +243,9 @@ class ControlClient:
             except PermissionError:
                 raise MeshError(403, f"no permission to use {self.path}; run as the "
                                      "user that runs meshd") from None
+            except OSError as exc:  # out of descriptors, a socket path too long...
+                raise unavailable(f"cannot reach meshd at {self.path}: "
+                                  f"{exc.strerror or exc}") from None
         return self._framed
 
     async def call(self, op: str, /, **args: Any) -> Any:

@@ -78,6 +78,27 @@ def dumps(value: Any) -> bytes:
         raise WireError(f"value cannot be encoded as CBOR ({type(exc).__name__})") from None
 
 
+def check_plain(value: Any, max_depth: int = DEFAULT_DEPTH) -> None:
+    """WireError unless `value` (decoded JSON) nests at most `max_depth` deep and all its
+    text is valid Unicode (JSON may carry lone surrogates, which cannot be sent on)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise WireError("text holds a lone surrogate (not valid Unicode)") from None
+        elif isinstance(item, dict | list):
+            if depth > max_depth:
+                raise WireError(f"nested deeper than {max_depth} levels")
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            for k, v in children:
+                if isinstance(k, str):
+                    stack.append((k, depth))
+                stack.append((v, depth + 1))
+
+
 def loads_json(data: str | bytes, *, max_bytes: int | None = None) -> Any:
     """Decode JSON; WireError for invalid, oversized or too deeply nested input (the json
     module's own recursion guard stops runaway nesting; it is turned into WireError)."""

@@ -31,6 +31,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 MAX_BODY = 4 << 20
+MAX_DEPTH = 32  # JSON nesting of a request body (the control API decodes no deeper)
 MAX_IN_FLIGHT = 256  # requests served at once; more get 503 at once instead of queueing
 KEEP_ALIVE = 5.0  # an idle connection (also one that never sends a request) is closed
 READ_TIMEOUT = 10.0  # a request that stops arriving half-way is dropped (slow clients)
@@ -57,6 +58,11 @@ def make_app(socket: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
                 elif msg["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["type"] == "websocket":  # not served here: refuse the upgrade (403)
+            msg = await receive()
+            if msg.get("type") == "websocket.connect":
+                await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             return
         headers = dict(scope.get("headers") or [])
@@ -89,6 +95,7 @@ def make_app(socket: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
                                     id="meshd.proxy")
                 try:
                     request = wire.loads_json(body or b"{}")
+                    wire.check_plain(request, MAX_DEPTH)
                 except wire.WireError as exc:
                     raise MeshError(400, f"body is not valid: {exc}", id="meshd.proxy"
                                     ) from None

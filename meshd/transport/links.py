@@ -86,6 +86,7 @@ HEADER = struct.Struct(">BI")
 WINDOW_BYTES = 4 * 1024 * 1024
 CHUNK = 64 * 1024
 HANDSHAKE_FRAME = 4096
+CLOSE_WAIT = 1.0  # seconds a WebSocket close waits for the peer's close frame
 MIN_FRAME_COST = 64  # window bytes a queued frame costs at least (bounds empty frames)
 MAX_CHANNEL_NAME = 64
 MAX_CHANNELS = 8192  # open channels per link (streams, tunnels, calls in flight)
@@ -128,7 +129,10 @@ class WsStream:
         return out
 
     async def aclose(self) -> None:
-        with contextlib.suppress(Exception):
+        # the closing handshake waits for the peer's close frame: a peer that never sends
+        # one must not keep the connection (and its listener slot) for ever
+        # (cut short, trio-websocket still closes the TCP stream on its way out)
+        with contextlib.suppress(Exception), trio.move_on_after(CLOSE_WAIT):
             await self.ws.aclose()
 
 

@@ -170,7 +170,7 @@ class Gate:
     def failed(self, exc: BaseException) -> None:
         self.stats[f"{self.name}_failed"] += 1
         expected = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                    OSError, EOFError, ValueError)
+                    OSError, EOFError, ValueError, _ws_closed())
         if isinstance(exc, expected):
             log.debug("%s: connection ended: %s: %s", self.name, type(exc).__name__, exc)
         else:  # a bug, not a peer's doing: keep the traceback, keep serving
@@ -178,6 +178,14 @@ class Gate:
 
 
 Handler = Callable[[Any, Ticket], Awaitable[None]]
+
+
+def _ws_closed() -> type[BaseException]:
+    """trio-websocket's ConnectionClosed (a peer that went away), if it is loaded."""
+    import sys
+
+    module = sys.modules.get("trio_websocket")
+    return getattr(module, "ConnectionClosed", EOFError) if module else EOFError
 
 
 def must_propagate(exc: BaseException) -> BaseException | None:
@@ -277,7 +285,12 @@ def websocket_handler(handler: Callable[[Any, Ticket], Awaitable[None]],
             with trio.move_on_at(ticket.deadline):
                 request = await trio_websocket.wrap_server_stream(
                     nursery, stream, max_message_size=max_message_size)
-                ws = await request.accept()
+                try:
+                    ws = await request.accept()
+                except (trio_websocket.ConnectionClosed,
+                        trio_websocket.HandshakeError) as exc:  # a peer gone mid-upgrade
+                    raise trio.BrokenResourceError(f"closed during the upgrade: {exc}"
+                                                   ) from None
             if ws is None:
                 nursery.cancel_scope.cancel()
                 raise trio.TooSlowError("WebSocket upgrade did not finish in time")

@@ -179,13 +179,6 @@ def test_reset_upgrades_on_each_websocket_listener(cluster):
     run_resets(cluster, RESETS)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a client that resets its connection before the node answers the WebSocket upgrade "
-    "(connect to --proxy-listen or --ws-listen, send the upgrade request, close with "
-    "SO_LINGER 0) makes the node log 'connection handler failed' at WARNING with a "
-    "traceback (trio_websocket ConnectionClosed from request.accept() in "
-    "listeners.websocket_handler): Gate.failed takes it for a bug, so every such reset "
-    "writes ~15 lines to the log (an outsider can flood it)"))
 def test_reset_before_the_101_is_not_logged_as_a_handler_failure(cluster):
     t = start_target(cluster)
     for port in (t.proxy_port, t.ws_port):
@@ -449,15 +442,6 @@ def test_slow_clients_are_cut_off_by_the_pending_deadline(cluster):
                                                     "body": {"text": "y" * 1_000_000}}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a WebSocket link client that completes the upgrade on --ws-listen, sends nothing and "
-    "never answers the node's close frame is never released: at the deadline "
-    "links._accept_one closes the WsStream under CancelScope(shield=True), and "
-    "trio_websocket's aclose() waits for the peer's close frame without a timeout, so the "
-    "connection keeps its descriptor and its slot in the gate's open cap for as long as the "
-    "client likes (eviction cannot cancel a shielded wait). Under ulimit -n 256 (open cap "
-    "85), 90 such clients opened 30 per deadline lock the listener out: new members cannot "
-    "join over WebSocket ('could not join: no reply to join')"))
 def test_silent_websocket_link_clients_do_not_lock_out_the_listener(cluster):
     t = start_target(cluster, limited=True)
     held = []

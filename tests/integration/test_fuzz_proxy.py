@@ -8,10 +8,10 @@ node answers `status`, a call through the proxy succeeds, and the node's log hol
 traceback.
 
 The inputs are generated from fixed seeds, so a failure names an input that replays.
-The fuzz found bugs in the HTTP proxy; each is pinned by a strict xfail test at the end of
-this file, and the inputs that hit them are left out of the fuzz (JSON strings with lone
-surrogates; JSON nested 400 to 989 deep; WebSocket upgrades). `-m soak` runs five times as
-many inputs from other seeds.
+The fuzz found bugs in the HTTP proxy (an empty 500 for JSON strings with lone surrogates,
+for JSON nested 400 to 989 deep, for a WebSocket upgrade, and when out of descriptors); each
+has a regression test at the end of this file, and the fuzz now includes the JSON ones too.
+`-m soak` runs five times as many inputs from other seeds.
 """
 
 from __future__ import annotations
@@ -462,19 +462,19 @@ PRINTABLE = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)) + b"\t"
 
 
 def _json_bodies(rng: random.Random) -> list[bytes]:
-    """JSON bodies valid and invalid, deep and large (none in the ranges the xfail tests
-    below pin: no lone surrogate escapes, no nesting from 400 to 989)."""
+    """JSON bodies valid and invalid, deep and large, lone surrogates included."""
     bodies = [b"", b"{}", b"[]", b"null", b"true", b"5", b'"x"', b"-0.0", b"NaN", b"Infinity",
               b"-Infinity", b"1e999", b"-1e999", b"1.5e-400", b"9" * 4300, b"9" * 4301,
               b'{"text": NaN}', b'{"text": 1e999}', b'{"text": null}', b'{"text": ["x"]}',
               b'{"text": {"a": 1}}', b'{"text": "x", "text": 5}', b'{"text": "x", "extra": 1}',
               b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "\\u0000"}', b'{"\\u0000": ""}',
-              b'{"text": "\\ud83d\\ude00"}', b"{'text': 'x'}", b'{"text": "x"', b"{oops",
+              b'{"text": "\\ud83d\\ude00"}', b'{"text": "\\ud800"}', b'{"\\udfff": 1}',
+              b'{"text": "\xed\xa0\x80"}', b"{'text': 'x'}", b'{"text": "x"', b"{oops",
               b"\xff\xfe\xfd", b"\xc3\x28", b"\x00" * 64,
               ("{" + ",".join(f'"k{i}": {i}' for i in range(5000)) + "}").encode(),
               json.dumps({"text": "a" * (1 << 20)}).encode(),  # over rpc.max_body_bytes
               json.dumps({"text": "\u00e9" * 20_000}, ensure_ascii=False).encode()]
-    for depth in (5, 31, 32, 33, 100, 300, 399, 995, 1000, 5000, 100_000):
+    for depth in (5, 31, 32, 33, 100, 300, 399, 400, 600, 989, 995, 1000, 5000, 100_000):
         bodies.append(b"[" * depth + b"]" * depth)
         bodies.append(b'{"a":' * depth + b"1" + b"}" * depth)
         bodies.append(b"[" * depth)  # unterminated
@@ -855,12 +855,6 @@ def assert_structured_error(status: int, body: Any, want: int) -> None:
         status, body)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "POST /testsvc/Test.Echo with the JSON body {\"text\": \"\\ud800\"} (a lone surrogate "
-    "escape, or the raw bytes ED A0 80, which json.loads also decodes to one) answers an "
-    "empty 500: wire.loads_json accepts it, then cbor2 cannot encode the string "
-    "(UnicodeEncodeError in meshd/control.py Framed.write, via sdk/client.py Client.call) "
-    "and the exception escapes make_app's handler, which catches MeshError only"))
 def test_http_proxy_lone_surrogate_in_a_json_body_is_a_400(cluster):
     proxy, token = http_proxy_target(cluster)
     try:
@@ -871,12 +865,6 @@ def test_http_proxy_lone_surrogate_in_a_json_body_is_a_400(cluster):
         proxy.stop()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "POST /testsvc/Test.Echo with valid JSON nested 600 deep ('[' * 600 + ']' * 600; any "
-    "depth from about 490 to 970) answers an empty 500: json.loads takes it (its own guard "
-    "trips near 980), then sdk/schema.py dump() recurses once per level and raises "
-    "RecursionError, which escapes make_app's handler; shallower nesting is a 400 from the "
-    "daemon (wire depth 32), deeper a 400 from wire.loads_json"))
 def test_http_proxy_json_nested_600_deep_is_a_400(cluster):
     proxy, token = http_proxy_target(cluster)
     try:
@@ -886,11 +874,6 @@ def test_http_proxy_json_nested_600_deep_is_a_400(cluster):
         proxy.stop()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a WebSocket upgrade request to meshd proxy http (GET / with Upgrade: websocket, "
-    "Connection: Upgrade, Sec-WebSocket-Key/Version) answers an empty 500: make_app "
-    "returns without a word for a scope of type websocket and hypercorn turns that into "
-    "500; a client error should be a 4xx"))
 def test_http_proxy_refuses_a_websocket_upgrade_with_a_4xx(cluster):
     from .attacks import upgrade_request
 
@@ -914,13 +897,6 @@ def test_http_proxy_refuses_a_websocket_upgrade_with_a_4xx(cluster):
         proxy.stop()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "meshd proxy http under ulimit -n 256, with idle connections holding all but one "
-    "descriptor (/proc/PID/fd at 255): a valid POST is accepted on the last descriptor, "
-    "then Client() cannot open its control connection to the node (OSError EMFILE from "
-    "trio.open_unix_socket in meshd/control.py ControlClient._connect, which turns only "
-    "FileNotFoundError, ConnectionRefusedError and PermissionError into MeshError) and the "
-    "request gets an empty 500 instead of a structured 503"))
 def test_http_proxy_out_of_descriptors_answers_a_structured_503(cluster):
     proxy, token = http_proxy_target(cluster, prefix=["bash", "-c",
                                                       'ulimit -n 256 && exec "$@"', "x"])
