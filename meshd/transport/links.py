@@ -20,14 +20,17 @@ Rules:
 - Messages larger than a frame are split into DATA parts and a final END part.
 - One link per peer address: a link dialed while another is being set up waits for it; if
   both sides dial at once, the link dialed by the lower node id is kept and the other stops
-  taking new channels and closes once idle.
+  taking new channels and closes once idle; a newer link dialed by the same side replaces
+  the older one.
 - Any protocol fault (bad frame, unknown type, window overrun, failed decryption) closes the
   link and counts it; it never escapes the link's task.
 - Keepalive: each side pings every KEEPALIVE seconds; a link that heard nothing for
   DEAD_AFTER seconds is closed, so a path that silently stops (a firewall starts dropping)
   fails the calls on it and gets dialed again instead of hanging them.
 - When the routes say a destination is now reached through relays, a direct link to it is
-  dropped and the destination is dialed along the route.
+  dropped (closed once idle) and the destination is dialed along the route. A live relayed
+  link stays in use when the route goes away, until it ends (the next dial is direct): a
+  route that blinks does not cost a handshake. A relay bounds the hop budget it passes on.
 Identity (who is at the other end):
 - A link's peer is the identity key it proved in the handshake (`peer_public`), never the
   address it claims. `expected_key(addr)` (membership: the key of the live member at an
@@ -702,8 +705,9 @@ class LinkManager:
                 self._unregister(old)
                 self.links[link.peer_addr] = link
                 return
-            # both sides dialed: keep the link dialed by the lower node id
-            keep_new = link.initiator_id < old.initiator_id
+            # both sides dialed: keep the link dialed by the lower node id; the same side
+            # dialing again (a redial, or through relays now) replaces its older link
+            keep_new = link.initiator_id <= old.initiator_id
             loser = old if keep_new else link
             loser.draining = True
             if not loser.channels and loser._nursery is not None:
@@ -744,9 +748,12 @@ class LinkManager:
                     continue
                 if link.relayed or self.route is None or self.route(addr) is None:
                     return link
-                # the routes now go through relays: this direct link is a dead end
+                # the routes now go through relays: this direct link is a dead end (it
+                # closes once its last channel ends, at once if it has none)
                 link.draining = True
                 self._unregister(link)
+                if not link.channels and link._nursery is not None:
+                    link._nursery.cancel_scope.cancel()
                 continue
             if addr.startswith(KEY_PREFIX):
                 raise LinkError(f"no link to {addr}")
@@ -812,8 +819,9 @@ class LinkManager:
         try:
             head = wire.loads(await ch.receive(), max_depth=4, max_bytes=1024)
             dest, hops = head["dest"], head["hops"]
-            if not isinstance(dest, str) or not isinstance(hops, int):
+            if not isinstance(dest, str) or type(hops) is not int:
                 raise TypeError
+            hops = min(hops, MAX_HOPS - 1)  # the budget is ours to bound, not the sender's
         except (wire.WireError, TypeError, KeyError):
             return
         if dest == self.my_name:
