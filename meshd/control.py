@@ -266,6 +266,8 @@ class ControlClient:
         return reply.get("result")
 
     async def stream(self, op: str, /, **args: Any) -> AsyncIterator[Any]:
+        """The events of a streaming op; a refusal or failure the daemon sends once the
+        stream started (the rules checked by the op itself) is raised as MeshError."""
         await self.call(op, **args)
         assert self._framed is not None
         while True:
@@ -275,6 +277,8 @@ class ControlClient:
                 return
             if isinstance(item, dict) and "event" in item:
                 yield item["event"]
+            elif isinstance(item, dict) and item.get("ok") is False:
+                raise MeshError.from_dict(item.get("error"))
 
     async def session(self, op: str, /, **args: Any) -> tuple[Any, Conn]:
         """Open a two-way session (e.g. a service registration)."""

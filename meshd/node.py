@@ -261,7 +261,8 @@ class Node:
                 await nursery.start(self.evictor.run)
                 nursery.start_soon(self._watch_signals)
                 await self._initial_join()
-                if self._first_node and not self.auth.bootstrapped():
+                if self._first_node and not self.auth.bootstrapped() \
+                        and not self.auth.root_fingerprint:  # a given root: it joins later
                     # the first node of a cluster sets auth up (once: it is replicated)
                     self.bootstrap_token = (await self.auth.bootstrap())["token"]
                 _release_startup_memory()

@@ -383,6 +383,9 @@ class AuthService:
         if self.bootstrapped() or self.vouched_roots():
             raise MeshError(409, "this cluster already has auth set up; bootstrap runs once",
                             id="meshd.auth")
+        if self.trust.pin:
+            raise MeshError(409, f"this node trusts auth root {self.trust.pin} (--auth-root): "
+                                 "it takes auth from the cluster it joins", id="meshd.auth")
         kid, private_pem, public_pem = new_signing_key()
         write_secret_file(self.data_dir / f"issuer-{kid}.pem", private_pem)
         self._set_pin(records.fingerprint(public_pem))

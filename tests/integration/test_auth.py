@@ -367,15 +367,6 @@ def test_store_and_config_rules_tighten_nodes_and_grant_a_scope(cluster, tmp_pat
     assert out.stderr.startswith("403 forbidden: ") and "'dev-no-keys'" in out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: a store.watch/config.watch refused by the rules never reports it. The "
-    "control server writes the 'streaming' reply before the guard runs (meshd/control.py "
-    "_handle), then the 401 as a plain error reply, which ControlClient.stream skips as "
-    "'not an event': `meshd store watch --database orders` (and SDK Store.watch / "
-    "Config.watch) wait for ever instead of exiting with the denial. Reproduce: one node, "
-    "`meshd auth rules create no-nodes-orders --resource 'store:orders:*' --scope node "
-    "--access denied --priority 10`, move admin.token away, `meshd store watch --database "
-    "orders` hangs."))
 def test_a_refused_watch_ends_with_the_denial(cluster):
     a = cluster.add("a", env=FAST)
     op(a, "auth.rules.create", id="no-nodes-orders", resource="store:orders:*", scope="node",

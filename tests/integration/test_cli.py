@@ -13,8 +13,6 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
-
 from meshd.secure.keyring import parse_secret
 
 from .cluster import Daemon, control, wait_for
@@ -101,16 +99,6 @@ def test_status_invite_and_join_a_running_node_to_a_cluster(cluster, tmp_path):
     assert dead in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: `meshd up` given the cluster's auth root (--auth-root / MESHD_AUTH_ROOT) but "
-    "no --join counts as the first node of a new cluster: it bootstraps auth with a root of "
-    "its own and re-pins its data dir to it (overwriting the given pin, which "
-    "`Node._auth_pin` promises must agree afterwards), so after `meshd join PEER` it refuses "
-    "every auth record of the cluster ('self-signed key ... is not this cluster's auth "
-    "root'). Reproduce: `meshd up` on a; on b `MESHD_SECRET=S MESHD_AUTH_ROOT=<a's pin> "
-    "meshd up` (no --join), then `meshd join A_ADDR`: b's auth-root file holds a new "
-    "fingerprint, b wrote admin.token, and `meshd auth keys list` on b shows b's own root. "
-    "(node.py runs auth.bootstrap() for `_first_node` even when a root is pinned.)"))
 def test_a_node_given_the_auth_root_joins_later_with_that_root(cluster, tmp_path):
     a = cluster.add("a")
     pin = (a.data_dir / "auth-root").read_text().strip()
