@@ -231,16 +231,16 @@ def test_keys_roll_across_the_cluster_without_downtime(cluster):
                     lambda d=d, op=op, secret=secret: control(d.data_dir, f"keys.{op}",
                                                               secret=secret))
                 assert r["ok"] == 3 and not r["errors"], (op, r)
+            listing = await trio.to_thread.run_sync(control, c.data_dir, "keys.list")
             await trio.sleep(2)
-            return {"a": on_a.seen, "b": on_b.seen, "c": on_c.seen}
+            return listing, {"a": on_a.seen, "b": on_b.seen, "c": on_c.seen}
 
-    seen = trio.run(roll)
+    listing, seen = trio.run(roll)
+    assert [k["key"] for k in listing["keys"]] == [new]
+    assert listing["keys"][0]["nodes"] == 3 and listing["keys"][0]["primary_on"] == 3, listing
     trouble = {k: [e for e in v if e["kind"] in TROUBLE] for k, v in seen.items()}
     assert trouble == {"a": [], "b": [], "c": []}, "the roll must not cost any member"
     assert all_alive([a, b, c], names)
-    listing = control(c.data_dir, "keys.list")
-    assert [k["key"] for k in listing["keys"]] == [new]
-    assert listing["keys"][0]["nodes"] == 3 and listing["keys"][0]["primary_on"] == 3
     # only the new secret gets in now; the old one is refused
     late = Daemon(cluster.root, "late", new)
     cluster.daemons["late"] = late
