@@ -10,9 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import trio
 
@@ -55,17 +56,166 @@ def control(data_dir: Path, op: str, /, **args: Any) -> Any:
     return trio.run(go)
 
 
+# Errors a condition may raise while it is not yet true: nothing there yet (404), a daemon
+# not reachable yet or busy (503, OSError), auth state still on its way (401, 403), a slow
+# answer (408), a row not there yet (KeyError). Anything else (400, 409, 500, an assertion)
+# cannot turn into success by waiting: it fails at once.
+NOT_YET = (401, 403, 404, 408, 503)
+
+
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll `check` until it returns True; return the seconds that took. Fails after
+    `timeout` s naming `what` and the last "not yet" error; other errors fail at once."""
     start = time.monotonic()
     last: Exception | None = None
     while time.monotonic() - start < timeout:
         try:
             if check():
                 return time.monotonic() - start
-        except (MeshError, OSError, KeyError) as exc:
+        except MeshError as exc:
+            if exc.status not in NOT_YET:
+                raise
+            last = exc
+        except (OSError, KeyError) as exc:
             last = exc
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last})")
+
+
+async def wait_for_async(check: Callable[[], Awaitable[bool]], timeout: float,
+                         what: str) -> float:
+    """`wait_for` inside trio: `check` is awaited."""
+    start = trio.current_time()
+    last: Exception | None = None
+    while trio.current_time() - start < timeout:
+        try:
+            if await check():
+                return trio.current_time() - start
+        except MeshError as exc:
+            if exc.status not in NOT_YET:
+                raise
+            last = exc
+        except (OSError, KeyError) as exc:
+            last = exc
+        await trio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last})")
+
+
+class Events:
+    """Events of a control stream, collected as they arrive (see `control_stream`)."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+        self.ended = False
+        self._pos = 0
+        self._changed = trio.Event()
+
+    def _add(self, ev: Any) -> None:
+        self.seen.append(ev)
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    async def next(self, match: Callable[[Any], bool], timeout: float, what: str) -> Any:
+        """The next event (after the one `next` returned last) for which `match` is true;
+        events that do not match are passed over (they stay in `seen`)."""
+        with trio.move_on_after(timeout):
+            while True:
+                while self._pos < len(self.seen):
+                    ev = self.seen[self._pos]
+                    self._pos += 1
+                    if match(ev):
+                        return ev
+                if self.ended:
+                    raise AssertionError(f"the stream ended before {what}; events: {self.seen}")
+                await self._changed.wait()
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; events: "
+                             f"{self.seen}")
+
+
+class _StreamClient(ControlClient):
+    """A ControlClient that says when the daemon has answered a stream request."""
+
+    def __init__(self, path: Path, token: str | None = None) -> None:
+        super().__init__(path, token=token)
+        self.opened = trio.Event()
+
+    async def call(self, op: str, /, **args: Any) -> Any:
+        result = await super().call(op, **args)
+        self.opened.set()
+        return result
+
+
+@asynccontextmanager
+async def control_stream(data_dir: Path, op: str, /, token: str | None = None,
+                         **args: Any) -> AsyncIterator[Events]:
+    """Open control stream `op` (members.watch, services.watch, store.watch, config.watch)
+    and enter once the daemon has answered that it streams. The daemon sets the watch up
+    just after it answers, so a change that takes another process a while (a service
+    starting, a period watched for trouble) is seen; where one event must not be missed,
+    prove the watch live first with an event of the test's own (a join, a marker write).
+    A refused stream raises."""
+    events = Events()
+    client = _StreamClient(data_dir / "meshd.sock", token=token)
+
+    async def pump() -> None:
+        try:
+            async for ev in client.stream(op, **args):
+                events._add(ev)
+        finally:
+            events.ended = True
+            events._wake()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            await client.opened.wait()
+            yield events
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # strict nurseries wrap the block's own failure
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        await client.aclose()
+
+
+class Lines:
+    """The lines of a child's text pipe, read on a thread so a test can wait for one with a
+    deadline instead of sleeping."""
+
+    def __init__(self, pipe: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: IO[str]) -> None:
+        for line in pipe:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def wait(self, match: Callable[[str], bool], timeout: float, what: str) -> str:
+        """The first line for which `match` is true, waiting up to `timeout` s for it."""
+        found: list[str] = []
+
+        def check() -> bool:
+            with self._lock:
+                found[:] = [x for x in self.lines if match(x)][:1]
+            return bool(found)
+
+        try:
+            wait_for(check, timeout, what)
+        except AssertionError:
+            raise AssertionError(f"no line with {what} within {timeout} s; lines: "
+                                 f"{self.text()!r}") from None
+        return found[0]
+
+    def text(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
 
 
 class Daemon:
@@ -113,6 +263,14 @@ class Daemon:
         status = json.loads(line)
         self.addr = status["address"]
         return status
+
+    def assert_running(self) -> None:
+        """Fail at once (not as a "not yet" a wait would retry) if the process has exited."""
+        assert self.proc is not None, f"{self.name} was never started"
+        code = self.proc.poll()
+        if code is not None:
+            raise AssertionError(f"daemon {self.name} exited with code {code}: "
+                                 f"{self.log.read_text()[-2000:]}")
 
     def members(self) -> dict[str, dict[str, Any]]:
         return {m["name"]: m for m in control(self.data_dir, "members")}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+import trio
 
-from .cluster import Daemon, wait_for
+from .cluster import Daemon, control_stream, wait_for
 from .netns import Hosts, why_not_available
 
 reason = why_not_available()
@@ -74,8 +75,17 @@ def test_blocked_link_routes_through_the_middle_and_members_stay_alive(cluster):
 
         wait_for(routed_via_h1, 60, "h0's route to h2 through h1")
         assert h0.status_of("h2") == "alive" and h2.status_of("h0") == "alive"
-        time.sleep(3)
-        assert h0.status_of("h2") == "alive", "indirect probes must keep h2 alive"
+
+        async def watch() -> list:
+            # ten probe rounds (0.3 s): indirect probes through h1 keep h2 alive on h0
+            async with control_stream(h0.data_dir, "members.watch") as events:
+                await trio.sleep(3)
+                return events.seen
+
+        trouble = [e for e in trio.run(watch) if e["name"] == "h2"
+                   and e["kind"] in ("suspect", "dead")]
+        assert trouble == [], "indirect probes must keep h2 alive"
+        assert h0.status_of("h2") == "alive"
     finally:
         cluster.close()
         hosts.close()
@@ -87,8 +97,6 @@ def test_rpc_and_tunnel_cross_a_blocked_link_through_a_relay(cluster):
     import hashlib
     import os
     import socket as socketlib
-
-    import trio
 
     from sdk import Client
 
@@ -113,6 +121,7 @@ def test_rpc_and_tunnel_cross_a_blocked_link_through_a_relay(cluster):
         script.write_text(
             "import socket, sys\n"
             "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(4)\n"
+            "print('listening', flush=True)\n"
             "data = bytes(range(256)) * 4096\n"
             "while True:\n"
             "    c, _ = s.accept()\n"
@@ -123,9 +132,9 @@ def test_rpc_and_tunnel_cross_a_blocked_link_through_a_relay(cluster):
         import sys as sysmod
 
         source = subprocess.Popen([*hosts.prefix(2), sysmod.executable, str(script),
-                                   str(src_port)])
+                                   str(src_port)], stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.5)
+            assert source.stdout.readline() == "listening\n", "the byte source did not start"
             control(h2.data_dir, "tunnel.expose", name="src", to=f"127.0.0.1:{src_port}")
 
             def routed() -> bool:
@@ -185,8 +194,6 @@ def test_chain_of_four_hosts_members_two_relays_away_stay_alive_and_answer(clust
     """h0 - h1 - h2 - h3 with only neighbours reaching each other: no single helper reaches
     both h0 and h3, so h3 stays alive on h0 only through probes that follow the route, and an
     RPC from h0 reaches a service on h3 through two relays."""
-    import trio
-
     from sdk import Client
 
     from .cluster import control

@@ -8,10 +8,9 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
-from .cluster import control, wait_for
-from .test_tunnel import EchoServer, free_port, through
+from .cluster import Lines, control, wait_for
+from .test_tunnel import EchoServer, free_port, refused, sessions, through
 
 
 def outside(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -66,17 +65,20 @@ def test_outside_client_calls_and_tunnels_through_the_proxy(cluster, tmp_path):
     proc2 = subprocess.Popen([sys.executable, "-m", "cli", "tunnel", "connect", "echo",
                               "--via", via, "--listen", f"127.0.0.1:{port2}"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stderr = Lines(proc2.stderr)
     try:
         assert "listening" in proc2.stdout.readline()
-        with socket.create_connection(("127.0.0.1", port2), timeout=10) as s:
-            s.settimeout(10)
-            assert s.recv(10) == b""  # refused: closed without a byte
-        time.sleep(0.5)
+        refused(port2)  # no token: closed without a byte
+        line = stderr.wait(lambda x: x.startswith("connection refused"), 10, "the refusal")
+        assert line.startswith("connection refused: 401 unauthorized: "), line
     finally:
         proc2.terminate()
         proc2.wait(5)
-    assert "connection refused: 401" in proc2.stderr.read()
-    assert "tunnel session name=echo caller=ada" in b.log.read_text()
+    # the session with ada's token is audited at b, the exposing node, under her name
+    wait_for(lambda: sessions(b, "echo"), 10, "the session's audit record on b")
+    [rec] = sessions(b, "echo")
+    assert (rec["caller"], int(rec["bytes_in"]), int(rec["bytes_out"])) == (
+        "ada", len(payload), len(payload))
 
 
 def test_http_proxy_forwards_to_services_after_the_check(cluster):

@@ -16,7 +16,7 @@ import trio
 from meshd.errors import MeshError
 from sdk import Client
 
-from .cluster import control, wait_for
+from .cluster import SERVICES, control, control_stream, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"MESHD_RPC_INSTANCE_TTL": "2", "MESHD_RPC_REGISTRY_SYNC_INTERVAL": "1"}
@@ -32,10 +32,15 @@ def three_nodes(cluster):
 
 
 def instances_everywhere(daemons, service, count) -> bool:
+    """Whether every daemon lists `count` instances of `service`. "None" is only the 404
+    that says so; a daemon that has exited fails at once, other errors are raised."""
     for d in daemons:
+        d.assert_running()
         try:
             rows = control(d.data_dir, "describe", service=service)["instances"]
-        except MeshError:
+        except MeshError as exc:
+            if (exc.status, exc.detail) != (404, f"service {service!r} has no instances"):
+                raise
             rows = []
         if len(rows) != count:
             return False
@@ -62,6 +67,10 @@ def test_greeter_on_a_called_from_b_and_c_by_cli_and_sdk(cluster):
     out = cli(b, "call", "greeter", "Greeter.Hello", '{"name": "Ada"}', "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"msg": "Hello Ada"}
+    # the README's exact answer to a field of the wrong type
+    wrong = cli(b, "call", "greeter", "Greeter.Hello", '{"name": 5}')
+    assert (wrong.returncode, wrong.stdout, wrong.stderr) == (
+        1, "", "400 bad request: field 'name': expected string, got integer\n")
     piped = cli(c, "call", "greeter", "Greeter.Hello", "--json", stdin='{"name": "Bob"}')
     assert json.loads(piped.stdout) == {"msg": "Hello Bob"}
     assert sdk_call(c, "greeter", "Greeter.Hello", {"name": "Cy"}) == {"msg": "Hello Cy"}
@@ -143,31 +152,27 @@ def test_bad_input_answers(cluster):
 
 def test_watch_sees_create_and_delete(cluster):
     a, b, _ = three_nodes(cluster)
-    events = []
-
-    async def watch():
-        from meshd.control import ControlClient
-
-        client = ControlClient(a.data_dir / "meshd.sock")
-        with trio.move_on_after(12):
-            async for ev in client.stream("services.watch"):
-                events.append(ev)
-                if ev["kind"] == "delete":
-                    break
-        await client.aclose()
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
-            await trio.sleep(0.3)
+        async with control_stream(a.data_dir, "services.watch") as events:
+            # a registry record of our own (a tunnel is one) shows the watch is live
+            await trio.to_thread.run_sync(lambda: control(
+                a.data_dir, "tunnel.expose", name="probe", to="127.0.0.1:9"))
+            await events.next(lambda e: e["instance"].get("service") == "tunnel:probe", 10,
+                              "the probe")
             svc = cluster.service(b)
-            await trio.sleep(2.5)
+            created = await events.next(lambda e: e["instance"].get("service") == "testsvc",
+                                        15, "testsvc's instance")
             svc.kill9()
+            deleted = await events.next(lambda e: e["key"] == created["key"]
+                                        and e["kind"] == "delete", 15, "the delete")
+            return events.seen, created, deleted
 
-    trio.run(main)
-    kinds = [e["kind"] for e in events]
-    assert kinds[0] == "create" and kinds[-1] == "delete"
-    assert events[0]["instance"]["service"] == "testsvc"
+    seen, created, deleted = trio.run(main)
+    about = [e["kind"] for e in seen if e["key"] == created["key"]]
+    assert about[0] == "create" and about[-1] == "delete", about
+    assert created["instance"]["node"] == "b" and created["key"].startswith("b/")
+    assert deleted["instance"]["id"] == created["instance"]["id"]
 
 
 def test_sdk_without_daemon_fails_at_once(tmp_path):
@@ -222,8 +227,16 @@ def test_stream_backpressure_slow_reader_bounds_the_pipeline(cluster):
         async with Client(a.data_dir / "meshd.sock") as client, \
                 client.stream("testsvc", "Test.Count", {"n": total, "pad": pad}) as s:
             first = await s.receive()
-            await trio.sleep(2)  # stop reading: the producer must stall
-            during = (await client.call("testsvc", "Test.Produced", {"text": ""}))["n"]
+            # stop reading: the producer must stall. Wait until its count stops moving (the
+            # same for a second), however fast or slow this machine is: without
+            # backpressure it stops only at `total`
+            counts: list[int] = []
+            with trio.fail_after(60):
+                while len(counts) < 5 or len(set(counts[-5:])) > 1:
+                    counts.append((await client.call("testsvc", "Test.Produced",
+                                                     {"text": ""}))["n"])
+                    await trio.sleep(0.25)
+            during = counts[-1]
             rest = 0
             async for _ in s:
                 rest += 1
@@ -240,6 +253,8 @@ def test_calls_retry_on_another_instance_when_a_node_is_unreachable(cluster):
     cluster.service(b)
     cluster.service(c)
     wait_for(lambda: instances_everywhere([a, b, c], "testsvc", 2), 10, "2 instances")
+    [on_c] = [i["id"] for i in control(a.data_dir, "describe", service="testsvc")["instances"]
+              if i["node"] == "c"]
     # warm the mux to c, then kill c's daemon: its instance is still listed for a while
     for _ in range(10):
         sdk_call(a, "testsvc", "Test.Echo", {"text": "warm"})
@@ -247,8 +262,8 @@ def test_calls_retry_on_another_instance_when_a_node_is_unreachable(cluster):
     assert len(control(a.data_dir, "describe", service="testsvc")["instances"]) == 2
     answers = [sdk_call(a, "testsvc", "Test.Whoami", {"text": ""})["text"] for _ in range(30)]
     assert all(x.startswith("b:") for x in answers)
-    st = control(a.data_dir, "status")
-    assert st["name"] == "a"
+    # b answered because the calls that picked c's instance were retried on b's
+    assert f"not delivered to {on_c}" in a.log.read_text(), "no call was tried on c at all"
 
 
 def test_metadata_trace_and_caller_reach_the_handler_and_roundrobin_is_even(cluster):
@@ -282,3 +297,37 @@ def test_hung_service_process_misses_its_ttl_and_leaves(cluster):
         assert took < 2 + 3
     finally:
         svc.proc.send_signal(signal.SIGCONT)
+
+
+def test_typeddict_formats_are_published_and_checked_on_the_way_in(cluster):
+    """README: request and response types are dataclasses or TypedDicts, published in the
+    registry and checked on the way in."""
+    a, b, _ = three_nodes(cluster)
+    cluster.service(b, "orders", script=SERVICES / "typedsvc.py")
+    wait_for(lambda: instances_everywhere([a, b], "orders", 1), 10, "orders on a and b")
+    [inst] = control(a.data_dir, "describe", service="orders")["instances"]
+    ep = {e["name"]: e for e in inst["endpoints"]}["Orders.Place"]
+    assert ep["request"] == {"type": "object", "title": "Order", "properties": {
+        "item": {"type": "string"}, "qty": {"type": "integer"}, "note": {"type": "string"}},
+        "required": ["item", "qty"]}
+    assert ep["response"] == {"type": "object", "title": "Receipt", "properties": {
+        "item": {"type": "string"}, "total": {"type": "integer"}, "note": {"type": "string"},
+        "request_type": {"type": "string"}}, "required": ["item", "note", "request_type",
+                                                         "total"]}
+    assert sdk_call(a, "orders", "Orders.Place", {"item": "pen", "qty": 2}) == {
+        "item": "pen", "total": 6, "note": "", "request_type": "dict"}
+    assert sdk_call(a, "orders", "Orders.Place", {"item": "pen", "qty": 1, "note": "gift"})[
+        "note"] == "gift"
+    for body, detail in [
+            ({"item": "pen", "qty": "2"}, "field 'qty': expected integer, got string"),
+            ({"item": "pen"}, "field 'qty': missing"),
+            ({"item": "pen", "qty": 1, "note": 7}, "field 'note': expected string, got integer"),
+            ({"item": "pen", "qty": 1, "colour": "red"},
+             "field 'colour': unknown field (known: item, qty, note)"),
+            (["pen"], "field 'request': expected object, got array")]:
+        with pytest.raises(MeshError) as info:
+            sdk_call(a, "orders", "Orders.Place", body)
+        assert (info.value.status, info.value.detail) == (400, detail), body
+    out = cli(a, "call", "orders", "Orders.Place", '{"item": 5, "qty": 1}')
+    assert (out.returncode, out.stderr) == (
+        1, "400 bad request: field 'item': expected string, got integer\n")

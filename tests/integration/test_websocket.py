@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import trio
 
 from sdk import Client
 
-from .cluster import control, wait_for
+from .cluster import control, control_stream, wait_for
 
 
 def free_port() -> int:
@@ -36,8 +35,21 @@ def test_websocket_only_node_joins_and_serves(cluster):
             return await client.call("testsvc", "Test.Whoami", {"text": ""})
 
     assert trio.run(go)["text"].startswith("c:")
-    time.sleep(3)  # probes keep flowing: still alive, and c never used UDP
+
+    async def watch() -> dict[str, list]:
+        # probes keep flowing over WebSocket: for six probe rounds (0.5 s each on the local
+        # profile) neither a nor b suspects c
+        async with control_stream(a.data_dir, "members.watch") as on_a, \
+                control_stream(b.data_dir, "members.watch") as on_b:
+            await trio.sleep(3)
+            return {"a": on_a.seen, "b": on_b.seen}
+
+    seen = trio.run(watch)
+    about_c = {k: [e["kind"] for e in v if e["name"] == "c" and e["kind"] in ("suspect", "dead")]
+               for k, v in seen.items()}
+    assert about_c == {"a": [], "b": []}
     assert all(d.status_of("c") == "alive" for d in (a, b))
     stats = control(c.data_dir, "status")["stats"]
-    assert stats["udp_in"] == 0 and stats["udp_out"] == 0
-    assert control(a.data_dir, "members")  # a still serves its operator
+    assert stats["udp_in"] == 0 and stats["udp_out"] == 0  # c never used UDP
+    assert {m["name"]: m["status"] for m in control(a.data_dir, "members")} == {
+        "a": "alive", "b": "alive", "c": "alive"}  # a still serves its operator
