@@ -135,3 +135,38 @@ def test_a_dead_member_that_comes_back_is_live_and_probed_again():
         pinged = [m for s in a.tick(t).sends for m in s.msgs
                   if isinstance(m, Ping) and m.target == "b"]
     assert pinged, "b came back but is never probed"
+
+
+def test_keys_are_looked_up_by_live_member_and_by_address():
+    a = _core()
+    assert a.name_of_key(KEY_B) == "b"
+    assert a.key_at(addr("b")) == KEY_B
+    assert a.name_of_key(KEY_X) is None and a.key_at("nowhere:1") is None
+    a.receive(addr("c"), [Dead(1, "b", "c")], 1.0)
+    assert a.name_of_key(KEY_B) is None, "a dead member is no live identity"
+    assert a.key_at(addr("b")) == KEY_B, "its address still expects its key"
+    a.receive(addr("c"), [Alive(1, "c", addr("b"), {}, KEY_X, GOOD)], 1.0)
+    assert a.name_of_key(KEY_X) == "c"
+    assert a.key_at(addr("b")) == KEY_X, "the live member at an address wins over a dead one"
+
+
+def test_an_evicted_member_is_dead_at_once_and_cannot_refute_unverified():
+    a = _core()
+    out = a.evict("b", 1.0)
+    assert [(e.kind, e.node, e.detail) for e in out.events] == [("dead", "b", "by a")]
+    assert a.members["b"].status == "dead"
+    assert _kinds(a.evict("b", 2.0)) == [], "already dead"
+    assert _kinds(a.evict("a", 2.0)) == [] and a.me.status == "alive", "never ourselves"
+    assert _kinds(a.evict("nobody", 2.0)) == []
+    a.receive(addr("b"), [Alive(2, "b", addr("b"), {}, KEY_B, b"revoked")], 3.0)
+    assert a.members["b"].status == "dead"
+
+
+def test_a_join_whose_stream_fails_is_reported_at_once():
+    a = _core()
+    a.join(["seed:1", addr("a")], 0.0)
+    out = a.stream_failed("seed:1", 0.5, "refused")
+    assert [(e.kind, e.addr, e.detail) for e in out.events] == [("join-failed", "seed:1",
+                                                                   "refused")]
+    assert a.stream_failed("seed:1", 0.6).events == [], "reported once"
+    assert a.stream_failed("other:1", 0.7).events == [], "not a join we made"
