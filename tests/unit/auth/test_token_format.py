@@ -94,6 +94,8 @@ def test_the_size_bound_is_checked_before_anything_else():
     assert len(at_the_bound) == MAX_TOKEN
     with pytest.raises(TokenError, match="key id footer"):
         _verifier().verify(at_the_bound, now=NOW)  # past the size check, refused later
+    with pytest.raises(TokenError, match="malformed"):
+        unverified_claims(at_the_bound)
 
 
 def test_unverified_claims_refuse_what_is_not_a_token():
@@ -103,3 +105,15 @@ def test_unverified_claims_refuse_what_is_not_a_token():
     listed = "v4.public." + _b64(b"[1]" + bytes(64))
     with pytest.raises(TokenError, match="not an object"):
         unverified_claims(listed)
+
+
+
+def test_a_footer_of_exactly_the_bound_is_read():
+    token = issue(KID, PRIV, make_claims("ada", [], "n1", "cluster-1", 600, now=NOW))
+    empty = len(json.dumps({"kid": KID, "pad": ""}))
+    raw = json.dumps({"kid": KID, "pad": "x" * (MAX_FOOTER * 3 // 4 - empty)}).encode()
+    footer = _b64(raw)
+    assert len(footer) == MAX_FOOTER
+    # read as a key id, then refused by the signature (which covers the original footer)
+    with pytest.raises(TokenError, match="bad token"):
+        _verifier().verify(_with_footer(token, footer), now=NOW)

@@ -72,3 +72,11 @@ def test_a_kept_route_that_breaks_moves_at_once_whatever_the_gain():
     t.forget("x")
     t.recompute(20.0)
     assert t.route("d").path == ("s", "y", "d")
+
+
+def test_every_next_hop_move_counts_as_a_flap():
+    t = _after_change((0.039, 0.050))  # moved to y: one flap
+    _advertise(t, 3, (0.030, 0.050), (0.039, 0.050))  # x now 80 ms against 89: back to x
+    t.recompute(20.0)
+    assert t.route("d").path == ("s", "x", "d")
+    assert t.flaps == 2

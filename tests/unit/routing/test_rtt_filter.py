@@ -46,6 +46,8 @@ def test_peers_are_kept_apart_and_forgotten():
     assert f.get("p") == 0.010 and f.get("q") == 0.300
     f.forget("p")
     assert f.get("p") is None and f.get("q") == 0.300
+    f.forget("never-seen")  # not an error
+    assert f.get("q") == 0.300
 
 
 def test_the_default_window_is_seven_samples():

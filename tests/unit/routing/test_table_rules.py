@@ -40,7 +40,9 @@ def test_an_advert_keeps_only_the_64_nearest_links():
 def test_the_first_recompute_needs_no_force():
     t = _line()
     assert t.recompute(0.0) is True
-    assert t.route("d").next_hop == "x"
+    r = t.route("d")
+    assert (r.dest, r.next_hop) == ("d", "x")
+    assert t.route("y").to_dict()["latency_ms"] == 10.5
 
 
 def test_recompute_waits_one_second_by_default_and_only_for_changes():
@@ -111,3 +113,20 @@ def test_around_an_avoided_hop_the_lowest_latency_path_wins_not_the_fewest_hops(
     t.recompute(0.0, force=True)
     assert t.route("d").path == ("s", "a", "b", "d")
     assert t.route("g").path == ("s", "g")
+
+
+def test_an_avoided_destination_is_reached_over_its_cheapest_last_hop():
+    t = RoutingTable("s")
+    links = {
+        "s": {"p": 0.010, "q": 0.020},
+        "p": {"s": 0.010, "z": 0.050},
+        "q": {"s": 0.020, "z": 0.0012344},
+        "z": {"p": 0.050, "q": 0.0012344},
+    }
+    for origin, peers in links.items():
+        t.advertise(origin, 1, peers)
+    t.set_avoid(frozenset({"z"}))
+    t.recompute(0.0, force=True)
+    r = t.route("z")
+    assert r.path == ("s", "q", "z")
+    assert r.to_dict()["latency_ms"] == 21.234
