@@ -130,3 +130,14 @@ def test_an_avoided_destination_is_reached_over_its_cheapest_last_hop():
     r = t.route("z")
     assert r.path == ("s", "q", "z")
     assert r.to_dict()["latency_ms"] == 21.234
+
+
+def test_transit_hops_are_the_next_hops_that_carry_other_destinations():
+    t = RoutingTable("s")
+    t.advertise("s", 1, {"g": 0.001, "n": 0.001})
+    t.advertise("g", 1, {"s": 0.001, "far": 0.030})
+    t.advertise("n", 1, {"s": 0.001})
+    t.advertise("far", 1, {"g": 0.030})
+    t.recompute(0.0, force=True)
+    assert t.route("far").next_hop == "g"
+    assert t.transit_hops() == {"g"}, "n is only a destination; g also carries far"
