@@ -58,11 +58,20 @@ def token(**over):
     return issue(KID, PRIV, claims), claims
 
 
-def test_good_token_verifies_and_is_cached():
+def test_good_token_verifies_and_is_cached(monkeypatch):
+    import pyseto
+
     t, claims = token()
     v = verifier()
     assert v.verify(t)["sub"] == "ada"
+
+    def no_signature_checks(*args, **kwargs):
+        raise AssertionError("a cached token was checked again")
+
+    monkeypatch.setattr(pyseto, "decode", no_signature_checks)
     assert v.verify(t)["jti"] == claims["jti"]
+    with pytest.raises(TokenError):
+        verifier().verify(t)  # a verifier without it in its cache does check
 
 
 def _b64(data: bytes) -> str:

@@ -1,0 +1,283 @@
+"""Known mutations of the rules, each of which a fast unit test must catch.
+
+usage: python3 tests/mutations.py [--list] [NAME...]
+
+Each mutation is one exact text replacement in one product file (the original text must
+occur exactly once, or the script stops: the code moved and the mutation must be updated).
+For each, the repository's code and tests are copied into a temporary directory, the
+mutation is applied there, and the named tests run against the copy; at least one must fail.
+First the same tests run once on an unmutated copy and must all pass, so a failure is the
+mutation's doing. Prints `MUTATION name: CAUGHT by ...` or `MUTATION name: SURVIVED` per
+mutation and exits non-zero if any survived (2 if the setup itself failed). The working tree
+is never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPY = ("meshd", "sdk", "cli", "sim", "tests", "pyproject.toml")
+TIMEOUT = 300  # seconds per test run; a mutant that hangs its tests counts as caught
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    original: str
+    mutant: str
+    tests: tuple[str, ...]
+    what: str
+
+
+MUTATIONS = [
+    # -- the ten rules (eleven mutations) whose mutants survived the review of issue 12 -----
+    Mutation("membership-s1-same-incarnation", "meshd/membership/core.py",
+             "        elif (msg.incarnation <= m.incarnation\n",
+             "        elif (msg.incarnation < m.incarnation\n",
+             ("tests/unit/membership/test_incarnations.py",),
+             "an Alive at the same incarnation clears a suspicion"),
+    Mutation("lww-tiebreak-ignores-node", "meshd/store/crdt.py",
+             "return a if lww_ts(a) >= lww_ts(b) else b",
+             "return a if lww_ts(a)[:2] >= lww_ts(b)[:2] else b",
+             ("tests/unit/store/test_lww_ties.py",),
+             "LWW merge compares (wall, counter) only, not the node id"),
+    Mutation("token-expiry-uncached-only", "meshd/auth/tokens.py",
+             "        if not isinstance(exp, int | float) or now > exp + self.leeway:",
+             "        if cached is None and (not isinstance(exp, int | float)"
+             " or now > exp + self.leeway):",
+             ("tests/unit/auth/test_token_lifetime.py",),
+             "expiry checked only on the first, uncached verification"),
+    Mutation("token-leeway-doubled", "meshd/auth/tokens.py",
+             "now > exp + self.leeway",
+             "now > exp + 2 * self.leeway",
+             ("tests/unit/auth/test_token_lifetime.py",),
+             "expiry leeway doubled"),
+    Mutation("rules-deny-first-removed", "meshd/auth/rules.py",
+             'applicable.sort(key=lambda r: (-r.priority, r.access != "denied", r.id))',
+             "applicable.sort(key=lambda r: (-r.priority, r.id))",
+             ("tests/unit/auth/test_rule_ties.py",),
+             "a denial no longer beats a grant at equal priority"),
+    Mutation("frames-nonce-wraps-at-256", "meshd/secure/frames.py",
+             'return b"\\x00\\x00\\x00\\x00" + n.to_bytes(8, "big")',
+             'return b"\\x00\\x00\\x00\\x00" + (n % 256).to_bytes(8, "big")',
+             ("tests/unit/secure/test_frames.py",),
+             "the nonce counter wraps at 256 (nonce reuse)"),
+    Mutation("frames-length-cap-x64", "meshd/secure/frames.py",
+             "n > self.max_frame + TAG_BYTES",
+             "n > self.max_frame * 64 + TAG_BYTES",
+             ("tests/unit/secure/test_frames.py",),
+             "a peer's frame length is capped at 64 times the limit"),
+    Mutation("routing-hysteresis-5-percent", "meshd/routing/table.py",
+             "switch_gain: float = 0.10",
+             "switch_gain: float = 0.05",
+             ("tests/unit/routing/test_hysteresis.py",),
+             "routes switch for a 5% gain instead of 10%"),
+    Mutation("rtt-last-sample", "meshd/routing/rtt.py",
+             "        samples.append(rtt)\n        return statistics.median(samples)",
+             "        samples.append(rtt)\n        return samples[-1]",
+             ("tests/unit/routing/test_rtt_filter.py",),
+             "the filter returns the last sample, not the median"),
+    Mutation("token-cache-disabled", "meshd/auth/tokens.py",
+             "        cached = self._cache.get(token)",
+             "        cached = None",
+             ("tests/unit/auth/test_token_lifetime.py",
+              "tests/unit/auth/test_auth.py::test_good_token_verifies_and_is_cached"),
+             "every verification checks the signature again"),
+    Mutation("hlc-observe-ignores-remote-wall", "meshd/hlc.py",
+             "            self.wall, self.counter = wall, counter + 1",
+             "            self.counter = counter + 1",
+             ("tests/unit/test_hlc.py",),
+             "observe() does not move the clock to a remote wall ahead of it"),
+    # -- neighbours of those rules, which the same tests pin ------------------------------
+    Mutation("membership-suspect-needs-newer", "meshd/membership/core.py",
+             "if m is None or msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):",
+             "if m is None or msg.incarnation <= m.incarnation or m.state in (DEAD, LEFT):",
+             ("tests/unit/membership/test_incarnations.py",),
+             "a Suspect at the member's own incarnation is ignored"),
+    Mutation("lww-ts-drops-node", "meshd/store/crdt.py",
+             "    return (t[0], t[1], t[2])",
+             '    return (t[0], t[1], "")',
+             ("tests/unit/store/test_lww_ties.py",),
+             "the timestamp a register is compared by loses its node id"),
+    Mutation("token-nbf-leeway-doubled", "meshd/auth/tokens.py",
+             "now < nbf - self.leeway",
+             "now < nbf - 2 * self.leeway",
+             ("tests/unit/auth/test_token_lifetime.py",),
+             "not-before leeway doubled"),
+    Mutation("token-cache-skips-key-check", "meshd/auth/tokens.py",
+             "        if cached is not None and cached[1] not in self.keys():",
+             "        if False:",
+             ("tests/unit/auth/test_token_lifetime.py",),
+             "a cached token outlives its signing key"),
+    Mutation("token-cache-skips-revocation", "meshd/auth/tokens.py",
+             '        if self.revoked(str(claims.get("jti"))):',
+             '        if cached is None and self.revoked(str(claims.get("jti"))):',
+             ("tests/unit/auth/test_token_lifetime.py",),
+             "a cached token outlives its revocation"),
+    Mutation("frames-nonce-send-counter-stuck", "meshd/secure/frames.py",
+             "        self._send_n += 1",
+             "        self._send_n += 0",
+             ("tests/unit/secure/test_frames.py",),
+             "every frame is sealed with nonce 0"),
+    Mutation("routing-hysteresis-boundary", "meshd/routing/table.py",
+             "best.cost > old_cost * (1 - self.switch_gain)",
+             "best.cost >= old_cost * (1 - self.switch_gain)",
+             ("tests/unit/routing/test_hysteresis.py",),
+             "a new best exactly switch_gain cheaper no longer switches"),
+    Mutation("routing-hysteresis-off", "meshd/routing/table.py",
+             "            if old is not None and old.path != best.path:",
+             "            if False:",
+             ("tests/unit/routing/test_hysteresis.py",),
+             "no hysteresis: every cheaper path is taken at once"),
+    Mutation("rtt-get-last-sample", "meshd/routing/rtt.py",
+             "return statistics.median(samples) if samples else None",
+             "return samples[-1] if samples else None",
+             ("tests/unit/routing/test_rtt_filter.py",),
+             "get() returns the last sample, not the median"),
+    Mutation("hlc-drift-bound-exclusive", "meshd/hlc.py",
+             "wall - physical > self.max_drift_ms",
+             "wall - physical >= self.max_drift_ms",
+             ("tests/unit/test_hlc.py",),
+             "a remote wall exactly at the drift bound is refused"),
+    Mutation("hlc-observe-counter-not-bumped", "meshd/hlc.py",
+             "            self.counter = max(self.counter, counter) + 1",
+             "            self.counter = max(self.counter, counter)",
+             ("tests/unit/test_hlc.py",),
+             "observing a timestamp at our wall can yield an equal later one"),
+]
+
+
+class SetupError(Exception):
+    pass
+
+
+def _copy_tree(dest: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dest / name)
+
+
+def _apply(tree: Path, m: Mutation) -> None:
+    path = tree / m.file
+    text = path.read_text()
+    count = text.count(m.original)
+    if count != 1:
+        raise SetupError(f"{m.name}: the original text occurs {count} times in {m.file} "
+                         f"(expected once): {m.original!r}")
+    path.write_text(text.replace(m.original, m.mutant))
+
+
+def _env(tree: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def _pytest(tree: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "pytest", "-rf", "-p", "no:cacheprovider",
+           "-p", "no:randomly", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=_env(tree), capture_output=True, text=True,
+                              timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return -1, "timeout"
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _failed(output: str) -> list[str]:
+    return re.findall(r"^FAILED (\S+)", output, re.MULTILINE)
+
+
+def _check_imports(tree: Path) -> None:
+    """The copy's packages, not an installed meshd, must be the ones the tests import."""
+    out = subprocess.run([sys.executable, "-c", "import meshd; print(meshd.__file__)"],
+                         cwd=tree, env=_env(tree), capture_output=True, text=True)
+    where = Path(out.stdout.strip() or "?").resolve()
+    if tree.resolve() not in where.parents:
+        raise SetupError(f"tests would import meshd from {where}, not from the copy {tree}")
+
+
+def _baseline(selected: list[Mutation]) -> None:
+    tests = tuple(dict.fromkeys(t for m in selected for t in m.tests))
+    with tempfile.TemporaryDirectory(prefix="meshd-mut-") as tmp:
+        tree = Path(tmp)
+        _copy_tree(tree)
+        _check_imports(tree)
+        for m in selected:  # every pattern must still be there before anything runs
+            text = (tree / m.file).read_text()
+            if text.count(m.original) != 1:
+                _apply(tree, m)  # raises with the reason
+        code, out = _pytest(tree, tests)
+        if code != 0:
+            raise SetupError("the catching tests fail on the unmutated code:\n" + out[-3000:])
+        passed = re.search(r"(\d+) passed", out)
+        print(f"BASELINE: {passed.group(1) if passed else '?'} tests in {len(tests)} "
+              f"files/ids pass on the unmutated code")
+
+
+def run(m: Mutation) -> bool:
+    """True if the mutation is caught."""
+    with tempfile.TemporaryDirectory(prefix="meshd-mut-") as tmp:
+        tree = Path(tmp)
+        _copy_tree(tree)
+        _apply(tree, m)
+        code, out = _pytest(tree, m.tests)
+    if code == -1:
+        print(f"MUTATION {m.name}: CAUGHT (tests timed out after {TIMEOUT} s)")
+        return True
+    failed = _failed(out)
+    if code != 0 and failed:
+        print(f"MUTATION {m.name}: CAUGHT by {len(failed)} test(s): {', '.join(failed)}")
+        return True
+    if code != 0:
+        print(f"MUTATION {m.name}: CAUGHT (pytest exit {code}, no test named)\n{out[-2000:]}")
+        return True
+    print(f"MUTATION {m.name}: SURVIVED ({m.file}: {m.what}; ran {' '.join(m.tests)})")
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("names", nargs="*", metavar="NAME", help="only these mutations")
+    args = parser.parse_args(argv)
+    by_name = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        print(f"unknown mutation(s): {', '.join(unknown)} (see --list)", file=sys.stderr)
+        return 2
+    selected = [by_name[n] for n in args.names] if args.names else MUTATIONS
+    if args.list:
+        for m in selected:
+            print(f"{m.name}\n    {m.file}: {m.what}\n    - {m.original.strip()}\n"
+                  f"    + {m.mutant.strip()}\n    tests: {' '.join(m.tests)}")
+        return 0
+    try:
+        _baseline(selected)
+        survived = [m.name for m in selected if not run(m)]
+    except SetupError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(selected) - len(survived)} of {len(selected)} mutations caught"
+          + (f"; SURVIVED: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
