@@ -141,3 +141,19 @@ def test_transit_hops_are_the_next_hops_that_carry_other_destinations():
     t.recompute(0.0, force=True)
     assert t.route("far").next_hop == "g"
     assert t.transit_hops() == {"g"}, "n is only a destination; g also carries far"
+
+
+def test_an_avoided_destination_compares_whole_path_costs_of_its_last_hops():
+    # either neighbour may come first: the nearer neighbour (q) has the dearer last hop
+    for order in (("p", "q"), ("q", "p")):
+        t = RoutingTable("s")
+        last_hop = {"p": 0.002, "q": 0.050}
+        t.advertise("s", 1, {"p": 0.030, "q": 0.020})
+        t.advertise("p", 1, {"s": 0.030, "z": 0.002})
+        t.advertise("q", 1, {"s": 0.020, "z": 0.050})
+        t.advertise("z", 1, {n: last_hop[n] for n in order})
+        t.set_avoid(frozenset({"z"}))
+        t.recompute(0.0, force=True)
+        r = t.route("z")
+        assert r.path == ("s", "p", "z"), order
+        assert r.to_dict()["latency_ms"] == 32.0, order
