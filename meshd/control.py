@@ -18,12 +18,11 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,8 @@ import cbor2
 import trio
 
 from . import wire
-from .errors import MeshError, bad_request, not_found, unavailable
+from .errors import MeshError, bad_request, unavailable
+from .ops import REQUEST_SOURCE, REQUEST_TOKEN, Conn, OpTable, serve_request
 from .transport import listeners as serving
 
 log = logging.getLogger("meshd.control")
@@ -39,16 +39,15 @@ LENGTH = struct.Struct(">I")
 MAX_REQUEST = 4 << 20
 FIRST_REQUEST = 10.0  # seconds a new connection has to send its first request
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-
-# The token the current control request carries (None: the local operator, no token).
-REQUEST_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "meshd_request_token", default=None)
-# Who the transport says the caller is ("uid:1000" on the control socket, from the kernel's
-# peer credentials): rate limits key on it, never on anything the client sends.
-REQUEST_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "meshd_request_source", default="local")
-StreamHandler = Callable[[dict[str, Any], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+__all__ = [
+    "REQUEST_SOURCE",
+    "REQUEST_TOKEN",
+    "Conn",
+    "ControlClient",
+    "ControlServer",
+    "Framed",
+    "socket_path",
+]
 
 
 def _peer_source(stream: trio.SocketStream) -> str:
@@ -101,40 +100,16 @@ class Framed:
         data = cbor2.dumps(value)
         await self.stream.send_all(LENGTH.pack(len(data)) + data)
 
-
-class Conn:
-    """A control connection turned into a two-way session (a service process's link)."""
-
-    def __init__(self, framed: Framed, rid: Any) -> None:
-        self.framed = framed
-        self.stream = framed.stream
-        self.rid = rid
-        self._lock = trio.Lock()
-
-    async def reply(self, result: Any) -> None:
-        await self.send({"id": self.rid, "ok": True, "result": result})
-
-    async def send(self, item: Any) -> None:
-        async with self._lock:
-            await self.framed.write(item)
-
-    async def receive(self) -> Any:
-        """The next frame; EOFError when the other side is gone."""
-        try:
-            return await self.framed.read()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise EOFError from None
-
-
-SessionHandler = Callable[[dict[str, Any], Conn], Awaitable[None]]
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 class ControlServer:
-    def __init__(self, path: Path) -> None:
+    """Serves the node's op table to the local operator on a unix socket."""
+
+    def __init__(self, path: Path, table: OpTable) -> None:
         self.path = path
-        self.ops: dict[str, Handler] = {}
-        self.streams: dict[str, StreamHandler] = {}
-        self.sessions: dict[str, SessionHandler] = {}
+        self.table = table
         self.stats: dict[str, int] = {}
         self.gate = serving.Gate("control", self.stats, pending_timeout=FIRST_REQUEST)
 
@@ -180,45 +155,7 @@ class ControlServer:
                 return
 
     async def _handle(self, framed: Framed, req: Any) -> bool:
-        rid = req.get("id") if isinstance(req, dict) else None
-        try:
-            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-                raise bad_request("request must be a map with an op")
-            args = req.get("args") or {}
-            if not isinstance(args, dict):
-                raise bad_request("args must be a map")
-            op = req["op"]
-            token = req.get("token")
-            REQUEST_TOKEN.set(token if isinstance(token, str) and token else None)
-            if op in self.sessions:
-                await self.sessions[op](args, Conn(framed, rid))
-                return False
-            if op in self.streams:
-                async def emit(item: Any) -> None:
-                    await framed.write({"id": rid, "event": item})
-                await framed.write({"id": rid, "ok": True, "result": "streaming"})
-                await self.streams[op](args, emit)
-                return False
-            handler = self.ops.get(op)
-            if handler is None:
-                raise not_found(f"unknown operation {op!r}; known: "
-                                f"{', '.join(sorted([*self.ops, *self.streams]))}")
-            result = await handler(args)
-            await framed.write({"id": rid, "ok": True, "result": result})
-            return True
-        except MeshError as exc:
-            reply = {"id": rid, "ok": False, "error": exc.to_dict()}
-        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
-            return False
-        except Exception as exc:
-            log.exception("control operation failed")
-            reply = {"id": rid, "ok": False,
-                     "error": MeshError(500, f"{type(exc).__name__}: {exc}").to_dict()}
-        try:
-            await framed.write(reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        return True
+        return await serve_request(self.table, framed, req)
 
 
 class ControlClient:

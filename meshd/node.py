@@ -8,6 +8,8 @@ Rules:
   shutdown takes well under 2 s.
 - State that must survive a restart (incarnation, last known peers, keyring) is written
   atomically to the data dir as it changes.
+- Control operations belong to their components (`ops()` of each, see meshd/ops.py); the
+  node only puts them on one table, which the control socket serves.
 """
 
 from __future__ import annotations
@@ -25,34 +27,39 @@ from typing import Any
 
 import trio
 
-from . import datadir, tlsconf, wire
+from . import datadir, tlsconf
 from .auth.eviction import Evictor
 from .auth.ops import AuthOps
-from .auth.service import PIN_FILE, ROOT_TAG, AuthService, Principal
-from .control import REQUEST_TOKEN, ControlServer, socket_path
-from .errors import MeshError, bad_request
+from .auth.service import PIN_FILE, ROOT_TAG, AuthService
+from .control import ControlServer, socket_path
 from .identity import Identity
 from .membership.core import Membership, MembershipError
 from .membership.identity import AliveVerifier
-from .membership.messages import STATE_NAMES
+from .membership.ops import RESERVED_TAGS, MembershipOps
 from .membership.service import MembershipService
+from .node_ops import NodeOps
+from .ops import OpTable
 from .proxy.edge import EdgeProxy
 from .proxy.tunnels import TunnelService
+from .registry.ops import RegistryOps
 from .registry.service import RegistryService
+from .routing.ops import RoutingOps
 from .routing.service import RoutingService
+from .rpc.ops import RpcOps
 from .rpc.service import RpcService
 from .rpc.streams import StreamService
-from .secure.keyring import Keyring, KeyringError, format_secret, new_secret, parse_secret
-from .settings import Settings, as_dict
+from .secure.keyops import KeyringOps
+from .secure.keyring import Keyring, KeyringError, new_secret
+from .settings import Settings
+from .store.ops import StoreOps
 from .store.persist import StoreFileError
-from .store.service import SYSTEM_DBS, StoreService
+from .store.service import StoreService
 from .transport import addr as addrs
 from .transport import advertise
-from .transport.links import Channel, ChannelClosed, LinkError, LinkManager
+from .transport.links import LinkManager
 from .transport.udp import UdpTransport
 
 log = logging.getLogger("meshd.node")
-RESERVED_TAGS = ("id", "boot", "authroot")
 
 
 class NodeError(RuntimeError):
@@ -196,7 +203,6 @@ class Node:
         self.links.expected_key = self.core.key_at
         self.links.node_of_key = self.core.name_of_key
         self.links.is_revoked = self._key_revoked
-        self.links.handlers["keys"] = self._serve_keys
         self.membership = MembershipService(self.core, self.udp, self.links,
                                             s.limits.join_timeout)
         self.membership.on_change = self._schedule_save
@@ -215,7 +221,7 @@ class Node:
         self.auth.seed_roots = self._seed_roots
         self.auth.on_pin = self._advertise_root
         self.auth.service_on_node = self._service_on_node
-        self.auth_ops = AuthOps(self.auth, self.name, self.member_rows)
+        self.auth_ops = AuthOps(self.auth, self.name, lambda: self.member_rows())
         self.evictor = Evictor(self.auth, self.core, self.membership, self.links)
         self.membership.accept_sender = self.evictor.accept_sender
         self.routing = RoutingService(self.core, self.store, measure=self.membership.measure)
@@ -224,13 +230,12 @@ class Node:
         self.links.next_hop_for = self._next_hop_addr
         self.tunnels = TunnelService(self)
         self.edge = EdgeProxy(self)
-        self.links.handlers["ping"] = self._serve_ping
         self.bootstrap_token: str | None = None
         self.rpc.auth = self.auth
         self.registry.service_token = self.auth.service_token
-        control = ControlServer(socket_path(self.data_dir))
+        self.op_table = self._op_table()
+        control = ControlServer(socket_path(self.data_dir), self.op_table)
         self.control_stats = control.stats
-        self._register_ops(control)
         self.membership.listeners.append(self._watch_conflicts)
         self.membership.listeners.append(self._sync_newcomer)
         self.membership.listeners.append(self._note_seed)
@@ -272,6 +277,32 @@ class Node:
         finally:
             self.udp.close()
 
+    def _op_table(self) -> OpTable:
+        """Every component's control operations on one table (served on the control socket
+        and through the proxy to remote environments)."""
+        s = self.settings
+        self.membership_ops = MembershipOps(self.core, self.membership, self.routing.next_hop)
+        self.node_ops = NodeOps(self, self._stats)
+        table = OpTable()
+        table.node, table.auth = self.name, self.auth
+        for component in (
+                self.node_ops, self.membership_ops,
+                KeyringOps(self.keyring, self.data_dir, self.core, self.links,
+                           self._key_revoked),
+                RoutingOps(self.core, self.links, self.routing),
+                RegistryOps(self.registry, self.rpc),
+                RpcOps(self.rpc, self.streams, s.rpc.default_timeout),
+                StoreOps(self.store, self.auth, self.name, self.auth_ops.require_admin),
+                self.tunnels, self.auth_ops):
+            table.add(component.ops())
+        return table
+
+    def _stats(self) -> dict[str, int]:
+        return {**self.udp.stats, **self.links.stats, **self.membership.stats,
+                **self.store.stats, **self.store.rep.stats, **self.edge.stats,
+                **self.alive_verifier.stats, **self.control_stats,
+                **self.registry.replicator.stats, **self.auth.stats}
+
     async def _bind(self, host: str, port: int) -> tuple[int, list[trio.SocketListener]]:
         """UDP and TCP on the same port. With port 0 the kernel picks the UDP port, which
         may be taken for TCP: then try again with another."""
@@ -306,39 +337,6 @@ class Node:
             raise NodeError("could not join: " + "; ".join(errors))
         for line in errors:
             log.warning("join %s", line)
-
-    async def _serve_ping(self, ch: Channel) -> None:
-        while True:
-            await ch.send(await ch.receive())
-
-    async def _ping(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Round trips over the secure link to a node (the first hop of its route)."""
-        node = args.get("node")
-        count = args.get("count", 5)
-        if not isinstance(node, str) or not isinstance(count, int) or not 0 < count <= 100:
-            raise bad_request("ping needs a node name and a count of 1..100")
-        member = self.core.members.get(node)
-        if member is None or member.state not in (0, 1):
-            raise MeshError(404, f"no live member named {node!r}")
-        route = self.routing.table.route(node)
-        path = list(route.path) if route is not None else [self.name, node]
-        samples = []
-        try:
-            with trio.fail_after(5 + count):
-                async with await self.links.open_channel(member.addr, "ping") as ch:
-                    for i in range(count):
-                        t0 = trio.current_time()
-                        await ch.send(i.to_bytes(4, "big"))
-                        await ch.receive()
-                        samples.append((trio.current_time() - t0) * 1000)
-        except (LinkError, ChannelClosed, trio.TooSlowError) as exc:
-            raise MeshError(503, f"cannot reach {node}: {exc or 'timeout'}") from None
-        estimate = self.routing.estimate(node)
-        return {"node": node, "address": member.addr, "path": path,
-                "rtt_ms": [round(x, 3) for x in samples],
-                "min_ms": round(min(samples), 3),
-                "avg_ms": round(sum(samples) / len(samples), 3),
-                "vivaldi_estimate_ms": None if estimate is None else round(estimate * 1000, 3)}
 
     def _auth_pin(self) -> str:
         """The auth root this data dir trusts; `--auth-root` pins it on first use and must
@@ -382,9 +380,6 @@ class Node:
 
     def _service_on_node(self, service: str, node: str) -> bool:
         return any(i.get("node") == node for i in self.registry.instances(service))
-
-    def _require_admin(self) -> Principal:
-        return self.auth_ops.require_admin()
 
     def _key_revoked(self, key: bytes) -> bool:
         """Whether an identity key was revoked by an admin (`meshd nodes revoke`)."""
@@ -470,341 +465,13 @@ class Node:
             datadir.write_json(self.data_dir / datadir.STATE_FILE, state)
             self.state = state
 
-    # --- views ---------------------------------------------------------------------------
-
-    def member_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        unreached = self.core.unreached
-        for m in sorted(self.core.member_list(), key=lambda m: m.name):
-            tags = {k: v for k, v in m.tags.items() if k not in RESERVED_TAGS}
-            rows.append({
-                "name": m.name, "id": m.tags.get("id", ""), "address": m.addr,
-                "status": STATE_NAMES[m.state], "incarnation": m.incarnation, "tags": tags,
-                "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
-                "self": m.name == self.name,
-                "reach": self._reach(m, unreached),
-            })
-        return rows
-
-    def _reach(self, m: Any, unreached: frozenset[str]) -> str:
-        """How this node gets to a member: "direct", "via HOP" (it does not answer us
-        directly; probes and links follow the route), "no route" or "unknown" (not yet
-        measured)."""
-        if m.name == self.name:
-            return "self"
-        if m.name in unreached:
-            hop = self.routing.next_hop(m.name)
-            return f"via {hop}" if hop is not None and hop != m.name else "no route"
-        return "direct" if m.rtt_at is not None else "unknown"
+    # --- views (the CLI's `meshd up` prints them) ------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for m in self.core.member_list():
-            counts[STATE_NAMES[m.state]] = counts.get(STATE_NAMES[m.state], 0) + 1
-        stats = {**self.udp.stats, **self.links.stats, **self.membership.stats,
-                 **self.store.stats, **self.store.rep.stats, **self.edge.stats,
-                 **self.alive_verifier.stats, **self.control_stats,
-                 **self.registry.replicator.stats, **self.auth.stats}
-        return {
-            "name": self.name, "id": self.identity.node_id, "short_id": self.identity.short,
-            "address": self.advertise, "data_dir": str(self.data_dir),
-            "profile": self.settings.profile, "incarnation": self.core.me.incarnation,
-            "health_score": self.core.health_score, "members": counts,
-            "links": len({id(v) for v in self.links.links.values()}),
-            "uptime_s": round(time.time() - self.started, 1), "stats": stats,
-            "version": _version(),
-        }
+        return self.node_ops.status_now()
 
-    def invite(self) -> dict[str, Any]:
-        secret = format_secret(self.keyring.primary)
-        root = self.auth.root_fingerprint or ""
-        env = f"MESHD_SECRET={secret}" + (f" MESHD_AUTH_ROOT={root}" if root else "")
-        return {"secret": secret, "address": self.advertise, "auth_root": root,
-                "command": f"{env} meshd up --join {self.advertise}"}
-
-    # --- control operations --------------------------------------------------------------
-
-    def _register_ops(self, control: ControlServer) -> None:
-        async def status(_: dict[str, Any]) -> Any:
-            return self.status()
-
-        async def members(_: dict[str, Any]) -> Any:
-            return self.member_rows()
-
-        async def join(args: dict[str, Any]) -> Any:
-            peers = args.get("peers")
-            if not isinstance(peers, list) or not peers or \
-                    not all(isinstance(p, str) for p in peers):
-                raise bad_request("join needs a list of peer addresses")
-            for p in peers:
-                try:
-                    addrs.parse(p, 7946)
-                except addrs.AddressError as exc:
-                    raise bad_request(str(exc)) from None
-            full = [addrs.format(*addrs.parse(p, 7946)) for p in peers]
-            ok, errors = await self.membership.join(full)
-            if ok == 0:
-                raise MeshError(503, "could not join: " + "; ".join(errors))
-            return {"joined": ok, "errors": errors}
-
-        async def leave(_: dict[str, Any]) -> Any:
-            trio.lowlevel.spawn_system_task(self.shutdown)
-            return {"left": True}
-
-        async def invite(_: dict[str, Any]) -> Any:
-            return self.invite()
-
-        async def settings(_: dict[str, Any]) -> Any:
-            return as_dict(self.settings)
-
-        async def watch(args: dict[str, Any], emit: Any) -> None:
-            events = self.membership.subscribe()
-            async for ev in events:
-                await emit({"kind": ev.kind, "name": ev.node, "address": ev.addr,
-                            "incarnation": ev.incarnation, "detail": ev.detail})
-
-        control.ops.update({"status": status, "members": members, "join": join,
-                            "leave": leave, "invite": invite, "settings": settings,
-                            "keys.list": self._keys_list,
-                            "keys.install": self._keys_handler("install"),
-                            "keys.use": self._keys_handler("use"),
-                            "keys.remove": self._keys_handler("remove")})
-        control.streams["members.watch"] = watch
-        self._register_service_ops(control)
-
-    def _register_service_ops(self, control: ControlServer) -> None:
-        async def services(_: dict[str, Any]) -> Any:
-            return self.registry.services()
-
-        async def describe(args: dict[str, Any]) -> Any:
-            name = args.get("service")
-            if not isinstance(name, str):
-                raise bad_request("describe needs a service name")
-            rows = self.registry.instances(name)
-            if not rows:
-                raise MeshError(404, f"service {name!r} has no instances")
-            return {"name": name, "instances": rows}
-
-        async def rpc_call(args: dict[str, Any]) -> Any:
-            service, endpoint = args.get("service"), args.get("endpoint")
-            if not isinstance(service, str) or not isinstance(endpoint, str):
-                raise bad_request("call needs a service and an endpoint")
-            timeout = args.get("timeout") or self.settings.rpc.default_timeout
-            meta = args.get("meta") or {}
-            if not isinstance(meta, dict):
-                raise bad_request("meta must be a map")
-            return await self.rpc.call(service, endpoint, args.get("body"), timeout, meta,
-                                       args.get("selector"), token=REQUEST_TOKEN.get())
-
-        async def health(args: dict[str, Any]) -> Any:
-            name = args.get("service")
-            if not isinstance(name, str):
-                raise bad_request("health needs a service name")
-            rows = self.registry.instances(name)
-            if not rows:
-                raise MeshError(404, f"service {name!r} has no instances")
-            results: list[dict[str, Any]] = []
-
-            async def check(inst: dict[str, Any]) -> None:
-                start = trio.current_time()
-                try:
-                    await self.rpc.call_instance(inst, "__health__", None, 5.0)
-                    status, detail = "ok", ""
-                except MeshError as exc:
-                    status, detail = "failing", str(exc)
-                results.append({"id": inst["id"], "node": inst["node"], "status": status,
-                                "latency_ms": round((trio.current_time() - start) * 1000, 3),
-                                "detail": detail})
-
-            async with trio.open_nursery() as nursery:
-                for inst in rows:
-                    nursery.start_soon(check, inst)
-            return sorted(results, key=lambda r: r["id"])
-
-        async def watch(args: dict[str, Any], emit: Any) -> None:
-            async for ev in self.registry.watch():
-                await emit(ev)
-
-        async def routes(_: dict[str, Any]) -> Any:
-            return self.routing.routes()
-
-        async def graph(_: dict[str, Any]) -> Any:
-            return {"nodes": sorted({self.name, *self.routing.table.adverts}),
-                    "edges": self.routing.edges()}
-
-        async def ping(args: dict[str, Any]) -> Any:
-            return await self._ping(args)
-
-        async def tunnel_list(args: dict[str, Any]) -> Any:
-            return self.tunnels.list(args)
-
-        control.ops.update({"routes": routes, "graph": graph, "ping": ping,
-                            "tunnel.expose": self.tunnels.expose,
-                            "tunnel.close": self.tunnels.close, "tunnel.list": tunnel_list})
-        control.sessions["tunnel.listen"] = self.tunnels.listen_session
-        control.ops.update({"services": services, "describe": describe,
-                            "rpc.call": rpc_call, "health": health})
-        control.streams["services.watch"] = watch
-        control.sessions["service.register"] = self.registry.serve_session
-        control.sessions["rpc.stream"] = self.streams.serve_session
-        st = self.store
-
-        def guarded(kind: str, fn: Any, name_key: str, default: str, sub_key: str = "",
-                    stream: bool = False, write: bool = False) -> Any:
-            """Check the caller against the rules for (kind, name, sub) before `fn`. The
-            system databases (auth, routing) are for admins only; a watch of every
-            database leaves them out."""
-            def check(args: dict[str, Any]) -> None:
-                name = args.get(name_key) or default
-                sub = args.get(sub_key) or "" if sub_key else ""
-                if kind == "store" and name in SYSTEM_DBS:
-                    if write:
-                        raise MeshError(403, f"the {name} database is written by meshd "
-                                             "itself (use `meshd auth ...`)")
-                    self._require_admin()
-                self.auth.check(REQUEST_TOKEN.get(), self.name,
-                                (kind, str(name), str(sub) or "*"))
-            if stream:
-                async def wrapped_stream(args: dict[str, Any], emit: Any) -> None:
-                    check(args)
-                    if kind == "store" and not args.get(name_key):
-                        async def user_only(ev: Any) -> None:
-                            if ev.get("database") not in SYSTEM_DBS:
-                                await emit(ev)
-                        await fn(args, user_only)
-                        return
-                    await fn(args, emit)
-                return wrapped_stream
-
-            async def wrapped(args: dict[str, Any]) -> Any:
-                check(args)
-                return await fn(args)
-            return wrapped
-
-        def store_op(fn: Any) -> Any:
-            return guarded("store", fn, "database", "default", "table")
-
-        def store_write_op(fn: Any) -> Any:
-            return guarded("store", fn, "database", "default", "table", write=True)
-
-        def config_op(fn: Any) -> Any:
-            return guarded("config", fn, "namespace", "default", "path")
-
-        control.ops.update({
-            "store.write": store_write_op(st.write), "store.read": store_op(st.read),
-            "store.delete": store_write_op(st.delete), "store.list": store_op(st.list_keys),
-            "store.databases": st.databases, "store.tables": st.tables,
-            "store.counter": store_write_op(st.counter),
-            "store.set": store_write_op(st.set_op),
-            "config.get": config_op(st.config_get), "config.set": config_op(st.config_set),
-            "config.del": config_op(st.config_del)})
-        control.streams["store.watch"] = guarded("store", st.watch, "database", "default",
-                                                 "table", stream=True)
-        control.streams["config.watch"] = guarded("config", st.config_watch, "namespace",
-                                                  "default", "path", stream=True)
-        control.ops.update(self.auth_ops.table())
-
-    # --- keyring across the cluster -------------------------------------------------------
-
-    def _apply_key_op(self, op: str, secret: bytes) -> None:
-        if op == "install":
-            self.keyring.install(secret)
-        elif op == "use":
-            self.keyring.install(secret)
-            self.keyring.use(secret)
-        elif op == "remove":
-            self.keyring.remove(secret)
-        else:
-            raise KeyringError(f"unknown key operation {op!r}")
-        self.keyring.save(self.data_dir)
-
-    async def _serve_keys(self, ch: Channel) -> None:
-        import cbor2
-
-        try:
-            req = wire.loads(await ch.receive(), max_depth=4, max_bytes=4096)
-        except wire.WireError:
-            return
-        try:
-            if not isinstance(req, dict):
-                raise KeyringError("bad request")
-            if req.get("op") == "list":
-                reply: dict[str, Any] = {"ok": True, "keys": [
-                    format_secret(s) for s in self.keyring.secrets()],
-                    "primary": format_secret(self.keyring.primary)}
-            else:
-                self._apply_key_op(str(req.get("op")), parse_secret(str(req.get("secret"))))
-                reply = {"ok": True}
-        except KeyringError as exc:
-            reply = {"ok": False, "error": str(exc)}
-        await ch.send(cbor2.dumps(reply))
-
-    async def _fanout(self, request: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-        import cbor2
-
-        peers = [m for m in self.core.member_list()  # never to revoked nodes
-                 if m.name != self.name and m.state in (0, 1)
-                 and not (m.key and self._key_revoked(m.key))]
-        replies: list[dict[str, Any]] = []
-        errors: list[str] = []
-
-        async def ask(m: Any) -> None:
-            try:
-                with trio.fail_after(5):
-                    async with await self.links.open_channel(m.addr, "keys") as ch:
-                        await ch.send(cbor2.dumps(request))
-                        reply = wire.loads(await ch.receive(), max_depth=4, max_bytes=65536)
-                if isinstance(reply, dict) and reply.get("ok"):
-                    replies.append(reply)
-                else:
-                    why = reply.get("error", "refused") if isinstance(reply, dict) else "?"
-                    errors.append(f"{m.name}: {str(why)[:200]}")
-            except (LinkError, ChannelClosed, trio.TooSlowError, ValueError) as exc:
-                errors.append(f"{m.name}: {exc or 'no answer'}")
-
-        async with trio.open_nursery() as nursery:
-            for m in peers:
-                nursery.start_soon(ask, m)
-        return replies, errors
-
-    def _keys_handler(self, op: str) -> Callable[[dict[str, Any]], Any]:
-        async def handler(args: dict[str, Any]) -> Any:
-            return await self._keys_op(op, args)
-        return handler
-
-    async def _keys_op(self, op: str, args: dict[str, Any]) -> Any:
-        try:
-            secret = parse_secret(str(args.get("secret", "")))
-            self._apply_key_op(op, secret)
-        except KeyringError as exc:
-            raise bad_request(str(exc)) from None
-        replies, errors = await self._fanout({"op": op, "secret": format_secret(secret)})
-        return {"op": op, "nodes": len(replies) + len(errors) + 1, "ok": len(replies) + 1,
-                "errors": errors}
-
-    async def _keys_list(self, _: dict[str, Any]) -> Any:
-        replies, errors = await self._fanout({"op": "list"})
-        mine = {"keys": [format_secret(s) for s in self.keyring.secrets()],
-                "primary": format_secret(self.keyring.primary)}
-        counts: dict[str, dict[str, Any]] = {}
-        for r in [mine, *replies]:
-            for k in r.get("keys", []):
-                entry = counts.setdefault(k, {"key": k, "nodes": 0, "primary_on": 0})
-                entry["nodes"] += 1
-            p = r.get("primary")
-            if p in counts:
-                counts[p]["primary_on"] += 1
-        return {"total_nodes": len(replies) + len(errors) + 1, "keys": list(counts.values()),
-                "errors": errors}
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("meshd")
-    except PackageNotFoundError:
-        return "0+unknown"
+    def member_rows(self) -> list[dict[str, Any]]:
+        return self.membership_ops.member_rows()
 
 
 def _read_text(path: Path) -> str:

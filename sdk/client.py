@@ -1,8 +1,13 @@
-"""Client: call services through the local daemon.
+"""Client: call services through the local daemon, or through a remote environment.
 
 Rules:
 - Every call goes to the local daemon over its control socket; connections are pooled, so
   concurrent calls from many tasks each use their own connection.
+- `Client(env="prod")` goes through that environment instead (`meshd env add prod --via
+  wss://...`): the same operations over WebSockets to a node's proxy, acting with the
+  environment's token (`meshd auth login --env prod`), MESHD_TOKEN or `token=`. Such a
+  client is used as `async with Client(env=...) as client:` (its connections live in the
+  nursery that opens); `env="local"` is the local daemon.
 - Requests may be dataclasses or plain JSON values; with `response=` a type, the reply is
   checked and built into it. Every failure raises MeshError (status, code, detail).
 - With no daemon running, the first call fails at once, saying to start `meshd up`.
@@ -12,8 +17,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
+
+import trio
 
 from meshd.control import Conn, ControlClient
 from meshd.errors import MeshError
@@ -65,22 +72,54 @@ class ClientStream:
 
 class Client:
     def __init__(self, addr: str | os.PathLike[str] | None = None, pool: int = 64,
-                 token: str | None = None) -> None:
+                 token: str | None = None, env: str | None = None) -> None:
         self.path = socket_path(addr)
         self._idle: list[ControlClient] = []
         self._pool = pool
         self._token = token
+        self._via: Any = None
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        if env is not None:
+            self._use_env(env)
+
+    def _use_env(self, name: str) -> None:
+        from meshd.envs import EnvError, Environments
+        from meshd.proxy.via import Via
+
+        try:
+            env = Environments().get(name)
+        except EnvError as exc:
+            raise MeshError(400, str(exc), id="sdk") from None
+        if env.local:
+            return
+        self._via = Via(env.via, env.ca_file or None)
+        self._token = self._token or os.environ.get("MESHD_TOKEN") or env.token or None
+
+    def _connection(self) -> ControlClient:
+        if self._via is None:
+            return ControlClient(self.path)
+        if self._nursery is None:
+            raise MeshError(400, "a Client with env= is used as `async with Client(env=...) "
+                                 "as client:`", id="sdk")
+        from meshd.proxy.remote import RemoteControlClient
+
+        return RemoteControlClient(self._via, nursery=self._nursery)
 
     @property
     def token(self) -> str | None:
         """Explicit token, else the token of the service whose handler is running, else
-        MESHD_TOKEN; None calls as the local node."""
+        MESHD_TOKEN; None calls as the local node. Through an environment: only the token
+        given, MESHD_TOKEN or the environment's (never a local service's token)."""
         from .service import running_service_token
+
+        if self._via is not None:
+            return self._token
 
         return self._token or running_service_token() or os.environ.get("MESHD_TOKEN")
 
     async def _request(self, op: str, /, **args: Any) -> Any:
-        conn = self._idle.pop() if self._idle else ControlClient(self.path)
+        conn = self._idle.pop() if self._idle else self._connection()
         conn.token = self.token
         ok = False
         try:
@@ -115,7 +154,8 @@ class Client:
                      meta: dict[str, str] | None = None) -> AsyncIterator[ClientStream]:
         """A streaming call. With `request`, it is sent and the sending side closed (server
         streaming); otherwise use send()/close_send() (bidirectional). Iterate for replies."""
-        conn_client = ControlClient(self.path, token=self.token)
+        conn_client = self._connection()
+        conn_client.token = self.token
         try:
             _, conn = await conn_client.session("rpc.stream", service=service,
                                                 endpoint=endpoint, meta=meta or {})
@@ -136,8 +176,15 @@ class Client:
     async def aclose(self) -> None:
         while self._idle:
             await self._idle.pop().aclose()
+        stack, self._stack, self._nursery = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
 
     async def __aenter__(self) -> Client:
+        if self._via is not None and self._stack is None:
+            stack = AsyncExitStack()
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            self._stack = stack
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,4 +1,5 @@
-"""Control operations of auth and node revocation: one table, served on the control socket.
+"""Control operations of auth and node revocation, served on the control socket and to
+remote environments.
 
 Rules:
 - Reads of auth state (accounts, rules, keys, revocations) are open to the local operator
@@ -22,8 +23,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from meshd.control import REQUEST_SOURCE, REQUEST_TOKEN
 from meshd.errors import MeshError, bad_request, not_found
+from meshd.ops import REQUEST_SOURCE, REQUEST_TOKEN, Op, calls
 
 from .service import AuthService, NoIssuerKey, Principal
 
@@ -50,11 +51,19 @@ class AuthOps:
             "token.create": self._token_create, "keys.endorse": self._keys_endorse,
             "keys.revoke": self._keys_revoke, "nodes.revoke": self._nodes_revoke})
 
-    def table(self) -> dict[str, Handler]:
+    def ops(self) -> list[Op]:
+        """Login, refresh and revoking a token one holds are open to anyone (the request is
+        its own proof); bootstrap is the operator's; the rest check the caller's token
+        themselves (an admin, or the local operator of a node holding an issuer key)."""
+        return [*calls("public", {"auth.login": self.login, "auth.refresh": self.refresh,
+                                  "auth.token.revoke": self.token_revoke}),
+                Op("auth.bootstrap", self.bootstrap, "operator"),
+                *calls("checked", self._checked())]
+
+    def _checked(self) -> dict[str, Handler]:
         a = self.auth
         return {
-            "auth.login": self.login, "auth.refresh": self.refresh, "auth.whoami": self.whoami,
-            "auth.bootstrap": self.bootstrap,
+            "auth.whoami": self.whoami,
             "auth.accounts.list": self._reader(lambda args: a.accounts()),
             "auth.rules.list": self._reader(lambda args: a.list_rules()),
             "auth.keys.list": self._reader(lambda args: a.list_keys()),
@@ -64,7 +73,6 @@ class AuthOps:
             "auth.rules.create": self._writer("rules.create", self._rules_create),
             "auth.rules.delete": self._writer("rules.delete", self._rules_delete),
             "auth.token.create": self._writer("token.create", self._token_create),
-            "auth.token.revoke": self.token_revoke,
             "auth.keys.rotate": self.keys_rotate,
             "auth.keys.revoke": self._writer("keys.revoke", self._keys_revoke),
             "nodes.revoke": self.nodes_revoke,

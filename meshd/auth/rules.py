@@ -2,7 +2,9 @@
 
 Rules (as in Micro):
 - A resource is "type:name:endpoint", type one of service, store, config, topic, tunnel,
-  web; a rule's resource may use "*" (any) or a trailing "*" (prefix) in each part.
+  web, mesh (reads of the mesh's own state by remote environments: mesh:members,
+  mesh:services, mesh:routes, mesh:store, mesh:tunnels, mesh:status); a rule's resource
+  may use "*" (any) or a trailing "*" (prefix) in each part.
 - A rule's scope: "" is public (anyone, even with no identity), "*" is any authenticated
   caller, anything else must be one of the caller's scopes.
 - Of the rules that match, the highest priority decides; at equal priority a denial beats
@@ -14,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-RESOURCE_TYPES = ("service", "store", "config", "topic", "tunnel", "web")
+RESOURCE_TYPES = ("service", "store", "config", "topic", "tunnel", "web", "mesh")
 
 
 class RuleError(ValueError):

@@ -3,7 +3,15 @@ with a user token, over one WebSocket (`meshd up --proxy-listen HOST:PORT`).
 
 Rules:
 - The first message is a CBOR map: {"op": "call", "token", "service", "endpoint", "body",
-  "timeout", "meta"} or {"op": "tunnel", "token", "name"}.
+  "timeout", "meta"}, {"op": "tunnel", "token", "name"} or {"op": "control"} (a remote
+  environment's control session, below); anything else is a 400 and the socket closes.
+- Control session: after the reply {"ok": true, "node": NAME}, every message is a request
+  of the node's op table ({"id", "op", "args", "token"}, as on the control socket) and gets
+  its reply or events, served by
+  meshd.ops.serve_request as a remote caller: the token of each request is who acts (never
+  the node), operator-only ops are refused, and a request without a token is a 401 unless
+  the op is public (login, refresh). Until a request carries a token that verifies, the
+  connection stays pending (its deadline and the pending cap apply).
 - A token is required: an outside caller is never taken for this node. No token or a bad
   one: 401; a token the rules do not allow: 403. The rules are applied where the resource is
   (the callee's daemon, the exposing node), exactly as for in-cluster callers.
@@ -30,8 +38,11 @@ import trio
 
 from meshd import wire
 from meshd.errors import MeshError, bad_request
+from meshd.ops import REQUEST_REMOTE, REQUEST_SOURCE, serve_request
 from meshd.transport import listeners as serving
 from meshd.transport.links import WsStream
+
+from .wsframing import WsFraming
 
 # trio_websocket (and wsproto under it) is imported only when a proxy endpoint is served:
 # most nodes never pay for it.
@@ -43,7 +54,7 @@ MAX_MESSAGE = 2 << 20  # a request (its body is bounded by rpc.max_body_bytes) o
 class EdgeProxy:
     def __init__(self, node: Any) -> None:
         self.node = node
-        self.stats = {"proxy_sessions": 0, "proxy_refused": 0}
+        self.stats = {"proxy_sessions": 0, "proxy_refused": 0, "proxy_control_sessions": 0}
         self.gate = serving.Gate("proxy", self.stats,
                                  pending_timeout=node.settings.limits.handshake_timeout * 2)
 
@@ -77,6 +88,9 @@ class EdgeProxy:
 
         try:
             req = await self._first_message(ws, ticket)
+            if req.get("op") == "control":
+                await self._control(ws, ticket)
+                return
             token = req.get("token")
             if not isinstance(token, str) or not token:
                 raise MeshError(401, "the proxy needs a token (--token or MESHD_TOKEN)",
@@ -89,7 +103,7 @@ class EdgeProxy:
             elif req.get("op") == "tunnel":
                 await self._tunnel(ws, req, token)
             else:
-                raise bad_request("op must be call or tunnel")
+                raise bad_request("op must be call, tunnel or control")
         except MeshError as exc:
             self.stats["proxy_refused"] += 1
             with contextlib.suppress(trio_websocket.ConnectionClosed, trio.BrokenResourceError,
@@ -97,6 +111,45 @@ class EdgeProxy:
                 await ws.send_message(wire.dumps({"ok": False, "error": exc.to_dict()}))
         except trio_websocket.ConnectionClosed:
             pass
+
+    async def _control(self, ws: Any, ticket: serving.Ticket) -> None:
+        """A remote environment's control session on this WebSocket."""
+        framed = WsFraming(ws, MAX_MESSAGE)
+        REQUEST_REMOTE.set(True)
+        REQUEST_SOURCE.set(f"remote:{getattr(ws.remote, 'address', '?')}")
+        self.stats["proxy_control_sessions"] += 1
+        await framed.write({"ok": True, "node": self.node.name})
+        req: Any = {}
+        while True:
+            try:
+                if ticket.pending:
+                    req = None
+                    with trio.move_on_at(ticket.deadline):
+                        req = await framed.read()
+                    if req is None:
+                        return  # no token that verifies in time
+                else:
+                    req = await framed.read()
+            except EOFError:
+                return
+            except MeshError as exc:
+                with trio.move_on_after(5):
+                    await framed.write({"id": None, "ok": False, "error": exc.to_dict()})
+                return
+            if ticket.pending and self._verifies(req):
+                ticket.authenticated()
+            if not await serve_request(self.node.op_table, framed, req):
+                return
+
+    def _verifies(self, req: Any) -> bool:
+        token = req.get("token") if isinstance(req, dict) else None
+        if not isinstance(token, str) or not token:
+            return False
+        try:
+            self.node.auth.identify(token, None)
+        except MeshError:
+            return False
+        return True
 
     async def _call(self, ws: Any, req: dict[str, Any], token: str) -> None:
         service, endpoint = req.get("service"), req.get("endpoint")

@@ -27,8 +27,8 @@ from typing import Any
 import trio
 
 from meshd import wire
-from meshd.control import REQUEST_TOKEN, Conn
 from meshd.errors import MeshError, bad_request, not_found, unavailable
+from meshd.ops import REQUEST_TOKEN, Conn, Op, mesh_resource
 from meshd.transport import addr as addrs
 from meshd.transport import listeners as serving
 from meshd.transport.links import Channel, ChannelClosed, LinkError
@@ -44,6 +44,15 @@ class TunnelService:
         self.node = node
         self.exposed: dict[str, str] = {}  # name -> instance id
         node.links.handlers[CHANNEL] = self._serve_channel
+
+    def ops(self) -> list[Op]:
+        """Exposing a port of this node, closing it and listening on this node are its
+        operator's; the list reads the mesh. (A remote environment reaches a tunnel through
+        the proxy's own "tunnel" op, listening on the caller's machine.)"""
+        return [Op("tunnel.expose", self.expose, "operator"),
+                Op("tunnel.close", self.close, "operator"),
+                Op("tunnel.list", self.list, mesh_resource("tunnels")),
+                Op("tunnel.listen", self.listen_session, "operator", "session")]
 
     # --- exposing ----------------------------------------------------------------------------
 
@@ -75,7 +84,7 @@ class TunnelService:
         self.node.registry._write(inst_id, None)
         return {"closed": name}
 
-    def list(self, args: dict[str, Any]) -> Any:
+    async def list(self, args: dict[str, Any]) -> Any:
         rows = []
         for inst in self.node.registry.instances():
             if inst.get("service", "").startswith(PREFIX):

@@ -23,11 +23,11 @@ import cbor2
 import trio
 
 from meshd import wire
-from meshd.control import Conn
 from meshd.errors import MeshError, bad_request, unavailable
 from meshd.hlc import HLC
 from meshd.membership.core import Membership
 from meshd.membership.messages import ALIVE, SUSPECT
+from meshd.ops import Conn
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from .core import Entry, WireError
@@ -196,7 +196,7 @@ class RegistryService:
                 if now - local.last_seen > self.ttl:
                     self._drop_local(local, f"no heartbeat for {self.ttl:.0f} s")
                     with trio.CancelScope(shield=True), trio.move_on_after(0.5):
-                        await local.conn.stream.aclose()
+                        await local.conn.aclose()
             self.state.collect(trio.current_time())
 
     def _write(self, inst_id: str, record: dict[str, Any] | None) -> None:

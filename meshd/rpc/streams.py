@@ -23,8 +23,8 @@ from typing import Any
 import trio
 
 from meshd import wire
-from meshd.control import REQUEST_TOKEN, Conn
 from meshd.errors import MeshError, bad_request, unavailable
+from meshd.ops import REQUEST_TOKEN, Conn
 from meshd.registry.service import LocalInstance
 from meshd.transport.links import Channel, ChannelClosed, LinkError
 

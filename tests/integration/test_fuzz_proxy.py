@@ -328,12 +328,15 @@ class Tally:
 
 def check_ws_reply(reply: Any) -> str:
     """One proxy reply must be a CBOR map: {"ok": true, "body"} or {"ok": false, "error":
-    {id, code, detail, status}} with a documented status. Returns a short label."""
+    {id, code, detail, status}} with a documented status; a control session's replies
+    (a first message with another op) also carry the request's "id". Returns a short
+    label."""
     assert isinstance(reply, dict), f"reply is not a map: {reply!r:.200}"
     if reply.get("ok") is True:
-        assert set(reply) == {"ok", "body"}, reply
+        assert set(reply) in ({"ok", "body"}, {"id", "ok", "result"}), reply
         return "ok"
-    assert reply.get("ok") is False and set(reply) == {"ok", "error"}, f"{reply!r:.300}"
+    assert reply.get("ok") is False and set(reply) in ({"ok", "error"},
+                                                       {"id", "ok", "error"}), f"{reply!r:.300}"
     err = reply["error"]
     assert isinstance(err, dict) and set(err) == {"id", "code", "detail", "status"}, err
     assert err["status"] in PROXY_STATUSES, err

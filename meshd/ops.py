@@ -1,0 +1,218 @@
+"""One table of control operations, served on the control socket and through the proxy.
+
+Theory of operation: every component owns its operations and hands them to the node as a
+list of `Op`; node.py adds them all to one `OpTable` and nothing more. The table is served by
+two transports that speak the same messages (a CBOR map per request, reply or event):
+- the local control socket (control.py): the caller is the node's operator; a token, when
+  it sends one, is the identity it acts with;
+- the proxy endpoint (proxy/edge.py, op "control"): a remote caller in an environment; it
+  always acts with its own token, never as the node.
+`serve_request` runs one request either way, so an operation written once behaves the same
+locally and remotely and is checked in one place.
+
+Rules:
+- An op is a `call` (one request, one reply), a `stream` (one request, then events until
+  either side closes) or a `session` (the connection becomes a two-way conversation: a
+  service registration, an RPC stream, a tunnel listener).
+- `access` says who may run it:
+  - "operator": the local operator only (the node's own settings, keyring, invite, join,
+    leave). A remote caller gets 403: being a cluster user never makes one a node's operator.
+  - "checked": the handler checks the caller itself against the rules (the store, config,
+    RPC, auth, tunnels: their resource depends on the request).
+  - "public": anyone, even a remote caller without a token (log in, refresh a token, revoke
+    a token one holds: the request itself carries the proof).
+  - a `resource(args)` function: the table checks a remote caller's token against the rules
+    for that resource before the handler runs (reads of the mesh: members, services,
+    routes). The local operator reads them without a token, as before.
+- A remote request without a token is refused with 401 before anything else (but for
+  "public" ops); a token that
+  does not verify, 401; one the rules refuse, 403 naming the rule.
+- Every failure inside a handler becomes a structured error reply; a malformed request gets
+  a 400 and the connection stays usable. Nothing a caller sends can crash the node.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import trio
+
+from .errors import MeshError, bad_request, not_found
+
+log = logging.getLogger("meshd.ops")
+
+Kind = Literal["call", "stream", "session"]
+Resource = tuple[str, str, str]
+Emit = Callable[[Any], Awaitable[None]]
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+StreamHandler = Callable[[dict[str, Any], Emit], Awaitable[None]]
+
+# The token the current request carries (None: the local operator, no token).
+REQUEST_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "meshd_request_token", default=None)
+# Who the transport says the caller is ("uid:1000" on the control socket, from the kernel's
+# peer credentials; "remote:ADDRESS" through the proxy): rate limits key on it, never on
+# anything the client sends.
+REQUEST_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "meshd_request_source", default="local")
+# Whether the current request came through the proxy (a remote environment).
+REQUEST_REMOTE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "meshd_request_remote", default=False)
+
+
+class Framing(Protocol):
+    """One side of a connection that carries whole CBOR values (control socket frames, or
+    WebSocket messages)."""
+
+    async def read(self, limit: int = ...) -> Any: ...
+
+    async def write(self, value: Any) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Conn:
+    """A connection turned into a two-way session (a service process's link)."""
+
+    def __init__(self, framed: Framing, rid: Any) -> None:
+        self.framed = framed
+        self.rid = rid
+        self._lock = trio.Lock()
+
+    async def reply(self, result: Any) -> None:
+        await self.send({"id": self.rid, "ok": True, "result": result})
+
+    async def send(self, item: Any) -> None:
+        async with self._lock:
+            await self.framed.write(item)
+
+    async def receive(self) -> Any:
+        """The next frame; EOFError when the other side is gone."""
+        try:
+            return await self.framed.read()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise EOFError from None
+
+    async def aclose(self) -> None:
+        await self.framed.aclose()
+
+
+SessionHandler = Callable[[dict[str, Any], Conn], Awaitable[None]]
+Access = Literal["operator", "checked", "public"] | Callable[[dict[str, Any]], Resource]
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    handler: Callable[..., Awaitable[Any]]
+    access: Access
+    kind: Kind = "call"
+
+
+def calls(access: Access, table: dict[str, Handler]) -> list[Op]:
+    """Ops of one access from a name -> handler map (how components list their calls)."""
+    return [Op(name, fn, access) for name, fn in table.items()]
+
+
+def mesh_resource(what: str) -> Callable[[dict[str, Any]], Resource]:
+    """The resource of a read of the mesh's own state ("mesh:members:", ...)."""
+    resource = ("mesh", what, "")
+    return lambda args: resource
+
+
+class Authorizer(Protocol):
+    def check(self, token: str | None, node: str | None, resource: Resource) -> Any: ...
+
+    def identify(self, token: str | None, node: str | None) -> Any: ...
+
+
+class OpTable:
+    """Every control operation of the node, by name."""
+
+    def __init__(self) -> None:
+        self._ops: dict[str, Op] = {}
+        self.auth: Authorizer | None = None  # set by the node once auth exists
+        self.node = ""
+
+    def add(self, ops: Iterable[Op]) -> None:
+        for op in ops:
+            if op.name in self._ops:
+                raise ValueError(f"control operation {op.name!r} registered twice")
+            self._ops[op.name] = op
+
+    def get(self, name: str) -> Op | None:
+        return self._ops.get(name)
+
+    def names(self, kinds: tuple[Kind, ...] = ("call", "stream")) -> list[str]:
+        return sorted(n for n, op in self._ops.items() if op.kind in kinds)
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def admit(self, op: Op, args: dict[str, Any]) -> None:
+        """Whether the caller may run `op` at all (the handler may check more)."""
+        if not REQUEST_REMOTE.get() or op.access == "public":
+            return  # the local operator: handlers check a token it sends
+        token = REQUEST_TOKEN.get()
+        if not token:
+            raise MeshError(401, "a remote environment acts with a token: log in with "
+                                 "`meshd auth login --env NAME` or set MESHD_TOKEN",
+                            id="meshd.auth")
+        if op.access == "operator":
+            raise MeshError(403, f"{op.name} is for the node's operator: run it on the node "
+                                 "(its control socket), not through an environment",
+                            id="meshd.auth")
+        if self.auth is None:
+            raise MeshError(503, "auth is not ready on this node", id="meshd.auth")
+        if op.access == "checked":
+            self.auth.identify(token, None)  # a bad token is a 401 before anything runs
+            return
+        self.auth.check(token, None, op.access(args))
+
+
+async def serve_request(table: OpTable, framed: Framing, req: Any) -> bool:
+    """Run one request from `framed`; whether the connection can carry another (a stream or
+    session keeps it to the end)."""
+    rid = req.get("id") if isinstance(req, dict) else None
+    try:
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            raise bad_request("request must be a map with an op")
+        args = req.get("args") or {}
+        if not isinstance(args, dict):
+            raise bad_request("args must be a map")
+        token = req.get("token")
+        REQUEST_TOKEN.set(token if isinstance(token, str) and token else None)
+        op = table.get(req["op"])
+        if op is None:
+            raise not_found(f"unknown operation {req['op'][:64]!r}; known: "
+                            f"{', '.join(table.names())}")
+        table.admit(op, args)
+        if op.kind == "session":
+            await op.handler(args, Conn(framed, rid))
+            return False
+        if op.kind == "stream":
+            async def emit(item: Any) -> None:
+                await framed.write({"id": rid, "event": item})
+            await framed.write({"id": rid, "ok": True, "result": "streaming"})
+            await op.handler(args, emit)
+            return False
+        result = await op.handler(args)
+        await framed.write({"id": rid, "ok": True, "result": result})
+        return True
+    except MeshError as exc:
+        reply = {"id": rid, "ok": False, "error": exc.to_dict()}
+    except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
+        return False
+    except Exception as exc:
+        log.exception("control operation failed")
+        reply = {"id": rid, "ok": False,
+                 "error": MeshError(500, f"{type(exc).__name__}: {exc}").to_dict()}
+    try:
+        await framed.write(reply)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True

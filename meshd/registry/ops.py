@@ -1,0 +1,78 @@
+"""Control operations of the registry: list, describe, health-check and watch services, and
+register a local service process.
+
+Rules:
+- Reads (services, describe, health, services.watch) read the mesh (resource
+  mesh:services: for a remote caller). describe and health of a service without instances
+  are a 404.
+- health calls every instance's `__health__` at once (5 s each) and reports each one's
+  status, latency and failure; one failing instance never hides the others.
+- service.register is a session of a service process on this node: the local operator's
+  (a remote caller cannot make the node host its instances).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from meshd.errors import MeshError, bad_request
+from meshd.ops import Emit, Op, mesh_resource
+from meshd.rpc.service import RpcService
+
+from .service import RegistryService
+
+
+class RegistryOps:
+    def __init__(self, registry: RegistryService, rpc: RpcService) -> None:
+        self.registry = registry
+        self.rpc = rpc
+
+    def ops(self) -> list[Op]:
+        services = mesh_resource("services")
+        return [Op("services", self.services, services),
+                Op("describe", self.describe, services),
+                Op("health", self.health, services),
+                Op("services.watch", self.watch, services, "stream"),
+                Op("service.register", self.registry.serve_session, "operator", "session")]
+
+    async def services(self, _: dict[str, Any]) -> Any:
+        return self.registry.services()
+
+    def _instances(self, args: dict[str, Any], what: str) -> tuple[str, list[dict[str, Any]]]:
+        name = args.get("service")
+        if not isinstance(name, str):
+            raise bad_request(f"{what} needs a service name")
+        rows = self.registry.instances(name)
+        if not rows:
+            raise MeshError(404, f"service {name!r} has no instances")
+        return name, rows
+
+    async def describe(self, args: dict[str, Any]) -> Any:
+        name, rows = self._instances(args, "describe")
+        return {"name": name, "instances": rows}
+
+    async def health(self, args: dict[str, Any]) -> Any:
+        _, rows = self._instances(args, "health")
+        results: list[dict[str, Any]] = []
+
+        async def check(inst: dict[str, Any]) -> None:
+            start = trio.current_time()
+            try:
+                await self.rpc.call_instance(inst, "__health__", None, 5.0)
+                status, detail = "ok", ""
+            except MeshError as exc:
+                status, detail = "failing", str(exc)
+            results.append({"id": inst["id"], "node": inst["node"], "status": status,
+                            "latency_ms": round((trio.current_time() - start) * 1000, 3),
+                            "detail": detail})
+
+        async with trio.open_nursery() as nursery:
+            for inst in rows:
+                nursery.start_soon(check, inst)
+        return sorted(results, key=lambda r: r["id"])
+
+    async def watch(self, args: dict[str, Any], emit: Emit) -> None:
+        async for ev in self.registry.watch():
+            await emit(ev)

@@ -1,0 +1,39 @@
+"""Control operations of RPC: one call, and a bidirectional stream (a session).
+
+Rules:
+- Both act with the caller's token (none: the local operator acts as this node); the rules
+  are checked where the instance runs, as for any in-cluster caller ("checked").
+- A call's timeout defaults to rpc.default_timeout; metadata must be a map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshd.errors import bad_request
+from meshd.ops import REQUEST_TOKEN, Op
+
+from .service import RpcService
+from .streams import StreamService
+
+
+class RpcOps:
+    def __init__(self, rpc: RpcService, streams: StreamService, default_timeout: float) -> None:
+        self.rpc = rpc
+        self.streams = streams
+        self.default_timeout = default_timeout
+
+    def ops(self) -> list[Op]:
+        return [Op("rpc.call", self.call, "checked"),
+                Op("rpc.stream", self.streams.serve_session, "checked", "session")]
+
+    async def call(self, args: dict[str, Any]) -> Any:
+        service, endpoint = args.get("service"), args.get("endpoint")
+        if not isinstance(service, str) or not isinstance(endpoint, str):
+            raise bad_request("call needs a service and an endpoint")
+        timeout = args.get("timeout") or self.default_timeout
+        meta = args.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise bad_request("meta must be a map")
+        return await self.rpc.call(service, endpoint, args.get("body"), timeout, meta,
+                                   args.get("selector"), token=REQUEST_TOKEN.get())

@@ -1,0 +1,137 @@
+"""The op table: who may run what, locally and from a remote environment (meshd/ops.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from meshd.errors import MeshError
+from meshd.ops import REQUEST_REMOTE, Op, OpTable, mesh_resource, serve_request
+
+
+class FakeAuth:
+    """Tokens "good" (may read members) and "weak" (may not); anything else is a 401."""
+
+    def __init__(self) -> None:
+        self.checked: list[tuple[str | None, tuple[str, str, str]]] = []
+
+    def identify(self, token: str | None, node: str | None) -> Any:
+        if token not in ("good", "weak"):
+            raise MeshError(401, "invalid token")
+        return token
+
+    def check(self, token: str | None, node: str | None, resource: tuple[str, str, str]) -> Any:
+        self.identify(token, node)
+        self.checked.append((token, resource))
+        if token == "weak":
+            raise MeshError(403, "denied by rule default-deny")
+        return token
+
+
+class Pipe:
+    """The server's end of a connection: what it writes is kept."""
+
+    def __init__(self) -> None:
+        self.out: list[Any] = []
+
+    async def read(self, limit: int = 0) -> Any:
+        raise EOFError
+
+    async def write(self, value: Any) -> None:
+        self.out.append(value)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def table() -> tuple[OpTable, FakeAuth, list[str]]:
+    ran: list[str] = []
+
+    def handler(name: str) -> Any:
+        async def fn(args: dict[str, Any]) -> Any:
+            ran.append(name)
+            return name
+        return fn
+
+    t = OpTable()
+    auth = FakeAuth()
+    t.auth = auth
+    t.add([Op("members", handler("members"), mesh_resource("members")),
+           Op("leave", handler("leave"), "operator"),
+           Op("store.read", handler("store.read"), "checked"),
+           Op("auth.login", handler("auth.login"), "public")])
+    return t, auth, ran
+
+
+def run(t: OpTable, req: dict[str, Any], remote: bool) -> dict[str, Any]:
+    pipe = Pipe()
+
+    async def go() -> None:
+        REQUEST_REMOTE.set(remote)
+        await serve_request(t, pipe, {"id": 1, **req})
+    trio.run(go)
+    assert len(pipe.out) == 1
+    return pipe.out[0]
+
+
+def status(reply: dict[str, Any]) -> int | None:
+    return None if reply.get("ok") else reply["error"]["status"]
+
+
+def test_the_local_operator_runs_every_op_without_a_token():
+    t, auth, ran = table()
+    for op in ("members", "leave", "store.read", "auth.login"):
+        assert run(t, {"op": op}, remote=False) == {"id": 1, "ok": True, "result": op}
+    assert ran == ["members", "leave", "store.read", "auth.login"]
+    assert auth.checked == [], "the table checks nothing for the local operator"
+
+
+def test_a_remote_caller_without_a_token_gets_401_for_all_but_public_ops():
+    t, _, ran = table()
+    for op in ("members", "leave", "store.read"):
+        reply = run(t, {"op": op}, remote=True)
+        assert status(reply) == 401, op
+        assert "token" in reply["error"]["detail"]
+    assert run(t, {"op": "auth.login"}, remote=True)["ok"] is True
+    assert ran == ["auth.login"]
+
+
+def test_operator_ops_are_refused_remotely_even_to_a_good_token():
+    t, _, ran = table()
+    reply = run(t, {"op": "leave", "token": "good"}, remote=True)
+    assert status(reply) == 403
+    assert "operator" in reply["error"]["detail"]
+    assert ran == []
+
+
+def test_a_remote_read_of_the_mesh_is_checked_against_its_resource():
+    t, auth, ran = table()
+    assert run(t, {"op": "members", "token": "good"}, remote=True)["ok"] is True
+    assert auth.checked == [("good", ("mesh", "members", ""))]
+    denied = run(t, {"op": "members", "token": "weak"}, remote=True)
+    assert status(denied) == 403 and "default-deny" in denied["error"]["detail"]
+    assert status(run(t, {"op": "members", "token": "forged"}, remote=True)) == 401
+    assert ran == ["members"]
+
+
+def test_checked_ops_run_with_a_token_that_verifies_and_never_with_a_bad_one():
+    t, auth, ran = table()
+    assert run(t, {"op": "store.read", "token": "weak"}, remote=True)["ok"] is True
+    assert status(run(t, {"op": "store.read", "token": "forged"}, remote=True)) == 401
+    assert ran == ["store.read"]
+    assert auth.checked == [], "a checked op's handler checks its own resource"
+
+
+def test_unknown_ops_list_the_known_ones_and_the_connection_stays_usable():
+    t, _, _ = table()
+    reply = run(t, {"op": "nope"}, remote=False)
+    assert status(reply) == 404
+    assert "auth.login, leave, members, store.read" in reply["error"]["detail"]
+
+
+def test_an_op_registered_twice_is_refused():
+    t, _, _ = table()
+    with pytest.raises(ValueError, match="'members' registered twice"):
+        t.add([Op("members", lambda args: None, "operator")])
