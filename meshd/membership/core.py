@@ -1107,7 +1107,7 @@ class Membership:
                 continue
             msgs = self._broadcasts.take(budget, limit, name)
             if not msgs:
-                break
+                continue  # nothing for this one (news about itself only): others may differ
             size = PACKET_OVERHEAD + sum(encoded_size(x) + ITEM_OVERHEAD for x in msgs)
             self._sends.append(Send(m.addr, msgs, False, size))
         if not self._broadcasts:
