@@ -193,7 +193,9 @@ def _remember_token(ctx: click.Context, _param: Any, value: str | None) -> None:
         ctx.find_root().meta["token"] = value
 
 
-def _node_options(callback: Any, name: str) -> Callable[[Callable[..., Any]], Any]:
+def _node_options(callback: Callable[[click.Context, Any, Path | None], Any] | None,
+                  name: str) -> Callable[[Callable[..., Any]], Any]:
+    """--data-dir as `name` (turned into what `callback` makes of it) and --token."""
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         f = click.option("--token", expose_value=False, callback=_remember_token,
                          help="Act with this token (also MESHD_TOKEN).")(f)
