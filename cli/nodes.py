@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import click
 
-from cli.main import Table, call, console, data_dir_option, json_option
+from cli.client import Client, client_options
+from cli.output import json_option, show
 
 
 @click.group()
@@ -25,11 +25,11 @@ def nodes() -> None:
 
 @nodes.command("revoke")
 @click.argument("node")
-@data_dir_option
+@client_options
 @json_option
-def revoke(node: str, data_dir: Path | None, as_json: bool) -> None:
+def revoke(node: str, client: Client, as_json: bool) -> None:
     """Revoke NODE (member name or node id): every node refuses its links and gossip."""
-    r = call(data_dir, "nodes.revoke", node=node)
+    r = client.call("nodes.revoke", node=node)
     if as_json:
         click.echo(json.dumps(r))
         return
@@ -38,18 +38,15 @@ def revoke(node: str, data_dir: Path | None, as_json: bool) -> None:
 
 
 @nodes.command("revocations")
-@data_dir_option
+@client_options
 @json_option
-def revocations(data_dir: Path | None, as_json: bool) -> None:
+def revocations(client: Client, as_json: bool) -> None:
     """Revoked node identities."""
-    rows = call(data_dir, "nodes.revocations")
-    if as_json:
-        click.echo(json.dumps(rows))
-        return
-    table = Table(show_header=True, header_style="bold")
-    for col in ("id", "name", "revoked", "by"):
-        table.add_column(col)
-    for r in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["revoked"]))
-        table.add_row(r["id"], r.get("name", ""), when, r.get("by", ""))
-    console.print(table)
+    rows = client.call("nodes.revocations")
+    show(rows, as_json, ("id", "name", "revoked", "by"),
+         ((r["id"], r.get("name", ""),
+           time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["revoked"])), r.get("by", ""))
+          for r in rows))
+
+
+COMMANDS: tuple[click.Command, ...] = (nodes,)

@@ -1,0 +1,207 @@
+"""`meshd auth`: accounts, rules, tokens and the token issuer keys.
+
+Rules:
+- Thin functions over the `auth.*` control ops; output as everywhere: a table or lines for
+  people, `--json` for programs.
+- `login` keeps the tokens it gets in the token file (`cli.client.token_file`, 0600), where
+  later commands find them; `logout` forgets them. Only those tokens, --token and
+  MESHD_TOKEN ever leave this host (`--via`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import click
+
+from cli.client import Client, client_options, token_file
+from cli.output import json_option, show, show_lines
+
+
+@click.group()
+def auth() -> None:
+    """Accounts, rules and tokens."""
+
+
+@auth.command("login")
+@click.option("--id", "account", required=True, help="Account id.")
+@click.option("--secret", prompt=True, hide_input=True, help="Account secret.")
+@client_options
+@json_option
+def auth_login(account: str, secret: str, client: Client, as_json: bool) -> None:
+    """Log in; the tokens are kept in your config dir for later commands."""
+    r = client.call("auth.login", id=account, secret=secret, source=f"uid:{os.getuid()}")
+    path = token_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from meshd.datadir import write_json
+
+    write_json(path, {"token": r["token"], "refresh_token": r["refresh_token"],
+                      "account": r["account"]})
+    click.echo(json.dumps(r) if as_json else f"logged in as {r['account']} (token kept in {path})")
+
+
+@auth.command("logout")
+def auth_logout() -> None:
+    """Forget the saved tokens."""
+    token_file().unlink(missing_ok=True)
+    click.echo("logged out")
+
+
+@auth.command("whoami")
+@client_options
+@json_option
+def auth_whoami(client: Client, as_json: bool) -> None:
+    """Who the daemon takes you for."""
+    r = client.call("auth.whoami")
+    click.echo(json.dumps(r) if as_json else f"{r['id']} (scopes: {', '.join(r['scopes']) or '-'};"
+               f" via {r['via']})")
+
+
+@auth.command("bootstrap")
+@client_options
+@json_option
+def auth_bootstrap(client: Client, as_json: bool) -> None:
+    """Set up auth on a cluster that has none (the first node does this itself)."""
+    r = client.call("auth.bootstrap")
+    click.echo(json.dumps(r) if as_json else f"admin token: {r['token']}")
+
+
+@auth.group("accounts")
+def auth_accounts() -> None:
+    """Accounts."""
+
+
+@auth_accounts.command("list")
+@client_options
+@json_option
+def accounts_list(client: Client, as_json: bool) -> None:
+    rows = client.call("auth.accounts.list")
+    show_lines(rows, as_json, (f"{r['id']}\t{r['type']}\t{','.join(r['scopes'])}" for r in rows))
+
+
+@auth_accounts.command("create")
+@click.argument("account")
+@click.option("--secret", required=True)
+@click.option("--scope", "scopes", multiple=True)
+@click.option("--type", "kind", type=click.Choice(["user", "service"]), default="user")
+@client_options
+@json_option
+def accounts_create(account: str, secret: str, scopes: tuple[str, ...], kind: str,
+                    client: Client, as_json: bool) -> None:
+    r = client.call("auth.accounts.create", id=account, secret=secret, scopes=list(scopes),
+                    type=kind)
+    click.echo(json.dumps(r) if as_json else f"created account {account}")
+
+
+@auth_accounts.command("delete")
+@click.argument("account")
+@client_options
+@json_option
+def accounts_delete(account: str, client: Client, as_json: bool) -> None:
+    r = client.call("auth.accounts.delete", id=account)
+    click.echo(json.dumps(r) if as_json else f"deleted account {account}")
+
+
+@auth.group("rules")
+def auth_rules() -> None:
+    """Access rules."""
+
+
+@auth_rules.command("list")
+@client_options
+@json_option
+def rules_list(client: Client, as_json: bool) -> None:
+    rows = client.call("auth.rules.list")
+    show(rows, as_json, ("id", "resource", "scope", "access", "priority"),
+         ((r["id"], r["resource"], repr(r["scope"]) if not r["scope"] else r["scope"],
+           r["access"], str(r["priority"])) for r in rows))
+
+
+@auth_rules.command("create")
+@click.argument("rule_id")
+@click.option("--resource", required=True, help="TYPE:NAME:ENDPOINT, '*' allowed.")
+@click.option("--scope", default="", help='"" public, "*" any account, or a scope.')
+@click.option("--access", type=click.Choice(["granted", "denied"]), required=True)
+@click.option("--priority", type=int, default=0)
+@client_options
+@json_option
+def rules_create(rule_id: str, resource: str, scope: str, access: str, priority: int,
+                 client: Client, as_json: bool) -> None:
+    r = client.call("auth.rules.create", id=rule_id, resource=resource, scope=scope,
+                    access=access, priority=priority)
+    click.echo(json.dumps(r) if as_json else f"created rule {rule_id}")
+
+
+@auth_rules.command("delete")
+@click.argument("rule_id")
+@client_options
+@json_option
+def rules_delete(rule_id: str, client: Client, as_json: bool) -> None:
+    r = client.call("auth.rules.delete", id=rule_id)
+    click.echo(json.dumps(r) if as_json else f"deleted rule {rule_id}")
+
+
+@auth.group("token")
+def auth_token() -> None:
+    """Tokens."""
+
+
+@auth_token.command("create")
+@click.option("--account", required=True)
+@click.option("--ttl", type=click.FloatRange(min=1), default=3600.0, show_default=True)
+@client_options
+@json_option
+def token_create(account: str, ttl: float, client: Client, as_json: bool) -> None:
+    r = client.call("auth.token.create", account=account, ttl=ttl)
+    click.echo(json.dumps({"token": r["token"]}) if as_json else r["token"])
+
+
+@auth_token.command("revoke")
+@click.argument("token_text", metavar="TOKEN")
+@client_options
+@json_option
+def token_revoke(token_text: str, client: Client, as_json: bool) -> None:
+    r = client.call("auth.token.revoke", token=token_text)
+    click.echo(json.dumps(r) if as_json else f"revoked {r['revoked']}")
+
+
+@auth.group("keys")
+def auth_keys() -> None:
+    """Token issuer keys."""
+
+
+@auth_keys.command("rotate")
+@client_options
+@json_option
+def keys_rotate(client: Client, as_json: bool) -> None:
+    """Make a new issuer key on this node; old keys keep verifying their tokens."""
+    r = client.call("auth.keys.rotate")
+    click.echo(json.dumps(r) if as_json else f"new issuer key {r['kid']} on {r['signer']}")
+
+
+@auth_keys.command("list")
+@client_options
+@json_option
+def keys_list_cmd(client: Client, as_json: bool) -> None:
+    """Issuer keys this node trusts: who holds each, who endorsed it, its state."""
+    rows = client.call("auth.keys.list")
+    show(rows, as_json, ("kid", "holder", "endorsed by", "state", "created"),
+         ((r["kid"] + (" (root)" if r["root"] else ""), r["signer"], r["endorsed_by"],
+           r["state"], time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created"])))
+          for r in rows))
+
+
+@auth_keys.command("revoke")
+@click.argument("kid")
+@client_options
+@json_option
+def keys_revoke_cmd(kid: str, client: Client, as_json: bool) -> None:
+    """Stop trusting issuer key KID now: its tokens stop working everywhere (what it
+    signed is signed again with a current key)."""
+    r = client.call("auth.keys.revoke", kid=kid)
+    click.echo(json.dumps(r) if as_json else f"revoked issuer key {r['revoked']}")
+
+
+COMMANDS: tuple[click.Command, ...] = (auth,)

@@ -1,0 +1,83 @@
+"""`meshd config`: dynamic config, JSON values at dot paths, replicated and watched.
+
+Rules:
+- Thin functions over the `config.*` control ops; every command names its --namespace
+  (default "default").
+- Values are JSON: `set` refuses one that does not parse with a "400 bad request" line that
+  says strings need quotes; `get` prints the value (indented for people).
+- `watch` prints a line per change until interrupted (one JSON line per change with --json).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from cli.client import Client, client_options
+from cli.output import fail, json_option, line
+
+
+@click.group()
+def config() -> None:
+    """Dynamic config: JSON values at dot paths, replicated, watched."""
+
+
+def _ns_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--namespace", default="default", show_default=True)(f)
+    return client_options(json_option(f))
+
+
+@config.command("get")
+@click.argument("path", default="")
+@_ns_option
+def config_get(path: str, namespace: str, client: Client, as_json: bool) -> None:
+    """Print the JSON value at PATH (all of the namespace without one)."""
+    r = client.call("config.get", namespace=namespace, path=path)
+    click.echo(json.dumps(r["value"]) if as_json else json.dumps(r["value"], indent=2))
+
+
+@config.command("set")
+@click.argument("path")
+@click.argument("value")
+@_ns_option
+def config_set(path: str, value: str, namespace: str, client: Client,
+               as_json: bool) -> None:
+    """Set PATH to the JSON VALUE."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        fail(f"400 bad request: value is not valid JSON: {exc.msg} at line {exc.lineno} "
+             f"column {exc.colno} (strings need quotes: '\"text\"')")
+    r = client.call("config.set", namespace=namespace, path=path, value=parsed)
+    click.echo(json.dumps(r) if as_json else f"set {path}")
+
+
+@config.command("del")
+@click.argument("path")
+@_ns_option
+def config_del(path: str, namespace: str, client: Client, as_json: bool) -> None:
+    """Delete PATH (and everything below it)."""
+    r = client.call("config.del", namespace=namespace, path=path)
+    click.echo(json.dumps(r) if as_json else f"deleted {path}")
+
+
+@config.command("watch")
+@click.argument("path", default="")
+@_ns_option
+def config_watch(path: str, namespace: str, client: Client, as_json: bool) -> None:
+    """Print PATH's value each time it changes (one JSON line per change with --json)."""
+    def show(ev: Any) -> None:
+        if as_json:
+            line(json.dumps(ev))
+        elif ev["deleted"]:
+            line(f"{ev['path']} deleted")
+        else:
+            line(f"{ev['path']} = {json.dumps(ev['value'])}")
+
+    client.stream("config.watch", show, namespace=namespace, path=path)
+
+
+COMMANDS: tuple[click.Command, ...] = (config,)

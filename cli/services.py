@@ -1,0 +1,148 @@
+"""Services in the registry: `meshd services`, `describe`, `call`, `stream`, `health`,
+`watch`.
+
+Rules:
+- Thin functions over the control ops (`services`, `describe`, `rpc.call`, `health`,
+  `services.watch`) and the SDK's streaming call; output as everywhere: a table or lines
+  for people, `--json` for programs (one JSON line per event or reply when streaming).
+- A request body is JSON from the argument, else stdin (`-` or no argument); JSON that does
+  not parse, or a --meta without "=", is a "400 bad request" line.
+- `call --via wss://HOST:PORT` calls from outside the cluster through a node's proxy
+  endpoint with the user's own token.
+- `health` exits with status 1 when any instance is not ok.
+- `watch` follows registry changes as the local operator (it sends no token).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from cli.args import parse_meta
+from cli.client import Client, call_via, client_options, via_options
+from cli.output import console, fail, json_option, line, show
+
+
+@click.command()
+@client_options
+@json_option
+def services(client: Client, as_json: bool) -> None:
+    """List the services in the registry."""
+    rows = client.call("services")
+    show(rows, as_json, ("service", "instances", "nodes", "versions"),
+         ((r["name"], str(r["instances"]), ",".join(r["nodes"]), ",".join(r["versions"]))
+          for r in rows))
+
+
+@click.command()
+@click.argument("service")
+@client_options
+@json_option
+def describe(service: str, client: Client, as_json: bool) -> None:
+    """Show a service's instances, nodes and endpoints with their formats."""
+    info = client.call("describe", service=service)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    console.print(f"[bold]{info['name']}[/]")
+    for inst in info["instances"]:
+        console.print(f"  instance {inst['id']} on {inst['node']} ({inst['address']}) "
+                      f"version {inst.get('version') or '-'}")
+    first = info["instances"][0]
+    for ep in first["endpoints"]:
+        console.print(f"  endpoint [bold]{ep['name']}[/]")
+        console.print(f"    request  {json.dumps(ep.get('request'))}")
+        console.print(f"    response {json.dumps(ep.get('response'))}")
+
+
+@click.command("call")
+@click.argument("service")
+@click.argument("endpoint")
+@click.argument("body", required=False)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
+@click.option("--meta", multiple=True, metavar="K=V", help="Request metadata (repeatable).")
+@via_options("Call from outside the cluster through a node's proxy endpoint with your "
+             "token (--token, MESHD_TOKEN or `auth login`).")
+@client_options
+@json_option
+def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | None,
+             meta: tuple[str, ...], via: str | None, ca_file: str | None,
+             client: Client, as_json: bool) -> None:
+    """Call ENDPOINT of SERVICE with a JSON BODY (or JSON on stdin)."""
+    text = body if body is not None and body != "-" else (
+        sys.stdin.read() if not sys.stdin.isatty() else "{}")
+    try:
+        request = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        fail(f"400 bad request: the request is not valid JSON: {exc.msg} at line {exc.lineno} "
+             f"column {exc.colno}")
+    metadata = parse_meta(meta)
+    if ca_file and not via:
+        fail("400 bad request: --ca-file goes with --via wss://HOST:PORT")
+    if via:
+        result = call_via(via, ca_file, "call", service=service, endpoint=endpoint,
+                          body=request, timeout=timeout, meta=metadata)
+    else:
+        result = client.call("rpc.call", service=service, endpoint=endpoint, body=request,
+                             timeout=timeout, meta=metadata)
+    click.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+@click.command()
+@click.argument("service")
+@client_options
+@json_option
+def health(service: str, client: Client, as_json: bool) -> None:
+    """Check every instance of SERVICE."""
+    rows = client.call("health", service=service)
+    show(rows, as_json, ("instance", "node", "status", "latency", "detail"),
+         ((r["id"], r["node"],
+           f"[{'green' if r['status'] == 'ok' else 'red'}]{r['status']}[/]",
+           f"{r['latency_ms']:.2f} ms", r["detail"]) for r in rows))
+    if any(r["status"] != "ok" for r in rows):
+        sys.exit(1)
+
+
+@click.command()
+@client_options
+@json_option
+def watch(client: Client, as_json: bool) -> None:
+    """Stream registry changes (create, update, delete) until interrupted."""
+    def show_event(ev: Any) -> None:
+        if as_json:
+            line(json.dumps(ev))
+        else:
+            inst = ev["instance"]
+            line(f"{ev['kind']:7} {inst.get('service', '?')} {inst.get('id')} "
+                 f"on {inst.get('node')}")
+
+    client.stream("services.watch", show_event, send_token=False)
+
+
+@click.command("stream")
+@click.argument("service")
+@click.argument("endpoint")
+@click.argument("body", required=False)
+@client_options
+@json_option
+def stream_cmd(service: str, endpoint: str, body: str | None, client: Client,
+               as_json: bool) -> None:
+    """Call a streaming ENDPOINT: send BODY (or each JSON line of stdin), print each reply."""
+    lines: list[Any] = []
+    try:
+        if body is not None and body != "-":
+            lines = [json.loads(body)]
+        elif not sys.stdin.isatty():
+            lines = [json.loads(text) for text in sys.stdin if text.strip()]
+    except json.JSONDecodeError as exc:
+        fail(f"400 bad request: the request is not valid JSON: {exc.msg} at column "
+             f"{exc.colno}")
+
+    client.rpc_stream(service, endpoint, lines,
+                      lambda msg: line(json.dumps(msg) if as_json else json.dumps(msg, indent=2)))
+
+
+COMMANDS: tuple[click.Command, ...] = (services, describe, call_cmd, health, watch, stream_cmd)

@@ -1,0 +1,228 @@
+"""`meshd store`: the replicated key-value store (records, counters, sets; watch; export and
+import).
+
+Rules:
+- Thin functions over the `store.*` control ops; every command names its --database
+  (default "default") and, where it acts on records, its --table (default "store").
+- Values are bytes: printed as text when they are UTF-8, else as `value_base64` in JSON.
+- `export` prints one JSON line per record (values in base64); `import` writes such lines
+  back, skipping expired records; a line that is not an exported record is a "400 bad
+  request" line naming it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from cli.args import parse_meta
+from cli.client import Client, client_options
+from cli.output import fail, json_option, line
+
+
+def _store_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--table", default="store", show_default=True, help="Table.")(f)
+    f = click.option("--database", default="default", show_default=True, help="Database.")(f)
+    return client_options(json_option(f))
+
+
+def _record_json(rec: dict[str, Any]) -> dict[str, Any]:
+    out = dict(rec)
+    if isinstance(out.get("value"), bytes):
+        try:
+            out["value"] = out["value"].decode()
+        except UnicodeDecodeError:
+            out["value_base64"] = base64.b64encode(out.pop("value")).decode()
+    return out
+
+
+@click.group()
+def store() -> None:
+    """The replicated key-value store."""
+
+
+@store.command("write")
+@click.argument("key")
+@click.argument("value")
+@click.option("--ttl", type=click.FloatRange(min=0, min_open=True), help="Expire after seconds.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1,
+              help="Wait until this many nodes hold the write.")
+@click.option("--meta", multiple=True, metavar="K=V", help="Record metadata (repeatable).")
+@_store_options
+def store_write(key: str, value: str, ttl: float | None, replicas: int, meta: tuple[str, ...],
+                database: str, table: str, client: Client, as_json: bool) -> None:
+    """Write VALUE under KEY (VALUE "-" reads it from stdin)."""
+    raw = sys.stdin.buffer.read() if value == "-" else value.encode()
+    metadata = parse_meta(meta)
+    rec = client.call("store.write", database=database, table=table, key=key,
+                      value=raw, ttl=ttl, replicas=replicas, metadata=metadata)
+    click.echo(json.dumps(_record_json(rec)) if as_json else f"wrote {key}")
+
+
+@store.command("read")
+@click.argument("key", required=False)
+@click.option("--prefix", help="All keys with this prefix.")
+@click.option("--suffix", help="All keys with this suffix.")
+@click.option("--limit", type=click.IntRange(min=0), default=0)
+@click.option("--offset", type=click.IntRange(min=0), default=0)
+@_store_options
+def store_read(key: str | None, prefix: str | None, suffix: str | None, limit: int,
+               offset: int, database: str, table: str, client: Client,
+               as_json: bool) -> None:
+    """Read KEY (or the keys matching --prefix/--suffix)."""
+    if key is None and prefix is None and suffix is None:
+        prefix = ""
+    rows = client.call("store.read", database=database, table=table, key=key,
+                       prefix=prefix, suffix=suffix, limit=limit, offset=offset)
+    recs = [_record_json(r) for r in rows]
+    if as_json:
+        click.echo(json.dumps(recs[0] if key is not None else recs))
+        return
+    for r in recs:
+        shown = r.get("value", r.get("value_base64", r.get("counter", r.get("members"))))
+        click.echo(shown if key is not None else f"{r['key']}\t{shown}")
+
+
+@store.command("delete")
+@click.argument("key")
+@_store_options
+def store_delete(key: str, database: str, table: str, client: Client,
+                 as_json: bool) -> None:
+    """Delete KEY."""
+    result = client.call("store.delete", database=database, table=table, key=key)
+    click.echo(json.dumps(result) if as_json else f"deleted {key}")
+
+
+@store.command("list")
+@click.option("--prefix")
+@click.option("--limit", type=click.IntRange(min=0), default=0)
+@_store_options
+def store_list(prefix: str | None, limit: int, database: str, table: str,
+               client: Client, as_json: bool) -> None:
+    """List keys."""
+    keys = client.call("store.list", database=database, table=table, prefix=prefix,
+                       limit=limit)
+    click.echo(json.dumps(keys) if as_json else "\n".join(keys))
+
+
+@store.command("databases")
+@client_options
+@json_option
+def store_databases(client: Client, as_json: bool) -> None:
+    """List databases."""
+    names = client.call("store.databases")
+    click.echo(json.dumps(names) if as_json else "\n".join(names))
+
+
+@store.command("tables")
+@click.option("--database", default="default", show_default=True)
+@client_options
+@json_option
+def store_tables(database: str, client: Client, as_json: bool) -> None:
+    """List the tables of a database."""
+    names = client.call("store.tables", database=database)
+    click.echo(json.dumps(names) if as_json else "\n".join(names))
+
+
+@store.command("counter")
+@click.argument("key")
+@click.argument("delta", type=int, default=0)
+@_store_options
+def store_counter(key: str, delta: int, database: str, table: str, client: Client,
+                  as_json: bool) -> None:
+    """Add DELTA (may be negative; 0 reads) to the counter KEY."""
+    r = client.call("store.counter", database=database, table=table, key=key, delta=delta)
+    click.echo(json.dumps(r) if as_json else str(r["counter"]))
+
+
+@store.command("set")
+@click.argument("op", type=click.Choice(["add", "remove", "members"]))
+@click.argument("key")
+@click.argument("member", required=False)
+@_store_options
+def store_set(op: str, key: str, member: str | None, database: str, table: str,
+              client: Client, as_json: bool) -> None:
+    """Add or remove MEMBER of the set KEY, or list its members."""
+    r = client.call("store.set", database=database, table=table, key=key, op=op,
+                    member=member)
+    click.echo(json.dumps(r) if as_json else "\n".join(r["members"]))
+
+
+@store.command("watch")
+@click.option("--prefix", default="")
+@click.option("--table", help="Only this table (default: all).")
+@click.option("--database", default="default", show_default=True)
+@client_options
+@json_option
+def store_watch(prefix: str, table: str | None, database: str, client: Client,
+                as_json: bool) -> None:
+    """Stream changes under a key prefix as they land on this node."""
+    def show(ev: Any) -> None:
+        ev = {**ev, "record": _record_json(ev["record"])}
+        if as_json:
+            line(json.dumps(ev))
+            return
+        what = "deleted" if ev["deleted"] else "written"
+        line(f"{ev['table']}/{ev['key']} {what} ({ev['origin']})")
+
+    client.stream("store.watch", show, database=database, table=table, prefix=prefix)
+
+
+@store.command("export")
+@_store_options
+def store_export(database: str, table: str, client: Client, as_json: bool) -> None:
+    """Print every record of a table as JSON lines (for backup)."""
+    for rec in client.call("store.read", database=database, table=table, prefix=""):
+        out = {"key": rec["key"]}
+        if "value" in rec:
+            out.update({"value_base64": base64.b64encode(rec["value"]).decode(),
+                        "metadata": rec.get("metadata") or {}, "expiry": rec.get("expiry")})
+        if "counter" in rec:
+            out["counter"] = rec["counter"]
+        if "members" in rec:
+            out["members"] = rec["members"]
+        click.echo(json.dumps(out))
+
+
+@store.command("import")
+@click.argument("file", type=click.File("r"), default="-")
+@_store_options
+def store_import(file: Any, database: str, table: str, client: Client,
+                 as_json: bool) -> None:
+    """Write the JSON lines of FILE (from `export`) into a table."""
+    count = 0
+    for n, text in enumerate(file, start=1):
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+            key = rec["key"]
+            if "value_base64" in rec:
+                value = base64.b64decode(rec["value_base64"], validate=True)
+                ttl = None
+                if rec.get("expiry"):
+                    ttl = rec["expiry"] / 1000 - time.time()
+                    if ttl <= 0:
+                        continue
+                client.call("store.write", database=database, table=table, key=key,
+                            value=value, metadata=rec.get("metadata") or {}, ttl=ttl)
+            if rec.get("counter"):
+                client.call("store.counter", database=database, table=table, key=key,
+                            delta=int(rec["counter"]))
+            for member in rec.get("members", []):
+                client.call("store.set", database=database, table=table, key=key, op="add",
+                            member=member)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+            fail(f"400 bad request: line {n} is not an exported record: {exc}")
+        count += 1
+    click.echo(json.dumps({"imported": count}) if as_json else f"imported {count} records")
+
+
+COMMANDS: tuple[click.Command, ...] = (store,)
