@@ -6,6 +6,9 @@ Rules:
 - `login` keeps the tokens it gets in the token file (`cli.client.token_file`, 0600), where
   later commands find them; `logout` forgets them. Only those tokens, --token and
   MESHD_TOKEN ever leave this host (`--via`).
+- In a remote environment (`--env NAME`), `login` asks that cluster and keeps the tokens
+  with the environment (meshd/envs.py), and `logout` forgets those: each environment has
+  its own tokens, sent only to it.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import time
 
 import click
 
-from cli.client import Client, client_options, token_file
+from cli.client import Client, client_options, env_option, environment, token_file
 from cli.output import json_option, show, show_lines
+from meshd.envs import Environments
 
 
 @click.group()
@@ -33,6 +37,16 @@ def auth() -> None:
 def auth_login(account: str, secret: str, client: Client, as_json: bool) -> None:
     """Log in; the tokens are kept in your config dir for later commands."""
     r = client.call("auth.login", id=account, secret=secret, source=f"uid:{os.getuid()}")
+    env = client.remote()
+    if env is not None:
+        envs = Environments()
+        kept = envs.get(env.name)
+        kept.token, kept.refresh_token = r["token"], r["refresh_token"]
+        envs.save()
+        click.echo(json.dumps(r) if as_json else
+                   f"logged in to {env.name} as {r['account']} (token kept with the "
+                   f"environment in {envs.path})")
+        return
     path = token_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     from meshd.datadir import write_json
@@ -43,8 +57,17 @@ def auth_login(account: str, secret: str, client: Client, as_json: bool) -> None
 
 
 @auth.command("logout")
+@env_option
 def auth_logout() -> None:
-    """Forget the saved tokens."""
+    """Forget the saved tokens (of the environment, with --env or MESHD_ENV)."""
+    env = environment()
+    if not env.local:
+        envs = Environments()
+        kept = envs.get(env.name)
+        kept.token = kept.refresh_token = ""
+        envs.save()
+        click.echo(f"logged out of {env.name}")
+        return
     token_file().unlink(missing_ok=True)
     click.echo("logged out")
 

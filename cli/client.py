@@ -13,10 +13,12 @@ Rules:
   dir. Only the user's token (`user_token`) ever leaves this host (`--via`); the data dir's
   admin token is for the local socket only.
 - Any MeshError becomes the one-line error and exit status 1 (`cli.output.fail`).
-- The transport is chosen here only: `Client._control` is the one place a ControlClient is
-  opened. A remote environment (the same ops carried over wss:// to a node's proxy with the
-  user's token) plugs in as another transport behind `Client`, chosen by an option added to
-  `client_options`; the commands stay as they are.
+- The transport is chosen here only: `Client._control` is the one place a connection is
+  opened. The environment (`--env NAME`, MESHD_ENV, else the one `meshd env set` chose;
+  meshd/envs.py) decides which: `local` is the daemon's control socket; any other is the
+  same ops over wss:// to a node's proxy (meshd.proxy.remote), acting with the token given
+  (--token, MESHD_TOKEN) or the one `meshd auth login --env NAME` kept for that
+  environment, never a local token. The commands stay as they are.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import trio
 from cli.output import fail, line
 from meshd.control import ControlClient, socket_path
 from meshd.datadir import default_data_dir
+from meshd.envs import EnvError, Environment, Environments
 from meshd.errors import MeshError
 
 
@@ -66,6 +69,31 @@ def user_token() -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return saved if isinstance(saved, str) and saved else None
+
+
+def given_token() -> str | None:
+    """A token given for this command: --token, else MESHD_TOKEN."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        root = ctx.find_root()
+        if root.meta.get("token"):
+            return root.meta["token"]
+        if root.params.get("token"):
+            return root.params["token"]
+    return os.environ.get("MESHD_TOKEN") or None
+
+
+def environment() -> Environment:
+    """The environment this command acts in; exits with one line for an unknown one."""
+    ctx = click.get_current_context(silent=True)
+    chosen = None
+    if ctx is not None:
+        root = ctx.find_root()
+        chosen = root.meta.get("env") or root.params.get("env")
+    try:
+        return Environments().current(chosen)
+    except EnvError as exc:
+        fail(f"400 bad request: {exc}")
 
 
 def current_token(data_dir: Path | None = None) -> str | None:
@@ -103,7 +131,8 @@ def run(go: Callable[[], Awaitable[Any]], *, until_interrupted: bool = False) ->
 
 @dataclass(frozen=True)
 class Client:
-    """The daemon a command talks to (the node of `data_dir`), with the token to send."""
+    """The daemon a command talks to (the node of `data_dir`, or a remote environment's
+    proxy), with the token to send."""
 
     data_dir: Path | None
 
@@ -112,8 +141,23 @@ class Client:
         """The local control socket (also for `meshd proxy http`, which serves over it)."""
         return socket_path(self.data_dir or default_data_dir())
 
+    def remote(self) -> Environment | None:
+        """The remote environment this command acts in; None for the local daemon."""
+        env = environment()
+        return None if env.local else env
+
+    def remote_token(self, env: Environment) -> str | None:
+        return given_token() or env.token or None
+
     def _control(self, *, send_token: bool = True) -> ControlClient:
-        """The connection every op goes over; `send_token=False` acts as the local operator."""
+        """The connection every op goes over; `send_token=False` acts as the local operator
+        (locally; a remote environment always acts with the user's token)."""
+        env = self.remote()
+        if env is not None:
+            from meshd.proxy.remote import RemoteControlClient
+
+            return RemoteControlClient(open_via(env.via, env.ca_file or None, env.name),
+                                       token=self.remote_token(env))
         return ControlClient(self.socket, token=current_token(self.data_dir) if send_token
                              else None)
 
@@ -171,10 +215,14 @@ class Client:
         to `on_reply`."""
         from sdk import Client as SdkClient
 
-        sdk = SdkClient(self.socket, token=current_token(self.data_dir))
+        env = self.remote()
+        if env is not None:
+            sdk = SdkClient(env=env.name, token=self.remote_token(env))
+        else:
+            sdk = SdkClient(self.socket, token=current_token(self.data_dir))
 
         async def go() -> None:
-            async with sdk.stream(service, endpoint) as s:
+            async with sdk, sdk.stream(service, endpoint) as s:
                 for item in requests:
                     await s.send(item)
                 await s.close_send()
@@ -193,6 +241,18 @@ def _remember_token(ctx: click.Context, _param: Any, value: str | None) -> None:
         ctx.find_root().meta["token"] = value
 
 
+def _remember_env(ctx: click.Context, _param: Any, value: str | None) -> None:
+    if value:
+        ctx.find_root().meta["env"] = value
+
+
+def env_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--env NAME: act in that environment for this command (also MESHD_ENV)."""
+    return click.option("--env", "env", expose_value=False, callback=_remember_env,
+                        metavar="NAME", help="Act in this environment (`meshd env`; also "
+                        "MESHD_ENV).")(f)
+
+
 def _node_options(callback: Callable[[click.Context, Any, Path | None], Any] | None,
                   name: str) -> Callable[[Callable[..., Any]], Any]:
     """--data-dir as `name` (turned into what `callback` makes of it) and --token."""
@@ -207,9 +267,12 @@ def _node_options(callback: Callable[[click.Context, Any, Path | None], Any] | N
     return decorate
 
 
-client_options = _node_options(_make_client, "client")
-"""--data-dir (MESHD_DATA_DIR) and --token, for every command talking to a node: the command
-gets `client: Client`."""
+def client_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    return env_option(_node_options(_make_client, "client")(f))
+
+
+client_options.__doc__ = """--data-dir (MESHD_DATA_DIR), --token and --env, for every command
+talking to a node: the command gets `client: Client`."""
 
 data_dir_option = _node_options(None, "data_dir")
 """The same options for `meshd up`, which runs the node of `data_dir: Path | None` itself."""
@@ -228,15 +291,16 @@ def via_options(via_help: str) -> Callable[[Callable[..., Any]], Any]:
     return decorate
 
 
-def _open_via(url: str, ca_file: str | None) -> Any:
-    """The proxy endpoint `--via` names (a meshd.proxy.via.Via); exits with one line if it
-    cannot be used, warns once on stderr if it is plain text across a network."""
+def open_via(url: str, ca_file: str | None, env: str = "") -> Any:
+    """The proxy endpoint `--via` (or environment `env`) names (a meshd.proxy.via.Via);
+    exits with one line if it cannot be used, warns once on stderr if it is plain text
+    across a network."""
     from meshd.proxy.via import Via
 
     try:
         via = Via(url, ca_file)
     except MeshError as exc:
-        fail(str(exc))
+        fail(f"{exc} (environment {env})" if env else str(exc))
     warning = via.cleartext_warning()
     if warning:
         click.echo(warning, err=True)
@@ -264,7 +328,7 @@ def call_via(url: str, ca_file: str | None, op: str, /, **args: Any) -> Any:
     import trio_websocket
 
     request = {"op": op, "token": user_token(), **args}
-    via = _open_via(url, ca_file)
+    via = open_via(url, ca_file)
 
     async def go() -> Any:
         async with via.connect() as ws:
@@ -282,7 +346,8 @@ def call_via(url: str, ca_file: str | None, op: str, /, **args: Any) -> Any:
         fail(f"503 unavailable: the proxy at {via.where} closed the connection: {exc}")
 
 
-def tunnel_via(name: str, listen: str, url: str, ca_file: str | None) -> None:
+def tunnel_via(name: str, listen: str, url: str, ca_file: str | None,
+               token: str | None = None) -> None:
     """Outside the cluster: accept on `listen`, carry each connection over a WebSocket to the
     proxy endpoint, which checks the user's token against the rules; until Ctrl-C. A wss://
     proxy's certificate is checked once before listening, so a distrusted one fails at once."""
@@ -291,12 +356,12 @@ def tunnel_via(name: str, listen: str, url: str, ca_file: str | None) -> None:
 
     from meshd.transport import addr as addrs
 
-    token = user_token()
+    token = token or user_token()
     try:
         host, port = addrs.parse(listen)
     except addrs.AddressError as exc:
         fail(f"400 bad request: --listen: {exc}")
-    via = _open_via(url, ca_file)
+    via = open_via(url, ca_file)
 
     async def handle(stream: trio.SocketStream) -> None:
         try:

@@ -6,7 +6,8 @@ Rules:
   registers them. Each command is a thin function over a control op, reached through
   `cli.client` and printed through `cli.output`.
 - Every command talking to a node takes --data-dir (or MESHD_DATA_DIR) to find it, or
-  MESHD_ADDR, and --token; the root --token (MESHD_TOKEN) applies to all of them.
+  MESHD_ADDR, --token and --env; the root --token (MESHD_TOKEN) and --env (MESHD_ENV)
+  apply to all of them. `meshd env` (cli/env.py) manages the environments.
 - Output: rich tables for people; --json prints the control API's own field names.
 - Any error is one line on stderr, "<status> <code>: <detail>" (e.g. "404 not found:
   service 'x' has no instances"), and exit status 1; never a traceback.
@@ -18,7 +19,19 @@ import json
 
 import click
 
-from cli import auth, config, daemon, members, network, nodes, proxy, services, store, tunnel
+from cli import (
+    auth,
+    config,
+    daemon,
+    env,
+    members,
+    network,
+    nodes,
+    proxy,
+    services,
+    store,
+    tunnel,
+)
 from cli.output import json_option
 
 
@@ -34,7 +47,9 @@ def _version() -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--token", envvar="MESHD_TOKEN", help="Act with this token (or MESHD_TOKEN; "
               "default: the one saved by `meshd auth login`, else as the local operator).")
-def main(token: str | None) -> None:
+@click.option("--env", metavar="NAME", help="Act in this environment (`meshd env`; or "
+              "MESHD_ENV; default: the one `meshd env set` chose, else local).")
+def main(token: str | None, env: str | None) -> None:
     """meshd: one daemon per host; services, store, config, auth and routing over gossip."""
 
 
@@ -54,7 +69,7 @@ def version_cmd(as_json: bool) -> None:
 def _register(group: click.Group) -> None:
     """Each module's COMMANDS on the root group (the help lists them by name)."""
     for module in (daemon, members, services, store, config, auth, network, tunnel, proxy,
-                   nodes):
+                   nodes, env):
         for command in module.COMMANDS:
             group.add_command(command)
 

@@ -72,6 +72,10 @@ def tunnel_connect(name: str, listen: str, via: str | None, ca_file: str | None,
     if via:
         tunnel_via(name, listen, via, ca_file)
         return
+    env = client.remote()
+    if env is not None:  # the listener is here; the proxy carries each connection
+        tunnel_via(name, listen, env.via, env.ca_file or None, client.remote_token(env))
+        return
     if ca_file:
         fail("400 bad request: --ca-file goes with --via wss://HOST:PORT")
 
