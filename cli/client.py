@@ -52,25 +52,6 @@ def token_file() -> Path:
     return Path(platformdirs.user_config_dir("meshd")) / "token.json"
 
 
-def user_token() -> str | None:
-    """A token the user gave: --token, else MESHD_TOKEN, else the one saved by `meshd auth
-    login`. The only tokens that may leave this host (`--via`)."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None:
-        root = ctx.find_root()
-        if root.meta.get("token"):
-            return root.meta["token"]
-        if root.params.get("token"):
-            return root.params["token"]
-    if os.environ.get("MESHD_TOKEN"):
-        return os.environ["MESHD_TOKEN"]
-    try:
-        saved = json.loads(token_file().read_text()).get("token")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return saved if isinstance(saved, str) and saved else None
-
-
 def given_token() -> str | None:
     """A token given for this command: --token, else MESHD_TOKEN."""
     ctx = click.get_current_context(silent=True)
@@ -81,6 +62,19 @@ def given_token() -> str | None:
         if root.params.get("token"):
             return root.params["token"]
     return os.environ.get("MESHD_TOKEN") or None
+
+
+def user_token() -> str | None:
+    """A token the user gave: --token, else MESHD_TOKEN, else the one saved by `meshd auth
+    login`. The only tokens that may leave this host (`--via`)."""
+    given = given_token()
+    if given:
+        return given
+    try:
+        saved = json.loads(token_file().read_text()).get("token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return saved if isinstance(saved, str) and saved else None
 
 
 def environment() -> Environment:

@@ -15,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -88,17 +89,22 @@ def env_add(name: str, via: str, namespace: str, ca_file: Path | None, as_json: 
                f"--env {name}")
 
 
+def _change(change: Callable[[Environments], None], done: str) -> None:
+    """Apply `change` to the environments and save them; an EnvError is one line."""
+    envs = _load()
+    try:
+        change(envs)
+    except EnvError as exc:
+        fail(f"400 bad request: {exc}")
+    _save(envs)
+    click.echo(done)
+
+
 @env.command("set")
 @click.argument("name")
 def env_set(name: str) -> None:
     """Make NAME the current environment."""
-    envs = _load()
-    try:
-        envs.use(name)
-    except EnvError as exc:
-        fail(f"400 bad request: {exc}")
-    _save(envs)
-    click.echo(f"current environment: {name}")
+    _change(lambda envs: envs.use(name), f"current environment: {name}")
 
 
 @env.command("get")
@@ -117,13 +123,7 @@ def env_get(as_json: bool) -> None:
 @click.argument("name")
 def env_remove(name: str) -> None:
     """Forget environment NAME and its tokens."""
-    envs = _load()
-    try:
-        envs.remove(name)
-    except EnvError as exc:
-        fail(f"400 bad request: {exc}")
-    _save(envs)
-    click.echo(f"removed environment {name}")
+    _change(lambda envs: envs.remove(name), f"removed environment {name}")
 
 
 COMMANDS: tuple[click.Command, ...] = (env,)
