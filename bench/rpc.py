@@ -4,7 +4,9 @@
   (a) plain trio TCP echo (length-prefixed), client and server in two processes;
   (b) grpcio (async API) unary call, client -> server directly, two processes;
   (c) meshd: SDK -> daemon A -> daemon B -> service process (four processes);
-  (d) meshd local fast path: SDK -> daemon -> service on one host.
+  (d) meshd local fast path: SDK -> daemon -> service on one host;
+  (e) meshd through a remote environment: SDK Client(env=) -> proxy of daemon A (ws:// on
+      loopback, the caller's token checked per request) -> daemon B -> service.
 For each: p50/p99 latency with 1 caller, calls/s with 1 and 32 concurrent callers.
 Goals: (c) >= 0.5x the calls/s of (b) at 32 callers, (c) p50 <= 2x (b) at 1 caller,
 (d) >= (b) at 32 callers.
@@ -177,18 +179,19 @@ def _in_server(target: Callable[[Any], None]) -> tuple[Any, int]:
 
 # --- (c), (d) meshd ----------------------------------------------------------------------------
 
-async def _meshd_client(sock: Path, callers: int, seconds: float) -> tuple[float, list[float]]:
+async def _meshd_client(sock: Path, callers: int, seconds: float,
+                        env: tuple[str, str] | None = None) -> tuple[float, list[float]]:
+    """Calls through the daemon at `sock`, or through environment `env` (name, token)."""
     from sdk import Client
 
-    client = Client(sock, pool=callers + 4)
+    client = Client(sock, pool=callers + 4) if env is None else \
+        Client(env=env[0], token=env[1], pool=callers + 4)
 
     async def call() -> None:
         await client.call("benchecho", "Bench.Echo", PAYLOAD)
 
-    try:
+    async with client:
         return await _measure(call, callers, seconds)
-    finally:
-        await client.aclose()
 
 
 ECHO_SERVICE = '''
@@ -226,8 +229,10 @@ def main() -> int:
         script = root / "echo.py"
         script.write_text(ECHO_SERVICE)
         c = Cluster(root)
+        proxy_port = _free_port()
+        os.environ["MESHD_ENV_FILE"] = str(root / "environments.json")
         try:
-            a = c.add("a")
+            a = c.add("a", extra=("--proxy-listen", f"127.0.0.1:{proxy_port}"))
             b = c.add("b", join=[a.addr])
             c.service(b, "benchecho", script=script)
             from tests.integration.cluster import control
@@ -252,6 +257,15 @@ def main() -> int:
             rows.append(_row("(d) meshd local SDK->B->service",
                              trio.run(_meshd_client, sock_b, 1, secs),
                              trio.run(_meshd_client, sock_b, 32, secs)))
+            from meshd.envs import Environments
+
+            envs = Environments()
+            envs.add("bench", f"ws://127.0.0.1:{proxy_port}")
+            envs.save()
+            env = ("bench", (a.data_dir / "admin.token").read_text().strip())
+            rows.append(_row("(e) meshd env SDK->proxy A->B->svc",
+                             trio.run(_meshd_client, sock_a, 1, secs, env),
+                             trio.run(_meshd_client, sock_a, 32, secs, env)))
         finally:
             c.close()
 
@@ -259,13 +273,23 @@ def main() -> int:
     for r in rows:
         print(f"{r['name']:34}{r['p50_ms']:9.3f}{r['p99_ms']:9.3f}{r['cps_1']:11.0f}"
               f"{r['cps_32']:12.0f}")
-    grpc_row, remote, local = rows[1], rows[2], rows[3]
+    grpc_row, remote, local, through_env = rows[1], rows[2], rows[3], rows[4]
     print(f"\n(c)/(b) calls/s at 32: {remote['cps_32'] / grpc_row['cps_32']:.2f} (goal >= 0.5)")
     print(f"(c)/(b) p50 at 1: {remote['p50_ms'] / grpc_row['p50_ms']:.2f} (goal <= 2)")
     print(f"(d)/(b) calls/s at 32: {local['cps_32'] / grpc_row['cps_32']:.2f} (goal >= 1)")
+    print(f"(e)/(b) calls/s at 32: {through_env['cps_32'] / grpc_row['cps_32']:.2f}; "
+          f"(e)/(c): {through_env['cps_32'] / remote['cps_32']:.2f}")
     print("(c) CPU ms per call at 32 callers: " + ", ".join(
         f"{k} {v:.3f}" for k, v in cpu.items()))
     return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _cpu_seconds(pid: int) -> float:
