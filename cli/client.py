@@ -23,6 +23,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -219,7 +220,10 @@ class Client:
             async with sdk, sdk.stream(service, endpoint) as s:
                 for item in requests:
                     await s.send(item)
-                await s.close_send()
+                # a server stream may end (and the daemon close the connection) before we
+                # end our side: its replies are still there to read
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await s.close_send()
                 async for msg in s:
                     on_reply(msg)
 

@@ -135,19 +135,6 @@ class Events:
                              f"{self.seen}")
 
 
-class _StreamClient(ControlClient):
-    """A ControlClient that says when the daemon has answered a stream request."""
-
-    def __init__(self, path: Path, token: str | None = None) -> None:
-        super().__init__(path, token=token)
-        self.opened = trio.Event()
-
-    async def call(self, op: str, /, **args: Any) -> Any:
-        result = await super().call(op, **args)
-        self.opened.set()
-        return result
-
-
 @asynccontextmanager
 async def control_stream(data_dir: Path, op: str, /, token: str | None = None,
                          **args: Any) -> AsyncIterator[Events]:
@@ -157,8 +144,26 @@ async def control_stream(data_dir: Path, op: str, /, token: str | None = None,
     starting, a period watched for trouble) is seen; where one event must not be missed,
     prove the watch live first with an event of the test's own (a join, a marker write).
     A refused stream raises."""
+    async with client_stream(ControlClient(data_dir / "meshd.sock", token=token), op,
+                             **args) as events:
+        yield events
+
+
+@asynccontextmanager
+async def client_stream(client: ControlClient, op: str, /, **args: Any
+                        ) -> AsyncIterator[Events]:
+    """`control_stream` over a client of the test's own (a RemoteControlClient: the same
+    ops through a node's proxy); the client is closed on the way out."""
     events = Events()
-    client = _StreamClient(data_dir / "meshd.sock", token=token)
+    opened = trio.Event()
+    call = client.call
+
+    async def answered(op: str, /, **kw: Any) -> Any:  # the daemon said it streams
+        result = await call(op, **kw)
+        opened.set()
+        return result
+
+    client.call = answered  # type: ignore[method-assign]
 
     async def pump() -> None:
         try:
@@ -171,7 +176,7 @@ async def control_stream(data_dir: Path, op: str, /, token: str | None = None,
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
-            await client.opened.wait()
+            await opened.wait()
             yield events
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:  # strict nurseries wrap the block's own failure
