@@ -19,6 +19,9 @@ Rules:
   same ops over wss:// to a node's proxy (meshd.proxy.remote), acting with the token given
   (--token, MESHD_TOKEN) or the one `meshd auth login --env NAME` kept for that
   environment, never a local token. The commands stay as they are.
+- Which namespace (`namespace_option`, `Client.namespace`): --namespace, else
+  MESHD_NAMESPACE, else the environment's (`meshd env add --namespace`), else "default".
+  The daemon checks the name (an invalid one is its 400 line).
 """
 
 from __future__ import annotations
@@ -141,6 +144,11 @@ class Client:
         env = environment()
         return None if env.local else env
 
+    def namespace(self, given: str | None) -> str:
+        """The namespace a command acts in: --namespace / MESHD_NAMESPACE (`given`), else the
+        environment's, else "default"."""
+        return given or environment().namespace or "default"
+
     def remote_token(self, env: Environment) -> str | None:
         return given_token() or env.token or None
 
@@ -205,9 +213,9 @@ class Client:
         run(go, until_interrupted=True)
 
     def rpc_stream(self, service: str, endpoint: str, requests: Iterable[Any],
-                   on_reply: Callable[[Any], None]) -> None:
-        """A streaming call of ENDPOINT of SERVICE: send each request, then hand each reply
-        to `on_reply`."""
+                   on_reply: Callable[[Any], None], namespace: str = "default") -> None:
+        """A streaming call of ENDPOINT of SERVICE in `namespace`: send each request, then
+        hand each reply to `on_reply`."""
         from sdk import Client as SdkClient
 
         env = self.remote()
@@ -217,7 +225,7 @@ class Client:
             sdk = SdkClient(self.socket, token=current_token(self.data_dir))
 
         async def go() -> None:
-            async with sdk, sdk.stream(service, endpoint) as s:
+            async with sdk, sdk.stream(service, endpoint, namespace=namespace) as s:
                 for item in requests:
                     await s.send(item)
                 # a server stream may end (and the daemon close the connection) before we
@@ -271,6 +279,14 @@ def client_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 client_options.__doc__ = """--data-dir (MESHD_DATA_DIR), --token and --env, for every command
 talking to a node: the command gets `client: Client`."""
+
+def namespace_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--namespace NS (MESHD_NAMESPACE) as `namespace` (None when not given: the command
+    asks `Client.namespace`)."""
+    return click.option("--namespace", "namespace", envvar="MESHD_NAMESPACE",
+                        metavar="NS", help="The namespace (also MESHD_NAMESPACE; default: "
+                        "the environment's, else default).")(f)
+
 
 data_dir_option = _node_options(None, "data_dir")
 """The same options for `meshd up`, which runs the node of `data_dir: Path | None` itself."""

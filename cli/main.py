@@ -1,8 +1,8 @@
 """The `meshd` command: the root group, its global options and the command groups.
 
 Rules:
-- One module per command group (cli/daemon.py, members.py, services.py, store.py,
-  config.py, auth.py, network.py, tunnel.py, proxy.py, nodes.py); this module only
+- One module per command group (cli/daemon.py, members.py, services.py, namespaces.py,
+  store.py, config.py, auth.py, network.py, tunnel.py, proxy.py, nodes.py); this module only
   registers them. Each command is a thin function over a control op, reached through
   `cli.client` and printed through `cli.output`.
 - Every command talking to a node takes --data-dir (or MESHD_DATA_DIR) to find it, or
@@ -25,6 +25,7 @@ from cli import (
     daemon,
     env,
     members,
+    namespaces,
     network,
     nodes,
     proxy,
@@ -68,8 +69,8 @@ def version_cmd(as_json: bool) -> None:
 
 def _register(group: click.Group) -> None:
     """Each module's COMMANDS on the root group (the help lists them by name)."""
-    for module in (daemon, members, services, store, config, auth, network, tunnel, proxy,
-                   nodes, env):
+    for module in (daemon, members, services, namespaces, store, config, auth, network,
+                   tunnel, proxy, nodes, env):
         for command in module.COMMANDS:
             group.add_command(command)
 

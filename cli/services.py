@@ -11,6 +11,9 @@ Rules:
   endpoint with the user's own token.
 - `health` exits with status 1 when any instance is not ok.
 - `watch` follows registry changes as the local operator (it sends no token).
+- Every command acts in one namespace (--namespace, MESHD_NAMESPACE, the environment's,
+  else default); `watch` without --namespace or MESHD_NAMESPACE follows every namespace.
+  JSON rows carry "namespace"; `describe` and `watch` show it when it is not default.
 """
 
 from __future__ import annotations
@@ -22,16 +25,17 @@ from typing import Any
 import click
 
 from cli.args import parse_meta
-from cli.client import Client, call_via, client_options, via_options
+from cli.client import Client, call_via, client_options, namespace_option, via_options
 from cli.output import console, fail, json_option, line, show
 
 
 @click.command()
+@namespace_option
 @client_options
 @json_option
-def services(client: Client, as_json: bool) -> None:
-    """List the services in the registry."""
-    rows = client.call("services")
+def services(namespace: str | None, client: Client, as_json: bool) -> None:
+    """List the services of a namespace in the registry."""
+    rows = client.call("services", namespace=client.namespace(namespace))
     show(rows, as_json, ("service", "instances", "nodes", "versions"),
          ((r["name"], str(r["instances"]), ",".join(r["nodes"]), ",".join(r["versions"]))
           for r in rows))
@@ -39,15 +43,18 @@ def services(client: Client, as_json: bool) -> None:
 
 @click.command()
 @click.argument("service")
+@namespace_option
 @client_options
 @json_option
-def describe(service: str, client: Client, as_json: bool) -> None:
+def describe(service: str, namespace: str | None, client: Client, as_json: bool) -> None:
     """Show a service's instances, nodes and endpoints with their formats."""
-    info = client.call("describe", service=service)
+    info = client.call("describe", service=service, namespace=client.namespace(namespace))
     if as_json:
         click.echo(json.dumps(info))
         return
-    console.print(f"[bold]{info['name']}[/]")
+    ns = info.get("namespace", "default")
+    console.print(f"[bold]{info['name']}[/]" + (f" (namespace {ns})" if ns != "default"
+                                                 else ""))
     for inst in info["instances"]:
         console.print(f"  instance {inst['id']} on {inst['node']} ({inst['address']}) "
                       f"version {inst.get('version') or '-'}")
@@ -66,11 +73,12 @@ def describe(service: str, client: Client, as_json: bool) -> None:
 @click.option("--meta", multiple=True, metavar="K=V", help="Request metadata (repeatable).")
 @via_options("Call from outside the cluster through a node's proxy endpoint with your "
              "token (--token, MESHD_TOKEN or `auth login`).")
+@namespace_option
 @client_options
 @json_option
 def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | None,
              meta: tuple[str, ...], via: str | None, ca_file: str | None,
-             client: Client, as_json: bool) -> None:
+             namespace: str | None, client: Client, as_json: bool) -> None:
     """Call ENDPOINT of SERVICE with a JSON BODY (or JSON on stdin)."""
     text = body if body is not None and body != "-" else (
         sys.stdin.read() if not sys.stdin.isatty() else "{}")
@@ -84,20 +92,23 @@ def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | Non
         fail("400 bad request: --ca-file goes with --via wss://HOST:PORT")
     if via:
         result = call_via(via, ca_file, "call", service=service, endpoint=endpoint,
-                          body=request, timeout=timeout, meta=metadata)
+                          body=request, timeout=timeout, meta=metadata,
+                          namespace=namespace or "default")
     else:
         result = client.call("rpc.call", service=service, endpoint=endpoint, body=request,
-                             timeout=timeout, meta=metadata)
+                             timeout=timeout, meta=metadata,
+                             namespace=client.namespace(namespace))
     click.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
 @click.command()
 @click.argument("service")
+@namespace_option
 @client_options
 @json_option
-def health(service: str, client: Client, as_json: bool) -> None:
+def health(service: str, namespace: str | None, client: Client, as_json: bool) -> None:
     """Check every instance of SERVICE."""
-    rows = client.call("health", service=service)
+    rows = client.call("health", service=service, namespace=client.namespace(namespace))
     show(rows, as_json, ("instance", "node", "status", "latency", "detail"),
          ((r["id"], r["node"],
            f"[{'green' if r['status'] == 'ok' else 'red'}]{r['status']}[/]",
@@ -107,29 +118,34 @@ def health(service: str, client: Client, as_json: bool) -> None:
 
 
 @click.command()
+@namespace_option
 @client_options
 @json_option
-def watch(client: Client, as_json: bool) -> None:
-    """Stream registry changes (create, update, delete) until interrupted."""
+def watch(namespace: str | None, client: Client, as_json: bool) -> None:
+    """Stream registry changes (create, update, delete) until interrupted (of one namespace
+    with --namespace or MESHD_NAMESPACE, else of every one)."""
     def show_event(ev: Any) -> None:
         if as_json:
             line(json.dumps(ev))
         else:
             inst = ev["instance"]
+            ns = inst.get("namespace") or "default"
             line(f"{ev['kind']:7} {inst.get('service', '?')} {inst.get('id')} "
-                 f"on {inst.get('node')}")
+                 f"on {inst.get('node')}" + (f" in {ns}" if ns != "default" else ""))
 
-    client.stream("services.watch", show_event, send_token=False)
+    client.stream("services.watch", show_event, send_token=False,
+                  namespace=client.namespace(namespace) if namespace else None)
 
 
 @click.command("stream")
 @click.argument("service")
 @click.argument("endpoint")
 @click.argument("body", required=False)
+@namespace_option
 @client_options
 @json_option
-def stream_cmd(service: str, endpoint: str, body: str | None, client: Client,
-               as_json: bool) -> None:
+def stream_cmd(service: str, endpoint: str, body: str | None, namespace: str | None,
+               client: Client, as_json: bool) -> None:
     """Call a streaming ENDPOINT: send BODY (or each JSON line of stdin), print each reply."""
     lines: list[Any] = []
     try:
@@ -142,7 +158,8 @@ def stream_cmd(service: str, endpoint: str, body: str | None, client: Client,
              f"{exc.colno}")
 
     client.rpc_stream(service, endpoint, lines,
-                      lambda msg: line(json.dumps(msg) if as_json else json.dumps(msg, indent=2)))
+                      lambda msg: line(json.dumps(msg) if as_json else json.dumps(msg, indent=2)),
+                      namespace=client.namespace(namespace))
 
 
 COMMANDS: tuple[click.Command, ...] = (services, describe, call_cmd, health, watch, stream_cmd)

@@ -379,7 +379,8 @@ class Node:
             self._schedule_save()  # the incarnation moved: a restart must start above it
 
     def _service_on_node(self, service: str, node: str) -> bool:
-        return any(i.get("node") == node for i in self.registry.instances(service))
+        # every namespace: service accounts are not per namespace yet (auth namespaces)
+        return any(i.get("node") == node for i in self.registry.instances(service, None))
 
     def _key_revoked(self, key: bytes) -> bool:
         """Whether an identity key was revoked by an admin (`meshd nodes revoke`)."""

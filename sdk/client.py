@@ -11,6 +11,10 @@ Rules:
 - Requests may be dataclasses or plain JSON values; with `response=` a type, the reply is
   checked and built into it. Every failure raises MeshError (status, code, detail).
 - With no daemon running, the first call fails at once, saying to start `meshd up`.
+- Namespace of call, stream, services and describe: the one the method names, else
+  `Client(namespace=)`, else that of the service whose handler is running (its outgoing
+  calls stay in its namespace), else MESHD_NAMESPACE, else the environment's, else
+  "default".
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from meshd import namespaces
 from meshd.control import Conn, ControlClient
 from meshd.errors import MeshError
 
@@ -72,8 +77,11 @@ class ClientStream:
 
 class Client:
     def __init__(self, addr: str | os.PathLike[str] | None = None, pool: int = 64,
-                 token: str | None = None, env: str | None = None) -> None:
+                 token: str | None = None, env: str | None = None,
+                 namespace: str | None = None) -> None:
         self.path = socket_path(addr)
+        self._namespace = namespaces.check(namespace) if namespace else None
+        self._env_namespace: str | None = None
         self._idle: list[ControlClient] = []
         self._pool = pool
         self._token = token
@@ -94,6 +102,7 @@ class Client:
         if env.local:
             return
         self._via = Via(env.via, env.ca_file or None)
+        self._env_namespace = env.namespace or None
         self._token = self._token or os.environ.get("MESHD_TOKEN") or env.token or None
 
     def _connection(self) -> ControlClient:
@@ -118,6 +127,19 @@ class Client:
 
         return self._token or running_service_token() or os.environ.get("MESHD_TOKEN")
 
+    @property
+    def namespace(self) -> str:
+        """Where this client's calls go unless a call names another: `namespace=`, else the
+        running service's namespace, else MESHD_NAMESPACE, else the environment's, else
+        "default"."""
+        from .service import running_service_namespace
+
+        return namespaces.check(self._namespace or running_service_namespace()
+                                or os.environ.get(namespaces.ENV) or self._env_namespace)
+
+    def _ns(self, namespace: str | None) -> str:
+        return namespaces.check(namespace) if namespace else self.namespace
+
     async def _request(self, op: str, /, **args: Any) -> Any:
         conn = self._idle.pop() if self._idle else self._connection()
         conn.token = self.token
@@ -137,10 +159,11 @@ class Client:
 
     async def call(self, service: str, endpoint: str, request: Any = None, *,
                    timeout: float | None = None, meta: dict[str, str] | None = None,
-                   response: type[T] | None = None, selector: str | None = None) -> Any:
+                   response: type[T] | None = None, selector: str | None = None,
+                   namespace: str | None = None) -> Any:
         body = await self._request("rpc.call", service=service, endpoint=endpoint,
                                    body=dump(request), timeout=timeout, meta=meta or {},
-                                   selector=selector)
+                                   selector=selector, namespace=self._ns(namespace))
         if response is None:
             return body
         try:
@@ -151,14 +174,17 @@ class Client:
 
     @asynccontextmanager
     async def stream(self, service: str, endpoint: str, request: Any = _NOTHING, *,
-                     meta: dict[str, str] | None = None) -> AsyncIterator[ClientStream]:
+                     meta: dict[str, str] | None = None, namespace: str | None = None
+                     ) -> AsyncIterator[ClientStream]:
         """A streaming call. With `request`, it is sent and the sending side closed (server
         streaming); otherwise use send()/close_send() (bidirectional). Iterate for replies."""
+        ns = self._ns(namespace)
         conn_client = self._connection()
         conn_client.token = self.token
         try:
             _, conn = await conn_client.session("rpc.stream", service=service,
-                                                endpoint=endpoint, meta=meta or {})
+                                                endpoint=endpoint, meta=meta or {},
+                                                namespace=ns)
             stream = ClientStream(conn)
             if request is not _NOTHING:
                 await stream.send(request)
@@ -167,11 +193,12 @@ class Client:
         finally:
             await conn_client.aclose()
 
-    async def services(self) -> list[dict[str, Any]]:
-        return await self._request("services")
+    async def services(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        return await self._request("services", namespace=self._ns(namespace))
 
-    async def describe(self, service: str) -> dict[str, Any]:
-        return await self._request("describe", service=service)
+    async def describe(self, service: str, namespace: str | None = None) -> dict[str, Any]:
+        return await self._request("describe", service=service,
+                                   namespace=self._ns(namespace))
 
     async def aclose(self) -> None:
         while self._idle:

@@ -9,6 +9,9 @@ Rules:
 - `await service.run()` registers through the local daemon and serves until cancelled; the
   registration lives as long as the connection (heartbeats keep it within the daemon's TTL).
 - The built-in endpoint "__health__" answers {"status": "ok"}.
+- A service lives in one namespace: `namespace=`, else MESHD_NAMESPACE, else "default".
+  Calls its handlers make through a `Client` stay in that namespace unless they name another
+  (`running_service_namespace()`), as they carry its token.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, get_type_hints
 
 import trio
 
+from meshd import namespaces
 from meshd.control import Conn, ControlClient
 from meshd.errors import MeshError
 
@@ -64,9 +68,18 @@ _SERVICE_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "meshd_service_token", default=None)
 
 
+_SERVICE_NAMESPACE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "meshd_service_namespace", default=None)
+
+
 def running_service_token() -> str | None:
     """The service account token of the service whose handler is running (if any)."""
     return _SERVICE_TOKEN.get()
+
+
+def running_service_namespace() -> str | None:
+    """The namespace of the service whose handler is running (if any)."""
+    return _SERVICE_NAMESPACE.get()
 
 
 def current_call() -> CallInfo | None:
@@ -157,8 +170,10 @@ class ServerStream:
 class Service:
     def __init__(self, name: str, version: str = "latest",
                  metadata: dict[str, str] | None = None,
-                 addr: str | os.PathLike[str] | None = None) -> None:
+                 addr: str | os.PathLike[str] | None = None,
+                 namespace: str | None = None) -> None:
         self.name = name
+        self.namespace = namespaces.check(namespace) if namespace else namespaces.from_env()
         self.version = version
         self.metadata = dict(metadata or {})
         self.path = socket_path(addr)
@@ -208,6 +223,7 @@ class Service:
 
     def _registration(self) -> dict[str, Any]:
         return {"service": self.name, "version": self.version, "metadata": self.metadata,
+                "namespace": self.namespace,
                 "endpoints": [{"name": e.name, "request": describe(e.request),
                                "response": describe(e.response), "stream": e.stream}
                               for e in self.endpoints.values()]}
@@ -219,9 +235,10 @@ class Service:
             self.instance_id = info["id"]
             self.token = info.get("token")
             _SERVICE_TOKEN.set(self.token)  # calls made from our handlers carry who we are
+            _SERVICE_NAMESPACE.set(self.namespace)  # ... and stay in our namespace
             ttl = float(info.get("ttl", 15.0))
-            log.info("registered %s as %s on node %s", self.name, self.instance_id,
-                     info.get("node"))
+            log.info("registered %s as %s in namespace %s on node %s", self.name,
+                     self.instance_id, self.namespace, info.get("node"))
             self.registered.set()
             task_status.started(self.instance_id)
             streams: dict[int, ServerStream] = {}

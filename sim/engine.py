@@ -36,9 +36,11 @@ from typing import IO, Any
 
 import cbor2
 
+from meshd import namespaces
 from meshd.hlc import HLC
 from meshd.membership.core import Membership, Output
 from meshd.membership.messages import ALIVE, decode_packet, encode_packet
+from meshd.registry.core import select, view
 from meshd.registry.replication import Replicator
 
 from .metrics import Metrics
@@ -49,6 +51,9 @@ from .storesim import STORE, StoreSim
 
 DELIVER, TICK, CALL, REG = 0, 1, 2, 3
 NO_PAUSE, FULL, RECEIVE = 0, 1, 2
+# registry_namespaces: the namespaces greeter instances are written in (the first by naming
+# none, as an old node's record)
+NAMESPACES = (namespaces.DEFAULT, "team-a", "team-b")
 
 
 class SimNode:
@@ -434,9 +439,15 @@ class Simulation:
                           if e.owner == node.name and e.value is not None)
             for i in range(f.count or 1):
                 now = self.now + node.offset
+                ns = namespaces.DEFAULT
                 if register:
                     key = f"svc-{self._seq}-{i}"
                     value = {"service": f"svc{i % 3}", "node": node.name, "id": key}
+                    if self.sc.registry_namespaces:
+                        value["service"] = "greeter"
+                        if i % 3:  # i % 3 == 0: no namespace named, as an old node writes
+                            value["namespace"] = NAMESPACES[i % 3]
+                        ns = NAMESPACES[i % 3]
                     sends = rep.write(key, str(node.incarnation), value, now)
                 elif mine:
                     key = mine.pop()
@@ -445,9 +456,33 @@ class Simulation:
                     break
                 entry = rep.state.entries[f"{node.name}/{key}"]
                 self.metrics.registry_latest[entry.key] = entry.ts
+                if register:
+                    self.metrics.registry_namespace_of[entry.key] = ns
+                else:
+                    self.metrics.registry_gone.add(entry.key)
                 self._reg_send(node, sends)
             self._schedule_tick(node)
         self.log(f"{self.now:.6f} - registry {'register' if register else 'deregister'} {k}")
+
+    def _check_namespaces(self, complete: bool) -> int:
+        """Instances each node serves per namespace (the daemon's own `select`) against the
+        namespace each was written in: a row in another namespace than its own counts as
+        mixed (metrics). With `complete`, returns how many expected rows a node misses."""
+        expected = self.metrics.registry_namespace_of
+        missing = 0
+        for n in self.nodes:
+            if not n.up or n.replicator is None:
+                continue
+            rows = [view(e) for e in n.replicator.state.entries.values() if e.value is not None]
+            for ns in NAMESPACES:
+                got = {f"{r['node']}/{r['id']}" for r in select(rows, "greeter", ns)}
+                self.metrics.registry_namespace_mixed += sum(
+                    1 for k in got if expected.get(k, ns) != ns)
+                if complete:
+                    missing += sum(1 for k, where in expected.items()
+                                   if where == ns and k not in got
+                                   and k not in self.metrics.registry_gone)
+        return missing
 
     def _check_registry(self, healed_at: float) -> None:
         up = [n for n in self.nodes if n.up and n.replicator is not None]
@@ -502,6 +537,8 @@ class Simulation:
             distinct = {repr(sorted(n.replicator.state.digest().items()))  # type: ignore[union-attr]
                         for n in up}
             self.metrics.registry_versions_at_heal = len(distinct)
+            if self.sc.registry_namespaces:
+                self._check_namespaces(complete=False)  # the sides differ; never mix
             self.call_at(self.now + 0.5, self._check_registry, self.now)
 
     def _check_rejoin(self, arg: tuple[int, float]) -> None:
@@ -570,6 +607,13 @@ class Simulation:
         out["registry_converged_after_heal_s"] = round(max(conv), 3) if conv else None
         out["registry_bytes"] = self.metrics.registry_bytes
         out["registry_versions_at_heal"] = self.metrics.registry_versions_at_heal
+        if self.sc.registry_namespaces:
+            out["registry_namespace_missing"] = self._check_namespaces(complete=True)
+            out["registry_namespace_mixed"] = self.metrics.registry_namespace_mixed
+            out["registry_namespace_instances"] = {
+                ns: sum(1 for k, v in self.metrics.registry_namespace_of.items()
+                        if v == ns and k not in self.metrics.registry_gone)
+                for ns in NAMESPACES}
         return out
 
     # --- main loop -----------------------------------------------------------------------

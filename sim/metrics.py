@@ -78,6 +78,9 @@ class Metrics:
         self.registry_converged: list[float] = []
         self.registry_bytes = 0
         self.registry_versions_at_heal = 0
+        self.registry_namespace_of: dict[str, str] = {}  # key -> the namespace written in
+        self.registry_gone: set[str] = set()  # keys deregistered
+        self.registry_namespace_mixed = 0
 
     # --- feeds from the engine ---------------------------------------------------------
 

@@ -73,6 +73,9 @@ class Scenario:
     codec: bool = False
     registry: bool = False
     registry_sync_interval: float = 5.0
+    # registry writes are instances of "greeter" in three namespaces: none named (an old
+    # node's record: "default"), "team-a" and "team-b"; the run checks they never mix
+    registry_namespaces: bool = False
     store: bool = False
     store_batch_interval: float = 0.05
     store_sync_interval: float = 10.0
@@ -90,7 +93,8 @@ class Scenario:
 
 _TOP_KEYS = {"name": str, "description": str, "nodes": int, "duration": float,
              "warmup": float, "seed": int, "profile": str, "bootstrap": str, "codec": bool,
-             "registry": bool, "registry_sync_interval": float, "store": bool,
+             "registry": bool, "registry_sync_interval": float,
+             "registry_namespaces": bool, "store": bool,
              "store_batch_interval": float, "store_sync_interval": float,
              "store_tombstone_grace": float, "store_hlc": bool, "routing": bool,
              "routing_refresh_interval": float}

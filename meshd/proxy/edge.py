@@ -3,7 +3,7 @@ with a user token, over one WebSocket (`meshd up --proxy-listen HOST:PORT`).
 
 Rules:
 - The first message is a CBOR map: {"op": "call", "token", "service", "endpoint", "body",
-  "timeout", "meta"}, {"op": "tunnel", "token", "name"} or {"op": "control"} (a remote
+  "timeout", "meta", "namespace"}, {"op": "tunnel", "token", "name"} or {"op": "control"} (a remote
   environment's control session, below); anything else is a 400 and the socket closes.
 - Control session: after the reply {"ok": true, "node": NAME}, every message is a request
   of the node's op table ({"id", "op", "args", "token"}, as on the control socket) and gets
@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from meshd import wire
+from meshd import namespaces, wire
 from meshd.errors import MeshError, bad_request
 from meshd.ops import REQUEST_REMOTE, REQUEST_SOURCE, serve_request
 from meshd.transport import listeners as serving
@@ -158,7 +158,8 @@ class EdgeProxy:
         timeout = req.get("timeout") or self.node.settings.rpc.default_timeout
         meta = req.get("meta") if isinstance(req.get("meta"), dict) else {}
         body = await self.node.rpc.call(service, endpoint, req.get("body"), timeout, meta,
-                                        token=token)
+                                        token=token,
+                                        namespace=namespaces.check(req.get("namespace")))
         with trio.move_on_after(30):  # a client that never reads its reply is dropped
             await ws.send_message(wire.dumps({"ok": True, "body": body}))
 

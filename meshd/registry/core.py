@@ -11,6 +11,10 @@ Rules:
 - Digest for anti-entropy: per owner node, (count, xor of entry hashes). Two replicas agree
   on an owner iff its digests match; only differing owners' entries are exchanged.
 - Tombstones are dropped after `tombstone_ttl` seconds of local time.
+- Every served instance belongs to one namespace (its record's "namespace"; a record that
+  names none, from before namespaces or from an old node, is in "default"). Reads select
+  by service and namespace (`select`); replication does not look at namespaces at all, so
+  every replica holds every namespace and old and new nodes merge the same entries.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from meshd import namespaces
 from meshd.hlc import Timestamp
 
 
@@ -112,3 +117,19 @@ class RegistryState:
         """Entries to serve: not deleted, owner alive (in `boots`) with the same boot id."""
         return [e for e in self.entries.values()
                 if e.value is not None and boots.get(e.owner) == e.boot]
+
+
+def view(e: Entry) -> dict[str, Any]:
+    """An entry as the instance record reads serve: its value, with its namespace filled in."""
+    record = dict(e.value or {})
+    record["namespace"] = namespaces.of(e.value)
+    return record
+
+
+def select(rows: list[dict[str, Any]], service: str | None = None,
+           namespace: str | None = namespaces.DEFAULT) -> list[dict[str, Any]]:
+    """The instance records (from `view`) of `service` (None: every service) in `namespace`
+    (None: every namespace)."""
+    return [r for r in rows
+            if (service is None or r.get("service") == service)
+            and (namespace is None or r.get("namespace") == namespace)]

@@ -9,6 +9,11 @@ Rules:
   status, latency and failure; one failing instance never hides the others.
 - service.register is a session of a service process on this node: the local operator's
   (a remote caller cannot make the node host its instances).
+- Every one of them takes `namespace` ("default" when absent; an invalid name is a 400): a
+  read sees that namespace only, an unknown one reads empty (describe and health: the
+  usual 404). services.watch without one follows every namespace.
+- namespaces lists each namespace the registry holds (and "default") with its counts of
+  services and instances (mesh:namespaces: for a remote caller).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import trio
 
+from meshd import namespaces
 from meshd.errors import MeshError, bad_request
 from meshd.ops import Emit, Op, mesh_resource
 from meshd.rpc.service import RpcService
@@ -35,23 +41,25 @@ class RegistryOps:
                 Op("describe", self.describe, services),
                 Op("health", self.health, services),
                 Op("services.watch", self.watch, services, "stream"),
-                Op("service.register", self.registry.serve_session, "operator", "session")]
+                Op("service.register", self.registry.serve_session, "operator", "session"),
+                Op("namespaces", self.list_namespaces, mesh_resource("namespaces"))]
 
-    async def services(self, _: dict[str, Any]) -> Any:
-        return self.registry.services()
+    async def services(self, args: dict[str, Any]) -> Any:
+        return self.registry.services(namespaces.check(args.get("namespace")))
 
     def _instances(self, args: dict[str, Any], what: str) -> tuple[str, list[dict[str, Any]]]:
         name = args.get("service")
         if not isinstance(name, str):
             raise bad_request(f"{what} needs a service name")
-        rows = self.registry.instances(name)
+        ns = namespaces.check(args.get("namespace"))
+        rows = self.registry.instances(name, ns)
         if not rows:
-            raise MeshError(404, f"service {name!r} has no instances")
+            raise MeshError(404, f"service {name!r} has no instances{in_namespace(ns)}")
         return name, rows
 
     async def describe(self, args: dict[str, Any]) -> Any:
         name, rows = self._instances(args, "describe")
-        return {"name": name, "instances": rows}
+        return {"name": name, "instances": rows, "namespace": rows[0]["namespace"]}
 
     async def health(self, args: dict[str, Any]) -> Any:
         _, rows = self._instances(args, "health")
@@ -74,5 +82,18 @@ class RegistryOps:
         return sorted(results, key=lambda r: r["id"])
 
     async def watch(self, args: dict[str, Any], emit: Emit) -> None:
-        async for ev in self.registry.watch():
+        ns = args.get("namespace")
+        async for ev in self.registry.watch(namespaces.check(ns) if ns else None):
             await emit(ev)
+
+    async def list_namespaces(self, _: dict[str, Any]) -> Any:
+        """Each namespace with its counts of services and instances. The store's keys and the
+        accounts per namespace come with store and auth namespaces: until then
+        "store_keys" and "accounts" are null, so the shape of a row stays the same."""
+        return [{**row, "store_keys": None, "accounts": None}
+                for row in self.registry.namespace_counts()]
+
+
+def in_namespace(ns: str) -> str:
+    """" in namespace 'x'" for a message about a namespace other than the default."""
+    return "" if ns == namespaces.DEFAULT else f" in namespace {ns!r}"

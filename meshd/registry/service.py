@@ -7,6 +7,9 @@ Rules:
 - Replication is decided by the sans-IO Replicator (replication.py): pushes of changes and
   digest anti-entropy. This shell carries its messages, one per channel "registry".
 - Malformed registry messages from a peer close that channel; they never reach the state.
+- An instance registers into one namespace ("default" unless it names another); reads
+  (`instances`, `services`, `watch`) select one namespace, so `greeter` in `team-a` and in
+  `team-b` are different services. Tunnels are registered in "default".
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import cbor2
 import trio
 
-from meshd import wire
+from meshd import namespaces, wire
 from meshd.errors import MeshError, bad_request, unavailable
 from meshd.hlc import HLC
 from meshd.membership.core import Membership
@@ -30,7 +33,7 @@ from meshd.membership.messages import ALIVE, SUSPECT
 from meshd.ops import Conn
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
-from .core import Entry, WireError
+from .core import Entry, WireError, select, view
 from .replication import Replicator
 
 log = logging.getLogger("meshd.registry")
@@ -53,7 +56,7 @@ class LocalInstance:
 
 
 def instance_view(e: Entry) -> dict[str, Any]:
-    return dict(e.value or {})
+    return view(e)
 
 
 class RegistryService:
@@ -74,10 +77,11 @@ class RegistryService:
         self.state = self.replicator.state
         self.local: dict[str, LocalInstance] = {}
         self._version = 0
-        self._cache: dict[str | None, tuple[Any, list[dict[str, Any]]]] = {}
+        self._cache: dict[tuple[str | None, str | None],
+                          tuple[Any, list[dict[str, Any]]]] = {}
         self.stats = {"registry_bad_messages": 0, "registry_messages_in": 0,
                       "registry_messages_out": 0}
-        self._watchers: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        self._watchers: list[tuple[trio.MemorySendChannel[dict[str, Any]], str | None]] = []
         self._nursery: trio.Nursery | None = None
         self.on_local_change: Callable[[], None] | None = None
         # issues the token a registering service runs with (set by the node when auth is on)
@@ -103,37 +107,50 @@ class RegistryService:
                     out[m.name] = boot
         return out
 
-    def instances(self, service: str | None = None) -> list[dict[str, Any]]:
-        """Served instances (of one service). Cached until the registry or the membership
-        changes: this is on every call's path."""
+    def instances(self, service: str | None = None,
+                  namespace: str | None = namespaces.DEFAULT) -> list[dict[str, Any]]:
+        """Served instances (of one service) in `namespace` (None: in every namespace).
+        Cached until the registry or the membership changes: this is on every call's
+        path."""
         key = (service, self._version, self.core.member_version)
-        cached = self._cache.get(service)
+        cached = self._cache.get((service, namespace))
         if cached is not None and cached[0] == key:
             return cached[1]
-        rows = self._instances(service)
+        rows = self._instances(service, namespace)
         if len(self._cache) > 1000:
             self._cache.clear()
-        self._cache[service] = (key, rows)
+        self._cache[(service, namespace)] = (key, rows)
         return rows
 
-    def _instances(self, service: str | None) -> list[dict[str, Any]]:
+    def _instances(self, service: str | None, namespace: str | None) -> list[dict[str, Any]]:
         live = self.state.live(self.boots())
-        rows = [instance_view(e) for e in live]
-        if service is not None:
-            rows = [r for r in rows if r.get("service") == service]
-        return sorted(rows, key=lambda r: (r.get("service", ""), r.get("node", ""),
-                                           r.get("id", "")))
+        rows = select([instance_view(e) for e in live], service, namespace)
+        return sorted(rows, key=lambda r: (r.get("namespace", ""), r.get("service", ""),
+                                           r.get("node", ""), r.get("id", "")))
 
-    def services(self) -> list[dict[str, Any]]:
+    def services(self, namespace: str = namespaces.DEFAULT) -> list[dict[str, Any]]:
+        """The services of `namespace`: instances, nodes and versions of each."""
         by_name: dict[str, dict[str, Any]] = {}
-        for inst in self.instances():
+        for inst in self.instances(None, namespace):
             s = by_name.setdefault(inst["service"], {"name": inst["service"], "instances": 0,
                                                      "nodes": set(), "versions": set()})
             s["instances"] += 1
             s["nodes"].add(inst["node"])
             s["versions"].add(inst.get("version", ""))
         return [{"name": s["name"], "instances": s["instances"], "nodes": sorted(s["nodes"]),
-                 "versions": sorted(s["versions"])} for s in by_name.values()]
+                 "versions": sorted(s["versions"]), "namespace": namespace}
+                for s in by_name.values()]
+
+    def namespace_counts(self) -> list[dict[str, Any]]:
+        """Each namespace with served instances (and "default" always), with its counts of
+        services and instances."""
+        counts: dict[str, tuple[set[str], int]] = {namespaces.DEFAULT: (set(), 0)}
+        for inst in self.instances(None, None):
+            names, n = counts.get(inst["namespace"], (set(), 0))
+            names.add(inst["service"])
+            counts[inst["namespace"]] = (names, n + 1)
+        return [{"name": ns, "services": len(names), "instances": n}
+                for ns, (names, n) in sorted(counts.items())]
 
     # --- local registration --------------------------------------------------------------
 
@@ -145,12 +162,13 @@ class RegistryService:
         local = LocalInstance(inst_id, record["service"], conn, trio.current_time())
         self.local[inst_id] = local
         self._write(inst_id, record)
-        log.info("registered %s (%s) from a local process", inst_id, record["service"])
+        log.info("registered %s (%s in %s) from a local process", inst_id, record["service"],
+                 record["namespace"])
         try:
             token = await self.service_token(record["service"]) \
                 if self.service_token is not None else None
             await conn.reply({"id": inst_id, "node": self.node, "ttl": self.ttl,
-                              "token": token})
+                              "token": token, "namespace": record["namespace"]})
             local.ready.set()
             while True:
                 msg = await conn.receive()
@@ -207,17 +225,28 @@ class RegistryService:
 
     def _notify(self, kind: str, e: Entry, old: Entry | None) -> None:
         self._version += 1
-        event = {"kind": kind, "key": e.key, "instance": instance_view(e) if e.value else
-                 {"id": e.key.split("/", 1)[1], "node": e.owner}}
-        for w in list(self._watchers):
+        if e.value:
+            inst = instance_view(e)
+        else:  # a delete: what it deleted, where we knew it (its service and namespace)
+            inst = {"id": e.key.split("/", 1)[1], "node": e.owner}
+            if old is not None and old.value:
+                gone = instance_view(old)
+                inst.update(service=gone.get("service"), namespace=gone["namespace"])
+        event = {"kind": kind, "key": e.key, "instance": inst}
+        for w, ns in list(self._watchers):
+            if ns is not None and inst.get("namespace") != ns:
+                continue
             try:
                 w.send_nowait(event)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                self._watchers.remove(w)
+                self._watchers.remove((w, ns))
 
-    def watch(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+    def watch(self, namespace: str | None = None) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        """Registry changes as they happen (in `namespace` only; None: every one). A delete
+        of an instance this node never knew has no namespace: only unfiltered watchers see
+        it."""
         send, recv = trio.open_memory_channel[dict[str, Any]](1000)
-        self._watchers.append(send)
+        self._watchers.append((send, namespace))
         return recv
 
     def _peer_addrs(self) -> list[str]:
@@ -284,4 +313,5 @@ def _validate_registration(args: dict[str, Any]) -> dict[str, Any]:
     metadata = args.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise bad_request("metadata must be a map")
-    return {"service": name, "version": version, "endpoints": clean, "metadata": metadata}
+    return {"service": name, "version": version, "endpoints": clean, "metadata": metadata,
+            "namespace": namespaces.check(args.get("namespace"))}

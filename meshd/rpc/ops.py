@@ -4,12 +4,15 @@ Rules:
 - Both act with the caller's token (none: the local operator acts as this node); the rules
   are checked where the instance runs, as for any in-cluster caller ("checked").
 - A call's timeout defaults to rpc.default_timeout; metadata must be a map.
+- Both take `namespace` ("default" when absent; an invalid name is a 400): only instances
+  of that namespace are candidates.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from meshd import namespaces
 from meshd.errors import bad_request
 from meshd.ops import REQUEST_TOKEN, Op
 
@@ -35,5 +38,7 @@ class RpcOps:
         meta = args.get("meta") or {}
         if not isinstance(meta, dict):
             raise bad_request("meta must be a map")
+        ns = namespaces.check(args.get("namespace"))
         return await self.rpc.call(service, endpoint, args.get("body"), timeout, meta,
-                                   args.get("selector"), token=REQUEST_TOKEN.get())
+                                   args.get("selector"), token=REQUEST_TOKEN.get(),
+                                   namespace=ns)

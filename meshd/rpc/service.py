@@ -15,6 +15,8 @@ Rules:
   500 handler error, 503 unavailable.
 - A peer daemon has at most MAX_CALLS_PER_CHANNEL calls in flight here; beyond that its
   channel is not read (flow control holds it back) until calls finish.
+- A call names its namespace ("default" unless told): only that namespace's instances are
+  candidates. The far daemon is handed an instance id, so the namespace never travels.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import trio
 
-from meshd import wire
+from meshd import namespaces, wire
 from meshd.errors import MeshError, bad_request, not_found, unavailable
 from meshd.membership.core import Membership
 from meshd.registry.service import LocalInstance, RegistryService
@@ -107,11 +109,14 @@ class RpcService:
         member = self.core.members.get(inst["node"])
         return member.addr if member is not None else inst.get("address", "")
 
-    def candidates(self, service: str, endpoint: str) -> list[dict[str, Any]]:
-        """Instances of `service` that serve `endpoint`; 404 naming what is missing."""
-        instances = self.registry.instances(service)
+    def candidates(self, service: str, endpoint: str,
+                   namespace: str = namespaces.DEFAULT) -> list[dict[str, Any]]:
+        """Instances of `service` in `namespace` that serve `endpoint`; 404 naming what is
+        missing."""
+        instances = self.registry.instances(service, namespace)
         if not instances:
-            raise not_found(f"service {service!r} has no instances", id="meshd.rpc")
+            where = "" if namespace == namespaces.DEFAULT else f" in namespace {namespace!r}"
+            raise not_found(f"service {service!r} has no instances{where}", id="meshd.rpc")
         found = [i for i in instances if endpoint in _endpoint_names(i)]
         if not found:
             known = sorted({n for i in instances for n in _endpoint_names(i)})
@@ -121,17 +126,18 @@ class RpcService:
 
     async def call(self, service: str, endpoint: str, body: Any, timeout: float,
                    meta: dict[str, str] | None = None, selector: str | None = None,
-                   token: str | None = None) -> Any:
+                   token: str | None = None, namespace: str = namespaces.DEFAULT) -> Any:
         self.stats["rpc_calls"] += 1
         try:
             return await self._call(service, endpoint, body, timeout, dict(meta or {}),
-                                    selector or self.selector, token)
+                                    selector or self.selector, token, namespace)
         except MeshError:
             self.stats["rpc_errors"] += 1
             raise
 
     async def _call(self, service: str, endpoint: str, body: Any, timeout: float,
-                    meta: dict[str, str], selector: str, token: str | None = None) -> Any:
+                    meta: dict[str, str], selector: str, token: str | None,
+                    namespace: str) -> Any:
         if not (isinstance(timeout, int | float) and 0 < timeout <= 3600):
             raise bad_request("timeout must be between 0 and 3600 seconds", id="meshd.rpc")
         if selector not in SELECTORS:
@@ -140,7 +146,7 @@ class RpcService:
         deadline = trio.current_time() + timeout
         meta.setdefault("trace-id", os.urandom(8).hex())
         meta["caller-node"] = self.core.me.name  # never what a client claims
-        candidates = self.candidates(service, endpoint)
+        candidates = self.candidates(service, endpoint, namespaces.check(namespace))
         tried: set[str] = set()
         last = "no instance answered"
         for _ in range(self.retries + 1):

@@ -12,6 +12,8 @@ Rules:
   (flow-controlled) and sockets, so a slow reader slows the writer instead of filling memory.
 - The stream ends for both sides when either sends end+end, an error, or goes away; a
   vanished peer becomes a 503 error frame for the other side, never a hang.
+- A stream names its namespace like a call ("default" unless told): only its instances are
+  candidates.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import trio
 
-from meshd import wire
+from meshd import namespaces, wire
 from meshd.errors import MeshError, bad_request, unavailable
 from meshd.ops import REQUEST_TOKEN, Conn
 from meshd.registry.service import LocalInstance
@@ -129,7 +131,8 @@ class StreamService:
             raise bad_request("stream needs a service and an endpoint", id="meshd.rpc")
         meta = args.get("meta") if isinstance(args.get("meta"), dict) else {}
         meta = {**meta, "caller-node": self.rpc.core.me.name}  # never what a client claims
-        candidates = self.rpc.candidates(service, endpoint)
+        candidates = self.rpc.candidates(service, endpoint,
+                                         namespaces.check(args.get("namespace")))
         inst = self.rpc._pick(candidates, set(), self.rpc.selector)
         assert inst is not None
         token = REQUEST_TOKEN.get()

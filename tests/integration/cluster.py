@@ -337,11 +337,14 @@ class ServiceProcess:
     """A test service process attached to one daemon."""
 
     def __init__(self, daemon: Daemon, name: str = "testsvc",
-                 script: Path = SERVICES / "testsvc.py") -> None:
-        env = {**os.environ, "MESHD_ADDR": str(daemon.data_dir / "meshd.sock"),
-               "MESHD_NODE_NAME": daemon.name, "PYTHONPATH": os.pathsep.join(sys.path)}
+                 script: Path = SERVICES / "testsvc.py", env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
+        full_env = {**{k: v for k, v in os.environ.items() if k != "MESHD_NAMESPACE"},
+                    "MESHD_ADDR": str(daemon.data_dir / "meshd.sock"),
+                    "MESHD_NODE_NAME": daemon.name, "PYTHONPATH": os.pathsep.join(sys.path),
+                    **(env or {})}
         self.log = daemon.root / f"{daemon.name}-{name}-{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen([sys.executable, str(script), name], env=env,
+        self.proc = subprocess.Popen([sys.executable, str(script), name, *args], env=full_env,
                                      stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "ab"))  # noqa: SIM115
 

@@ -161,6 +161,17 @@ def test_registry_replicas_converge_after_a_partition():
     assert m["registry_writes"] > 100 and m["registry_missing_latest"] == 0
 
 
+def test_registry_namespaces_stay_apart_across_a_partition_and_heal():
+    """greeter in default (records naming no namespace, as old nodes write them), team-a and
+    team-b: at the heal (sides differ) and at the end, each node serves each namespace's
+    instances and none of another's; after the heal every node serves all of them."""
+    _, r = run("registry-partition")
+    m = r["metrics"]
+    assert all(n > 10 for n in m["registry_namespace_instances"].values())
+    assert m["registry_namespace_mixed"] == 0
+    assert m["registry_namespace_missing"] == 0
+
+
 def test_store_partition_converges_with_no_lost_write():
     _, r = run("store-partition")
     m = r["metrics"]
