@@ -19,6 +19,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -48,7 +49,10 @@ class ClientStream:
         await self._conn.send({"msg": dump(message)})
 
     async def close_send(self) -> None:
-        await self._conn.send({"end": True})
+        """End our side. A server stream may already have ended (and the daemon closed the
+        connection): then there is nothing to end, and its replies are still to be read."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._conn.send({"end": True})
 
     async def receive(self) -> Any:
         """The next message; StopAsyncIteration at the end; MeshError on failure."""
