@@ -43,7 +43,8 @@ Identity (who is at the other end):
   uses, so it serves the channels that peer opens and nothing meant for the real owner.
   A link never replaces another link of a different key (the lower-id rule applies only to
   the same peer dialing both ways).
-- `is_revoked(key)`: links of a revoked identity are refused both ways.
+- `is_revoked(key)`: links of a revoked identity are refused both ways, and a link whose
+  peer is revoked later ends at its next channel open (the evictor closes idle ones).
 - An accepted link whose key is not a live member is closed after NON_MEMBER_GRACE
   seconds (and at every later check): links from keys that never join cannot pile up.
 Bounds (a member may act as a node, never take the node down):
@@ -527,6 +528,9 @@ class Link:
                     raise FrameError(f"peer opened channel {cid} twice or with our parity")
                 if not 0 < len(payload) <= MAX_CHANNEL_NAME:
                     raise FrameError("channel name empty or too long")
+                revoked = self.manager.is_revoked
+                if revoked is not None and revoked(self.peer_public):
+                    raise FrameError("the peer's identity was revoked")  # ends the link
                 name = payload.decode("utf-8", "replace")
                 ch = Channel(self, cid, name)
                 self.channels[cid] = ch

@@ -54,7 +54,7 @@ THROUGH: dict[str, str] = {
     "status": READS, "routes": READS, "graph": READS, "ping": READS,
     "store databases": READS, "store tables": READS, "tunnel list": READS,
     "nodes revocations": READS, "auth accounts list": READS, "auth rules list": READS,
-    "auth keys list": READS, "auth whoami": READS,
+    "auth keys list": READS, "auth whoami": READS, "namespaces": READS,
     "call": WRITES, "stream": WRITES, "store write": WRITES, "store read": WRITES,
     "store list": WRITES, "store delete": WRITES, "store counter": WRITES,
     "store set": WRITES, "store export": WRITES, "store import": WRITES,
@@ -318,6 +318,8 @@ def test_reads_through_the_environment_match_the_node(mesh, laptop):
                                 "target": f"127.0.0.1:{mesh.echo.port}"}]
     remote, local = both("nodes", "revocations", "--json")
     assert remote == local
+    remote, local = both("namespaces", "--json")
+    assert remote == local and "default" in {r["name"] for r in remote}
 
     remote, local = both("auth", "accounts", "list", "--json")
     assert remote == local and "ops" in {r["id"] for r in remote}
