@@ -276,12 +276,25 @@ def client_options(f: Callable[..., Any]) -> Callable[..., Any]:
 client_options.__doc__ = """--data-dir (MESHD_DATA_DIR), --token and --env, for every command
 talking to a node: the command gets `client: Client`."""
 
-def namespace_option(f: Callable[..., Any]) -> Callable[..., Any]:
+def _remember_namespace(ctx: click.Context, _param: Any, value: str | None) -> None:
+    if value:
+        ctx.find_root().meta["namespace"] = value
+
+
+def chosen_namespace() -> str | None:
+    """The --namespace of a command whose option is not passed to it (`exposed=False`)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_root().meta.get("namespace") if ctx is not None else None
+
+
+def namespace_option(f: Callable[..., Any], exposed: bool = True) -> Callable[..., Any]:
     """--namespace NS (MESHD_NAMESPACE) as `namespace` (None when not given: the command
-    asks `Client.namespace`)."""
+    asks `Client.namespace`); with `exposed=False` it is kept for `chosen_namespace`."""
     return click.option("--namespace", "namespace", envvar="MESHD_NAMESPACE",
-                        metavar="NS", help="The namespace (also MESHD_NAMESPACE; default: "
-                        "the environment's, else default).")(f)
+                        metavar="NS", expose_value=exposed,
+                        callback=None if exposed else _remember_namespace,
+                        help="The namespace (also MESHD_NAMESPACE; default: the "
+                        "environment's, else default).")(f)
 
 
 data_dir_option = _node_options(None, "data_dir")

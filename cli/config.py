@@ -1,8 +1,8 @@
 """`meshd config`: dynamic config, JSON values at dot paths, replicated and watched.
 
 Rules:
-- Thin functions over the `config.*` control ops; every command names its --namespace
-  (default "default").
+- Thin functions over the `config.*` control ops; every command acts on the config tree of
+  one namespace (--namespace, MESHD_NAMESPACE, the environment's, else default).
 - Values are JSON: `set` refuses one that does not parse with a "400 bad request" line that
   says strings need quotes; `get` prints the value (indented for people).
 - `watch` prints a line per change until interrupted (one JSON line per change with --json).
@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from cli.client import Client, client_options
+from cli.client import Client, client_options, namespace_option
 from cli.output import fail, json_option, line
 
 
@@ -26,16 +26,16 @@ def config() -> None:
 
 
 def _ns_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--namespace", default="default", show_default=True)(f)
+    f = namespace_option(f)
     return client_options(json_option(f))
 
 
 @config.command("get")
 @click.argument("path", default="")
 @_ns_option
-def config_get(path: str, namespace: str, client: Client, as_json: bool) -> None:
+def config_get(path: str, namespace: str | None, client: Client, as_json: bool) -> None:
     """Print the JSON value at PATH (all of the namespace without one)."""
-    r = client.call("config.get", namespace=namespace, path=path)
+    r = client.call("config.get", namespace=client.namespace(namespace), path=path)
     click.echo(json.dumps(r["value"]) if as_json else json.dumps(r["value"], indent=2))
 
 
@@ -43,7 +43,7 @@ def config_get(path: str, namespace: str, client: Client, as_json: bool) -> None
 @click.argument("path")
 @click.argument("value")
 @_ns_option
-def config_set(path: str, value: str, namespace: str, client: Client,
+def config_set(path: str, value: str, namespace: str | None, client: Client,
                as_json: bool) -> None:
     """Set PATH to the JSON VALUE."""
     try:
@@ -51,23 +51,23 @@ def config_set(path: str, value: str, namespace: str, client: Client,
     except json.JSONDecodeError as exc:
         fail(f"400 bad request: value is not valid JSON: {exc.msg} at line {exc.lineno} "
              f"column {exc.colno} (strings need quotes: '\"text\"')")
-    r = client.call("config.set", namespace=namespace, path=path, value=parsed)
+    r = client.call("config.set", namespace=client.namespace(namespace), path=path, value=parsed)
     click.echo(json.dumps(r) if as_json else f"set {path}")
 
 
 @config.command("del")
 @click.argument("path")
 @_ns_option
-def config_del(path: str, namespace: str, client: Client, as_json: bool) -> None:
+def config_del(path: str, namespace: str | None, client: Client, as_json: bool) -> None:
     """Delete PATH (and everything below it)."""
-    r = client.call("config.del", namespace=namespace, path=path)
+    r = client.call("config.del", namespace=client.namespace(namespace), path=path)
     click.echo(json.dumps(r) if as_json else f"deleted {path}")
 
 
 @config.command("watch")
 @click.argument("path", default="")
 @_ns_option
-def config_watch(path: str, namespace: str, client: Client, as_json: bool) -> None:
+def config_watch(path: str, namespace: str | None, client: Client, as_json: bool) -> None:
     """Print PATH's value each time it changes (one JSON line per change with --json)."""
     def show(ev: Any) -> None:
         if as_json:
@@ -77,7 +77,7 @@ def config_watch(path: str, namespace: str, client: Client, as_json: bool) -> No
         else:
             line(f"{ev['path']} = {json.dumps(ev['value'])}")
 
-    client.stream("config.watch", show, namespace=namespace, path=path)
+    client.stream("config.watch", show, namespace=client.namespace(namespace), path=path)
 
 
 COMMANDS: tuple[click.Command, ...] = (config,)

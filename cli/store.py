@@ -3,7 +3,8 @@ import).
 
 Rules:
 - Thin functions over the `store.*` control ops; every command names its --database
-  (default "default") and, where it acts on records, its --table (default "store").
+  (default "default") and, where it acts on records, its --table (default "store"), in a
+  namespace (--namespace, MESHD_NAMESPACE, the environment's, else default).
 - Values are bytes: printed as text when they are UTF-8, else as `value_base64` in JSON.
 - `export` prints one JSON line per record (values in base64); `import` writes such lines
   back, skipping expired records; a line that is not an exported record is a "400 bad
@@ -23,14 +24,23 @@ from typing import Any
 import click
 
 from cli.args import parse_meta
-from cli.client import Client, client_options
+from cli.client import Client, chosen_namespace, client_options, namespace_option
 from cli.output import fail, json_option, line
 
 
 def _store_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--table", default="store", show_default=True, help="Table.")(f)
     f = click.option("--database", default="default", show_default=True, help="Database.")(f)
-    return client_options(json_option(f))
+    return client_options(json_option(namespace_option_hidden(f)))
+
+
+def namespace_option_hidden(f: Callable[..., Any]) -> Callable[..., Any]:
+    return namespace_option(f, exposed=False)
+
+
+def _call(client: Client, op: str, /, **args: Any) -> Any:
+    """A store op in the command's namespace (`Client.namespace`)."""
+    return client.call(op, namespace=client.namespace(chosen_namespace()), **args)
 
 
 def _record_json(rec: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +71,7 @@ def store_write(key: str, value: str, ttl: float | None, replicas: int, meta: tu
     """Write VALUE under KEY (VALUE "-" reads it from stdin)."""
     raw = sys.stdin.buffer.read() if value == "-" else value.encode()
     metadata = parse_meta(meta)
-    rec = client.call("store.write", database=database, table=table, key=key,
+    rec = _call(client, "store.write", database=database, table=table, key=key,
                       value=raw, ttl=ttl, replicas=replicas, metadata=metadata)
     click.echo(json.dumps(_record_json(rec)) if as_json else f"wrote {key}")
 
@@ -79,7 +89,7 @@ def store_read(key: str | None, prefix: str | None, suffix: str | None, limit: i
     """Read KEY (or the keys matching --prefix/--suffix)."""
     if key is None and prefix is None and suffix is None:
         prefix = ""
-    rows = client.call("store.read", database=database, table=table, key=key,
+    rows = _call(client, "store.read", database=database, table=table, key=key,
                        prefix=prefix, suffix=suffix, limit=limit, offset=offset)
     recs = [_record_json(r) for r in rows]
     if as_json:
@@ -96,7 +106,7 @@ def store_read(key: str | None, prefix: str | None, suffix: str | None, limit: i
 def store_delete(key: str, database: str, table: str, client: Client,
                  as_json: bool) -> None:
     """Delete KEY."""
-    result = client.call("store.delete", database=database, table=table, key=key)
+    result = _call(client, "store.delete", database=database, table=table, key=key)
     click.echo(json.dumps(result) if as_json else f"deleted {key}")
 
 
@@ -107,7 +117,7 @@ def store_delete(key: str, database: str, table: str, client: Client,
 def store_list(prefix: str | None, limit: int, database: str, table: str,
                client: Client, as_json: bool) -> None:
     """List keys."""
-    keys = client.call("store.list", database=database, table=table, prefix=prefix,
+    keys = _call(client, "store.list", database=database, table=table, prefix=prefix,
                        limit=limit)
     click.echo(json.dumps(keys) if as_json else "\n".join(keys))
 
@@ -115,9 +125,10 @@ def store_list(prefix: str | None, limit: int, database: str, table: str,
 @store.command("databases")
 @client_options
 @json_option
+@namespace_option_hidden
 def store_databases(client: Client, as_json: bool) -> None:
     """List databases."""
-    names = client.call("store.databases")
+    names = _call(client, "store.databases")
     click.echo(json.dumps(names) if as_json else "\n".join(names))
 
 
@@ -125,9 +136,10 @@ def store_databases(client: Client, as_json: bool) -> None:
 @click.option("--database", default="default", show_default=True)
 @client_options
 @json_option
+@namespace_option_hidden
 def store_tables(database: str, client: Client, as_json: bool) -> None:
     """List the tables of a database."""
-    names = client.call("store.tables", database=database)
+    names = _call(client, "store.tables", database=database)
     click.echo(json.dumps(names) if as_json else "\n".join(names))
 
 
@@ -138,7 +150,7 @@ def store_tables(database: str, client: Client, as_json: bool) -> None:
 def store_counter(key: str, delta: int, database: str, table: str, client: Client,
                   as_json: bool) -> None:
     """Add DELTA (may be negative; 0 reads) to the counter KEY."""
-    r = client.call("store.counter", database=database, table=table, key=key, delta=delta)
+    r = _call(client, "store.counter", database=database, table=table, key=key, delta=delta)
     click.echo(json.dumps(r) if as_json else str(r["counter"]))
 
 
@@ -150,7 +162,7 @@ def store_counter(key: str, delta: int, database: str, table: str, client: Clien
 def store_set(op: str, key: str, member: str | None, database: str, table: str,
               client: Client, as_json: bool) -> None:
     """Add or remove MEMBER of the set KEY, or list its members."""
-    r = client.call("store.set", database=database, table=table, key=key, op=op,
+    r = _call(client, "store.set", database=database, table=table, key=key, op=op,
                     member=member)
     click.echo(json.dumps(r) if as_json else "\n".join(r["members"]))
 
@@ -172,14 +184,15 @@ def store_watch(prefix: str, table: str | None, database: str, client: Client,
         what = "deleted" if ev["deleted"] else "written"
         line(f"{ev['table']}/{ev['key']} {what} ({ev['origin']})")
 
-    client.stream("store.watch", show, database=database, table=table, prefix=prefix)
+    client.stream("store.watch", show, database=database, table=table, prefix=prefix,
+                  namespace=client.namespace(chosen_namespace()))
 
 
 @store.command("export")
 @_store_options
 def store_export(database: str, table: str, client: Client, as_json: bool) -> None:
     """Print every record of a table as JSON lines (for backup)."""
-    for rec in client.call("store.read", database=database, table=table, prefix=""):
+    for rec in _call(client, "store.read", database=database, table=table, prefix=""):
         out = {"key": rec["key"]}
         if "value" in rec:
             out.update({"value_base64": base64.b64encode(rec["value"]).decode(),
@@ -211,13 +224,13 @@ def store_import(file: Any, database: str, table: str, client: Client,
                     ttl = rec["expiry"] / 1000 - time.time()
                     if ttl <= 0:
                         continue
-                client.call("store.write", database=database, table=table, key=key,
+                _call(client, "store.write", database=database, table=table, key=key,
                             value=value, metadata=rec.get("metadata") or {}, ttl=ttl)
             if rec.get("counter"):
-                client.call("store.counter", database=database, table=table, key=key,
+                _call(client, "store.counter", database=database, table=table, key=key,
                             delta=int(rec["counter"]))
             for member in rec.get("members", []):
-                client.call("store.set", database=database, table=table, key=key, op="add",
+                _call(client, "store.set", database=database, table=table, key=key, op="add",
                             member=member)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
             fail(f"400 bad request: line {n} is not an exported record: {exc}")

@@ -283,6 +283,7 @@ class Node:
         s = self.settings
         self.membership_ops = MembershipOps(self.core, self.membership, self.routing.next_hop)
         self.node_ops = NodeOps(self, self._stats)
+        store_ops = StoreOps(self.store, self.auth, self.name, self.auth_ops.require_admin)
         table = OpTable()
         table.node, table.auth = self.name, self.auth
         for component in (
@@ -290,9 +291,9 @@ class Node:
                 KeyringOps(self.keyring, self.data_dir, self.core, self.links,
                            self._key_revoked),
                 RoutingOps(self.core, self.links, self.routing),
-                RegistryOps(self.registry, self.rpc),
+                RegistryOps(self.registry, self.rpc, store_ops.counts),
                 RpcOps(self.rpc, self.streams, s.rpc.default_timeout),
-                StoreOps(self.store, self.auth, self.name, self.auth_ops.require_admin),
+                store_ops,
                 self.tunnels, self.auth_ops):
             table.add(component.ops())
         return table

@@ -33,14 +33,19 @@ from .client import Client
 
 
 class Store:
+    """A table of a store database, in a namespace (`namespace=`, else the running
+    service's, else MESHD_NAMESPACE, else default: as `Client`)."""
+
     def __init__(self, database: str = "default", table: str = "store",
-                 addr: str | os.PathLike[str] | None = None, token: str | None = None) -> None:
+                 addr: str | os.PathLike[str] | None = None, token: str | None = None,
+                 namespace: str | None = None) -> None:
         self.database = database
         self.table = table
-        self._client = Client(addr, token=token)
+        self._client = Client(addr, token=token, namespace=namespace)
 
     def _args(self, **kw: Any) -> dict[str, Any]:
-        return {"database": self.database, "table": self.table, **kw}
+        return {"database": self.database, "table": self.table,
+                "namespace": self._client.namespace, **kw}
 
     async def write(self, key: str, value: bytes | str, *, ttl: float | None = None,
                     metadata: dict[str, Any] | None = None, replicas: int = 1
@@ -92,8 +97,7 @@ class Store:
     async def watch(self, prefix: str = "") -> AsyncIterator[dict[str, Any]]:
         client = ControlClient(self._client.path, token=self._client.token)
         try:
-            async for ev in client.stream("store.watch", database=self.database,
-                                          table=self.table, prefix=prefix):
+            async for ev in client.stream("store.watch", **self._args(prefix=prefix)):
                 yield ev
         finally:
             await client.aclose()
@@ -103,13 +107,16 @@ class Store:
 
 
 class Config:
-    def __init__(self, namespace: str = "default", *, file: str | os.PathLike[str] | None = None,
-                 env_prefix: str | None = None,
+    """The config tree of a namespace (`namespace`, else the running service's, else
+    MESHD_NAMESPACE, else default: as `Client`), layered with a file and the environment."""
+
+    def __init__(self, namespace: str | None = None, *,
+                 file: str | os.PathLike[str] | None = None, env_prefix: str | None = None,
                  addr: str | os.PathLike[str] | None = None, token: str | None = None) -> None:
-        self.namespace = namespace
+        self._client = Client(addr, token=token, namespace=namespace)
+        self.namespace = self._client.namespace
         self.file = Path(file) if file else None
         self.env_prefix = env_prefix
-        self._client = Client(addr, token=token)
 
     def _overrides(self) -> dict[str, Any]:
         """file < environment, flattened to dot paths."""

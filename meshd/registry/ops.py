@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -31,9 +32,11 @@ from .service import RegistryService
 
 
 class RegistryOps:
-    def __init__(self, registry: RegistryService, rpc: RpcService) -> None:
+    def __init__(self, registry: RegistryService, rpc: RpcService,
+                 store_keys: Callable[[], dict[str, int]] | None = None) -> None:
         self.registry = registry
         self.rpc = rpc
+        self.store_keys = store_keys  # live store keys per namespace
 
     def ops(self) -> list[Op]:
         services = mesh_resource("services")
@@ -87,11 +90,16 @@ class RegistryOps:
             await emit(ev)
 
     async def list_namespaces(self, _: dict[str, Any]) -> Any:
-        """Each namespace with its counts of services and instances. The store's keys and the
-        accounts per namespace come with store and auth namespaces: until then
-        "store_keys" and "accounts" are null, so the shape of a row stays the same."""
-        return [{**row, "store_keys": None, "accounts": None}
-                for row in self.registry.namespace_counts()]
+        """Each namespace with its counts of services, instances and store keys (a namespace
+        with only store keys is listed too). The accounts per namespace come with auth
+        namespaces: until then "accounts" is null, so the shape of a row stays the same."""
+        keys = self.store_keys() if self.store_keys is not None else {}
+        rows = {r["name"]: r for r in self.registry.namespace_counts()}
+        for ns in keys:
+            rows.setdefault(ns, {"name": ns, "services": 0, "instances": 0})
+        counted = self.store_keys is not None
+        return [{**rows[ns], "store_keys": keys.get(ns, 0) if counted else None,
+                 "accounts": None} for ns in sorted(rows)]
 
 
 def in_namespace(ns: str) -> str:

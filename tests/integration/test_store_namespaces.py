@@ -1,0 +1,141 @@
+"""Store and config per namespace with real daemons: `orders` in team-a and in team-b are two
+databases (--namespace, MESHD_NAMESPACE, the SDK's namespace=), listings and watches show a
+namespace's own databases under the caller's names only, config trees are per namespace,
+names starting with '@' and invalid namespaces are 400 lines, and `meshd namespaces`
+counts each namespace's keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import trio
+
+from sdk import Config, Store
+
+from .cluster import Lines, wait_for
+from .test_cli import cli_env, meshd, ok
+
+
+def _value(env, key, *args):
+    rows = json.loads(ok("store", "read", key, "--database", "orders", "--json", *args,
+                         env=env))
+    return [r["value"] for r in rows]
+
+
+def test_store_and_config_are_per_namespace(cluster, tmp_path):
+    a = cluster.add("a")
+    b = cluster.add("b", join=[a.addr])
+    env_a = cli_env(tmp_path, MESHD_DATA_DIR=str(a.data_dir))
+    env_b = cli_env(tmp_path, MESHD_DATA_DIR=str(b.data_dir))
+
+    ok("store", "write", "k1", "for-a", "--database", "orders", "--namespace", "team-a",
+       env=env_a)
+    ok("store", "write", "k1", "for-b", "--database", "orders", env={
+        **env_a, "MESHD_NAMESPACE": "team-b"})
+    ok("store", "write", "k1", "for-default", "--database", "orders", env=env_a)
+    # each namespace reads its own value, on both nodes once replicated
+    for env in (env_a, env_b):
+        wait_for(lambda env=env: meshd("store", "read", "k1", "--database", "orders",
+                                       "--namespace", "team-b", env=env).returncode == 0,
+                 15, "team-b's write replicated")
+        assert _value(env, "k1", "--namespace", "team-a") == ["for-a"]
+        assert _value(env, "k1", "--namespace", "team-b") == ["for-b"]
+        assert _value(env, "k1") == ["for-default"]
+
+    # listings show the namespace's own databases, under the caller's names
+    def databases(*args):
+        return json.loads(ok("store", "databases", "--json", *args, env=env_a))
+    assert databases("--namespace", "team-a") == ["orders"]
+    assert "orders" in databases() and not any(d.startswith("@") for d in databases())
+    assert databases("--namespace", "nobody") == []  # unknown namespace: empty, not an error
+    assert json.loads(ok("store", "tables", "--database", "orders", "--namespace", "team-b",
+                         "--json", env=env_a)) == ["store"]
+
+    # a delete in team-a leaves team-b's key alone
+    ok("store", "delete", "k1", "--database", "orders", "--namespace", "team-a", env=env_a)
+    gone = meshd("store", "read", "k1", "--database", "orders", "--namespace", "team-a",
+                 env=env_a)
+    assert gone.returncode == 1 and gone.stderr.startswith("404 not found"), gone.stderr
+    assert _value(env_a, "k1", "--namespace", "team-b") == ["for-b"]
+
+    # the kept names are not the caller's to use, and bad namespaces are 400 lines
+    bad = meshd("store", "read", "k1", "--database", "@team-b/orders", env=env_a)
+    assert bad.returncode == 1 and bad.stderr.startswith("400 bad request: database names "
+                                                         "may not start with '@'"), bad.stderr
+    for cmd in (("store", "read", "k1"), ("config", "get", "x"), ("store", "databases")):
+        out = meshd(*cmd, "--namespace", "Team_A", env=env_a)
+        assert out.returncode == 1 and out.stderr.startswith(
+            "400 bad request: invalid namespace 'Team_A'"), (cmd, out.stderr)
+
+    # config trees are per namespace
+    ok("config", "set", "db.host", '"a-host"', "--namespace", "team-a", env=env_a)
+    ok("config", "set", "db.host", '"b-host"', env={**env_a, "MESHD_NAMESPACE": "team-b"})
+    for env in (env_a, env_b):
+        wait_for(lambda env=env: meshd("config", "get", "db.host", "--namespace", "team-b",
+                                       env=env).returncode == 0, 15, "team-b's config on b")
+        assert json.loads(ok("config", "get", "db.host", "--namespace", "team-a",
+                             "--json", env=env))["value"] == "a-host"
+        assert json.loads(ok("config", "get", "db.host", "--namespace", "team-b",
+                             "--json", env=env))["value"] == "b-host"
+    nothing = meshd("config", "get", "db.host", env=env_a)
+    assert nothing.returncode == 1 and nothing.stderr.startswith("404"), nothing.stderr
+
+    # counts per namespace
+    rows = {r["name"]: r for r in json.loads(ok("namespaces", "--json", env=env_a))}
+    assert rows["team-b"]["store_keys"] == 1
+    assert "team-a" not in rows, "team-a's only key was deleted: nothing is left to count"
+    assert rows["default"]["store_keys"] >= 1
+
+
+def test_a_watch_of_every_database_follows_its_namespace_only(cluster, tmp_path):
+    a = cluster.add("a")
+    env = cli_env(tmp_path, MESHD_DATA_DIR=str(a.data_dir))
+    watch = subprocess.Popen([sys.executable, "-m", "cli", "store", "watch", "--namespace",
+                              "team-a", "--json"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = Lines(watch.stdout)
+
+        def write(ns, key):
+            ok("store", "write", key, "v", "--database", "orders", "--namespace", ns, env=env)
+
+        # the watch is live once a write of its own namespace shows (retried until it does)
+        wait_for(lambda: (write("team-a", "probe"), any('"probe"' in x for x in lines.lines))[1],
+                 15, "the watch started")
+        write("team-b", "other-ns")
+        write("default", "default-ns")
+        write("team-a", "mine")
+        seen = json.loads(lines.wait(lambda x: '"mine"' in x, 15, "team-a's write"))
+        assert seen["database"] == "orders" and seen["key"] == "mine"
+        keys = {json.loads(x)["key"] for x in lines.lines}
+        assert "other-ns" not in keys and "default-ns" not in keys, lines.text()
+        assert all(json.loads(x)["database"] == "orders" for x in lines.lines)
+    finally:
+        watch.terminate()
+        watch.wait(10)
+
+
+def test_sdk_store_and_config_take_a_namespace(cluster, monkeypatch):
+    a = cluster.add("a")
+    sock = a.data_dir / "meshd.sock"
+
+    async def main() -> None:
+        s_a = Store("orders", addr=sock, namespace="team-a")
+        monkeypatch.setenv("MESHD_NAMESPACE", "team-b")
+        s_b = Store("orders", addr=sock)  # MESHD_NAMESPACE
+        await s_a.write("k", "from-a")
+        await s_b.write("k", "from-b")
+        assert await s_a.get("k") == b"from-a"
+        assert await s_b.get("k") == b"from-b"
+        c_a = Config("team-a", addr=sock)
+        await c_a.set("x", 1)
+        c_b = Config(addr=sock)  # MESHD_NAMESPACE
+        assert c_b.namespace == "team-b"
+        assert await c_b.get("x", None) is None
+        assert await c_a.get("x") == 1
+        for s in (s_a, s_b, c_a, c_b):
+            await s.aclose()
+
+    trio.run(main)
