@@ -151,17 +151,15 @@ class Client:
     def remote_token(self, env: Environment) -> str | None:
         return given_token() or env.token or None
 
-    def _control(self, *, send_token: bool = True) -> ControlClient:
-        """The connection every op goes over; `send_token=False` acts as the local operator
-        (locally; a remote environment always acts with the user's token)."""
+    def _control(self) -> ControlClient:
+        """The connection every op goes over."""
         env = self.remote()
         if env is not None:
             from meshd.proxy.remote import RemoteControlClient
 
             return RemoteControlClient(open_via(env.via, env.ca_file or None, env.name),
                                        token=self.remote_token(env))
-        return ControlClient(self.socket, token=current_token(self.data_dir) if send_token
-                             else None)
+        return ControlClient(self.socket, token=current_token(self.data_dir))
 
     def call(self, op: str, /, **args: Any) -> Any:
         """One control op; its result, or exit with one clear line on failure."""
@@ -175,11 +173,11 @@ class Client:
 
         return run(go)
 
-    def stream(self, op: str, on_event: Callable[[Any], None], /, *, send_token: bool = True,
+    def stream(self, op: str, on_event: Callable[[Any], None], /,
                **args: Any) -> None:
         """Follow the streaming `op`, handing each event to `on_event`, until the daemon ends
         the stream or Ctrl-C."""
-        control = self._control(send_token=send_token)
+        control = self._control()
 
         async def go() -> None:
             try:

@@ -133,7 +133,7 @@ def watch(namespace: str | None, client: Client, as_json: bool) -> None:
             line(f"{ev['kind']:7} {inst.get('service', '?')} {inst.get('id')} "
                  f"on {inst.get('node')}" + (f" in {ns}" if ns != "default" else ""))
 
-    client.stream("services.watch", show_event, send_token=False,
+    client.stream("services.watch", show_event,
                   namespace=client.namespace(namespace) if namespace else None)
 
 
