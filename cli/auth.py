@@ -9,6 +9,10 @@ Rules:
 - In a remote environment (`--env NAME`), `login` asks that cluster and keeps the tokens
   with the environment (meshd/envs.py), and `logout` forgets those: each environment has
   its own tokens, sent only to it.
+- `--namespace NS` (MESHD_NAMESPACE, the environment's, else default) on login, whoami,
+  accounts, rules and token create: the namespace whose account logs in, whose accounts and
+  rules are listed or changed. A rule's `--scope` may be `NS:SCOPE` (that scope of another
+  namespace's accounts). JSON replies carry "namespace".
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 
 import click
 
-from cli.client import Client, client_options, env_option, environment, token_file
+from cli.client import Client, client_options, env_option, environment, namespace_option, token_file
 from cli.output import json_option, show, show_lines
 from meshd.envs import Environments
 
@@ -32,11 +36,18 @@ def auth() -> None:
 @auth.command("login")
 @click.option("--id", "account", required=True, help="Account id.")
 @click.option("--secret", prompt=True, hide_input=True, help="Account secret.")
+@namespace_option
 @client_options
 @json_option
-def auth_login(account: str, secret: str, client: Client, as_json: bool) -> None:
-    """Log in; the tokens are kept in your config dir for later commands."""
-    r = client.call("auth.login", id=account, secret=secret, source=f"uid:{os.getuid()}")
+def auth_login(account: str, secret: str, namespace: str | None, client: Client,
+               as_json: bool) -> None:
+    """Log in (as an account of --namespace); the tokens are kept in your config dir for
+    later commands."""
+    ns = client.namespace(namespace)
+    r = client.call("auth.login", id=account, secret=secret, source=f"uid:{os.getuid()}",
+                    namespace=ns)
+    r.setdefault("namespace", ns)
+    where = "" if ns == "default" else f" of namespace {ns}"
     env = client.remote()
     if env is not None:
         envs = Environments()
@@ -44,7 +55,7 @@ def auth_login(account: str, secret: str, client: Client, as_json: bool) -> None
         kept.token, kept.refresh_token = r["token"], r["refresh_token"]
         envs.save()
         click.echo(json.dumps(r) if as_json else
-                   f"logged in to {env.name} as {r['account']} (token kept with the "
+                   f"logged in to {env.name} as {r['account']}{where} (token kept with the "
                    f"environment in {envs.path})")
         return
     path = token_file()
@@ -52,8 +63,9 @@ def auth_login(account: str, secret: str, client: Client, as_json: bool) -> None
     from meshd.datadir import write_json
 
     write_json(path, {"token": r["token"], "refresh_token": r["refresh_token"],
-                      "account": r["account"]})
-    click.echo(json.dumps(r) if as_json else f"logged in as {r['account']} (token kept in {path})")
+                      "account": r["account"], "namespace": ns})
+    click.echo(json.dumps(r) if as_json else
+               f"logged in as {r['account']}{where} (token kept in {path})")
 
 
 @auth.command("logout")
@@ -73,13 +85,14 @@ def auth_logout() -> None:
 
 
 @auth.command("whoami")
+@namespace_option
 @client_options
 @json_option
-def auth_whoami(client: Client, as_json: bool) -> None:
-    """Who the daemon takes you for."""
-    r = client.call("auth.whoami")
+def auth_whoami(namespace: str | None, client: Client, as_json: bool) -> None:
+    """Who the daemon takes you for (a node acts in every namespace: --namespace's)."""
+    r = client.call("auth.whoami", namespace=client.namespace(namespace))
     click.echo(json.dumps(r) if as_json else f"{r['id']} (scopes: {', '.join(r['scopes']) or '-'};"
-               f" via {r['via']})")
+               f" via {r['via']}; namespace {r.get('namespace', 'default')})")
 
 
 @auth.command("bootstrap")
@@ -97,10 +110,12 @@ def auth_accounts() -> None:
 
 
 @auth_accounts.command("list")
+@namespace_option
 @client_options
 @json_option
-def accounts_list(client: Client, as_json: bool) -> None:
-    rows = client.call("auth.accounts.list")
+def accounts_list(namespace: str | None, client: Client, as_json: bool) -> None:
+    """The accounts of a namespace."""
+    rows = client.call("auth.accounts.list", namespace=client.namespace(namespace))
     show_lines(rows, as_json, (f"{r['id']}\t{r['type']}\t{','.join(r['scopes'])}" for r in rows))
 
 
@@ -109,22 +124,34 @@ def accounts_list(client: Client, as_json: bool) -> None:
 @click.option("--secret", required=True)
 @click.option("--scope", "scopes", multiple=True)
 @click.option("--type", "kind", type=click.Choice(["user", "service"]), default="user")
+@namespace_option
 @client_options
 @json_option
 def accounts_create(account: str, secret: str, scopes: tuple[str, ...], kind: str,
-                    client: Client, as_json: bool) -> None:
+                    namespace: str | None, client: Client, as_json: bool) -> None:
+    """Create ACCOUNT in a namespace."""
+    ns = client.namespace(namespace)
     r = client.call("auth.accounts.create", id=account, secret=secret, scopes=list(scopes),
-                    type=kind)
-    click.echo(json.dumps(r) if as_json else f"created account {account}")
+                    type=kind, namespace=ns)
+    click.echo(json.dumps(r) if as_json else f"created account {account}{_in(ns)}")
 
 
 @auth_accounts.command("delete")
 @click.argument("account")
+@namespace_option
 @client_options
 @json_option
-def accounts_delete(account: str, client: Client, as_json: bool) -> None:
-    r = client.call("auth.accounts.delete", id=account)
-    click.echo(json.dumps(r) if as_json else f"deleted account {account}")
+def accounts_delete(account: str, namespace: str | None, client: Client,
+                    as_json: bool) -> None:
+    """Delete ACCOUNT of a namespace."""
+    ns = client.namespace(namespace)
+    r = client.call("auth.accounts.delete", id=account, namespace=ns)
+    click.echo(json.dumps(r) if as_json else f"deleted account {account}{_in(ns)}")
+
+
+def _in(ns: str) -> str:
+    """" in namespace x" outside default."""
+    return "" if ns == "default" else f" in namespace {ns}"
 
 
 @auth.group("rules")
@@ -133,10 +160,13 @@ def auth_rules() -> None:
 
 
 @auth_rules.command("list")
+@namespace_option
 @client_options
 @json_option
-def rules_list(client: Client, as_json: bool) -> None:
-    rows = client.call("auth.rules.list")
+def rules_list(namespace: str | None, client: Client, as_json: bool) -> None:
+    """The rules that decide in a namespace (one without rules of its own: the default
+    rules)."""
+    rows = client.call("auth.rules.list", namespace=client.namespace(namespace))
     show(rows, as_json, ("id", "resource", "scope", "access", "priority"),
          ((r["id"], r["resource"], repr(r["scope"]) if not r["scope"] else r["scope"],
            r["access"], str(r["priority"])) for r in rows))
@@ -145,25 +175,32 @@ def rules_list(client: Client, as_json: bool) -> None:
 @auth_rules.command("create")
 @click.argument("rule_id")
 @click.option("--resource", required=True, help="TYPE:NAME:ENDPOINT, '*' allowed.")
-@click.option("--scope", default="", help='"" public, "*" any account, or a scope.')
+@click.option("--scope", default="", help='"" public, "*" any account of the namespace, a '
+              'scope, or NS:SCOPE (that scope of namespace NS\'s accounts).')
 @click.option("--access", type=click.Choice(["granted", "denied"]), required=True)
 @click.option("--priority", type=int, default=0)
+@namespace_option
 @client_options
 @json_option
 def rules_create(rule_id: str, resource: str, scope: str, access: str, priority: int,
-                 client: Client, as_json: bool) -> None:
+                 namespace: str | None, client: Client, as_json: bool) -> None:
+    """Create a rule deciding for the resources of a namespace."""
+    ns = client.namespace(namespace)
     r = client.call("auth.rules.create", id=rule_id, resource=resource, scope=scope,
-                    access=access, priority=priority)
-    click.echo(json.dumps(r) if as_json else f"created rule {rule_id}")
+                    access=access, priority=priority, namespace=ns)
+    click.echo(json.dumps(r) if as_json else f"created rule {rule_id}{_in(ns)}")
 
 
 @auth_rules.command("delete")
 @click.argument("rule_id")
+@namespace_option
 @client_options
 @json_option
-def rules_delete(rule_id: str, client: Client, as_json: bool) -> None:
-    r = client.call("auth.rules.delete", id=rule_id)
-    click.echo(json.dumps(r) if as_json else f"deleted rule {rule_id}")
+def rules_delete(rule_id: str, namespace: str | None, client: Client, as_json: bool) -> None:
+    """Delete a rule of a namespace."""
+    ns = client.namespace(namespace)
+    r = client.call("auth.rules.delete", id=rule_id, namespace=ns)
+    click.echo(json.dumps(r) if as_json else f"deleted rule {rule_id}{_in(ns)}")
 
 
 @auth.group("token")
@@ -174,10 +211,14 @@ def auth_token() -> None:
 @auth_token.command("create")
 @click.option("--account", required=True)
 @click.option("--ttl", type=click.FloatRange(min=1), default=3600.0, show_default=True)
+@namespace_option
 @client_options
 @json_option
-def token_create(account: str, ttl: float, client: Client, as_json: bool) -> None:
-    r = client.call("auth.token.create", account=account, ttl=ttl)
+def token_create(account: str, ttl: float, namespace: str | None, client: Client,
+                 as_json: bool) -> None:
+    """A token for ACCOUNT of a namespace."""
+    r = client.call("auth.token.create", account=account, ttl=ttl,
+                    namespace=client.namespace(namespace))
     click.echo(json.dumps({"token": r["token"]}) if as_json else r["token"])
 
 

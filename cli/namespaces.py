@@ -1,9 +1,9 @@
 """`meshd namespaces`: each namespace of the mesh with what it holds.
 
 Rules:
-- A thin function over the `namespaces` op: one row per namespace the registry holds
-  ("default" always) with its counts of services and instances; "store_keys" and
-  "accounts" are null until store and auth namespaces count them (the table shows "-").
+- A thin function over the `namespaces` op: one row per namespace the registry holds or
+  that has accounts ("default" always) with its counts of services, instances and
+  accounts; "store_keys" is null until store namespaces count them (the table shows "-").
 - Output as everywhere: a table for people, `--json` for programs.
 """
 
@@ -25,7 +25,7 @@ def _count(value: Any) -> str:
 @client_options
 @json_option
 def namespaces(client: Client, as_json: bool) -> None:
-    """List the namespaces with their counts of services and instances."""
+    """List the namespaces with their counts of services, instances and accounts."""
     rows = client.call("namespaces")
     show(rows, as_json, ("namespace", "services", "instances", "store keys", "accounts"),
          ((r["name"], str(r["services"]), str(r["instances"]), _count(r["store_keys"]),

@@ -173,6 +173,7 @@ def store_set(op: str, key: str, member: str | None, database: str, table: str,
 @click.option("--database", default="default", show_default=True)
 @client_options
 @json_option
+@namespace_option_hidden
 def store_watch(prefix: str, table: str | None, database: str, client: Client,
                 as_json: bool) -> None:
     """Stream changes under a key prefix as they land on this node."""

@@ -291,7 +291,8 @@ class Node:
                 KeyringOps(self.keyring, self.data_dir, self.core, self.links,
                            self._key_revoked),
                 RoutingOps(self.core, self.links, self.routing),
-                RegistryOps(self.registry, self.rpc, store_ops.counts),
+                RegistryOps(self.registry, self.rpc, accounts=self.auth.account_counts,
+                            may_read=self.auth.may_read_services, store_keys=store_ops.counts),
                 RpcOps(self.rpc, self.streams, s.rpc.default_timeout),
                 store_ops,
                 self.tunnels, self.auth_ops):
@@ -379,9 +380,10 @@ class Node:
             self.membership.set_tags({**self.core.me.tags, ROOT_TAG: pin})
             self._schedule_save()  # the incarnation moved: a restart must start above it
 
-    def _service_on_node(self, service: str, node: str) -> bool:
-        # every namespace: service accounts are not per namespace yet (auth namespaces)
-        return any(i.get("node") == node for i in self.registry.instances(service, None))
+    def _service_on_node(self, service: str, node: str, namespace: str) -> bool:
+        """Whether `service` of `namespace` is registered on `node` (a service token is for
+        one namespace)."""
+        return any(i.get("node") == node for i in self.registry.instances(service, namespace))
 
     def _key_revoked(self, key: bytes) -> bool:
         """Whether an identity key was revoked by an admin (`meshd nodes revoke`)."""

@@ -23,7 +23,8 @@ Rules:
     a token one holds: the request itself carries the proof).
   - a `resource(args)` function: the table checks a remote caller's token against the rules
     for that resource before the handler runs (reads of the mesh: members, services,
-    routes). The local operator reads them without a token, as before.
+    routes), in the namespace the request names ("default" when none; an invalid name is a
+    400). The local operator reads them without a token, as before.
 - A remote request without a token is refused with 401 before anything else (but for
   "public" ops); a token that
   does not verify, 401; one the rules refuse, 403 naming the rule.
@@ -41,6 +42,7 @@ from typing import Any, Literal, Protocol
 
 import trio
 
+from . import namespaces
 from .errors import MeshError, bad_request, not_found
 
 log = logging.getLogger("meshd.ops")
@@ -125,7 +127,8 @@ def mesh_resource(what: str) -> Callable[[dict[str, Any]], Resource]:
 
 
 class Authorizer(Protocol):
-    def check(self, token: str | None, node: str | None, resource: Resource) -> Any: ...
+    def check(self, token: str | None, node: str | None, resource: Resource,
+              namespace: str = ...) -> Any: ...
 
     def identify(self, token: str | None, node: str | None) -> Any: ...
 
@@ -171,7 +174,8 @@ class OpTable:
         if op.access == "checked":
             self.auth.identify(token, None)  # a bad token is a 401 before anything runs
             return
-        self.auth.check(token, None, op.access(args))
+        self.auth.check(token, None, op.access(args),
+                        namespace=namespaces.check(args.get("namespace")))
 
 
 async def serve_request(table: OpTable, framed: Framing, req: Any) -> bool:

@@ -7,16 +7,21 @@ sends its request to a live signer (newest key first, the next one if it does no
 and the signer decides from what the request proves, never from what it claims:
 
     op        carries                         the signer checks
-    service   service name                    that service is registered on the asking
-                                              node (the node its link proved); the token
-                                              has sub service:NAME and scope "service" only
-    login     account id, secret              the secret (rate-limited per account and per
-                                              asking node), like a local login
+    service   service name, namespace         that service is registered in that namespace
+                                              on the asking node (the node its link
+                                              proved); the token has sub service:NAME,
+                                              scope "service" only, and that namespace
+    login     account id, secret, namespace   the secret of that namespace's account
+                                              (rate-limited per account and per asking
+                                              node), like a local login
     refresh   refresh token                   the refresh token, the account's state now
     revoke    the token to revoke             that the token is signed by a trusted key
                                               (holding a token is the right to revoke it)
     admin     op name, args, admin proof      an admin token, or a signature by an issuer
-                                              key the asking node holds (retired keys too)
+                                              key the asking node holds (retired keys too);
+                                              the op checks that admin may administer the
+                                              namespace its args name
+A request without "namespace" is of "default" (what nodes from before namespaces send).
 There is no "sign these claims": a member can get from a signer only what a node of its
 own would be entitled to.
 
@@ -35,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import cbor2
 import trio
 
-from meshd import wire
+from meshd import namespaces, wire
 from meshd.errors import MeshError, bad_request
 from meshd.identity import node_id_from_public
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
@@ -130,17 +135,20 @@ class SignerChannel:
             from .service import wait_for_service
 
             service = _text(request, "service")
-            if not await wait_for_service(auth, service, peer):
-                raise MeshError(403, f"service {service!r} is not registered on node "
+            ns = namespaces.check(request.get("namespace"))
+            if not await wait_for_service(auth, service, peer, ns):
+                where = "" if ns == namespaces.DEFAULT else f" in namespace {ns!r}"
+                raise MeshError(403, f"service {service!r} is not registered{where} on node "
                                      f"{peer}", id="meshd.auth")
             return {"token": await auth.service_token_for(service, peer,
-                                                          node_id_from_public(peer_key))}
+                                                          node_id_from_public(peer_key), ns)}
         if op == "login":
             # limited per account and per asking node (what the asker says of its own
             # caller is not ours to trust)
+            ns = namespaces.check(request.get("namespace"))
             scopes = auth.check_login(_text(request, "id"), _text(request, "secret"),
-                                      f"node:{peer}", per_node=True)
-            return await auth.tokens_for(request["id"], scopes)
+                                      f"node:{peer}", per_node=True, namespace=ns)
+            return await auth.tokens_for(request["id"], scopes, ns)
         if op == "refresh":
             return await auth.tokens_for(*auth.check_refresh(_text(request, "refresh_token")))
         if op == "revoke":

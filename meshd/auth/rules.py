@@ -9,6 +9,13 @@ Rules (as in Micro):
   caller, anything else must be one of the caller's scopes.
 - Of the rules that match, the highest priority decides; at equal priority a denial beats
   a grant. No matching rule: denied.
+- Namespaces (`scopes_in`): rules belong to a namespace and decide for its resources. A
+  caller of namespace P holds, in namespace R, its scopes as they are when P == R (or it is
+  a node, or an admin of "default": those count as R's own), plus "P:SCOPE" for each; in
+  another namespace it holds only the "P:SCOPE" forms and "*" (any authenticated caller)
+  does not count it: "*" means any account of R. So a rule of team-a with scope
+  "team-b:dev" lets team-b's devs in, and nothing else of team-b's gets in. A scope
+  containing ":" in a token counts for nothing (account scopes are plain names).
 """
 
 from __future__ import annotations
@@ -62,18 +69,34 @@ def _matches(rule: Rule, resource: tuple[str, str, str]) -> bool:
     return all(fnmatchcase(value, pat) for pat, value in zip(pattern, resource, strict=True))
 
 
-def _scope_ok(rule: Rule, scopes: list[str] | None) -> bool:
+def _scope_ok(rule: Rule, scopes: list[str] | None, member: bool) -> bool:
     if rule.scope == "":
         return True
     if scopes is None:
         return False
-    return rule.scope == "*" or rule.scope in scopes
+    return (rule.scope == "*" and member) or rule.scope in scopes
+
+
+def scopes_in(caller_ns: str | None, scopes: list[str] | None, target_ns: str,
+              default_ns: str = "default") -> tuple[list[str] | None, bool]:
+    """The scopes a caller of namespace `caller_ns` (None: a node, at home in every
+    namespace) holds in namespace `target_ns`, and whether it is one of that namespace's own
+    (what "*" rules grant to); scopes None (anonymous) stays None."""
+    if scopes is None:
+        return None, False
+    plain = [s for s in scopes if ":" not in s]
+    if caller_ns is None or caller_ns == target_ns \
+            or (caller_ns == default_ns and "admin" in plain):
+        home = caller_ns or target_ns
+        return plain + [f"{home}:{s}" for s in plain], True
+    return [f"{caller_ns}:{s}" for s in plain], False
 
 
 def decide(rules: list[Rule], scopes: list[str] | None,
-           resource: tuple[str, str, str]) -> tuple[bool, Rule | None]:
-    """(allowed, the rule that decided); scopes None means an anonymous caller."""
-    applicable = [r for r in rules if _scope_ok(r, scopes) and _matches(r, resource)]
+           resource: tuple[str, str, str], member: bool = True) -> tuple[bool, Rule | None]:
+    """(allowed, the rule that decided); scopes None means an anonymous caller; `member`
+    False: the caller is of another namespace ("*" rules do not count it)."""
+    applicable = [r for r in rules if _scope_ok(r, scopes, member) and _matches(r, resource)]
     if not applicable:
         return False, None
     applicable.sort(key=lambda r: (-r.priority, r.access != "denied", r.id))

@@ -26,6 +26,34 @@ Rules:
   are bounded.
 - Revoked nodes (`meshd nodes revoke`): their identity keys are refused by links and
   membership everywhere (node_revoked) and they receive no new cluster secrets.
+
+Namespaces
+----------
+- Accounts and rules belong to a namespace. "default" keeps the tables it always had
+  (accounts, rules); namespace NS has its own (accounts@NS, rules@NS), signed, verified and
+  replicated like every auth record (the table name is in what the key signs, so a record
+  cannot be moved from one namespace to another). Keys, revocations and nodes are the
+  cluster's, not a namespace's.
+- Tokens carry their namespace (claim "ns"; absent: "default"); a service's token is of the
+  namespace it registered in (service:NAME of team-a), issued only for a service registered
+  in that namespace on the asking node.
+- Authorizing a caller for a resource of namespace R (`authorize(who, resource, R)`), with
+  R's rules (rules.scopes_in):
+  - nodes (no token, node:NAME) are at home in every namespace: R's rules with scope
+    "node" decide, as in default;
+  - a token of R: R's rules with its scopes decide, as always;
+  - a token of another namespace P: only R's rules whose scope is "P:SCOPE" for one of its
+    scopes, and public ("") rules, can grant it; "*" means any account of R, not of P;
+  - an admin (scope "admin") of default counts as R's own in every namespace; an admin of
+    team-a is an admin in team-a only. Administering (accounts, rules, tokens of a
+    namespace: `may_administer`) is for admins of that namespace and of default.
+  - A namespace with no rules of its own is governed by default's rules (so what existed
+    before namespaces, e.g. rules on config trees other than default's, keeps deciding);
+    the first rule written into it writes DEFAULT_RULES with it (nodes, services and
+    admins may do everything in it), so adding a rule never shuts its own services out;
+    from then on only its own rules decide.
+- Denials keep 401/403 and name the rule (or that none granted) and, outside default, the
+  namespace.
 """
 
 from __future__ import annotations
@@ -41,6 +69,7 @@ from typing import Any
 
 import trio
 
+from meshd import namespaces
 from meshd.datadir import write_secret_file
 from meshd.errors import MeshError, bad_request, not_found
 from meshd.identity import node_id_from_public
@@ -51,7 +80,7 @@ from meshd.transport.links import LinkManager
 from . import records
 from .accounts import check_secret, hash_secret
 from .records import DB, KEYS, KEYSTATE, Trust
-from .rules import Rule, RuleError, decide, make_rule, parse_resource
+from .rules import Rule, RuleError, decide, make_rule, parse_resource, scopes_in
 from .tokens import TokenError, Verifier, issue, make_claims, new_signing_key, unverified_claims
 
 log = logging.getLogger("meshd.auth")
@@ -63,6 +92,23 @@ DEFAULT_RULES = [
     make_rule("default-admin", "*:*:*", "admin", "granted"),
 ]
 SERVICE_SCOPES = ["service"]
+DEFAULT = namespaces.DEFAULT
+EVERY = "*"  # a principal's namespace when it is not bound to one (nodes, anonymous)
+
+
+def ns_table(base: str, namespace: str) -> str:
+    """The auth table of `base` ("accounts", "rules") for a namespace: default keeps the
+    tables it always had, namespace NS has `base@NS`."""
+    return base if namespace == DEFAULT else f"{base}@{namespace}"
+
+
+def table_namespace(table: str, base: str) -> str | None:
+    """The namespace an auth table of `base` belongs to (None: not one of them)."""
+    if table == base:
+        return DEFAULT
+    prefix = base + "@"
+    return table[len(prefix):] if table.startswith(prefix) and len(table) > len(prefix) \
+        else None
 
 
 class NoIssuerKey(MeshError):
@@ -88,9 +134,16 @@ class Principal:
     id: str
     scopes: list[str] | None
     via: str  # "token" | "node" | "anonymous"
+    namespace: str = DEFAULT  # EVERY for nodes and anonymous callers
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "scopes": self.scopes or [], "via": self.via}
+        return {"id": self.id, "scopes": self.scopes or [], "via": self.via,
+                "namespace": self.namespace}
+
+    def where(self) -> str:
+        """" of namespace 'x'" outside default (for messages)."""
+        return "" if self.namespace in (DEFAULT, EVERY) else \
+            f" of namespace {self.namespace!r}"
 
 
 class _Bucket:
@@ -139,7 +192,7 @@ class AuthService:
         self._trust_version: Any = ("unset",)
         self._root_known = False
         self.verifier = Verifier("", self.public_keys, self.is_revoked, leeway)
-        self._rules_cache: tuple[Any, list[Rule]] = (None, [])
+        self._rules_cache: dict[str, tuple[Any, list[Rule], bool]] = {}
         self._keys_cache: tuple[Any, dict[str, bytes]] = (None, {})
         self._nodes_cache: tuple[Any, frozenset[str], frozenset[str]] = (
             ("unset",), frozenset(), frozenset())
@@ -147,8 +200,8 @@ class AuthService:
         self._login_by_source = _Bucket(20, 0.5)
         self._login_by_node = _Bucket(200, 10.0)  # logins forwarded by one member node
         self.stats = {"auth_denied": 0, "auth_bad_tokens": 0, "auth_records_refused": 0}
-        self._decisions: dict[Any, tuple[bool, Rule | None]] = {}
-        self._decisions_version: Any = None
+        # per namespace: (rules version, decisions)
+        self._decisions: dict[str, tuple[Any, dict[Any, tuple[bool, Rule | None]]]] = {}
         self._refused_logged = 0.0
         # set by the node: the `authroot` tags of the seeds we joined through (the nodes at
         # the addresses the operator gave: they pin our root), of all live members (does
@@ -157,7 +210,8 @@ class AuthService:
         self.seed_roots: Callable[[], list[str]] = lambda: []
         self.vouched_roots: Callable[[], list[str]] = lambda: []
         self.on_pin: Callable[[str], None] | None = None
-        self.service_on_node: Callable[[str, str], bool] = lambda service, node: False
+        self.service_on_node: Callable[[str, str, str], bool] = \
+            lambda service, node, namespace: False
         store.rep.accept = self._accept
         store.rep.merge_first = records.MERGE_FIRST
         # a deleted account or rule stays deleted: its old signed record must not come back
@@ -351,19 +405,34 @@ class AuthService:
     def node_name_revoked(self, name: str) -> bool:
         return name in self._revoked_nodes()[1]
 
-    def rules(self) -> list[Rule]:
+    def rules(self, namespace: str = DEFAULT) -> list[Rule]:
+        """The rules that decide in `namespace` (default's for a namespace that has none of
+        its own)."""
+        return self._namespace_rules(namespace)[1]
+
+    def _namespace_rules(self, namespace: str) -> tuple[Any, list[Rule], bool]:
+        """(version, rules, whether they are the namespace's own records)."""
         self._trusted()
-        v = (self._version("rules"), self._trust_version)
-        if self._rules_cache[0] != v or v is None:
+        table = ns_table("rules", namespace)
+        v: Any = (self._version(table), self._trust_version)
+        if namespace != DEFAULT:  # default's rules may stand in for this namespace's
+            v = (v, self._version(ns_table("rules", DEFAULT)))
+        cached = self._rules_cache.get(namespace)
+        if cached is None or cached[0] != v:
             rules = []
-            for rid, rec in self._records("rules").items():
+            for rid, rec in self._records(table).items():
                 try:
                     rules.append(make_rule(rid, rec["resource"], rec["scope"], rec["access"],
                                            rec.get("priority", 0)))
                 except (RuleError, KeyError, TypeError):
-                    log.warning("ignoring malformed rule %s", rid)
-            self._rules_cache = (v, rules)
-        return self._rules_cache[1]
+                    log.warning("ignoring malformed rule %s of namespace %s", rid, namespace)
+            own = bool(rules)
+            if not own and namespace != DEFAULT:
+                rules = list(self._namespace_rules(DEFAULT)[1])
+            if len(self._rules_cache) > 10_000:
+                self._rules_cache.clear()
+            cached = self._rules_cache[namespace] = (v, rules, own)
+        return cached
 
     @property
     def cluster_id(self) -> str:
@@ -459,7 +528,8 @@ class AuthService:
         trust = self._trusted()
         gone = sorted(before - {k for k in trust.keys if k not in trust.revoked})
         dropped = []
-        for table in ("meta", "accounts", "rules", KEYSTATE, "revoked", "nodes"):
+        tables = sorted({t for db, t in self.store.rep.state.tables if db == DB} - {KEYS})
+        for table in tables:
             for key, reg in self._registers(table).items():
                 meta = reg[2] if isinstance(reg[2], dict) else {}
                 if meta.get("kid") in gone and reg[1] is not None:
@@ -510,8 +580,8 @@ class AuthService:
                 raise MeshError(401, "invalid token", id="meshd.auth") from None
             return principal
         if node:
-            return Principal(f"node:{node}", ["node"], "node")
-        return Principal("anonymous", None, "anonymous")
+            return Principal(f"node:{node}", ["node"], "node", EVERY)
+        return Principal("anonymous", None, "anonymous", EVERY)
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
         """Who a verified token speaks for, with the scopes it has *now*."""
@@ -519,6 +589,13 @@ class AuthService:
         scopes = claims.get("scopes")
         if not isinstance(sub, str) or not isinstance(scopes, list):
             raise TokenError("token claims lack a subject or scopes")
+        ns = claims.get("ns", DEFAULT)
+        try:
+            ns = namespaces.check(ns) if isinstance(ns, str) and ns else ""
+        except MeshError:
+            ns = ""
+        if not ns:
+            raise TokenError(f"token of an invalid namespace {claims.get('ns')!r}")
         if sub.startswith("service:"):
             if scopes != SERVICE_SCOPES:
                 raise TokenError(f"service token with scopes {scopes!r}")
@@ -526,90 +603,148 @@ class AuthService:
             if not isinstance(iss, str) or not isinstance(nid, str) \
                     or self.node_name_revoked(iss) or nid in self._revoked_nodes()[0]:
                 raise TokenError(f"service token from a revoked node ({iss!r})")
-            return Principal(sub, list(SERVICE_SCOPES), "token")
-        account = self._get("accounts", sub)
+            return Principal(sub, list(SERVICE_SCOPES), "token", ns)
+        account = self._get(ns_table("accounts", ns), sub)
         if not isinstance(account, dict) or account.get("disabled"):
-            raise TokenError(f"token of deleted or disabled account {sub}")
+            raise TokenError(f"token of deleted or disabled account {sub} (namespace {ns})")
         current = account.get("scopes") or []
-        return Principal(sub, [s for s in scopes if s in current], "token")
+        return Principal(sub, [s for s in scopes if s in current], "token", ns)
 
-    def authorize(self, who: Principal, resource: tuple[str, str, str]) -> None:
+    def authorize(self, who: Principal, resource: tuple[str, str, str],
+                  namespace: str = DEFAULT) -> None:
+        """Whether `who` may reach `resource` of `namespace` (see "Namespaces" above);
+        401/403 naming the rule that decided (or that none granted) if not."""
         if not self.bootstrapped():
             if self.vouched_roots():  # the cluster has auth; we have not received it yet
                 raise MeshError(503, "this node has not received the cluster's auth state "
                                      "yet; retry in a moment", id="meshd.auth")
             return  # a cluster without auth set up yet: nothing to enforce against
-        rules = self.rules()
-        version = self._rules_cache[0]
-        if version != self._decisions_version or len(self._decisions) > 10_000:
-            self._decisions = {}
-            self._decisions_version = version
-        key = (None if who.scopes is None else tuple(who.scopes), resource)
-        decision = self._decisions.get(key)
-        if decision is None:  # decisions are pure in (rules, scopes, resource): cache them
-            decision = self._decisions[key] = decide(rules, who.scopes, resource)
+        version, rules, _ = self._namespace_rules(namespace)
+        cached = self._decisions.get(namespace)
+        if cached is None or cached[0] != version or len(cached[1]) > 10_000:
+            if len(self._decisions) > 1_000:
+                self._decisions.clear()
+            cached = self._decisions[namespace] = (version, {})
+        decisions = cached[1]
+        home = None if who.namespace == EVERY else who.namespace
+        key = (home, None if who.scopes is None else tuple(who.scopes), resource)
+        decision = decisions.get(key)
+        if decision is None:  # pure in (rules, namespaces, scopes, resource): cache them
+            scopes, member = scopes_in(home, who.scopes, namespace, DEFAULT)
+            decision = decisions[key] = decide(rules, scopes, resource, member)
         allowed, rule = decision
         if allowed:
             return
         self.stats["auth_denied"] += 1
         why = f"rule {rule.id!r} denies it" if rule is not None else "no rule grants it"
         res = ":".join(resource)
+        if namespace != DEFAULT or who.namespace not in (DEFAULT, EVERY):
+            res += f" in namespace {namespace!r}"
+            if who.via == "token" and who.namespace != namespace \
+                    and not (who.namespace == DEFAULT and "admin" in (who.scopes or [])):
+                why += (f" ({who.id} is of namespace {who.namespace!r}: only rules of "
+                        f"{namespace!r} with scope '{who.namespace}:SCOPE' let it in)")
         if who.via == "token":
             raise MeshError(403, f"{who.id} may not access {res}: {why}", id="meshd.auth")
         raise MeshError(401, f"{res} needs a token with access ({why})", id="meshd.auth")
 
-    def check(self, token: str | None, node: str | None,
-              resource: tuple[str, str, str]) -> Principal:
+    def check(self, token: str | None, node: str | None, resource: tuple[str, str, str],
+              namespace: str = DEFAULT) -> Principal:
         who = self.identify(token, node)
-        self.authorize(who, resource)
+        self.authorize(who, resource, namespace)
         return who
 
-    def admin_token(self, token: str | None) -> Principal | None:
-        """The principal of an admin token (None without a token; 401/403 otherwise)."""
+    def may_read_services(self, token: str | None, namespace: str) -> bool:
+        """Whether `token` may read the services of `namespace` (mesh:services) — for a
+        remote watch of every namespace, which leaves out the events of the others."""
+        try:
+            self.check(token, None, ("mesh", "services", ""), namespace)
+        except MeshError:
+            return False
+        return True
+
+    def admin_token(self, token: str | None, namespace: str | None = None
+                    ) -> Principal | None:
+        """The principal of an admin token (None without a token; 401/403 otherwise); with
+        `namespace`, one that may administer it."""
         if not token:
             return None
         who = self.identify(token, None)
         if "admin" not in (who.scopes or []):
-            raise MeshError(403, f"{who.id} is not an admin", id="meshd.auth")
+            raise MeshError(403, f"{who.id}{who.where()} is not an admin", id="meshd.auth")
+        if namespace is not None:
+            self.may_administer(who, namespace)
         return who
+
+    @staticmethod
+    def may_administer(who: Principal, namespace: str) -> None:
+        """403 unless `who` (an admin) administers `namespace`: admins of default (and nodes
+        holding an issuer key) administer every namespace, an admin of NS only NS."""
+        if "admin" not in (who.scopes or []):
+            raise MeshError(403, f"{who.id}{who.where()} is not an admin", id="meshd.auth")
+        if who.namespace in (DEFAULT, EVERY, namespace):
+            return
+        admins = f"{namespace!r} or of {DEFAULT!r}" if namespace != DEFAULT else repr(DEFAULT)
+        raise MeshError(403, f"{who.id} is an admin of namespace {who.namespace!r}, not of "
+                             f"{namespace!r}: only admins of {admins} administer it",
+                        id="meshd.auth")
 
     # --- accounts, tokens ------------------------------------------------------------------
 
     async def create_account(self, id: str, secret: str, scopes: list[str], type: str = "user",
-                             metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                             metadata: dict[str, Any] | None = None,
+                             namespace: str = DEFAULT) -> dict[str, Any]:
         if not id or len(id) > 128 or ":" in id:
             raise bad_request("account id must be 1..128 characters without ':'")
         if type not in ("user", "service"):
             raise bad_request("account type must be user or service")
         if len(secret) < 8:
             raise bad_request("the secret must have at least 8 characters")
+        bad = [s for s in scopes if ":" in s]
+        if bad:
+            raise bad_request(f"an account's scopes are plain names ({bad[0]!r} has ':'); "
+                              "NS:SCOPE is for rules, naming another namespace's scope")
         rec = {"type": type, "scopes": list(scopes), "metadata": metadata or {},
                "secret": hash_secret(secret)}
-        await self._write("accounts", id, rec)
-        return {"id": id, "type": type, "scopes": list(scopes)}
+        await self._write(ns_table("accounts", namespace), id, rec)
+        return {"id": id, "type": type, "scopes": list(scopes), "namespace": namespace}
 
-    def accounts(self) -> list[dict[str, Any]]:
+    def accounts(self, namespace: str = DEFAULT) -> list[dict[str, Any]]:
         return [{"id": k, "type": v.get("type"), "scopes": v.get("scopes", []),
-                 "disabled": bool(v.get("disabled"))}
-                for k, v in sorted(self._records("accounts").items()) if isinstance(v, dict)]
+                 "disabled": bool(v.get("disabled")), "namespace": namespace}
+                for k, v in sorted(self._records(ns_table("accounts", namespace)).items())
+                if isinstance(v, dict)]
 
-    async def delete_account(self, id: str) -> None:
-        if self._get("accounts", id) is None:
-            raise not_found(f"no account {id!r}", id="meshd.auth")
-        await self._write("accounts", id, None)
+    def account_counts(self) -> dict[str, int]:
+        """The number of accounts of each namespace that has any."""
+        out = {}
+        for db, table in list(self.store.rep.state.tables):
+            ns = table_namespace(table, "accounts") if db == DB else None
+            if ns is not None:
+                n = sum(1 for v in self._records(table).values() if isinstance(v, dict))
+                if n:
+                    out[ns] = n
+        return out
+
+    async def delete_account(self, id: str, namespace: str = DEFAULT) -> None:
+        table = ns_table("accounts", namespace)
+        if self._get(table, id) is None:
+            where = "" if namespace == DEFAULT else f" in namespace {namespace!r}"
+            raise not_found(f"no account {id!r}{where}", id="meshd.auth")
+        await self._write(table, id, None)
 
     def check_login(self, id: str, secret: str, source: str,
-                    per_node: bool = False) -> list[str]:
+                    per_node: bool = False, namespace: str = DEFAULT) -> list[str]:
         """The account's scopes if id/secret are right (rate-limited per account and per
         source, or per member node for logins it forwards); else 401/429."""
         now = time.monotonic()
         by_source = self._login_by_node if per_node else self._login_by_source
-        for bucket, key in ((self._login_by_account, id), (by_source, source)):
+        for bucket, key in ((self._login_by_account, f"{namespace}/{id}"), (by_source, source)):
             wait = bucket.take(key, now)
             if wait:
                 raise MeshError(429, f"too many login attempts; try again in {wait:.0f} s",
                                 code="too_many_requests", id="meshd.auth")
-        account = self._get("accounts", id)
+        account = self._get(ns_table("accounts", namespace), id)
         secret_ok = isinstance(account, dict) and check_secret(secret,
                                                                str(account.get("secret", "")))
         if not secret_ok or account.get("disabled"):
@@ -617,66 +752,103 @@ class AuthService:
             raise MeshError(401, "wrong account id or secret", id="meshd.auth")
         return list(account.get("scopes", []))
 
-    async def tokens_for(self, sub: str, scopes: list[str]) -> dict[str, Any]:
+    async def tokens_for(self, sub: str, scopes: list[str], namespace: str = DEFAULT
+                         ) -> dict[str, Any]:
         cid = self.cluster_id
-        access = await self.sign(make_claims(sub, scopes, self.node, cid, self.access_ttl))
+        access = await self.sign(make_claims(sub, scopes, self.node, cid, self.access_ttl,
+                                             ns=namespace))
         refresh = await self.sign(make_claims(sub, scopes, self.node, cid, self.refresh_ttl,
-                                              typ="refresh"))
+                                              typ="refresh", ns=namespace))
         return {"account": sub, "scopes": scopes, "token": access, "refresh_token": refresh,
-                "expires_in": int(self.access_ttl)}
+                "expires_in": int(self.access_ttl), "namespace": namespace}
 
-    def check_refresh(self, refresh_token: str) -> tuple[str, list[str]]:
+    def check_refresh(self, refresh_token: str) -> tuple[str, list[str], str]:
+        """(account, its scopes now, its namespace) of a valid refresh token; else 401."""
         self.verifier.audience = self.cluster_id
         try:
             claims = self.verifier.verify(refresh_token, typ="refresh")
+            ns = self._principal(claims).namespace
         except TokenError as exc:
             log.info("refused a refresh token: %s", exc)
             raise MeshError(401, "invalid token", id="meshd.auth") from None
-        account = self._get("accounts", claims["sub"])
+        account = self._get(ns_table("accounts", ns), claims["sub"])
         if not isinstance(account, dict) or account.get("disabled"):
             raise MeshError(401, "invalid token", id="meshd.auth")
-        return claims["sub"], list(account.get("scopes", []))
+        return claims["sub"], list(account.get("scopes", [])), ns
 
-    async def login(self, id: str, secret: str, source: str) -> dict[str, Any]:
-        """Tokens for an account: here if we hold a current key, else from a signer."""
+    async def login(self, id: str, secret: str, source: str, namespace: str = DEFAULT
+                    ) -> dict[str, Any]:
+        """Tokens for an account of `namespace`: here if we hold a current key, else from a
+        signer."""
         if self._token_key() is None:
-            return await self.remote.ask({"op": "login", "id": id, "secret": secret,
-                                          "source": source})
-        return await self.tokens_for(id, self.check_login(id, secret, source))
+            request = {"op": "login", "id": id, "secret": secret, "source": source}
+            if namespace != DEFAULT:  # an older signer would not know it: say it only then
+                request["namespace"] = namespace
+            reply = await self.remote.ask(request)
+            self._expect_namespace(reply.get("token") if isinstance(reply, dict) else None,
+                                   namespace)
+            return reply
+        return await self.tokens_for(id, self.check_login(id, secret, source,
+                                                          namespace=namespace), namespace)
+
+    @staticmethod
+    def _expect_namespace(token: Any, namespace: str) -> None:
+        """A signer's token must be of the namespace asked for (a signer that predates
+        namespaces would sign one of default): 503 otherwise."""
+        try:
+            claims = unverified_claims(token)
+        except TokenError:
+            raise MeshError(503, "the signer answered without a token", id="meshd.auth"
+                            ) from None
+        if claims.get("ns", DEFAULT) != namespace:
+            raise MeshError(503, f"the signer gave a token of namespace "
+                                 f"{claims.get('ns', DEFAULT)!r}, not {namespace!r} (it may "
+                                 "predate namespaces: upgrade it)", id="meshd.auth")
 
     async def refresh(self, refresh_token: str) -> dict[str, Any]:
         if self._token_key() is None:
             return await self.remote.ask({"op": "refresh", "refresh_token": refresh_token})
         return await self.tokens_for(*self.check_refresh(refresh_token))
 
-    async def create_token(self, account_id: str, ttl: float) -> dict[str, Any]:
-        account = self._get("accounts", account_id)
+    async def create_token(self, account_id: str, ttl: float, namespace: str = DEFAULT
+                           ) -> dict[str, Any]:
+        account = self._get(ns_table("accounts", namespace), account_id)
         if account is None:
-            raise not_found(f"no account {account_id!r}", id="meshd.auth")
+            where = "" if namespace == DEFAULT else f" in namespace {namespace!r}"
+            raise not_found(f"no account {account_id!r}{where}", id="meshd.auth")
         if not 0 < ttl <= self.refresh_ttl:
             raise bad_request(f"ttl must be between 1 and {self.refresh_ttl:.0f} seconds")
         token = await self.sign(make_claims(account_id, account.get("scopes", []), self.node,
-                                            self.cluster_id, ttl))
-        return {"token": token, "account": account_id, "expires_in": int(ttl)}
+                                            self.cluster_id, ttl, ns=namespace))
+        return {"token": token, "account": account_id, "expires_in": int(ttl),
+                "namespace": namespace}
 
-    async def service_token(self, service: str) -> str | None:
-        """A token for a service registered here (from a signer if we hold no key)."""
+    async def service_token(self, service: str, namespace: str = DEFAULT) -> str | None:
+        """A token for a service registered here in `namespace` (from a signer if we hold
+        no key)."""
         if not self.bootstrapped():
             return None
         try:
             if self._token_key() is None:
-                reply = await self.remote.ask({"op": "service", "service": service})
-                return reply.get("token") if isinstance(reply, dict) else None
-            return await self.service_token_for(service, self.node)
+                request = {"op": "service", "service": service}
+                if namespace != DEFAULT:
+                    request["namespace"] = namespace
+                reply = await self.remote.ask(request)
+                token = reply.get("token") if isinstance(reply, dict) else None
+                self._expect_namespace(token, namespace)
+                return token
+            return await self.service_token_for(service, self.node, namespace=namespace)
         except MeshError as exc:
-            log.info("no service token for %s: %s", service, exc.detail)
+            log.info("no service token for %s in %s: %s", service, namespace, exc.detail)
             return None
 
-    async def service_token_for(self, service: str, node: str, node_id: str = "") -> str:
-        """Sign a service token for `service` on `node` (its id in `nid`, so the token dies
-        with a revocation of the node whatever it is called): its own scope only."""
+    async def service_token_for(self, service: str, node: str, node_id: str = "",
+                                namespace: str = DEFAULT) -> str:
+        """Sign a service token for `service` of `namespace` on `node` (its id in `nid`, so
+        the token dies with a revocation of the node whatever it is called): its own scope
+        only."""
         claims = make_claims(f"service:{service}", SERVICE_SCOPES, node, self.cluster_id,
-                             86400.0)
+                             86400.0, ns=namespace)
         claims["nid"] = node_id or self.links.identity.node_id
         return await self.sign(claims)
 
@@ -718,21 +890,42 @@ class AuthService:
     # --- rules -----------------------------------------------------------------------------
 
     async def create_rule(self, id: str, resource: str, scope: str, access: str,
-                          priority: int) -> dict[str, Any]:
+                          priority: int, namespace: str = DEFAULT) -> dict[str, Any]:
         try:
             rule = make_rule(id, resource, scope, access, priority)
         except RuleError as exc:
             raise bad_request(str(exc)) from None
-        await self._write("rules", id, {k: v for k, v in rule.to_dict().items() if k != "id"})
-        return rule.to_dict()
+        if ":" in scope:
+            other, _, name = scope.partition(":")
+            namespaces.check(other)  # 400 naming what a namespace may be
+            if not name or ":" in name:
+                raise bad_request(f"scope {scope!r}: NS:SCOPE names one scope of namespace NS")
+        await self._seed_rules(namespace)
+        await self._write(ns_table("rules", namespace), id,
+                          {k: v for k, v in rule.to_dict().items() if k != "id"})
+        return {**rule.to_dict(), "namespace": namespace}
 
-    async def delete_rule(self, id: str) -> None:
-        if self._get("rules", id) is None:
-            raise not_found(f"no rule {id!r}", id="meshd.auth")
-        await self._write("rules", id, None)
+    async def _seed_rules(self, namespace: str) -> None:
+        """Before the first rule of its own, a namespace other than default gets the three
+        default rules written (until now default's rules governed it): adding a rule never
+        shuts its nodes, services and admins out."""
+        if namespace == DEFAULT or self._namespace_rules(namespace)[2]:
+            return
+        for rule in DEFAULT_RULES:
+            await self._write(ns_table("rules", namespace), rule.id,
+                              {k: v for k, v in rule.to_dict().items() if k != "id"})
 
-    def list_rules(self) -> list[dict[str, Any]]:
-        return [r.to_dict() for r in sorted(self.rules(), key=lambda r: (-r.priority, r.id))]
+    async def delete_rule(self, id: str, namespace: str = DEFAULT) -> None:
+        await self._seed_rules(namespace)
+        table = ns_table("rules", namespace)
+        if self._get(table, id) is None:
+            where = "" if namespace == DEFAULT else f" in namespace {namespace!r}"
+            raise not_found(f"no rule {id!r}{where}", id="meshd.auth")
+        await self._write(table, id, None)
+
+    def list_rules(self, namespace: str = DEFAULT) -> list[dict[str, Any]]:
+        return [{**r.to_dict(), "namespace": namespace}
+                for r in sorted(self.rules(namespace), key=lambda r: (-r.priority, r.id))]
 
     # --- revoked nodes ---------------------------------------------------------------------
 
@@ -755,11 +948,11 @@ def resource(kind: str, name: str, endpoint: str = "") -> tuple[str, str, str]:
 
 
 async def wait_for_service(auth: AuthService, service: str, node: str,
-                           timeout: float = 3.0) -> bool:
-    """Whether `service` is (or within `timeout` becomes) registered on `node` here: the
-    registry entry of a fresh instance may arrive just after its token request."""
+                           namespace: str = DEFAULT, timeout: float = 3.0) -> bool:
+    """Whether `service` of `namespace` is (or within `timeout` becomes) registered on `node`
+    here: the registry entry of a fresh instance may arrive just after its token request."""
     with trio.move_on_after(timeout):
-        while not auth.service_on_node(service, node):
+        while not auth.service_on_node(service, node, namespace):
             await trio.sleep(0.05)
         return True
     return False

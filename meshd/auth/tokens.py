@@ -3,7 +3,9 @@ offline by every node.
 
 Rules:
 - Claims: sub (account), scopes, iss (issuing node), aud (the cluster id), iat, nbf, exp,
-  jti (token id), typ ("access" or "refresh"). The footer names the key id (kid).
+  jti (token id), typ ("access" or "refresh"), ns (the account's namespace; absent for
+  "default", so tokens from before namespaces are default's). The footer names the key id
+  (kid).
 - Anything that is not a v4.public token (a JWT, `alg: none`, v2, local) is refused before
   any parsing. Then: known key, valid signature, audience, not expired and not before its
   time (both within `leeway`), not revoked.
@@ -61,10 +63,15 @@ def issue(kid: str, private_pem: bytes, claims: dict[str, Any]) -> str:
 
 
 def make_claims(sub: str, scopes: list[str], iss: str, aud: str, ttl: float,
-                typ: str = "access", now: float | None = None) -> dict[str, Any]:
+                typ: str = "access", now: float | None = None, ns: str = "default"
+                ) -> dict[str, Any]:
     now = time.time() if now is None else now
-    return {"sub": sub, "scopes": list(scopes), "iss": iss, "aud": aud, "iat": int(now),
-            "nbf": int(now), "exp": int(now + ttl), "jti": os.urandom(12).hex(), "typ": typ}
+    claims = {"sub": sub, "scopes": list(scopes), "iss": iss, "aud": aud, "iat": int(now),
+              "nbf": int(now), "exp": int(now + ttl), "jti": os.urandom(12).hex(),
+              "typ": typ}
+    if ns != "default":
+        claims["ns"] = ns
+    return claims
 
 
 def _b64(part: str) -> bytes:

@@ -7,8 +7,9 @@ Rules:
 - The caller's daemon accepts the connections (control session "tunnel.listen", held open
   by `meshd tunnel connect`; or the proxy endpoint for outside clients) and carries each to
   the exposing node on link channel "tunnel". The exposing node decides: the caller (its
-  token, else its node) must be allowed on resource tunnel:NAME by the rules; then it
-  connects to the target and pipes bytes both ways.
+  token, else its node) must be allowed on resource tunnel:NAME by the rules of the
+  default namespace (tunnels belong to no other); then it connects to the target and pipes
+  bytes both ways.
 - Bytes flow as messages of at most 64 KiB; an empty message is end-of-data for that
   direction only (half-close), so request/response protocols work through a tunnel.
 - Every leg has backpressure: the link channel's flow-control window, the unix socket to the
@@ -180,7 +181,8 @@ class TunnelService:
                               caller_node: str | None) -> trio.SocketStream:
         if name not in self.exposed:
             raise not_found(f"tunnel {name!r} is not exposed on {self.node.name}")
-        self.node.auth.check(token, caller_node, ("tunnel", name, ""))
+        # tunnels are in the default namespace
+        self.node.auth.check(token, caller_node, ("tunnel", name, ""), namespace="default")
         target = self._target(name)
         host, port = addrs.parse(target)
         try:

@@ -11,9 +11,11 @@ Rules:
   (a remote caller cannot make the node host its instances).
 - Every one of them takes `namespace` ("default" when absent; an invalid name is a 400): a
   read sees that namespace only, an unknown one reads empty (describe and health: the
-  usual 404). services.watch without one follows every namespace.
-- namespaces lists each namespace the registry holds (and "default") with its counts of
-  services and instances (mesh:namespaces: for a remote caller).
+  usual 404). services.watch without one follows every namespace (for a remote caller:
+  every namespace whose mesh:services its token may read; the others' events are left out).
+- namespaces lists each namespace the registry holds or that has accounts (and "default")
+  with its counts of services, instances and accounts (mesh:namespaces: for a remote
+  caller).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import trio
 
 from meshd import namespaces
 from meshd.errors import MeshError, bad_request
-from meshd.ops import Emit, Op, mesh_resource
+from meshd.ops import REQUEST_REMOTE, REQUEST_TOKEN, Emit, Op, mesh_resource
 from meshd.rpc.service import RpcService
 
 from .service import RegistryService
@@ -33,10 +35,15 @@ from .service import RegistryService
 
 class RegistryOps:
     def __init__(self, registry: RegistryService, rpc: RpcService,
+                 accounts: Callable[[], dict[str, int]] | None = None,
+                 may_read: Callable[[str | None, str], bool] | None = None,
                  store_keys: Callable[[], dict[str, int]] | None = None) -> None:
         self.registry = registry
         self.rpc = rpc
-        self.store_keys = store_keys  # live store keys per namespace
+        self.accounts = accounts  # accounts per namespace (auth), None: not counted
+        # may_read(token, namespace): whether a token may read that namespace's services
+        self.may_read = may_read
+        self.store_keys = store_keys  # live store keys per namespace, None: not counted
 
     def ops(self) -> list[Op]:
         services = mesh_resource("services")
@@ -86,20 +93,25 @@ class RegistryOps:
 
     async def watch(self, args: dict[str, Any], emit: Emit) -> None:
         ns = args.get("namespace")
+        token = REQUEST_TOKEN.get()
+        checked = not ns and REQUEST_REMOTE.get() and self.may_read is not None
         async for ev in self.registry.watch(namespaces.check(ns) if ns else None):
+            if checked and not self.may_read(token, namespaces.of(ev.get("instance"))):
+                continue  # a namespace the remote caller may not read
             await emit(ev)
 
     async def list_namespaces(self, _: dict[str, Any]) -> Any:
-        """Each namespace with its counts of services, instances and store keys (a namespace
-        with only store keys is listed too). The accounts per namespace come with auth
-        namespaces: until then "accounts" is null, so the shape of a row stays the same."""
-        keys = self.store_keys() if self.store_keys is not None else {}
-        rows = {r["name"]: r for r in self.registry.namespace_counts()}
-        for ns in keys:
+        """Each namespace with its counts of services, instances, store keys and accounts (a
+        namespace with only keys or accounts is listed too); a count that is not kept is
+        null."""
+        rows = {row["name"]: row for row in self.registry.namespace_counts()}
+        accounts = self.accounts() if self.accounts is not None else None
+        keys = self.store_keys() if self.store_keys is not None else None
+        for ns in [*(accounts or {}), *(keys or {})]:
             rows.setdefault(ns, {"name": ns, "services": 0, "instances": 0})
-        counted = self.store_keys is not None
-        return [{**rows[ns], "store_keys": keys.get(ns, 0) if counted else None,
-                 "accounts": None} for ns in sorted(rows)]
+        return [{**row, "store_keys": None if keys is None else keys.get(ns, 0),
+                 "accounts": None if accounts is None else accounts.get(ns, 0)}
+                for ns, row in sorted(rows.items())]
 
 
 def in_namespace(ns: str) -> str:

@@ -47,6 +47,7 @@ class LocalInstance:
     service: str
     conn: Conn
     last_seen: float
+    namespace: str = namespaces.DEFAULT  # the namespace it registered in
     pending: dict[int, trio.MemorySendChannel[Any]] = field(default_factory=dict)
     streams: dict[int, Any] = field(default_factory=dict)  # sid -> rpc.streams.LocalStream
     next_call: int = 0
@@ -85,7 +86,7 @@ class RegistryService:
         self._nursery: trio.Nursery | None = None
         self.on_local_change: Callable[[], None] | None = None
         # issues the token a registering service runs with (set by the node when auth is on)
-        self.service_token: Callable[[str], Any] | None = None
+        self.service_token: Callable[[str, str], Any] | None = None  # (service, namespace)
         links.handlers[CHANNEL] = self._serve_channel
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -159,13 +160,14 @@ class RegistryService:
         record = _validate_registration(args)
         inst_id = f"{record['service']}-{os.urandom(4).hex()}"
         record.update({"id": inst_id, "node": self.node, "address": self.core.me.addr})
-        local = LocalInstance(inst_id, record["service"], conn, trio.current_time())
+        local = LocalInstance(inst_id, record["service"], conn, trio.current_time(),
+                              record["namespace"])
         self.local[inst_id] = local
         self._write(inst_id, record)
         log.info("registered %s (%s in %s) from a local process", inst_id, record["service"],
                  record["namespace"])
         try:
-            token = await self.service_token(record["service"]) \
+            token = await self.service_token(record["service"], record["namespace"]) \
                 if self.service_token is not None else None
             await conn.reply({"id": inst_id, "node": self.node, "ttl": self.ttl,
                               "token": token, "namespace": record["namespace"]})

@@ -16,7 +16,9 @@ Rules:
 - A peer daemon has at most MAX_CALLS_PER_CHANNEL calls in flight here; beyond that its
   channel is not read (flow control holds it back) until calls finish.
 - A call names its namespace ("default" unless told): only that namespace's instances are
-  candidates. The far daemon is handed an instance id, so the namespace never travels.
+  candidates. The far daemon is handed an instance id, so the namespace never travels:
+  the daemon serving the instance authorizes the caller in the namespace that instance
+  registered in (its local registration), never in one a caller names.
 """
 
 from __future__ import annotations
@@ -173,12 +175,13 @@ class RpcService:
                              meta: dict[str, str], deadline: float,
                              token: str | None = None) -> Any:
         if inst["node"] == self.core.me.name:
-            who = self._authorize(token, self.core.me.name, inst["service"], endpoint)
-            if who:
-                meta = {**meta, "caller": who}
             local = self.registry.local.get(inst["id"])
             if local is None:
                 raise NotDelivered("the instance is gone")
+            who = self._authorize(token, self.core.me.name, inst["service"], endpoint,
+                                  local.namespace)
+            if who:
+                meta = {**meta, "caller": who}
             return _unwrap(await call_local(local, endpoint, body, meta, deadline))
         mux = await self._mux_to(self.node_addr(inst))
         request = {"instance": inst["id"], "endpoint": endpoint, "body": body, "meta": meta,
@@ -284,13 +287,14 @@ class RpcService:
         with contextlib.suppress(ChannelClosed):
             await ch.send(payload)
 
-    def _authorize(self, token: Any, node: str | None, service: str, endpoint: str
-                   ) -> str | None:
-        """Check the caller against the rules; returns who it is (an account or node:NAME)."""
+    def _authorize(self, token: Any, node: str | None, service: str, endpoint: str,
+                   namespace: str) -> str | None:
+        """Check the caller against the rules of the instance's namespace; returns who it is
+        (an account or node:NAME)."""
         if self.auth is None:
             return None
         who = self.auth.check(token if isinstance(token, str) else None, node,
-                              ("service", service, endpoint))
+                              ("service", service, endpoint), namespace=namespace)
         return who.id
 
     async def _serve_request(self, req: dict[str, Any], timeout: float,
@@ -299,7 +303,7 @@ class RpcService:
         if local is not None:
             try:
                 who = self._authorize(req.get("token"), peer_node, local.service,
-                                      req["endpoint"])
+                                      req["endpoint"], local.namespace)
             except MeshError as exc:
                 return {"ok": False, "error": exc.to_dict()}
             if who:

@@ -13,7 +13,7 @@ Rules:
 - The stream ends for both sides when either sends end+end, an error, or goes away; a
   vanished peer becomes a 503 error frame for the other side, never a hang.
 - A stream names its namespace like a call ("default" unless told): only its instances are
-  candidates.
+  candidates; the caller is authorized in the namespace the instance registered in.
 """
 
 from __future__ import annotations
@@ -137,10 +137,11 @@ class StreamService:
         assert inst is not None
         token = REQUEST_TOKEN.get()
         if inst["node"] == self.rpc.core.me.name:
-            self.rpc._authorize(token, self.rpc.core.me.name, service, endpoint)
             local = self.rpc.registry.local.get(inst["id"])
             if local is None:
                 raise unavailable("the instance is gone", id="meshd.rpc")
+            self.rpc._authorize(token, self.rpc.core.me.name, service, endpoint,
+                                local.namespace)
             stream = LocalStream(local, endpoint, meta)
             try:
                 await stream.open()
@@ -191,7 +192,8 @@ class StreamService:
         meta = {k: v for k, v in meta.items() if isinstance(k, str)}
         meta["caller-node"] = ch.peer_node or "?"  # from the link, never from the caller
         try:
-            self.rpc._authorize(head.get("token"), ch.peer_node, local.service, endpoint)
+            self.rpc._authorize(head.get("token"), ch.peer_node, local.service, endpoint,
+                                local.namespace)
         except MeshError as exc:
             await ch.send(wire.dumps({"ok": False, "error": exc.to_dict()}))
             return

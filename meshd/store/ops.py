@@ -106,10 +106,7 @@ class StoreOps:
         return {**args, "namespace": ns, "database": stored_name(ns, db)}
 
     def _authorize(self, ns: str, resource: tuple[str, str, str]) -> None:
-        if ns == namespaces.DEFAULT:
-            self.auth.check(REQUEST_TOKEN.get(), self.node, resource)
-        else:
-            self.auth.check(REQUEST_TOKEN.get(), self.node, resource, namespace=ns)
+        self.auth.check(REQUEST_TOKEN.get(), self.node, resource, namespace=ns)
 
     def _store(self, name: str, fn: Any, write: bool = False) -> Op:
         async def call(args: dict[str, Any]) -> Any:

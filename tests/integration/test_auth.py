@@ -421,7 +421,8 @@ def test_system_databases_admins_read_nobody_writes_through_the_store(cluster, t
                 assert err.status == 403, (d.name, token is not None, db, name, err)
                 assert f"the {db} database is written by meshd itself" in err.detail
     assert {x["id"]: x["scopes"] for x in op(b, "auth.accounts.list")}["ada"] == ["dev"]
-    assert op(b, "auth.whoami", ada) == {"id": "ada", "scopes": ["dev"], "via": "token"}
+    assert op(b, "auth.whoami", ada) == {"id": "ada", "scopes": ["dev"], "via": "token",
+                                         "namespace": "default"}
 
     # `meshd auth ...` is what writes it: a signed record, readable by an admin everywhere
     env = cli_env(tmp_path, MESHD_DATA_DIR=str(b.data_dir))
@@ -636,7 +637,7 @@ def test_refresh_gives_fresh_tokens_with_the_account_as_it_is_now(cluster):
     assert new_claims["jti"] != unverified_claims(first["token"])["jti"]
     assert new_claims["typ"] == "access" and again["expires_in"] == 3600
     assert op(b, "auth.whoami", again["token"]) == {"id": "ada", "scopes": ["dev"],
-                                                      "via": "token"}
+                                                      "via": "token", "namespace": "default"}
     # each kind of token only does its own job
     with pytest.raises(MeshError) as info:
         trio.run(refresh, a, first["token"])

@@ -84,6 +84,15 @@ def test_same_name_in_two_namespaces(cluster, tmp_path):
     fwd = json.loads(ok("call", "caller", "Ns.Forward", '{"service": "greeter"}', "--json",
                         "--namespace", "team-b", env=env_a))
     assert (fwd["namespace"], fwd["node"]) == ("team-b", "b")
+    # ... and its token (service:caller of team-b) gets into team-a only when a rule of
+    # team-a names team-b's services
+    out = meshd("call", "caller", "Ns.Forward", '{"service": "greeter", "namespace": "team-a"}',
+                "--namespace", "team-b", env=env_b)
+    assert out.returncode == 1 and out.stderr.startswith(
+        "403 forbidden: service:caller may not access service:greeter:Ns.Which in namespace "
+        "'team-a': no rule grants it"), out.stderr
+    ok("auth", "rules", "create", "b-services", "--resource", "service:greeter",
+       "--scope", "team-b:service", "--access", "granted", "--namespace", "team-a", env=env_a)
     fwd = json.loads(ok("call", "caller", "Ns.Forward",
                         '{"service": "greeter", "namespace": "team-a"}', "--json",
                         "--namespace", "team-b", env=env_b))
@@ -128,19 +137,20 @@ def test_lists_bad_names_and_counts(cluster, tmp_path):
     out = meshd("services", env={**env_a, "MESHD_NAMESPACE": "x" * 64})
     assert out.returncode == 1 and out.stderr.startswith("400 bad request: invalid namespace")
 
-    # meshd namespaces: each namespace with its counts (store keys and accounts come later)
+    # meshd namespaces: each namespace with its counts (store keys come later); default has
+    # the admin account bootstrap made
     rows = json.loads(ok("namespaces", "--json", env=env_b))
     assert rows == [
         {"name": "default", "services": 0, "instances": 0, "store_keys": None,
-         "accounts": None},
+         "accounts": 1},
         {"name": "team-a", "services": 1, "instances": 1, "store_keys": None,
-         "accounts": None},
+         "accounts": 0},
         {"name": "team-b", "services": 2, "instances": 2, "store_keys": None,
-         "accounts": None}]
+         "accounts": 0}]
     cells = [[c.strip() for c in re.split("[│┃]", line.strip("│┃ "))]
              for line in ok("namespaces", env=env_a).splitlines()]
     assert ["namespace", "services", "instances", "store keys", "accounts"] in cells
-    assert ["team-b", "2", "2", "-", "-"] in cells
+    assert ["team-b", "2", "2", "-", "0"] in cells
 
     # a service registering with MESHD_NAMESPACE set: the namespace's counts follow
     cluster.service(b, "greeter", script=NSSVC, env={"MESHD_NAMESPACE": "team-a"})

@@ -19,9 +19,9 @@ from .test_cli import cli_env, meshd, ok
 
 
 def _value(env, key, *args):
-    rows = json.loads(ok("store", "read", key, "--database", "orders", "--json", *args,
-                         env=env))
-    return [r["value"] for r in rows]
+    rec = json.loads(ok("store", "read", key, "--database", "orders", "--json", *args,
+                        env=env))
+    return [rec["value"]]
 
 
 def test_store_and_config_are_per_namespace(cluster, tmp_path):
@@ -76,9 +76,9 @@ def test_store_and_config_are_per_namespace(cluster, tmp_path):
         wait_for(lambda env=env: meshd("config", "get", "db.host", "--namespace", "team-b",
                                        env=env).returncode == 0, 15, "team-b's config on b")
         assert json.loads(ok("config", "get", "db.host", "--namespace", "team-a",
-                             "--json", env=env))["value"] == "a-host"
+                             "--json", env=env)) == "a-host"
         assert json.loads(ok("config", "get", "db.host", "--namespace", "team-b",
-                             "--json", env=env))["value"] == "b-host"
+                             "--json", env=env)) == "b-host"
     nothing = meshd("config", "get", "db.host", env=env_a)
     assert nothing.returncode == 1 and nothing.stderr.startswith("404"), nothing.stderr
 
@@ -89,11 +89,11 @@ def test_store_and_config_are_per_namespace(cluster, tmp_path):
     assert rows["default"]["store_keys"] >= 1
 
 
-def test_a_watch_of_every_database_follows_its_namespace_only(cluster, tmp_path):
+def test_a_watch_follows_its_namespace_only(cluster, tmp_path):
     a = cluster.add("a")
     env = cli_env(tmp_path, MESHD_DATA_DIR=str(a.data_dir))
     watch = subprocess.Popen([sys.executable, "-m", "cli", "store", "watch", "--namespace",
-                              "team-a", "--json"], stdout=subprocess.PIPE,
+                              "team-a", "--database", "orders", "--json"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = Lines(watch.stdout)
@@ -139,3 +139,30 @@ def test_sdk_store_and_config_take_a_namespace(cluster, monkeypatch):
             await s.aclose()
 
     trio.run(main)
+
+
+def test_a_token_of_another_namespace_cannot_read_or_write_its_store(cluster, tmp_path):
+    a = cluster.add("a")
+    env = cli_env(tmp_path, MESHD_DATA_DIR=str(a.data_dir))
+    ok("store", "write", "secret", "team-a's", "--database", "orders", "--namespace", "team-a",
+       env=env)
+    ok("auth", "accounts", "create", "bob", "--secret", "bob-secret-1", "--scope", "dev",
+       "--namespace", "team-b", env=env)
+    ok("auth", "rules", "create", "dev-store", "--resource", "store:*:*", "--scope", "dev",
+       "--access", "granted", "--namespace", "team-b", env=env)
+    token = json.loads(ok("auth", "login", "--id", "bob", "--secret", "bob-secret-1",
+                          "--namespace", "team-b", "--json", env=env))["token"]
+    ok("auth", "logout", env=env)  # the local CLI acts as the node's admin again
+    as_bob = {**env, "MESHD_TOKEN": token}
+    # in its own namespace the rule lets bob in
+    ok("store", "write", "mine", "bob's", "--database", "orders", "--namespace", "team-b",
+       env=as_bob)
+    assert _value(as_bob, "mine", "--namespace", "team-b") == ["bob's"]
+    # team-a's store is another namespace's: 403 naming it, for reads and writes
+    for cmd in (("store", "read", "secret"), ("store", "write", "x", "y"),
+                ("store", "delete", "secret")):
+        out = meshd(*cmd, "--database", "orders", "--namespace", "team-a", env=as_bob)
+        assert out.returncode == 1 and out.stderr.startswith("403 forbidden: bob may not "
+                                                             "access store:orders:"), out.stderr
+        assert "in namespace 'team-a'" in out.stderr and "team-b:SCOPE" in out.stderr
+    assert _value(env, "secret", "--namespace", "team-a") == ["team-a's"]

@@ -16,15 +16,18 @@ class FakeAuth:
 
     def __init__(self) -> None:
         self.checked: list[tuple[str | None, tuple[str, str, str]]] = []
+        self.namespaces: list[str] = []
 
     def identify(self, token: str | None, node: str | None) -> Any:
         if token not in ("good", "weak"):
             raise MeshError(401, "invalid token")
         return token
 
-    def check(self, token: str | None, node: str | None, resource: tuple[str, str, str]) -> Any:
+    def check(self, token: str | None, node: str | None, resource: tuple[str, str, str],
+              namespace: str = "default") -> Any:
         self.identify(token, node)
         self.checked.append((token, resource))
+        self.namespaces.append(namespace)
         if token == "weak":
             raise MeshError(403, "denied by rule default-deny")
         return token
@@ -114,6 +117,19 @@ def test_a_remote_read_of_the_mesh_is_checked_against_its_resource():
     assert status(denied) == 403 and "default-deny" in denied["error"]["detail"]
     assert status(run(t, {"op": "members", "token": "forged"}, remote=True)) == 401
     assert ran == ["members"]
+    assert auth.namespaces == ["default", "default"]
+
+
+def test_a_remote_read_is_checked_in_the_namespace_it_names():
+    t, auth, ran = table()
+    reply = run(t, {"op": "members", "token": "good", "args": {"namespace": "team-a"}},
+                remote=True)
+    assert reply["ok"] is True
+    assert auth.namespaces == ["team-a"]
+    bad = run(t, {"op": "members", "token": "good", "args": {"namespace": "Team A"}},
+              remote=True)
+    assert status(bad) == 400 and "invalid namespace" in bad["error"]["detail"]
+    assert ran == ["members"] and auth.namespaces == ["team-a"]
 
 
 def test_checked_ops_run_with_a_token_that_verifies_and_never_with_a_bad_one():

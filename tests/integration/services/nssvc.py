@@ -2,7 +2,9 @@
 
 Registers in NAMESPACE if given, else in MESHD_NAMESPACE (the SDK's default), and answers
 with the namespace it runs in, its MESHD_NAMESPACE and its node, so a test sees which of
-several same-named services a call reached.
+several same-named services a call reached. Ns.Caller answers who the daemon says called it;
+Ns.ForwardCaller asks another service's Ns.Caller (so a test sees which identity a service's
+own outgoing calls carry).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from sdk import Client, Service
+from sdk import Client, Service, current_call
 
 
 @dataclass
@@ -22,6 +24,11 @@ class Which:
     namespace: str
     env: str
     node: str
+
+
+@dataclass
+class Caller:
+    caller: str
 
 
 @dataclass
@@ -55,6 +62,19 @@ async def forward(req: Target) -> Which:
     # an outgoing call from a handler: in this service's namespace unless it names another
     async with Client() as client:
         return await client.call(req.service, "Ns.Which", {}, response=Which,
+                                 namespace=req.namespace or None)
+
+
+@service.handler("Ns.Caller")
+async def caller(req: dict[str, str]) -> Caller:
+    info = current_call()
+    return Caller(info.caller if info else "")
+
+
+@service.handler("Ns.ForwardCaller")
+async def forward_caller(req: Target) -> Caller:
+    async with Client() as client:
+        return await client.call(req.service, "Ns.Caller", {}, response=Caller,
                                  namespace=req.namespace or None)
 
 
