@@ -47,8 +47,9 @@ Namespaces
   - an admin (scope "admin") of default counts as R's own in every namespace; an admin of
     team-a is an admin in team-a only. Administering (accounts, rules, tokens of a
     namespace: `may_administer`) is for admins of that namespace and of default.
-  - A namespace with no rules of its own is governed by default's rules (so what existed
-    before namespaces, e.g. rules on config trees other than default's, keeps deciding);
+  - A namespace with no rules of its own is governed by default's rules, and default's
+    accounts act in it as at home (so what existed before namespaces, e.g. rules on config
+    trees other than default's for default's accounts, keeps deciding);
     the first rule written into it writes DEFAULT_RULES with it (nodes, services and
     admins may do everything in it), so adding a rule never shuts its own services out;
     from then on only its own rules decide.
@@ -619,7 +620,7 @@ class AuthService:
                 raise MeshError(503, "this node has not received the cluster's auth state "
                                      "yet; retry in a moment", id="meshd.auth")
             return  # a cluster without auth set up yet: nothing to enforce against
-        version, rules, _ = self._namespace_rules(namespace)
+        version, rules, own = self._namespace_rules(namespace)
         cached = self._decisions.get(namespace)
         if cached is None or cached[0] != version or len(cached[1]) > 10_000:
             if len(self._decisions) > 1_000:
@@ -627,6 +628,8 @@ class AuthService:
             cached = self._decisions[namespace] = (version, {})
         decisions = cached[1]
         home = None if who.namespace == EVERY else who.namespace
+        if home == DEFAULT and not own:  # default governs a namespace without rules of its own
+            home = namespace
         key = (home, None if who.scopes is None else tuple(who.scopes), resource)
         decision = decisions.get(key)
         if decision is None:  # pure in (rules, namespaces, scopes, resource): cache them
@@ -640,7 +643,7 @@ class AuthService:
         res = ":".join(resource)
         if namespace != DEFAULT or who.namespace not in (DEFAULT, EVERY):
             res += f" in namespace {namespace!r}"
-            if who.via == "token" and who.namespace != namespace \
+            if who.via == "token" and home != namespace \
                     and not (who.namespace == DEFAULT and "admin" in (who.scopes or [])):
                 why += (f" ({who.id} is of namespace {who.namespace!r}: only rules of "
                         f"{namespace!r} with scope '{who.namespace}:SCOPE' let it in)")

@@ -350,7 +350,8 @@ def test_store_and_config_rules_tighten_nodes_and_grant_a_scope(cluster, tmp_pat
                           "denies it")
     err = refused(b, "config.get", bob, namespace="payments", path="db.host")
     assert err.status == 403
-    assert err.detail == "bob may not access config:payments:db.host: no rule grants it"
+    assert err.detail == ("bob may not access config:payments:db.host in namespace "
+                          "'payments': no rule grants it")
 
     # the CLI prints the same denials as one line and exits 1
     env = cli_env(tmp_path, MESHD_DATA_DIR=str(b.data_dir))

@@ -137,20 +137,20 @@ def test_lists_bad_names_and_counts(cluster, tmp_path):
     out = meshd("services", env={**env_a, "MESHD_NAMESPACE": "x" * 64})
     assert out.returncode == 1 and out.stderr.startswith("400 bad request: invalid namespace")
 
-    # meshd namespaces: each namespace with its counts (store keys come later); default has
-    # the admin account bootstrap made
+    # meshd namespaces: each namespace with its counts; default has the admin account
+    # bootstrap made
     rows = json.loads(ok("namespaces", "--json", env=env_b))
     assert rows == [
-        {"name": "default", "services": 0, "instances": 0, "store_keys": None,
+        {"name": "default", "services": 0, "instances": 0, "store_keys": 0,
          "accounts": 1},
-        {"name": "team-a", "services": 1, "instances": 1, "store_keys": None,
+        {"name": "team-a", "services": 1, "instances": 1, "store_keys": 0,
          "accounts": 0},
-        {"name": "team-b", "services": 2, "instances": 2, "store_keys": None,
+        {"name": "team-b", "services": 2, "instances": 2, "store_keys": 0,
          "accounts": 0}]
     cells = [[c.strip() for c in re.split("[│┃]", line.strip("│┃ "))]
              for line in ok("namespaces", env=env_a).splitlines()]
     assert ["namespace", "services", "instances", "store keys", "accounts"] in cells
-    assert ["team-b", "2", "2", "-", "0"] in cells
+    assert ["team-b", "2", "2", "0", "0"] in cells
 
     # a service registering with MESHD_NAMESPACE set: the namespace's counts follow
     cluster.service(b, "greeter", script=NSSVC, env={"MESHD_NAMESPACE": "team-a"})

@@ -92,8 +92,10 @@ class Harness(AuthService):
         return True
 
     def _namespace_rules(self, namespace: str) -> tuple[Any, list[Any], bool]:
+        """A namespace's own rules, else default's (as AuthService._namespace_rules)."""
         own = self.by_ns.get(namespace)
-        return (namespace, own or list(DEFAULT_RULES), bool(own))
+        governing = own or self.by_ns.get("default") or list(DEFAULT_RULES)
+        return (namespace, governing, bool(own))
 
 
 def denial(auth: AuthService, who: Principal, namespace: str) -> tuple[int, str]:
@@ -114,6 +116,24 @@ def test_authorize_in_a_namespace_without_rules_uses_the_default_rules():
                       "namespace 'team-a': no rule grants it (service:caller is of namespace "
                       "'team-b': only rules of 'team-a' with scope 'team-b:SCOPE' let it in)")
     assert auth.stats["auth_denied"] == 1
+
+
+def test_a_namespace_without_rules_of_its_own_is_governed_by_default_for_default_s_accounts():
+    # rules written before namespaces (config:payments for default's devs) keep deciding
+    default = [*DEFAULT_RULES, R("dev-payments", "config:payments:*", "dev", "granted")]
+    auth = Harness({"default": default})
+    ada = Principal("ada", ["dev"], "token", "default")
+    auth.authorize(ada, ("config", "payments", "db.host"), "payments")
+    # another namespace's dev gets nothing from them
+    status, _ = denial(auth, Principal("bob", ["dev"], "token", "team-b"), "payments")
+    assert status == 403
+    # once the namespace has rules of its own, default's accounts are visitors there
+    auth = Harness({"default": default,
+                    "payments": [*DEFAULT_RULES, R("x", "config:*:*", "ops", "granted")]})
+    with pytest.raises(MeshError) as err:
+        auth.authorize(ada, ("config", "payments", "db.host"), "payments")
+    assert err.value.status == 403 and "only rules of 'payments' with scope 'default:SCOPE'" \
+        in err.value.detail
 
 
 def test_authorize_names_the_rule_and_the_namespace():
