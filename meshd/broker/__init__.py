@@ -1,0 +1,1 @@
+"""The broker: pub/sub across the mesh (topics, queue groups, durable topics)."""
