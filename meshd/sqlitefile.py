@@ -12,8 +12,10 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 APPLICATION_ID = 0x6D657368  # "mesh"
@@ -40,6 +42,19 @@ def open_private(path: Path, schema_version: int, create_sql: str, what: str,
     except sqlite3.DatabaseError as exc:
         raise error(f"{path} is not a usable meshd {what} ({exc}); move it away or restore "
                     "it from a backup — meshd will not overwrite it") from None
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:
+    """BEGIN ... COMMIT (on disk when it returns); ROLLBACK on any error."""
+    cur = conn.cursor()
+    cur.execute("BEGIN")
+    try:
+        yield cur
+    except BaseException:
+        cur.execute("ROLLBACK")
+        raise
+    cur.execute("COMMIT")
 
 
 def _check(conn: sqlite3.Connection, path: Path, schema_version: int, what: str,

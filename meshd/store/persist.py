@@ -21,7 +21,7 @@ from typing import Any
 
 import cbor2
 
-from meshd.sqlitefile import open_private
+from meshd.sqlitefile import open_private, transaction
 
 SCHEMA_VERSION = 1
 FILE = "store.db"
@@ -47,17 +47,11 @@ class StoreDB:
     def save(self, rows: list[tuple[str, str, str, Any]],
              deleted: list[tuple[str, str, str]] = ()) -> None:  # type: ignore[assignment]
         """One durable transaction."""
-        cur = self.conn.cursor()
-        cur.execute("BEGIN")
-        try:
+        with transaction(self.conn) as cur:
             cur.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)",
                             [(db, tbl, key, cbor2.dumps(state)) for db, tbl, key, state in rows])
             if deleted:
                 cur.executemany("DELETE FROM records WHERE db=? AND tbl=? AND key=?", deleted)
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         self.conn.close()

@@ -1,0 +1,111 @@
+"""Durable topics on disk (meshd/broker/log.py)."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+
+from meshd.broker.consumer import Consumer
+from meshd.broker.log import BrokerLog, NoSuchTopic, TopicSettings
+
+
+def msg(i: int) -> dict:
+    return {"topic": "orders.created", "body": {"n": i}, "headers": {}}
+
+
+def test_messages_are_numbered_in_order_and_survive_a_reopen(tmp_path):
+    log = BrokerLog(tmp_path)
+    assert log.create("default", "orders", TopicSettings())
+    got = log.append("default", "orders", [(f"id{i}", 100.0 + i, None, msg(i))
+                                           for i in range(1, 4)])
+    assert got == [(1, False), (2, False), (3, False)]
+    log.close()
+    log = BrokerLog(tmp_path)
+    assert [(m.seq, m.id, m.message["body"]) for m in log.read("default", "orders")] == [
+        (1, "id1", {"n": 1}), (2, "id2", {"n": 2}), (3, "id3", {"n": 3})]
+    assert log.append("default", "orders", [("id4", 104.0, 200.0, msg(4))]) == [(4, False)]
+    stored = log.get("default", "orders", 4)
+    assert stored is not None and stored.not_before == 200.0
+    assert [m.seq for m in log.read("default", "orders", after=1, limit=2)] == [2, 3]
+
+
+def test_ids_deduplicate_within_the_window_only(tmp_path):
+    log = BrokerLog(tmp_path)
+    log.create("default", "orders", TopicSettings(dedup_window=60))
+    assert log.append("default", "orders", [("a", 100.0, None, msg(1)),
+                                            ("a", 100.5, None, msg(1))]) == [(1, False),
+                                                                             (1, True)]
+    assert log.append("default", "orders", [("a", 159.0, None, msg(1))]) == [(1, True)]
+    assert log.append("default", "orders", [("a", 161.0, None, msg(1))]) == [(2, False)]
+    assert log.count("default", "orders") == 2
+
+
+def test_retention_removes_the_oldest_and_numbers_are_never_reused(tmp_path):
+    log = BrokerLog(tmp_path)
+    log.create("default", "t", TopicSettings(max_msgs=2, max_age=50))
+    log.append("default", "t", [(f"i{i}", float(i), None, msg(i)) for i in range(1, 6)])
+    assert log.trim("default", "t", now=10.0) == 3
+    assert [m.seq for m in log.read("default", "t")] == [4, 5]
+    assert log.trim("default", "t", now=100.0) == 2, "older than max_age"
+    assert log.count("default", "t") == 0
+    log.close()
+    log = BrokerLog(tmp_path)
+    assert log.last_seq("default", "t") == 5
+    assert log.append("default", "t", [("new", 100.0, None, msg(6))]) == [(6, False)]
+
+
+def test_namespaces_and_topics_are_apart_and_delete_takes_everything(tmp_path):
+    log = BrokerLog(tmp_path)
+    log.create("team-a", "t", TopicSettings())
+    log.create("team-b", "t", TopicSettings())
+    log.append("team-a", "t", [("x", 1.0, None, msg(1))])
+    assert log.append("team-b", "t", [("x", 1.0, None, msg(2))]) == [(1, False)]
+    log.save("team-a", "t", "billing", {"floor": 1})
+    assert log.delete("team-a", "t") and not log.delete("team-a", "t")
+    with pytest.raises(NoSuchTopic):
+        log.read("team-a", "t")
+    assert log.count("team-b", "t") == 1
+    log.close()
+    log = BrokerLog(tmp_path)
+    assert set(log.topics()) == {("team-b", "t")}
+    log.create("team-a", "t", TopicSettings())
+    assert log.subscribers("team-a", "t") == {} and log.last_seq("team-a", "t") == 0
+
+
+def test_a_durable_subscriber_resumes_after_its_last_ack_across_a_reopen(tmp_path):
+    log = BrokerLog(tmp_path)
+    log.create("default", "t", TopicSettings())
+    log.append("default", "t", [(f"i{i}", float(i), None, msg(i)) for i in range(1, 6)])
+    c = Consumer(ack_wait=30)
+    for m in log.read("default", "t"):
+        c.append(m.seq, m.not_before)
+    offered = [o.seq for o in c.poll(0.0)]
+    assert offered == [1, 2, 3, 4, 5]
+    for seq in (1, 2, 4):
+        c.ack(seq)
+    log.save("default", "t", "billing", c.state())
+    log.close()
+    log = BrokerLog(tmp_path)  # kill -9 and restart: what was saved is what counts
+    r = Consumer.restore(log.subscribers("default", "t")["billing"], now=1.0, ack_wait=30)
+    for m in log.read("default", "t"):
+        r.append(m.seq, m.not_before)
+    assert sorted(o.seq for o in r.poll(1.0)) == [3, 5], "only the unacked come again"
+    assert log.forget("default", "t", "billing") and log.subscribers("default", "t") == {}
+
+
+def test_unknown_topics_are_refused(tmp_path):
+    log = BrokerLog(tmp_path)
+    for call in (lambda: log.append("default", "nope", [("a", 1.0, None, {})]),
+                 lambda: log.save("default", "nope", "s", {}),
+                 lambda: log.trim("default", "nope", 1.0)):
+        with pytest.raises(NoSuchTopic, match="no durable topic 'nope'"):
+            call()
+
+
+def test_a_failed_batch_writes_nothing(tmp_path):
+    log = BrokerLog(tmp_path)
+    log.create("default", "t", TopicSettings())
+    with pytest.raises(cbor2.CBOREncodeError):
+        log.append("default", "t", [("a", 1.0, None, msg(1)), ("b", 2.0, None, object())])
+    assert log.count("default", "t") == 0
+    assert log.append("default", "t", [("c", 3.0, None, msg(3))]) == [(1, False)]
