@@ -261,6 +261,28 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Pub/sub (docs/broker.md)."""
+
+    # A message's body and headers together; NATS's default max_payload is 1 MiB too.
+    max_message_bytes: int = 1 << 20
+    # A core subscriber's buffer (messages) before its policy (drop oldest / drop newest /
+    # block the publisher) applies: Micro's 64-message inbox lost messages; this is a
+    # default, each subscription may choose its own.
+    subscriber_buffer: int = 1024
+    # Durable subscribers: an unacked message comes again after ack_wait seconds, at most
+    # max_deliver times (then TOPIC.dead), with at most max_in_flight unacked at once
+    # (JetStream's defaults are 30 s and unlimited deliveries; unlimited hides poison
+    # messages, so 5).
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    max_in_flight: int = 1000
+    # Republishing the same message id within this many seconds is a duplicate (JetStream's
+    # duplicate window is 2 minutes).
+    dedup_window: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole settings tree of a node."""
 
@@ -270,7 +292,11 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     rpc: RpcSettings = field(default_factory=RpcSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
 
+
+# The tables of a settings file (and MESHD_<SECTION>_<KEY> in the environment) besides [node].
+SECTIONS = ("membership", "limits", "rpc", "store", "broker")
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
              "log_level", "ws_listen", "proxy_listen", "tls_cert", "tls_key", "auth_root"}
@@ -280,9 +306,9 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
                   flags: dict[str, Any] | None = None) -> Settings:
     """Defaults < TOML < MESHD_* environment < flags.
 
-    TOML has a top-level `profile` and tables [node], [membership], [limits]. Environment:
+    TOML has a top-level `profile` and tables [node] and one per SECTIONS entry. Environment:
     MESHD_PROFILE, MESHD_<NODE KEY> (MESHD_NAME, MESHD_BIND, MESHD_JOIN="a:1,b:2", ...) and
-    MESHD_<SECTION>_<KEY> for membership, limits and rpc. Flags use the same names as TOML keys,
+    MESHD_<SECTION>_<KEY> for the SECTIONS. Flags use the same names as TOML keys,
     as "section.key" or a bare node key.
     """
     toml = dict(toml or {})
@@ -295,10 +321,9 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         profile = str(toml.pop("profile"))
     layer: dict[str, dict[str, Any]] = {}
     for section, values in toml.items():
-        if section not in ("node", "membership", "limits", "rpc", "store") \
-                or not isinstance(values, dict):
+        if section not in ("node", *SECTIONS) or not isinstance(values, dict):
             raise SettingsError(f"unknown settings table [{section}]; known: node, "
-                                "membership, limits, rpc, store, and the key profile")
+                                f"{', '.join(SECTIONS)}, and the key profile")
         layer[section] = dict(values)
     layers.append(layer)
     # environment layer
@@ -312,7 +337,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         elif rest in _NODE_ENV:
             layer.setdefault("node", {})[rest] = value
         else:
-            for section in ("membership", "limits", "rpc", "store"):
+            for section in SECTIONS:
                 if rest.startswith(section + "_"):
                     layer.setdefault(section, {})[rest[len(section) + 1:]] = value
     layers.append(layer)
@@ -329,17 +354,21 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
     if profile not in PROFILES:
         raise SettingsError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     node, membership, limits = NodeSettings(), membership_profile(profile), LimitsSettings()
-    rpc = RpcSettings()
-    store = StoreSettings()
+    rpc, store, broker = RpcSettings(), StoreSettings(), BrokerSettings()
     for lay in layers:
         node = _replace_checked(node, lay.get("node", {}), "node")
         membership = _replace_checked(membership, lay.get("membership", {}), "membership")
         limits = _replace_checked(limits, lay.get("limits", {}), "limits")
         rpc = _replace_checked(rpc, lay.get("rpc", {}), "rpc")
         store = _replace_checked(store, lay.get("store", {}), "store")
+        broker = _replace_checked(broker, lay.get("broker", {}), "broker")
     if rpc.selector not in ("random", "roundrobin", "nearest"):
         raise SettingsError("rpc.selector must be random, roundrobin or nearest")
-    return Settings(profile, node, membership, limits, rpc, store)
+    if broker.max_deliver < 1 or broker.max_in_flight < 1 or broker.ack_wait <= 0 \
+            or broker.subscriber_buffer < 1 or broker.max_message_bytes < 1:
+        raise SettingsError("broker: max_deliver, max_in_flight, subscriber_buffer and "
+                            "max_message_bytes must be at least 1, ack_wait above 0")
+    return Settings(profile, node, membership, limits, rpc, store, broker)
 
 
 class SettingsError(ValueError):
