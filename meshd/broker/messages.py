@@ -1,0 +1,141 @@
+"""Broker messages and the copies daemons send each other (sans-IO): build, encode, check.
+
+Rules:
+- A message is {id, topic, headers, body, published_at, publisher}: `id` is the publisher's
+  (a new one is 26 characters, time-ordered: 48 bits of milliseconds then 80 random bits, in
+  Crockford base32 as ULIDs are) and is what durable topics deduplicate on; `headers` map
+  text to text; `body` is bytes or a JSON value; `publisher` is who published (the account
+  or node:NAME the publisher's daemon identified, never what a client claims).
+- Bounds: headers and body together at most `max_bytes` (broker.max_message_bytes) as
+  encoded; at most MAX_HEADERS headers of at most MAX_HEADER bytes each; ids of 1..MAX_ID
+  characters. Anything else is a 400 (from a client) or a WireError (from a peer: the
+  shell drops the copy and counts it, the link stays).
+- A copy is what a publisher's daemon sends to one interested node: {ns, msg, plain,
+  groups}: `plain` whether the node's plain subscribers get it, `groups` the queue groups
+  the node is to serve (one member each). Copies are decoded strictly: every field is
+  checked, unknown fields refused.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshd import namespaces
+from meshd.errors import MeshError, bad_request
+
+from . import subjects
+
+MAX_HEADERS = 64
+MAX_HEADER = 4096
+MAX_ID = 128
+MAX_GROUPS = 1024
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class WireError(ValueError):
+    """A copy from a peer that is not one."""
+
+
+def new_id(now: float | None = None) -> str:
+    """A new message id: time-ordered, unique (ULID layout)."""
+    ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
+    n = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    topic: str
+    body: Any
+    published_at: float
+    publisher: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "topic": self.topic, "headers": dict(self.headers),
+                "body": self.body, "published_at": self.published_at,
+                "publisher": self.publisher}
+
+
+def build(topic: Any, body: Any, headers: Any, publisher: str, max_bytes: int,
+          msg_id: Any = None, now: float | None = None) -> Message:
+    """A message from a client's request; a 400 saying what is wrong otherwise."""
+    topic = subjects.check_topic(topic)
+    if msg_id is not None and not _is_id(msg_id):
+        raise bad_request(f"a message id is 1..{MAX_ID} characters of text",
+                          id="meshd.broker")
+    hdrs = _headers(headers, bad_request)
+    size = _size(body, hdrs)
+    if size > max_bytes:
+        raise bad_request(f"message of {size} bytes exceeds the {max_bytes}-byte limit "
+                          "(broker.max_message_bytes)", id="meshd.broker")
+    at = time.time() if now is None else now
+    return Message(msg_id or new_id(at), topic, body, at, publisher, hdrs)
+
+
+def copy(ns: str, msg: Message, plain: bool, groups: list[str]) -> dict[str, Any]:
+    return {"ns": ns, "msg": msg.to_wire(), "plain": plain, "groups": sorted(groups)}
+
+
+def decode_copy(value: Any, max_bytes: int) -> tuple[str, Message, bool, list[str]]:
+    """(namespace, message, plain, groups) of a copy from a peer; WireError otherwise."""
+    if not isinstance(value, dict) or set(value) != {"ns", "msg", "plain", "groups"}:
+        raise WireError("a copy is a map of ns, msg, plain and groups")
+    ns, raw, plain, groups = value["ns"], value["msg"], value["plain"], value["groups"]
+    try:
+        namespaces.check(ns)
+    except MeshError as exc:
+        raise WireError(exc.detail) from None
+    if not isinstance(ns, str) or not isinstance(plain, bool) or not isinstance(groups, list) \
+            or len(groups) > MAX_GROUPS or not all(
+                isinstance(g, str) and 0 < len(g) <= MAX_ID for g in groups):
+        raise WireError("a copy's namespace, plain flag or groups are malformed")
+    if not isinstance(raw, dict) or set(raw) != {"id", "topic", "headers", "body",
+                                                 "published_at", "publisher"}:
+        raise WireError("a message is a map of id, topic, headers, body, published_at and "
+                        "publisher")
+    try:
+        topic = subjects.check_topic(raw["topic"])
+    except MeshError as exc:
+        raise WireError(exc.detail) from None
+    at, publisher = raw["published_at"], raw["publisher"]
+    if not _is_id(raw["id"]) or not isinstance(at, int | float) or isinstance(at, bool) \
+            or not isinstance(publisher, str) or not 0 < len(publisher) <= 256:
+        raise WireError("a message's id, published_at or publisher are malformed")
+    hdrs = _headers(raw["headers"], WireError)
+    if _size(raw["body"], hdrs) > max_bytes:
+        raise WireError("message over the size limit")
+    return ns, Message(raw["id"], topic, raw["body"], float(at), publisher, hdrs), plain, \
+        list(groups)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID
+
+
+def _headers(value: Any, error: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_HEADERS:
+        raise error(f"headers are a map of at most {MAX_HEADERS} text keys and values")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k \
+                or len(k.encode()) + len(v.encode()) > MAX_HEADER:
+            raise error(f"a header is a non-empty text key and a text value, at most "
+                        f"{MAX_HEADER} bytes together")
+    return dict(value)
+
+
+def _size(body: Any, headers: dict[str, str]) -> int:
+    import cbor2
+
+    try:
+        return len(cbor2.dumps(body)) + sum(len(k.encode()) + len(v.encode())
+                                            for k, v in headers.items())
+    except (cbor2.CBOREncodeError, TypeError, ValueError):
+        raise bad_request("the body must be bytes or a JSON value", id="meshd.broker"
+                          ) from None
