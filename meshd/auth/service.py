@@ -93,6 +93,7 @@ DEFAULT_RULES = [
     make_rule("default-admin", "*:*:*", "admin", "granted"),
 ]
 SERVICE_SCOPES = ["service"]
+MAX_JTI = 64  # the token ids meshd issues are 24 hex digits
 DEFAULT = namespaces.DEFAULT
 EVERY = "*"  # a principal's namespace when it is not bound to one (nodes, anonymous)
 
@@ -862,8 +863,9 @@ class AuthService:
         except TokenError as exc:
             raise bad_request(f"that is not a token: {exc}") from None
         jti, exp = claims.get("jti"), claims.get("exp")
-        if not isinstance(jti, str) or not isinstance(exp, int | float):
-            raise bad_request("that token has no id or expiry")
+        if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI \
+                or not isinstance(exp, int | float):
+            raise bad_request("that token has no id (of at most 64 characters) or expiry")
         return jti, max(60.0, exp - time.time() + self.verifier.leeway)
 
     def signed_here(self, token: str) -> bool:
@@ -886,7 +888,12 @@ class AuthService:
         return True
 
     async def revoke(self, token: str) -> dict[str, Any]:
+        """Revoke a token this cluster signed (the signature is the proof: anything else is
+        a 403, so nobody can fill the auth database with made-up revocations)."""
         jti, keep = self.revocation_of(token)
+        if not self.signed_here(token):
+            raise MeshError(403, "only a token this cluster signed can be revoked this way",
+                            id="meshd.auth")
         await self._write("revoked", jti, {"exp": time.time() + keep}, ttl=keep)
         return {"revoked": jti}
 

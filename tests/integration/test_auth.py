@@ -653,3 +653,22 @@ def test_refresh_gives_fresh_tokens_with_the_account_as_it_is_now(cluster):
     with pytest.raises(MeshError) as info:
         trio.run(refresh, a, first["refresh_token"])
     assert info.value.status == 401
+
+
+def test_only_a_token_this_cluster_signed_can_be_revoked(cluster):
+    """Revoking is public (the token is the proof): a made-up token proves nothing and
+    must not write a revocation (found by review: anyone could fill the auth database)."""
+    import base64
+
+    a = cluster.add("a")
+    claims = json.dumps({"jti": "junk-1", "exp": 4e9}).encode()
+    forged = "v4.public." + base64.urlsafe_b64encode(claims + bytes(64)).decode().rstrip("=")
+    err = refused(a, "auth.token.revoke", token=forged)
+    assert err.status == 403 and "only a token this cluster signed" in err.detail
+    long_id = json.dumps({"jti": "j" * 65, "exp": 4e9}).encode()
+    err = refused(a, "auth.token.revoke", token="v4.public." + base64.urlsafe_b64encode(
+        long_id + bytes(64)).decode().rstrip("="))
+    assert err.status == 400
+    # a real one still works
+    admin = (a.data_dir / "admin.token").read_text().strip()
+    assert op(a, "auth.token.revoke", token=admin)["revoked"]
