@@ -14,8 +14,9 @@ Rules:
   config:NAMESPACE:PATH with the caller's token (none: the local operator acts as this node)
   before it runs ("checked"), in the op's namespace.
 - The system databases (auth, routing, of the default namespace) are for admins only and
-  are never written through the store API: meshd writes them itself (`meshd auth ...`). A
-  watch of every database leaves them out.
+  are never written through the store API: meshd writes them itself (`meshd auth ...`). The
+  config database (every namespace's config tree) is reached through config ops only, which
+  check each namespace's rules. A watch of every database leaves them all out.
 - Listing databases and tables reads the mesh (resource mesh:store: for a remote caller).
 """
 
@@ -28,7 +29,7 @@ from meshd import namespaces
 from meshd.errors import MeshError, bad_request
 from meshd.ops import REQUEST_TOKEN, Emit, Op, mesh_resource
 
-from .service import SYSTEM_DBS, StoreService
+from .service import CONFIG_DB, SYSTEM_DBS, StoreService
 
 PREFIX = "@"
 
@@ -97,6 +98,10 @@ class StoreOps:
         if db.startswith(PREFIX):
             raise bad_request(f"database names may not start with {PREFIX!r}",
                               id="meshd.store")
+        if ns == namespaces.DEFAULT and db == CONFIG_DB:
+            raise MeshError(403, "the config database holds every namespace's config tree: "
+                                 "use `meshd config` (config.*), which checks the rules of "
+                                 "each namespace")
         if ns == namespaces.DEFAULT and db in SYSTEM_DBS:
             if write:
                 raise MeshError(403, f"the {db} database is written by meshd itself (use "
@@ -131,7 +136,7 @@ class StoreOps:
 
         async def mine(ev: Any) -> None:
             stored = ev.get("database")
-            if not isinstance(stored, str) or (every and stored in SYSTEM_DBS):
+            if not isinstance(stored, str) or (every and stored in (*SYSTEM_DBS, CONFIG_DB)):
                 return
             name = caller_name(ns, stored)
             if name is not None:
@@ -169,7 +174,7 @@ class StoreOps:
         now = _now_ms()
         out: dict[str, int] = {}
         for (db, _table), t in self.store.rep.state.tables.items():
-            if db in SYSTEM_DBS or db == "config":
+            if db in SYSTEM_DBS or db == CONFIG_DB:
                 continue
             n = sum(1 for s in t.records.values() if live(s, now))
             if n:

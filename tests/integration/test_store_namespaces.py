@@ -166,3 +166,19 @@ def test_a_token_of_another_namespace_cannot_read_or_write_its_store(cluster, tm
                                                              "access store:orders:"), out.stderr
         assert "in namespace 'team-a'" in out.stderr and "team-b:SCOPE" in out.stderr
     assert _value(env, "secret", "--namespace", "team-a") == ["team-a's"]
+
+
+def test_the_config_database_is_not_reachable_through_the_store_api(cluster, tmp_path):
+    """Every namespace's config tree lives in it: the store API would bypass each
+    namespace's config rules (found by review)."""
+    a = cluster.add("a")
+    env = cli_env(tmp_path, MESHD_DATA_DIR=str(a.data_dir))
+    ok("config", "set", "db.password", '"pw"', "--namespace", "team-b", env=env)
+    for cmd in (("store", "read", "db.password", "--table", "team-b"),
+                ("store", "write", "db.password", "owned", "--table", "team-b")):
+        out = meshd(*cmd, "--database", "config", env=env)
+        assert out.returncode == 1 and out.stderr.startswith(
+            "403 forbidden: the config database holds every namespace's config tree"), \
+            out.stderr
+    assert json.loads(ok("config", "get", "db.password", "--namespace", "team-b", "--json",
+                         env=env)) == "pw"
