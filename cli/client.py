@@ -55,6 +55,19 @@ def token_file() -> Path:
     return Path(platformdirs.user_config_dir("meshd")) / "token.json"
 
 
+def _flag_token() -> str | None:
+    """--token given on this command line (not MESHD_TOKEN)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None
+    root = ctx.find_root()
+    if root.meta.get("token"):
+        return root.meta["token"]
+    if root.get_parameter_source("token") == click.core.ParameterSource.COMMANDLINE:
+        return root.params.get("token") or None
+    return None
+
+
 def given_token() -> str | None:
     """A token given for this command: --token, else MESHD_TOKEN."""
     ctx = click.get_current_context(silent=True)
@@ -149,7 +162,9 @@ class Client:
         return given or environment().namespace or "default"
 
     def remote_token(self, env: Environment) -> str | None:
-        return given_token() or env.token or None
+        """--token, else the environment's own token, else MESHD_TOKEN: a token exported for
+        one cluster does not go to another that has its own."""
+        return _flag_token() or env.token or given_token() or None
 
     def _control(self) -> ControlClient:
         """The connection every op goes over."""

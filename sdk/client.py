@@ -107,7 +107,9 @@ class Client:
             return
         self._via = Via(env.via, env.ca_file or None)
         self._env_namespace = env.namespace or None
-        self._token = self._token or os.environ.get("MESHD_TOKEN") or env.token or None
+        # the environment's own token before MESHD_TOKEN: one exported for another cluster
+        # does not go to this one
+        self._token = self._token or env.token or os.environ.get("MESHD_TOKEN") or None
 
     def _connection(self) -> ControlClient:
         if self._via is None:
