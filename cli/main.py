@@ -21,6 +21,7 @@ import click
 
 from cli import (
     auth,
+    broker,
     config,
     daemon,
     env,
@@ -69,8 +70,8 @@ def version_cmd(as_json: bool) -> None:
 
 def _register(group: click.Group) -> None:
     """Each module's COMMANDS on the root group (the help lists them by name)."""
-    for module in (daemon, members, services, namespaces, store, config, auth, network,
-                   tunnel, proxy, nodes, env):
+    for module in (daemon, members, services, namespaces, store, config, broker, auth,
+                   network, tunnel, proxy, nodes, env):
         for command in module.COMMANDS:
             group.add_command(command)
 

@@ -31,6 +31,10 @@ from . import datadir, tlsconf
 from .auth.eviction import Evictor
 from .auth.ops import AuthOps
 from .auth.service import PIN_FILE, ROOT_TAG, AuthService
+from .broker.durable import DurableTopics
+from .broker.log import BrokerFileError
+from .broker.ops import BrokerOps
+from .broker.service import BrokerService
 from .control import ControlServer, socket_path
 from .identity import Identity
 from .membership.core import Membership, MembershipError
@@ -217,6 +221,12 @@ class Node:
         except StoreFileError as exc:
             raise NodeError(str(exc)) from None
         self.auth = AuthService(self.name, self.store, self.links, self.data_dir)
+        self.broker = BrokerService(self.core, self.links, s.broker, self._route_cost,
+                                    sync_interval=s.rpc.registry_sync_interval)
+        try:
+            self.durable = DurableTopics(self.broker, self.store, self.data_dir, s.broker)
+        except BrokerFileError as exc:
+            raise NodeError(str(exc)) from None
         self.auth.vouched_roots = self._vouched_roots
         self.auth.seed_roots = self._seed_roots
         self.auth.on_pin = self._advertise_root
@@ -239,6 +249,7 @@ class Node:
         self.membership.listeners.append(self._watch_conflicts)
         self.membership.listeners.append(self._sync_newcomer)
         self.membership.listeners.append(self._note_seed)
+        self.membership.listeners.append(self.broker.on_member)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
@@ -262,6 +273,8 @@ class Node:
                 await nursery.start(self.rpc.run)
                 await nursery.start(self.store.run)
                 await nursery.start(self.routing.run)
+                await nursery.start(self.broker.run)
+                await nursery.start(self.durable.run)
                 await nursery.start(control.run)
                 await nursery.start(self.evictor.run)
                 nursery.start_soon(self._watch_signals)
@@ -295,6 +308,7 @@ class Node:
                             may_read=self.auth.may_read_services, store_keys=store_ops.counts),
                 RpcOps(self.rpc, self.streams, s.rpc.default_timeout),
                 store_ops,
+                BrokerOps(self.broker, self.durable, self.auth, self.name),
                 self.tunnels, self.auth_ops):
             table.add(component.ops())
         return table
@@ -303,7 +317,8 @@ class Node:
         return {**self.udp.stats, **self.links.stats, **self.membership.stats,
                 **self.store.stats, **self.store.rep.stats, **self.edge.stats,
                 **self.alive_verifier.stats, **self.control_stats,
-                **self.registry.replicator.stats, **self.auth.stats}
+                **self.registry.replicator.stats, **self.auth.stats,
+                **self.broker.stats, **self.durable.stats}
 
     async def _bind(self, host: str, port: int) -> tuple[int, list[trio.SocketListener]]:
         """UDP and TCP on the same port. With port 0 the kernel picks the UDP port, which
@@ -400,6 +415,11 @@ class Node:
             return None
         hop = self.core.members.get(route.next_hop)
         return (hop.addr, dest) if hop is not None else None
+
+    def _route_cost(self, dest: str) -> float | None:
+        """Seconds to reach `dest` along the routes (0 for a member not measured yet)."""
+        route = self.routing.table.route(dest)
+        return route.cost if route is not None else 0.0
 
     def _next_hop_addr(self, dest: str) -> str | None:
         route = self.routing.table.route(dest)

@@ -31,6 +31,7 @@ from meshd import namespaces
 from meshd.control import Conn, ControlClient
 from meshd.errors import MeshError
 
+from .broker import Subscription
 from .daemon import socket_path
 from .schema import SchemaError, dump, load
 
@@ -198,6 +199,43 @@ class Client:
             yield stream
         finally:
             await conn_client.aclose()
+
+    async def publish(self, topic: str, event: Any = None, *,
+                      headers: dict[str, str] | None = None, delay: float | None = None,
+                      id: str | None = None, namespace: str | None = None) -> dict[str, Any]:
+        """Publish `event` (a dataclass, JSON value or bytes) on `topic`. Core topics: sent
+        on to every interested node (at most once); durable topics: returns once the
+        message is on disk (`seq`); `delay` seconds (durable topics only) holds it back
+        from durable subscribers until due; `id` deduplicates republishes."""
+        args: dict[str, Any] = {"topic": topic, "body": dump(event), "headers": headers or {},
+                                "namespace": self._ns(namespace)}
+        if delay is not None:
+            args["delay"] = delay
+        if id is not None:
+            args["id"] = id
+        return await self._request("broker.publish", **args)
+
+    @asynccontextmanager
+    async def subscribe(self, pattern: str, *, queue: str | None = None,
+                        durable: str | None = None, buffer: int | None = None,
+                        policy: str | None = None, namespace: str | None = None
+                        ) -> AsyncIterator[Subscription]:
+        """Subscribe to `pattern` (NATS wildcards `*` and `>`): `queue` shares messages
+        within a group, `durable` names a durable subscriber (acks, redelivery, resume);
+        `buffer` and `policy` ("drop-oldest", "drop-newest", "block") say what happens when
+        this subscriber falls behind."""
+        conn_client = self._connection()
+        conn_client.token = self.token
+        try:
+            info, conn = await conn_client.session(
+                "broker.subscribe", pattern=pattern, queue=queue, durable=durable,
+                buffer=buffer, policy=policy, namespace=self._ns(namespace))
+            yield Subscription(conn, info)
+        finally:
+            await conn_client.aclose()
+
+    async def topics(self, namespace: str | None = None) -> dict[str, Any]:
+        return await self._request("broker.topics", namespace=self._ns(namespace))
 
     async def services(self, namespace: str | None = None) -> list[dict[str, Any]]:
         return await self._request("services", namespace=self._ns(namespace))

@@ -9,6 +9,9 @@ Rules:
 - `await service.run()` registers through the local daemon and serves until cancelled; the
   registration lives as long as the connection (heartbeats keep it within the daemon's TTL).
 - The built-in endpoint "__health__" answers {"status": "ok"}.
+- `@service.subscriber(pattern, queue=, durable=)` on `async def f(event: Event)`: each
+  message's body is checked and built as Event; returning acks, raising naks (durable
+  subscribers). Subscribers start once the service is registered and use its token.
 - A service lives in one namespace: `namespace=`, else MESHD_NAMESPACE, else "default".
   Calls its handlers make through a `Client` stay in that namespace unless they name another
   (`running_service_namespace()`), as they carry its token.
@@ -32,6 +35,7 @@ from meshd import namespaces
 from meshd.control import Conn, ControlClient
 from meshd.errors import MeshError
 
+from .broker import Msg
 from .daemon import socket_path
 from .schema import SchemaError, describe, dump, load
 
@@ -86,6 +90,15 @@ def current_call() -> CallInfo | None:
     """The call being served by the running handler: its metadata (headers), trace id and
     the calling node; None outside a handler."""
     return _CURRENT.get()
+
+
+@dataclass
+class Subscriber:
+    pattern: str
+    queue: str | None
+    durable: str | None
+    fn: Callable[[Any], Awaitable[Any]]
+    event: Any
 
 
 @dataclass
@@ -178,6 +191,7 @@ class Service:
         self.metadata = dict(metadata or {})
         self.path = socket_path(addr)
         self.endpoints: dict[str, Endpoint] = {}
+        self.subscribers: list[Subscriber] = []
         self.instance_id: str | None = None
         self.token: str | None = None
         self.registered = trio.Event()
@@ -221,6 +235,26 @@ class Service:
             return fn
         return wrap
 
+    def subscriber(self, pattern: str, queue: str | None = None,
+                   durable: str | None = None, event: Any = Any) -> Callable[[Any], Any]:
+        """A subscriber: `async def f(event: Event) -> None` gets each message on `pattern`
+        (its body checked and built as the annotation says); returning acks it, raising
+        naks it (durable subscribers; core messages are not acked). Runs while the service
+        runs, with the service's token and namespace."""
+        def wrap(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+            if not inspect.iscoroutinefunction(fn):
+                raise TypeError(f"subscriber {fn.__name__} must be async")
+            kind = event
+            if kind is Any:
+                params = list(inspect.signature(fn).parameters)
+                if len(params) != 1:
+                    raise TypeError(f"subscriber {fn.__name__} takes one event")
+                kind = get_type_hints(fn).get(params[0], Any)
+            describe(kind)
+            self.subscribers.append(Subscriber(pattern, queue, durable, fn, kind))
+            return fn
+        return wrap
+
     def _registration(self) -> dict[str, Any]:
         return {"service": self.name, "version": self.version, "metadata": self.metadata,
                 "namespace": self.namespace,
@@ -244,6 +278,8 @@ class Service:
             streams: dict[int, ServerStream] = {}
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, conn, ttl)
+                for sub in self.subscribers:
+                    await nursery.start(self._subscribe, sub)
                 while True:
                     try:
                         msg = await conn.receive()
@@ -268,6 +304,35 @@ class Service:
             await client.aclose()
         # raised outside the nursery, so callers get it as is, not inside an exception group
         raise MeshError(503, "the daemon closed the service connection", id="sdk")
+
+    async def _subscribe(self, spec: Subscriber,
+                         task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """One subscriber of this service: its session, its messages one at a time."""
+        from .client import Client
+
+        client = Client(self.path, token=self.token, namespace=self.namespace)
+        async with client.subscribe(spec.pattern, queue=spec.queue,
+                                    durable=spec.durable) as sub:
+            task_status.started()
+            async for msg in sub:
+                await self._deliver(spec, msg)
+
+    async def _deliver(self, spec: Subscriber, msg: Msg) -> None:
+        try:
+            event = load(spec.event, msg.body)
+        except SchemaError as exc:
+            log.warning("message %s on %s does not fit %s: %s", msg.id, msg.topic,
+                        getattr(spec.event, "__name__", spec.event), exc)
+            await msg.nak()
+            return
+        try:
+            await spec.fn(event)
+        except Exception as exc:
+            log.warning("subscriber %s failed on message %s: %s", spec.fn.__name__,
+                        msg.id, exc)
+            await msg.nak()
+            return
+        await msg.ack()
 
     async def _heartbeat(self, conn: Conn, ttl: float) -> None:
         n = 0

@@ -14,7 +14,8 @@ Rules:
 - C2 At most `max_in_flight` messages are delivered and not yet acked; the rest wait.
 - C3 A delivered message not acked within `ack_wait` seconds is delivered again; a nak
   asks for that at once (or after the delay it gives). Attempt n waits `backoff[n-1]`
-  (the last entry repeats) before it is offered again after a nak.
+  (the last entry repeats) before it is offered again after a nak. A delivery that never
+  reached a subscriber (returned: `nak(spent=False)`) does not count as an attempt.
 - C4 A message delivered `max_deliver` times and still not acked is dead: `poll` returns it
   once as dead (the shell moves it to TOPIC.dead with the reason) and it counts as acked.
 - C5 Acks: acking a message that is not pending (acked already, never delivered, unknown)
@@ -88,11 +89,16 @@ class Consumer:
         self._acked(seq)
         return True
 
-    def nak(self, seq: int, now: float, delay: float | None = None) -> bool:
-        """Deliver `seq` again after `delay` (default: the backoff of its attempt)."""
+    def nak(self, seq: int, now: float, delay: float | None = None,
+            spent: bool = True) -> bool:
+        """Deliver `seq` again after `delay` (default: the backoff of its attempt). With
+        `spent` False the delivery never reached a subscriber (its node had none left, or
+        died): the attempt is given back (C3)."""
         p = self.pending.get(seq)
         if p is None:
             return False
+        if not spent:
+            p.attempt = max(0, p.attempt - 1)
         wait = delay if delay is not None else \
             self.backoff[min(p.attempt, len(self.backoff)) - 1]
         p.due = now + max(0.0, wait)

@@ -78,6 +78,18 @@ class Inbox:
         self._notify()
         return item
 
+    async def take(self, most: int) -> list[Any]:
+        """What is waiting, at most `most` items, waiting for at least one; EndOfInbox once
+        closed and empty."""
+        while not self._items:
+            if self._closed:
+                raise EndOfInbox
+            await self._wait()
+        n = min(most, len(self._items))
+        out = [self._items.popleft() for _ in range(n)]
+        self._notify()
+        return out
+
     def close(self) -> None:
         self._closed = True
         self._notify()

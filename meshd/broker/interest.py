@@ -59,6 +59,10 @@ Routing one published message (``route``)
       its matching plain patterns and, per group it was chosen for, the group's matching
       patterns there. Nodes with plain interest but no route are listed as ``unreachable``
       and groups with no reachable member as ``unserved``, for the shell to count as drops.
+  D5. ``route`` may be narrowed: ``queues`` picks the queue groups considered (core
+      delivery leaves out durable subscribers' groups, which their log serves) and
+      ``plain_too=False`` leaves out plain subscribers (a durable delivery goes to one
+      member of one durable group).
 
 Receiving a copy (``local_targets``)
   T1. Every local plain subscription whose pattern matches gets the message (if the
@@ -320,14 +324,20 @@ class InterestTable:
     # -- routing (D1-D4) and receiving (T1-T2) -------------------------------------------
 
     def route(self, ns: str, topic: str, cost: Callable[[str], float | None],
-              load: Callable[[str], float]) -> Delivery:
-        """Which nodes get one copy of a message published on `topic` in `ns`."""
+              load: Callable[[str], float], queues: Callable[[str], bool] | None = None,
+              plain_too: bool = True) -> Delivery:
+        """Which nodes get one copy of a message published on `topic` in `ns` (only the
+        queue groups `queues` accepts, when given; no plain subscribers unless
+        `plain_too`)."""
         ns, topic = namespaces.check(ns), check_topic(topic)
         plain: dict[str, list[str]] = {}
         groups: dict[str, dict[str, list[str]]] = {}
         for node, queue, pattern in self._routes.match(ns, topic):
             if queue is None:
-                plain.setdefault(node, []).append(pattern)
+                if plain_too:
+                    plain.setdefault(node, []).append(pattern)
+            elif queues is not None and not queues(queue):
+                continue
             else:
                 groups.setdefault(queue, {}).setdefault(node, []).append(pattern)
         costs: dict[str, float | None] = {}

@@ -44,7 +44,7 @@ from .state import view
 log = logging.getLogger("meshd.store")
 CHANNEL = "store"
 CONFIG_DB = "config"
-SYSTEM_DBS = ("auth", "routing")
+SYSTEM_DBS = ("auth", "routing", "broker")
 
 
 def _now_ms() -> int:

@@ -1,0 +1,520 @@
+"""Durable topics (trio shell): definitions, the local log, durable subscribers' delivery.
+
+Theory of operation (docs/broker.md "Durable topics"):
+- A durable topic's definition (its settings) is a record in the replicated store (system
+  database "broker", table "topics", key "NS/NAME"), so every node knows it; creating or
+  deleting one is an admin act of the namespace.
+- Every node is the origin of its own log: a message published through this daemon to a
+  durable topic is appended to this node's `broker.db` (log.py) and acknowledged once the
+  transaction holding it is committed (group commit: concurrent publishes share one
+  transaction per topic). So publishing never waits for another node and both sides of a
+  partition keep accepting publishes; each side's messages reach the other's subscribers
+  after the heal.
+- A durable subscriber NAME is interest in the queue group "durable:NAME" (service.py); each
+  origin keeps one `Consumer` (consumer.py) per (namespace, topic, NAME) it has seen such
+  interest for, or has state for on disk. The consumer's state is saved in broker.db as it
+  changes (at most SAVE_EVERY seconds later), so a restart of the origin resumes after the
+  last saved ack and repeats only what was not acked (or acked within that last moment).
+- Delivery: while some node holds a member of NAME (nearest first, then least loaded, as a
+  queue group), the origin polls the consumer and sends each offer to one such node as a
+  "deliver" item; that node hands it to one local member, tagged; the member's ack or nak
+  travels back to the origin by tag. A member that goes away (its session closes) naks what
+  it held, so it is offered again at once; a node that dies leaves its deliveries to the
+  ack timeout, or to `on_gone`, which naks them at once.
+- A message delivered `max_deliver` times and not acked is dead: it is published to
+  TOPIC.dead (durable too: `create` defines both) with the reason in the header
+  `meshd-dead-reason`, and counted.
+- Delays (`delay` seconds at publish) are for durable topics only: the message is in the log
+  at once and offered to durable subscribers no earlier than due; core subscribers never
+  see a delayed message (it would arrive early).
+- Retention (max-age, max-msgs) trims the log every TRIM_EVERY seconds; a message trimmed
+  before a subscriber acked it is counted as lost for that subscriber.
+- Items from peers are checked strictly; a malformed one is counted by the caller and
+  dropped. A peer acks or naks only by (namespace, topic, name, sequence): it acts as a
+  node, and nodes are trusted to deliver (the rules were checked where the subscriber
+  subscribed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshd import namespaces
+from meshd.errors import MeshError, bad_request, not_found
+from meshd.store import crdt
+
+from . import messages
+from .consumer import DEAD, Consumer
+from .log import BrokerLog, TopicSettings
+from .service import DURABLE, BrokerService, LocalSub
+from .subjects import check_topic, matches
+
+log = logging.getLogger("meshd.broker")
+DB, TABLE = "broker", "topics"
+DEAD_SUFFIX = ".dead"
+REASON = "meshd-dead-reason"
+SAVE_EVERY = 0.05
+TRIM_EVERY = 10.0
+DISCOVER_EVERY = 0.5
+READ_AHEAD = 256
+RETURN_DELAY = 0.2  # a delivery that found no member is offered again this much later
+Key = tuple[str, str, str]  # (namespace, topic, durable name)
+
+
+def topic_key(ns: str, topic: str) -> str:
+    return f"{ns}/{topic}"
+
+
+def parse_settings(args: dict[str, Any], defaults: Any) -> dict[str, Any]:
+    """A topic definition from `topics create` arguments; a 400 saying what is wrong."""
+    out: dict[str, Any] = {"durable": True}
+    for name, kind, low in (("max_age", float, 0.001), ("max_msgs", int, 1),
+                            ("replicas", int, 1), ("max_deliver", int, 1),
+                            ("ack_wait", float, 0.01)):
+        value = args.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or (kind is int and not isinstance(value, int)) or not value >= low \
+                or not math.isfinite(value):
+            raise bad_request(f"{name} must be a number of at least {low}", id="meshd.broker")
+        out[name] = kind(value)
+    out.setdefault("replicas", 1)
+    out.setdefault("max_deliver", defaults.max_deliver)
+    out.setdefault("ack_wait", defaults.ack_wait)
+    if out["replicas"] > 1:
+        raise MeshError(501, "replicated durable topics (--replicas above 1) are not built "
+                             "yet: a durable topic is kept on the publishing node",
+                        id="meshd.broker")
+    return out
+
+
+class DurableTopics:
+    def __init__(self, broker: BrokerService, store: Any, data_dir: Path, settings: Any
+                 ) -> None:
+        self.broker = broker
+        self.store = store
+        self.s = settings
+        self.log = BrokerLog(data_dir)
+        self.consumers: dict[Key, Consumer] = {}
+        self._where: dict[tuple[Key, int], str] = {}  # delivered (key, seq) -> node
+        self._dirty: set[Key] = set()
+        self._pending: dict[tuple[str, str], list[tuple[Any, trio.Event, list[Any]]]] = {}
+        self._commit_wanted = trio.Event()
+        self._kick = trio.Event()
+        self._tags: dict[int, tuple[str, Key, int, LocalSub]] = {}
+        self.stats = {"broker_durable_published": 0, "broker_dead": 0, "broker_lost": 0,
+                      "broker_redelivered": 0, "broker_commits": 0}
+        self._lost: dict[Key, int] = {}
+        self._deadc: dict[Key, int] = {}
+        broker.durable = self
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._restore()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._committer)
+                nursery.start_soon(self._deliverer)
+                nursery.start_soon(self._saver)
+                nursery.start_soon(self._trimmer)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                self._save_now()
+            self.log.close()
+
+    # --- definitions ------------------------------------------------------------------------
+
+    def definition(self, ns: str, topic: str) -> dict[str, Any] | None:
+        state = self.store.rep.state.get(DB, TABLE, topic_key(ns, topic))
+        if state is None or not self.store._live(state):
+            return None
+        reg = state.get("lww")
+        if reg is None or reg[1] is None:
+            return None
+        try:
+            value = json.loads(reg[1])
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def definitions(self, ns: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        out = {}
+        for key, value in self.store.json_records(DB, TABLE).items():
+            t_ns, _, topic = key.partition("/")
+            if isinstance(value, dict) and (ns is None or t_ns == ns):
+                out[(t_ns, topic)] = value
+        return out
+
+    async def create(self, ns: str, topic: str, settings: dict[str, Any]) -> dict[str, Any]:
+        topic = check_topic(topic)
+        names = [topic] if topic.endswith(DEAD_SUFFIX) else [topic, topic + DEAD_SUFFIX]
+        for name in names:
+            raw = json.dumps(settings, sort_keys=True).encode()
+            await self.store._commit_local(DB, TABLE, topic_key(ns, name),
+                                           {"lww": crdt.lww(self.store.hlc.now(), raw)}, 1)
+        return {"topic": topic, "namespace": ns, **settings}
+
+    async def delete(self, ns: str, topic: str) -> dict[str, Any]:
+        topic = check_topic(topic)
+        if self.definition(ns, topic) is None:
+            raise not_found(f"no durable topic {topic!r} in namespace {ns!r}",
+                            id="meshd.broker")
+        names = [topic] if topic.endswith(DEAD_SUFFIX) else [topic, topic + DEAD_SUFFIX]
+        for name in names:
+            if self.definition(ns, name) is not None:
+                await self.store._commit_local(
+                    DB, TABLE, topic_key(ns, name),
+                    {"lww": crdt.lww(self.store.hlc.now(), None)}, 1)
+            self._drop_local(ns, name)
+        return {"deleted": topic, "namespace": ns}
+
+    def _drop_local(self, ns: str, topic: str) -> None:
+        for key in [k for k in self.consumers if k[:2] == (ns, topic)]:
+            del self.consumers[key]
+            self._dirty.discard(key)
+        self.log.delete(ns, topic)
+
+    def _ensure_log(self, ns: str, topic: str, definition: dict[str, Any]) -> None:
+        wanted = TopicSettings(max_age=definition.get("max_age"),
+                               max_msgs=definition.get("max_msgs"),
+                               replicas=int(definition.get("replicas", 1)),
+                               dedup_window=self.s.dedup_window)
+        if self.log.topics().get((ns, topic)) != wanted:
+            self.log.create(ns, topic, wanted)
+
+    # --- publishing -------------------------------------------------------------------------
+
+    async def publish(self, ns: str, msg: messages.Message, definition: dict[str, Any],
+                      delay: float | None) -> dict[str, Any]:
+        """Append to our log (acknowledged once committed), then deliver."""
+        self._ensure_log(ns, msg.topic, definition)
+        not_before = time.time() + delay if delay else None
+        done = trio.Event()
+        result: list[Any] = []
+        self._pending.setdefault((ns, msg.topic), []).append(
+            ((msg.id, msg.published_at, not_before, msg.to_wire()), done, result))
+        self._commit_wanted.set()
+        await done.wait()
+        if isinstance(result[0], BaseException):
+            raise MeshError(503, f"the durable log could not be written: {result[0]}",
+                            id="meshd.broker")
+        seq, duplicate = result[0]
+        if not duplicate:
+            self.stats["broker_durable_published"] += 1
+            for key, c in self.consumers.items():
+                if key[:2] == (ns, msg.topic):
+                    c.append(seq, not_before)
+            self._kick.set()
+            if not_before is None:
+                await self.broker.publish(ns, msg)  # core subscribers get it live
+        return {"id": msg.id, "seq": seq, "duplicate": duplicate, "node": self.broker.node}
+
+    async def _committer(self) -> None:
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted = trio.Event()
+            pending, self._pending = self._pending, {}
+            for (ns, topic), items in pending.items():
+                batch = [item for item, _, _ in items]
+                try:
+                    out = await trio.to_thread.run_sync(self.log.append, ns, topic, batch)
+                    self.stats["broker_commits"] += 1
+                except Exception as exc:  # a failed write fails its publishes, not the node
+                    log.error("durable append to %s/%s failed: %s", ns, topic, exc)
+                    out = [exc] * len(items)
+                for (_, done, result), res in zip(items, out, strict=True):
+                    result.append(res)
+                    done.set()
+
+    # --- consumers --------------------------------------------------------------------------
+
+    def _consumer(self, key: Key, state: dict[str, Any] | None = None) -> Consumer:
+        c = self.consumers.get(key)
+        if c is not None:
+            return c
+        definition = self.definition(key[0], key[1]) or {}
+        settings = {"ack_wait": float(definition.get("ack_wait", self.s.ack_wait)),
+                    "max_deliver": int(definition.get("max_deliver", self.s.max_deliver)),
+                    "max_in_flight": self.s.max_in_flight}
+        now = time.time()
+        c = Consumer.restore(state, now, **settings) if state else Consumer(**settings)
+        last = self.log.last_seq(key[0], key[1])
+        if not state:  # a new durable subscriber starts at the oldest message held
+            first = self.log.read(key[0], key[1], 0, 1)
+            c.floor = c.walked = c.last = (first[0].seq - 1) if first else last
+        after = c.last
+        while after < last:
+            rows = self.log.read(key[0], key[1], after, 1000)
+            if not rows:
+                break
+            for row in rows:
+                c.append(row.seq, row.not_before)
+            after = rows[-1].seq
+        c.last = max(c.last, last)
+        if c.walked < c.floor:
+            c.walked = c.floor
+        self.consumers[key] = c
+        self._dirty.add(key)
+        return c
+
+    def _restore(self) -> None:
+        for (ns, topic) in self.log.topics():
+            for name, state in self.log.subscribers(ns, topic).items():
+                self._consumer((ns, topic, name), state)
+
+    def _discover(self) -> None:
+        """Consumers for every durable subscriber anywhere whose pattern matches a durable
+        topic we hold a log of."""
+        held = self.log.topics()
+        if not held:
+            return
+        for rec in list(self.broker.interest.records.values()):
+            for (ns, pattern, queue) in rec.subs:
+                if not queue or not queue.startswith(DURABLE):
+                    continue
+                for (t_ns, topic) in held:
+                    if t_ns == ns and matches(pattern, topic):
+                        self._consumer((ns, topic, queue[len(DURABLE):]))
+
+    async def _deliverer(self) -> None:
+        while True:
+            deadline = time.time() + DISCOVER_EVERY
+            for c in self.consumers.values():
+                d = c.next_deadline()
+                if d is not None:
+                    deadline = min(deadline, d)
+            with trio.move_on_after(max(0.0, deadline - time.time())):
+                await self._kick.wait()
+            self._kick = trio.Event()
+            self._discover()
+            for key, c in list(self.consumers.items()):
+                if self.consumers.get(key) is c:
+                    await self._offer(key, c)
+
+    async def _offer(self, key: Key, c: Consumer) -> None:
+        ns, topic, name = key
+        group = DURABLE + name
+        delivery = self.broker.interest.route(ns, topic, self.broker.route_cost,
+                                              self.broker.load, queues=group.__eq__,
+                                              plain_too=False)
+        if not delivery.copies:
+            return  # nobody to deliver to: the log keeps it, attempts are not spent
+        offers = c.poll(time.time())
+        if not offers:
+            return
+        self._dirty.add(key)
+        rows = {}
+        lo = min(o.seq for o in offers)
+        hi = max(o.seq for o in offers)
+        if hi - lo < READ_AHEAD * 4:
+            rows = {r.seq: r for r in self.log.read(ns, topic, lo - 1, hi - lo + 1)}
+        for o in offers:
+            row = rows.get(o.seq) or self.log.get(ns, topic, o.seq)
+            if row is None:  # trimmed by retention before it was acked
+                c.ack(o.seq)
+                self._lost[key] = self._lost.get(key, 0) + 1
+                self.stats["broker_lost"] += 1
+                continue
+            if o.kind == DEAD:
+                self._deadc[key] = self._deadc.get(key, 0) + 1
+                self.stats["broker_dead"] += 1
+                self._where.pop((key, o.seq), None)
+                await self._dead_letter(ns, topic, row.message, o.reason, name)
+                continue
+            if o.attempt > 1:
+                self.stats["broker_redelivered"] += 1
+            node = next(iter(delivery.copies))
+            if offers[0] is not o:  # each message chosen afresh: load balances a group
+                again = self.broker.interest.route(
+                    ns, topic, self.broker.route_cost, self.broker.load,
+                    queues=group.__eq__, plain_too=False)
+                node = next(iter(again.copies), node)
+            self._where[(key, o.seq)] = node
+            item = {"t": "deliver", "ns": ns, "topic": topic, "durable": name, "seq": o.seq,
+                    "attempt": o.attempt, "msg": row.message}
+            if node == self.broker.node:
+                await self._deliver_here(self.broker.node, item)
+            else:
+                self.broker._sent[node] = self.broker._sent.get(node, 0) + 1
+                await self.broker.outbox(node).put(item)
+
+    async def _dead_letter(self, ns: str, topic: str, raw: dict[str, Any], reason: str,
+                           name: str) -> None:
+        headers = dict(raw.get("headers") or {})
+        headers[REASON] = f"{reason} (durable subscriber {name!r})"[:1024]
+        headers["meshd-dead-topic"] = topic
+        dead_topic = topic + DEAD_SUFFIX if not topic.endswith(DEAD_SUFFIX) else topic
+        msg = messages.Message(messages.new_id(), dead_topic, raw.get("body"), time.time(),
+                               f"node:{self.broker.node}", headers)
+        try:
+            definition = self.definition(ns, dead_topic)
+            if definition is not None and dead_topic != topic:
+                await self.publish(ns, msg, definition, None)
+            else:
+                await self.broker.publish(ns, msg)
+        except MeshError as exc:
+            log.warning("dead letter of %s/%s not kept: %s", ns, topic, exc.detail)
+
+    # --- the subscriber's side --------------------------------------------------------------
+
+    async def receive(self, peer: str, item: dict[str, Any]) -> None:
+        """A durable item from another daemon (service.py hands over what is not a copy)."""
+        kind = item.get("t")
+        ns, topic, name = item.get("ns"), item.get("topic"), item.get("durable")
+        if not isinstance(ns, str) or not isinstance(topic, str) or not isinstance(name, str):
+            raise messages.WireError("durable item without namespace, topic or name")
+        namespaces.check(ns)
+        check_topic(topic)
+        if kind == "deliver":
+            msg = item.get("msg")
+            seq, attempt = item.get("seq"), item.get("attempt")
+            if type(seq) is not int or type(attempt) is not int or seq < 1:
+                raise messages.WireError("durable delivery without a sequence")
+            messages.decode_copy({"ns": ns, "msg": msg, "plain": False, "groups": []},
+                                 self.broker.s.max_message_bytes)
+            await self._deliver_here(peer, item)
+        elif kind in ("ack", "nak", "return"):
+            seqs = item.get("seqs")
+            if not isinstance(seqs, list) or len(seqs) > 100_000 \
+                    or not all(type(s) is int for s in seqs):
+                raise messages.WireError("acks are a list of sequence numbers")
+            delay = item.get("delay")
+            if delay is not None and (not isinstance(delay, int | float)
+                                      or isinstance(delay, bool) or not 0 <= delay < 1e9):
+                raise messages.WireError("a nak's delay is a number of seconds")
+            self._settle((ns, topic, name), kind, seqs, delay)
+        else:
+            raise messages.WireError(f"unknown durable item {kind!r}")
+
+    async def _deliver_here(self, origin: str, item: dict[str, Any]) -> None:
+        ns, topic, name = item["ns"], item["topic"], item["durable"]
+        group = DURABLE + name
+        targets = self.broker.interest.local_targets(ns, topic, [group])
+        sub = self.broker._one_of(ns, group, targets.groups.get(group, ()))
+        if sub is None:  # the member left meanwhile: offer it again at once
+            self._send_settle(origin, (ns, topic, name), "return", [item["seq"]], RETURN_DELAY)
+            return
+        tag = self.broker.next_tag()
+        sub.unacked[tag] = (origin, topic, item["seq"])
+        self._tags[tag] = (origin, (ns, topic, name), item["seq"], sub)
+        await sub.inbox.deliver({**item["msg"], "tag": tag, "attempt": item["attempt"],
+                                 "durable": name, "origin": origin, "seq": item["seq"]})
+
+    def settle_tags(self, sub: LocalSub, kind: str, tags: list[Any],
+                    delay: float | None = None) -> int:
+        """A subscriber's acks or naks (by the tags it got); how many were known."""
+        by_origin: dict[tuple[str, Key], list[int]] = {}
+        known = 0
+        for tag in tags:
+            found = self._tags.get(tag) if type(tag) is int else None
+            if found is None or found[3] is not sub:
+                continue
+            del self._tags[tag]
+            sub.unacked.pop(tag, None)
+            origin, key, seq = found[0], found[1], found[2]
+            by_origin.setdefault((origin, key), []).append(seq)
+            known += 1
+        for (origin, key), seqs in by_origin.items():
+            self._send_settle(origin, key, kind, seqs, delay)
+        return known
+
+    def release(self, sub: LocalSub) -> None:
+        """A durable member went away: nak what it held, so it is offered again now."""
+        self.settle_tags(sub, "nak", list(sub.unacked), 0.0)
+
+    def _send_settle(self, origin: str, key: Key, kind: str, seqs: list[int],
+                     delay: float | None) -> None:
+        if origin == self.broker.node:
+            self._settle(key, kind, seqs, delay)
+            return
+        item: dict[str, Any] = {"t": kind, "ns": key[0], "topic": key[1], "durable": key[2],
+                                "seqs": seqs}
+        if delay is not None:
+            item["delay"] = delay
+        self.broker.outbox(origin).put_nowait(item)
+
+    def _settle(self, key: Key, kind: str, seqs: list[int], delay: float | None) -> None:
+        c = self.consumers.get(key)
+        if c is None:
+            return
+        now = time.time()
+        for seq in seqs:
+            if kind == "ack":
+                c.ack(seq)
+                self._where.pop((key, seq), None)
+            else:
+                c.nak(seq, now, delay, spent=kind == "nak")
+        self._dirty.add(key)
+        self._kick.set()
+
+    def on_gone(self, node: str) -> None:
+        """A member died or left: what we delivered to it is offered again now."""
+        now = time.time()
+        for (key, seq), where in list(self._where.items()):
+            if where == node:
+                del self._where[(key, seq)]
+                c = self.consumers.get(key)
+                if c is not None:
+                    c.nak(seq, now, 0.0, spent=False)
+        self._kick.set()
+
+    # --- upkeep -----------------------------------------------------------------------------
+
+    def _save_now(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for key in dirty:
+            c = self.consumers.get(key)
+            if c is not None and (key[0], key[1]) in self.log.topics():
+                self.log.save(key[0], key[1], key[2], c.state())
+
+    async def _saver(self) -> None:
+        while True:
+            await trio.sleep(SAVE_EVERY)
+            if self._dirty:
+                self._save_now()
+
+    async def _trimmer(self) -> None:
+        while True:
+            await trio.sleep(TRIM_EVERY)
+            defined = self.definitions()
+            for (ns, topic) in list(self.log.topics()):
+                if (ns, topic) not in defined:
+                    self._drop_local(ns, topic)  # deleted elsewhere
+                    continue
+                await trio.to_thread.run_sync(self.log.trim, ns, topic, time.time())
+
+    # --- views ------------------------------------------------------------------------------
+
+    def rows(self, ns: str | None = None) -> list[dict[str, Any]]:
+        """Durable topics (of `ns`) with their settings, what this node holds of each, and
+        each durable subscriber's counts here."""
+        out = []
+        held = self.log.topics()
+        for (t_ns, topic), definition in sorted(self.definitions(ns).items()):
+            subs = {}
+            for key, c in self.consumers.items():
+                if key[:2] == (t_ns, topic):
+                    subs[key[2]] = {**c.counts(), "acked_floor": c.floor,
+                                    "dead": self._deadc.get(key, 0),
+                                    "lost": self._lost.get(key, 0)}
+            out.append({"namespace": t_ns, "topic": topic, "durable": True,
+                        "settings": {k: v for k, v in definition.items() if k != "durable"},
+                        "messages": self.log.count(t_ns, topic) if (t_ns, topic) in held
+                        else 0,
+                        "last_seq": self.log.last_seq(t_ns, topic) if (t_ns, topic) in held
+                        else 0,
+                        "subscribers": subs})
+        return out
+
+    def log_settings(self, ns: str, topic: str) -> dict[str, Any] | None:
+        found = self.log.topics().get((ns, topic))
+        return asdict(found) if found is not None else None

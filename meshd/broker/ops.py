@@ -1,0 +1,162 @@
+"""Control operations of the broker (served locally and through the proxy, meshd/ops.py).
+
+Rules:
+- Every op acts in one namespace (`namespace`, default "default"); topics of two
+  namespaces never meet.
+- Auth resources, checked in the op's namespace with the caller's token (none: the local
+  operator acts as this node): `topic:TOPIC:publish` to publish, `topic:PATTERN:subscribe`
+  to subscribe (the pattern as written: a rule for `orders.*` is what lets `orders.*` be
+  subscribed), `topic:TOPIC:admin` to create or delete a durable topic. Listing topics
+  reads the mesh (`mesh:topics:`).
+- `broker.subscribe` is a session: the reply names the subscription, then the daemon sends
+  `{"msgs": [message, ...]}` frames; the client may send `{"ack": [tag, ...]}` and
+  `{"nak": [tag, ...], "delay": seconds}` for durable messages (each carries its `tag`).
+  Closing the connection ends the subscription; unacked durable messages go back to their
+  origin at once.
+- Bad input is a 400 (invalid topic, pattern, queue, buffer, policy, oversized message), a
+  missing durable topic a 404, a refusal 401/403; nothing else is disturbed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import trio
+
+from meshd import namespaces
+from meshd.errors import bad_request, not_found
+from meshd.ops import REQUEST_TOKEN, Conn, Op, mesh_resource
+
+from . import messages
+from .durable import DEAD_SUFFIX, DurableTopics, parse_settings
+from .interest import check_queue
+from .service import DURABLE, BrokerService
+from .subjects import check_pattern, check_topic, matches
+
+MAX_DELAY = 365 * 86400.0
+
+
+class BrokerOps:
+    def __init__(self, broker: BrokerService, durable: DurableTopics, auth: Any,
+                 node: str) -> None:
+        self.broker = broker
+        self.durable = durable
+        self.auth = auth
+        self.node = node
+
+    def ops(self) -> list[Op]:
+        return [
+            Op("broker.publish", self.publish, "checked"),
+            Op("broker.subscribe", self.subscribe, "checked", "session"),
+            Op("broker.topics", self.topics, mesh_resource("topics")),
+            Op("broker.topics.create", self.create, "checked"),
+            Op("broker.topics.delete", self.delete, "checked"),
+        ]
+
+    def _check(self, ns: str, name: str, action: str) -> Any:
+        return self.auth.check(REQUEST_TOKEN.get(), self.node, ("topic", name, action),
+                               namespace=ns)
+
+    async def publish(self, args: dict[str, Any]) -> Any:
+        ns = namespaces.check(args.get("namespace"))
+        topic = check_topic(args.get("topic"))
+        who = self._check(ns, topic, "publish")
+        delay = args.get("delay")
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int | float)
+                                  or not math.isfinite(delay) or not 0 <= delay <= MAX_DELAY):
+            raise bad_request("delay must be 0 to 365 days in seconds", id="meshd.broker")
+        msg = messages.build(topic, args.get("body"), args.get("headers"), who.id,
+                             self.broker.s.max_message_bytes, args.get("id"))
+        definition = self.durable.definition(ns, topic)
+        if definition is not None:
+            return await self.durable.publish(ns, msg, definition, delay or None)
+        if delay:
+            raise not_found(f"a delayed message needs a durable topic: {topic!r} is not one "
+                            f"in namespace {ns!r} (create it with `meshd topics create "
+                            f"{topic} --durable`)", id="meshd.broker")
+        return await self.broker.publish(ns, msg)
+
+    async def subscribe(self, args: dict[str, Any], conn: Conn) -> None:
+        ns = namespaces.check(args.get("namespace"))
+        pattern = check_pattern(args.get("pattern"))
+        queue = check_queue(args.get("queue"))
+        durable = check_queue(args.get("durable"))
+        if queue is not None and queue.startswith(DURABLE):
+            raise bad_request(f"queue group names may not start with {DURABLE!r}",
+                              id="meshd.broker")
+        who = self._check(ns, pattern, "subscribe")
+        if durable is not None:
+            if queue is not None and queue != durable:
+                raise bad_request("a durable subscriber shared by a queue group is named "
+                                  "once: give --durable NAME (every member uses the same "
+                                  "name), not a different --queue", id="meshd.broker")
+            topics = [t for (t_ns, t) in self.durable.definitions(ns)
+                      if t_ns == ns and matches(pattern, t)]
+            if not topics:
+                raise not_found(f"no durable topic matches {pattern!r} in namespace {ns!r}: "
+                                f"a durable subscriber reads a durable topic (`meshd topics "
+                                f"create TOPIC --durable`)", id="meshd.broker")
+            size, policy = self.broker.s.max_in_flight, "block"
+        else:
+            size, policy = self.broker.check_size(args.get("buffer"), args.get("policy"))
+        sub = self.broker.add_sub(ns, pattern, None if durable else queue, who.id, size,
+                                  policy, durable)
+        try:
+            await conn.reply({"id": sub.id, "node": self.node, "namespace": ns,
+                              "pattern": pattern, "queue": queue, "durable": durable,
+                              "buffer": size, "policy": policy})
+            async with trio.open_nursery() as nursery:
+                async def pump() -> None:
+                    await self.broker.pump(sub, conn.send)
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(pump)
+                while True:
+                    frame = await conn.receive()
+                    if isinstance(frame, dict):
+                        self._client_frame(sub, frame)
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.broker.drop_sub(sub)
+
+    def _client_frame(self, sub: Any, frame: dict[str, Any]) -> None:
+        for kind in ("ack", "nak"):
+            tags = frame.get(kind)
+            if isinstance(tags, list) and tags:
+                delay = frame.get("delay")
+                if not isinstance(delay, int | float) or isinstance(delay, bool) \
+                        or not 0 <= delay <= MAX_DELAY:
+                    delay = None
+                self.durable.settle_tags(sub, kind, tags[:100_000], delay)
+
+    async def topics(self, args: dict[str, Any]) -> Any:
+        ns = namespaces.check(args.get("namespace"))
+        interest = self.broker.interest.rows(ns)
+        for row in interest:
+            queue = row["queue"]
+            row["durable"] = queue[len(DURABLE):] if queue and queue.startswith(DURABLE) \
+                else None
+            if row["durable"]:
+                row["queue"] = None
+        return {"namespace": ns, "node": self.node, "durable": self.durable.rows(ns),
+                "interest": interest, "local": self.broker.sub_rows(ns),
+                "stats": {**self.broker.stats, **self.durable.stats}}
+
+    async def create(self, args: dict[str, Any]) -> Any:
+        ns = namespaces.check(args.get("namespace"))
+        topic = check_topic(args.get("topic"))
+        if args.get("durable") is False:
+            raise bad_request("only durable topics are created: core topics need no "
+                              "creating (publish and subscribe)", id="meshd.broker")
+        self._check(ns, topic, "admin")
+        if not topic.endswith(DEAD_SUFFIX):
+            self._check(ns, topic + DEAD_SUFFIX, "admin")
+        settings = parse_settings(args, self.broker.s)
+        return await self.durable.create(ns, topic, settings)
+
+    async def delete(self, args: dict[str, Any]) -> Any:
+        ns = namespaces.check(args.get("namespace"))
+        topic = check_topic(args.get("topic"))
+        self._check(ns, topic, "admin")
+        return await self.durable.delete(ns, topic)

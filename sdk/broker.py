@@ -1,0 +1,113 @@
+"""Broker in the SDK: publish events, subscribe to topics, typed subscribers of a service.
+
+    await client.publish("orders.created", Order(id=7), headers={"k": "v"})
+    async with client.subscribe("orders.*", queue="billing") as sub:
+        async for msg in sub:
+            print(msg.topic, msg.body)
+            await msg.ack()          # durable subscribers only; a no-op otherwise
+
+    @service.subscriber("orders.created", queue="billing", durable="billing")
+    async def on_order(event: Order) -> None: ...   # returning acks, raising naks
+
+Rules:
+- A subscription is one session with the local daemon (or an environment's proxy); leaving
+  the `async with` ends it, and the daemon forgets the interest at once.
+- Messages of a durable subscription carry a tag; `ack()` confirms one, `nak(delay=)` asks
+  for it again (after `delay` seconds, else the topic's backoff). An unacked message comes
+  again after the topic's ack wait. Acking a core message does nothing.
+- Events are typed like RPC requests: a dataclass or TypedDict is checked and built from the
+  body; a body that does not fit is nak'ed (a durable topic dead-letters it after
+  max-deliver attempts) and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshd.control import Conn
+from meshd.errors import MeshError
+
+log = logging.getLogger("sdk.broker")
+
+
+@dataclass
+class Msg:
+    topic: str
+    id: str
+    body: Any
+    headers: dict[str, str]
+    published_at: float
+    publisher: str
+    attempt: int = 1
+    durable: str | None = None
+    tag: int | None = None
+    origin: str | None = None  # durable: the node whose log holds it, and its number there
+    seq: int | None = None
+    _sub: Subscription | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_frame(cls, raw: dict[str, Any], sub: Subscription) -> Msg:
+        return cls(str(raw.get("topic", "")), str(raw.get("id", "")), raw.get("body"),
+                   dict(raw.get("headers") or {}), float(raw.get("published_at") or 0.0),
+                   str(raw.get("publisher", "")), int(raw.get("attempt") or 1),
+                   raw.get("durable"), raw.get("tag"), raw.get("origin"), raw.get("seq"), sub)
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI's line for this message (`meshd subscribe --json`)."""
+        out = {"topic": self.topic, "id": self.id, "headers": self.headers,
+               "body": self.body, "published_at": self.published_at,
+               "publisher": self.publisher}
+        if self.durable:
+            out.update(durable=self.durable, attempt=self.attempt, origin=self.origin,
+                       seq=self.seq)
+        return out
+
+    async def ack(self) -> None:
+        if self.tag is not None and self._sub is not None:
+            await self._sub._settle("ack", self.tag)
+
+    async def nak(self, delay: float | None = None) -> None:
+        if self.tag is not None and self._sub is not None:
+            await self._sub._settle("nak", self.tag, delay)
+
+
+class Subscription:
+    """A live subscription: iterate for messages."""
+
+    def __init__(self, conn: Conn, info: dict[str, Any]) -> None:
+        self._conn = conn
+        self.info = info
+        self.id: str = info.get("id", "")
+        self._queue: deque[dict[str, Any]] = deque()
+
+    async def _settle(self, kind: str, tag: int, delay: float | None = None) -> None:
+        frame: dict[str, Any] = {kind: [tag]}
+        if delay is not None:
+            frame["delay"] = delay
+        await self._conn.send(frame)
+
+    async def receive(self) -> Msg:
+        while not self._queue:
+            try:
+                frame = await self._conn.receive()
+            except EOFError:
+                raise MeshError(503, "the daemon ended the subscription", id="sdk") from None
+            if isinstance(frame, dict) and isinstance(frame.get("msgs"), list):
+                self._queue.extend(m for m in frame["msgs"] if isinstance(m, dict))
+            elif isinstance(frame, dict) and frame.get("ok") is False:
+                raise MeshError.from_dict(frame.get("error"))
+        return Msg.from_frame(self._queue.popleft(), self)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Msg:
+        try:
+            return await self.receive()
+        except MeshError as exc:
+            if exc.status == 503:
+                raise StopAsyncIteration from None
+            raise
