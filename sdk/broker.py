@@ -111,3 +111,44 @@ class Subscription:
             if exc.status == 503:
                 raise StopAsyncIteration from None
             raise
+
+
+class Publisher:
+    """Publishes without waiting for each message (as a NATS client does): `publish` queues
+    the frame on one connection, `flush()` waits until the daemon handled everything sent
+    so far and raises the first failure it reported (MeshError), if any."""
+
+    def __init__(self, conn: Conn, namespace: str) -> None:
+        self._conn = conn
+        self._ns = namespace
+        self._flushes = 0
+        self._failure: MeshError | None = None
+
+    async def publish(self, topic: str, event: Any = None, *,
+                      headers: dict[str, str] | None = None, id: str | None = None) -> None:
+        from .schema import dump
+
+        pub: dict[str, Any] = {"topic": topic, "body": dump(event), "headers": headers or {},
+                               "namespace": self._ns}
+        if id is not None:
+            pub["id"] = id
+        await self._conn.send({"pub": pub})
+
+    async def flush(self) -> int:
+        """How many messages the daemon has handled; MeshError for the first that failed."""
+        self._flushes += 1
+        await self._conn.send({"flush": self._flushes})
+        while True:
+            try:
+                frame = await self._conn.receive()
+            except EOFError:
+                raise MeshError(503, "the daemon closed the publisher", id="sdk") from None
+            if not isinstance(frame, dict):
+                continue
+            if "error" in frame and self._failure is None:
+                self._failure = MeshError.from_dict(frame["error"])
+            if frame.get("flushed") == self._flushes:
+                if self._failure is not None:
+                    failure, self._failure = self._failure, None
+                    raise failure
+                return int(frame.get("published") or 0)

@@ -31,7 +31,7 @@ from meshd import namespaces
 from meshd.control import Conn, ControlClient
 from meshd.errors import MeshError
 
-from .broker import Subscription
+from .broker import Publisher, Subscription
 from .daemon import socket_path
 from .schema import SchemaError, dump, load
 
@@ -231,6 +231,20 @@ class Client:
                 "broker.subscribe", pattern=pattern, queue=queue, durable=durable,
                 buffer=buffer, policy=policy, namespace=self._ns(namespace))
             yield Subscription(conn, info)
+        finally:
+            await conn_client.aclose()
+
+    @asynccontextmanager
+    async def publisher(self, namespace: str | None = None) -> AsyncIterator[Publisher]:
+        """A pipelined publisher for many messages: `await pub.publish(...)` does not wait
+        for the daemon; leaving the block flushes (raising the first failure)."""
+        conn_client = self._connection()
+        conn_client.token = self.token
+        try:
+            _, conn = await conn_client.session("broker.publisher")
+            pub = Publisher(conn, self._ns(namespace))
+            yield pub
+            await pub.flush()
         finally:
             await conn_client.aclose()
 

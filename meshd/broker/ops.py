@@ -8,6 +8,8 @@ Rules:
   to subscribe (the pattern as written: a rule for `orders.*` is what lets `orders.*` be
   subscribed), `topic:TOPIC:admin` to create or delete a durable topic. Listing topics
   reads the mesh (`mesh:topics:`).
+- `broker.publisher` is a session for publishing fast: frames go one way, failures come
+  back numbered, `flush` confirms (meshd/broker/ops.py `publisher`).
 - `broker.subscribe` is a session: the reply names the subscription, then the daemon sends
   `{"msgs": [message, ...]}` frames; the client may send `{"ack": [tag, ...]}` and
   `{"nak": [tag, ...], "delay": seconds}` for durable messages (each carries its `tag`).
@@ -25,7 +27,7 @@ from typing import Any
 import trio
 
 from meshd import namespaces
-from meshd.errors import bad_request, not_found
+from meshd.errors import MeshError, bad_request, not_found
 from meshd.ops import REQUEST_TOKEN, Conn, Op, mesh_resource
 
 from . import messages
@@ -49,6 +51,7 @@ class BrokerOps:
         return [
             Op("broker.publish", self.publish, "checked"),
             Op("broker.subscribe", self.subscribe, "checked", "session"),
+            Op("broker.publisher", self.publisher, "checked", "session"),
             Op("broker.topics", self.topics, mesh_resource("topics")),
             Op("broker.topics.create", self.create, "checked"),
             Op("broker.topics.delete", self.delete, "checked"),
@@ -76,6 +79,33 @@ class BrokerOps:
                             f"in namespace {ns!r} (create it with `meshd topics create "
                             f"{topic} --durable`)", id="meshd.broker")
         return await self.broker.publish(ns, msg)
+
+    async def publisher(self, args: dict[str, Any], conn: Conn) -> None:
+        """A pipelined publisher: `{"pub": {publish args}}` frames, each published in order
+        without an answer (as a NATS client's publish); a failure is sent back as
+        `{"error": {...}, "n": N}` (N counts the frames from 1); `{"flush": K}` is answered
+        `{"flushed": K, "published": N}` once every frame before it was handled."""
+        await conn.reply({"node": self.node})
+        n = 0
+        try:
+            while True:
+                frame = await conn.receive()
+                if not isinstance(frame, dict):
+                    continue
+                if "pub" in frame:
+                    n += 1
+                    pub = frame["pub"]
+                    try:
+                        if not isinstance(pub, dict):
+                            raise bad_request("pub must be a map of publish arguments",
+                                              id="meshd.broker")
+                        await self.publish(pub)
+                    except MeshError as exc:
+                        await conn.send({"error": exc.to_dict(), "n": n})
+                elif "flush" in frame:
+                    await conn.send({"flushed": frame["flush"], "published": n})
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     async def subscribe(self, args: dict[str, Any], conn: Conn) -> None:
         ns = namespaces.check(args.get("namespace"))
