@@ -82,6 +82,8 @@ class Subscription:
         self.info = info
         self.id: str = info.get("id", "")
         self._queue: deque[dict[str, Any]] = deque()
+        self._window = max(1, int(info.get("credit") or 1))  # what the daemon may send ahead
+        self._consumed = 0
 
     async def _settle(self, kind: str, tag: int, delay: float | None = None) -> None:
         frame: dict[str, Any] = {kind: [tag]}
@@ -90,6 +92,9 @@ class Subscription:
         await self._conn.send(frame)
 
     async def receive(self) -> Msg:
+        if self._consumed >= self._window // 2 or (self._consumed and not self._queue):
+            consumed, self._consumed = self._consumed, 0
+            await self._conn.send({"credit": consumed})  # room for more
         while not self._queue:
             try:
                 frame = await self._conn.receive()
@@ -99,6 +104,7 @@ class Subscription:
                 self._queue.extend(m for m in frame["msgs"] if isinstance(m, dict))
             elif isinstance(frame, dict) and frame.get("ok") is False:
                 raise MeshError.from_dict(frame.get("error"))
+        self._consumed += 1
         return Msg.from_frame(self._queue.popleft(), self)
 
     def __aiter__(self) -> Subscription:

@@ -114,6 +114,7 @@ class DurableTopics:
         self.stats = {"broker_durable_published": 0, "broker_dead": 0, "broker_lost": 0,
                       "broker_redelivered": 0, "broker_commits": 0}
         self._lost: dict[Key, int] = {}
+        self._saved: dict[Key, int] = {}  # the ack floor as last saved
         self._deadc: dict[Key, int] = {}
         broker.durable = self
 
@@ -475,6 +476,7 @@ class DurableTopics:
             c = self.consumers.get(key)
             if c is not None and (key[0], key[1]) in self.log.topics():
                 self.log.save(key[0], key[1], key[2], c.state())
+                self._saved[key] = c.floor
 
     async def _saver(self) -> None:
         while True:
@@ -504,6 +506,7 @@ class DurableTopics:
             for key, c in self.consumers.items():
                 if key[:2] == (t_ns, topic):
                     subs[key[2]] = {**c.counts(), "acked_floor": c.floor,
+                                    "saved_floor": self._saved.get(key, 0),
                                     "dead": self._deadc.get(key, 0),
                                     "lost": self._lost.get(key, 0)}
             out.append({"namespace": t_ns, "topic": topic, "durable": True,

@@ -14,7 +14,9 @@ Rules:
   `{"msgs": [message, ...]}` frames; the client may send `{"ack": [tag, ...]}` and
   `{"nak": [tag, ...], "delay": seconds}` for durable messages (each carries its `tag`).
   Closing the connection ends the subscription; unacked durable messages go back to their
-  origin at once.
+  origin at once. Flow: the daemon sends at most `credit` messages (subscribe argument;
+  default the buffer size, at most 256) beyond what the client confirmed consuming with
+  `{"credit": n}` frames; the rest waits in the subscription's inbox, whose policy applies.
 - Bad input is a 400 (invalid topic, pattern, queue, buffer, policy, oversized message), a
   missing durable topic a 404, a refusal 401/403; nothing else is disturbed.
 """
@@ -33,10 +35,11 @@ from meshd.ops import REQUEST_TOKEN, Conn, Op, mesh_resource
 from . import messages
 from .durable import DEAD_SUFFIX, DurableTopics, parse_settings
 from .interest import check_queue
-from .service import DURABLE, BrokerService
+from .service import DURABLE, BrokerService, Credit
 from .subjects import check_pattern, check_topic, matches
 
 MAX_DELAY = 365 * 86400.0
+MAX_CREDIT = 4096  # messages a client may hold unconsumed (the default: its buffer, up to 256)
 
 
 class BrokerOps:
@@ -130,27 +133,36 @@ class BrokerOps:
             size, policy = self.broker.s.max_in_flight, "block"
         else:
             size, policy = self.broker.check_size(args.get("buffer"), args.get("policy"))
+        credit = args.get("credit")
+        if credit is None:
+            credit = min(size, 256)
+        if type(credit) is not int or not 1 <= credit <= MAX_CREDIT:
+            raise bad_request(f"credit must be 1 to {MAX_CREDIT} messages", id="meshd.broker")
+        window = Credit(credit)
         sub = self.broker.add_sub(ns, pattern, None if durable else queue, who.id, size,
                                   policy, durable)
         try:
             await conn.reply({"id": sub.id, "node": self.node, "namespace": ns,
                               "pattern": pattern, "queue": queue, "durable": durable,
-                              "buffer": size, "policy": policy})
+                              "buffer": size, "policy": policy, "credit": credit})
             async with trio.open_nursery() as nursery:
                 async def pump() -> None:
-                    await self.broker.pump(sub, conn.send)
+                    await self.broker.pump(sub, conn.send, window)
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(pump)
                 while True:
                     frame = await conn.receive()
                     if isinstance(frame, dict):
-                        self._client_frame(sub, frame)
+                        self._client_frame(sub, frame, window)
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             self.broker.drop_sub(sub)
 
-    def _client_frame(self, sub: Any, frame: dict[str, Any]) -> None:
+    def _client_frame(self, sub: Any, frame: dict[str, Any], window: Credit) -> None:
+        more = frame.get("credit")
+        if type(more) is int and 0 < more <= MAX_CREDIT and window.left < MAX_CREDIT:
+            window.grant(more)
         for kind in ("ack", "nak"):
             tags = frame.get(kind)
             if isinstance(tags, list) and tags:

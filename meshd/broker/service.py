@@ -75,6 +75,23 @@ class LocalSub:
                 "dropped": self.inbox.dropped, "unacked": len(self.unacked)}
 
 
+class Credit:
+    """Messages a subscriber's client is ready for: it grants more as it consumes."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self._more = trio.Event()
+
+    def grant(self, n: int) -> None:
+        self.left += n
+        self._more.set()
+        self._more = trio.Event()
+
+    async def wait(self) -> None:
+        while self.left <= 0:
+            await self._more.wait()
+
+
 class BrokerService:
     def __init__(self, core: Membership, links: LinkManager, settings: Any,
                  cost: Callable[[str], float | None], sync_interval: float = 5.0,
@@ -177,13 +194,17 @@ class BrokerService:
         if sub.unacked and self.durable is not None:
             self.durable.release(sub)
 
-    async def pump(self, sub: LocalSub, send: Callable[[Any], Any]) -> None:
-        """Write what reaches `sub`'s inbox to its session, in batches, until it closes."""
+    async def pump(self, sub: LocalSub, send: Callable[[Any], Any], credit: Credit) -> None:
+        """Write what reaches `sub`'s inbox to its session, in batches, as far as the
+        client's credit goes (what it has not consumed yet is bounded, so a subscriber that
+        stops reading fills its inbox and its policy applies), until the inbox closes."""
         while True:
+            await credit.wait()
             try:
-                batch = await sub.inbox.take(PUMP_BATCH)
+                batch = await sub.inbox.take(min(PUMP_BATCH, credit.left))
             except EndOfInbox:
                 return
+            credit.left -= len(batch)
             await send({"msgs": batch})
 
     # --- publishing ------------------------------------------------------------------------
