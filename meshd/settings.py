@@ -280,6 +280,9 @@ class BrokerSettings:
     # Republishing the same message id within this many seconds is a duplicate (JetStream's
     # duplicate window is 2 minutes).
     dedup_window: float = 120.0
+    # A publish to a topic with --replicas N waits this long for N-1 other nodes to hold the
+    # message before it answers 408 (as the store's replica_timeout).
+    replica_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

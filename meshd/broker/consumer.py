@@ -128,11 +128,14 @@ class Consumer:
             out.append(Offer(DELIVER, seq, p.attempt))
         while self._scheduled and self._scheduled[0][0] <= now and self._room():
             _, seq = heapq.heappop(self._scheduled)
-            out.append(self._deliver(seq, now))
+            if not self._is_acked(seq):
+                out.append(self._deliver(seq, now))
         while self.walked < self.last and self._room():
             seq = self.walked + 1
             self.walked = seq
             due = self._not_before.pop(seq, None)
+            if self._is_acked(seq):
+                continue  # acked elsewhere (absorb) before it was offered here
             if due is not None and due > now:
                 heapq.heappush(self._scheduled, (due, seq))
                 continue
@@ -150,6 +153,32 @@ class Consumer:
         """Pending (delivered, not acked), waiting (in the log, not yet offered), scheduled."""
         return {"pending": len(self.pending), "scheduled": len(self._scheduled),
                 "waiting": self.last - self.walked}
+
+    def absorb(self, floor: int, acked: list[int] | set[int]) -> int:
+        """C7: acks made elsewhere (a replica delivered this log while its origin was down):
+        every message up to `floor` and each in `acked` counts as acked here; none of them
+        is offered again. How many pending ones that settled."""
+        done = {s for s in acked if s > floor}
+        settled = 0
+        for seq in list(self.pending):
+            if seq <= floor or seq in done:
+                del self.pending[seq]
+                settled += 1
+        if floor > self.floor:
+            self.floor = floor
+            self.acked = {s for s in self.acked if s > floor}
+            for seq in [s for s in self._not_before if s <= floor]:
+                del self._not_before[seq]
+        self.acked |= {s for s in done if s > self.floor}
+        while self.floor + 1 in self.acked:
+            self.floor += 1
+            self.acked.discard(self.floor)
+        self.walked = max(self.walked, self.floor)
+        self.last = max(self.last, self.walked)
+        return settled
+
+    def _is_acked(self, seq: int) -> bool:
+        return seq <= self.floor or seq in self.acked
 
     # --- C6 --------------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ from meshd.store import crdt
 from . import messages
 from .consumer import DEAD, Consumer
 from .log import BrokerLog, TopicSettings
+from .mirrors import ReplicaWaits, check_item, choose, log_of, mirror_ns, taker
 from .service import DURABLE, BrokerService, LocalSub
 from .subjects import check_topic, matches
 
@@ -65,7 +66,10 @@ SAVE_EVERY = 0.05
 TRIM_EVERY = 10.0
 DISCOVER_EVERY = 0.5
 READ_AHEAD = 256
-RETURN_DELAY = 0.2  # a delivery that found no member is offered again this much later
+MAX_REPLICAS = 7
+RETURN_DELAY = 0.2
+ABSORB_EVERY = 1.0  # seconds between sends of an absorb not yet confirmed
+ABSORB_TRIES = 60  # a delivery that found no member is offered again this much later
 Key = tuple[str, str, str]  # (namespace, topic, durable name)
 
 
@@ -90,10 +94,8 @@ def parse_settings(args: dict[str, Any], defaults: Any) -> dict[str, Any]:
     out.setdefault("replicas", 1)
     out.setdefault("max_deliver", defaults.max_deliver)
     out.setdefault("ack_wait", defaults.ack_wait)
-    if out["replicas"] > 1:
-        raise MeshError(501, "replicated durable topics (--replicas above 1) are not built "
-                             "yet: a durable topic is kept on the publishing node",
-                        id="meshd.broker")
+    if out["replicas"] > MAX_REPLICAS:
+        raise bad_request(f"replicas must be 1 to {MAX_REPLICAS}", id="meshd.broker")
     return out
 
 
@@ -110,12 +112,19 @@ class DurableTopics:
         self._pending: dict[tuple[str, str], list[tuple[Any, trio.Event, list[Any]]]] = {}
         self._commit_wanted = trio.Event()
         self._kick = trio.Event()
-        self._tags: dict[int, tuple[str, Key, int, LocalSub]] = {}
+        self._tags: dict[int, tuple[str, Key, int, LocalSub, str | None]] = {}
         self.stats = {"broker_durable_published": 0, "broker_dead": 0, "broker_lost": 0,
                       "broker_redelivered": 0, "broker_commits": 0}
         self._lost: dict[Key, int] = {}
         self._saved: dict[Key, int] = {}  # the ack floor as last saved
         self._deadc: dict[Key, int] = {}
+        self._waits = ReplicaWaits()
+        self._sets: dict[tuple[str, str], list[str]] = {}  # our topic -> its replica set
+        self._mirror_sets: dict[tuple[str, str, str], list[str]] = {}  # (origin, ns, topic)
+        # copies of logs we deliver while their origin is down: (log namespace, topic)
+        self._taking: set[tuple[str, str]] = set()
+        # absorbs sent and not yet confirmed: (node, ns, topic, name) -> (item, tries left)
+        self._absorbs: dict[tuple[str, str, str, str], tuple[dict[str, Any], int]] = {}
         broker.durable = self
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -126,6 +135,7 @@ class DurableTopics:
                 nursery.start_soon(self._deliverer)
                 nursery.start_soon(self._saver)
                 nursery.start_soon(self._trimmer)
+                nursery.start_soon(self._absorber)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -175,7 +185,9 @@ class DurableTopics:
                 await self.store._commit_local(
                     DB, TABLE, topic_key(ns, name),
                     {"lww": crdt.lww(self.store.hlc.now(), None)}, 1)
-            self._drop_local(ns, name)
+            for (log_ns, held) in list(self.log.topics()):
+                if held == name and log_of(log_ns)[1] == ns:
+                    self._drop_local(log_ns, name)  # ours and copies of others'
         return {"deleted": topic, "namespace": ns}
 
     def _drop_local(self, ns: str, topic: str) -> None:
@@ -209,6 +221,9 @@ class DurableTopics:
             raise MeshError(503, f"the durable log could not be written: {result[0]}",
                             id="meshd.broker")
         seq, duplicate = result[0]
+        replicas = int(definition.get("replicas", 1))
+        if replicas > 1 and not duplicate:
+            await self._replicate(ns, msg, seq, not_before, replicas)
         if not duplicate:
             self.stats["broker_durable_published"] += 1
             for key, c in self.consumers.items():
@@ -218,6 +233,25 @@ class DurableTopics:
             if not_before is None:
                 await self.broker.publish(ns, msg)  # core subscribers get it live
         return {"id": msg.id, "seq": seq, "duplicate": duplicate, "node": self.broker.node}
+
+    async def _replicate(self, ns: str, msg: messages.Message, seq: int,
+                         not_before: float | None, replicas: int) -> None:
+        """Copies on replicas-1 other nodes; a 408 if they do not all confirm in time."""
+        live = [m.name for m in self.broker.core.member_list() if self.broker._live(m.name)]
+        nodes = choose(self.broker.node, replicas - 1, live, self.broker.route_cost)
+        self._sets[(ns, msg.topic)] = nodes
+        item = {"t": "replicate", "ns": ns, "topic": msg.topic, "seq": seq, "id": msg.id,
+                "published_at": msg.published_at, "not_before": not_before,
+                "msg": msg.to_wire(), "set": nodes}
+        for node in nodes:
+            await self.broker.outbox(node).put(item)
+        got = await self._waits.wait((ns, msg.topic, seq), nodes,
+                                     self.s.replica_timeout) if nodes else 0
+        if got < replicas - 1:
+            raise MeshError(408, f"only {got + 1} of {replicas} nodes hold message #{seq} "
+                                 f"after {self.s.replica_timeout:g} s ({msg.id} is on disk "
+                                 f"on {self.broker.node} and will be delivered)",
+                            id="meshd.broker")
 
     async def _committer(self) -> None:
         while True:
@@ -242,7 +276,7 @@ class DurableTopics:
         c = self.consumers.get(key)
         if c is not None:
             return c
-        definition = self.definition(key[0], key[1]) or {}
+        definition = self.definition(log_of(key[0])[1], key[1]) or {}
         settings = {"ack_wait": float(definition.get("ack_wait", self.s.ack_wait)),
                     "max_deliver": int(definition.get("max_deliver", self.s.max_deliver)),
                     "max_in_flight": self.s.max_in_flight}
@@ -269,8 +303,9 @@ class DurableTopics:
 
     def _restore(self) -> None:
         for (ns, topic) in self.log.topics():
-            for name, state in self.log.subscribers(ns, topic).items():
-                self._consumer((ns, topic, name), state)
+            if log_of(ns)[0] is None:  # copies of other nodes' logs wait for a takeover
+                for name, state in self.log.subscribers(ns, topic).items():
+                    self._consumer((ns, topic, name), state)
 
     def _discover(self) -> None:
         """Consumers for every durable subscriber anywhere whose pattern matches a durable
@@ -282,9 +317,11 @@ class DurableTopics:
             for (ns, pattern, queue) in rec.subs:
                 if not queue or not queue.startswith(DURABLE):
                     continue
-                for (t_ns, topic) in held:
-                    if t_ns == ns and matches(pattern, topic):
-                        self._consumer((ns, topic, queue[len(DURABLE):]))
+                for (log_ns, topic) in held:
+                    origin, t_ns = log_of(log_ns)
+                    if t_ns == ns and (origin is None or (log_ns, topic) in self._taking) \
+                            and matches(pattern, topic):
+                        self._consumer((log_ns, topic, queue[len(DURABLE):]))
 
     async def _deliverer(self) -> None:
         while True:
@@ -302,7 +339,8 @@ class DurableTopics:
                     await self._offer(key, c)
 
     async def _offer(self, key: Key, c: Consumer) -> None:
-        ns, topic, name = key
+        log_ns, topic, name = key
+        origin, ns = log_of(log_ns)
         group = DURABLE + name
         delivery = self.broker.interest.route(ns, topic, self.broker.route_cost,
                                               self.broker.load, queues=group.__eq__,
@@ -317,9 +355,9 @@ class DurableTopics:
         lo = min(o.seq for o in offers)
         hi = max(o.seq for o in offers)
         if hi - lo < READ_AHEAD * 4:
-            rows = {r.seq: r for r in self.log.read(ns, topic, lo - 1, hi - lo + 1)}
+            rows = {r.seq: r for r in self.log.read(log_ns, topic, lo - 1, hi - lo + 1)}
         for o in offers:
-            row = rows.get(o.seq) or self.log.get(ns, topic, o.seq)
+            row = rows.get(o.seq) or self.log.get(log_ns, topic, o.seq)
             if row is None:  # trimmed by retention before it was acked
                 c.ack(o.seq)
                 self._lost[key] = self._lost.get(key, 0) + 1
@@ -342,6 +380,8 @@ class DurableTopics:
             self._where[(key, o.seq)] = node
             item = {"t": "deliver", "ns": ns, "topic": topic, "durable": name, "seq": o.seq,
                     "attempt": o.attempt, "msg": row.message}
+            if origin is not None:
+                item["log"] = origin  # a copy we deliver for its origin
             if node == self.broker.node:
                 await self._deliver_here(self.broker.node, item)
             else:
@@ -370,12 +410,18 @@ class DurableTopics:
     async def receive(self, peer: str, item: dict[str, Any]) -> None:
         """A durable item from another daemon (service.py hands over what is not a copy)."""
         kind = item.get("t")
-        ns, topic, name = item.get("ns"), item.get("topic"), item.get("durable")
+        ns, topic, name = item.get("ns"), item.get("topic"), item.get("durable", "")
         if not isinstance(ns, str) or not isinstance(topic, str) or not isinstance(name, str):
             raise messages.WireError("durable item without namespace, topic or name")
         namespaces.check(ns)
         check_topic(topic)
-        if kind == "deliver":
+        log_origin = item.get("log")
+        if log_origin is not None and (not isinstance(log_origin, str)
+                                       or not 0 < len(log_origin) <= 256):
+            raise messages.WireError("a durable item's log names a node")
+        if kind in ("replicate", "replicated", "mirror-state", "absorb", "absorbed"):
+            await self._replica_item(peer, kind, ns, topic, name, check_item(item, kind))
+        elif kind == "deliver":
             msg = item.get("msg")
             seq, attempt = item.get("seq"), item.get("attempt")
             if type(seq) is not int or type(attempt) is not int or seq < 1:
@@ -392,7 +438,7 @@ class DurableTopics:
             if delay is not None and (not isinstance(delay, int | float)
                                       or isinstance(delay, bool) or not 0 <= delay < 1e9):
                 raise messages.WireError("a nak's delay is a number of seconds")
-            self._settle((ns, topic, name), kind, seqs, delay)
+            self._settle(self._key(ns, topic, name, log_origin), kind, seqs, delay)
         else:
             raise messages.WireError(f"unknown durable item {kind!r}")
 
@@ -402,18 +448,21 @@ class DurableTopics:
         targets = self.broker.interest.local_targets(ns, topic, [group])
         sub = self.broker._one_of(ns, group, targets.groups.get(group, ()))
         if sub is None:  # the member left meanwhile: offer it again at once
-            self._send_settle(origin, (ns, topic, name), "return", [item["seq"]], RETURN_DELAY)
+            self._send_settle(origin, (ns, topic, name), "return", [item["seq"]], RETURN_DELAY,
+                              item.get("log"))
             return
         tag = self.broker.next_tag()
+        log_origin = item.get("log")
         sub.unacked[tag] = (origin, topic, item["seq"])
-        self._tags[tag] = (origin, (ns, topic, name), item["seq"], sub)
+        self._tags[tag] = (origin, (ns, topic, name), item["seq"], sub, log_origin)
         await sub.inbox.deliver({**item["msg"], "tag": tag, "attempt": item["attempt"],
-                                 "durable": name, "origin": origin, "seq": item["seq"]})
+                                 "durable": name, "origin": log_origin or origin,
+                                 "seq": item["seq"]})
 
     def settle_tags(self, sub: LocalSub, kind: str, tags: list[Any],
                     delay: float | None = None) -> int:
         """A subscriber's acks or naks (by the tags it got); how many were known."""
-        by_origin: dict[tuple[str, Key], list[int]] = {}
+        by_origin: dict[tuple[str, Key, str | None], list[int]] = {}
         known = 0
         for tag in tags:
             found = self._tags.get(tag) if type(tag) is int else None
@@ -421,24 +470,32 @@ class DurableTopics:
                 continue
             del self._tags[tag]
             sub.unacked.pop(tag, None)
-            origin, key, seq = found[0], found[1], found[2]
-            by_origin.setdefault((origin, key), []).append(seq)
+            origin, key, seq, log_origin = found[0], found[1], found[2], found[4]
+            by_origin.setdefault((origin, key, log_origin), []).append(seq)
             known += 1
-        for (origin, key), seqs in by_origin.items():
-            self._send_settle(origin, key, kind, seqs, delay)
+        for (origin, key, log_origin), seqs in by_origin.items():
+            self._send_settle(origin, key, kind, seqs, delay, log_origin)
         return known
 
     def release(self, sub: LocalSub) -> None:
         """A durable member went away: nak what it held, so it is offered again now."""
         self.settle_tags(sub, "nak", list(sub.unacked), 0.0)
 
+    def _key(self, ns: str, topic: str, name: str, log_origin: str | None) -> Key:
+        """Our consumer key of a durable item: our own log's, or a copy we deliver."""
+        if log_origin is None or log_origin == self.broker.node:
+            return (ns, topic, name)
+        return (mirror_ns(log_origin, ns), topic, name)
+
     def _send_settle(self, origin: str, key: Key, kind: str, seqs: list[int],
-                     delay: float | None) -> None:
+                     delay: float | None, log_origin: str | None = None) -> None:
         if origin == self.broker.node:
-            self._settle(key, kind, seqs, delay)
+            self._settle(self._key(*key, log_origin), kind, seqs, delay)
             return
         item: dict[str, Any] = {"t": kind, "ns": key[0], "topic": key[1], "durable": key[2],
                                 "seqs": seqs}
+        if log_origin is not None:
+            item["log"] = log_origin
         if delay is not None:
             item["delay"] = delay
         self.broker.outbox(origin).put_nowait(item)
@@ -458,7 +515,8 @@ class DurableTopics:
         self._kick.set()
 
     def on_gone(self, node: str) -> None:
-        """A member died or left: what we delivered to it is offered again now."""
+        """A member died or left: what we delivered to it is offered again now; copies of
+        its logs we hold are delivered by us if we are the first live replica."""
         now = time.time()
         for (key, seq), where in list(self._where.items()):
             if where == node:
@@ -466,7 +524,79 @@ class DurableTopics:
                 c = self.consumers.get(key)
                 if c is not None:
                     c.nak(seq, now, 0.0, spent=False)
+        for log_ns, topic in list(self.log.topics()):
+            if log_of(log_ns)[0] != node or (log_ns, topic) in self._taking \
+                    or not taker(self._mirror_sets.get((node, log_of(log_ns)[1], topic)),
+                                 self.broker.node, self.broker._live):
+                continue
+            log.info("delivering the copy of %s's durable topic %s while it is down",
+                     node, topic)
+            self._taking.add((log_ns, topic))
+            for name, state in self.log.subscribers(log_ns, topic).items():
+                self.consumers.pop((log_ns, topic, name), None)
+                self._consumer((log_ns, topic, name), state)
         self._kick.set()
+
+    def on_back(self, node: str) -> None:
+        """A member (re)joined: if we delivered its copies, stop, and tell it what was
+        acked meanwhile so it does not deliver that again."""
+        mine = {t for t in self._taking if log_of(t[0])[0] == node}
+        if not mine:
+            return
+        self._taking -= mine
+        log.info("%s is back: it delivers its durable topics again", node)
+        self._save_now()
+        for key in [k for k in self.consumers if log_of(k[0])[0] == node]:
+            c = self.consumers.pop(key)
+            self._dirty.discard(key)
+            for seq in [s for (k, s) in self._where if k == key]:
+                self._where.pop((key, seq), None)
+            item = {"t": "absorb", "ns": log_of(key[0])[1], "topic": key[1],
+                    "durable": key[2], "state": {"floor": c.floor, "acked": sorted(c.acked)}}
+            self._absorbs[(node, item["ns"], key[1], key[2])] = (item, ABSORB_TRIES)
+            self.broker.outbox(node).put_nowait(item)
+
+    async def _replica_item(self, peer: str, kind: str, ns: str, topic: str, name: str,
+                            item: dict[str, Any]) -> None:
+        """replicate / replicated / mirror-state / absorb from `peer` (mirrors.py)."""
+        if kind == "replicated":
+            self._waits.answered((ns, topic, item["seq"]), peer)
+            return
+        if kind == "absorbed":
+            self._absorbs.pop((peer, ns, topic, name), None)
+            return
+        if kind == "absorb":  # a replica delivered our log while we were down
+            state = item["state"]
+            floor, acked = state.get("floor"), state.get("acked")
+            if type(floor) is not int or not isinstance(acked, list) \
+                    or not all(type(a) is int for a in acked[:100_000]):
+                raise messages.WireError("absorb state is a floor and a list of acks")
+            if (ns, topic) in self.log.topics() and name:
+                c = self._consumer((ns, topic, name))
+                c.absorb(floor, acked[:100_000])
+                self._dirty.add((ns, topic, name))
+                self._kick.set()
+            self.broker.outbox(peer).put_nowait({"t": "absorbed", "ns": ns, "topic": topic,
+                                                 "durable": name})
+            return
+        definition = self.definition(ns, topic)
+        if definition is None:
+            return  # not (yet) a durable topic here: nothing to keep it under
+        log_ns = mirror_ns(peer, ns)
+        self._ensure_log(log_ns, topic, definition)
+        if kind == "mirror-state":
+            if name and (log_ns, topic) not in self._taking:
+                self.log.save(log_ns, topic, name, item["state"])
+            return
+        msg = item.get("msg")
+        messages.decode_copy({"ns": ns, "msg": msg, "plain": False, "groups": []},
+                             self.broker.s.max_message_bytes)
+        self._mirror_sets[(peer, ns, topic)] = list(item["set"])
+        batch = [(item["seq"], str(msg["id"]), float(item["published_at"]),
+                  item["not_before"], msg)]
+        await trio.to_thread.run_sync(self.log.put, log_ns, topic, batch)
+        self.broker.outbox(peer).put_nowait({"t": "replicated", "ns": ns, "topic": topic,
+                                             "seq": item["seq"]})
 
     # --- upkeep -----------------------------------------------------------------------------
 
@@ -475,8 +605,13 @@ class DurableTopics:
         for key in dirty:
             c = self.consumers.get(key)
             if c is not None and (key[0], key[1]) in self.log.topics():
-                self.log.save(key[0], key[1], key[2], c.state())
+                state = c.state()
+                self.log.save(key[0], key[1], key[2], state)
                 self._saved[key] = c.floor
+                for node in self._sets.get((key[0], key[1]), ()):
+                    self.broker.outbox(node).put_nowait({
+                        "t": "mirror-state", "ns": key[0], "topic": key[1],
+                        "durable": key[2], "state": state})
 
     async def _saver(self) -> None:
         while True:
@@ -484,21 +619,36 @@ class DurableTopics:
             if self._dirty:
                 self._save_now()
 
+    async def _absorber(self) -> None:
+        """Send again the absorbs not confirmed yet (the origin may still be starting)."""
+        while True:
+            await trio.sleep(ABSORB_EVERY)
+            for key, (item, tries) in list(self._absorbs.items()):
+                if tries <= 1:
+                    del self._absorbs[key]
+                    log.warning("%s never confirmed the acks of %s made while it was "
+                                "down: it may deliver them again", key[0], key[3])
+                    continue
+                self._absorbs[key] = (item, tries - 1)
+                if self.broker._live(key[0]):
+                    self.broker.outbox(key[0]).put_nowait(item)
+
     async def _trimmer(self) -> None:
         while True:
             await trio.sleep(TRIM_EVERY)
             defined = self.definitions()
-            for (ns, topic) in list(self.log.topics()):
-                if (ns, topic) not in defined:
-                    self._drop_local(ns, topic)  # deleted elsewhere
+            for (log_ns, topic) in list(self.log.topics()):
+                if (log_of(log_ns)[1], topic) not in defined:
+                    self._drop_local(log_ns, topic)  # deleted elsewhere
                     continue
-                await trio.to_thread.run_sync(self.log.trim, ns, topic, time.time())
+                await trio.to_thread.run_sync(self.log.trim, log_ns, topic, time.time())
 
     # --- views ------------------------------------------------------------------------------
 
     def rows(self, ns: str | None = None) -> list[dict[str, Any]]:
-        """Durable topics (of `ns`) with their settings, what this node holds of each, and
-        each durable subscriber's counts here."""
+        """Durable topics (of `ns`) with their settings, what this node holds of each (its
+        own log, and `copies` of other nodes' logs by origin), and each durable
+        subscriber's counts here."""
         out = []
         held = self.log.topics()
         for (t_ns, topic), definition in sorted(self.definitions(ns).items()):
@@ -515,6 +665,10 @@ class DurableTopics:
                         else 0,
                         "last_seq": self.log.last_seq(t_ns, topic) if (t_ns, topic) in held
                         else 0,
+                        "copies": {log_of(log_ns)[0]: self.log.count(log_ns, topic)
+                                   for (log_ns, held_topic) in held if held_topic == topic
+                                   and log_of(log_ns)[0] is not None
+                                   and log_of(log_ns)[1] == t_ns},
                         "subscribers": subs})
         return out
 

@@ -13,6 +13,8 @@ Rules:
 - A durable subscriber's state (meshd/broker/consumer.py `state()`) is saved with `save`,
   in the same file, so it survives with the messages it points into.
 - Deleting a topic removes its messages and subscribers' state in one transaction.
+- `put` stores messages at the numbers another node gave them (a replica's copy of that
+  node's log, kept under a namespace key no real namespace can have, see durable.py).
 - Everything stored is CBOR of plain values; nothing here decodes what a peer sent
   (the shell checks messages with meshd.wire before they get here).
 """
@@ -137,6 +139,21 @@ class BrokerLog:
             cur.execute("UPDATE topics SET last_seq=? WHERE ns=? AND name=?", (last, ns, name))
         self._topics[(ns, name)] = (settings, last)
         return out
+
+    def put(self, ns: str, name: str, batch: list[tuple[int, str, float, float | None, Any]]
+            ) -> None:
+        """Store (seq, id, published_at, not_before, message) items at the numbers they
+        have on their origin (a replica's copy of another node's log), in one transaction;
+        a number held already is kept as it is."""
+        settings, last = self._topic(ns, name)
+        with transaction(self.conn) as cur:
+            for seq, msg_id, published_at, not_before, message in batch:
+                cur.execute("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (ns, name, seq, msg_id, published_at, not_before,
+                             cbor2.dumps(message)))
+                last = max(last, seq)
+            cur.execute("UPDATE topics SET last_seq=? WHERE ns=? AND name=?", (last, ns, name))
+        self._topics[(ns, name)] = (settings, last)
 
     def read(self, ns: str, name: str, after: int = 0, limit: int = 100) -> list[Stored]:
         """Messages numbered above `after`, in order, at most `limit`."""

@@ -161,9 +161,12 @@ class BrokerService:
                 box.close()
             if self.durable is not None:
                 self.durable.on_gone(ev.node)
-        elif ev.kind == "join" and self._nursery is not None:
-            self._spawn_send(ev.addr, {"t": "interest", "records": {
-                self.node: self.interest.record()}, "digest": self.interest.digest()})
+        elif ev.kind in ("join", "alive") and self._nursery is not None:
+            if ev.kind == "join":
+                self._spawn_send(ev.addr, {"t": "interest", "records": {
+                    self.node: self.interest.record()}, "digest": self.interest.digest()})
+            if self.durable is not None:
+                self.durable.on_back(ev.node)
 
     # --- local subscribers -------------------------------------------------------------------
 

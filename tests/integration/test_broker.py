@@ -559,3 +559,58 @@ def test_the_publishing_node_restarted_after_kill_9_resumes_after_the_last_ack(t
     assert [m.body for m in resumed] == [{"n": 2}], "w resumes after its last ack"
     assert resumed[0].id == acked["id"] and resumed[0].origin == "b"
     assert [m.body for m in fresh] == [{"n": 1}, {"n": 2}], "a new subscriber gets all"
+
+
+def test_replicas_hold_copies_and_deliver_them_while_the_origin_is_down(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        a = c.add("a", env=FAST)
+        b = c.add("b", join=[a.addr], env=FAST)
+        d = c.add("c", join=[a.addr], env=FAST)
+        ready(a, b, d)
+        assert cli(a, "topics", "create", "rep.x", "--durable", "--replicas", "2").returncode == 0
+        assert cli(a, "topics", "create", "rep.three", "--durable", "--replicas", "4"
+                   ).returncode == 0
+        for x in (a, b, d):
+            wait_for(lambda x=x: len(control(x.data_dir, "broker.topics")["durable"]) == 4,
+                     15, "topics everywhere")
+        out = cli(b, "publish", "rep.x", '{"n": 1}', "--json")
+        assert out.returncode == 0, out.stderr
+        acked = json.loads(out.stdout)
+        holders = [x.name for x in (a, d) if {t["topic"]: t for t in control(
+            x.data_dir, "broker.topics")["durable"]}["rep.x"]["copies"].get("b") == 1]
+        assert len(holders) == 1, "one other node holds a copy when the publish is acked"
+        # four replicas cannot be held by three nodes: the publish says so (and is on b)
+        short = cli(b, "publish", "rep.three", "1")
+        assert short.returncode == 1 and short.stderr.startswith("408"), short
+        assert "only 3 of 4 nodes hold" in short.stderr
+        b.kill9()
+        wait_for(lambda: a.status_of("b") == "dead" and d.status_of("b") == "dead", 30,
+                 "b declared dead")
+
+        async def first() -> Any:
+            async with Client(sock(a)) as client, \
+                    client.subscribe("rep.x", durable="w") as sub:
+                (msg,) = await take(sub, 1, timeout=20)
+                await msg.ack()
+                return msg
+        got = trio.run(first)
+        assert got.body == {"n": 1} and got.id == acked["id"] and got.origin == "b"
+        b.start(join=[a.addr])
+        ready(a, b, d)
+        wait_for(lambda: {t["topic"]: t for t in control(b.data_dir, "broker.topics")[
+            "durable"]}["rep.x"]["subscribers"].get("w", {}).get("acked_floor") == 1, 20,
+            "b learns what was acked while it was down")
+
+        async def again() -> list[Any]:
+            async with Client(sock(a)) as client, \
+                    client.subscribe("rep.x", durable="w") as sub:
+                await Client(sock(b)).publish("rep.x", {"n": 2})
+                msgs = await take(sub, 1, timeout=20)
+                for m in msgs:
+                    await m.ack()
+                return msgs + await nothing_more(sub, 0.5)
+        later = trio.run(again)
+    finally:
+        c.close()
+    assert [m.body for m in later] == [{"n": 2}], "the message acked meanwhile came again"

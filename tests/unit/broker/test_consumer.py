@@ -162,3 +162,20 @@ def test_bad_settings_are_refused():
         Consumer(max_deliver=0)
     with pytest.raises(ValueError):
         Consumer(backoff=())
+
+
+def test_acks_made_elsewhere_are_absorbed_and_never_offered_again():
+    c2 = Consumer(ack_wait=10, max_in_flight=2)
+    for seq in range(1, 11):
+        c2.append(seq)
+    assert [o.seq for o in c2.poll(0.0)] == [1, 2]
+    # a replica delivered 1..5 and 8 while we were away
+    assert c2.absorb(5, [8]) == 2  # 1 and 2 were pending here: settled
+    assert c2.floor == 5 and c2.pending == {}
+    assert [o.seq for o in c2.poll(1.0)] == [6, 7]
+    c2.ack(6)
+    c2.ack(7)
+    assert [o.seq for o in c2.poll(2.0)] == [9, 10]  # 8 is skipped
+    c2.ack(9)
+    c2.ack(10)
+    assert c2.floor == 10 and c2.poll(100.0) == []

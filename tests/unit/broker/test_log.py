@@ -109,3 +109,18 @@ def test_a_failed_batch_writes_nothing(tmp_path):
         log.append("default", "t", [("a", 1.0, None, msg(1)), ("b", 2.0, None, object())])
     assert log.count("default", "t") == 0
     assert log.append("default", "t", [("c", 3.0, None, msg(3))]) == [(1, False)]
+
+
+def test_a_replica_copy_keeps_the_origin_numbers_and_ignores_repeats(tmp_path):
+    log = BrokerLog(tmp_path)
+    log.create("~b~default", "orders", TopicSettings())
+    log.put("~b~default", "orders", [(3, "m3", 1.0, None, {"n": 3}),
+                                     (1, "m1", 1.0, None, {"n": 1})])
+    log.put("~b~default", "orders", [(1, "again", 2.0, None, {"n": 99})])  # held: kept
+    assert [(r.seq, r.message) for r in log.read("~b~default", "orders")] == [
+        (1, {"n": 1}), (3, {"n": 3})]
+    assert log.last_seq("~b~default", "orders") == 3
+    log.close()
+    again = BrokerLog(tmp_path)
+    assert again.last_seq("~b~default", "orders") == 3
+    again.close()
