@@ -46,6 +46,7 @@ class Msg:
     tag: int | None = None
     origin: str | None = None  # durable: the node whose log holds it, and its number there
     seq: int | None = None
+    node: str | None = None  # core: the daemon that published it (as its link proved)
     _sub: Subscription | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -53,13 +54,16 @@ class Msg:
         return cls(str(raw.get("topic", "")), str(raw.get("id", "")), raw.get("body"),
                    dict(raw.get("headers") or {}), float(raw.get("published_at") or 0.0),
                    str(raw.get("publisher", "")), int(raw.get("attempt") or 1),
-                   raw.get("durable"), raw.get("tag"), raw.get("origin"), raw.get("seq"), sub)
+                   raw.get("durable"), raw.get("tag"), raw.get("origin"), raw.get("seq"),
+                   raw.get("node"), sub)
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's line for this message (`meshd subscribe --json`)."""
         out = {"topic": self.topic, "id": self.id, "headers": self.headers,
                "body": self.body, "published_at": self.published_at,
                "publisher": self.publisher}
+        if self.node:
+            out["node"] = self.node
         if self.durable:
             out.update(durable=self.durable, attempt=self.attempt, origin=self.origin,
                        seq=self.seq)

@@ -114,7 +114,8 @@ class DurableTopics:
         self._kick = trio.Event()
         self._tags: dict[int, tuple[str, Key, int, LocalSub, str | None]] = {}
         self.stats = {"broker_durable_published": 0, "broker_dead": 0, "broker_lost": 0,
-                      "broker_redelivered": 0, "broker_commits": 0}
+                      "broker_redelivered": 0, "broker_commits": 0,
+                      "broker_settles_refused": 0}
         self._lost: dict[Key, int] = {}
         self._saved: dict[Key, int] = {}  # the ack floor as last saved
         self._deadc: dict[Key, int] = {}
@@ -438,7 +439,7 @@ class DurableTopics:
             if delay is not None and (not isinstance(delay, int | float)
                                       or isinstance(delay, bool) or not 0 <= delay < 1e9):
                 raise messages.WireError("a nak's delay is a number of seconds")
-            self._settle(self._key(ns, topic, name, log_origin), kind, seqs, delay)
+            self._settle(self._key(ns, topic, name, log_origin), kind, seqs, delay, peer)
         else:
             raise messages.WireError(f"unknown durable item {kind!r}")
 
@@ -500,10 +501,18 @@ class DurableTopics:
             item["delay"] = delay
         self.broker.outbox(origin).put_nowait(item)
 
-    def _settle(self, key: Key, kind: str, seqs: list[int], delay: float | None) -> None:
+    def _settle(self, key: Key, kind: str, seqs: list[int], delay: float | None,
+                peer: str | None = None) -> None:
+        """Acks, naks or returns of `key`'s messages; from another node (`peer`) only for
+        messages we delivered to that node (a member acts as a node: it cannot settle
+        what it was never given)."""
         c = self.consumers.get(key)
         if c is None:
             return
+        if peer is not None:
+            allowed = [seq for seq in seqs if self._where.get((key, seq)) == peer]
+            self.stats["broker_settles_refused"] += len(seqs) - len(allowed)
+            seqs = allowed
         now = time.time()
         for seq in seqs:
             if kind == "ack":

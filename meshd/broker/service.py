@@ -222,12 +222,13 @@ class BrokerService:
         self.stats["broker_copies_dropped"] += len(delivery.unreachable)
         self.stats["broker_unserved"] += len(delivery.unserved)
         wired = msg.to_wire()
+        here = {**wired, "node": self.node}
         for node, c in delivery.copies.items():
             plain = bool(c.plain) and not skip_plain
             if not plain and not c.groups:
                 continue
             if node == self.node:
-                await self.deliver_local(ns, msg.topic, wired, plain, list(c.groups))
+                await self.deliver_local(ns, msg.topic, here, plain, list(c.groups))
                 continue
             self._sent[node] = self._sent.get(node, 0) + 1
             self.stats["broker_copies_out"] += 1
@@ -279,8 +280,8 @@ class BrokerService:
                     if not isinstance(msg, dict):
                         raise wire.WireError("not a map")
                     if msg.get("t") == "batch" and isinstance(msg.get("items"), list):
-                        for item in msg["items"]:
-                            await self._receive_item(peer, item)
+                        for item in msg["items"]:  # a bad item is dropped alone
+                            await self._receive_one(peer, item)
                     elif msg.get("t") == "interest":
                         self._receive_interest(ch.peer_addr, msg)
                         return
@@ -293,6 +294,14 @@ class BrokerService:
         except (LinkError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
+    async def _receive_one(self, peer: str | None, item: Any) -> None:
+        try:
+            await self._receive_item(peer, item)
+        except (wire.WireError, messages.WireError, ValueError, TypeError, KeyError,
+                MeshError) as exc:
+            self.stats["broker_bad_messages"] += 1
+            log.debug("bad broker item from %s: %s", peer, exc)
+
     async def _receive_item(self, peer: str | None, item: Any) -> None:
         if not isinstance(item, dict):
             raise wire.WireError("a batch item is a map")
@@ -302,7 +311,10 @@ class BrokerService:
                 {k: item.get(k) for k in ("ns", "msg", "plain", "groups")},
                 self.s.max_message_bytes)
             self.stats["broker_copies_in"] += 1
-            await self.deliver_local(ns, msg.topic, msg.to_wire(), plain, groups)
+            # `node`: the publishing daemon, as the link proved it (the publisher field is
+            # that daemon's word)
+            await self.deliver_local(ns, msg.topic, {**msg.to_wire(), "node": peer}, plain,
+                                     groups)
         elif self.durable is not None and peer is not None:
             await self.durable.receive(peer, item)
         else:
