@@ -106,9 +106,10 @@ def subscribe(pattern: str, queue: str | None, durable: str | None, buffer: int 
             info, conn = await control.session(
                 "broker.subscribe", pattern=pattern, queue=queue, durable=durable,
                 buffer=buffer, policy=policy, namespace=client.namespace(namespace))
-            line(f"subscribed to {pattern} as {info['id']}"
-                 + (f" (durable {durable})" if durable else "")
-                 + (f" (queue {queue})" if queue and not durable else ""), err=True)
+            if not as_json:  # (with --json stdout and stderr carry nothing but messages)
+                line(f"subscribed to {pattern} as {info['id']}"
+                     + (f" (durable {durable})" if durable else "")
+                     + (f" (queue {queue})" if queue and not durable else ""), err=True)
             sub = Subscription(conn, info)
             while True:
                 try:

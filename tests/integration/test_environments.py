@@ -46,6 +46,7 @@ KEYS = "test_issuer_keys_rotate_and_revoke_through_the_environment"
 WATCHES = "test_watches_through_the_environment"
 TUNNEL = "test_tunnel_through_the_environment"
 REFUSALS = "test_refusals_through_the_environment"
+BROKER = "test_broker_through_the_environment"
 
 # Commands that work through an environment as they do locally, and the test that runs
 # each through `prod` (with --json where the command has it) and checks its result.
@@ -65,6 +66,8 @@ THROUGH: dict[str, str] = {
     "auth keys rotate": KEYS, "auth keys revoke": KEYS,
     "watch": WATCHES, "store watch": WATCHES, "config watch": WATCHES,
     "tunnel connect": TUNNEL,
+    "publish": BROKER, "subscribe": BROKER, "topics": BROKER, "topics create": BROKER,
+    "topics delete": BROKER,
     "auth login": REFUSALS,
 }
 
@@ -514,6 +517,29 @@ def test_watches_through_the_environment(mesh, laptop):
     finally:
         errors = [stop(proc) for proc, _ in procs]
     assert errors == ["", "", ""]
+    laptop.drove_its_commands()
+
+
+def test_broker_through_the_environment(mesh, laptop):
+    a = mesh.a
+    made = laptop.ok("topics", "create", "envb.durable", "--durable", "--max-msgs", "10",
+                     "--json")
+    assert made["topic"] == "envb.durable" and made["max_msgs"] == 10
+    proc, lines = watcher(mesh, laptop, "subscribe", "envb.*", "--json")
+    try:
+        wait_for(lambda: any(r["pattern"] == "envb.*" for r in
+                             control(a.data_dir, "broker.topics")["interest"]), 20,
+                 "the laptop's subscription on a")
+        sent = laptop.ok("publish", "envb.x", '{"v": 1}', "--json")
+        got = json.loads(lines.wait(lambda x: '"envb.x"' in x, 20, "the message via prod"))
+        assert (got["id"], got["body"], got["publisher"]) == (sent["id"], {"v": 1}, "ops")
+        assert proc.poll() is None, stop(proc)
+    finally:
+        error = stop(proc)
+    assert error == ""
+    listed = laptop.ok("topics", "--json")
+    assert "envb.durable" in {t["topic"] for t in listed["durable"]}
+    assert laptop.ok("topics", "delete", "envb.durable", "--json")["deleted"] == "envb.durable"
     laptop.drove_its_commands()
 
 
