@@ -217,6 +217,32 @@ MUTATIONS = [
              "entry[0] <= sus.deadline()",
              ("tests/unit/membership/test_timers.py",),
              "next_deadline() drops a suspicion's timer due exactly at its deadline"),
+    # -- broker (issue 14) ---------------------------------------------------------------
+    Mutation("broker-group-every-local-member", "meshd/broker/service.py",
+             "            sub = self._one_of(ns, group, patterns)\n"
+             "            if sub is not None:\n"
+             "                got += await sub.inbox.deliver(wired)\n",
+             "            for sub in [s for p in patterns\n"
+             "                        for s in self._by_key.get((ns, p, group), ())]:\n"
+             "                got += await sub.inbox.deliver(wired)\n",
+             ("tests/integration/test_broker.py::"
+              "test_a_queue_group_across_two_nodes_takes_1000_messages_exactly_once",),
+             "a node gives a queue group's copy to every local member, not one"),
+    Mutation("broker-core-reaches-durable-groups", "meshd/broker/service.py",
+             "queues=lambda q: not q.startswith(DURABLE))",
+             "queues=None)",
+             ("tests/integration/test_broker.py::test_delayed_delivery_waits_until_due",),
+             "core delivery also goes to durable subscribers (early and twice)"),
+    Mutation("broker-settle-from-any-member", "meshd/broker/durable.py",
+             "        if peer is not None:\n            allowed =",
+             "        if False:\n            allowed =",
+             ("tests/integration/test_attacks_broker.py",),
+             "an origin takes acks for a delivery from a node it never delivered it to"),
+    Mutation("consumer-absorbed-acks-offered", "meshd/broker/consumer.py",
+             "            if self._is_acked(seq):\n                continue",
+             "            if False:\n                continue",
+             ("tests/unit/broker/test_consumer.py",),
+             "messages acked elsewhere while the origin was down are offered again"),
 ]
 
 

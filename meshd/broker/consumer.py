@@ -146,7 +146,9 @@ class Consumer:
         """When `poll` may have work without new input (None: only input brings work)."""
         while self._again and self._stale(*self._again[0]):
             heapq.heappop(self._again)  # acked or rescheduled since it was pushed
-        times = [t for heap in (self._again, self._scheduled) for t, _ in heap[:1]]
+        times = [t for t, _ in self._again[:1]]
+        if self._room():  # a scheduled message waits for room as well as for its time
+            times += [t for t, _ in self._scheduled[:1]]
         return min(times) if times else None
 
     def counts(self) -> dict[str, int]:

@@ -120,6 +120,7 @@ class DurableTopics:
         self._saved: dict[Key, int] = {}  # the ack floor as last saved
         self._deadc: dict[Key, int] = {}
         self._waits = ReplicaWaits()
+        self._unrouted: set[Key] = set()  # consumers whose last offer found no member
         self._sets: dict[tuple[str, str], list[str]] = {}  # our topic -> its replica set
         self._mirror_sets: dict[tuple[str, str, str], list[str]] = {}  # (origin, ns, topic)
         # copies of logs we deliver while their origin is down: (log namespace, topic)
@@ -327,9 +328,11 @@ class DurableTopics:
     async def _deliverer(self) -> None:
         while True:
             deadline = time.time() + DISCOVER_EVERY
-            for c in self.consumers.values():
+            for key, c in self.consumers.items():
                 d = c.next_deadline()
-                if d is not None:
+                # a consumer with nobody to deliver to waits for discovery, not its
+                # (passed) deadline: otherwise this loop would spin
+                if d is not None and key not in self._unrouted:
                     deadline = min(deadline, d)
             with trio.move_on_after(max(0.0, deadline - time.time())):
                 await self._kick.wait()
@@ -347,7 +350,9 @@ class DurableTopics:
                                               self.broker.load, queues=group.__eq__,
                                               plain_too=False)
         if not delivery.copies:
+            self._unrouted.add(key)
             return  # nobody to deliver to: the log keeps it, attempts are not spent
+        self._unrouted.discard(key)
         offers = c.poll(time.time())
         if not offers:
             return
@@ -609,24 +614,40 @@ class DurableTopics:
 
     # --- upkeep -----------------------------------------------------------------------------
 
-    def _save_now(self) -> None:
+    def _to_save(self) -> list[tuple[str, str, str, dict[str, Any]]]:
+        """The states changed since the last save (and sent on to the topic's replicas)."""
         dirty, self._dirty = self._dirty, set()
+        rows = []
+        held = self.log.topics()
         for key in dirty:
             c = self.consumers.get(key)
-            if c is not None and (key[0], key[1]) in self.log.topics():
+            if c is not None and (key[0], key[1]) in held:
                 state = c.state()
-                self.log.save(key[0], key[1], key[2], state)
-                self._saved[key] = c.floor
+                rows.append((key[0], key[1], key[2], state))
                 for node in self._sets.get((key[0], key[1]), ()):
                     self.broker.outbox(node).put_nowait({
                         "t": "mirror-state", "ns": key[0], "topic": key[1],
                         "durable": key[2], "state": state})
+        return rows
+
+    def _saved_now(self, rows: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+        for ns, topic, name, state in rows:
+            self._saved[(ns, topic, name)] = int(state["floor"])
+
+    def _save_now(self) -> None:
+        rows = self._to_save()
+        if rows:
+            self.log.save_many(rows)
+            self._saved_now(rows)
 
     async def _saver(self) -> None:
         while True:
             await trio.sleep(SAVE_EVERY)
             if self._dirty:
-                self._save_now()
+                rows = self._to_save()
+                if rows:  # one transaction, off the event loop
+                    await trio.to_thread.run_sync(self.log.save_many, rows)
+                    self._saved_now(rows)
 
     async def _absorber(self) -> None:
         """Send again the absorbs not confirmed yet (the origin may still be starting)."""

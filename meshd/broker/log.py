@@ -15,15 +15,20 @@ Rules:
 - Deleting a topic removes its messages and subscribers' state in one transaction.
 - `put` stores messages at the numbers another node gave them (a replica's copy of that
   node's log, kept under a namespace key no real namespace can have, see durable.py).
+- Every method holds the log's lock: the shell calls it from the event loop and from
+  worker threads, and one connection's transactions must not interleave.
 - Everything stored is CBOR of plain values; nothing here decodes what a peer sent
   (the shell checks messages with meshd.wire before they get here).
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cbor2
 
@@ -41,6 +46,19 @@ CREATE INDEX messages_by_id ON messages (ns, topic, id);
 CREATE TABLE subscribers (ns TEXT NOT NULL, topic TEXT NOT NULL, name TEXT NOT NULL,
     state BLOB NOT NULL, PRIMARY KEY (ns, topic, name)) WITHOUT ROWID;
 """
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(fn: F) -> F:
+    """One caller at a time: the shell calls from the event loop and from worker threads,
+    and a transaction must not interleave with another on the same connection."""
+    @functools.wraps(fn)
+    def wrapper(self: BrokerLog, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 class BrokerFileError(RuntimeError):
@@ -71,6 +89,7 @@ class Stored:
 class BrokerLog:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / FILE
+        self._lock = threading.RLock()
         self.conn = open_private(self.path, SCHEMA_VERSION, SCHEMA, "broker log",
                                  BrokerFileError)
         self._topics: dict[tuple[str, str], tuple[TopicSettings, int]] = {}
@@ -78,14 +97,17 @@ class BrokerLog:
                 "SELECT ns, name, settings, last_seq FROM topics"):
             self._topics[(ns, name)] = (TopicSettings(**cbor2.loads(settings)), last)
 
+    @_locked
     def close(self) -> None:
         self.conn.close()
 
     # --- topics ------------------------------------------------------------------------------
 
+    @_locked
     def topics(self) -> dict[tuple[str, str], TopicSettings]:
         return {k: v[0] for k, v in self._topics.items()}
 
+    @_locked
     def create(self, ns: str, name: str, settings: TopicSettings) -> bool:
         """Whether the topic is new (an existing one gets the new settings)."""
         last = self._topics.get((ns, name), (settings, 0))[1]
@@ -96,6 +118,7 @@ class BrokerLog:
         self._topics[(ns, name)] = (settings, last)
         return new
 
+    @_locked
     def delete(self, ns: str, name: str) -> bool:
         if (ns, name) not in self._topics:
             return False
@@ -106,11 +129,13 @@ class BrokerLog:
         del self._topics[(ns, name)]
         return True
 
+    @_locked
     def last_seq(self, ns: str, name: str) -> int:
         return self._topic(ns, name)[1]
 
     # --- messages ----------------------------------------------------------------------------
 
+    @_locked
     def append(self, ns: str, name: str, batch: list[tuple[str, float, float | None, Any]]
                ) -> list[tuple[int, bool]]:
         """Append (id, published_at, not_before, message) items in one transaction; for
@@ -140,6 +165,7 @@ class BrokerLog:
         self._topics[(ns, name)] = (settings, last)
         return out
 
+    @_locked
     def put(self, ns: str, name: str, batch: list[tuple[int, str, float, float | None, Any]]
             ) -> None:
         """Store (seq, id, published_at, not_before, message) items at the numbers they
@@ -155,6 +181,7 @@ class BrokerLog:
             cur.execute("UPDATE topics SET last_seq=? WHERE ns=? AND name=?", (last, ns, name))
         self._topics[(ns, name)] = (settings, last)
 
+    @_locked
     def read(self, ns: str, name: str, after: int = 0, limit: int = 100) -> list[Stored]:
         """Messages numbered above `after`, in order, at most `limit`."""
         self._topic(ns, name)
@@ -163,15 +190,18 @@ class BrokerLog:
             "topic=? AND seq > ? ORDER BY seq LIMIT ?", (ns, name, after, limit))
         return [Stored(seq, i, at, nb, cbor2.loads(m)) for seq, i, at, nb, m in rows]
 
+    @_locked
     def get(self, ns: str, name: str, seq: int) -> Stored | None:
         rows = self.read(ns, name, seq - 1, 1)
         return rows[0] if rows and rows[0].seq == seq else None
 
+    @_locked
     def count(self, ns: str, name: str) -> int:
         (n,) = self.conn.execute("SELECT count(*) FROM messages WHERE ns=? AND topic=?",
                                  (ns, name)).fetchone()
         return n
 
+    @_locked
     def trim(self, ns: str, name: str, now: float) -> int:
         """Apply retention; how many messages it removed."""
         settings, last = self._topic(ns, name)
@@ -189,16 +219,28 @@ class BrokerLog:
 
     # --- durable subscribers -----------------------------------------------------------------
 
+    @_locked
+    def save_many(self, rows: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+        """Several subscribers' states in one transaction (ns, topic, name, state)."""
+        with transaction(self.conn) as cur:
+            for ns, name, subscriber, state in rows:
+                if (ns, name) in self._topics:
+                    cur.execute("INSERT OR REPLACE INTO subscribers VALUES (?, ?, ?, ?)",
+                                (ns, name, subscriber, cbor2.dumps(state)))
+
+    @_locked
     def save(self, ns: str, name: str, subscriber: str, state: dict[str, Any]) -> None:
         self._topic(ns, name)
         with transaction(self.conn) as cur:
             cur.execute("INSERT OR REPLACE INTO subscribers VALUES (?, ?, ?, ?)",
                         (ns, name, subscriber, cbor2.dumps(state)))
 
+    @_locked
     def subscribers(self, ns: str, name: str) -> dict[str, dict[str, Any]]:
         return {sub: cbor2.loads(state) for sub, state in self.conn.execute(
             "SELECT name, state FROM subscribers WHERE ns=? AND topic=?", (ns, name))}
 
+    @_locked
     def forget(self, ns: str, name: str, subscriber: str) -> bool:
         with transaction(self.conn) as cur:
             return cur.execute("DELETE FROM subscribers WHERE ns=? AND topic=? AND name=?",

@@ -39,7 +39,7 @@ from meshd import wire
 from meshd.errors import MeshError, bad_request
 from meshd.hlc import HLC
 from meshd.membership.core import Membership
-from meshd.membership.messages import ALIVE, SUSPECT
+from meshd.membership.messages import ALIVE, LEFT, SUSPECT
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from . import messages
@@ -135,8 +135,12 @@ class BrokerService:
         return m is not None and m.state in (ALIVE, SUSPECT)
 
     def addr_of(self, name: str) -> str | None:
+        """Where to send a node's outbox: any member that has not left. Copies and
+        deliveries only go to nodes routing found reachable; acks, naks and replica
+        answers go to whoever asked, also a node our membership still thinks dead (after
+        a partition the other side may see us first): if it is gone the dial fails."""
         m = self.core.members.get(name)
-        return m.addr if m is not None and m.state in (ALIVE, SUSPECT) else None
+        return m.addr if m is not None and m.state != LEFT else None
 
     def route_cost(self, name: str) -> float | None:
         """Cost of reaching `name` in whole milliseconds (near enough is equal, then load

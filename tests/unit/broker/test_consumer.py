@@ -179,3 +179,22 @@ def test_acks_made_elsewhere_are_absorbed_and_never_offered_again():
     c2.ack(9)
     c2.ack(10)
     assert c2.floor == 10 and c2.poll(100.0) == []
+
+
+def test_a_due_delayed_message_does_not_wake_a_full_consumer():
+    c = Consumer(ack_wait=30, max_in_flight=1)
+    c.append(1)
+    c.append(2, not_before=5.0)
+    assert [o.seq for o in c.poll(0.0)] == [1]
+    assert c.poll(0.0) == [] and c.counts()["scheduled"] == 0  # 2 not walked: no room
+    c.ack(1)
+    assert c.poll(1.0) == [] and c.counts()["scheduled"] == 1  # walked, not due yet
+    assert c.next_deadline() == 5.0
+    c.append(3)
+    assert [o.seq for o in c.poll(1.0)] == [3]  # the later message is not held back
+    # full again: the scheduled message is due but there is no room, so the only
+    # deadline is 3's redelivery; a due-but-blocked message must not make poll spin
+    assert c.next_deadline() == 31.0
+    assert c.poll(6.0) == []
+    c.ack(3)
+    assert c.next_deadline() == 5.0 and [o.seq for o in c.poll(6.0)] == [2]
