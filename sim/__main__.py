@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from .brokersim import BrokerSimulation
 from .engine import Simulation
 from .report import print_report
 from .scenario import SCENARIO_DIR, ScenarioError, load
@@ -43,8 +44,9 @@ def run(scenario: str, nodes: int | None, seed: int | None, duration: float | No
             sc.nodes = nodes
     except ScenarioError as exc:
         raise click.ClickException(str(exc)) from None
-    sim = Simulation(sc, seed=seed, event_log=event_log,
-                     progress=sys.stderr.isatty() and not as_json)
+    kind = BrokerSimulation if sc.broker is not None else Simulation
+    sim = kind(sc, seed=seed, event_log=event_log,
+               progress=sys.stderr.isatty() and not as_json)
     result = sim.run()
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))

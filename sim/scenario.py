@@ -4,8 +4,10 @@ Rules:
 - Every key is checked: an unknown key, a wrong type or an out-of-range value raises
   ScenarioError naming the key, never a traceback from deep inside the engine.
 - Faults name node counts as `count` or `fraction` so one scenario runs at any size.
-- `--set a.b=value` overrides any top-level, `membership.*` or `network.*` key; the value
-  is parsed as a TOML literal (numbers, booleans, strings, arrays).
+- `--set a.b=value` overrides any top-level, `membership.*`, `network.*` or `broker.*` key;
+  the value is parsed as a TOML literal (numbers, booleans, strings, arrays).
+- A `[broker]` table makes it a broker scenario (sim/brokersim.py parses and runs it); the
+  `broker-publish` fault needs one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .network import JITTER_KINDS, Link
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 FAULT_KINDS = ("crash", "leave", "change", "pause", "partition", "clock_offset", "join", "loss",
-               "register", "deregister", "store-writes", "store-deletes")
+               "register", "deregister", "store-writes", "store-deletes", "broker-publish")
 
 
 class ScenarioError(ValueError):
@@ -89,6 +91,7 @@ class Scenario:
     zones: list[Zone] = field(default_factory=list)
     zone_links: list[tuple[str, str, Link]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    broker: Any = None  # sim.brokersim.BrokerWorkload, from a [broker] table
 
 
 _TOP_KEYS = {"name": str, "description": str, "nodes": int, "duration": float,
@@ -204,11 +207,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
         value = _parse_literal(text.strip(), key)
         if len(parts) == 1:
             raw[parts[0]] = value
-        elif len(parts) == 2 and parts[0] in ("membership", "network"):
+        elif len(parts) == 2 and parts[0] in ("membership", "network", "broker"):
             raw.setdefault(parts[0], {})[parts[1]] = value
         else:
-            raise ScenarioError(f"--set key must be NAME, membership.NAME or network.NAME, "
-                                f"got {key!r}")
+            raise ScenarioError(f"--set key must be NAME, membership.NAME, network.NAME or "
+                                f"broker.NAME, got {key!r}")
 
 
 def resolve_path(name: str) -> Path:
@@ -241,6 +244,7 @@ def parse(raw: dict[str, Any]) -> Scenario:
     membership_raw = raw.pop("membership", {})
     network_raw = raw.pop("network", {})
     faults_raw = raw.pop("faults", [])
+    broker_raw = raw.pop("broker", None)
     top = _table(raw, _TOP_KEYS, "scenario")
     if "name" not in top:
         raise ScenarioError("scenario needs a name")
@@ -284,4 +288,10 @@ def parse(raw: dict[str, Any]) -> Scenario:
     for i, f in enumerate(sc.faults):
         if f.zone is not None and f.zone not in names:
             raise ScenarioError(f"faults[{i}].zone must name a zone from network.zones")
+    if broker_raw is not None:
+        from .brokersim import parse_broker  # it runs on the engine, which imports us
+
+        sc.broker = parse_broker(broker_raw)
+    elif any(f.kind == "broker-publish" for f in sc.faults):
+        raise ScenarioError("broker-publish needs a [broker] table in the scenario")
     return sc
