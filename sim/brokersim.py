@@ -89,7 +89,7 @@ from meshd import namespaces
 from meshd.broker import messages
 from meshd.broker.consumer import DEAD, Consumer, Offer
 from meshd.broker.durable import DISCOVER_EVERY, RETURN_DELAY
-from meshd.broker.interest import InterestTable, Merged, check_queue
+from meshd.broker.interest import InterestTable, check_queue
 from meshd.broker.service import DURABLE
 from meshd.broker.subjects import check_pattern, check_topic, matches
 from meshd.errors import MeshError
@@ -275,35 +275,15 @@ class BrokerNode:
         self.later(self.w.sync_interval * self.rng.uniform(0.5, 1.5), self.sync)
 
     def receive_interest(self, sender: str, msg: dict[str, Any]) -> None:
-        """service._receive_interest."""
-        fresh: dict[str, Any] = {}
-        for node, record in (msg.get("records") or {}).items():
-            merged = self.interest.merge(node, record)
-            if merged is Merged.NEW:
-                fresh[node] = record
-            elif merged is Merged.OURS:
-                self.push({self.name: self.interest.record()})
-        if fresh:
-            self.push(fresh, exclude=sender)
-        reply: dict[str, Any] = {}
-        if "digest" in msg:
-            differing = self.interest.differing(msg["digest"])
-            theirs = msg["digest"]
-            mine = self.interest.digest()
-            give = [n for n in differing if n in mine
-                    and (n not in theirs or list(theirs[n]) < mine[n])]
-            want = [n for n in differing if n not in give]
-            reply = {"t": "interest", "records": self.interest.records_of(give)}
-            if want:
-                reply["want"] = want
-        want = msg.get("want")
-        if isinstance(want, list):
-            give = [n for n in want if isinstance(n, str)]
-            if give:
-                self.sim.send(self, sender, {"t": "interest",
-                                             "records": self.interest.records_of(give)})
-        if reply.get("records") or reply.get("want"):
-            self.sim.send(self, sender, reply)
+        """service._receive_interest: the real table decides (interest.py R6)."""
+        out = self.interest.receive(msg)
+        if out.push_ours:
+            self.push({self.name: self.interest.record()})
+        if out.forward:
+            self.push(out.forward, exclude=sender)
+        answer = out.answer()
+        if answer is not None:
+            self.sim.send(self, sender, answer)
 
     # --- local subscribers and publishing ---------------------------------------------------
 

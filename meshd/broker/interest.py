@@ -45,6 +45,10 @@ Replication (last writer wins per node)
       with no route (cost None), so a stale record of an unreachable node gets nothing.
   R5. ``digest()`` is ``{node: [wall, counter]}`` of the versions held; ``differing`` and
       ``records_of`` give what anti-entropy exchanges, as the registry's per-owner digest.
+  R6. ``receive(msg)`` is one step of the exchange (the shell and the simulator both use
+      it): records are merged (R1-R3); what was new is forwarded (rumor); a digest is
+      answered with the records the sender lacks or holds older, plus ``want`` for those
+      it holds newer; a ``want`` is answered with those records.
 
 Routing one published message (``route``)
   D1. Namespaces isolate: only interest in the message's namespace is looked at.
@@ -121,6 +125,24 @@ class Merged(enum.Enum):
     OLD = "old"        # we held it or a newer one: nothing to do
     FUTURE = "future"  # refused: stamped beyond the clock drift bound
     OURS = "ours"      # our own, from an earlier life: not applied; publish record() again
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What to send after receiving an interest message (R6): `forward` the records that
+    were new to us to `fanout` other peers (not back to the sender); `push_ours` our own
+    record again (an earlier life of ours wrote a newer one); `reply` to the sender the
+    records it lacks or asked for, with `want` the nodes whose records it holds newer."""
+    forward: dict[str, Any] = field(default_factory=dict)
+    push_ours: bool = False
+    reply: dict[str, Any] = field(default_factory=dict)
+    want: list[str] = field(default_factory=list)
+
+    def answer(self) -> dict[str, Any] | None:
+        """The message for the sender, if there is anything to say."""
+        if not self.reply and not self.want:
+            return None
+        return InterestTable.message(self.reply, want=self.want or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +331,51 @@ class InterestTable:
 
     def records_of(self, nodes: Iterable[str]) -> dict[str, dict[str, Any]]:
         return {n: self.records[n].to_wire() for n in nodes if n in self.records}
+
+    def receive(self, msg: Any) -> Exchange:
+        """R6: one interest message from a peer, `{"t": "interest", "records": {node:
+        record}, "digest"?: {...}, "want"?: [node]}`: merges the records and says what to
+        send (WireError, changing nothing more, if the message is malformed)."""
+        if not isinstance(msg, dict):
+            raise WireError("an interest message is a map")
+        records = msg.get("records", {})
+        if not isinstance(records, dict) or len(records) > MAX_DIGEST_NODES:
+            raise WireError("interest records must be a map of node to record")
+        out = Exchange()
+        for node, record in records.items():
+            if not isinstance(node, str):
+                raise WireError("interest records are keyed by node name")
+            merged = self.merge(node, record)
+            if merged is Merged.NEW:
+                out.forward[node] = record
+            elif merged is Merged.OURS:
+                out.push_ours = True
+        if "digest" in msg:
+            theirs = decode_digest(msg["digest"])
+            mine = self.digest()
+            differing = self.differing(theirs)
+            give = [n for n in differing if n in mine and (n not in theirs
+                                                           or list(theirs[n]) < mine[n])]
+            out.reply = self.records_of(give)
+            out.want = [n for n in differing if n not in give]
+        want = msg.get("want")
+        if want is not None:
+            if not isinstance(want, list) or len(want) > MAX_DIGEST_NODES \
+                    or not all(isinstance(n, str) for n in want):
+                raise WireError("want is a list of node names")
+            out.reply.update(self.records_of(want))
+        return out
+
+    @staticmethod
+    def message(records: dict[str, Any], digest: dict[str, list[int]] | None = None,
+                want: list[str] | None = None) -> dict[str, Any]:
+        """An interest message (what `receive` reads)."""
+        msg: dict[str, Any] = {"t": "interest", "records": records}
+        if digest is not None:
+            msg["digest"] = digest
+        if want:
+            msg["want"] = want
+        return msg
 
     def _set(self, node: str, rec: Record | None) -> None:
         old = self.records.pop(node, None)

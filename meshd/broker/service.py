@@ -44,7 +44,7 @@ from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from . import messages
 from .inbox import EndOfInbox, Inbox, Policy
-from .interest import InterestTable, Merged
+from .interest import InterestTable
 from .interest import WireError as InterestWireError
 from .links import CHANNEL, Outbox
 
@@ -167,8 +167,8 @@ class BrokerService:
                 self.durable.on_gone(ev.node)
         elif ev.kind in ("join", "alive") and self._nursery is not None:
             if ev.kind == "join":
-                self._spawn_send(ev.addr, {"t": "interest", "records": {
-                    self.node: self.interest.record()}, "digest": self.interest.digest()})
+                self._spawn_send(ev.addr, InterestTable.message(
+                    {self.node: self.interest.record()}, self.interest.digest()))
             if self.durable is not None:
                 self.durable.on_back(ev.node)
 
@@ -336,7 +336,7 @@ class BrokerService:
         if self._nursery is None:
             return
         peers = [p for p in self._peers() if p != exclude]
-        payload = {"t": "interest", "records": records or {self.node: record}}
+        payload = InterestTable.message(records or {self.node: record})
         for addr in self.rng.sample(peers, min(self.fanout, len(peers))):
             self._spawn_send(addr, payload)
 
@@ -354,49 +354,24 @@ class BrokerService:
             log.debug("broker interest to %s failed: %s", addr, exc)
 
     def _receive_interest(self, sender: str, msg: dict[str, Any]) -> None:
-        """{"t": "interest", "records": {node: record}, "digest"?: {...}, "want"?: [...]}"""
+        """One interest message: the table decides (interest.py R6), this sends."""
         self.stats["broker_interest_in"] += 1
-        records = msg.get("records") or {}
-        if not isinstance(records, dict) or len(records) > 100_000:
-            raise wire.WireError("interest records must be a map")
-        fresh: dict[str, Any] = {}
-        for node, record in records.items():
-            if not isinstance(node, str):
-                raise wire.WireError("interest records are keyed by node name")
-            merged = self.interest.merge(node, record)
-            if merged is Merged.NEW:
-                fresh[node] = record
-            elif merged is Merged.OURS:
-                self._push(self.interest.record())
-        if fresh:  # rumor: pass what was new to us on
-            self._push({}, fresh, exclude=sender)
-        reply: dict[str, Any] = {}
-        if "digest" in msg:  # anti-entropy: send what differs; ask for what they hold newer
-            differing = self.interest.differing(msg["digest"])
-            theirs = msg["digest"]
-            mine = self.interest.digest()
-            give = [n for n in differing if n in mine
-                    and (n not in theirs or list(theirs[n]) < mine[n])]
-            want = [n for n in differing if n not in give]
-            reply = {"t": "interest", "records": self.interest.records_of(give)}
-            if want:
-                reply["want"] = want
-        want = msg.get("want")
-        if isinstance(want, list):
-            give = [n for n in want[:100_000] if isinstance(n, str)]
-            if give:
-                self._spawn_send(sender, {"t": "interest",
-                                          "records": self.interest.records_of(give)})
-        if reply.get("records") or reply.get("want"):
-            self._spawn_send(sender, reply)
+        out = self.interest.receive(msg)
+        if out.push_ours:
+            self._push(self.interest.record())
+        if out.forward:  # rumor: pass what was new to us on
+            self._push({}, out.forward, exclude=sender)
+        answer = out.answer()
+        if answer is not None:
+            self._spawn_send(sender, answer)
 
     async def _sync_loop(self) -> None:
         while True:
             await trio.sleep(self.sync_interval * self.rng.uniform(0.5, 1.5))
             peers = self._peers()
             if peers:
-                self._spawn_send(self.rng.choice(peers), {
-                    "t": "interest", "records": {}, "digest": self.interest.digest()})
+                self._spawn_send(self.rng.choice(peers), InterestTable.message(
+                    {}, self.interest.digest()))
 
     # --- views ---------------------------------------------------------------------------------
 

@@ -445,3 +445,33 @@ def test_local_targets_are_plain_matches_and_only_the_named_groups():
     assert t.local_targets("default", "a.b", ()).groups == {}
     t.unsubscribe("default", "a.*")
     assert t.local_targets("default", "a.b").plain == ("a.>",)
+
+
+def test_a_digest_exchange_gives_each_side_what_it_lacks_and_forwards_news():
+    clock = [1_000]
+    a, b = table("a", clock), table("b", clock)
+    a.subscribe("default", "orders.*")
+    clock[0] += 10
+    b.subscribe("default", "jobs.>", "workers")
+    c_rec = rec("c", 500, [["default", "x.y", None, 1]])
+    assert a.merge("c", c_rec) is Merged.NEW
+    # a starts anti-entropy with b: b answers with its own record and asks for a's and c's
+    out = b.receive(InterestTable.message({}, a.digest()))
+    assert out.forward == {} and not out.push_ours
+    assert set(out.reply) == {"b"} and sorted(out.want) == ["a", "c"]
+    back = a.receive(out.answer())
+    assert set(back.forward) == {"b"}, "b's record was news to a: a passes it on"
+    assert set(back.reply) == {"a", "c"} and back.want == []
+    done = b.receive(back.answer())
+    assert set(done.forward) == {"a", "c"} and done.answer() is None
+    assert a.digest() == b.digest()
+    # a second round finds nothing to exchange
+    assert b.receive(InterestTable.message({}, a.digest())).answer() is None
+
+
+def test_receive_refuses_malformed_messages():
+    t = table("a")
+    for bad in ("x", {"records": []}, {"records": {1: {}}},
+                {"records": {}, "want": "all"}, {"records": {}, "digest": {"b": "x"}}):
+        with pytest.raises(WireError):
+            t.receive(bad)
