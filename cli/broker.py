@@ -111,6 +111,7 @@ def subscribe(pattern: str, queue: str | None, durable: str | None, buffer: int 
                      + (f" (durable {durable})" if durable else "")
                      + (f" (queue {queue})" if queue and not durable else ""), err=True)
             sub = Subscription(conn, info)
+            dropped = 0
             while True:
                 try:
                     msg = await sub.receive()
@@ -121,7 +122,11 @@ def subscribe(pattern: str, queue: str | None, durable: str | None, buffer: int 
                 if as_json:
                     line(json.dumps(msg.to_json()))
                 else:
+                    if sub.dropped > dropped:
+                        line(f"({sub.dropped - dropped} message(s) dropped: this subscriber "
+                             f"fell behind; see --buffer and --policy)", err=True)
                     line(f"{msg.topic} {json.dumps(msg.body)}")
+                dropped = sub.dropped
                 await msg.ack()
         finally:
             await control.aclose()

@@ -12,6 +12,8 @@
 Rules:
 - A subscription is one session with the local daemon (or an environment's proxy); leaving
   the `async with` ends it, and the daemon forgets the interest at once.
+- `sub.dropped` counts the messages the daemon dropped for this subscriber because it fell
+  behind (its buffer full, policy drop-oldest or drop-newest).
 - Messages of a durable subscription carry a tag; `ack()` confirms one, `nak(delay=)` asks
   for it again (after `delay` seconds, else the topic's backoff). An unacked message comes
   again after the topic's ack wait. Acking a core message does nothing.
@@ -27,10 +29,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from meshd.control import Conn
 from meshd.errors import MeshError
 
 log = logging.getLogger("sdk.broker")
+WRITE_BATCH = 256  # a publisher's frames written together at most
+WRITE_EVERY = 0.002  # seconds a published message may wait to be written with others
 
 
 @dataclass
@@ -88,6 +94,7 @@ class Subscription:
         self._queue: deque[dict[str, Any]] = deque()
         self._window = max(1, int(info.get("credit") or 1))  # what the daemon may send ahead
         self._consumed = 0
+        self.dropped = 0  # messages the daemon dropped for this subscriber (its policy)
 
     async def _settle(self, kind: str, tag: int, delay: float | None = None) -> None:
         frame: dict[str, Any] = {kind: [tag]}
@@ -106,6 +113,8 @@ class Subscription:
                 raise MeshError(503, "the daemon ended the subscription", id="sdk") from None
             if isinstance(frame, dict) and isinstance(frame.get("msgs"), list):
                 self._queue.extend(m for m in frame["msgs"] if isinstance(m, dict))
+                if isinstance(frame.get("dropped"), int):
+                    self.dropped = frame["dropped"]
             elif isinstance(frame, dict) and frame.get("ok") is False:
                 raise MeshError.from_dict(frame.get("error"))
         self._consumed += 1
@@ -125,14 +134,31 @@ class Subscription:
 
 class Publisher:
     """Publishes without waiting for each message (as a NATS client does): `publish` queues
-    the frame on one connection, `flush()` waits until the daemon handled everything sent
-    so far and raises the first failure it reported (MeshError), if any."""
+    the frame (written with others within WRITE_EVERY seconds, or at WRITE_BATCH frames),
+    `flush()` writes what waits and waits until the daemon handled everything sent so far,
+    raising the first failure it reported (MeshError), if any."""
 
     def __init__(self, conn: Conn, namespace: str) -> None:
         self._conn = conn
         self._ns = namespace
         self._flushes = 0
         self._failure: MeshError | None = None
+        self._pending: list[dict[str, Any]] = []  # frames not written yet
+
+    async def _write_out(self) -> None:
+        if self._pending:
+            frames, self._pending = self._pending, []
+            await self._conn.send_many(frames)
+
+    async def run_writer(self) -> None:
+        """Write what waits every WRITE_EVERY seconds (the context manager runs this), so a
+        slow publisher's message leaves at once and a fast one's leave in large writes."""
+        while True:
+            await trio.sleep(WRITE_EVERY)
+            try:
+                await self._write_out()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the daemon went away: flush() says so
 
     async def publish(self, topic: str, event: Any = None, *,
                       headers: dict[str, str] | None = None, id: str | None = None) -> None:
@@ -142,12 +168,17 @@ class Publisher:
                                "namespace": self._ns}
         if id is not None:
             pub["id"] = id
-        await self._conn.send({"pub": pub})
+        self._pending.append({"pub": pub})
+        if len(self._pending) >= WRITE_BATCH:
+            await self._write_out()
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def flush(self) -> int:
         """How many messages the daemon has handled; MeshError for the first that failed."""
         self._flushes += 1
-        await self._conn.send({"flush": self._flushes})
+        self._pending.append({"flush": self._flushes})
+        await self._write_out()
         while True:
             try:
                 frame = await self._conn.receive()

@@ -243,8 +243,11 @@ class Client:
         try:
             _, conn = await conn_client.session("broker.publisher")
             pub = Publisher(conn, self._ns(namespace))
-            yield pub
-            await pub.flush()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pub.run_writer)
+                yield pub
+                await pub.flush()
+                nursery.cancel_scope.cancel()
         finally:
             await conn_client.aclose()
 

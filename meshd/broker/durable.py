@@ -120,6 +120,9 @@ class DurableTopics:
         self._saved: dict[Key, int] = {}  # the ack floor as last saved
         self._deadc: dict[Key, int] = {}
         self._waits = ReplicaWaits()
+        # caches of the publish path: decoded definitions by stored value, logs made
+        self._definitions: dict[tuple[str, str], tuple[bytes, dict[str, Any]]] = {}
+        self._logged: dict[tuple[str, str], dict[str, Any]] = {}
         self._unrouted: set[Key] = set()  # consumers whose last offer found no member
         self._sets: dict[tuple[str, str], list[str]] = {}  # our topic -> its replica set
         self._mirror_sets: dict[tuple[str, str, str], list[str]] = {}  # (origin, ns, topic)
@@ -153,11 +156,19 @@ class DurableTopics:
         reg = state.get("lww")
         if reg is None or reg[1] is None:
             return None
+        cached = self._definitions.get((ns, topic))
+        if cached is not None and cached[0] is reg[1]:
+            return cached[1]  # the same stored value: decoded already (every publish asks)
         try:
             value = json.loads(reg[1])
         except (ValueError, UnicodeDecodeError):
             return None
-        return value if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            return None
+        if len(self._definitions) > 4096:
+            self._definitions.clear()
+        self._definitions[(ns, topic)] = (reg[1], value)
+        return value
 
     def definitions(self, ns: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         out = {}
@@ -193,18 +204,22 @@ class DurableTopics:
         return {"deleted": topic, "namespace": ns}
 
     def _drop_local(self, ns: str, topic: str) -> None:
+        self._logged.pop((ns, topic), None)
         for key in [k for k in self.consumers if k[:2] == (ns, topic)]:
             del self.consumers[key]
             self._dirty.discard(key)
         self.log.delete(ns, topic)
 
     def _ensure_log(self, ns: str, topic: str, definition: dict[str, Any]) -> None:
+        if self._logged.get((ns, topic)) is definition:
+            return  # made from this very definition already
         wanted = TopicSettings(max_age=definition.get("max_age"),
                                max_msgs=definition.get("max_msgs"),
                                replicas=int(definition.get("replicas", 1)),
                                dedup_window=self.s.dedup_window)
         if self.log.topics().get((ns, topic)) != wanted:
             self.log.create(ns, topic, wanted)
+        self._logged[(ns, topic)] = definition
 
     # --- publishing -------------------------------------------------------------------------
 

@@ -106,6 +106,7 @@ MAX_PATTERNS = 10_000
 MAX_RECORD_BYTES = 1 << 20
 MAX_COUNT = 1 << 31
 MAX_DIGEST_NODES = 100_000
+MATCH_CACHE = 4096  # (namespace, topic) pairs whose matching interest is remembered
 QUEUE = r"[A-Za-z0-9_-][A-Za-z0-9_.:-]{0,127}"
 _QUEUE = re.compile(QUEUE)
 _ENTRY_OVERHEAD = 16  # CBOR array and integer heads of one entry, rounded up
@@ -236,6 +237,10 @@ class InterestTable:
         self._routes: _Spaces[tuple[str, str | None, str]] = _Spaces()  # (node, queue, pattern)
         self._mine: _Spaces[tuple[str | None, str]] = _Spaces()  # (queue, pattern), L-side
         self.stats = {"interest_future_refused": 0, "interest_refused": 0}
+        self._changes = 0  # counts every change of the routes: the match cache's version
+        self._match_cache: dict[tuple[str, str],
+                                tuple[int, frozenset[tuple[str, str | None, str]]]] = {}
+        self._mine_cache: dict[tuple[str, str], tuple[int, frozenset[tuple[str | None, str]]]] = {}
         self._set(node, Record(hlc.now(), {}))  # L3: the tombstone we start with
 
     # -- local side (L1-L4) --------------------------------------------------------------
@@ -255,6 +260,7 @@ class InterestTable:
                                   id="meshd.broker")
             self._local_bytes += size
             self._mine.add(key[0], key[1], (key[2], key[1]))
+            self._changes += 1
         self._local[key] = self._local.get(key, 0) + 1
         return self._publish()
 
@@ -271,6 +277,7 @@ class InterestTable:
             del self._local[key]
             self._local_bytes -= _entry_bytes(key)
             self._mine.remove(key[0], key[1], (key[2], key[1]))
+            self._changes += 1
         return self._publish()
 
     def record(self) -> dict[str, Any]:
@@ -377,7 +384,31 @@ class InterestTable:
             msg["want"] = want
         return msg
 
+    def _matching(self, ns: str, topic: str) -> frozenset[tuple[str, str | None, str]]:
+        """Every (node, queue, pattern) of `ns` matching `topic`, cached until interest
+        changes (a publisher publishes on few topics, many times)."""
+        found = self._match_cache.get((ns, topic))
+        if found is not None and found[0] == self._changes:
+            return found[1]
+        if len(self._match_cache) >= MATCH_CACHE:
+            self._match_cache.clear()
+        matched = frozenset(self._routes.match(ns, topic))
+        self._match_cache[(ns, topic)] = (self._changes, matched)
+        return matched
+
+    def _matching_mine(self, ns: str, topic: str) -> frozenset[tuple[str | None, str]]:
+        """Our own (queue, pattern) entries of `ns` matching `topic`, cached likewise."""
+        found = self._mine_cache.get((ns, topic))
+        if found is not None and found[0] == self._changes:
+            return found[1]
+        if len(self._mine_cache) >= MATCH_CACHE:
+            self._mine_cache.clear()
+        matched = frozenset(self._mine.match(ns, topic))
+        self._mine_cache[(ns, topic)] = (self._changes, matched)
+        return matched
+
     def _set(self, node: str, rec: Record | None) -> None:
+        self._changes += 1
         old = self.records.pop(node, None)
         old_subs = old.subs if old is not None else {}
         new_subs = rec.subs if rec is not None else {}
@@ -399,7 +430,7 @@ class InterestTable:
         ns, topic = namespaces.check(ns), check_topic(topic)
         plain: dict[str, list[str]] = {}
         groups: dict[str, dict[str, list[str]]] = {}
-        for node, queue, pattern in self._routes.match(ns, topic):
+        for node, queue, pattern in self._matching(ns, topic):
             if queue is None:
                 if plain_too:
                     plain.setdefault(node, []).append(pattern)
@@ -437,7 +468,7 @@ class InterestTable:
         wanted = set(groups)
         plain: list[str] = []
         members: dict[str, list[str]] = {}
-        for queue, pattern in self._mine.match(ns, topic):
+        for queue, pattern in self._matching_mine(ns, topic):
             if queue is None:
                 plain.append(pattern)
             elif queue in wanted:

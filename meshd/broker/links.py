@@ -48,9 +48,15 @@ class Outbox:
         self._ch: Channel | None = None
 
     async def put(self, item: Any) -> None:
-        """Queue one item for the node (waits while the outbox is full)."""
+        """Queue one item for the node (waits only while the outbox is full: a publisher
+        that does not have to wait goes on at once, so items leave in large batches)."""
         try:
-            await self._send.send(item)
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            try:
+                await self._send.send(item)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self.stats["broker_copies_dropped"] += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self.stats["broker_copies_dropped"] += 1
 

@@ -212,7 +212,10 @@ class BrokerService:
             except EndOfInbox:
                 return
             credit.left -= len(batch)
-            await send({"msgs": batch})
+            frame: dict[str, Any] = {"msgs": batch}
+            if sub.inbox.dropped:  # the subscriber learns it missed messages, and how many
+                frame["dropped"] = sub.inbox.dropped
+            await send(frame)
 
     # --- publishing ------------------------------------------------------------------------
 

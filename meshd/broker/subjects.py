@@ -17,6 +17,7 @@ Rules (as NATS subjects):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -57,7 +58,19 @@ def _tokens(text: object, what: str) -> list[str]:
 
 
 def check_topic(topic: object) -> str:
-    """`topic` if it is a concrete topic (no wildcards); a 400 otherwise."""
+    """`topic` if it is a concrete topic (no wildcards); a 400 otherwise. Valid topics are
+    remembered (lru_cache of a pure check: every publish checks its topic several times)."""
+    if type(topic) is str:
+        return _check_text_topic(topic)
+    return _check_topic(topic)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_text_topic(topic: str) -> str:
+    return _check_topic(topic)
+
+
+def _check_topic(topic: object) -> str:
     tokens = _tokens(topic, "topic")
     if ONE in tokens or REST in tokens:
         raise bad_request(f"topic {topic!r} has a wildcard: publish to a concrete topic "

@@ -206,6 +206,7 @@ async def test_drop_policies_count_what_they_drop(mesh):
         assert rows["drop-oldest"]["dropped"] == 10
         assert [m.body["i"] for m in await take(newest, 20)] == list(range(20))
         assert [m.body["i"] for m in await take(oldest, 20)] == [*range(10), *range(20, 30)]
+        assert newest.dropped == 10 and oldest.dropped == 10  # each subscriber is told
         assert await nothing_more(newest, 0.2) == [] and await nothing_more(oldest, 0.2) == []
 
 

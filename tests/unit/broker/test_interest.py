@@ -475,3 +475,22 @@ def test_receive_refuses_malformed_messages():
                 {"records": {}, "want": "all"}, {"records": {}, "digest": {"b": "x"}}):
         with pytest.raises(WireError):
             t.receive(bad)
+
+
+def test_routing_and_local_targets_follow_every_change_after_a_cached_answer():
+    t = observer("pub")
+    cost = near({"a": 1.0, "b": 1.0})
+    assert t.route("default", "orders.created", cost, no_load).nodes == []
+    assert t.merge("a", rec("a", 10, [["default", "orders.*", None, 1]])) is Merged.NEW
+    assert t.route("default", "orders.created", cost, no_load).nodes == ["a"]
+    assert t.merge("b", rec("b", 10, [["default", "orders.>", None, 1]])) is Merged.NEW
+    assert t.route("default", "orders.created", cost, no_load).nodes == ["a", "b"]
+    assert t.merge("a", rec("a", 11, [])) is Merged.NEW  # a unsubscribed
+    assert t.route("default", "orders.created", cost, no_load).nodes == ["b"]
+    t.forget("b")
+    assert t.route("default", "orders.created", cost, no_load).nodes == []
+    assert t.local_targets("default", "orders.created").plain == ()
+    t.subscribe("default", "orders.created")
+    assert t.local_targets("default", "orders.created").plain == ("orders.created",)
+    t.unsubscribe("default", "orders.created")
+    assert t.local_targets("default", "orders.created").plain == ()

@@ -124,3 +124,18 @@ def test_a_replica_copy_keeps_the_origin_numbers_and_ignores_repeats(tmp_path):
     again = BrokerLog(tmp_path)
     assert again.last_seq("~b~default", "orders") == 3
     again.close()
+
+
+def test_the_duplicate_check_uses_the_id_index_not_a_scan(tmp_path):
+    """Each publish looks its id up: by the id index, never by walking the topic (a scan
+    made every publish read every message the topic held)."""
+    from meshd.broker.log import DUPLICATE
+
+    log = BrokerLog(tmp_path)
+    log.create("default", "orders", TopicSettings())
+    plan = " ".join(str(row) for row in log.conn.execute(
+        "EXPLAIN QUERY PLAN " + DUPLICATE.replace(" INDEXED BY messages_by_id", ""),
+        ("default", "orders", "x", 0.0)))
+    assert "messages_by_id" in " ".join(str(row) for row in log.conn.execute(
+        "EXPLAIN QUERY PLAN " + DUPLICATE, ("default", "orders", "x", 0.0)))
+    assert "messages_by_id" not in plan  # what SQLite picks unforced (why we force it)
