@@ -616,11 +616,38 @@ class AuthService:
                   namespace: str = DEFAULT) -> None:
         """Whether `who` may reach `resource` of `namespace` (see "Namespaces" above);
         401/403 naming the rule that decided (or that none granted) if not."""
+        allowed, rule, home = self._decide(who, resource, namespace)
+        if allowed:
+            return
+        self.stats["auth_denied"] += 1
+        why = f"rule {rule.id!r} denies it" if rule is not None else "no rule grants it"
+        res = ":".join(resource)
+        if namespace != DEFAULT or who.namespace not in (DEFAULT, EVERY):
+            res += f" in namespace {namespace!r}"
+            if who.via == "token" and home != namespace \
+                    and not (who.namespace == DEFAULT and "admin" in (who.scopes or [])):
+                why += (f" ({who.id} is of namespace {who.namespace!r}: only rules of "
+                        f"{namespace!r} with scope '{who.namespace}:SCOPE' let it in)")
+        if who.via == "token":
+            raise MeshError(403, f"{who.id} may not access {res}: {why}", id="meshd.auth")
+        raise MeshError(401, f"{res} needs a token with access ({why})", id="meshd.auth")
+
+    def allows(self, who: Principal, resource: tuple[str, str, str],
+               namespace: str = DEFAULT) -> bool:
+        """`authorize` as a yes or no, counting nothing: for leaving out of a read or a
+        watch what the caller may not see (503 while the cluster's auth state is on its
+        way, as there)."""
+        return self._decide(who, resource, namespace)[0]
+
+    def _decide(self, who: Principal, resource: tuple[str, str, str], namespace: str
+                ) -> tuple[bool, Rule | None, str | None]:
+        """(allowed, the rule that decided, the caller's namespace as the rules of
+        `namespace` see it)."""
         if not self.bootstrapped():
             if self.vouched_roots():  # the cluster has auth; we have not received it yet
                 raise MeshError(503, "this node has not received the cluster's auth state "
                                      "yet; retry in a moment", id="meshd.auth")
-            return  # a cluster without auth set up yet: nothing to enforce against
+            return True, None, None  # a cluster without auth set up yet: nothing to enforce
         version, rules, own = self._namespace_rules(namespace)
         cached = self._decisions.get(namespace)
         if cached is None or cached[0] != version or len(cached[1]) > 10_000:
@@ -636,21 +663,7 @@ class AuthService:
         if decision is None:  # pure in (rules, namespaces, scopes, resource): cache them
             scopes, member = scopes_in(home, who.scopes, namespace, DEFAULT)
             decision = decisions[key] = decide(rules, scopes, resource, member)
-        allowed, rule = decision
-        if allowed:
-            return
-        self.stats["auth_denied"] += 1
-        why = f"rule {rule.id!r} denies it" if rule is not None else "no rule grants it"
-        res = ":".join(resource)
-        if namespace != DEFAULT or who.namespace not in (DEFAULT, EVERY):
-            res += f" in namespace {namespace!r}"
-            if who.via == "token" and home != namespace \
-                    and not (who.namespace == DEFAULT and "admin" in (who.scopes or [])):
-                why += (f" ({who.id} is of namespace {who.namespace!r}: only rules of "
-                        f"{namespace!r} with scope '{who.namespace}:SCOPE' let it in)")
-        if who.via == "token":
-            raise MeshError(403, f"{who.id} may not access {res}: {why}", id="meshd.auth")
-        raise MeshError(401, f"{res} needs a token with access ({why})", id="meshd.auth")
+        return decision[0], decision[1], home
 
     def check(self, token: str | None, node: str | None, resource: tuple[str, str, str],
               namespace: str = DEFAULT) -> Principal:
