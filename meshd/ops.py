@@ -21,10 +21,16 @@ Rules:
     RPC, auth, tunnels: their resource depends on the request).
   - "public": anyone, even a remote caller without a token (log in, refresh a token, revoke
     a token one holds: the request itself carries the proof).
-  - a `resource(args)` function: the table checks a remote caller's token against the rules
-    for that resource before the handler runs (reads of the mesh: members, services,
-    routes), in the namespace the request names ("default" when none; an invalid name is a
-    400). The local operator reads them without a token, as before.
+  - a `resource(args)` function (`mesh_resource`): the table checks a remote caller's token
+    against the rules for that resource before the handler runs (reads of the mesh). Where:
+    - a read of one namespace's state (services, store listings: `per_namespace`) in the
+      namespace the request names ("default" when none);
+    - a read of the cluster's own state (status, members, routes, the graph, ping, tunnels,
+      the list of namespaces) in "default", whatever namespace the request names: it is
+      nobody's namespace, so a namespace's own rules (an admin of team-a may do everything
+      in team-a) never open it.
+    An invalid namespace name is a 400 either way. The local operator reads them without a
+    token, as before.
 - A remote request without a token is refused with 401 before anything else (but for
   "public" ops); a token that
   does not verify, 401; one the rules refuse, 403 naming the rule.
@@ -120,10 +126,27 @@ def calls(access: Access, table: dict[str, Handler]) -> list[Op]:
     return [Op(name, fn, access) for name, fn in table.items()]
 
 
-def mesh_resource(what: str) -> Callable[[dict[str, Any]], Resource]:
-    """The resource of a read of the mesh's own state ("mesh:members:", ...)."""
-    resource = ("mesh", what, "")
-    return lambda args: resource
+@dataclass(frozen=True)
+class MeshResource:
+    """The resource of a read of the mesh's own state ("mesh:members:", ...), and the
+    namespace whose rules decide: the one the request names (`per_namespace`), else
+    "default" (the cluster's state)."""
+
+    what: str
+    per_namespace: bool = False
+
+    def __call__(self, args: dict[str, Any]) -> Resource:
+        return ("mesh", self.what, "")
+
+    def namespace(self, args: dict[str, Any]) -> str:
+        named = namespaces.check(args.get("namespace"))  # a bad name is a 400 either way
+        return named if self.per_namespace else namespaces.DEFAULT
+
+
+def mesh_resource(what: str, per_namespace: bool = False) -> MeshResource:
+    """The access of a read of the mesh: of one namespace's state (`per_namespace`), or of
+    the cluster's, checked in "default"."""
+    return MeshResource(what, per_namespace)
 
 
 class Authorizer(Protocol):
@@ -174,8 +197,9 @@ class OpTable:
         if op.access == "checked":
             self.auth.identify(token, None)  # a bad token is a 401 before anything runs
             return
-        self.auth.check(token, None, op.access(args),
-                        namespace=namespaces.check(args.get("namespace")))
+        ns = op.access.namespace(args) if isinstance(op.access, MeshResource) \
+            else namespaces.check(args.get("namespace"))
+        self.auth.check(token, None, op.access(args), namespace=ns)
 
 
 async def serve_request(table: OpTable, framed: Framing, req: Any) -> bool:

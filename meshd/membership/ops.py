@@ -1,7 +1,8 @@
 """Control operations of membership: the member list, its events, joining through peers.
 
 Rules:
-- `members` and `members.watch` read the mesh (resource mesh:members: for a remote caller);
+- `members` and `members.watch` read the mesh (resource mesh:members: for a remote caller,
+  by the rules of "default": the member list is the cluster's, no namespace's);
   `join` makes this node contact peers, which only its operator decides.
 - A member row says how this node reaches the member ("reach"): direct, via a relay, no
   route, or not measured yet. Reserved tags (id, boot, authroot) are shown as columns or not

@@ -3,8 +3,8 @@ register a local service process.
 
 Rules:
 - Reads (services, describe, health, services.watch) read the mesh (resource
-  mesh:services: for a remote caller). describe and health of a service without instances
-  are a 404.
+  mesh:services: for a remote caller, in the namespace they name). describe and health of
+  a service without instances are a 404.
 - health calls every instance's `__health__` at once (5 s each) and reports each one's
   status, latency and failure; one failing instance never hides the others.
 - service.register is a session of a service process on this node: the local operator's
@@ -15,7 +15,7 @@ Rules:
   every namespace whose mesh:services its token may read; the others' events are left out).
 - namespaces lists each namespace the registry holds or that has accounts (and "default")
   with its counts of services, instances and accounts (mesh:namespaces: for a remote
-  caller).
+  caller, by the rules of "default": the list spans every namespace).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class RegistryOps:
         self.store_keys = store_keys  # live store keys per namespace, None: not counted
 
     def ops(self) -> list[Op]:
-        services = mesh_resource("services")
+        services = mesh_resource("services", per_namespace=True)
         return [Op("services", self.services, services),
                 Op("describe", self.describe, services),
                 Op("health", self.health, services),

@@ -108,7 +108,7 @@ class StoreOps:
 
     def ops(self) -> list[Op]:
         st = self.store
-        listing = mesh_resource("store")
+        listing = mesh_resource("store", per_namespace=True)
         return [
             self._store("store.write", st.write, write=True),
             self._store("store.read", st.read),

@@ -62,6 +62,7 @@ def table() -> tuple[OpTable, FakeAuth, list[str]]:
     auth = FakeAuth()
     t.auth = auth
     t.add([Op("members", handler("members"), mesh_resource("members")),
+           Op("services", handler("services"), mesh_resource("services", per_namespace=True)),
            Op("leave", handler("leave"), "operator"),
            Op("store.read", handler("store.read"), "checked"),
            Op("auth.login", handler("auth.login"), "public")])
@@ -120,16 +121,30 @@ def test_a_remote_read_of_the_mesh_is_checked_against_its_resource():
     assert auth.namespaces == ["default", "default"]
 
 
-def test_a_remote_read_is_checked_in_the_namespace_it_names():
+def test_a_remote_read_of_a_namespace_is_checked_in_the_namespace_it_names():
+    t, auth, ran = table()
+    reply = run(t, {"op": "services", "token": "good", "args": {"namespace": "team-a"}},
+                remote=True)
+    assert reply["ok"] is True
+    assert auth.namespaces == ["team-a"]
+    bad = run(t, {"op": "services", "token": "good", "args": {"namespace": "Team A"}},
+              remote=True)
+    assert status(bad) == 400 and "invalid namespace" in bad["error"]["detail"]
+    assert ran == ["services"] and auth.namespaces == ["team-a"]
+
+
+def test_a_remote_read_of_the_cluster_is_checked_in_default_whatever_namespace_it_names():
+    """The member list is nobody's namespace: team-a's rules (its admins may do everything
+    in team-a) must not open it (found by review)."""
     t, auth, ran = table()
     reply = run(t, {"op": "members", "token": "good", "args": {"namespace": "team-a"}},
                 remote=True)
     assert reply["ok"] is True
-    assert auth.namespaces == ["team-a"]
+    assert auth.namespaces == ["default"]
     bad = run(t, {"op": "members", "token": "good", "args": {"namespace": "Team A"}},
               remote=True)
     assert status(bad) == 400 and "invalid namespace" in bad["error"]["detail"]
-    assert ran == ["members"] and auth.namespaces == ["team-a"]
+    assert ran == ["members"] and auth.namespaces == ["default"]
 
 
 def test_checked_ops_run_with_a_token_that_verifies_and_never_with_a_bad_one():
@@ -144,7 +159,7 @@ def test_unknown_ops_list_the_known_ones_and_the_connection_stays_usable():
     t, _, _ = table()
     reply = run(t, {"op": "nope"}, remote=False)
     assert status(reply) == 404
-    assert "auth.login, leave, members, store.read" in reply["error"]["detail"]
+    assert "auth.login, leave, members, services, store.read" in reply["error"]["detail"]
 
 
 def test_an_op_registered_twice_is_refused():
