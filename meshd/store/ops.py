@@ -63,6 +63,16 @@ def caller_name(ns: str, stored: str) -> str | None:
     return stored[len(head):] if stored.startswith(head) else None
 
 
+def caller_database(db: Any) -> str:
+    """A database name as a caller gives it: text not starting with PREFIX (the kept names
+    of other namespaces' databases are not the caller's to use); 400 otherwise."""
+    if not isinstance(db, str):
+        raise bad_request("database must be text", id="meshd.store")
+    if db.startswith(PREFIX):
+        raise bad_request(f"database names may not start with {PREFIX!r}", id="meshd.store")
+    return db
+
+
 def visible(value: Any, path: str, may: Callable[[str], bool]) -> Any:
     """`value` (the config at `path`) without the paths below it that `may` refuses, each
     with everything under it."""
@@ -135,12 +145,7 @@ class StoreOps:
         if args.get("database") is None and watch:
             self._authorize(ns, ("store", "*", "*"))
             return {**args, "namespace": ns}
-        db = args.get("database") or "default"
-        if not isinstance(db, str):
-            raise bad_request("database must be text", id="meshd.store")
-        if db.startswith(PREFIX):
-            raise bad_request(f"database names may not start with {PREFIX!r}",
-                              id="meshd.store")
+        db = caller_database(args.get("database") or "default")
         if ns == namespaces.DEFAULT and db == CONFIG_DB:
             raise MeshError(403, "the config database holds every namespace's config tree: "
                                  "use `meshd config` (config.*), which checks the rules of "
@@ -231,10 +236,7 @@ class StoreOps:
 
     async def tables(self, args: dict[str, Any]) -> Any:
         ns = namespaces.check(args.get("namespace"))
-        db = args.get("database") or "default"
-        if not isinstance(db, str) or db.startswith(PREFIX):
-            raise bad_request(f"database must be text not starting with {PREFIX!r}",
-                              id="meshd.store")
+        db = caller_database(args.get("database") or "default")
         try:
             return await self.store.tables({**args, "database": stored_name(ns, db)})
         except MeshError as exc:
