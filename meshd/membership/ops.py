@@ -68,10 +68,10 @@ class MembershipOps:
         return self.member_rows()
 
     async def watch(self, args: dict[str, Any], emit: Emit) -> None:
-        events = self.membership.subscribe()
-        async for ev in events:
-            await emit({"kind": ev.kind, "name": ev.node, "address": ev.addr,
-                        "incarnation": ev.incarnation, "detail": ev.detail})
+        with self.membership.subscription() as events:
+            async for ev in events:
+                await emit({"kind": ev.kind, "name": ev.node, "address": ev.addr,
+                            "incarnation": ev.incarnation, "detail": ev.detail})
 
     async def join(self, args: dict[str, Any]) -> Any:
         peers = args.get("peers")

@@ -95,10 +95,11 @@ class RegistryOps:
         ns = args.get("namespace")
         token = REQUEST_TOKEN.get()
         checked = not ns and REQUEST_REMOTE.get() and self.may_read is not None
-        async for ev in self.registry.watch(namespaces.check(ns) if ns else None):
-            if checked and not self.may_read(token, namespaces.of(ev.get("instance"))):
-                continue  # a namespace the remote caller may not read
-            await emit(ev)
+        with self.registry.watch(namespaces.check(ns) if ns else None) as events:
+            async for ev in events:
+                if checked and not self.may_read(token, namespaces.of(ev.get("instance"))):
+                    continue  # a namespace the remote caller may not read
+                await emit(ev)
 
     async def list_namespaces(self, _: dict[str, Any]) -> Any:
         """Each namespace with its counts of services, instances, store keys and accounts (a
