@@ -5,8 +5,10 @@ Rules:
 - Reads (services, describe, health, services.watch) read the mesh (resource
   mesh:services: for a remote caller, in the namespace they name). describe and health of
   a service without instances are a 404.
-- health calls every instance's `__health__` at once (5 s each) and reports each one's
-  status, latency and failure; one failing instance never hides the others.
+- health calls every instance's `__health__` at once (5 s each) with the caller's token
+  (the local operator without one: as this node), so the rules for service:NAME:__health__
+  apply to the caller as for any call, and reports each one's status, latency and failure
+  (a refusal too); one failing instance never hides the others.
 - service.register is a session of a service process on this node: the local operator's
   (a remote caller cannot make the node host its instances).
 - Every one of them takes `namespace` ("default" when absent; an invalid name is a 400): a
@@ -74,11 +76,12 @@ class RegistryOps:
     async def health(self, args: dict[str, Any]) -> Any:
         _, rows = self._instances(args, "health")
         results: list[dict[str, Any]] = []
+        token = REQUEST_TOKEN.get()  # the caller's, never the node's (found by review)
 
         async def check(inst: dict[str, Any]) -> None:
             start = trio.current_time()
             try:
-                await self.rpc.call_instance(inst, "__health__", None, 5.0)
+                await self.rpc.call_instance(inst, "__health__", None, 5.0, token)
                 status, detail = "ok", ""
             except MeshError as exc:
                 status, detail = "failing", str(exc)

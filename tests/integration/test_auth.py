@@ -453,6 +453,27 @@ async def test_reads_and_watches_leave_out_what_a_narrower_rule_denies(cluster):
     await as_(ada, "config.set", path="db.host", value="h4")  # her own path: as before
 
 
+def test_health_checks_call_the_instances_with_the_callers_token(cluster):
+    """`health` reaches each instance's __health__ as the caller, not as the node (found by
+    review: a token that may only list services made the node call them)."""
+    a = cluster.add("a", env=FAST)
+    cluster.service(a)
+    wait_for(services_ready([a], "testsvc", 1), 15, "testsvc registered")
+    root = (a.data_dir / "admin.token").read_text().strip()
+    op(a, "auth.accounts.create", id="viewer", secret="viewer-secret-1", scopes=["viewer"])
+    op(a, "auth.rules.create", id="viewers", resource="mesh:services", scope="viewer",
+       access="granted")
+    viewer = login(a, "viewer", "viewer-secret-1")["token"]
+    # the local operator (as the node) and an admin: the instance answers
+    assert [r["status"] for r in op(a, "health", service="testsvc")] == ["ok"]
+    assert [r["status"] for r in op(a, "health", root, service="testsvc")] == ["ok"]
+    # the viewer may list the services, not call them: the instance's daemon refuses it
+    [row] = op(a, "health", viewer, service="testsvc")
+    assert row["status"] == "failing", row
+    assert "viewer may not access service:testsvc:__health__: no rule grants it" in \
+        row["detail"], row
+
+
 def test_system_databases_admins_read_nobody_writes_through_the_store(cluster, tmp_path):
     a, b = pair(cluster)
     admin_token = (a.data_dir / "admin.token").read_text().strip()
