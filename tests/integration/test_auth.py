@@ -202,6 +202,34 @@ def test_bootstrap_once_and_login_rate_limit(cluster):
     assert statuses[:5] == [401] * 5 and 429 in statuses[5:]
 
 
+def test_logins_through_a_node_without_a_key_are_limited_per_source(cluster):
+    """b holds no issuer key and forwards logins to a signer, which limits them per account
+    and per asking node only: b must apply its caller's per-source limit first (found by
+    review: bad logins through b were limited by nothing per caller)."""
+    _, b = pair(cluster)
+    statuses: list[int] = []
+
+    async def attempts() -> None:
+        client = ControlClient(b.data_dir / "meshd.sock")
+        try:
+            # a fresh account id each time: only a limit per caller can stop them
+            for n in range(100):
+                try:
+                    await client.call("auth.login", id=f"nobody-{n}", secret="wrong")
+                except MeshError as exc:
+                    statuses.append(exc.status)
+                    if exc.status == 429:
+                        assert exc.code == "too_many_requests"
+                        assert exc.detail.startswith("too many login attempts"), exc
+                        return
+        finally:
+            await client.aclose()
+
+    trio.run(attempts)
+    assert statuses[:20] == [401] * 20, statuses  # the source's burst, checked by the signer
+    assert statuses[-1] == 429, statuses
+
+
 def test_deleting_an_account_stops_its_tokens(cluster):
     a = cluster.add("a", env=FAST)
     admin(a, "auth.accounts.create", id="tmp", secret="tmp-secret-1", scopes=["admin"])
