@@ -17,14 +17,13 @@ Rules:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import click
 
 from cli.client import Client, client_options, env_option, environment, namespace_option, token_file
-from cli.output import json_option, show, show_lines
+from cli.output import json_option, say, show, show_lines
 from meshd.envs import Environments
 
 
@@ -54,9 +53,8 @@ def auth_login(account: str, secret: str, namespace: str | None, client: Client,
         kept = envs.get(env.name)
         kept.token, kept.refresh_token = r["token"], r["refresh_token"]
         envs.save()
-        click.echo(json.dumps(r) if as_json else
-                   f"logged in to {env.name} as {r['account']}{where} (token kept with the "
-                   f"environment in {envs.path})")
+        say(r, as_json, f"logged in to {env.name} as {r['account']}{where} (token kept with the "
+            f"environment in {envs.path})")
         return
     path = token_file()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,8 +62,7 @@ def auth_login(account: str, secret: str, namespace: str | None, client: Client,
 
     write_json(path, {"token": r["token"], "refresh_token": r["refresh_token"],
                       "account": r["account"], "namespace": ns})
-    click.echo(json.dumps(r) if as_json else
-               f"logged in as {r['account']}{where} (token kept in {path})")
+    say(r, as_json, f"logged in as {r['account']}{where} (token kept in {path})")
 
 
 @auth.command("logout")
@@ -91,8 +88,8 @@ def auth_logout() -> None:
 def auth_whoami(namespace: str | None, client: Client, as_json: bool) -> None:
     """Who the daemon takes you for (a node acts in every namespace: --namespace's)."""
     r = client.call("auth.whoami", namespace=client.namespace(namespace))
-    click.echo(json.dumps(r) if as_json else f"{r['id']} (scopes: {', '.join(r['scopes']) or '-'};"
-               f" via {r['via']}; namespace {r.get('namespace', 'default')})")
+    say(r, as_json, f"{r['id']} (scopes: {', '.join(r['scopes']) or '-'};"
+        f" via {r['via']}; namespace {r.get('namespace', 'default')})")
 
 
 @auth.command("bootstrap")
@@ -101,7 +98,7 @@ def auth_whoami(namespace: str | None, client: Client, as_json: bool) -> None:
 def auth_bootstrap(client: Client, as_json: bool) -> None:
     """Set up auth on a cluster that has none (the first node does this itself)."""
     r = client.call("auth.bootstrap")
-    click.echo(json.dumps(r) if as_json else f"admin token: {r['token']}")
+    say(r, as_json, f"admin token: {r['token']}")
 
 
 @auth.group("accounts")
@@ -133,7 +130,7 @@ def accounts_create(account: str, secret: str, scopes: tuple[str, ...], kind: st
     ns = client.namespace(namespace)
     r = client.call("auth.accounts.create", id=account, secret=secret, scopes=list(scopes),
                     type=kind, namespace=ns)
-    click.echo(json.dumps(r) if as_json else f"created account {account}{_in(ns)}")
+    say(r, as_json, f"created account {account}{_in(ns)}")
 
 
 @auth_accounts.command("delete")
@@ -146,7 +143,7 @@ def accounts_delete(account: str, namespace: str | None, client: Client,
     """Delete ACCOUNT of a namespace."""
     ns = client.namespace(namespace)
     r = client.call("auth.accounts.delete", id=account, namespace=ns)
-    click.echo(json.dumps(r) if as_json else f"deleted account {account}{_in(ns)}")
+    say(r, as_json, f"deleted account {account}{_in(ns)}")
 
 
 def _in(ns: str) -> str:
@@ -188,7 +185,7 @@ def rules_create(rule_id: str, resource: str, scope: str, access: str, priority:
     ns = client.namespace(namespace)
     r = client.call("auth.rules.create", id=rule_id, resource=resource, scope=scope,
                     access=access, priority=priority, namespace=ns)
-    click.echo(json.dumps(r) if as_json else f"created rule {rule_id}{_in(ns)}")
+    say(r, as_json, f"created rule {rule_id}{_in(ns)}")
 
 
 @auth_rules.command("delete")
@@ -200,7 +197,7 @@ def rules_delete(rule_id: str, namespace: str | None, client: Client, as_json: b
     """Delete a rule of a namespace."""
     ns = client.namespace(namespace)
     r = client.call("auth.rules.delete", id=rule_id, namespace=ns)
-    click.echo(json.dumps(r) if as_json else f"deleted rule {rule_id}{_in(ns)}")
+    say(r, as_json, f"deleted rule {rule_id}{_in(ns)}")
 
 
 @auth.group("token")
@@ -219,7 +216,7 @@ def token_create(account: str, ttl: float, namespace: str | None, client: Client
     """A token for ACCOUNT of a namespace."""
     r = client.call("auth.token.create", account=account, ttl=ttl,
                     namespace=client.namespace(namespace))
-    click.echo(json.dumps({"token": r["token"]}) if as_json else r["token"])
+    say({"token": r["token"]}, as_json, r["token"])
 
 
 @auth_token.command("revoke")
@@ -228,7 +225,7 @@ def token_create(account: str, ttl: float, namespace: str | None, client: Client
 @json_option
 def token_revoke(token_text: str, client: Client, as_json: bool) -> None:
     r = client.call("auth.token.revoke", token=token_text)
-    click.echo(json.dumps(r) if as_json else f"revoked {r['revoked']}")
+    say(r, as_json, f"revoked {r['revoked']}")
 
 
 @auth.group("keys")
@@ -242,7 +239,7 @@ def auth_keys() -> None:
 def keys_rotate(client: Client, as_json: bool) -> None:
     """Make a new issuer key on this node; old keys keep verifying their tokens."""
     r = client.call("auth.keys.rotate")
-    click.echo(json.dumps(r) if as_json else f"new issuer key {r['kid']} on {r['signer']}")
+    say(r, as_json, f"new issuer key {r['kid']} on {r['signer']}")
 
 
 @auth_keys.command("list")
@@ -265,7 +262,7 @@ def keys_revoke_cmd(kid: str, client: Client, as_json: bool) -> None:
     """Stop trusting issuer key KID now: its tokens stop working everywhere (what it
     signed is signed again with a current key)."""
     r = client.call("auth.keys.revoke", kid=kid)
-    click.echo(json.dumps(r) if as_json else f"revoked issuer key {r['revoked']}")
+    say(r, as_json, f"revoked issuer key {r['revoked']}")
 
 
 COMMANDS: tuple[click.Command, ...] = (auth,)

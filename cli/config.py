@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from cli.client import Client, client_options, namespace_option
-from cli.output import fail, json_option, line
+from cli.output import fail, json_option, line, say
 
 
 @click.group()
@@ -36,7 +36,7 @@ def _ns_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def config_get(path: str, namespace: str | None, client: Client, as_json: bool) -> None:
     """Print the JSON value at PATH (all of the namespace without one)."""
     r = client.call("config.get", namespace=client.namespace(namespace), path=path)
-    click.echo(json.dumps(r["value"]) if as_json else json.dumps(r["value"], indent=2))
+    say(r["value"], as_json, json.dumps(r["value"], indent=2))
 
 
 @config.command("set")
@@ -52,7 +52,7 @@ def config_set(path: str, value: str, namespace: str | None, client: Client,
         fail(f"400 bad request: value is not valid JSON: {exc.msg} at line {exc.lineno} "
              f"column {exc.colno} (strings need quotes: '\"text\"')")
     r = client.call("config.set", namespace=client.namespace(namespace), path=path, value=parsed)
-    click.echo(json.dumps(r) if as_json else f"set {path}")
+    say(r, as_json, f"set {path}")
 
 
 @config.command("del")
@@ -61,7 +61,7 @@ def config_set(path: str, value: str, namespace: str | None, client: Client,
 def config_del(path: str, namespace: str | None, client: Client, as_json: bool) -> None:
     """Delete PATH (and everything below it)."""
     r = client.call("config.del", namespace=client.namespace(namespace), path=path)
-    click.echo(json.dumps(r) if as_json else f"deleted {path}")
+    say(r, as_json, f"deleted {path}")
 
 
 @config.command("watch")

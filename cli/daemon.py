@@ -170,7 +170,8 @@ def status(client: Client, as_json: bool) -> None:
     console.print(f"  members    {counts}")
     console.print(f"  health     {st['health_score']} (0 is best), incarnation "
                   f"{st['incarnation']}, {st['links']} secure link(s)")
-    console.print(f"  data dir   {st['data_dir']}")
+    if "data_dir" in st:  # a node does not tell a remote environment its paths
+        console.print(f"  data dir   {st['data_dir']}")
     dropped = {k: v for k, v in st["stats"].items() if v and ("drop" in k or "fail" in k
                                                                or "error" in k)}
     if dropped:

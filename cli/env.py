@@ -14,13 +14,12 @@ Rules:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from cli.output import fail, json_option, show
+from cli.output import fail, json_option, say, show
 from meshd.envs import EnvError, Environment, Environments
 from meshd.errors import MeshError
 
@@ -84,9 +83,8 @@ def env_add(name: str, via: str, namespace: str, ca_file: Path | None, as_json: 
     warning = checked.cleartext_warning()
     if warning:
         click.echo(warning, err=True)
-    click.echo(json.dumps(added.to_dict()) if as_json else
-               f"added environment {name} (via {via}); use it with `meshd env set {name}` or "
-               f"--env {name}")
+    say(added.to_dict(), as_json, f"added environment {name} (via {via}); use it with "
+        f"`meshd env set {name}` or --env {name}")
 
 
 def _change(change: Callable[[Environments], None], done: str) -> None:
@@ -116,7 +114,7 @@ def env_get(as_json: bool) -> None:
         current: Environment = envs.current()
     except EnvError as exc:
         fail(f"400 bad request: {exc}")
-    click.echo(json.dumps(current.to_dict()) if as_json else current.name)
+    say(current.to_dict(), as_json, current.name)
 
 
 @env.command("remove")

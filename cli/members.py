@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from cli.client import Client, client_options
-from cli.output import json_option, show
+from cli.output import json_option, say, show
 
 
 @click.command("join")
@@ -43,7 +43,7 @@ def join_cmd(peers: tuple[str, ...], client: Client, as_json: bool) -> None:
 def leave(client: Client, as_json: bool) -> None:
     """Leave the cluster gracefully and stop the node."""
     result = client.call("leave")
-    click.echo(json.dumps(result) if as_json else "left the cluster; the node is stopping")
+    say(result, as_json, "left the cluster; the node is stopping")
 
 
 _STATUS_COLORS = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
@@ -130,7 +130,7 @@ def new_secret_cmd(as_json: bool) -> None:
     from meshd.secure.keyring import format_secret, new_secret
 
     secret = format_secret(new_secret())
-    click.echo(json.dumps({"secret": secret}) if as_json else secret)
+    say({"secret": secret}, as_json, secret)
 
 
 COMMANDS: tuple[click.Command, ...] = (join_cmd, leave, members, invite, keys, new_secret_cmd)

@@ -3,8 +3,9 @@
 Rules:
 - --json (`json_option`) prints the control API's own field names, `json.dumps` of the op's
   result, one document (or one line per event for streams).
-- People get rich tables (`show`, `print_table`) or plain lines; rich is imported on first
-  use only, so `meshd up` (the daemon) carries no more of it than its status screen needs.
+- People get rich tables (`show`, `print_table`) or plain lines (`show_lines`, or `say`
+  for one text); rich is imported on first use only, so `meshd up` (the daemon) carries
+  no more of it than its status screen needs.
 - A failure is one line on stderr, "<status> <code>: <detail>", and exit status 1 (`fail`);
   never a traceback.
 - Lines a long-running command prints as things happen go out at once (`line`), so a pipe
@@ -91,6 +92,11 @@ def show(data: Any, as_json: bool, columns: Sequence[str],
         click.echo(json.dumps(data))
     else:
         print_table(columns, rows)
+
+
+def say(data: Any, as_json: bool, text: str) -> None:
+    """`data` as JSON with --json, else `text` (what a command that did one thing prints)."""
+    click.echo(json.dumps(data) if as_json else text)
 
 
 def show_lines(data: Any, as_json: bool, lines: Iterable[str]) -> None:

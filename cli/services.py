@@ -26,7 +26,7 @@ import click
 
 from cli.args import parse_meta
 from cli.client import Client, call_via, client_options, namespace_option, via_options
-from cli.output import console, fail, json_option, line, show
+from cli.output import console, fail, json_option, line, say, show
 
 
 @click.command()
@@ -98,7 +98,7 @@ def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | Non
         result = client.call("rpc.call", service=service, endpoint=endpoint, body=request,
                              timeout=timeout, meta=metadata,
                              namespace=client.namespace(namespace))
-    click.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+    say(result, as_json, json.dumps(result, indent=2))
 
 
 @click.command()

@@ -25,7 +25,7 @@ import click
 
 from cli.args import parse_meta
 from cli.client import Client, chosen_namespace, client_options, namespace_option
-from cli.output import fail, json_option, line
+from cli.output import fail, json_option, line, say
 
 
 def _store_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,7 +73,7 @@ def store_write(key: str, value: str, ttl: float | None, replicas: int, meta: tu
     metadata = parse_meta(meta)
     rec = _call(client, "store.write", database=database, table=table, key=key,
                       value=raw, ttl=ttl, replicas=replicas, metadata=metadata)
-    click.echo(json.dumps(_record_json(rec)) if as_json else f"wrote {key}")
+    say(_record_json(rec), as_json, f"wrote {key}")
 
 
 @store.command("read")
@@ -107,7 +107,7 @@ def store_delete(key: str, database: str, table: str, client: Client,
                  as_json: bool) -> None:
     """Delete KEY."""
     result = _call(client, "store.delete", database=database, table=table, key=key)
-    click.echo(json.dumps(result) if as_json else f"deleted {key}")
+    say(result, as_json, f"deleted {key}")
 
 
 @store.command("list")
@@ -119,7 +119,7 @@ def store_list(prefix: str | None, limit: int, database: str, table: str,
     """List keys."""
     keys = _call(client, "store.list", database=database, table=table, prefix=prefix,
                        limit=limit)
-    click.echo(json.dumps(keys) if as_json else "\n".join(keys))
+    say(keys, as_json, "\n".join(keys))
 
 
 @store.command("databases")
@@ -129,7 +129,7 @@ def store_list(prefix: str | None, limit: int, database: str, table: str,
 def store_databases(client: Client, as_json: bool) -> None:
     """List databases."""
     names = _call(client, "store.databases")
-    click.echo(json.dumps(names) if as_json else "\n".join(names))
+    say(names, as_json, "\n".join(names))
 
 
 @store.command("tables")
@@ -140,7 +140,7 @@ def store_databases(client: Client, as_json: bool) -> None:
 def store_tables(database: str, client: Client, as_json: bool) -> None:
     """List the tables of a database."""
     names = _call(client, "store.tables", database=database)
-    click.echo(json.dumps(names) if as_json else "\n".join(names))
+    say(names, as_json, "\n".join(names))
 
 
 @store.command("counter")
@@ -151,7 +151,7 @@ def store_counter(key: str, delta: int, database: str, table: str, client: Clien
                   as_json: bool) -> None:
     """Add DELTA (may be negative; 0 reads) to the counter KEY."""
     r = _call(client, "store.counter", database=database, table=table, key=key, delta=delta)
-    click.echo(json.dumps(r) if as_json else str(r["counter"]))
+    say(r, as_json, str(r["counter"]))
 
 
 @store.command("set")
@@ -164,7 +164,7 @@ def store_set(op: str, key: str, member: str | None, database: str, table: str,
     """Add or remove MEMBER of the set KEY, or list its members."""
     r = _call(client, "store.set", database=database, table=table, key=key, op=op,
                     member=member)
-    click.echo(json.dumps(r) if as_json else "\n".join(r["members"]))
+    say(r, as_json, "\n".join(r["members"]))
 
 
 @store.command("watch")
@@ -236,7 +236,7 @@ def store_import(file: Any, database: str, table: str, client: Client,
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
             fail(f"400 bad request: line {n} is not an exported record: {exc}")
         count += 1
-    click.echo(json.dumps({"imported": count}) if as_json else f"imported {count} records")
+    say({"imported": count}, as_json, f"imported {count} records")
 
 
 COMMANDS: tuple[click.Command, ...] = (store,)

@@ -11,13 +11,12 @@ Rules:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
 from cli.client import Client, client_options, tunnel_via, via_options
-from cli.output import fail, json_option, line, show_lines
+from cli.output import fail, json_option, line, say, show_lines
 from meshd.errors import MeshError
 
 
@@ -34,7 +33,7 @@ def tunnel() -> None:
 def tunnel_expose(name: str, target: str, client: Client, as_json: bool) -> None:
     """Expose HOST:PORT from this node as tunnel NAME."""
     r = client.call("tunnel.expose", name=name, to=target)
-    click.echo(json.dumps(r) if as_json else f"tunnel {name} -> {r['to']} exposed on {r['node']}")
+    say(r, as_json, f"tunnel {name} -> {r['to']} exposed on {r['node']}")
 
 
 @tunnel.command("close")
@@ -44,7 +43,7 @@ def tunnel_expose(name: str, target: str, client: Client, as_json: bool) -> None
 def tunnel_close(name: str, client: Client, as_json: bool) -> None:
     """Stop exposing tunnel NAME from this node."""
     r = client.call("tunnel.close", name=name)
-    click.echo(json.dumps(r) if as_json else f"closed tunnel {name}")
+    say(r, as_json, f"closed tunnel {name}")
 
 
 @tunnel.command("list")

@@ -6,9 +6,11 @@ the user's token for that environment, without a VPN.
 
 Rules:
 - Kept in `<user config dir>/meshd/environments.json` (platformdirs; MESHD_ENV_FILE
-  overrides the path), mode 0600 in a 0700 directory, written atomically: a crash never
-  leaves half a file. A file that cannot be read or parsed is an EnvError naming it, never
-  silently replaced.
+  overrides the path), mode 0600, written atomically: a crash never leaves half a file. The
+  directory `<user config dir>/meshd` is meshd's own: every save makes it 0700, also when it
+  existed with a wider mode. A directory MESHD_ENV_FILE names is the user's (it may be
+  shared): it is created 0700 if missing, never changed. A file that cannot be read or
+  parsed is an EnvError naming it, never silently replaced.
 - `local` is built in: it cannot be added, changed or removed, and it uses the local
   daemon's data dir and token as before.
 - The current environment: MESHD_ENV (or the CLI's --env) for one command, else the one
@@ -63,9 +65,15 @@ def env_file() -> Path:
     given = os.environ.get("MESHD_ENV_FILE")
     if given:
         return Path(given).expanduser()
+    return own_dir() / "environments.json"
+
+
+def own_dir() -> Path:
+    """meshd's directory in the user's config dir (where the environments file is kept
+    unless MESHD_ENV_FILE says otherwise)."""
     import platformdirs
 
-    return Path(platformdirs.user_config_dir("meshd")) / "environments.json"
+    return Path(platformdirs.user_config_dir("meshd"))
 
 
 def check_name(name: str) -> str:
@@ -151,4 +159,6 @@ class Environments:
         data = {"current": self.current_name,
                 "environments": {n: e.to_dict(secrets=True) for n, e in self.envs.items()}}
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.path.parent == own_dir():  # it holds tokens: not readable by others
+            os.chmod(self.path.parent, 0o700)
         write_secret_file(self.path, json.dumps(data, indent=1, sort_keys=True).encode())

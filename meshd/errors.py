@@ -19,6 +19,7 @@ STATUS_CODES = {
     404: "not_found",
     408: "timeout",
     409: "conflict",
+    429: "too_many_requests",
     500: "internal",
     503: "unavailable",
 }
@@ -65,3 +66,8 @@ def not_found(detail: str, id: str = "meshd") -> MeshError:
 
 def unavailable(detail: str, id: str = "meshd") -> MeshError:
     return MeshError(503, detail, id=id)
+
+
+def too_many(detail: str, id: str = "meshd") -> MeshError:
+    """429: the caller holds or asks too much at once; the detail says what to wait for."""
+    return MeshError(429, detail, id=id)

@@ -1,8 +1,10 @@
 """The node's own control operations: status, effective settings, invite, leave.
 
 Rules:
-- status reads the mesh (resource mesh:status: for a remote caller): name, id, address,
-  incarnation, members by state, links, uptime, version, and every component's counters.
+- status reads the mesh (resource mesh:status: for a remote caller, by the rules of
+  "default": it is the cluster's state, no namespace's): name, id, address, incarnation,
+  members by state, links, uptime, version, and every component's counters; the data dir
+  too, but not to a remote caller (paths on the node are its operator's business).
 - settings, invite (it prints the cluster secret) and leave are the node's operator's only.
 - leave replies at once and leaves in the background: the reply must not wait for the node
   it stops.
@@ -18,7 +20,7 @@ from typing import Any
 import trio
 
 from .membership.messages import STATE_NAMES
-from .ops import Op, mesh_resource
+from .ops import REQUEST_REMOTE, Op, mesh_resource
 from .secure.keyring import format_secret
 from .settings import as_dict
 
@@ -42,7 +44,10 @@ class NodeOps:
                 Op("leave", self.leave, "operator")]
 
     async def status(self, _: dict[str, Any]) -> Any:
-        return self.status_now()
+        st = self.status_now()
+        if REQUEST_REMOTE.get():
+            del st["data_dir"]
+        return st
 
     def status_now(self) -> dict[str, Any]:
         n = self.node

@@ -21,29 +21,43 @@ Rules:
     RPC, auth, tunnels: their resource depends on the request).
   - "public": anyone, even a remote caller without a token (log in, refresh a token, revoke
     a token one holds: the request itself carries the proof).
-  - a `resource(args)` function: the table checks a remote caller's token against the rules
-    for that resource before the handler runs (reads of the mesh: members, services,
-    routes), in the namespace the request names ("default" when none; an invalid name is a
-    400). The local operator reads them without a token, as before.
+  - a `resource(args)` function (`mesh_resource`): the table checks a remote caller's token
+    against the rules for that resource before the handler runs (reads of the mesh). Where:
+    - a read of one namespace's state (services, store listings: `per_namespace`) in the
+      namespace the request names ("default" when none);
+    - a read of the cluster's own state (status, members, routes, the graph, ping, tunnels,
+      the list of namespaces) in "default", whatever namespace the request names: it is
+      nobody's namespace, so a namespace's own rules (an admin of team-a may do everything
+      in team-a) never open it.
+    An invalid namespace name is a 400 either way. The local operator reads them without a
+    token, as before.
 - A remote request without a token is refused with 401 before anything else (but for
   "public" ops); a token that
   does not verify, 401; one the rules refuse, 403 naming the rule.
+- A stream keeps reading its connection while it runs: the client closing it (or sending
+  anything unreadable) cancels the stream at once, and the handler's `finally` lets go of
+  what it watched, so a hung-up watcher holds nothing until the next event would be written.
+  Handlers release what they subscribe to in `finally` (or a `with` block).
+- Streams and sessions held at once are capped per token where the transport asks for it
+  (`StreamSlots`: the proxy, limits.max_remote_streams): one more is a 429 before anything
+  runs. The local operator is not capped.
 - Every failure inside a handler becomes a structured error reply; a malformed request gets
   a 400 and the connection stays usable. Nothing a caller sends can crash the node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import trio
 
 from . import namespaces
-from .errors import MeshError, bad_request, not_found
+from .errors import MeshError, bad_request, not_found, too_many
 
 log = logging.getLogger("meshd.ops")
 
@@ -130,10 +144,27 @@ def calls(access: Access, table: dict[str, Handler]) -> list[Op]:
     return [Op(name, fn, access) for name, fn in table.items()]
 
 
-def mesh_resource(what: str) -> Callable[[dict[str, Any]], Resource]:
-    """The resource of a read of the mesh's own state ("mesh:members:", ...)."""
-    resource = ("mesh", what, "")
-    return lambda args: resource
+@dataclass(frozen=True)
+class MeshResource:
+    """The resource of a read of the mesh's own state ("mesh:members:", ...), and the
+    namespace whose rules decide: the one the request names (`per_namespace`), else
+    "default" (the cluster's state)."""
+
+    what: str
+    per_namespace: bool = False
+
+    def __call__(self, args: dict[str, Any]) -> Resource:
+        return ("mesh", self.what, "")
+
+    def namespace(self, args: dict[str, Any]) -> str:
+        named = namespaces.check(args.get("namespace"))  # a bad name is a 400 either way
+        return named if self.per_namespace else namespaces.DEFAULT
+
+
+def mesh_resource(what: str, per_namespace: bool = False) -> MeshResource:
+    """The access of a read of the mesh: of one namespace's state (`per_namespace`), or of
+    the cluster's, checked in "default"."""
+    return MeshResource(what, per_namespace)
 
 
 class Authorizer(Protocol):
@@ -184,13 +215,71 @@ class OpTable:
         if op.access == "checked":
             self.auth.identify(token, None)  # a bad token is a 401 before anything runs
             return
-        self.auth.check(token, None, op.access(args),
-                        namespace=namespaces.check(args.get("namespace")))
+        ns = op.access.namespace(args) if isinstance(op.access, MeshResource) \
+            else namespaces.check(args.get("namespace"))
+        self.auth.check(token, None, op.access(args), namespace=ns)
 
 
-async def serve_request(table: OpTable, framed: Framing, req: Any) -> bool:
+class StreamSlots:
+    """Streams and sessions each caller (its token; without one, its source) holds open at
+    once, at most `cap`; `{name}_streams` in `stats` counts those open now and
+    `{name}_streams_refused` the ones refused (429)."""
+
+    def __init__(self, cap: int, stats: dict[str, int], name: str) -> None:
+        self.cap = cap
+        self.stats = stats
+        self.open_key, self.refused_key = f"{name}_streams", f"{name}_streams_refused"
+        stats.setdefault(self.open_key, 0)
+        stats.setdefault(self.refused_key, 0)
+        self.held: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """One slot of the current request's caller, for the block; 429 if it has none."""
+        key = REQUEST_TOKEN.get() or REQUEST_SOURCE.get()
+        if self.held.get(key, 0) >= self.cap:
+            self.stats[self.refused_key] += 1
+            raise too_many(f"this token already holds {self.cap} streams and sessions "
+                           "(watches, RPC streams) through this node's proxy "
+                           "(limits.max_remote_streams): close one first")
+        self.held[key] = self.held.get(key, 0) + 1
+        self.stats[self.open_key] += 1
+        try:
+            yield
+        finally:
+            self.stats[self.open_key] -= 1
+            left = self.held[key] - 1
+            if left:
+                self.held[key] = left
+            else:
+                del self.held[key]
+
+
+async def _until_hangup(framed: Framing, run: Callable[[], Awaitable[None]]) -> None:
+    """`run()`, cancelled as soon as the other side of `framed` closes (or sends something
+    unreadable): a stream's client says nothing more once it asked."""
+    async def hangup(scope: trio.CancelScope) -> None:
+        with contextlib.suppress(EOFError, MeshError, trio.BrokenResourceError,
+                                 trio.ClosedResourceError):
+            while True:
+                await framed.read()  # nothing a client sends during a stream means anything
+        scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hangup, nursery.cancel_scope)
+            await run()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # strict nurseries wrap the handler's own failure
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+async def serve_request(table: OpTable, framed: Framing, req: Any,
+                        slots: StreamSlots | None = None) -> bool:
     """Run one request from `framed`; whether the connection can carry another (a stream or
-    session keeps it to the end)."""
+    session keeps it to the end). `slots` caps the streams and sessions of one caller."""
     rid = req.get("id") if isinstance(req, dict) else None
     try:
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
@@ -205,18 +294,20 @@ async def serve_request(table: OpTable, framed: Framing, req: Any) -> bool:
             raise not_found(f"unknown operation {req['op'][:64]!r}; known: "
                             f"{', '.join(table.names())}")
         table.admit(op, args)
-        if op.kind == "session":
-            await op.handler(args, Conn(framed, rid))
-            return False
-        if op.kind == "stream":
+        if op.kind == "call":
+            result = await op.handler(args)
+            await framed.write({"id": rid, "ok": True, "result": result})
+            return True
+        with slots.hold() if slots is not None else contextlib.nullcontext():
+            if op.kind == "session":
+                await op.handler(args, Conn(framed, rid))
+                return False
+
             async def emit(item: Any) -> None:
                 await framed.write({"id": rid, "event": item})
             await framed.write({"id": rid, "ok": True, "result": "streaming"})
-            await op.handler(args, emit)
+            await _until_hangup(framed, lambda: op.handler(args, emit))
             return False
-        result = await op.handler(args)
-        await framed.write({"id": rid, "ok": True, "result": result})
-        return True
     except MeshError as exc:
         reply = {"id": rid, "ok": False, "error": exc.to_dict()}
     except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):

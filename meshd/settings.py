@@ -209,6 +209,11 @@ class LimitsSettings:
     # 60 s, like store.max_clock_drift: far above what NTP-synced clocks drift apart, short
     # enough that the nonces remembered per window stay a few MB. Clocks must agree within it.
     udp_replay_window: float = 60.0
+    # Streams and sessions (watches, RPC streams) one token may hold open at once through
+    # the proxy endpoint; one more is a 429. Plenty for a person's terminals and an SDK's
+    # watches, and a small share of the proxy's connections (a third of the open-file
+    # limit), so one token cannot hold every slot.
+    max_remote_streams: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +370,8 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         rpc = _replace_checked(rpc, lay.get("rpc", {}), "rpc")
         store = _replace_checked(store, lay.get("store", {}), "store")
         broker = _replace_checked(broker, lay.get("broker", {}), "broker")
+    if limits.max_remote_streams < 1:
+        raise SettingsError("limits.max_remote_streams must be at least 1")
     if rpc.selector not in ("random", "roundrobin", "nearest"):
         raise SettingsError("rpc.selector must be random, roundrobin or nearest")
     if broker.max_deliver < 1 or broker.max_in_flight < 1 or broker.ack_wait <= 0 \

@@ -7,6 +7,9 @@ Rules:
 - Writes (accounts, rules, tokens for others, issuer keys, node revocations) need an admin:
   an admin token, or the local operator of a node holding an issuer key. The local
   operator of any other node is a member's operator: it acts as a node, never as admin.
+  Rotating issuer keys makes a private key on the node it runs on, so it is also the
+  operator's (the control socket, with an admin token where the node holds no key): never
+  through a remote environment.
 - A write that needs an issuer key this node does not hold goes to a signer
   (remote.py, "admin"), with the admin token or this node's key as proof; the signer runs
   the same operation from this table. Revoking issuer keys (also those of a revoked node)
@@ -61,11 +64,13 @@ class AuthOps:
 
     def ops(self) -> list[Op]:
         """Login, refresh and revoking a token one holds are open to anyone (the request is
-        its own proof); bootstrap is the operator's; the rest check the caller's token
-        themselves (an admin, or the local operator of a node holding an issuer key)."""
+        its own proof); bootstrap and rotating issuer keys (a new private key in this node's
+        data dir) are the operator's; the rest check the caller's token themselves (an
+        admin, or the local operator of a node holding an issuer key)."""
         return [*calls("public", {"auth.login": self.login, "auth.refresh": self.refresh,
                                   "auth.token.revoke": self.token_revoke}),
-                Op("auth.bootstrap", self.bootstrap, "operator"),
+                *calls("operator", {"auth.bootstrap": self.bootstrap,
+                                    "auth.keys.rotate": self.keys_rotate}),
                 *calls("checked", self._checked())]
 
     def _checked(self) -> dict[str, Handler]:
@@ -81,7 +86,6 @@ class AuthOps:
             "auth.rules.create": self._writer("rules.create", self._rules_create),
             "auth.rules.delete": self._writer("rules.delete", self._rules_delete),
             "auth.token.create": self._writer("token.create", self._token_create),
-            "auth.keys.rotate": self.keys_rotate,
             "auth.keys.revoke": self._writer("keys.revoke", self._keys_revoke, cluster=True),
             "nodes.revoke": self.nodes_revoke,
         }

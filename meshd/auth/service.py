@@ -22,8 +22,9 @@ Rules:
 - Denials: 401 when the caller has no valid token, 403 when a valid token lacks access; the
   detail names the rule that decided. Reasons for refusing a token go to the log only.
 - Login is rate-limited per account and per source (the transport's idea of the caller:
-  the unix user on the control socket, the node for a forwarded login); the limit tables
-  are bounded.
+  the unix user on the control socket, the remote address through the proxy), on the node
+  the caller reaches, also when it forwards the login to a signer (which limits it again per
+  account and per asking node); the limit tables are bounded.
 - Revoked nodes (`meshd nodes revoke`): their identity keys are refused by links and
   membership everywhere (node_revoked) and they receive no new cluster secrets.
 
@@ -72,7 +73,7 @@ import trio
 
 from meshd import namespaces
 from meshd.datadir import write_secret_file
-from meshd.errors import MeshError, bad_request, not_found
+from meshd.errors import MeshError, bad_request, not_found, too_many
 from meshd.identity import node_id_from_public
 from meshd.store import crdt
 from meshd.store.state import live
@@ -616,11 +617,38 @@ class AuthService:
                   namespace: str = DEFAULT) -> None:
         """Whether `who` may reach `resource` of `namespace` (see "Namespaces" above);
         401/403 naming the rule that decided (or that none granted) if not."""
+        allowed, rule, home = self._decide(who, resource, namespace)
+        if allowed:
+            return
+        self.stats["auth_denied"] += 1
+        why = f"rule {rule.id!r} denies it" if rule is not None else "no rule grants it"
+        res = ":".join(resource)
+        if namespace != DEFAULT or who.namespace not in (DEFAULT, EVERY):
+            res += f" in namespace {namespace!r}"
+            if who.via == "token" and home != namespace \
+                    and not (who.namespace == DEFAULT and "admin" in (who.scopes or [])):
+                why += (f" ({who.id} is of namespace {who.namespace!r}: only rules of "
+                        f"{namespace!r} with scope '{who.namespace}:SCOPE' let it in)")
+        if who.via == "token":
+            raise MeshError(403, f"{who.id} may not access {res}: {why}", id="meshd.auth")
+        raise MeshError(401, f"{res} needs a token with access ({why})", id="meshd.auth")
+
+    def allows(self, who: Principal, resource: tuple[str, str, str],
+               namespace: str = DEFAULT) -> bool:
+        """`authorize` as a yes or no, counting nothing: for leaving out of a read or a
+        watch what the caller may not see (503 while the cluster's auth state is on its
+        way, as there)."""
+        return self._decide(who, resource, namespace)[0]
+
+    def _decide(self, who: Principal, resource: tuple[str, str, str], namespace: str
+                ) -> tuple[bool, Rule | None, str | None]:
+        """(allowed, the rule that decided, the caller's namespace as the rules of
+        `namespace` see it)."""
         if not self.bootstrapped():
             if self.vouched_roots():  # the cluster has auth; we have not received it yet
                 raise MeshError(503, "this node has not received the cluster's auth state "
                                      "yet; retry in a moment", id="meshd.auth")
-            return  # a cluster without auth set up yet: nothing to enforce against
+            return True, None, None  # a cluster without auth set up yet: nothing to enforce
         version, rules, own = self._namespace_rules(namespace)
         cached = self._decisions.get(namespace)
         if cached is None or cached[0] != version or len(cached[1]) > 10_000:
@@ -636,21 +664,7 @@ class AuthService:
         if decision is None:  # pure in (rules, namespaces, scopes, resource): cache them
             scopes, member = scopes_in(home, who.scopes, namespace, DEFAULT)
             decision = decisions[key] = decide(rules, scopes, resource, member)
-        allowed, rule = decision
-        if allowed:
-            return
-        self.stats["auth_denied"] += 1
-        why = f"rule {rule.id!r} denies it" if rule is not None else "no rule grants it"
-        res = ":".join(resource)
-        if namespace != DEFAULT or who.namespace not in (DEFAULT, EVERY):
-            res += f" in namespace {namespace!r}"
-            if who.via == "token" and home != namespace \
-                    and not (who.namespace == DEFAULT and "admin" in (who.scopes or [])):
-                why += (f" ({who.id} is of namespace {who.namespace!r}: only rules of "
-                        f"{namespace!r} with scope '{who.namespace}:SCOPE' let it in)")
-        if who.via == "token":
-            raise MeshError(403, f"{who.id} may not access {res}: {why}", id="meshd.auth")
-        raise MeshError(401, f"{res} needs a token with access ({why})", id="meshd.auth")
+        return decision[0], decision[1], home
 
     def check(self, token: str | None, node: str | None, resource: tuple[str, str, str],
               namespace: str = DEFAULT) -> Principal:
@@ -741,13 +755,8 @@ class AuthService:
                     per_node: bool = False, namespace: str = DEFAULT) -> list[str]:
         """The account's scopes if id/secret are right (rate-limited per account and per
         source, or per member node for logins it forwards); else 401/429."""
-        now = time.monotonic()
-        by_source = self._login_by_node if per_node else self._login_by_source
-        for bucket, key in ((self._login_by_account, f"{namespace}/{id}"), (by_source, source)):
-            wait = bucket.take(key, now)
-            if wait:
-                raise MeshError(429, f"too many login attempts; try again in {wait:.0f} s",
-                                code="too_many_requests", id="meshd.auth")
+        self._limit(self._login_by_account, f"{namespace}/{id}")
+        self._limit(self._login_by_node if per_node else self._login_by_source, source)
         account = self._get(ns_table("accounts", namespace), id)
         secret_ok = isinstance(account, dict) and check_secret(secret,
                                                                str(account.get("secret", "")))
@@ -755,6 +764,14 @@ class AuthService:
             log.info("failed login for %r from %s", id, source)
             raise MeshError(401, "wrong account id or secret", id="meshd.auth")
         return list(account.get("scopes", []))
+
+    @staticmethod
+    def _limit(bucket: _Bucket, key: str) -> None:
+        """429 once `key` has used up its share of login attempts in `bucket`."""
+        wait = bucket.take(key, time.monotonic())
+        if wait:
+            raise too_many(f"too many login attempts; try again in {wait:.0f} s",
+                           id="meshd.auth")
 
     async def tokens_for(self, sub: str, scopes: list[str], namespace: str = DEFAULT
                          ) -> dict[str, Any]:
@@ -785,6 +802,9 @@ class AuthService:
         """Tokens for an account of `namespace`: here if we hold a current key, else from a
         signer."""
         if self._token_key() is None:
+            # the signer limits per account and per asking node; the caller's source is
+            # known here only, so its limit is applied here, before anything is forwarded
+            self._limit(self._login_by_source, source)
             request = {"op": "login", "id": id, "secret": secret, "source": source}
             if namespace != DEFAULT:  # an older signer would not know it: say it only then
                 request["namespace"] = namespace

@@ -1,7 +1,8 @@
 """Control operations of membership: the member list, its events, joining through peers.
 
 Rules:
-- `members` and `members.watch` read the mesh (resource mesh:members: for a remote caller);
+- `members` and `members.watch` read the mesh (resource mesh:members: for a remote caller,
+  by the rules of "default": the member list is the cluster's, no namespace's);
   `join` makes this node contact peers, which only its operator decides.
 - A member row says how this node reaches the member ("reach"): direct, via a relay, no
   route, or not measured yet. Reserved tags (id, boot, authroot) are shown as columns or not
@@ -67,10 +68,10 @@ class MembershipOps:
         return self.member_rows()
 
     async def watch(self, args: dict[str, Any], emit: Emit) -> None:
-        events = self.membership.subscribe()
-        async for ev in events:
-            await emit({"kind": ev.kind, "name": ev.node, "address": ev.addr,
-                        "incarnation": ev.incarnation, "detail": ev.detail})
+        with self.membership.subscription() as events:
+            async for ev in events:
+                await emit({"kind": ev.kind, "name": ev.node, "address": ev.addr,
+                            "incarnation": ev.incarnation, "detail": ev.detail})
 
     async def join(self, args: dict[str, Any]) -> Any:
         peers = args.get("peers")

@@ -7,7 +7,8 @@ Rules:
   close that channel. Neither reaches the core.
 - Reliable sends (push-pull, the TCP fallback ping) each run in their own task on a channel
   named "membership"; a request's reply comes back on the same channel.
-- Event subscribers get a bounded queue; one that falls behind is dropped, never waited for.
+- Event subscribers get a bounded queue; one that falls behind is dropped, never waited for,
+  and one whose block ends (`subscription`) is gone at once (member_watchers counts them).
 - Leaving is confirmed, not hoped for: besides the core's gossip of Dead(self), every live
   member gets a farewell over a stream (a Ping with Dead(self) piggybacked, as any probe
   carries broadcasts) and answers with an Ack once its core has applied it. `leave` returns
@@ -17,9 +18,10 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -60,7 +62,7 @@ class MembershipService:
         self.links = links
         self.join_timeout = join_timeout
         self.stats = {"decode_errors": 0, "stream_errors": 0, "core_faults": 0,
-                      "refused_senders": 0}
+                      "refused_senders": 0, "member_watchers": 0}  # the last: subscribed now
         # whether datagrams from an address are taken at all (not from revoked members)
         self.accept_sender: Callable[[str], bool] | None = None
         self._kick = trio.Event()
@@ -138,6 +140,7 @@ class MembershipService:
                 sub.send_nowait(ev)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.remove(sub)
+                self.stats["member_watchers"] = len(self._subscribers)
                 sub.close()
 
     def _conflict_log_due(self, name: str) -> bool:
@@ -149,10 +152,21 @@ class MembershipService:
         self._conflict_logged[name] = now
         return True
 
-    def subscribe(self, size: int = 1000) -> trio.MemoryReceiveChannel[MemberEvent]:
+    @contextlib.contextmanager
+    def subscription(self, size: int = 1000
+                     ) -> Iterator[trio.MemoryReceiveChannel[MemberEvent]]:
+        """Member events as they happen, until the block ends: then the subscriber is gone
+        at once (a watcher that hung up must not wait for the next event to be dropped)."""
         send, recv = trio.open_memory_channel[MemberEvent](size)
         self._subscribers.append(send)
-        return recv
+        self.stats["member_watchers"] = len(self._subscribers)
+        try:
+            yield recv
+        finally:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(send)
+            self.stats["member_watchers"] = len(self._subscribers)
+            send.close()
 
     # --- packets in ------------------------------------------------------------------------
 

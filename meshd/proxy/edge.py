@@ -11,7 +11,10 @@ Rules:
   meshd.ops.serve_request as a remote caller: the token of each request is who acts (never
   the node), operator-only ops are refused, and a request without a token is a 401 unless
   the op is public (login, refresh). Until a request carries a token that verifies, the
-  connection stays pending (its deadline and the pending cap apply).
+  connection stays pending (its deadline and the pending cap apply). A stream ends as soon
+  as its client closes the connection, and one token holds at most
+  limits.max_remote_streams streams and sessions at once (429 beyond; `proxy_streams` in
+  the stats counts those open).
 - A token is required: an outside caller is never taken for this node. No token or a bad
   one: 401; a token the rules do not allow: 403. The rules are applied where the resource is
   (the callee's daemon, the exposing node), exactly as for in-cluster callers.
@@ -38,7 +41,7 @@ import trio
 
 from meshd import namespaces, wire
 from meshd.errors import MeshError, bad_request
-from meshd.ops import REQUEST_REMOTE, REQUEST_SOURCE, serve_request
+from meshd.ops import REQUEST_REMOTE, REQUEST_SOURCE, StreamSlots, serve_request
 from meshd.transport import listeners as serving
 from meshd.transport.links import WsStream
 
@@ -57,6 +60,7 @@ class EdgeProxy:
         self.stats = {"proxy_sessions": 0, "proxy_refused": 0, "proxy_control_sessions": 0}
         self.gate = serving.Gate("proxy", self.stats,
                                  pending_timeout=node.settings.limits.handshake_timeout * 2)
+        self.streams = StreamSlots(node.settings.limits.max_remote_streams, self.stats, "proxy")
 
     async def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -138,7 +142,7 @@ class EdgeProxy:
                 return
             if ticket.pending and self._verifies(req):
                 ticket.authenticated()
-            if not await serve_request(self.node.op_table, framed, req):
+            if not await serve_request(self.node.op_table, framed, req, self.streams):
                 return
 
     def _verifies(self, req: Any) -> bool:

@@ -3,7 +3,8 @@
 Rules:
 - `expose NAME --to HOST:PORT` registers "tunnel:NAME" in the registry, owned by this node.
   `close NAME` removes it. Exposures live as long as the daemon (run `expose` again after a
-  restart).
+  restart). Listing them reads the mesh (mesh:tunnels: for a remote caller, by the rules of
+  "default", where tunnels belong).
 - The caller's daemon accepts the connections (control session "tunnel.listen", held open
   by `meshd tunnel connect`; or the proxy endpoint for outside clients) and carries each to
   the exposing node on link channel "tunnel". The exposing node decides: the caller (its

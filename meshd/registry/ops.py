@@ -3,10 +3,12 @@ register a local service process.
 
 Rules:
 - Reads (services, describe, health, services.watch) read the mesh (resource
-  mesh:services: for a remote caller). describe and health of a service without instances
-  are a 404.
-- health calls every instance's `__health__` at once (5 s each) and reports each one's
-  status, latency and failure; one failing instance never hides the others.
+  mesh:services: for a remote caller, in the namespace they name). describe and health of
+  a service without instances are a 404.
+- health calls every instance's `__health__` at once (5 s each) with the caller's token
+  (the local operator without one: as this node), so the rules for service:NAME:__health__
+  apply to the caller as for any call, and reports each one's status, latency and failure
+  (a refusal too); one failing instance never hides the others.
 - service.register is a session of a service process on this node: the local operator's
   (a remote caller cannot make the node host its instances).
 - Every one of them takes `namespace` ("default" when absent; an invalid name is a 400): a
@@ -15,7 +17,7 @@ Rules:
   every namespace whose mesh:services its token may read; the others' events are left out).
 - namespaces lists each namespace the registry holds or that has accounts (and "default")
   with its counts of services, instances and accounts (mesh:namespaces: for a remote
-  caller).
+  caller, by the rules of "default": the list spans every namespace).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class RegistryOps:
         self.store_keys = store_keys  # live store keys per namespace, None: not counted
 
     def ops(self) -> list[Op]:
-        services = mesh_resource("services")
+        services = mesh_resource("services", per_namespace=True)
         return [Op("services", self.services, services),
                 Op("describe", self.describe, services),
                 Op("health", self.health, services),
@@ -74,11 +76,12 @@ class RegistryOps:
     async def health(self, args: dict[str, Any]) -> Any:
         _, rows = self._instances(args, "health")
         results: list[dict[str, Any]] = []
+        token = REQUEST_TOKEN.get()  # the caller's, never the node's (found by review)
 
         async def check(inst: dict[str, Any]) -> None:
             start = trio.current_time()
             try:
-                await self.rpc.call_instance(inst, "__health__", None, 5.0)
+                await self.rpc.call_instance(inst, "__health__", None, 5.0, token)
                 status, detail = "ok", ""
             except MeshError as exc:
                 status, detail = "failing", str(exc)
@@ -95,10 +98,11 @@ class RegistryOps:
         ns = args.get("namespace")
         token = REQUEST_TOKEN.get()
         checked = not ns and REQUEST_REMOTE.get() and self.may_read is not None
-        async for ev in self.registry.watch(namespaces.check(ns) if ns else None):
-            if checked and not self.may_read(token, namespaces.of(ev.get("instance"))):
-                continue  # a namespace the remote caller may not read
-            await emit(ev)
+        with self.registry.watch(namespaces.check(ns) if ns else None) as events:
+            async for ev in events:
+                if checked and not self.may_read(token, namespaces.of(ev.get("instance"))):
+                    continue  # a namespace the remote caller may not read
+                await emit(ev)
 
     async def list_namespaces(self, _: dict[str, Any]) -> Any:
         """Each namespace with its counts of services, instances, store keys and accounts (a

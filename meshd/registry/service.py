@@ -14,11 +14,12 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,13 +244,21 @@ class RegistryService:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 self._watchers.remove((w, ns))
 
-    def watch(self, namespace: str | None = None) -> trio.MemoryReceiveChannel[dict[str, Any]]:
-        """Registry changes as they happen (in `namespace` only; None: every one). A delete
-        of an instance this node never knew has no namespace: only unfiltered watchers see
-        it."""
+    @contextlib.contextmanager
+    def watch(self, namespace: str | None = None
+              ) -> Iterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
+        """Registry changes as they happen (in `namespace` only; None: every one), until the
+        block ends (then the watcher is gone at once). A delete of an instance this node
+        never knew has no namespace: only unfiltered watchers see it."""
         send, recv = trio.open_memory_channel[dict[str, Any]](1000)
-        self._watchers.append((send, namespace))
-        return recv
+        entry = (send, namespace)
+        self._watchers.append(entry)
+        try:
+            yield recv
+        finally:
+            with contextlib.suppress(ValueError):
+                self._watchers.remove(entry)
+            send.close()
 
     def _peer_addrs(self) -> list[str]:
         return [m.addr for m in self.core.member_list()

@@ -1,7 +1,8 @@
 """Control operations of routing: the route table, the link graph, and `meshd ping`.
 
 Rules:
-- All three read the mesh (resource mesh:routes: for a remote caller).
+- All three read the mesh (resource mesh:routes: for a remote caller, by the rules of
+  "default": routes are the cluster's, no namespace's).
 - ping measures round trips over the secure link to a live member (the first hop of its
   route), `count` of 1..100, bounded by 5 + count seconds; members reply on the "ping"
   channel, which only authenticated links reach.

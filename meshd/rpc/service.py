@@ -219,12 +219,13 @@ class RpcService:
             await trio.sleep_forever()
 
     async def call_instance(self, inst: dict[str, Any], endpoint: str, body: Any,
-                            timeout: float) -> Any:
-        """Call one given instance (health checks): no selection, no retry."""
+                            timeout: float, token: str | None = None) -> Any:
+        """Call one given instance (health checks) with the caller's `token` (None: as this
+        node): no selection, no retry."""
         deadline = trio.current_time() + timeout
         try:
             with trio.fail_at(deadline):
-                return await self._call_instance(inst, endpoint, body, {}, deadline)
+                return await self._call_instance(inst, endpoint, body, {}, deadline, token)
         except NotDelivered as exc:
             raise unavailable(str(exc), id="meshd.rpc") from None
         except trio.TooSlowError:

@@ -12,12 +12,28 @@ Rules:
   table NS, so `namespace` of config ops is the mesh namespace.
 - Every store op is checked for store:DATABASE:TABLE and every config op for
   config:NAMESPACE:PATH with the caller's token (none: the local operator acts as this node)
-  before it runs ("checked"), in the op's namespace.
+  before it runs ("checked"), in the op's namespace. A store op that names no table acts on
+  table "store" and is checked for it (a watch without one: for "*", then per event).
+- Rules match names, not trees, so what a read returns is checked too, not only what the
+  request names: a rule denying store:orders:cards or config:team-a:db.password holds
+  whatever the caller asks for. What the caller may not read is left out, as if absent
+  (rather than refusing the request whenever some narrower rule denies: that would take
+  guessing which rule patterns could match below a name; leaving out is the same rules
+  decision made for each part):
+  - a store watch checks each event for store:DATABASE:TABLE (a watch of every database,
+    or of a database without a table, streams only the tables the caller may read);
+  - config get and watch check every path below the one asked for (config:NS:PATH.KEY...)
+    and leave out each denied path with everything under it; a change the caller cannot
+    see is no event.
+  Writes cannot leave anything out: config set and del of a path replace or delete all
+  below it, so they are a 403 naming the rule when a path below it is denied, in the tree
+  there now or in the value written.
 - The system databases (auth, routing, of the default namespace) are for admins only and
   are never written through the store API: meshd writes them itself (`meshd auth ...`). The
   config database (every namespace's config tree) is reached through config ops only, which
   check each namespace's rules. A watch of every database leaves them all out.
-- Listing databases and tables reads the mesh (resource mesh:store: for a remote caller).
+- Listing databases and tables reads the mesh (resource mesh:store: for a remote caller, in
+  the namespace listed).
 """
 
 from __future__ import annotations
@@ -29,7 +45,7 @@ from meshd import namespaces
 from meshd.errors import MeshError, bad_request
 from meshd.ops import REQUEST_TOKEN, Emit, Op, mesh_resource
 
-from .service import CONFIG_DB, SYSTEM_DBS, StoreService
+from .service import CONFIG_DB, SYSTEM_DBS, StoreService, config_args
 
 PREFIX = "@"
 
@@ -45,6 +61,44 @@ def caller_name(ns: str, stored: str) -> str | None:
         return None if stored.startswith(PREFIX) else stored
     head = f"{PREFIX}{ns}/"
     return stored[len(head):] if stored.startswith(head) else None
+
+
+def caller_database(db: Any) -> str:
+    """A database name as a caller gives it: text not starting with PREFIX (the kept names
+    of other namespaces' databases are not the caller's to use); 400 otherwise."""
+    if not isinstance(db, str):
+        raise bad_request("database must be text", id="meshd.store")
+    if db.startswith(PREFIX):
+        raise bad_request(f"database names may not start with {PREFIX!r}", id="meshd.store")
+    return db
+
+
+def visible(value: Any, path: str, may: Callable[[str], bool]) -> Any:
+    """`value` (the config at `path`) without the paths below it that `may` refuses, each
+    with everything under it."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, sub in value.items():
+        below = join_path(path, key)
+        if may(below):
+            out[key] = visible(sub, below, may)
+    return out
+
+
+def first_denied(value: Any, path: str, may: Callable[[str], bool]) -> str | None:
+    """The first path below `path` in `value` (the config at it) that `may` refuses."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            below = join_path(path, key)
+            denied = below if not may(below) else first_denied(sub, below, may)
+            if denied is not None:
+                return denied
+    return None
+
+
+def join_path(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
 
 
 def namespace_of(stored: str) -> str:
@@ -64,7 +118,7 @@ class StoreOps:
 
     def ops(self) -> list[Op]:
         st = self.store
-        listing = mesh_resource("store")
+        listing = mesh_resource("store", per_namespace=True)
         return [
             self._store("store.write", st.write, write=True),
             self._store("store.read", st.read),
@@ -75,29 +129,23 @@ class StoreOps:
             Op("store.watch", self.watch, "checked", "stream"),
             Op("store.databases", self.databases, listing),
             Op("store.tables", self.tables, listing),
-            self._config("config.get", st.config_get),
-            self._config("config.set", st.config_set),
-            self._config("config.del", st.config_del),
+            Op("config.get", self.config_get, "checked"),
+            Op("config.set", self.config_set, "checked"),
+            Op("config.del", self.config_del, "checked"),
             Op("config.watch", self.config_watch, "checked", "stream"),
         ]
 
-    # --- names -------------------------------------------------------------------------------
+    # --- names and checks ----------------------------------------------------------------------
 
     def _store_args(self, args: dict[str, Any], write: bool,
-                    database_required: bool = True) -> dict[str, Any]:
+                    watch: bool = False) -> dict[str, Any]:
         """Check the caller for the database and table `args` name, in their namespace; the
-        args with the database as kept."""
+        args with the database as kept (a watch may name no database: every one)."""
         ns = namespaces.check(args.get("namespace"))
-        db = args.get("database")
-        if db is None and not database_required:
+        if args.get("database") is None and watch:
             self._authorize(ns, ("store", "*", "*"))
             return {**args, "namespace": ns}
-        db = db or "default"
-        if not isinstance(db, str):
-            raise bad_request("database must be text", id="meshd.store")
-        if db.startswith(PREFIX):
-            raise bad_request(f"database names may not start with {PREFIX!r}",
-                              id="meshd.store")
+        db = caller_database(args.get("database") or "default")
         if ns == namespaces.DEFAULT and db == CONFIG_DB:
             raise MeshError(403, "the config database holds every namespace's config tree: "
                                  "use `meshd config` (config.*), which checks the rules of "
@@ -107,44 +155,79 @@ class StoreOps:
                 raise MeshError(403, f"the {db} database is written by meshd itself (use "
                                      "`meshd auth ...`)")
             self.require_admin()
-        self._authorize(ns, ("store", db, str(args.get("table") or "") or "*"))
+        table = args.get("table")
+        self._authorize(ns, ("store", db, str(table) if table else "*" if watch else "store"))
         return {**args, "namespace": ns, "database": stored_name(ns, db)}
 
-    def _authorize(self, ns: str, resource: tuple[str, str, str]) -> None:
-        self.auth.check(REQUEST_TOKEN.get(), self.node, resource, namespace=ns)
+    def _authorize(self, ns: str, resource: tuple[str, str, str]) -> Any:
+        """The caller (its principal), if the rules of `ns` let it reach `resource`."""
+        return self.auth.check(REQUEST_TOKEN.get(), self.node, resource, namespace=ns)
+
+    def _may(self, ns: str, who: Any) -> Callable[[tuple[str, str, str]], bool]:
+        """Whether `who` may reach a resource of `ns`, by the rules as they are when asked
+        (for leaving out of a read or watch what it may not see)."""
+        return lambda resource: self.auth.allows(who, resource, ns)
 
     def _store(self, name: str, fn: Any, write: bool = False) -> Op:
         async def call(args: dict[str, Any]) -> Any:
             return await fn(self._store_args(args, write))
         return Op(name, call, "checked")
 
-    def _config(self, name: str, fn: Any) -> Op:
-        async def call(args: dict[str, Any]) -> Any:
-            return await fn(self._config_args(args))
-        return Op(name, call, "checked")
-
-    def _config_args(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _config_args(self, args: dict[str, Any]
+                     ) -> tuple[dict[str, Any], str, Callable[[str], bool]]:
+        """Check the caller for the config path `args` name: the args, the path, and whether
+        the caller may reach a given path of the namespace."""
         ns = namespaces.check(args.get("namespace"))
-        self._authorize(ns, ("config", ns, str(args.get("path") or "") or "*"))
-        return {**args, "namespace": ns}
+        path = args.get("path") or ""
+        who = self._authorize(ns, ("config", ns, str(path) or "*"))
+        may = self._may(ns, who)
+        return {**args, "namespace": ns}, str(path), lambda p: may(("config", ns, p))
+
+    def _replaceable(self, args: dict[str, Any], value: Any) -> dict[str, Any]:
+        """The checked args of a config set (of `value`) or del (None); 403 naming the rule
+        if a path below the one it replaces is denied, in the tree now or in `value`."""
+        checked, path, may = self._config_args(args)
+        ns = checked["namespace"]
+        config_args(checked)  # a bad path is a 400 before anything is looked at
+        for tree in (self.store.config_value(ns, path)[1], value) if path else ():
+            denied = first_denied(tree, path, may)
+            if denied is not None:
+                self._authorize(ns, ("config", ns, denied))  # raises, naming the rule
+        return checked
+
+    # --- config --------------------------------------------------------------------------------
+
+    async def config_get(self, args: dict[str, Any]) -> Any:
+        checked, path, may = self._config_args(args)
+        found = await self.store.config_get(checked)
+        return {**found, "value": visible(found["value"], path, may)}
+
+    async def config_set(self, args: dict[str, Any]) -> Any:
+        return await self.store.config_set(self._replaceable(args, args.get("value")))
+
+    async def config_del(self, args: dict[str, Any]) -> Any:
+        return await self.store.config_del(self._replaceable(args, None))
+
+    async def config_watch(self, args: dict[str, Any], emit: Emit) -> None:
+        checked, path, may = self._config_args(args)
+        await self.store.config_watch(checked, emit,
+                                      shown=lambda v: visible(v, path, may))
 
     # --- streams and listings ------------------------------------------------------------------
 
     async def watch(self, args: dict[str, Any], emit: Emit) -> None:
-        checked = self._store_args(args, False, database_required=False)
+        checked = self._store_args(args, False, watch=True)
         ns, every = checked["namespace"], checked.get("database") is None
+        may = self._may(ns, self.auth.identify(REQUEST_TOKEN.get(), self.node))
 
         async def mine(ev: Any) -> None:
             stored = ev.get("database")
             if not isinstance(stored, str) or (every and stored in (*SYSTEM_DBS, CONFIG_DB)):
                 return
             name = caller_name(ns, stored)
-            if name is not None:
+            if name is not None and may(("store", name, str(ev.get("table")))):
                 await emit({**ev, "database": name})
         await self.store.watch(checked, mine)
-
-    async def config_watch(self, args: dict[str, Any], emit: Emit) -> None:
-        await self.store.config_watch(self._config_args(args), emit)
 
     async def databases(self, args: dict[str, Any]) -> Any:
         ns = namespaces.check(args.get("namespace"))
@@ -153,10 +236,7 @@ class StoreOps:
 
     async def tables(self, args: dict[str, Any]) -> Any:
         ns = namespaces.check(args.get("namespace"))
-        db = args.get("database") or "default"
-        if not isinstance(db, str) or db.startswith(PREFIX):
-            raise bad_request(f"database must be text not starting with {PREFIX!r}",
-                              id="meshd.store")
+        db = caller_database(args.get("database") or "default")
         try:
             return await self.store.tables({**args, "database": stored_name(ns, db)})
         except MeshError as exc:

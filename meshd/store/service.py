@@ -23,6 +23,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -401,7 +402,7 @@ class StoreService:
         return paths.lookup(tree, path.split(".") if path else [])
 
     async def config_get(self, args: dict[str, Any]) -> Any:
-        namespace, path = _config_args(args)
+        namespace, path = config_args(args)
         found, value = self.config_value(namespace, path)
         if not found:
             raise not_found(f"no config at {path!r} in namespace {namespace!r}",
@@ -409,7 +410,7 @@ class StoreService:
         return {"path": path, "value": value}
 
     async def config_set(self, args: dict[str, Any]) -> Any:
-        namespace, path = _config_args(args)
+        namespace, path = config_args(args)
         if not path:
             raise bad_request("set needs a path", id="meshd.config")
         if "value" not in args:
@@ -420,7 +421,7 @@ class StoreService:
         return {"path": path, "value": args["value"]}
 
     async def config_del(self, args: dict[str, Any]) -> Any:
-        namespace, path = _config_args(args)
+        namespace, path = config_args(args)
         found, _ = self.config_value(namespace, path)
         if not found:
             raise not_found(f"no config at {path!r} in namespace {namespace!r}",
@@ -429,19 +430,28 @@ class StoreService:
         await self._commit_local(CONFIG_DB, namespace, path, delta, 1)
         return {"deleted": path}
 
-    async def config_watch(self, args: dict[str, Any], emit: Any) -> None:
-        namespace, path = _config_args(args)
+    async def config_watch(self, args: dict[str, Any], emit: Any,
+                           shown: Callable[[Any], Any] | None = None) -> None:
+        """Events of the value at a path as it changes; `shown` is what of a value the
+        watcher may see (all of it when None): a change it cannot see is no event."""
+        namespace, path = config_args(args)
+        seen = shown or (lambda value: value)
+
+        def current() -> tuple[bool, Any]:
+            found, value = self.config_value(namespace, path)
+            return found, seen(value)
+
         send, recv = trio.open_memory_channel[Any](1000)
         entry = (CONFIG_DB, namespace, "", send)
         self._watchers.append(entry)
-        last = self.config_value(namespace, path)
+        last = current()
         try:
             async for ev in recv:
                 key = ev["key"]
                 if not (key == path or path.startswith(key + ".")
                         or key.startswith(path + ".") or not path):
                     continue
-                now = self.config_value(namespace, path)
+                now = current()
                 if now != last:
                     last = now
                     await emit({"path": path, "value": now[1], "deleted": not now[0],
@@ -451,7 +461,7 @@ class StoreService:
                 self._watchers.remove(entry)
 
 
-def _config_args(args: dict[str, Any]) -> tuple[str, str]:
+def config_args(args: dict[str, Any]) -> tuple[str, str]:
     namespace = args.get("namespace", "default")
     path = args.get("path", "")
     if not isinstance(namespace, str) or not namespace or len(namespace) > 128:

@@ -63,6 +63,14 @@ def control(data_dir: Path, op: str, /, **args: Any) -> Any:
 NOT_YET = (401, 403, 404, 408, 503)
 
 
+def _not_yet(exc: Exception) -> bool:
+    """Whether `exc`, raised by a condition, only means "not yet" (see NOT_YET); anything
+    else is re-raised by the waits at once."""
+    if isinstance(exc, MeshError):
+        return exc.status in NOT_YET
+    return isinstance(exc, OSError | KeyError)
+
+
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
     """Poll `check` until it returns True; return the seconds that took. Fails after
     `timeout` s naming `what` and the last "not yet" error; other errors fail at once."""
@@ -72,11 +80,9 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
         try:
             if check():
                 return time.monotonic() - start
-        except MeshError as exc:
-            if exc.status not in NOT_YET:
+        except Exception as exc:
+            if not _not_yet(exc):
                 raise
-            last = exc
-        except (OSError, KeyError) as exc:
             last = exc
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last})")
@@ -91,11 +97,9 @@ async def wait_for_async(check: Callable[[], Awaitable[bool]], timeout: float,
         try:
             if await check():
                 return trio.current_time() - start
-        except MeshError as exc:
-            if exc.status not in NOT_YET:
+        except Exception as exc:
+            if not _not_yet(exc):
                 raise
-            last = exc
-        except (OSError, KeyError) as exc:
             last = exc
         await trio.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last})")

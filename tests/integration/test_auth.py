@@ -20,7 +20,7 @@ from meshd.control import ControlClient
 from meshd.errors import MeshError
 from sdk import Auth, Client, Store
 
-from .cluster import control, wait_for
+from .cluster import control, control_stream, wait_for
 
 FAST = {"MESHD_STORE_SYNC_INTERVAL": "1", "MESHD_RPC_REGISTRY_SYNC_INTERVAL": "1"}
 
@@ -200,6 +200,34 @@ def test_bootstrap_once_and_login_rate_limit(cluster):
         except MeshError as exc:
             statuses.append(exc.status)
     assert statuses[:5] == [401] * 5 and 429 in statuses[5:]
+
+
+def test_logins_through_a_node_without_a_key_are_limited_per_source(cluster):
+    """b holds no issuer key and forwards logins to a signer, which limits them per account
+    and per asking node only: b must apply its caller's per-source limit first (found by
+    review: bad logins through b were limited by nothing per caller)."""
+    _, b = pair(cluster)
+    statuses: list[int] = []
+
+    async def attempts() -> None:
+        client = ControlClient(b.data_dir / "meshd.sock")
+        try:
+            # a fresh account id each time: only a limit per caller can stop them
+            for n in range(100):
+                try:
+                    await client.call("auth.login", id=f"nobody-{n}", secret="wrong")
+                except MeshError as exc:
+                    statuses.append(exc.status)
+                    if exc.status == 429:
+                        assert exc.code == "too_many_requests"
+                        assert exc.detail.startswith("too many login attempts"), exc
+                        return
+        finally:
+            await client.aclose()
+
+    trio.run(attempts)
+    assert statuses[:20] == [401] * 20, statuses  # the source's burst, checked by the signer
+    assert statuses[-1] == 429, statuses
 
 
 def test_deleting_an_account_stops_its_tokens(cluster):
@@ -387,6 +415,91 @@ def test_a_refused_watch_ends_with_the_denial(cluster):
     trio.run(watch)
     assert len(got) == 1 and isinstance(got[0], MeshError), got
     assert got[0].status == 401 and "'no-nodes-orders'" in got[0].detail
+
+
+async def test_reads_and_watches_leave_out_what_a_narrower_rule_denies(cluster):
+    """A watch of every database (or of a database without a table) and a config get or
+    watch of a parent path are checked for each table and path in what they return, not
+    only for the name asked for (found by review: a narrower deny was bypassed)."""
+    a = await trio.to_thread.run_sync(lambda: cluster.add("a", env=FAST))
+
+    async def as_(token: str | None, name: str, **args: object) -> object:
+        client = ControlClient(a.data_dir / "meshd.sock", token=token)
+        try:
+            return await client.call(name, **args)
+        finally:
+            await client.aclose()
+
+    for rid, resource, access, priority in [
+            ("dev-store", "store:*:*", "granted", 0),
+            ("dev-no-cards", "store:orders:cards", "denied", 10),
+            ("dev-no-plain-table", "store:orders:store", "denied", 10),
+            ("dev-config", "config:*:*", "granted", 0),
+            ("dev-no-password", "config:default:db.password", "denied", 10)]:
+        await as_(None, "auth.rules.create", id=rid, resource=resource, scope="dev",
+                  access=access, priority=priority)
+    await as_(None, "auth.accounts.create", id="ada", secret="ada-secret-1", scopes=["dev"])
+    ada = (await as_(None, "auth.login", id="ada", secret="ada-secret-1"))["token"]
+
+    # store: a table no rule names is hers; the denied ones are not, whatever she asks for
+    await as_(None, "store.write", database="orders", table="store", key="plain", value=b"p")
+    with pytest.raises(MeshError) as info:  # no table: table "store", checked as such
+        await as_(ada, "store.read", database="orders", key="plain")
+    assert info.value.status == 403 and "'dev-no-plain-table'" in info.value.detail
+    async with control_stream(a.data_dir, "store.watch", token=ada) as every, \
+            control_stream(a.data_dir, "store.watch", token=ada, database="orders") as orders:
+        # written before the allowed write, so seen before it if it were seen at all
+        await as_(None, "store.write", database="orders", table="cards", key="c1", value=b"4")
+        await as_(ada, "store.write", database="orders", table="carts", key="k1", value=b"1")
+        for events in (every, orders):
+            ev = await events.next(lambda e: True, 15, "the first event")
+            assert (ev["database"], ev["table"], ev["key"]) == ("orders", "carts", "k1"), \
+                events.seen
+
+    # config: a parent path's value leaves out the denied path below it
+    await as_(None, "config.set", path="db.host", value="h1")
+    await as_(None, "config.set", path="db.password", value="pw1")
+    assert (await as_(ada, "config.get", path="db"))["value"] == {"host": "h1"}
+    assert (await as_(ada, "config.get"))["value"] == {"db": {"host": "h1"}}
+    with pytest.raises(MeshError) as info:
+        await as_(ada, "config.get", path="db.password")
+    assert info.value.status == 403
+    async with control_stream(a.data_dir, "config.watch", token=ada, path="db") as changes:
+        await as_(None, "config.set", path="db.password", value="pw2")  # not hers: no event
+        await as_(None, "config.set", path="db.host", value="h2")
+        ev = await changes.next(lambda e: True, 15, "the first config event")
+        assert (ev["value"], ev["changed_key"]) == ({"host": "h2"}, "db.host"), changes.seen
+    # a set or del of the parent would replace what she may not touch: refused
+    for name, args in (("config.set", {"path": "db", "value": {"password": "mine"}}),
+                       ("config.set", {"path": "db", "value": {"host": "h3"}}),
+                       ("config.del", {"path": "db"})):
+        with pytest.raises(MeshError) as info:
+            await as_(ada, name, **args)
+        assert info.value.status == 403 and "'dev-no-password'" in info.value.detail, name
+    assert (await as_(None, "config.get", path="db"))["value"] == {"host": "h2",
+                                                                   "password": "pw2"}
+    await as_(ada, "config.set", path="db.host", value="h4")  # her own path: as before
+
+
+def test_health_checks_call_the_instances_with_the_callers_token(cluster):
+    """`health` reaches each instance's __health__ as the caller, not as the node (found by
+    review: a token that may only list services made the node call them)."""
+    a = cluster.add("a", env=FAST)
+    cluster.service(a)
+    wait_for(services_ready([a], "testsvc", 1), 15, "testsvc registered")
+    root = (a.data_dir / "admin.token").read_text().strip()
+    op(a, "auth.accounts.create", id="viewer", secret="viewer-secret-1", scopes=["viewer"])
+    op(a, "auth.rules.create", id="viewers", resource="mesh:services", scope="viewer",
+       access="granted")
+    viewer = login(a, "viewer", "viewer-secret-1")["token"]
+    # the local operator (as the node) and an admin: the instance answers
+    assert [r["status"] for r in op(a, "health", service="testsvc")] == ["ok"]
+    assert [r["status"] for r in op(a, "health", root, service="testsvc")] == ["ok"]
+    # the viewer may list the services, not call them: the instance's daemon refuses it
+    [row] = op(a, "health", viewer, service="testsvc")
+    assert row["status"] == "failing", row
+    assert "viewer may not access service:testsvc:__health__: no rule grants it" in \
+        row["detail"], row
 
 
 def test_system_databases_admins_read_nobody_writes_through_the_store(cluster, tmp_path):

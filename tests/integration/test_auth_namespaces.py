@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+
+from meshd.errors import MeshError
+from meshd.proxy.remote import RemoteControlClient
+from meshd.proxy.via import Via
 
 from .cluster import SERVICES, Cluster, Daemon, Lines, control, wait_for
 from .test_cli import meshd
@@ -291,3 +296,30 @@ def test_a_team_a_service_calls_another_with_its_own_token(mesh):
                            "--namespace", "team-a", env=m.env(m.b)).returncode == 0,
              10, "the deny rule gone on a")
     assert forward() == {"caller": "service:caller"}
+
+
+async def test_a_namespace_admin_reads_its_namespace_not_the_cluster(mesh):
+    """Reads of the cluster's own state (status, members, routes...) are checked by
+    default's rules whatever namespace the request names: team-a's rules let its admin do
+    everything in team-a, which must not open them (found by review)."""
+    m = mesh
+    tina = await trio.to_thread.run_sync(account, m, "tina", "team-a", "admin")
+    client = RemoteControlClient(Via(f"wss://127.0.0.1:{m.port}", str(m.pki.ca)), token=tina)
+    try:
+        # her namespace's services: hers, as before
+        rows = await client.call("services", namespace="team-a")
+        assert "greeter" in {r["name"] for r in rows}
+        cluster_reads = {  # op: (its resource mesh:WHAT, its args)
+            "status": ("status", {}), "members": ("members", {}), "routes": ("routes", {}),
+            "graph": ("routes", {}), "ping": ("routes", {"node": "b", "count": 1}),
+            "tunnel.list": ("tunnels", {}), "namespaces": ("namespaces", {}),
+            "members.watch": ("members", {})}
+        for op, (what, args) in cluster_reads.items():
+            for named in ({"namespace": "team-a"}, {}):
+                with pytest.raises(MeshError) as info:
+                    await client.call(op, **args, **named)
+                assert info.value.status == 403 and info.value.detail.startswith(
+                    f"tina may not access mesh:{what}: in namespace 'default': no rule grants "
+                    "it"), (op, named, info.value)
+    finally:
+        await client.aclose()

@@ -63,7 +63,7 @@ THROUGH: dict[str, str] = {
     "auth accounts create": WRITES, "auth accounts delete": WRITES,
     "auth rules create": WRITES, "auth rules delete": WRITES,
     "auth token create": WRITES, "auth token revoke": WRITES, "nodes revoke": WRITES,
-    "auth keys rotate": KEYS, "auth keys revoke": KEYS,
+    "auth keys revoke": KEYS,
     "watch": WATCHES, "store watch": WATCHES, "config watch": WATCHES,
     "tunnel connect": TUNNEL,
     "publish": BROKER, "subscribe": BROKER, "topics": BROKER, "topics create": BROKER,
@@ -77,6 +77,7 @@ OPERATOR_ONLY: dict[str, str] = {
     "keys install": "keys.install", "keys use": "keys.use", "keys remove": "keys.remove",
     "keys list": "keys.list", "tunnel expose": "tunnel.expose",
     "tunnel close": "tunnel.close", "auth bootstrap": "auth.bootstrap",
+    "auth keys rotate": "auth.keys.rotate",
 }
 
 LOCAL_BY_NATURE: dict[str, str] = {
@@ -297,9 +298,12 @@ def test_reads_through_the_environment_match_the_node(mesh, laptop):
                                                               for r in remote]
 
     remote, local = both("status", "--json")
-    assert (remote["name"], remote["id"], remote["address"], remote["data_dir"]) == \
-        (local["name"], local["id"], local["address"], local["data_dir"]) == \
-        ("a", local["id"], a.addr, str(a.data_dir))
+    assert (remote["name"], remote["id"], remote["address"]) == \
+        (local["name"], local["id"], local["address"]) == ("a", local["id"], a.addr)
+    # the node's paths are its operator's business, not a remote environment's
+    assert local["data_dir"] == str(a.data_dir) and "data_dir" not in remote
+    human = meshd("status", env=mesh.environ())
+    assert human.returncode == 0 and "data dir" not in human.stdout, human.stderr
     remote, local = both("routes", "--json")
     assert {(r["destination"], r["next_hop"]) for r in remote} == \
         {(r["destination"], r["next_hop"]) for r in local} and \
@@ -427,8 +431,9 @@ def test_issuer_keys_rotate_and_revoke_through_the_environment(mesh, laptop):
                        env=on_b), "keys rotate on b")
     assert kb["signer"] == "b"
     wait_for(lambda: states().get(kb["kid"]) == "current", 10, "b's key trusted on a")
-    # through prod: a new key on a (endorsed by a's root), which retires b's
-    ka = laptop.ok("auth", "keys", "rotate", "--json")
+    # a's operator (rotating makes a private key on the node: never through prod) makes a
+    # new key on a (endorsed by a's root), which retires b's
+    ka = laptop.on_node("auth", "keys", "rotate", "--json")
     assert ka["signer"] == "a" and ka["kid"] != kb["kid"]
     now = states()
     assert (now[ka["kid"]], now[kb["kid"]]) == ("current", "retired")
@@ -454,11 +459,13 @@ def test_operator_commands_are_refused_through_the_environment(mesh, laptop):
             "keys remove": (secret,), "tunnel expose": ("other", "--to", "127.0.0.1:1"),
             "tunnel close": ("echo",)}
     keys_before = control(mesh.a.data_dir, "keys.list")
+    issuers_before = control(mesh.a.data_dir, "auth.keys.list")
     for command, op in OPERATOR_ONLY.items():
         out = laptop.run(*command.split(), *args.get(command, ()), "--json")
         assert (out.returncode, out.stderr, out.stdout) == (1, operator_line(op), ""), command
-    # nothing happened: a is up, its keys and tunnels as they were
+    # nothing happened: a is up, its keys (secrets and issuers) and tunnels as they were
     assert control(mesh.a.data_dir, "keys.list") == keys_before
+    assert control(mesh.a.data_dir, "auth.keys.list") == issuers_before
     assert [t["name"] for t in control(mesh.a.data_dir, "tunnel.list")] == ["echo"]
     assert mesh.a.members()["a"]["status"] == "alive"
     # and on the node itself the operator runs them (one that changes nothing)

@@ -9,7 +9,15 @@ import socket
 import subprocess
 import sys
 
-from .cluster import Lines, control, wait_for
+import pytest
+import trio
+
+from meshd.control import ControlClient
+from meshd.errors import MeshError
+from meshd.proxy.remote import RemoteControlClient
+from meshd.proxy.via import Via
+
+from .cluster import Lines, client_stream, control, wait_for, wait_for_async
 from .test_tunnel import EchoServer, free_port, refused, sessions, through
 
 
@@ -123,3 +131,53 @@ def test_http_proxy_forwards_to_services_after_the_check(cluster):
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+async def test_a_remote_watch_ends_when_its_client_hangs_up_and_streams_are_capped(cluster):
+    """A watch through the proxy lets go of its connection slot and its subscription as soon
+    as the client closes, not when the next event would be written (found by review: idle
+    hung-up watchers held the proxy's slots), and one token holds at most
+    limits.max_remote_streams streams at once."""
+    port = free_port()
+    a = await trio.to_thread.run_sync(lambda: cluster.add(
+        "a", extra=("--proxy-listen", f"127.0.0.1:{port}"),
+        env={"MESHD_LIMITS_MAX_REMOTE_STREAMS": "2"}))
+    token = (a.data_dir / "admin.token").read_text().strip()
+    checked: list[str] = []  # a step that ran (a cancelled block would skip the rest)
+
+    async def stats() -> dict[str, int]:
+        client = ControlClient(a.data_dir / "meshd.sock")
+        try:
+            return (await client.call("status"))["stats"]
+        finally:
+            await client.aclose()
+
+    async def held(streams: int, member_watchers: int) -> bool:
+        st = await stats()
+        return (st["proxy_streams"], st["member_watchers"]) == (streams, member_watchers)
+
+    before = (await stats())["member_watchers"]
+    async with trio.open_nursery() as nursery:
+        def remote() -> RemoteControlClient:  # its connection held by a task of the nursery
+            return RemoteControlClient(Via(f"ws://127.0.0.1:{port}"), token=token,
+                                       nursery=nursery)
+
+        async with client_stream(remote(), "services.watch"):
+            async with client_stream(remote(), "members.watch"):
+                await wait_for_async(lambda: held(2, before + 1), 15, "both watches held")
+                third = remote()
+                try:
+                    with pytest.raises(MeshError) as info:
+                        await third.call("store.watch")
+                finally:
+                    await third.aclose()
+                assert info.value.status == 429, info.value
+                assert "limits.max_remote_streams" in info.value.detail
+                assert (await stats())["proxy_streams_refused"] == 1
+            # the members watcher hung up, and nothing happened in the cluster since
+            await wait_for_async(lambda: held(1, before), 15, "the closed watch released")
+            async with client_stream(remote(), "store.watch"):  # its slot is free again
+                await wait_for_async(lambda: held(2, before), 15, "a new watch held")
+        await wait_for_async(lambda: held(0, before), 15, "every watch released")
+        checked.append("all released")
+    assert checked == ["all released"]

@@ -6,9 +6,18 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from meshd.errors import MeshError
-from meshd.ops import REQUEST_REMOTE, Op, OpTable, mesh_resource, serve_request
+from meshd.ops import (
+    REQUEST_REMOTE,
+    REQUEST_TOKEN,
+    Op,
+    OpTable,
+    StreamSlots,
+    mesh_resource,
+    serve_request,
+)
 
 
 class FakeAuth:
@@ -62,6 +71,7 @@ def table() -> tuple[OpTable, FakeAuth, list[str]]:
     auth = FakeAuth()
     t.auth = auth
     t.add([Op("members", handler("members"), mesh_resource("members")),
+           Op("services", handler("services"), mesh_resource("services", per_namespace=True)),
            Op("leave", handler("leave"), "operator"),
            Op("store.read", handler("store.read"), "checked"),
            Op("auth.login", handler("auth.login"), "public")])
@@ -120,16 +130,30 @@ def test_a_remote_read_of_the_mesh_is_checked_against_its_resource():
     assert auth.namespaces == ["default", "default"]
 
 
-def test_a_remote_read_is_checked_in_the_namespace_it_names():
+def test_a_remote_read_of_a_namespace_is_checked_in_the_namespace_it_names():
+    t, auth, ran = table()
+    reply = run(t, {"op": "services", "token": "good", "args": {"namespace": "team-a"}},
+                remote=True)
+    assert reply["ok"] is True
+    assert auth.namespaces == ["team-a"]
+    bad = run(t, {"op": "services", "token": "good", "args": {"namespace": "Team A"}},
+              remote=True)
+    assert status(bad) == 400 and "invalid namespace" in bad["error"]["detail"]
+    assert ran == ["services"] and auth.namespaces == ["team-a"]
+
+
+def test_a_remote_read_of_the_cluster_is_checked_in_default_whatever_namespace_it_names():
+    """The member list is nobody's namespace: team-a's rules (its admins may do everything
+    in team-a) must not open it (found by review)."""
     t, auth, ran = table()
     reply = run(t, {"op": "members", "token": "good", "args": {"namespace": "team-a"}},
                 remote=True)
     assert reply["ok"] is True
-    assert auth.namespaces == ["team-a"]
+    assert auth.namespaces == ["default"]
     bad = run(t, {"op": "members", "token": "good", "args": {"namespace": "Team A"}},
               remote=True)
     assert status(bad) == 400 and "invalid namespace" in bad["error"]["detail"]
-    assert ran == ["members"] and auth.namespaces == ["team-a"]
+    assert ran == ["members"] and auth.namespaces == ["default"]
 
 
 def test_checked_ops_run_with_a_token_that_verifies_and_never_with_a_bad_one():
@@ -144,10 +168,78 @@ def test_unknown_ops_list_the_known_ones_and_the_connection_stays_usable():
     t, _, _ = table()
     reply = run(t, {"op": "nope"}, remote=False)
     assert status(reply) == 404
-    assert "auth.login, leave, members, store.read" in reply["error"]["detail"]
+    assert "auth.login, leave, members, services, store.read" in reply["error"]["detail"]
 
 
 def test_an_op_registered_twice_is_refused():
     t, _, _ = table()
     with pytest.raises(ValueError, match="'members' registered twice"):
         t.add([Op("members", lambda args: None, "operator")])
+
+
+class OpenPipe(Pipe):
+    """A connection the client keeps open until `hang_up` (then reads see EOF)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = trio.Event()
+
+    async def read(self, limit: int = 0) -> Any:
+        await self.closed.wait()
+        raise EOFError
+
+    def hang_up(self) -> None:
+        self.closed.set()
+
+
+def test_a_stream_ends_and_lets_go_when_its_client_hangs_up():
+    """Nothing is ever emitted: the handler must still end, and its `finally` run, once the
+    client closes (found by review: hung-up watchers held their slots until the next
+    event)."""
+    released: list[str] = []
+
+    async def watch(args: dict[str, Any], emit: Any) -> None:
+        try:
+            await trio.sleep_forever()  # no event ever comes
+        finally:
+            released.append("unsubscribed")
+
+    t = OpTable()
+    t.add([Op("watch", watch, "public", "stream")])
+    pipe = OpenPipe()
+
+    async def go() -> None:
+        # virtual time: a stream that never ends makes the clock jump to the deadline at once
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: serve_request(t, pipe, {"id": 1, "op": "watch"}))
+                while not pipe.out:
+                    await trio.sleep(0)
+                assert released == []
+                pipe.hang_up()
+
+    trio.run(go, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert pipe.out == [{"id": 1, "ok": True, "result": "streaming"}]
+    assert released == ["unsubscribed"]
+
+
+def test_streams_and_sessions_are_capped_per_token():
+    stats: dict[str, int] = {}
+    slots = StreamSlots(2, stats, "proxy")
+
+    async def go() -> None:
+        REQUEST_TOKEN.set("t1")
+        with slots.hold(), slots.hold():
+            assert stats == {"proxy_streams": 2, "proxy_streams_refused": 0}
+            with pytest.raises(MeshError) as info, slots.hold():
+                pass
+            assert info.value.status == 429 and info.value.code == "too_many_requests"
+            assert "limits.max_remote_streams" in info.value.detail
+            REQUEST_TOKEN.set("t2")  # another token has slots of its own
+            with slots.hold():
+                assert stats["proxy_streams"] == 3
+            REQUEST_TOKEN.set("t1")
+        with slots.hold():  # released slots are free again
+            assert stats == {"proxy_streams": 1, "proxy_streams_refused": 1}
+    trio.run(go)
+    assert slots.held == {}

@@ -127,16 +127,18 @@ def _drain(events: trio.MemoryReceiveChannel) -> list[dict]:
 
 async def test_watch_follows_one_namespace_or_all():
     reg = _registry()
-    team_a, everything = reg.watch("team-a"), reg.watch()
-    _receive(reg, _delta(A, B, OLD))
-    gone = Entry("a/greeter-a", (NOW_MS, 9, "a"), "boot-a", None)
-    _receive(reg, {"t": "delta", "entries": [gone.to_wire()]})
-    seen = _drain(team_a)
-    assert [(e["kind"], e["instance"]["id"]) for e in seen] == [
-        ("create", "greeter-a"), ("delete", "greeter-a")]
-    assert seen[1]["instance"]["namespace"] == "team-a"
-    assert seen[1]["instance"]["service"] == "greeter"
-    assert len(_drain(everything)) == 4
+    with reg.watch("team-a") as team_a, reg.watch() as everything:
+        _receive(reg, _delta(A, B, OLD))
+        gone = Entry("a/greeter-a", (NOW_MS, 9, "a"), "boot-a", None)
+        _receive(reg, {"t": "delta", "entries": [gone.to_wire()]})
+        seen = _drain(team_a)
+        assert [(e["kind"], e["instance"]["id"]) for e in seen] == [
+            ("create", "greeter-a"), ("delete", "greeter-a")]
+        assert seen[1]["instance"]["namespace"] == "team-a"
+        assert seen[1]["instance"]["service"] == "greeter"
+        assert len(_drain(everything)) == 4
+    # a watch whose block ended is gone at once, not when the next change finds it closed
+    assert reg._watchers == []
 
 
 def test_registration_takes_a_checked_namespace():
