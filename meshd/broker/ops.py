@@ -55,7 +55,7 @@ class BrokerOps:
             Op("broker.publish", self.publish, "checked"),
             Op("broker.subscribe", self.subscribe, "checked", "session"),
             Op("broker.publisher", self.publisher, "checked", "session"),
-            Op("broker.topics", self.topics, mesh_resource("topics")),
+            Op("broker.topics", self.topics, mesh_resource("topics", per_namespace=True)),
             Op("broker.topics.create", self.create, "checked"),
             Op("broker.topics.delete", self.delete, "checked"),
         ]
