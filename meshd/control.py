@@ -100,14 +100,6 @@ class Framed:
         data = cbor2.dumps(value)
         await self.stream.send_all(LENGTH.pack(len(data)) + data)
 
-    async def write_many(self, values: list[Any]) -> None:
-        """Several frames in one write (a pipelined publisher's batch)."""
-        parts = []
-        for value in values:
-            data = cbor2.dumps(value)
-            parts += (LENGTH.pack(len(data)), data)
-        await self.stream.send_all(b"".join(parts))
-
     async def aclose(self) -> None:
         await self.stream.aclose()
 

@@ -106,16 +106,6 @@ class Conn:
         async with self._lock:
             await self.framed.write(item)
 
-    async def send_many(self, items: list[Any]) -> None:
-        """Several frames, in one write where the framing can (control socket frames)."""
-        async with self._lock:
-            write_many = getattr(self.framed, "write_many", None)
-            if write_many is not None:
-                await write_many(items)
-            else:
-                for item in items:
-                    await self.framed.write(item)
-
     async def receive(self) -> Any:
         """The next frame; EOFError when the other side is gone."""
         try:

@@ -35,7 +35,7 @@ from meshd.control import Conn
 from meshd.errors import MeshError
 
 log = logging.getLogger("sdk.broker")
-WRITE_BATCH = 256  # a publisher's frames written together at most
+WRITE_BATCH = 256  # a publisher's messages sent in one frame at most
 WRITE_EVERY = 0.002  # seconds a published message may wait to be written with others
 
 
@@ -134,7 +134,8 @@ class Subscription:
 
 class Publisher:
     """Publishes without waiting for each message (as a NATS client does): `publish` queues
-    the frame (written with others within WRITE_EVERY seconds, or at WRITE_BATCH frames),
+    the message (sent in one frame with others within WRITE_EVERY seconds, or at
+    WRITE_BATCH messages),
     `flush()` writes what waits and waits until the daemon handled everything sent so far,
     raising the first failure it reported (MeshError), if any."""
 
@@ -143,12 +144,15 @@ class Publisher:
         self._ns = namespace
         self._flushes = 0
         self._failure: MeshError | None = None
-        self._pending: list[dict[str, Any]] = []  # frames not written yet
+        self._pending: list[dict[str, Any]] = []  # messages not sent yet
 
-    async def _write_out(self) -> None:
-        if self._pending:
-            frames, self._pending = self._pending, []
-            await self._conn.send_many(frames)
+    async def _write_out(self, flush: int | None = None) -> None:
+        if self._pending or flush is not None:
+            pubs, self._pending = self._pending, []
+            frame: dict[str, Any] = {"pubs": pubs}
+            if flush is not None:
+                frame["flush"] = flush
+            await self._conn.send(frame)
 
     async def run_writer(self) -> None:
         """Write what waits every WRITE_EVERY seconds (the context manager runs this), so a
@@ -168,7 +172,7 @@ class Publisher:
                                "namespace": self._ns}
         if id is not None:
             pub["id"] = id
-        self._pending.append({"pub": pub})
+        self._pending.append(pub)
         if len(self._pending) >= WRITE_BATCH:
             await self._write_out()
         else:
@@ -177,8 +181,7 @@ class Publisher:
     async def flush(self) -> int:
         """How many messages the daemon has handled; MeshError for the first that failed."""
         self._flushes += 1
-        self._pending.append({"flush": self._flushes})
-        await self._write_out()
+        await self._write_out(self._flushes)
         while True:
             try:
                 frame = await self._conn.receive()

@@ -39,6 +39,7 @@ from .service import DURABLE, BrokerService, Credit
 from .subjects import check_pattern, check_topic, matches
 
 MAX_DELAY = 365 * 86400.0
+MAX_PUBS = 4096  # messages in one publisher frame (more are ignored)
 MAX_CREDIT = 4096  # messages a client may hold unconsumed (the default: its buffer, up to 256)
 
 
@@ -84,10 +85,12 @@ class BrokerOps:
         return await self.broker.publish(ns, msg)
 
     async def publisher(self, args: dict[str, Any], conn: Conn) -> None:
-        """A pipelined publisher: `{"pub": {publish args}}` frames, each published in order
-        without an answer (as a NATS client's publish); a failure is sent back as
-        `{"error": {...}, "n": N}` (N counts the frames from 1); `{"flush": K}` is answered
-        `{"flushed": K, "published": N}` once every frame before it was handled."""
+        """A pipelined publisher: frames of `{"pubs": [{publish args}, ...]}` (or one
+        `{"pub": {...}}`), each message published in order without an answer (as a NATS
+        client's publish); a failure is sent back as `{"error": {...}, "n": N}` (N counts
+        the messages from 1); `{"flush": K}` (alone or in the same frame, after its pubs) is
+        answered `{"flushed": K, "published": N}` once every message before it was
+        handled."""
         await conn.reply({"node": self.node})
         n = 0
         try:
@@ -95,17 +98,20 @@ class BrokerOps:
                 frame = await conn.receive()
                 if not isinstance(frame, dict):
                     continue
+                pubs = frame.get("pubs")
                 if "pub" in frame:
-                    n += 1
-                    pub = frame["pub"]
-                    try:
-                        if not isinstance(pub, dict):
-                            raise bad_request("pub must be a map of publish arguments",
-                                              id="meshd.broker")
-                        await self.publish(pub)
-                    except MeshError as exc:
-                        await conn.send({"error": exc.to_dict(), "n": n})
-                elif "flush" in frame:
+                    pubs = [frame["pub"]]
+                if isinstance(pubs, list):
+                    for pub in pubs[:MAX_PUBS]:
+                        n += 1
+                        try:
+                            if not isinstance(pub, dict):
+                                raise bad_request("pub must be a map of publish arguments",
+                                                  id="meshd.broker")
+                            await self.publish(pub)
+                        except MeshError as exc:
+                            await conn.send({"error": exc.to_dict(), "n": n})
+                if "flush" in frame:
                     await conn.send({"flushed": frame["flush"], "published": n})
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass

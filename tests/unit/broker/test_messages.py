@@ -112,3 +112,23 @@ def test_a_copy_with_any_field_replaced_is_a_copy_or_a_wire_error(where, value):
         return
     assert isinstance(ns, str) and isinstance(plain, bool) and isinstance(m.headers, dict)
     assert all(isinstance(g, str) and g for g in groups)
+
+
+def test_ids_are_the_number_in_26_crockford_digits_most_significant_first():
+    """The fast encoding (base64.b32encode, translated) equals the ULID definition: the
+    128-bit number (48 bits of milliseconds, 80 random) as 26 base32 digits."""
+    import random
+    from unittest import mock
+
+    from meshd.broker import messages as m
+
+    def reference(n: int) -> str:
+        return "".join(m._CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
+
+    rng = random.Random(7)
+    for now, rand in [(0.0, bytes(10)), (281474976710.655, b"\xff" * 10)] + [
+            (rng.uniform(0, 2e9), rng.randbytes(10)) for _ in range(2000)]:
+        with mock.patch.object(m.os, "urandom", return_value=rand):
+            got = m.new_id(now)
+        ms = int(now * 1000) & ((1 << 48) - 1)
+        assert got == reference((ms << 80) | int.from_bytes(rand, "big"))
