@@ -115,7 +115,7 @@ def test_a_copy_with_any_field_replaced_is_a_copy_or_a_wire_error(where, value):
 
 
 def test_ids_are_the_number_in_26_crockford_digits_most_significant_first():
-    """The fast encoding (base64.b32encode, translated) equals the ULID definition: the
+    """The fast encoding (two digits per table lookup) equals the ULID definition: the
     128-bit number (48 bits of milliseconds, 80 random) as 26 base32 digits."""
     import random
     from unittest import mock
