@@ -15,6 +15,8 @@ own process as in bench/rpc.py:
       Also the rate of the first and of the last second (a log that slows as it grows
       shows there). NATS 2.9 acknowledges once the write reached the OS (no per-write
       fsync option before 2.10); meshd once SQLite (WAL, synchronous=FULL) committed.
+  (c') the same with `broker.fsync = false` (SQLite synchronous=NORMAL: acknowledged once
+      in the OS, as JetStream 2.9: survives the daemon being killed, not a power loss).
   (d) copies on the wire per published message at 10 daemons with 1 interested node
       (sum of `broker_copies_out` over every daemon / messages published). Goal: 1.
 Host baseline: trio TCP echo at 32 callers (bench/rpc.py (a)) and the load average, so slow
@@ -554,6 +556,16 @@ def main() -> int:
             out["c_meshd_cpu"] = cpu.per(out["c_meshd"]["count"])
             out["c_commits"] = _stats(a).get("broker_commits", 0)
             print(f"(c) meshd durable: {out['c_meshd']['rate']:,.0f} acked publishes/s")
+            # (c') the same with broker.fsync = false: acknowledged once in the OS, as
+            # JetStream 2.9 does (survives the daemon being killed, not a power loss)
+            n = c.add("n", env={"MESHD_BROKER_FSYNC": "false"})
+            control(n.data_dir, "broker.topics.create", topic=DURABLE_TOPIC, durable=True)
+            cpu = CpuMeter({"daemon": n.proc.pid, "publisher": me})
+            out["c2_meshd"] = trio.run(_meshd_durable, n.data_dir / "meshd.sock", CALLERS,
+                                       secs)
+            out["c2_meshd_cpu"] = cpu.per(out["c2_meshd"]["count"])
+            print(f"(c') meshd durable, fsync false: {out['c2_meshd']['rate']:,.0f} acked "
+                  "publishes/s")
         finally:
             c.close()
 
@@ -583,6 +595,7 @@ def report(out: dict[str, Any], opts: Any, secs: float, n_wire: int, took: float
         ("(a) delivered msgs/s, pub -> sub", am["rate"], an["rate"], 0.25),
         (f"(b) RPC round trips/s, {CALLERS} callers", out["b_meshd"], out["b_nats"], 1.0),
         (f"(c) durable acked publishes/s, {CALLERS}", cm["rate"], cn["rate"], 0.5),
+        ("(c') the same, broker.fsync false", out["c2_meshd"]["rate"], cn["rate"], 0.5),
     ]
     print(f"\n{'':40}{'meshd':>10}{'NATS':>10}{'ratio':>8}{'goal':>9}  holds")
     for name, m, n, goal in rows:
@@ -607,6 +620,7 @@ def report(out: dict[str, Any], opts: Any, secs: float, n_wire: int, took: float
           f"NATS {_cpus(out['b_nats_cpu'])}")
     print(f"(c) CPU us per publish: meshd {_cpus(out['c_meshd_cpu'])}; "
           f"JetStream {_cpus(out['c_nats_cpu'])}")
+    print(f"(c') CPU us per publish: meshd {_cpus(out['c2_meshd_cpu'])}")
     print(f"(c) first / last second: meshd {cm['first']:,.0f} / {cm['last']:,.0f} per s "
           f"({cm['count']:,} published); JetStream {cn['first']:,.0f} / {cn['last']:,.0f} "
           f"per s ({cn['count']:,}); meshd group commits {out['c_commits']:,} "

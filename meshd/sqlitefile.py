@@ -4,7 +4,8 @@ Rules:
 - A file is marked with meshd's application id and a schema version. A file that is not
   SQLite, is corrupt, belongs to something else or has another schema version is refused
   with its path and what to do: never overwritten.
-- WAL with synchronous=FULL: a commit is on disk when it returns.
+- WAL with synchronous=FULL: a commit is on disk when it returns (a file opened with
+  fsync=False: synchronous=NORMAL, in the OS when it returns; see broker.fsync).
 - Mode 0600 before SQLite first opens it, so the -wal and -shm files (which SQLite creates
   with the mode of the database file) are 0600 too; a file left wider is tightened, with its
   side files, when opened. An empty file is ours (a crash right after creating it).
@@ -24,9 +25,11 @@ SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 def open_private(path: Path, schema_version: int, create_sql: str, what: str,
-                 error: type[Exception]) -> sqlite3.Connection:
+                 error: type[Exception], fsync: bool = True) -> sqlite3.Connection:
     """A connection to the file at `path` (created with `create_sql` if new); `error` with
-    one line naming the file if it cannot be used. `what` names it for people ("store")."""
+    one line naming the file if it cannot be used. `what` names it for people ("store").
+    `fsync` False: synchronous=NORMAL (a commit is in the OS when it returns: it survives
+    the process being killed, not the machine losing power)."""
     existed = _has_data(path)
     _private(path, error)
     try:
@@ -34,7 +37,7 @@ def open_private(path: Path, schema_version: int, create_sql: str, what: str,
         if existed:
             _check(conn, path, schema_version, what, error)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL")
         if not existed:
             conn.executescript(f"PRAGMA application_id={APPLICATION_ID};\n"
                                f"PRAGMA user_version={schema_version};\n{create_sql}")

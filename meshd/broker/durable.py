@@ -105,7 +105,7 @@ class DurableTopics:
         self.broker = broker
         self.store = store
         self.s = settings
-        self.log = BrokerLog(data_dir)
+        self.log = BrokerLog(data_dir, fsync=settings.fsync)
         self.consumers: dict[Key, Consumer] = {}
         self._where: dict[tuple[Key, int], str] = {}  # delivered (key, seq) -> node
         self._dirty: set[Key] = set()

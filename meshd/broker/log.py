@@ -93,11 +93,11 @@ class Stored:
 
 
 class BrokerLog:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, fsync: bool = True) -> None:
         self.path = data_dir / FILE
         self._lock = threading.RLock()
         self.conn = open_private(self.path, SCHEMA_VERSION, SCHEMA, "broker log",
-                                 BrokerFileError)
+                                 BrokerFileError, fsync=fsync)
         self._topics: dict[tuple[str, str], tuple[TopicSettings, int]] = {}
         for ns, name, settings, last in self.conn.execute(
                 "SELECT ns, name, settings, last_seq FROM topics"):
