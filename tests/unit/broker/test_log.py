@@ -139,3 +139,12 @@ def test_the_duplicate_check_uses_the_id_index_not_a_scan(tmp_path):
     assert "messages_by_id" in " ".join(str(row) for row in log.conn.execute(
         "EXPLAIN QUERY PLAN " + DUPLICATE, ("default", "orders", "x", 0.0)))
     assert "messages_by_id" not in plan  # what SQLite picks unforced (why we force it)
+
+
+def test_fsync_false_commits_to_the_os_only(tmp_path):
+    """broker.fsync = false opens the log with synchronous=NORMAL (1); the default FULL (2)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert BrokerLog(tmp_path / "a").conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert BrokerLog(tmp_path / "b", fsync=False).conn.execute(
+        "PRAGMA synchronous").fetchone()[0] == 1
