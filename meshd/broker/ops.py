@@ -32,7 +32,7 @@ from meshd import namespaces
 from meshd.errors import MeshError, bad_request, not_found
 from meshd.ops import REQUEST_TOKEN, Conn, Op, mesh_resource
 
-from . import messages
+from . import messages, overview
 from .durable import DEAD_SUFFIX, DurableTopics, parse_settings
 from .interest import check_queue
 from .service import DURABLE, BrokerService, Credit
@@ -50,6 +50,7 @@ class BrokerOps:
         self.durable = durable
         self.auth = auth
         self.node = node
+        broker.on_query = self.answer
 
     def ops(self) -> list[Op]:
         return [
@@ -187,9 +188,22 @@ class BrokerOps:
                 else None
             if row["durable"]:
                 row["queue"] = None
-        return {"namespace": ns, "node": self.node, "durable": self.durable.rows(ns),
-                "interest": interest, "local": self.broker.sub_rows(ns),
+        members = [(m.name, m.addr) for m in self.broker.core.member_list()
+                   if self.broker._live(m.name)]
+        cluster = await overview.gather(self.node, ns, self.view(ns), members,
+                                        self.broker.links)
+        return {"namespace": ns, "node": self.node, "durable": cluster["durable"],
+                "subscriptions": cluster["subscriptions"],
+                "unanswered": cluster["unanswered"], "interest": interest,
+                "local": self.broker.sub_rows(ns),
                 "stats": {**self.broker.stats, **self.durable.stats}}
+
+    def view(self, ns: str) -> dict[str, Any]:
+        """What this node holds of namespace `ns` (overview.py)."""
+        return overview.local_view(ns, self.durable.rows(ns), self.broker.sub_rows(ns))
+
+    def answer(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return overview.answer(msg, self.view)
 
     async def create(self, args: dict[str, Any]) -> Any:
         ns = namespaces.check(args.get("namespace"))

@@ -115,6 +115,8 @@ class BrokerService:
         self._sent: dict[str, int] = {}  # copies sent per node: the "load" of routing
         self._nursery: trio.Nursery | None = None
         self.durable: Any = None  # durable.DurableTopics, set by the node
+        # answers another daemon's question about what this node holds (overview.py)
+        self.on_query: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.stats = {"broker_published": 0, "broker_copies_out": 0, "broker_copies_in": 0,
                       "broker_copies_dropped": 0, "broker_batches_out": 0,
                       "broker_bad_messages": 0, "broker_unserved": 0,
@@ -291,6 +293,9 @@ class BrokerService:
                             await self._receive_one(peer, item)
                     elif msg.get("t") == "interest":
                         self._receive_interest(ch.peer_addr, msg)
+                        return
+                    elif msg.get("t") == "query" and self.on_query is not None:
+                        await ch.send(cbor2.dumps(self.on_query(msg)))
                         return
                     else:
                         raise wire.WireError("unknown broker message")

@@ -60,7 +60,7 @@ def test_a_rogue_member_cannot_ack_away_anothers_messages_or_crash_the_node(clus
     b = cluster.add("b", join=[a.addr], env=FAST)
     ready(a, b)
     assert cli(a, "topics", "create", "atk.x", "--durable", "--ack-wait", "1h").returncode == 0
-    wait_for(lambda: any(t["topic"] == "atk.x" for t in
+    wait_for(lambda: any(t["topic"] == "atk.x" and "b" in t["nodes"] for t in
                          control(b.data_dir, "broker.topics")["durable"]), 15, "topic on b")
 
     async def scenario() -> list:
@@ -84,7 +84,8 @@ def test_a_rogue_member_cannot_ack_away_anothers_messages_or_crash_the_node(clus
         d.assert_running()
     rows = {t["topic"]: t for t in control(a.data_dir, "broker.topics")["durable"]}
     wait_for(lambda: {t["topic"]: t for t in control(a.data_dir, "broker.topics")[
-        "durable"]}["atk.x"]["subscribers"]["w"]["acked_floor"] == 1, 10, "the real ack")
+        "durable"]}["atk.x"]["nodes"]["a"]["subscribers"]["w"]["acked_floor"] == 1, 10,
+        "the real ack")
     assert rows["atk.x"]["subscribers"]["w"]["dead"] == 0
 
 

@@ -68,8 +68,11 @@ async def sees(client: Client, node: str, pattern: str, queue: str | None = None
 
 
 async def durable_known(client: Client, topic: str) -> None:
+    """Wait until the client's own node has the topic's definition."""
     async def check() -> bool:
-        return any(t["topic"] == topic for t in (await client.topics())["durable"])
+        view = await client.topics()
+        return any(t["topic"] == topic and view["node"] in t["nodes"]
+                   for t in view["durable"])
     await wait_for_async(check, 15, f"durable topic {topic} known")
 
 
@@ -351,7 +354,7 @@ async def test_a_service_subscriber_gets_typed_events_acks_and_naks(mesh):
     assert all(isinstance(o, Order) for o in seen)
     assert sorted(o.id for o in seen) == [7, 7, 8]  # 7 failed once: delivered again
     rows = {t["topic"]: t for t in (await ca.topics())["durable"]}
-    await wait_for_async(lambda: _floor(ca, "orders.typed", "billing", 2), 10, "acked")
+    await wait_for_async(lambda: _floor(ca, "orders.typed", "a", "billing", 2), 10, "acked")
     assert rows["orders.typed"]["subscribers"]["billing"]["dead"] == 0
 
 
@@ -359,9 +362,37 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def _floor(client: Client, topic: str, name: str, floor: int) -> bool:
+async def _floor(client: Client, topic: str, origin: str, name: str, floor: int) -> bool:
+    """Whether `origin`'s log of `topic` has `name`'s acks up to `floor`."""
     rows = {t["topic"]: t for t in (await client.topics())["durable"]}
-    return rows[topic]["subscribers"][name]["acked_floor"] >= floor
+    return rows[topic]["nodes"][origin]["subscribers"][name]["acked_floor"] >= floor
+
+
+async def test_topics_sums_every_nodes_log_and_lists_every_subscription(mesh):
+    a, b, c = (mesh.daemons[n] for n in "abc")
+    ca, cb, cc = Client(sock(a)), Client(sock(b)), Client(sock(c))
+    await create(ca, "view.x")
+    await durable_known(cb, "view.x")
+    await durable_known(cc, "view.x")
+    async with cc.subscribe("view.x", durable="v") as sub, \
+            cb.subscribe("view.*", buffer=7, policy="drop-newest"):
+        await sees(ca, "c", "view.x", durable="v")
+        await sees(cb, "c", "view.x", durable="v")
+        for _ in range(2):
+            await ca.publish("view.x", {"from": "a"})
+        for _ in range(3):
+            await cb.publish("view.x", {"from": "b"})
+        await take(sub, 5)  # delivered, none acked: pending on their origins
+        view = await cc.topics()
+    row = {t["topic"]: t for t in view["durable"]}["view.x"]
+    assert row["messages"] == 5 and row["subscribers"]["v"]["pending"] == 5
+    assert {n: row["nodes"][n]["messages"] for n in "abc"} == {"a": 2, "b": 3, "c": 0}
+    assert row["nodes"]["a"]["subscribers"]["v"]["pending"] == 2
+    assert view["unanswered"] == []
+    subs = {(s["node"], s["pattern"]): s for s in view["subscriptions"]}
+    assert subs[("b", "view.*")]["buffer"] == 7 and subs[("b", "view.*")]["policy"] == \
+        "drop-newest"
+    assert subs[("c", "view.x")]["durable"] == "v"
 
 
 # --- bad input -------------------------------------------------------------------------
@@ -479,7 +510,7 @@ def test_durable_subscriber_killed_mid_stream_resumes_after_its_last_ack(tmp_pat
         b = c.add("b", join=[a.addr], env=FAST)
         ready(a, b)
         assert cli(a, "topics", "create", "kill.x", "--durable").returncode == 0
-        wait_for(lambda: any(t["topic"] == "kill.x" for t in
+        wait_for(lambda: any(t["topic"] == "kill.x" and "b" in t["nodes"] for t in
                              control(b.data_dir, "broker.topics")["durable"]), 15, "topic on b")
 
         def start() -> tuple[subprocess.Popen[str], Lines]:
@@ -498,7 +529,7 @@ def test_durable_subscriber_killed_mid_stream_resumes_after_its_last_ack(tmp_pat
         first.wait(5)
         before = [json.loads(s) for s in lines1.text().splitlines() if s.strip()]
         floor = {t["topic"]: t for t in control(a.data_dir, "broker.topics")["durable"]}[
-            "kill.x"]["subscribers"]["w"]["acked_floor"]
+            "kill.x"]["nodes"]["a"]["subscribers"]["w"]["acked_floor"]
         for i in range(40, 80):
             control(a.data_dir, "broker.publish", topic="kill.x", body=i)
         second, lines2 = start()
@@ -527,12 +558,13 @@ def test_the_publishing_node_restarted_after_kill_9_resumes_after_the_last_ack(t
         b = c.add("b", join=[a.addr], env=FAST)
         ready(a, b)
         assert cli(a, "topics", "create", "crash.x", "--durable").returncode == 0
-        wait_for(lambda: any(t["topic"] == "crash.x" for t in
+        wait_for(lambda: any(t["topic"] == "crash.x" and "b" in t["nodes"] for t in
                              control(b.data_dir, "broker.topics")["durable"]), 15, "topic on b")
 
         async def saved() -> bool:
             rows = {t["topic"]: t for t in (await Client(sock(b)).topics())["durable"]}
-            return rows["crash.x"]["subscribers"].get("w", {}).get("saved_floor", 0) >= 1
+            return rows["crash.x"]["nodes"]["b"]["subscribers"].get("w", {}).get(
+                "saved_floor", 0) >= 1
 
         async def first() -> None:
             async with Client(sock(a)) as client, \
@@ -578,13 +610,14 @@ def test_replicas_hold_copies_and_deliver_them_while_the_origin_is_down(tmp_path
         assert cli(a, "topics", "create", "rep.three", "--durable", "--replicas", "4"
                    ).returncode == 0
         for x in (a, b, d):
-            wait_for(lambda x=x: len(control(x.data_dir, "broker.topics")["durable"]) == 4,
-                     15, "topics everywhere")
+            wait_for(lambda x=x: sum(x.name in t["nodes"] for t in control(
+                x.data_dir, "broker.topics")["durable"]) == 4, 15, "topics everywhere")
         out = cli(b, "publish", "rep.x", '{"n": 1}', "--json")
         assert out.returncode == 0, out.stderr
         acked = json.loads(out.stdout)
         holders = [x.name for x in (a, d) if {t["topic"]: t for t in control(
-            x.data_dir, "broker.topics")["durable"]}["rep.x"]["copies"].get("b") == 1]
+            x.data_dir, "broker.topics")["durable"]}["rep.x"]["nodes"][x.name]["copies"].get(
+            "b") == 1]
         assert len(holders) == 1, "one other node holds a copy when the publish is acked"
         # four replicas cannot be held by three nodes: the publish says so (and is on b)
         short = cli(b, "publish", "rep.three", "1")
@@ -605,7 +638,8 @@ def test_replicas_hold_copies_and_deliver_them_while_the_origin_is_down(tmp_path
         b.start(join=[a.addr])
         ready(a, b, d)
         wait_for(lambda: {t["topic"]: t for t in control(b.data_dir, "broker.topics")[
-            "durable"]}["rep.x"]["subscribers"].get("w", {}).get("acked_floor") == 1, 20,
+            "durable"]}["rep.x"]["nodes"]["b"]["subscribers"].get("w", {}).get(
+            "acked_floor") == 1, 20,
             "b learns what was acked while it was down")
 
         async def again() -> list[Any]:
