@@ -11,8 +11,11 @@ Rules (the model):
   clock) and, per (namespace, topic, NAME) it has seen durable interest for, one
   meshd.broker.consumer.Consumer. Time handed to them is the node's clock (simulated time
   plus its clock offset). Membership is the engine's real membership core on each node.
-- The shell is modelled, not run: the decisions of meshd/broker/service.py and durable.py
-  (trio code) are re-stated here step for step, each method naming the one it mirrors.
+- The decisions are the daemon's own: interest exchange (InterestTable.receive, R6) and the
+  origin side of durable delivery (meshd.broker.origin.Origin: discovery, offers, settles,
+  departures, O1-O4) run here as in the daemon. What is left of the trio shell (sending,
+  the subscriber's side: handing a delivery to a member, tags, acks going back) is
+  re-stated, each method naming the one it mirrors.
   Interest: our record is pushed to `fanout` random ALIVE peers on every change; a peer
   that learns something new pushes it on (never back); every `sync_interval` (x0.5..1.5) a
   random ALIVE peer gets our digest and the two exchange what differs; a member that dies or
@@ -87,14 +90,14 @@ import cbor2
 
 from meshd import namespaces
 from meshd.broker import messages
-from meshd.broker.consumer import DEAD, Consumer, Offer
+from meshd.broker.consumer import DEAD, DELIVER, Consumer, Offer
 from meshd.broker.durable import DISCOVER_EVERY, RETURN_DELAY
 from meshd.broker.interest import InterestTable, check_queue
-from meshd.broker.service import DURABLE
+from meshd.broker.origin import DURABLE, Dead, Origin
 from meshd.broker.subjects import check_pattern, check_topic, matches
 from meshd.errors import MeshError
 from meshd.hlc import HLC
-from meshd.membership.messages import ALIVE, SUSPECT
+from meshd.membership.messages import ALIVE, LEFT, SUSPECT
 from meshd.settings import BrokerSettings
 
 from .engine import SimNode, Simulation
@@ -190,8 +193,10 @@ class BrokerNode:
         self.interest = InterestTable(node.name, self.hlc)
         self.rng = sim._rng(f"broker:{node.name}:{node.incarnation}")
         self.log = log if log is not None else {}  # durable: survives a crash
-        self.consumers: dict[Key, Consumer] = {}
-        self.where: dict[tuple[Key, int], str] = {}
+        # the daemon's own origin core decides discovery, offers, settles and departures
+        self.origin = Origin(node.name, self.interest, self.route_cost, self.load)
+        self.consumers = self.origin.consumers
+        self.where = self.origin.where
         self.tags: dict[int, tuple[str, Key, int, _Sub]] = {}
         self.by_key: dict[tuple[str, str, str], list[_Sub]] = {}
         self.sent: dict[str, int] = {}
@@ -322,21 +327,13 @@ class BrokerNode:
         c.last = max(c.last, last)
         if c.walked < c.floor:
             c.walked = c.floor
-        self.consumers[key] = c
+        self.origin.add(key, c)
         return c
 
     def discover(self) -> None:
-        """durable._discover."""
-        held = list(self.log)
-        if not held:
-            return
-        for rec in list(self.interest.records.values()):
-            for (ns, pattern, queue) in rec.subs:
-                if not queue or not queue.startswith(DURABLE):
-                    continue
-                for (t_ns, topic) in held:
-                    if t_ns == ns and matches(pattern, topic):
-                        self.consumer((ns, topic, queue[len(DURABLE):]))
+        """durable._discover: the consumers the origin core wants (O1)."""
+        for key in self.origin.wanted(list(self.log)):
+            self.consumer(key)
 
     def kick(self) -> None:
         self.wake(self.sim.now)
@@ -352,9 +349,8 @@ class BrokerNode:
             return  # superseded by an earlier wake
         self.wake_at = math.inf
         self.discover()
-        for key, c in list(self.consumers.items()):
-            if self.consumers.get(key) is c:
-                self.offer(key, c)
+        for key in list(self.consumers):
+            self.offer(key)
         self.schedule_deliverer()
 
     def schedule_deliverer(self) -> None:
@@ -366,72 +362,51 @@ class BrokerNode:
         now = self.clock()
         deadline = now + DISCOVER_EVERY
         busy = False
-        for c in self.consumers.values():
-            d = c.next_deadline()
-            if d is None:
-                continue
+        d = self.origin.next_deadline()  # (consumers with nobody to serve left out: O2)
+        if d is not None:
             if d <= now:
                 busy = True
-                continue
-            deadline = min(deadline, d)
+            else:
+                deadline = min(deadline, d)
         self.sim.stats["broker_deliverer_busy_wakes"] += busy
         self.wake(max(self.sim.now, deadline - self.node.offset))
 
-    def offer(self, key: Key, c: Consumer) -> None:
-        """durable._offer."""
+    def offer(self, key: Key) -> None:
+        """durable._offer: carry out what the origin core decides (O2)."""
         ns, topic, name = key
-        group = DURABLE + name
-        delivery = self.interest.route(ns, topic, self.route_cost, self.load,
-                                       queues=group.__eq__, plain_too=False)
-        if not delivery.copies:
-            return  # nobody to deliver to: the log keeps it, attempts are not spent
-        offers = c.poll(self.clock())
         entries = self.log[(ns, topic)]
-        for o in offers:
-            self.sim.offered(self, key, o)
-            if o.kind == DEAD:
-                self.where.pop((key, o.seq), None)
+        for action in self.origin.offer(key, self.clock()):
+            if isinstance(action, Dead):
+                self.sim.offered(self, key, Offer(DEAD, action.seq, action.attempt))
                 continue  # published to TOPIC.dead: its subscribers are not modelled
-            node = next(iter(delivery.copies))
-            if offers[0] is not o:
-                again = self.interest.route(ns, topic, self.route_cost, self.load,
-                                            queues=group.__eq__, plain_too=False)
-                node = next(iter(again.copies), node)
-            self.where[(key, o.seq)] = node
-            item = {"t": "deliver", "ns": ns, "topic": topic, "durable": name, "seq": o.seq,
-                    "attempt": o.attempt, "msg": entries[o.seq - 1]}
-            if node == self.name:
+            self.sim.offered(self, key, Offer(DELIVER, action.seq, action.attempt))
+            item = {"t": "deliver", "ns": ns, "topic": topic, "durable": name,
+                    "seq": action.seq, "attempt": action.attempt,
+                    "msg": entries[action.seq - 1]}
+            if action.node == self.name:
                 self.deliver_here(self.name, item)
             else:
-                self.sent[node] = self.sent.get(node, 0) + 1
-                self.send_item(node, item)
+                self.sent[action.node] = self.sent.get(action.node, 0) + 1
+                self.send_item(action.node, item)
 
-    def settle(self, key: Key, kind: str, seqs: list[int], delay: float | None) -> None:
-        """durable._settle."""
-        c = self.consumers.get(key)
-        if c is None:
+    def settle(self, key: Key, kind: str, seqs: list[int], delay: float | None,
+               peer: str | None = None) -> None:
+        """durable._settle: the origin core applies it (O3)."""
+        if key not in self.consumers:
             return
-        now = self.clock()
         if kind == "return":
             self.sim.stats["broker_returns"] += len(seqs)
-        for seq in seqs:
+        for seq in self.origin.settle(key, kind, seqs, delay, self.clock(), peer):
             if kind == "ack":
-                if c.ack(seq):
-                    self.sim.acked(self, key, seq)
-                self.where.pop((key, seq), None)
-            elif c.nak(seq, now, delay, spent=kind == "nak"):
+                self.sim.acked(self, key, seq)
+            else:
                 self.sim.justify((self.name, *key, seq))
         self.kick()
 
     def on_gone(self, node: str) -> None:
-        """durable.on_gone: what we delivered to a departed member is offered again now."""
-        now = self.clock()
-        for (key, seq), where in list(self.where.items()):
-            if where == node:
-                del self.where[(key, seq)]
-                c = self.consumers.get(key)
-                if c is not None and c.nak(seq, now, 0.0, spent=False):
-                    self.sim.justify((self.name, *key, seq))
+        """durable.on_gone: the origin core offers again what the member had (O4)."""
+        for key, seq in self.origin.gone(node, self.clock()):
+            self.sim.justify((self.name, *key, seq))
         self.kick()
 
     # --- the subscriber's side (durable.py) -------------------------------------------------
@@ -445,7 +420,7 @@ class BrokerNode:
             self.deliver_here(peer, item)
         else:
             self.settle((item["ns"], item["topic"], item["durable"]), kind, item["seqs"],
-                        item.get("delay"))
+                        item.get("delay"), peer)
 
     def deliver_here(self, origin: str, item: dict[str, Any]) -> None:
         """durable._deliver_here; the subscriber acks after handle_ms (x0.5..1.5)."""
@@ -496,10 +471,11 @@ class BrokerNode:
         self.send_item(origin, item)
 
     def send_item(self, node: str, item: dict[str, Any]) -> None:
-        """Through the node's outbox (links.Outbox): nothing goes to a member that is not
-        live in our membership (addr_of is None)."""
+        """Through the node's outbox (links.Outbox, service.addr_of): to any member that has
+        not left (deliveries only go where routing found a live member; settles also go to
+        an origin our membership still thinks dead, as after a partition)."""
         m = self.node.core.members.get(node)  # type: ignore[union-attr]
-        if m is None or m.state not in (ALIVE, SUSPECT):
+        if m is None or m.state == LEFT:
             self.sim.dropped(self, node, {"t": "batch", "items": [item]}, "no-member")
             return
         self.sim.send(self, m.addr, {"t": "batch", "items": [item]})

@@ -52,11 +52,12 @@ from meshd.errors import MeshError, bad_request, not_found
 from meshd.store import crdt
 
 from . import messages
-from .consumer import DEAD, Consumer
+from .consumer import Consumer
 from .log import BrokerLog, TopicSettings
-from .mirrors import ReplicaWaits, check_item, choose, log_of, mirror_ns, taker
-from .service import DURABLE, BrokerService, LocalSub
-from .subjects import check_topic, matches
+from .mirrors import ReplicaWaits, check_item, choose, taker
+from .origin import DURABLE, Dead, Key, Origin, log_of, mirror_ns
+from .service import BrokerService, LocalSub
+from .subjects import check_topic
 
 log = logging.getLogger("meshd.broker")
 DB, TABLE = "broker", "topics"
@@ -70,7 +71,6 @@ MAX_REPLICAS = 7
 RETURN_DELAY = 0.2
 ABSORB_EVERY = 1.0  # seconds between sends of an absorb not yet confirmed
 ABSORB_TRIES = 60  # a delivery that found no member is offered again this much later
-Key = tuple[str, str, str]  # (namespace, topic, durable name)
 
 
 def topic_key(ns: str, topic: str) -> str:
@@ -106,16 +106,15 @@ class DurableTopics:
         self.store = store
         self.s = settings
         self.log = BrokerLog(data_dir, fsync=settings.fsync)
-        self.consumers: dict[Key, Consumer] = {}
-        self._where: dict[tuple[Key, int], str] = {}  # delivered (key, seq) -> node
-        self._dirty: set[Key] = set()
+        # the origin side's decisions (sans-IO, shared with the simulator)
+        self.origin = Origin(broker.node, broker.interest, broker.route_cost, broker.load)
+        self.consumers = self.origin.consumers
         self._pending: dict[tuple[str, str], list[tuple[Any, trio.Event, list[Any]]]] = {}
         self._commit_wanted = trio.Event()
         self._kick = trio.Event()
         self._tags: dict[int, tuple[str, Key, int, LocalSub, str | None]] = {}
         self.stats = {"broker_durable_published": 0, "broker_dead": 0, "broker_lost": 0,
-                      "broker_redelivered": 0, "broker_commits": 0,
-                      "broker_settles_refused": 0}
+                      "broker_commits": 0}
         self._lost: dict[Key, int] = {}
         self._saved: dict[Key, int] = {}  # the ack floor as last saved
         self._deadc: dict[Key, int] = {}
@@ -123,7 +122,6 @@ class DurableTopics:
         # caches of the publish path: decoded definitions by stored value, logs made
         self._definitions: dict[tuple[str, str], tuple[bytes, dict[str, Any]]] = {}
         self._logged: dict[tuple[str, str], dict[str, Any]] = {}
-        self._unrouted: set[Key] = set()  # consumers whose last offer found no member
         self._sets: dict[tuple[str, str], list[str]] = {}  # our topic -> its replica set
         self._mirror_sets: dict[tuple[str, str, str], list[str]] = {}  # (origin, ns, topic)
         # copies of logs we deliver while their origin is down: (log namespace, topic)
@@ -206,8 +204,7 @@ class DurableTopics:
     def _drop_local(self, ns: str, topic: str) -> None:
         self._logged.pop((ns, topic), None)
         for key in [k for k in self.consumers if k[:2] == (ns, topic)]:
-            del self.consumers[key]
-            self._dirty.discard(key)
+            self.origin.remove(key)
         self.log.delete(ns, topic)
 
     def _ensure_log(self, ns: str, topic: str, definition: dict[str, Any]) -> None:
@@ -314,8 +311,7 @@ class DurableTopics:
         c.last = max(c.last, last)
         if c.walked < c.floor:
             c.walked = c.floor
-        self.consumers[key] = c
-        self._dirty.add(key)
+        self.origin.add(key, c)
         return c
 
     def _restore(self) -> None:
@@ -325,89 +321,56 @@ class DurableTopics:
                     self._consumer((ns, topic, name), state)
 
     def _discover(self) -> None:
-        """Consumers for every durable subscriber anywhere whose pattern matches a durable
-        topic we hold a log of."""
-        held = self.log.topics()
-        if not held:
-            return
-        for rec in list(self.broker.interest.records.values()):
-            for (ns, pattern, queue) in rec.subs:
-                if not queue or not queue.startswith(DURABLE):
-                    continue
-                for (log_ns, topic) in held:
-                    origin, t_ns = log_of(log_ns)
-                    if t_ns == ns and (origin is None or (log_ns, topic) in self._taking) \
-                            and matches(pattern, topic):
-                        self._consumer((log_ns, topic, queue[len(DURABLE):]))
+        """Consumers for the durable subscribers the origin core wants (O1), over our own
+        logs and the copies we took over."""
+        delivered = [(log_ns, topic) for (log_ns, topic) in self.log.topics()
+                     if log_of(log_ns)[0] is None or (log_ns, topic) in self._taking]
+        for key in self.origin.wanted(delivered):
+            self._consumer(key)
 
     async def _deliverer(self) -> None:
         while True:
             deadline = time.time() + DISCOVER_EVERY
-            for key, c in self.consumers.items():
-                d = c.next_deadline()
-                # a consumer with nobody to deliver to waits for discovery, not its
-                # (passed) deadline: otherwise this loop would spin
-                if d is not None and key not in self._unrouted:
-                    deadline = min(deadline, d)
+            due = self.origin.next_deadline()  # (consumers with nobody to serve left out)
+            if due is not None:
+                deadline = min(deadline, due)
             with trio.move_on_after(max(0.0, deadline - time.time())):
                 await self._kick.wait()
             self._kick = trio.Event()
             self._discover()
-            for key, c in list(self.consumers.items()):
-                if self.consumers.get(key) is c:
-                    await self._offer(key, c)
+            for key in list(self.consumers):
+                await self._offer(key)
 
-    async def _offer(self, key: Key, c: Consumer) -> None:
+    async def _offer(self, key: Key) -> None:
+        """Carry out what the origin core decides for `key` now (O2)."""
+        actions = self.origin.offer(key, time.time())
+        if not actions:
+            return
         log_ns, topic, name = key
         origin, ns = log_of(log_ns)
-        group = DURABLE + name
-        delivery = self.broker.interest.route(ns, topic, self.broker.route_cost,
-                                              self.broker.load, queues=group.__eq__,
-                                              plain_too=False)
-        if not delivery.copies:
-            self._unrouted.add(key)
-            return  # nobody to deliver to: the log keeps it, attempts are not spent
-        self._unrouted.discard(key)
-        offers = c.poll(time.time())
-        if not offers:
-            return
-        self._dirty.add(key)
-        rows = {}
-        lo = min(o.seq for o in offers)
-        hi = max(o.seq for o in offers)
-        if hi - lo < READ_AHEAD * 4:
-            rows = {r.seq: r for r in self.log.read(log_ns, topic, lo - 1, hi - lo + 1)}
-        for o in offers:
-            row = rows.get(o.seq) or self.log.get(log_ns, topic, o.seq)
+        lo, hi = min(a.seq for a in actions), max(a.seq for a in actions)
+        rows = {r.seq: r for r in self.log.read(log_ns, topic, lo - 1, hi - lo + 1)} \
+            if hi - lo < READ_AHEAD * 4 else {}
+        for action in actions:
+            row = rows.get(action.seq) or self.log.get(log_ns, topic, action.seq)
             if row is None:  # trimmed by retention before it was acked
-                c.ack(o.seq)
+                self.origin.lost(key, action.seq)
                 self._lost[key] = self._lost.get(key, 0) + 1
                 self.stats["broker_lost"] += 1
                 continue
-            if o.kind == DEAD:
+            if isinstance(action, Dead):
                 self._deadc[key] = self._deadc.get(key, 0) + 1
                 self.stats["broker_dead"] += 1
-                self._where.pop((key, o.seq), None)
-                await self._dead_letter(ns, topic, row.message, o.reason, name)
+                await self._dead_letter(ns, topic, row.message, action.reason, name)
                 continue
-            if o.attempt > 1:
-                self.stats["broker_redelivered"] += 1
-            node = next(iter(delivery.copies))
-            if offers[0] is not o:  # each message chosen afresh: load balances a group
-                again = self.broker.interest.route(
-                    ns, topic, self.broker.route_cost, self.broker.load,
-                    queues=group.__eq__, plain_too=False)
-                node = next(iter(again.copies), node)
-            self._where[(key, o.seq)] = node
-            item = {"t": "deliver", "ns": ns, "topic": topic, "durable": name, "seq": o.seq,
-                    "attempt": o.attempt, "msg": row.message}
+            item = {"t": "deliver", "ns": ns, "topic": topic, "durable": name,
+                    "seq": action.seq, "attempt": action.attempt, "msg": row.message}
             if origin is not None:
                 item["log"] = origin  # a copy we deliver for its origin
-            if node == self.broker.node:
+            if action.node == self.broker.node:
                 await self._deliver_here(self.broker.node, item)
             else:
-                self.broker._sent[node] = self.broker._sent.get(node, 0) + 1
-                await self.broker.outbox(node).put(item)
+                await self.broker.outbox(action.node).put(item)
 
     async def _dead_letter(self, ns: str, topic: str, raw: dict[str, Any], reason: str,
                            name: str) -> None:
@@ -523,36 +486,15 @@ class DurableTopics:
 
     def _settle(self, key: Key, kind: str, seqs: list[int], delay: float | None,
                 peer: str | None = None) -> None:
-        """Acks, naks or returns of `key`'s messages; from another node (`peer`) only for
-        messages we delivered to that node (a member acts as a node: it cannot settle
-        what it was never given)."""
-        c = self.consumers.get(key)
-        if c is None:
-            return
-        if peer is not None:
-            allowed = [seq for seq in seqs if self._where.get((key, seq)) == peer]
-            self.stats["broker_settles_refused"] += len(seqs) - len(allowed)
-            seqs = allowed
-        now = time.time()
-        for seq in seqs:
-            if kind == "ack":
-                c.ack(seq)
-                self._where.pop((key, seq), None)
-            else:
-                c.nak(seq, now, delay, spent=kind == "nak")
-        self._dirty.add(key)
+        """Acks, naks or returns of `key`'s messages (O3: from another node only for what
+        was delivered to it)."""
+        self.origin.settle(key, kind, seqs, delay, time.time(), peer)
         self._kick.set()
 
     def on_gone(self, node: str) -> None:
         """A member died or left: what we delivered to it is offered again now; copies of
         its logs we hold are delivered by us if we are the first live replica."""
-        now = time.time()
-        for (key, seq), where in list(self._where.items()):
-            if where == node:
-                del self._where[(key, seq)]
-                c = self.consumers.get(key)
-                if c is not None:
-                    c.nak(seq, now, 0.0, spent=False)
+        self.origin.gone(node, time.time())
         for log_ns, topic in list(self.log.topics()):
             if log_of(log_ns)[0] != node or (log_ns, topic) in self._taking \
                     or not taker(self._mirror_sets.get((node, log_of(log_ns)[1], topic)),
@@ -562,7 +504,7 @@ class DurableTopics:
                      node, topic)
             self._taking.add((log_ns, topic))
             for name, state in self.log.subscribers(log_ns, topic).items():
-                self.consumers.pop((log_ns, topic, name), None)
+                self.origin.remove((log_ns, topic, name))
                 self._consumer((log_ns, topic, name), state)
         self._kick.set()
 
@@ -576,10 +518,8 @@ class DurableTopics:
         log.info("%s is back: it delivers its durable topics again", node)
         self._save_now()
         for key in [k for k in self.consumers if log_of(k[0])[0] == node]:
-            c = self.consumers.pop(key)
-            self._dirty.discard(key)
-            for seq in [s for (k, s) in self._where if k == key]:
-                self._where.pop((key, seq), None)
+            c = self.origin.remove(key)
+            assert c is not None
             item = {"t": "absorb", "ns": log_of(key[0])[1], "topic": key[1],
                     "durable": key[2], "state": {"floor": c.floor, "acked": sorted(c.acked)}}
             self._absorbs[(node, item["ns"], key[1], key[2])] = (item, ABSORB_TRIES)
@@ -603,7 +543,7 @@ class DurableTopics:
             if (ns, topic) in self.log.topics() and name:
                 c = self._consumer((ns, topic, name))
                 c.absorb(floor, acked[:100_000])
-                self._dirty.add((ns, topic, name))
+                self.origin.dirty.add((ns, topic, name))
                 self._kick.set()
             self.broker.outbox(peer).put_nowait({"t": "absorbed", "ns": ns, "topic": topic,
                                                  "durable": name})
@@ -631,7 +571,7 @@ class DurableTopics:
 
     def _to_save(self) -> list[tuple[str, str, str, dict[str, Any]]]:
         """The states changed since the last save (and sent on to the topic's replicas)."""
-        dirty, self._dirty = self._dirty, set()
+        dirty, self.origin.dirty = self.origin.dirty, set()
         rows = []
         held = self.log.topics()
         for key in dirty:
@@ -658,7 +598,7 @@ class DurableTopics:
     async def _saver(self) -> None:
         while True:
             await trio.sleep(SAVE_EVERY)
-            if self._dirty:
+            if self.origin.dirty:
                 rows = self._to_save()
                 if rows:  # one transaction, off the event loop
                     await trio.to_thread.run_sync(self.log.save_many, rows)

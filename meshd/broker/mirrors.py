@@ -29,21 +29,9 @@ from typing import Any
 
 import trio
 
-MIRROR = "~"
+from .origin import log_of, mirror_ns
 
-
-def mirror_ns(origin: str, ns: str) -> str:
-    """The log namespace a replica keeps `origin`'s log of namespace `ns` under."""
-    return f"{MIRROR}{origin}{MIRROR}{ns}"
-
-
-def log_of(log_ns: str) -> tuple[str | None, str]:
-    """(origin, namespace) of a log namespace: origin None for our own logs."""
-    if not log_ns.startswith(MIRROR):
-        return None, log_ns
-    origin, _, ns = log_ns[1:].rpartition(MIRROR)
-    return origin, ns
-
+__all__ = ["ReplicaWaits", "check_item", "choose", "log_of", "mirror_ns", "taker"]
 
 class ReplicaWaits:
     """Publishes waiting for their replicas' answers."""

@@ -196,7 +196,8 @@ class BrokerOps:
                 "subscriptions": cluster["subscriptions"],
                 "unanswered": cluster["unanswered"], "interest": interest,
                 "local": self.broker.sub_rows(ns),
-                "stats": {**self.broker.stats, **self.durable.stats}}
+                "stats": {**self.broker.stats, **self.durable.stats,
+                          **self.durable.origin.stats}}
 
     def view(self, ns: str) -> dict[str, Any]:
         """What this node holds of namespace `ns` (overview.py)."""

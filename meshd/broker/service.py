@@ -47,9 +47,9 @@ from .inbox import EndOfInbox, Inbox, Policy
 from .interest import InterestTable
 from .interest import WireError as InterestWireError
 from .links import CHANNEL, Outbox
+from .origin import DURABLE
 
 log = logging.getLogger("meshd.broker")
-DURABLE = "durable:"  # interest of a durable subscriber NAME is the queue group DURABLE+NAME
 PUMP_BATCH = 256
 MAX_PEER_MESSAGE = 64 << 20
 
