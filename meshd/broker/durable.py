@@ -520,10 +520,12 @@ class DurableTopics:
         for key in [k for k in self.consumers if log_of(k[0])[0] == node]:
             c = self.origin.remove(key)
             assert c is not None
+            log.info("handing %s's acks on %s back to %s (up to %d)", key[2], key[1],
+                     node, c.floor)
             item = {"t": "absorb", "ns": log_of(key[0])[1], "topic": key[1],
                     "durable": key[2], "state": {"floor": c.floor, "acked": sorted(c.acked)}}
             self._absorbs[(node, item["ns"], key[1], key[2])] = (item, ABSORB_TRIES)
-            self.broker.outbox(node).put_nowait(item)
+            self.broker.send_once(node, [item])
 
     async def _replica_item(self, peer: str, kind: str, ns: str, topic: str, name: str,
                             item: dict[str, Any]) -> None:
@@ -543,10 +545,12 @@ class DurableTopics:
             if (ns, topic) in self.log.topics() and name:
                 c = self._consumer((ns, topic, name))
                 c.absorb(floor, acked[:100_000])
+                log.info("%s delivered %s for us while we were down: acks of %s up to %d "
+                         "absorbed", peer, topic, name, c.floor)
                 self.origin.dirty.add((ns, topic, name))
                 self._kick.set()
-            self.broker.outbox(peer).put_nowait({"t": "absorbed", "ns": ns, "topic": topic,
-                                                 "durable": name})
+            self.broker.send_once(peer, [{"t": "absorbed", "ns": ns, "topic": topic,
+                                          "durable": name}])
             return
         definition = self.definition(ns, topic)
         if definition is None:
@@ -616,7 +620,7 @@ class DurableTopics:
                     continue
                 self._absorbs[key] = (item, tries - 1)
                 if self.broker._live(key[0]):
-                    self.broker.outbox(key[0]).put_nowait(item)
+                    self.broker.send_once(key[0], [item])
 
     async def _trimmer(self) -> None:
         while True:

@@ -352,6 +352,13 @@ class BrokerService:
         if self._nursery is not None:
             self._nursery.start_soon(self._send_one, addr, cbor2.dumps(payload))
 
+    def send_once(self, node: str, items: list[dict[str, Any]]) -> None:
+        """Items on a channel of their own, not behind the node's outbox (a handover
+        retried until confirmed must not wait behind a pipe that is still redialing)."""
+        addr = self.addr_of(node)
+        if addr is not None:
+            self._spawn_send(addr, {"t": "batch", "items": items})
+
     async def _send_one(self, addr: str, payload: bytes) -> None:
         try:
             with trio.fail_after(5):
@@ -359,7 +366,7 @@ class BrokerService:
                     await ch.send(payload)
             self.stats["broker_interest_out"] += 1
         except (LinkError, ChannelClosed, trio.TooSlowError) as exc:
-            log.debug("broker interest to %s failed: %s", addr, exc)
+            log.debug("broker message to %s failed: %s", addr, exc)
 
     def _receive_interest(self, sender: str, msg: dict[str, Any]) -> None:
         """One interest message: the table decides (interest.py R6), this sends."""
