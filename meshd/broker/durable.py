@@ -15,8 +15,9 @@ Theory of operation (docs/broker.md "Durable topics"):
   interest for, or has state for on disk. The consumer's state is saved in broker.db as it
   changes (at most SAVE_EVERY seconds later), so a restart of the origin resumes after the
   last saved ack and repeats only what was not acked (or acked within that last moment).
-- Delivery: while some node holds a member of NAME (nearest first, then least loaded, as a
-  queue group), the origin polls the consumer and sends each offer to one such node as a
+- Delivery (decided by the sans-IO origin core, origin.py O1-O4; this shell reads the log
+  and sends): while some node holds a member of NAME (nearest first, then least loaded, as
+  a queue group), the origin polls the consumer and sends each offer to one such node as a
   "deliver" item; that node hands it to one local member, tagged; the member's ack or nak
   travels back to the origin by tag. A member that goes away (its session closes) naks what
   it held, so it is offered again at once; a node that dies leaves its deliveries to the
