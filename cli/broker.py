@@ -140,7 +140,8 @@ def subscribe(pattern: str, queue: str | None, durable: str | None, buffer: int 
 @json_option
 @click.pass_context
 def topics(ctx: click.Context, namespace: str | None, client: Client, as_json: bool) -> None:
-    """Topics: durable topics with their settings and counts, and who subscribes where."""
+    """Topics: durable topics with their settings and counts (every node's summed), who
+    subscribes where, and each subscription's buffer and drops."""
     if ctx.invoked_subcommand is not None:
         return
     r = client.call("broker.topics", namespace=client.namespace(namespace))
@@ -148,7 +149,7 @@ def topics(ctx: click.Context, namespace: str | None, client: Client, as_json: b
         click.echo(json.dumps(r))
         return
     if r["durable"]:
-        print_table(["durable topic", "messages here", "settings", "subscribers here"], [
+        print_table(["durable topic", "messages", "settings", "durable subscribers"], [
             (t["topic"], str(t["messages"]),
              " ".join(f"{k}={v}" for k, v in sorted(t["settings"].items())),
              ", ".join(f"{n}: pending {s['pending']} waiting {s['waiting']} dead {s['dead']}"
@@ -158,11 +159,14 @@ def topics(ctx: click.Context, namespace: str | None, client: Client, as_json: b
         print_table(["node", "pattern", "queue", "durable", "subscribers"], [
             (i["node"], i["pattern"], i["queue"] or "-", i["durable"] or "-",
              str(i["subscribers"])) for i in r["interest"]])
-    if r["local"]:
-        print_table([f"on {r['node']}", "pattern", "policy", "buffered", "delivered",
+    if r.get("subscriptions"):
+        print_table(["node", "subscription", "pattern", "policy", "buffered", "delivered",
                      "dropped"], [
-            (s["id"], s["pattern"], s["policy"], str(s["buffered"]), str(s["delivered"]),
-             str(s["dropped"])) for s in r["local"]])
+            (s["node"], s["id"], s["pattern"], s["policy"], str(s["buffered"]),
+             str(s["delivered"]), str(s["dropped"])) for s in r["subscriptions"]])
+    if r.get("unanswered"):
+        click.echo(f"(no answer from {', '.join(r['unanswered'])}: their logs and "
+                   "subscriptions are not counted)", err=True)
     if not (r["durable"] or r["interest"]):
         click.echo(f"no topics or subscribers in namespace {r['namespace']}")
 
