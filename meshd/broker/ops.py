@@ -23,6 +23,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -152,17 +153,24 @@ class BrokerOps:
             await conn.reply({"id": sub.id, "node": self.node, "namespace": ns,
                               "pattern": pattern, "queue": queue, "durable": durable,
                               "buffer": size, "policy": policy, "credit": credit})
+            # (each side ends the session quietly: no error crosses the nursery, so none
+            # arrives wrapped in an exception group, whatever trio's strictness)
             async with trio.open_nursery() as nursery:
                 async def pump() -> None:
-                    await self.broker.pump(sub, conn.send, window)
+                    with contextlib.suppress(trio.BrokenResourceError,
+                                             trio.ClosedResourceError):
+                        await self.broker.pump(sub, conn.send, window)
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(pump)
-                while True:
-                    frame = await conn.receive()
-                    if isinstance(frame, dict):
-                        self._client_frame(sub, frame, window)
+                with contextlib.suppress(EOFError, trio.BrokenResourceError,
+                                         trio.ClosedResourceError):
+                    while True:
+                        frame = await conn.receive()
+                        if isinstance(frame, dict):
+                            self._client_frame(sub, frame, window)
+                nursery.cancel_scope.cancel()
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            pass  # (the reply could not be written: the client is gone)
         finally:
             self.broker.drop_sub(sub)
 
