@@ -243,11 +243,18 @@ class Client:
         try:
             _, conn = await conn_client.session("broker.publisher")
             pub = Publisher(conn, self._ns(namespace))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pub.run_writer)
-                yield pub
-                await pub.flush()
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pub.run_writer)
+                    try:
+                        yield pub
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:  # (strict trio wraps the block's one error)
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
+            await pub.flush()
         finally:
             await conn_client.aclose()
 

@@ -395,6 +395,21 @@ async def test_topics_sums_every_nodes_log_and_lists_every_subscription(mesh):
     assert subs[("c", "view.x")]["durable"] == "v"
 
 
+async def test_a_pipelined_publisher_reports_the_first_failure_and_lets_errors_through(mesh):
+    ca = Client(sock(mesh.daemons["a"]))
+    async with ca.subscribe("pipe.ok") as sub:
+        with pytest.raises(MeshError) as err:
+            async with ca.publisher() as pub:
+                await pub.publish("pipe.ok", 1)
+                await pub.publish("pipe..bad", 2)  # refused by the daemon: said at flush
+                await pub.publish("pipe.ok", 3)
+        assert err.value.status == 400 and "empty token" in err.value.detail
+        assert [m.body for m in await take(sub, 2)] == [1, 3]  # the others went out
+    with pytest.raises(KeyError):  # the block's own error comes out as itself
+        async with ca.publisher():
+            raise KeyError("mine")
+
+
 # --- bad input -------------------------------------------------------------------------
 
 
