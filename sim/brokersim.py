@@ -415,8 +415,7 @@ class BrokerNode:
         """durable.receive."""
         kind = item["t"]
         if kind == "deliver":
-            messages.decode_copy({"ns": item["ns"], "msg": item["msg"], "plain": False,
-                                  "groups": []}, _DEFAULTS.max_message_bytes)
+            messages.decode_message(item["msg"], _DEFAULTS.max_message_bytes)
             self.deliver_here(peer, item)
         else:
             self.settle((item["ns"], item["topic"], item["durable"]), kind, item["seqs"],

@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -411,8 +410,7 @@ class DurableTopics:
             seq, attempt = item.get("seq"), item.get("attempt")
             if type(seq) is not int or type(attempt) is not int or seq < 1:
                 raise messages.WireError("durable delivery without a sequence")
-            messages.decode_copy({"ns": ns, "msg": msg, "plain": False, "groups": []},
-                                 self.broker.s.max_message_bytes)
+            messages.decode_message(msg, self.broker.s.max_message_bytes)
             await self._deliver_here(peer, item)
         elif kind in ("ack", "nak", "return"):
             seqs = item.get("seqs")
@@ -438,7 +436,7 @@ class DurableTopics:
             return
         tag = self.broker.next_tag()
         log_origin = item.get("log")
-        sub.unacked[tag] = (origin, topic, item["seq"])
+        sub.unacked.add(tag)
         self._tags[tag] = (origin, (ns, topic, name), item["seq"], sub, log_origin)
         await sub.inbox.deliver({**item["msg"], "tag": tag, "attempt": item["attempt"],
                                  "durable": name, "origin": log_origin or origin,
@@ -454,7 +452,7 @@ class DurableTopics:
             if found is None or found[3] is not sub:
                 continue
             del self._tags[tag]
-            sub.unacked.pop(tag, None)
+            sub.unacked.discard(tag)
             origin, key, seq, log_origin = found[0], found[1], found[2], found[4]
             by_origin.setdefault((origin, key, log_origin), []).append(seq)
             known += 1
@@ -563,8 +561,7 @@ class DurableTopics:
                 self.log.save(log_ns, topic, name, item["state"])
             return
         msg = item.get("msg")
-        messages.decode_copy({"ns": ns, "msg": msg, "plain": False, "groups": []},
-                             self.broker.s.max_message_bytes)
+        messages.decode_message(msg, self.broker.s.max_message_bytes)
         self._mirror_sets[(peer, ns, topic)] = list(item["set"])
         batch = [(item["seq"], str(msg["id"]), float(item["published_at"]),
                   item["not_before"], msg)]
@@ -661,7 +658,3 @@ class DurableTopics:
                                    and log_of(log_ns)[1] == t_ns},
                         "subscribers": subs})
         return out
-
-    def log_settings(self, ns: str, topic: str) -> dict[str, Any] | None:
-        found = self.log.topics().get((ns, topic))
-        return asdict(found) if found is not None else None

@@ -202,26 +202,39 @@ def _entry_bytes(key: Key) -> int:
 
 
 class _Spaces(Generic[V]):
-    """One subjects.Index per namespace, so that namespaces never see each other (D1)."""
+    """One subjects.Index per namespace, so that namespaces never see each other (D1).
+    Matches are cached per (namespace, topic) until the next change (a publisher publishes
+    on few topics, many times)."""
 
     def __init__(self) -> None:
         self._by_ns: dict[str, Index[V]] = {}
         self._sizes: dict[str, int] = {}
+        self._changes = 0
+        self._cache: dict[tuple[str, str], tuple[int, frozenset[V]]] = {}
 
     def add(self, ns: str, pattern: str, value: V) -> None:
         self._by_ns.setdefault(ns, Index()).add(pattern, value)
         self._sizes[ns] = self._sizes.get(ns, 0) + 1
+        self._changes += 1
 
     def remove(self, ns: str, pattern: str, value: V) -> None:
         index = self._by_ns.get(ns)
         if index is not None and index.remove(pattern, value):
+            self._changes += 1
             self._sizes[ns] -= 1
             if not self._sizes[ns]:
                 del self._by_ns[ns], self._sizes[ns]
 
-    def match(self, ns: str, topic: str) -> set[V]:
+    def match(self, ns: str, topic: str) -> frozenset[V]:
+        found = self._cache.get((ns, topic))
+        if found is not None and found[0] == self._changes:
+            return found[1]
+        if len(self._cache) >= MATCH_CACHE:
+            self._cache.clear()
         index = self._by_ns.get(ns)
-        return index.match(topic) if index is not None else set()
+        matched = index.match(topic) if index is not None else frozenset()
+        self._cache[(ns, topic)] = (self._changes, matched)
+        return matched
 
 
 class InterestTable:
@@ -237,10 +250,6 @@ class InterestTable:
         self._routes: _Spaces[tuple[str, str | None, str]] = _Spaces()  # (node, queue, pattern)
         self._mine: _Spaces[tuple[str | None, str]] = _Spaces()  # (queue, pattern), L-side
         self.stats = {"interest_future_refused": 0, "interest_refused": 0}
-        self._changes = 0  # counts every change of the routes: the match cache's version
-        self._match_cache: dict[tuple[str, str],
-                                tuple[int, frozenset[tuple[str, str | None, str]]]] = {}
-        self._mine_cache: dict[tuple[str, str], tuple[int, frozenset[tuple[str | None, str]]]] = {}
         self._set(node, Record(hlc.now(), {}))  # L3: the tombstone we start with
 
     # -- local side (L1-L4) --------------------------------------------------------------
@@ -260,7 +269,6 @@ class InterestTable:
                                   id="meshd.broker")
             self._local_bytes += size
             self._mine.add(key[0], key[1], (key[2], key[1]))
-            self._changes += 1
         self._local[key] = self._local.get(key, 0) + 1
         return self._publish()
 
@@ -277,7 +285,6 @@ class InterestTable:
             del self._local[key]
             self._local_bytes -= _entry_bytes(key)
             self._mine.remove(key[0], key[1], (key[2], key[1]))
-            self._changes += 1
         return self._publish()
 
     def record(self) -> dict[str, Any]:
@@ -384,31 +391,7 @@ class InterestTable:
             msg["want"] = want
         return msg
 
-    def _matching(self, ns: str, topic: str) -> frozenset[tuple[str, str | None, str]]:
-        """Every (node, queue, pattern) of `ns` matching `topic`, cached until interest
-        changes (a publisher publishes on few topics, many times)."""
-        found = self._match_cache.get((ns, topic))
-        if found is not None and found[0] == self._changes:
-            return found[1]
-        if len(self._match_cache) >= MATCH_CACHE:
-            self._match_cache.clear()
-        matched = frozenset(self._routes.match(ns, topic))
-        self._match_cache[(ns, topic)] = (self._changes, matched)
-        return matched
-
-    def _matching_mine(self, ns: str, topic: str) -> frozenset[tuple[str | None, str]]:
-        """Our own (queue, pattern) entries of `ns` matching `topic`, cached likewise."""
-        found = self._mine_cache.get((ns, topic))
-        if found is not None and found[0] == self._changes:
-            return found[1]
-        if len(self._mine_cache) >= MATCH_CACHE:
-            self._mine_cache.clear()
-        matched = frozenset(self._mine.match(ns, topic))
-        self._mine_cache[(ns, topic)] = (self._changes, matched)
-        return matched
-
     def _set(self, node: str, rec: Record | None) -> None:
-        self._changes += 1
         old = self.records.pop(node, None)
         old_subs = old.subs if old is not None else {}
         new_subs = rec.subs if rec is not None else {}
@@ -430,7 +413,7 @@ class InterestTable:
         ns, topic = namespaces.check(ns), check_topic(topic)
         plain: dict[str, list[str]] = {}
         groups: dict[str, dict[str, list[str]]] = {}
-        for node, queue, pattern in self._matching(ns, topic):
+        for node, queue, pattern in self._routes.match(ns, topic):
             if queue is None:
                 if plain_too:
                     plain.setdefault(node, []).append(pattern)
@@ -468,7 +451,7 @@ class InterestTable:
         wanted = set(groups)
         plain: list[str] = []
         members: dict[str, list[str]] = {}
-        for queue, pattern in self._matching_mine(ns, topic):
+        for queue, pattern in self._mine.match(ns, topic):
             if queue is None:
                 plain.append(pattern)
             elif queue in wanted:

@@ -10,8 +10,8 @@ Rules:
   encoded; at most MAX_HEADERS headers of at most MAX_HEADER bytes each; ids of 1..MAX_ID
   characters. Anything else is a 400 (from a client) or a WireError (from a peer: the
   shell drops the copy and counts it, the link stays).
-- A copy is what a publisher's daemon sends to one interested node: {ns, msg, plain,
-  groups}: `plain` whether the node's plain subscribers get it, `groups` the queue groups
+- A copy is what a publisher's daemon sends to one interested node: {t: "copy", ns, msg,
+  plain, groups}: `plain` whether the node's plain subscribers get it, `groups` the queue groups
   the node is to serve (one member each). Copies are decoded strictly: every field is
   checked, unknown fields refused.
 """
@@ -87,15 +87,18 @@ def build(topic: Any, body: Any, headers: Any, publisher: str, max_bytes: int,
     return Message(msg_id or new_id(at), topic, body, at, publisher, hdrs)
 
 
-def copy(ns: str, msg: Message, plain: bool, groups: list[str]) -> dict[str, Any]:
-    return {"ns": ns, "msg": msg.to_wire(), "plain": plain, "groups": sorted(groups)}
+def copy(ns: str, msg: dict[str, Any], plain: bool, groups: list[str]) -> dict[str, Any]:
+    """A copy of a message (`Message.to_wire()`, made once for all its copies) for one node,
+    as an item of the daemons' broker channel."""
+    return {"t": "copy", "ns": ns, "msg": msg, "plain": plain, "groups": sorted(groups)}
 
 
 def decode_copy(value: Any, max_bytes: int) -> tuple[str, Message, bool, list[str]]:
     """(namespace, message, plain, groups) of a copy from a peer; WireError otherwise."""
-    if not isinstance(value, dict) or set(value) != {"ns", "msg", "plain", "groups"}:
-        raise WireError("a copy is a map of ns, msg, plain and groups")
-    ns, raw, plain, groups = value["ns"], value["msg"], value["plain"], value["groups"]
+    if not isinstance(value, dict) or set(value) != {"t", "ns", "msg", "plain", "groups"} \
+            or value["t"] != "copy":
+        raise WireError("a copy is a map of t (copy), ns, msg, plain and groups")
+    ns, plain, groups = value["ns"], value["plain"], value["groups"]
     try:
         namespaces.check(ns)
     except MeshError as exc:
@@ -104,6 +107,12 @@ def decode_copy(value: Any, max_bytes: int) -> tuple[str, Message, bool, list[st
             or len(groups) > MAX_GROUPS or not all(
                 isinstance(g, str) and 0 < len(g) <= MAX_ID for g in groups):
         raise WireError("a copy's namespace, plain flag or groups are malformed")
+    return ns, decode_message(value["msg"], max_bytes), plain, list(groups)
+
+
+def decode_message(raw: Any, max_bytes: int) -> Message:
+    """A message from a peer (in a copy, a durable delivery or a replica); WireError
+    otherwise."""
     if not isinstance(raw, dict) or set(raw) != {"id", "topic", "headers", "body",
                                                  "published_at", "publisher"}:
         raise WireError("a message is a map of id, topic, headers, body, published_at and "
@@ -119,8 +128,7 @@ def decode_copy(value: Any, max_bytes: int) -> tuple[str, Message, bool, list[st
     hdrs = _headers(raw["headers"], WireError)
     if _size(raw["body"], hdrs) > max_bytes:
         raise WireError("message over the size limit")
-    return ns, Message(raw["id"], topic, raw["body"], float(at), publisher, hdrs), plain, \
-        list(groups)
+    return Message(raw["id"], topic, raw["body"], float(at), publisher, hdrs)
 
 
 def _is_id(value: Any) -> bool:

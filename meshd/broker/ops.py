@@ -209,7 +209,7 @@ class BrokerOps:
 
     def view(self, ns: str) -> dict[str, Any]:
         """What this node holds of namespace `ns` (overview.py)."""
-        return overview.local_view(ns, self.durable.rows(ns), self.broker.sub_rows(ns))
+        return overview.local_view(self.durable.rows(ns), self.broker.sub_rows(ns))
 
     def answer(self, msg: dict[str, Any]) -> dict[str, Any]:
         return overview.answer(msg, self.view)

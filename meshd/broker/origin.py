@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from .consumer import DEAD, Consumer
 from .interest import InterestTable
@@ -208,7 +207,3 @@ class Origin:
                     again.append((key, seq))
                     self.dirty.add(key)
         return again
-
-    def state_of(self, key: Key) -> dict[str, Any] | None:
-        c = self.consumers.get(key)
-        return None if c is None else c.state()

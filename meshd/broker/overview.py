@@ -35,7 +35,7 @@ QUERY_TIMEOUT = 3.0
 COUNTS = ("pending", "waiting", "scheduled", "dead", "lost")
 
 
-def local_view(ns: str, durable_rows: list[dict[str, Any]],
+def local_view(durable_rows: list[dict[str, Any]],
                subscriptions: list[dict[str, Any]]) -> dict[str, Any]:
     return {"t": "view", "durable": durable_rows, "subscriptions": subscriptions}
 

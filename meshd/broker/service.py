@@ -64,8 +64,8 @@ class LocalSub:
     who: str
     durable: str | None = None
     created: float = field(default_factory=time.time)
-    # durable deliveries in flight to this subscriber: tag -> (origin, topic, seq)
-    unacked: dict[int, tuple[str, str, int]] = field(default_factory=dict)
+    # tags of the durable deliveries in flight to this subscriber (durable.py knows each)
+    unacked: set[int] = field(default_factory=set)
 
     def row(self) -> dict[str, Any]:
         return {"id": self.id, "namespace": self.ns, "pattern": self.pattern,
@@ -241,8 +241,7 @@ class BrokerService:
                 continue
             self._sent[node] = self._sent.get(node, 0) + 1
             self.stats["broker_copies_out"] += 1
-            await self.outbox(node).put({"t": "copy", "ns": ns, "msg": wired,
-                                         "plain": plain, "groups": sorted(c.groups)})
+            await self.outbox(node).put(messages.copy(ns, wired, plain, list(c.groups)))
         return {"id": msg.id, "nodes": len(delivery.copies)}
 
     def outbox(self, node: str) -> Outbox:
@@ -319,9 +318,7 @@ class BrokerService:
             raise wire.WireError("a batch item is a map")
         kind = item.get("t")
         if kind == "copy":
-            ns, msg, plain, groups = messages.decode_copy(
-                {k: item.get(k) for k in ("ns", "msg", "plain", "groups")},
-                self.s.max_message_bytes)
+            ns, msg, plain, groups = messages.decode_copy(item, self.s.max_message_bytes)
             self.stats["broker_copies_in"] += 1
             # `node`: the publishing daemon, as the link proved it (the publisher field is
             # that daemon's word)

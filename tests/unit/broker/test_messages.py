@@ -34,7 +34,7 @@ def test_a_built_message_round_trips_as_a_copy():
     m = build("orders.created", {"n": 1}, {"k": "v"}, "ada", LIMIT, now=5.0)
     assert (m.topic, m.body, m.headers, m.publisher, m.published_at) == (
         "orders.created", {"n": 1}, {"k": "v"}, "ada", 5.0)
-    raw = wire.loads(cbor2.dumps(copy("team-a", m, True, ["billing", "audit"])))
+    raw = wire.loads(cbor2.dumps(copy("team-a", m.to_wire(), True, ["billing", "audit"])))
     ns, back, plain, groups = decode_copy(raw, LIMIT)
     assert (ns, back, plain, groups) == ("team-a", m, True, ["audit", "billing"])
     assert build("t", b"\x00", None, "n", LIMIT, msg_id="given").id == "given"
@@ -55,8 +55,8 @@ def test_bad_client_messages_are_400_saying_why(args, says):
 
 
 def _good() -> dict:
-    return copy("default", build("t.x", {"a": 1}, {"h": "v"}, "ada", LIMIT, now=1.0), False,
-                ["g"])
+    return copy("default", build("t.x", {"a": 1}, {"h": "v"}, "ada", LIMIT,
+                                 now=1.0).to_wire(), False, ["g"])
 
 
 @pytest.mark.parametrize("break_it", [
