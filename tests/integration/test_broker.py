@@ -518,15 +518,21 @@ def test_cli_publish_subscribe_topics(mesh):
 # --- kill -9 -------------------------------------------------------------------------------
 
 
+def two_nodes_with(c: Cluster, topic: str) -> tuple[Any, Any]:
+    """Daemons a and b of a new cluster, with durable `topic` known on both."""
+    a = c.add("a", env=FAST)
+    b = c.add("b", join=[a.addr], env=FAST)
+    ready(a, b)
+    assert cli(a, "topics", "create", topic, "--durable").returncode == 0
+    wait_for(lambda: any(t["topic"] == topic and "b" in t["nodes"] for t in
+                         control(b.data_dir, "broker.topics")["durable"]), 15, "topic on b")
+    return a, b
+
+
 def test_durable_subscriber_killed_mid_stream_resumes_after_its_last_ack(tmp_path):
     c = Cluster(tmp_path)
     try:
-        a = c.add("a", env=FAST)
-        b = c.add("b", join=[a.addr], env=FAST)
-        ready(a, b)
-        assert cli(a, "topics", "create", "kill.x", "--durable").returncode == 0
-        wait_for(lambda: any(t["topic"] == "kill.x" and "b" in t["nodes"] for t in
-                             control(b.data_dir, "broker.topics")["durable"]), 15, "topic on b")
+        a, b = two_nodes_with(c, "kill.x")
 
         def start() -> tuple[subprocess.Popen[str], Lines]:
             p = subprocess.Popen([sys.executable, "-m", "cli", "subscribe", "kill.x",
@@ -569,12 +575,7 @@ def test_the_publishing_node_restarted_after_kill_9_resumes_after_the_last_ack(t
     published (and acknowledged) before the kill and never repeats what was acked."""
     c = Cluster(tmp_path)
     try:
-        a = c.add("a", env=FAST)
-        b = c.add("b", join=[a.addr], env=FAST)
-        ready(a, b)
-        assert cli(a, "topics", "create", "crash.x", "--durable").returncode == 0
-        wait_for(lambda: any(t["topic"] == "crash.x" and "b" in t["nodes"] for t in
-                             control(b.data_dir, "broker.topics")["durable"]), 15, "topic on b")
+        a, b = two_nodes_with(c, "crash.x")
 
         async def saved() -> bool:
             rows = {t["topic"]: t for t in (await Client(sock(b)).topics())["durable"]}
