@@ -324,9 +324,7 @@ class BrokerNode:
         last = len(self.log.get((key[0], key[1]), []))
         for seq in range(c.last + 1, last + 1):
             c.append(seq, None)
-        c.last = max(c.last, last)
-        if c.walked < c.floor:
-            c.walked = c.floor
+        c.caught_up(last)
         self.origin.add(key, c)
         return c
 

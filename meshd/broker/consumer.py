@@ -156,6 +156,12 @@ class Consumer:
         return {"pending": len(self.pending), "scheduled": len(self._scheduled),
                 "waiting": self.last - self.walked}
 
+    def caught_up(self, last: int) -> None:
+        """The shell appended what its log holds, up to `last` (after creating or restoring
+        this consumer): the walk starts no lower than the ack floor."""
+        self.last = max(self.last, last)
+        self.walked = max(self.walked, self.floor)
+
     def absorb(self, floor: int, acked: list[int] | set[int]) -> int:
         """C7: acks made elsewhere (a replica delivered this log while its origin was down):
         every message up to `floor` and each in `acked` counts as acked here; none of them

@@ -308,9 +308,7 @@ class DurableTopics:
             for row in rows:
                 c.append(row.seq, row.not_before)
             after = rows[-1].seq
-        c.last = max(c.last, last)
-        if c.walked < c.floor:
-            c.walked = c.floor
+        c.caught_up(last)
         self.origin.add(key, c)
         return c
 
