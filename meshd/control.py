@@ -13,6 +13,16 @@ Rules:
   depth bounded, no CBOR tags).
 - Clients find the socket via MESHD_ADDR (a path, optionally "unix:"-prefixed) or
   <data dir>/meshd.sock.
+- A connection whose first request is `control.mux` carries many calls at once (the SDK's
+  Client sends every unary request this way): each request runs in its own task as it
+  arrives, replies go out in whatever order they finish, matched by `id`; at most
+  MUX_IN_FLIGHT run at once per connection (the next request is read when one finishes).
+  Only `call` ops: a stream or session needs a connection of its own (400). Hanging up
+  cancels the calls still running.
+- Writes to a connection may come from many tasks at once: frames queued while one task is
+  sending go out together in the next send (one system call for many replies on a busy
+  connection); a send that fails or is cancelled leaves the connection broken for every
+  writer (a half-sent frame cannot be taken back).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ log = logging.getLogger("meshd.control")
 LENGTH = struct.Struct(">I")
 MAX_REQUEST = 4 << 20
 FIRST_REQUEST = 10.0  # seconds a new connection has to send its first request
+MUX_OP = "control.mux"
+MUX_IN_FLIGHT = 256  # calls running at once on one multiplexed connection
 
 __all__ = [
     "REQUEST_SOURCE",
@@ -46,6 +58,7 @@ __all__ = [
     "ControlClient",
     "ControlServer",
     "Framed",
+    "MuxClient",
     "socket_path",
 ]
 
@@ -70,11 +83,21 @@ def socket_path(data_dir: Path) -> Path:
 
 class Framed:
     """Length-prefixed CBOR frames on a stream, read through a buffer (one receive often
-    brings several frames: fewer system calls and wake-ups on busy connections)."""
+    brings several frames: fewer system calls and wake-ups on busy connections). Any number
+    of tasks may write at once: frames queued while one of them sends go out together in
+    the next send."""
+
+    concurrent_writes = True  # Conn needs no lock of its own around write()
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._buf = bytearray()
+        self._out = bytearray()
+        self._queued = 0  # bytes ever queued for sending
+        self._sent = 0  # of which handed to the stream
+        self._sending = False
+        self._broken: BaseException | None = None
+        self._lot = trio.lowlevel.ParkingLot()
 
     async def _fill(self, n: int) -> None:
         while len(self._buf) < n:
@@ -97,8 +120,33 @@ class Framed:
             raise bad_request(f"request is not valid: {exc}") from None
 
     async def write(self, value: Any) -> None:
+        """Returns once this frame was handed to the stream (by this task or by whichever
+        task was sending when it was queued)."""
         data = cbor2.dumps(value)
-        await self.stream.send_all(LENGTH.pack(len(data)) + data)
+        if self._broken is not None:
+            raise trio.BrokenResourceError("the connection failed in an earlier write")
+        self._out += LENGTH.pack(len(data))
+        self._out += data
+        self._queued += 4 + len(data)
+        mine = self._queued
+        while self._sent < mine:
+            if self._broken is not None:
+                raise trio.BrokenResourceError("the connection failed while sending")
+            if self._sending:
+                await self._lot.park()
+                continue
+            self._sending = True
+            chunk = bytes(self._out)
+            self._out.clear()
+            try:
+                await self.stream.send_all(chunk)
+            except BaseException as exc:
+                self._broken = exc
+                raise
+            finally:
+                self._sending = False
+                self._lot.unpark_all()
+            self._sent += len(chunk)
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -151,11 +199,53 @@ class ControlServer:
                     await framed.write({"id": None, "ok": False, "error": exc.to_dict()})
                 return
             ticket.authenticated()
+            if isinstance(req, dict) and req.get("op") == MUX_OP:
+                await self._mux(framed, req)
+                return
             if not await self._handle(framed, req):
                 return
 
     async def _handle(self, framed: Framed, req: Any) -> bool:
         return await serve_request(self.table, framed, req)
+
+    async def _mux(self, framed: Framed, first: dict[str, Any]) -> None:
+        """A multiplexed connection: every request a task, at most MUX_IN_FLIGHT at once;
+        only calls (a stream or session would take the connection over)."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await framed.write({"id": first.get("id"), "ok": True,
+                                "result": {"in_flight": MUX_IN_FLIGHT}})
+        room = trio.Semaphore(MUX_IN_FLIGHT)
+
+        async def run(req: Any) -> None:
+            try:
+                await self._handle(framed, req)
+            finally:
+                room.release()
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    req = await framed.read()
+                except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                except MeshError as exc:  # unreadable: the stream cannot be trusted after it
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await framed.write({"id": None, "ok": False, "error": exc.to_dict()})
+                    break
+                op = self.table.get(req.get("op")) if isinstance(req, dict) and \
+                    isinstance(req.get("op"), str) else None
+                if op is not None and op.kind != "call":
+                    error = bad_request(f"{op.name} is a {op.kind}: it needs a connection of "
+                                        f"its own, not one opened with {MUX_OP}")
+                    try:
+                        await framed.write({"id": req.get("id"), "ok": False,
+                                            "error": error.to_dict()})
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break
+                    continue
+                await room.acquire()
+                nursery.start_soon(run, req)
+            nursery.cancel_scope.cancel()  # the caller hung up: its calls are not wanted
 
 
 class ControlClient:
@@ -228,3 +318,114 @@ class ControlClient:
             await self._stream.aclose()
             self._stream = None
             self._framed = None
+
+
+class _Waiter:
+    """One call on a MuxClient: its reply, and the event that wakes its task."""
+
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.reply: Any = None
+        self.event = trio.Event()
+
+
+class MuxClient:
+    """Many calls at once over one control connection (`control.mux`); every failure is a
+    MeshError. No task of its own: a caller waiting for its reply reads the connection for
+    everyone until its own reply comes, then hands reading to another waiting caller, so it
+    can be used from any task without a nursery."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.failed: MeshError | None = None
+        self._client: ControlClient | None = None
+        self._opening = trio.Lock()
+        self._pending: dict[int, _Waiter] = {}
+        self._next = 0
+        self._reading = False
+
+    async def _open(self) -> Framed:
+        async with self._opening:
+            if self._client is None:
+                client = ControlClient(self.path)
+                try:
+                    await client.call(MUX_OP)
+                except BaseException:
+                    await client.aclose()
+                    raise
+                self._client = client
+        assert self._client._framed is not None
+        return self._client._framed
+
+    def _fail(self, error: MeshError) -> MeshError:
+        if self.failed is None:
+            self.failed = error
+            for waiter in self._pending.values():
+                waiter.event.set()
+        return self.failed
+
+    async def call(self, op: str, args: dict[str, Any], token: str | None = None) -> Any:
+        if self.failed is not None:
+            raise self.failed
+        framed = self._client._framed if self._client is not None else None
+        if framed is None:
+            framed = await self._open()
+        self._next += 1
+        rid = self._next
+        waiter = self._pending[rid] = _Waiter()
+        req: dict[str, Any] = {"id": rid, "op": op, "args": args}
+        if token:
+            req["token"] = token
+        try:
+            try:
+                await framed.write(req)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise self._fail(unavailable("meshd closed the control connection")) from None
+            while waiter.reply is None:
+                if self.failed is not None:
+                    raise self.failed
+                if not self._reading:
+                    await self._read_until(waiter, framed)
+                else:
+                    await waiter.event.wait()
+                    waiter.event = trio.Event()
+        finally:
+            del self._pending[rid]
+        reply = waiter.reply
+        if not isinstance(reply, dict):
+            raise MeshError(500, "malformed reply from meshd")
+        if not reply.get("ok"):
+            raise MeshError.from_dict(reply.get("error"))
+        return reply.get("result")
+
+    async def _read_until(self, mine: _Waiter, framed: Framed) -> None:
+        """Read replies for every waiting call until `mine` has its own; then wake another
+        waiting call to read on."""
+        self._reading = True
+        try:
+            while mine.reply is None:
+                try:
+                    frame = await framed.read(limit=1 << 30)
+                except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+                        MeshError):
+                    raise self._fail(unavailable("meshd closed the control connection")
+                                     ) from None
+                waiter = self._pending.get(frame.get("id")) if isinstance(frame, dict) \
+                    else None
+                if waiter is None or waiter.reply is not None:
+                    continue  # the reply of a call given up on (cancelled)
+                waiter.reply = frame
+                waiter.event.set()
+        finally:
+            self._reading = False
+            if self.failed is None:
+                for waiter in self._pending.values():
+                    if waiter.reply is None and waiter is not mine:
+                        waiter.event.set()  # its turn to read
+                        break
+
+    async def aclose(self) -> None:
+        self._fail(unavailable("the client was closed"))
+        if self._client is not None:
+            await self._client.aclose()

@@ -97,12 +97,16 @@ class Conn:
     def __init__(self, framed: Framing, rid: Any) -> None:
         self.framed = framed
         self.rid = rid
-        self._lock = trio.Lock()
+        # a framing that takes writes from many tasks at once (control.Framed) needs no lock
+        self._lock = None if getattr(framed, "concurrent_writes", False) else trio.Lock()
 
     async def reply(self, result: Any) -> None:
         await self.send({"id": self.rid, "ok": True, "result": result})
 
     async def send(self, item: Any) -> None:
+        if self._lock is None:
+            await self.framed.write(item)
+            return
         async with self._lock:
             await self.framed.write(item)
 

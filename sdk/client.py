@@ -1,8 +1,10 @@
 """Client: call services through the local daemon, or through a remote environment.
 
 Rules:
-- Every call goes to the local daemon over its control socket; connections are pooled, so
-  concurrent calls from many tasks each use their own connection.
+- Every call goes to the local daemon over its control socket: unary requests from every
+  task share one multiplexed connection (`control.mux`: many in flight, replies matched by
+  id; reopened after a failure); streams, sessions and subscriptions get their own.
+  Through an environment, connections are pooled, one per concurrent call.
 - `Client(env="prod")` goes through that environment instead (`meshd env add prod --via
   wss://...`): the same operations over WebSockets to a node's proxy, acting with the
   environment's token (`meshd auth login --env prod`), MESHD_TOKEN or `token=`. Such a
@@ -28,7 +30,7 @@ from typing import Any, TypeVar
 import trio
 
 from meshd import namespaces
-from meshd.control import Conn, ControlClient
+from meshd.control import Conn, ControlClient, MuxClient
 from meshd.errors import MeshError
 
 from .broker import Publisher, Subscription
@@ -88,6 +90,7 @@ class Client:
         self._namespace = namespaces.check(namespace) if namespace else None
         self._env_namespace: str | None = None
         self._idle: list[ControlClient] = []
+        self._mux: MuxClient | None = None
         self._pool = pool
         self._token = token
         self._via: Any = None
@@ -148,6 +151,11 @@ class Client:
         return namespaces.check(namespace) if namespace else self.namespace
 
     async def _request(self, op: str, /, **args: Any) -> Any:
+        if self._via is None:
+            mux = self._mux
+            if mux is None or mux.failed is not None:
+                mux = self._mux = MuxClient(self.path)
+            return await mux.call(op, args, self.token)
         conn = self._idle.pop() if self._idle else self._connection()
         conn.token = self.token
         ok = False
@@ -269,6 +277,9 @@ class Client:
                                    namespace=self._ns(namespace))
 
     async def aclose(self) -> None:
+        mux, self._mux = self._mux, None
+        if mux is not None:
+            await mux.aclose()
         while self._idle:
             await self._idle.pop().aclose()
         stack, self._stack, self._nursery = self._stack, None, None

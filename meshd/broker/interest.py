@@ -165,6 +165,13 @@ class Delivery:
     def nodes(self) -> list[str]:
         return list(self.copies)
 
+    @property
+    def reusable(self) -> bool:
+        """Whether the same delivery serves the next message on the topic (a publisher's
+        batch): only when no queue group is in it, since a group's member is chosen anew
+        for every message (load decides)."""
+        return not self.unserved and not any(c.groups for c in self.copies.values())
+
 
 @dataclass(frozen=True, slots=True)
 class Targets:

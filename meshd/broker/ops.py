@@ -51,6 +51,7 @@ class BrokerOps:
         self.durable = durable
         self.auth = auth
         self.node = node
+        self._ids = messages.Ids()
         broker.on_query = self.answer
 
     def ops(self) -> list[Op]:
@@ -68,23 +69,37 @@ class BrokerOps:
                                namespace=ns)
 
     async def publish(self, args: dict[str, Any]) -> Any:
-        ns = namespaces.check(args.get("namespace"))
-        topic = check_topic(args.get("topic"))
-        who = self._check(ns, topic, "publish")
+        return await self._publish(args, None)
+
+    async def _publish(self, args: dict[str, Any], seen: dict[Any, Any] | None) -> Any:
+        """One publish. `seen` (a publisher session's, for one frame) keeps what was
+        checked for each namespace and topic (names, the caller's permission, the durable
+        definition) and where plain copies went: a frame of many messages on one topic is
+        checked and routed once, as of the moment the frame is handled."""
+        key = (args.get("namespace"), args.get("topic"))
+        hit = seen.get(key) if seen is not None and isinstance(key[1], str) \
+            and isinstance(key[0], str | None) else None
+        if hit is None:
+            ns = namespaces.check(key[0])
+            topic = check_topic(key[1])
+            who = self._check(ns, topic, "publish")
+            hit = (ns, topic, who, self.durable.definition(ns, topic))
+            if seen is not None and isinstance(key[1], str):
+                seen[key] = hit
+        ns, topic, who, definition = hit
         delay = args.get("delay")
         if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int | float)
                                   or not math.isfinite(delay) or not 0 <= delay <= MAX_DELAY):
             raise bad_request("delay must be 0 to 365 days in seconds", id="meshd.broker")
         msg = messages.build(topic, args.get("body"), args.get("headers"), who.id,
-                             self.broker.s.max_message_bytes, args.get("id"))
-        definition = self.durable.definition(ns, topic)
+                             self.broker.s.max_message_bytes, args.get("id"), ids=self._ids)
         if definition is not None:
             return await self.durable.publish(ns, msg, definition, delay or None)
         if delay:
             raise not_found(f"a delayed message needs a durable topic: {topic!r} is not one "
                             f"in namespace {ns!r} (create it with `meshd topics create "
                             f"{topic} --durable`)", id="meshd.broker")
-        return await self.broker.publish(ns, msg)
+        return await self.broker.publish(ns, msg, routes=seen)
 
     async def publisher(self, args: dict[str, Any], conn: Conn) -> None:
         """A pipelined publisher: frames of `{"pubs": [{publish args}, ...]}` (or one
@@ -92,7 +107,8 @@ class BrokerOps:
         client's publish); a failure is sent back as `{"error": {...}, "n": N}` (N counts
         the messages from 1); `{"flush": K}` (alone or in the same frame, after its pubs) is
         answered `{"flushed": K, "published": N}` once every message before it was
-        handled."""
+        handled. A frame's messages are checked (permission, durable or not) and routed
+        once per topic, as of when the frame is handled."""
         await conn.reply({"node": self.node})
         n = 0
         try:
@@ -104,13 +120,14 @@ class BrokerOps:
                 if "pub" in frame:
                     pubs = [frame["pub"]]
                 if isinstance(pubs, list):
+                    seen: dict[Any, Any] = {}
                     for pub in pubs[:MAX_PUBS]:
                         n += 1
                         try:
                             if not isinstance(pub, dict):
                                 raise bad_request("pub must be a map of publish arguments",
                                                   id="meshd.broker")
-                            await self.publish(pub)
+                            await self._publish(pub, seen)
                         except MeshError as exc:
                             await conn.send({"error": exc.to_dict(), "n": n})
                 if "flush" in frame:

@@ -92,6 +92,13 @@ class Credit:
             await self._more.wait()
 
 
+_ROUTE, _TARGETS = object(), object()  # keys of the per-batch caches (never names)
+
+
+def _not_durable(queue: str) -> bool:
+    return not queue.startswith(DURABLE)
+
+
 class BrokerService:
     def __init__(self, core: Membership, links: LinkManager, settings: Any,
                  cost: Callable[[str], float | None], sync_interval: float = 5.0,
@@ -221,13 +228,20 @@ class BrokerService:
 
     # --- publishing ------------------------------------------------------------------------
 
-    async def publish(self, ns: str, msg: messages.Message,
-                      skip_plain: bool = False) -> dict[str, Any]:
+    async def publish(self, ns: str, msg: messages.Message, skip_plain: bool = False,
+                      routes: dict[Any, Any] | None = None) -> dict[str, Any]:
         """Core delivery of `msg` to every interested node (durable groups excluded: the
-        durable side delivers those from its log)."""
+        durable side delivers those from its log). `routes` (kept by the caller for a
+        batch of messages) reuses a delivery that went to plain subscribers only: one
+        with queue groups is chosen again for every message (load decides)."""
         self.stats["broker_published"] += 1
-        delivery = self.interest.route(ns, msg.topic, self.route_cost, self.load,
-                                       queues=lambda q: not q.startswith(DURABLE))
+        rkey = (_ROUTE, ns, msg.topic)
+        delivery = routes.get(rkey) if routes is not None else None
+        if delivery is None:
+            delivery = self.interest.route(ns, msg.topic, self.route_cost, self.load,
+                                           queues=_not_durable)
+            if routes is not None and delivery.reusable:
+                routes[rkey] = delivery
         self.stats["broker_copies_dropped"] += len(delivery.unreachable)
         self.stats["broker_unserved"] += len(delivery.unserved)
         wired = msg.to_wire()
@@ -237,7 +251,7 @@ class BrokerService:
             if not plain and not c.groups:
                 continue
             if node == self.node:
-                await self.deliver_local(ns, msg.topic, here, plain, list(c.groups))
+                await self.deliver_local(ns, msg.topic, here, plain, list(c.groups), routes)
                 continue
             self._sent[node] = self._sent.get(node, 0) + 1
             self.stats["broker_copies_out"] += 1
@@ -253,9 +267,16 @@ class BrokerService:
         return box
 
     async def deliver_local(self, ns: str, topic: str, wired: dict[str, Any], plain: bool,
-                            groups: list[str]) -> int:
-        """Fan one copy out to the local subscribers it is for; how many got it."""
-        targets = self.interest.local_targets(ns, topic, groups)
+                            groups: list[str], seen: dict[Any, Any] | None = None) -> int:
+        """Fan one copy out to the local subscribers it is for; how many got it. `seen`
+        (kept for one batch of copies) keeps the matching patterns per topic; the
+        subscribers themselves are looked up for every copy."""
+        key = (_TARGETS, ns, topic, *groups)
+        targets = seen.get(key) if seen is not None else None
+        if targets is None:
+            targets = self.interest.local_targets(ns, topic, groups)
+            if seen is not None:
+                seen[key] = targets
         got = 0
         if plain:
             for pattern in targets.plain:
@@ -288,8 +309,9 @@ class BrokerService:
                     if not isinstance(msg, dict):
                         raise wire.WireError("not a map")
                     if msg.get("t") == "batch" and isinstance(msg.get("items"), list):
+                        seen: dict[Any, Any] = {}
                         for item in msg["items"]:  # a bad item is dropped alone
-                            await self._receive_one(peer, item)
+                            await self._receive_one(peer, item, seen)
                     elif msg.get("t") == "interest":
                         self._receive_interest(ch.peer_addr, msg)
                         return
@@ -305,15 +327,17 @@ class BrokerService:
         except (LinkError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
-    async def _receive_one(self, peer: str | None, item: Any) -> None:
+    async def _receive_one(self, peer: str | None, item: Any,
+                           seen: dict[Any, Any] | None = None) -> None:
         try:
-            await self._receive_item(peer, item)
+            await self._receive_item(peer, item, seen)
         except (wire.WireError, messages.WireError, ValueError, TypeError, KeyError,
                 MeshError) as exc:
             self.stats["broker_bad_messages"] += 1
             log.debug("bad broker item from %s: %s", peer, exc)
 
-    async def _receive_item(self, peer: str | None, item: Any) -> None:
+    async def _receive_item(self, peer: str | None, item: Any,
+                            seen: dict[Any, Any] | None = None) -> None:
         if not isinstance(item, dict):
             raise wire.WireError("a batch item is a map")
         kind = item.get("t")
@@ -323,7 +347,7 @@ class BrokerService:
             # `node`: the publishing daemon, as the link proved it (the publisher field is
             # that daemon's word)
             await self.deliver_local(ns, msg.topic, {**msg.to_wire(), "node": peer}, plain,
-                                     groups)
+                                     groups, seen)
         elif self.durable is not None and peer is not None:
             await self.durable.receive(peer, item)
         else:

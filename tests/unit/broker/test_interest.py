@@ -347,6 +347,17 @@ def test_equally_near_members_are_chosen_by_least_load_then_name():
     assert pub.route("default", "jobs.1", costs, loads.get).nodes == ["d"]
 
 
+def test_only_a_delivery_without_queue_groups_serves_a_whole_batch():
+    pub = _group_table(["b", "c"])
+    pub.merge("d", rec("d", 1, [["default", "jobs.*", None, 1], ["default", "logs.*", None, 1]]))
+    costs = near({"b": 1.0, "c": 1.0, "d": 1.0})
+    assert pub.route("default", "logs.1", costs, no_load).reusable  # plain only
+    with_group = pub.route("default", "jobs.1", costs, no_load)
+    assert with_group.nodes == ["b", "d"] and not with_group.reusable  # b: chosen by load
+    unserved = pub.route("default", "jobs.1", near({"b": None, "c": None, "d": 1.0}), no_load)
+    assert unserved.unserved == ("workers",) and not unserved.reusable
+
+
 def test_unreachable_members_are_skipped_and_a_group_with_none_is_unserved():
     pub = _group_table(["b", "c"])
     pub.merge("d", rec("d", 1, [["default", "jobs.*", None, 1]]))

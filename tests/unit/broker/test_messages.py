@@ -132,3 +132,23 @@ def test_ids_are_the_number_in_26_crockford_digits_most_significant_first():
             got = m.new_id(now)
         ms = int(now * 1000) & ((1 << 48) - 1)
         assert got == reference((ms << 80) | int.from_bytes(rand, "big"))
+
+
+def test_ids_from_a_pool_are_unique_valid_and_time_ordered():
+    from meshd.broker.messages import Ids
+
+    ids = Ids()
+    made = [ids.new(1000.0 + i / 1000) for i in range(1000)]  # crosses pool refills
+    assert len(set(made)) == 1000 and all(len(i) == 26 for i in made)
+    assert made == sorted(made)
+    assert made[0][:10] == new_id(1000.0)[:10]  # the same milliseconds digits
+
+
+@pytest.mark.parametrize("body", [b"", b"x" * 23, b"x" * 24, b"x" * 255, b"x" * 256,
+                                  b"x" * 70_000, "", "abc", "x" * 300, "h\u00e9", {"a": [1]},
+                                  [1, 2.5, None], 7])
+def test_the_size_of_a_body_is_its_cbor_encoding_plus_headers(body):
+    from meshd.broker.messages import _size
+
+    assert _size(body, {}) == len(cbor2.dumps(body))
+    assert _size(body, {"kk": "vvv"}) == len(cbor2.dumps(body)) + 5
