@@ -98,6 +98,8 @@ class Framed:
         self._sending = False
         self._broken: BaseException | None = None
         self._lot = trio.lowlevel.ParkingLot()
+        self.flushing = False  # run_flusher is running: write_nowait may be used
+        self.last_size = 0  # bytes of the last frame read
 
     async def _fill(self, n: int) -> None:
         while len(self._buf) < n:
@@ -112,6 +114,7 @@ class Framed:
         if n > limit:
             raise MeshError(400, f"request of {n} bytes exceeds the {limit}-byte limit")
         await self._fill(4 + n)
+        self.last_size = n
         body = bytes(self._buf[4:4 + n])
         del self._buf[:4 + n]
         try:
@@ -148,6 +151,47 @@ class Framed:
                 self._lot.unpark_all()
             self._sent += len(chunk)
 
+    def write_nowait(self, value: Any) -> None:
+        """Queue a frame without waiting (replies answered from callbacks, not tasks); the
+        connection's flusher sends it with whatever else is queued. BrokenResourceError if
+        the connection already failed."""
+        if not self.flushing:
+            raise RuntimeError("write_nowait needs the connection's run_flusher running")
+        if self._broken is not None:
+            raise trio.BrokenResourceError("the connection failed in an earlier write")
+        data = cbor2.dumps(value)
+        self._out += LENGTH.pack(len(data))
+        self._out += data
+        self._queued += 4 + len(data)
+        if not self._sending:
+            self._lot.unpark_all()
+
+    async def run_flusher(self) -> None:
+        """Send what write_nowait queues, until cancelled or the connection fails."""
+        self.flushing = True
+        try:
+            while True:
+                if not self._out or self._sending:
+                    await self._lot.park()
+                    continue
+                self._sending = True
+                chunk = bytes(self._out)
+                self._out.clear()
+                try:
+                    await self.stream.send_all(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._broken = exc
+                    return
+                except BaseException as exc:
+                    self._broken = exc
+                    raise
+                finally:
+                    self._sending = False
+                    self._lot.unpark_all()
+                self._sent += len(chunk)
+        finally:
+            self.flushing = False
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 
@@ -179,9 +223,16 @@ class ControlServer:
             self.path.unlink(missing_ok=True)
 
     async def _serve(self, stream: trio.SocketStream, ticket: serving.Ticket) -> None:
-        """One client connection; whatever it does, only this connection can end."""
+        """One client connection; whatever it does, only this connection can end. Its
+        flusher sends what handlers queue with write_nowait."""
         framed = Framed(stream)
         REQUEST_SOURCE.set(_peer_source(stream))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(framed.run_flusher)
+            await self._serve_requests(framed, ticket)
+            nursery.cancel_scope.cancel()
+
+    async def _serve_requests(self, framed: Framed, ticket: serving.Ticket) -> None:
         while True:
             req = None
             try:
@@ -222,6 +273,28 @@ class ControlServer:
             finally:
                 room.release()
 
+        def fast(op: Any, req: dict[str, Any]) -> bool:
+            """Hand a call to its op's fast path (answered from a callback, no task)."""
+            args = req.get("args") or {}
+            token = req.get("token")
+            if not isinstance(args, dict) or (token is not None and not isinstance(token, str)):
+                return False
+            rid = req.get("id")
+
+            def finish(result: Any, error: MeshError | None) -> None:
+                room.release()
+                frame = {"id": rid, "ok": True, "result": result} if error is None else \
+                    {"id": rid, "ok": False, "error": error.to_dict()}
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    framed.write_nowait(frame)
+
+            REQUEST_TOKEN.set(token or None)
+            try:
+                self.table.admit(op, args)
+                return bool(op.fast(args, token or None, finish, framed.last_size))
+            except MeshError:
+                return False  # the ordinary path says why
+
         async with trio.open_nursery() as nursery:
             while True:
                 try:
@@ -244,6 +317,8 @@ class ControlServer:
                         break
                     continue
                 await room.acquire()
+                if op is not None and op.fast is not None and fast(op, req):
+                    continue
                 nursery.start_soon(run, req)
             nursery.cancel_scope.cancel()  # the caller hung up: its calls are not wanted
 

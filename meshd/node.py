@@ -319,7 +319,7 @@ class Node:
                 **self.alive_verifier.stats, **self.control_stats,
                 **self.registry.replicator.stats, **self.auth.stats,
                 **self.broker.stats, **self.broker.interest.stats, **self.durable.stats,
-                **self.durable.origin.stats}
+                **self.durable.origin.stats, **self.rpc.stats}
 
     async def _bind(self, host: str, port: int) -> tuple[int, list[trio.SocketListener]]:
         """UDP and TCP on the same port. With port 0 the kernel picks the UDP port, which

@@ -110,6 +110,14 @@ class Conn:
         async with self._lock:
             await self.framed.write(item)
 
+    def send_nowait(self, item: Any) -> bool:
+        """Queue `item` without waiting, where the framing has a flusher running (control
+        connections: Framed.run_flusher); False when it has not (then use send)."""
+        if not getattr(self.framed, "flushing", False):
+            return False
+        self.framed.write_nowait(item)  # type: ignore[attr-defined]
+        return True
+
     async def receive(self) -> Any:
         """The next frame; EOFError when the other side is gone."""
         try:
@@ -125,12 +133,21 @@ SessionHandler = Callable[[dict[str, Any], Conn], Awaitable[None]]
 Access = Literal["operator", "checked", "public"] | Callable[[dict[str, Any]], Resource]
 
 
+# A call's fast path: (args, token, finish, size) -> whether it took the call; if it did,
+# it calls finish(result, None) or finish(None, error) exactly once, later (a local RPC
+# answered when the service replies, without a task). `size`: the request's encoded bytes.
+# If it did not, the ordinary handler runs (and says what is wrong, if anything is).
+Finish = Callable[[Any, "MeshError | None"], None]
+Fast = Callable[[dict[str, Any], "str | None", Finish, int], bool]
+
+
 @dataclass(frozen=True)
 class Op:
     name: str
     handler: Callable[..., Awaitable[Any]]
     access: Access
     kind: Kind = "call"
+    fast: Fast | None = None  # only on multiplexed control connections (control.mux)
 
 
 def calls(access: Access, table: dict[str, Handler]) -> list[Op]:

@@ -32,7 +32,7 @@ from typing import Any, get_type_hints
 import trio
 
 from meshd import namespaces
-from meshd.control import Conn, ControlClient
+from meshd.control import Conn, ControlClient, Framed
 from meshd.errors import MeshError
 
 from .broker import Msg
@@ -277,6 +277,8 @@ class Service:
             task_status.started(self.instance_id)
             streams: dict[int, ServerStream] = {}
             async with trio.open_nursery() as nursery:
+                if isinstance(conn.framed, Framed):  # replies queued, sent together
+                    nursery.start_soon(conn.framed.run_flusher)
                 nursery.start_soon(self._heartbeat, conn, ttl)
                 for sub in self.subscribers:
                     await nursery.start(self._subscribe, sub)
@@ -349,7 +351,8 @@ class Service:
         reply = await self._answer(msg)
         reply["reply"] = cid
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await conn.send(reply)
+            if not conn.send_nowait(reply):
+                await conn.send(reply)
 
     async def _serve_stream(self, conn: Conn, msg: dict[str, Any], server: ServerStream,
                             streams: dict[int, Any]) -> None:

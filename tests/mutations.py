@@ -229,7 +229,7 @@ MUTATIONS = [
               "test_a_queue_group_across_two_nodes_takes_1000_messages_exactly_once",),
              "a node gives a queue group's copy to every local member, not one"),
     Mutation("broker-core-reaches-durable-groups", "meshd/broker/service.py",
-             "queues=lambda q: not q.startswith(DURABLE))",
+             "queues=_not_durable)",
              "queues=None)",
              ("tests/integration/test_broker.py::test_delayed_delivery_waits_until_due",),
              "core delivery also goes to durable subscribers (early and twice)"),
@@ -243,6 +243,22 @@ MUTATIONS = [
              "            if False:\n                continue",
              ("tests/unit/broker/test_consumer.py",),
              "messages acked elsewhere while the origin was down are offered again"),
+    # -- issue 14, hot paths: multiplexed control connections, batch caches --------------------
+    Mutation("mux-reply-to-the-reader", "meshd/control.py",
+             'waiter = self._pending.get(frame.get("id")) if isinstance(frame, dict)',
+             "waiter = mine if isinstance(frame, dict)",
+             ("tests/unit/test_control.py",),
+             "a multiplexed client hands every reply it reads to its own call"),
+    Mutation("mux-takes-streams", "meshd/control.py",
+             'if op is not None and op.kind != "call":',
+             "if False:",
+             ("tests/unit/test_control.py",),
+             "a stream or session is run inside a multiplexed connection"),
+    Mutation("broker-group-route-reused", "meshd/broker/interest.py",
+             "return not self.unserved and not any(c.groups for c in self.copies.values())",
+             "return True",
+             ("tests/unit/broker/test_interest.py",),
+             "a publisher's batch reuses a queue group's chosen member for every message"),
 ]
 
 

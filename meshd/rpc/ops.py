@@ -6,6 +6,10 @@ Rules:
 - A call's timeout defaults to rpc.default_timeout; metadata must be a map.
 - Both take `namespace` ("default" when absent; an invalid name is a 400): only instances
   of that namespace are candidates.
+- On a multiplexed control connection a call to a service whose every instance runs on
+  this node goes by RpcService.call_fast (no task per call); anything else, and anything
+  the fast path does not take (bad input, a refusal, no ready instance), runs the ordinary
+  way, which gives the same answers.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from meshd import namespaces
-from meshd.errors import bad_request
-from meshd.ops import REQUEST_TOKEN, Op
+from meshd.errors import MeshError, bad_request
+from meshd.ops import REQUEST_TOKEN, Finish, Op
 
 from .service import RpcService
 from .streams import StreamService
@@ -27,7 +31,7 @@ class RpcOps:
         self.default_timeout = default_timeout
 
     def ops(self) -> list[Op]:
-        return [Op("rpc.call", self.call, "checked"),
+        return [Op("rpc.call", self.call, "checked", fast=self.fast),
                 Op("rpc.stream", self.streams.serve_session, "checked", "session")]
 
     async def call(self, args: dict[str, Any]) -> Any:
@@ -42,3 +46,17 @@ class RpcOps:
         return await self.rpc.call(service, endpoint, args.get("body"), timeout, meta,
                                    args.get("selector"), token=REQUEST_TOKEN.get(),
                                    namespace=ns)
+
+    def fast(self, args: dict[str, Any], token: str | None, finish: Finish, size: int) -> bool:
+        service, endpoint = args.get("service"), args.get("endpoint")
+        meta = args.get("meta") or {}
+        if not isinstance(service, str) or not isinstance(endpoint, str) \
+                or not isinstance(meta, dict):
+            return False
+        try:
+            ns = namespaces.check(args.get("namespace"))
+        except MeshError:
+            return False
+        return self.rpc.call_fast(service, endpoint, args.get("body"),
+                                  args.get("timeout") or self.default_timeout, meta,
+                                  args.get("selector"), token, ns, finish, size)

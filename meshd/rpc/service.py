@@ -24,6 +24,8 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import os
@@ -35,6 +37,7 @@ import trio
 from meshd import namespaces, wire
 from meshd.errors import MeshError, bad_request, not_found, unavailable
 from meshd.membership.core import Membership
+from meshd.ops import Finish
 from meshd.registry.service import LocalInstance, RegistryService
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
@@ -70,7 +73,12 @@ class RpcService:
         self._mux_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self.auth: Any = None  # AuthService, set by the node
-        self.stats = {"rpc_calls": 0, "rpc_errors": 0, "rpc_remote_served": 0}
+        self.stats = {"rpc_calls": 0, "rpc_errors": 0, "rpc_remote_served": 0,
+                      "rpc_fast_calls": 0}
+        # deadlines of fast calls: (deadline, n, call), woken when an earlier one arrives
+        self._deadlines: list[tuple[float, int, _FastCall]] = []
+        self._deadline_n = itertools.count()
+        self._earlier = trio.Event()
         links.handlers[CHANNEL] = self._serve_channel
 
     # --- caller side ---------------------------------------------------------------------
@@ -215,8 +223,73 @@ class RpcService:
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._expire_fast_calls)
             task_status.started()
             await trio.sleep_forever()
+
+    # --- fast path: local calls answered from callbacks ----------------------------------
+
+    def call_fast(self, service: str, endpoint: str, body: Any, timeout: Any,
+                  meta: dict[str, Any], selector: Any, token: str | None, namespace: str,
+                  finish: Finish, size: int) -> bool:
+        """Hand a call to a local instance without a task: the service's reply (or a 408
+        at the deadline, or a 503 if the instance goes) is passed to `finish`. Only when
+        every candidate runs here, one is ready and the caller may call it: otherwise
+        False, and the ordinary path (`call`) runs, with its retries and its errors.
+        `size` bounds the body's encoded size (the request's): only a larger one is
+        measured."""
+        selector = selector or self.selector
+        if self._nursery is None or not (isinstance(timeout, int | float) and
+                                         0 < timeout <= 3600) or selector not in SELECTORS:
+            return False
+        me = self.core.me.name
+        try:
+            candidates = self.candidates(service, endpoint, namespace)
+            if any(c["node"] != me for c in candidates):
+                return False
+            inst = self._pick(candidates, set(), selector)
+            local = self.registry.local.get(inst["id"]) if inst is not None else None
+            if local is None or local.closed or not local.ready.is_set() or \
+                    not getattr(local.conn.framed, "flushing", False):
+                return False
+            who = self._authorize(token, me, local.service, endpoint, local.namespace)
+            if size > self.max_body:
+                self.check_body(body)
+        except MeshError:
+            return False
+        meta = dict(meta)
+        meta.setdefault("trace-id", os.urandom(8).hex())
+        meta["caller-node"] = me
+        if who:
+            meta["caller"] = who
+        local.next_call += 1
+        call = _FastCall(self, local, local.next_call, finish, f"{service}.{endpoint}",
+                         timeout)
+        deadline = trio.current_time() + timeout
+        try:
+            local.conn.framed.write_nowait({"call": call.cid, "endpoint": endpoint,
+                                            "body": body, "meta": meta, "timeout": timeout})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        local.pending[call.cid] = call  # type: ignore[assignment]
+        self.stats["rpc_calls"] += 1
+        self.stats["rpc_fast_calls"] += 1
+        if not self._deadlines or deadline < self._deadlines[0][0]:
+            self._earlier.set()
+        heapq.heappush(self._deadlines, (deadline, next(self._deadline_n), call))
+        return True
+
+    async def _expire_fast_calls(self) -> None:
+        """Fail fast calls still unanswered at their deadline (408)."""
+        while True:
+            now = trio.current_time()
+            heap = self._deadlines
+            while heap and (heap[0][2].finished or heap[0][0] <= now):
+                _, _, call = heapq.heappop(heap)
+                call.expire()
+            self._earlier = trio.Event()
+            with trio.move_on_at(heap[0][0] if heap else math.inf):
+                await self._earlier.wait()
 
     async def call_instance(self, inst: dict[str, Any], endpoint: str, body: Any,
                             timeout: float, token: str | None = None) -> Any:
@@ -380,6 +453,46 @@ class _Mux:
             for waiter in self.pending.values():
                 with contextlib.suppress(trio.WouldBlock):
                     waiter.send_nowait(None)
+
+
+class _FastCall:
+    """A local call taken by RpcService.call_fast: waits in the instance's `pending` (the
+    registry hands it the service's reply, or a 503 when the instance goes, through
+    send_nowait) and in the deadline heap."""
+
+    __slots__ = ("cid", "finish", "finished", "local", "name", "rpc", "timeout")
+
+    def __init__(self, rpc: RpcService, local: LocalInstance, cid: int, finish: Finish,
+                 name: str, timeout: float) -> None:
+        self.rpc = rpc
+        self.local = local
+        self.cid = cid
+        self.finish = finish
+        self.name = name
+        self.timeout = timeout
+        self.finished = False
+
+    def send_nowait(self, reply: Any) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if isinstance(reply, dict) and reply.get("ok"):
+            self.finish(reply.get("body"), None)
+            return
+        self.rpc.stats["rpc_errors"] += 1
+        error = MeshError.from_dict(reply.get("error")) if isinstance(reply, dict) else \
+            MeshError(500, "malformed reply from the service", id="meshd.rpc")
+        self.finish(None, error)
+
+    def expire(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.local.pending.get(self.cid) is self:
+            del self.local.pending[self.cid]
+        self.rpc.stats["rpc_errors"] += 1
+        self.finish(None, MeshError(408, f"call to {self.name} did not finish within "
+                                         f"{self.timeout:g} s", id="meshd.rpc"))
 
 
 async def call_local(local: LocalInstance, endpoint: str, body: Any, meta: dict[str, Any],

@@ -266,6 +266,50 @@ def test_calls_retry_on_another_instance_when_a_node_is_unreachable(cluster):
     assert f"not delivered to {on_c}" in a.log.read_text(), "no call was tried on c at all"
 
 
+def test_local_calls_take_the_fast_path_and_answer_as_the_ordinary_one(cluster):
+    """A call to a service whose instances all run on the caller's node is answered from
+    callbacks (RpcService.call_fast): the same replies and errors as the ordinary path."""
+    a = cluster.add("a", env=FAST)
+    svc = cluster.service(a)
+    wait_for(lambda: instances_everywhere([a], "testsvc", 1), 10, "service up")
+
+    def fast_calls() -> int:
+        return control(a.data_dir, "status")["stats"]["rpc_fast_calls"]
+
+    def err(*call, **kw) -> MeshError:
+        with pytest.raises(MeshError) as info:
+            sdk_call(a, *call, **kw)
+        return info.value
+
+    before = fast_calls()
+    assert sdk_call(a, "testsvc", "Test.Echo", {"text": "hi"}) == {"text": "hi"}
+    got = sdk_call(a, "testsvc", "Test.Meta", {"text": "x-user"},
+                   meta={"x-user": "ada", "trace-id": "t-9"})
+    assert got == {"trace": "t-9", "caller": "a", "user": "ada"}
+    e = err("testsvc", "Test.Boom", {"text": "bad day"})
+    assert e.status == 500 and "boom: bad day" in e.detail
+    e = err("testsvc", "Test.Echo", {"text": 5})
+    assert e.status == 400 and "'text'" in e.detail
+    start = time.monotonic()
+    e = err("testsvc", "Test.Sleep", {"seconds": 30}, timeout=0.5)
+    assert (e.status, e.detail) == (408, "call to testsvc.Test.Sleep did not finish within "
+                                         "0.5 s")
+    assert 0.5 <= time.monotonic() - start < 3
+    assert fast_calls() - before == 5
+    # what the fast path does not take runs the ordinary way, with its answers
+    e = err("testsvc", "Test.Nope", {})
+    assert e.status == 404 and "Test.Echo" in e.detail
+    e = err("testsvc", "Test.Echo", {"text": "x" * (2 << 20)})
+    assert e.status == 400 and "exceeds the limit" in e.detail
+    e = err("testsvc", "Test.Echo", {"text": "x"}, timeout=7200)
+    assert e.status == 400 and "timeout" in e.detail
+    assert fast_calls() - before == 5
+    e = err("testsvc", "Test.Die", {"text": ""})  # the process dies mid-call: 503
+    assert e.status == 503 and fast_calls() - before == 6
+    svc.proc.wait(5)
+    assert a.proc.poll() is None
+
+
 def test_metadata_trace_and_caller_reach_the_handler_and_roundrobin_is_even(cluster):
     a, b, c = three_nodes(cluster)
     for d in (a, b, c):
