@@ -138,18 +138,23 @@ class Framed:
             if self._sending:
                 await self._lot.park()
                 continue
-            self._sending = True
-            chunk = bytes(self._out)
-            self._out.clear()
-            try:
-                await self.stream.send_all(chunk)
-            except BaseException as exc:
-                self._broken = exc
-                raise
-            finally:
-                self._sending = False
-                self._lot.unpark_all()
-            self._sent += len(chunk)
+            await self._send_queued()
+
+    async def _send_queued(self) -> None:
+        """Send everything queued (no one else is sending); a failure breaks the
+        connection for every writer."""
+        self._sending = True
+        chunk = bytes(self._out)
+        self._out.clear()
+        try:
+            await self.stream.send_all(chunk)
+        except BaseException as exc:
+            self._broken = exc
+            raise
+        finally:
+            self._sending = False
+            self._lot.unpark_all()
+        self._sent += len(chunk)
 
     def write_nowait(self, value: Any) -> None:
         """Queue a frame without waiting (replies answered from callbacks, not tasks); the
@@ -174,21 +179,10 @@ class Framed:
                 if not self._out or self._sending:
                     await self._lot.park()
                     continue
-                self._sending = True
-                chunk = bytes(self._out)
-                self._out.clear()
                 try:
-                    await self.stream.send_all(chunk)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._broken = exc
+                    await self._send_queued()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
-                except BaseException as exc:
-                    self._broken = exc
-                    raise
-                finally:
-                    self._sending = False
-                    self._lot.unpark_all()
-                self._sent += len(chunk)
         finally:
             self.flushing = False
 
