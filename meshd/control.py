@@ -21,8 +21,11 @@ Rules:
   cancels the calls still running.
 - Writes to a connection may come from many tasks at once: frames queued while one task is
   sending go out together in the next send (one system call for many replies on a busy
-  connection); a send that fails or is cancelled leaves the connection broken for every
-  writer (a half-sent frame cannot be taken back).
+  connection); a send that fails, or is cancelled once it has begun, leaves the connection
+  broken for every writer (a half-sent frame cannot be taken back). A writer cancelled
+  before its frame was handed over returns at once; the frame stays queued and goes out
+  with the next send (a call given up on may still reach the service, as one sent just
+  before its deadline would).
 """
 
 from __future__ import annotations
@@ -142,7 +145,9 @@ class Framed:
 
     async def _send_queued(self) -> None:
         """Send everything queued (no one else is sending); a failure breaks the
-        connection for every writer."""
+        connection for every writer. A writer cancelled before anything was sent leaves
+        the connection whole (its frame goes out with the next send)."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # send_all's own first checkpoint
         self._sending = True
         chunk = bytes(self._out)
         self._out.clear()

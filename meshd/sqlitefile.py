@@ -3,7 +3,9 @@
 Rules:
 - A file is marked with meshd's application id and a schema version. A file that is not
   SQLite, is corrupt, belongs to something else or has another schema version is refused
-  with its path and what to do: never overwritten.
+  with its path and what to do: never overwritten. An older version with an upgrade for
+  each step (`upgrades`: version -> SQL bringing it to the next) is upgraded in place, each
+  step one transaction.
 - WAL with synchronous=FULL: a commit is on disk when it returns (a file opened with
   fsync=False: synchronous=NORMAL, in the OS when it returns; see broker.fsync).
 - Mode 0600 before SQLite first opens it, so the -wal and -shm files (which SQLite creates
@@ -16,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 APPLICATION_ID = 0x6D657368  # "mesh"
@@ -25,7 +27,8 @@ SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 def open_private(path: Path, schema_version: int, create_sql: str, what: str,
-                 error: type[Exception], fsync: bool = True) -> sqlite3.Connection:
+                 error: type[Exception], fsync: bool = True,
+                 upgrades: Mapping[int, str] | None = None) -> sqlite3.Connection:
     """A connection to the file at `path` (created with `create_sql` if new); `error` with
     one line naming the file if it cannot be used. `what` names it for people ("store").
     `fsync` False: synchronous=NORMAL (a commit is in the OS when it returns: it survives
@@ -35,7 +38,7 @@ def open_private(path: Path, schema_version: int, create_sql: str, what: str,
     try:
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         if existed:
-            _check(conn, path, schema_version, what, error)
+            _check(conn, path, schema_version, what, error, upgrades or {})
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL" if fsync else "PRAGMA synchronous=NORMAL")
         if not existed:
@@ -61,7 +64,7 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:
 
 
 def _check(conn: sqlite3.Connection, path: Path, schema_version: int, what: str,
-           error: type[Exception]) -> None:
+           error: type[Exception], upgrades: Mapping[int, str]) -> None:
     (app_id,) = conn.execute("PRAGMA application_id").fetchone()
     if app_id != APPLICATION_ID:
         raise error(f"{path} is an SQLite file that does not belong to meshd; move it away "
@@ -70,6 +73,10 @@ def _check(conn: sqlite3.Connection, path: Path, schema_version: int, what: str,
     if result != "ok":
         raise error(f"{path} is corrupt ({result}); restore it from a backup or move it away")
     (version,) = conn.execute("PRAGMA user_version").fetchone()
+    while version < schema_version and version in upgrades:
+        conn.executescript(f"BEGIN;\n{upgrades[version]}\nPRAGMA user_version={version + 1};"
+                           "\nCOMMIT;")
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
     if version != schema_version:
         raise error(f"{path} has schema version {version}; this meshd reads version "
                     f"{schema_version} of the {what}")

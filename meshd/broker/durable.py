@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ import trio
 
 from meshd import namespaces
 from meshd.errors import MeshError, bad_request, not_found
+from meshd.ops import Finish
 from meshd.store import crdt
 
 from . import messages
@@ -99,6 +101,20 @@ def parse_settings(args: dict[str, Any], defaults: Any) -> dict[str, Any]:
     return out
 
 
+CORE_BACKLOG = 4096  # committed messages waiting for their core copies to be sent
+
+
+@dataclass(slots=True)
+class _Append:
+    """A publish waiting for the group commit."""
+    item: tuple[str, float, float | None, Any]  # (id, published_at, not_before, message)
+    msg: messages.Message
+    minted: bool  # the id was made here: no duplicate can exist
+    finish: Finish
+    after: bool  # the committer does what follows the commit and answers the result
+    not_before: float | None
+
+
 class DurableTopics:
     def __init__(self, broker: BrokerService, store: Any, data_dir: Path, settings: Any
                  ) -> None:
@@ -109,12 +125,14 @@ class DurableTopics:
         # the origin side's decisions (sans-IO, shared with the simulator)
         self.origin = Origin(broker.node, broker.interest, broker.route_cost, broker.load)
         self.consumers = self.origin.consumers
-        self._pending: dict[tuple[str, str], list[tuple[Any, trio.Event, list[Any]]]] = {}
+        self._pending: dict[tuple[str, str], list[_Append]] = {}
         self._commit_wanted = trio.Event()
+        # core copies of committed messages, sent on in commit order by _core_sender
+        self._to_core_send, self._to_core = trio.open_memory_channel[Any](CORE_BACKLOG)
         self._kick = trio.Event()
         self._tags: dict[int, tuple[str, Key, int, LocalSub, str | None]] = {}
-        self.stats = {"broker_durable_published": 0, "broker_dead": 0, "broker_lost": 0,
-                      "broker_commits": 0}
+        self.stats = {"broker_durable_fast": 0, "broker_durable_published": 0,
+                      "broker_dead": 0, "broker_lost": 0, "broker_commits": 0}
         self._lost: dict[Key, int] = {}
         self._saved: dict[Key, int] = {}  # the ack floor as last saved
         self._deadc: dict[Key, int] = {}
@@ -135,6 +153,7 @@ class DurableTopics:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._committer)
+                nursery.start_soon(self._core_sender)
                 nursery.start_soon(self._deliverer)
                 nursery.start_soon(self._saver)
                 nursery.start_soon(self._trimmer)
@@ -221,32 +240,70 @@ class DurableTopics:
     # --- publishing -------------------------------------------------------------------------
 
     async def publish(self, ns: str, msg: messages.Message, definition: dict[str, Any],
-                      delay: float | None) -> dict[str, Any]:
-        """Append to our log (acknowledged once committed), then deliver."""
-        self._ensure_log(ns, msg.topic, definition)
-        not_before = time.time() + delay if delay else None
+                      delay: float | None, minted: bool = False) -> dict[str, Any]:
+        """Append to our log (acknowledged once committed, and with `--replicas N` once
+        N-1 other nodes hold it), then deliver. `minted`: the id was made here just now
+        (no duplicate can exist: the log does not look for one)."""
         done = trio.Event()
-        result: list[Any] = []
-        self._pending.setdefault((ns, msg.topic), []).append(
-            ((msg.id, msg.published_at, not_before, msg.to_wire()), done, result))
-        self._commit_wanted.set()
-        await done.wait()
-        if isinstance(result[0], BaseException):
-            raise MeshError(503, f"the durable log could not be written: {result[0]}",
-                            id="meshd.broker")
-        seq, duplicate = result[0]
+        box: list[Any] = []
+
+        def finish(result: Any, error: MeshError | None) -> None:
+            box.append((result, error))
+            done.set()
+
         replicas = int(definition.get("replicas", 1))
-        if replicas > 1 and not duplicate:
-            await self._replicate(ns, msg, seq, not_before, replicas)
+        not_before = self._not_before(delay)
+        self._enqueue(ns, msg, definition, not_before, minted, finish, after=replicas == 1)
+        await done.wait()
+        result, error = box[0]
+        if error is not None:
+            raise error
+        if replicas == 1:
+            return result  # type: ignore[no-any-return]
+        seq, duplicate = result
         if not duplicate:
-            self.stats["broker_durable_published"] += 1
-            for key, c in self.consumers.items():
-                if key[:2] == (ns, msg.topic):
-                    c.append(seq, not_before)
-            self._kick.set()
+            await self._replicate(ns, msg, seq, not_before, replicas)
+            self._committed(ns, msg, seq, not_before)
             if not_before is None:
                 await self.broker.publish(ns, msg)  # core subscribers get it live
         return {"id": msg.id, "seq": seq, "duplicate": duplicate, "node": self.broker.node}
+
+    def publish_fast(self, ns: str, msg: messages.Message, definition: dict[str, Any],
+                     delay: float | None, minted: bool, finish: Finish) -> bool:
+        """The same without a task (a publish on a multiplexed control connection):
+        `finish` gets the answer once committed. Not with --replicas (False: use
+        publish)."""
+        if int(definition.get("replicas", 1)) != 1:
+            return False
+        self.stats["broker_durable_fast"] += 1
+        self._enqueue(ns, msg, definition, self._not_before(delay), minted, finish,
+                      after=True)
+        return True
+
+    @staticmethod
+    def _not_before(delay: float | None) -> float | None:
+        return time.time() + delay if delay else None
+
+    def _enqueue(self, ns: str, msg: messages.Message, definition: dict[str, Any],
+                 not_before: float | None, minted: bool, finish: Finish, after: bool) -> None:
+        """Queue for the next group commit. `after`: the committer also does what follows
+        a commit (consumers, core copies) and answers with the publish's result; else it
+        answers (seq, duplicate) and the caller goes on."""
+        self._ensure_log(ns, msg.topic, definition)
+        self._pending.setdefault((ns, msg.topic), []).append(_Append(
+            (msg.id, msg.published_at, not_before, msg.to_wire()), msg, minted, finish,
+            after, not_before))
+        self._commit_wanted.set()
+
+    def _committed(self, ns: str, msg: messages.Message, seq: int,
+                   not_before: float | None) -> None:
+        """A new message is in the log (and on its replicas): its durable subscribers'
+        consumers learn of it."""
+        self.stats["broker_durable_published"] += 1
+        for key, c in self.consumers.items():
+            if key[:2] == (ns, msg.topic):
+                c.append(seq, not_before)
+        self._kick.set()
 
     async def _replicate(self, ns: str, msg: messages.Message, seq: int,
                          not_before: float | None, replicas: int) -> None:
@@ -273,16 +330,37 @@ class DurableTopics:
             self._commit_wanted = trio.Event()
             pending, self._pending = self._pending, {}
             for (ns, topic), items in pending.items():
-                batch = [item for item, _, _ in items]
+                batch = [a.item for a in items]
+                minted = {a.item[0] for a in items if a.minted}
                 try:
-                    out = await trio.to_thread.run_sync(self.log.append, ns, topic, batch)
+                    out = await trio.to_thread.run_sync(self.log.append, ns, topic, batch,
+                                                        minted)
                     self.stats["broker_commits"] += 1
                 except Exception as exc:  # a failed write fails its publishes, not the node
                     log.error("durable append to %s/%s failed: %s", ns, topic, exc)
                     out = [exc] * len(items)
-                for (_, done, result), res in zip(items, out, strict=True):
-                    result.append(res)
-                    done.set()
+                for a, res in zip(items, out, strict=True):
+                    if isinstance(res, BaseException):
+                        a.finish(None, MeshError(503, f"the durable log could not be "
+                                                      f"written: {res}", id="meshd.broker"))
+                        continue
+                    if not a.after:
+                        a.finish(res, None)
+                        continue
+                    seq, duplicate = res
+                    if not duplicate:
+                        self._committed(ns, a.msg, seq, a.not_before)
+                        if a.not_before is None:
+                            await self._to_core_send.send((ns, a.msg))
+                    a.finish({"id": a.msg.id, "seq": seq, "duplicate": duplicate,
+                              "node": self.broker.node}, None)
+
+    async def _core_sender(self) -> None:
+        """Core copies of committed messages, in commit order (live subscribers of a
+        durable topic): after the publisher's answer, so a slow core subscriber holds
+        back this queue, not the log."""
+        async for ns, msg in self._to_core:
+            await self.broker.publish(ns, msg)
 
     # --- consumers --------------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ Rules:
 - `append` is one transaction for a batch (the shell's group commit): when it returns the
   messages are on disk, and only then is a publish acknowledged.
 - Message ids deduplicate: appending an id the topic holds from within `dedup_window`
-  seconds returns the number it already has and writes nothing.
+  seconds returns the number it already has and writes nothing. Only ids a publisher gave
+  are kept for that (indexed); an id the node made for a publish (`minted`) cannot repeat
+  and is neither looked up nor indexed. Replicas' copies (`put`) are not deduplicated.
 - Retention (`trim`): at most `max_msgs` messages and none older than `max_age` seconds;
   the oldest go first, whoever has not acked them (a hard limit, as JetStream's default).
 - A durable subscriber's state (meshd/broker/consumer.py `state()`) is saved with `save`,
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,18 +37,32 @@ import cbor2
 from meshd.sqlitefile import open_private, transaction
 
 FILE = "broker.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE topics (ns TEXT NOT NULL, name TEXT NOT NULL, settings BLOB NOT NULL,
     last_seq INTEGER NOT NULL, PRIMARY KEY (ns, name)) WITHOUT ROWID;
 CREATE TABLE messages (ns TEXT NOT NULL, topic TEXT NOT NULL, seq INTEGER NOT NULL,
     id TEXT NOT NULL, published_at REAL NOT NULL, not_before REAL, message BLOB NOT NULL,
-    PRIMARY KEY (ns, topic, seq)) WITHOUT ROWID;
-CREATE INDEX messages_by_id ON messages (ns, topic, id);
+    dedup INTEGER NOT NULL, UNIQUE (ns, topic, seq));
+CREATE INDEX messages_by_id ON messages (ns, topic, id) WHERE dedup;
 CREATE TABLE subscribers (ns TEXT NOT NULL, topic TEXT NOT NULL, name TEXT NOT NULL,
     state BLOB NOT NULL, PRIMARY KEY (ns, topic, name)) WITHOUT ROWID;
 """
 
+
+# Version 1 kept messages in a WITHOUT ROWID table (rows of a kilobyte and more are slow
+# there) and indexed every id; version 2 keeps them in a rowid table and indexes only the
+# ids publishers gave (`dedup`): ids the node made for a publish are never looked up.
+UPGRADES = {1: """
+CREATE TABLE messages_v2 (ns TEXT NOT NULL, topic TEXT NOT NULL, seq INTEGER NOT NULL,
+    id TEXT NOT NULL, published_at REAL NOT NULL, not_before REAL, message BLOB NOT NULL,
+    dedup INTEGER NOT NULL, UNIQUE (ns, topic, seq));
+INSERT INTO messages_v2 SELECT ns, topic, seq, id, published_at, not_before, message, 1
+    FROM messages;
+DROP TABLE messages;
+ALTER TABLE messages_v2 RENAME TO messages;
+CREATE INDEX messages_by_id ON messages (ns, topic, id) WHERE dedup;
+"""}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,7 +84,7 @@ class BrokerFileError(RuntimeError):
 # The duplicate check of every publish: by the id index (left to itself SQLite walks the
 # primary key backwards to honour ORDER BY, reading every message of the topic each time).
 DUPLICATE = ("SELECT seq FROM messages INDEXED BY messages_by_id WHERE ns=? AND topic=? AND "
-             "id=? AND published_at >= ? ORDER BY seq DESC LIMIT 1")
+             "id=? AND dedup AND published_at >= ? ORDER BY seq DESC LIMIT 1")
 
 
 class NoSuchTopic(KeyError):
@@ -97,7 +113,7 @@ class BrokerLog:
         self.path = data_dir / FILE
         self._lock = threading.RLock()
         self.conn = open_private(self.path, SCHEMA_VERSION, SCHEMA, "broker log",
-                                 BrokerFileError, fsync=fsync)
+                                 BrokerFileError, fsync=fsync, upgrades=UPGRADES)
         self._topics: dict[tuple[str, str], tuple[TopicSettings, int]] = {}
         for ns, name, settings, last in self.conn.execute(
                 "SELECT ns, name, settings, last_seq FROM topics"):
@@ -142,17 +158,18 @@ class BrokerLog:
     # --- messages ----------------------------------------------------------------------------
 
     @_locked
-    def append(self, ns: str, name: str, batch: list[tuple[str, float, float | None, Any]]
-               ) -> list[tuple[int, bool]]:
+    def append(self, ns: str, name: str, batch: list[tuple[str, float, float | None, Any]],
+               minted: Container[str] = frozenset()) -> list[tuple[int, bool]]:
         """Append (id, published_at, not_before, message) items in one transaction; for
-        each, (its number, whether it was a duplicate of one already held)."""
+        each, (its number, whether it was a duplicate of one already held). Ids in
+        `minted` were made by this node for this publish: not looked up."""
         settings, last = self._topic(ns, name)
         out: list[tuple[int, bool]] = []
         seen: dict[str, int] = {}
         with transaction(self.conn) as cur:
             for msg_id, published_at, not_before, message in batch:
                 dup = seen.get(msg_id)
-                if dup is None:
+                if dup is None and msg_id not in minted:
                     row = cur.execute(DUPLICATE, (ns, name, msg_id, published_at
                                                   - settings.dedup_window)).fetchone()
                     dup = row[0] if row else None
@@ -160,9 +177,9 @@ class BrokerLog:
                     out.append((dup, True))
                     continue
                 last += 1
-                cur.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
+                cur.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (ns, name, last, msg_id, published_at, not_before,
-                             cbor2.dumps(message)))
+                             cbor2.dumps(message), msg_id not in minted))
                 seen[msg_id] = last
                 out.append((last, False))
             cur.execute("UPDATE topics SET last_seq=? WHERE ns=? AND name=?", (last, ns, name))
@@ -178,7 +195,7 @@ class BrokerLog:
         settings, last = self._topic(ns, name)
         with transaction(self.conn) as cur:
             for seq, msg_id, published_at, not_before, message in batch:
-                cur.execute("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
+                cur.execute("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
                             (ns, name, seq, msg_id, published_at, not_before,
                              cbor2.dumps(message)))
                 last = max(last, seq)

@@ -31,7 +31,7 @@ import trio
 
 from meshd import namespaces
 from meshd.errors import MeshError, bad_request, not_found
-from meshd.ops import REQUEST_TOKEN, Conn, Op, mesh_resource
+from meshd.ops import REQUEST_TOKEN, Conn, Finish, Op, mesh_resource
 
 from . import messages, overview
 from .durable import DEAD_SUFFIX, DurableTopics, parse_settings
@@ -56,7 +56,7 @@ class BrokerOps:
 
     def ops(self) -> list[Op]:
         return [
-            Op("broker.publish", self.publish, "checked"),
+            Op("broker.publish", self.publish, "checked", fast=self.publish_fast),
             Op("broker.subscribe", self.subscribe, "checked", "session"),
             Op("broker.publisher", self.publisher, "checked", "session"),
             Op("broker.topics", self.topics, mesh_resource("topics", per_namespace=True)),
@@ -71,11 +71,13 @@ class BrokerOps:
     async def publish(self, args: dict[str, Any]) -> Any:
         return await self._publish(args, None)
 
-    async def _publish(self, args: dict[str, Any], seen: dict[Any, Any] | None) -> Any:
-        """One publish. `seen` (a publisher session's, for one frame) keeps what was
-        checked for each namespace and topic (names, the caller's permission, the durable
-        definition) and where plain copies went: a frame of many messages on one topic is
-        checked and routed once, as of the moment the frame is handled."""
+    def _prepare(self, args: dict[str, Any], seen: dict[Any, Any] | None
+                 ) -> tuple[str, dict[str, Any] | None, messages.Message, float | None]:
+        """Check a publish and build its message: (namespace, durable definition or None,
+        message, delay); a MeshError saying what is wrong. `seen` (a publisher session's,
+        for one frame) keeps what was checked for each namespace and topic (names, the
+        caller's permission, the durable definition): a frame of many messages on one
+        topic is checked once, as of the moment the frame is handled."""
         key = (args.get("namespace"), args.get("topic"))
         hit = seen.get(key) if seen is not None and isinstance(key[1], str) \
             and isinstance(key[0], str | None) else None
@@ -91,15 +93,37 @@ class BrokerOps:
         if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int | float)
                                   or not math.isfinite(delay) or not 0 <= delay <= MAX_DELAY):
             raise bad_request("delay must be 0 to 365 days in seconds", id="meshd.broker")
-        msg = messages.build(topic, args.get("body"), args.get("headers"), who.id,
-                             self.broker.s.max_message_bytes, args.get("id"), ids=self._ids)
-        if definition is not None:
-            return await self.durable.publish(ns, msg, definition, delay or None)
-        if delay:
+        if delay and definition is None:
             raise not_found(f"a delayed message needs a durable topic: {topic!r} is not one "
                             f"in namespace {ns!r} (create it with `meshd topics create "
                             f"{topic} --durable`)", id="meshd.broker")
+        msg = messages.build(topic, args.get("body"), args.get("headers"), who.id,
+                             self.broker.s.max_message_bytes, args.get("id"), ids=self._ids)
+        return ns, definition, msg, delay or None
+
+    async def _publish(self, args: dict[str, Any], seen: dict[Any, Any] | None) -> Any:
+        """One publish (`seen`: see _prepare; it also keeps where plain copies went)."""
+        ns, definition, msg, delay = self._prepare(args, seen)
+        if definition is not None:
+            return await self.durable.publish(ns, msg, definition, delay,
+                                              minted=args.get("id") is None)
         return await self.broker.publish(ns, msg, routes=seen)
+
+    def publish_fast(self, args: dict[str, Any], token: str | None, finish: Finish,
+                     size: int) -> bool:
+        """broker.publish on a multiplexed control connection: a publish to a durable topic
+        (without --replicas) is answered by the group commit, without a task; anything
+        else (a core topic, bad input, a refusal) goes the ordinary way."""
+        try:
+            if self.durable.definition(namespaces.check(args.get("namespace")),
+                                       check_topic(args.get("topic"))) is None:
+                return False
+            ns, definition, msg, delay = self._prepare(args, None)
+        except MeshError:
+            return False
+        assert definition is not None
+        return self.durable.publish_fast(ns, msg, definition, delay, args.get("id") is None,
+                                         finish)
 
     async def publisher(self, args: dict[str, Any], conn: Conn) -> None:
         """A pipelined publisher: frames of `{"pubs": [{publish args}, ...]}` (or one

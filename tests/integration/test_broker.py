@@ -317,9 +317,14 @@ async def test_republishing_an_id_is_a_duplicate(mesh):
     a = mesh.daemons["a"]
     ca = Client(sock(a))
     await create(ca, "dedup.x")
+    fast = (await ca.topics())["stats"]["broker_durable_fast"]
     one = await ca.publish("dedup.x", {"v": 1}, id="order-7")
     two = await ca.publish("dedup.x", {"v": 2}, id="order-7")
     assert not one["duplicate"] and two["duplicate"] and one["seq"] == two["seq"]
+    three = await ca.publish("dedup.x", {"v": 3})  # an id made by the daemon: never a dup
+    assert not three["duplicate"] and three["seq"] == one["seq"] + 1
+    # the SDK's publishes were answered by the group commit (no task of their own)
+    assert (await ca.topics())["stats"]["broker_durable_fast"] == fast + 3
 
 
 @dataclass

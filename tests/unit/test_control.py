@@ -253,3 +253,16 @@ async def test_garbage_on_a_mux_connection_ends_that_connection_only(tmp_path):
             await framed.read()  # the connection is closed after unreadable bytes
         await stream.aclose()
         assert await mux.call("echo", {"v": "ok"}) == "ok"  # the listener serves on
+
+
+async def test_a_writer_cancelled_before_sending_leaves_the_connection_whole():
+    send, recv = trio.testing.memory_stream_pair()
+    framed = Framed(send)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await framed.write({"n": 1})  # cancelled at once: nothing was handed over
+    await framed.write({"n": 2})  # the connection works, and the queued frame goes first
+    got = b""
+    while len(frames_of_safe(got)) < 2:
+        got += await recv.receive_some()
+    assert frames_of(got) == [{"n": 1}, {"n": 2}]

@@ -40,6 +40,18 @@ def test_ids_deduplicate_within_the_window_only(tmp_path):
     assert log.count("default", "orders") == 2
 
 
+def test_ids_the_node_minted_are_not_looked_up(tmp_path):
+    log = BrokerLog(tmp_path)
+    log.create("default", "orders", TopicSettings(dedup_window=60))
+    assert log.append("default", "orders", [("a", 100.0, None, msg(1))]) == [(1, False)]
+    # the lookup is what finds duplicates: an id named minted is appended without it
+    assert log.append("default", "orders", [("b", 101.0, None, msg(2)),
+                                            ("a", 101.0, None, msg(3))],
+                      minted={"b"}) == [(2, False), (1, True)]
+    assert log.append("default", "orders", [("a", 102.0, None, msg(4))],
+                      minted={"a"}) == [(3, False)]
+
+
 def test_retention_removes_the_oldest_and_numbers_are_never_reused(tmp_path):
     log = BrokerLog(tmp_path)
     log.create("default", "t", TopicSettings(max_msgs=2, max_age=50))
@@ -148,3 +160,44 @@ def test_fsync_false_commits_to_the_os_only(tmp_path):
     assert BrokerLog(tmp_path / "a").conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     assert BrokerLog(tmp_path / "b", fsync=False).conn.execute(
         "PRAGMA synchronous").fetchone()[0] == 1
+
+
+V1 = """
+CREATE TABLE topics (ns TEXT NOT NULL, name TEXT NOT NULL, settings BLOB NOT NULL,
+    last_seq INTEGER NOT NULL, PRIMARY KEY (ns, name)) WITHOUT ROWID;
+CREATE TABLE messages (ns TEXT NOT NULL, topic TEXT NOT NULL, seq INTEGER NOT NULL,
+    id TEXT NOT NULL, published_at REAL NOT NULL, not_before REAL, message BLOB NOT NULL,
+    PRIMARY KEY (ns, topic, seq)) WITHOUT ROWID;
+CREATE INDEX messages_by_id ON messages (ns, topic, id);
+CREATE TABLE subscribers (ns TEXT NOT NULL, topic TEXT NOT NULL, name TEXT NOT NULL,
+    state BLOB NOT NULL, PRIMARY KEY (ns, topic, name)) WITHOUT ROWID;
+"""
+
+
+def test_a_version_1_log_is_upgraded_in_place_and_keeps_everything(tmp_path):
+    import sqlite3
+
+    from meshd.sqlitefile import APPLICATION_ID
+
+    conn = sqlite3.connect(tmp_path / "broker.db", isolation_level=None)
+    conn.executescript(f"PRAGMA application_id={APPLICATION_ID};\nPRAGMA user_version=1;\n{V1}")
+    settings = cbor2.dumps({"max_age": None, "max_msgs": None, "replicas": 1,
+                            "dedup_window": 60.0})
+    conn.execute("INSERT INTO topics VALUES ('default', 'orders', ?, 2)", (settings,))
+    for seq, mid in ((1, "a"), (2, "b")):
+        conn.execute("INSERT INTO messages VALUES ('default', 'orders', ?, ?, 100.0, NULL, ?)",
+                     (seq, mid, cbor2.dumps(msg(seq))))
+    conn.execute("INSERT INTO subscribers VALUES ('default', 'orders', 'billing', ?)",
+                 (cbor2.dumps({"acked": 1}),))
+    conn.close()
+    log = BrokerLog(tmp_path)
+    assert [(m.seq, m.id, m.message) for m in log.read("default", "orders")] == [
+        (1, "a", msg(1)), (2, "b", msg(2))]
+    assert log.subscribers("default", "orders") == {"billing": {"acked": 1}}
+    # ids from before the upgrade still deduplicate; numbering goes on
+    assert log.append("default", "orders", [("b", 110.0, None, msg(3)),
+                                            ("c", 110.0, None, msg(3))]) == [(2, True),
+                                                                             (3, False)]
+    (version,) = log.conn.execute("PRAGMA user_version").fetchone()
+    assert version == 2
+    log.close()
