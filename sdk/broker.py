@@ -145,6 +145,8 @@ class Publisher:
         self._flushes = 0
         self._failure: MeshError | None = None
         self._pending: list[dict[str, Any]] = []  # messages not sent yet
+        self._stopping = False
+        self._stop = trio.Event()
 
     async def _write_out(self, flush: int | None = None) -> None:
         if self._pending or flush is not None:
@@ -156,13 +158,20 @@ class Publisher:
 
     async def run_writer(self) -> None:
         """Write what waits every WRITE_EVERY seconds (the context manager runs this), so a
-        slow publisher's message leaves at once and a fast one's leave in large writes."""
-        while True:
-            await trio.sleep(WRITE_EVERY)
+        slow publisher's message leaves at once and a fast one's leave in large writes;
+        ends after `stop_writer()` at its next turn, never in the middle of a write (a
+        half-written frame would break the connection for the flush that follows)."""
+        while not self._stopping:
+            with trio.move_on_after(WRITE_EVERY):
+                await self._stop.wait()
             try:
                 await self._write_out()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return  # the daemon went away: flush() says so
+
+    def stop_writer(self) -> None:
+        self._stopping = True
+        self._stop.set()
 
     async def publish(self, topic: str, event: Any = None, *,
                       headers: dict[str, str] | None = None, id: str | None = None) -> None:

@@ -257,7 +257,7 @@ class Client:
                     try:
                         yield pub
                     finally:
-                        nursery.cancel_scope.cancel()
+                        pub.stop_writer()  # not cancelled: it may be mid-write
             except BaseExceptionGroup as group:  # (strict trio wraps the block's one error)
                 if len(group.exceptions) == 1:
                     raise group.exceptions[0] from None

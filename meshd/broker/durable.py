@@ -132,7 +132,8 @@ class DurableTopics:
         self._kick = trio.Event()
         self._tags: dict[int, tuple[str, Key, int, LocalSub, str | None]] = {}
         self.stats = {"broker_durable_fast": 0, "broker_durable_published": 0,
-                      "broker_dead": 0, "broker_lost": 0, "broker_commits": 0}
+                      "broker_dead": 0, "broker_lost": 0, "broker_commits": 0,
+                      "broker_commit_us": 0}
         self._lost: dict[Key, int] = {}
         self._saved: dict[Key, int] = {}  # the ack floor as last saved
         self._deadc: dict[Key, int] = {}
@@ -332,10 +333,13 @@ class DurableTopics:
             for (ns, topic), items in pending.items():
                 batch = [a.item for a in items]
                 minted = {a.item[0] for a in items if a.minted}
+                started = time.perf_counter()
                 try:
                     out = await trio.to_thread.run_sync(self.log.append, ns, topic, batch,
                                                         minted)
                     self.stats["broker_commits"] += 1
+                    self.stats["broker_commit_us"] += int((time.perf_counter() - started)
+                                                          * 1e6)
                 except Exception as exc:  # a failed write fails its publishes, not the node
                     log.error("durable append to %s/%s failed: %s", ns, topic, exc)
                     out = [exc] * len(items)
