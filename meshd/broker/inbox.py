@@ -41,6 +41,7 @@ class Inbox:
         self._items: deque[Any] = deque()
         self._closed = False
         self._changed = trio.Event()  # set when an item arrives, is taken, or on close
+        self._waiting = 0  # tasks waiting on _changed (no one waiting: nothing to set)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -95,8 +96,13 @@ class Inbox:
         self._notify()
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._waiting:
+            self._changed.set()
+            self._changed = trio.Event()
 
     async def _wait(self) -> None:
-        await self._changed.wait()
+        self._waiting += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiting -= 1

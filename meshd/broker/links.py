@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -44,61 +45,62 @@ class Outbox:
         self.links = links
         self.addr_of = addr_of
         self.stats = stats
-        self._send, self._recv = trio.open_memory_channel[Any](size)
+        self.size = size
+        self._items: deque[Any] = deque()
+        self._closed = False
+        self._more = trio.Event()  # set when an item is queued or the outbox closes
+        self._room = trio.Event()  # set when the pump takes items (a full outbox waits)
         self._ch: Channel | None = None
 
     async def put(self, item: Any) -> None:
         """Queue one item for the node (waits only while the outbox is full: a publisher
         that does not have to wait goes on at once, so items leave in large batches)."""
-        try:
-            self._send.send_nowait(item)
-        except trio.WouldBlock:
-            try:
-                await self._send.send(item)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                self.stats["broker_copies_dropped"] += 1
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            self.stats["broker_copies_dropped"] += 1
+        while len(self._items) >= self.size and not self._closed:
+            await self._room.wait()
+        self._queue(item)
 
     def put_nowait(self, item: Any) -> bool:
         """Queue an item if there is room (acks and naks: small, never worth blocking)."""
-        try:
-            self._send.send_nowait(item)
-            return True
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        if len(self._items) >= self.size:
             self.stats["broker_copies_dropped"] += 1
             return False
+        return self._queue(item)
+
+    def _queue(self, item: Any) -> bool:
+        if self._closed:
+            self.stats["broker_copies_dropped"] += 1
+            return False
+        self._items.append(item)
+        self._more.set()
+        return True
 
     def close(self) -> None:
-        self._send.close()
+        self._closed = True
+        self._more.set()
+        self._room.set()
 
     async def run(self) -> None:
         try:
             while True:
-                with trio.move_on_after(IDLE_CLOSE) as idle:
-                    try:
-                        first = await self._recv.receive()
-                    except trio.EndOfChannel:
+                if not self._items:
+                    if self._closed:
                         return
-                if idle.cancelled_caught:
-                    await self._close_channel()
+                    self._more = trio.Event()
+                    with trio.move_on_after(IDLE_CLOSE) as idle:
+                        await self._more.wait()
+                    if idle.cancelled_caught:
+                        await self._close_channel()
                     continue
-                batch = [first]
-                while len(batch) < BATCH:
-                    try:
-                        batch.append(self._recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+                n = min(BATCH, len(self._items))
+                batch = [self._items.popleft() for _ in range(n)]
+                self._room.set()
+                self._room = trio.Event()
                 await self._ship(batch)
         finally:
-            dropped = 0
-            while True:
-                try:
-                    self._recv.receive_nowait()
-                    dropped += 1
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            self.stats["broker_copies_dropped"] += dropped
+            self._closed = True
+            self._room.set()
+            self.stats["broker_copies_dropped"] += len(self._items)
+            self._items.clear()
             with trio.CancelScope(shield=True):
                 await self._close_channel()
 

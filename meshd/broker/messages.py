@@ -117,9 +117,13 @@ def copy(ns: str, msg: dict[str, Any], plain: bool, groups: list[str]) -> dict[s
     return {"t": "copy", "ns": ns, "msg": msg, "plain": plain, "groups": sorted(groups)}
 
 
+_COPY_KEYS = frozenset({"t", "ns", "msg", "plain", "groups"})
+_MESSAGE_KEYS = frozenset({"id", "topic", "headers", "body", "published_at", "publisher"})
+
+
 def decode_copy(value: Any, max_bytes: int) -> tuple[str, Message, bool, list[str]]:
     """(namespace, message, plain, groups) of a copy from a peer; WireError otherwise."""
-    if not isinstance(value, dict) or set(value) != {"t", "ns", "msg", "plain", "groups"} \
+    if not isinstance(value, dict) or value.keys() != _COPY_KEYS \
             or value["t"] != "copy":
         raise WireError("a copy is a map of t (copy), ns, msg, plain and groups")
     ns, plain, groups = value["ns"], value["plain"], value["groups"]
@@ -137,8 +141,7 @@ def decode_copy(value: Any, max_bytes: int) -> tuple[str, Message, bool, list[st
 def decode_message(raw: Any, max_bytes: int) -> Message:
     """A message from a peer (in a copy, a durable delivery or a replica); WireError
     otherwise."""
-    if not isinstance(raw, dict) or set(raw) != {"id", "topic", "headers", "body",
-                                                 "published_at", "publisher"}:
+    if not isinstance(raw, dict) or raw.keys() != _MESSAGE_KEYS:
         raise WireError("a message is a map of id, topic, headers, body, published_at and "
                         "publisher")
     try:
@@ -160,7 +163,7 @@ def _is_id(value: Any) -> bool:
 
 
 def _headers(value: Any, error: Any) -> dict[str, str]:
-    if value is None:
+    if value is None or (type(value) is dict and not value):
         return {}
     if not isinstance(value, dict) or len(value) > MAX_HEADERS:
         raise error(f"headers are a map of at most {MAX_HEADERS} text keys and values")
