@@ -109,7 +109,12 @@ def load(tp: Any, value: Any, path: str = "") -> Any:
     raise TypeError(f"unsupported type {tp!r}")
 
 
+_PLAIN = frozenset({bytes, str, int, float, bool, type(None)})
+
+
 def dump(value: Any) -> Any:
+    if type(value) in _PLAIN:
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: dump(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list | tuple):
