@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -190,6 +194,19 @@ def test_rpc_and_tunnel_cross_a_blocked_link_through_a_relay(cluster):
         del os, socketlib
 
 
+@contextlib.contextmanager
+def logs_on_failure(daemons: list[Any]) -> Iterator[None]:
+    """On a failure, the end of each daemon's log goes into the test's output (a timing
+    failure in a namespace test is otherwise not diagnosable after the fact)."""
+    try:
+        yield
+    except AssertionError:
+        for d in daemons:
+            print(f"===== {d.name}: {d.log}")
+            print(Path(d.log).read_text(errors="replace")[-4000:])
+        raise
+
+
 def test_chain_of_four_hosts_members_two_relays_away_stay_alive_and_answer(cluster):
     """h0 - h1 - h2 - h3 with only neighbours reaching each other: no single helper reaches
     both h0 and h3, so h3 stays alive on h0 only through probes that follow the route, and an
@@ -213,19 +230,19 @@ def test_chain_of_four_hosts_members_two_relays_away_stay_alive_and_answer(clust
             return (to_h3 is not None and to_h3["path"] == ["h0", "h1", "h2", "h3"]
                     and to_h0 is not None and to_h0["path"] == ["h3", "h2", "h1", "h0"])
 
-        wait_for(chain_routes, 90, "routes along the chain both ways")
-
         def reach() -> dict[str, str]:
             return {r["name"]: r["reach"] for r in control(h0.data_dir, "members")}
 
-        # routes can form a moment before h0 finds h3 silent to a direct ping (P6)
-        wait_for(lambda: reach()["h3"] == "via h1", 10, "h3 reached via h1")
-        assert reach()["h1"] == "direct"
-        deadline = time.monotonic() + 10  # 20 probe intervals
-        while time.monotonic() < deadline:
-            assert h0.status_of("h3") == "alive" and h3.status_of("h0") == "alive", \
-                "a member two relays away must stay alive"
-            time.sleep(0.2)
+        with logs_on_failure(daemons):
+            wait_for(chain_routes, 90, "routes along the chain both ways")
+            # routes can form a moment before h0 finds h3 silent to a direct ping (P6)
+            wait_for(lambda: reach()["h3"] == "via h1", 10, "h3 reached via h1")
+            assert reach()["h1"] == "direct"
+            deadline = time.monotonic() + 10  # 20 probe intervals
+            while time.monotonic() < deadline:
+                assert h0.status_of("h3") == "alive" and h3.status_of("h0") == "alive", \
+                    "a member two relays away must stay alive"
+                time.sleep(0.2)
 
         async def whoami() -> str:
             async with Client(h0.data_dir / "meshd.sock") as client:
