@@ -101,6 +101,8 @@ class Server:
         t.add([Op("echo", self.echo, "public"), Op("slow", self.slow, "public"),
                Op("hold", self.hold, "public"), Op("whoami", self.whoami, "public"),
                Op("fail", self.fail, "public"),
+               Op("quick", self.echo, "public", fast=self.quick),
+               Op("buggy", self.echo, "public", fast=self.buggy),
                Op("watch", self.watch, "public", "stream")])
         self.control = ControlServer(path, t)
 
@@ -129,6 +131,15 @@ class Server:
 
     async def fail(self, args: dict[str, Any]) -> Any:
         raise MeshError(409, "no")
+
+    def quick(self, args: dict[str, Any], token: Any, finish: Any, size: int) -> bool:
+        if args.get("v") == "slow way":
+            return False  # not taken: the ordinary handler answers
+        finish({"fast": args.get("v"), "size": size > 0}, None)
+        return True
+
+    def buggy(self, args: dict[str, Any], token: Any, finish: Any, size: int) -> bool:
+        raise RuntimeError("a bug in a fast path")
 
     async def watch(self, args: dict[str, Any], emit: Any) -> None:
         await emit(1)
@@ -266,3 +277,11 @@ async def test_a_writer_cancelled_before_sending_leaves_the_connection_whole():
     while len(frames_of_safe(got)) < 2:
         got += await recv.receive_some()
     assert frames_of(got) == [{"n": 1}, {"n": 2}]
+
+
+async def test_fast_paths_answer_and_what_they_do_not_take_runs_the_ordinary_way(tmp_path):
+    async with serving(tmp_path) as (_, mux):
+        assert await mux.call("quick", {"v": 1}) == {"fast": 1, "size": True}
+        assert await mux.call("quick", {"v": "slow way"}) == "slow way"
+        assert await mux.call("buggy", {"v": "still answered"}) == "still answered"
+        assert await mux.call("echo", {"v": "connection fine"}) == "connection fine"
