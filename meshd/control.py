@@ -128,13 +128,7 @@ class Framed:
     async def write(self, value: Any) -> None:
         """Returns once this frame was handed to the stream (by this task or by whichever
         task was sending when it was queued)."""
-        data = cbor2.dumps(value)
-        if self._broken is not None:
-            raise trio.BrokenResourceError("the connection failed in an earlier write")
-        self._out += LENGTH.pack(len(data))
-        self._out += data
-        self._queued += 4 + len(data)
-        mine = self._queued
+        mine = self._queue(value)
         while self._sent < mine:
             if self._broken is not None:
                 raise trio.BrokenResourceError("the connection failed while sending")
@@ -142,6 +136,17 @@ class Framed:
                 await self._lot.park()
                 continue
             await self._send_queued()
+
+    def _queue(self, value: Any) -> int:
+        """Encode a frame onto the send queue; the queue's end after it (what `_sent` must
+        reach for it to be out). BrokenResourceError if the connection already failed."""
+        data = cbor2.dumps(value)
+        if self._broken is not None:
+            raise trio.BrokenResourceError("the connection failed in an earlier write")
+        self._out += LENGTH.pack(len(data))
+        self._out += data
+        self._queued += 4 + len(data)
+        return self._queued
 
     async def _send_queued(self) -> None:
         """Send everything queued (no one else is sending); a failure breaks the
@@ -167,12 +172,7 @@ class Framed:
         the connection already failed."""
         if not self.flushing:
             raise RuntimeError("write_nowait needs the connection's run_flusher running")
-        if self._broken is not None:
-            raise trio.BrokenResourceError("the connection failed in an earlier write")
-        data = cbor2.dumps(value)
-        self._out += LENGTH.pack(len(data))
-        self._out += data
-        self._queued += 4 + len(data)
+        self._queue(value)
         if not self._sending:
             self._lot.unpark_all()
 
@@ -325,6 +325,15 @@ class ControlServer:
             nursery.cancel_scope.cancel()  # the caller hung up: its calls are not wanted
 
 
+def _result(reply: Any) -> Any:
+    """The result of a call's reply; MeshError for an error reply or a malformed one."""
+    if not isinstance(reply, dict):
+        raise MeshError(500, "malformed reply from meshd")
+    if not reply.get("ok"):
+        raise MeshError.from_dict(reply.get("error"))
+    return reply.get("result")
+
+
 class ControlClient:
     """Talks to the local daemon; every failure is a MeshError."""
 
@@ -363,11 +372,7 @@ class ControlClient:
             reply = await framed.read(limit=1 << 30)
         except (EOFError, trio.BrokenResourceError):
             raise unavailable("meshd closed the control connection") from None
-        if not isinstance(reply, dict):
-            raise MeshError(500, "malformed reply from meshd")
-        if not reply.get("ok"):
-            raise MeshError.from_dict(reply.get("error"))
-        return reply.get("result")
+        return _result(reply)
 
     async def stream(self, op: str, /, **args: Any) -> AsyncIterator[Any]:
         """The events of a streaming op; a refusal or failure the daemon sends once the
@@ -469,12 +474,7 @@ class MuxClient:
                     waiter.event = trio.Event()
         finally:
             del self._pending[rid]
-        reply = waiter.reply
-        if not isinstance(reply, dict):
-            raise MeshError(500, "malformed reply from meshd")
-        if not reply.get("ok"):
-            raise MeshError.from_dict(reply.get("error"))
-        return reply.get("result")
+        return _result(waiter.reply)
 
     async def _read_until(self, mine: _Waiter, framed: Framed) -> None:
         """Read replies for every waiting call until `mine` has its own; then wake another

@@ -267,6 +267,10 @@ class DurableTopics:
             self._committed(ns, msg, seq, not_before)
             if not_before is None:
                 await self.broker.publish(ns, msg)  # core subscribers get it live
+        return self._answer(msg, seq, duplicate)
+
+    def _answer(self, msg: messages.Message, seq: int, duplicate: bool) -> dict[str, Any]:
+        """What a durable publish answers."""
         return {"id": msg.id, "seq": seq, "duplicate": duplicate, "node": self.broker.node}
 
     def publish_fast(self, ns: str, msg: messages.Message, definition: dict[str, Any],
@@ -356,8 +360,7 @@ class DurableTopics:
                         self._committed(ns, a.msg, seq, a.not_before)
                         if a.not_before is None:
                             await self._to_core_send.send((ns, a.msg))
-                    a.finish({"id": a.msg.id, "seq": seq, "duplicate": duplicate,
-                              "node": self.broker.node}, None)
+                    a.finish(self._answer(a.msg, seq, duplicate), None)
 
     async def _core_sender(self) -> None:
         """Core copies of committed messages, in commit order (live subscribers of a

@@ -187,9 +187,7 @@ def _size(body: Any, headers: dict[str, str]) -> int:
 
     extra = sum(len(k.encode()) + len(v.encode()) for k, v in headers.items()) \
         if headers else 0
-    if type(body) is bytes:
-        return _cbor_head(len(body)) + len(body) + extra
-    if type(body) is str and body.isascii():
+    if type(body) is bytes or (type(body) is str and body.isascii()):
         return _cbor_head(len(body)) + len(body) + extra
     try:
         return len(cbor2.dumps(body)) + extra

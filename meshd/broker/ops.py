@@ -71,13 +71,12 @@ class BrokerOps:
     async def publish(self, args: dict[str, Any]) -> Any:
         return await self._publish(args, None)
 
-    def _prepare(self, args: dict[str, Any], seen: dict[Any, Any] | None
-                 ) -> tuple[str, dict[str, Any] | None, messages.Message, float | None]:
-        """Check a publish and build its message: (namespace, durable definition or None,
-        message, delay); a MeshError saying what is wrong. `seen` (a publisher session's,
-        for one frame) keeps what was checked for each namespace and topic (names, the
-        caller's permission, the durable definition): a frame of many messages on one
-        topic is checked once, as of the moment the frame is handled."""
+    def _checked(self, args: dict[str, Any], seen: dict[Any, Any] | None
+                 ) -> tuple[str, str, Any, dict[str, Any] | None]:
+        """(namespace, topic, who publishes, durable definition or None) of a publish; a
+        MeshError for a bad name or a refusal. `seen` (a publisher session's, for one
+        frame) keeps them per namespace and topic: a frame of many messages on one topic
+        is checked once, as of the moment the frame is handled."""
         key = (args.get("namespace"), args.get("topic"))
         hit = seen.get(key) if seen is not None and isinstance(key[1], str) \
             and isinstance(key[0], str | None) else None
@@ -88,7 +87,12 @@ class BrokerOps:
             hit = (ns, topic, who, self.durable.definition(ns, topic))
             if seen is not None and isinstance(key[1], str):
                 seen[key] = hit
-        ns, topic, who, definition = hit
+        return hit  # type: ignore[no-any-return]
+
+    def _message(self, args: dict[str, Any], ns: str, topic: str, who: Any,
+                 definition: dict[str, Any] | None) -> tuple[messages.Message, float | None]:
+        """The message of a checked publish and its delay; a MeshError saying what is
+        wrong."""
         delay = args.get("delay")
         if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int | float)
                                   or not math.isfinite(delay) or not 0 <= delay <= MAX_DELAY):
@@ -99,11 +103,12 @@ class BrokerOps:
                             f"{topic} --durable`)", id="meshd.broker")
         msg = messages.build(topic, args.get("body"), args.get("headers"), who.id,
                              self.broker.s.max_message_bytes, args.get("id"), ids=self._ids)
-        return ns, definition, msg, delay or None
+        return msg, delay or None
 
     async def _publish(self, args: dict[str, Any], seen: dict[Any, Any] | None) -> Any:
-        """One publish (`seen`: see _prepare; it also keeps where plain copies went)."""
-        ns, definition, msg, delay = self._prepare(args, seen)
+        """One publish (`seen`: see _checked; it also keeps where plain copies went)."""
+        ns, topic, who, definition = self._checked(args, seen)
+        msg, delay = self._message(args, ns, topic, who, definition)
         if definition is not None:
             return await self.durable.publish(ns, msg, definition, delay,
                                               minted=args.get("id") is None)
@@ -115,13 +120,12 @@ class BrokerOps:
         (without --replicas) is answered by the group commit, without a task; anything
         else (a core topic, bad input, a refusal) goes the ordinary way."""
         try:
-            if self.durable.definition(namespaces.check(args.get("namespace")),
-                                       check_topic(args.get("topic"))) is None:
+            ns, topic, who, definition = self._checked(args, None)
+            if definition is None:
                 return False
-            ns, definition, msg, delay = self._prepare(args, None)
+            msg, delay = self._message(args, ns, topic, who, definition)
         except MeshError:
             return False
-        assert definition is not None
         return self.durable.publish_fast(ns, msg, definition, delay, args.get("id") is None,
                                          finish)
 

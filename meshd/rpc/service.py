@@ -154,8 +154,7 @@ class RpcService:
             raise bad_request(f"selector must be one of {', '.join(SELECTORS)}", id="meshd.rpc")
         self.check_body(body)
         deadline = trio.current_time() + timeout
-        meta.setdefault("trace-id", os.urandom(8).hex())
-        meta["caller-node"] = self.core.me.name  # never what a client claims
+        self._stamp(meta)
         candidates = self.candidates(service, endpoint, namespaces.check(namespace))
         tried: set[str] = set()
         last = "no instance answered"
@@ -174,8 +173,7 @@ class RpcService:
                 log.info("call to %s.%s not delivered to %s: %s; trying another", service,
                          endpoint, inst["id"], exc)
             except trio.TooSlowError:
-                raise MeshError(408, f"call to {service}.{endpoint} did not finish within "
-                                     f"{timeout:g} s", id="meshd.rpc") from None
+                raise _too_slow(f"{service}.{endpoint}", timeout) from None
         raise unavailable(f"no instance of {service!r} could be reached: {last}",
                           id="meshd.rpc")
 
@@ -227,6 +225,14 @@ class RpcService:
             task_status.started()
             await trio.sleep_forever()
 
+    def _stamp(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """What every call's metadata carries from the calling daemon: a trace id (unless
+        the caller gave one) and this node as the caller's node, never what a client
+        claims."""
+        meta.setdefault("trace-id", os.urandom(8).hex())
+        meta["caller-node"] = self.core.me.name
+        return meta
+
     # --- fast path: local calls answered from callbacks ----------------------------------
 
     def call_fast(self, service: str, endpoint: str, body: Any, timeout: Any,
@@ -257,9 +263,7 @@ class RpcService:
                 self.check_body(body)
         except MeshError:
             return False
-        meta = dict(meta)
-        meta.setdefault("trace-id", os.urandom(8).hex())
-        meta["caller-node"] = me
+        meta = self._stamp(dict(meta))
         if who:
             meta["caller"] = who
         local.next_call += 1
@@ -476,13 +480,13 @@ class _FastCall:
         if self.finished:
             return
         self.finished = True
-        if isinstance(reply, dict) and reply.get("ok"):
-            self.finish(reply.get("body"), None)
+        try:
+            body = _unwrap(reply)
+        except MeshError as exc:
+            self.rpc.stats["rpc_errors"] += 1
+            self.finish(None, exc)
             return
-        self.rpc.stats["rpc_errors"] += 1
-        error = MeshError.from_dict(reply.get("error")) if isinstance(reply, dict) else \
-            MeshError(500, "malformed reply from the service", id="meshd.rpc")
-        self.finish(None, error)
+        self.finish(body, None)
 
     def expire(self) -> None:
         if self.finished:
@@ -491,8 +495,7 @@ class _FastCall:
         if self.local.pending.get(self.cid) is self:
             del self.local.pending[self.cid]
         self.rpc.stats["rpc_errors"] += 1
-        self.finish(None, MeshError(408, f"call to {self.name} did not finish within "
-                                         f"{self.timeout:g} s", id="meshd.rpc"))
+        self.finish(None, _too_slow(self.name, self.timeout))
 
 
 async def call_local(local: LocalInstance, endpoint: str, body: Any, meta: dict[str, Any],
@@ -522,6 +525,11 @@ async def call_local(local: LocalInstance, endpoint: str, body: Any, meta: dict[
         return {"ok": False, "error": MeshError(500, "malformed reply from the service",
                                                 id="meshd.rpc").to_dict()}
     return reply
+
+
+def _too_slow(name: str, timeout: float) -> MeshError:
+    return MeshError(408, f"call to {name} did not finish within {timeout:g} s",
+                     id="meshd.rpc")
 
 
 def _unwrap(reply: Any) -> Any:
