@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -56,15 +57,21 @@ def _headers(items: tuple[str, ...]) -> dict[str, str]:
               "(durable topics only), e.g. 30s.")
 @click.option("--id", "msg_id", metavar="ID", help="Message id (republishing the same id "
               "within the dedup window is a duplicate).")
+@click.option("--trace", is_flag=True, help="Trace this message (a traceparent header) and "
+              "print its trace id on stderr (`meshd trace ID`: who published, who got it).")
 @namespace_option
 @client_options
 @json_option
 def publish(topic: str, body: str | None, headers: tuple[str, ...], delay: str | None,
-            msg_id: str | None, namespace: str | None, client: Client,
+            msg_id: str | None, trace: bool, namespace: str | None, client: Client,
             as_json: bool) -> None:
     """Publish BODY (JSON; stdin without it) on TOPIC."""
-    args: dict[str, Any] = {"topic": topic, "body": _parse_body(body),
-                            "headers": _headers(headers),
+    hdrs = _headers(headers)
+    trace_id = ""
+    if trace:
+        trace_id = os.urandom(16).hex()
+        hdrs["traceparent"] = f"00-{trace_id}-{os.urandom(8).hex()}-01"
+    args: dict[str, Any] = {"topic": topic, "body": _parse_body(body), "headers": hdrs,
                             "namespace": client.namespace(namespace)}
     if delay is not None:
         args["delay"] = parse_duration(delay, "--delay")
@@ -78,6 +85,8 @@ def publish(topic: str, body: str | None, headers: tuple[str, ...], delay: str |
         click.echo(f"published {r['id']} as #{r['seq']} on {r.get('node')}{dup}")
     else:
         click.echo(f"published {r['id']} to {r['nodes']} node(s)")
+    if trace_id:
+        line(f"trace {trace_id}", err=True)
 
 
 @click.command("subscribe")

@@ -40,6 +40,11 @@ if TYPE_CHECKING:
               help="PEM certificate (chain) for the proxy endpoint: it then serves wss://.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="The unencrypted PEM private key of --tls-cert.")
+@click.option("--metrics-listen", metavar="HOST:PORT", help="Serve Prometheus /metrics on "
+              "HOST:PORT (https with --tls-cert/--tls-key). Also MESHD_DEBUG_METRICS_LISTEN.")
+@click.option("--otlp-endpoint", metavar="URL", help="Export spans and metrics over OTLP/HTTP "
+              "to the collector at URL (e.g. http://127.0.0.1:4318; needs `pip install "
+              "meshd[otel]`).")
 @click.option("--join", "join", multiple=True, metavar="PEER", help="Join through PEER.")
 @click.option("--auth-root", metavar="FP", help="Fingerprint of the cluster's auth root key "
               "to trust (`meshd invite` prints it; default: the one the --join seeds vouch "
@@ -56,7 +61,8 @@ if TYPE_CHECKING:
 @json_option
 def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str | None,
        proxy_listen: str | None, tls_cert: Path | None, tls_key: Path | None,
-       join: tuple[str, ...], auth_root: str | None,
+       metrics_listen: str | None, otlp_endpoint: str | None, join: tuple[str, ...],
+       auth_root: str | None,
        tags: tuple[str, ...], profile: str | None, secret_file: Path | None,
        config_file: Path | None, log_level: str | None, print_settings: bool,
        data_dir: Path | None, as_json: bool) -> None:
@@ -73,7 +79,8 @@ def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str
         except (OSError, tomllib.TOMLDecodeError) as exc:
             fail(f"400 bad request: settings file {config_file}: {exc}")
     flags = {"name": name, "bind": bind, "advertise": advertise, "ws_listen": ws_listen,
-             "proxy_listen": proxy_listen,
+             "proxy_listen": proxy_listen, "debug.metrics_listen": metrics_listen,
+             "debug.otlp_endpoint": otlp_endpoint,
              "tls_cert": str(tls_cert) if tls_cert else None,
              "tls_key": str(tls_key) if tls_key else None,
              "join": join, "tags": tags, "auth_root": auth_root,
@@ -130,6 +137,9 @@ def _ready(node: Node, as_json: bool) -> None:
     alive = st["members"].get("alive", 1)
     verb = "created a new cluster" if node.created_cluster else "in a cluster"
     click.echo(f"  cluster    {verb} of {alive} alive member(s)")
+    if st.get("metrics"):
+        click.echo(f"  metrics    http{'s' if node.settings.node.tls_cert else ''}://"
+                   f"{st['metrics']}/metrics")
     click.echo("  others join with `meshd invite` on this host, which prints:")
     click.echo(f"    MESHD_SECRET=… meshd up --join {st['address']}")
     if node.bootstrap_token:

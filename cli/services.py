@@ -19,6 +19,7 @@ Rules:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -71,13 +72,15 @@ def describe(service: str, namespace: str | None, client: Client, as_json: bool)
 @click.argument("body", required=False)
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds.")
 @click.option("--meta", multiple=True, metavar="K=V", help="Request metadata (repeatable).")
+@click.option("--trace", is_flag=True, help="Trace this call whatever the sampling rate, and "
+              "print its trace id (on stderr; `meshd trace ID` shows where the time went).")
 @via_options("Call from outside the cluster through a node's proxy endpoint with your "
              "token (--token, MESHD_TOKEN or `auth login`).")
 @namespace_option
 @client_options
 @json_option
 def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | None,
-             meta: tuple[str, ...], via: str | None, ca_file: str | None,
+             meta: tuple[str, ...], trace: bool, via: str | None, ca_file: str | None,
              namespace: str | None, client: Client, as_json: bool) -> None:
     """Call ENDPOINT of SERVICE with a JSON BODY (or JSON on stdin)."""
     text = body if body is not None and body != "-" else (
@@ -88,6 +91,10 @@ def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | Non
         fail(f"400 bad request: the request is not valid JSON: {exc.msg} at line {exc.lineno} "
              f"column {exc.colno}")
     metadata = parse_meta(meta)
+    trace_id = ""
+    if trace:
+        trace_id = os.urandom(16).hex()  # a sampled root: every hop keeps its span
+        metadata["traceparent"] = f"00-{trace_id}-{os.urandom(8).hex()}-01"
     if ca_file and not via:
         fail("400 bad request: --ca-file goes with --via wss://HOST:PORT")
     if via:
@@ -99,6 +106,8 @@ def call_cmd(service: str, endpoint: str, body: str | None, timeout: float | Non
                              timeout=timeout, meta=metadata,
                              namespace=client.namespace(namespace))
     say(result, as_json, json.dumps(result, indent=2))
+    if trace_id:
+        line(f"trace {trace_id}", err=True)
 
 
 @click.command()

@@ -36,6 +36,8 @@ from .broker.log import BrokerFileError
 from .broker.ops import BrokerOps
 from .broker.service import BrokerService
 from .control import ControlServer, socket_path
+from .debug.ops import DebugOps
+from .debug.service import DebugService
 from .identity import Identity
 from .membership.core import Membership, MembershipError
 from .membership.identity import AliveVerifier
@@ -213,8 +215,16 @@ class Node:
         self.registry = RegistryService(self.core, self.links, self.boot,
                                         ttl=s.rpc.instance_ttl,
                                         sync_interval=s.rpc.registry_sync_interval)
+        self.debug = DebugService(self.name, self.core, self.links, s.debug, self._probe,
+                                  self._stats)
         self.rpc = RpcService(self.registry, self.links, self.core, retries=s.rpc.retries,
                               selector=s.rpc.selector, max_body=s.rpc.max_body_bytes)
+        self.debug.bind()  # this node's tasks log into its own buffer
+        self.rpc.debug = self.debug
+        self.registry.on_drop.append(self.debug.calls.forget)
+        self.registry.on_log = lambda local, records: self.debug.take_logs(
+            local.service, local.id, records)
+        self.links.tracer = self.debug.tracer
         self.streams = StreamService(self.rpc)
         try:
             self.store = StoreService(self.core, self.links, self.data_dir, s.store)
@@ -227,6 +237,7 @@ class Node:
             self.durable = DurableTopics(self.broker, self.store, self.data_dir, s.broker)
         except BrokerFileError as exc:
             raise NodeError(str(exc)) from None
+        self.broker.tracer = self.debug.tracer
         self.auth.vouched_roots = self._vouched_roots
         self.auth.seed_roots = self._seed_roots
         self.auth.on_pin = self._advertise_root
@@ -242,6 +253,9 @@ class Node:
         self.edge = EdgeProxy(self)
         self.bootstrap_token: str | None = None
         self.rpc.auth = self.auth
+        self.debug.auth = self.auth
+        self.metrics_address = ""
+        self._add_exporters()
         self.registry.service_token = self.auth.service_token
         self.op_table = self._op_table()
         control = ControlServer(socket_path(self.data_dir), self.op_table)
@@ -268,6 +282,9 @@ class Node:
                         await nursery.start(self.links.serve_ws, ws_host, ws_port)
                     except (OSError, addrs.AddressError) as exc:
                         raise NodeError(f"--ws-listen {s.node.ws_listen}: {exc}") from None
+                await nursery.start(self.debug.run)
+                if s.debug.metrics_listen:
+                    await self._serve_metrics(nursery)
                 await nursery.start(self.membership.run)
                 await nursery.start(self.registry.run)
                 await nursery.start(self.rpc.run)
@@ -309,6 +326,7 @@ class Node:
                 RpcOps(self.rpc, self.streams, s.rpc.default_timeout),
                 store_ops,
                 BrokerOps(self.broker, self.durable, self.auth, self.name),
+                DebugOps(self.debug),
                 self.tunnels, self.auth_ops):
             table.add(component.ops())
         return table
@@ -319,7 +337,49 @@ class Node:
                 **self.alive_verifier.stats, **self.control_stats,
                 **self.registry.replicator.stats, **self.auth.stats,
                 **self.broker.stats, **self.broker.interest.stats, **self.durable.stats,
-                **self.durable.origin.stats, **self.rpc.stats}
+                **self.durable.origin.stats, **self.rpc.stats, **self.debug.stats,
+                **getattr(self, "otlp_stats", {}),
+                "suspicions": self.core.suspicions, "refutations": self.core.refutations,
+                "broker_pending": sum(len(c.pending) for c in
+                                      self.durable.origin.consumers.values())}
+
+    def _probe(self) -> dict[str, Any]:
+        """What a stats sample reports of the node's components."""
+        st = self.store.rep.state
+        try:
+            store_bytes = os.path.getsize(self.store.db.path)
+        except OSError:
+            store_bytes = 0
+        return {"links": len({id(v) for v in self.links.links.values()}),
+                "members": self.debug.members_by_state(),
+                "store_records": sum(len(t.records) for t in st.tables.values()),
+                "store_bytes": store_bytes,
+                "services": len(self.registry.local)}
+
+    def _add_exporters(self) -> None:
+        endpoint = self.settings.debug.otlp_endpoint
+        if endpoint:
+            from .debug import otlp
+            try:
+                otlp.check_available()
+            except RuntimeError as exc:
+                raise NodeError(str(exc)) from None
+            exporter = otlp.OtlpExporter(endpoint, self.debug.spans, self.name,
+                                         calls=self.debug.calls, sampler=self.debug.sampler)
+            self.otlp_stats = exporter.stats
+            self.debug.exporters.append(exporter.run)
+
+    async def _serve_metrics(self, nursery: trio.Nursery) -> None:
+        from .debug.metrics import MetricsExporter
+        s = self.settings
+        try:
+            host, port = addrs.parse(s.debug.metrics_listen)
+            tls = tlsconf.server_context(s.node.tls_cert, s.node.tls_key)
+            exporter = MetricsExporter(self.debug)
+            await nursery.start(exporter.serve, host, port, tls)
+        except (OSError, addrs.AddressError, tlsconf.TlsError) as exc:
+            raise NodeError(f"--metrics-listen {s.debug.metrics_listen}: {exc}") from None
+        self.metrics_address = addrs.format(host, exporter.port)
 
     async def _bind(self, host: str, port: int) -> tuple[int, list[trio.SocketListener]]:
         """UDP and TCP on the same port. With port 0 the kernel picks the UDP port, which

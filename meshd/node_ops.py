@@ -62,6 +62,7 @@ class NodeOps:
             "links": len({id(v) for v in n.links.links.values()}),
             "uptime_s": round(time.time() - n.started, 1), "stats": self.stats(),
             "version": package_version(),
+            "metrics": getattr(n, "metrics_address", ""),
         }
 
     async def settings(self, _: dict[str, Any]) -> Any:

@@ -296,6 +296,32 @@ class BrokerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DebugSettings:
+    """Logs, stats and traces kept on every node; Prometheus and OTLP exports
+    (docs/observability.md)."""
+
+    # Log records kept (the node's own and its services'): ~0.5 KB each, so 5 MB at most.
+    log_buffer: int = 10_000
+    # The lowest level kept in the buffer (the node's stderr keeps its own --log-level).
+    log_level: str = "info"
+    # Trace spans kept: ~0.4 KB each.
+    span_buffer: int = 10_000
+    # Stats samples kept per node (one every stats_interval seconds: an hour at the defaults).
+    stats_interval: float = 10.0
+    stats_buffer: int = 360
+    # The share of traces kept (0..1), decided where a trace starts and carried in
+    # `traceparent`; a span that ends in an error is always kept. 0.1 keeps enough of a busy
+    # service to find slow calls without paying for every one.
+    trace_sample: float = 0.1
+    # /metrics for Prometheus ("" = off; loopback unless told, like every outside listener).
+    metrics_listen: str = ""
+    # OTLP/HTTP endpoint for spans ("" = off; needs `pip install meshd[otel]`).
+    otlp_endpoint: str = ""
+    # How long a cluster-wide query waits for each node's answer.
+    query_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole settings tree of a node."""
 
@@ -306,10 +332,11 @@ class Settings:
     rpc: RpcSettings = field(default_factory=RpcSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
+    debug: DebugSettings = field(default_factory=DebugSettings)
 
 
 # The tables of a settings file (and MESHD_<SECTION>_<KEY> in the environment) besides [node].
-SECTIONS = ("membership", "limits", "rpc", "store", "broker")
+SECTIONS = ("membership", "limits", "rpc", "store", "broker", "debug")
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
              "log_level", "ws_listen", "proxy_listen", "tls_cert", "tls_key", "auth_root"}
@@ -368,6 +395,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         raise SettingsError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     node, membership, limits = NodeSettings(), membership_profile(profile), LimitsSettings()
     rpc, store, broker = RpcSettings(), StoreSettings(), BrokerSettings()
+    debug = DebugSettings()
     for lay in layers:
         node = _replace_checked(node, lay.get("node", {}), "node")
         membership = _replace_checked(membership, lay.get("membership", {}), "membership")
@@ -375,6 +403,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         rpc = _replace_checked(rpc, lay.get("rpc", {}), "rpc")
         store = _replace_checked(store, lay.get("store", {}), "store")
         broker = _replace_checked(broker, lay.get("broker", {}), "broker")
+        debug = _replace_checked(debug, lay.get("debug", {}), "debug")
     if limits.max_remote_streams < 1:
         raise SettingsError("limits.max_remote_streams must be at least 1")
     if rpc.selector not in ("random", "roundrobin", "nearest"):
@@ -383,7 +412,15 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
             or broker.subscriber_buffer < 1 or broker.max_message_bytes < 1:
         raise SettingsError("broker: max_deliver, max_in_flight, subscriber_buffer and "
                             "max_message_bytes must be at least 1, ack_wait above 0")
-    return Settings(profile, node, membership, limits, rpc, store, broker)
+    if min(debug.log_buffer, debug.span_buffer, debug.stats_buffer) < 1 \
+            or debug.stats_interval <= 0 or debug.query_timeout <= 0:
+        raise SettingsError("debug: log_buffer, span_buffer and stats_buffer must be at least "
+                            "1, stats_interval and query_timeout above 0")
+    if not 0.0 <= debug.trace_sample <= 1.0:
+        raise SettingsError("debug.trace_sample must be between 0 and 1")
+    if debug.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingsError("debug.log_level must be debug, info, warning, error or critical")
+    return Settings(profile, node, membership, limits, rpc, store, broker, debug)
 
 
 class SettingsError(ValueError):

@@ -177,7 +177,8 @@ class Client:
                    response: type[T] | None = None, selector: str | None = None,
                    namespace: str | None = None) -> Any:
         body = await self._request("rpc.call", service=service, endpoint=endpoint,
-                                   body=dump(request), timeout=timeout, meta=meta or {},
+                                   body=dump(request), timeout=timeout,
+                                   meta=_traced(meta),
                                    selector=selector, namespace=self._ns(namespace))
         if response is None:
             return body
@@ -215,7 +216,8 @@ class Client:
         on to every interested node (at most once); durable topics: returns once the
         message is on disk (`seq`); `delay` seconds (durable topics only) holds it back
         from durable subscribers until due; `id` deduplicates republishes."""
-        args: dict[str, Any] = {"topic": topic, "body": dump(event), "headers": headers or {},
+        args: dict[str, Any] = {"topic": topic, "body": dump(event),
+                                "headers": _traced(headers),
                                 "namespace": self._ns(namespace)}
         if delay is not None:
             args["delay"] = delay
@@ -295,3 +297,18 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _traced(meta: dict[str, str] | None) -> dict[str, str]:
+    """A call's metadata (or a message's headers); inside a handler, with the handler's
+    traceparent (unless the caller set one): the call or message is part of the trace
+    being served."""
+    from .service import current_call
+
+    info = current_call()
+    if info is None:
+        return meta or {}
+    tp = info.traceparent
+    if not tp or (meta and "traceparent" in meta):
+        return meta or {}
+    return {**(meta or {}), "traceparent": tp}

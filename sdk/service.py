@@ -25,6 +25,7 @@ import inspect
 import logging
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, get_type_hints
@@ -37,6 +38,7 @@ from meshd.errors import MeshError
 
 from .broker import Msg
 from .daemon import socket_path
+from .logship import Shipper
 from .schema import SchemaError, describe, dump, load
 
 log = logging.getLogger("sdk.service")
@@ -49,9 +51,20 @@ class CallInfo:
     endpoint: str
     meta: dict[str, Any]
 
+    span_id: str = ""  # the handler's span (the parent of calls the handler makes)
+
     @property
     def trace_id(self) -> str:
         return str(self.meta.get("trace-id", ""))
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C traceparent for calls and publishes made while serving this call: they
+        are children of the handler's span, in the same trace."""
+        tp = self.meta.get("traceparent")
+        if not (isinstance(tp, str) and len(tp) == 55 and self.span_id):
+            return ""
+        return f"{tp[:36]}{self.span_id}{tp[52:]}"
 
     @property
     def caller_node(self) -> str:
@@ -74,6 +87,11 @@ _SERVICE_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 _SERVICE_NAMESPACE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "meshd_service_namespace", default=None)
+
+
+def _current_trace_id() -> str:
+    info = _CURRENT.get()
+    return info.trace_id if info is not None else ""
 
 
 def running_service_token() -> str | None:
@@ -195,6 +213,7 @@ class Service:
         self.instance_id: str | None = None
         self.token: str | None = None
         self.registered = trio.Event()
+        self.logs: Shipper | None = None  # its log shipper while it runs
 
     def handler(self, name: str | None = None) -> Callable[[Any], Any]:
         def wrap(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
@@ -264,6 +283,9 @@ class Service:
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         client = ControlClient(self.path)
+        shipper = Shipper(_current_trace_id)
+        self.logs = shipper
+        unship = shipper.install()  # this task and the ones it starts ship their logging
         try:
             info, conn = await client.session("service.register", **self._registration())
             self.instance_id = info["id"]
@@ -280,6 +302,7 @@ class Service:
                 if isinstance(conn.framed, Framed):  # replies queued, sent together
                     nursery.start_soon(conn.framed.run_flusher)
                 nursery.start_soon(self._heartbeat, conn, ttl)
+                nursery.start_soon(shipper.run, conn.send)
                 for sub in self.subscribers:
                     await nursery.start(self._subscribe, sub)
                 while True:
@@ -303,6 +326,7 @@ class Service:
                         if target is not None:
                             target.on_frame(msg)  # never blocks: credits bound the flow
         finally:
+            unship()
             await client.aclose()
         # raised outside the nursery, so callers get it as is, not inside an exception group
         raise MeshError(503, "the daemon closed the service connection", id="sdk")
@@ -398,17 +422,22 @@ class Service:
         except SchemaError as exc:
             return _error(MeshError(400, str(exc), id=self.name))
         meta = msg.get("meta") if isinstance(msg.get("meta"), dict) else {}
-        token = _CURRENT.set(CallInfo(endpoint.name, meta))
+        span = os.urandom(8).hex()
+        token = _CURRENT.set(CallInfo(endpoint.name, meta, span))
+        t0 = time.perf_counter()
         try:
             result = await endpoint.fn(request)
-            return {"ok": True, "body": dump(result)}
+            reply = {"ok": True, "body": dump(result)}
         except MeshError as exc:
-            return _error(exc)
+            reply = _error(exc)
         except Exception as exc:
             log.exception("handler %s failed", endpoint.name)
-            return _error(MeshError(500, f"{endpoint.name} failed: {exc}", id=self.name))
+            reply = _error(MeshError(500, f"{endpoint.name} failed: {exc}", id=self.name))
         finally:
             _CURRENT.reset(token)
+        reply["took"] = time.perf_counter() - t0  # the handler's span, at the daemon
+        reply["span"] = span
+        return reply
 
 
 def _error(exc: MeshError) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from typing import Any
 import trio
 
 from meshd import namespaces
+from meshd.debug.traces import TRACEPARENT
 from meshd.errors import MeshError, bad_request, not_found
 from meshd.ops import Finish
 from meshd.store import crdt
@@ -524,6 +525,10 @@ class DurableTopics:
         await sub.inbox.deliver({**item["msg"], "tag": tag, "attempt": item["attempt"],
                                  "durable": name, "origin": log_origin or origin,
                                  "seq": item["seq"]})
+        self.broker.stats["broker_delivered"] += 1
+        headers = item["msg"].get("headers")
+        if headers and TRACEPARENT in headers and self.broker.tracer is not None:
+            self.broker.trace_delivery(headers[TRACEPARENT], topic, 1, durable=name)
 
     def settle_tags(self, sub: LocalSub, kind: str, tags: list[Any],
                     delay: float | None = None) -> int:

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Any
 
 import trio
 
 from meshd import namespaces
+from meshd.debug import traces
 from meshd.errors import MeshError, bad_request, not_found
 from meshd.ops import REQUEST_TOKEN, Conn, Finish, Op, mesh_resource
 
@@ -109,10 +111,34 @@ class BrokerOps:
         """One publish (`seen`: see _checked; it also keeps where plain copies went)."""
         ns, topic, who, definition = self._checked(args, seen)
         msg, delay = self._message(args, ns, topic, who, definition)
+        traced = self._traced(msg)
         if definition is not None:
-            return await self.durable.publish(ns, msg, definition, delay,
-                                              minted=args.get("id") is None)
-        return await self.broker.publish(ns, msg, routes=seen)
+            result = await self.durable.publish(ns, msg, definition, delay,
+                                                minted=args.get("id") is None)
+        else:
+            result = await self.broker.publish(ns, msg, routes=seen)
+        if traced is not None:
+            self._producer_span(traced, msg)
+        return result
+
+    def _traced(self, msg: messages.Message) -> Any:
+        """A message whose publisher sent a sampled traceparent: it carries this daemon's
+        producer span instead (its consumers' spans are children of it); the span's
+        (context, parent, start). None for the others (nothing is added to them)."""
+        tp = msg.headers.get(traces.TRACEPARENT) if msg.headers else None
+        if tp is None or self.broker.tracer is None:
+            return None
+        parent = traces.parse(tp)
+        if parent is None or not parent.sampled:
+            return None
+        ctx = traces.Context(parent.trace_id, traces.new_span_id(), True)
+        msg.headers[traces.TRACEPARENT] = ctx.header()
+        return ctx, parent.span_id, time.time(), time.perf_counter()
+
+    def _producer_span(self, traced: Any, msg: messages.Message) -> None:
+        ctx, parent, wall, t0 = traced
+        self.broker.tracer.end(ctx, parent, f"publish {msg.topic}", "producer", "", wall,
+                               time.perf_counter() - t0, attrs={"message": msg.id})
 
     def publish_fast(self, args: dict[str, Any], token: str | None, finish: Finish,
                      size: int) -> bool:
@@ -126,6 +152,9 @@ class BrokerOps:
             msg, delay = self._message(args, ns, topic, who, definition)
         except MeshError:
             return False
+        traced = self._traced(msg)
+        if traced is not None:
+            self._producer_span(traced, msg)
         return self.durable.publish_fast(ns, msg, definition, delay, args.get("id") is None,
                                          finish)
 

@@ -36,6 +36,8 @@ import cbor2
 import trio
 
 from meshd import wire
+from meshd.debug.traces import TRACEPARENT
+from meshd.debug.traces import parse as parse_traceparent
 from meshd.errors import MeshError, bad_request
 from meshd.hlc import HLC
 from meshd.membership.core import Membership
@@ -124,7 +126,9 @@ class BrokerService:
         self.durable: Any = None  # durable.DurableTopics, set by the node
         # answers another daemon's question about what this node holds (overview.py)
         self.on_query: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-        self.stats = {"broker_published": 0, "broker_copies_out": 0, "broker_copies_in": 0,
+        self.tracer: Any = None  # debug.traces.Tracer (set by the node): traced messages
+        self.stats = {"broker_delivered": 0, "broker_published": 0, "broker_copies_out": 0,
+                      "broker_copies_in": 0,
                       "broker_copies_dropped": 0, "broker_batches_out": 0,
                       "broker_bad_messages": 0, "broker_unserved": 0,
                       "broker_interest_out": 0, "broker_interest_in": 0}
@@ -286,7 +290,20 @@ class BrokerService:
             sub = self._one_of(ns, group, patterns)
             if sub is not None:
                 got += await sub.inbox.deliver(wired)
+        self.stats["broker_delivered"] += got
+        headers = wired.get("headers")
+        if headers and TRACEPARENT in headers and self.tracer is not None:
+            self.trace_delivery(headers[TRACEPARENT], topic, got)
         return got
+
+    def trace_delivery(self, traceparent: Any, topic: str, got: int,
+                       durable: str = "") -> None:
+        """A traced message reached this node's subscribers: its consumer span."""
+        ctx = parse_traceparent(traceparent)
+        if ctx is not None and ctx.sampled:
+            attrs = {"subscribers": str(got), **({"durable": durable} if durable else {})}
+            self.tracer.child_span(ctx, f"deliver {topic}", "consumer", "", time.time(), 0.0,
+                                   attrs=attrs)
 
     def _one_of(self, ns: str, group: str, patterns: tuple[str, ...]) -> LocalSub | None:
         members = [s for p in patterns for s in self._by_key.get((ns, p, group), ())]

@@ -329,6 +329,8 @@ class Membership:
         self._joins: dict[str, float] = {}
         self._broadcasts = BroadcastQueue()
         self._awareness = Awareness(settings.awareness_max_multiplier)
+        self.suspicions = 0  # members this node came to suspect (for /metrics)
+        self.refutations = 0  # times it refuted a suspicion of itself
         self._timers: list[tuple[float, int, Callable[[Any, float], None], Any]] = []
         self._timer_seq = 0
         self._sends: list[Send] = []
@@ -918,6 +920,7 @@ class Membership:
     # --- state changes (S1-S4) -----------------------------------------------------------
 
     def _refute(self, accused_incarnation: int) -> None:
+        self.refutations += 1
         self.me.incarnation = max(self.me.incarnation, accused_incarnation) + 1
         self._broadcast_self_alive()
         if self.s.lifeguard:
@@ -1029,6 +1032,7 @@ class Membership:
         m.incarnation = msg.incarnation
         m.state = SUSPECT
         m.state_change = now
+        self.suspicions += 1
         n = self.num_live()
         k = self.s.suspicion_mult - 2
         if n - 2 < k:

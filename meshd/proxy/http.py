@@ -24,12 +24,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from meshd import wire
+from meshd import asgi, wire
+from meshd.asgi import Receive, Scope, Send
 from meshd.errors import MeshError
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 MAX_BODY = 4 << 20
 MAX_DEPTH = 32  # JSON nesting of a request body (the control API decodes no deeper)
 MAX_IN_FLIGHT = 256  # requests served at once; more get 503 at once instead of queueing
@@ -43,27 +41,10 @@ def make_app(socket: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     in_flight = [0]  # requests being served now (per app: no module state)
 
     async def respond(send: Send, status: int, payload: Any) -> None:
-        body = json.dumps(payload).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await asgi.respond(send, status, json.dumps(payload).encode(), "application/json")
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] == "websocket":  # not served here: refuse the upgrade (403)
-            msg = await receive()
-            if msg.get("type") == "websocket.connect":
-                await send({"type": "websocket.close", "code": 1008})
-            return
-        if scope["type"] != "http":
+        if await asgi.non_http(scope, receive, send):
             return
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"").decode("latin-1")

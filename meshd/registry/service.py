@@ -55,6 +55,7 @@ class LocalInstance:
     closed: bool = False
     # set once the process got its registration reply: nothing else may reach it before
     ready: trio.Event = field(default_factory=trio.Event)
+    stats: Any = None  # its call stats (debug.stats.InstanceStats), made at its first call
 
 
 def instance_view(e: Entry) -> dict[str, Any]:
@@ -78,6 +79,9 @@ class RegistryService:
         self.replicator.on_change = self._notify
         self.state = self.replicator.state
         self.local: dict[str, LocalInstance] = {}
+        self.on_drop: list[Callable[[str], None]] = []  # called with a dropped instance id
+        # a local instance's log records (frames {"log": [...]}): (instance, records)
+        self.on_log: Callable[[LocalInstance, Any], None] | None = None
         self._version = 0
         self._cache: dict[tuple[str | None, str | None],
                           tuple[Any, list[dict[str, Any]]]] = {}
@@ -188,6 +192,8 @@ class RegistryService:
                         stream.on_frame(msg)  # never blocks: streams use credits
                 elif "ping" in msg:
                     await conn.send({"pong": msg["ping"]})
+                elif "log" in msg and self.on_log is not None:
+                    self.on_log(local, msg["log"])  # its logging output (debug buffers)
         except (EOFError, MeshError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -199,6 +205,8 @@ class RegistryService:
         local.closed = True
         local.ready.set()  # whoever waits for it sees it closed
         self.local.pop(local.id, None)
+        for gone in self.on_drop:
+            gone(local.id)
         for waiter in local.pending.values():
             waiter.send_nowait({"ok": False, "error": unavailable(
                 f"instance {local.id} went away ({why})", id="meshd.rpc").to_dict()})

@@ -30,11 +30,13 @@ import logging
 import math
 import os
 import random
+import time
 from typing import Any
 
 import trio
 
 from meshd import namespaces, wire
+from meshd.debug import traces
 from meshd.errors import MeshError, bad_request, not_found, unavailable
 from meshd.membership.core import Membership
 from meshd.ops import Finish
@@ -73,6 +75,7 @@ class RpcService:
         self._mux_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self.auth: Any = None  # AuthService, set by the node
+        self.debug: Any = None  # DebugService (spans, call stats), set by the node
         self.stats = {"rpc_calls": 0, "rpc_errors": 0, "rpc_remote_served": 0,
                       "rpc_fast_calls": 0}
         # deadlines of fast calls: (deadline, n, call), woken when an earlier one arrives
@@ -138,12 +141,62 @@ class RpcService:
                    meta: dict[str, str] | None = None, selector: str | None = None,
                    token: str | None = None, namespace: str = namespaces.DEFAULT) -> Any:
         self.stats["rpc_calls"] += 1
+        meta = dict(meta or {})
+        debug = self.debug
+        if debug is None:
+            try:
+                return await self._call(service, endpoint, body, timeout, meta,
+                                        selector or self.selector, token, namespace)
+            except MeshError:
+                self.stats["rpc_errors"] += 1
+                raise
+        ctx, parent = debug.tracer.begin(meta)
+        wall, t0 = time.time(), time.perf_counter()
         try:
-            return await self._call(service, endpoint, body, timeout, dict(meta or {}),
-                                    selector or self.selector, token, namespace)
-        except MeshError:
+            result = await self._call(service, endpoint, body, timeout, meta,
+                                      selector or self.selector, token, namespace)
+        except MeshError as exc:
             self.stats["rpc_errors"] += 1
+            self._client_done(ctx, parent, service, endpoint, wall, t0, exc.status,
+                              exc.detail)
             raise
+        self._client_done(ctx, parent, service, endpoint, wall, t0)
+        return result
+
+    def _client_done(self, ctx: traces.Context, parent: str, service: str, endpoint: str,
+                     wall: float, t0: float, status: int = 0, error: str = "") -> None:
+        """A call made through this daemon ended: its client span and stats."""
+        took = time.perf_counter() - t0
+        self.debug.calls.observe("client", service, endpoint, status, took)
+        self.debug.tracer.end(ctx, parent, f"call {service}/{endpoint}", "client", service,
+                              wall, took, status, error)
+
+    def _served(self, local: LocalInstance, endpoint: str, meta: dict[str, Any],
+                t0: float, reply: Any) -> None:
+        """A call a local instance answered (or failed): its instance and server stats,
+        and the handler's span (timed by the SDK: "took" in its reply)."""
+        debug = self.debug
+        took = time.perf_counter() - t0
+        status, error, handler = 0, "", took
+        if isinstance(reply, dict):
+            if not reply.get("ok"):
+                err = reply.get("error")
+                status = err.get("status", 500) if isinstance(err, dict) else 500
+                status = status if type(status) is int else 500
+                error = str(err.get("detail", "")) if isinstance(err, dict) else ""
+            if isinstance(reply.get("took"), float) and 0 <= reply["took"] <= took:
+                handler = reply["took"]
+        st = local.stats
+        if st is not None:
+            debug.calls.end(st, endpoint, status, took)
+        debug.calls.observe("server", local.service, endpoint, status, took)
+        ctx = traces.parse(meta.get(traces.TRACEPARENT))
+        if ctx is not None and (ctx.sampled or status):
+            span = reply.get("span") if isinstance(reply, dict) else None
+            debug.tracer.child_span(ctx, f"handler {endpoint}", "handler", local.service,
+                                    time.time() - handler, handler, status, error,
+                                    {"instance": local.id},
+                                    span if isinstance(span, str) else "")
 
     async def _call(self, service: str, endpoint: str, body: Any, timeout: float,
                     meta: dict[str, str], selector: str, token: str | None,
@@ -188,10 +241,12 @@ class RpcService:
                                   local.namespace)
             if who:
                 meta = {**meta, "caller": who}
-            return _unwrap(await call_local(local, endpoint, body, meta, deadline))
+            return _unwrap(await self._call_local(local, endpoint, body, meta, deadline))
         mux = await self._mux_to(self.node_addr(inst))
         request = {"instance": inst["id"], "endpoint": endpoint, "body": body, "meta": meta,
                    "timeout": deadline - trio.current_time()}
+        if traces.TRACEPARENT in meta:  # relays on the way record their span of the call
+            traces.RELAYED.set(meta[traces.TRACEPARENT])
         if token:
             request["token"] = token
         reply = await mux.call(request, inst["node"])
@@ -229,9 +284,36 @@ class RpcService:
         """What every call's metadata carries from the calling daemon: a trace id (unless
         the caller gave one) and this node as the caller's node, never what a client
         claims."""
-        meta.setdefault("trace-id", os.urandom(8).hex())
+        tp = meta.get(traces.TRACEPARENT)
+        meta.setdefault("trace-id", tp[3:35] if isinstance(tp, str) and len(tp) == 55
+                        else os.urandom(16).hex())
         meta["caller-node"] = self.core.me.name
         return meta
+
+    async def _call_local(self, local: LocalInstance, endpoint: str, body: Any,
+                          meta: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """call_local, counted and traced (with debug on)."""
+        if self.debug is None:
+            return await call_local(local, endpoint, body, meta, deadline)
+        if local.stats is None:
+            local.stats = self.debug.calls.begin(local.id, local.service)
+        else:
+            local.stats.in_flight += 1
+        t0 = time.perf_counter()
+        reply: Any = None
+        try:
+            reply = await call_local(local, endpoint, body, meta, deadline)
+            return reply
+        except trio.Cancelled:
+            if trio.current_time() >= deadline:  # the deadline passed (not a hang-up)
+                reply = {"ok": False, "error": {"status": 408,
+                                                "detail": "no answer before the deadline"}}
+            raise
+        finally:
+            if reply is None:  # not delivered, or the caller went: not the service's doing
+                local.stats.in_flight -= 1
+            else:
+                self._served(local, endpoint, meta, t0, reply)
 
     # --- fast path: local calls answered from callbacks ----------------------------------
 
@@ -263,17 +345,28 @@ class RpcService:
                 self.check_body(body)
         except MeshError:
             return False
-        meta = self._stamp(dict(meta))
+        meta = dict(meta)
+        trace = None
+        if self.debug is not None:
+            ctx, parent = self.debug.tracer.begin(meta)
+            trace = (ctx, parent, time.time(), time.perf_counter(), service, endpoint, meta)
+            if local.stats is None:
+                local.stats = self.debug.calls.begin(local.id, local.service)
+            else:
+                local.stats.in_flight += 1
+        meta = self._stamp(meta)
         if who:
             meta["caller"] = who
         local.next_call += 1
         call = _FastCall(self, local, local.next_call, finish, f"{service}.{endpoint}",
-                         timeout)
+                         timeout, trace)
         deadline = trio.current_time() + timeout
         try:
             local.conn.framed.write_nowait({"call": call.cid, "endpoint": endpoint,
                                             "body": body, "meta": meta, "timeout": timeout})
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if local.stats is not None and trace is not None:
+                local.stats.in_flight -= 1
             return False
         local.pending[call.cid] = call  # type: ignore[assignment]
         self.stats["rpc_calls"] += 1
@@ -392,10 +485,25 @@ class RpcService:
                 id="meshd.rpc").to_dict()}
         self.stats["rpc_remote_served"] += 1
         deadline = trio.current_time() + max(0.0, min(timeout, 3600.0))
+        if self.debug is None:
+            return await self._serve_local(local, req, meta, deadline)
+        ctx, parent = self.debug.tracer.begin(meta)  # the server span, the handler's parent
+        traces.RELAYED.set(meta[traces.TRACEPARENT])  # the reply's relays: children of it
+        wall, t0 = time.time(), time.perf_counter()
+        reply = await self._serve_local(local, req, meta, deadline)
+        err = reply.get("error") if not reply.get("ok") else None
+        self.debug.tracer.end(
+            ctx, parent, f"serve {local.service}/{req['endpoint']}", "server", local.service,
+            wall, time.perf_counter() - t0, err.get("status", 500) if err else 0,
+            str(err.get("detail", "")) if err else "", {"caller-node": str(peer_node)})
+        return reply
+
+    async def _serve_local(self, local: LocalInstance, req: dict[str, Any],
+                           meta: dict[str, Any], deadline: float) -> dict[str, Any]:
         try:
             with trio.fail_at(deadline):
-                return await call_local(local, req["endpoint"], req.get("body"), meta,
-                                        deadline)
+                return await self._call_local(local, req["endpoint"], req.get("body"), meta,
+                                              deadline)
         except NotDelivered:
             return {"ok": False, "undelivered": True, "error": unavailable(
                 f"instance {req['instance']} went away", id="meshd.rpc").to_dict()}
@@ -464,10 +572,10 @@ class _FastCall:
     registry hands it the service's reply, or a 503 when the instance goes, through
     send_nowait) and in the deadline heap."""
 
-    __slots__ = ("cid", "finish", "finished", "local", "name", "rpc", "timeout")
+    __slots__ = ("cid", "finish", "finished", "local", "name", "rpc", "timeout", "trace")
 
     def __init__(self, rpc: RpcService, local: LocalInstance, cid: int, finish: Finish,
-                 name: str, timeout: float) -> None:
+                 name: str, timeout: float, trace: tuple[Any, ...] | None = None) -> None:
         self.rpc = rpc
         self.local = local
         self.cid = cid
@@ -475,6 +583,9 @@ class _FastCall:
         self.name = name
         self.timeout = timeout
         self.finished = False
+        # with debug on: (client span context, its parent id, wall start, perf start,
+        # service, endpoint, the metadata the service got)
+        self.trace = trace
 
     def send_nowait(self, reply: Any) -> None:
         if self.finished:
@@ -484,9 +595,19 @@ class _FastCall:
             body = _unwrap(reply)
         except MeshError as exc:
             self.rpc.stats["rpc_errors"] += 1
+            self._account(reply, exc)
             self.finish(None, exc)
             return
+        self._account(reply)
         self.finish(body, None)
+
+    def _account(self, reply: Any, exc: MeshError | None = None) -> None:
+        if self.trace is None:
+            return
+        ctx, parent, wall, t0, service, endpoint, meta = self.trace
+        self.rpc._served(self.local, endpoint, meta, t0, reply)
+        self.rpc._client_done(ctx, parent, service, endpoint, wall, t0,
+                              exc.status if exc else 0, exc.detail if exc else "")
 
     def expire(self) -> None:
         if self.finished:
@@ -495,7 +616,9 @@ class _FastCall:
         if self.local.pending.get(self.cid) is self:
             del self.local.pending[self.cid]
         self.rpc.stats["rpc_errors"] += 1
-        self.finish(None, _too_slow(self.name, self.timeout))
+        exc = _too_slow(self.name, self.timeout)
+        self._account({"ok": False, "error": exc.to_dict()}, exc)
+        self.finish(None, exc)
 
 
 async def call_local(local: LocalInstance, endpoint: str, body: Any, meta: dict[str, Any],

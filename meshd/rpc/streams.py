@@ -136,6 +136,13 @@ class StreamService:
         inst = self.rpc._pick(candidates, set(), self.rpc.selector)
         assert inst is not None
         token = REQUEST_TOKEN.get()
+        tracer = self.rpc.debug.tracer if self.rpc.debug is not None else None
+        with tracer.span(meta, f"stream {service}/{endpoint}", "client", service) \
+                if tracer is not None else contextlib.nullcontext():
+            await self._open_session(inst, service, endpoint, meta, token, conn)
+
+    async def _open_session(self, inst: dict[str, Any], service: str, endpoint: str,
+                            meta: dict[str, Any], token: str | None, conn: Conn) -> None:
         if inst["node"] == self.rpc.core.me.name:
             local = self.rpc.registry.local.get(inst["id"])
             if local is None:
@@ -197,6 +204,13 @@ class StreamService:
         except MeshError as exc:
             await ch.send(wire.dumps({"ok": False, "error": exc.to_dict()}))
             return
+        tracer = self.rpc.debug.tracer if self.rpc.debug is not None else None
+        with tracer.span(meta, f"serve stream {local.service}/{endpoint}", "server",
+                         local.service) if tracer is not None else contextlib.nullcontext():
+            await self._serve_stream(ch, local, endpoint, meta)
+
+    async def _serve_stream(self, ch: Channel, local: Any, endpoint: str,
+                            meta: dict[str, Any]) -> None:
         stream = LocalStream(local, endpoint, meta)
         try:
             await stream.open()

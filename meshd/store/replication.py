@@ -96,7 +96,8 @@ class StoreReplicator:
         # databases whose deletes are remembered for ever: a signed record there must never
         # come back by replay once its tombstone is gone (the auth database)
         self.keep_tombstones: frozenset[str] = frozenset()
-        self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0, "store_refused": 0,
+        self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0, "store_repairs": 0,
+                      "store_refused": 0,
                       "store_future_refused": 0}
 
     # --- local writes ----------------------------------------------------------------------
@@ -248,6 +249,8 @@ class StoreReplicator:
                 if wanted:
                     want[name] = wanted
             reply = {"t": "records", "e": records, "want": want}
+            self.stats["store_repairs"] += len(records)
+            self.stats["store_bytes_repair"] += self.repair_bytes - budget
             if more:
                 reply["more"] = True
             return [(sender, reply)]

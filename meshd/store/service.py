@@ -84,7 +84,8 @@ class StoreService:
         self._watchers: list[tuple[str | None, str | None, str, trio.MemorySendChannel[Any]]] = []
         self._kick = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self.stats = {"store_bad_messages": 0, "store_commits": 0}
+        self.stats = {"store_bad_messages": 0, "store_commits": 0, "store_reads": 0,
+                      "store_writes": 0}
         links.handlers[CHANNEL] = self._serve_channel
 
     def _peers(self) -> list[str]:
@@ -217,6 +218,7 @@ class StoreService:
 
     async def _commit_local(self, db: str, tbl: str, key: str, delta: crdt.State,
                             replicas: int) -> crdt.State:
+        self.stats["store_writes"] += 1
         state, wid = self.rep.local(db, tbl, key, delta, trio.current_time(),
                                     want_acks=replicas > 1)
         self._kick.set()
@@ -266,6 +268,7 @@ class StoreService:
         if limit < 0 or offset < 0:
             raise bad_request("limit and offset must not be negative", id="meshd.store")
         self._exists(db, tbl)
+        self.stats["store_reads"] += 1
         now = _now_ms()
         rows = self.rep.state.read(db, tbl, now, key=key, prefix=args.get("prefix"),
                                    suffix=args.get("suffix"), limit=limit, offset=offset)

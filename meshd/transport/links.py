@@ -67,12 +67,15 @@ import contextlib
 import logging
 import math
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 from meshd import wire
+from meshd.debug import traces
+from meshd.debug.traces import RELAYED
 from meshd.identity import Identity, node_id_from_public
 from meshd.secure.frames import LENGTH, FrameCipher, FrameError
 from meshd.secure.handshake import HandshakeError, Initiator, LinkKeys, Responder
@@ -142,13 +145,22 @@ class WsStream:
 
 class ChannelStream:
     """A channel as a byte stream: a relayed link runs its own handshake and frames over it,
-    so relays carry only ciphertext they cannot read (end-to-end encryption)."""
+    so relays carry only ciphertext they cannot read (end-to-end encryption).
 
-    def __init__(self, ch: Channel) -> None:
+    A tagged stream (both ends and every relay agreed in the relay header) starts each
+    message with a byte: 0, or 1 followed by the 55-byte W3C traceparent of the call whose
+    frame it carries (`traces.RELAYED` of the sending task), so each relay records its span
+    of the call; the trace id is all a relay learns."""
+
+    def __init__(self, ch: Channel, tagged: bool = False) -> None:
         self.ch = ch
+        self.tagged = tagged
         self._buf = b""
 
     async def send_all(self, data: bytes) -> None:
+        if self.tagged:
+            tp = RELAYED.get()
+            data = (b"\x01" + tp.encode() + data) if len(tp) == TAG_BYTES else b"\x00" + data
         try:
             await self.ch.send(bytes(data))
         except ChannelClosed:
@@ -160,6 +172,9 @@ class ChannelStream:
                 self._buf = await self.ch.receive()
             except ChannelClosed:
                 return b""
+            if self.tagged:
+                self._buf = self._buf[1 + TAG_BYTES:] if self._buf[:1] == b"\x01" \
+                    else self._buf[1:]
             if not self._buf:
                 return b""
         n = max_bytes or len(self._buf)
@@ -172,6 +187,7 @@ class ChannelStream:
 
 RELAY = "relay"
 MAX_HOPS = 8
+TAG_BYTES = 55  # a traceparent on a tagged relay message
 
 
 class LinkError(Exception):
@@ -392,6 +408,9 @@ class Link:
             raise ChannelClosed(f"link to {self.peer_addr} closed")
         async with self._send_lock:
             data = self.cipher.seal(HEADER.pack(ftype, cid) + payload)
+            st = self.manager.stats
+            st["link_frames_out"] += 1
+            st["link_bytes_out"] += len(data)
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -517,6 +536,9 @@ class Link:
             body = await reader.read(n)
             plain = self.cipher.open(body)
             self.last_rx = trio.current_time()
+            st = self.manager.stats
+            st["link_frames_in"] += 1
+            st["link_bytes_in"] += 4 + n
             if len(plain) < HEADER.size:
                 raise FrameError("frame without header")
             ftype, cid = HEADER.unpack_from(plain)
@@ -610,7 +632,9 @@ class LinkManager:
             "links_dropped_bad_frames": 0, "links_relayed": 0, "relay_sessions": 0,
             "links_refused_identity": 0, "links_refused_revoked": 0,
             "links_closed_not_member": 0,
-            "channels_refused_cap": 0, "channel_handler_errors": 0}
+            "channels_refused_cap": 0, "channel_handler_errors": 0,
+            "link_frames_in": 0, "link_frames_out": 0, "link_bytes_in": 0,
+            "link_bytes_out": 0}
         self.gate_tcp = serving.Gate("link_tcp", self.stats, pending_timeout=handshake_timeout)
         self.gate_ws = serving.Gate("link_ws", self.stats, pending_timeout=handshake_timeout)
         # route(addr) -> (next hop address, destination node name) when addr is reached
@@ -624,6 +648,7 @@ class LinkManager:
         self.node_of_key: Callable[[bytes], str | None] | None = None
         self.is_revoked: Callable[[bytes], bool] | None = None
         self.my_name = ""
+        self.tracer: Any = None  # debug.traces.Tracer: relays record spans (set by the node)
         self.handlers[RELAY] = self._serve_relay
 
     async def run(self, listeners: list[trio.SocketListener],
@@ -813,23 +838,23 @@ class LinkManager:
             return None
         next_addr, dest = hop
         ch = await self.open_channel(next_addr, RELAY)
-        await ch.send(wire.dumps({"dest": dest, "hops": MAX_HOPS - 1}))
+        await ch.send(wire.dumps({"dest": dest, "hops": MAX_HOPS - 1, "tags": True}))
         self.stats["links_relayed"] += 1
-        return ChannelStream(ch)
+        return ChannelStream(ch, tagged=True)
 
     async def _serve_relay(self, ch: Channel) -> None:
         """Carry a relayed link one hop further, or end it here if we are its destination.
         What passes through is the endpoints' ciphertext; a hop limit stops loops."""
         try:
             head = wire.loads(await ch.receive(), max_depth=4, max_bytes=1024)
-            dest, hops = head["dest"], head["hops"]
-            if not isinstance(dest, str) or type(hops) is not int:
+            dest, hops, tagged = head["dest"], head["hops"], head.get("tags", False)
+            if not isinstance(dest, str) or type(hops) is not int or type(tagged) is not bool:
                 raise TypeError
             hops = min(hops, MAX_HOPS - 1)  # the budget is ours to bound, not the sender's
         except (wire.WireError, TypeError, KeyError):
             return
         if dest == self.my_name:
-            await self._accept_one(ChannelStream(ch))
+            await self._accept_one(ChannelStream(ch, tagged=tagged))
             return
         if hops <= 0:
             log.info("relay to %s dropped: hop limit reached", dest)
@@ -844,18 +869,35 @@ class LinkManager:
             log.info("relay to %s via %s failed: %s", dest, next_addr, exc)
             return
         self.stats["relay_sessions"] += 1
-        await onward.send(wire.dumps({"dest": dest, "hops": hops - 1}))
+        await onward.send(wire.dumps({"dest": dest, "hops": hops - 1, "tags": tagged}))
+        tracer = self.tracer if tagged else None
 
         async def pump(src: Channel, dst: Channel, cancel: trio.CancelScope) -> None:
             try:
                 while True:
-                    await dst.send(await src.receive())
+                    message = await src.receive()
+                    if tracer is not None and message[:1] == b"\x01":
+                        await self._relay_traced(tracer, message, src, dst, dest)
+                    else:
+                        await dst.send(message)
             except ChannelClosed:
                 cancel.cancel()  # one side is gone: the relayed link ends both ways
 
         async with onward, trio.open_nursery() as nursery:
             nursery.start_soon(pump, ch, onward, nursery.cancel_scope)
             nursery.start_soon(pump, onward, ch, nursery.cancel_scope)
+
+    async def _relay_traced(self, tracer: Any, message: bytes, src: Channel, dst: Channel,
+                            dest: str) -> None:
+        """Carry a tagged message on, recording this relay's span of its call."""
+        ctx = traces.parse(message[1:1 + TAG_BYTES].decode("ascii", "replace"))
+        wall, t0 = time.time(), time.perf_counter()
+        await dst.send(message)
+        if ctx is not None and ctx.sampled:
+            tracer.child_span(ctx, "relay", "relay", "", wall, time.perf_counter() - t0,
+                              attrs={"from": src.peer_node or src.peer_addr,
+                                     "to": dst.peer_node or dst.peer_addr,
+                                     "destination": dest})
 
     async def _dial(self, addr: str) -> Link:
         initiator = Initiator(self.identity, self.keyring, self.advertise)

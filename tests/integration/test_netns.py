@@ -178,6 +178,7 @@ def test_rpc_and_tunnel_cross_a_blocked_link_through_a_relay(cluster):
             expected = f"{100 * 256 * 4096} " + hashlib.sha256(
                 (bytes(range(256)) * 4096) * 100).hexdigest()
             assert rpc().startswith("h2:")
+            assert_traced_through_the_relay(h0, h1, h2)
             assert tunnel_digest() == expected
             assert control(h1.data_dir, "status")["stats"]["relay_sessions"] >= 1
             # restart the middle node: the relayed link breaks and is dialed again
@@ -192,6 +193,46 @@ def test_rpc_and_tunnel_cross_a_blocked_link_through_a_relay(cluster):
         cluster.close()
         hosts.close()
         del os, socketlib
+
+
+def assert_traced_through_the_relay(h0: Daemon, h1: Daemon, h2: Daemon) -> None:
+    """A sampled call from h0 to h2's service through relay h1 is one trace: h0's client
+    span, h1's relay spans (request and reply) under it, h2's server span under h0's and the
+    handler's under h2's; `debug.trace` on h0 gathers them from all three nodes."""
+    import os
+
+    from sdk import Client
+
+    from .cluster import control
+
+    trace_id = os.urandom(16).hex()
+
+    async def go() -> None:
+        async with Client(h0.data_dir / "meshd.sock") as client:
+            await client.call("testsvc", "Test.Whoami", {"text": ""}, timeout=10,
+                              meta={"traceparent": f"00-{trace_id}-{'ab' * 8}-01"})
+    trio.run(go)
+
+    def spans() -> list[dict[str, Any]]:
+        return control(h0.data_dir, "debug.trace", trace_id=trace_id)["spans"]
+
+    wait_for(lambda: {s["node"] for s in spans()} == {"h0", "h1", "h2"}, 10,
+             "spans from h0, the relay h1 and h2")
+    got = spans()
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for s in got:
+        assert s["trace_id"] == trace_id
+        by_kind.setdefault(s["kind"], []).append(s)
+    client = by_kind["client"][0]
+    assert client["node"] == "h0" and client["parent_id"] == "ab" * 8
+    assert {s["node"] for s in by_kind["relay"]} == {"h1"}
+    server = by_kind["server"][0]
+    assert server["node"] == "h2" and server["parent_id"] == client["span_id"]
+    assert any(s["parent_id"] == client["span_id"] for s in by_kind["relay"])  # the request
+    assert any(s["parent_id"] == server["span_id"] for s in by_kind["relay"])  # the reply
+    handler = by_kind["handler"][0]
+    assert handler["node"] == "h2" and handler["parent_id"] == server["span_id"]
+    assert handler["duration"] <= server["duration"] <= client["duration"]
 
 
 @contextlib.contextmanager

@@ -319,7 +319,7 @@ def test_metadata_trace_and_caller_reach_the_handler_and_roundrobin_is_even(clus
                    meta={"x-user": "ada", "trace-id": "t-123"})
     assert got == {"trace": "t-123", "caller": "a", "user": "ada"}
     auto = sdk_call(a, "testsvc", "Test.Meta", {"text": "none"})
-    assert len(auto["trace"]) == 16
+    assert len(auto["trace"]) == 32
     seen = Counter(sdk_call(b, "testsvc", "Test.Whoami", {"text": ""},
                             selector="roundrobin")["text"].split(":")[0] for _ in range(30))
     assert seen == {"a": 10, "b": 10, "c": 10}

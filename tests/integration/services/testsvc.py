@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -55,6 +56,12 @@ async def relay(req: Text) -> Text:
 
     async with Client() as client:
         return Text((await client.call(req.text, "Test.Caller", {"text": ""}))["text"])
+
+
+@service.handler("Test.Log")
+async def log_line(req: Text) -> Text:
+    logging.getLogger("testsvc").info("%s", req.text)  # shipped to the daemon (meshd logs)
+    return Text(req.text)
 
 
 @service.handler("Test.Boom")

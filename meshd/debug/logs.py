@@ -1,0 +1,137 @@
+"""The node's bounded buffer of log records: its own (stdlib logging) and its services'.
+
+Rules:
+- A record is a flat map: time (unix seconds), level (lower-case name), node, service
+  ("meshd" for the daemon itself), instance, trace_id, message, fields (string -> string;
+  the daemon's own carry the logger's name). The same keys go to `meshd logs --json`.
+- The daemon's records are taken by `BufferHandler` on the "meshd" logger. Several nodes may
+  run in one process (tests): each handler keeps only records logged inside its own node's
+  tasks (`NODE`, a context variable the node sets), never another node's.
+- A service's records arrive through the control socket (`debug.log`) and are checked
+  strictly (`service_record`): sizes bounded, the node, service and instance are the
+  daemon's to say (the session's registration), never the record's.
+- The buffer holds at most `size` records, oldest first out; followers wait on a sequence
+  number and are woken without polling.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+LEVEL_NO = {name: (i + 1) * 10 for i, name in enumerate(LEVELS)}
+MAX_MESSAGE = 8192
+MAX_FIELDS = 32
+MAX_FIELD = 1024
+MAX_BATCH = 256
+
+# The node whose task is logging (set by Node.run; tasks inherit it).
+NODE: contextvars.ContextVar[str] = contextvars.ContextVar("meshd_debug_node", default="")
+# The trace id of the call being served, for the records logged while serving it.
+TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("meshd_debug_trace", default="")
+
+Record = dict[str, Any]
+
+
+class LogBuffer:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._records: deque[tuple[int, Record]] = deque(maxlen=size)
+        self.seq = 0
+        self._waiters: list[Callable[[], None]] = []
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def add(self, record: Record) -> None:
+        self.seq += 1
+        self._records.append((self.seq, record))
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for wake in waiters:
+                wake()
+
+    def on_next(self, wake: Callable[[], None]) -> None:
+        """Call `wake` once, at the next record added."""
+        self._waiters.append(wake)
+
+    def forget(self, wake: Callable[[], None]) -> None:
+        if wake in self._waiters:
+            self._waiters.remove(wake)
+
+    def since(self, seq: int) -> list[tuple[int, Record]]:
+        return [(s, r) for s, r in self._records if s > seq]
+
+    def records(self) -> list[Record]:
+        return [r for _, r in self._records]
+
+
+def matches(record: Record, service: str | None = None, level: str | None = None,
+            since: float | None = None, node: str | None = None) -> bool:
+    if service and record["service"] != service:
+        return False
+    if level and LEVEL_NO.get(record["level"], 0) < LEVEL_NO[level]:
+        return False
+    if since is not None and record["time"] < since:
+        return False
+    return not (node and record["node"] != node)
+
+
+def level_name(levelno: int) -> str:
+    if levelno >= logging.CRITICAL:
+        return "critical"
+    if levelno >= logging.ERROR:
+        return "error"
+    if levelno >= logging.WARNING:
+        return "warning"
+    return "info" if levelno >= logging.INFO else "debug"
+
+
+class BufferHandler(logging.Handler):
+    """Puts the records of one node's tasks into its buffer."""
+
+    def __init__(self, buffer: LogBuffer, node: str, level: int) -> None:
+        super().__init__(level)
+        self.buffer = buffer
+        self.node = node
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if NODE.get() != self.node:
+            return
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string is the logger's bug, not a crash here
+            message = str(record.msg)
+        if record.exc_info and record.exc_info[1] is not None:
+            message += f": {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        self.buffer.add({"time": record.created, "level": level_name(record.levelno),
+                         "node": self.node, "service": "meshd", "instance": "",
+                         "trace_id": TRACE.get(), "message": message[:MAX_MESSAGE],
+                         "fields": {"logger": record.name}})
+
+
+def service_record(raw: Any, node: str, service: str, instance: str) -> Record:
+    """A record a service sent, checked: ValueError if it is not a valid one."""
+    if not isinstance(raw, dict):
+        raise ValueError("a log record is a map")
+    message, level = raw.get("message"), raw.get("level", "info")
+    if not isinstance(message, str) or level not in LEVELS:
+        raise ValueError("a log record needs a message and a level of " + ", ".join(LEVELS))
+    at = raw.get("time", time.time())
+    if not isinstance(at, int | float) or at != at:
+        raise ValueError("a log record's time is a number")
+    trace_id = raw.get("trace_id", "")
+    if not isinstance(trace_id, str) or len(trace_id) > 64:
+        raise ValueError("a log record's trace_id is a short string")
+    fields = raw.get("fields", {})
+    if not isinstance(fields, dict) or len(fields) > MAX_FIELDS or not all(
+            isinstance(k, str) and len(k) <= 128 for k in fields):
+        raise ValueError(f"a log record's fields are at most {MAX_FIELDS} named values")
+    return {"time": float(at), "level": level, "node": node, "service": service,
+            "instance": instance, "trace_id": trace_id, "message": message[:MAX_MESSAGE],
+            "fields": {k: str(v)[:MAX_FIELD] for k, v in fields.items()}}

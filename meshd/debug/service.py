@@ -1,0 +1,361 @@
+"""Debug shell: this node's logs, stats and spans, and the cluster-wide queries over them.
+
+Theory of operation
+-------------------
+Nothing is shipped to a central server. Every node keeps its own bounded buffers (logs.py,
+stats.py, traces.py); a query (`meshd logs`, `stats`, `trace`, `traces`) reaches the local
+daemon, which answers for itself and asks every live member over link channel "debug", at
+once, each with `debug.query_timeout`; the answers are merged (logs in time order, a
+trace's spans from every node) and the nodes that did not answer are named, never waited
+for past the timeout.
+
+Rules:
+- Link channel "debug": one request per channel, a bounded CBOR map {"op", "args",
+  "token"?}. A request with a token is checked against the rules (resource mesh:debug, in
+  "default": debug data is the cluster's) at the node that answers; one without a token
+  comes from the asking node's local operator, who reads the cluster's state as a node.
+- Answers are bounded: at most MAX_RECORDS log records and MAX_SPANS spans per node and
+  query; a follow sends batches as records arrive until either side closes.
+- A failure answering one request ends that channel only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from meshd import wire
+from meshd.errors import MeshError, bad_request
+from meshd.membership.core import ALIVE, STATE_NAMES, Membership
+from meshd.settings import DebugSettings
+from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
+
+from . import logs as logmod
+from .logs import LEVEL_NO, BufferHandler, LogBuffer
+from .stats import CallStats, NodeSampler
+from .traces import Sampler, Span, SpanBuffer, Tracer
+
+log = logging.getLogger("meshd.debug")
+CHANNEL = "debug"
+MAX_RECORDS = 5000
+MAX_SPANS = 2000
+MAX_TRACES = 1000
+OPS = ("logs", "stats", "trace", "traces", "follow")
+RESOURCE = ("mesh", "debug", "")
+FOLLOW_BATCH = 0.1  # seconds a follower gathers records before sending them
+
+
+def log_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The filters of a logs query, checked (400 naming the bad one)."""
+    service, level, node = args.get("service"), args.get("level"), args.get("node")
+    since, limit = args.get("since"), args.get("limit", 1000)
+    if service is not None and not isinstance(service, str):
+        raise bad_request("service must be a name", id="meshd.debug")
+    if node is not None and not isinstance(node, str):
+        raise bad_request("node must be a member's name", id="meshd.debug")
+    if level is not None and level not in LEVEL_NO:
+        raise bad_request(f"level must be one of {', '.join(LEVEL_NO)}", id="meshd.debug")
+    if since is not None and not (isinstance(since, int | float) and math.isfinite(since)):
+        raise bad_request("since must be a time (unix seconds)", id="meshd.debug")
+    if type(limit) is not int or not 1 <= limit <= MAX_RECORDS:
+        raise bad_request(f"limit must be between 1 and {MAX_RECORDS}", id="meshd.debug")
+    return {"service": service, "level": level, "node": node, "since": since,
+            "limit": limit}
+
+
+def trace_args(args: dict[str, Any]) -> dict[str, Any]:
+    service, slowest = args.get("service"), args.get("slowest")
+    errors, limit = args.get("errors", False), args.get("limit", 20)
+    if service is not None and not isinstance(service, str):
+        raise bad_request("service must be a name", id="meshd.debug")
+    if slowest is not None and (type(slowest) is not int or not 1 <= slowest <= MAX_TRACES):
+        raise bad_request(f"slowest must be between 1 and {MAX_TRACES}", id="meshd.debug")
+    if type(errors) is not bool:
+        raise bad_request("errors must be true or false", id="meshd.debug")
+    if type(limit) is not int or not 1 <= limit <= MAX_TRACES:
+        raise bad_request(f"limit must be between 1 and {MAX_TRACES}", id="meshd.debug")
+    return {"service": service, "slowest": slowest, "errors": errors,
+            "limit": slowest or limit}
+
+
+def trace_id_arg(args: dict[str, Any]) -> str:
+    tid = args.get("trace_id")
+    if not isinstance(tid, str) or not tid or len(tid) > 64:
+        raise bad_request("trace_id must be a trace id (32 hex digits)", id="meshd.debug")
+    return tid.lower()
+
+
+def summarize(spans: list[Span]) -> dict[str, Any]:
+    """One trace's summary from the spans one node (or all nodes) hold."""
+    start = min(s.start for s in spans)
+    end = max(s.start + s.duration for s in spans)
+    held = {s.span_id for s in spans}
+    roots = [s for s in spans if not s.parent_id or s.parent_id not in held]
+    root = min(roots or spans, key=lambda s: (s.parent_id != "", s.start))
+    failed = [s for s in spans if s.status]
+    return {"trace_id": spans[0].trace_id, "name": root.name, "service": root.service,
+            "start": start, "duration": end - start,
+            "status": max((s.status for s in failed), default=0),
+            "spans": len(spans), "nodes": sorted({s.node for s in spans}),
+            "services": sorted({s.service for s in spans if s.service})}
+
+
+def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    start = min(p["start"] for p in parts)
+    end = max(p["start"] + p["duration"] for p in parts)
+    first = min(parts, key=lambda p: p["start"])
+    return {**first, "start": start, "duration": end - start,
+            "status": max(p["status"] for p in parts),
+            "spans": sum(p["spans"] for p in parts),
+            "nodes": sorted({n for p in parts for n in p["nodes"]}),
+            "services": sorted({s for p in parts for s in p["services"]})}
+
+
+class DebugService:
+    def __init__(self, node: str, core: Membership, links: LinkManager,
+                 settings: DebugSettings, probe: Callable[[], dict[str, Any]],
+                 node_stats: Callable[[], dict[str, int]]) -> None:
+        self.node = node
+        self.core = core
+        self.links = links
+        self.settings = settings
+        self.logs = LogBuffer(settings.log_buffer)
+        self.spans = SpanBuffer(settings.span_buffer)
+        self.calls = CallStats()
+        self.tracer = Tracer(node, Sampler(settings.trace_sample), self.spans)
+        self.sampler = NodeSampler(settings.stats_buffer, probe)
+        self._node_stats = node_stats
+        self.auth: Any = None  # AuthService, set by the node
+        self.stats = {"debug_queries_served": 0, "debug_queries_refused": 0}
+        self.exporters: list[Callable[..., Awaitable[None]]] = []  # started with run()
+        links.handlers[CHANNEL] = self._serve_channel
+
+    # --- what /metrics reads (debug/metrics.py's MetricsSource) --------------------------
+
+    def node_stats(self) -> dict[str, int]:
+        return self._node_stats()
+
+    def members_by_state(self) -> dict[str, int]:
+        counts = {name: 0 for name in ("alive", "suspect", "dead", "left")}
+        for m in self.core.member_list():
+            counts[STATE_NAMES[m.state]] = counts.get(STATE_NAMES[m.state], 0) + 1
+        return counts
+
+    def health_score(self) -> int:
+        return self.core.health_score
+
+    def latest_sample(self) -> dict[str, Any]:
+        return dict(self.sampler.samples[-1]) if self.sampler.samples else {}
+
+    def take_logs(self, service: str, instance: str, records: Any) -> int:
+        """A local service's log records (its session's frames): each checked, a bad one
+        dropped alone; at most logs.MAX_BATCH per frame. Returns how many were kept."""
+        if not isinstance(records, list):
+            return 0
+        kept = 0
+        for raw in records[:logmod.MAX_BATCH]:
+            try:
+                self.logs.add(logmod.service_record(raw, self.node, service, instance))
+            except ValueError:
+                continue
+            kept += 1
+        return kept
+
+    # --- running -------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Mark the calling task (and every task it starts from now on) as this node's, so
+        their log records come to this node's buffer: the node calls it first thing."""
+        logmod.NODE.set(self.node)
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        logmod.NODE.set(self.node)
+        handler = BufferHandler(self.logs, self.node,
+                                LEVEL_NO[self.settings.log_level.lower()])
+        root = logging.getLogger("meshd")
+        root.addHandler(handler)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.sampler.run, self.settings.stats_interval)
+                for exporter in self.exporters:
+                    await nursery.start(exporter)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            root.removeHandler(handler)
+
+    # --- this node's answers -------------------------------------------------------------
+
+    def local(self, op: str, args: dict[str, Any]) -> Any:
+        if op == "logs":
+            a = log_args(args)
+            found = [r for r in self.logs.records() if logmod.matches(
+                r, a["service"], a["level"], a["since"], a["node"])]
+            return found[-a["limit"]:]
+        if op == "stats":
+            service = args.get("service")
+            if service is not None and not isinstance(service, str):
+                raise bad_request("service must be a name", id="meshd.debug")
+            return {"node": self.node, "sample": self.sampler.sample(keep=False),
+                    "instances": self.calls.instance_rows(service)}
+        if op == "trace":
+            return [s.to_dict() for s in self.spans.trace(trace_id_arg(args))][:MAX_SPANS]
+        if op == "traces":
+            a = trace_args(args)
+            by_trace: dict[str, list[Span]] = {}
+            for s in self.spans.spans():
+                by_trace.setdefault(s.trace_id, []).append(s)
+            rows = [summarize(spans) for spans in by_trace.values()]
+            if a["service"]:
+                rows = [r for r in rows if a["service"] in r["services"]]
+            if a["errors"]:
+                rows = [r for r in rows if r["status"]]
+            key = (lambda r: r["duration"]) if a["slowest"] else (lambda r: r["start"])
+            rows.sort(key=key, reverse=True)
+            return rows[:MAX_TRACES]
+        raise bad_request(f"unknown debug query {op!r}", id="meshd.debug")
+
+    # --- the cluster's answers -----------------------------------------------------------
+
+    def _peers(self, only: str | None = None) -> list[tuple[str, str]]:
+        return [(m.name, m.addr) for m in self.core.member_list()
+                if m.state == ALIVE and m.name != self.node and (only is None or
+                                                                 m.name == only)]
+
+    async def gather(self, op: str, args: dict[str, Any], token: str | None,
+                     only: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+        """(answer by node, error by node) from this node and every live member (or just
+        `only`), each within `debug.query_timeout`."""
+        answers: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        if only is None or only == self.node:
+            answers[self.node] = self.local(op, args)
+
+        async def ask(name: str, addr: str) -> None:
+            try:
+                with trio.fail_after(self.settings.query_timeout):
+                    answers[name] = await self._ask(addr, op, args, token)
+            except trio.TooSlowError:
+                errors[name] = "no answer in time"
+            except MeshError as exc:
+                errors[name] = f"{exc.status} {exc.detail}"
+            except (LinkError, ChannelClosed, wire.WireError, ValueError, KeyError,
+                    TypeError) as exc:
+                errors[name] = f"unreachable: {exc}"
+
+        async with trio.open_nursery() as nursery:
+            for name, addr in self._peers(only):
+                nursery.start_soon(ask, name, addr)
+        if only is not None and only not in answers and only not in errors:
+            errors[only] = "not a live member"
+        return answers, errors
+
+    async def _ask(self, addr: str, op: str, args: dict[str, Any], token: str | None
+                   ) -> Any:
+        request: dict[str, Any] = {"op": op, "args": args}
+        if token:
+            request["token"] = token
+        async with await self.links.open_channel(addr, CHANNEL) as ch:
+            await ch.send(wire.dumps(request))
+            reply = wire.loads(await ch.receive(), max_depth=16)
+        if not isinstance(reply, dict):
+            raise ValueError("malformed answer")
+        if not reply.get("ok"):
+            raise MeshError.from_dict(reply.get("error") or {})
+        return reply.get("result")
+
+    async def follow(self, args: dict[str, Any], token: str | None,
+                     emit: Callable[[Any], Awaitable[None]]) -> None:
+        """Every live member's new log records (and this node's), as they come, until the
+        caller goes."""
+        a = log_args({**args, "limit": 1})
+        send, receive = trio.open_memory_channel[list[dict[str, Any]]](64)
+
+        async def remote(addr: str) -> None:
+            request: dict[str, Any] = {"op": "follow", "args": args}
+            if token:
+                request["token"] = token
+            try:
+                async with await self.links.open_channel(addr, CHANNEL) as ch:
+                    await ch.send(wire.dumps(request))
+                    while True:
+                        batch = wire.loads(await ch.receive(), max_depth=16)
+                        if isinstance(batch, dict) and isinstance(batch.get("records"), list):
+                            await send.send(batch["records"])
+                        elif isinstance(batch, dict) and not batch.get("ok", True):
+                            return
+            except (LinkError, ChannelClosed, wire.WireError) as exc:
+                log.info("following logs at %s ended: %s", addr, exc)
+
+        async def local() -> None:
+            await self._follow_local(a, send.send)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(local)
+            if a["node"] is None or a["node"] != self.node:
+                for _, addr in self._peers(a["node"]):
+                    nursery.start_soon(remote, addr)
+            async for batch in receive:
+                for record in sorted(batch, key=lambda r: r.get("time", 0)):
+                    await emit(record)
+
+    async def _follow_local(self, a: dict[str, Any],
+                            out: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> None:
+        seq = self.logs.seq
+        while True:
+            event = trio.Event()
+            self.logs.on_next(event.set)
+            try:
+                await event.wait()
+            finally:
+                self.logs.forget(event.set)
+            await trio.sleep(FOLLOW_BATCH)  # a burst goes out as one batch
+            new = self.logs.since(seq)
+            if new:
+                seq = new[-1][0]
+            batch = [r for _, r in new if logmod.matches(r, a["service"], a["level"],
+                                                         a["since"], a["node"])]
+            if batch:
+                await out(batch[-MAX_RECORDS:])
+
+    # --- serving other nodes -------------------------------------------------------------
+
+    async def _serve_channel(self, ch: Channel) -> None:
+        try:
+            req = wire.loads(await ch.receive(), max_depth=8, max_bytes=64 * 1024)
+            if not isinstance(req, dict) or req.get("op") not in OPS or \
+                    not isinstance(req.get("args", {}), dict):
+                raise bad_request("malformed debug request", id="meshd.debug")
+            token = req.get("token")
+            if token is not None and not isinstance(token, str):
+                raise bad_request("malformed debug request", id="meshd.debug")
+            self._check(token, ch.peer_node)
+            op, args = req["op"], req.get("args", {})
+            if op == "follow":
+                a = log_args({**args, "limit": 1})
+
+                async def out(batch: list[dict[str, Any]]) -> None:
+                    await ch.send(wire.dumps({"records": batch}))
+
+                await self._follow_local(a, out)
+                return
+            result = self.local(op, args)
+            self.stats["debug_queries_served"] += 1
+            await ch.send(wire.dumps({"ok": True, "result": result}))
+        except MeshError as exc:
+            self.stats["debug_queries_refused"] += 1
+            with contextlib.suppress(ChannelClosed):
+                await ch.send(wire.dumps({"ok": False, "error": exc.to_dict()}))
+        except (ChannelClosed, wire.WireError):
+            return
+
+    def _check(self, token: str | None, peer: str | None) -> None:
+        if peer is None:
+            raise MeshError(403, "debug queries come from members only", id="meshd.debug")
+        if self.auth is not None:
+            self.auth.check(token, peer, RESOURCE)

@@ -1,0 +1,95 @@
+"""A service's `logging` output, shipped to its daemon (`meshd logs SERVICE`).
+
+Rules:
+- `Shipper` is a logging.Handler on the root logger while the service runs. It keeps only
+  records logged inside that service's tasks (a context variable the service sets), so
+  several services in one process never ship each other's lines; records from other
+  threads or from outside the service are not shipped.
+- Records wait in a bounded queue (QUEUE records; the oldest go first, counted in
+  `dropped`) and leave in batches of at most BATCH on the service's registration session
+  as {"log": [...]} frames, every FLUSH_EVERY seconds: logging never blocks a handler.
+- Each record carries time, level, message, the trace id of the call being served (if
+  any) and the logger's name; the daemon adds node, service and instance itself.
+- If the process configured no logging at all, the service sets the root logger to INFO
+  and keeps printing warnings and worse to stderr as Python would have.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+QUEUE = 1000
+BATCH = 256
+FLUSH_EVERY = 0.2
+
+# the Shipper of the service whose task is logging
+CURRENT: contextvars.ContextVar[Shipper | None] = contextvars.ContextVar(
+    "meshd_log_shipper", default=None)
+
+
+def _level(levelno: int) -> str:
+    for bound, name in ((50, "critical"), (40, "error"), (30, "warning"), (20, "info")):
+        if levelno >= bound:
+            return name
+    return "debug"
+
+
+class Shipper(logging.Handler):
+    def __init__(self, trace_id: Callable[[], str], level: int = logging.INFO) -> None:
+        super().__init__(level)
+        self.trace_id = trace_id
+        self.queue: deque[dict[str, Any]] = deque(maxlen=QUEUE)
+        self.dropped = 0
+        self.shipped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if CURRENT.get() is not self:
+            return
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        if record.exc_info and record.exc_info[1] is not None:
+            message += f": {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        if len(self.queue) == self.queue.maxlen:
+            self.dropped += 1
+        self.queue.append({"time": record.created, "level": _level(record.levelno),
+                           "message": message, "trace_id": self.trace_id(),
+                           "fields": {"logger": record.name}})
+
+    def install(self) -> Callable[[], None]:
+        """Put the handler on the root logger; returns what takes it off again."""
+        root = logging.getLogger()
+        added: list[logging.Handler] = []
+        if not root.handlers and root.level in (logging.NOTSET, logging.WARNING):
+            # unconfigured: what lastResort printed (warnings and worse) still goes to stderr
+            fallback = logging.StreamHandler(sys.stderr)
+            fallback.setLevel(logging.WARNING)
+            root.addHandler(fallback)
+            root.setLevel(logging.INFO)
+            added.append(fallback)
+        root.addHandler(self)
+        CURRENT.set(self)
+
+        def remove() -> None:
+            root.removeHandler(self)
+            for h in added:
+                root.removeHandler(h)
+
+        return remove
+
+    async def run(self, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Send what is queued, batch by batch, until cancelled."""
+        while True:
+            await trio.sleep(FLUSH_EVERY)
+            while self.queue:
+                batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+                await send({"log": batch})
+                self.shipped += len(batch)
