@@ -220,11 +220,12 @@ class Node:
         self.rpc = RpcService(self.registry, self.links, self.core, retries=s.rpc.retries,
                               selector=s.rpc.selector, max_body=s.rpc.max_body_bytes)
         self.debug.bind()  # this node's tasks log into its own buffer
-        self.rpc.debug = self.debug
+        if s.debug.trace_calls:
+            self.rpc.debug = self.debug
+            self.links.tracer = self.debug.tracer
         self.registry.on_drop.append(self.debug.calls.forget)
         self.registry.on_log = lambda local, records: self.debug.take_logs(
             local.service, local.id, records)
-        self.links.tracer = self.debug.tracer
         self.streams = StreamService(self.rpc)
         try:
             self.store = StoreService(self.core, self.links, self.data_dir, s.store)
@@ -237,7 +238,8 @@ class Node:
             self.durable = DurableTopics(self.broker, self.store, self.data_dir, s.broker)
         except BrokerFileError as exc:
             raise NodeError(str(exc)) from None
-        self.broker.tracer = self.debug.tracer
+        if s.debug.trace_calls:
+            self.broker.tracer = self.debug.tracer
         self.auth.vouched_roots = self._vouched_roots
         self.auth.seed_roots = self._seed_roots
         self.auth.on_pin = self._advertise_root
@@ -255,6 +257,7 @@ class Node:
         self.rpc.auth = self.auth
         self.debug.auth = self.auth
         self.metrics_address = ""
+        self.metrics_stats: dict[str, int] = {}
         self._add_exporters()
         self.registry.service_token = self.auth.service_token
         self.op_table = self._op_table()
@@ -338,7 +341,7 @@ class Node:
                 **self.registry.replicator.stats, **self.auth.stats,
                 **self.broker.stats, **self.broker.interest.stats, **self.durable.stats,
                 **self.durable.origin.stats, **self.rpc.stats, **self.debug.stats,
-                **getattr(self, "otlp_stats", {}),
+                **getattr(self, "otlp_stats", {}), **self.metrics_stats,
                 "suspicions": self.core.suspicions, "refutations": self.core.refutations,
                 "broker_pending": sum(len(c.pending) for c in
                                       self.durable.origin.consumers.values())}
@@ -375,7 +378,7 @@ class Node:
         try:
             host, port = addrs.parse(s.debug.metrics_listen)
             tls = tlsconf.server_context(s.node.tls_cert, s.node.tls_key)
-            exporter = MetricsExporter(self.debug)
+            exporter = MetricsExporter(self.debug, self.metrics_stats)
             await nursery.start(exporter.serve, host, port, tls)
         except (OSError, addrs.AddressError, tlsconf.TlsError) as exc:
             raise NodeError(f"--metrics-listen {s.debug.metrics_listen}: {exc}") from None

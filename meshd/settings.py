@@ -300,15 +300,21 @@ class DebugSettings:
     """Logs, stats and traces kept on every node; Prometheus and OTLP exports
     (docs/observability.md)."""
 
-    # Log records kept (the node's own and its services'): ~0.5 KB each, so 5 MB at most.
+    # Log records kept (the node's own and its services'): ~350 bytes each, and at most
+    # log_buffer_bytes of memory however long the lines (debug buffers: <= 10 MB in all).
     log_buffer: int = 10_000
+    log_buffer_bytes: int = 4 << 20
     # The lowest level kept in the buffer (the node's stderr keeps its own --log-level).
     log_level: str = "info"
-    # Trace spans kept: ~0.4 KB each.
-    span_buffer: int = 10_000
+    # Trace spans kept: ~600 bytes each (spans are built by the daemon, their fields
+    # bounded), so ~5 MB.
+    span_buffer: int = 8_000
     # Stats samples kept per node (one every stats_interval seconds: an hour at the defaults).
     stats_interval: float = 10.0
     stats_buffer: int = 360
+    # Count every call (per-endpoint histograms, `meshd stats SERVICE`, /metrics) and trace
+    # it (spans); false turns both off (bench/observability.py compares the two).
+    trace_calls: bool = True
     # The share of traces kept (0..1), decided where a trace starts and carried in
     # `traceparent`; a span that ends in an error is always kept. 0.1 keeps enough of a busy
     # service to find slow calls without paying for every one.
@@ -412,10 +418,11 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
             or broker.subscriber_buffer < 1 or broker.max_message_bytes < 1:
         raise SettingsError("broker: max_deliver, max_in_flight, subscriber_buffer and "
                             "max_message_bytes must be at least 1, ack_wait above 0")
-    if min(debug.log_buffer, debug.span_buffer, debug.stats_buffer) < 1 \
+    if min(debug.log_buffer, debug.span_buffer, debug.stats_buffer,
+           debug.log_buffer_bytes) < 1 \
             or debug.stats_interval <= 0 or debug.query_timeout <= 0:
-        raise SettingsError("debug: log_buffer, span_buffer and stats_buffer must be at least "
-                            "1, stats_interval and query_timeout above 0")
+        raise SettingsError("debug: log_buffer, log_buffer_bytes, span_buffer and stats_buffer "
+                            "must be at least 1, stats_interval and query_timeout above 0")
     if not 0.0 <= debug.trace_sample <= 1.0:
         raise SettingsError("debug.trace_sample must be between 0 and 1")
     if debug.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -6,8 +6,10 @@ Rules:
   several services in one process never ship each other's lines; records from other
   threads or from outside the service are not shipped.
 - Records wait in a bounded queue (QUEUE records; the oldest go first, counted in
-  `dropped`) and leave in batches of at most BATCH on the service's registration session
-  as {"log": [...]} frames, every FLUSH_EVERY seconds: logging never blocks a handler.
+  `dropped`) and leave in batches of at most BATCH records and about BATCH_BYTES on the
+  service's registration session as {"log": [...]} frames, every FLUSH_EVERY seconds:
+  logging never blocks a handler, and a long line (cut to MAX_MESSAGE) never makes a frame
+  the daemon refuses.
 - Each record carries time, level, message, the trace id of the call being served (if
   any) and the logger's name; the daemon adds node, service and instance itself.
 - If the process configured no logging at all, the service sets the root logger to INFO
@@ -27,6 +29,8 @@ import trio
 
 QUEUE = 1000
 BATCH = 256
+BATCH_BYTES = 512 * 1024  # a frame stays far below the control socket's frame limit
+MAX_MESSAGE = 8192  # what the daemon keeps of a message (meshd.debug.logs.MAX_MESSAGE)
 FLUSH_EVERY = 0.2
 
 # the Shipper of the service whose task is logging
@@ -61,8 +65,8 @@ class Shipper(logging.Handler):
         if len(self.queue) == self.queue.maxlen:
             self.dropped += 1
         self.queue.append({"time": record.created, "level": _level(record.levelno),
-                           "message": message, "trace_id": self.trace_id(),
-                           "fields": {"logger": record.name}})
+                           "message": message[:MAX_MESSAGE], "trace_id": self.trace_id(),
+                           "fields": {"logger": record.name[:256]}})
 
     def install(self) -> Callable[[], None]:
         """Put the handler on the root logger; returns what takes it off again."""
@@ -90,6 +94,10 @@ class Shipper(logging.Handler):
         while True:
             await trio.sleep(FLUSH_EVERY)
             while self.queue:
-                batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+                batch, size = [], 0
+                while self.queue and len(batch) < BATCH and size < BATCH_BYTES:
+                    record = self.queue.popleft()
+                    size += len(record["message"]) * 4 + 300  # UTF-8, worst case
+                    batch.append(record)
                 await send({"log": batch})
                 self.shipped += len(batch)

@@ -25,6 +25,7 @@ import inspect
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -422,7 +423,7 @@ class Service:
         except SchemaError as exc:
             return _error(MeshError(400, str(exc), id=self.name))
         meta = msg.get("meta") if isinstance(msg.get("meta"), dict) else {}
-        span = os.urandom(8).hex()
+        span = f"{random.getrandbits(64) or 1:016x}"
         token = _CURRENT.set(CallInfo(endpoint.name, meta, span))
         t0 = time.perf_counter()
         try:

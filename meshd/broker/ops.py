@@ -131,7 +131,7 @@ class BrokerOps:
         parent = traces.parse(tp)
         if parent is None or not parent.sampled:
             return None
-        ctx = traces.Context(parent.trace_id, traces.new_span_id(), True)
+        ctx = traces.Context(parent.trace_id, self.broker.tracer.sampler.span_id(), True)
         msg.headers[traces.TRACEPARENT] = ctx.header()
         return ctx, parent.span_id, time.time(), time.perf_counter()
 

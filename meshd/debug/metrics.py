@@ -3,8 +3,7 @@
 Rules:
 - Everything is read at scrape time, from what the node keeps anyway (CallStats, the
   components' flat counters, the latest stats sample, membership): nothing is added to any
-  hot path. A scrape renders synchronously in the node's trio thread, so no counter moves
-  while it is read.
+  hot path.
 - No global registry: each MetricsExporter has its own CollectorRegistry holding one
   collector that asks its MetricsSource.
 - Names are a contract: `meshd_` prefix, base units (seconds, bytes), counters end in
@@ -18,25 +17,28 @@ Rules:
   No ids, keys, addresses, topics or instances; Prometheus adds `instance` itself.
 - RPC histograms: `meshd_rpc_server_duration_seconds` and `..._client_...` labelled service,
   endpoint and status ("ok" for 0, else the number, e.g. "404"), buckets stats.BUCKETS.
-- The listener is an ASGI app on hypercorn's trio worker, like the HTTP proxy: GET /metrics
-  answers the text format (CONTENT_TYPE_LATEST); other paths 404, other methods 405, and
-  both close the connection. Request bodies are never read. Idle connections close after
-  KEEP_ALIVE seconds, half-sent requests after READ_TIMEOUT, and a TLS handshake must end
-  within READ_TIMEOUT. With an SSLContext (meshd.tlsconf.server_context) it serves https
-  only. A scrape that fails answers 500 and is logged; a failure in one connection ends
-  that connection, never the listener or the node.
+- The listener accepts through meshd/transport/listeners.py like every listener of the
+  node (a Gate: caps on open and pending connections and per source address, counted as
+  `metrics_*`). One request per connection, parsed by h11: the TLS handshake (with an
+  SSLContext from meshd.tlsconf: https only) and the request head (at most MAX_HEAD bytes)
+  within READ_TIMEOUT, the answer sent within SEND_TIMEOUT, then the connection closes.
+  GET /metrics answers the text format (CONTENT_TYPE_LATEST); other paths 404, other
+  methods 405, a malformed request 400. Request bodies are never read.
+- A scrape reads the families in the node's thread and formats them in a worker thread;
+  scrapes within RENDER_REUSE seconds share one rendering. A scrape that fails answers 500
+  and is logged; a failure in one connection ends that connection, never the listener or
+  the node.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import ssl
 from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
+import h11
 import trio
-from hypercorn.config import Config
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -46,15 +48,17 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from meshd import asgi
-from meshd.asgi import Receive, Scope, Send
+from meshd.transport import listeners as serving
 
 from .stats import BUCKETS, CallStats
 
 log = logging.getLogger("meshd.debug.metrics")
 PATH = "/metrics"
-KEEP_ALIVE = 5.0  # an idle connection (also one that never sends a request) is closed
-READ_TIMEOUT = 10.0  # a request (or TLS handshake) that stops arriving half-way is dropped
+READ_TIMEOUT = 5.0  # the TLS handshake and the request head must arrive within this
+SEND_TIMEOUT = 10.0  # a scraper that does not read its answer in this long is dropped
+MAX_HEAD = 16 * 1024  # request line and headers
+RENDER_REUSE = 1.0  # seconds a rendered scrape answers other scrapes
+TEXT = "text/plain; charset=utf-8"
 STATES = ("alive", "suspect", "dead", "left")  # meshd_members{state}: always all four
 RPC_LABELS = ("service", "endpoint", "status")
 
@@ -329,68 +333,105 @@ class _Collector:
         yield from _table(_STAT_FAMILIES, src.node_stats())
 
 
-class _Config(Config):
-    """hypercorn's Config serving a given SSLContext (it otherwise loads files itself)."""
-
-    def __init__(self, tls: ssl.SSLContext | None) -> None:
-        super().__init__()
-        self._tls = tls
-
-    @property
-    def ssl_enabled(self) -> bool:
-        return self._tls is not None
-
-    def create_ssl_context(self) -> ssl.SSLContext | None:
-        return self._tls
-
-
 class MetricsExporter:
-    def __init__(self, source: MetricsSource) -> None:
+    def __init__(self, source: MetricsSource, stats: dict[str, int] | None = None) -> None:
         self.source = source
+        self._collector = _Collector(source)
         self.registry = CollectorRegistry()
-        self.registry.register(_Collector(source))
+        self.registry.register(self._collector)
         self.port = 0  # the bound port, once serve() has started
+        self.stats: dict[str, int] = stats if stats is not None else {}
+        self.gate = serving.Gate("metrics", self.stats, pending_timeout=READ_TIMEOUT)
+        self._render_lock = trio.Lock()
+        self._rendered: tuple[float, bytes] | None = None
 
     def render(self) -> bytes:
         """The Prometheus text format of everything, read now."""
         return generate_latest(self.registry)
 
-    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI app: GET /metrics; nothing else."""
-        if await asgi.non_http(scope, receive, send):
-            return
-        text, close = "text/plain; charset=utf-8", (b"connection", b"close")
-        if scope.get("path") != PATH:
-            await asgi.respond(send, 404, b"not found: try GET /metrics\n", text, close)
-        elif scope.get("method") != "GET":
-            await asgi.respond(send, 405, b"method not allowed: use GET\n", text, close,
-                                (b"allow", b"GET"))
-        else:
-            try:
-                body = self.render()
-            except Exception:
-                log.exception("metrics scrape failed")
-                await asgi.respond(send, 500, b"scrape failed; see the node's log\n", text,
-                                    close)
-                return
-            await asgi.respond(send, 200, body, CONTENT_TYPE_LATEST)
+    async def _render(self) -> bytes:
+        """The text of a scrape: the families read in the node's thread (no counter moves
+        while they are read), formatted in a worker thread (the slow part stays off the
+        event loop). Scrapes within RENDER_REUSE seconds of one share its text, so many
+        scrapers cost one render."""
+        async with self._render_lock:
+            now = trio.current_time()
+            if self._rendered is not None and now - self._rendered[0] < RENDER_REUSE:
+                return self._rendered[1]
+            snapshot = _Snapshot(list(self._collector.collect()))
+            body = await trio.to_thread.run_sync(generate_latest, snapshot)
+            self._rendered = (trio.current_time(), body)
+            return body
 
     async def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled (https:// only with `tls`); started once listening, with
         the bound port (also `self.port`). A bind failure raises OSError before that."""
-        from hypercorn.trio import serve as hypercorn_serve
-
-        config = _Config(tls)
-        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-        config.accesslog = None
-        config.errorlog = None
-        config.include_server_header = False
-        config.keep_alive_timeout = KEEP_ALIVE
-        config.read_timeout = int(READ_TIMEOUT)
-        config.ssl_handshake_timeout = READ_TIMEOUT  # hypercorn's default is 60 s
+        listeners = await serving.open_tcp(host, port)
+        self.port = listeners[0].socket.getsockname()[1]
+        handler = self._handle if tls is None else serving.tls_handler(self._handle, tls)
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(functools.partial(
-                hypercorn_serve, self.app, config))  # type: ignore[arg-type]
-            self.port = int(binds[0].rsplit(":", 1)[1])
+            await nursery.start(serving.serve, listeners, handler, self.gate)
             task_status.started(self.port)
+
+    async def _handle(self, stream: Any, ticket: serving.Ticket) -> None:
+        """One connection, one request: its head within the ticket's deadline (h11 parses
+        it, at most MAX_HEAD bytes), then the answer within SEND_TIMEOUT, then close."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        request = None
+        try:
+            with trio.move_on_at(ticket.deadline):
+                while request is None:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(4096)
+                        if not data:
+                            return
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.Request):
+                        request = event
+                    else:
+                        return
+        except h11.RemoteProtocolError:
+            await self._answer(stream, conn, 400, b"bad request\n", TEXT)
+            return
+        if request is None:
+            raise trio.TooSlowError("the request head did not arrive in time")
+        ticket.authenticated()
+        path = request.target.split(b"?", 1)[0]
+        if path != PATH.encode():
+            await self._answer(stream, conn, 404, b"not found: try GET /metrics\n", TEXT)
+        elif request.method != b"GET":
+            await self._answer(stream, conn, 405, b"method not allowed: use GET\n", TEXT,
+                               (b"allow", b"GET"))
+        else:
+            try:
+                body = await self._render()
+            except Exception:
+                log.exception("metrics scrape failed")
+                await self._answer(stream, conn, 500, b"scrape failed; see the node's log\n",
+                                   TEXT)
+                return
+            await self._answer(stream, conn, 200, body, CONTENT_TYPE_LATEST)
+
+    @staticmethod
+    async def _answer(stream: Any, conn: h11.Connection, status: int, body: bytes,
+                      content_type: str, *extra: tuple[bytes, bytes]) -> None:
+        headers = [(b"content-type", content_type.encode()),
+                   (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
+                   *extra]
+        with trio.fail_after(SEND_TIMEOUT):
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers))
+                                  + conn.send(h11.Data(data=body))
+                                  + conn.send(h11.EndOfMessage()))
+        await stream.aclose()
+
+
+class _Snapshot:
+    """Families already read, for generate_latest in a worker thread."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)

@@ -2,9 +2,9 @@
 
 Rules:
 - debug.logs / debug.logs.follow / debug.stats / debug.trace / debug.traces read the
-  cluster (resource mesh:debug, checked in "default"); the local daemon asks every live
-  member (service.py) with the caller's token when it has one, so a remote caller sees
-  what its token may see on every node.
+  cluster (resource mesh:debug, checked in "default"), checked here; the local daemon
+  then asks every live member as itself (service.py: a caller's token is never sent to
+  other members).
 - Every answer names the nodes that did not answer ("errors": node -> why); a query is not
   an error because one node is down.
 - A service's own log records arrive on its registration session (frames {"log": [...]},
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshd.errors import bad_request, not_found
-from meshd.ops import REQUEST_TOKEN, Emit, Op, mesh_resource
+from meshd.ops import Emit, Op, mesh_resource
 
 from .service import MAX_RECORDS, DebugService, log_args, merge_summaries, trace_args, trace_id_arg
 
@@ -37,11 +37,8 @@ class DebugOps:
     async def logs(self, args: dict[str, Any]) -> Any:
         a = log_args(args)
         remote = {k: v for k, v in a.items() if v is not None}
-        answers, errors = await self.debug.gather("logs", remote, REQUEST_TOKEN.get(),
-                                                  only=a["node"])
-        records = [r for found in answers.values() if isinstance(found, list)
-                   for r in found if isinstance(r, dict) and isinstance(r.get("time"),
-                                                                        int | float)]
+        answers, errors = await self.debug.gather("logs", remote, only=a["node"])
+        records = [r for found in answers.values() for r in found]
         records.sort(key=lambda r: r["time"])
         return {"records": records[-a["limit"]:], "errors": errors}
 
@@ -49,14 +46,14 @@ class DebugOps:
         log_args({**args, "limit": 1})
         remote = {k: v for k, v in args.items() if k in ("service", "level", "node")
                   and v is not None}
-        await self.debug.follow(remote, REQUEST_TOKEN.get(), emit)
+        await self.debug.follow(remote, emit)
 
     async def stats(self, args: dict[str, Any]) -> Any:
         service = args.get("service")
         if service is not None and not isinstance(service, str):
             raise bad_request("service must be a name", id="meshd.debug")
         query = {"service": service} if service else {}
-        answers, errors = await self.debug.gather("stats", query, REQUEST_TOKEN.get())
+        answers, errors = await self.debug.gather("stats", query)
         nodes = [answers[name] for name in sorted(answers)]
         if service:
             nodes = [n for n in nodes if n.get("instances")]
@@ -64,8 +61,7 @@ class DebugOps:
 
     async def trace(self, args: dict[str, Any]) -> Any:
         tid = trace_id_arg(args)
-        answers, errors = await self.debug.gather("trace", {"trace_id": tid},
-                                                  REQUEST_TOKEN.get())
+        answers, errors = await self.debug.gather("trace", {"trace_id": tid})
         spans = [s for found in answers.values() if isinstance(found, list) for s in found]
         spans.sort(key=lambda s: s.get("start", 0))
         if not spans:
@@ -76,7 +72,7 @@ class DebugOps:
     async def traces(self, args: dict[str, Any]) -> Any:
         a = trace_args(args)
         query = {k: v for k, v in a.items() if v not in (None, False)}
-        answers, errors = await self.debug.gather("traces", query, REQUEST_TOKEN.get())
+        answers, errors = await self.debug.gather("traces", query)
         parts: dict[str, list[dict[str, Any]]] = {}
         for rows in answers.values():
             for row in rows if isinstance(rows, list) else ():

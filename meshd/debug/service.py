@@ -10,12 +10,20 @@ trace's spans from every node) and the nodes that did not answer are named, neve
 for past the timeout.
 
 Rules:
-- Link channel "debug": one request per channel, a bounded CBOR map {"op", "args",
-  "token"?}. A request with a token is checked against the rules (resource mesh:debug, in
-  "default": debug data is the cluster's) at the node that answers; one without a token
-  comes from the asking node's local operator, who reads the cluster's state as a node.
-- Answers are bounded: at most MAX_RECORDS log records and MAX_SPANS spans per node and
-  query; a follow sends batches as records arrive until either side closes.
+- Link channel "debug": one request per channel, a bounded CBOR map {"op", "args"}. The
+  asking node checked its caller (resource mesh:debug, in "default": debug data is the
+  cluster's) and asks as itself: a caller's token never goes to other members. The
+  answering node checks the asking member as a node (scope node).
+- One member has at most MAX_QUERIES queries and MAX_FOLLOWS follows served at once (429
+  beyond; all members together eight times that); an answer is at most MAX_REPLY bytes
+  (the oldest items left out) and must be taken within SEND_TIMEOUT, else it is dropped.
+  A follow sends batches as records arrive until either side closes or one is not taken
+  in time.
+- Answers are checked before they are merged (answers.py): everything a member says is
+  stamped as that member's; a malformed answer is that node's error, never the query's.
+- The daemon's own log lines and its services' are kept apart (half the buffer each), and
+  a local instance ships at most LOG_RATE records a second (bursts of LOG_BURST): a chatty
+  service cannot push out what the node logged.
 - A failure answering one request ends that channel only.
 """
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,6 +44,7 @@ from meshd.membership.core import ALIVE, STATE_NAMES, Membership
 from meshd.settings import DebugSettings
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
+from . import answers as checked
 from . import logs as logmod
 from .logs import LEVEL_NO, BufferHandler, LogBuffer
 from .stats import CallStats, NodeSampler
@@ -48,6 +58,11 @@ MAX_TRACES = 1000
 OPS = ("logs", "stats", "trace", "traces", "follow")
 RESOURCE = ("mesh", "debug", "")
 FOLLOW_BATCH = 0.1  # seconds a follower gathers records before sending them
+MAX_QUERIES = 2  # queries of one member answered at once (8 times that for all members)
+MAX_FOLLOWS = 2  # log follows one member holds here (8 times that for all members)
+MAX_REPLY = 4 << 20  # an answer's encoded bytes (the oldest items go first)
+SEND_TIMEOUT = 10.0  # an answer (or a follow's batch) the asker does not take in time is dropped
+LOG_RATE, LOG_BURST = 500.0, 2000.0  # a local instance's log records a second, and burst
 
 
 def log_args(args: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +73,7 @@ def log_args(args: dict[str, Any]) -> dict[str, Any]:
         raise bad_request("service must be a name", id="meshd.debug")
     if node is not None and not isinstance(node, str):
         raise bad_request("node must be a member's name", id="meshd.debug")
-    if level is not None and level not in LEVEL_NO:
+    if level is not None and (not isinstance(level, str) or level not in LEVEL_NO):
         raise bad_request(f"level must be one of {', '.join(LEVEL_NO)}", id="meshd.debug")
     if since is not None and not (isinstance(since, int | float) and math.isfinite(since)):
         raise bad_request("since must be a time (unix seconds)", id="meshd.debug")
@@ -124,14 +139,22 @@ class DebugService:
         self.core = core
         self.links = links
         self.settings = settings
-        self.logs = LogBuffer(settings.log_buffer)
+        # the daemon's own lines and its services' in two halves: a chatty service cannot
+        # push out what the node logged
+        half, half_bytes = max(1, settings.log_buffer // 2), max(1, settings.log_buffer_bytes // 2)
+        self.logs = LogBuffer(half, half_bytes)  # the services'
+        self.own_logs = LogBuffer(half, half_bytes)
+        self._log_quota: dict[str, tuple[float, float]] = {}  # instance -> (tokens, at)
         self.spans = SpanBuffer(settings.span_buffer)
         self.calls = CallStats()
         self.tracer = Tracer(node, Sampler(settings.trace_sample), self.spans)
         self.sampler = NodeSampler(settings.stats_buffer, probe)
         self._node_stats = node_stats
         self.auth: Any = None  # AuthService, set by the node
-        self.stats = {"debug_queries_served": 0, "debug_queries_refused": 0}
+        self.stats = {"debug_queries_served": 0, "debug_queries_refused": 0,
+                      "debug_log_records_dropped": 0, "debug_answers_malformed": 0}
+        self._serving: dict[str, int] = {}  # member -> its queries being answered now
+        self._following: dict[str, int] = {}  # member -> its log follows held here
         self.exporters: list[Callable[..., Awaitable[None]]] = []  # started with run()
         links.handlers[CHANNEL] = self._serve_channel
 
@@ -154,16 +177,29 @@ class DebugService:
 
     def take_logs(self, service: str, instance: str, records: Any) -> int:
         """A local service's log records (its session's frames): each checked, a bad one
-        dropped alone; at most logs.MAX_BATCH per frame. Returns how many were kept."""
+        dropped alone; at most logs.MAX_BATCH per frame and LOG_RATE a second per instance
+        (bursts of LOG_BURST), the rest dropped and counted. Returns how many were kept."""
         if not isinstance(records, list):
             return 0
+        now = time.monotonic()
+        if len(self._log_quota) > 4096:  # instances come and go: forget the full buckets
+            self._log_quota = {k: v for k, v in self._log_quota.items()
+                               if v[0] + (now - v[1]) * LOG_RATE < LOG_BURST}
+        tokens, at = self._log_quota.get(instance, (LOG_BURST, now))
+        tokens = min(LOG_BURST, tokens + (now - at) * LOG_RATE)
         kept = 0
         for raw in records[:logmod.MAX_BATCH]:
+            if tokens < 1:
+                break
             try:
-                self.logs.add(logmod.service_record(raw, self.node, service, instance))
+                record = logmod.service_record(raw, self.node, service, instance)
             except ValueError:
                 continue
+            self.logs.add(record)
+            tokens -= 1
             kept += 1
+        self._log_quota[instance] = (tokens, now)
+        self.stats["debug_log_records_dropped"] += len(records) - kept
         return kept
 
     # --- running -------------------------------------------------------------------------
@@ -175,7 +211,7 @@ class DebugService:
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         logmod.NODE.set(self.node)
-        handler = BufferHandler(self.logs, self.node,
+        handler = BufferHandler(self.own_logs, self.node,
                                 LEVEL_NO[self.settings.log_level.lower()])
         root = logging.getLogger("meshd")
         root.addHandler(handler)
@@ -194,8 +230,9 @@ class DebugService:
     def local(self, op: str, args: dict[str, Any]) -> Any:
         if op == "logs":
             a = log_args(args)
-            found = [r for r in self.logs.records() if logmod.matches(
-                r, a["service"], a["level"], a["since"], a["node"])]
+            found = [r for buf in (self.own_logs, self.logs) for r in buf.records()
+                     if logmod.matches(r, a["service"], a["level"], a["since"], a["node"])]
+            found.sort(key=lambda r: r["time"])
             return found[-a["limit"]:]
         if op == "stats":
             service = args.get("service")
@@ -227,10 +264,13 @@ class DebugService:
                 if m.state == ALIVE and m.name != self.node and (only is None or
                                                                  m.name == only)]
 
-    async def gather(self, op: str, args: dict[str, Any], token: str | None,
-                     only: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    async def gather(self, op: str, args: dict[str, Any], only: str | None = None
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
         """(answer by node, error by node) from this node and every live member (or just
-        `only`), each within `debug.query_timeout`."""
+        `only`), each within `debug.query_timeout`, each member's answer checked
+        (answers.py). The caller was checked here: members are asked as this node, never
+        with the caller's token (a member must not collect the tokens of those who read
+        debug data)."""
         answers: dict[str, Any] = {}
         errors: dict[str, str] = {}
         if only is None or only == self.node:
@@ -239,7 +279,10 @@ class DebugService:
         async def ask(name: str, addr: str) -> None:
             try:
                 with trio.fail_after(self.settings.query_timeout):
-                    answers[name] = await self._ask(addr, op, args, token)
+                    answers[name] = _checked(op, await self._ask(addr, op, args), name)
+            except checked.Malformed:
+                self.stats["debug_answers_malformed"] += 1
+                errors[name] = "malformed answer"
             except trio.TooSlowError:
                 errors[name] = "no answer in time"
             except MeshError as exc:
@@ -255,40 +298,38 @@ class DebugService:
             errors[only] = "not a live member"
         return answers, errors
 
-    async def _ask(self, addr: str, op: str, args: dict[str, Any], token: str | None
-                   ) -> Any:
+    async def _ask(self, addr: str, op: str, args: dict[str, Any]) -> Any:
         request: dict[str, Any] = {"op": op, "args": args}
-        if token:
-            request["token"] = token
         async with await self.links.open_channel(addr, CHANNEL) as ch:
             await ch.send(wire.dumps(request))
             reply = wire.loads(await ch.receive(), max_depth=16)
         if not isinstance(reply, dict):
-            raise ValueError("malformed answer")
+            raise checked.Malformed("not a map")
         if not reply.get("ok"):
             raise MeshError.from_dict(reply.get("error") or {})
         return reply.get("result")
 
-    async def follow(self, args: dict[str, Any], token: str | None,
+    async def follow(self, args: dict[str, Any],
                      emit: Callable[[Any], Awaitable[None]]) -> None:
         """Every live member's new log records (and this node's), as they come, until the
-        caller goes."""
+        caller goes. A member's batches are checked as its answers are; one that sends
+        nonsense stops being followed, the others go on."""
         a = log_args({**args, "limit": 1})
         send, receive = trio.open_memory_channel[list[dict[str, Any]]](64)
 
-        async def remote(addr: str) -> None:
+        async def remote(name: str, addr: str) -> None:
             request: dict[str, Any] = {"op": "follow", "args": args}
-            if token:
-                request["token"] = token
             try:
                 async with await self.links.open_channel(addr, CHANNEL) as ch:
                     await ch.send(wire.dumps(request))
                     while True:
                         batch = wire.loads(await ch.receive(), max_depth=16)
-                        if isinstance(batch, dict) and isinstance(batch.get("records"), list):
-                            await send.send(batch["records"])
-                        elif isinstance(batch, dict) and not batch.get("ok", True):
-                            return
+                        if not isinstance(batch, dict) or not isinstance(
+                                batch.get("records"), list):
+                            return  # an error ({"ok": false}) or nonsense: done with it
+                        got = checked.records(batch["records"], name, MAX_RECORDS)
+                        if got:
+                            await send.send(got)
             except (LinkError, ChannelClosed, wire.WireError) as exc:
                 log.info("following logs at %s ended: %s", addr, exc)
 
@@ -298,64 +339,108 @@ class DebugService:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(local)
             if a["node"] is None or a["node"] != self.node:
-                for _, addr in self._peers(a["node"]):
-                    nursery.start_soon(remote, addr)
+                for name, addr in self._peers(a["node"]):
+                    nursery.start_soon(remote, name, addr)
             async for batch in receive:
-                for record in sorted(batch, key=lambda r: r.get("time", 0)):
+                for record in sorted(batch, key=lambda r: r["time"]):
                     await emit(record)
 
     async def _follow_local(self, a: dict[str, Any],
                             out: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> None:
-        seq = self.logs.seq
+        bufs = (self.own_logs, self.logs)
+        seqs = [buf.seq for buf in bufs]
         while True:
             event = trio.Event()
-            self.logs.on_next(event.set)
+            for buf in bufs:
+                buf.on_next(event.set)
             try:
                 await event.wait()
             finally:
-                self.logs.forget(event.set)
+                for buf in bufs:
+                    buf.forget(event.set)
             await trio.sleep(FOLLOW_BATCH)  # a burst goes out as one batch
-            new = self.logs.since(seq)
-            if new:
-                seq = new[-1][0]
-            batch = [r for _, r in new if logmod.matches(r, a["service"], a["level"],
-                                                         a["since"], a["node"])]
+            batch = []
+            for i, buf in enumerate(bufs):
+                new = buf.since(seqs[i])
+                if new:
+                    seqs[i] = new[-1][0]
+                batch += [r for _, r in new if logmod.matches(r, a["service"], a["level"],
+                                                              a["since"], a["node"])]
             if batch:
+                batch.sort(key=lambda r: r["time"])
                 await out(batch[-MAX_RECORDS:])
 
     # --- serving other nodes -------------------------------------------------------------
 
     async def _serve_channel(self, ch: Channel) -> None:
+        peer = ch.peer_node
         try:
             req = wire.loads(await ch.receive(), max_depth=8, max_bytes=64 * 1024)
             if not isinstance(req, dict) or req.get("op") not in OPS or \
                     not isinstance(req.get("args", {}), dict):
                 raise bad_request("malformed debug request", id="meshd.debug")
-            token = req.get("token")
-            if token is not None and not isinstance(token, str):
-                raise bad_request("malformed debug request", id="meshd.debug")
-            self._check(token, ch.peer_node)
+            self._check(peer)
+            assert peer is not None
             op, args = req["op"], req.get("args", {})
-            if op == "follow":
-                a = log_args({**args, "limit": 1})
-
-                async def out(batch: list[dict[str, Any]]) -> None:
-                    await ch.send(wire.dumps({"records": batch}))
-
-                await self._follow_local(a, out)
-                return
-            result = self.local(op, args)
-            self.stats["debug_queries_served"] += 1
-            await ch.send(wire.dumps({"ok": True, "result": result}))
+            held = self._following if op == "follow" else self._serving
+            cap = MAX_FOLLOWS if op == "follow" else MAX_QUERIES
+            if held.get(peer, 0) >= cap or sum(held.values()) >= cap * 8:
+                raise MeshError(429, f"too many debug {op}s from {peer} at once",
+                                id="meshd.debug")
+            held[peer] = held.get(peer, 0) + 1
+            try:
+                await self._answer(ch, op, args)
+            finally:
+                held[peer] -= 1
+                if not held[peer]:
+                    del held[peer]
         except MeshError as exc:
             self.stats["debug_queries_refused"] += 1
-            with contextlib.suppress(ChannelClosed):
+            with contextlib.suppress(ChannelClosed, trio.TooSlowError), \
+                    trio.fail_after(SEND_TIMEOUT):
                 await ch.send(wire.dumps({"ok": False, "error": exc.to_dict()}))
-        except (ChannelClosed, wire.WireError):
-            return
+        except (ChannelClosed, wire.WireError, trio.TooSlowError):
+            return  # a member that does not read its answer in time loses it
 
-    def _check(self, token: str | None, peer: str | None) -> None:
+    async def _answer(self, ch: Channel, op: str, args: dict[str, Any]) -> None:
+        if op == "follow":
+            a = log_args({**args, "limit": 1})
+
+            async def out(batch: list[dict[str, Any]]) -> None:
+                with trio.fail_after(SEND_TIMEOUT):
+                    await ch.send(_bounded({"records": batch}, "records"))
+
+            await self._follow_local(a, out)
+            return
+        result = self.local(op, args)
+        self.stats["debug_queries_served"] += 1
+        with trio.fail_after(SEND_TIMEOUT):
+            await ch.send(_bounded({"ok": True, "result": result}, "result"))
+
+    def _check(self, peer: str | None) -> None:
+        """A member asks as a node (the asking node checked its caller): scope node."""
         if peer is None:
             raise MeshError(403, "debug queries come from members only", id="meshd.debug")
         if self.auth is not None:
-            self.auth.check(token, peer, RESOURCE)
+            self.auth.check(None, peer, RESOURCE)
+
+
+def _bounded(reply: dict[str, Any], key: str) -> bytes:
+    """The encoded reply, its list under `key` cut (oldest first) until it fits in
+    MAX_REPLY bytes."""
+    data = wire.dumps(reply)
+    while len(data) > MAX_REPLY and isinstance(reply[key], list) and reply[key]:
+        items = reply[key]
+        reply = {**reply, key: items[len(items) // 2 + 1:] if len(items) > 1 else []}
+        data = wire.dumps(reply)
+    return data
+
+
+def _checked(op: str, value: Any, node: str) -> Any:
+    if op == "logs":
+        return checked.records(value, node, MAX_RECORDS)
+    if op == "trace":
+        return checked.spans(value, node, MAX_SPANS)
+    if op == "traces":
+        return checked.summaries(value, node, MAX_TRACES)
+    return checked.stats(value, node)

@@ -42,13 +42,25 @@ MAX_ATTR = 512
 _HEX = frozenset("0123456789abcdef")
 
 
-@dataclass(frozen=True, slots=True)
 class Context:
-    """Where a span sits: its trace, its own id, and whether the trace is sampled."""
+    """Where a span sits: its trace, its own id, and whether the trace is sampled (made on
+    every call's path: a plain class is the cheapest to build)."""
 
-    trace_id: str
-    span_id: str
-    sampled: bool
+    __slots__ = ("sampled", "span_id", "trace_id")
+
+    def __init__(self, trace_id: str, span_id: str, sampled: bool) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.sampled = sampled
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Context) and (self.trace_id, self.span_id, self.sampled) \
+            == (other.trace_id, other.span_id, other.sampled)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Context({self.header()})"
 
     def header(self) -> str:
         return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
@@ -69,27 +81,31 @@ def parse(value: Any) -> Context | None:
     return Context(trace_id, span_id, bool(int(flags, 16) & 1))
 
 
-def new_span_id() -> str:
-    return os.urandom(8).hex()
-
-
 class Sampler:
-    """Decides, where a trace starts, whether it is kept."""
+    """Decides, where a trace starts, whether it is kept; makes the ids (from a generator
+    seeded by the OS: ids need to be unique, not secret, and a syscall per id is most of
+    what a span costs)."""
 
     def __init__(self, rate: float, rng: random.Random | None = None) -> None:
         self.rate = rate
-        self.rng = rng or random.Random()
+        self.rng = rng or random.Random(os.urandom(16))
+
+    def span_id(self) -> str:
+        return self.rng.randbytes(8).hex()
 
     def start(self, force: bool = False) -> Context:
-        """A new trace's root context."""
-        sampled = force or self.rate >= 1.0 or (self.rate > 0 and self.rng.random() < self.rate)
-        return Context(os.urandom(16).hex(), new_span_id(), sampled)
+        """A new trace's root context. (An all-zero id, which W3C forbids, comes once in
+        2^64 traces: it is then not parsed by the next hop, which starts a new trace.)"""
+        rng = self.rng
+        sampled = force or self.rate >= 1.0 or (self.rate > 0 and rng.random() < self.rate)
+        ids = rng.randbytes(24).hex()
+        return Context(ids[:32], ids[32:], sampled)
 
     def child(self, parent: Context | None, force: bool = False) -> Context:
         """A new span's context under `parent` (a new trace without one)."""
         if parent is None:
             return self.start(force)
-        return Context(parent.trace_id, new_span_id(), parent.sampled or force)
+        return Context(parent.trace_id, self.span_id(), parent.sampled or force)
 
 
 @dataclass(slots=True)
@@ -143,12 +159,14 @@ class Span:
 
 
 class SpanBuffer:
-    """The spans this node kept, oldest first, at most `size`."""
+    """The spans this node kept, oldest first, at most `size`. The i-th held span has
+    sequence number seq - len + 1 + i (they are numbered as added, none skipped)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._spans: deque[tuple[int, Span]] = deque()
-        self._by_trace: dict[str, list[Span]] = {}
+        self._spans: deque[Span] = deque()
+        # trace id -> its spans, or the one span (most traces have one span on a node)
+        self._by_trace: dict[str, Span | list[Span]] = {}
         self.seq = 0  # spans ever added (exporters remember where they were)
         self.dropped = 0
 
@@ -157,31 +175,37 @@ class SpanBuffer:
 
     def add(self, span: Span) -> None:
         if len(self._spans) >= self.size:
-            _, old = self._spans.popleft()
+            old = self._spans.popleft()
             self.dropped += 1
             same = self._by_trace.get(old.trace_id)
-            if same is not None:
-                if len(same) <= 1:
-                    del self._by_trace[old.trace_id]
-                else:
-                    same.remove(old)
+            if isinstance(same, list) and len(same) > 1:
+                same.remove(old)
+            elif same is not None:
+                del self._by_trace[old.trace_id]
         self.seq += 1
-        self._spans.append((self.seq, span))
-        self._by_trace.setdefault(span.trace_id, []).append(span)
+        self._spans.append(span)
+        held = self._by_trace.get(span.trace_id)
+        if held is None:
+            self._by_trace[span.trace_id] = span
+        elif isinstance(held, list):
+            held.append(span)
+        else:
+            self._by_trace[span.trace_id] = [held, span]
 
     def trace(self, trace_id: str) -> list[Span]:
-        return list(self._by_trace.get(trace_id, ()))
+        held = self._by_trace.get(trace_id)
+        return [] if held is None else list(held) if isinstance(held, list) else [held]
 
     def since(self, seq: int) -> Iterator[tuple[int, Span]]:
         """Spans added after sequence number `seq` (those still held), in order."""
-        if not self._spans or self._spans[-1][0] <= seq:
-            return iter(())
-        first = self._spans[0][0]
+        first = self.seq - len(self._spans) + 1
         skip = max(0, seq + 1 - first)
-        return (item for i, item in enumerate(self._spans) if i >= skip)
+        if skip >= len(self._spans):
+            return iter(())
+        return ((first + i, s) for i, s in enumerate(self._spans) if i >= skip)
 
     def spans(self) -> list[Span]:
-        return [s for _, s in self._spans]
+        return list(self._spans)
 
 
 def now() -> float:
@@ -209,7 +233,8 @@ class Tracer:
               ) -> tuple[Context, str]:
         """(this span's context, its parent span id); `meta["traceparent"]` becomes this
         span's, so the next hop's span is its child."""
-        parent = parse(meta.get(TRACEPARENT))
+        given = meta.get(TRACEPARENT)
+        parent = parse(given) if given is not None else None
         ctx = self.sampler.child(parent, force)
         meta[TRACEPARENT] = ctx.header()
         return ctx, parent.span_id if parent is not None else ""
@@ -218,9 +243,9 @@ class Tracer:
             start: float, duration: float, status: int = 0, error: str = "",
             attrs: dict[str, str] | None = None) -> None:
         if ctx.sampled or status:
-            self.spans.add(Span(ctx.trace_id, ctx.span_id, parent_id, name, kind, self.node,
-                                service, start, max(0.0, duration), status, error[:MAX_ATTR],
-                                attrs or {}))
+            self.spans.add(Span(ctx.trace_id, ctx.span_id, parent_id, name[:MAX_NAME], kind,
+                                self.node, service[:MAX_NAME], start, max(0.0, duration),
+                                status, error[:MAX_ATTR], attrs or {}))
 
     def child_span(self, ctx: Context, name: str, kind: str, service: str, start: float,
                    duration: float, status: int = 0, error: str = "",
@@ -229,10 +254,10 @@ class Tracer:
         the id its process gave it when `span_id` is a valid one)."""
         if ctx.sampled or status:
             if not _hex(span_id, 16):
-                span_id = new_span_id()
-            self.spans.add(Span(ctx.trace_id, span_id, ctx.span_id, name, kind,
-                                self.node, service, start, max(0.0, duration), status,
-                                error[:MAX_ATTR], attrs or {}))
+                span_id = self.sampler.span_id()
+            self.spans.add(Span(ctx.trace_id, span_id, ctx.span_id, name[:MAX_NAME], kind,
+                                self.node, service[:MAX_NAME], start, max(0.0, duration),
+                                status, error[:MAX_ATTR], attrs or {}))
 
     @contextlib.contextmanager
     def span(self, meta: dict[str, Any], name: str, kind: str, service: str,
@@ -241,7 +266,7 @@ class Tracer:
         when the block ends, failed with the status of a MeshError (any other exception:
         500) leaving it. Frames the block's task sends over relays carry it."""
         ctx, parent = self.begin(meta)
-        RELAYED.set(meta[TRACEPARENT])
+        relayed = RELAYED.set(meta[TRACEPARENT])
         wall, t0 = time.time(), time.perf_counter()
         status, error = 0, ""
         try:
@@ -252,5 +277,6 @@ class Tracer:
             error = str(getattr(exc, "detail", exc))
             raise
         finally:
+            RELAYED.reset(relayed)
             self.end(ctx, parent, name, kind, service, wall, time.perf_counter() - t0, status,
                      error, attrs)

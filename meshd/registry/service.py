@@ -326,6 +326,8 @@ def _validate_registration(args: dict[str, Any]) -> dict[str, Any]:
     for ep in endpoints:
         if not isinstance(ep, dict) or not isinstance(ep.get("name"), str):
             raise bad_request("each endpoint needs a name")
+        if not 0 < len(ep["name"]) <= MAX_NAME:
+            raise bad_request(f"endpoint names are 1..{MAX_NAME} characters")
         clean.append({"name": ep["name"], "request": ep.get("request"),
                       "response": ep.get("response"), "metadata": ep.get("metadata") or {},
                       "stream": bool(ep.get("stream", False))})

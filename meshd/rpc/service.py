@@ -37,6 +37,7 @@ import trio
 
 from meshd import namespaces, wire
 from meshd.debug import traces
+from meshd.debug.stats import OTHER
 from meshd.errors import MeshError, bad_request, not_found, unavailable
 from meshd.membership.core import Membership
 from meshd.ops import Finish
@@ -44,6 +45,7 @@ from meshd.registry.service import LocalInstance, RegistryService
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 log = logging.getLogger("meshd.rpc")
+MAX_NAME = 128  # service and endpoint names (as the registry takes them)
 CHANNEL = "rpc"
 MAX_CALLS_PER_CHANNEL = 1024  # calls one peer daemon has in flight here at once
 SELECTORS = ("random", "roundrobin", "nearest")
@@ -158,20 +160,26 @@ class RpcService:
         except MeshError as exc:
             self.stats["rpc_errors"] += 1
             self._client_done(ctx, parent, service, endpoint, wall, t0, exc.status,
-                              exc.detail)
+                              exc.detail, resolved=not (exc.id == "meshd.rpc"
+                                                        and exc.status in (400, 404)))
             raise
         self._client_done(ctx, parent, service, endpoint, wall, t0)
         return result
 
     def _client_done(self, ctx: traces.Context, parent: str, service: str, endpoint: str,
-                     wall: float, t0: float, status: int = 0, error: str = "") -> None:
-        """A call made through this daemon ended: its client span and stats."""
+                     wall: float, t0: float, status: int = 0, error: str = "",
+                     resolved: bool = True) -> None:
+        """A call made through this daemon ended: its client span and stats. A call that
+        named no service or endpoint there is (`resolved` false) is counted under
+        "_other": names a caller makes up never become series of their own."""
         took = time.perf_counter() - t0
+        if not resolved:
+            service = endpoint = OTHER
         self.debug.calls.observe("client", service, endpoint, status, took)
         self.debug.tracer.end(ctx, parent, f"call {service}/{endpoint}", "client", service,
                               wall, took, status, error)
 
-    def _served(self, local: LocalInstance, endpoint: str, meta: dict[str, Any],
+    def _served(self, local: LocalInstance, endpoint: str, ctx: traces.Context | None,
                 t0: float, reply: Any) -> None:
         """A call a local instance answered (or failed): its instance and server stats,
         and the handler's span (timed by the SDK: "took" in its reply)."""
@@ -190,7 +198,6 @@ class RpcService:
         if st is not None:
             debug.calls.end(st, endpoint, status, took)
         debug.calls.observe("server", local.service, endpoint, status, took)
-        ctx = traces.parse(meta.get(traces.TRACEPARENT))
         if ctx is not None and (ctx.sampled or status):
             span = reply.get("span") if isinstance(reply, dict) else None
             debug.tracer.child_span(ctx, f"handler {endpoint}", "handler", local.service,
@@ -201,6 +208,9 @@ class RpcService:
     async def _call(self, service: str, endpoint: str, body: Any, timeout: float,
                     meta: dict[str, str], selector: str, token: str | None,
                     namespace: str) -> Any:
+        if len(service) > MAX_NAME or len(endpoint) > MAX_NAME:
+            raise bad_request(f"service and endpoint names are at most {MAX_NAME} characters",
+                              id="meshd.rpc")
         if not (isinstance(timeout, int | float) and 0 < timeout <= 3600):
             raise bad_request("timeout must be between 0 and 3600 seconds", id="meshd.rpc")
         if selector not in SELECTORS:
@@ -241,15 +251,19 @@ class RpcService:
                                   local.namespace)
             if who:
                 meta = {**meta, "caller": who}
-            return _unwrap(await self._call_local(local, endpoint, body, meta, deadline))
+            ctx = traces.parse(meta.get(traces.TRACEPARENT)) if self.debug else None
+            return _unwrap(await self._call_local(local, endpoint, body, meta, deadline, ctx))
         mux = await self._mux_to(self.node_addr(inst))
         request = {"instance": inst["id"], "endpoint": endpoint, "body": body, "meta": meta,
                    "timeout": deadline - trio.current_time()}
-        if traces.TRACEPARENT in meta:  # relays on the way record their span of the call
-            traces.RELAYED.set(meta[traces.TRACEPARENT])
         if token:
             request["token"] = token
-        reply = await mux.call(request, inst["node"])
+        # relays on the way record their span of the call (tagged frames: traces.RELAYED)
+        relayed = traces.RELAYED.set(meta.get(traces.TRACEPARENT, ""))
+        try:
+            reply = await mux.call(request, inst["node"])
+        finally:
+            traces.RELAYED.reset(relayed)
         if isinstance(reply, dict) and reply.get("undelivered"):
             raise NotDelivered(str(reply.get("error", {}).get("detail", "instance gone")))
         return _unwrap(reply)
@@ -291,8 +305,10 @@ class RpcService:
         return meta
 
     async def _call_local(self, local: LocalInstance, endpoint: str, body: Any,
-                          meta: dict[str, Any], deadline: float) -> dict[str, Any]:
-        """call_local, counted and traced (with debug on)."""
+                          meta: dict[str, Any], deadline: float,
+                          ctx: traces.Context | None = None) -> dict[str, Any]:
+        """call_local, counted and traced (with debug on): `ctx` is the span the handler's
+        is a child of (this daemon's client or server span of the call)."""
         if self.debug is None:
             return await call_local(local, endpoint, body, meta, deadline)
         if local.stats is None:
@@ -313,7 +329,7 @@ class RpcService:
             if reply is None:  # not delivered, or the caller went: not the service's doing
                 local.stats.in_flight -= 1
             else:
-                self._served(local, endpoint, meta, t0, reply)
+                self._served(local, endpoint, ctx, t0, reply)
 
     # --- fast path: local calls answered from callbacks ----------------------------------
 
@@ -327,6 +343,8 @@ class RpcService:
         `size` bounds the body's encoded size (the request's): only a larger one is
         measured."""
         selector = selector or self.selector
+        if len(service) > MAX_NAME or len(endpoint) > MAX_NAME:
+            return False
         if self._nursery is None or not (isinstance(timeout, int | float) and
                                          0 < timeout <= 3600) or selector not in SELECTORS:
             return False
@@ -349,7 +367,7 @@ class RpcService:
         trace = None
         if self.debug is not None:
             ctx, parent = self.debug.tracer.begin(meta)
-            trace = (ctx, parent, time.time(), time.perf_counter(), service, endpoint, meta)
+            trace = (ctx, parent, time.time(), time.perf_counter(), service, endpoint)
             if local.stats is None:
                 local.stats = self.debug.calls.begin(local.id, local.service)
             else:
@@ -490,7 +508,7 @@ class RpcService:
         ctx, parent = self.debug.tracer.begin(meta)  # the server span, the handler's parent
         traces.RELAYED.set(meta[traces.TRACEPARENT])  # the reply's relays: children of it
         wall, t0 = time.time(), time.perf_counter()
-        reply = await self._serve_local(local, req, meta, deadline)
+        reply = await self._serve_local(local, req, meta, deadline, ctx)
         err = reply.get("error") if not reply.get("ok") else None
         self.debug.tracer.end(
             ctx, parent, f"serve {local.service}/{req['endpoint']}", "server", local.service,
@@ -499,11 +517,12 @@ class RpcService:
         return reply
 
     async def _serve_local(self, local: LocalInstance, req: dict[str, Any],
-                           meta: dict[str, Any], deadline: float) -> dict[str, Any]:
+                           meta: dict[str, Any], deadline: float,
+                           ctx: traces.Context | None = None) -> dict[str, Any]:
         try:
             with trio.fail_at(deadline):
                 return await self._call_local(local, req["endpoint"], req.get("body"), meta,
-                                              deadline)
+                                              deadline, ctx)
         except NotDelivered:
             return {"ok": False, "undelivered": True, "error": unavailable(
                 f"instance {req['instance']} went away", id="meshd.rpc").to_dict()}
@@ -604,8 +623,8 @@ class _FastCall:
     def _account(self, reply: Any, exc: MeshError | None = None) -> None:
         if self.trace is None:
             return
-        ctx, parent, wall, t0, service, endpoint, meta = self.trace
-        self.rpc._served(self.local, endpoint, meta, t0, reply)
+        ctx, parent, wall, t0, service, endpoint = self.trace
+        self.rpc._served(self.local, endpoint, ctx, t0, reply)
         self.rpc._client_done(ctx, parent, service, endpoint, wall, t0,
                               exc.status if exc else 0, exc.detail if exc else "")
 

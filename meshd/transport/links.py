@@ -149,8 +149,10 @@ class ChannelStream:
 
     A tagged stream (both ends and every relay agreed in the relay header) starts each
     message with a byte: 0, or 1 followed by the 55-byte W3C traceparent of the call whose
-    frame it carries (`traces.RELAYED` of the sending task), so each relay records its span
-    of the call; the trace id is all a relay learns."""
+    frame it carries (`traces.RELAYED` of the sending task) when that call is sampled, so
+    each relay records its span of the call (once per call and direction, at most
+    RELAY_SPAN_RATE a second per session); the trace context of sampled calls is all a
+    relay learns."""
 
     def __init__(self, ch: Channel, tagged: bool = False) -> None:
         self.ch = ch
@@ -159,8 +161,9 @@ class ChannelStream:
 
     async def send_all(self, data: bytes) -> None:
         if self.tagged:
-            tp = RELAYED.get()
-            data = (b"\x01" + tp.encode() + data) if len(tp) == TAG_BYTES else b"\x00" + data
+            tp = RELAYED.get()  # only a sampled call's: relays learn nothing of the others
+            data = (b"\x01" + tp.encode() + data) if len(tp) == TAG_BYTES and tp[-1] == "1" \
+                else b"\x00" + data
         try:
             await self.ch.send(bytes(data))
         except ChannelClosed:
@@ -188,6 +191,8 @@ class ChannelStream:
 RELAY = "relay"
 MAX_HOPS = 8
 TAG_BYTES = 55  # a traceparent on a tagged relay message
+RELAY_RECENT = 256  # traceparents a relay session remembers (one span per call, direction)
+RELAY_SPAN_RATE, RELAY_SPAN_BURST = 50.0, 200.0  # spans a relay session records a second
 
 
 class LinkError(Exception):
@@ -871,12 +876,32 @@ class LinkManager:
         self.stats["relay_sessions"] += 1
         await onward.send(wire.dumps({"dest": dest, "hops": hops - 1, "tags": tagged}))
         tracer = self.tracer if tagged else None
+        # the traceparents this session recorded a span for lately (one span per call and
+        # direction), and a budget of RELAY_SPAN_RATE spans a second: a member cannot flush
+        # this node's spans through one session
+        recent: dict[bytes, None] = {}
+        budget = [RELAY_SPAN_BURST, trio.current_time()]
+
+        def record(tag: bytes) -> bool:
+            if tag in recent:
+                return False
+            now = trio.current_time()
+            budget[0] = min(RELAY_SPAN_BURST, budget[0] + (now - budget[1]) * RELAY_SPAN_RATE)
+            budget[1] = now
+            if budget[0] < 1:
+                return False
+            budget[0] -= 1
+            recent[tag] = None
+            if len(recent) > RELAY_RECENT:
+                del recent[next(iter(recent))]
+            return True
 
         async def pump(src: Channel, dst: Channel, cancel: trio.CancelScope) -> None:
             try:
                 while True:
                     message = await src.receive()
-                    if tracer is not None and message[:1] == b"\x01":
+                    if tracer is not None and message[:1] == b"\x01" and \
+                            record(message[1:1 + TAG_BYTES]):
                         await self._relay_traced(tracer, message, src, dst, dest)
                     else:
                         await dst.send(message)

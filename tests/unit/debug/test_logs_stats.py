@@ -44,9 +44,16 @@ def test_buffer_is_bounded_and_wakes_followers():
     woken = []
     buf.on_next(lambda: woken.append(1))
     for i in range(5):
-        buf.add({"n": i})
-    assert [r["n"] for r in buf.records()] == [2, 3, 4] and woken == [1]
-    assert [r["n"] for _, r in buf.since(3)] == [3, 4]
+        buf.add({"time": float(i), "level": "info", "node": "a", "service": "s",
+                 "instance": "", "trace_id": "", "message": str(i),
+                 "fields": {"logger": "x"} if i % 2 else {"k": "v", "j": "w"}})
+    got = buf.records()
+    assert [r["message"] for r in got] == ["2", "3", "4"] and woken == [1]
+    assert got[1] == {"time": 3.0, "level": "info", "node": "a", "service": "s",
+                      "instance": "", "trace_id": "", "message": "3",
+                      "fields": {"logger": "x"}}
+    assert got[2]["fields"] == {"k": "v", "j": "w"}
+    assert [r["message"] for _, r in buf.since(3)] == ["3", "4"]
 
 
 def test_service_records_are_checked_and_stamped_by_the_daemon():
@@ -159,3 +166,12 @@ async def test_shipper_ships_only_its_services_records_in_batches():
     assert [r["message"] for f in sent for r in f["log"]] == ["from mine"]
     assert sent[0]["log"][0]["trace_id"] == "t9"
     assert [r["message"] for r in other.queue] == ["from other"]
+
+
+def test_long_lines_are_bounded_by_bytes_not_only_by_count():
+    buf = logs.LogBuffer(1000, max_bytes=20_000)
+    for i in range(100):
+        buf.add({"time": float(i), "level": "info", "node": "a", "service": "s",
+                 "instance": "", "trace_id": "", "message": "x" * 1000, "fields": {}})
+    assert len(buf) < 20 and buf.bytes <= 20_000
+    assert buf.records()[-1]["time"] == 99.0  # the newest kept, the oldest gone

@@ -215,16 +215,35 @@ async def test_serves_get_metrics_and_nothing_else(served):
     assert (status, headers["allow"], headers["connection"]) == (405, "GET", "close")
 
 
-async def test_keep_alive_serves_several_scrapes_on_one_connection(served):
-    _, exporter = served
+async def test_one_request_per_connection_and_scrapes_share_a_rendering(served):
+    src, exporter = served
     stream = await trio.open_tcp_stream("127.0.0.1", exporter.port)
     one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
     with trio.fail_after(5):
         await stream.send_all(one + one)
         got = b""
-        while got.count(b"HTTP/1.1 200") < 2:
-            got += await stream.receive_some()
+        while chunk := await stream.receive_some():
+            got += chunk
     await stream.aclose()
+    assert got.count(b"HTTP/1.1 200") == 1 and b"connection: close" in got.lower()
+    # a scrape within a second of another is answered with its text
+    before = head_and_body(await request(exporter.port, get("/metrics")))[2]
+    src.calls.observe("server", "fresh", "Fresh.One", 0, 0.001)
+    assert head_and_body(await request(exporter.port, get("/metrics")))[2] == before
+    await trio.sleep(metrics.RENDER_REUSE + 0.1)
+    assert b"Fresh.One" in head_and_body(await request(exporter.port, get("/metrics")))[2]
+
+
+async def test_connections_are_capped(served):
+    _, exporter = served
+    exporter.gate.max_open = exporter.gate.max_pending = 4
+    idle = [await trio.open_tcp_stream("127.0.0.1", exporter.port) for _ in range(12)]
+    await trio.sleep(0.2)
+    st = exporter.stats
+    assert exporter.gate.open <= 4
+    assert st["metrics_evicted"] + st["metrics_refused_cap"] + st["metrics_refused_source"] >= 8
+    for s in idle:
+        await s.aclose()
 
 
 async def test_junk_and_failures_end_only_their_connection(served):

@@ -1,0 +1,174 @@
+"""What observability costs: `python bench/observability.py [--seconds S] [--rounds R]`.
+
+Issue 15's targets, measured side by side in one run:
+  calls/s with metrics and tracing on, at the default sampling (debug.trace_sample 0.1) and
+  at 1.0, within 5% of calls/s with call tracing off (debug.trace_calls false), for
+  (c) SDK -> daemon A -> daemon B -> service and (d) SDK -> daemon -> service, 32 callers
+  (bench/rpc.py's cases and echo service). With metrics on, /metrics of both daemons is
+  scraped every second while the calls run.
+  RSS: a daemon's idle RSS, and what its debug buffers hold at their default sizes when
+  full (log records, one in ten 2 KB long, and spans of typical size), measured in a fresh
+  process.
+Configurations run interleaved, R rounds, so a host that slows down mid-run slows all of
+them; the ratio of the medians is printed. The host baseline (trio TCP echo at 32) is
+printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import rpc as rpcbench  # noqa: E402
+import trio  # noqa: E402
+
+from tests.integration.cluster import Cluster, control, wait_for  # noqa: E402
+
+CONFIGS = {
+    "off": {"MESHD_DEBUG_TRACE_CALLS": "false"},
+    "default": {"MESHD_DEBUG_METRICS_LISTEN": "127.0.0.1:0"},
+    "sample 1.0": {"MESHD_DEBUG_METRICS_LISTEN": "127.0.0.1:0",
+                   "MESHD_DEBUG_TRACE_SAMPLE": "1.0"},
+}
+
+FILL = r'''
+import os, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from meshd.debug.logs import LogBuffer
+from meshd.debug.traces import Span, SpanBuffer
+from meshd.settings import DebugSettings
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+s = DebugSettings()
+before = rss()
+logs, spans = LogBuffer(s.log_buffer, s.log_buffer_bytes), SpanBuffer(s.span_buffer)
+for i in range(s.log_buffer * 2):  # twice over: the buffers are full and have turned over
+    long = "x" * 2000 if i % 10 == 0 else ""  # one line in ten is a long one (a traceback)
+    logs.add({"time": time.time(), "level": "info", "node": "node-1", "service": "greeter",
+              "instance": "greeter-3f2a9c1d", "trace_id": os.urandom(16).hex(),
+              "message": f"handled request {i} for user {i % 97} in {i % 13} ms{long}",
+              "fields": {"logger": "greeter.handlers"}})
+for i in range(s.span_buffer * 2):
+    spans.add(Span(os.urandom(16).hex(), os.urandom(8).hex(), os.urandom(8).hex(),
+                   "call greeter/Greeter.Hello", "client", "node-1", "greeter", time.time(),
+                   0.0012, 0, "", {"instance": "greeter-3f2a9c1d"}))
+print(rss() - before, len(logs), len(spans))
+'''
+
+
+def _scrape(addresses: list[str], stop: trio.Event) -> Any:
+    async def run() -> None:
+        while not stop.is_set():
+            for addr in addresses:
+                await trio.to_thread.run_sync(
+                    lambda a=addr: urllib.request.urlopen(f"http://{a}/metrics", timeout=5)
+                    .read())
+            with trio.move_on_after(1.0):
+                await stop.wait()
+    return run
+
+
+async def _measure(sock: Path, seconds: float, metrics: list[str]) -> float:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        if metrics:
+            nursery.start_soon(_scrape(metrics, stop))
+        rate, _ = await rpcbench._meshd_client(sock, 32, seconds)
+        stop.set()
+    return rate
+
+
+def run_config(root: Path, name: str, env: dict[str, str], seconds: float
+               ) -> dict[str, float]:
+    script = root / "echo.py"
+    script.write_text(rpcbench.ECHO_SERVICE)
+    where = root / name.replace(" ", "-")
+    where.mkdir(exist_ok=True)
+    c = Cluster(where)
+    try:
+        a = c.add("a", env=env)
+        b = c.add("b", join=[a.addr], env=env)
+        c.service(b, "benchecho", script=script)
+
+        def ready(d: Any) -> bool:
+            try:
+                return len(control(d.data_dir, "describe",
+                                   service="benchecho")["instances"]) == 1
+            except Exception:
+                return False
+
+        wait_for(lambda: ready(a) and ready(b), 20, "echo service everywhere")
+        metrics = [control(d.data_dir, "status")["metrics"] for d in (a, b)]
+        metrics = [m for m in metrics if m]
+        remote = trio.run(_measure, a.data_dir / "meshd.sock", seconds, metrics)
+        local = trio.run(_measure, b.data_dir / "meshd.sock", seconds, metrics)
+        return {"c": remote, "d": local}
+    finally:
+        c.close()
+
+
+def idle_rss(root: Path) -> int:
+    (root / "idle").mkdir(exist_ok=True)
+    c = Cluster(root / "idle")
+    try:
+        a = c.add("a")
+        trio.run(trio.sleep, 3)
+        fields = Path(f"/proc/{a.proc.pid}/statm").read_text().split()
+        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+    finally:
+        c.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=3)
+    opts = ap.parse_args()
+    proc, port = rpcbench._in_server(rpcbench._tcp_server)
+    base = trio.run(rpcbench._tcp_client, port, 32, opts.seconds)[0]
+    proc.terminate()
+    print(f"host baseline: trio TCP echo @32 {base:,.0f}/s, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    results: dict[str, dict[str, list[float]]] = {n: {"c": [], "d": []} for n in CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for r in range(opts.rounds):
+            for name, env in CONFIGS.items():
+                (root / f"r{r}").mkdir(exist_ok=True)
+                got = run_config(root / f"r{r}", name, env, opts.seconds)
+                for case in ("c", "d"):
+                    results[name][case].append(got[case])
+                print(f"round {r + 1} {name:<11} (c) {got['c']:8,.0f}/s  "
+                      f"(d) {got['d']:8,.0f}/s", flush=True)
+        rss = idle_rss(root)
+    fill = subprocess.run([sys.executable, "-c", FILL, str(ROOT)], capture_output=True,
+                          text=True, check=True).stdout.split()
+    print()
+    print(f"{'':12}{'(c) calls/s':>14}{'ratio':>8}{'(d) calls/s':>14}{'ratio':>8}")
+    off = {case: statistics.median(results["off"][case]) for case in ("c", "d")}
+    for name in CONFIGS:
+        med = {case: statistics.median(results[name][case]) for case in ("c", "d")}
+        print(f"{name:<12}{med['c']:14,.0f}{med['c'] / off['c']:8.3f}"
+              f"{med['d']:14,.0f}{med['d'] / off['d']:8.3f}")
+    print(f"\nidle daemon RSS: {rss / 1e6:.1f} MB; debug buffers full at default sizes "
+          f"({fill[1]} log records, {fill[2]} spans): {int(fill[0]) / 1e6:.1f} MB "
+          "(goal <= 10 MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
