@@ -9,8 +9,9 @@ Issue 15's targets, measured side by side in one run:
   RSS: a daemon's idle RSS, and what its debug buffers hold at their default sizes when
   full (log records, one in ten 2 KB long, and spans of typical size), measured in a fresh
   process.
-Configurations run interleaved, R rounds, so a host that slows down mid-run slows all of
-them; the ratio of the medians is printed. The host baseline (trio TCP echo at 32) is
+The three configurations run side by side (three pairs of daemons) and are loaded in
+turn, S seconds each, R rounds: a host that slows down mid-run slows all of them; the ratio
+of the medians is printed. The host baseline (trio TCP echo at 32) is
 printed first.
 """
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import rpc as rpcbench  # noqa: E402
 import trio  # noqa: E402
 
-from tests.integration.cluster import Cluster, control, wait_for  # noqa: E402
+from tests.integration.cluster import Cluster, control  # noqa: E402
 
 CONFIGS = {
     "off": {"MESHD_DEBUG_TRACE_CALLS": "false"},
@@ -92,33 +93,14 @@ async def _measure(sock: Path, seconds: float, metrics: list[str]) -> float:
     return rate
 
 
-def run_config(root: Path, name: str, env: dict[str, str], seconds: float
-               ) -> dict[str, float]:
-    script = root / "echo.py"
-    script.write_text(rpcbench.ECHO_SERVICE)
+def start_config(root: Path, name: str, env: dict[str, str]) -> dict[str, Any]:
+    """A pair of daemons with the echo service, run with `env` (one configuration)."""
     where = root / name.replace(" ", "-")
     where.mkdir(exist_ok=True)
     c = Cluster(where)
-    try:
-        a = c.add("a", env=env)
-        b = c.add("b", join=[a.addr], env=env)
-        c.service(b, "benchecho", script=script)
-
-        def ready(d: Any) -> bool:
-            try:
-                return len(control(d.data_dir, "describe",
-                                   service="benchecho")["instances"]) == 1
-            except Exception:
-                return False
-
-        wait_for(lambda: ready(a) and ready(b), 20, "echo service everywhere")
-        metrics = [control(d.data_dir, "status")["metrics"] for d in (a, b)]
-        metrics = [m for m in metrics if m]
-        remote = trio.run(_measure, a.data_dir / "meshd.sock", seconds, metrics)
-        local = trio.run(_measure, b.data_dir / "meshd.sock", seconds, metrics)
-        return {"c": remote, "d": local}
-    finally:
-        c.close()
+    a, b = rpcbench.echo_pair(c, where, env)
+    metrics = [m for m in (control(d.data_dir, "status")["metrics"] for d in (a, b)) if m]
+    return {"cluster": c, "a": a, "b": b, "metrics": metrics}
 
 
 def idle_rss(root: Path) -> int:
@@ -135,8 +117,8 @@ def idle_rss(root: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=8)
     opts = ap.parse_args()
     proc, port = rpcbench._in_server(rpcbench._tcp_server)
     base = trio.run(rpcbench._tcp_client, port, 32, opts.seconds)[0]
@@ -146,14 +128,20 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {n: {"c": [], "d": []} for n in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for r in range(opts.rounds):
-            for name, env in CONFIGS.items():
-                (root / f"r{r}").mkdir(exist_ok=True)
-                got = run_config(root / f"r{r}", name, env, opts.seconds)
-                for case in ("c", "d"):
-                    results[name][case].append(got[case])
-                print(f"round {r + 1} {name:<11} (c) {got['c']:8,.0f}/s  "
-                      f"(d) {got['d']:8,.0f}/s", flush=True)
+        running = {name: start_config(root, name, env) for name, env in CONFIGS.items()}
+        try:
+            for r in range(opts.rounds):  # every configuration in turn, round after round
+                for name, run in running.items():
+                    got = {case: trio.run(_measure, run[d].data_dir / "meshd.sock",
+                                          opts.seconds, run["metrics"])
+                           for case, d in (("c", "a"), ("d", "b"))}
+                    for case in ("c", "d"):
+                        results[name][case].append(got[case])
+                    print(f"round {r + 1} {name:<11} (c) {got['c']:8,.0f}/s  "
+                          f"(d) {got['d']:8,.0f}/s", flush=True)
+        finally:
+            for run in running.values():
+                run["cluster"].close()
         rss = idle_rss(root)
     fill = subprocess.run([sys.executable, "-c", FILL, str(ROOT)], capture_output=True,
                           text=True, check=True).stdout.split()

@@ -208,6 +208,27 @@ trio.run(service.run)
 '''
 
 
+def echo_pair(c: Cluster, root: Path, env: dict[str, str] | None = None,
+              a_extra: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """Daemons a and b (joined) with the echo service on b, once both see it."""
+    from tests.integration.cluster import control
+
+    script = root / "echo.py"
+    script.write_text(ECHO_SERVICE)
+    a = c.add("a", extra=a_extra, env=env or {})
+    b = c.add("b", join=[a.addr], env=env or {})
+    c.service(b, "benchecho", script=script)
+
+    def ready(d: Any) -> bool:
+        try:
+            return len(control(d.data_dir, "describe", service="benchecho")["instances"]) == 1
+        except Exception:
+            return False
+
+    wait_for(lambda: ready(a) and ready(b), 20, "echo service everywhere")
+    return a, b
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
@@ -226,25 +247,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        script = root / "echo.py"
-        script.write_text(ECHO_SERVICE)
         c = Cluster(root)
         proxy_port = _free_port()
         os.environ["MESHD_ENV_FILE"] = str(root / "environments.json")
         try:
-            a = c.add("a", extra=("--proxy-listen", f"127.0.0.1:{proxy_port}"))
-            b = c.add("b", join=[a.addr])
-            c.service(b, "benchecho", script=script)
-            from tests.integration.cluster import control
-
-            def ready(d: Any) -> bool:
-                try:
-                    return len(control(d.data_dir, "describe",
-                                       service="benchecho")["instances"]) == 1
-                except Exception:
-                    return False
-
-            wait_for(lambda: ready(a) and ready(b), 20, "echo service everywhere")
+            a, b = echo_pair(c, root, a_extra=("--proxy-listen", f"127.0.0.1:{proxy_port}"))
             sock_a, sock_b = a.data_dir / "meshd.sock", b.data_dir / "meshd.sock"
             one = trio.run(_meshd_client, sock_a, 1, secs)
             pids = {"daemon A": a.proc.pid, "daemon B": b.proc.pid,

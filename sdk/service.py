@@ -63,9 +63,10 @@ class CallInfo:
         """The W3C traceparent for calls and publishes made while serving this call: they
         are children of the handler's span, in the same trace."""
         tp = self.meta.get("traceparent")
-        if not (isinstance(tp, str) and len(tp) == 55 and self.span_id):
+        if not (isinstance(tp, str) and len(tp) == 55):
             return ""
-        return f"{tp[:36]}{self.span_id}{tp[52:]}"
+        # sampled: under the handler's span; not: as it came (nothing of it is kept)
+        return f"{tp[:36]}{self.span_id}{tp[52:]}" if self.span_id else tp
 
     @property
     def caller_node(self) -> str:
@@ -423,7 +424,9 @@ class Service:
         except SchemaError as exc:
             return _error(MeshError(400, str(exc), id=self.name))
         meta = msg.get("meta") if isinstance(msg.get("meta"), dict) else {}
-        span = f"{random.getrandbits(64) or 1:016x}"
+        tp = meta.get("traceparent")
+        sampled = isinstance(tp, str) and tp.endswith("1")  # traced: time the handler
+        span = f"{random.getrandbits(64) or 1:016x}" if sampled else ""
         token = _CURRENT.set(CallInfo(endpoint.name, meta, span))
         t0 = time.perf_counter()
         try:
@@ -436,8 +439,9 @@ class Service:
             reply = _error(MeshError(500, f"{endpoint.name} failed: {exc}", id=self.name))
         finally:
             _CURRENT.reset(token)
-        reply["took"] = time.perf_counter() - t0  # the handler's span, at the daemon
-        reply["span"] = span
+        if sampled:  # the handler's span, recorded by the daemon
+            reply["took"] = time.perf_counter() - t0
+            reply["span"] = span
         return reply
 
 

@@ -18,8 +18,8 @@ Rules:
   (W3C). `parse` accepts only version 00's exact shape and returns None for anything else:
   an invalid traceparent starts a new trace, it is never an error.
 - A remote span (`Span.from_dict`) is decoded strictly: wrong types or sizes are refused.
-- `SpanBuffer` holds at most `size` spans (the oldest go first) and indexes them by trace;
-  `since(seq)` hands exporters what is new without copying the buffer.
+- `SpanBuffer` holds at most `size` spans (the oldest go first); `since(seq)` hands
+  exporters what is new without copying the buffer.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ MAX_NAME = 200
 MAX_ATTRS = 32
 MAX_ATTR = 512
 _HEX = frozenset("0123456789abcdef")
+_NO_ATTRS: dict[str, str] = {}  # shared by spans without attributes: never written to
 
 
 class Context:
@@ -159,14 +160,15 @@ class Span:
 
 
 class SpanBuffer:
-    """The spans this node kept, oldest first, at most `size`. The i-th held span has
-    sequence number seq - len + 1 + i (they are numbered as added, none skipped)."""
+    """The spans this node kept, oldest first, at most `size`. They are held as tuples in
+    Span's field order (a tuple is built several times faster than a Span, on every call's
+    path) and become Spans when read; nothing is indexed (a trace is found by a scan when
+    someone asks, which is rare). The i-th held span has sequence number
+    seq - len + 1 + i (numbered as added, none skipped)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._spans: deque[Span] = deque()
-        # trace id -> its spans, or the one span (most traces have one span on a node)
-        self._by_trace: dict[str, Span | list[Span]] = {}
+        self._spans: deque[tuple[Any, ...]] = deque()
         self.seq = 0  # spans ever added (exporters remember where they were)
         self.dropped = 0
 
@@ -174,27 +176,20 @@ class SpanBuffer:
         return len(self._spans)
 
     def add(self, span: Span) -> None:
+        self.add_raw((span.trace_id, span.span_id, span.parent_id, span.name, span.kind,
+                      span.node, span.service, span.start, span.duration, span.status,
+                      span.error, span.attrs))
+
+    def add_raw(self, fields: tuple[Any, ...]) -> None:
+        """A span as the tuple of Span's fields, in order."""
         if len(self._spans) >= self.size:
-            old = self._spans.popleft()
+            self._spans.popleft()
             self.dropped += 1
-            same = self._by_trace.get(old.trace_id)
-            if isinstance(same, list) and len(same) > 1:
-                same.remove(old)
-            elif same is not None:
-                del self._by_trace[old.trace_id]
         self.seq += 1
-        self._spans.append(span)
-        held = self._by_trace.get(span.trace_id)
-        if held is None:
-            self._by_trace[span.trace_id] = span
-        elif isinstance(held, list):
-            held.append(span)
-        else:
-            self._by_trace[span.trace_id] = [held, span]
+        self._spans.append(fields)
 
     def trace(self, trace_id: str) -> list[Span]:
-        held = self._by_trace.get(trace_id)
-        return [] if held is None else list(held) if isinstance(held, list) else [held]
+        return [Span(*t) for t in self._spans if t[0] == trace_id]
 
     def since(self, seq: int) -> Iterator[tuple[int, Span]]:
         """Spans added after sequence number `seq` (those still held), in order."""
@@ -202,10 +197,10 @@ class SpanBuffer:
         skip = max(0, seq + 1 - first)
         if skip >= len(self._spans):
             return iter(())
-        return ((first + i, s) for i, s in enumerate(self._spans) if i >= skip)
+        return ((first + i, Span(*t)) for i, t in enumerate(self._spans) if i >= skip)
 
     def spans(self) -> list[Span]:
-        return list(self._spans)
+        return [Span(*t) for t in self._spans]
 
 
 def now() -> float:
@@ -243,9 +238,9 @@ class Tracer:
             start: float, duration: float, status: int = 0, error: str = "",
             attrs: dict[str, str] | None = None) -> None:
         if ctx.sampled or status:
-            self.spans.add(Span(ctx.trace_id, ctx.span_id, parent_id, name[:MAX_NAME], kind,
+            self.spans.add_raw((ctx.trace_id, ctx.span_id, parent_id, name[:MAX_NAME], kind,
                                 self.node, service[:MAX_NAME], start, max(0.0, duration),
-                                status, error[:MAX_ATTR], attrs or {}))
+                                status, error[:MAX_ATTR], attrs or _NO_ATTRS))
 
     def child_span(self, ctx: Context, name: str, kind: str, service: str, start: float,
                    duration: float, status: int = 0, error: str = "",
@@ -255,9 +250,9 @@ class Tracer:
         if ctx.sampled or status:
             if not _hex(span_id, 16):
                 span_id = self.sampler.span_id()
-            self.spans.add(Span(ctx.trace_id, span_id, ctx.span_id, name[:MAX_NAME], kind,
+            self.spans.add_raw((ctx.trace_id, span_id, ctx.span_id, name[:MAX_NAME], kind,
                                 self.node, service[:MAX_NAME], start, max(0.0, duration),
-                                status, error[:MAX_ATTR], attrs or {}))
+                                status, error[:MAX_ATTR], attrs or _NO_ATTRS))
 
     @contextlib.contextmanager
     def span(self, meta: dict[str, Any], name: str, kind: str, service: str,

@@ -176,8 +176,9 @@ class RpcService:
         if not resolved:
             service = endpoint = OTHER
         self.debug.calls.observe("client", service, endpoint, status, took)
-        self.debug.tracer.end(ctx, parent, f"call {service}/{endpoint}", "client", service,
-                              wall, took, status, error)
+        if ctx.sampled or status:
+            self.debug.tracer.end(ctx, parent, f"call {service}/{endpoint}", "client",
+                                  service, wall, took, status, error)
 
     def _served(self, local: LocalInstance, endpoint: str, ctx: traces.Context | None,
                 t0: float, reply: Any) -> None:
@@ -200,9 +201,11 @@ class RpcService:
         debug.calls.observe("server", local.service, endpoint, status, took)
         if ctx is not None and (ctx.sampled or status):
             span = reply.get("span") if isinstance(reply, dict) else None
+            if st is not None and st.attrs is None:
+                st.attrs = {"instance": local.id}
             debug.tracer.child_span(ctx, f"handler {endpoint}", "handler", local.service,
                                     time.time() - handler, handler, status, error,
-                                    {"instance": local.id},
+                                    st.attrs if st is not None else {"instance": local.id},
                                     span if isinstance(span, str) else "")
 
     async def _call(self, service: str, endpoint: str, body: Any, timeout: float,
