@@ -9,9 +9,11 @@ Issue 15's targets, measured side by side in one run:
   RSS: a daemon's idle RSS, and what its debug buffers hold at their default sizes when
   full (log records, one in ten 2 KB long, and spans of typical size), measured in a fresh
   process.
-The three configurations run side by side (three pairs of daemons) and are loaded in
-turn, S seconds each, R rounds: a host that slows down mid-run slows all of them; the ratio
-of the medians is printed. The host baseline (trio TCP echo at 32) is
+For (d) it also prints the CPU of the daemon, the service and the caller per call (steadier
+than calls/s on a shared host). The three configurations run side by side (three pairs of
+daemons) and are loaded in turn, S seconds each, R rounds: a host that slows down mid-run
+slows all of them; the ratio of the medians is printed. The host baseline (trio TCP echo
+at 32) is
 printed first.
 """
 
@@ -126,15 +128,22 @@ def main() -> int:
     print(f"host baseline: trio TCP echo @32 {base:,.0f}/s, load average "
           f"{os.getloadavg()[0]:.2f}")
     results: dict[str, dict[str, list[float]]] = {n: {"c": [], "d": []} for n in CONFIGS}
+    cpu: dict[str, list[float]] = {n: [] for n in CONFIGS}  # (d): µs of CPU per call
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         running = {name: start_config(root, name, env) for name, env in CONFIGS.items()}
         try:
             for r in range(opts.rounds):  # every configuration in turn, round after round
                 for name, run in running.items():
-                    got = {case: trio.run(_measure, run[d].data_dir / "meshd.sock",
-                                          opts.seconds, run["metrics"])
-                           for case, d in (("c", "a"), ("d", "b"))}
+                    got = {"c": trio.run(_measure, run["a"].data_dir / "meshd.sock",
+                                         opts.seconds, run["metrics"])}
+                    pids = (run["b"].proc.pid, run["cluster"].services[0].proc.pid,
+                            os.getpid())
+                    before = sum(rpcbench._cpu_seconds(p) for p in pids)
+                    got["d"] = trio.run(_measure, run["b"].data_dir / "meshd.sock",
+                                        opts.seconds, run["metrics"])
+                    spent = sum(rpcbench._cpu_seconds(p) for p in pids) - before
+                    cpu[name].append(spent * 1e6 / (got["d"] * opts.seconds))
                     for case in ("c", "d"):
                         results[name][case].append(got[case])
                     print(f"round {r + 1} {name:<11} (c) {got['c']:8,.0f}/s  "
@@ -146,12 +155,15 @@ def main() -> int:
     fill = subprocess.run([sys.executable, "-c", FILL, str(ROOT)], capture_output=True,
                           text=True, check=True).stdout.split()
     print()
-    print(f"{'':12}{'(c) calls/s':>14}{'ratio':>8}{'(d) calls/s':>14}{'ratio':>8}")
+    print(f"{'':12}{'(c) calls/s':>14}{'ratio':>8}{'(d) calls/s':>14}{'ratio':>8}"
+          f"{'(d) CPU µs/call':>17}{'ratio':>8}")
     off = {case: statistics.median(results["off"][case]) for case in ("c", "d")}
+    off_cpu = statistics.median(cpu["off"])
     for name in CONFIGS:
         med = {case: statistics.median(results[name][case]) for case in ("c", "d")}
+        mcpu = statistics.median(cpu[name])
         print(f"{name:<12}{med['c']:14,.0f}{med['c'] / off['c']:8.3f}"
-              f"{med['d']:14,.0f}{med['d'] / off['d']:8.3f}")
+              f"{med['d']:14,.0f}{med['d'] / off['d']:8.3f}{mcpu:17.1f}{mcpu / off_cpu:8.3f}")
     print(f"\nidle daemon RSS: {rss / 1e6:.1f} MB; debug buffers full at default sizes "
           f"({fill[1]} log records, {fill[2]} spans): {int(fill[0]) / 1e6:.1f} MB "
           "(goal <= 10 MB)")

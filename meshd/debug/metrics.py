@@ -305,11 +305,10 @@ def _rpc(calls: CallStats) -> Iterator[Metric]:
             f"meshd_rpc_{side}_duration_seconds",
             f"Duration of RPC calls {'served' if side == 'server' else 'made'} by this node.",
             labels=RPC_LABELS)
-        for (s, service, endpoint, status), series in list(calls.series.items()):
-            if s == side:
-                fam.add_metric([service, endpoint, status_label(status)],
-                               list(zip(bounds, series.cumulative(), strict=True)),
-                               series.total)
+        for (service, endpoint, status), series in calls.by_side(side).items():
+            fam.add_metric([service, endpoint, status_label(status)],
+                           list(zip(bounds, series.cumulative(), strict=True)),
+                           series.total)
         yield fam
 
 

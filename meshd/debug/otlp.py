@@ -292,8 +292,10 @@ class OtlpExporter:
         metrics = []
         if self.calls is not None:
             points: dict[str, list[HistogramDataPoint]] = {"server": [], "client": []}
-            for (side, service, endpoint, status), s in list(self.calls.series.items()):
-                points.setdefault(side, []).append(HistogramDataPoint(
+            for side, (service, endpoint, status), s in (
+                    (which, key, s) for which in ("server", "client")
+                    for key, s in self.calls.by_side(which).items()):
+                points[side].append(HistogramDataPoint(
                     attributes={"service": service, "endpoint": endpoint, "status": status},
                     start_time_unix_nano=start, time_unix_nano=now, count=s.count,
                     sum=s.total, bucket_counts=list(s.buckets), explicit_bounds=BUCKETS,

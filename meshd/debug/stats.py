@@ -3,8 +3,10 @@ stats samples.
 
 Rules:
 - `CallStats.observe` is on every call's path: a dict lookup and a few additions, no
-  allocation once a key exists. Durations go into fixed buckets (Prometheus's default
-  buckets, in seconds), so `meshd stats` and `/metrics` read the same histograms.
+  allocation once a key exists. A call this node both makes and serves (a local call on
+  the fast path) is observed once, on side LOCAL, and read as both sides (`by_side`).
+  Durations go into fixed buckets (Prometheus's default buckets, in seconds), so
+  `meshd stats` and `/metrics` read the same histograms.
 - Cardinality is bounded: at most MAX_SERIES (side, service, endpoint, status) keys; calls
   beyond them are counted under service "_other" (a caller naming endpoints that do not
   exist cannot grow the table without end). Instances are forgotten when they deregister.
@@ -46,6 +48,11 @@ class Series:
         self.total += seconds
         self.buckets[bisect_left(BUCKETS, seconds)] += 1
 
+    def merged(self, other: Series) -> Series:
+        return Series(self.count + other.count, self.total + other.total,
+                      self.errors + other.errors,
+                      [a + b for a, b in zip(self.buckets, other.buckets, strict=True)])
+
     def cumulative(self) -> list[int]:
         out, run = [], 0
         for n in self.buckets:
@@ -75,7 +82,8 @@ class InstanceStats:
     attrs: dict[str, str] | None = None  # its spans' attributes (shared, never written to)
 
 
-SeriesKey = tuple[str, str, str, int]  # side ("server"/"client"), service, endpoint, status
+SeriesKey = tuple[str, str, str, int]  # side, service, endpoint, status
+LOCAL = "local"  # the side of a call this node both made and served: counted once
 
 
 class CallStats:
@@ -94,6 +102,19 @@ class CallStats:
             if s is None:
                 s = self.series[key] = Series()
         s.observe(seconds)
+        if status:
+            s.errors += 1
+
+    def by_side(self, side: str) -> dict[tuple[str, str, int], Series]:
+        """The series of one side ("server" or "client") by (service, endpoint, status),
+        local calls included in both."""
+        out: dict[tuple[str, str, int], Series] = {}
+        for (s, service, endpoint, status), series in list(self.series.items()):
+            if s in (side, LOCAL):
+                key = (service, endpoint, status)
+                held = out.get(key)
+                out[key] = series if held is None else held.merged(series)
+        return out
 
     def begin(self, instance: str, service: str) -> InstanceStats:
         """A call handed to a local instance starts (in-flight + 1)."""

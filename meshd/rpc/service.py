@@ -37,7 +37,7 @@ import trio
 
 from meshd import namespaces, wire
 from meshd.debug import traces
-from meshd.debug.stats import OTHER
+from meshd.debug.stats import LOCAL, OTHER
 from meshd.errors import MeshError, bad_request, not_found, unavailable
 from meshd.membership.core import Membership
 from meshd.ops import Finish
@@ -179,6 +179,34 @@ class RpcService:
         if ctx.sampled or status:
             self.debug.tracer.end(ctx, parent, f"call {service}/{endpoint}", "client",
                                   service, wall, took, status, error)
+
+    def _local_done(self, local: LocalInstance, trace: tuple[Any, ...], reply: Any,
+                    exc: MeshError | None) -> None:
+        """A fast local call ended: counted once (side "local": this node made and served
+        it), its instance's stats, and its client and handler spans if they are kept."""
+        ctx, parent, t0, service, endpoint = trace
+        debug = self.debug
+        took = time.perf_counter() - t0
+        status = exc.status if exc is not None else 0
+        st = local.stats
+        if st is not None:
+            debug.calls.end(st, endpoint, status, took)
+        debug.calls.observe(LOCAL, service, endpoint, status, took)
+        if ctx.sampled or status:
+            now = time.time()
+            error = exc.detail if exc is not None else ""
+            debug.tracer.end(ctx, parent, f"call {service}/{endpoint}", "client", service,
+                             now - took, took, status, error)
+            handler = reply.get("took") if isinstance(reply, dict) else None
+            handler = handler if isinstance(handler, float) and 0 <= handler <= took \
+                else took
+            span = reply.get("span") if isinstance(reply, dict) else None
+            if st is not None and st.attrs is None:
+                st.attrs = {"instance": local.id}
+            debug.tracer.child_span(ctx, f"handler {endpoint}", "handler", service,
+                                    now - handler, handler, status, error,
+                                    st.attrs if st is not None else None,
+                                    span if isinstance(span, str) else "")
 
     def _served(self, local: LocalInstance, endpoint: str, ctx: traces.Context | None,
                 t0: float, reply: Any) -> None:
@@ -370,7 +398,7 @@ class RpcService:
         trace = None
         if self.debug is not None:
             ctx, parent = self.debug.tracer.begin(meta)
-            trace = (ctx, parent, time.time(), time.perf_counter(), service, endpoint)
+            trace = (ctx, parent, time.perf_counter(), service, endpoint)
             if local.stats is None:
                 local.stats = self.debug.calls.begin(local.id, local.service)
             else:
@@ -605,8 +633,7 @@ class _FastCall:
         self.name = name
         self.timeout = timeout
         self.finished = False
-        # with debug on: (client span context, its parent id, wall start, perf start,
-        # service, endpoint, the metadata the service got)
+        # with debug on: (client span context, its parent id, perf start, service, endpoint)
         self.trace = trace
 
     def send_nowait(self, reply: Any) -> None:
@@ -624,12 +651,8 @@ class _FastCall:
         self.finish(body, None)
 
     def _account(self, reply: Any, exc: MeshError | None = None) -> None:
-        if self.trace is None:
-            return
-        ctx, parent, wall, t0, service, endpoint = self.trace
-        self.rpc._served(self.local, endpoint, ctx, t0, reply)
-        self.rpc._client_done(ctx, parent, service, endpoint, wall, t0,
-                              exc.status if exc else 0, exc.detail if exc else "")
+        if self.trace is not None:
+            self.rpc._local_done(self.local, self.trace, reply, exc)
 
     def expire(self) -> None:
         if self.finished:

@@ -175,3 +175,15 @@ def test_long_lines_are_bounded_by_bytes_not_only_by_count():
                  "instance": "", "trace_id": "", "message": "x" * 1000, "fields": {}})
     assert len(buf) < 20 and buf.bytes <= 20_000
     assert buf.records()[-1]["time"] == 99.0  # the newest kept, the oldest gone
+
+
+def test_local_calls_count_once_and_read_as_both_sides():
+    cs = CallStats()
+    cs.observe(stats.LOCAL, "svc", "Ep", 0, 0.001)
+    cs.observe("client", "svc", "Ep", 0, 0.002)
+    cs.observe("server", "svc", "Ep", 500, 0.003)
+    client, server = cs.by_side("client"), cs.by_side("server")
+    assert client[("svc", "Ep", 0)].count == 2 and client[("svc", "Ep", 0)].total == 0.003
+    assert server[("svc", "Ep", 0)].count == 1 and server[("svc", "Ep", 500)].errors == 1
+    assert ("svc", "Ep", 500) not in client
+    assert cs.series[(stats.LOCAL, "svc", "Ep", 0)].count == 1  # the merge copied, not added
