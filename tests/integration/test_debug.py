@@ -187,3 +187,38 @@ def test_a_traced_message_shows_who_published_and_who_got_it(cluster):
     assert spans["consumer"]["node"] == "b"
     assert spans["consumer"]["parent_id"] == spans["producer"]["span_id"]
     assert spans["consumer"]["attrs"]["subscribers"] == "1"
+
+
+def test_spans_of_a_traced_call_reach_an_otlp_collector(cluster):
+    """`--otlp-endpoint`: the daemons' spans of a traced call arrive at a collector (a test
+    receiver decoding OTLP/HTTP protobuf), with the trace id, kinds and service names."""
+    from tests.unit.debug.test_otlp import Receiver, attrs
+
+    receiver = Receiver()
+    try:
+        env = {**FAST, "MESHD_DEBUG_OTLP_ENDPOINT": receiver.url}
+        a = cluster.add("a", env=env)
+        c = cluster.add("c", join=[a.addr], env=env)
+        ready(a, c)
+        cluster.service(a)
+        wait_for(lambda: any(s["name"] == "testsvc" for s in control(c.data_dir, "services")),
+                 20, "testsvc seen from c")
+        r = cli(c, "call", "testsvc", "Test.Echo", '{"text": "otlp"}', "--trace")
+        assert r.returncode == 0, r.stderr
+        trace_id = bytes.fromhex(r.stderr.split()[-1])
+
+        def got() -> dict[str, tuple[dict, object]]:
+            return {s.name: (res, s) for res, s in receiver.spans()
+                    if s.trace_id == trace_id}
+
+        wait_for(lambda: len(got()) == 3, 15, "client, server and handler spans exported")
+        spans = got()
+        res, client = spans["call testsvc/Test.Echo"]
+        assert res["service.name"] == "testsvc" and attrs(client.attributes)["meshd.node"] == "c"
+        _, server = spans["serve testsvc/Test.Echo"]
+        _, handler = spans["handler Test.Echo"]
+        assert server.parent_span_id == client.span_id
+        assert handler.parent_span_id == server.span_id
+        assert control(a.data_dir, "status")["stats"]["otlp_export_failures"] == 0
+    finally:
+        receiver.close()
