@@ -47,6 +47,7 @@ WATCHES = "test_watches_through_the_environment"
 TUNNEL = "test_tunnel_through_the_environment"
 REFUSALS = "test_refusals_through_the_environment"
 BROKER = "test_broker_through_the_environment"
+DEBUG = "test_debug_through_the_environment"
 
 # Commands that work through an environment as they do locally, and the test that runs
 # each through `prod` (with --json where the command has it) and checks its result.
@@ -68,6 +69,7 @@ THROUGH: dict[str, str] = {
     "tunnel connect": TUNNEL,
     "publish": BROKER, "subscribe": BROKER, "topics": BROKER, "topics create": BROKER,
     "topics delete": BROKER,
+    "logs": DEBUG, "stats": DEBUG, "trace": DEBUG, "traces": DEBUG,
     "auth login": REFUSALS,
 }
 
@@ -547,6 +549,31 @@ def test_broker_through_the_environment(mesh, laptop):
     listed = laptop.ok("topics", "--json")
     assert "envb.durable" in {t["topic"] for t in listed["durable"]}
     assert laptop.ok("topics", "delete", "envb.durable", "--json")["deleted"] == "envb.durable"
+    laptop.drove_its_commands()
+
+
+def test_debug_through_the_environment(mesh, laptop):
+    """Logs, stats and traces of every node through prod's proxy, as on the node."""
+    remote, local = laptop.ok("stats", "--json"), laptop.on_node("stats", "--json")
+    assert [n["node"] for n in remote["nodes"]] == [n["node"] for n in local["nodes"]] == \
+        ["a", "b"] and remote["errors"] == {}
+    proc, lines = watcher(mesh, laptop, "logs", "testsvc", "-f", "-n", "1", "--json")
+    try:
+        marker = f"env-{time.monotonic_ns()}"
+        laptop.ok("call", "testsvc", "Test.Log", json.dumps({"text": marker}), "--json")
+        got = json.loads(lines.wait(lambda x: marker in x, 20, "the line via prod"))
+        assert (got["node"], got["service"]) == ("a", "testsvc")
+    finally:
+        error = stop(proc)
+    assert error == ""
+    found = laptop.lines("logs", "testsvc", "-n", "50", "--json")
+    assert marker in {r["message"] for r in found}
+    traced = laptop.run("call", "testsvc", "Test.Echo", '{"text": "t"}', "--trace", "--json")
+    assert traced.returncode == 0, traced.stderr
+    trace_id = traced.stderr.split()[-1]
+    spans = laptop.ok("trace", trace_id, "--json")["spans"]
+    assert {s["kind"] for s in spans} == {"client", "handler"}
+    assert trace_id in {t["trace_id"] for t in laptop.ok("traces", "--json")["traces"]}
     laptop.drove_its_commands()
 
 
