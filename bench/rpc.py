@@ -10,7 +10,8 @@
 For each: p50/p99 latency with 1 caller, calls/s with 1 and 32 concurrent callers.
 Goals: (c) >= 0.5x the calls/s of (b) at 32 callers, (c) p50 <= 2x (b) at 1 caller,
 (d) >= (b) at 32 callers.
-Also CPU milliseconds per call of each meshd process in (c) at 32 callers (from
+`--observability` runs bench/observability.py instead (what metrics and tracing cost, issue
+15's target). Also CPU milliseconds per call of each meshd process in (c) at 32 callers (from
 /proc/PID/stat): on a shared machine calls/s swing by 10% between runs, CPU per call much
 less, so it is the figure to compare before and after a change on the hot path.
 """
@@ -232,7 +233,15 @@ def echo_pair(c: Cluster, root: Path, env: dict[str, str] | None = None,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    opts = ap.parse_args()
+    ap.add_argument("--observability", action="store_true",
+                    help="instead: (c) and (d) with metrics and tracing on (default sampling "
+                    "and 1.0) against off, side by side (bench/observability.py)")
+    opts, rest = ap.parse_known_args()
+    if opts.observability:
+        import observability
+
+        sys.argv = [sys.argv[0], *rest]
+        return observability.main()
     secs = opts.seconds
     rows = []
 

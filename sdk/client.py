@@ -199,7 +199,7 @@ class Client:
         conn_client.token = self.token
         try:
             _, conn = await conn_client.session("rpc.stream", service=service,
-                                                endpoint=endpoint, meta=meta or {},
+                                                endpoint=endpoint, meta=_traced(meta),
                                                 namespace=ns)
             stream = ClientStream(conn)
             if request is not _NOTHING:
