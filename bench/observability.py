@@ -12,7 +12,8 @@ Issue 15's targets, measured side by side in one run:
 For (d) it also prints the CPU of the daemon, the service and the caller per call (steadier
 than calls/s on a shared host). The three configurations run side by side (three pairs of
 daemons) and are loaded in turn, S seconds each, R rounds: a host that slows down mid-run
-slows all of them; the ratio of the medians is printed. The host baseline (trio TCP echo
+slows all of them; each ratio is the median over rounds of the configuration's figure over
+off's in the same round. The host baseline (trio TCP echo
 at 32) is
 printed first.
 """
@@ -120,7 +121,7 @@ def idle_rss(root: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=12)
     opts = ap.parse_args()
     proc, port = rpcbench._in_server(rpcbench._tcp_server)
     base = trio.run(rpcbench._tcp_client, port, 32, opts.seconds)[0]
@@ -157,13 +158,18 @@ def main() -> int:
     print()
     print(f"{'':12}{'(c) calls/s':>14}{'ratio':>8}{'(d) calls/s':>14}{'ratio':>8}"
           f"{'(d) CPU µs/call':>17}{'ratio':>8}")
-    off = {case: statistics.median(results["off"][case]) for case in ("c", "d")}
-    off_cpu = statistics.median(cpu["off"])
+    def paired(name: str, case: str) -> float:
+        """The median over rounds of this configuration's figure over off's in the same
+        round (a host that drifts between rounds cancels out)."""
+        mine, base = (cpu[name], cpu["off"]) if case == "cpu" else \
+            (results[name][case], results["off"][case])
+        return statistics.median(x / y for x, y in zip(mine, base, strict=True))
+
     for name in CONFIGS:
         med = {case: statistics.median(results[name][case]) for case in ("c", "d")}
-        mcpu = statistics.median(cpu[name])
-        print(f"{name:<12}{med['c']:14,.0f}{med['c'] / off['c']:8.3f}"
-              f"{med['d']:14,.0f}{med['d'] / off['d']:8.3f}{mcpu:17.1f}{mcpu / off_cpu:8.3f}")
+        print(f"{name:<12}{med['c']:14,.0f}{paired(name, 'c'):8.3f}"
+              f"{med['d']:14,.0f}{paired(name, 'd'):8.3f}{statistics.median(cpu[name]):17.1f}"
+              f"{paired(name, 'cpu'):8.3f}")
     print(f"\nidle daemon RSS: {rss / 1e6:.1f} MB; debug buffers full at default sizes "
           f"({fill[1]} log records, {fill[2]} spans): {int(fill[0]) / 1e6:.1f} MB "
           "(goal <= 10 MB)")
