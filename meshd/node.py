@@ -220,8 +220,8 @@ class Node:
         self.rpc = RpcService(self.registry, self.links, self.core, retries=s.rpc.retries,
                               selector=s.rpc.selector, max_body=s.rpc.max_body_bytes)
         self.debug.bind()  # this node's tasks log into its own buffer
-        if s.debug.trace_calls:
-            self.rpc.debug = self.debug
+        self.rpc.debug = self.debug
+        if s.debug.tracing:
             self.links.tracer = self.debug.tracer
         self.registry.on_drop.append(self.debug.calls.forget)
         self.registry.on_log = lambda local, records: self.debug.take_logs(
@@ -238,7 +238,7 @@ class Node:
             self.durable = DurableTopics(self.broker, self.store, self.data_dir, s.broker)
         except BrokerFileError as exc:
             raise NodeError(str(exc)) from None
-        if s.debug.trace_calls:
+        if s.debug.tracing:
             self.broker.tracer = self.debug.tracer
         self.auth.vouched_roots = self._vouched_roots
         self.auth.seed_roots = self._seed_roots

@@ -312,9 +312,10 @@ class DebugSettings:
     # Stats samples kept per node (one every stats_interval seconds: an hour at the defaults).
     stats_interval: float = 10.0
     stats_buffer: int = 360
-    # Count every call (per-endpoint histograms, `meshd stats SERVICE`, /metrics) and trace
-    # it (spans); false turns both off (bench/observability.py compares the two).
-    trace_calls: bool = True
+    # Trace calls, streams and messages (W3C traceparent, spans); false: no trace context is
+    # made or passed on and no span kept (calls are still counted for `meshd stats` and
+    # /metrics). bench/observability.py measures the cost of true against false.
+    tracing: bool = True
     # The share of traces kept (0..1), decided where a trace starts and carried in
     # `traceparent`; a span that ends in an error is always kept. 0.1 keeps enough of a busy
     # service to find slow calls without paying for every one.

@@ -147,7 +147,8 @@ class DebugService:
         self._log_quota: dict[str, tuple[float, float]] = {}  # instance -> (tokens, at)
         self.spans = SpanBuffer(settings.span_buffer)
         self.calls = CallStats()
-        self.tracer = Tracer(node, Sampler(settings.trace_sample), self.spans)
+        self.tracer = Tracer(node, Sampler(settings.trace_sample), self.spans,
+                             enabled=settings.tracing)
         self.sampler = NodeSampler(settings.stats_buffer, probe)
         self._node_stats = node_stats
         self.auth: Any = None  # AuthService, set by the node

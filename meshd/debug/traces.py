@@ -208,6 +208,9 @@ def now() -> float:
     return time.time()
 
 
+# The context of every call when tracing is off (debug.tracing false): nothing is kept.
+OFF = Context("", "", False)
+
 # The traceparent of the call whose frames the current task sends: a relayed link tags the
 # frames it carries with it (transport/links.py), so each relay can record its span.
 RELAYED: contextvars.ContextVar[str] = contextvars.ContextVar("meshd_relayed_trace",
@@ -219,15 +222,19 @@ class Tracer:
     traceparent in `meta`, or a new trace) and puts it in `meta` for the next hop; `end`
     keeps the span if its trace is sampled or it failed."""
 
-    def __init__(self, node: str, sampler: Sampler, spans: SpanBuffer) -> None:
+    def __init__(self, node: str, sampler: Sampler, spans: SpanBuffer,
+                 enabled: bool = True) -> None:
         self.node = node
         self.sampler = sampler
         self.spans = spans
+        self.enabled = enabled  # false (debug.tracing): begin gives OFF, nothing is kept
 
     def begin(self, meta: dict[str, Any], force: bool = False
               ) -> tuple[Context, str]:
         """(this span's context, its parent span id); `meta["traceparent"]` becomes this
         span's, so the next hop's span is its child."""
+        if not self.enabled:
+            return OFF, ""
         given = meta.get(TRACEPARENT)
         parent = parse(given) if given is not None else None
         ctx = self.sampler.child(parent, force)
@@ -237,7 +244,7 @@ class Tracer:
     def end(self, ctx: Context, parent_id: str, name: str, kind: str, service: str,
             start: float, duration: float, status: int = 0, error: str = "",
             attrs: dict[str, str] | None = None) -> None:
-        if ctx.sampled or status:
+        if (ctx.sampled or status) and ctx is not OFF:
             self.spans.add_raw((ctx.trace_id, ctx.span_id, parent_id, name[:MAX_NAME], kind,
                                 self.node, service[:MAX_NAME], start, max(0.0, duration),
                                 status, error[:MAX_ATTR], attrs or _NO_ATTRS))
@@ -247,7 +254,7 @@ class Tracer:
                    attrs: dict[str, str] | None = None, span_id: str = "") -> None:
         """A span under `ctx` timed elsewhere (a handler's, reported with its reply, with
         the id its process gave it when `span_id` is a valid one)."""
-        if ctx.sampled or status:
+        if (ctx.sampled or status) and ctx is not OFF:
             if not _hex(span_id, 16):
                 span_id = self.sampler.span_id()
             self.spans.add_raw((ctx.trace_id, span_id, ctx.span_id, name[:MAX_NAME], kind,
@@ -261,7 +268,7 @@ class Tracer:
         when the block ends, failed with the status of a MeshError (any other exception:
         500) leaving it. Frames the block's task sends over relays carry it."""
         ctx, parent = self.begin(meta)
-        relayed = RELAYED.set(meta[TRACEPARENT])
+        relayed = RELAYED.set(meta.get(TRACEPARENT, ""))
         wall, t0 = time.time(), time.perf_counter()
         status, error = 0, ""
         try:

@@ -537,7 +537,7 @@ class RpcService:
         if self.debug is None:
             return await self._serve_local(local, req, meta, deadline)
         ctx, parent = self.debug.tracer.begin(meta)  # the server span, the handler's parent
-        traces.RELAYED.set(meta[traces.TRACEPARENT])  # the reply's relays: children of it
+        traces.RELAYED.set(meta.get(traces.TRACEPARENT, ""))  # the reply's relays: its children
         wall, t0 = time.time(), time.perf_counter()
         reply = await self._serve_local(local, req, meta, deadline, ctx)
         err = reply.get("error") if not reply.get("ok") else None

@@ -95,3 +95,14 @@ def test_span_from_dict_is_strict():
                 {**good, "parent_id": "zz"}, "span"):
         with pytest.raises(ValueError):
             Span.from_dict(bad)
+
+
+def test_tracing_off_passes_no_context_and_keeps_nothing():
+    buf = SpanBuffer(10)
+    tracer = Tracer("a", Sampler(1.0), buf, enabled=False)
+    meta = {"traceparent": f"00-{TID}-{SID}-01"}
+    ctx, parent = tracer.begin(meta)
+    assert ctx is traces.OFF and parent == "" and meta == {"traceparent": f"00-{TID}-{SID}-01"}
+    tracer.end(ctx, parent, "call", "client", "x", 1.0, 0.1, status=500)
+    tracer.child_span(ctx, "handler", "handler", "x", 1.0, 0.1, status=500)
+    assert len(buf) == 0
