@@ -192,21 +192,14 @@ class RpcService:
         if st is not None:
             debug.calls.end(st, endpoint, status, took)
         debug.calls.observe(LOCAL, service, endpoint, status, took)
-        if ctx.sampled or status:
-            now = time.time()
-            error = exc.detail if exc is not None else ""
-            debug.tracer.end(ctx, parent, f"call {service}/{endpoint}", "client", service,
-                             now - took, took, status, error)
-            handler = reply.get("took") if isinstance(reply, dict) else None
-            handler = handler if isinstance(handler, float) and 0 <= handler <= took \
-                else took
-            span = reply.get("span") if isinstance(reply, dict) else None
-            if st is not None and st.attrs is None:
-                st.attrs = {"instance": local.id}
-            debug.tracer.child_span(ctx, f"handler {endpoint}", "handler", service,
-                                    now - handler, handler, status, error,
-                                    st.attrs if st is not None else None,
-                                    span if isinstance(span, str) else "")
+        if ctx.sampled or status:  # both spans in one record, made into spans when read
+            handler = reply.get("took") if type(reply) is dict else None
+            span = reply.get("span") if type(reply) is dict else None
+            debug.tracer.local_call(
+                ctx, parent, service, endpoint, local.id, time.time() - took, took,
+                handler if type(handler) is float and 0 <= handler <= took else took,
+                span if type(span) is str else "", status,
+                exc.detail if exc is not None else "")
 
     def _served(self, local: LocalInstance, endpoint: str, ctx: traces.Context | None,
                 t0: float, reply: Any) -> None:

@@ -106,3 +106,22 @@ def test_tracing_off_passes_no_context_and_keeps_nothing():
     tracer.end(ctx, parent, "call", "client", "x", 1.0, 0.1, status=500)
     tracer.child_span(ctx, "handler", "handler", "x", 1.0, 0.1, status=500)
     assert len(buf) == 0
+
+
+def test_a_local_call_is_one_record_read_as_client_and_handler_spans():
+    buf = SpanBuffer(10)
+    tracer = Tracer("a", Sampler(1.0), buf)
+    ctx, parent = tracer.begin({"traceparent": f"00-{TID}-{SID}-01"})
+    tracer.local_call(ctx, parent, "svc", "Svc.Do", "svc-1", 100.0, 0.010, 0.004,
+                      "1234567890abcdef")
+    tracer.local_call(ctx, parent, "svc", "Svc.Do", "svc-1", 101.0, 0.010, 0.004, "bogus!")
+    assert len(buf) == 2 and buf.seq == 2
+    client, handler, client2, handler2 = buf.spans()
+    assert (client.kind, client.name, client.parent_id) == ("client", "call svc/Svc.Do", SID)
+    assert (handler.kind, handler.name, handler.span_id, handler.parent_id) == \
+        ("handler", "handler Svc.Do", "1234567890abcdef", client.span_id)
+    assert handler.start == pytest.approx(100.006) and handler.attrs == {"instance": "svc-1"}
+    assert traces._hex(handler2.span_id, 16)  # a bad id from the service: a stable stand-in
+    assert handler2.span_id == buf.spans()[3].span_id
+    assert len(buf.trace(TID)) == 4
+    assert [seq for seq, _ in buf.since(1)] == [2, 2]
