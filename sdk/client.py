@@ -36,6 +36,7 @@ from meshd.errors import MeshError
 from .broker import Publisher, Subscription
 from .daemon import socket_path
 from .schema import SchemaError, dump, load
+from .service import current_call, running_service_namespace, running_service_token
 
 T = TypeVar("T")
 _NOTHING: Any = object()
@@ -130,8 +131,6 @@ class Client:
         """Explicit token, else the token of the service whose handler is running, else
         MESHD_TOKEN; None calls as the local node. Through an environment: only the token
         given, MESHD_TOKEN or the environment's (never a local service's token)."""
-        from .service import running_service_token
-
         if self._via is not None:
             return self._token
 
@@ -142,8 +141,6 @@ class Client:
         """Where this client's calls go unless a call names another: `namespace=`, else the
         running service's namespace, else MESHD_NAMESPACE, else the environment's, else
         "default"."""
-        from .service import running_service_namespace
-
         return namespaces.check(self._namespace or running_service_namespace()
                                 or os.environ.get(namespaces.ENV) or self._env_namespace)
 
@@ -303,8 +300,6 @@ def _traced(meta: dict[str, str] | None) -> dict[str, str]:
     """A call's metadata (or a message's headers); inside a handler, with the handler's
     traceparent (unless the caller set one): the call or message is part of the trace
     being served."""
-    from .service import current_call
-
     info = current_call()
     if info is None:
         return meta or {}
