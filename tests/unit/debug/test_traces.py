@@ -116,7 +116,7 @@ def test_a_local_call_is_one_record_read_as_client_and_handler_spans():
                       "1234567890abcdef")
     tracer.local_call(ctx, parent, "svc", "Svc.Do", "svc-1", 101.0, 0.010, 0.004, "bogus!")
     assert len(buf) == 2 and buf.seq == 2
-    client, handler, client2, handler2 = buf.spans()
+    client, handler, _, handler2 = buf.spans()
     assert (client.kind, client.name, client.parent_id) == ("client", "call svc/Svc.Do", SID)
     assert (handler.kind, handler.name, handler.span_id, handler.parent_id) == \
         ("handler", "handler Svc.Do", "1234567890abcdef", client.span_id)
