@@ -152,7 +152,9 @@ def _ready(node: Node, as_json: bool) -> None:
 
 def _toml(data: dict[str, Any]) -> str:
     lines = [f"profile = {json.dumps(data['profile'])}"]
-    for section in ("node", "membership", "limits", "rpc", "store"):
+    from meshd.settings import SECTIONS
+
+    for section in ("node", *SECTIONS):
         lines.append(f"\n[{section}]")
         for key, value in data[section].items():
             if isinstance(value, bool):

@@ -202,6 +202,16 @@ def test_print_settings_layers(tmp_path):
     assert s["membership"]["probe_timeout"] == 3.0  # wan profile
     assert s["membership"]["gossip_nodes"] == 5  # env over toml/profile
     assert s["node"]["name"] == "flagged"  # flag
+    # the TOML form shows every section, and reads back as the same settings
+    text = subprocess.run([sys.executable, "-m", "cli", "up", "--config", str(cfg),
+                           "--print-settings"], env={**env, "MESHD_DEBUG_TRACE_SAMPLE": "0.5"},
+                          capture_output=True, text=True, timeout=10)
+    import tomllib
+
+    shown = tomllib.loads(text.stdout)
+    assert set(shown) == {"profile", "node", "membership", "limits", "rpc", "store", "broker",
+                          "debug"}
+    assert shown["debug"]["trace_sample"] == 0.5 and shown["broker"] == s["broker"]
     bad = subprocess.run([sys.executable, "-m", "cli", "up", "--print-settings"],
                          env={**os.environ, "MESHD_MEMBERSHIP_PROBE_INTERVAL": "soon"},
                          capture_output=True, text=True, timeout=10)
