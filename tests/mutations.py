@@ -286,7 +286,7 @@ MUTATIONS = [
              ("tests/unit/debug/test_logs_stats.py",),
              "call stats grow a series for every name a caller makes up"),
     Mutation("debug-no-log-quota", "meshd/debug/service.py",
-             "            if tokens < 1:",
+             "            if self._log_quota.take(instance, now):",
              "            if False:",
              ("tests/unit/debug/test_answers.py",),
              "a local instance ships log records without a quota"),

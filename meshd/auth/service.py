@@ -72,6 +72,7 @@ from typing import Any
 import trio
 
 from meshd import namespaces
+from meshd.buckets import TokenBuckets
 from meshd.datadir import write_secret_file
 from meshd.errors import MeshError, bad_request, not_found, too_many
 from meshd.identity import node_id_from_public
@@ -149,38 +150,6 @@ class Principal:
             f" of namespace {self.namespace!r}"
 
 
-class _Bucket:
-    """Token buckets per key; the table holds at most `cap` keys (full buckets go first)."""
-
-    def __init__(self, burst: float, per_s: float, cap: int = 10_000) -> None:
-        self.burst, self.per_s, self.cap = burst, per_s, cap
-        self.level: dict[str, tuple[float, float]] = {}
-
-    def take(self, key: str, now: float) -> float:
-        """0 if allowed, else seconds to wait."""
-        if key not in self.level and len(self.level) >= self.cap:
-            self._prune(now)
-        tokens, at = self.level.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.per_s)
-        if tokens < 1:
-            self.level[key] = (tokens, now)
-            return (1 - tokens) / self.per_s
-        self.level[key] = (tokens - 1, now)
-        return 0.0
-
-    def _prune(self, now: float) -> None:
-        """Forget buckets that have refilled (they hold nothing); if every bucket is still
-        draining, forget the oldest half (a flood of sources cannot grow the table)."""
-        full = [k for k, (t, at) in self.level.items()
-                if t + (now - at) * self.per_s >= self.burst]
-        for k in full:
-            del self.level[k]
-        if len(self.level) >= self.cap:
-            oldest = sorted(self.level, key=lambda k: self.level[k][1])
-            for k in oldest[:len(oldest) // 2]:
-                del self.level[k]
-
-
 class AuthService:
     def __init__(self, node: str, store: Any, links: LinkManager, data_dir: Path,
                  leeway: float = 60.0, access_ttl: float = 3600.0,
@@ -199,9 +168,9 @@ class AuthService:
         self._keys_cache: tuple[Any, dict[str, bytes]] = (None, {})
         self._nodes_cache: tuple[Any, frozenset[str], frozenset[str]] = (
             ("unset",), frozenset(), frozenset())
-        self._login_by_account = _Bucket(5, 0.1)
-        self._login_by_source = _Bucket(20, 0.5)
-        self._login_by_node = _Bucket(200, 10.0)  # logins forwarded by one member node
+        self._login_by_account = TokenBuckets(5, 0.1)
+        self._login_by_source = TokenBuckets(20, 0.5)
+        self._login_by_node = TokenBuckets(200, 10.0)  # logins forwarded by one member node
         self.stats = {"auth_denied": 0, "auth_bad_tokens": 0, "auth_records_refused": 0}
         # per namespace: (rules version, decisions)
         self._decisions: dict[str, tuple[Any, dict[Any, tuple[bool, Rule | None]]]] = {}
@@ -766,7 +735,7 @@ class AuthService:
         return list(account.get("scopes", []))
 
     @staticmethod
-    def _limit(bucket: _Bucket, key: str) -> None:
+    def _limit(bucket: TokenBuckets, key: str) -> None:
         """429 once `key` has used up its share of login attempts in `bucket`."""
         wait = bucket.take(key, time.monotonic())
         if wait:

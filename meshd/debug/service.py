@@ -39,6 +39,7 @@ from typing import Any
 import trio
 
 from meshd import wire
+from meshd.buckets import TokenBuckets
 from meshd.errors import MeshError, bad_request
 from meshd.membership.core import ALIVE, STATE_NAMES, Membership
 from meshd.settings import DebugSettings
@@ -144,7 +145,7 @@ class DebugService:
         half, half_bytes = max(1, settings.log_buffer // 2), max(1, settings.log_buffer_bytes // 2)
         self.logs = LogBuffer(half, half_bytes)  # the services'
         self.own_logs = LogBuffer(half, half_bytes)
-        self._log_quota: dict[str, tuple[float, float]] = {}  # instance -> (tokens, at)
+        self._log_quota = TokenBuckets(LOG_BURST, LOG_RATE, cap=4096)  # per instance
         self.spans = SpanBuffer(settings.span_buffer)
         self.calls = CallStats()
         self.tracer = Tracer(node, Sampler(settings.trace_sample), self.spans,
@@ -183,23 +184,16 @@ class DebugService:
         if not isinstance(records, list):
             return 0
         now = time.monotonic()
-        if len(self._log_quota) > 4096:  # instances come and go: forget the full buckets
-            self._log_quota = {k: v for k, v in self._log_quota.items()
-                               if v[0] + (now - v[1]) * LOG_RATE < LOG_BURST}
-        tokens, at = self._log_quota.get(instance, (LOG_BURST, now))
-        tokens = min(LOG_BURST, tokens + (now - at) * LOG_RATE)
         kept = 0
         for raw in records[:logmod.MAX_BATCH]:
-            if tokens < 1:
-                break
             try:
                 record = logmod.service_record(raw, self.node, service, instance)
             except ValueError:
                 continue
+            if self._log_quota.take(instance, now):
+                break
             self.logs.add(record)
-            tokens -= 1
             kept += 1
-        self._log_quota[instance] = (tokens, now)
         self.stats["debug_log_records_dropped"] += len(records) - kept
         return kept
 

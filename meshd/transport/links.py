@@ -74,6 +74,7 @@ from typing import Any
 import trio
 
 from meshd import wire
+from meshd.buckets import TokenBuckets
 from meshd.debug import traces
 from meshd.debug.traces import RELAYED
 from meshd.identity import Identity, node_id_from_public
@@ -880,17 +881,11 @@ class LinkManager:
         # direction), and a budget of RELAY_SPAN_RATE spans a second: a member cannot flush
         # this node's spans through one session
         recent: dict[bytes, None] = {}
-        budget = [RELAY_SPAN_BURST, trio.current_time()]
+        budget = TokenBuckets(RELAY_SPAN_BURST, RELAY_SPAN_RATE, cap=1)
 
         def record(tag: bytes) -> bool:
-            if tag in recent:
+            if tag in recent or budget.take("", trio.current_time()):
                 return False
-            now = trio.current_time()
-            budget[0] = min(RELAY_SPAN_BURST, budget[0] + (now - budget[1]) * RELAY_SPAN_RATE)
-            budget[1] = now
-            if budget[0] < 1:
-                return False
-            budget[0] -= 1
             recent[tag] = None
             if len(recent) > RELAY_RECENT:
                 del recent[next(iter(recent))]

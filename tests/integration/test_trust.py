@@ -433,9 +433,9 @@ def test_item15_login_limits_key_on_the_transport_not_on_what_the_client_says(cl
 
 
 def test_item15_login_limit_tables_are_bounded():
-    from meshd.auth.service import _Bucket
+    from meshd.buckets import TokenBuckets
 
-    bucket = _Bucket(5, 0.1)
+    bucket = TokenBuckets(5, 0.1)
     for i in range(50_000):
         bucket.take(f"source-{i}", 1000.0 + i * 0.001)
     assert len(bucket.level) <= 10_000
