@@ -8,8 +8,8 @@ Rules:
 - Records wait in a bounded queue (QUEUE records; the oldest go first, counted in
   `dropped`) and leave in batches of at most BATCH records and about BATCH_BYTES on the
   service's registration session as {"log": [...]} frames, every FLUSH_EVERY seconds:
-  logging never blocks a handler, and a long line (cut to MAX_MESSAGE) never makes a frame
-  the daemon refuses.
+  logging never blocks a handler, and a long line (cut to what the daemon keeps,
+  meshd.debug.logs.MAX_MESSAGE) never makes a frame the daemon refuses.
 - Each record carries time, level, message, the trace id of the call being served (if
   any) and the logger's name; the daemon adds node, service and instance itself.
 - If the process configured no logging at all, the service sets the root logger to INFO
@@ -27,22 +27,16 @@ from typing import Any
 
 import trio
 
+from meshd.debug.logs import level_name, message_of
+
 QUEUE = 1000
 BATCH = 256
 BATCH_BYTES = 512 * 1024  # a frame stays far below the control socket's frame limit
-MAX_MESSAGE = 8192  # what the daemon keeps of a message (meshd.debug.logs.MAX_MESSAGE)
 FLUSH_EVERY = 0.2
 
 # the Shipper of the service whose task is logging
 CURRENT: contextvars.ContextVar[Shipper | None] = contextvars.ContextVar(
     "meshd_log_shipper", default=None)
-
-
-def _level(levelno: int) -> str:
-    for bound, name in ((50, "critical"), (40, "error"), (30, "warning"), (20, "info")):
-        if levelno >= bound:
-            return name
-    return "debug"
 
 
 class Shipper(logging.Handler):
@@ -56,16 +50,10 @@ class Shipper(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if CURRENT.get() is not self:
             return
-        try:
-            message = record.getMessage()
-        except Exception:
-            message = str(record.msg)
-        if record.exc_info and record.exc_info[1] is not None:
-            message += f": {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
         if len(self.queue) == self.queue.maxlen:
             self.dropped += 1
-        self.queue.append({"time": record.created, "level": _level(record.levelno),
-                           "message": message[:MAX_MESSAGE], "trace_id": self.trace_id(),
+        self.queue.append({"time": record.created, "level": level_name(record.levelno),
+                           "message": message_of(record), "trace_id": self.trace_id(),
                            "fields": {"logger": record.name[:256]}})
 
     def install(self) -> Callable[[], None]:

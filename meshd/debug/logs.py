@@ -143,6 +143,18 @@ def level_name(levelno: int) -> str:
     return "info" if levelno >= logging.INFO else "debug"
 
 
+def message_of(record: logging.LogRecord) -> str:
+    """A logging record's text, with its exception in one line (never raises: a bad format
+    string is the logger's bug), cut to MAX_MESSAGE."""
+    try:
+        message = record.getMessage()
+    except Exception:
+        message = str(record.msg)
+    if record.exc_info and record.exc_info[1] is not None:
+        message += f": {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+    return message[:MAX_MESSAGE]
+
+
 class BufferHandler(logging.Handler):
     """Puts the records of one node's tasks into its buffer."""
 
@@ -154,15 +166,9 @@ class BufferHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if NODE.get() != self.node:
             return
-        try:
-            message = record.getMessage()
-        except Exception:  # a bad format string is the logger's bug, not a crash here
-            message = str(record.msg)
-        if record.exc_info and record.exc_info[1] is not None:
-            message += f": {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
         self.buffer.add({"time": record.created, "level": level_name(record.levelno),
                          "node": self.node, "service": "meshd", "instance": "",
-                         "trace_id": TRACE.get(), "message": message[:MAX_MESSAGE],
+                         "trace_id": TRACE.get(), "message": message_of(record),
                          "fields": {"logger": record.name}})
 
 

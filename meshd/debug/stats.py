@@ -31,6 +31,7 @@ import trio
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
            10.0)
 MAX_SERIES = 4096
+MAX_ENDPOINTS = 256  # endpoints one instance keeps histograms for
 OTHER = "_other"
 
 
@@ -43,10 +44,13 @@ class Series:
     errors: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, status: int = 0) -> None:
+        """One call of `seconds`; a non-zero `status` counts it as an error too."""
         self.count += 1
         self.total += seconds
         self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        if status:
+            self.errors += 1
 
     def merged(self, other: Series) -> Series:
         return Series(self.count + other.count, self.total + other.total,
@@ -93,17 +97,8 @@ class CallStats:
 
     def observe(self, side: str, service: str, endpoint: str, status: int,
                 seconds: float) -> None:
-        key = (side, service, endpoint, status)
-        s = self.series.get(key)
-        if s is None:
-            if len(self.series) >= MAX_SERIES:
-                key = (side, OTHER, OTHER, status)
-                s = self.series.get(key)
-            if s is None:
-                s = self.series[key] = Series()
-        s.observe(seconds)
-        if status:
-            s.errors += 1
+        _series(self.series, (side, service, endpoint, status), (side, OTHER, OTHER, status),
+                MAX_SERIES).observe(seconds, status)
 
     def by_side(self, side: str) -> dict[tuple[str, str, int], Series]:
         """The series of one side ("server" or "client") by (service, endpoint, status),
@@ -130,16 +125,7 @@ class CallStats:
         st.requests += 1
         if status:
             st.errors += 1
-        s = st.endpoints.get(endpoint)
-        if s is None:
-            if len(st.endpoints) >= 256:
-                endpoint = OTHER
-                s = st.endpoints.get(endpoint)
-            if s is None:
-                s = st.endpoints[endpoint] = Series()
-        s.observe(seconds)
-        if status:
-            s.errors += 1
+        _series(st.endpoints, endpoint, OTHER, MAX_ENDPOINTS).observe(seconds, status)
 
     def forget(self, instance: str) -> None:
         self.instances.pop(instance, None)
@@ -154,6 +140,19 @@ class CallStats:
                          "endpoints": {name: _summary(s) for name, s in
                                        sorted(st.endpoints.items())}})
         return rows
+
+
+def _series(table: dict[Any, Series], key: Any, other: Any, cap: int) -> Series:
+    """The series of `key` in `table`, made if new; once the table holds `cap` series, a
+    new key counts under `other` instead."""
+    s = table.get(key)
+    if s is None:
+        if len(table) >= cap:
+            key = other
+            s = table.get(key)
+        if s is None:
+            s = table[key] = Series()
+    return s
 
 
 def _summary(s: Series) -> dict[str, Any]:
