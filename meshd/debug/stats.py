@@ -83,7 +83,6 @@ class InstanceStats:
     errors: int = 0
     in_flight: int = 0
     endpoints: dict[str, Series] = field(default_factory=dict)
-    attrs: dict[str, str] | None = None  # its spans' attributes (shared, never written to)
 
 
 SeriesKey = tuple[str, str, str, int]  # side, service, endpoint, status

@@ -144,26 +144,22 @@ class RpcService:
                    token: str | None = None, namespace: str = namespaces.DEFAULT) -> Any:
         self.stats["rpc_calls"] += 1
         meta = dict(meta or {})
-        debug = self.debug
-        if debug is None:
-            try:
-                return await self._call(service, endpoint, body, timeout, meta,
-                                        selector or self.selector, token, namespace)
-            except MeshError:
-                self.stats["rpc_errors"] += 1
-                raise
-        ctx, parent = debug.tracer.begin(meta)
-        wall, t0 = time.time(), time.perf_counter()
+        traced = self.debug is not None
+        if traced:
+            ctx, parent = self.debug.tracer.begin(meta)
+            wall, t0 = time.time(), time.perf_counter()
         try:
             result = await self._call(service, endpoint, body, timeout, meta,
                                       selector or self.selector, token, namespace)
         except MeshError as exc:
             self.stats["rpc_errors"] += 1
-            self._client_done(ctx, parent, service, endpoint, wall, t0, exc.status,
-                              exc.detail, resolved=not (exc.id == "meshd.rpc"
-                                                        and exc.status in (400, 404)))
+            if traced:
+                self._client_done(ctx, parent, service, endpoint, wall, t0, exc.status,
+                                  exc.detail, resolved=not (exc.id == "meshd.rpc"
+                                                            and exc.status in (400, 404)))
             raise
-        self._client_done(ctx, parent, service, endpoint, wall, t0)
+        if traced:
+            self._client_done(ctx, parent, service, endpoint, wall, t0)
         return result
 
     def _client_done(self, ctx: traces.Context, parent: str, service: str, endpoint: str,
@@ -193,13 +189,18 @@ class RpcService:
             debug.calls.end(st, endpoint, status, took)
         debug.calls.observe(LOCAL, service, endpoint, status, took)
         if ctx.sampled or status:  # both spans in one record, made into spans when read
-            handler = reply.get("took") if type(reply) is dict else None
-            span = reply.get("span") if type(reply) is dict else None
-            debug.tracer.local_call(
-                ctx, parent, service, endpoint, local.id, time.time() - took, took,
-                handler if type(handler) is float and 0 <= handler <= took else took,
-                span if type(span) is str else "", status,
-                exc.detail if exc is not None else "")
+            handler, span = _handler_of(reply, took)
+            debug.tracer.local_call(ctx, parent, service, endpoint, local.id,
+                                    time.time() - took, took, handler, span, status,
+                                    exc.detail if exc is not None else "")
+
+    def _instance_begins(self, local: LocalInstance) -> None:
+        """A call is handed to `local`: in flight in its stats (kept on the instance, so a
+        call needs no lookup)."""
+        if local.stats is None:
+            local.stats = self.debug.calls.begin(local.id, local.service)
+        else:
+            local.stats.in_flight += 1
 
     def _served(self, local: LocalInstance, endpoint: str, ctx: traces.Context | None,
                 t0: float, reply: Any) -> None:
@@ -207,27 +208,16 @@ class RpcService:
         and the handler's span (timed by the SDK: "took" in its reply)."""
         debug = self.debug
         took = time.perf_counter() - t0
-        status, error, handler = 0, "", took
-        if isinstance(reply, dict):
-            if not reply.get("ok"):
-                err = reply.get("error")
-                status = err.get("status", 500) if isinstance(err, dict) else 500
-                status = status if type(status) is int else 500
-                error = str(err.get("detail", "")) if isinstance(err, dict) else ""
-            if isinstance(reply.get("took"), float) and 0 <= reply["took"] <= took:
-                handler = reply["took"]
+        status, error = _outcome(reply)
         st = local.stats
         if st is not None:
             debug.calls.end(st, endpoint, status, took)
         debug.calls.observe("server", local.service, endpoint, status, took)
         if ctx is not None and (ctx.sampled or status):
-            span = reply.get("span") if isinstance(reply, dict) else None
-            if st is not None and st.attrs is None:
-                st.attrs = {"instance": local.id}
+            handler, span = _handler_of(reply, took)
             debug.tracer.child_span(ctx, f"handler {endpoint}", "handler", local.service,
                                     time.time() - handler, handler, status, error,
-                                    st.attrs if st is not None else {"instance": local.id},
-                                    span if isinstance(span, str) else "")
+                                    {"instance": local.id}, span)
 
     async def _call(self, service: str, endpoint: str, body: Any, timeout: float,
                     meta: dict[str, str], selector: str, token: str | None,
@@ -335,10 +325,7 @@ class RpcService:
         is a child of (this daemon's client or server span of the call)."""
         if self.debug is None:
             return await call_local(local, endpoint, body, meta, deadline)
-        if local.stats is None:
-            local.stats = self.debug.calls.begin(local.id, local.service)
-        else:
-            local.stats.in_flight += 1
+        self._instance_begins(local)
         t0 = time.perf_counter()
         reply: Any = None
         try:
@@ -392,10 +379,7 @@ class RpcService:
         if self.debug is not None:
             ctx, parent = self.debug.tracer.begin(meta)
             trace = (ctx, parent, time.perf_counter(), service, endpoint)
-            if local.stats is None:
-                local.stats = self.debug.calls.begin(local.id, local.service)
-            else:
-                local.stats.in_flight += 1
+            self._instance_begins(local)
         meta = self._stamp(meta)
         if who:
             meta["caller"] = who
@@ -533,11 +517,10 @@ class RpcService:
         traces.RELAYED.set(meta.get(traces.TRACEPARENT, ""))  # the reply's relays: its children
         wall, t0 = time.time(), time.perf_counter()
         reply = await self._serve_local(local, req, meta, deadline, ctx)
-        err = reply.get("error") if not reply.get("ok") else None
+        status, error = _outcome(reply)
         self.debug.tracer.end(
             ctx, parent, f"serve {local.service}/{req['endpoint']}", "server", local.service,
-            wall, time.perf_counter() - t0, err.get("status", 500) if err else 0,
-            str(err.get("detail", "")) if err else "", {"caller-node": str(peer_node)})
+            wall, time.perf_counter() - t0, status, error, {"caller-node": str(peer_node)})
         return reply
 
     async def _serve_local(self, local: LocalInstance, req: dict[str, Any],
@@ -691,6 +674,27 @@ async def call_local(local: LocalInstance, endpoint: str, body: Any, meta: dict[
 def _too_slow(name: str, timeout: float) -> MeshError:
     return MeshError(408, f"call to {name} did not finish within {timeout:g} s",
                      id="meshd.rpc")
+
+
+def _outcome(reply: Any) -> tuple[int, str]:
+    """(status, error) of a service's reply: (0, "") when it succeeded."""
+    if isinstance(reply, dict) and reply.get("ok"):
+        return 0, ""
+    err = reply.get("error") if isinstance(reply, dict) else None
+    if not isinstance(err, dict):
+        return 500, ""
+    status = err.get("status", 500)
+    return (status if type(status) is int else 500), str(err.get("detail", ""))
+
+
+def _handler_of(reply: Any, took: float) -> tuple[float, str]:
+    """(seconds, span id) of the handler, as the service reported them with its reply (a
+    traced call): its time when plausible (else the whole call's), its span id if any."""
+    if type(reply) is not dict:
+        return took, ""
+    handler, span = reply.get("took"), reply.get("span")
+    return (handler if type(handler) is float and 0 <= handler <= took else took,
+            span if type(span) is str else "")
 
 
 def _unwrap(reply: Any) -> Any:
