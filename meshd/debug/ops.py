@@ -15,10 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshd.errors import bad_request, not_found
+from meshd.errors import not_found
 from meshd.ops import Emit, Op, mesh_resource
 
-from .service import MAX_RECORDS, DebugService, log_args, merge_summaries, trace_args, trace_id_arg
+from .service import (
+    MAX_RECORDS,
+    DebugService,
+    log_args,
+    merge_summaries,
+    ordered,
+    service_arg,
+    trace_args,
+    trace_id_arg,
+)
 
 READ = mesh_resource("debug")
 
@@ -49,9 +58,7 @@ class DebugOps:
         await self.debug.follow(remote, emit)
 
     async def stats(self, args: dict[str, Any]) -> Any:
-        service = args.get("service")
-        if service is not None and not isinstance(service, str):
-            raise bad_request("service must be a name", id="meshd.debug")
+        service = service_arg(args)
         query = {"service": service} if service else {}
         answers, errors = await self.debug.gather("stats", query)
         nodes = [answers[name] for name in sorted(answers)]
@@ -62,8 +69,8 @@ class DebugOps:
     async def trace(self, args: dict[str, Any]) -> Any:
         tid = trace_id_arg(args)
         answers, errors = await self.debug.gather("trace", {"trace_id": tid})
-        spans = [s for found in answers.values() if isinstance(found, list) for s in found]
-        spans.sort(key=lambda s: s.get("start", 0))
+        spans = [s for found in answers.values() for s in found]
+        spans.sort(key=lambda s: s["start"])
         if not spans:
             raise not_found(f"no node holds spans of trace {tid} (not sampled, or no longer "
                             "in the buffers)", id="meshd.debug")
@@ -75,11 +82,9 @@ class DebugOps:
         answers, errors = await self.debug.gather("traces", query)
         parts: dict[str, list[dict[str, Any]]] = {}
         for rows in answers.values():
-            for row in rows if isinstance(rows, list) else ():
+            for row in rows:
                 parts.setdefault(row["trace_id"], []).append(row)
-        merged = [merge_summaries(p) for p in parts.values()]
-        key = (lambda r: r["duration"]) if a["slowest"] else (lambda r: r["start"])
-        merged.sort(key=key, reverse=True)
+        merged = ordered([merge_summaries(p) for p in parts.values()], a["slowest"])
         return {"traces": merged[:a["limit"]], "errors": errors}
 
 

@@ -84,6 +84,19 @@ def log_args(args: dict[str, Any]) -> dict[str, Any]:
             "limit": limit}
 
 
+def service_arg(args: dict[str, Any]) -> str | None:
+    service = args.get("service")
+    if service is not None and not isinstance(service, str):
+        raise bad_request("service must be a name", id="meshd.debug")
+    return service
+
+
+def ordered(rows: list[dict[str, Any]], slowest: Any) -> list[dict[str, Any]]:
+    """Trace summaries, the slowest first (`slowest`), else the newest first."""
+    key = "duration" if slowest else "start"
+    return sorted(rows, key=lambda r: r[key], reverse=True)
+
+
 def trace_args(args: dict[str, Any]) -> dict[str, Any]:
     service, slowest = args.get("service"), args.get("slowest")
     errors, limit = args.get("errors", False), args.get("limit", 20)
@@ -230,11 +243,8 @@ class DebugService:
             found.sort(key=lambda r: r["time"])
             return found[-a["limit"]:]
         if op == "stats":
-            service = args.get("service")
-            if service is not None and not isinstance(service, str):
-                raise bad_request("service must be a name", id="meshd.debug")
             return {"node": self.node, "sample": self.sampler.sample(keep=False),
-                    "instances": self.calls.instance_rows(service)}
+                    "instances": self.calls.instance_rows(service_arg(args))}
         if op == "trace":
             return [s.to_dict() for s in self.spans.trace(trace_id_arg(args))][:MAX_SPANS]
         if op == "traces":
@@ -247,9 +257,7 @@ class DebugService:
                 rows = [r for r in rows if a["service"] in r["services"]]
             if a["errors"]:
                 rows = [r for r in rows if r["status"]]
-            key = (lambda r: r["duration"]) if a["slowest"] else (lambda r: r["start"])
-            rows.sort(key=key, reverse=True)
-            return rows[:MAX_TRACES]
+            return ordered(rows, a["slowest"])[:MAX_TRACES]
         raise bad_request(f"unknown debug query {op!r}", id="meshd.debug")
 
     # --- the cluster's answers -----------------------------------------------------------
