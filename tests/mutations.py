@@ -296,9 +296,9 @@ MUTATIONS = [
              ("tests/unit/debug/test_traces.py",),
              "a hop samples a trace its root decided not to keep"),
     Mutation("trace-error-spans-dropped", "meshd/debug/traces.py",
-             "        if ctx.sampled or status:\n"
+             "        if (ctx.sampled or status) and ctx is not OFF:\n"
              "            self.spans.add_raw((ctx.trace_id, ctx.span_id,",
-             "        if ctx.sampled:\n"
+             "        if ctx.sampled and ctx is not OFF:\n"
              "            self.spans.add_raw((ctx.trace_id, ctx.span_id,",
              ("tests/unit/debug/test_traces.py",),
              "a failed span of a trace not sampled is dropped"),
