@@ -148,7 +148,7 @@ class Client:
 
     @property
     def socket(self) -> Path:
-        """The local control socket (also for `meshd proxy http`, which serves over it)."""
+        """The local control socket."""
         return socket_path(self.data_dir or default_data_dir())
 
     def remote(self) -> Environment | None:

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
               help="The unencrypted PEM private key of --tls-cert.")
 @click.option("--metrics-listen", metavar="HOST:PORT", help="Serve Prometheus /metrics on "
               "HOST:PORT (https with --tls-cert/--tls-key). Also MESHD_DEBUG_METRICS_LISTEN.")
+@click.option("--api-listen", metavar="HOST:PORT", help="Serve the API gateway (HTTP to every "
+              "service) on HOST:PORT (https with --tls-cert/--tls-key). Also "
+              "MESHD_API_LISTEN.")
 @click.option("--otlp-endpoint", metavar="URL", help="Export spans and metrics over OTLP/HTTP "
               "to the collector at URL (e.g. http://127.0.0.1:4318; needs `pip install "
               "meshd[otel]`).")
@@ -61,7 +64,8 @@ if TYPE_CHECKING:
 @json_option
 def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str | None,
        proxy_listen: str | None, tls_cert: Path | None, tls_key: Path | None,
-       metrics_listen: str | None, otlp_endpoint: str | None, join: tuple[str, ...],
+       metrics_listen: str | None, api_listen: str | None, otlp_endpoint: str | None,
+       join: tuple[str, ...],
        auth_root: str | None,
        tags: tuple[str, ...], profile: str | None, secret_file: Path | None,
        config_file: Path | None, log_level: str | None, print_settings: bool,
@@ -80,7 +84,7 @@ def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str
             fail(f"400 bad request: settings file {config_file}: {exc}")
     flags = {"name": name, "bind": bind, "advertise": advertise, "ws_listen": ws_listen,
              "proxy_listen": proxy_listen, "debug.metrics_listen": metrics_listen,
-             "debug.otlp_endpoint": otlp_endpoint,
+             "debug.otlp_endpoint": otlp_endpoint, "api.listen": api_listen,
              "tls_cert": str(tls_cert) if tls_cert else None,
              "tls_key": str(tls_key) if tls_key else None,
              "join": join, "tags": tags, "auth_root": auth_root,
@@ -137,6 +141,9 @@ def _ready(node: Node, as_json: bool) -> None:
     alive = st["members"].get("alive", 1)
     verb = "created a new cluster" if node.created_cluster else "in a cluster"
     click.echo(f"  cluster    {verb} of {alive} alive member(s)")
+    if st.get("api"):
+        click.echo(f"  api        http{'s' if node.settings.node.tls_cert else ''}://"
+                   f"{st['api']}/")
     if st.get("metrics"):
         click.echo(f"  metrics    http{'s' if node.settings.node.tls_cert else ''}://"
                    f"{st['metrics']}/metrics")

@@ -2,8 +2,8 @@
 
 Rules:
 - One module per command group (cli/daemon.py, members.py, services.py, namespaces.py,
-  store.py, config.py, broker.py, debug.py, auth.py, network.py, tunnel.py, proxy.py,
-  nodes.py); this module only
+  store.py, config.py, broker.py, debug.py, auth.py, network.py, tunnel.py, nodes.py;
+  `meshd proxy http` was replaced by the API gateway, `meshd up --api-listen`); this module only
   registers them. Each command is a thin function over a control op, reached through
   `cli.client` and printed through `cli.output`.
 - Every command talking to a node takes --data-dir (or MESHD_DATA_DIR) to find it, or
@@ -31,7 +31,6 @@ from cli import (
     namespaces,
     network,
     nodes,
-    proxy,
     services,
     store,
     tunnel,
@@ -73,7 +72,7 @@ def version_cmd(as_json: bool) -> None:
 def _register(group: click.Group) -> None:
     """Each module's COMMANDS on the root group (the help lists them by name)."""
     for module in (daemon, members, services, namespaces, store, config, broker, debug,
-                   auth, network, tunnel, proxy, nodes, env):
+                   auth, network, tunnel, nodes, env):
         for command in module.COMMANDS:
             group.add_command(command)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from . import datadir, tlsconf
+from . import datadir, namespaces, tlsconf
 from .auth.eviction import Evictor
 from .auth.ops import AuthOps
 from .auth.service import PIN_FILE, ROOT_TAG, AuthService
@@ -38,6 +38,8 @@ from .broker.service import BrokerService
 from .control import ControlServer, socket_path
 from .debug.ops import DebugOps
 from .debug.service import DebugService
+from .errors import MeshError
+from .gateway.upstream import Upstream
 from .identity import Identity
 from .membership.core import Membership, MembershipError
 from .membership.identity import AliveVerifier
@@ -258,6 +260,9 @@ class Node:
         self.debug.auth = self.auth
         self.metrics_address = ""
         self.metrics_stats: dict[str, int] = {}
+        self.api_address = ""
+        self.api_stats: dict[str, int] = {}
+        self.upstream = Upstream(self, s.api)  # every node serves its HTTP services' streams
         self._add_exporters()
         self.registry.service_token = self.auth.service_token
         self.op_table = self._op_table()
@@ -288,6 +293,8 @@ class Node:
                 await nursery.start(self.debug.run)
                 if s.debug.metrics_listen:
                     await self._serve_metrics(nursery)
+                if s.api.listen:
+                    await self._serve_api(nursery)
                 await nursery.start(self.membership.run)
                 await nursery.start(self.registry.run)
                 await nursery.start(self.rpc.run)
@@ -341,7 +348,8 @@ class Node:
                 **self.registry.replicator.stats, **self.auth.stats,
                 **self.broker.stats, **self.broker.interest.stats, **self.durable.stats,
                 **self.durable.origin.stats, **self.rpc.stats, **self.debug.stats,
-                **getattr(self, "otlp_stats", {}), **self.metrics_stats,
+                **getattr(self, "otlp_stats", {}), **self.metrics_stats, **self.api_stats,
+                **self.upstream.stats,
                 "suspicions": self.core.suspicions, "refutations": self.core.refutations,
                 "broker_pending": sum(len(c.pending) for c in
                                       self.durable.origin.consumers.values())}
@@ -383,6 +391,24 @@ class Node:
         except (OSError, addrs.AddressError, tlsconf.TlsError) as exc:
             raise NodeError(f"--metrics-listen {s.debug.metrics_listen}: {exc}") from None
         self.metrics_address = addrs.format(host, exporter.port)
+
+    async def _serve_api(self, nursery: trio.Nursery) -> None:
+        from .gateway.app import Gateway
+        from .gateway.server import GatewayServer
+        s = self.settings
+        try:
+            namespaces.check(s.api.namespace)
+            host, port = addrs.parse(s.api.listen)
+            tls = tlsconf.server_context(s.node.tls_cert, s.node.tls_key)
+            gateway = Gateway(self, s.api, self.upstream)
+            server = GatewayServer(gateway, s.api, self.api_stats)
+            self.api_stats.update(gateway.stats)
+            gateway.stats = self.api_stats
+            await nursery.start(server.serve, host, port, tls)
+        except (OSError, addrs.AddressError, tlsconf.TlsError, MeshError) as exc:
+            detail = exc.detail if isinstance(exc, MeshError) else exc
+            raise NodeError(f"--api-listen {s.api.listen}: {detail}") from None
+        self.api_address = addrs.format(host, server.port)
 
     async def _bind(self, host: str, port: int) -> tuple[int, list[trio.SocketListener]]:
         """UDP and TCP on the same port. With port 0 the kernel picks the UDP port, which

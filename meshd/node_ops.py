@@ -63,6 +63,7 @@ class NodeOps:
             "uptime_s": round(time.time() - n.started, 1), "stats": self.stats(),
             "version": package_version(),
             "metrics": getattr(n, "metrics_address", ""),
+            "api": getattr(n, "api_address", ""),
         }
 
     async def settings(self, _: dict[str, Any]) -> Any:

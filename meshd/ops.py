@@ -75,9 +75,17 @@ REQUEST_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 # anything the client sends.
 REQUEST_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar(
     "meshd_request_source", default="local")
-# Whether the current request came through the proxy (a remote environment).
+# Whether the current request came from outside the node (a remote environment through the
+# proxy, or the API gateway): it acts with its token, or as nobody, never as this node.
 REQUEST_REMOTE: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "meshd_request_remote", default=False)
+
+
+def acting_node(node: str) -> str | None:
+    """The node the current request may act as when it has no token: `node` for a local
+    caller (the operator, a service on this node), None (anonymous, the public scope) for a
+    remote one."""
+    return None if REQUEST_REMOTE.get() else node
 
 
 class Framing(Protocol):

@@ -329,6 +329,43 @@ class DebugSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """The API gateway: one HTTP entry point to every service (docs/gateway.md)."""
+
+    # Where it listens ("" = off; loopback unless told, like every outside listener). It
+    # serves https:// with node.tls_cert and node.tls_key.
+    listen: str = ""
+    # The namespace a request reaches unless it says otherwise (X-Meshd-Namespace header).
+    namespace: str = "default"
+    # Origins a browser may call from (CORS), e.g. "https://app.example.com"; "*" for any
+    # (then without credentials). Empty: no CORS headers, preflights refused.
+    cors_origins: tuple[str, ...] = ()
+    # A request body larger than this is refused (413) before it is read in full.
+    max_body_bytes: int = 4 << 20
+    # How long a call may take unless the request asks for less (X-Meshd-Timeout or /rpc's
+    # "timeout"); never more than max_timeout.
+    timeout: float = 30.0
+    max_timeout: float = 300.0
+    # A request whose headers or body stop arriving for this long is answered 408 (or, before
+    # its headers are in, its connection is closed): slow clients hold nothing for long.
+    read_timeout: float = 10.0
+    # An idle keep-alive connection is closed after this.
+    keep_alive: float = 5.0
+    # The request line and headers together are at most this (431/400 beyond, hypercorn's).
+    max_header_bytes: int = 16 * 1024
+    # Requests served at once; more get 503 at once instead of queueing.
+    max_in_flight: int = 1024
+    # Requests a second per token and per client address (bursts of twice that), 429 with
+    # Retry-After beyond; 0 = no limit (the default, as nginx and Kong: set them for a
+    # public gateway).
+    rate_per_token: float = 0.0
+    rate_per_address: float = 0.0
+    # One log record per request (method, path, status, time, caller, request id), kept with
+    # the node's logs (`meshd logs`).
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole settings tree of a node."""
 
@@ -340,10 +377,11 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     debug: DebugSettings = field(default_factory=DebugSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
 
 
 # The tables of a settings file (and MESHD_<SECTION>_<KEY> in the environment) besides [node].
-SECTIONS = ("membership", "limits", "rpc", "store", "broker", "debug")
+SECTIONS = ("membership", "limits", "rpc", "store", "broker", "debug", "api")
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
              "log_level", "ws_listen", "proxy_listen", "tls_cert", "tls_key", "auth_root"}
@@ -402,7 +440,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         raise SettingsError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     node, membership, limits = NodeSettings(), membership_profile(profile), LimitsSettings()
     rpc, store, broker = RpcSettings(), StoreSettings(), BrokerSettings()
-    debug = DebugSettings()
+    debug, api = DebugSettings(), ApiSettings()
     for lay in layers:
         node = _replace_checked(node, lay.get("node", {}), "node")
         membership = _replace_checked(membership, lay.get("membership", {}), "membership")
@@ -411,6 +449,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         store = _replace_checked(store, lay.get("store", {}), "store")
         broker = _replace_checked(broker, lay.get("broker", {}), "broker")
         debug = _replace_checked(debug, lay.get("debug", {}), "debug")
+        api = _replace_checked(api, lay.get("api", {}), "api")
     if limits.max_remote_streams < 1:
         raise SettingsError("limits.max_remote_streams must be at least 1")
     if rpc.selector not in ("random", "roundrobin", "nearest"):
@@ -428,7 +467,14 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         raise SettingsError("debug.trace_sample must be between 0 and 1")
     if debug.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise SettingsError("debug.log_level must be debug, info, warning, error or critical")
-    return Settings(profile, node, membership, limits, rpc, store, broker, debug)
+    if min(api.max_body_bytes, api.max_header_bytes, api.max_in_flight) < 1 \
+            or min(api.timeout, api.max_timeout, api.read_timeout, api.keep_alive) <= 0 \
+            or api.timeout > api.max_timeout or min(api.rate_per_token,
+                                                    api.rate_per_address) < 0:
+        raise SettingsError("api: max_body_bytes, max_header_bytes and max_in_flight must be "
+                            "at least 1, the timeouts above 0 (timeout <= max_timeout), the "
+                            "rates 0 (no limit) or more")
+    return Settings(profile, node, membership, limits, rpc, store, broker, debug, api)
 
 
 class SettingsError(ValueError):

@@ -2,7 +2,8 @@
 
 Rules:
 - Dataclasses and TypedDicts become JSON-schema-like objects: {"type": "object", "title",
-  "properties", "required"}; str, int, float, bool, None, list[T], dict[str, T], T | None and
+  "properties", "required", "additionalProperties": false} (load() refuses unknown fields);
+  str, int, float, bool, None, list[T], dict[str, T], T | None and
   Any map to their JSON counterparts. These descriptions go into the registry.
 - `load(tp, value)` checks a decoded JSON value against a type and builds it (dataclasses are
   instantiated); the first problem raises SchemaError naming the field path.
@@ -48,7 +49,7 @@ def describe(tp: Any) -> dict[str, Any]:
             required = sorted(getattr(tp, "__required_keys__", hints))
         return {"type": "object", "title": tp.__name__,
                 "properties": {k: describe(v) for k, v in hints.items()},
-                "required": required}
+                "required": required, "additionalProperties": False}  # load() refuses them
     raise TypeError(f"cannot describe {tp!r}: use dataclasses, TypedDicts, str, int, float, "
                     "bool, list, dict or Optional")
 

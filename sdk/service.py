@@ -204,11 +204,13 @@ class Service:
     def __init__(self, name: str, version: str = "latest",
                  metadata: dict[str, str] | None = None,
                  addr: str | os.PathLike[str] | None = None,
-                 namespace: str | None = None) -> None:
+                 namespace: str | None = None, http: str | None = None) -> None:
         self.name = name
         self.namespace = namespaces.check(namespace) if namespace else namespaces.from_env()
         self.version = version
         self.metadata = dict(metadata or {})
+        if http:  # an HTTP app of this process, served by the API gateway under /NAME/
+            self.metadata["http"] = http
         self.path = socket_path(addr)
         self.endpoints: dict[str, Endpoint] = {}
         self.subscribers: list[Subscriber] = []

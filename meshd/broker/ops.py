@@ -33,7 +33,7 @@ import trio
 from meshd import namespaces
 from meshd.debug import traces
 from meshd.errors import MeshError, bad_request, not_found
-from meshd.ops import REQUEST_TOKEN, Conn, Finish, Op, mesh_resource
+from meshd.ops import REQUEST_TOKEN, Conn, Finish, Op, acting_node, mesh_resource
 
 from . import messages, overview
 from .durable import DEAD_SUFFIX, DurableTopics, parse_settings
@@ -67,8 +67,8 @@ class BrokerOps:
         ]
 
     def _check(self, ns: str, name: str, action: str) -> Any:
-        return self.auth.check(REQUEST_TOKEN.get(), self.node, ("topic", name, action),
-                               namespace=ns)
+        return self.auth.check(REQUEST_TOKEN.get(), acting_node(self.node),
+                               ("topic", name, action), namespace=ns)
 
     async def publish(self, args: dict[str, Any]) -> Any:
         return await self._publish(args, None)

@@ -366,11 +366,9 @@ class MetricsExporter:
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled (https:// only with `tls`); started once listening, with
         the bound port (also `self.port`). A bind failure raises OSError before that."""
-        listeners = await serving.open_tcp(host, port)
-        self.port = listeners[0].socket.getsockname()[1]
-        handler = self._handle if tls is None else serving.tls_handler(self._handle, tls)
         async with trio.open_nursery() as nursery:
-            await nursery.start(serving.serve, listeners, handler, self.gate)
+            self.port = await nursery.start(serving.serve_tcp, host, port, self._handle,
+                                            self.gate, tls)
             task_status.started(self.port)
 
     async def _handle(self, stream: Any, ticket: serving.Ticket) -> None:

@@ -174,7 +174,7 @@ class TunnelService:
                                           else None)
             if ack is not None:
                 await ack()
-            await _pipe_channel_stream(ch, stream, close_stream=False)
+            await pipe_channel_stream(ch, stream, close_stream=False)
 
     # --- exposing side -----------------------------------------------------------------------
 
@@ -220,7 +220,7 @@ class TunnelService:
             return
         await ch.send(wire.dumps({"ok": True}))
         started = time.time()
-        counts = await _pipe_channel_stream(ch, stream)
+        counts = await pipe_channel_stream(ch, stream)
         log.info("tunnel session name=%s caller=%s from_node=%s started=%s bytes_in=%d "
                  "bytes_out=%d seconds=%.1f", name, who.id, caller_node,
                  time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)), counts[0],
@@ -258,7 +258,7 @@ async def _both(a: Any, b: Any) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-async def _pipe_channel_stream(ch: Channel, stream: trio.SocketStream,
+async def pipe_channel_stream(ch: Channel, stream: trio.SocketStream,
                                close_stream: bool = True) -> tuple[int, int]:
     async def from_channel() -> bytes:
         data = await ch.receive()

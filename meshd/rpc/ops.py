@@ -43,15 +43,18 @@ class RpcOps:
         if not isinstance(meta, dict):
             raise bad_request("meta must be a map")
         ns = namespaces.check(args.get("namespace"))
+        version = args.get("version") or ""
+        if not isinstance(version, str) or not (version == "" or version.isdigit()):
+            raise bad_request("version must be a number (a prefix: 1 reaches 1.x)")
         return await self.rpc.call(service, endpoint, args.get("body"), timeout, meta,
                                    args.get("selector"), token=REQUEST_TOKEN.get(),
-                                   namespace=ns)
+                                   namespace=ns, version=version)
 
     def fast(self, args: dict[str, Any], token: str | None, finish: Finish, size: int) -> bool:
         service, endpoint = args.get("service"), args.get("endpoint")
         meta = args.get("meta") or {}
         if not isinstance(service, str) or not isinstance(endpoint, str) \
-                or not isinstance(meta, dict):
+                or not isinstance(meta, dict) or args.get("version"):
             return False
         try:
             ns = namespaces.check(args.get("namespace"))

@@ -40,11 +40,17 @@ from meshd.debug import traces
 from meshd.debug.stats import LOCAL, OTHER
 from meshd.errors import MeshError, bad_request, not_found, unavailable
 from meshd.membership.core import Membership
-from meshd.ops import Finish
+from meshd.ops import REQUEST_REMOTE, Finish, acting_node
 from meshd.registry.service import LocalInstance, RegistryService
+from meshd.registry.versions import version_matches
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 log = logging.getLogger("meshd.rpc")
+# How deep a body handed to a service may nest: its frame ({"call", "body", ...}) adds a
+# level, and a service decodes frames no deeper than meshd.wire's 32 (a deeper one would end
+# its session). Bodies from the control socket cannot be deeper (its decoder is at 32 with
+# the request around them); those from other nodes are checked.
+BODY_DEPTH = 30
 MAX_NAME = 128  # service and endpoint names (as the registry takes them)
 CHANNEL = "rpc"
 MAX_CALLS_PER_CHANNEL = 1024  # calls one peer daemon has in flight here at once
@@ -124,14 +130,18 @@ class RpcService:
         member = self.core.members.get(inst["node"])
         return member.addr if member is not None else inst.get("address", "")
 
-    def candidates(self, service: str, endpoint: str,
-                   namespace: str = namespaces.DEFAULT) -> list[dict[str, Any]]:
-        """Instances of `service` in `namespace` that serve `endpoint`; 404 naming what is
-        missing."""
+    def candidates(self, service: str, endpoint: str, namespace: str = namespaces.DEFAULT,
+                   version: str = "") -> list[dict[str, Any]]:
+        """Instances of `service` in `namespace` (of `version`, a prefix: see
+        registry/versions.py) that serve `endpoint`; 404 naming what is missing."""
         instances = self.registry.instances(service, namespace)
+        if version:
+            instances = [i for i in instances if version_matches(version, i["version"])]
         if not instances:
             where = "" if namespace == namespaces.DEFAULT else f" in namespace {namespace!r}"
-            raise not_found(f"service {service!r} has no instances{where}", id="meshd.rpc")
+            what = f" of version {version}" if version else ""
+            raise not_found(f"service {service!r} has no instances{what}{where}",
+                            id="meshd.rpc")
         found = [i for i in instances if endpoint in _endpoint_names(i)]
         if not found:
             known = sorted({n for i in instances for n in _endpoint_names(i)})
@@ -141,7 +151,8 @@ class RpcService:
 
     async def call(self, service: str, endpoint: str, body: Any, timeout: float,
                    meta: dict[str, str] | None = None, selector: str | None = None,
-                   token: str | None = None, namespace: str = namespaces.DEFAULT) -> Any:
+                   token: str | None = None, namespace: str = namespaces.DEFAULT,
+                   version: str = "") -> Any:
         self.stats["rpc_calls"] += 1
         meta = dict(meta or {})
         traced = self.debug is not None
@@ -150,7 +161,7 @@ class RpcService:
             wall, t0 = time.time(), time.perf_counter()
         try:
             result = await self._call(service, endpoint, body, timeout, meta,
-                                      selector or self.selector, token, namespace)
+                                      selector or self.selector, token, namespace, version)
         except MeshError as exc:
             self.stats["rpc_errors"] += 1
             if traced:
@@ -221,7 +232,7 @@ class RpcService:
 
     async def _call(self, service: str, endpoint: str, body: Any, timeout: float,
                     meta: dict[str, str], selector: str, token: str | None,
-                    namespace: str) -> Any:
+                    namespace: str, version: str = "") -> Any:
         if len(service) > MAX_NAME or len(endpoint) > MAX_NAME:
             raise bad_request(f"service and endpoint names are at most {MAX_NAME} characters",
                               id="meshd.rpc")
@@ -232,7 +243,7 @@ class RpcService:
         self.check_body(body)
         deadline = trio.current_time() + timeout
         self._stamp(meta)
-        candidates = self.candidates(service, endpoint, namespaces.check(namespace))
+        candidates = self.candidates(service, endpoint, namespaces.check(namespace), version)
         tried: set[str] = set()
         last = "no instance answered"
         for _ in range(self.retries + 1):
@@ -261,8 +272,8 @@ class RpcService:
             local = self.registry.local.get(inst["id"])
             if local is None:
                 raise NotDelivered("the instance is gone")
-            who = self._authorize(token, self.core.me.name, inst["service"], endpoint,
-                                  local.namespace)
+            who = self._authorize(token, acting_node(self.core.me.name), inst["service"],
+                                  endpoint, local.namespace)
             if who:
                 meta = {**meta, "caller": who}
             ctx = traces.parse(meta.get(traces.TRACEPARENT)) if self.debug else None
@@ -272,6 +283,8 @@ class RpcService:
                    "timeout": deadline - trio.current_time()}
         if token:
             request["token"] = token
+        elif REQUEST_REMOTE.get():  # an outside caller without a token acts as nobody
+            request["anonymous"] = True
         # relays on the way record their span of the call (tagged frames: traces.RELAYED)
         relayed = traces.RELAYED.set(meta.get(traces.TRACEPARENT, ""))
         try:
@@ -369,7 +382,8 @@ class RpcService:
             if local is None or local.closed or not local.ready.is_set() or \
                     not getattr(local.conn.framed, "flushing", False):
                 return False
-            who = self._authorize(token, me, local.service, endpoint, local.namespace)
+            who = self._authorize(token, acting_node(me), local.service, endpoint,
+                                  local.namespace)
             if size > self.max_body:
                 self.check_body(body)
         except MeshError:
@@ -499,8 +513,9 @@ class RpcService:
         local = self.registry.local.get(req["instance"])
         if local is not None:
             try:
-                who = self._authorize(req.get("token"), peer_node, local.service,
-                                      req["endpoint"], local.namespace)
+                who = self._authorize(req.get("token"),
+                                      None if req.get("anonymous") is True else peer_node,
+                                      local.service, req["endpoint"], local.namespace)
             except MeshError as exc:
                 return {"ok": False, "error": exc.to_dict()}
             if who:
@@ -509,6 +524,11 @@ class RpcService:
             return {"ok": False, "undelivered": True, "error": unavailable(
                 f"instance {req['instance']} is not on node {self.core.me.name}",
                 id="meshd.rpc").to_dict()}
+        try:  # a body the service could not decode would end its session: refuse it here
+            wire.check_plain(req.get("body"), BODY_DEPTH)
+        except wire.WireError as exc:
+            return {"ok": False, "error": bad_request(f"request body: {exc}",
+                                                      id="meshd.rpc").to_dict()}
         self.stats["rpc_remote_served"] += 1
         deadline = trio.current_time() + max(0.0, min(timeout, 3600.0))
         if self.debug is None:

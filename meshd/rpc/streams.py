@@ -26,11 +26,11 @@ import trio
 
 from meshd import namespaces, wire
 from meshd.errors import MeshError, bad_request, unavailable
-from meshd.ops import REQUEST_TOKEN, Conn
+from meshd.ops import REQUEST_REMOTE, REQUEST_TOKEN, Conn, acting_node
 from meshd.registry.service import LocalInstance
 from meshd.transport.links import Channel, ChannelClosed, LinkError
 
-from .service import RpcService
+from .service import BODY_DEPTH, RpcService
 
 CHANNEL = "rpc-stream"
 CREDIT = 16  # messages either side may send on a stream before the other grants more
@@ -93,6 +93,10 @@ class LocalStream:
             await self._credit_changed.wait()
         self._credit -= 1
         if "msg" in frame:
+            try:  # as call bodies (rpc/service.py BODY_DEPTH): the service must decode it
+                wire.check_plain(frame["msg"], BODY_DEPTH)
+            except wire.WireError as exc:
+                raise bad_request(f"stream message: {exc}", id="meshd.rpc") from None
             await self.local.conn.send({"sid": self.sid, "msg": frame["msg"]})
         else:
             await self.local.conn.send({"sid": self.sid, "end": True})
@@ -147,7 +151,7 @@ class StreamService:
             local = self.rpc.registry.local.get(inst["id"])
             if local is None:
                 raise unavailable("the instance is gone", id="meshd.rpc")
-            self.rpc._authorize(token, self.rpc.core.me.name, service, endpoint,
+            self.rpc._authorize(token, acting_node(self.rpc.core.me.name), service, endpoint,
                                 local.namespace)
             stream = LocalStream(local, endpoint, meta)
             try:
@@ -164,7 +168,8 @@ class StreamService:
                               ) from None
         async with ch:
             await ch.send(wire.dumps({"instance": inst["id"], "endpoint": endpoint,
-                                       "meta": meta, "token": token}))
+                                       "meta": meta, "token": token,
+                                       "anonymous": not token and REQUEST_REMOTE.get()}))
             try:
                 ack = wire.loads(await ch.receive(), max_depth=16)
             except wire.WireError:
@@ -199,8 +204,9 @@ class StreamService:
         meta = {k: v for k, v in meta.items() if isinstance(k, str)}
         meta["caller-node"] = ch.peer_node or "?"  # from the link, never from the caller
         try:
-            self.rpc._authorize(head.get("token"), ch.peer_node, local.service, endpoint,
-                                local.namespace)
+            self.rpc._authorize(head.get("token"),
+                                None if head.get("anonymous") is True else ch.peer_node,
+                                local.service, endpoint, local.namespace)
         except MeshError as exc:
             await ch.send(wire.dumps({"ok": False, "error": exc.to_dict()}))
             return

@@ -273,6 +273,20 @@ async def open_tcp(host: str, port: int) -> list[trio.SocketListener]:
     return await trio.open_tcp_listeners(port, host=host)
 
 
+async def serve_tcp(host: str, port: int, handler: Handler, gate: Gate,
+                    tls: ssl.SSLContext | None = None,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on host:port and serve until cancelled (https/TLS only with `tls`, the
+    handshake within the pending deadline); started with the bound port. A bind failure
+    raises OSError before that."""
+    listeners = await open_tcp(host, port)
+    bound = listeners[0].socket.getsockname()[1]
+    on_stream = handler if tls is None else tls_handler(handler, tls)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, listeners, on_stream, gate)
+        task_status.started(bound)
+
+
 def websocket_handler(handler: Callable[[Any, Ticket], Awaitable[None]],
                       max_message_size: int) -> Handler:
     """A stream handler that does the WebSocket upgrade within the ticket's deadline, then

@@ -246,3 +246,36 @@ def test_authenticated_links_from_one_host_cannot_fill_the_link_listener(cluster
     assert refused > 0 and held < 90, (held, refused)
     stats = control(a.data_dir, "status")["stats"]
     assert stats["link_tcp_refused_source"] > 0
+
+
+def test_a_member_cannot_end_a_service_with_a_body_nested_too_deep(cluster):
+    """A call body a service could not decode (nested past its frame decoder's 32 levels)
+    ended the service's session, and so the service, when it came from another node (links
+    decode 64 deep): the callee's daemon now refuses it with a 400 and the service serves
+    on. (Found by the gateway's fuzz, where JSON bodies could reach 32 levels.)"""
+    a = cluster.add("a")
+    cluster.service(a)
+    wait_for(lambda: len(control(a.data_dir, "describe", service="testsvc")["instances"])
+             == 1, 10, "testsvc")
+    instance = control(a.data_dir, "describe", service="testsvc")["instances"][0]["id"]
+    deep: object = {"text": "x"}
+    for _ in range(40):
+        deep = [deep]
+
+    async def go() -> tuple[object, object]:
+        rogue = RoguePeer(parse_secret(cluster.secret), claim=f"127.0.0.1:{free_port()}")
+        await rogue.connect(a.addr)
+        assert await rogue.join("rogue")
+        bad = await rogue.request("rpc", cbor2.dumps(
+            {"id": 1, "instance": instance, "endpoint": "Test.Echo", "body": deep,
+             "meta": {}, "timeout": 5}))
+        good = await rogue.request("rpc", cbor2.dumps(
+            {"id": 2, "instance": instance, "endpoint": "Test.Echo", "body": {"text": "ok"},
+             "meta": {}, "timeout": 5}))
+        return bad, good
+
+    bad, good = trio.run(go)
+    assert isinstance(bad, dict) and bad["error"]["status"] == 400, bad
+    assert isinstance(good, dict) and good.get("body") == {"text": "ok"}, good
+    assert control(a.data_dir, "rpc.call", service="testsvc", endpoint="Test.Echo",
+                   body={"text": "still"}) == {"text": "still"}

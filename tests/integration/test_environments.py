@@ -91,7 +91,6 @@ LOCAL_BY_NATURE: dict[str, str] = {
     "env set": "writes the environments file on this machine",
     "env get": "reads the environments file on this machine",
     "env remove": "writes the environments file on this machine",
-    "proxy http": "serves HTTP on this host over the local daemon's control socket",
     "auth logout": "forgets tokens kept on this machine; tells no node",
 }
 

@@ -353,11 +353,11 @@ def test_typeddict_formats_are_published_and_checked_on_the_way_in(cluster):
     ep = {e["name"]: e for e in inst["endpoints"]}["Orders.Place"]
     assert ep["request"] == {"type": "object", "title": "Order", "properties": {
         "item": {"type": "string"}, "qty": {"type": "integer"}, "note": {"type": "string"}},
-        "required": ["item", "qty"]}
+        "required": ["item", "qty"], "additionalProperties": False}
     assert ep["response"] == {"type": "object", "title": "Receipt", "properties": {
         "item": {"type": "string"}, "total": {"type": "integer"}, "note": {"type": "string"},
         "request_type": {"type": "string"}}, "required": ["item", "note", "request_type",
-                                                         "total"]}
+                                                         "total"], "additionalProperties": False}
     assert sdk_call(a, "orders", "Orders.Place", {"item": "pen", "qty": 2}) == {
         "item": "pen", "total": 6, "note": "", "request_type": "dict"}
     assert sdk_call(a, "orders", "Orders.Place", {"item": "pen", "qty": 1, "note": "gift"})[

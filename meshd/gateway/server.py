@@ -1,0 +1,70 @@
+"""The API gateway's listener: `meshd up --api-listen HOST:PORT`, in the daemon's nursery.
+
+Rules:
+- HTTP/1.1 (and WebSocket upgrades) is spoken by hypercorn's trio connection handler; the
+  connections are accepted through meshd/transport/listeners.py like every listener of the
+  node: a Gate caps open connections, those per source address and pending TLS handshakes
+  (counted as `api_*` in the stats), and whatever one connection does ends that connection
+  only. With a certificate (node.tls_cert/tls_key) it serves https:// only, the handshake
+  within the pending deadline.
+- hypercorn bounds the rest: the request head at api.max_header_bytes, a connection that
+  sends nothing for api.read_timeout is closed, idle keep-alive connections after
+  api.keep_alive. The app bounds bodies, time and requests in flight (gateway/app.py).
+- hypercorn's own logs stay off: the app writes the access log (api.access_log).
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+
+from meshd.settings import ApiSettings
+from meshd.transport import listeners as serving
+
+from .app import Gateway
+
+
+def hypercorn_config(s: ApiSettings) -> Config:
+    config = Config()
+    config.accesslog = None
+    config.errorlog = None
+    config.keep_alive_timeout = s.keep_alive
+    config.read_timeout = max(1, int(s.read_timeout))
+    config.h11_max_incomplete_size = s.max_header_bytes
+    config.ssl_handshake_timeout = s.read_timeout
+    config.websocket_max_message_size = s.max_body_bytes
+    config.include_server_header = False
+    return config
+
+
+class GatewayServer:
+    """Serves a Gateway app on one address until cancelled."""
+
+    def __init__(self, gateway: Gateway, settings: ApiSettings,
+                 stats: dict[str, int] | None = None) -> None:
+        self.gateway = gateway
+        self.config = hypercorn_config(settings)
+        self.context = WorkerContext(None)
+        self.app = ASGIWrapper(gateway)
+        self.stats: dict[str, int] = stats if stats is not None else {}
+        self.gate = serving.Gate("api", self.stats, pending_timeout=settings.read_timeout)
+        self.port = 0
+
+    async def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; started with the bound port once listening (a bind failure
+        raises OSError before that)."""
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(serving.serve_tcp, host, port, self._handle,
+                                            self.gate, tls)
+            task_status.started(self.port)
+
+    async def _handle(self, stream: Any, ticket: serving.Ticket) -> None:
+        ticket.authenticated()  # the request's own token is checked per request
+        await TCPServer(self.app, self.config, self.context, {}, stream).run()
