@@ -1,7 +1,7 @@
 """Issue 11, item 11: TLS for what outside clients reach.
 
-`meshd up --tls-cert/--tls-key` makes the proxy endpoint serve wss:// (and `meshd proxy
-http` https://); `--via wss://` verifies the certificate (`--ca-file`, else the system
+`meshd up --tls-cert/--tls-key` makes the proxy endpoint serve wss:// (and the API gateway,
+`--api-listen`, https://); `--via wss://` verifies the certificate (`--ca-file`, else the system
 store) and sends only a token the user gave. Certificates are made here, for 127.0.0.1.
 """
 
@@ -335,43 +335,29 @@ def test_start_up_refuses_unusable_certificate_files_with_one_line(tmp_path, pki
     assert not (tmp_path / "refused" / "meshd.sock").exists()  # nothing started
 
 
-def test_http_proxy_serves_https_with_the_tls_flags(cluster, pki):
-    a = cluster.add("a")
+def test_the_api_gateway_serves_https_with_the_tls_flags(cluster, pki):
+    """`--api-listen` with `--tls-cert/--tls-key` serves https:// only (it replaced `meshd
+    proxy http`, which did the same)."""
+    port = free_port()
+    a = cluster.add("a", extra=("--api-listen", f"127.0.0.1:{port}", "--tls-cert",
+                                str(pki.cert), "--tls-key", str(pki.key)))
     cluster.service(a)
     wait_for(lambda: len(control(a.data_dir, "services")) >= 1, 10, "service on a")
-    port = free_port()
-    env = outside_env()
-    refused = subprocess.run([sys.executable, "-m", "cli", "proxy", "http", "--listen",
-                              f"127.0.0.1:{port}", "--tls-cert", str(pki.cert), "--tls-key",
-                              str(pki.other_key), "--data-dir", str(a.data_dir)],
-                             capture_output=True, text=True, timeout=30, env=env)
-    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
-    assert "does not match the certificate" in refused.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "proxy", "http", "--listen",
-                             f"127.0.0.1:{port}", "--tls-cert", str(pki.cert), "--tls-key",
-                             str(pki.key), "--data-dir", str(a.data_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert f"forwarding https://127.0.0.1:{port}/" in proc.stdout.readline()
-        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                 is None, 10, "proxy listening")
-        trusting = ssl.create_default_context(cafile=str(pki.ca))
+    assert control(a.data_dir, "status")["api"] == f"127.0.0.1:{port}"
+    trusting = ssl.create_default_context(cafile=str(pki.ca))
 
-        def post(context: ssl.SSLContext) -> tuple[int, dict]:
-            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
-            conn.request("POST", "/testsvc/Test.Caller", b'{"text": ""}',
-                         {"Authorization": f"Bearer {admin_token(a)}"})
-            resp = conn.getresponse()
-            return resp.status, json.loads(resp.read())
+    def post(context: ssl.SSLContext) -> tuple[int, dict]:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        conn.request("POST", "/testsvc/Test.Caller", b'{"text": ""}',
+                     {"Authorization": f"Bearer {admin_token(a)}"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
 
-        assert post(trusting) == (200, {"text": "admin"})
-        with pytest.raises(ssl.SSLCertVerificationError):
-            post(ssl.create_default_context())
-        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        with pytest.raises((http.client.HTTPException, OSError)):
-            plain.request("GET", "/")
-            plain.getresponse()
-        assert post(trusting) == (200, {"text": "admin"})  # still serving
-    finally:
-        proc.terminate()
-        proc.wait(5)
+    assert post(trusting) == (200, {"text": "admin"})
+    with pytest.raises(ssl.SSLCertVerificationError):
+        post(ssl.create_default_context())
+    plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    with pytest.raises((http.client.HTTPException, OSError)):
+        plain.request("GET", "/health")
+        plain.getresponse()
+    assert post(trusting) == (200, {"text": "admin"})  # still serving
