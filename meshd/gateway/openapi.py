@@ -12,9 +12,10 @@ Rules:
   one query parameter per field, as the gateway reads a GET's query string. A stream
   endpoint answers `get` and `post` with server-sent events (a WebSocket upgrade is also
   accepted).
-- An HTTP service (an instance's metadata has an "http" key) is documented only as the
-  proxied `/{service}/{path}` (get, post, put, patch, delete): the gateway sends every path
-  under `/{service}/` to it, so its RPC endpoints are not routable by path.
+- An HTTP service (an instance's metadata gives an "http" address) is documented only as
+  the proxied `/{service}/{path}` (get, post, put, patch, delete): the gateway sends every
+  path under `/{service}/` to it, so its RPC endpoints are not routable by path. Access to it
+  is the resource `service:NAME:http`: `allowed(service, "http")`.
 - The instances of a service are read newest version first (version, then id, descending
   string order); endpoints are the union by name, the first instance naming one giving its
   formats.
@@ -22,7 +23,7 @@ Rules:
   `{ } / ? # % \\`, whitespace or control characters), endpoint names without a dot (the
   gateway reads a dotless segment as a method of the service's handler, so only POST /rpc
   reaches them), services the gateway routes elsewhere (`events`, `v` + digits: a version
-  prefix), and endpoints (or HTTP services, asked as endpoint "*") that `allowed` refuses.
+  prefix), and endpoints (or HTTP services) that `allowed` refuses.
 - Formats come from service processes and are untrusted: only type, title, description,
   properties, required, items, additionalProperties, anyOf, enum, format and default are
   kept; a schema that is not a map, deeper than MAX_DEPTH or beyond MAX_NODES per format
@@ -56,6 +57,7 @@ KEYWORDS = ("type", "title", "description", "properties", "required", "items",
 JSON_TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 SCALARS = frozenset({"string", "integer", "number", "boolean"})
 HTTP_METHODS = ("get", "post", "put", "patch", "delete")
+HTTP_ENDPOINT = "http"  # the endpoint part of an HTTP service's resource, service:NAME:http
 ERRORS = {
     400: "The request is malformed or does not fit the endpoint's request format.",
     401: "The credentials given are not valid.",
@@ -106,7 +108,7 @@ def build(services: Mapping[str, list[dict[str, Any]]], *, title: str = "meshd A
     for service in names:
         instances = _instances(services[service])
         if _is_http(instances):
-            if allowed is None or allowed(service, "*"):
+            if allowed is None or allowed(service, HTTP_ENDPOINT):
                 paths[f"/{service}/{{path}}"] = _http_service(service, ids)
             continue
         for name, endpoint in sorted(_endpoints(instances).items()):
@@ -177,7 +179,7 @@ def _instances(records: Any) -> list[dict[str, Any]]:
 
 
 def _is_http(instances: list[dict[str, Any]]) -> bool:
-    return any(isinstance(r.get("metadata"), dict) and "http" in r["metadata"]
+    return any(isinstance(r.get("metadata"), dict) and r["metadata"].get("http")
                for r in instances)
 
 

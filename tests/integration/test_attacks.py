@@ -467,15 +467,6 @@ def fds(d: Daemon) -> int:
     return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
 
 
-def accept_tracebacks_only(log: str) -> list[str]:
-    """The HTTP proxy's log, less trio's report of an accept() that failed with EMFILE and
-    is retried (trio.serve_listeners logs it with its traceback: the documented back-off).
-    Whatever remains is a finding."""
-    return ["\n".join(b) for b in traceback_blocks(log)
-            if not (b[-1] == "OSError: [Errno 24] Too many open files"
-                    and any("_highlevel_serve_listeners.py" in x for x in b))]
-
-
 @contextlib.contextmanager
 def enough_descriptors(needed: int):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
