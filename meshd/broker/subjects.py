@@ -2,8 +2,8 @@
 
 Rules (as NATS subjects):
 - A topic is tokens separated by "."; a token is 1..MAX_TOKEN characters, none of them
-  whitespace or a control character; the whole topic is at most MAX_TOPIC bytes of UTF-8 and
-  MAX_TOKENS tokens. A topic one publishes to has no wildcards.
+  whitespace or a control character (C0, DEL or C1); the whole topic is at most MAX_TOPIC
+  bytes of UTF-8 and MAX_TOKENS tokens. A topic one publishes to has no wildcards.
 - A pattern is a topic whose tokens may also be "*" (exactly one token) or, as the last
   token only, ">" (one or more tokens). "*" and ">" are wildcards only as whole tokens; a
   token holding "*" or ">" among other characters ("orders*") is refused, in topics and
@@ -48,7 +48,7 @@ def _tokens(text: object, what: str) -> list[str]:
         if len(t) > MAX_TOKEN:
             raise bad_request(f"{what} {text!r} has a token longer than {MAX_TOKEN}",
                               id="meshd.broker")
-        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in t):
+        if any(c.isspace() or ord(c) < 32 or 127 <= ord(c) < 160 for c in t):
             raise bad_request(f"{what} {text!r} has whitespace or a control character",
                               id="meshd.broker")
         if t not in (ONE, REST) and (ONE in t or REST in t):

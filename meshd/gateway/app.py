@@ -60,6 +60,7 @@ log = logging.getLogger("meshd.api")
 MAX_DEPTH = 28
 ID = "meshd.api"
 JSON = b"application/json"
+MAX_TOPIC = 256  # characters: at most the broker's 1024 bytes of UTF-8, whatever they are
 FORM = b"application/x-www-form-urlencoded"
 
 
@@ -245,6 +246,9 @@ class Gateway:
 
     async def _event(self, scope: Scope, receive: Receive, resp: Response, token: str | None,
                      ns: str, topic: str, meta: dict[str, str]) -> None:
+        if len(topic) > MAX_TOPIC:
+            raise bad_request(f"a topic through the gateway is at most {MAX_TOPIC} characters",
+                              id=ID)
         body = await self._json_body(scope, receive)
         headers = {"x-request-id": meta["x-request-id"]}
         if traces.TRACEPARENT in meta:

@@ -442,6 +442,14 @@ def _http_service(service: str, ids: _OperationIds) -> dict[str, Any]:
     return item
 
 
+# A topic to publish to, as the broker checks it (meshd/broker/subjects.py): tokens of 1..255
+# characters, none whitespace (Python's str.isspace), a control character (C0, DEL, C1),
+# "*" or ">", separated by "." or "/" (the path's segments); at most 64 tokens.
+_TOKEN = ("[^\\u0000-\\u0020\\u007f-\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f"
+          "\\u205f\\u3000./*>]{1,255}")
+TOPIC_PATTERN = f"^{_TOKEN}([./]{_TOKEN}){{0,63}}$"
+
+
 def _fixed_paths(ids: _OperationIds) -> dict[str, Any]:
     def op(op_id: str, summary: str, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
         return {"tags": ["gateway"], "summary": summary, "operationId": ids.take(op_id),
@@ -472,8 +480,10 @@ def _fixed_paths(ids: _OperationIds) -> dict[str, Any]:
             "publish", "Publish an event to a topic",
             {"202": _json("Published.", published)},
             parameters=[{"name": "topic", "in": "path", "required": True,
-                         "schema": {"type": "string"}}],
-            requestBody={"required": True,
+                         "description": "dot-separated tokens (/events/a/b is a.b)",
+                         "schema": {"type": "string", "maxLength": 256,
+                                    "pattern": TOPIC_PATTERN}}],
+            requestBody={"required": False,  # an event may be only its topic: {} then
                          "content": {"application/json": {"schema": {}}}})},
     }
 

@@ -1,7 +1,8 @@
 """Which service and endpoint an HTTP request names: the API gateway's routing rules (sans-IO).
 
 Rules (Micro's API rules, with exact names added):
-- Fixed routes: `GET /health`, `GET /openapi.json`, `POST /rpc`, `POST /events/TOPIC`.
+- Fixed routes: `GET /health`, `GET /openapi.json`, `POST /rpc`, `POST /events/TOPIC`
+  (`/events/a/b` is topic "a.b"; an empty segment is an empty token, which is refused).
 - A first segment `v` + digits (`/v1/...`) is a version prefix: only instances whose version
   is that number or starts with it (`1`, `1.2.0`, `v1`, `v1.3`) are candidates; the rest of
   the path is routed as below.
@@ -71,8 +72,9 @@ def parse(path: str) -> Route:
     if head in _FIXED and len(parts) == 1:
         return Route({"health": "health", "openapi.json": "openapi", "rpc": "rpc"}.get(
             head, "none"))
-    if head == "events":
-        return Route("event", endpoint_topic(parts[1:])) if len(parts) > 1 else NONE
+    if head == "events":  # every segment a token, empty ones kept (the broker refuses them)
+        rest = path.split("/", 2)[2] if path.count("/") >= 2 else ""
+        return Route("event", endpoint_topic(rest.split("/"))) if rest else NONE
     version = ""
     if _VERSION.match(head) and len(parts) > 1:
         version, parts = head[1:], parts[1:]
