@@ -3,7 +3,8 @@
 Rules:
 - `body_chunks` yields a request body's chunks as they arrive: a 413 as soon as it is seen to
   be over the limit (from Content-Length before reading, else from the bytes so far), a 408
-  when nothing arrives for `timeout` seconds, a 400 when the client goes away. Nothing is
+  when nothing arrives for `timeout` seconds (timed by the server when its scope says
+  "meshd.timed", which gateway/http11.py does), a 400 when the client goes away. Nothing is
   held: a proxied body streams through.
 - `read_body` is the whole body, for JSON and forms.
 - `dumps` writes a reply as compact UTF-8 JSON; bytes (which JSON lacks) become base64 text.
@@ -24,6 +25,7 @@ from meshd.errors import MeshError
 from .policy import header
 
 ID = "meshd.api"
+TIMED = "meshd.timed"  # a scope extension of gateway/http11.py: it times body reads itself
 
 
 async def body_chunks(scope: Scope, receive: Receive, limit: int, timeout: float
@@ -32,11 +34,15 @@ async def body_chunks(scope: Scope, receive: Receive, limit: int, timeout: float
     if length is not None and length.isdigit() and int(length) > limit:
         raise MeshError(413, f"the body is over {limit} bytes", id=ID)
     size = 0
+    timed = TIMED in (scope.get("extensions") or {})  # the server times body reads itself
     while True:
-        with trio.move_on_after(timeout) as waited:
+        if timed:
             msg = await receive()
-        if waited.cancelled_caught:
-            raise MeshError(408, f"the body did not arrive within {timeout:g} s", id=ID)
+        else:
+            with trio.move_on_after(timeout) as waited:
+                msg = await receive()
+            if waited.cancelled_caught:
+                raise MeshError(408, f"the body did not arrive within {timeout:g} s", id=ID)
         if msg["type"] == "http.disconnect":
             raise MeshError(400, "the client went away", id=ID)
         chunk = msg.get("body", b"")

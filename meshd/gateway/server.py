@@ -1,15 +1,17 @@
 """The API gateway's listener: `meshd up --api-listen HOST:PORT`, in the daemon's nursery.
 
 Rules:
-- HTTP/1.1 (and WebSocket upgrades) is spoken by hypercorn's trio connection handler; the
+- HTTP/1.1 is spoken by gateway/http11.py (h11, one task per connection); a WebSocket
+  upgrade is handed to hypercorn's trio connection handler, which speaks WebSocket. The
   connections are accepted through meshd/transport/listeners.py like every listener of the
   node: a Gate caps open connections, those per source address and pending TLS handshakes
   (counted as `api_*` in the stats), and whatever one connection does ends that connection
   only. With a certificate (node.tls_cert/tls_key) it serves https:// only, the handshake
   within the pending deadline.
-- hypercorn bounds the rest: the request head at api.max_header_bytes, a connection that
-  sends nothing for api.read_timeout is closed, idle keep-alive connections after
-  api.keep_alive. The app bounds bodies, time and requests in flight (gateway/app.py).
+- Bounds: the request head at api.max_header_bytes, a connection that sends nothing for
+  api.read_timeout is closed, idle keep-alive connections after api.keep_alive (http11.py,
+  and hypercorn's settings for WebSocket connections). The app bounds bodies, time and
+  requests in flight (gateway/app.py).
 - hypercorn's own logs stay off: the app writes the access log (api.access_log).
 """
 
@@ -28,6 +30,7 @@ from meshd.settings import ApiSettings
 from meshd.transport import listeners as serving
 
 from .app import Gateway
+from .http11 import Http11, Replay
 
 
 def hypercorn_config(s: ApiSettings) -> Config:
@@ -49,6 +52,7 @@ class GatewayServer:
     def __init__(self, gateway: Gateway, settings: ApiSettings,
                  stats: dict[str, int] | None = None) -> None:
         self.gateway = gateway
+        self.s = settings
         self.config = hypercorn_config(settings)
         self.context = WorkerContext(None)
         self.app = ASGIWrapper(gateway)
@@ -60,6 +64,8 @@ class GatewayServer:
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; started with the bound port once listening (a bind failure
         raises OSError before that)."""
+        self.http11 = Http11(self.gateway, self.s, self._upgrade,
+                             "http" if tls is None else "https")
         async with trio.open_nursery() as nursery:
             self.port = await nursery.start(serving.serve_tcp, host, port, self._handle,
                                             self.gate, tls)
@@ -67,4 +73,8 @@ class GatewayServer:
 
     async def _handle(self, stream: Any, ticket: serving.Ticket) -> None:
         ticket.authenticated()  # the request's own token is checked per request
-        await TCPServer(self.app, self.config, self.context, {}, stream).run()
+        await self.http11.serve(stream)
+
+    async def _upgrade(self, stream: Any, head: bytes) -> None:
+        """A WebSocket upgrade: hypercorn's handler, the head replayed in front."""
+        await TCPServer(self.app, self.config, self.context, {}, Replay(stream, head)).run()
