@@ -51,7 +51,7 @@ from meshd.ops import REQUEST_REMOTE, REQUEST_SOURCE, REQUEST_TOKEN
 from meshd.settings import ApiSettings
 
 from . import openapi, policy, routes
-from .bodies import dumps, read_body
+from .bodies import ClientGone, dumps, read_body
 from .streaming import serve_sse, serve_websocket_stream
 
 log = logging.getLogger("meshd.api")
@@ -140,6 +140,8 @@ class Gateway:
         except MeshError as exc:
             if resp.status == 0:
                 await resp.error(exc)
+        except ClientGone:
+            raise  # the server ends the connection; nothing to log
         except Exception:
             log.exception("api request %s %s failed", scope.get("method"), scope.get("path"))
             if resp.status == 0:
@@ -151,7 +153,7 @@ class Gateway:
                 self.stats["api_errors"] += 1
             if self.s.access_log:
                 log.info("api %s %s status=%d ms=%.1f caller=%s client=%s request_id=%s",
-                         scope.get("method"), scope.get("path", "")[:200], resp.status,
+                         scope.get("method"), _logged_path(scope), resp.status,
                          (time.perf_counter() - t0) * 1000, resp.caller, _client(scope), rid)
 
     # --- deciding ---------------------------------------------------------------------------
@@ -173,7 +175,7 @@ class Gateway:
                 await resp.body(b"")
                 return
             resp.headers.extend(self.cors.allow(text))
-        token = policy.token_of(headers)
+        token = self._token(scope, headers)
         resp.caller = "token" if token else "public"
         self._rate_limit(token, scope)
         ns = self._namespace(headers)
@@ -199,6 +201,16 @@ class Gateway:
         else:
             raise MeshError(404, "no route: use /SERVICE/ENDPOINT, /rpc, /events/TOPIC, "
                                  "/openapi.json or /health", id=ID)
+
+    def _token(self, scope: Scope, headers: Any) -> str | None:
+        """The caller's token (policy.py); the cookie's only from this origin or a listed
+        one."""
+        token, cookie = policy.credentials(headers)
+        if cookie and policy.cross_site(headers, scope.get("scheme", "http"), self.cors):
+            raise MeshError(403, "a request from another site may not use the meshd_token "
+                                 "cookie (send Authorization: Bearer, or list the site in "
+                                 "api.cors_origins)", id=ID)
+        return token
 
     def _rate_limit(self, token: str | None, scope: Scope) -> None:
         wait = self.limits.wait(token, _client(scope), trio.current_time())
@@ -287,9 +299,11 @@ class Gateway:
         name = routes.match_endpoint(route, set(eps))
         if name is None:
             want = route.endpoints[0] if route.endpoints else ""
+            listed = self.node.auth.may_read_services(token, ns)  # names only for them
             raise _NotFound(f"service {service!r} has no endpoint {want!r}" if want else
                             f"name an endpoint: /{service}/ENDPOINT",
-                            routes.near(want, set(eps)) if want else sorted(eps)[:5])
+                            [] if not listed else routes.near(want, set(eps)) if want
+                            else sorted(eps)[:5])
         ep = eps[name]
         method = scope["method"]
         if ep.get("stream"):
@@ -419,10 +433,12 @@ class Gateway:
         try:
             headers = scope.get("headers") or []
             origin = policy.header(headers, b"origin")
-            if origin is not None and self.cors.origins and \
-                    not self.cors.allow(origin.decode("latin-1")):
-                raise MeshError(403, "origin not allowed", id=ID)
-            token = policy.token_of(headers)
+            if origin is not None and "*" not in self.cors.origins and policy.cross_site(
+                    [(b"origin", origin), *headers], scope.get("scheme", "ws"), self.cors):
+                # browsers apply no CORS to WebSockets: the Origin check is the server's
+                raise MeshError(403, f"origin {origin.decode('latin-1')[:100]!r} is not "
+                                     "allowed (api.cors_origins)", id=ID)
+            token = self._token(scope, headers)
             self._rate_limit(token, scope)
             ns = self._namespace(headers)
             route = routes.parse(scope.get("path", ""))
@@ -488,6 +504,13 @@ def _methods(method: str, *allowed: str) -> None:
         raise exc
 
 
+def _logged_path(scope: Scope) -> str:
+    """The path as the client sent it (still percent-encoded: a decoded one could forge
+    log lines), at most 200 characters."""
+    raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "replace")
+    return raw[:200].decode("latin-1").encode("unicode_escape").decode("ascii")
+
+
 def _client(scope: Scope) -> str:
     client = scope.get("client")
     return str(client[0]) if client else "?"
@@ -497,9 +520,10 @@ async def _refuse_websocket(receive: Receive, send: Send, exc: MeshError) -> Non
     """Refuse an upgrade with the error's status and JSON body (the ASGI websocket denial
     response extension, which hypercorn serves), else a plain close (403)."""
     try:
-        msg = await receive()
-        if msg.get("type") != "websocket.connect":
-            return
+        if not getattr(exc, "connect_read", False):  # else the handler read it already
+            msg = await receive()
+            if msg.get("type") != "websocket.connect":
+                return
         data = dumps(exc.to_dict())
         await send({"type": "websocket.http.response.start", "status": exc.status,
                     "headers": [(b"content-type", JSON),

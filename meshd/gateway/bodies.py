@@ -25,6 +25,11 @@ from meshd.errors import MeshError
 from .policy import header
 
 ID = "meshd.api"
+
+
+class ClientGone(Exception):
+    """The client went away while its answer was being written: stop, quietly."""
+
 TIMED = "meshd.timed"  # a scope extension of gateway/http11.py: it times body reads itself
 
 

@@ -26,13 +26,18 @@ Rules:
   a 408 MeshError into the app (scope extension "meshd.timed": the app sets no timer of its
   own). Timers cost: only waits that must wait get one.
 - A malformed request gets 400 (h11's status hint: 431 for a head too large, 505 for a
-  version it cannot speak) with the structured error as JSON, then the connection closes.
+  version it cannot speak) with the structured error as JSON, then the connection closes;
+  so does a request with both Content-Length and Transfer-Encoding (smuggling).
+- A request head's first bytes must come within read_timeout (the first request) or
+  api.keep_alive (the next ones), and the whole head within read_timeout of its first byte,
+  however slowly it trickles.
 - A body the app did not read (it answered first) is read and dropped when it is at most
   DRAIN_MAX, so the connection goes on; a larger or chunked one gets Connection: close.
 - `Expect: 100-continue` is answered when the app first reads the body. HEAD answers carry
   no body. Every response carries Date.
-- Whatever the app raises ends this connection only (a 500 if nothing was sent yet); a send
-  after the client went away is dropped quietly (the app learns it from receive).
+- Whatever the app raises ends this connection only (a 500 if nothing was sent yet). A write
+  that finds the client gone raises ClientGone (bodies.py) into the app, which stops and
+  logs nothing; a send after that is dropped.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import trio
 from meshd.errors import MeshError
 from meshd.settings import ApiSettings
 
-from .bodies import TIMED, dumps
+from .bodies import TIMED, ClientGone, dumps
 
 log = logging.getLogger("meshd.api")
 CHUNK = 64 * 1024
@@ -60,7 +65,7 @@ DRAIN_MAX = 64 * 1024  # an unread body up to this is read and dropped to keep t
 ID = "meshd.api"
 
 
-class _Closed(Exception):
+class _Closed(ClientGone):
     """The client went away or broke the protocol: end the connection."""
 
 
@@ -109,7 +114,11 @@ class Http11:
                 await self._refuse(conn, stream, exc)
                 return
             if not isinstance(event, h11.Request):
-                return  # ConnectionClosed, or a timeout (None)
+                return  # ConnectionClosed
+            if _ambiguous(event):  # both framings: what a proxy in front reads may differ
+                await self._refuse(conn, stream, h11.RemoteProtocolError(
+                    "both Content-Length and Transfer-Encoding", error_status_hint=400))
+                return
             if _wants_websocket(event):
                 head = _head(event) + conn.trailing_data[0]
                 await self.upgrade(stream, head)
@@ -135,18 +144,25 @@ class Http11:
 
     async def _next(self, conn: h11.Connection, stream: Any, wait: float,
                     guard: trio.CancelScope) -> Any:
-        """The next request head (or ConnectionClosed); the guard ends the connection when
-        none comes in time."""
+        """The next request head (or ConnectionClosed): its first bytes within `wait`, the
+        whole head within read_timeout of them however slowly it trickles (the guard ends
+        the connection otherwise). Reads of at most max_header_bytes, so a head over the
+        limit is refused even when it arrives in one piece."""
+        deadline = trio.current_time() + wait
+        started = False
+        limit = self.s.max_header_bytes
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            guard.deadline = trio.current_time() + wait
+            guard.deadline = deadline
             try:
-                conn.receive_data(await _receive(stream))
+                conn.receive_data(await _receive(stream, limit))
             finally:
                 guard.deadline = math.inf
-            wait = self.s.read_timeout  # a head under way: it has read_timeout to finish
+            if not started:
+                started = True
+                deadline = trio.current_time() + self.s.read_timeout
 
     async def _refuse(self, conn: h11.Connection, stream: Any,
                       exc: h11.RemoteProtocolError) -> None:
@@ -337,14 +353,21 @@ class _Request:
             await self.send({"type": "http.response.body", "body": body})
 
 
-async def _receive(stream: Any) -> bytes:
+async def _receive(stream: Any, n: int = CHUNK) -> bytes:
     try:
-        data = await stream.receive_some(CHUNK)
+        data = await stream.receive_some(n)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         raise _Closed from None
     if not data:
         raise _Closed
     return data
+
+
+def _ambiguous(event: h11.Request) -> bool:
+    """A request with both Content-Length and Transfer-Encoding (request smuggling: h11
+    would read it chunked, a proxy in front might not)."""
+    names = {name for name, _ in event.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
 
 
 def _large_body(event: h11.Request) -> bool:

@@ -4,7 +4,9 @@ whether CORS lets the browser see it, whether a rate limit holds it back, its re
 Rules:
 - Identity: `Authorization: Bearer TOKEN`, else a `meshd_token` cookie, else none. No token
   means the public scope (""): the request acts as nobody, never as the node, so the rules
-  decide what is public. A malformed Authorization header is a 401, not "no token".
+  decide what is public. A malformed Authorization header is a 401, not "no token". The
+  cookie counts only for a request from this origin or a listed one (`cross_site`): a page
+  of another site cannot act with a visitor's cookie (CSRF, WebSocket hijacking).
 - CORS: an `Origin` in `api.cors_origins` (or "*" there) is echoed in
   Access-Control-Allow-Origin with Vary: Origin; credentials are allowed only for listed
   origins, never for "*". A preflight (OPTIONS with Access-Control-Request-Method) from an
@@ -43,6 +45,40 @@ def header(headers: Headers, name: bytes) -> bytes | None:
         if k.lower() == name:
             return v
     return None
+
+
+def credentials(headers: Headers) -> tuple[str | None, bool]:
+    """(the request's token, whether it came from the cookie)."""
+    token = token_of(headers)
+    return token, token is not None and header(headers, b"authorization") is None
+
+
+def cross_site(headers: Headers, scheme: str, cors: Cors) -> bool:
+    """Whether a browser sent this request from another site: Sec-Fetch-Site says
+    "cross-site" or "same-site", or its Origin is neither this origin (scheme, host, port
+    of the Host header) nor listed in api.cors_origins ("*" does not count). Such a request
+    may not use the meshd_token cookie (CSRF, cross-site WebSocket hijacking)."""
+    fetch = header(headers, b"sec-fetch-site")
+    if fetch is not None and fetch.lower() in (b"cross-site", b"same-site"):
+        return True
+    origin = header(headers, b"origin")
+    if origin is None:
+        return False
+    text = origin.decode("latin-1").rstrip("/")
+    if text in cors.origins:
+        return False
+    return text != _origin_of(scheme, header(headers, b"host"))
+
+
+def _origin_of(scheme: str, host: bytes | None) -> str:
+    """This server's origin as a browser writes it, from the Host the request named."""
+    if not host:
+        return ""
+    name = host.decode("latin-1").strip().lower()
+    default = ":443" if scheme in ("https", "wss") else ":80"
+    if name.endswith(default):
+        name = name[:-len(default)]
+    return f"{'https' if scheme in ('https', 'wss') else 'http'}://{name}"
 
 
 def token_of(headers: Headers) -> str | None:

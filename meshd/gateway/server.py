@@ -32,13 +32,19 @@ from meshd.transport import listeners as serving
 from .app import Gateway
 from .http11 import Http11, Replay
 
+WS_PING = 20.0  # seconds between pings on an open WebSocket (hypercorn's)
+
 
 def hypercorn_config(s: ApiSettings) -> Config:
     config = Config()
     config.accesslog = None
     config.errorlog = None
     config.keep_alive_timeout = s.keep_alive
-    config.read_timeout = max(1, int(s.read_timeout))
+    # hypercorn serves only WebSocket connections here: an idle WebSocket is not a slow
+    # client (its read timeout would cut it, even during the upgrade to a slow service);
+    # pings keep the connection checked instead
+    config.read_timeout = None
+    config.websocket_ping_interval = WS_PING
     config.h11_max_incomplete_size = s.max_header_bytes
     config.ssl_handshake_timeout = s.read_timeout
     config.websocket_max_message_size = s.max_body_bytes

@@ -57,7 +57,7 @@ ID = "meshd.api"
 CHUNK = 64 * 1024
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
-                        b"upgrade", b"host", b"content-length"})
+                        b"upgrade", b"host", b"content-length", b"expect"})
 WS_HEADERS = frozenset({b"sec-websocket-key", b"sec-websocket-version",
                         b"sec-websocket-extensions", b"sec-websocket-protocol"})
 
@@ -153,9 +153,7 @@ class Upstream:
             head = self._request_head(scope, route, token, self._with_caller(meta, token))
             await _send(stream, conn, head)
             await self._send_body(scope, receive, stream, conn)
-            response = await self._next_event(stream, conn, head_pending=True)
-            if not isinstance(response, h11.Response):
-                raise MeshError(502, "the service did not answer HTTP", id=ID)
+            response = await self._response_head(stream, conn)
             await resp.start(response.status_code, _response_headers(response.headers))
             while True:
                 event = await self._next_event(stream, conn)
@@ -176,7 +174,8 @@ class Upstream:
                         if k.lower() == b"content-length"]
         has_body = bool(body_headers) or any(
             k.lower() == b"transfer-encoding" for k, _ in scope.get("headers") or [])
-        if body_headers:
+        chunked = any(k.lower() == b"transfer-encoding" for k, _ in scope.get("headers") or [])
+        if body_headers and not chunked:  # never both (smuggling toward the service)
             headers.append((b"content-length", body_headers[0][1]))
         elif has_body:
             headers.append((b"transfer-encoding", b"chunked"))
@@ -189,8 +188,22 @@ class Upstream:
             await _send(stream, conn, h11.Data(data=chunk))
         await _send(stream, conn, h11.EndOfMessage())
 
-    async def _next_event(self, stream: Any, conn: h11.Connection,
-                          head_pending: bool = False) -> Any:
+    async def _response_head(self, stream: Any, conn: h11.Connection) -> h11.Response:
+        """The service's response head, whole within api.timeout (504 otherwise, however
+        slowly it trickles); informational answers (100 Continue) are skipped."""
+        with trio.move_on_after(self.s.timeout):
+            while True:
+                event = await self._next_event(stream, conn)
+                if isinstance(event, h11.InformationalResponse):
+                    continue
+                if not isinstance(event, h11.Response):
+                    raise MeshError(502, "the service did not answer HTTP", id=ID)
+                return event
+        raise MeshError(504, f"the service sent no answer within {self.s.timeout:g} s",
+                        id=ID)
+
+    async def _next_event(self, stream: Any, conn: h11.Connection) -> Any:
+        """The service's next event; a body that stalls for api.timeout ends the answer."""
         while True:
             try:
                 event = conn.next_event()
@@ -202,9 +215,6 @@ class Upstream:
             with trio.move_on_after(self.s.timeout) as waited:
                 data = await stream.receive_some(CHUNK)
             if waited.cancelled_caught:
-                if head_pending:
-                    raise MeshError(504, f"the service sent no answer within "
-                                         f"{self.s.timeout:g} s", id=ID)
                 raise trio.BrokenResourceError("the service stalled")
             conn.receive_data(data)
 
@@ -214,11 +224,16 @@ class Upstream:
         """A WebSocket to the service, messages pumped both ways until either side closes."""
         import trio_websocket
 
-        first = await receive()
-        if first.get("type") != "websocket.connect":
-            return
-        stream = await self._open(instances, token)
+        stream = await self._open(instances, token)  # refusals before the client's connect
         self.stats["api_http_proxied"] += 1
+        try:
+            first = await receive()
+        except BaseException:
+            await stream.aclose()
+            raise
+        if first.get("type") != "websocket.connect":
+            await stream.aclose()
+            return
         target = routes.upstream_path(scope.get("raw_path") or scope["path"].encode(),
                                       route.depth).decode("latin-1")
         if scope.get("query_string"):
@@ -226,14 +241,19 @@ class Upstream:
         extra = [(k, v) for k, v in _forwarded(scope, route, self._with_caller(meta, token),
                                                token) if k != b"host"]  # trio-websocket's
         async with _closing(stream), trio.open_nursery() as nursery:
-            try:
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, _host(scope), target,
-                    subprotocols=scope.get("subprotocols") or None, extra_headers=extra,
-                    max_message_size=self.s.max_body_bytes)
-            except trio_websocket.HandshakeError as exc:
-                raise MeshError(502, f"the service refused the WebSocket: {exc}", id=ID
-                                ) from None
+            ws = None
+            with trio.move_on_after(self.s.timeout):
+                try:
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery, stream, _host(scope), target,
+                        subprotocols=scope.get("subprotocols") or None, extra_headers=extra,
+                        max_message_size=self.s.max_body_bytes)
+                except trio_websocket.HandshakeError as exc:
+                    raise _Refused(MeshError(502, f"the service refused the WebSocket: "
+                                                  f"{exc}", id=ID)) from None
+            if ws is None:
+                raise _Refused(MeshError(504, f"the service did not take the WebSocket "
+                                              f"within {self.s.timeout:g} s", id=ID))
             await send({"type": "websocket.accept", "subprotocol": ws.subprotocol})
 
             async def to_service() -> None:
@@ -298,6 +318,14 @@ class Upstream:
         await pipe_channel_stream(ch, stream)
 
 
+class _Refused(MeshError):
+    """The service refused a WebSocket after the client's connect was read."""
+
+    def __init__(self, exc: MeshError) -> None:
+        super().__init__(exc.status, exc.detail, id=exc.id)
+        self.connect_read = True
+
+
 def _forwarded(scope: Scope, route: routes.Route, meta: dict[str, str],
                token: str | None) -> list[tuple[bytes, bytes]]:
     """The request's headers for the service: hop-by-hop ones and the meshd token dropped,
@@ -310,7 +338,7 @@ def _forwarded(scope: Scope, route: routes.Route, meta: dict[str, str],
         if name == b"host":
             host = v
         if name in HOP_BY_HOP or name in WS_HEADERS or name.startswith(b"x-forwarded-") \
-                or name == b"x-meshd-caller" or name == b"x-request-id":
+                or name == b"x-meshd-caller" or name == b"x-request-id" or b"_" in name:
             if name == b"x-forwarded-for":
                 forwarded_for = v
             continue
@@ -344,8 +372,14 @@ def _without_token_cookie(value: bytes) -> bytes:
 
 
 def _response_headers(headers: Any) -> list[tuple[bytes, bytes]]:
-    return [(bytes(k), bytes(v)) for k, v in headers
-            if bytes(k).lower() not in HOP_BY_HOP or bytes(k).lower() == b"content-length"]
+    """The service's response headers for the client: hop-by-hop ones dropped (the body is
+    framed anew; Content-Length kept only when it framed the service's body), and no
+    meshd_token cookie (a service may not plant the gateway's credential)."""
+    pairs = [(bytes(k).lower(), bytes(v)) for k, v in headers]
+    chunked = any(k == b"transfer-encoding" for k, _ in pairs)
+    return [(k, v) for k, v in pairs
+            if (k not in HOP_BY_HOP or (k == b"content-length" and not chunked))
+            and not (k == b"set-cookie" and v.lstrip().lower().startswith(b"meshd_token="))]
 
 
 def _host(scope: Scope) -> str:

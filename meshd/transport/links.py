@@ -314,6 +314,8 @@ class Channel:
     async def _send_message(self, message: bytes) -> None:
         if self._closed_local:
             raise ChannelClosed("channel already closed")
+        if self._closed_remote:  # nobody reads it: stop the sender now, not when the window
+            raise ChannelClosed("peer closed the channel")  # is spent (a pipe would go on)
         if len(message) <= CHUNK:  # the common case: one frame, no slicing copies
             await self._take_window(max(len(message), MIN_FRAME_COST))
             await self.link._send(END, self.id, message)
