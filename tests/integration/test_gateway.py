@@ -92,9 +92,12 @@ def test_rpc_routes_through_a_gateway_on_another_node(cluster):
         assert r.status_code == 408
         assert http.get("/health").json() == {"status": "ok", "node": "c"}
         assert http.get("/nowhere/at/all/x/y").status_code == 404
-    # every request was logged on c, into its debug log buffer too
+    # every request was logged on c, into its debug log buffer too (`meshd logs`)
     wait_for(lambda: "api POST /testsvc/Test.Echo status=200" in c.log.read_text(), 5,
              "the access log")
+    records = control(a.data_dir, "debug.logs", node="c", limit=1000)["records"]
+    assert any(r["message"].startswith("api POST /testsvc/Test.Echo status=200")
+               and "request_id=mine-1" in r["message"] for r in records), records[-5:]
 
 
 def test_public_endpoints_act_as_nobody_never_as_the_node(cluster):
