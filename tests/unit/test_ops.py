@@ -243,3 +243,16 @@ def test_streams_and_sessions_are_capped_per_token():
             assert stats == {"proxy_streams": 1, "proxy_streams_refused": 1}
     trio.run(go)
     assert slots.held == {}
+
+
+def test_a_remote_request_never_acts_as_the_node():
+    """The API gateway and remote environments run ops as REQUEST_REMOTE: without a token
+    they act as nobody (the public scope), never as this node."""
+    from meshd.ops import REQUEST_REMOTE, acting_node
+
+    assert acting_node("a") == "a"  # the local operator, a service on this node
+    reset = REQUEST_REMOTE.set(True)
+    try:
+        assert acting_node("a") is None
+    finally:
+        REQUEST_REMOTE.reset(reset)

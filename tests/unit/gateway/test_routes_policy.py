@@ -3,6 +3,7 @@ upstream path of an HTTP service) and policy (tokens, request ids, CORS, rate li
 
 from __future__ import annotations
 
+import h11
 import pytest
 
 from meshd.errors import MeshError
@@ -126,3 +127,36 @@ def test_http_service_addresses_are_loopback_only():
     for bad in ("10.0.0.1:80", "169.254.169.254:80", "example.com:80", "", None, "127.0.0.1"):
         with pytest.raises(MeshError):
             check_address(bad)
+
+
+def test_the_cookie_counts_only_from_this_origin_or_a_listed_one():
+    cors = policy.Cors.of(["https://app.example"])
+    host = [(b"host", b"gw.example:8080")]
+    assert not policy.cross_site(host, "http", cors)  # no Origin: not a browser's cross-site
+    assert not policy.cross_site([*host, (b"origin", b"http://gw.example:8080")], "http", cors)
+    assert not policy.cross_site([(b"host", b"gw.example"), (b"origin", b"https://gw.example")],
+                                 "https", cors)  # default port
+    assert not policy.cross_site([*host, (b"origin", b"https://app.example")], "http", cors)
+    for origin in (b"https://evil.example", b"https://gw.example:8080", b"http://gw.example",
+                   b"null"):
+        assert policy.cross_site([*host, (b"origin", origin)], "http", cors), origin
+    for site in (b"cross-site", b"same-site"):
+        assert policy.cross_site([*host, (b"sec-fetch-site", site)], "http", cors)
+    assert not policy.cross_site([*host, (b"sec-fetch-site", b"same-origin")], "http", cors)
+    star = policy.Cors.of(["*"])  # "*" lets pages read answers, never use the cookie
+    assert policy.cross_site([*host, (b"origin", b"https://evil.example")], "http", star)
+    token, cookie = policy.credentials([(b"cookie", b"meshd_token=abc")])
+    assert (token, cookie) == ("abc", True)
+    assert policy.credentials([(b"authorization", b"Bearer x"),
+                               (b"cookie", b"meshd_token=abc")]) == ("x", False)
+
+
+def test_requests_with_both_framings_are_ambiguous():
+    from meshd.gateway.http11 import _ambiguous
+
+    def request(*headers: tuple[bytes, bytes]) -> h11.Request:
+        return h11.Request(method="POST", target="/", headers=[(b"host", b"x"), *headers])
+
+    assert _ambiguous(request((b"content-length", b"5"), (b"transfer-encoding", b"chunked")))
+    assert not _ambiguous(request((b"content-length", b"5")))
+    assert not _ambiguous(request((b"transfer-encoding", b"chunked")))
