@@ -190,6 +190,7 @@ class ChannelStream:
 
 
 RELAY = "relay"
+SEND_STALL = 30.0  # seconds a link write may make no progress before the link is dropped
 MAX_HOPS = 8
 TAG_BYTES = 55  # a traceparent on a tagged relay message
 RELAY_RECENT = 256  # traceparents a relay session remembers (one span per call, direction)
@@ -404,7 +405,11 @@ class Link:
         self.initiator_id = initiator_id
         self.channels: dict[int, Channel] = {}
         self._next_id = 1 if initiator else 2
-        self._send_lock = trio.Lock()
+        self._out: list[bytes] = []  # sealed frames waiting for the writer (see _send)
+        self._writing = False
+        self._sent = trio.Event()  # set when the batch being gathered has been written
+        self._tagged = bool(getattr(stream, "tagged", False))  # see _send
+        self._tag_lock = trio.Lock()
         self.closed = False
         self.draining = False
         self.relayed = False
@@ -412,18 +417,61 @@ class Link:
         self._nursery: trio.Nursery | None = None
 
     async def _send(self, ftype: int, cid: int, payload: bytes) -> None:
+        """Seal a frame and send it. Frames sent while a write is under way go out together
+        in the next write, by whichever task is writing (group send: one system call for
+        the frames of many calls at once); the caller returns once its frame is written.
+        A write is shielded from its caller's cancellation (a frame sealed but never sent
+        would leave a gap in the peer's nonce sequence) and bounded by SEND_STALL instead:
+        a peer that reads nothing for that long loses the link. A relayed link whose frames
+        carry trace tags sends each frame from its own caller's task, one at a time (the
+        tag is the sending task's call: _send_tagged)."""
         if self.closed:
             raise ChannelClosed(f"link to {self.peer_addr} closed")
-        async with self._send_lock:
+        if self._tagged:
+            await self._send_tagged(ftype, cid, payload)
+            return
+        data = self.cipher.seal(HEADER.pack(ftype, cid) + payload)  # no await: in order
+        st = self.manager.stats
+        st["link_frames_out"] += 1
+        st["link_bytes_out"] += len(data)
+        self._out.append(data)
+        if self._writing:  # the writer sends ours with its next batch
+            await self._sent.wait()
+            if self.closed:
+                raise ChannelClosed(f"link to {self.peer_addr} broke")
+            return
+        self._writing = True
+        try:
+            while self._out:
+                batch, self._out = self._out, []
+                done, self._sent = self._sent, trio.Event()
+                try:
+                    await self._write(batch[0] if len(batch) == 1 else b"".join(batch))
+                finally:
+                    done.set()
+        finally:
+            self._writing = False
+            if self.closed:
+                self._sent.set()  # those queued behind a failed write learn it now
+
+    async def _send_tagged(self, ftype: int, cid: int, payload: bytes) -> None:
+        async with self._tag_lock:
             data = self.cipher.seal(HEADER.pack(ftype, cid) + payload)
             st = self.manager.stats
             st["link_frames_out"] += 1
             st["link_bytes_out"] += len(data)
-            try:
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + SEND_STALL
                 await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._mark_closed()
-                raise ChannelClosed(f"link to {self.peer_addr} broke: {exc}") from None
+            if scope.cancelled_caught:
+                raise trio.BrokenResourceError(f"no progress in {SEND_STALL:g} s")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._mark_closed()
+            raise ChannelClosed(f"link to {self.peer_addr} broke: {exc}") from None
 
     async def open_channel(self, name: str) -> Channel:
         if self.closed or self.draining:
