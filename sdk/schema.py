@@ -27,7 +27,7 @@ _SCALARS: dict[Any, str] = {str: "string", int: "integer", float: "number", bool
 
 
 def describe(tp: Any) -> dict[str, Any]:
-    if tp is Any or tp is None:
+    if tp is Any or tp is None or tp is type(None):  # `T | None` holds NoneType
         return {} if tp is Any else {"type": "null"}
     if tp in _SCALARS:
         return {"type": _SCALARS[tp]}
