@@ -6,6 +6,8 @@ Rules:
 - Values are JSON: `set` refuses one that does not parse with a "400 bad request" line that
   says strings need quotes; `get` prints the value (indented for people).
 - `watch` prints a line per change until interrupted (one JSON line per change with --json).
+- `history` lists the recorded changes at, above and below a path (newest first): when,
+  who, the value set or "deleted"; changes are kept 30 days.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import click
 
 from cli.client import Client, client_options, namespace_option
-from cli.output import fail, json_option, line, say
+from cli.output import fail, json_option, line, print_table, say
 
 
 @click.group()
@@ -81,3 +83,23 @@ def config_watch(path: str, namespace: str | None, client: Client, as_json: bool
 
 
 COMMANDS: tuple[click.Command, ...] = (config,)
+
+
+@config.command("history")
+@click.argument("path", default="")
+@_ns_option
+def config_history(path: str, namespace: str | None, client: Client, as_json: bool) -> None:
+    """The recent changes at, above and below PATH (all of the namespace without one)."""
+    import time
+
+    rows = client.call("config.history", namespace=client.namespace(namespace), path=path)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no changes recorded")
+        return
+    print_table(["WHEN", "PATH", "BY", "VALUE"], [
+        [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])), r["path"],
+         r.get("by") or "-", "(deleted)" if r.get("deleted") else json.dumps(r["value"])]
+        for r in rows])

@@ -111,14 +111,15 @@ def store_delete(key: str, database: str, table: str, client: Client,
 
 
 @store.command("list")
-@click.option("--prefix")
+@click.option("--prefix", help="Keys starting with this.")
+@click.option("--contains", help="Keys holding this text anywhere.")
 @click.option("--limit", type=click.IntRange(min=0), default=0)
 @_store_options
-def store_list(prefix: str | None, limit: int, database: str, table: str,
-               client: Client, as_json: bool) -> None:
+def store_list(prefix: str | None, contains: str | None, limit: int, database: str,
+               table: str, client: Client, as_json: bool) -> None:
     """List keys."""
     keys = _call(client, "store.list", database=database, table=table, prefix=prefix,
-                       limit=limit)
+                       contains=contains, limit=limit)
     say(keys, as_json, "\n".join(keys))
 
 

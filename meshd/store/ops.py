@@ -133,6 +133,7 @@ class StoreOps:
             Op("config.set", self.config_set, "checked"),
             Op("config.del", self.config_del, "checked"),
             Op("config.watch", self.config_watch, "checked", "stream"),
+            Op("config.history", self.config_history, "checked"),
         ]
 
     # --- names and checks ----------------------------------------------------------------------
@@ -203,10 +204,23 @@ class StoreOps:
         return {**found, "value": visible(found["value"], path, may)}
 
     async def config_set(self, args: dict[str, Any]) -> Any:
-        return await self.store.config_set(self._replaceable(args, args.get("value")))
+        return await self.store.config_set(self._replaceable(args, args.get("value")),
+                                           by=self._who())
 
     async def config_del(self, args: dict[str, Any]) -> Any:
-        return await self.store.config_del(self._replaceable(args, None))
+        return await self.store.config_del(self._replaceable(args, None), by=self._who())
+
+    async def config_history(self, args: dict[str, Any]) -> Any:
+        """The namespace's recent config changes at, above or below a path, newest first;
+        a change to a path the caller may not read is left out."""
+        checked, path, may = self._config_args(args)
+        config_args(checked)  # a bad path is a 400
+        return [r for r in self.store.config_history(checked["namespace"], path)
+                if may(r["path"])]
+
+    def _who(self) -> str:
+        """Who the current request acts as (recorded with a config change)."""
+        return self.auth.identify(REQUEST_TOKEN.get(), self.node).id
 
     async def config_watch(self, args: dict[str, Any], emit: Emit) -> None:
         checked, path, may = self._config_args(args)

@@ -40,11 +40,17 @@ from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 from . import crdt, paths
 from .persist import FILE, StoreDB
 from .replication import StoreReplicator, WireError, split_acks
-from .state import view
+from .state import live, view
 
 log = logging.getLogger("meshd.store")
 CHANNEL = "store"
 CONFIG_DB = "config"
+# Each namespace's config changes (path, value, who, when) are kept in the config database's
+# table HISTORY + namespace (no namespace name holds "~"), replicated like the tree, each
+# record for HISTORY_TTL seconds; `config.history` reads the newest HISTORY_MAX of them.
+HISTORY = "~history/"
+HISTORY_TTL = 30 * 86400
+HISTORY_MAX = 200
 SYSTEM_DBS = ("auth", "routing", "broker")
 
 
@@ -271,7 +277,8 @@ class StoreService:
         self.stats["store_reads"] += 1
         now = _now_ms()
         rows = self.rep.state.read(db, tbl, now, key=key, prefix=args.get("prefix"),
-                                   suffix=args.get("suffix"), limit=limit, offset=offset)
+                                   suffix=args.get("suffix"), limit=limit, offset=offset,
+                                   contains=_text_arg(args, "contains"))
         if key is not None and not rows:
             raise not_found(f"no key {key!r} in {db}/{tbl}", id="meshd.store")
         return [view(k, s, now) for k, s in rows]
@@ -320,7 +327,8 @@ class StoreService:
         rows = self.rep.state.read(db, tbl, _now_ms(), prefix=args.get("prefix"),
                                    suffix=args.get("suffix"),
                                    limit=int(args.get("limit") or 0),
-                                   offset=int(args.get("offset") or 0))
+                                   offset=int(args.get("offset") or 0),
+                                   contains=_text_arg(args, "contains"))
         return [k for k, _ in rows]
 
     async def databases(self, args: dict[str, Any]) -> Any:
@@ -412,7 +420,7 @@ class StoreService:
                             id="meshd.config")
         return {"path": path, "value": value}
 
-    async def config_set(self, args: dict[str, Any]) -> Any:
+    async def config_set(self, args: dict[str, Any], by: str = "") -> Any:
         namespace, path = config_args(args)
         if not path:
             raise bad_request("set needs a path", id="meshd.config")
@@ -421,9 +429,10 @@ class StoreService:
         raw = json.dumps(args["value"]).encode()
         await self.write({"database": CONFIG_DB, "table": namespace, "key": path,
                           "value": raw})
+        await self._remember(namespace, path, args["value"], False, by)
         return {"path": path, "value": args["value"]}
 
-    async def config_del(self, args: dict[str, Any]) -> Any:
+    async def config_del(self, args: dict[str, Any], by: str = "") -> Any:
         namespace, path = config_args(args)
         found, _ = self.config_value(namespace, path)
         if not found:
@@ -431,7 +440,44 @@ class StoreService:
                             id="meshd.config")
         delta = {"lww": crdt.lww(self.hlc.now(), None)}
         await self._commit_local(CONFIG_DB, namespace, path, delta, 1)
+        await self._remember(namespace, path, None, True, by)
         return {"deleted": path}
+
+    async def _remember(self, namespace: str, path: str, value: Any, deleted: bool,
+                        by: str) -> None:
+        """One record of a config change in the namespace's history (see HISTORY)."""
+        now = time.time()
+        record = {"path": path, "value": value, "deleted": deleted, "by": by,
+                  "time": round(now, 3), "node": self.node}
+        await self.write({"database": CONFIG_DB, "table": HISTORY + namespace,
+                          "key": f"{int(now * 1e6):020d}-{self.node}",
+                          "value": json.dumps(record).encode(), "ttl": HISTORY_TTL})
+
+    def config_history(self, namespace: str, path: str) -> list[dict[str, Any]]:
+        """The newest HISTORY_MAX changes at, above or below `path` ("" = all), newest
+        first."""
+        t = self.rep.state.table(CONFIG_DB, HISTORY + namespace)
+        if t is None:
+            return []
+        now = _now_ms()
+        out: list[dict[str, Any]] = []
+        for key in sorted(t.records, reverse=True):
+            if not live(t.records[key], now):
+                continue
+            try:
+                record = json.loads(view(key, t.records[key], now).get("value") or b"")
+            except (ValueError, TypeError):
+                continue
+            at = record.get("path") if isinstance(record, dict) else None
+            if not isinstance(at, str):
+                continue
+            if path and not (at == path or at.startswith(path + ".")
+                             or path.startswith(at + ".")):
+                continue
+            out.append(record)
+            if len(out) >= HISTORY_MAX:
+                break
+        return out
 
     async def config_watch(self, args: dict[str, Any], emit: Any,
                            shown: Callable[[Any], Any] | None = None) -> None:
@@ -481,3 +527,13 @@ def _put(tree: dict[str, Any], parts: list[str], value: Any) -> None:
         node.pop(parts[-1], None)
     else:
         node[parts[-1]] = value
+
+
+def _text_arg(args: dict[str, Any], name: str) -> str | None:
+    """An optional text argument (a key filter): None when absent, 400 when not text."""
+    value = args.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise bad_request(f"{name} must be text", id="meshd.store")
+    return value

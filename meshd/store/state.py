@@ -124,7 +124,7 @@ class StoreState:
 
     def read(self, db: str, tbl: str, now_ms: int, key: str | None = None,
              prefix: str | None = None, suffix: str | None = None, limit: int = 0,
-             offset: int = 0) -> list[tuple[str, crdt.State]]:
+             offset: int = 0, contains: str | None = None) -> list[tuple[str, crdt.State]]:
         t = self.tables.get((db, tbl))
         if t is None:
             return []
@@ -133,7 +133,8 @@ class StoreState:
             return [(key, s)] if s is not None and live(s, now_ms) else []
         keys = sorted(k for k in t.records
                       if (prefix is None or k.startswith(prefix))
-                      and (suffix is None or k.endswith(suffix)))
+                      and (suffix is None or k.endswith(suffix))
+                      and (contains is None or contains in k))
         rows = [(k, t.records[k]) for k in keys if live(t.records[k], now_ms)]
         rows = rows[offset:]
         return rows[:limit] if limit else rows

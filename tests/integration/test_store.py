@@ -394,3 +394,55 @@ def test_export_import_round_trip(cluster, tmp_path):
     assert sorted(dump.splitlines()) == sorted(again.splitlines())
     bad = cli(a, "store", "import", "--table", "t3", stdin="not json\n")
     assert bad.returncode == 1 and "line 1" in bad.stderr
+
+
+def test_config_history_and_keys_by_substring(cluster):
+    """`meshd config history` lists every change at, above and below a path, newest first,
+    with who made it, on every node (the history replicates like the tree); a change to a
+    path a rule keeps from the caller is left out. `meshd store list --contains` finds keys
+    by a substring."""
+    a = cluster.add("a", env=FAST)
+    b = cluster.add("b", join=[a.addr], env=FAST)
+    wait_for(lambda: len(control(b.data_dir, "auth.rules.list")) == 3, 15, "auth on b")
+    for args in (("set", "db.host", '"db1"'), ("set", "db.port", "5432"),
+                 ("set", "db.host", '"db2"'), ("del", "db.port"), ("set", "web.port", "80")):
+        out = cli(a, "config", *args)
+        assert out.returncode == 0, out.stderr
+
+    def history(d, path=""):
+        out = cli(d, "config", "history", path, "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    wait_for(lambda: len(history(b)) == 5, 10, "the history on b")
+    rows = history(b, "db")
+    assert [(r["path"], r["value"], r["deleted"]) for r in rows] == [
+        ("db.port", None, True), ("db.host", "db2", False), ("db.port", 5432, False),
+        ("db.host", "db1", False)]
+    assert all(r["by"] == "admin" and r["node"] == "a" for r in rows), rows  # its token
+    assert [r["path"] for r in history(b, "db.host")] == ["db.host", "db.host"]
+    table = cli(b, "config", "history", "db.host")
+    assert table.returncode == 0 and "db2" in table.stdout and "WHEN" in table.stdout
+    # a reader whose rules deny db.* sees the rest of the history only
+    control(a.data_dir, "auth.rules.create", id="no-db", resource="config:default:db.*",
+            scope="ops", access="denied", priority=30)
+    control(a.data_dir, "auth.rules.create", id="ops-config", resource="config:default:*",
+            scope="ops", access="granted", priority=20)
+    control(a.data_dir, "auth.accounts.create", id="olga", secret="olga-secret-1",
+            scopes=["ops"])
+    token = control(a.data_dir, "auth.token.create", account="olga", ttl=600)["token"]
+    env = {**os.environ, "MESHD_TOKEN": token}
+    out = subprocess.run([sys.executable, "-m", "cli", "config", "history", "--json",
+                          "--data-dir", str(a.data_dir)], capture_output=True, text=True,
+                         timeout=20, env=env)
+    assert out.returncode == 0, out.stderr
+    assert [r["path"] for r in json.loads(out.stdout)] == ["web.port"]
+    # keys by substring
+    for key in ("user:ada", "user:bob", "order:bob", "order:1"):
+        assert cli(a, "store", "write", key, "x").returncode == 0
+    out = cli(a, "store", "list", "--contains", "bob", "--json")
+    assert json.loads(out.stdout) == ["order:bob", "user:bob"]
+    out = cli(a, "store", "list", "--contains", "bob", "--prefix", "user:", "--json")
+    assert json.loads(out.stdout) == ["user:bob"]
+    out = cli(a, "store", "list", "--contains", "zzz", "--json")
+    assert json.loads(out.stdout) == []
