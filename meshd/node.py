@@ -45,7 +45,7 @@ from .membership.core import Membership, MembershipError
 from .membership.identity import AliveVerifier
 from .membership.ops import RESERVED_TAGS, MembershipOps
 from .membership.service import MembershipService
-from .node_ops import NodeOps
+from .node_ops import NodeOps, package_version
 from .ops import OpTable
 from .proxy.edge import EdgeProxy
 from .proxy.tunnels import TunnelService
@@ -262,6 +262,8 @@ class Node:
         self.metrics_stats: dict[str, int] = {}
         self.api_address = ""
         self.api_stats: dict[str, int] = {}
+        self.web_address = ""
+        self.web_stats: dict[str, int] = {}
         self.upstream = Upstream(self, s.api)  # every node serves its HTTP services' streams
         self._add_exporters()
         self.registry.service_token = self.auth.service_token
@@ -295,6 +297,8 @@ class Node:
                     await self._serve_metrics(nursery)
                 if s.api.listen:
                     await self._serve_api(nursery)
+                if s.web.listen:
+                    await self._serve_web(nursery)
                 await nursery.start(self.membership.run)
                 await nursery.start(self.registry.run)
                 await nursery.start(self.rpc.run)
@@ -349,6 +353,7 @@ class Node:
                 **self.broker.stats, **self.broker.interest.stats, **self.durable.stats,
                 **self.durable.origin.stats, **self.rpc.stats, **self.debug.stats,
                 **getattr(self, "otlp_stats", {}), **self.metrics_stats, **self.api_stats,
+                **self.web_stats,
                 **self.upstream.stats,
                 "suspicions": self.core.suspicions, "refutations": self.core.refutations,
                 "broker_pending": sum(len(c.pending) for c in
@@ -365,7 +370,8 @@ class Node:
                 "members": self.debug.members_by_state(),
                 "store_records": sum(len(t.records) for t in st.tables.values()),
                 "store_bytes": store_bytes,
-                "services": len(self.registry.local)}
+                "services": len(self.registry.local),
+                "version": package_version(), "load1": round(os.getloadavg()[0], 2)}
 
     def _add_exporters(self) -> None:
         endpoint = self.settings.debug.otlp_endpoint
@@ -394,21 +400,37 @@ class Node:
 
     async def _serve_api(self, nursery: trio.Nursery) -> None:
         from .gateway.app import Gateway
-        from .gateway.server import GatewayServer
         s = self.settings
-        try:
-            namespaces.check(s.api.namespace)
-            host, port = addrs.parse(s.api.listen)
-            tls = tlsconf.server_context(s.node.tls_cert, s.node.tls_key)
+
+        def app() -> Gateway:
             gateway = Gateway(self, s.api, self.upstream)
-            server = GatewayServer(gateway, s.api, self.api_stats)
             self.api_stats.update(gateway.stats)
             gateway.stats = self.api_stats
+            return gateway
+        self.api_address = await self._serve_http(nursery, "api", s.api, app, self.api_stats)
+
+    async def _serve_web(self, nursery: trio.Nursery) -> None:
+        from .web.app import Dashboard
+        s = self.settings
+        self.web_address = await self._serve_http(
+            nursery, "web", s.web, lambda: Dashboard(self.op_table, s.web, self.web_stats),
+            self.web_stats)
+
+    async def _serve_http(self, nursery: trio.Nursery, name: str, settings: Any,
+                          make_app: Any, stats: dict[str, int]) -> str:
+        """An HTTP listener (the gateway, the dashboard) at settings.listen; its address."""
+        from .gateway.server import GatewayServer
+        try:
+            namespaces.check(settings.namespace)
+            host, port = addrs.parse(settings.listen)
+            tls = tlsconf.server_context(self.settings.node.tls_cert,
+                                         self.settings.node.tls_key)
+            server = GatewayServer(make_app(), settings, stats, name=name)
             await nursery.start(server.serve, host, port, tls)
         except (OSError, addrs.AddressError, tlsconf.TlsError, MeshError) as exc:
             detail = exc.detail if isinstance(exc, MeshError) else exc
-            raise NodeError(f"--api-listen {s.api.listen}: {detail}") from None
-        self.api_address = addrs.format(host, server.port)
+            raise NodeError(f"--{name}-listen {settings.listen}: {detail}") from None
+        return addrs.format(host, server.port)
 
     async def _bind(self, host: str, port: int) -> tuple[int, list[trio.SocketListener]]:
         """UDP and TCP on the same port. With port 0 the kernel picks the UDP port, which

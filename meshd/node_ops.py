@@ -12,6 +12,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -25,6 +26,7 @@ from .secure.keyring import format_secret
 from .settings import as_dict
 
 
+@functools.cache
 def package_version() -> str:
     try:
         return version("meshd")
@@ -64,6 +66,7 @@ class NodeOps:
             "version": package_version(),
             "metrics": getattr(n, "metrics_address", ""),
             "api": getattr(n, "api_address", ""),
+            "web": getattr(n, "web_address", ""),
         }
 
     async def settings(self, _: dict[str, Any]) -> Any:

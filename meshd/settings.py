@@ -366,6 +366,29 @@ class ApiSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSettings:
+    """The web dashboard (docs/web.md)."""
+
+    # Where it listens ("" = off; loopback unless told). It serves https:// with
+    # node.tls_cert and node.tls_key.
+    listen: str = ""
+    # The namespace the page opens in (it has a switcher).
+    namespace: str = "default"
+    # A request body (an op's arguments: a store value, a call's request) is at most this.
+    max_body_bytes: int = 1 << 20
+    # How long one operation may take before the page gets 504.
+    timeout: float = 30.0
+    # A request whose head or body stops arriving for this long is dropped (408).
+    read_timeout: float = 10.0
+    # An idle keep-alive connection is closed after this.
+    keep_alive: float = 30.0
+    # The request line and headers together are at most this.
+    max_header_bytes: int = 16 * 1024
+    # Live streams (members, logs, watches) one token holds open at once; 429 beyond.
+    max_streams: int = 16
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole settings tree of a node."""
 
@@ -378,10 +401,11 @@ class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     debug: DebugSettings = field(default_factory=DebugSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    web: WebSettings = field(default_factory=WebSettings)
 
 
 # The tables of a settings file (and MESHD_<SECTION>_<KEY> in the environment) besides [node].
-SECTIONS = ("membership", "limits", "rpc", "store", "broker", "debug", "api")
+SECTIONS = ("membership", "limits", "rpc", "store", "broker", "debug", "api", "web")
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
              "log_level", "ws_listen", "proxy_listen", "tls_cert", "tls_key", "auth_root"}
@@ -440,7 +464,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         raise SettingsError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     node, membership, limits = NodeSettings(), membership_profile(profile), LimitsSettings()
     rpc, store, broker = RpcSettings(), StoreSettings(), BrokerSettings()
-    debug, api = DebugSettings(), ApiSettings()
+    debug, api, web = DebugSettings(), ApiSettings(), WebSettings()
     for lay in layers:
         node = _replace_checked(node, lay.get("node", {}), "node")
         membership = _replace_checked(membership, lay.get("membership", {}), "membership")
@@ -450,6 +474,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         broker = _replace_checked(broker, lay.get("broker", {}), "broker")
         debug = _replace_checked(debug, lay.get("debug", {}), "debug")
         api = _replace_checked(api, lay.get("api", {}), "api")
+        web = _replace_checked(web, lay.get("web", {}), "web")
     if limits.max_remote_streams < 1:
         raise SettingsError("limits.max_remote_streams must be at least 1")
     if rpc.selector not in ("random", "roundrobin", "nearest"):
@@ -474,7 +499,11 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         raise SettingsError("api: max_body_bytes, max_header_bytes and max_in_flight must be "
                             "at least 1, the timeouts above 0 (timeout <= max_timeout), the "
                             "rates 0 (no limit) or more")
-    return Settings(profile, node, membership, limits, rpc, store, broker, debug, api)
+    if min(web.max_body_bytes, web.max_header_bytes, web.max_streams) < 1 \
+            or min(web.timeout, web.read_timeout, web.keep_alive) <= 0:
+        raise SettingsError("web: max_body_bytes, max_header_bytes and max_streams must be at "
+                            "least 1, the timeouts above 0")
+    return Settings(profile, node, membership, limits, rpc, store, broker, debug, api, web)
 
 
 class SettingsError(ValueError):

@@ -89,7 +89,7 @@ def summaries(value: Any, node: str, limit: int) -> list[dict[str, Any]]:
 
 
 _SAMPLE_NUMBERS = ("time", "uptime", "cpu_seconds", "rss_bytes", "tasks", "links",
-                   "store_records", "store_bytes", "services")
+                   "store_records", "store_bytes", "services", "load1")
 _ENDPOINT_NUMBERS = ("count", "errors", "sum", "mean_ms", "p50_ms", "p99_ms")
 
 
@@ -99,6 +99,8 @@ def stats(value: Any, node: str) -> dict[str, Any]:
         raise Malformed("stats are a sample and instances")
     raw = value["sample"]
     sample: dict[str, Any] = {k: raw[k] for k in _SAMPLE_NUMBERS if _number(raw.get(k))}
+    if _text(raw.get("version"), 32):
+        sample["version"] = raw["version"]
     members = raw.get("members")
     if isinstance(members, dict):
         sample["members"] = {k: v for k, v in list(members.items())[:8]

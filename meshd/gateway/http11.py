@@ -54,7 +54,7 @@ import h11
 import trio
 
 from meshd.errors import MeshError
-from meshd.settings import ApiSettings
+from meshd.settings import ApiSettings, WebSettings
 
 from .bodies import TIMED, ClientGone, dumps
 
@@ -87,7 +87,8 @@ class _Date:
 class Http11:
     """Serves one connection at a time per call of `serve` (one task per connection)."""
 
-    def __init__(self, app: Any, settings: ApiSettings, upgrade: Any, scheme: str) -> None:
+    def __init__(self, app: Any, settings: ApiSettings | WebSettings, upgrade: Any,
+                 scheme: str) -> None:
         self.app = app
         self.s = settings
         self.upgrade = upgrade  # async (stream, head bytes) -> None: a WebSocket's handler
@@ -154,6 +155,9 @@ class Http11:
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
+                if type(event) is h11.Request and _head_size(event) > limit:
+                    raise h11.RemoteProtocolError("request head too large",
+                                                  error_status_hint=431)
                 return event
             guard.deadline = deadline
             try:
@@ -361,6 +365,14 @@ async def _receive(stream: Any, n: int = CHUNK) -> bytes:
     if not data:
         raise _Closed
     return data
+
+
+def _head_size(event: h11.Request) -> int:
+    """The size of a request head as h11 parsed it (a little under its bytes: h11 strips
+    whitespace): h11 checks max_incomplete_event_size only while a head is incomplete, so a
+    head that completes within a second read of max_header_bytes would pass unchecked."""
+    return len(event.method) + len(event.target) + 12 + sum(
+        len(name) + len(value) + 4 for name, value in event.headers)
 
 
 def _ambiguous(event: h11.Request) -> bool:

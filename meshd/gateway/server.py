@@ -1,12 +1,13 @@
-"""The API gateway's listener: `meshd up --api-listen HOST:PORT`, in the daemon's nursery.
+"""The HTTP listener of the API gateway (`meshd up --api-listen HOST:PORT`) and of the web
+dashboard (`--web-listen`, meshd/web/), in the daemon's nursery.
 
 Rules:
 - HTTP/1.1 is spoken by gateway/http11.py (h11, one task per connection); a WebSocket
   upgrade is handed to hypercorn's trio connection handler, which speaks WebSocket. The
   connections are accepted through meshd/transport/listeners.py like every listener of the
   node: a Gate caps open connections, those per source address and pending TLS handshakes
-  (counted as `api_*` in the stats), and whatever one connection does ends that connection
-  only. With a certificate (node.tls_cert/tls_key) it serves https:// only, the handshake
+  (counted as `api_*`, or `web_*`, in the stats), and whatever one connection does ends that
+  connection only. With a certificate (node.tls_cert/tls_key) it serves https:// only, the handshake
   within the pending deadline.
 - Bounds: the request head at api.max_header_bytes, a connection that sends nothing for
   api.read_timeout is closed, idle keep-alive connections after api.keep_alive (http11.py,
@@ -26,7 +27,7 @@ from hypercorn.config import Config
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 
-from meshd.settings import ApiSettings
+from meshd.settings import ApiSettings, WebSettings
 from meshd.transport import listeners as serving
 
 from .app import Gateway
@@ -35,7 +36,7 @@ from .http11 import Http11, Replay
 WS_PING = 20.0  # seconds between pings on an open WebSocket (hypercorn's)
 
 
-def hypercorn_config(s: ApiSettings) -> Config:
+def hypercorn_config(s: ApiSettings | WebSettings) -> Config:
     config = Config()
     config.accesslog = None
     config.errorlog = None
@@ -53,17 +54,18 @@ def hypercorn_config(s: ApiSettings) -> Config:
 
 
 class GatewayServer:
-    """Serves a Gateway app on one address until cancelled."""
+    """Serves an ASGI app (the Gateway; the web Dashboard) on one address until cancelled;
+    `name` prefixes its connection counters."""
 
-    def __init__(self, gateway: Gateway, settings: ApiSettings,
-                 stats: dict[str, int] | None = None) -> None:
+    def __init__(self, gateway: Gateway | Any, settings: ApiSettings | WebSettings,
+                 stats: dict[str, int] | None = None, name: str = "api") -> None:
         self.gateway = gateway
         self.s = settings
         self.config = hypercorn_config(settings)
         self.context = WorkerContext(None)
         self.app = ASGIWrapper(gateway)
         self.stats: dict[str, int] = stats if stats is not None else {}
-        self.gate = serving.Gate("api", self.stats, pending_timeout=settings.read_timeout)
+        self.gate = serving.Gate(name, self.stats, pending_timeout=settings.read_timeout)
         self.port = 0
 
     async def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None,

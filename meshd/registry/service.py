@@ -40,6 +40,7 @@ from .replication import Replicator
 log = logging.getLogger("meshd.registry")
 CHANNEL = "registry"
 MAX_NAME = 128
+MAX_TAGS = 64  # tags listed per service (its instances' metadata as key=value)
 
 
 @dataclass
@@ -135,16 +136,22 @@ class RegistryService:
                                            r.get("node", ""), r.get("id", "")))
 
     def services(self, namespace: str = namespaces.DEFAULT) -> list[dict[str, Any]]:
-        """The services of `namespace`: instances, nodes and versions of each."""
+        """The services of `namespace`: instances, nodes and versions of each, and its tags
+        (its instances' metadata as "key=value", at most MAX_TAGS)."""
         by_name: dict[str, dict[str, Any]] = {}
         for inst in self.instances(None, namespace):
             s = by_name.setdefault(inst["service"], {"name": inst["service"], "instances": 0,
-                                                     "nodes": set(), "versions": set()})
+                                                     "nodes": set(), "versions": set(),
+                                                     "tags": set()})
             s["instances"] += 1
             s["nodes"].add(inst["node"])
             s["versions"].add(inst.get("version", ""))
+            meta = inst.get("metadata")
+            if isinstance(meta, dict):
+                s["tags"].update(f"{k}={v}" for k, v in meta.items())
         return [{"name": s["name"], "instances": s["instances"], "nodes": sorted(s["nodes"]),
-                 "versions": sorted(s["versions"]), "namespace": namespace}
+                 "versions": sorted(s["versions"]), "namespace": namespace,
+                 "tags": sorted(s["tags"])[:MAX_TAGS]}
                 for s in by_name.values()]
 
     def namespace_counts(self) -> list[dict[str, Any]]:

@@ -261,7 +261,9 @@ class StoreService:
         ttl = args.get("ttl")
         if ttl is not None and not (isinstance(ttl, int | float) and ttl > 0):
             raise bad_request("ttl must be a positive number of seconds", id="meshd.store")
-        replicas = int(args.get("replicas") or 1)
+        if ttl is not None and not ttl * 1000 < MAX_TTL_MS:
+            raise bad_request("ttl is too large", id="meshd.store")
+        replicas = _int_arg(args, "replicas", 1)
         expiry = _now_ms() + int(ttl * 1000) if ttl else None
         delta = {"lww": crdt.lww(self.hlc.now(), value, metadata, expiry)}
         state = await self._commit_local(db, tbl, key, delta, replicas)
@@ -270,14 +272,16 @@ class StoreService:
     async def read(self, args: dict[str, Any]) -> Any:
         db, tbl = self._names(args)
         key = args.get("key")
-        limit, offset = int(args.get("limit") or 0), int(args.get("offset") or 0)
+        if key is not None and not isinstance(key, str):
+            raise bad_request("key must be text", id="meshd.store")
+        limit, offset = _int_arg(args, "limit", 0), _int_arg(args, "offset", 0)
         if limit < 0 or offset < 0:
             raise bad_request("limit and offset must not be negative", id="meshd.store")
         self._exists(db, tbl)
         self.stats["store_reads"] += 1
         now = _now_ms()
-        rows = self.rep.state.read(db, tbl, now, key=key, prefix=args.get("prefix"),
-                                   suffix=args.get("suffix"), limit=limit, offset=offset,
+        rows = self.rep.state.read(db, tbl, now, key=key, prefix=_text_arg(args, "prefix"),
+                                   suffix=_text_arg(args, "suffix"), limit=limit, offset=offset,
                                    contains=_text_arg(args, "contains"))
         if key is not None and not rows:
             raise not_found(f"no key {key!r} in {db}/{tbl}", id="meshd.store")
@@ -295,7 +299,7 @@ class StoreService:
             delta["counter"] = crdt.counter_reset(current["counter"])
         if "set" in current:
             delta["set"] = crdt.set_remove(current["set"])
-        await self._commit_local(db, tbl, key, delta, int(args.get("replicas") or 1))
+        await self._commit_local(db, tbl, key, delta, _int_arg(args, "replicas", 1))
         return {"deleted": key}
 
     def json_records(self, db: str, tbl: str) -> dict[str, Any]:
@@ -324,10 +328,10 @@ class StoreService:
     async def list_keys(self, args: dict[str, Any]) -> Any:
         db, tbl = self._names(args)
         self._exists(db, tbl)
-        rows = self.rep.state.read(db, tbl, _now_ms(), prefix=args.get("prefix"),
-                                   suffix=args.get("suffix"),
-                                   limit=int(args.get("limit") or 0),
-                                   offset=int(args.get("offset") or 0),
+        rows = self.rep.state.read(db, tbl, _now_ms(), prefix=_text_arg(args, "prefix"),
+                                   suffix=_text_arg(args, "suffix"),
+                                   limit=_int_arg(args, "limit", 0),
+                                   offset=_int_arg(args, "offset", 0),
                                    contains=_text_arg(args, "contains"))
         return [k for k, _ in rows]
 
@@ -353,7 +357,7 @@ class StoreService:
         if delta == 0:
             return {"key": key, "counter": crdt.counter_value(current.get("counter"))}
         change = {"counter": crdt.counter_add(current.get("counter"), self.node, delta)}
-        state = await self._commit_local(db, tbl, key, change, int(args.get("replicas") or 1))
+        state = await self._commit_local(db, tbl, key, change, _int_arg(args, "replicas", 1))
         return {"key": key, "counter": crdt.counter_value(state.get("counter"))}
 
     async def set_op(self, args: dict[str, Any]) -> Any:
@@ -375,13 +379,15 @@ class StoreService:
             change = {"set": removed}
         else:
             raise bad_request("op must be add, remove or members", id="meshd.store")
-        state = await self._commit_local(db, tbl, key, change, int(args.get("replicas") or 1))
+        state = await self._commit_local(db, tbl, key, change, _int_arg(args, "replicas", 1))
         return {"key": key, "members": crdt.set_members(state.get("set"))}
 
     async def watch(self, args: dict[str, Any], emit: Any) -> None:
         db = args.get("database")
         tbl = args.get("table")
-        prefix = args.get("prefix") or ""
+        if not isinstance(db, str | None) or not isinstance(tbl, str | None):
+            raise bad_request("database and table must be text", id="meshd.store")
+        prefix = _text_arg(args, "prefix") or ""
         send, recv = trio.open_memory_channel[Any](1000)
         entry = (db, tbl, prefix, send)
         self._watchers.append(entry)
@@ -527,6 +533,17 @@ def _put(tree: dict[str, Any], parts: list[str], value: Any) -> None:
         node.pop(parts[-1], None)
     else:
         node[parts[-1]] = value
+
+
+MAX_TTL_MS = 100 * 365 * 86400 * 1000  # a ttl beyond a century is a mistake (inf an error)
+
+
+def _int_arg(args: dict[str, Any], name: str, default: int) -> int:
+    """An optional integer argument (`default` when absent or 0); 400 when not a number."""
+    try:
+        return int(args.get(name) or default)
+    except (TypeError, ValueError, OverflowError):
+        raise bad_request(f"{name} must be an integer", id="meshd.store") from None
 
 
 def _text_arg(args: dict[str, Any], name: str) -> str | None:

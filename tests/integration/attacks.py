@@ -671,3 +671,24 @@ def open_idle(target: int | str, count: int, connect_timeout: float = 1.0,
             in_a_row += 1
             s.close()
     return socks, failed
+
+
+async def one(port: int, data: bytes, bound: float = 20.0) -> HttpResponse | None:
+    """The first response to `data` on a fresh connection (None: none within `bound`)."""
+    conn = await HttpConn.open(port)
+    try:
+        await conn.send(data)
+        with trio.move_on_after(bound):
+            return await conn.response(allow_cut=True)
+        return None
+    finally:
+        await conn.aclose()
+
+
+def request(method: str, path: str, body: bytes = b"", headers: str = "",
+            ctype: str = "application/json") -> bytes:
+    """A raw HTTP/1.1 request (a JSON body by default)."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
+    if body or method == "POST":
+        head += f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+    return head.encode("latin-1") + b"\r\n" + body

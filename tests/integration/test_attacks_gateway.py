@@ -41,7 +41,7 @@ import trio_websocket
 
 from sdk import Client
 
-from .attacks import HttpConn, HttpResponse, slow_send, upgrade_request
+from .attacks import HttpConn, HttpResponse, one, request, slow_send, upgrade_request
 from .cluster import SERVICES, Cluster, Daemon, control, wait_for
 from .test_broker import FAST, ready, sock
 from .test_tls import admin_token
@@ -300,26 +300,6 @@ async def exchange(port: int, data: bytes, *, half_close: bool = False,
     finally:
         await conn.aclose()
     return responses, closed
-
-
-async def one(port: int, data: bytes, bound: float = BOUND) -> HttpResponse | None:
-    """The first response to `data` on a fresh connection (None: none within `bound`)."""
-    conn = await HttpConn.open(port)
-    try:
-        await conn.send(data)
-        with trio.move_on_after(bound):
-            return await conn.response(allow_cut=True)
-        return None
-    finally:
-        await conn.aclose()
-
-
-def request(method: str, path: str, body: bytes = b"", headers: str = "",
-            ctype: str = "application/json") -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
-    if body or method == "POST":
-        head += f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-    return head.encode("latin-1") + b"\r\n" + body
 
 
 def post(m: Mesh, path: str, payload: Any, headers: str = "") -> tuple[int, Any]:

@@ -22,7 +22,9 @@ class Seconds:
     seconds: float
 
 
-service = Service(sys.argv[1] if len(sys.argv) > 1 else "testsvc")
+# TESTSVC_META="team=payments,tier=web": the instance's metadata (its tags)
+_META = dict(kv.split("=", 1) for kv in os.environ.get("TESTSVC_META", "").split(",") if kv)
+service = Service(sys.argv[1] if len(sys.argv) > 1 else "testsvc", metadata=_META)
 
 
 @service.handler("Test.Echo")

@@ -91,9 +91,9 @@ async def test_same_service_name_in_two_namespaces_is_two_services():
     assert reg.instances("greeter", "team-c") == []
     assert sorted(reg.services("team-a"), key=lambda s: s["name"]) == [
         {"name": "billing", "instances": 1, "nodes": ["a"], "versions": ["1"],
-         "namespace": "team-a"},
+         "namespace": "team-a", "tags": []},
         {"name": "greeter", "instances": 1, "nodes": ["a"], "versions": ["1"],
-         "namespace": "team-a"}]
+         "namespace": "team-a", "tags": []}]
     assert [s["name"] for s in reg.services()] == ["greeter"]
     assert reg.services()[0]["nodes"] == ["c"]
     assert reg.services("nope") == []
@@ -190,3 +190,12 @@ async def test_rpc_candidates_are_the_namespace_s_instances_only():
     with pytest.raises(MeshError) as exc:
         await rpc.call("greeter", "Greeter.Hello", {}, 1.0, namespace="Bad")
     assert exc.value.status == 400
+
+
+async def test_a_service_lists_its_instances_metadata_as_tags():
+    reg = _registry()
+    one = {**_record("a", "pay-a", "payments", "team-a"), "metadata": {"tier": "web"}}
+    two = {**_record("b", "pay-b", "payments", "team-a"),
+           "metadata": {"tier": "web", "team": "pay"}}
+    _receive(reg, _delta(one, two))
+    assert reg.services("team-a")[0]["tags"] == ["team=pay", "tier=web"]
