@@ -427,6 +427,10 @@ class Node:
                                          self.settings.node.tls_key)
             server = GatewayServer(make_app(), settings, stats, name=name)
             await nursery.start(server.serve, host, port, tls)
+            if tls is None and not addrs.is_loopback(host):
+                log.warning("--%s-listen %s serves plain HTTP beyond loopback: tokens cross "
+                            "the network in clear; give --tls-cert and --tls-key", name,
+                            settings.listen)
         except (OSError, addrs.AddressError, tlsconf.TlsError, MeshError) as exc:
             detail = exc.detail if isinstance(exc, MeshError) else exc
             raise NodeError(f"--{name}-listen {settings.listen}: {detail}") from None

@@ -386,6 +386,10 @@ class WebSettings:
     max_header_bytes: int = 16 * 1024
     # Live streams (members, logs, watches) one token holds open at once; 429 beyond.
     max_streams: int = 16
+    # Names the dashboard answers to besides the address it was reached at, localhost,
+    # 127.0.0.1 and ::1: a DNS name or a reverse proxy's ("dash.example.com" or with
+    # ":PORT"). A request naming any other Host is refused (403: DNS rebinding).
+    hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,6 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -38,15 +37,6 @@ _NOT_YET_VALID, _EXPIRED, _HOSTNAME_MISMATCH, _IP_MISMATCH = 9, 10, 62, 64
 
 def _error(status: int, detail: str) -> MeshError:
     return MeshError(status, detail, id="meshd.proxy.via")
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Via:
@@ -80,7 +70,7 @@ class Via:
 
     def cleartext_warning(self) -> str | None:
         """One line for stderr when the token and data would cross a network in clear."""
-        if self.secure or is_loopback(self.host):
+        if self.secure or addrs.is_loopback(self.host):
             return None
         return (f"warning: --via {self.url} is not encrypted: the token and the data cross "
                 "the network in clear (serve the proxy with --tls-cert/--tls-key, use wss://)")

@@ -336,9 +336,11 @@ class StoreService:
         return [k for k, _ in rows]
 
     async def databases(self, args: dict[str, Any]) -> Any:
-        """User databases; the system database "auth" (accounts, rules, keys) is not listed
-        and only admins may read it."""
-        return [db for db in self.rep.state.databases(_now_ms()) if db not in SYSTEM_DBS]
+        """User databases: not the system databases (auth, routing, broker: meshd's own,
+        read by admins only) nor config (every namespace's config tree, reached through the
+        config ops alone)."""
+        return [db for db in self.rep.state.databases(_now_ms())
+                if db not in SYSTEM_DBS and db != CONFIG_DB]
 
     async def tables(self, args: dict[str, Any]) -> Any:
         db = args.get("database", "default")

@@ -9,8 +9,9 @@ one bridge to the op table every other client uses (meshd/ops.py):
   op's structured error `{"error": {"status", "code", "detail", "id"}}`;
 - `POST /api/stream` `{"op", "args"}` runs a stream op (members.watch, debug.logs.follow,
   store.watch...) and answers NDJSON: `{"ok": true}` then one `{"event": ...}` line per event,
-  until the page goes (or an `{"error": ...}` line, first if the op is refused, last if it
-  fails midway).
+  until the page goes (or an `{"error": ...}` line: at once if the op is refused, after
+  `{"ok": true}` if its handler refuses or fails, or when the token stops being valid: it
+  is checked again every KEEPALIVE seconds while the stream runs).
   An operation's own failure (denied, not found, the service's error) is an answer, HTTP 200
   with the error's status in the body and in X-Meshd-Status; HTTP error statuses are the
   request's own faults (a body that is not JSON: 400, 415, 413, 405, 404 for an unknown path).
@@ -32,7 +33,14 @@ Rules:
 - Bounds: bodies at most web.max_body_bytes (413); a call at most web.timeout (504); streams
   held at once per token at most web.max_streams (429: ops.StreamSlots); a stream ends when
   the page goes. Session ops (service registration, RPC streams, tunnels) are not served
-  (400). Connections are bounded by the server (web/server.py).
+  (400). Connections are bounded by the server (meshd/gateway/server.py).
+- The Host a request names must be the address it reached, localhost, 127.0.0.1, ::1 or
+  one of web.hosts (403 otherwise): a page of another site that rebinds its DNS name to
+  this address cannot read the dashboard or call its public ops. An Origin, when sent,
+  must be that same host (http or https: a TLS-terminating proxy in front is fine).
+- JSON both ways is strict: NaN and Infinity are refused in requests and never sent (a
+  non-finite number goes out as null), map keys that are not text become text, and a value
+  JSON has no form for is sent as its text.
 - Bytes in an answer (store values, message bodies) go to the page as text when they are
   UTF-8, else as {"base64": ...}.
 - Assets are read from the package once, at start, and served with ETag (304 on a match)
@@ -49,6 +57,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -120,6 +129,7 @@ class Dashboard:
         for key in ("web_requests", "web_calls", "web_errors"):
             self.stats.setdefault(key, 0)
         self.slots = StreamSlots(settings.max_streams, self.stats, "web")
+        self.hosts = frozenset(h.strip().lower() for h in settings.hosts)
 
     def _mark_index(self, namespace: str) -> None:
         """The page opens in web.namespace: index.html carries it (a checked name: letters,
@@ -158,6 +168,7 @@ class Dashboard:
     async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path, method = scope["path"], scope["method"]
         headers = scope.get("headers") or []
+        self._check_host(headers, scope)
         if path.startswith("/api/"):
             _same_origin(headers, scope)
             if path == "/api/call":
@@ -184,6 +195,22 @@ class Dashboard:
             return
         raise not_found(f"no page {path[:80]!r}: the dashboard is at /", id=ID)
 
+    def _check_host(self, headers: list[Any], scope: dict[str, Any]) -> None:
+        """The Host named must be one this dashboard answers to (see the module's rules)."""
+        raw = header(headers, b"host")
+        host = (raw or b"").decode("latin-1").strip().lower()
+        if host in self.hosts:
+            return
+        name = _host_name(host)
+        server = scope.get("server")
+        own = {"localhost", "127.0.0.1", "[::1]"}
+        if server:
+            own.add(f"[{server[0]}]" if ":" in str(server[0]) else str(server[0]))
+        if name in own or name in self.hosts:
+            return
+        raise MeshError(403, f"this dashboard does not answer to Host {host[:80]!r}: reach "
+                             "it by its address or localhost, or name it in web.hosts", id=ID)
+
     async def _asset(self, name: str, headers: list[Any], send: Any, cache: bytes) -> None:
         asset = self.assets.get(name)
         if asset is None:
@@ -209,7 +236,7 @@ class Dashboard:
             raise MeshError(415, "send the request as application/json", id=ID)
         body = await read_body(scope, receive, self.s.max_body_bytes, self.s.read_timeout)
         try:
-            req = json.loads(body)
+            req = json.loads(body, parse_constant=_no_constant)
         except (ValueError, RecursionError):
             raise bad_request("the body is not JSON", id=ID) from None
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
@@ -282,6 +309,7 @@ class Dashboard:
         async def keepalive() -> None:
             while True:
                 await trio.sleep(KEEPALIVE)
+                self.table.admit(op, args)  # the token still valid, the rules still allowing
                 await send({"type": "http.response.body", "body": b"\n", "more_body": True})
 
         last = b""
@@ -307,21 +335,42 @@ class Dashboard:
 
 
 def dumps(value: Any) -> bytes:
-    """JSON for the page: bytes (store values, message bodies) as text when they are UTF-8,
-    else {"base64": ...}, so the page shows what was written and knows binary for what it
-    is."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
-                      default=_jsonable).encode()
+    """JSON for the page (strict: see the module's rules). Bytes (store values, message
+    bodies) as text when they are UTF-8, else {"base64": ...}, so the page shows what was
+    written and knows binary for what it is."""
+    return json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
 
 
-def _jsonable(value: Any) -> Any:
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(_plain(k)): _plain(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
     if isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             return {"base64": base64.b64encode(raw).decode()}
-    raise TypeError(f"{type(value).__name__} is not JSON")
+    return str(value)
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name without its port: "[::1]:8080" -> "[::1]", "a:80" -> "a"."""
+    if host.startswith("["):
+        end = host.find("]")
+        return host[:end + 1] if end > 0 else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 @contextlib.contextmanager
@@ -345,8 +394,7 @@ def _same_origin(headers: list[Any], scope: dict[str, Any]) -> None:
     if origin is None:
         return
     host = header(headers, b"host") or b""
-    scheme = scope.get("scheme", "http").encode()
-    if origin != scheme + b"://" + host:
+    if origin not in (b"http://" + host, b"https://" + host):
         raise MeshError(403, "the dashboard's API answers its own pages only", id=ID)
 
 

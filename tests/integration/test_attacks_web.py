@@ -296,8 +296,8 @@ def test_forged_tokens_and_cookies_are_not_credentials(web):
 def test_a_page_of_another_origin_is_refused(web):
     w = web
     for origin in ("http://evil.example", "null", f"http://127.0.0.1:{w.port}.evil.example",
-                   f"https://127.0.0.1:{w.port}", "http://127.0.0.1", f"http://localhost:{w.port}",
-                   f"HTTP://127.0.0.1:{w.port}/"):
+                   "http://127.0.0.1", f"http://localhost:{w.port}",
+                   f"HTTP://127.0.0.1:{w.port}/", f"https://127.0.0.1:{w.port + 1}"):
         for path in ("/api/call", "/api/stream"):
             op = "members" if path == "/api/call" else "members.watch"
             resp = call(w.port, op, token=w.token, path=path, headers={"origin": origin})
@@ -306,6 +306,10 @@ def test_a_page_of_another_origin_is_refused(web):
             assert_secure_headers(resp.headers)
     same = {"origin": f"http://127.0.0.1:{w.port}"}
     assert op_result(call(w.port, "members", token=w.token, headers=same))
+    # the same host by https: a TLS-terminating proxy in front (no other server can hold
+    # this host and port, so no other site can be that origin)
+    proxied = {"origin": f"https://127.0.0.1:{w.port}"}
+    assert op_result(call(w.port, "members", token=w.token, headers=proxied))
     assert_serves(w)
 
 

@@ -60,7 +60,7 @@ THROUGH: dict[str, str] = {
     "call": WRITES, "stream": WRITES, "store write": WRITES, "store read": WRITES,
     "store list": WRITES, "store delete": WRITES, "store counter": WRITES,
     "store set": WRITES, "store export": WRITES, "store import": WRITES,
-    "config set": WRITES, "config get": WRITES, "config del": WRITES,
+    "config set": WRITES, "config get": WRITES, "config del": WRITES, "config history": WRITES,
     "auth accounts create": WRITES, "auth accounts delete": WRITES,
     "auth rules create": WRITES, "auth rules delete": WRITES,
     "auth token create": WRITES, "auth token revoke": WRITES, "nodes revoke": WRITES,
@@ -391,6 +391,9 @@ def test_writes_through_the_environment_land_on_the_node(mesh, laptop, tmp_path)
     assert laptop.on_node("config", "get", "env", "--json") == \
         laptop.ok("config", "get", "env", "--json")
     assert "db" not in (laptop.on_node("config", "get", "env", "--json") or {})
+    history = laptop.ok("config", "history", "env.db", "--json")
+    assert [(r["path"], r["deleted"]) for r in history] == [("env.db", True), ("env.db", False)]
+    assert history == laptop.on_node("config", "history", "env.db", "--json")
 
     # auth: accounts, rules and tokens made through prod are the cluster's
     laptop.ok("auth", "accounts", "create", "temp", "--secret", "temp-secret-1", "--scope",

@@ -10,6 +10,7 @@
 //   streams and timers (nothing keeps running for a page no one looks at).
 
 const TOKEN_KEY = "meshd.token";
+const TRACE_ID = /^[0-9a-f]{32}$/;
 const NS_KEY = "meshd.namespace";
 
 // ---- helpers --------------------------------------------------------------------------------
@@ -77,9 +78,17 @@ class ApiError extends Error {
   }
 }
 
+function stored(key, v) { if (v) sessionStorage.setItem(key, v); else sessionStorage.removeItem(key); }
+
 const session = {
   get token() { return sessionStorage.getItem(TOKEN_KEY) || ""; },
-  set token(v) { if (v) sessionStorage.setItem(TOKEN_KEY, v); else sessionStorage.removeItem(TOKEN_KEY); },
+  set token(v) { stored(TOKEN_KEY, v); },
+  // a token this page got from auth.login (log out revokes it) and its refresh token; a
+  // pasted token is only forgotten (it may be the node's admin.token, used elsewhere)
+  get minted() { return sessionStorage.getItem("meshd.minted") === "1"; },
+  set minted(v) { stored("meshd.minted", v ? "1" : ""); },
+  get refresh() { return sessionStorage.getItem("meshd.refresh") || ""; },
+  set refresh(v) { stored("meshd.refresh", v); },
   get namespace() { return sessionStorage.getItem(NS_KEY) || document.documentElement.dataset.namespace || "default"; },
   set namespace(v) { sessionStorage.setItem(NS_KEY, v); },
   whoami: null,
@@ -92,7 +101,7 @@ function headers() {
 }
 
 function withNamespace(op, args) {
-  if (op === "auth.login" || op === "auth.token.revoke" || "namespace" in args) return args;
+  if (op === "auth.login" || op === "auth.refresh" || op === "auth.token.revoke" || "namespace" in args) return args;
   return { ...args, namespace: session.namespace };
 }
 
@@ -106,15 +115,45 @@ async function post(path, op, args, signal) {
   }
 }
 
-async function call(op, args = {}, signal) {
+async function answer(res, signal) {
+  let data;
+  try { data = await res.json(); } catch (e) {
+    if (signal && signal.aborted) throw new DOMException("the view went", "AbortError");
+    data = { error: { status: res.ok ? 502 : res.status, detail: `the answer was not JSON (HTTP ${res.status})` } };
+  }
+  return data || {};
+}
+
+async function call(op, args = {}, signal, retried = false) {
   const res = await post("/api/call", op, args, signal);
-  const data = await res.json().catch(() => ({}));
+  const data = await answer(res, signal);
   if (!res.ok || data.error) {
     const status = data.error && data.error.status ? data.error.status : res.status;
-    if (status === 401 && op !== "auth.login") expired(data.error);
+    if (status === 401 && !op.startsWith("auth.")) {
+      if (!retried && await renewed()) return call(op, args, signal, true);
+      expired(data.error);
+    }
     throw new ApiError(status, data.error);
   }
   return data.result;
+}
+
+// A new access token from the refresh token auth.login gave (once at a time); false when
+// there is none or it is refused.
+let renewing = null;
+function renewed() {
+  if (!session.refresh) return Promise.resolve(false);
+  if (!renewing) {
+    renewing = (async () => {
+      try {
+        const got = await call("auth.refresh", { refresh_token: session.refresh });
+        session.token = got.token;
+        if (got.refresh_token) session.refresh = got.refresh_token;
+        return true;
+      } catch { session.refresh = ""; return false; } finally { renewing = null; }
+    })();
+  }
+  return renewing;
 }
 
 // Run a stream op; onEvent(event) per event. Resolves when the stream ends, rejects with an
@@ -122,8 +161,7 @@ async function call(op, args = {}, signal) {
 async function stream(op, args, onEvent, signal) {
   const res = await post("/api/stream", op, args, signal);
   if (!res.ok) {
-    const data = await res.json().catch(() => ({}));
-    if (res.status === 401) expired(data.error);
+    const data = await answer(res, signal);
     throw new ApiError(res.status, data.error);
   }
   const reader = res.body.getReader();
@@ -140,8 +178,8 @@ async function stream(op, args, onEvent, signal) {
       if (!line) continue;
       const msg = JSON.parse(line);
       if (msg.error) {
-        if (msg.error.status === 401) expired(msg.error);
-        throw new ApiError(msg.error.status || 500, msg.error);
+        if (msg.error.status === 401 && !(await renewed())) expired(msg.error);
+        throw new ApiError(msg.error.status || 500, msg.error);  // renewed: follow() reconnects
       }
       if ("event" in msg) onEvent(msg.event);
     }
@@ -174,7 +212,11 @@ class View {
   constructor(el) {
     this.el = el;
     this.ctl = new AbortController();
-    this.timers = [];
+    this.timers = new Set();
+  }
+  later(ms, fn) {
+    const t = setTimeout(() => { this.timers.delete(t); fn(); }, ms);
+    this.timers.add(t);
   }
   get signal() { return this.ctl.signal; }
   get live() { return !this.ctl.signal.aborted; }
@@ -183,21 +225,28 @@ class View {
     const tick = async () => {
       if (!this.live) return;
       try { await fn(); } catch (e) { if (e.name !== "AbortError") console.warn(e); }
-      if (this.live) this.timers.push(setTimeout(tick, ms));
+      if (this.live) this.later(ms, tick);
     };
-    this.timers.push(setTimeout(tick, ms));
+    this.later(ms, tick);
   }
-  // Follow a stream op; `onEvent` per event; reconnects after a drop (not after a denial).
+  // Follow a stream op; `onEvent` per event; reconnects after a drop or a renewed token, not
+  // after a denial: then `onError(e)`, by default a note under the page's title.
   follow(op, args, onEvent, onError) {
+    const stopped = onError || ((e) => {
+      const note = problem(e, `live updates stopped (${op})`);
+      const at = this.el && this.el.querySelector("h1");
+      if (at) at.after(note);
+    });
     const run = async (delay) => {
       while (this.live) {
         try {
           await stream(op, args, onEvent, this.signal);
         } catch (e) {
           if (e.name === "AbortError" || !this.live) return;
-          if (e.status && e.status !== 503 && e.status !== 0) { if (onError) onError(e); return; }
+          const again = !e.status || e.status === 503 || (e.status === 401 && session.token);
+          if (!again) { stopped(e); return; }
         }
-        await new Promise((r) => this.timers.push(setTimeout(r, delay)));
+        await new Promise((r) => this.later(delay, r));
       }
     };
     run(1000);
@@ -205,6 +254,7 @@ class View {
   close() {
     this.ctl.abort();
     for (const t of this.timers) clearTimeout(t);
+    this.timers.clear();
   }
 }
 
@@ -230,7 +280,7 @@ function table(columns, rows, rowAttrs) {
 }
 
 function tags(obj) {
-  return Object.entries(obj || {}).map(([k, v]) => h("span", { class: "tag" }, `${k}=${v}`));
+  return Object.entries(obj || {}).map(([k, v]) => h("span", { class: "tag" }, `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`));
 }
 
 // Login: an account and secret (auth.login), or a pasted token.
@@ -260,7 +310,9 @@ async function pageLogin(view) {
       msg.replaceChildren();
       try {
         const got = await call("auth.login", { id: account.value.trim(), secret: secret.value, namespace: session.namespace });
-        await done(got.token || got.access_token);
+        session.minted = true;
+        session.refresh = got.refresh_token || "";
+        await done(got.token);
       } catch (e) { msg.replaceChildren(problem(e)); }
     } },
     h("h2", {}, "Account"),
@@ -271,6 +323,8 @@ async function pageLogin(view) {
     onsubmit: async (ev) => {
       ev.preventDefault();
       msg.replaceChildren();
+      session.minted = false;
+      session.refresh = "";
       await done(pasted.value.trim());
     } },
     h("h2", {}, "Token"),
@@ -284,8 +338,9 @@ async function pageNodes(view) {
   const el = view.el;
   title(el, "Nodes");
   const status = h("p", { class: "muted", role: "status" });
+  const statsNote = h("div");
   const box = h("div");
-  el.append(status, box);
+  el.append(status, statsNote, box);
   let samples = {};
   const render = (members) => {
     const counts = {};
@@ -309,7 +364,8 @@ async function pageNodes(view) {
     try {
       const got = await view.call("debug.stats", {});
       samples = Object.fromEntries(got.nodes.map((n) => [n.node, n.sample || {}]));
-    } catch (e) { if (e.name !== "AbortError" && e.status === 403) status.after(problem(e, "node stats")); }
+      statsNote.replaceChildren();
+    } catch (e) { if (e.name !== "AbortError") statsNote.replaceChildren(problem(e, "versions, uptime and load of the nodes")); }
   };
   const soon = debounce(refresh, 100);
   view.follow("members.watch", {}, () => soon());  // first: no change is missed
@@ -460,9 +516,12 @@ function buildForm(schema) {
   const required = new Set((schema && schema.required) || []);
   const root = h("div");
   if (!props) return { root, fields, simple: false };
-  for (const [name, sub] of Object.entries(props)) {
+  for (const [name, described] of Object.entries(props)) {
+    const sub = described && typeof described === "object" ? described : {};
     const id = `field-${name}`;
-    const type = sub.type || (sub.anyOf ? "json" : "json");
+    // T | None: a field of T that may be left empty
+    const some = Array.isArray(sub.anyOf) ? sub.anyOf.filter((x) => x && x.type !== "null") : [];
+    const type = sub.type || (some.length === 1 && some[0].type ? some[0].type : "json");
     let input;
     if (type === "boolean") input = h("input", { type: "checkbox", id, name });
     else if (type === "integer") input = h("input", { type: "number", id, name, step: "1" });
@@ -477,6 +536,7 @@ function buildForm(schema) {
         let problemText = "";
         const raw = input.type === "checkbox" ? null : input.value;
         if (type === "boolean") { /* always valid */ }
+        else if (input.validity && input.validity.badInput) problemText = type === "integer" ? "a whole number" : "a number";
         else if (raw === "") { if (field.required) problemText = "required"; }
         else if (type === "integer" && !/^-?\d+$/.test(raw)) problemText = "a whole number";
         else if (type === "number" && !Number.isFinite(Number(raw))) problemText = "a number";
@@ -493,7 +553,7 @@ function buildForm(schema) {
         return !problemText;
       },
       value() {
-        if (type === "boolean") return input.checked;
+        if (type === "boolean") return field.required || field.touched ? input.checked : undefined;
         const raw = input.value;
         if (raw === "") return undefined;
         if (type === "integer") return parseInt(raw, 10);
@@ -507,7 +567,7 @@ function buildForm(schema) {
         else input.value = ["string", "integer", "number"].includes(type) ? String(v) : JSON.stringify(v);
       },
     };
-    input.addEventListener("input", () => field.check());
+    input.addEventListener("input", () => { field.touched = true; field.check(); });
     fields.push(field);
     root.append(h("div", { class: "field" },
       h("label", { for: id }, name, field.required ? " *" : "", h("span", { class: "hint" }, ` ${sub.type || "JSON"}`)), input, err));
@@ -544,7 +604,15 @@ async function pageCall(view, service, endpoint) {
   if (!form.simple) { rawToggle.checked = true; rawToggle.disabled = true; rawBox.hidden = false; raw.value = "{}"; }
   rawToggle.addEventListener("change", () => {
     if (rawToggle.checked) {
-      try { raw.value = fmt.json(values()); } catch { raw.value = "{}"; }
+      const out = {};
+      const left = [];  // fields holding something not valid: named, not silently dropped
+      for (const f of form.fields) {
+        if (!f.check()) { if (f.input.value) left.push(f.name); continue; }
+        const v = f.value();
+        if (v !== undefined) out[f.name] = v;
+      }
+      raw.value = fmt.json(out);
+      rawErr.textContent = left.length ? `left out, not valid: ${left.join(", ")}` : "";
       form.root.hidden = true; rawBox.hidden = false;
     } else {
       try { const v = JSON.parse(raw.value); for (const f of form.fields) f.set(v ? v[f.name] : undefined); } catch { /* keep the form */ }
@@ -640,8 +708,15 @@ async function pageTrace(view, id) {
     if (byId.has(s.parent_id)) { if (!children.has(s.parent_id)) children.set(s.parent_id, []); children.get(s.parent_id).push(s); } else roots.push(s);
   }
   const ordered = [];
-  const walk = (s, depth) => { ordered.push([s, depth]); for (const c of (children.get(s.span_id) || []).sort((a, b) => a.start - b.start)) walk(c, depth + 1); };
+  const seen = new Set();  // a span listed once, whatever parents a faulty node claims
+  const walk = (s, depth) => {
+    if (seen.has(s) || depth > 64) return;
+    seen.add(s);
+    ordered.push([s, depth]);
+    for (const c of (children.get(s.span_id) || []).sort((x, y) => x.start - y.start)) walk(c, depth + 1);
+  };
   for (const r of roots.sort((a, b) => a.start - b.start)) walk(r, 0);
+  for (const sp of spans) if (!seen.has(sp)) walk(sp, 0);  // parents in a loop: shown anyway
   box.append(h("p", { class: "muted" }, `${spans.length} spans on ${new Set(spans.map((s) => s.node)).size} nodes, ${fmt.ms(total)}`),
     h("table", { class: "waterfall" },
       h("thead", {}, h("tr", {}, ["Span", "Node", "Kind", "Duration", "Timeline"].map((c) => h("th", { scope: "col" }, c)))),
@@ -673,7 +748,7 @@ async function pageLogs(view) {
   const line = (r) => h("div", { class: "logline" },
     h("span", { class: "muted" }, fmt.time(r.time), " "), h("span", { class: `lvl-${r.level.toUpperCase()}` }, r.level.toUpperCase().padEnd(7)), " ",
     h("strong", {}, r.node), " ", r.service, r.instance ? `/${r.instance}` : "", ": ", r.message,
-    r.trace_id ? [" ", h("a", { href: `#/traces/${r.trace_id}` }, "trace")] : "");
+    TRACE_ID.test(r.trace_id || "") ? [" ", h("a", { href: `#/traces/${r.trace_id}` }, "trace")] : "");
   const add = (r) => {
     const stick = lines.scrollTop + lines.clientHeight >= lines.scrollHeight - 30;
     lines.append(line(r));
@@ -681,10 +756,11 @@ async function pageLogs(view) {
     if (stick) lines.scrollTop = lines.scrollHeight;
   };
   let sub = null;
+  view.signal.addEventListener("abort", () => sub && sub.close());
   const start = async () => {
     if (sub) sub.close();
-    sub = new View(null);
-    view.signal.addEventListener("abort", () => sub.close());
+    const mine = new View(null);  // this tail's requests; the next Follow closes it
+    sub = mine;
     const args = {};
     if (service.value.trim()) args.service = service.value.trim();
     if (level.value) args.level = level.value;
@@ -692,10 +768,16 @@ async function pageLogs(view) {
     lines.replaceChildren();
     state.textContent = "following";
     try {
-      const got = await sub.call("debug.logs", { ...args, limit: 200 });
+      const got = await mine.call("debug.logs", { ...args, limit: 200 });
+      if (!mine.live) return;
       for (const r of got.records) add(r);
-    } catch (e) { if (e.name !== "AbortError") { lines.replaceChildren(problem(e, "logs")); state.textContent = ""; return; } }
-    sub.follow("debug.logs.follow", args, add, (e) => { lines.append(problem(e, "live logs")); state.textContent = "stopped"; });
+      const silent = Object.keys(got.errors || {});
+      if (silent.length) lines.prepend(h("div", { class: "error" }, `not answering: ${silent.join(", ")}`));
+    } catch (e) {
+      if (e.name !== "AbortError" && mine.live) { lines.replaceChildren(problem(e, "logs")); state.textContent = ""; }
+      return;
+    }
+    mine.follow("debug.logs.follow", args, add, (e) => { lines.append(problem(e, "live logs")); state.textContent = "stopped"; });
   };
   start();
 }
@@ -798,28 +880,47 @@ async function pageStore(view) {
     const watch = h("input", { type: "checkbox", id: "store-watch" });
     const events = h("div", { id: "store-events" });
     const where = { database: db.value, table: tbl.value, key };
-    let kind = "text";  // how the value was written: "json", "text" or "binary"
-    const show = (v) => {
-      if (v === undefined || v === null) { area.value = ""; kind = "text"; return; }
-      if (typeof v === "object" && v.base64 !== undefined) { kind = "binary"; area.value = `binary, base64: ${v.base64}`; area.readOnly = true; return; }
-      if (typeof v !== "string") { kind = "json"; area.value = fmt.json(v); return; }
-      try { area.value = fmt.json(JSON.parse(v)); kind = "json"; } catch { area.value = v; kind = "text"; }
+    // what the key holds: "json" or "text" (edited here), "binary", "counter" or "set" (shown)
+    let kind = "text";
+    let row = null;
+    let dirty = false;  // edited and not saved: a watch event does not overwrite it
+    area.addEventListener("input", () => { dirty = true; });
+    const show = (r) => {
+      row = r;
+      dirty = false;
+      area.readOnly = false;
+      const v = r ? r.value : undefined;
+      if (r && v === undefined && (r.counter !== undefined || r.members)) {
+        kind = r.counter !== undefined ? "counter" : "set";
+        area.value = kind === "counter" ? `counter: ${r.counter}` : `set: ${JSON.stringify(r.members)}`;
+        area.readOnly = true;
+      } else if (v === undefined || v === null) { area.value = ""; kind = "text"; }
+      else if (typeof v === "object" && v.base64 !== undefined) { kind = "binary"; area.value = `binary, base64: ${v.base64}`; area.readOnly = true; }
+      else { try { area.value = fmt.json(JSON.parse(v)); kind = "json"; } catch { area.value = v; kind = "text"; } }
     };
     try {
       const rows = await view.call("store.read", where);
-      show(rows[0] ? (rows[0].value ?? (rows[0].counter !== undefined ? JSON.stringify(rows[0].counter) : rows[0].members ? JSON.stringify(rows[0].members) : null)) : null);
+      show(rows[0] || null);
     } catch (e) { note.replaceChildren(problem(e, `read ${key}`)); }
+    const save = async () => {
+      if (["binary", "counter", "set"].includes(kind)) { note.replaceChildren(h("span", { class: "error" }, `a ${kind} is not edited here`)); return; }
+      if (kind === "json") {
+        try { JSON.parse(area.value); } catch { note.replaceChildren(h("span", { class: "error" }, "the value is not valid JSON (it was JSON when read)")); return; }
+      }
+      const args = { ...where, value: area.value };
+      if (row && row.metadata && Object.keys(row.metadata).length) args.metadata = row.metadata;  // kept
+      if (row && row.expiry) {  // and so is the time it has left
+        const left = (row.expiry - Date.now()) / 1000;
+        if (left > 0) args.ttl = left;
+      }
+      try { show(await view.call("store.write", args)); note.replaceChildren(h("span", { class: "okmsg" }, "saved")); } catch (e) { note.replaceChildren(problem(e, "write")); }
+    };
     valueBox.replaceChildren(h("div", { class: "card" }, h("h2", {}, key),
       h("label", { for: "store-value" }, "Value"), area, note,
       h("div", { class: "row" },
-        h("button", { type: "button", onclick: async () => {
-          if (kind === "binary") { note.replaceChildren(h("span", { class: "error" }, "a binary value is not edited here")); return; }
-          if (kind === "json") {
-            try { JSON.parse(area.value); } catch { note.replaceChildren(h("span", { class: "error" }, "the value is not valid JSON (it was JSON when read)")); return; }
-          }
-          try { await view.call("store.write", { ...where, value: area.value }); note.replaceChildren(h("span", { class: "okmsg" }, "saved")); } catch (e) { note.replaceChildren(problem(e, "write")); }
-        } }, "Save"),
+        h("button", { type: "button", onclick: save }, "Save"),
         h("button", { type: "button", class: "secondary", onclick: async () => {
+          if (!confirm(`Delete ${key}?`)) return;
           try { await view.call("store.delete", where); note.replaceChildren(h("span", { class: "okmsg" }, "deleted")); search(); } catch (e) { note.replaceChildren(problem(e, "delete")); }
         } }, "Delete"),
         h("label", { for: "store-watch" }, watch, " Watch")), events));
@@ -830,8 +931,12 @@ async function pageStore(view) {
       view.signal.addEventListener("abort", () => watching && watching.close());
       watching.follow("store.watch", { database: where.database, table: where.table, prefix: key }, (ev) => {
         if (ev.key !== key) return;
-        events.prepend(h("div", { class: "logline" }, `${fmt.time(Date.now() / 1000)} ${ev.deleted ? "deleted" : "changed"}`, ev.record && typeof ev.record.value === "string" ? `: ${ev.record.value.slice(0, 200)}` : ""));
-        if (!ev.deleted && ev.record && ev.record.value !== undefined) show(ev.record.value);
+        const r = ev.record || {};
+        events.prepend(h("div", { class: "logline" }, `${fmt.time(Date.now() / 1000)} ${ev.deleted ? "deleted" : "changed"} (${ev.origin || "?"})`,
+          typeof r.value === "string" ? `: ${r.value.slice(0, 200)}` : ""));
+        if (ev.deleted) return;
+        if (dirty) note.replaceChildren(h("span", { class: "error" }, "changed on the mesh while you edit: Save overwrites it"));
+        else show(r);
       }, (e) => events.prepend(problem(e, "watch")));
     });
   };
@@ -904,6 +1009,7 @@ async function pageConfig(view) {
     h("div", { class: "row" }, h("button", { type: "submit" }, "Save"),
       h("button", { type: "button", class: "secondary", onclick: () => pick(path.value.trim()) }, "Load"),
       h("button", { type: "button", class: "secondary", onclick: async () => {
+        if (!confirm(`Delete ${path.value.trim()} and everything below it?`)) return;
         try { await view.call("config.del", { path: path.value.trim() }); note.replaceChildren(h("span", { class: "okmsg" }, "deleted")); loadTree(); loadHistory(path.value.trim()); } catch (e) { note.replaceChildren(problem(e, "delete")); }
       } }, "Delete"))), historyBox)));
   await loadTree();
@@ -976,15 +1082,15 @@ let current = null;
 
 function routeOf(hash) {
   const [path] = (hash || "").replace(/^#\/?/, "").split("?");
-  const parts = path.split("/").map((p) => decodeURIComponent(p));
-  return parts;
+  return path.split("/").map((p) => { try { return decodeURIComponent(p); } catch { return p; } });
 }
 
 async function render() {
   if (current) current.close();
   const main = document.getElementById("main");
   main.replaceChildren();
-  current = new View(main);
+  const view = new View(main);
+  current = view;
   const [page, a, b] = routeOf(location.hash);
   renderNav(page || "nodes");
   if (!session.token && page !== "login") { location.hash = "#/login"; return; }
@@ -1004,9 +1110,9 @@ async function render() {
     else if (page === "broker") await pageBroker(current);
     else if (page === "runtime") await pageRuntime(current);
     else { title(main, "Not found"); main.append(h("p", {}, "No such page. ", h("a", { href: "#/nodes" }, "Nodes"))); }
-    performance.mark(`meshd:ready:${page || "nodes"}`);  // its first answers are shown
+    if (current === view) performance.mark(`meshd:ready:${page || "nodes"}`);  // its first answers are shown
   } catch (e) {
-    if (e.name !== "AbortError") main.append(problem(e));
+    if (e.name !== "AbortError" && current === view) main.append(problem(e));
   }
 }
 
@@ -1034,11 +1140,18 @@ async function start() {
   const select = document.getElementById("namespace");
   select.addEventListener("change", () => { session.namespace = select.value; render(); });
   document.getElementById("logout").addEventListener("click", async () => {
-    const token = session.token;
+    if (current) current.close();  // nothing of the page runs on without a token
+    const token = session.token, minted = session.minted, refresh = session.refresh;
     session.token = "";
+    session.refresh = "";
+    session.minted = false;
     session.whoami = null;
-    if (token) { try { await call("auth.token.revoke", { token }); } catch { /* it may be expired already */ } }
-    location.hash = "#/login";
+    if (minted) {  // only what this page minted: a pasted token may be used elsewhere
+      for (const t of [token, refresh]) {
+        if (t) { try { await call("auth.token.revoke", { token: t }); } catch { /* expired already */ } }
+      }
+    }
+    if (location.hash === "#/login") render(); else location.hash = "#/login";
   });
   window.addEventListener("hashchange", () => {
     render();
