@@ -333,6 +333,27 @@ MUTATIONS = [
              "        if False:",
              ("tests/unit/gateway/test_routes_policy.py",),
              "a token's requests are not rate-limited"),
+    # -- the web dashboard (issue 17) --------------------------------------------------------
+    Mutation("web-any-host", "meshd/web/app.py",
+             "        self._check_host(headers, scope)\n",
+             "",
+             ("tests/unit/web/test_app.py",),
+             "the dashboard answers any Host (a rebound DNS name reads it)"),
+    Mutation("web-any-origin", "meshd/web/app.py",
+             '    if origin not in (b"http://" + host, b"https://" + host):',
+             "    if False:",
+             ("tests/unit/web/test_app.py",),
+             "another site's page may call the dashboard's API"),
+    Mutation("web-any-content-type", "meshd/web/app.py",
+             "        if kind != JSON:",
+             "        if False:",
+             ("tests/unit/web/test_app.py",),
+             "an HTML form of another site may post to the API (no preflight)"),
+    Mutation("web-stream-not-admitted", "meshd/web/app.py",
+             "                self.table.admit(op, args)\n                with self.slots.hold():",
+             "                with self.slots.hold():",
+             ("tests/unit/web/test_app.py",),
+             "a stream op runs without its caller being admitted"),
 ]
 
 

@@ -241,7 +241,8 @@ class Dashboard:
             raise bad_request("the body is not JSON", id=ID) from None
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
             raise bad_request('send {"op": NAME, "args": {...}}', id=ID)
-        args = req.get("args") or {}
+        args = req.get("args")
+        args = {} if args is None else args
         if not isinstance(args, dict):
             raise bad_request("args must be an object", id=ID)
         namespaces.check(args.get("namespace"))
