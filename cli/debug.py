@@ -58,13 +58,17 @@ def logs(service: str | None, follow: bool, since: str | None, node: str | None,
     args = {k: v for k, v in args.items() if v is not None}
     if since is not None:
         args["since"] = time.time() - parse_duration(since, "--since")
+    asked = time.time()
     found = client.call("debug.logs", limit=limit, **args)
     _missing(found["errors"])
     for r in found["records"]:
         line(json.dumps(r) if as_json else _record_line(r))
-    if follow:
+    if follow:  # from just after what was shown: nothing logged in between is lost
+        shown = found["records"]
+        after = shown[-1]["time"] + 1e-6 if shown else asked - 1.0
         client.stream("debug.logs.follow",
-                      lambda r: line(json.dumps(r) if as_json else _record_line(r)), **args)
+                      lambda r: line(json.dumps(r) if as_json else _record_line(r)),
+                      **{**args, "since": max(after, args.get("since", after))})
 
 
 def _ms(seconds: float) -> str:

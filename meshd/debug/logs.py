@@ -118,6 +118,18 @@ class LogBuffer:
         out.reverse()
         return out
 
+    def from_time(self, since: float, slack: float = 5.0) -> list[Record]:
+        """The records of time `since` or later (in arrival order: a record shipped by a
+        service may arrive up to `slack` seconds after a newer one)."""
+        out = []
+        for t in reversed(self._records):
+            if t[1] < since - slack:
+                break
+            if t[1] >= since:
+                out.append(_unpack(t))
+        out.reverse()
+        return out
+
     def records(self) -> list[Record]:
         return [_unpack(t) for t in self._records]
 

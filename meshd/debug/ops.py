@@ -53,7 +53,7 @@ class DebugOps:
 
     async def follow(self, args: dict[str, Any], emit: Emit) -> None:
         log_args({**args, "limit": 1})
-        remote = {k: v for k, v in args.items() if k in ("service", "level", "node")
+        remote = {k: v for k, v in args.items() if k in ("service", "level", "node", "since")
                   and v is not None}
         await self.debug.follow(remote, emit)
 

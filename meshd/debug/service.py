@@ -315,7 +315,8 @@ class DebugService:
     async def follow(self, args: dict[str, Any],
                      emit: Callable[[Any], Awaitable[None]]) -> None:
         """Every live member's new log records (and this node's), as they come, until the
-        caller goes. A member's batches are checked as its answers are; one that sends
+        caller goes; with `since`, first those each node holds from that time on. A member's
+        batches are checked as its answers are; one that sends
         nonsense stops being followed, the others go on."""
         a = log_args({**args, "limit": 1})
         send, receive = trio.open_memory_channel[list[dict[str, Any]]](64)
@@ -352,6 +353,12 @@ class DebugService:
                             out: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> None:
         bufs = (self.own_logs, self.logs)
         seqs = [buf.seq for buf in bufs]
+        if a["since"] is not None:  # first what came since then (no gap after a query)
+            held = [r for buf in bufs for r in buf.from_time(a["since"])
+                    if logmod.matches(r, a["service"], a["level"], a["since"], a["node"])]
+            if held:
+                held.sort(key=lambda r: r["time"])
+                await out(held[-MAX_RECORDS:])
         while True:
             event = trio.Event()
             for buf in bufs:

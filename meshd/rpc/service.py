@@ -464,6 +464,18 @@ class RpcService:
                     slots.release()
                     return  # in-flight calls finish in the nursery; nothing escapes it
                 nursery.start_soon(serve, data)
+                # the other calls that came with it start now too, so their writes to the
+                # services go out together (call_local queues them for the flusher)
+                while True:
+                    try:
+                        slots.acquire_nowait()
+                    except trio.WouldBlock:
+                        break
+                    more = ch.receive_ready()
+                    if more is None:
+                        slots.release()
+                        break
+                    nursery.start_soon(serve, more)
 
     async def _serve_one(self, ch: Channel, data: bytes) -> None:
         rid = None
@@ -677,9 +689,12 @@ async def call_local(local: LocalInstance, endpoint: str, body: Any, meta: dict[
     local.pending[cid] = send
     try:
         try:
-            await local.conn.send({"call": cid, "endpoint": endpoint, "body": body,
-                                   "meta": meta,
-                                   "timeout": max(0.0, deadline - trio.current_time())})
+            item = {"call": cid, "endpoint": endpoint, "body": body, "meta": meta,
+                    "timeout": max(0.0, deadline - trio.current_time())}
+            # queued for the session's flusher when it has one: calls started together
+            # (a link's group of frames: RpcService._serve_channel) leave in one write
+            if not local.conn.send_nowait(item):
+                await local.conn.send(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise NotDelivered("the service process is gone") from None
         reply = await recv.receive()

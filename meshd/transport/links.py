@@ -18,6 +18,11 @@ Rules:
   it waits for WINDOW frames beyond that. A peer that overruns the window is dropped. So one
   busy channel cannot make a link buffer without bound, and a slow reader slows its writer.
 - Messages larger than a frame are split into DATA parts and a final END part.
+- Writes: frames sent while a write is under way leave together in the next write (one
+  system call for many calls' frames); a write is shielded from its caller's cancellation
+  (a sealed frame never sent would break the nonce sequence) and bounded by SEND_STALL (a
+  peer that reads nothing that long loses the link). A reader takes the messages a group of
+  frames brought without yielding with `Channel.receive_ready`.
 - One link per peer address: a link dialed while another is being set up waits for it; if
   both sides dial at once, the link dialed by the lower node id is kept and the other stops
   taking new channels and closes once idle; a newer link dialed by the same side replaces
@@ -261,6 +266,7 @@ class Channel:
         self._closed_local = False
         self._closed_remote = False
         self._send_lock = trio.Lock()
+        self._stash: tuple[int, bytes] | None = None  # taken by receive_ready, not a message
 
     @property
     def peer_id(self) -> str:
@@ -340,13 +346,40 @@ class Channel:
             raise ChannelClosed(f"link to {self.link.peer_addr} closed")
         self._send_window -= n
 
+    def receive_ready(self) -> bytes | None:
+        """The next message if it is already here, whole in one frame; else None (then
+        `receive`). A reader takes the messages a group of frames brought without yielding
+        between them (the calls of one link write start together, and their own writes go
+        out together). The window it frees is granted by the next `receive`."""
+        if self._stash is not None:
+            return None
+        try:
+            item = self._in.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        ftype, payload = item
+        if ftype != END:
+            self._stash = item  # a close, or the first part of a long message: receive's
+            return None
+        cost = max(len(payload), MIN_FRAME_COST)
+        self._buffered -= cost
+        self.link._release(cost)
+        self._consumed += cost
+        return payload
+
     async def receive(self) -> bytes:
         parts: list[bytes] = []
         size = 0
         link = self.link
         try:
+            if self._consumed >= WINDOW_BYTES // 4 and not link.closed:  # receive_ready's
+                grant, self._consumed = self._consumed, 0
+                await link._send(WINDOW, self.id, grant.to_bytes(4, "big"))
             while True:
-                ftype, payload = await self._in.receive()
+                if self._stash is not None:
+                    (ftype, payload), self._stash = self._stash, None
+                else:
+                    ftype, payload = await self._in.receive()
                 if ftype == CLOSE:
                     self._in_send.send_nowait((CLOSE, b""))  # stay closed for later calls
                     raise ChannelClosed("peer closed the channel")

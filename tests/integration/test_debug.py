@@ -17,7 +17,7 @@ from meshd.secure.keyring import parse_secret
 from sdk import Client
 
 from .attacks import RoguePeer
-from .cluster import control, wait_for
+from .cluster import control, control_stream, wait_for
 from .test_broker import FAST, cli, ready, sees, sock
 from .test_tunnel import free_port
 
@@ -79,6 +79,20 @@ def test_a_service_log_line_on_a_is_read_and_followed_from_c(cluster):
     finally:
         proc.terminate()
         proc.wait(5)
+    # a follow with `since` first gives what every node holds from then on, so a line
+    # logged between a query and the follow is not lost (`logs -f` follows from just after
+    # the last line it printed)
+    before = time.time() - 0.001
+    gap = f"gap-{os.getpid()}"
+    call(b, "Test.Log", gap)
+    wait_for(lambda: any(r["message"] == gap for r in logged(c, "testsvc")), 10, "the gap line")
+
+    async def replayed() -> None:
+        async with control_stream(c.data_dir, "debug.logs.follow", service="testsvc",
+                                  since=before) as events:
+            ev = await events.next(lambda r: r["message"] == gap, 10, "the gap line again")
+            assert ev["node"] == "a"
+    trio.run(replayed)
 
 
 def test_errors_counted_and_traces_gathered_from_every_node(cluster):

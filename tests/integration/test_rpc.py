@@ -81,7 +81,7 @@ def test_greeter_on_a_called_from_b_and_c_by_cli_and_sdk(cluster):
     assert ep["response"]["properties"] == {"msg": {"type": "string"}}
     services = json.loads(cli(b, "services", "--json").stdout)
     assert services == [{"name": "greeter", "instances": 1, "nodes": ["a"],
-                         "versions": ["1.0.0"], "namespace": "default"}]
+                         "versions": ["1.0.0"], "namespace": "default", "tags": []}]
     health = json.loads(cli(b, "health", "greeter", "--json").stdout)
     assert [h["status"] for h in health] == ["ok"]
 

@@ -767,17 +767,21 @@ async function pageLogs(view) {
     if (node.value.trim()) args.node = node.value.trim();
     lines.replaceChildren();
     state.textContent = "following";
+    const asked = Date.now() / 1000;
+    let after = asked - 1;  // the tail goes on from just after what was shown: no gap
     try {
       const got = await mine.call("debug.logs", { ...args, limit: 200 });
       if (!mine.live) return;
       for (const r of got.records) add(r);
+      if (got.records.length) after = got.records[got.records.length - 1].time + 1e-6;
       const silent = Object.keys(got.errors || {});
       if (silent.length) lines.prepend(h("div", { class: "error" }, `not answering: ${silent.join(", ")}`));
     } catch (e) {
       if (e.name !== "AbortError" && mine.live) { lines.replaceChildren(problem(e, "logs")); state.textContent = ""; }
       return;
     }
-    mine.follow("debug.logs.follow", args, add, (e) => { lines.append(problem(e, "live logs")); state.textContent = "stopped"; });
+    const live = { ...args, since: after };  // moved on as lines come: a reconnect resumes
+    mine.follow("debug.logs.follow", live, (r) => { add(r); live.since = Math.max(live.since, r.time + 1e-6); }, (e) => { lines.append(problem(e, "live logs")); state.textContent = "stopped"; });
   };
   start();
 }

@@ -135,3 +135,40 @@ async def test_garbage_on_the_stream_is_dropped_node_keeps_serving():
             await ch.send(b"still here")
             assert await ch.receive() == b"still here"
         nursery.cancel_scope.cancel()
+
+
+async def test_receive_ready_takes_what_is_here_and_leaves_the_rest_to_receive():
+    """Messages already here come off the channel without waiting; a long message (several
+    frames) or a close is left whole for receive(), and the window freed meanwhile is granted
+    back, so a peer sending past a window's worth is never stuck."""
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(nursery=nursery)
+        got: list[bytes] = []
+        done = trio.Event()
+
+        async def drain(ch: Channel) -> None:
+            try:
+                while True:
+                    got.append(await ch.receive())
+                    while (more := ch.receive_ready()) is not None:
+                        got.append(more)
+            except Exception:
+                done.set()
+                raise
+
+        b.handlers["drain"] = drain
+        big = os.urandom(300 * 1024)  # several frames
+        async with await a.open_channel(b.advertise, "drain") as ch:
+            sent = [os.urandom(1000) for _ in range(6000)]  # past one window's worth (4 MiB)
+            with trio.fail_after(20):
+                for m in sent[:3000]:
+                    await ch.send(m)
+                await ch.send(big)
+                for m in sent[3000:]:
+                    await ch.send(m)
+                while len(got) < 6001:
+                    await trio.sleep(0.01)
+        assert got == [*sent[:3000], big, *sent[3000:]]
+        with trio.fail_after(5):
+            await done.wait()  # the close reached receive(), which raised ChannelClosed
+        nursery.cancel_scope.cancel()
