@@ -10,15 +10,21 @@ from __future__ import annotations
 from cli.output import fail
 
 
-def parse_meta(meta: tuple[str, ...]) -> dict[str, str]:
-    """--meta K=V items as a map; one without "=" is a "400 bad request" line."""
-    metadata = {}
-    for item in meta:
+def parse_pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
+    """Repeated `flag K=V` items as a map; one without "=" or a key is a "400 bad request"
+    line."""
+    out = {}
+    for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            fail(f"400 bad request: --meta {item!r} must look like key=value")
-        metadata[key] = value
-    return metadata
+        if not sep or not key:
+            fail(f"400 bad request: {flag} {item!r} must look like key=value")
+        out[key] = value
+    return out
+
+
+def parse_meta(meta: tuple[str, ...]) -> dict[str, str]:
+    """--meta K=V items as a map."""
+    return parse_pairs(meta, "--meta")
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from cli.args import parse_duration
+from cli.args import parse_duration, parse_pairs
 from cli.client import Client, client_options, namespace_option, run
 from cli.output import fail, json_option, line, print_table, show_lines
 
@@ -36,16 +36,6 @@ def _parse_body(body: str | None) -> Any:
     except json.JSONDecodeError as exc:
         fail(f"400 bad request: BODY is not valid JSON: {exc.msg} at line {exc.lineno} "
              f"column {exc.colno} (strings need quotes: '\"text\"')")
-
-
-def _headers(items: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            fail(f"400 bad request: --header {item!r} must look like key=value")
-        out[key] = value
-    return out
 
 
 @click.command("publish")
@@ -66,7 +56,7 @@ def publish(topic: str, body: str | None, headers: tuple[str, ...], delay: str |
             msg_id: str | None, trace: bool, namespace: str | None, client: Client,
             as_json: bool) -> None:
     """Publish BODY (JSON; stdin without it) on TOPIC."""
-    hdrs = _headers(headers)
+    hdrs = parse_pairs(headers, "--header")
     trace_id = ""
     if trace:
         trace_id = os.urandom(16).hex()

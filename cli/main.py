@@ -31,6 +31,7 @@ from cli import (
     namespaces,
     network,
     nodes,
+    runtime,
     services,
     store,
     tunnel,
@@ -72,7 +73,7 @@ def version_cmd(as_json: bool) -> None:
 def _register(group: click.Group) -> None:
     """Each module's COMMANDS on the root group (the help lists them by name)."""
     for module in (daemon, members, services, namespaces, store, config, broker, debug,
-                   auth, network, tunnel, nodes, env):
+                   auth, network, tunnel, nodes, env, runtime):
         for command in module.COMMANDS:
             group.add_command(command)
 

@@ -56,6 +56,8 @@ from .routing.service import RoutingService
 from .rpc.ops import RpcOps
 from .rpc.service import RpcService
 from .rpc.streams import StreamService
+from .runtime.ops import RuntimeOps
+from .runtime.service import RuntimeService
 from .secure.keyops import KeyringOps
 from .secure.keyring import Keyring, KeyringError, new_secret
 from .settings import Settings
@@ -250,6 +252,11 @@ class Node:
         self.evictor = Evictor(self.auth, self.core, self.membership, self.links)
         self.membership.accept_sender = self.evictor.accept_sender
         self.routing = RoutingService(self.core, self.store, measure=self.membership.measure)
+        self.runtime = RuntimeService(
+            self.name, self.store, self.core, self.data_dir, socket_path(self.data_dir),
+            self.debug.take_logs, self.auth.service_token, s.runtime.grace,
+            s.runtime.stop_timeout)
+        self.membership.listeners.append(self.runtime.wake)
         self.links.my_name = self.name
         self.links.route = self._relay_route
         self.links.next_hop_for = self._next_hop_addr
@@ -310,6 +317,7 @@ class Node:
                 await nursery.start(self.evictor.run)
                 nursery.start_soon(self._watch_signals)
                 await self._initial_join()
+                await nursery.start(self.runtime.run)
                 if self._first_node and not self.auth.bootstrapped() \
                         and not self.auth.root_fingerprint:  # a given root: it joins later
                     # the first node of a cluster sets auth up (once: it is replicated)
@@ -340,6 +348,7 @@ class Node:
                 RpcOps(self.rpc, self.streams, s.rpc.default_timeout),
                 store_ops,
                 BrokerOps(self.broker, self.durable, self.auth, self.name),
+                RuntimeOps(self.runtime, self.auth, self.name, self.auth_ops.require_admin),
                 DebugOps(self.debug),
                 self.tunnels, self.auth_ops):
             table.add(component.ops())
@@ -353,7 +362,7 @@ class Node:
                 **self.broker.stats, **self.broker.interest.stats, **self.durable.stats,
                 **self.durable.origin.stats, **self.rpc.stats, **self.debug.stats,
                 **getattr(self, "otlp_stats", {}), **self.metrics_stats, **self.api_stats,
-                **self.web_stats,
+                **self.web_stats, **self.runtime.stats,
                 **self.upstream.stats,
                 "suspicions": self.core.suspicions, "refutations": self.core.refutations,
                 "broker_pending": sum(len(c.pending) for c in

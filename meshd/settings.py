@@ -393,6 +393,16 @@ class WebSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RuntimeSettings:
+    """The runtime: managed services run from source (docs/runtime.md)."""
+
+    # A replica on a node that membership says is dead is placed elsewhere after this.
+    grace: float = 30.0
+    # Stopping a replica: SIGTERM to its process group, SIGKILL after this.
+    stop_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole settings tree of a node."""
 
@@ -406,10 +416,12 @@ class Settings:
     debug: DebugSettings = field(default_factory=DebugSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
 
 # The tables of a settings file (and MESHD_<SECTION>_<KEY> in the environment) besides [node].
-SECTIONS = ("membership", "limits", "rpc", "store", "broker", "debug", "api", "web")
+SECTIONS = ("membership", "limits", "rpc", "store", "broker", "debug", "api", "web",
+            "runtime")
 
 _NODE_ENV = {"name", "bind", "advertise", "data_dir", "join", "tags", "secret_file",
              "log_level", "ws_listen", "proxy_listen", "tls_cert", "tls_key", "auth_root"}
@@ -469,6 +481,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
     node, membership, limits = NodeSettings(), membership_profile(profile), LimitsSettings()
     rpc, store, broker = RpcSettings(), StoreSettings(), BrokerSettings()
     debug, api, web = DebugSettings(), ApiSettings(), WebSettings()
+    runtime = RuntimeSettings()
     for lay in layers:
         node = _replace_checked(node, lay.get("node", {}), "node")
         membership = _replace_checked(membership, lay.get("membership", {}), "membership")
@@ -479,6 +492,7 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
         debug = _replace_checked(debug, lay.get("debug", {}), "debug")
         api = _replace_checked(api, lay.get("api", {}), "api")
         web = _replace_checked(web, lay.get("web", {}), "web")
+        runtime = _replace_checked(runtime, lay.get("runtime", {}), "runtime")
     if limits.max_remote_streams < 1:
         raise SettingsError("limits.max_remote_streams must be at least 1")
     if rpc.selector not in ("random", "roundrobin", "nearest"):
@@ -507,7 +521,10 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
             or min(web.timeout, web.read_timeout, web.keep_alive) <= 0:
         raise SettingsError("web: max_body_bytes, max_header_bytes and max_streams must be at "
                             "least 1, the timeouts above 0")
-    return Settings(profile, node, membership, limits, rpc, store, broker, debug, api, web)
+    if runtime.grace < 0 or runtime.stop_timeout <= 0:
+        raise SettingsError("runtime: grace must be 0 or more, stop_timeout above 0")
+    return Settings(profile, node, membership, limits, rpc, store, broker, debug, api, web,
+                    runtime)
 
 
 class SettingsError(ValueError):

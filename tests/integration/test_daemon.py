@@ -210,7 +210,7 @@ def test_print_settings_layers(tmp_path):
 
     shown = tomllib.loads(text.stdout)
     assert set(shown) == {"profile", "node", "membership", "limits", "rpc", "store", "broker",
-                          "debug", "api", "web"}
+                          "debug", "api", "web", "runtime"}
     assert shown["debug"]["trace_sample"] == 0.5 and shown["broker"] == s["broker"]
     bad = subprocess.run([sys.executable, "-m", "cli", "up", "--print-settings"],
                          env={**os.environ, "MESHD_MEMBERSHIP_PROBE_INTERVAL": "soon"},

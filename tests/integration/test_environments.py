@@ -48,6 +48,7 @@ TUNNEL = "test_tunnel_through_the_environment"
 REFUSALS = "test_refusals_through_the_environment"
 BROKER = "test_broker_through_the_environment"
 DEBUG = "test_debug_through_the_environment"
+RUNTIME = "test_runtime_through_the_environment"
 
 # Commands that work through an environment as they do locally, and the test that runs
 # each through `prod` (with --json where the command has it) and checks its result.
@@ -71,6 +72,7 @@ THROUGH: dict[str, str] = {
     "topics delete": BROKER,
     "logs": DEBUG, "stats": DEBUG, "trace": DEBUG, "traces": DEBUG,
     "auth login": REFUSALS,
+    "run": RUNTIME, "ps": RUNTIME, "update": RUNTIME, "kill": RUNTIME,
 }
 
 # Commands for the node's operator: through an environment, the op is refused with 403.
@@ -695,3 +697,25 @@ async def test_sdk_client_env_calls_through_the_environment(mesh, monkeypatch):
     async with Client(env="prod") as client:
         assert await client.call("testsvc", "Test.Caller", {"text": ""}) == {"text": "ops"}
         assert await client.call("testsvc", "Test.Echo", {"text": "sdk"}) == {"text": "sdk"}
+
+
+def test_runtime_through_the_environment(mesh, laptop):
+    """A managed service run, listed, updated and killed through prod, as on the node."""
+    command = f"{sys.executable} -c 'import time; time.sleep(300)'"
+    r = laptop.ok("run", "module:json", "--name", "envrt", "--command", command, "--json")
+    assert (r["name"], r["version"], r["source"]) == ("envrt", 1, "module:json")
+
+    def state(version: int) -> bool:
+        rows = laptop.ok("ps", "envrt", "--json")["replicas"]
+        return len(rows) == 1 and rows[0]["state"] == "running" and \
+            rows[0]["version"] == version and rows[0]["pid"] > 0
+    wait_for(lambda: state(1), 30, "envrt running")
+    def listed(rows: dict) -> dict:
+        return {**rows, "replicas": [{k: v for k, v in r.items() if k != "uptime"}
+                                     for r in rows["replicas"]]}  # uptime: as of each ask
+    assert listed(laptop.ok("ps", "--json")) == listed(laptop.on_node("ps", "--json"))
+    assert laptop.ok("update", "envrt", "--json")["version"] == 2
+    wait_for(lambda: state(2), 30, "envrt's version 2 running")
+    assert laptop.ok("kill", "envrt", "--json")["killed"] == "envrt"
+    wait_for(lambda: laptop.ok("ps", "--json")["replicas"] == [], 30, "envrt gone")
+    laptop.drove_its_commands()

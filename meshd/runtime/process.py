@@ -1,0 +1,279 @@
+"""One replica placed on this node, as a process: prepared, started, watched, restarted by
+its policy, stopped without leaving anything behind.
+
+Theory of operation: `Replica.run()` is the replica's whole life, in a task the runtime's
+nursery owns: prepare the source (sources.py), then start the process and wait for it to end,
+and ask restart.py what next (restart after a backoff, stay exited, or `failed`). Every state
+change is reported (`report`), so `meshd ps` shows it. Cancelling the task stops the replica:
+the process group gets SIGTERM, then SIGKILL after `stop_timeout`.
+
+Rules:
+- The process leads its own process group (a new session): stopping it signals the group, so
+  what it started goes too; no orphan survives the replica.
+- Its stdout and stderr become log records of the replica (service = the spec's name,
+  instance = `NAME-SLOT`; stdout at info, stderr at warning), lines cut at MAX_LINE, so
+  `meshd logs NAME` shows what it printed and how it crashed.
+- Limits from the spec: memory (RLIMIT_AS) and CPU seconds (RLIMIT_CPU), set in the child
+  before it runs.
+- The environment: this Python's, the spec's, then MESHD_* set by the runtime (the node's
+  control socket, the service's token, namespace, replica), which the spec cannot override.
+- A source that cannot be prepared, or a command that cannot be started, is `failed` with
+  the reason until the spec changes; the replica task then waits (the runtime replaces it
+  when the spec's version changes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import resource
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import trio
+
+from .restart import Restarts
+from .sources import SourceError, Sources
+from .spec import Spec
+
+MAX_LINE = 8192
+Logs = Callable[[str, str, list[dict[str, Any]]], Any]  # (service, instance, records)
+Environ = Callable[[Spec, str], Awaitable[dict[str, str]]]
+
+
+@dataclass(frozen=True)
+class State:
+    spec: str
+    slot: str
+    node: str
+    version: int
+    state: str  # preparing, starting, running, restarting, exited, crashed, failed, stopped
+    pid: int = 0
+    restarts: int = 0
+    started: float = 0.0  # unix time of the current process's start
+    reason: str = ""
+    revision: str = ""
+
+    def to_row(self) -> dict[str, Any]:
+        return {"name": self.spec, "slot": self.slot, "node": self.node,
+                "version": self.version, "state": self.state, "pid": self.pid,
+                "restarts": self.restarts, "started": self.started, "reason": self.reason,
+                "revision": self.revision}
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(memory_mb: int, cpu_seconds: int) -> Callable[[], None]:
+    """What the child does before it runs the command: die with the daemon (SIGKILL when
+    the thread that started it, the daemon's only one, ends: even on kill -9), and take the
+    spec's limits."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def apply() -> None:  # in the child, before exec
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if memory_mb:
+            size = memory_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (size, size))
+        if cpu_seconds:
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 5))
+    return apply
+
+
+class _Child:
+    """A process started from the daemon's own thread (so the parent-death signal follows
+    the daemon, not a worker thread), its output pipes as trio streams, its exit awaited on
+    a pidfd (polled where there is none)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdout: Any, stderr: Any) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.stdout = stdout
+        self.stderr = stderr
+        self.returncode: int | None = None
+
+    @classmethod
+    def start(cls, argv: list[str], cwd: Any, env: dict[str, str],
+              setup: Callable[[], None]) -> _Child:
+        r_out, w_out = os.pipe()
+        r_err, w_err = os.pipe()
+        try:
+            popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=w_out, stderr=w_err, start_new_session=True,
+                                     preexec_fn=setup, close_fds=True)
+        except BaseException:
+            for fd in (r_out, r_err):
+                os.close(fd)
+            raise
+        finally:
+            os.close(w_out)
+            os.close(w_err)
+        return cls(popen, trio.lowlevel.FdStream(r_out), trio.lowlevel.FdStream(r_err))
+
+    async def wait(self) -> int:
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            fd = -1
+        try:
+            while self.popen.poll() is None:
+                if fd >= 0:
+                    await trio.lowlevel.wait_readable(fd)
+                else:
+                    await trio.sleep(0.05)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        self.returncode = self.popen.returncode
+        return self.returncode
+
+
+class Replica:
+    def __init__(self, spec: Spec, slot: str, node: str, sources: Sources, environ: Environ,
+                 logs: Logs, report: Callable[[State], None], stop_timeout: float = 10.0,
+                 rng: random.Random | None = None) -> None:
+        self.spec = spec
+        self.slot = slot
+        self.instance = f"{spec.name}-{slot}"
+        self.sources = sources
+        self.environ = environ
+        self.logs = logs
+        self.report = report
+        self.stop_timeout = stop_timeout
+        self.restarts = Restarts(spec.restart, rng or random.Random())
+        self.state = State(spec.name, slot, node, spec.version, "preparing")
+        self.process: _Child | None = None
+
+    def _set(self, **changes: Any) -> None:
+        self.state = replace(self.state, restarts=self.restarts.count, **changes)
+        self.report(self.state)
+
+    async def run(self) -> None:
+        """The replica's life; returns when it will not run again (exited by policy, or
+        failed: it then waits to be cancelled); stops the process when cancelled."""
+        self._set(state="preparing")
+        try:
+            ready = await self.sources.prepare(self.spec)
+        except SourceError as exc:
+            self._set(state="failed", reason=str(exc))
+            self._log("error", f"cannot prepare {self.spec.source}: {exc}")
+            return
+        self.state = replace(self.state, revision=ready.revision)
+        while True:
+            now = time.monotonic()
+            self.restarts.started(now)
+            try:
+                code, ran = await self._run_once(ready.argv, ready.cwd)
+            except OSError as exc:
+                self._set(state="failed", pid=0, reason=f"cannot start "
+                          f"{' '.join(ready.argv)}: {exc.strerror or exc}")
+                self._log("error", self.state.reason)
+                return
+            decision = self.restarts.exited(code, ran, time.monotonic())
+            self._log("warning" if code else "info",
+                      f"{self.instance} ended ({decision.reason}); {decision.state}"
+                      + (f" in {decision.delay:.2f} s" if decision.action == "restart"
+                         else ""))
+            if decision.action != "restart":
+                self._set(state=decision.state, pid=0, reason=decision.reason)
+                return
+            self._set(state="restarting", pid=0, reason=decision.reason)
+            await trio.sleep(decision.delay)
+
+    async def _run_once(self, argv: tuple[str, ...], cwd: os.PathLike[str]
+                        ) -> tuple[int | None, float]:
+        """Start the process, forward its output, wait for it; (exit code or None for a
+        signal, seconds it ran). Cancelled: the process group is stopped first."""
+        env = {**os.environ, **self.spec.env, **await self.environ(self.spec, self.slot)}
+        self._set(state="starting")
+        proc = _Child.start(list(argv), cwd, env,
+                            _child_setup(self.spec.memory_mb, self.spec.cpu_seconds))
+        self.process = proc
+        t0 = time.monotonic()
+        self._set(state="running", pid=proc.pid, started=time.time(), reason="")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._forward, proc.stdout, "info", "stdout")
+                nursery.start_soon(self._forward, proc.stderr, "warning", "stderr")
+                try:
+                    await proc.wait()
+                finally:  # the group goes too, so nothing holds its pipes open
+                    with trio.CancelScope(shield=True):
+                        await self._stop(proc)
+                nursery.cancel_scope.deadline = trio.current_time() + 1.0  # the last lines
+        finally:
+            self.process = None
+            with trio.CancelScope(shield=True):
+                for stream in (proc.stdout, proc.stderr):
+                    await stream.aclose()
+        code = proc.returncode
+        return (code if code is not None and code >= 0 else None), time.monotonic() - t0
+
+    async def _stop(self, proc: _Child) -> None:
+        """SIGTERM to the process group, SIGKILL after stop_timeout; also when the leader is
+        gone already (what it started goes too)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with trio.move_on_after(self.stop_timeout):
+            await proc.wait()
+            # the leader is gone: give the rest of its group the same chance
+            while group_alive(proc.pid):
+                await trio.sleep(0.05)
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+    async def _forward(self, stream: Any, level: str, name: str) -> None:
+        buf = b""
+        async for chunk in stream:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            if len(buf) > MAX_LINE:
+                lines.append(buf[:MAX_LINE])
+                buf = b""
+            if lines:
+                self.logs(self.spec.name, self.instance, [
+                    {"message": line[:MAX_LINE].decode("utf-8", "replace").rstrip("\r"),
+                     "level": level, "fields": {"stream": name}} for line in lines])
+        if buf:
+            self.logs(self.spec.name, self.instance, [
+                {"message": buf.decode("utf-8", "replace"), "level": level,
+                 "fields": {"stream": name}}])
+
+    def _log(self, level: str, message: str) -> None:
+        self.logs(self.spec.name, self.instance,
+                  [{"message": message, "level": level, "fields": {"stream": "runtime"}}])
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (a zombie waiting for its parent to
+    reap it runs nothing and does not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True  # no /proc: the signal check is all there is
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False

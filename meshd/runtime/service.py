@@ -1,0 +1,258 @@
+"""The runtime on one node: reads the specs and placement from the store, places replicas
+when it is the coordinator, and runs the replicas placed on this node (trio shell).
+
+Theory of operation:
+- The store's system database "runtime" holds, per namespace, the specs (`specs`, key
+  `NS/NAME`), where each replica is placed (`placement`, key `NS/NAME/SLOT`) and how each
+  replica is doing (`status`, key `NS/NAME/SLOT`, written by the node that runs it). All
+  three replicate like every table, so every node sees the same desired state and a spec
+  changed anywhere takes effect everywhere.
+- Reconcile (on start, on every change of that database, on every membership event, and every
+  RECONCILE seconds): the coordinator (placement.coordinator: the alive member with the
+  lowest name) computes placement.plan and writes the changes; every node then starts a
+  `Replica` (process.py) for each slot placed on it and stops those no longer placed on it or
+  whose spec changed version (replaced by the new version's).
+- Stopping the runtime (the daemon stopping) cancels every replica: each process group is
+  stopped; none outlives the daemon.
+
+Rules:
+- Only this module writes the runtime database (a user reaches it through the runtime ops,
+  checked for runtime:NAME); a record that does not parse is logged and skipped.
+- A replica's state changes are written to `status` (its row is deleted when the replica
+  is no longer this node's), so `meshd ps` on any node shows every replica.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshd.errors import MeshError
+from meshd.membership.messages import STATE_NAMES
+
+from . import placement as pl
+from .process import Replica, State
+from .sources import Sources
+from .spec import Spec, parse_spec
+
+log = logging.getLogger("meshd.runtime")
+
+DB = "runtime"
+SPECS, PLACEMENT, STATUS = "specs", "placement", "status"
+RECONCILE = 5.0  # seconds between reconciles when nothing changes
+
+
+class RuntimeService:
+    def __init__(self, node: str, store: Any, core: Any, data_dir: Path, socket: Path,
+                 logs: Callable[[str, str, list[dict[str, Any]]], Any],
+                 service_token: Callable[[str, str], Any] | None = None,
+                 grace: float = 30.0, stop_timeout: float = 10.0) -> None:
+        self.node = node
+        self.store = store
+        self.core = core
+        self.sources = Sources(data_dir / "runtime")
+        self.socket = socket
+        self.logs = logs
+        self.service_token = service_token
+        self.grace = grace
+        self.stop_timeout = stop_timeout
+        self.down_since: dict[str, float] = {}
+        self.running: dict[tuple[str, str, str], tuple[int, trio.CancelScope]] = {}
+        self.stats = {"runtime_replicas": 0, "runtime_starts": 0, "runtime_reconciles": 0}
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._status: dict[str, dict[str, Any]] = {}  # rows to write, latest per replica
+        self._status_due = trio.Event()
+
+    # --- the store's tables ----------------------------------------------------------------
+
+    def rows(self, table: str, prefix: str = "") -> dict[str, Any]:
+        """The JSON records of one of the runtime's tables, by key."""
+        from meshd.store.state import view
+        now = int(time.time() * 1000)
+        out = {}
+        for key, state in self.store.rep.state.read(DB, table, now, prefix=prefix or None):
+            raw = view(key, state, now).get("value")
+            if raw is None:
+                continue
+            try:
+                out[key] = json.loads(raw)
+            except (ValueError, TypeError):
+                log.warning("runtime %s record %r is not JSON: skipped", table, key)
+        return out
+
+    async def put(self, table: str, key: str, value: Any) -> None:
+        await self.store.write({"database": DB, "table": table, "key": key,
+                                "value": json.dumps(value).encode()})
+
+    async def drop(self, table: str, key: str) -> None:
+        try:
+            await self.store.delete({"database": DB, "table": table, "key": key})
+        except MeshError as exc:
+            if exc.status != 404:
+                raise
+
+    def specs(self) -> list[Spec]:
+        out = []
+        for key, record in self.rows(SPECS).items():
+            try:
+                out.append(parse_spec(record))
+            except MeshError as exc:
+                log.warning("runtime spec %s cannot run: %s", key, exc.detail)
+        return out
+
+    def placed(self) -> dict[str, dict[str, pl.Slot]]:
+        """Placement by `NS/NAME` -> slot -> Slot."""
+        out: dict[str, dict[str, pl.Slot]] = {}
+        for key, rec in self.rows(PLACEMENT).items():
+            full, _, slot = key.rpartition("/")
+            if not full or not isinstance(rec, dict) or not isinstance(rec.get("node"), str):
+                continue
+            out.setdefault(full, {})[slot] = pl.Slot(rec["node"], float(rec.get("since", 0)),
+                                                     str(rec.get("reason", "")))
+        return out
+
+    # --- running ---------------------------------------------------------------------------
+
+    def wake(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.store.watch, {"database": DB}, self._changed)
+            nursery.start_soon(self._write_status)
+            task_status.started()
+            while True:
+                try:
+                    await self.reconcile()
+                except Exception:  # one bad pass must not end the runtime
+                    log.exception("runtime reconcile failed")
+                self._wake = trio.Event()
+                with trio.move_on_after(RECONCILE):
+                    await self._wake.wait()
+                await trio.sleep(0.05)  # a burst of changes is one pass
+
+    async def _changed(self, ev: Any) -> None:
+        if ev.get("table") != STATUS:
+            self.wake()
+
+    def nodes(self) -> list[pl.Node]:
+        now = time.time()
+        out = []
+        for m in self.core.member_list():
+            status = STATE_NAMES[m.state]
+            if status == pl.DEAD:
+                self.down_since.setdefault(m.name, now)
+            else:
+                self.down_since.pop(m.name, None)
+            tags = tuple(sorted((k, v) for k, v in m.tags.items() if isinstance(v, str)))
+            out.append(pl.Node(m.name, status, tags, self.down_since.get(m.name)))
+        return out
+
+    async def reconcile(self) -> None:
+        self.stats["runtime_reconciles"] += 1
+        specs = {f"{s.namespace}/{s.name}": s for s in self.specs()}
+        nodes = self.nodes()
+        placed = self.placed()
+        if pl.coordinator(nodes) == self.node:
+            keyed = [_keyed(key, s) for key, s in specs.items()]
+            changes = pl.plan(keyed, placed, nodes, time.time(), self.grace)
+            for c in changes:
+                key = f"{c.spec}/{c.slot}"
+                if c.slot_value is None:
+                    await self.drop(PLACEMENT, key)
+                else:
+                    await self.put(PLACEMENT, key, {"node": c.slot_value.node,
+                                                    "since": c.slot_value.since,
+                                                    "reason": c.slot_value.reason})
+            placed = pl.apply(placed, changes)
+        wanted = {}
+        for full, slot in pl.mine(placed, self.node):
+            spec = specs.get(full)
+            if spec is not None:
+                wanted[(spec.namespace, spec.name, slot)] = spec
+        for key, (version, scope) in list(self.running.items()):
+            spec = wanted.get(key)
+            if spec is None or spec.version != version:
+                scope.cancel()  # the replica's task stops its process and forgets it
+                del self.running[key]
+        for key, spec in wanted.items():
+            if key not in self.running and self._nursery is not None:
+                scope = trio.CancelScope()
+                self.running[key] = (spec.version, scope)
+                self._nursery.start_soon(self._replica, spec, key[2], scope)
+        self.stats["runtime_replicas"] = len(self.running)
+
+    async def _replica(self, spec: Spec, slot: str, scope: trio.CancelScope) -> None:
+        """One replica's task: its failures are its own (logged, shown), never the node's."""
+        key = f"{spec.namespace}/{spec.name}/{slot}"
+        replica = Replica(spec, slot, self.node, self.sources, self._environ, self.logs,
+                          lambda state: self._report(key, state), self.stop_timeout)
+        self.stats["runtime_starts"] += 1
+        with scope:
+            try:
+                await replica.run()
+            except Exception as exc:
+                log.exception("replica %s failed", key)
+                self._report(key, replace(replica.state, state="failed", pid=0,
+                                          reason=f"the runtime failed running it: {exc}"))
+            await trio.sleep_forever()  # exited or failed: kept so until the spec changes
+        mine = self.running.get((spec.namespace, spec.name, slot))
+        if self._nursery is None or (mine is not None and mine[1] is scope):
+            return  # the daemon is stopping: its row stays as it was last
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            self._status.pop(key, None)
+            current = self.rows(STATUS, key).get(key)
+            if isinstance(current, dict) and current.get("node") == self.node \
+                    and current.get("version") == spec.version:  # not its successor's
+                try:
+                    await self.drop(STATUS, key)
+                except MeshError as exc:
+                    log.warning("runtime status of %s not removed: %s", key, exc.detail)
+
+    def _report(self, key: str, state: State) -> None:
+        self._status[key] = state.to_row()
+        self._status_due.set()
+
+    async def _write_status(self) -> None:
+        """One writer of replica rows, in order, the latest of each (two writes racing
+        could leave an older state last)."""
+        while True:
+            await self._status_due.wait()
+            self._status_due = trio.Event()
+            while self._status:
+                key = next(iter(self._status))
+                row = self._status.pop(key)
+                try:
+                    await self.put(STATUS, key, row)
+                except MeshError as exc:
+                    log.warning("runtime status of %s not written: %s", key, exc.detail)
+
+    async def _environ(self, spec: Spec, slot: str) -> dict[str, str]:
+        env = {"MESHD_ADDR": str(self.socket), "MESHD_NAMESPACE": spec.namespace,
+               "MESHD_REPLICA": f"{spec.name}-{slot}", "MESHD_NODE_NAME": self.node}
+        if self.service_token is not None:
+            token = await self.service_token(spec.name, spec.namespace)
+            if token:
+                env["MESHD_TOKEN"] = token
+        for path in spec.env_from_config:
+            found, value = self.store.config_value(spec.namespace, path)
+            if found:
+                name = path.replace(".", "_").replace("-", "_").upper()
+                env.setdefault(name, value if isinstance(value, str) else json.dumps(value))
+        return env
+
+
+def _keyed(key: str, spec: Spec) -> Spec:
+    """The spec under its placement key (NS/NAME), so specs of two namespaces with the same
+    name are placed apart."""
+    from dataclasses import replace
+    return replace(spec, name=key)

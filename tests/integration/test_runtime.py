@@ -1,0 +1,123 @@
+"""The runtime with real daemons: `meshd run examples/greeter --replicas 2` places two
+instances on two nodes and calls answer; a killed process is restarted and counted; one that
+always crashes is `failed` after the start limit; a killed node's replica is placed on
+another node after the grace period; a restarted node brings its replicas back; stopping a
+daemon leaves no process of its replicas behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from meshd.runtime.process import group_alive
+
+from .cluster import control, wait_for
+from .test_broker import FAST, ready
+
+ROOT = Path(__file__).resolve().parents[2]
+GREETER = ROOT / "examples" / "greeter"
+ENV = {**FAST, "MESHD_RUNTIME_GRACE": "3", "MESHD_RUNTIME_STOP_TIMEOUT": "3"}
+
+
+def meshd(d, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", *args, "--data-dir", str(d.data_dir)],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+
+
+def ok(d, *args: str) -> dict:
+    out = meshd(d, *args, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def replicas(d, name: str) -> list[dict]:
+    return ok(d, "ps", name)["replicas"]
+
+
+def running(d, name: str, n: int) -> bool:
+    rows = replicas(d, name)
+    return len(rows) == n and all(r["state"] == "running" and r["pid"] for r in rows)
+
+
+def test_run_place_call_restart_fail_and_move(cluster, tmp_path):
+    a = cluster.add("a", env=ENV)
+    b = cluster.add("b", join=[a.addr], env=ENV)
+    c = cluster.add("c", join=[a.addr], env=ENV)
+    ready(a, b, c)
+    r = ok(a, "run", str(GREETER), "--replicas", "2")
+    assert (r["name"], r["replicas"], r["version"]) == ("greeter", 2, 1)
+    wait_for(lambda: running(a, "greeter", 2), 30, "two greeters running")
+    rows = replicas(c, "greeter")  # the same view from any node
+    nodes = {x["node"] for x in rows}
+    assert len(nodes) == 2  # spread over two nodes
+    wait_for(lambda: len(control(c.data_dir, "describe", service="greeter")["instances"]) == 2,
+             20, "both registered")
+    out = meshd(c, "call", "greeter", "Greeter.Hello", '{"name": "Ada"}')
+    assert out.returncode == 0 and "Hello Ada" in out.stdout, out.stderr
+    # its output is in the logs under its name
+    def logged() -> list[dict]:
+        out = meshd(a, "logs", "greeter", "-n", "100", "--json")
+        return [json.loads(x) for x in out.stdout.splitlines()]
+    wait_for(lambda: any("registered greeter" in r["message"] and r["fields"].get("stream")
+                         == "stderr" for r in logged()), 10, "its stderr in the logs")
+
+    # kill -9 one process: restarted (with backoff) and counted
+    victim = rows[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: any(x["slot"] == victim["slot"] and x["state"] == "running"
+                         and x["pid"] != victim["pid"] and x["restarts"] == 1
+                         for x in replicas(a, "greeter")), 20, "the killed replica back")
+
+    # a service that always crashes: failed after the start limit, with the reason
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    (crash / "main.py").write_text("import sys; print('boom', file=sys.stderr); sys.exit(7)\n")
+    ok(a, "run", str(crash), "--name", "crasher", "--node", "b")
+    wait_for(lambda: any(x["state"] == "failed" for x in replicas(a, "crasher")), 30,
+             "crasher failed")
+    (row,) = replicas(a, "crasher")
+    assert row["node"] == "b" and "exit code 7" in row["reason"] and row["restarts"] == 4
+    # an unknown selector: pending with the reason, nothing else disturbed
+    ok(a, "run", str(crash), "--name", "nowhere", "--node", "zone=mars")
+    wait_for(lambda: any(x["state"] == "pending" and "zone=mars" in x["reason"]
+                         for x in replicas(a, "nowhere")), 20, "nowhere pending")
+    ok(a, "kill", "nowhere")
+    ok(a, "kill", "crasher")
+
+    # kill -9 a node that runs a greeter: placed on the node left after the grace period
+    lost = next(d for d in (b, c) if d.name in nodes)
+    spare = next(d for d in (a, b, c) if d.name not in nodes)
+    pids = [x["pid"] for x in replicas(a, "greeter") if x["node"] == lost.name]
+    lost.kill9()
+    for pid in pids:  # its processes go with it (the parent-death signal)
+        wait_for(lambda pid=pid: not group_alive(pid), 10, "the killed node's process gone")
+    start = time.monotonic()
+    wait_for(lambda: {x["node"] for x in replicas(a, "greeter")
+                      if x["state"] == "running"} == (nodes - {lost.name}) | {spare.name},
+             3 + 10 + 20, "the replica placed on the spare node")
+    assert time.monotonic() - start <= 3 + 10 + 20
+
+
+def test_a_restarted_node_brings_its_replicas_back_and_stopping_leaves_no_orphan(cluster):
+    a = cluster.add("a", env=ENV)
+    b = cluster.add("b", join=[a.addr], env=ENV)
+    ready(a, b)
+    # running code on the mesh's nodes takes an admin: b's operator acts as node b
+    out = meshd(b, "run", str(GREETER), "--name", "sneaky")
+    assert out.returncode == 1 and out.stderr.startswith("403"), out.stderr
+    ok(a, "run", str(GREETER), "--name", "everywhere", "--node", "*")
+    wait_for(lambda: running(a, "everywhere", 2), 30, "one on each node")
+    on_b = next(x for x in replicas(a, "everywhere") if x["node"] == "b")
+    # a graceful stop of b stops its replica's whole process group
+    b.terminate()
+    assert not group_alive(on_b["pid"])
+    # b back: its replica back
+    b.start(join=[a.addr])
+    wait_for(lambda: running(a, "everywhere", 2), 40, "b's replica back")
+    new = next(x for x in replicas(a, "everywhere") if x["node"] == "b")
+    assert new["pid"] != on_b["pid"]
