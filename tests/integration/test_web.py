@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -334,6 +335,20 @@ def test_config_history_publish_and_logout_keeps_a_pasted_token(ops, mesh, brows
     # leaving pages let go of their live streams
     wait_for(lambda: control(mesh["a"].data_dir, "status")["stats"]["web_streams"] <= 2, 10,
              "the dashboard's streams closed with their pages")
+
+
+def test_managed_services_on_the_runtime_page(ops, mesh):
+    control(mesh["a"].data_dir, "runtime.run", name="sleeper", source="module:json",
+            command=[sys.executable, "-c", "import time; time.sleep(600)"])
+    p = ops.page
+    ops.go("runtime")
+    expect(p.locator("tr[data-spec=sleeper]")).to_contain_text("module:json")
+    expect(p.locator("tr[data-replica='sleeper/0'][data-state=running]")).to_have_count(
+        1, timeout=20_000)
+    p.once("dialog", lambda d: d.accept())
+    p.locator("tr[data-spec=sleeper]").get_by_role("button", name="Kill").click()
+    expect(p.locator("main")).to_contain_text("killed sleeper")
+    expect(p.locator("tr[data-spec=sleeper]")).to_have_count(0, timeout=10_000)
 
 
 def test_a_node_turns_dead_when_its_daemon_is_killed(ops, mesh):

@@ -1068,16 +1068,37 @@ async function pageBroker(view) {
   view.every(3000, refresh);
 }
 
+// Runtime: managed services (meshd run), their replicas, restart (a new version) and kill.
 async function pageRuntime(view) {
   const el = view.el;
   title(el, "Runtime");
-  try {
-    const got = await view.call("runtime.status", {});
-    el.append(h("pre", {}, fmt.json(got)));
-  } catch (e) {
-    if (e.status === 404) el.append(h("p", { class: "muted" }, "This node has no runtime yet: managed services arrive with meshd's runtime (meshd run)."));
-    else el.append(problem(e, "runtime"));
-  }
+  const note = h("div", { "aria-live": "polite" });
+  const box = h("div");
+  el.append(note, box);
+  const act = async (op, name, done) => {
+    try { await view.call(op, { name }); note.replaceChildren(h("span", { class: "okmsg" }, `${done} ${name}`)); refresh(); } catch (e) { note.replaceChildren(problem(e, op)); }
+  };
+  const refresh = async () => {
+    let got;
+    try { got = await view.call("runtime.ps", {}); } catch (e) { if (e.name !== "AbortError") box.replaceChildren(problem(e, "managed services")); return; }
+    if (!got.specs.length) { box.replaceChildren(h("p", { class: "muted" }, "No managed services in this namespace: meshd run SOURCE starts one.")); return; }
+    box.replaceChildren(
+      h("h2", {}, "Services"),
+      table(["Name", "Version", "Source", "Replicas", "Placement", "Restart", ""], got.specs.map((sp) => [
+        h("strong", {}, sp.name), String(sp.version), sp.source, String(sp.replicas), sp.placement || "(any)", sp.restart,
+        h("div", { class: "row" },
+          h("button", { type: "button", class: "secondary", onclick: () => act("runtime.update", sp.name, "restarting") }, "Restart"),
+          h("button", { type: "button", class: "secondary", onclick: () => { if (confirm(`Stop ${sp.name} everywhere?`)) act("runtime.kill", sp.name, "killed"); } }, "Kill"))]),
+      (i) => ({ dataset: { spec: got.specs[i].name } })),
+      h("h2", {}, "Replicas"),
+      table(["Name", "Slot", "Node", "State", "PID", "Restarts", "Uptime", "Version", "Revision", "Reason"], got.replicas.map((r) => [
+        r.name, r.slot, r.node || "—", badge(r.state), r.pid ? String(r.pid) : "—", String(r.restarts || 0),
+        r.uptime !== null && r.uptime !== undefined ? fmt.dur(r.uptime) : "—", r.version ? String(r.version) : "—",
+        (r.revision || "—").slice(0, 12), r.reason || ""]),
+      (i) => ({ dataset: { replica: `${got.replicas[i].name}/${got.replicas[i].slot}`, state: got.replicas[i].state } })));
+  };
+  await refresh();
+  view.every(2000, refresh);
 }
 
 // ---- the shell ----------------------------------------------------------------------------
