@@ -230,6 +230,21 @@ def echo_pair(c: Cluster, root: Path, env: dict[str, str] | None = None,
     return a, b
 
 
+def host_baseline() -> tuple[float, float]:
+    """(calls/s of the trio TCP echo at 32 callers, the load average before it), printed as
+    the host baseline every bench reports with its figures."""
+    load = os.getloadavg()[0]
+    proc, port = _in_server(_tcp_server)
+    try:
+        rate = trio.run(_tcp_client, port, 32, 3.0)[0]
+    finally:
+        proc.terminate()
+        proc.join(5)
+    print(f"host baseline: trio TCP echo, 32 callers: {rate:,.0f} calls/s "
+          f"(load average {load:.2f})")
+    return rate, load
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")

@@ -29,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import rpc as rpcbench  # noqa: E402
-import trio  # noqa: E402
 
 from meshd.errors import MeshError  # noqa: E402
 from tests.integration.cluster import Cluster, control, wait_for  # noqa: E402
@@ -59,15 +58,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of CPU measured")
     opts = ap.parse_args()
-    load = os.getloadavg()[0]
-    proc, port = rpcbench._in_server(rpcbench._tcp_server)
-    try:
-        baseline = trio.run(rpcbench._tcp_client, port, 32, 3.0)[0]
-    finally:
-        proc.terminate()
-        proc.join(5)
-    print(f"host baseline: trio TCP echo, 32 callers: {baseline:,.0f} calls/s "
-          f"(load average {load:.2f})")
+    baseline, load = rpcbench.host_baseline()
     with tempfile.TemporaryDirectory(prefix="meshd-bench-runtime-") as tmp:
         root = Path(tmp)
         app = root / "greeter"

@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import rpc as rpcbench  # noqa: E402
-import trio  # noqa: E402
 
 from tests.integration.cluster import Cluster, control, wait_for  # noqa: E402
 from tests.integration.test_tunnel import free_port  # noqa: E402
@@ -230,15 +229,7 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     started = time.monotonic()
-    load_before = os.getloadavg()[0]
-    proc, port = rpcbench._in_server(rpcbench._tcp_server)
-    try:
-        baseline = trio.run(rpcbench._tcp_client, port, 32, 3.0)[0]
-    finally:
-        proc.terminate()
-        proc.join(5)
-    print(f"host baseline: trio TCP echo, 32 callers: {baseline:,.0f} calls/s "
-          f"(load average {load_before:.2f})")
+    baseline, load_before = rpcbench.host_baseline()
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="meshd-bench-web-") as tmp:
         mesh = Mesh(Path(tmp))
