@@ -497,13 +497,7 @@ def main() -> int:
     out: dict[str, Any] = {"load_before": os.getloadavg()[0]}
     me = os.getpid()
 
-    proc, port = rpcbench._in_server(rpcbench._tcp_server)
-    try:
-        out["baseline"] = trio.run(rpcbench._tcp_client, port, CALLERS, min(secs, 3.0))[0]
-    finally:
-        proc.terminate()
-    print(f"host baseline: trio TCP echo, {CALLERS} callers: {out['baseline']:,.0f} calls/s "
-          f"(load average {out['load_before']:.2f})")
+    out["baseline"] = rpcbench.host_baseline(CALLERS, min(secs, 3.0))[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -628,9 +622,7 @@ def report(out: dict[str, Any], opts: Any, secs: float, n_wire: int, took: float
     print(f"(d) {n_wire} published, {d['received']} received; per message: copies out "
           f"{d['copies']:.3f}, copies in {d['copies_in']:.3f}, link batches "
           f"{d['batches']:.3f}")
-    print(f"host baseline: trio TCP echo {CALLERS} callers {out['baseline']:,.0f} calls/s; "
-          f"load average {out['load_before']:.2f} before, {out['load_after']:.2f} after; "
-          f"bench took {took:.0f} s")
+    print(rpcbench.baseline_footer(out["baseline"], out["load_before"], took, CALLERS))
 
 
 if __name__ == "__main__":

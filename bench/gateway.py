@@ -58,7 +58,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import rpc as rpcbench  # noqa: E402  (bench/rpc.py: trio TCP echo baseline, helpers)
-import trio  # noqa: E402
 
 from tests.integration.cluster import Cluster, Daemon, ServiceProcess, control  # noqa: E402
 
@@ -483,14 +482,7 @@ def main() -> int:
                                "nginx": nginx_version(), "python": uvicorn_flavour()},
                            "meshd_env": MESHD_ENV}
 
-    proc, port = rpcbench._in_server(rpcbench._tcp_server)
-    try:
-        out["baseline"] = trio.run(rpcbench._tcp_client, port, 32, 3.0)[0]
-    finally:
-        proc.terminate()
-        proc.join(5)
-    print(f"host baseline: trio TCP echo, 32 callers: {out['baseline']:,.0f} calls/s "
-          f"(load average {out['load_before']:.2f})")
+    out["baseline"] = rpcbench.host_baseline()[0]
     print(f"nginx {out['versions']['nginx']}; {out['versions']['python']}; meshd daemons "
           f"with {' '.join(f'{k}={v}' for k, v in MESHD_ENV.items())}")
 
@@ -661,9 +653,7 @@ def report(out: dict[str, Any], opts: Any) -> None:
                 f"{pct:5.1f}% {fr}" for fr, pct in f["own"][:12]))
             print("    on stack:   " + "\n                ".join(
                 f"{pct:5.1f}% {fr}" for fr, pct in f["total"][:15]))
-    print(f"\nhost baseline: trio TCP echo 32 callers {out['baseline']:,.0f} calls/s; load "
-          f"average {out['load_before']:.2f} before, {out['load_after']:.2f} after; bench "
-          f"took {out['took_s']:.0f} s")
+    print("\n" + rpcbench.baseline_footer(out["baseline"], out["load_before"], out["took_s"]))
 
 
 if __name__ == "__main__":

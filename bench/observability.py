@@ -127,11 +127,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     ap.add_argument("--rounds", type=int, default=12)
     opts = ap.parse_args()
-    proc, port = rpcbench._in_server(rpcbench._tcp_server)
-    base = trio.run(rpcbench._tcp_client, port, 32, opts.seconds)[0]
-    proc.terminate()
-    print(f"host baseline: trio TCP echo @32 {base:,.0f}/s, load average "
-          f"{os.getloadavg()[0]:.2f}")
+    rpcbench.host_baseline(32, opts.seconds)  # printed with the figures below
     results: dict[str, dict[str, list[float]]] = {n: {"c": [], "d": []} for n in CONFIGS}
     cpu: dict[str, list[float]] = {n: [] for n in CONFIGS}  # (d): µs of CPU per call
     with tempfile.TemporaryDirectory() as tmp:

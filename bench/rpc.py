@@ -230,19 +230,28 @@ def echo_pair(c: Cluster, root: Path, env: dict[str, str] | None = None,
     return a, b
 
 
-def host_baseline() -> tuple[float, float]:
-    """(calls/s of the trio TCP echo at 32 callers, the load average before it), printed as
+def host_baseline(callers: int = 32, seconds: float = 3.0) -> tuple[float, float]:
+    """(calls/s of the trio TCP echo at `callers`, the load average before it), printed as
     the host baseline every bench reports with its figures."""
     load = os.getloadavg()[0]
     proc, port = _in_server(_tcp_server)
     try:
-        rate = trio.run(_tcp_client, port, 32, 3.0)[0]
+        rate = trio.run(_tcp_client, port, callers, seconds)[0]
     finally:
         proc.terminate()
         proc.join(5)
-    print(f"host baseline: trio TCP echo, 32 callers: {rate:,.0f} calls/s "
+    print(f"host baseline: trio TCP echo, {callers} callers: {rate:,.0f} calls/s "
           f"(load average {load:.2f})")
     return rate, load
+
+
+def baseline_footer(rate: float, load_before: float, took: float | None = None,
+                    callers: int = 32) -> str:
+    """The closing line of a bench: the host baseline, the load average before and now, and
+    how long the bench took."""
+    text = (f"host baseline: trio TCP echo {callers} callers {rate:,.0f} calls/s; load "
+            f"average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    return text if took is None else f"{text}; bench took {took:.0f} s"
 
 
 def main() -> int:

@@ -127,8 +127,7 @@ def main() -> int:
     print(f"daemon CPU at rest: {idle_none * 100:.2f}% with no specs, {idle_full * 100:.2f}% "
           f"with {SPECS} running; runs {[round(x, 2) for x in runs]}, by hand "
           f"{[round(x, 2) for x in by_hand]}")
-    print(f"host baseline: trio TCP echo 32 callers {baseline:,.0f} calls/s; load average "
-          f"{load:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(rpcbench.baseline_footer(baseline, load))
     return 0 if med <= 2 and cost <= 1 else 1
 
 

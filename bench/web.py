@@ -280,9 +280,7 @@ def main() -> int:
     print(f"(node killed -9 until shown dead: {med['node_dead_ms']:,.0f} ms, failure "
           "detection of profile lan, not the page)")
     print(f"\nper round: {json.dumps({k: [round(r[k]) for r in rounds] for k in keys})}")
-    print(f"host baseline: trio TCP echo 32 callers {baseline:,.0f} calls/s; load average "
-          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; bench took "
-          f"{time.monotonic() - started:.0f} s")
+    print(rpcbench.baseline_footer(baseline, load_before, time.monotonic() - started))
     if opts.json:
         print(json.dumps({"baseline": baseline, "rounds": rounds, "median": med}))
     return 0 if all(v < lim for _, v, lim in goals) else 1
