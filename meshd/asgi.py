@@ -7,12 +7,16 @@ Rules:
   upgrade (close 1008, which servers send as 403); it returns True when the scope was not
   plain HTTP and the app has nothing more to do.
 - `respond` writes one response with its content length; extra headers as byte pairs.
+- `require_method` raises the 405 of a method not allowed; `allow_header` is the Allow
+  header that error's answer carries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from meshd.errors import MeshError
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -33,6 +37,20 @@ async def non_http(scope: Scope, receive: Receive, send: Send) -> bool:
             await send({"type": "websocket.close", "code": 1008})
         return True
     return scope["type"] != "http"
+
+
+def require_method(method: str, allowed: tuple[str, ...], id: str) -> None:
+    """405 (naming `allowed`, kept for the Allow header) unless `method` is one of them."""
+    if method not in allowed:
+        exc = MeshError(405, f"use {' or '.join(allowed)}", id=id)
+        exc.allow = ", ".join(allowed).encode()  # type: ignore[attr-defined]
+        raise exc
+
+
+def allow_header(exc: MeshError) -> list[tuple[bytes, bytes]]:
+    """[("allow", ...)] for a 405 from require_method, else []."""
+    allow = getattr(exc, "allow", None)
+    return [(b"allow", allow)] if allow else []
 
 
 async def respond(send: Send, status: int, body: bytes, content_type: str,

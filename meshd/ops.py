@@ -88,6 +88,26 @@ def acting_node(node: str) -> str | None:
     return None if REQUEST_REMOTE.get() else node
 
 
+class RemoteRequest:
+    """Runs a block as a remote request of `token` (None: nobody, the public scope) from
+    `source`: how the API gateway and the web dashboard hand a request to the op table."""
+
+    def __init__(self, token: str | None, source: str) -> None:
+        self.values = (token, source)
+        self.resets: list[Any] = []
+
+    def __enter__(self) -> RemoteRequest:
+        token, source = self.values
+        self.resets = [REQUEST_TOKEN.set(token), REQUEST_REMOTE.set(True),
+                       REQUEST_SOURCE.set(source)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for var, reset in zip((REQUEST_TOKEN, REQUEST_REMOTE, REQUEST_SOURCE), self.resets,
+                              strict=True):
+            var.reset(reset)
+
+
 class Framing(Protocol):
     """One side of a connection that carries whole CBOR values (control socket frames, or
     WebSocket messages)."""

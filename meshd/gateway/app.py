@@ -44,10 +44,10 @@ from typing import Any
 import trio
 
 from meshd import namespaces, wire
-from meshd.asgi import Receive, Scope, Send
+from meshd.asgi import Receive, Scope, Send, allow_header, require_method
 from meshd.debug import traces
 from meshd.errors import MeshError, bad_request
-from meshd.ops import REQUEST_REMOTE, REQUEST_SOURCE, REQUEST_TOKEN
+from meshd.ops import RemoteRequest
 from meshd.settings import ApiSettings
 
 from . import openapi, policy, routes
@@ -92,8 +92,7 @@ class Response:
     async def error(self, exc: MeshError, retry_after: bytes | None = None) -> None:
         retry_after = retry_after or getattr(exc, "retry_after", None)
         extra = [(b"retry-after", retry_after)] if retry_after else []
-        if getattr(exc, "allow", None):
-            extra.append((b"allow", exc.allow))  # type: ignore[attr-defined]
+        extra += allow_header(exc)
         await self.json(exc.status, exc.to_dict(), *extra)
 
 
@@ -185,16 +184,16 @@ class Gateway:
         if tp is not None and traces.parse(tp.decode("latin-1")) is not None:
             meta[traces.TRACEPARENT] = tp.decode("latin-1")
         if route.kind == "health":
-            _methods(method, "GET", "HEAD")
+            require_method(method, ("GET", "HEAD"), ID)
             await resp.json(200, {"status": "ok", "node": self.node.name})
         elif route.kind == "openapi":
-            _methods(method, "GET", "HEAD")
+            require_method(method, ("GET", "HEAD"), ID)
             await resp.json(200, self._openapi(token, ns, scope))
         elif route.kind == "rpc":
-            _methods(method, "POST")
+            require_method(method, ("POST",), ID)
             await self._rpc(scope, receive, resp, token, ns, meta)
         elif route.kind == "event":
-            _methods(method, "POST")
+            require_method(method, ("POST",), ID)
             await self._event(scope, receive, resp, token, ns, route.service, meta)
         elif route.kind == "service":
             await self._service(scope, receive, resp, token, ns, route, meta)
@@ -307,12 +306,12 @@ class Gateway:
         ep = eps[name]
         method = scope["method"]
         if ep.get("stream"):
-            _methods(method, "GET", "POST")
+            require_method(method, ("GET", "POST"), ID)
             request = await self._request(scope, receive, ep)
             await self._with_caller(token, scope, serve_sse(
                 self.node.op_table, scope, receive, resp, service, name, request, meta, ns))
             return
-        _methods(method, "GET", "POST")
+        require_method(method, ("GET", "POST"), ID)
         request = await self._request(scope, receive, ep)
         timeout = self._timeout(scope["headers"])
         args = {"service": service, "endpoint": name, "body": request, "timeout": timeout,
@@ -405,8 +404,8 @@ class Gateway:
         with self._context(token, scope):
             await run
 
-    def _context(self, token: str | None, scope: Scope) -> _Caller:
-        return _Caller(token, f"api:{_client(scope)}")
+    def _context(self, token: str | None, scope: Scope) -> RemoteRequest:
+        return RemoteRequest(token, f"api:{_client(scope)}")
 
     # --- bodies -----------------------------------------------------------------------------
 
@@ -476,32 +475,6 @@ class _NotFound(MeshError):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "near": self.near}
-
-
-class _Caller:
-    """Runs a block as a remote request of `token` (None: the public scope)."""
-
-    def __init__(self, token: str | None, source: str) -> None:
-        self.values = (token, source)
-        self.resets: list[Any] = []
-
-    def __enter__(self) -> _Caller:
-        token, source = self.values
-        self.resets = [REQUEST_TOKEN.set(token), REQUEST_REMOTE.set(True),
-                       REQUEST_SOURCE.set(source)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for var, reset in zip((REQUEST_TOKEN, REQUEST_REMOTE, REQUEST_SOURCE), self.resets,
-                              strict=True):
-            var.reset(reset)
-
-
-def _methods(method: str, *allowed: str) -> None:
-    if method not in allowed:
-        exc = MeshError(405, f"use {' or '.join(allowed)}", id=ID)
-        exc.allow = ", ".join(allowed).encode()  # type: ignore[attr-defined]
-        raise exc
 
 
 def _logged_path(scope: Scope) -> str:

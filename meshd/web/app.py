@@ -65,10 +65,11 @@ from typing import Any
 import trio
 
 from meshd import namespaces
+from meshd.asgi import allow_header, non_http, require_method
 from meshd.errors import MeshError, bad_request, not_found
 from meshd.gateway.bodies import ClientGone, read_body
 from meshd.gateway.policy import header
-from meshd.ops import REQUEST_REMOTE, REQUEST_SOURCE, REQUEST_TOKEN, OpTable, StreamSlots
+from meshd.ops import OpTable, RemoteRequest, StreamSlots
 from meshd.settings import WebSettings
 
 log = logging.getLogger("meshd.web")
@@ -100,6 +101,11 @@ class Asset:
     content_type: bytes
     etag: bytes
 
+    @classmethod
+    def of(cls, body: bytes, content_type: bytes) -> Asset:
+        etag = b'"' + hashlib.sha256(body).hexdigest()[:20].encode() + b'"'
+        return cls(body, gzip.compress(body, 9, mtime=0), content_type, etag)
+
 
 def load_assets() -> dict[str, Asset]:
     """Every file of meshd/web/static, by name, read once."""
@@ -108,9 +114,7 @@ def load_assets() -> dict[str, Asset]:
         suffix = item.name[item.name.rfind("."):]
         if not item.is_file() or suffix not in TYPES:
             continue
-        body = item.read_bytes()
-        etag = b'"' + hashlib.sha256(body).hexdigest()[:20].encode() + b'"'
-        assets[item.name] = Asset(body, gzip.compress(body, 9, mtime=0), TYPES[suffix], etag)
+        assets[item.name] = Asset.of(item.read_bytes(), TYPES[suffix])
     if INDEX not in assets:
         raise RuntimeError("the dashboard's index.html is missing from the package")
     return assets
@@ -138,16 +142,10 @@ class Dashboard:
         body = page.body.replace(b'<html lang="en">',
                                  b'<html lang="en" data-namespace="' + namespace.encode() + b'">',
                                  1)
-        etag = b'"' + hashlib.sha256(body).hexdigest()[:20].encode() + b'"'
-        self.assets[INDEX] = Asset(body, gzip.compress(body, 9, mtime=0), page.content_type,
-                                   etag)
+        self.assets[INDEX] = Asset.of(body, page.content_type)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            return
-        if scope["type"] != "http":  # no WebSocket here: the page streams over HTTP
-            with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": 1003})
+        if await non_http(scope, receive, send):  # no WebSocket: the page streams over HTTP
             return
         self.stats["web_requests"] += 1
         try:
@@ -156,7 +154,7 @@ class Dashboard:
             return
         except MeshError as exc:
             await _answer(send, exc.status, dumps({"error": exc.to_dict()}), JSON,
-                          _allow(exc))
+                          allow_header(exc))
         except Exception:
             log.exception("dashboard request failed")
             self.stats["web_errors"] += 1
@@ -172,15 +170,15 @@ class Dashboard:
         if path.startswith("/api/"):
             _same_origin(headers, scope)
             if path == "/api/call":
-                _methods(method, "POST")
+                require_method(method, ("POST",), ID)
                 await self._call(scope, receive, send)
                 return
             if path == "/api/stream":
-                _methods(method, "POST")
+                require_method(method, ("POST",), ID)
                 await self._stream(scope, receive, send)
                 return
             raise not_found(f"no API {path[:80]!r}: /api/call and /api/stream", id=ID)
-        _methods(method, "GET", "HEAD")
+        require_method(method, ("GET", "HEAD"), ID)
         if path == "/health":
             await _answer(send, 200, b'{"status":"ok"}', JSON)
             return
@@ -374,18 +372,10 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-@contextlib.contextmanager
-def _remote(token: str | None, scope: dict[str, Any]) -> Any:
+def _remote(token: str | None, scope: dict[str, Any]) -> RemoteRequest:
     """The block runs as a remote request of `token` (none: only public ops)."""
     client = scope.get("client")
-    resets = [REQUEST_TOKEN.set(token), REQUEST_REMOTE.set(True),
-              REQUEST_SOURCE.set(f"web:{client[0] if client else '?'}")]
-    try:
-        yield
-    finally:
-        for var, reset in zip((REQUEST_TOKEN, REQUEST_REMOTE, REQUEST_SOURCE), resets,
-                              strict=True):
-            var.reset(reset)
+    return RemoteRequest(token, f"web:{client[0] if client else '?'}")
 
 
 def _same_origin(headers: list[Any], scope: dict[str, Any]) -> None:
@@ -397,18 +387,6 @@ def _same_origin(headers: list[Any], scope: dict[str, Any]) -> None:
     host = header(headers, b"host") or b""
     if origin not in (b"http://" + host, b"https://" + host):
         raise MeshError(403, "the dashboard's API answers its own pages only", id=ID)
-
-
-def _methods(method: str, *allowed: str) -> None:
-    if method not in allowed:
-        exc = MeshError(405, f"use {' or '.join(allowed)}", id=ID)
-        exc.allow = ", ".join(allowed).encode()  # type: ignore[attr-defined]
-        raise exc
-
-
-def _allow(exc: MeshError) -> list[tuple[bytes, bytes]]:
-    allow = getattr(exc, "allow", None)
-    return [(b"allow", allow)] if allow else []
 
 
 async def _op_error(send: Any, exc: MeshError, content_type: bytes = JSON) -> None:
