@@ -118,17 +118,23 @@ def test_item3_unencodable_cbor_tags_in_a_call_body_are_a_400(cluster):
 
 
 def test_item4_idle_connections_cannot_exhaust_descriptors(cluster):
-    proxy_port = free_port()
-    a = cluster.add("a", prefix=LIMITED, extra=("--proxy-listen", f"127.0.0.1:{proxy_port}"))
+    proxy_port, web_port = free_port(), free_port()
+    a = cluster.add("a", prefix=LIMITED, extra=("--proxy-listen", f"127.0.0.1:{proxy_port}",
+                                                "--web-listen", f"127.0.0.1:{web_port}"))
     port = int(a.addr.rsplit(":", 1)[1])
-    with idle_connections(port, 400), idle_connections(proxy_port, 400):
+    with idle_connections(port, 400), idle_connections(proxy_port, 400), \
+            idle_connections(web_port, 400):
         time.sleep(1.0)
         assert alive(a)
         b = cluster.add("b", join=[a.addr])
         wait_for(lambda: a.status_of("b") == "alive", 15, "b admitted while flooded")
     assert alive(a) and alive(b)
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/health", timeout=10) as r:
+        assert r.status == 200  # the dashboard's listener came through it
     stats = control(a.data_dir, "status")["stats"]
     assert stats["link_tcp_evicted"] > 0 and stats["proxy_evicted"] > 0
+    # the dashboard's gate held the flood from one address to its per-source cap
+    assert stats["web_refused_source"] > 0 and stats["web_accepted"] < 400
 
 
 # --- items 5 and 6 need a peer that misbehaves: the components against stub peers ---------
