@@ -205,7 +205,9 @@ async def test_run_loop_exports_every_interval(receiver: Receiver) -> None:
         buf.add(span(1))
         await until(lambda: len(receiver.spans()) == 1)
         buf.add(span(2))
-        await until(lambda: len(receiver.spans()) == 2)
+        # received, and counted by the exporter (it counts once the collector answered)
+        await until(lambda: len(receiver.spans()) == 2
+                    and exp.stats["otlp_spans_exported"] == 2)
         nursery.cancel_scope.cancel()
     assert [s.name for _, s in receiver.spans()] == ["op 1", "op 2"]
     assert exp.stats["otlp_spans_exported"] == 2
@@ -240,7 +242,9 @@ async def test_collector_down_the_loop_survives_and_recovers() -> None:
         r = Receiver(port)
         try:
             buf.add(span(2))
-            await until(lambda: len(r.spans()) == 1)
+            # received, and counted by the exporter (it counts once the collector answered)
+            await until(lambda: len(r.spans()) == 1
+                        and exp.stats["otlp_spans_exported"] == 1)
             nursery.cancel_scope.cancel()
         finally:
             r.close()
