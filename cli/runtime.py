@@ -7,7 +7,8 @@ Rules:
   node), a git repository (path or URL, `@REF`), or `module:NAME`. The name defaults to the
   folder's, repository's or module's last part. `--command` is split like a shell would.
 - `ps` prints one line per replica (name, slot, node, state, pid, restarts, uptime, version,
-  revision, and why when it is not running); `--json` the op's answer.
+  revision, and why when it is not running), then a line per spec whose update is rolling
+  out or failed; `--json` the op's answer.
 - `logs NAME` is `meshd logs` (debug): a managed service's output is kept with its name.
 - `run --env NAME=value` sets the service's environment; `--env NAME` (no '=') is still the
   environment to act in, as for every other command.
@@ -129,6 +130,16 @@ def ps(name: str | None, namespace: str | None, client: Client, as_json: bool) -
          str(x.get("restarts", 0)), _uptime(x.get("uptime")),
          str(x.get("version") or "-"), (x.get("revision") or "-")[:12],
          (x.get("reason") or "")[:80]] for x in r["replicas"]])
+    for spec in r["specs"]:
+        rollout = spec.get("rollout") or {}
+        if rollout.get("state") == "rolling":
+            mine = [x for x in r["replicas"] if x["name"] == spec["name"]]
+            moved = sum(1 for x in mine if x.get("target") == rollout["version"])
+            click.echo(f"{spec['name']}: rolling out v{rollout['version']} over "
+                       f"v{rollout['stable']} ({moved} of {len(mine)} replicas moved)")
+        elif rollout.get("state") == "failed":
+            click.echo(f"{spec['name']}: v{rollout['version']} failed to roll out: "
+                       f"{rollout.get('reason')}")
 
 
 def _uptime(seconds: Any) -> str:

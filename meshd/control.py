@@ -44,7 +44,7 @@ import trio
 
 from . import wire
 from .errors import MeshError, bad_request, unavailable
-from .ops import REQUEST_SOURCE, REQUEST_TOKEN, Conn, OpTable, serve_request
+from .ops import REQUEST_PID, REQUEST_SOURCE, REQUEST_TOKEN, Conn, OpTable, serve_request
 from .transport import listeners as serving
 
 log = logging.getLogger("meshd.control")
@@ -66,15 +66,16 @@ __all__ = [
 ]
 
 
-def _peer_source(stream: trio.SocketStream) -> str:
-    """"uid:N" of the process at the other end of a unix socket (SO_PEERCRED)."""
+def _peer(stream: trio.SocketStream) -> tuple[str, int]:
+    """("uid:N", pid) of the process at the other end of a unix socket (SO_PEERCRED);
+    ("local", 0) where the kernel does not say."""
     try:
         creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                          struct.calcsize("3i"))
-        _, uid, _ = struct.unpack("3i", creds)
-        return f"uid:{uid}"
+        pid, uid, _ = struct.unpack("3i", creds)
+        return f"uid:{uid}", pid
     except (OSError, AttributeError, struct.error):
-        return "local"
+        return "local", 0
 
 
 def socket_path(data_dir: Path) -> Path:
@@ -225,7 +226,9 @@ class ControlServer:
         """One client connection; whatever it does, only this connection can end. Its
         flusher sends what handlers queue with write_nowait."""
         framed = Framed(stream)
-        REQUEST_SOURCE.set(_peer_source(stream))
+        source, pid = _peer(stream)
+        REQUEST_SOURCE.set(source)
+        REQUEST_PID.set(pid)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(framed.run_flusher)
             await self._serve_requests(framed, ticket)

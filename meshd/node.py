@@ -255,7 +255,8 @@ class Node:
         self.runtime = RuntimeService(
             self.name, self.store, self.core, self.data_dir, socket_path(self.data_dir),
             self.debug.take_logs, self.auth.service_token, s.runtime.grace,
-            s.runtime.stop_timeout)
+            s.runtime.stop_timeout, self.registry.registered_groups, s.runtime.health_grace,
+            s.runtime.healthy_deadline)
         self.membership.listeners.append(self.runtime.wake)
         self.links.my_name = self.name
         self.links.route = self._relay_route

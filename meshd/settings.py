@@ -400,6 +400,11 @@ class RuntimeSettings:
     grace: float = 30.0
     # Stopping a replica: SIGTERM to its process group, SIGKILL after this.
     stop_timeout: float = 10.0
+    # A replica that registered and then lost its registration (its heartbeat stopped) for
+    # this long is restarted.
+    health_grace: float = 10.0
+    # A rolling update fails when a new replica is not healthy this long after it started.
+    healthy_deadline: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,8 +526,10 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
             or min(web.timeout, web.read_timeout, web.keep_alive) <= 0:
         raise SettingsError("web: max_body_bytes, max_header_bytes and max_streams must be at "
                             "least 1, the timeouts above 0")
-    if runtime.grace < 0 or runtime.stop_timeout <= 0:
-        raise SettingsError("runtime: grace must be 0 or more, stop_timeout above 0")
+    if runtime.grace < 0 or min(runtime.stop_timeout, runtime.health_grace,
+                                runtime.healthy_deadline) <= 0:
+        raise SettingsError("runtime: grace must be 0 or more, stop_timeout, health_grace and "
+                            "healthy_deadline above 0")
     return Settings(profile, node, membership, limits, rpc, store, broker, debug, api, web,
                     runtime)
 

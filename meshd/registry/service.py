@@ -31,7 +31,7 @@ from meshd.errors import MeshError, bad_request, unavailable
 from meshd.hlc import HLC
 from meshd.membership.core import Membership
 from meshd.membership.messages import ALIVE, SUSPECT
-from meshd.ops import Conn
+from meshd.ops import REQUEST_PID, Conn
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from .core import Entry, WireError, select, view
@@ -57,6 +57,7 @@ class LocalInstance:
     # set once the process got its registration reply: nothing else may reach it before
     ready: trio.Event = field(default_factory=trio.Event)
     stats: Any = None  # its call stats (debug.stats.InstanceStats), made at its first call
+    pgid: int = 0  # its process's group (peer credentials; 0: unknown): the runtime's health
 
 
 def instance_view(e: Entry) -> dict[str, Any]:
@@ -113,6 +114,11 @@ class RegistryService:
                 if boot:
                     out[m.name] = boot
         return out
+
+    def registered_groups(self) -> set[int]:
+        """Process groups with a live registration on this node (the runtime's health
+        check: a managed replica is healthy while its group holds one)."""
+        return {local.pgid for local in self.local.values() if local.pgid and not local.closed}
 
     def instances(self, service: str | None = None,
                   namespace: str | None = namespaces.DEFAULT) -> list[dict[str, Any]]:
@@ -173,7 +179,7 @@ class RegistryService:
         inst_id = f"{record['service']}-{os.urandom(4).hex()}"
         record.update({"id": inst_id, "node": self.node, "address": self.core.me.addr})
         local = LocalInstance(inst_id, record["service"], conn, trio.current_time(),
-                              record["namespace"])
+                              record["namespace"], pgid=_process_group(REQUEST_PID.get()))
         self.local[inst_id] = local
         self._write(inst_id, record)
         log.info("registered %s (%s in %s) from a local process", inst_id, record["service"],
@@ -307,6 +313,16 @@ class RegistryService:
         except (WireError, ValueError, TypeError) as exc:
             self.stats["registry_bad_messages"] += 1
             log.debug("bad registry message from %s: %s", ch.peer_addr, exc)
+
+
+def _process_group(pid: int) -> int:
+    """The process group of `pid` (0 when unknown or gone)."""
+    if pid <= 0:
+        return 0
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return 0
 
 
 def _decode(data: bytes) -> dict[str, Any]:

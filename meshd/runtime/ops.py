@@ -4,7 +4,10 @@ runtime:NAME in the request's namespace.
 Rules:
 - `runtime.run` writes a spec (a new one at version 1; an existing one is replaced and its
   version bumped, so its replicas are replaced). `runtime.update` bumps the version (with a
-  new source if given) of a spec that exists (404 otherwise). `runtime.kill` deletes it: its
+  new source if given) of a spec that exists (404 otherwise). Either keeps, as `stable`, the
+  version the running replicas are of (the old one, or while an earlier update has not rolled
+  out, the one before it): rollout.py replaces them one at a time and keeps them if the new
+  version fails. `runtime.kill` deletes it: its
   replicas stop on every node. `runtime.ps` lists every replica of the namespace (or of one
   spec): its node, state, pid, restarts, uptime, version and revision, and the slots that
   are not placed with the reason.
@@ -24,7 +27,8 @@ from meshd import namespaces
 from meshd.errors import bad_request, not_found
 from meshd.ops import REQUEST_TOKEN, Op, acting_node
 
-from .service import PLACEMENT, SPECS, STATUS, RuntimeService
+from .rollout import DONE, Rollout
+from .service import PLACEMENT, ROLLOUTS, SPECS, STATUS, RuntimeService
 from .spec import ID, parse_spec
 
 
@@ -62,7 +66,7 @@ class RuntimeOps:
         key = f"{spec.namespace}/{spec.name}"
         old = self.runtime.rows(SPECS, key).get(key)
         version = (old.get("version", 0) if isinstance(old, dict) else 0) + 1
-        record = {**spec.to_record(), "version": version}
+        record = self._with_stable(key, old, {**spec.to_record(), "version": version})
         await self.runtime.put(SPECS, key, record)
         self.runtime.wake()
         return {"name": spec.name, "namespace": spec.namespace, "version": version,
@@ -81,10 +85,22 @@ class RuntimeOps:
         if args.get("source"):
             record["source"] = args["source"]
         spec = parse_spec({**record, "version": int(old.get("version", 1)) + 1})
-        await self.runtime.put(SPECS, key, spec.to_record())
+        await self.runtime.put(SPECS, key, self._with_stable(key, old, spec.to_record()))
         self.runtime.wake()
         return {"name": name, "namespace": ns, "version": spec.version,
                 "source": str(spec.source)}
+
+    def _with_stable(self, key: str, old: Any, record: dict[str, Any]) -> dict[str, Any]:
+        """`record` (a new version of the spec at `key`) with the version its running
+        replicas are of as `stable`."""
+        if not isinstance(old, dict):
+            return record
+        rollout = Rollout.from_record(self.runtime.rows(ROLLOUTS, key).get(key))
+        stable = old.get("stable")
+        if not isinstance(stable, dict) or (rollout is not None and rollout.state == DONE
+                                            and rollout.version == old.get("version")):
+            stable = {k: v for k, v in old.items() if k != "stable"}
+        return {**record, "stable": stable}
 
     async def kill(self, args: dict[str, Any]) -> Any:
         ns, name = self._name(args)
@@ -114,15 +130,18 @@ class RuntimeOps:
             if rec.get("node") and isinstance(st, dict) and st.get("node") == rec["node"]:
                 started = st.get("started") or 0
                 rows.append({**st, "name": spec_name, "slot": slot,
+                             "target": rec.get("version"),
                              "uptime": round(now - started, 1)
                              if st.get("state") == "running" and started else None})
             else:
                 rows.append({"name": spec_name, "slot": slot, "node": rec.get("node") or "",
                              "state": "placed" if rec.get("node") else "pending",
                              "pid": 0, "restarts": 0, "uptime": None,
-                             "version": None, "revision": "",
+                             "version": None, "target": rec.get("version"),
+                             "revision": "",
                              "reason": rec.get("reason", "")})
         specs = self.runtime.rows(SPECS, f"{ns}/{name}" if name else f"{ns}/")
+        rollouts = self.runtime.rows(ROLLOUTS, f"{ns}/{name}" if name else f"{ns}/")
         if name:
             specs = {k: v for k, v in specs.items() if k == f"{ns}/{name}"}
             rows = [r for r in rows if r["name"] == name]
@@ -132,7 +151,7 @@ class RuntimeOps:
                 "specs": [{"name": k[len(ns) + 1:], "version": v.get("version"),
                            "source": _source_text(v.get("source")),
                            "replicas": v.get("replicas"), "placement": v.get("placement"),
-                           "restart": v.get("restart")}
+                           "restart": v.get("restart"), "rollout": rollouts.get(k)}
                           for k, v in sorted(specs.items()) if isinstance(v, dict)]}
 
 

@@ -18,6 +18,8 @@ Rules:
   coordinator decides alike).
 - A spec with fewer replicas than slots loses its highest slots; a slot that no node matches
   is left unplaced, with the reason (`pending`), and placed as soon as one does.
+- Which version of the spec a slot runs is not placement's business: a slot placed anew has
+  version 0 and rollout.py gives it one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ class Slot:
     node: str  # "" = not placed
     since: float  # when it was placed
     reason: str = ""  # why it is not placed
+    version: int = 0  # the spec's version it runs (0: not chosen yet: rollout.py chooses)
+    changed: float = 0.0  # when that version was chosen
+
+    def to_record(self) -> dict[str, object]:
+        return {"node": self.node, "since": self.since, "reason": self.reason,
+                "version": self.version, "changed": self.changed}
 
 
 @dataclass(frozen=True)

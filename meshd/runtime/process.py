@@ -17,6 +17,12 @@ Rules:
   before it runs.
 - The environment: this Python's, the spec's, then MESHD_* set by the runtime (the node's
   control socket, the service's token, namespace, replica), which the spec cannot override.
+- Health: a replica is healthy while its process group holds a registration in this node's
+  registry (`registered(pgid)`, from the control socket's peer credentials: nothing the
+  process claims). One that registered and then lost its registration (its heartbeat
+  stopped: hung, deadlocked, stopped) for `health_grace` seconds is stopped and restarted by
+  its policy as a failure ("health check failed"). A process that never registers (a worker)
+  is not judged by this check.
 - A source that cannot be prepared, or a command that cannot be started, is `failed` with
   the reason until the spec changes; the replica task then waits (the runtime replaces it
   when the spec's version changes).
@@ -42,6 +48,7 @@ from .sources import SourceError, Sources
 from .spec import Spec
 
 MAX_LINE = 8192
+HEALTH_EVERY = 1.0  # seconds between looks at the registry
 Logs = Callable[[str, str, list[dict[str, Any]]], Any]  # (service, instance, records)
 Environ = Callable[[Spec, str], Awaitable[dict[str, str]]]
 
@@ -58,12 +65,15 @@ class State:
     started: float = 0.0  # unix time of the current process's start
     reason: str = ""
     revision: str = ""
+    healthy: bool = False  # its process group holds a registration now
+    registered: bool = False  # it has registered since this replica started (ever)
 
     def to_row(self) -> dict[str, Any]:
         return {"name": self.spec, "slot": self.slot, "node": self.node,
                 "version": self.version, "state": self.state, "pid": self.pid,
                 "restarts": self.restarts, "started": self.started, "reason": self.reason,
-                "revision": self.revision}
+                "revision": self.revision, "healthy": self.healthy,
+                "registered": self.registered}
 
 
 PR_SET_PDEATHSIG = 1
@@ -140,7 +150,9 @@ class _Child:
 class Replica:
     def __init__(self, spec: Spec, slot: str, node: str, sources: Sources, environ: Environ,
                  logs: Logs, report: Callable[[State], None], stop_timeout: float = 10.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 registered: Callable[[int], bool] | None = None,
+                 health_grace: float = 10.0) -> None:
         self.spec = spec
         self.slot = slot
         self.instance = f"{spec.name}-{slot}"
@@ -152,6 +164,9 @@ class Replica:
         self.restarts = Restarts(spec.restart, rng or random.Random())
         self.state = State(spec.name, slot, node, spec.version, "preparing")
         self.process: _Child | None = None
+        self.registered = registered
+        self.health_grace = health_grace
+        self._unhealthy = ""  # why the runtime stopped the current process ("": it did not)
 
     def _set(self, **changes: Any) -> None:
         self.state = replace(self.state, restarts=self.restarts.count, **changes)
@@ -178,15 +193,15 @@ class Replica:
                           f"{' '.join(ready.argv)}: {exc.strerror or exc}")
                 self._log("error", self.state.reason)
                 return
-            decision = self.restarts.exited(code, ran, time.monotonic())
+            decision = self.restarts.exited(code, ran, time.monotonic(), self._unhealthy)
             self._log("warning" if code else "info",
                       f"{self.instance} ended ({decision.reason}); {decision.state}"
                       + (f" in {decision.delay:.2f} s" if decision.action == "restart"
                          else ""))
             if decision.action != "restart":
-                self._set(state=decision.state, pid=0, reason=decision.reason)
+                self._set(state=decision.state, pid=0, reason=decision.reason, healthy=False)
                 return
-            self._set(state="restarting", pid=0, reason=decision.reason)
+            self._set(state="restarting", pid=0, reason=decision.reason, healthy=False)
             await trio.sleep(decision.delay)
 
     async def _run_once(self, argv: tuple[str, ...], cwd: os.PathLike[str]
@@ -198,15 +213,20 @@ class Replica:
         proc = _Child.start(list(argv), cwd, env,
                             _child_setup(self.spec.memory_mb, self.spec.cpu_seconds))
         self.process = proc
+        self._unhealthy = ""
         t0 = time.monotonic()
         self._set(state="running", pid=proc.pid, started=time.time(), reason="")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, proc.stdout, "info", "stdout")
                 nursery.start_soon(self._forward, proc.stderr, "warning", "stderr")
+                watch = trio.CancelScope()
+                if self.registered is not None:
+                    nursery.start_soon(self._watch_health, proc, watch)
                 try:
                     await proc.wait()
                 finally:  # the group goes too, so nothing holds its pipes open
+                    watch.cancel()
                     with trio.CancelScope(shield=True):
                         await self._stop(proc)
                 nursery.cancel_scope.deadline = trio.current_time() + 1.0  # the last lines
@@ -218,11 +238,34 @@ class Replica:
         code = proc.returncode
         return (code if code is not None and code >= 0 else None), time.monotonic() - t0
 
+    async def _watch_health(self, proc: _Child, scope: trio.CancelScope) -> None:
+        """Looks at the registry every HEALTH_EVERY seconds; stops the process (SIGTERM to its
+        group) once it has been without the registration it had for health_grace seconds."""
+        assert self.registered is not None
+        missing_since: float | None = None
+        with scope:
+            while True:
+                await trio.sleep(HEALTH_EVERY)
+                healthy = self.registered(proc.pid)
+                if healthy != self.state.healthy:
+                    self._set(healthy=healthy, registered=self.state.registered or healthy)
+                if healthy or not self.state.registered:
+                    missing_since = None
+                    continue
+                now = time.monotonic()
+                missing_since = missing_since if missing_since is not None else now
+                if now - missing_since >= self.health_grace:
+                    self._unhealthy = (f"health check failed: no registration for "
+                                       f"{self.health_grace:g} s (its heartbeat stopped)")
+                    self._log("warning", f"{self.instance}: {self._unhealthy}; stopping it")
+                    _signal_group(proc.pid, signal.SIGTERM)
+                    return
+
     async def _stop(self, proc: _Child) -> None:
         """SIGTERM to the process group, SIGKILL after stop_timeout; also when the leader is
-        gone already (what it started goes too)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        gone already (what it started goes too). A stopped (SIGSTOP) group is continued so
+        it can take the SIGTERM."""
+        _signal_group(proc.pid, signal.SIGTERM)
         with trio.move_on_after(self.stop_timeout):
             await proc.wait()
             # the leader is gone: give the rest of its group the same chance
@@ -253,6 +296,14 @@ class Replica:
     def _log(self, level: str, message: str) -> None:
         self.logs(self.spec.name, self.instance,
                   [{"message": message, "level": level, "fields": {"stream": "runtime"}}])
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """`sig` to a process group, then SIGCONT (a stopped process takes no signal but
+    SIGKILL until it runs again); nothing when the group is gone."""
+    for s in (sig, signal.SIGCONT):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, s)
 
 
 def group_alive(pgid: int) -> bool:

@@ -2,7 +2,9 @@
 
 Rules:
 - Policies: `always` restarts whatever the exit; `on-failure` when the exit code is not 0 or a
-  signal ended it (a clean exit is `exited`); `never` leaves it `exited` or `crashed`.
+  signal ended it (a clean exit is `exited`); `never` leaves it `exited` or `crashed`. A
+  process the runtime stopped because it failed its health check (its registry heartbeat
+  stopped) ended in failure, whatever its exit code.
 - Backoff: the n-th restart in a row waits min(BACKOFF_MAX, BACKOFF_FIRST * 2^(n-1)) seconds,
   times a jitter in [0.5, 1.0) (processes that crashed together do not restart together). A
   process that ran for STABLE seconds resets the count.
@@ -52,13 +54,13 @@ class Restarts:
         recent = [t for t in self.starts if now - t <= START_WINDOW]
         return len(recent) < START_LIMIT
 
-    def exited(self, code: int | None, ran: float, now: float) -> Decision:
+    def exited(self, code: int | None, ran: float, now: float, why: str = "") -> Decision:
         """A decision once the process ended with `code` (None: killed by a signal) after
-        running `ran` seconds."""
-        failed = code != 0
+        running `ran` seconds; `why`: the runtime ended it for that reason (a failure)."""
+        failed = code != 0 or bool(why)
         how = "crashed" if failed else "exited"
-        detail = (f"exit code {code}" if code is not None else "killed by a signal") \
-            if failed else "exit code 0"
+        detail = why or ((f"exit code {code}" if code is not None else "killed by a signal")
+                         if failed else "exit code 0")
         if self.policy == "never" or (self.policy == "on-failure" and not failed):
             return Decision("stop", state=how, reason=detail)
         if ran >= STABLE:

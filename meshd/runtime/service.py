@@ -3,15 +3,19 @@ when it is the coordinator, and runs the replicas placed on this node (trio shel
 
 Theory of operation:
 - The store's system database "runtime" holds, per namespace, the specs (`specs`, key
-  `NS/NAME`), where each replica is placed (`placement`, key `NS/NAME/SLOT`) and how each
-  replica is doing (`status`, key `NS/NAME/SLOT`, written by the node that runs it). All
-  three replicate like every table, so every node sees the same desired state and a spec
-  changed anywhere takes effect everywhere.
+  `NS/NAME`: the current version, and the `stable` one it replaces while it rolls out), where
+  each replica is placed and which version it runs (`placement`, key `NS/NAME/SLOT`), each
+  spec's rollout (`rollouts`, key `NS/NAME`) and how each replica is doing (`status`, key
+  `NS/NAME/SLOT`, written by the node that runs it). All replicate like every table, so
+  every node sees the same desired state and a spec changed anywhere takes effect everywhere.
 - Reconcile (on start, on every change of that database, on every membership event, and every
   RECONCILE seconds): the coordinator (placement.coordinator: the alive member with the
-  lowest name) computes placement.plan and writes the changes; every node then starts a
-  `Replica` (process.py) for each slot placed on it and stops those no longer placed on it or
-  whose spec changed version (replaced by the new version's).
+  lowest name) computes placement.plan, then rollout.step for each spec, and writes the
+  changes; every node then starts a `Replica` (process.py) for each slot placed on it, of the
+  slot's version, and stops those no longer placed on it or whose slot changed version.
+- Health: a replica is healthy while its process group holds a registration in this node's
+  registry (`registered`); process.py restarts one whose registration went away, and the
+  rollout waits for each new replica to be healthy.
 - Stopping the runtime (the daemon stopping) cancels every replica: each process group is
   stopped; none outlives the daemon.
 
@@ -39,13 +43,14 @@ from meshd.membership.messages import STATE_NAMES
 
 from . import placement as pl
 from .process import Replica, State
+from .rollout import Rollout, step
 from .sources import Sources
 from .spec import Spec, parse_spec
 
 log = logging.getLogger("meshd.runtime")
 
 DB = "runtime"
-SPECS, PLACEMENT, STATUS = "specs", "placement", "status"
+SPECS, PLACEMENT, STATUS, ROLLOUTS = "specs", "placement", "status", "rollouts"
 RECONCILE = 5.0  # seconds between reconciles when nothing changes
 
 
@@ -53,7 +58,9 @@ class RuntimeService:
     def __init__(self, node: str, store: Any, core: Any, data_dir: Path, socket: Path,
                  logs: Callable[[str, str, list[dict[str, Any]]], Any],
                  service_token: Callable[[str, str], Any] | None = None,
-                 grace: float = 30.0, stop_timeout: float = 10.0) -> None:
+                 grace: float = 30.0, stop_timeout: float = 10.0,
+                 registered: Callable[[], set[int]] | None = None,
+                 health_grace: float = 10.0, healthy_deadline: float = 300.0) -> None:
         self.node = node
         self.store = store
         self.core = core
@@ -63,6 +70,9 @@ class RuntimeService:
         self.service_token = service_token
         self.grace = grace
         self.stop_timeout = stop_timeout
+        self.registered = registered
+        self.health_grace = health_grace
+        self.healthy_deadline = healthy_deadline
         self.down_since: dict[str, float] = {}
         self.running: dict[tuple[str, str, str], tuple[int, trio.CancelScope]] = {}
         self.stats = {"runtime_replicas": 0, "runtime_starts": 0, "runtime_reconciles": 0}
@@ -99,11 +109,14 @@ class RuntimeService:
             if exc.status != 404:
                 raise
 
-    def specs(self) -> list[Spec]:
-        out = []
+    def specs(self) -> dict[str, tuple[Spec, Spec | None]]:
+        """`NS/NAME` -> (the current spec, the stable one it replaces or None)."""
+        out = {}
         for key, record in self.rows(SPECS).items():
             try:
-                out.append(parse_spec(record))
+                spec = parse_spec(record)
+                stable = record.get("stable")
+                out[key] = (spec, parse_spec(stable) if isinstance(stable, dict) else None)
             except MeshError as exc:
                 log.warning("runtime spec %s cannot run: %s", key, exc.detail)
         return out
@@ -115,8 +128,10 @@ class RuntimeService:
             full, _, slot = key.rpartition("/")
             if not full or not isinstance(rec, dict) or not isinstance(rec.get("node"), str):
                 continue
-            out.setdefault(full, {})[slot] = pl.Slot(rec["node"], float(rec.get("since", 0)),
-                                                     str(rec.get("reason", "")))
+            version = rec.get("version")
+            out.setdefault(full, {})[slot] = pl.Slot(
+                rec["node"], float(rec.get("since", 0)), str(rec.get("reason", "")),
+                version if type(version) is int else 0, float(rec.get("changed", 0) or 0))
         return out
 
     # --- running ---------------------------------------------------------------------------
@@ -159,29 +174,25 @@ class RuntimeService:
 
     async def reconcile(self) -> None:
         self.stats["runtime_reconciles"] += 1
-        specs = {f"{s.namespace}/{s.name}": s for s in self.specs()}
+        specs = self.specs()
         nodes = self.nodes()
         placed = self.placed()
         if pl.coordinator(nodes) == self.node:
-            keyed = [_keyed(key, s) for key, s in specs.items()]
-            changes = pl.plan(keyed, placed, nodes, time.time(), self.grace)
-            for c in changes:
-                key = f"{c.spec}/{c.slot}"
-                if c.slot_value is None:
-                    await self.drop(PLACEMENT, key)
-                else:
-                    await self.put(PLACEMENT, key, {"node": c.slot_value.node,
-                                                    "since": c.slot_value.since,
-                                                    "reason": c.slot_value.reason})
-            placed = pl.apply(placed, changes)
-        wanted = {}
+            placed = await self._coordinate(specs, placed, nodes)
+        wanted: dict[tuple[str, str, str], Spec] = {}
+        waiting = set()  # slots of a version this node has not read yet: left as they are
         for full, slot in pl.mine(placed, self.node):
-            spec = specs.get(full)
-            if spec is not None:
-                wanted[(spec.namespace, spec.name, slot)] = spec
+            if full not in specs:
+                continue
+            spec = _of_version(*specs[full], placed[full][slot].version)
+            key = (specs[full][0].namespace, specs[full][0].name, slot)
+            if spec is None:
+                waiting.add(key)
+            else:
+                wanted[key] = spec
         for key, (version, scope) in list(self.running.items()):
             spec = wanted.get(key)
-            if spec is None or spec.version != version:
+            if key not in waiting and (spec is None or spec.version != version):
                 scope.cancel()  # the replica's task stops its process and forgets it
                 del self.running[key]
         for key, spec in wanted.items():
@@ -191,11 +202,58 @@ class RuntimeService:
                 self._nursery.start_soon(self._replica, spec, key[2], scope)
         self.stats["runtime_replicas"] = len(self.running)
 
+    async def _coordinate(self, specs: dict[str, tuple[Spec, Spec | None]],
+                          placed: dict[str, dict[str, pl.Slot]], nodes: list[pl.Node]
+                          ) -> dict[str, dict[str, pl.Slot]]:
+        """The coordinator's part: place the slots, step the rollouts, write the changes;
+        the placement after them."""
+        now = time.time()
+        keyed = [_keyed(key, s) for key, (s, _) in specs.items()]
+        changes = pl.plan(keyed, placed, nodes, now, self.grace)
+        placed = pl.apply(placed, changes)
+        writes: dict[str, pl.Slot | None] = {f"{c.spec}/{c.slot}": c.slot_value
+                                             for c in changes}
+        status: dict[str, dict[str, Any]] = {}
+        for key, row in self.rows(STATUS).items():
+            full, _, slot = key.rpartition("/")
+            status.setdefault(full, {})[slot] = row
+        rollouts = self.rows(ROLLOUTS)
+        for full, (spec, stable) in sorted(specs.items()):
+            old = Rollout.from_record(rollouts.get(full))
+            moved, rollout = step(spec.version, stable.version if stable else None,
+                                  placed.get(full, {}), status.get(full, {}), old, now,
+                                  self.healthy_deadline)
+            for slot, value in moved.items():
+                writes[f"{full}/{slot}"] = value
+                placed.setdefault(full, {})[slot] = value
+            if rollout != old:
+                if rollout is None:
+                    await self.drop(ROLLOUTS, full)
+                else:
+                    await self.put(ROLLOUTS, full, rollout.to_record())
+                    if old is None or old.state != rollout.state:
+                        log.info("runtime %s: v%d over v%d %s%s", full, rollout.version,
+                                 rollout.stable, rollout.state,
+                                 f": {rollout.reason}" if rollout.reason else "")
+        for full in set(rollouts) - set(specs):
+            await self.drop(ROLLOUTS, full)
+        for key, value in writes.items():
+            if value is None:
+                await self.drop(PLACEMENT, key)
+            else:
+                await self.put(PLACEMENT, key, value.to_record())
+        return placed
+
     async def _replica(self, spec: Spec, slot: str, scope: trio.CancelScope) -> None:
         """One replica's task: its failures are its own (logged, shown), never the node's."""
         key = f"{spec.namespace}/{spec.name}/{slot}"
+        registered = None
+        if self.registered is not None:
+            groups = self.registered
+            registered = lambda pgid: pgid in groups()  # noqa: E731
         replica = Replica(spec, slot, self.node, self.sources, self._environ, self.logs,
-                          lambda state: self._report(key, state), self.stop_timeout)
+                          lambda state: self._report(key, state), self.stop_timeout,
+                          registered=registered, health_grace=self.health_grace)
         self.stats["runtime_starts"] += 1
         with scope:
             try:
@@ -249,6 +307,18 @@ class RuntimeService:
                 name = path.replace(".", "_").replace("-", "_").upper()
                 env.setdefault(name, value if isinstance(value, str) else json.dumps(value))
         return env
+
+
+def _of_version(spec: Spec, stable: Spec | None, version: int) -> Spec | None:
+    """The spec a slot of `version` runs: the current one, the stable one, or None when the
+    slot names a version newer than this node has read (it waits for the spec to arrive).
+    A slot of no version yet, or of one neither is (an interrupted rollout's), runs the
+    current spec."""
+    if stable is not None and version == stable.version:
+        return stable
+    if version > spec.version:
+        return None
+    return spec
 
 
 def _keyed(key: str, spec: Spec) -> Spec:

@@ -121,3 +121,127 @@ def test_a_restarted_node_brings_its_replicas_back_and_stopping_leaves_no_orphan
     wait_for(lambda: running(a, "everywhere", 2), 40, "b's replica back")
     new = next(x for x in replicas(a, "everywhere") if x["node"] == "b")
     assert new["pid"] != on_b["pid"]
+
+
+TAGGED = '''
+import trio
+from dataclasses import dataclass
+from sdk import Service
+
+VERSION = "{version}"
+{crash}
+
+@dataclass
+class Req:
+    name: str
+
+
+@dataclass
+class Resp:
+    msg: str
+
+
+service = Service("tagged")
+
+
+@service.handler("Tagged.Version")
+async def version(req: Req) -> Resp:
+    return Resp(msg=f"{{VERSION}} for {{req.name}}")
+
+
+trio.run(service.run)
+'''
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True, env=env).stdout.strip()
+
+
+def tagged_repo(tmp_path: Path) -> Path:
+    """A local git repository with tags v1 and v2 (answering their version) and v3 (exits
+    at once)."""
+    repo = tmp_path / "tagged"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    for tag, crash in (("v1", ""), ("v2", ""), ("v3", "raise SystemExit(3)")):
+        (repo / "main.py").write_text(TAGGED.format(version=tag, crash=crash))
+        git(repo, "add", "main.py")
+        git(repo, "commit", "-q", "-m", tag)
+        git(repo, "tag", tag)
+    return repo
+
+
+def answers(d, n: int = 4) -> set[str]:
+    out = set()
+    for _ in range(n):
+        r = meshd(d, "call", "tagged", "Tagged.Version", '{"name": "x"}', "--json")
+        if r.returncode == 0:
+            out.add(json.loads(r.stdout)["msg"])
+    return out
+
+
+def test_git_tags_rolling_update_a_failed_version_kept_back_and_health_restarts(
+        cluster, tmp_path):
+    env = {**ENV, "MESHD_RUNTIME_HEALTHY_DEADLINE": "20", "MESHD_RUNTIME_HEALTH_GRACE": "1",
+           "MESHD_RPC_INSTANCE_TTL": "2"}
+    a = cluster.add("a", env=env)
+    b = cluster.add("b", join=[a.addr], env=env)
+    ready(a, b)
+    repo = tagged_repo(tmp_path)
+    ok(a, "run", f"{repo}@v1", "--name", "tagged", "--replicas", "2")
+    wait_for(lambda: running(a, "tagged", 2), 40, "two v1 replicas")
+    v1 = {x["slot"]: x for x in replicas(a, "tagged")}
+    assert {x["revision"] for x in v1.values()} == {git(repo, "rev-parse", "v1^{commit}")}
+    wait_for(lambda: answers(a) == {"v1 for x"}, 20, "v1 answers")
+
+    # a rolling update to v2: one replica at a time, the next after the new one is healthy
+    ok(a, "update", "tagged", f"{repo}@v2")
+    seen = []
+    def rolled() -> bool:
+        r = ok(a, "ps", "tagged")
+        seen.append(r)
+        return (r["specs"][0]["rollout"] or {}).get("state") == "done" and running(
+            a, "tagged", 2)
+    wait_for(rolled, 60, "v2 rolled out")
+    both = [[x for x in r["replicas"]] for r in seen]
+    # one moved while the other still ran v1 ...
+    assert any(sorted(x.get("target") for x in rows) == [1, 2]
+               and any(x["version"] == 1 and x["state"] == "running" for x in rows)
+               for rows in both), seen
+    # ... and never both at once: when both are moved, one of them already runs v2 healthy
+    for rows in both:
+        if [x.get("target") for x in rows] == [2, 2]:
+            assert any(x["version"] == 2 and x["state"] == "running" and x["healthy"]
+                       for x in rows), rows
+    v2 = replicas(a, "tagged")
+    assert {x["version"] for x in v2} == {2}
+    assert {x["revision"] for x in v2} == {git(repo, "rev-parse", "v2^{commit}")}
+    wait_for(lambda: answers(a) == {"v2 for x"}, 20, "v2 answers")
+
+    # v3 exits at once: the rollout fails on its first replica and v2 is kept
+    ok(a, "update", "tagged", f"{repo}@v3")
+    wait_for(lambda: (ok(a, "ps", "tagged")["specs"][0]["rollout"] or {}).get("state")
+             == "failed", 40, "the v3 rollout failed")
+    (spec,) = ok(a, "ps", "tagged")["specs"]
+    assert spec["version"] == 3 and "v2 kept" in spec["rollout"]["reason"]
+    assert "exit code 3" in spec["rollout"]["reason"], spec
+    wait_for(lambda: running(a, "tagged", 2)
+             and {x["version"] for x in replicas(a, "tagged")} == {2}, 30, "v2 back")
+    assert answers(a) == {"v2 for x"}
+    text = meshd(a, "ps", "tagged").stdout
+    assert "tagged: v3 failed to roll out" in text, text
+
+    # the health check: a replica that hangs (SIGSTOP: its heartbeat stops) is restarted
+    victim = replicas(a, "tagged")[0]
+    os.kill(victim["pid"], signal.SIGSTOP)
+    wait_for(lambda: any(x["slot"] == victim["slot"] and x["state"] == "running"
+                         and x["pid"] != victim["pid"] for x in replicas(a, "tagged")),
+             30, "the hung replica restarted")
+    after = next(x for x in replicas(a, "tagged") if x["slot"] == victim["slot"])
+    assert after["restarts"] == victim["restarts"] + 1
+    assert not group_alive(victim["pid"])
+    logged = meshd(a, "logs", "tagged", "-n", "200").stdout
+    assert "health check failed" in logged, logged

@@ -115,3 +115,37 @@ async def test_killed_by_a_signal_is_a_crash(tmp_path):
         await replica.run()
     assert states[-1].state == "crashed" and "signal" in states[-1].reason
     assert signal.SIGKILL and sys.platform.startswith("linux")
+
+
+async def test_a_replica_whose_registration_goes_away_is_restarted_as_a_failure(tmp_path):
+    """The health check: registered, then not (its heartbeat stopped) for health_grace:
+    stopped (SIGTERM, even when SIGSTOPped) and restarted by its policy, the reason shown.
+    Never registering is not judged (a worker)."""
+    replica, states, logs = make(tmp_path, "import time\nwhile True: time.sleep(1)\n",
+                                 restart="on-failure")
+    registered: set[int] = set()
+    replica.registered = lambda pgid: pgid in registered
+    replica.health_grace = 1.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replica.run)
+        with trio.fail_after(20):
+            while not (replica.state.state == "running" and replica.state.pid):
+                await trio.sleep(0.05)
+            first = replica.state.pid
+            await trio.sleep(2.5)  # never registered: not judged, still the same process
+            assert replica.state.pid == first and not replica.state.registered
+            registered.add(first)
+            while not replica.state.healthy:
+                await trio.sleep(0.05)
+            assert replica.state.registered
+            os.kill(first, signal.SIGSTOP)  # hung: its heartbeat stops
+            registered.clear()
+            while replica.state.pid in (0, first):
+                await trio.sleep(0.05)
+        assert not group_alive(first)
+        assert replica.state.restarts == 1 and not replica.state.healthy
+        restarting = [s for s in states if s.state == "restarting"]
+        assert restarting and restarting[0].reason.startswith("health check failed")
+        assert any("health check failed" in r["message"] for r in
+                   (r for _, _, r in logs if r["fields"]["stream"] == "runtime"))
+        nursery.cancel_scope.cancel()
