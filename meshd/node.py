@@ -256,7 +256,7 @@ class Node:
             self.name, self.store, self.core, self.data_dir, socket_path(self.data_dir),
             self.debug.take_logs, self.auth.service_token, s.runtime.grace,
             s.runtime.stop_timeout, self.registry.registered_groups, s.runtime.health_grace,
-            s.runtime.healthy_deadline)
+            s.runtime.healthy_deadline, s.runtime.keep_on_exit)
         self.membership.listeners.append(self.runtime.wake)
         self.links.my_name = self.name
         self.links.route = self._relay_route

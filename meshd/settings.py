@@ -405,6 +405,8 @@ class RuntimeSettings:
     health_grace: float = 10.0
     # A rolling update fails when a new replica is not healthy this long after it started.
     healthy_deadline: float = 300.0
+    # Leave the replicas running when the daemon stops; the next daemon adopts them.
+    keep_on_exit: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,9 @@ Rules:
   message, and the service keeps serving. Each call runs in its own task.
 - `await service.run()` registers through the local daemon and serves until cancelled; the
   registration lives as long as the connection (heartbeats keep it within the daemon's TTL).
+  When the daemon goes away, run() raises 503; with `reconnect=True` (or MESHD_RECONNECT=1,
+  which the runtime sets for processes it keeps over a daemon restart) it registers again
+  as soon as a daemon answers (backoff RECONNECT_FIRST doubling to RECONNECT_MAX).
 - The built-in endpoint "__health__" answers {"status": "ok"}.
 - `@service.subscriber(pattern, queue=, durable=)` on `async def f(event: Event)`: each
   message's body is checked and built as Event; returning acks, raising naks (durable
@@ -43,6 +46,7 @@ from .logship import Shipper
 from .schema import SchemaError, describe, dump, load
 
 log = logging.getLogger("sdk.service")
+RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0
 
 
 @dataclass(frozen=True)
@@ -200,12 +204,25 @@ class ServerStream:
         await self._conn.send({"sid": self._sid, "msg": dump(message)})
 
 
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` (or every exception in it) says the daemon went away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_connection_lost(e) for e in exc.exceptions)
+    if isinstance(exc, MeshError):
+        return exc.status == 503
+    return isinstance(exc, OSError | EOFError | trio.BrokenResourceError
+                      | trio.ClosedResourceError)
+
+
 class Service:
     def __init__(self, name: str, version: str = "latest",
                  metadata: dict[str, str] | None = None,
                  addr: str | os.PathLike[str] | None = None,
-                 namespace: str | None = None, http: str | None = None) -> None:
+                 namespace: str | None = None, http: str | None = None,
+                 reconnect: bool | None = None) -> None:
         self.name = name
+        self.reconnect = os.environ.get("MESHD_RECONNECT") == "1" if reconnect is None \
+            else reconnect
         self.namespace = namespaces.check(namespace) if namespace else namespaces.from_env()
         self.version = version
         self.metadata = dict(metadata or {})
@@ -286,54 +303,77 @@ class Service:
                               for e in self.endpoints.values()]}
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        client = ControlClient(self.path)
         shipper = Shipper(_current_trace_id)
         self.logs = shipper
         unship = shipper.install()  # this task and the ones it starts ship their logging
+        started = False
+        delay = RECONNECT_FIRST
         try:
-            info, conn = await client.session("service.register", **self._registration())
-            self.instance_id = info["id"]
-            self.token = info.get("token")
-            _SERVICE_TOKEN.set(self.token)  # calls made from our handlers carry who we are
-            _SERVICE_NAMESPACE.set(self.namespace)  # ... and stay in our namespace
-            ttl = float(info.get("ttl", 15.0))
-            log.info("registered %s as %s in namespace %s on node %s", self.name,
-                     self.instance_id, self.namespace, info.get("node"))
-            self.registered.set()
-            task_status.started(self.instance_id)
-            streams: dict[int, ServerStream] = {}
-            async with trio.open_nursery() as nursery:
-                if isinstance(conn.framed, Framed):  # replies queued, sent together
-                    nursery.start_soon(conn.framed.run_flusher)
-                nursery.start_soon(self._heartbeat, conn, ttl)
-                nursery.start_soon(shipper.run, conn.send)
-                for sub in self.subscribers:
-                    await nursery.start(self._subscribe, sub)
-                while True:
-                    try:
-                        msg = await conn.receive()
-                    except EOFError:
-                        nursery.cancel_scope.cancel()
-                        break
-                    if not isinstance(msg, dict):
-                        continue
-                    if "call" in msg:
-                        nursery.start_soon(self._serve_call, conn, msg)
-                    elif "open" in msg:
-                        credit = msg.get("credit") if isinstance(msg.get("credit"), int) \
-                            else 16
-                        stream = ServerStream(conn, msg["open"], credit)
-                        streams[msg["open"]] = stream
-                        nursery.start_soon(self._serve_stream, conn, msg, stream, streams)
-                    elif "sid" in msg:
-                        target = streams.get(msg["sid"])
-                        if target is not None:
-                            target.on_frame(msg)  # never blocks: credits bound the flow
+            while True:
+                client = ControlClient(self.path)
+                try:
+                    await self._session(client, shipper,
+                                        trio.TASK_STATUS_IGNORED if started else task_status)
+                    delay = RECONNECT_FIRST  # it was registered: the next try comes soon
+                except (OSError, EOFError, MeshError, trio.BrokenResourceError,
+                        trio.ClosedResourceError, BaseExceptionGroup) as exc:
+                    if not self.reconnect or not _connection_lost(exc):
+                        raise
+                finally:
+                    started = started or self.registered.is_set()
+                    await client.aclose()
+                if not self.reconnect:
+                    # raised outside the nursery, so callers get it as is
+                    raise MeshError(503, "the daemon closed the service connection",
+                                    id="sdk")
+                log.warning("the daemon is not answering; registering %s again in %.1f s",
+                            self.name, delay)
+                await trio.sleep(delay)
+                delay = min(RECONNECT_MAX, delay * 2)
         finally:
             unship()
-            await client.aclose()
-        # raised outside the nursery, so callers get it as is, not inside an exception group
-        raise MeshError(503, "the daemon closed the service connection", id="sdk")
+
+    async def _session(self, client: ControlClient, shipper: Shipper,
+                       task_status: Any) -> None:
+        """One registration: serves until the daemon closes the connection."""
+        info, conn = await client.session("service.register", **self._registration())
+        self.instance_id = info["id"]
+        self.token = info.get("token")
+        _SERVICE_TOKEN.set(self.token)  # calls made from our handlers carry who we are
+        _SERVICE_NAMESPACE.set(self.namespace)  # ... and stay in our namespace
+        ttl = float(info.get("ttl", 15.0))
+        log.info("registered %s as %s in namespace %s on node %s", self.name,
+                 self.instance_id, self.namespace, info.get("node"))
+        self.registered.set()
+        task_status.started(self.instance_id)
+        streams: dict[int, ServerStream] = {}
+        async with trio.open_nursery() as nursery:
+            if isinstance(conn.framed, Framed):  # replies queued, sent together
+                nursery.start_soon(conn.framed.run_flusher)
+            nursery.start_soon(self._heartbeat, conn, ttl)
+            nursery.start_soon(shipper.run, conn.send)
+            for sub in self.subscribers:
+                await nursery.start(self._subscribe, sub)
+            while True:
+                try:
+                    msg = await conn.receive()
+                except EOFError:
+                    nursery.cancel_scope.cancel()
+                    break
+                if not isinstance(msg, dict):
+                    continue
+                if "call" in msg:
+                    nursery.start_soon(self._serve_call, conn, msg)
+                elif "open" in msg:
+                    credit = msg.get("credit") if isinstance(msg.get("credit"), int) \
+                        else 16
+                    stream = ServerStream(conn, msg["open"], credit)
+                    streams[msg["open"]] = stream
+                    nursery.start_soon(self._serve_stream, conn, msg, stream, streams)
+                elif "sid" in msg:
+                    target = streams.get(msg["sid"])
+                    if target is not None:
+                        target.on_frame(msg)  # never blocks: credits bound the flow
 
     async def _subscribe(self, spec: Subscriber,
                          task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

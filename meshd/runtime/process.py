@@ -39,10 +39,12 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import trio
 
+from .procfiles import Leftover, OutputFile, ProcFiles, start_time
 from .restart import Restarts
 from .sources import SourceError, Sources
 from .spec import Spec
@@ -79,16 +81,18 @@ class State:
 PR_SET_PDEATHSIG = 1
 
 
-def _child_setup(memory_mb: int, cpu_seconds: int) -> Callable[[], None]:
+def _child_setup(memory_mb: int, cpu_seconds: int, deathsig: bool = True
+                 ) -> Callable[[], None]:
     """What the child does before it runs the command: die with the daemon (SIGKILL when
-    the thread that started it, the daemon's only one, ends: even on kill -9), and take the
-    spec's limits."""
+    the thread that started it, the daemon's only one, ends: even on kill -9) unless it is
+    to outlive it (keep_on_exit), and take the spec's limits."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
 
     def apply() -> None:  # in the child, before exec
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if deathsig:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if memory_mb:
             size = memory_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (size, size))
@@ -99,43 +103,66 @@ def _child_setup(memory_mb: int, cpu_seconds: int) -> Callable[[], None]:
 
 class _Child:
     """A process started from the daemon's own thread (so the parent-death signal follows
-    the daemon, not a worker thread), its output pipes as trio streams, its exit awaited on
-    a pidfd (polled where there is none)."""
+    the daemon, not a worker thread), or adopted from an earlier daemon; its output as
+    chunk streams (pipes, or files it appends to); its exit awaited on a pidfd (polled where
+    there is none). An adopted process is not our child: its end is seen, not its code."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], stdout: Any, stderr: Any) -> None:
+    def __init__(self, pid: int, stdout: Any, stderr: Any,
+                 popen: subprocess.Popen[bytes] | None = None) -> None:
         self.popen = popen
-        self.pid = popen.pid
+        self.pid = pid
+        self.start_time = start_time(pid) if popen is None else None
         self.stdout = stdout
         self.stderr = stderr
         self.returncode: int | None = None
+        self.ended = False
 
     @classmethod
     def start(cls, argv: list[str], cwd: Any, env: dict[str, str],
-              setup: Callable[[], None]) -> _Child:
-        r_out, w_out = os.pipe()
-        r_err, w_err = os.pipe()
+              setup: Callable[[], None], files: tuple[Path, Path] | None = None) -> _Child:
+        if files is None:
+            r_out, w_out = os.pipe()
+            r_err, w_err = os.pipe()
+        else:
+            for path in files:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            w_out, w_err = (os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                            for path in files)
         try:
             popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                      stdout=w_out, stderr=w_err, start_new_session=True,
                                      preexec_fn=setup, close_fds=True)
         except BaseException:
-            for fd in (r_out, r_err):
-                os.close(fd)
+            if files is None:
+                for fd in (r_out, r_err):
+                    os.close(fd)
             raise
         finally:
             os.close(w_out)
             os.close(w_err)
-        return cls(popen, trio.lowlevel.FdStream(r_out), trio.lowlevel.FdStream(r_err))
+        if files is not None:
+            return cls(popen.pid, OutputFile(files[0]), OutputFile(files[1]), popen)
+        return cls(popen.pid, trio.lowlevel.FdStream(r_out), trio.lowlevel.FdStream(r_err),
+                   popen)
 
-    async def wait(self) -> int:
-        if self.returncode is not None:
+    @classmethod
+    def adopt(cls, pid: int, files: tuple[Path, Path]) -> _Child:
+        return cls(pid, OutputFile(files[0]), OutputFile(files[1]))
+
+    def running(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return self.start_time is not None and start_time(self.pid) == self.start_time
+
+    async def wait(self) -> int | None:
+        if self.ended:
             return self.returncode
         try:
             fd = os.pidfd_open(self.pid)
         except (AttributeError, OSError):
             fd = -1
         try:
-            while self.popen.poll() is None:
+            while self.running():
                 if fd >= 0:
                     await trio.lowlevel.wait_readable(fd)
                 else:
@@ -143,8 +170,14 @@ class _Child:
         finally:
             if fd >= 0:
                 os.close(fd)
-        self.returncode = self.popen.returncode
+        self.ended = True
+        self.returncode = self.popen.returncode if self.popen is not None else None
         return self.returncode
+
+    def finish_output(self) -> None:
+        for stream in (self.stdout, self.stderr):
+            if isinstance(stream, OutputFile):
+                stream.finish()
 
 
 class Replica:
@@ -152,7 +185,9 @@ class Replica:
                  logs: Logs, report: Callable[[State], None], stop_timeout: float = 10.0,
                  rng: random.Random | None = None,
                  registered: Callable[[int], bool] | None = None,
-                 health_grace: float = 10.0) -> None:
+                 health_grace: float = 10.0, procs: ProcFiles | None = None,
+                 keep_on_exit: Callable[[], bool] | None = None,
+                 adopt: Leftover | None = None) -> None:
         self.spec = spec
         self.slot = slot
         self.instance = f"{spec.name}-{slot}"
@@ -167,6 +202,11 @@ class Replica:
         self.registered = registered
         self.health_grace = health_grace
         self._unhealthy = ""  # why the runtime stopped the current process ("": it did not)
+        self.procs = procs  # where its process's record (and output files) are kept
+        # keep_on_exit: None (off: output through pipes, the process dies with the daemon),
+        # or whether the daemon is leaving now (the process then runs on, to be adopted)
+        self.keep_on_exit = keep_on_exit
+        self.adopt = adopt
 
     def _set(self, **changes: Any) -> None:
         self.state = replace(self.state, restarts=self.restarts.count, **changes)
@@ -186,14 +226,17 @@ class Replica:
         while True:
             now = time.monotonic()
             self.restarts.started(now)
+            adopt, self.adopt = self.adopt, None
             try:
-                code, ran = await self._run_once(ready.argv, ready.cwd)
+                code, ran = await self._run_once(ready.argv, ready.cwd, adopt)
             except OSError as exc:
                 self._set(state="failed", pid=0, reason=f"cannot start "
                           f"{' '.join(ready.argv)}: {exc.strerror or exc}")
                 self._log("error", self.state.reason)
                 return
-            decision = self.restarts.exited(code, ran, time.monotonic(), self._unhealthy)
+            why = self._unhealthy or ("it ended; its exit code is unknown (adopted from an "
+                                      "earlier daemon)" if adopt is not None else "")
+            decision = self.restarts.exited(code, ran, time.monotonic(), why)
             self._log("warning" if code else "info",
                       f"{self.instance} ended ({decision.reason}); {decision.state}"
                       + (f" in {decision.delay:.2f} s" if decision.action == "restart"
@@ -204,18 +247,35 @@ class Replica:
             self._set(state="restarting", pid=0, reason=decision.reason, healthy=False)
             await trio.sleep(decision.delay)
 
-    async def _run_once(self, argv: tuple[str, ...], cwd: os.PathLike[str]
-                        ) -> tuple[int | None, float]:
-        """Start the process, forward its output, wait for it; (exit code or None for a
-        signal, seconds it ran). Cancelled: the process group is stopped first."""
-        env = {**os.environ, **self.spec.env, **await self.environ(self.spec, self.slot)}
-        self._set(state="starting")
-        proc = _Child.start(list(argv), cwd, env,
-                            _child_setup(self.spec.memory_mb, self.spec.cpu_seconds))
+    async def _run_once(self, argv: tuple[str, ...], cwd: os.PathLike[str],
+                        adopt: Leftover | None = None) -> tuple[int | None, float]:
+        """Start the process (or adopt the one an earlier daemon left), forward its output,
+        wait for it; (exit code or None for a signal, seconds it ran). Cancelled: the process
+        group is stopped first, unless the daemon is leaving with keep_on_exit."""
+        spec, slot = self.spec, self.slot
+        files = self.procs.output(spec.namespace, spec.name, slot) \
+            if self.procs is not None and self.keep_on_exit is not None else None
+        if adopt is not None and files is not None:
+            proc = _Child.adopt(adopt.pid, files)
+            started = adopt.started
+            self._log("info", f"{self.instance}: adopted pid {adopt.pid} from an earlier "
+                      "daemon")
+        else:
+            env = {**os.environ, **spec.env, **await self.environ(spec, slot)}
+            self._set(state="starting")
+            proc = _Child.start(list(argv), cwd, env,
+                                _child_setup(spec.memory_mb, spec.cpu_seconds,
+                                             deathsig=files is None), files)
+            started = time.time()
+            if self.procs is not None:
+                self.procs.record(Leftover(spec.namespace, spec.name, slot, proc.pid,
+                                           start_time(proc.pid) or 0, spec.version,
+                                           self.state.revision, started, files is not None))
         self.process = proc
         self._unhealthy = ""
-        t0 = time.monotonic()
-        self._set(state="running", pid=proc.pid, started=time.time(), reason="")
+        leaving = False
+        t0 = time.monotonic() - (time.time() - started)
+        self._set(state="running", pid=proc.pid, started=started, reason="")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, proc.stdout, "info", "stdout")
@@ -225,16 +285,23 @@ class Replica:
                     nursery.start_soon(self._watch_health, proc, watch)
                 try:
                     await proc.wait()
+                except trio.Cancelled:
+                    leaving = self.keep_on_exit is not None and self.keep_on_exit()
+                    raise
                 finally:  # the group goes too, so nothing holds its pipes open
                     watch.cancel()
-                    with trio.CancelScope(shield=True):
-                        await self._stop(proc)
+                    if not leaving:
+                        with trio.CancelScope(shield=True):
+                            await self._stop(proc)
+                    proc.finish_output()
                 nursery.cancel_scope.deadline = trio.current_time() + 1.0  # the last lines
         finally:
             self.process = None
             with trio.CancelScope(shield=True):
                 for stream in (proc.stdout, proc.stderr):
                     await stream.aclose()
+            if self.procs is not None and not leaving:
+                self.procs.forget(spec.namespace, spec.name, slot)
         code = proc.returncode
         return (code if code is not None and code >= 0 else None), time.monotonic() - t0
 
@@ -258,14 +325,14 @@ class Replica:
                     self._unhealthy = (f"health check failed: no registration for "
                                        f"{self.health_grace:g} s (its heartbeat stopped)")
                     self._log("warning", f"{self.instance}: {self._unhealthy}; stopping it")
-                    _signal_group(proc.pid, signal.SIGTERM)
+                    signal_group(proc.pid, signal.SIGTERM)
                     return
 
     async def _stop(self, proc: _Child) -> None:
         """SIGTERM to the process group, SIGKILL after stop_timeout; also when the leader is
         gone already (what it started goes too). A stopped (SIGSTOP) group is continued so
         it can take the SIGTERM."""
-        _signal_group(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, signal.SIGTERM)
         with trio.move_on_after(self.stop_timeout):
             await proc.wait()
             # the leader is gone: give the rest of its group the same chance
@@ -298,7 +365,7 @@ class Replica:
                   [{"message": message, "level": level, "fields": {"stream": "runtime"}}])
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
     """`sig` to a process group, then SIGCONT (a stopped process takes no signal but
     SIGKILL until it runs again); nothing when the group is gone."""
     for s in (sig, signal.SIGCONT):

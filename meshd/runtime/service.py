@@ -17,7 +17,11 @@ Theory of operation:
   registry (`registered`); process.py restarts one whose registration went away, and the
   rollout waits for each new replica to be healthy.
 - Stopping the runtime (the daemon stopping) cancels every replica: each process group is
-  stopped; none outlives the daemon.
+  stopped; none outlives the daemon. With `keep_on_exit` they are left running instead, and
+  the next daemon adopts them (procfiles.py records each process): a leftover wanted at its
+  version becomes that replica again, with its pid and start time; one not wanted by a
+  reconcile LEFTOVER_WAIT seconds after start (or any, without keep_on_exit: a daemon that
+  crashed) is stopped, its process group first signalled SIGTERM, then SIGKILL.
 
 Rules:
 - Only this module writes the runtime database (a user reaches it through the runtime ops,
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -42,7 +47,8 @@ from meshd.errors import MeshError
 from meshd.membership.messages import STATE_NAMES
 
 from . import placement as pl
-from .process import Replica, State
+from .process import Replica, State, group_alive, signal_group
+from .procfiles import Leftover, ProcFiles
 from .rollout import Rollout, step
 from .sources import Sources
 from .spec import Spec, parse_spec
@@ -52,6 +58,7 @@ log = logging.getLogger("meshd.runtime")
 DB = "runtime"
 SPECS, PLACEMENT, STATUS, ROLLOUTS = "specs", "placement", "status", "rollouts"
 RECONCILE = 5.0  # seconds between reconciles when nothing changes
+LEFTOVER_WAIT = 10.0  # seconds after start before a leftover no spec wants is stopped
 
 
 class RuntimeService:
@@ -60,7 +67,8 @@ class RuntimeService:
                  service_token: Callable[[str, str], Any] | None = None,
                  grace: float = 30.0, stop_timeout: float = 10.0,
                  registered: Callable[[], set[int]] | None = None,
-                 health_grace: float = 10.0, healthy_deadline: float = 300.0) -> None:
+                 health_grace: float = 10.0, healthy_deadline: float = 300.0,
+                 keep_on_exit: bool = False) -> None:
         self.node = node
         self.store = store
         self.core = core
@@ -73,6 +81,10 @@ class RuntimeService:
         self.registered = registered
         self.health_grace = health_grace
         self.healthy_deadline = healthy_deadline
+        self.keep_on_exit = keep_on_exit
+        self.procs = ProcFiles(data_dir / "runtime" / "procs")
+        self.leftovers: dict[tuple[str, str, str], Leftover] = {}
+        self._started_at = 0.0
         self.down_since: dict[str, float] = {}
         self.running: dict[tuple[str, str, str], tuple[int, trio.CancelScope]] = {}
         self.stats = {"runtime_replicas": 0, "runtime_starts": 0, "runtime_reconciles": 0}
@@ -142,6 +154,15 @@ class RuntimeService:
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._started_at = time.monotonic()
+            for item in self.procs.leftovers():
+                key = (item.namespace, item.name, item.slot)
+                if self.keep_on_exit and item.files:
+                    self.leftovers[key] = item
+                else:
+                    log.warning("runtime: a process of %s/%s/%s (pid %d) outlived its "
+                                "daemon: stopping it", *key, item.pid)
+                    nursery.start_soon(self._stop_leftover, item)
             nursery.start_soon(self.store.watch, {"database": DB}, self._changed)
             nursery.start_soon(self._write_status)
             task_status.started()
@@ -199,7 +220,19 @@ class RuntimeService:
             if key not in self.running and self._nursery is not None:
                 scope = trio.CancelScope()
                 self.running[key] = (spec.version, scope)
-                self._nursery.start_soon(self._replica, spec, key[2], scope)
+                adopt = self.leftovers.pop(key, None)
+                if adopt is not None and adopt.version != spec.version:
+                    self._nursery.start_soon(self._stop_leftover, adopt)
+                    adopt = None
+                self._nursery.start_soon(self._replica, spec, key[2], scope, adopt)
+        if self.leftovers and time.monotonic() - self._started_at >= LEFTOVER_WAIT \
+                and self._nursery is not None:
+            for key, item in list(self.leftovers.items()):
+                if key not in wanted:
+                    log.info("runtime: %s/%s/%s (pid %d) left by an earlier daemon is no "
+                             "longer wanted here: stopping it", *key, item.pid)
+                    del self.leftovers[key]
+                    self._nursery.start_soon(self._stop_leftover, item)
         self.stats["runtime_replicas"] = len(self.running)
 
     async def _coordinate(self, specs: dict[str, tuple[Spec, Spec | None]],
@@ -244,7 +277,19 @@ class RuntimeService:
                 await self.put(PLACEMENT, key, value.to_record())
         return placed
 
-    async def _replica(self, spec: Spec, slot: str, scope: trio.CancelScope) -> None:
+    async def _stop_leftover(self, item: Leftover) -> None:
+        """Stop a process group an earlier daemon left (SIGTERM, SIGKILL after
+        stop_timeout) and forget its record."""
+        signal_group(item.pid, signal.SIGTERM)
+        with trio.move_on_after(self.stop_timeout):
+            while group_alive(item.pid):
+                await trio.sleep(0.1)
+        if group_alive(item.pid):
+            signal_group(item.pid, signal.SIGKILL)
+        self.procs.forget(item.namespace, item.name, item.slot)
+
+    async def _replica(self, spec: Spec, slot: str, scope: trio.CancelScope,
+                       adopt: Leftover | None = None) -> None:
         """One replica's task: its failures are its own (logged, shown), never the node's."""
         key = f"{spec.namespace}/{spec.name}/{slot}"
         registered = None
@@ -253,7 +298,10 @@ class RuntimeService:
             registered = lambda pgid: pgid in groups()  # noqa: E731
         replica = Replica(spec, slot, self.node, self.sources, self._environ, self.logs,
                           lambda state: self._report(key, state), self.stop_timeout,
-                          registered=registered, health_grace=self.health_grace)
+                          registered=registered, health_grace=self.health_grace,
+                          procs=self.procs, adopt=adopt,
+                          keep_on_exit=(lambda: not scope.cancel_called)
+                          if self.keep_on_exit else None)
         self.stats["runtime_starts"] += 1
         with scope:
             try:
@@ -297,6 +345,8 @@ class RuntimeService:
     async def _environ(self, spec: Spec, slot: str) -> dict[str, str]:
         env = {"MESHD_ADDR": str(self.socket), "MESHD_NAMESPACE": spec.namespace,
                "MESHD_REPLICA": f"{spec.name}-{slot}", "MESHD_NODE_NAME": self.node}
+        if self.keep_on_exit:  # it outlives this daemon: it registers again with the next
+            env["MESHD_RECONNECT"] = "1"
         if self.service_token is not None:
             token = await self.service_token(spec.name, spec.namespace)
             if token:

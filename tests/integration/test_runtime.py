@@ -6,6 +6,7 @@ daemon leaves no process of its replicas behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -245,3 +246,41 @@ def test_git_tags_rolling_update_a_failed_version_kept_back_and_health_restarts(
     assert not group_alive(victim["pid"])
     logged = meshd(a, "logs", "tagged", "-n", "200").stdout
     assert "health check failed" in logged, logged
+
+
+def test_keep_on_exit_leaves_replicas_running_and_the_next_daemon_adopts_them(cluster):
+    keep = {**ENV, "MESHD_RUNTIME_KEEP_ON_EXIT": "1"}
+    a = cluster.add("a", env=keep)
+    ready(a)
+    ok(a, "run", str(GREETER), "--name", "kept")
+    wait_for(lambda: running(a, "kept", 1), 30, "kept running")
+    wait_for(lambda: meshd(a, "call", "greeter", "Greeter.Hello", '{"name": "A"}')
+             .returncode == 0, 20, "it answers")
+    (first,) = replicas(a, "kept")
+    pid = first["pid"]
+    try:
+        a.terminate()  # a graceful stop: with keep_on_exit the replica runs on
+        assert group_alive(pid)
+        a.start()
+        wait_for(lambda: running(a, "kept", 1), 30, "kept adopted")
+        (adopted,) = replicas(a, "kept")
+        assert adopted["pid"] == pid and adopted["restarts"] == 0
+        # it registered again with the new daemon (MESHD_RECONNECT) and answers
+        wait_for(lambda: "Hello B" in meshd(a, "call", "greeter", "Greeter.Hello",
+                                            '{"name": "B"}').stdout, 20, "it answers again")
+        logged = meshd(a, "logs", "kept", "-n", "200").stdout
+        assert f"adopted pid {pid}" in logged, logged
+        assert "registered greeter" in logged  # its output, read from its file
+        # a daemon without keep_on_exit finds it left over: stopped, and started anew
+        a.terminate()
+        assert group_alive(pid)
+        a.start(env={"MESHD_RUNTIME_KEEP_ON_EXIT": "0"})
+        wait_for(lambda: not group_alive(pid), 20, "the leftover stopped")
+        wait_for(lambda: running(a, "kept", 1) and replicas(a, "kept")[0]["pid"] != pid, 30,
+                 "a new process")
+        new = replicas(a, "kept")[0]["pid"]
+        a.terminate()  # and this one stops with its daemon
+        assert not group_alive(new)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
