@@ -44,7 +44,7 @@ import trio
 
 from . import wire
 from .errors import MeshError, bad_request, unavailable
-from .ops import REQUEST_PID, REQUEST_SOURCE, REQUEST_TOKEN, Conn, OpTable, serve_request
+from .ops import REQUEST_PGID, REQUEST_SOURCE, REQUEST_TOKEN, Conn, OpTable, serve_request
 from .transport import listeners as serving
 
 log = logging.getLogger("meshd.control")
@@ -67,15 +67,20 @@ __all__ = [
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, int]:
-    """("uid:N", pid) of the process at the other end of a unix socket (SO_PEERCRED);
-    ("local", 0) where the kernel does not say."""
+    """("uid:N", process group) of the process at the other end of a unix socket
+    (SO_PEERCRED; the group looked up at once, while that process is surely the one that
+    connected); ("local", 0) where the kernel does not say."""
     try:
         creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                          struct.calcsize("3i"))
         pid, uid, _ = struct.unpack("3i", creds)
-        return f"uid:{uid}", pid
     except (OSError, AttributeError, struct.error):
         return "local", 0
+    try:
+        group = os.getpgid(pid) if pid > 0 else 0
+    except OSError:
+        group = 0
+    return f"uid:{uid}", group
 
 
 def socket_path(data_dir: Path) -> Path:
@@ -226,9 +231,9 @@ class ControlServer:
         """One client connection; whatever it does, only this connection can end. Its
         flusher sends what handlers queue with write_nowait."""
         framed = Framed(stream)
-        source, pid = _peer(stream)
+        source, group = _peer(stream)
         REQUEST_SOURCE.set(source)
-        REQUEST_PID.set(pid)
+        REQUEST_PGID.set(group)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(framed.run_flusher)
             await self._serve_requests(framed, ticket)

@@ -75,10 +75,11 @@ REQUEST_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 # anything the client sends.
 REQUEST_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar(
     "meshd_request_source", default="local")
-# The process at the other end of the control socket (the kernel's peer credentials; 0 when
-# unknown or remote): the runtime knows its managed processes' registrations by it.
-REQUEST_PID: contextvars.ContextVar[int] = contextvars.ContextVar("meshd_request_pid",
-                                                                  default=0)
+# The process group of the process at the other end of the control socket (from the
+# kernel's peer credentials; 0 when unknown or remote): the runtime knows its managed
+# processes' registrations by it.
+REQUEST_PGID: contextvars.ContextVar[int] = contextvars.ContextVar("meshd_request_pgid",
+                                                                   default=0)
 # Whether the current request came from outside the node (a remote environment through the
 # proxy, or the API gateway): it acts with its token, or as nobody, never as this node.
 REQUEST_REMOTE: contextvars.ContextVar[bool] = contextvars.ContextVar(

@@ -31,7 +31,7 @@ from meshd.errors import MeshError, bad_request, unavailable
 from meshd.hlc import HLC
 from meshd.membership.core import Membership
 from meshd.membership.messages import ALIVE, SUSPECT
-from meshd.ops import REQUEST_PID, Conn
+from meshd.ops import REQUEST_PGID, Conn
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from .core import Entry, WireError, select, view
@@ -179,7 +179,7 @@ class RegistryService:
         inst_id = f"{record['service']}-{os.urandom(4).hex()}"
         record.update({"id": inst_id, "node": self.node, "address": self.core.me.addr})
         local = LocalInstance(inst_id, record["service"], conn, trio.current_time(),
-                              record["namespace"], pgid=_process_group(REQUEST_PID.get()))
+                              record["namespace"], pgid=REQUEST_PGID.get())
         self.local[inst_id] = local
         self._write(inst_id, record)
         log.info("registered %s (%s in %s) from a local process", inst_id, record["service"],
@@ -313,16 +313,6 @@ class RegistryService:
         except (WireError, ValueError, TypeError) as exc:
             self.stats["registry_bad_messages"] += 1
             log.debug("bad registry message from %s: %s", ch.peer_addr, exc)
-
-
-def _process_group(pid: int) -> int:
-    """The process group of `pid` (0 when unknown or gone)."""
-    if pid <= 0:
-        return 0
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return 0
 
 
 def _decode(data: bytes) -> dict[str, Any]:

@@ -96,9 +96,13 @@ class RuntimeOps:
         if not isinstance(old, dict):
             return record
         rollout = Rollout.from_record(self.runtime.rows(ROLLOUTS, key).get(key))
+        slots = [rec.get("version") for rec in self.runtime.rows(PLACEMENT, key + "/").values()
+                 if isinstance(rec, dict)]
+        rolled_out = (rollout is not None and rollout.state == DONE
+                      and rollout.version == old.get("version")) \
+            or (bool(slots) and all(v == old.get("version") for v in slots))
         stable = old.get("stable")
-        if not isinstance(stable, dict) or (rollout is not None and rollout.state == DONE
-                                            and rollout.version == old.get("version")):
+        if not isinstance(stable, dict) or rolled_out:
             stable = {k: v for k, v in old.items() if k != "stable"}
         return {**record, "stable": stable}
 

@@ -68,7 +68,7 @@ class State:
     reason: str = ""
     revision: str = ""
     healthy: bool = False  # its process group holds a registration now
-    registered: bool = False  # it has registered since this replica started (ever)
+    registered: bool = False  # its current process has registered (at some point)
 
     def to_row(self) -> dict[str, Any]:
         return {"name": self.spec, "slot": self.slot, "node": self.node,
@@ -275,7 +275,8 @@ class Replica:
         self._unhealthy = ""
         leaving = False
         t0 = time.monotonic() - (time.time() - started)
-        self._set(state="running", pid=proc.pid, started=started, reason="")
+        self._set(state="running", pid=proc.pid, started=started, reason="", healthy=False,
+                  registered=False)  # each process is judged from its own registration
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, proc.stdout, "info", "stdout")
@@ -307,7 +308,8 @@ class Replica:
 
     async def _watch_health(self, proc: _Child, scope: trio.CancelScope) -> None:
         """Looks at the registry every HEALTH_EVERY seconds; stops the process (SIGTERM to its
-        group) once it has been without the registration it had for health_grace seconds."""
+        group, SIGKILL after stop_timeout) once it has been without the registration it had
+        for health_grace seconds. Cancelled as soon as the process ends."""
         assert self.registered is not None
         missing_since: float | None = None
         with scope:
@@ -326,6 +328,8 @@ class Replica:
                                        f"{self.health_grace:g} s (its heartbeat stopped)")
                     self._log("warning", f"{self.instance}: {self._unhealthy}; stopping it")
                     signal_group(proc.pid, signal.SIGTERM)
+                    await trio.sleep(self.stop_timeout)  # hung too deep to take SIGTERM
+                    signal_group(proc.pid, signal.SIGKILL)
                     return
 
     async def _stop(self, proc: _Child) -> None:

@@ -10,15 +10,18 @@ the store beside the spec, so a new coordinator goes on where the last one stopp
 
 Rules:
 - Healthy: the replica's status row (written by the node running it) is of the slot's node
-  and version, `running`, and registered in that node's registry now (`healthy`). A spec
-  whose stable replicas never registered (a worker, not an RPC service) cannot be judged so:
-  running MIN_HEALTHY seconds is healthy for it.
+  and version, that node is alive, the replica is `running`, and registered in that node's
+  registry now (`healthy`). A spec whose stable replicas never registered (a worker, not an
+  RPC service; remembered from one rollout to the next) cannot be judged so: running
+  MIN_HEALTHY seconds is healthy for it, counted from the later of when its slot moved (the
+  coordinator's clock) and when it started (its node's), so a skewed clock only delays.
 - Failed: a moved replica that crashed (`restarting`, `crashed`, `exited`, `failed`), or that
   is not healthy `deadline` seconds after its slot moved. The reason names the slot, its
   node and what its status says.
-- A slot placed anew (a new replica, or one moved off a dead node) takes the rollout's
-  target at once: the new version while rolling or done, the stable one once failed. So does
-  an unplaced slot (it runs nothing).
+- A slot placed anew (a new replica, one moved off a dead node, or every slot when the
+  update changed the placement) starts as the stable version while rolling, and is moved
+  like the others, one at a time; once done it takes the new version, once failed the
+  stable one. So does an unplaced slot (it runs nothing).
 - A spec with no stable version (its first) has no rollout: every slot runs its version.
 - An update during a rollout starts a new rollout from the same stable version: slots on
   the interrupted version count as not moved.
@@ -26,6 +29,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -64,9 +68,11 @@ class Rollout:
 
 def step(version: int, stable: int | None, slots: dict[str, Slot],
          status: dict[str, dict[str, Any]], rollout: Rollout | None, now: float,
-         deadline: float) -> tuple[dict[str, Slot], Rollout | None]:
+         deadline: float, alive: Collection[str] | None = None
+         ) -> tuple[dict[str, Slot], Rollout | None]:
     """The slots to change (slot -> new Slot) and the rollout record after this step, for
-    a spec at `version` replacing `stable` (None: nothing to replace)."""
+    a spec at `version` replacing `stable` (None: nothing to replace); `alive`: the nodes
+    whose status rows count (None: every node's)."""
     changes: dict[str, Slot] = {}
 
     def move(slot: str, to: int) -> None:
@@ -78,23 +84,23 @@ def step(version: int, stable: int | None, slots: dict[str, Slot],
                 move(slot, version)
         return changes, None
     if rollout is None or rollout.version != version or rollout.stable != stable:
-        rollout = Rollout(version, stable, ROLLING, registers=any(
-            row.get("registered") for row in status.values() if isinstance(row, dict)),
-            started=now)
+        registers = any(row.get("registered") for row in status.values()
+                        if isinstance(row, dict)) or (rollout is not None and rollout.registers)
+        rollout = Rollout(version, stable, ROLLING, registers=registers, started=now)
     if rollout.state != ROLLING:
         target = stable if rollout.state == FAILED else version
         for slot, s in sorted(slots.items()):
             if s.version != target:
                 move(slot, target)
         return changes, rollout
-    for slot, s in sorted(slots.items()):  # new and unplaced slots take the new version
-        if (not s.node or not s.version) and s.version != version:
-            move(slot, version)
+    for slot, s in sorted(slots.items()):  # new and unplaced slots start as the stable one
+        if not s.version or (not s.node and s.version != stable):
+            move(slot, stable)
     current = {**slots, **changes}
     for slot, s in sorted(current.items()):
         if not s.node or s.version != version:
             continue
-        verdict, why = judge(status.get(slot), s, rollout.registers, now)
+        verdict, why = judge(status.get(slot), s, rollout.registers, now, alive)
         if verdict == "waiting" and now - (s.changed or now) >= deadline:
             verdict, why = "failed", f"not healthy {deadline:g} s after it started ({why})"
         if verdict == "failed":
@@ -115,12 +121,14 @@ def step(version: int, stable: int | None, slots: dict[str, Slot],
     return changes, rollout
 
 
-def judge(row: dict[str, Any] | None, slot: Slot, registers: bool, now: float
-          ) -> tuple[str, str]:
+def judge(row: dict[str, Any] | None, slot: Slot, registers: bool, now: float,
+          alive: Collection[str] | None = None) -> tuple[str, str]:
     """("healthy" | "waiting" | "failed", what the status says) for a moved slot."""
     if not isinstance(row, dict) or row.get("node") != slot.node \
             or row.get("version") != slot.version:
         return "waiting", "no status from it yet"
+    if alive is not None and slot.node not in alive:
+        return "waiting", f"its node {slot.node} is not alive"
     state = row.get("state")
     if state in CRASHED:
         return "failed", f"{state}: {row.get('reason') or 'no reason given'}"
@@ -128,10 +136,10 @@ def judge(row: dict[str, Any] | None, slot: Slot, registers: bool, now: float
         return "waiting", f"{state}"
     if registers:
         return ("healthy", "") if row.get("healthy") else ("waiting", "not registered")
-    started = row.get("started") or now
-    if now - started >= MIN_HEALTHY:
+    since = max(slot.changed, row.get("started") or now)
+    if now - since >= MIN_HEALTHY:
         return "healthy", ""
-    return "waiting", f"running {now - started:.0f} s of {MIN_HEALTHY:g}"
+    return "waiting", f"running {max(0.0, now - since):.0f} s of {MIN_HEALTHY:g}"
 
 
 def _order(slot: str) -> tuple[int, str]:

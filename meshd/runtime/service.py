@@ -59,6 +59,10 @@ DB = "runtime"
 SPECS, PLACEMENT, STATUS, ROLLOUTS = "specs", "placement", "status", "rollouts"
 RECONCILE = 5.0  # seconds between reconciles when nothing changes
 LEFTOVER_WAIT = 10.0  # seconds after start before a leftover no spec wants is stopped
+# A node that takes over as coordinator from another waits this long before it steps the
+# rollouts: the rollout records its predecessor wrote may not have reached it yet (tables
+# replicate independently), and stepping without them would start a failed rollout again.
+TAKEOVER_WAIT = 10.0
 
 
 class RuntimeService:
@@ -85,6 +89,8 @@ class RuntimeService:
         self.procs = ProcFiles(data_dir / "runtime" / "procs")
         self.leftovers: dict[tuple[str, str, str], Leftover] = {}
         self._started_at = 0.0
+        self._coordinator = ""  # the coordinator the last reconcile saw
+        self._coordinating_since = 0.0
         self.down_since: dict[str, float] = {}
         self.running: dict[tuple[str, str, str], tuple[int, trio.CancelScope]] = {}
         self.stats = {"runtime_replicas": 0, "runtime_starts": 0, "runtime_reconciles": 0}
@@ -198,17 +204,28 @@ class RuntimeService:
         specs = self.specs()
         nodes = self.nodes()
         placed = self.placed()
-        if pl.coordinator(nodes) == self.node:
-            placed = await self._coordinate(specs, placed, nodes)
+        coordinator = pl.coordinator(nodes)
+        if coordinator != self._coordinator:
+            self._coordinating_since = time.monotonic() if self._coordinator else 0.0
+            self._coordinator = coordinator
+        if coordinator == self.node:
+            placed = await self._coordinate(
+                specs, placed, nodes,
+                time.monotonic() - self._coordinating_since >= TAKEOVER_WAIT)
         wanted: dict[tuple[str, str, str], Spec] = {}
-        waiting = set()  # slots of a version this node has not read yet: left as they are
+        waiting = set()  # slots of a version this node has no spec of: left as they run
         for full, slot in pl.mine(placed, self.node):
             if full not in specs:
                 continue
-            spec = _of_version(*specs[full], placed[full][slot].version)
-            key = (specs[full][0].namespace, specs[full][0].name, slot)
+            current, stable = specs[full]
+            version = placed[full][slot].version
+            spec = _of_version(current, stable, version)
+            key = (current.namespace, current.name, slot)
             if spec is None:
                 waiting.add(key)
+                if key not in self.running and stable is not None \
+                        and version < current.version:
+                    wanted[key] = stable  # nothing runs: the stable one until it moves
             else:
                 wanted[key] = spec
         for key, (version, scope) in list(self.running.items()):
@@ -236,10 +253,10 @@ class RuntimeService:
         self.stats["runtime_replicas"] = len(self.running)
 
     async def _coordinate(self, specs: dict[str, tuple[Spec, Spec | None]],
-                          placed: dict[str, dict[str, pl.Slot]], nodes: list[pl.Node]
-                          ) -> dict[str, dict[str, pl.Slot]]:
-        """The coordinator's part: place the slots, step the rollouts, write the changes;
-        the placement after them."""
+                          placed: dict[str, dict[str, pl.Slot]], nodes: list[pl.Node],
+                          rollouts_too: bool = True) -> dict[str, dict[str, pl.Slot]]:
+        """The coordinator's part: place the slots, step the rollouts (not while it has
+        just taken over: TAKEOVER_WAIT), write the changes; the placement after them."""
         now = time.time()
         keyed = [_keyed(key, s) for key, (s, _) in specs.items()]
         changes = pl.plan(keyed, placed, nodes, now, self.grace)
@@ -251,11 +268,12 @@ class RuntimeService:
             full, _, slot = key.rpartition("/")
             status.setdefault(full, {})[slot] = row
         rollouts = self.rows(ROLLOUTS)
-        for full, (spec, stable) in sorted(specs.items()):
+        alive = {n.name for n in nodes if n.status == pl.ALIVE}
+        for full, (spec, stable) in sorted(specs.items()) if rollouts_too else ():
             old = Rollout.from_record(rollouts.get(full))
             moved, rollout = step(spec.version, stable.version if stable else None,
                                   placed.get(full, {}), status.get(full, {}), old, now,
-                                  self.healthy_deadline)
+                                  self.healthy_deadline, alive)
             for slot, value in moved.items():
                 writes[f"{full}/{slot}"] = value
                 placed.setdefault(full, {})[slot] = value
@@ -268,7 +286,7 @@ class RuntimeService:
                         log.info("runtime %s: v%d over v%d %s%s", full, rollout.version,
                                  rollout.stable, rollout.state,
                                  f": {rollout.reason}" if rollout.reason else "")
-        for full in set(rollouts) - set(specs):
+        for full in set(rollouts) - set(specs) if rollouts_too else ():
             await self.drop(ROLLOUTS, full)
         for key, value in writes.items():
             if value is None:
@@ -360,15 +378,15 @@ class RuntimeService:
 
 
 def _of_version(spec: Spec, stable: Spec | None, version: int) -> Spec | None:
-    """The spec a slot of `version` runs: the current one, the stable one, or None when the
-    slot names a version newer than this node has read (it waits for the spec to arrive).
-    A slot of no version yet, or of one neither is (an interrupted rollout's), runs the
-    current spec."""
+    """The spec a slot of `version` runs: the current one, the stable one, the current one
+    for a slot of no version yet (0: placed, its version not chosen); None for a version
+    this node has no spec of (an interrupted rollout's, or one it has not read yet): what
+    runs there is left running until the rollout moves the slot."""
+    if version in (spec.version, 0):
+        return spec
     if stable is not None and version == stable.version:
         return stable
-    if version > spec.version:
-        return None
-    return spec
+    return None
 
 
 def _keyed(key: str, spec: Spec) -> Spec:

@@ -223,6 +223,7 @@ def test_git_tags_rolling_update_a_failed_version_kept_back_and_health_restarts(
     wait_for(lambda: answers(a) == {"v2 for x"}, 20, "v2 answers")
 
     # v3 exits at once: the rollout fails on its first replica and v2 is kept
+    before = {x["slot"]: x["pid"] for x in v2}
     ok(a, "update", "tagged", f"{repo}@v3")
     wait_for(lambda: (ok(a, "ps", "tagged")["specs"][0]["rollout"] or {}).get("state")
              == "failed", 40, "the v3 rollout failed")
@@ -232,6 +233,8 @@ def test_git_tags_rolling_update_a_failed_version_kept_back_and_health_restarts(
     wait_for(lambda: running(a, "tagged", 2)
              and {x["version"] for x in replicas(a, "tagged")} == {2}, 30, "v2 back")
     assert answers(a) == {"v2 for x"}
+    # only the first slot tried v3: the other's process never stopped
+    assert replicas(a, "tagged")[1]["pid"] == before["1"]
     text = meshd(a, "ps", "tagged").stdout
     assert "tagged: v3 failed to roll out" in text, text
 
@@ -244,6 +247,12 @@ def test_git_tags_rolling_update_a_failed_version_kept_back_and_health_restarts(
     after = next(x for x in replicas(a, "tagged") if x["slot"] == victim["slot"])
     assert after["restarts"] == victim["restarts"] + 1
     assert not group_alive(victim["pid"])
+    # the new process registers and stays up
+    wait_for(lambda: any(x["pid"] == after["pid"] and x["healthy"]
+                         for x in replicas(a, "tagged")), 20, "the new one healthy")
+    time.sleep(3)
+    assert any(x["pid"] == after["pid"] and x["state"] == "running"
+               for x in replicas(a, "tagged"))
     logged = meshd(a, "logs", "tagged", "-n", "200").stdout
     assert "health check failed" in logged, logged
 

@@ -119,10 +119,13 @@ async def test_killed_by_a_signal_is_a_crash(tmp_path):
 
 async def test_a_replica_whose_registration_goes_away_is_restarted_as_a_failure(tmp_path):
     """The health check: registered, then not (its heartbeat stopped) for health_grace:
-    stopped (SIGTERM, even when SIGSTOPped) and restarted by its policy, the reason shown.
-    Never registering is not judged (a worker)."""
-    replica, states, logs = make(tmp_path, "import time\nwhile True: time.sleep(1)\n",
-                                 restart="on-failure")
+    stopped (SIGTERM, SIGKILL after stop_timeout for one that is too hung to take it) and
+    restarted by its policy, the reason shown. Never registering is not judged (a worker),
+    and the next process is judged by its own registration."""
+    replica, states, logs = make(tmp_path, (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"  # hung too deep to take SIGTERM
+        "while True: time.sleep(1)\n"), restart="on-failure")
     registered: set[int] = set()
     replica.registered = lambda pgid: pgid in registered
     replica.health_grace = 1.0
@@ -144,6 +147,11 @@ async def test_a_replica_whose_registration_goes_away_is_restarted_as_a_failure(
                 await trio.sleep(0.05)
         assert not group_alive(first)
         assert replica.state.restarts == 1 and not replica.state.healthy
+        assert not replica.state.registered
+        # the new process has not registered (yet): it is not judged by the old one's
+        second = replica.state.pid
+        await trio.sleep(2.5)
+        assert replica.state.pid == second and replica.state.state == "running"
         restarting = [s for s in states if s.state == "restarting"]
         assert restarting and restarting[0].reason.startswith("health check failed")
         assert any("health check failed" in r["message"] for r in

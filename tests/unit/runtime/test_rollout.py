@@ -117,12 +117,38 @@ def test_a_new_update_during_a_rollout_starts_over_from_the_stable_version():
     assert versions(s, changes) == {"0": 3, "1": 1}
 
 
-def test_new_and_unplaced_slots_take_the_new_version_while_rolling():
-    s = {"0": Slot("a", 0.0, "", 1), "1": Slot("b", 0.0, "", 0), "2": Slot("", 0.0, "x", 0)}
-    status = {"0": row("a", 1)}
-    changes, _ = step(2, 1, s, status, Rollout(2, 1, ROLLING), 0.0, DEADLINE)
-    # the new slot on b takes v2 and is the one waited for: slot 0 keeps v1 for now
-    assert versions(s, changes) == {"0": 1, "1": 2, "2": 2}
+def test_new_and_unplaced_slots_start_as_the_stable_version_and_move_one_at_a_time():
+    # an update that changed the placement: every slot placed anew (version 0)
+    s = {"0": Slot("a", 0.0, "", 0), "1": Slot("b", 0.0, "", 0), "2": Slot("", 0.0, "x", 0)}
+    changes, rollout = step(2, 1, s, {}, Rollout(2, 1, ROLLING), 0.0, DEADLINE)
+    # all start as v1 but the first placed one, which moves to v2 (not all of them at once)
+    assert versions(s, changes) == {"0": 2, "1": 1, "2": 1}
+    assert rollout.state == ROLLING
+
+
+def test_a_dead_nodes_last_status_does_not_count_as_healthy():
+    s = slots(s0=("a", 2), s1=("b", 1))
+    status = {"0": row("a", 2), "1": row("b", 1)}  # a's last word: running, healthy
+    rolling = Rollout(2, 1, ROLLING)
+    assert step(2, 1, s, status, rolling, 0.0, DEADLINE, alive={"b"}) == ({}, rolling)
+    changes, _ = step(2, 1, s, status, rolling, 0.0, DEADLINE, alive={"a", "b"})
+    assert versions(s, changes) == {"0": 2, "1": 2}
+
+
+def test_a_worker_is_timed_from_when_its_slot_moved_too():
+    # its node's clock is behind: "started" long ago; the slot moved at 100 (coordinator)
+    s = {"0": Slot("a", 0.0, "", 2, 100.0), "1": Slot("b", 0.0, "", 1)}
+    rolling = Rollout(2, 1, ROLLING, registers=False)
+    status = {"0": row("a", 2, healthy=False, started=1.0), "1": row("b", 1, healthy=False)}
+    assert step(2, 1, s, status, rolling, 100 + MIN_HEALTHY - 1, DEADLINE)[0] == {}
+    assert step(2, 1, s, status, rolling, 100 + MIN_HEALTHY, DEADLINE)[0] != {}
+
+
+def test_whether_a_spec_registers_is_remembered_from_the_last_rollout():
+    s = slots(s0=("a", 2), s1=("b", 2))
+    # the replicas restarted and have not registered again yet: the last rollout knew
+    _, rollout = step(3, 2, s, {}, Rollout(2, 1, DONE, registers=True), 0.0, DEADLINE)
+    assert rollout.registers is True
 
 
 def test_judge_reads_only_the_status_of_the_slots_node_and_version():
@@ -141,3 +167,15 @@ def test_rollout_records_round_trip_and_bad_ones_are_none():
     for bad in (None, [], {"version": "3", "stable": 2, "state": "done"},
                 {"version": 3, "stable": 2, "state": "paused"}):
         assert Rollout.from_record(bad) is None
+
+
+def test_a_slot_runs_the_spec_of_its_version_and_an_unknown_version_is_left_running():
+    from meshd.runtime.service import _of_version
+    from meshd.runtime.spec import parse_spec
+
+    v1, v3 = (parse_spec({"name": "svc", "source": "/srv/svc", "version": v}) for v in (1, 3))
+    assert _of_version(v3, v1, 3) is v3 and _of_version(v3, v1, 1) is v1
+    assert _of_version(v3, v1, 0) is v3  # placed, its version not chosen yet
+    # v2 (an interrupted rollout's) or v4 (not read here yet): neither restarted nor started
+    assert _of_version(v3, v1, 2) is None and _of_version(v3, v1, 4) is None
+    assert _of_version(v1, None, 2) is None
