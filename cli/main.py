@@ -22,6 +22,7 @@ import click
 
 from cli import (
     auth,
+    bot,
     broker,
     config,
     daemon,
@@ -73,7 +74,7 @@ def version_cmd(as_json: bool) -> None:
 def _register(group: click.Group) -> None:
     """Each module's COMMANDS on the root group (the help lists them by name)."""
     for module in (daemon, members, services, namespaces, store, config, broker, debug,
-                   auth, network, tunnel, nodes, env, runtime):
+                   auth, network, tunnel, nodes, env, runtime, bot):
         for command in module.COMMANDS:
             group.add_command(command)
 

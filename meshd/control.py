@@ -44,7 +44,15 @@ import trio
 
 from . import wire
 from .errors import MeshError, bad_request, unavailable
-from .ops import REQUEST_PGID, REQUEST_SOURCE, REQUEST_TOKEN, Conn, OpTable, serve_request
+from .ops import (
+    REQUEST_PGID,
+    REQUEST_REMOTE,
+    REQUEST_SOURCE,
+    REQUEST_TOKEN,
+    Conn,
+    OpTable,
+    serve_request,
+)
 from .transport import listeners as serving
 
 log = logging.getLogger("meshd.control")
@@ -296,6 +304,8 @@ class ControlServer:
                     framed.write_nowait(frame)
 
             REQUEST_TOKEN.set(token or None)
+            if req.get("remote") is True:
+                REQUEST_REMOTE.set(True)
             try:
                 self.table.admit(op, args)
                 return bool(op.fast(args, token or None, finish, framed.last_size))
@@ -345,9 +355,10 @@ def _result(reply: Any) -> Any:
 class ControlClient:
     """Talks to the local daemon; every failure is a MeshError."""
 
-    def __init__(self, path: Path, token: str | None = None) -> None:
+    def __init__(self, path: Path, token: str | None = None, remote: bool = False) -> None:
         self.path = path
         self.token = token
+        self.remote = remote  # act as a remote caller (with the token, or as nobody)
         self._stream: trio.SocketStream | None = None
         self._framed: Framed | None = None
         self._next = 0
@@ -376,6 +387,8 @@ class ControlClient:
             req = {"id": self._next, "op": op, "args": args}
             if self.token:
                 req["token"] = self.token
+            if self.remote:
+                req["remote"] = True
             await framed.write(req)
             reply = await framed.read(limit=1 << 30)
         except (EOFError, trio.BrokenResourceError):

@@ -31,6 +31,7 @@ from . import datadir, namespaces, tlsconf
 from .auth.eviction import Evictor
 from .auth.ops import AuthOps
 from .auth.service import PIN_FILE, ROOT_TAG, AuthService
+from .bot.ops import BotOps
 from .broker.durable import DurableTopics
 from .broker.log import BrokerFileError
 from .broker.ops import BrokerOps
@@ -350,6 +351,7 @@ class Node:
                 store_ops,
                 BrokerOps(self.broker, self.durable, self.auth, self.name),
                 RuntimeOps(self.runtime, self.auth, self.name, self.auth_ops.require_admin),
+                BotOps(self.store, self.auth_ops.require_admin),
                 DebugOps(self.debug),
                 self.tunnels, self.auth_ops):
             table.add(component.ops())

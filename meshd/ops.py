@@ -333,6 +333,8 @@ async def serve_request(table: OpTable, framed: Framing, req: Any,
             raise bad_request("args must be a map")
         token = req.get("token")
         REQUEST_TOKEN.set(token if isinstance(token, str) and token else None)
+        if req.get("remote") is True:  # a local client acting for someone outside (the
+            REQUEST_REMOTE.set(True)  # bot): as the gateway does; it only loses rights
         op = table.get(req["op"])
         if op is None:
             raise not_found(f"unknown operation {req['op'][:64]!r}; known: "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -55,6 +56,14 @@ class Shipper(logging.Handler):
         self.queue.append({"time": record.created, "level": level_name(record.levelno),
                            "message": message_of(record), "trace_id": self.trace_id(),
                            "fields": {"logger": record.name[:256]}})
+
+    def add(self, level: str, message: str, fields: dict[str, str] | None = None) -> None:
+        """Ship one record made by hand (from any thread), not through `logging`."""
+        if len(self.queue) == self.queue.maxlen:
+            self.dropped += 1
+        self.queue.append({"time": time.time(), "level": level, "message": message,
+                           "trace_id": "", "fields": {k: v[:256] for k, v in
+                                                       (fields or {}).items()}})
 
     def install(self) -> Callable[[], None]:
         """Put the handler on the root logger; returns what takes it off again."""

@@ -51,7 +51,7 @@ CONFIG_DB = "config"
 HISTORY = "~history/"
 HISTORY_TTL = 30 * 86400
 HISTORY_MAX = 200
-SYSTEM_DBS = ("auth", "routing", "broker", "runtime")
+SYSTEM_DBS = ("auth", "routing", "broker", "runtime", "bot")
 
 
 def _now_ms() -> int:
