@@ -68,6 +68,9 @@ def slack(listen: str | None, socket_mode: bool, bot_token_file: str | None,
           signing_secret_file: str | None, app_token_file: str | None, api_url: str,
           tls_cert: str | None, tls_key: str | None, client: Client, as_json: bool) -> None:
     """Run the bot for Slack until interrupted."""
+    if client.remote() is not None:
+        fail("400 bad request: meshd bot slack runs beside a node, on its control socket: "
+             "run it on the node, without --env")
     if bool(listen) == socket_mode:
         fail("400 bad request: give --listen HOST:PORT (the Events API) or --socket-mode")
     bot_token = _secret(bot_token_file, "SLACK_BOT_TOKEN", "bot token", "--bot-token-file")

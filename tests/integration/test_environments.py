@@ -49,6 +49,7 @@ REFUSALS = "test_refusals_through_the_environment"
 BROKER = "test_broker_through_the_environment"
 DEBUG = "test_debug_through_the_environment"
 RUNTIME = "test_runtime_through_the_environment"
+BOT = "test_bot_map_through_the_environment"
 
 # Commands that work through an environment as they do locally, and the test that runs
 # each through `prod` (with --json where the command has it) and checks its result.
@@ -73,6 +74,7 @@ THROUGH: dict[str, str] = {
     "logs": DEBUG, "stats": DEBUG, "trace": DEBUG, "traces": DEBUG,
     "auth login": REFUSALS,
     "run": RUNTIME, "ps": RUNTIME, "update": RUNTIME, "kill": RUNTIME,
+    "bot map": BOT, "bot unmap": BOT, "bot users": BOT,
 }
 
 # Commands for the node's operator: through an environment, the op is refused with 403.
@@ -94,6 +96,7 @@ LOCAL_BY_NATURE: dict[str, str] = {
     "env get": "reads the environments file on this machine",
     "env remove": "writes the environments file on this machine",
     "auth logout": "forgets tokens kept on this machine; tells no node",
+    "bot slack": "runs the bot beside a node, on its control socket (it refuses --env)",
 }
 
 
@@ -718,4 +721,16 @@ def test_runtime_through_the_environment(mesh, laptop):
     wait_for(lambda: state(2), 30, "envrt's version 2 running")
     assert laptop.ok("kill", "envrt", "--json")["killed"] == "envrt"
     wait_for(lambda: laptop.ok("ps", "--json")["replicas"] == [], 30, "envrt gone")
+    laptop.drove_its_commands()
+
+
+def test_bot_map_through_the_environment(mesh, laptop):
+    """Slack users mapped, listed and unmapped through prod, as on the node."""
+    r = laptop.ok("bot", "map", "U0LAPTOP", "ops", "--json")
+    assert r == {"user": "U0LAPTOP", "account": "ops", "namespace": "default"}
+    listed = laptop.ok("bot", "users", "--json")
+    assert listed == laptop.on_node("bot", "users", "--json")
+    assert {"user": "U0LAPTOP", "account": "ops", "namespace": "default"} in listed
+    assert laptop.ok("bot", "unmap", "U0LAPTOP", "--json") == {"unmapped": "U0LAPTOP"}
+    assert all(u["user"] != "U0LAPTOP" for u in laptop.on_node("bot", "users", "--json"))
     laptop.drove_its_commands()
