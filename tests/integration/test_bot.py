@@ -52,9 +52,9 @@ def mesh(tmp_path_factory):
         ready(a)
         c.service(a, "greeter", script=GREETER)
         c.service(a, "dice", script=DICE)
-        wait_for(lambda: {"greeter", "dice"} <= {s["name"] for s in control(a.data_dir,
-                                                                              "services")},
-                 20, "services registered")
+        c.service(a, "testsvc")
+        wait_for(lambda: {"greeter", "dice", "testsvc"} <= {
+            s["name"] for s in control(a.data_dir, "services")}, 20, "services registered")
         control(a.data_dir, "auth.accounts.create", id="ops", secret="ops-secret-1",
                 scopes=["admin"])
         control(a.data_dir, "auth.accounts.create", id="viewer", secret="viewer-secret-1",
@@ -126,6 +126,17 @@ def test_each_command_is_answered_in_its_channel(mesh):
     post(mesh["url"], event("services", kind="message", channel="D0DM", channel_type="im",
                             user="UBOTBOT", bot_id="BBOTBOT"))
     assert mesh["slack"].no_post(1.0)
+
+
+def test_slack_gets_its_ack_at_once_and_a_slow_command_answers_afterwards(mesh):
+    """Slack wants an answer within 3 s: the event is acked before the command runs (here
+    before a 4 s call could end), its reply posted afterwards."""
+    t0 = time.monotonic()
+    status, _ = post(mesh["url"], event('<@UBOTBOT> call testsvc Test.Sleep {"seconds": 4}'))
+    acked = time.monotonic() - t0
+    assert status == 200 and acked < 4.0, acked  # not held until the command ended
+    r = mesh["slack"].wait_post(timeout=20)
+    assert "slept" in r["text"] and time.monotonic() - t0 >= 4.0
 
 
 def test_long_output_is_cut_with_a_note(mesh):
