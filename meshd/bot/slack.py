@@ -38,6 +38,7 @@ from slack_sdk import WebClient
 
 from meshd.asgi import Receive, Scope, Send, allow_header, non_http, require_method, respond
 from meshd.errors import MeshError
+from meshd.gateway.bodies import read_body
 
 from .commands import builtins, provided_commands
 from .core import Bot, Reply
@@ -208,8 +209,6 @@ class BoltHttp:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from meshd.gateway.bodies import read_body
-
         if await non_http(scope, receive, send):
             return
         try:

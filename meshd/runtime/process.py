@@ -44,7 +44,7 @@ from typing import Any
 
 import trio
 
-from .procfiles import Leftover, OutputFile, ProcFiles, start_time
+from .procfiles import Leftover, OutputFile, ProcFiles, start_time, stat_fields
 from .restart import Restarts
 from .sources import SourceError, Sources
 from .spec import Spec
@@ -389,13 +389,7 @@ def group_alive(pgid: int) -> bool:
     except OSError:
         return True  # no /proc: the signal check is all there is
     for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+        fields = stat_fields(entry) if entry.isdigit() else None
+        if fields is not None and len(fields) > 2 and int(fields[2]) == pgid:
             return True
     return False

@@ -46,17 +46,22 @@ class Leftover:
     files: bool = False  # its output goes to SLOT.out and SLOT.err
 
 
-def start_time(pid: int) -> int | None:
-    """The start time of process `pid` (clock ticks since boot), None when there is none
-    (or it is a zombie)."""
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state first, then ppid, pgrp,
+    ...); None when there is no such process, or it is a zombie (it runs nothing)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    if len(fields) < 20 or fields[0] == b"Z":
-        return None
-    return int(fields[19])
+    return None if not fields or fields[0] == b"Z" else fields
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of process `pid` (clock ticks since boot), None when there is none
+    (or it is a zombie)."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if fields is not None and len(fields) >= 20 else None
 
 
 class ProcFiles:
