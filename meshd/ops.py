@@ -181,6 +181,9 @@ class Op:
     access: Access
     kind: Kind = "call"
     fast: Fast | None = None  # only on multiplexed control connections (control.mux)
+    # a "checked" op whose handler checks a remote caller without a token as anonymous
+    # (acting_node), so the public scope's rules decide; others refuse such a caller (401)
+    anonymous: bool = False
 
 
 def calls(access: Access, table: dict[str, Handler]) -> list[Op]:
@@ -246,10 +249,9 @@ class OpTable:
         if not REQUEST_REMOTE.get() or op.access == "public":
             return  # the local operator: handlers check a token it sends
         token = REQUEST_TOKEN.get()
-        if not token:
-            raise MeshError(401, "a remote environment acts with a token: log in with "
-                                 "`meshd auth login --env NAME` or set MESHD_TOKEN",
-                            id="meshd.auth")
+        if not token and (op.access == "operator"
+                          or (op.access == "checked" and not op.anonymous)):
+            raise no_token()
         if op.access == "operator":
             raise MeshError(403, f"{op.name} is for the node's operator: run it on the node "
                                  "(its control socket), not through an environment",
@@ -257,11 +259,22 @@ class OpTable:
         if self.auth is None:
             raise MeshError(503, "auth is not ready on this node", id="meshd.auth")
         if op.access == "checked":
-            self.auth.identify(token, None)  # a bad token is a 401 before anything runs
+            if token:
+                self.auth.identify(token, None)  # a bad token is a 401 before anything runs
             return
         ns = op.access.namespace(args) if isinstance(op.access, MeshResource) \
             else namespaces.check(args.get("namespace"))
-        self.auth.check(token, None, op.access(args), namespace=ns)
+        try:  # without a token: anonymous, what the public scope's rules grant
+            self.auth.check(token or None, None, op.access(args), namespace=ns)
+        except MeshError as exc:
+            if not token and exc.status == 401:
+                raise no_token() from None
+            raise
+
+
+def no_token() -> MeshError:
+    return MeshError(401, "a remote environment acts with a token: log in with "
+                          "`meshd auth login --env NAME` or set MESHD_TOKEN", id="meshd.auth")
 
 
 class StreamSlots:

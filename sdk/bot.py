@@ -10,7 +10,9 @@ Rules:
 - `bot_command` puts `bot.command=NAME` in the service's metadata and adds two typed
   endpoints: `Command.Help` (answers the usage and help the bot lists under `help`) and
   `Command.Exec` (the bot's `NAME WORDS...`: `args` holds the words, `user` the meshd
-  account the chat user acts as, "" for nobody). The call comes with that account's token,
+  account the chat user acts as, "" for nobody). `user` is the caller the service's daemon
+  verified (from the token the call came with), never a field of the request: whoever may
+  call Command.Exec cannot name another user. The call comes with that account's token,
   so the service's own rules apply to it like to any caller.
 - One command per service; a name a built-in has (or any not an identifier) is ignored by
   the bot.
@@ -22,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .service import Service
+from .service import Service, current_call
 
 
 @dataclass
@@ -43,6 +45,14 @@ class CommandHelp:
     help: str
 
 
+def verified_user() -> str:
+    """The account calling, as the service's daemon established it from the caller's token;
+    "" for a caller without one (anonymous, or a node)."""
+    info = current_call()
+    caller = info.caller if info is not None else ""
+    return "" if caller == "anonymous" or caller.startswith("node:") else caller
+
+
 Exec = Callable[[CommandRequest], Awaitable[CommandReply]]
 
 
@@ -59,6 +69,7 @@ def bot_command(service: Service, name: str, usage: str = "", help: str = ""
 
         @service.handler("Command.Exec")
         async def command_exec(req: CommandRequest) -> CommandReply:
+            req.user = verified_user()  # never what the body says
             return await fn(req)
 
         return fn

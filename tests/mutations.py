@@ -374,6 +374,31 @@ MUTATIONS = [
              "            if ok and start_time(item.pid) is not None:",
              ("tests/unit/runtime/test_procfiles.py",),
              "a record names whatever process now has its pid"),
+    Mutation("remote-checked-op-without-token", "meshd/ops.py",
+             'or (op.access == "checked" and not op.anonymous)',
+             'or (op.access == "checked" and False)',
+             ("tests/unit/test_ops.py",),
+             "a remote caller without a token runs a checked op whose handler may act as "
+             "the node"),
+    Mutation("bot-command-trusts-the-body", "sdk/bot.py",
+             "            req.user = verified_user()  # never what the body says\n",
+             "",
+             ("tests/unit/bot/test_sdk_command.py",),
+             "a service command believes the user the request's body names"),
+    Mutation("bot-seen-evicts-before-lookup", "meshd/bot/slack.py",
+             "        if event_id in self.ids:\n            return False\n"
+             "        while len(self.ids) >= self.most:\n"
+             "            self.ids.popitem(last=False)\n",
+             "        while len(self.ids) >= self.most:\n"
+             "            self.ids.popitem(last=False)\n"
+             "        if event_id in self.ids:\n            return False\n",
+             ("tests/unit/bot/test_seen.py",),
+             "a retried event is run again when the dedupe is full"),
+    Mutation("bot-reply-cut-before-escape", "meshd/bot/core.py",
+             "        body = self.body(lambda t: len(escape(t)))\n",
+             "        body = self.body()\n",
+             ("tests/unit/bot/test_core.py",),
+             "a reply's Slack section exceeds 3000 characters after escaping"),
 ]
 
 

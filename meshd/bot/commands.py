@@ -82,7 +82,7 @@ async def logs(mesh: Mesh, words: list[str], raw: str) -> Reply:
     _need(words, 1, "service")
     n = 20
     if len(words) > 1:
-        if not words[1].isdigit() or not 1 <= int(words[1]) <= 500:
+        if not (words[1].isascii() and words[1].isdigit()) or not 1 <= int(words[1]) <= 500:
             raise UsageError("N is a number of lines, 1..500")
         n = int(words[1])
     found = await mesh.call("debug.logs", service=words[0], limit=n)
@@ -193,7 +193,7 @@ async def provided_commands(mesh: Mesh, with_help: bool = False) -> list[Command
     for row in rows:
         names = [t.split("=", 1)[1] for t in row.get("tags", [])
                  if t.startswith("bot.command=")]
-        for name in names[:1]:
+        for name in (n.lower() for n in names[:1]):
             if not name or name in taken or not name.isidentifier():
                 continue
             taken.add(name)

@@ -13,8 +13,9 @@ Rules:
 - A command line is `NAME [WORDS...] [JSON]`: words are split like a shell would; the JSON
   argument of `call`, `config set` and `publish` is the rest of the line after the words the
   command takes, so it may hold spaces. Slack's formatting is undone first (`<@U1>` mentions
-  stripped, `&lt;` `&gt;` `&amp;` decoded, smart quotes straightened, a ```code``` fence
-  around the JSON dropped).
+  stripped, with a `:` or `,` after them, other spacing kept so JSON strings arrive whole;
+  `&lt;` `&gt;` `&amp;` decoded, smart quotes straightened, a ```code``` fence around the
+  JSON dropped).
 - A reply is a headline (`text`, also the notification) and an optional preformatted body
   (`code`: a table or JSON). Bodies are cut at MAX_LINES lines and MAX_CHARS characters with a
   note saying how much was left out; Slack blocks (`blocks()`) stay within Slack's 3000
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import shlex
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from meshd.errors import MeshError
 MAX_INPUT = 8000
 MAX_LINES = 40
 MAX_CHARS = 2800  # a Slack section holds 3000; the fence and the note fit in the rest
+MENTION = re.compile(r"[ \t]*<@[^<>\s]*>[:,]?")  # `<@U1>`, `<@U1|name>`, `<@U1>:`
 QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"})
 
 
@@ -45,35 +48,52 @@ class Reply:
     code: str = ""  # a preformatted body (a table, JSON), cut to fit
     ok: bool = True
 
-    def body(self) -> str:
-        """`code` cut at MAX_LINES lines and MAX_CHARS characters, with a note."""
+    def body(self, size: Callable[[str], int] = len) -> str:
+        """`code` cut at MAX_LINES lines and MAX_CHARS characters (as `size` counts them),
+        with a note when something was left out."""
         lines = self.code.splitlines()
-        cut = lines[:MAX_LINES]
-        out = "\n".join(cut)
-        if len(out) > MAX_CHARS:
-            out = out[:MAX_CHARS]
-            out = out[:out.rfind("\n")] if "\n" in out else out
-        left = len(self.code) - len(out)
-        if left > 0:
-            shown = out.count("\n") + 1 if out else 0
-            out += f"\n… {len(lines) - shown} more lines ({left} characters) not shown"
-        return out
+        whole = "\n".join(lines)
+        out = _fit("\n".join(lines[:MAX_LINES]), MAX_CHARS, size)
+        if out == whole:
+            return out
+        shown = out.count("\n") + 1 if out else 0
+        return out + (f"\n… {len(lines) - shown} more lines ({len(whole) - len(out)} "
+                      "characters) not shown")
 
     def plain(self) -> str:
         body = self.body()
         return f"{self.text}\n```\n{body}\n```" if body else self.text
 
     def blocks(self) -> list[dict[str, Any]]:
+        """Slack blocks: the headline and the body, escaped, each within a section's 3000
+        characters after escaping."""
+        head = escape(_fit(self.text, 2900, lambda t: len(escape(t)), lines=False))
         blocks: list[dict[str, Any]] = [
-            {"type": "section", "text": {"type": "mrkdwn", "text": _escape(self.text)[:2900]}}]
-        body = self.body()
+            {"type": "section", "text": {"type": "mrkdwn", "text": head}}]
+        body = self.body(lambda t: len(escape(t)))
         if body:
             blocks.append({"type": "section",
-                           "text": {"type": "mrkdwn", "text": f"```{_escape(body)}```"}})
+                           "text": {"type": "mrkdwn", "text": f"```{escape(body)}```"}})
         return blocks
 
 
-def _escape(text: str) -> str:
+def _fit(text: str, most: int, size: Callable[[str], int], lines: bool = True) -> str:
+    """The longest prefix of `text` of at most `most` (as `size` counts), cut at a line end
+    when `lines` and there is one."""
+    if size(text) <= most:
+        return text
+    low, high = 0, min(len(text), most)  # size counts each character at least once
+    while low < high:
+        mid = (low + high + 1) // 2
+        if size(text[:mid]) <= most:
+            low = mid
+        else:
+            high = mid - 1
+    out = text[:low]
+    return out[:out.rfind("\n")] if lines and "\n" in out else out
+
+
+def escape(text: str) -> str:
     """Text as Slack mrkdwn shows it literally (its three control characters escaped)."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -112,9 +132,8 @@ class UsageError(ValueError):
 def clean(text: str) -> str:
     """A chat message's text as a command line: mentions stripped, Slack's escapes undone,
     smart quotes straightened."""
-    text = text[:MAX_INPUT]
-    words = [w for w in text.split() if not (w.startswith("<@") and w.endswith(">"))]
-    return html.unescape(" ".join(words)).translate(QUOTES).strip()
+    text = MENTION.sub("", text[:MAX_INPUT])
+    return html.unescape(text).translate(QUOTES).strip()
 
 
 def json_arg(text: str, what: str) -> Any:
@@ -129,6 +148,8 @@ def json_arg(text: str, what: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise UsageError(f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{what} is nested too deeply") from None
 
 
 @dataclass
@@ -165,8 +186,8 @@ class Bot:
         if command is None:
             return Reply(f"I don't know `{head[0][:40]}`: say `help` for what I can do.",
                          ok=False)
-        rest = line[len(command.name):].strip() if line.lower().startswith(command.name) \
-            else line.split(None, 1)[1] if " " in line else ""
+        parts = line.split(None, len(command.name.split()))
+        rest = parts[-1] if len(parts) > len(command.name.split()) else ""
         try:
             words, raw = _split(rest, command.words)
             return await command.run(mesh, words, raw)

@@ -65,11 +65,13 @@ class BotOps:
         return {"unmapped": user}
 
     async def users(self, args: dict[str, Any]) -> Any:
-        ns = args.get("namespace")
-        self.require_admin(namespaces.check(ns) if ns is not None else namespaces.DEFAULT)
+        raw = args.get("namespace")
+        ns = namespaces.check(raw) if raw is not None else None  # "" is default, as elsewhere
+        self.require_admin(ns or namespaces.DEFAULT)
         out = []
         for user, rec in sorted(self.store.json_records(DB, USERS).items()):
-            if not isinstance(rec, dict) or (ns is not None and rec.get("namespace") != ns):
+            if not isinstance(rec, dict) or (
+                    ns is not None and rec.get("namespace", namespaces.DEFAULT) != ns):
                 continue
             out.append({"user": user, "account": rec.get("account"),
                         "namespace": rec.get("namespace", namespaces.DEFAULT)})

@@ -35,13 +35,14 @@ from typing import Any
 import trio
 from slack_bolt import App, BoltRequest, BoltResponse
 from slack_sdk import WebClient
+from slack_sdk.signature import SignatureVerifier
 
 from meshd.asgi import Receive, Scope, Send, allow_header, non_http, require_method, respond
 from meshd.errors import MeshError
 from meshd.gateway.bodies import read_body
 
 from .commands import builtins, provided_commands
-from .core import Bot, Reply
+from .core import Bot, Reply, escape
 from .mesh import Directory
 
 log = logging.getLogger("meshd.bot")
@@ -74,11 +75,12 @@ class Seen:
     def first(self, event_id: str, now: float | None = None) -> bool:
         """Whether `event_id` is new (it is remembered from now on)."""
         now = time.monotonic() if now is None else now
-        while self.ids and (len(self.ids) >= self.most
-                            or now - next(iter(self.ids.values())) > self.keep):
+        while self.ids and now - next(iter(self.ids.values())) > self.keep:
             self.ids.popitem(last=False)
         if event_id in self.ids:
             return False
+        while len(self.ids) >= self.most:
+            self.ids.popitem(last=False)
         self.ids[event_id] = now
         return True
 
@@ -91,6 +93,7 @@ class SlackBot:
         self.directory = Directory(socket, admin_token)
         self.core = Bot(builtins(), extra=provided_commands, log=self._log)
         self.app_token = app_token
+        self.signing_secret = signing_secret
         self.seen = Seen()
         self.stats = {"bot_events": 0, "bot_duplicates": 0, "bot_replies": 0,
                       "bot_reply_errors": 0}
@@ -135,7 +138,8 @@ class SlackBot:
             return
         thread = event.get("thread_ts")
         try:
-            client.chat_postMessage(channel=channel, text=reply.plain(), blocks=reply.blocks(),
+            client.chat_postMessage(channel=channel, text=escape(reply.plain()),
+                                    blocks=reply.blocks(),
                                     **({"thread_ts": thread} if isinstance(thread, str)
                                        else {}))
             self.stats["bot_replies"] += 1
@@ -165,7 +169,7 @@ class SlackBot:
                          task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         from meshd.gateway.server import GatewayServer
 
-        server = GatewayServer(BoltHttp(self.app), HttpLimits(), self.stats,  # type: ignore[arg-type]
+        server = GatewayServer(BoltHttp(self.app, self.signing_secret), HttpLimits(), self.stats,  # type: ignore[arg-type]
                                name="bot")
         await server.serve(host, port, tls, task_status=task_status)
 
@@ -202,11 +206,30 @@ class SlackBot:
             task_status.started(port)
 
 
-class BoltHttp:
-    """ASGI: `POST /slack/events` handed to Bolt (in a worker thread), its answer sent back."""
+MAX_TIMESTAMP_DIGITS = 12
 
-    def __init__(self, app: App) -> None:
+
+class BoltHttp:
+    """ASGI: `POST /slack/events` handed to Bolt (in a worker thread), its answer sent back.
+
+    The signature is checked here, before Bolt parses anything: an unsigned body is a 401
+    whatever it holds, and a signed one that is not a Slack request (not a JSON object,
+    nested past the parser, an `event` that is not a map) a 400, never a failure inside
+    Bolt."""
+
+    def __init__(self, app: App, signing_secret: str = "") -> None:
         self.app = app
+        self.verifier = SignatureVerifier(signing_secret) if signing_secret else None
+
+    def signed(self, body: str, headers: dict[str, list[str]]) -> bool:
+        """Whether Slack signed `body` in the last 5 minutes (always, without a secret)."""
+        if self.verifier is None:
+            return True
+        stamp = (headers.get("x-slack-request-timestamp") or [""])[0]
+        signature = (headers.get("x-slack-signature") or [""])[0]
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= MAX_TIMESTAMP_DIGITS):
+            return False
+        return self.verifier.is_valid(body=body, timestamp=stamp, signature=signature)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if await non_http(scope, receive, send):
@@ -228,8 +251,19 @@ class BoltHttp:
         for name, value in scope.get("headers") or []:
             headers.setdefault(name.decode("latin-1").lower(), []).append(
                 value.decode("latin-1"))
+        if not self.signed(text, headers):
+            await respond(send, 401, b"the request is not signed by Slack (or is older than "
+                          b"5 minutes)", "text/plain")
+            return
         query = (scope.get("query_string") or b"").decode("latin-1")
-        request = BoltRequest(body=text, query=query, headers=headers)
+        try:
+            request = BoltRequest(body=text, query=query, headers=headers)
+            if not isinstance(request.body, dict) or not isinstance(
+                    request.body.get("event", {}), dict):
+                raise ValueError("not an object")
+        except Exception:  # Bolt's parsing of a body Slack would not send
+            await respond(send, 400, b"the body is not a Slack request", "text/plain")
+            return
         response = await trio.to_thread.run_sync(self.app.dispatch, request)
         out = [(k.encode("latin-1"), v.encode("latin-1"))
                for k, values in response.headers.items() for v in values

@@ -31,7 +31,7 @@ class RpcOps:
         self.default_timeout = default_timeout
 
     def ops(self) -> list[Op]:
-        return [Op("rpc.call", self.call, "checked", fast=self.fast),
+        return [Op("rpc.call", self.call, "checked", fast=self.fast, anonymous=True),
                 Op("rpc.stream", self.streams.serve_session, "checked", "session")]
 
     async def call(self, args: dict[str, Any]) -> Any:

@@ -28,8 +28,7 @@ What must hold (meshd/bot/*.py, ARCHITECTURE.md §9):
   nothing changed); a control request flagged `remote` without a token runs nothing but
   public ops (401): the flag only removes rights.
 
-Every wait is bounded; no duration is asserted beyond "well within the read timeout". The
-tests marked xfail show bugs (their reasons say where); the rest pass.
+Every wait is bounded; no duration is asserted beyond "well within the read timeout".
 """
 
 from __future__ import annotations
@@ -68,39 +67,6 @@ IDLE = 300  # idle connections of the flood
 FLOOD_SOURCE = "127.0.0.2"  # the flood's source address (loopback, not Slack's 127.0.0.1)
 DEV_SECRET = "botatk-dev-secret-1"
 EVE = "U0EVE"  # a Slack user no one mapped
-
-PARSE_BEFORE_VERIFY = (
-    "meshd/bot/slack.py:233 (BoltHttp.__call__) builds BoltRequest(body=text, ...) outside "
-    "any try, and slack_bolt's BoltRequest parses the body (json.loads, then .get on it) in "
-    "its constructor (build_context digs into event.channel), before the signature is "
-    "checked: a body that is not a JSON object (not JSON, a list, a string, 100000 nested "
-    "lists) or an event whose channel is a number is a 500 with a traceback in the bot's "
-    "log, for unsigned requests too, instead of a 401 (unsigned) or a 400")
-EVENT_NOT_A_MAP = (
-    "a signed envelope whose event is not a map is a 500: Bolt's authorization middleware "
-    "does req.body.get('event', {}).get('type') (AttributeError) and answers 500; "
-    "meshd/bot/slack.py BoltHttp hands Bolt any JSON (low severity: it takes the signing "
-    "secret)")
-TIMESTAMP_500 = (
-    "a non-numeric X-Slack-Request-Timestamp is a 500: slack_sdk's SignatureVerifier does "
-    "int(timestamp) inside Bolt's verification middleware, which answers the ValueError with "
-    "a 500; meshd/bot/slack.py BoltHttp passes the header through unchecked")
-DEEP_JSON_SILENCE = (
-    "meshd/bot/core.py:129 json_arg catches ValueError only: a JSON argument nested ~1000 "
-    "deep (a few KB of '[') raises RecursionError, which escapes Bot._run (it catches "
-    "UsageError and MeshError), Bot.handle and SlackBot.handle (MeshError only): Bolt's "
-    "listener thread logs a traceback and the user gets no reply at all")
-SPOOFED_USER = (
-    "sdk/bot.py bot_command: Command.Exec hands the service req.user from the request "
-    "body, which any caller may write; the verified caller (current_call().caller) is "
-    "ignored. Through the bot's own `call` command (or any RPC), a user who may use a "
-    "service command tells it `{\"user\": \"ops\"}` and the service believes it is ops")
-NOBODY_GETS_NOTHING = (
-    "meshd/bot/mesh.py says an unmapped user acts as nobody, with 'what is open to the "
-    "public scope'; but meshd/ops.py OpTable.admit answers 401 to any remote request "
-    "without a token before a rule is looked at, so public rules never apply to the bot's "
-    "nobody (the gateway's anonymous callers do get them): `roll` is unknown to U0EVE even "
-    "with the dice service open to everyone")
 
 
 # --- the mesh and the bot ------------------------------------------------------------------
@@ -354,7 +320,6 @@ def test_a_non_numeric_timestamp_runs_nothing(bot):
     assert_serves(b)
 
 
-@pytest.mark.xfail(strict=True, reason=TIMESTAMP_500)
 def test_a_non_numeric_timestamp_is_a_401(bot):
     body = mention(channel="C0TSTAMP")
     status, _, out = http(bot.url, body, {**signed(body), "X-Slack-Request-Timestamp": "abc"})
@@ -411,12 +376,6 @@ def _hostile() -> list[tuple[str, bytes, dict[str, str] | None]]:
 
 
 HOSTILE = _hostile()
-FAILS_WITH_500 = {"not JSON", "a JSON list", "a JSON string", "100000 nested lists",
-                  "an object holding 100000 nested lists", "unsigned, not JSON",
-                  "unsigned, 100000 nested lists", "an event with fields of the wrong types",
-                  "unsigned, an event with fields of the wrong types"}
-FAILS_SIGNED_500 = {"an event that is not a map"}
-
 
 def test_hostile_payloads_run_nothing_and_the_bot_serves_on(bot):
     """Each is answered within the bound (whatever the status), nothing is posted, and a
@@ -432,12 +391,8 @@ def test_hostile_payloads_run_nothing_and_the_bot_serves_on(bot):
     assert b.slack.no_post(1.5), f"a hostile payload ran: {b.slack.posts[-1]} ({answered})"
 
 
-@pytest.mark.parametrize("name,body,headers", [
-    pytest.param(n, body, h, id=n, marks=[pytest.mark.xfail(strict=True, reason=reason)]
-                 if reason else [])
-    for n, body, h in HOSTILE
-    for reason in [PARSE_BEFORE_VERIFY if n in FAILS_WITH_500 else
-                   EVENT_NOT_A_MAP if n in FAILS_SIGNED_500 else ""]])
+@pytest.mark.parametrize("name,body,headers", [pytest.param(n, body, h, id=n)
+                                               for n, body, h in HOSTILE])
 def test_hostile_payloads_are_never_a_500(bot, name, body, headers):
     """A client's bad bytes are a 4xx (401 when unsigned), or a 2xx ack of an event the bot
     ignores: never the server failing."""
@@ -478,7 +433,6 @@ def test_a_deeply_nested_json_argument_costs_its_own_command_only(bot):
     assert_serves(b)
 
 
-@pytest.mark.xfail(strict=True, reason=DEEP_JSON_SILENCE)
 def test_a_deeply_nested_json_argument_gets_a_reply(bot):
     b = bot
     post(b.url, event("<@UBOTBOT> call testsvc Test.Echo " + deep(3000).decode(),
@@ -672,7 +626,6 @@ def test_a_service_command_is_told_the_callers_account(bot):
     assert "ops" not in reply["text"] and "dev" not in reply["text"]
 
 
-@pytest.mark.xfail(strict=True, reason=SPOOFED_USER)
 def test_a_service_command_cannot_be_told_another_user_through_call(bot):
     """dev may use `roll`, so dev may call dice's Command.Exec: whatever it answers, it must
     not believe dev is ops."""
@@ -680,7 +633,6 @@ def test_a_service_command_cannot_be_told_another_user_through_call(bot):
     assert "ops rolled" not in reply["text"], reply["text"]
 
 
-@pytest.mark.xfail(strict=True, reason=NOBODY_GETS_NOTHING)
 def test_an_unmapped_user_gets_what_the_public_scope_may_do(bot):
     b = bot
     rules = (("botatk-public-dice", "service:dice:*"),
@@ -709,8 +661,8 @@ def test_a_members_service_cannot_take_a_built_in_name(bot):
 
 
 def test_what_replies_echo_cannot_ping_or_link_in_the_channel(bot):
-    """The message Slack shows (its blocks) carries Slack's control characters escaped,
-    from the user's own words and from the mesh's data alike."""
+    """The message Slack shows (its blocks) and its notification text carry Slack's control
+    characters escaped, from the user's own words and from the mesh's data alike."""
     b = bot
     hostile = "<!channel> <!here> <https://evil.example|click> &amp;"
     control(b.a.data_dir, "config.set", path="public.banner", value=hostile)
@@ -721,6 +673,7 @@ def test_what_replies_echo_cannot_ping_or_link_in_the_channel(bot):
         shown = "\n".join(x["text"]["text"] for x in reply["blocks"])
         for raw in ("<!channel>", "<!here>", "<https://"):
             assert raw not in shown, (text, shown)
+            assert raw not in reply["text"], (text, reply["text"])
         assert echoed in shown, (text, shown)  # it was echoed: the check above means something
 
 

@@ -94,6 +94,9 @@ def web(tmp_path_factory) -> Iterator[Web]:
         b = cluster.add("b", join=[a.addr], env={**FAST,
                                                  "MESHD_WEB_LISTEN": f"127.0.0.1:{port_b}"})
         ready(a, b)
+        cluster.service(b, "websvc")  # on b: an anonymous call is refused by b's daemon
+        wait_for(lambda: "websvc" in {s["name"] for s in control(a.data_dir, "services")}, 30,
+                 "websvc seen from a")
         assert control(a.data_dir, "status")["web"].endswith(f":{port}")
         control(a.data_dir, "auth.accounts.create", id="webatk-guest", secret=GUEST_SECRET,
                 scopes=["guest"])  # a valid token that no rule grants anything
@@ -200,9 +203,12 @@ def assert_secure_headers(headers: Any) -> None:
                                 "auth.accounts.list", "auth.accounts.create", "rpc.call",
                                 "auth.whoami"])
 def test_without_a_token_only_public_ops_run(web, op):
+    """Without a token a request is anonymous: the public scope, which no rule grants
+    anything here (rpc.call reaches the service's daemon, which refuses anonymous)."""
     w = web
-    err = assert_op_status(call(w.port, op, {"id": "x", "secret": "y", "scopes": ["admin"]}),
-                           401)
+    args = {"id": "x", "secret": "y", "scopes": ["admin"], "service": "websvc",
+            "endpoint": "Test.Echo", "body": {"x": 1}}
+    err = assert_op_status(call(w.port, op, args), 401)
     assert err["id"] == "meshd.auth", err
     assert_serves(w)
 

@@ -21,11 +21,13 @@ from meshd.ops import (
 
 
 class FakeAuth:
-    """Tokens "good" (may read members) and "weak" (may not); anything else is a 401."""
+    """Tokens "good" (may read members) and "weak" (may not); anything else is a 401.
+    Without a token (anonymous), what `public` lists is granted and the rest is a 401."""
 
     def __init__(self) -> None:
         self.checked: list[tuple[str | None, tuple[str, str, str]]] = []
         self.namespaces: list[str] = []
+        self.public: set[tuple[str, str, str]] = set()
 
     def identify(self, token: str | None, node: str | None) -> Any:
         if token not in ("good", "weak"):
@@ -34,6 +36,9 @@ class FakeAuth:
 
     def check(self, token: str | None, node: str | None, resource: tuple[str, str, str],
               namespace: str = "default") -> Any:
+        if token is None and node is None and resource in self.public:
+            self.checked.append((token, resource))
+            return "anonymous"
         self.identify(token, node)
         self.checked.append((token, resource))
         self.namespaces.append(namespace)
@@ -74,6 +79,7 @@ def table() -> tuple[OpTable, FakeAuth, list[str]]:
            Op("services", handler("services"), mesh_resource("services", per_namespace=True)),
            Op("leave", handler("leave"), "operator"),
            Op("store.read", handler("store.read"), "checked"),
+           Op("rpc.call", handler("rpc.call"), "checked", anonymous=True),
            Op("auth.login", handler("auth.login"), "public")])
     return t, auth, ran
 
@@ -109,6 +115,23 @@ def test_a_remote_caller_without_a_token_gets_401_for_all_but_public_ops():
         assert "token" in reply["error"]["detail"]
     assert run(t, {"op": "auth.login"}, remote=True)["ok"] is True
     assert ran == ["auth.login"]
+
+
+def test_a_remote_caller_without_a_token_gets_what_the_public_scope_grants():
+    """Anonymous (the bot's unmapped users, an environment without a token): a read the
+    public rules grant runs; one they do not is the 401 that says to log in; a checked op
+    runs only if its handler checks anonymous callers itself; operator ops never."""
+    t, auth, ran = table()
+    auth.public = {("mesh", "services", ""), ("mesh", "members", "")}
+    assert run(t, {"op": "services"}, remote=True)["ok"] is True
+    assert auth.checked == [(None, ("mesh", "services", ""))]
+    auth.public = {("mesh", "services", "")}
+    reply = run(t, {"op": "members"}, remote=True)
+    assert status(reply) == 401 and "meshd auth login" in reply["error"]["detail"]
+    assert run(t, {"op": "rpc.call"}, remote=True)["ok"] is True
+    for op in ("store.read", "leave"):
+        assert status(run(t, {"op": op}, remote=True)) == 401, op
+    assert ran == ["services", "rpc.call"]
 
 
 def test_operator_ops_are_refused_remotely_even_to_a_good_token():
@@ -168,7 +191,7 @@ def test_unknown_ops_list_the_known_ones_and_the_connection_stays_usable():
     t, _, _ = table()
     reply = run(t, {"op": "nope"}, remote=False)
     assert status(reply) == 404
-    assert "auth.login, leave, members, services, store.read" in reply["error"]["detail"]
+    assert "auth.login, leave, members, rpc.call, services, store.read" in reply["error"]["detail"]
 
 
 def test_an_op_registered_twice_is_refused():

@@ -256,9 +256,6 @@ async def test_a_refused_command_exec_names_the_account():
     assert not reply.ok and "403 denied: no dice" in reply.text and "`bob`" in reply.text
 
 
-@pytest.mark.xfail(strict=True, reason="provided_commands keeps a name's case "
-                   "('bot.command=Roll' -> 'Roll', listed by help) but Bot._run looks "
-                   "provided commands up by the lowercased word, so it can never be run")
 async def test_a_command_help_lists_can_be_run():
     rows = [{"name": "dice", "tags": ["bot.command=Roll"]}]
     answers = {"services": rows, ("rpc.call", "Command.Help"): None,
@@ -408,3 +405,13 @@ def test_the_ops_are_checked_by_themselves():
     ops = BotOps(FakeStore(), Admin()).ops()
     assert {(op.name, op.access) for op in ops} == {
         ("bot.map", "checked"), ("bot.unmap", "checked"), ("bot.users", "checked")}
+
+
+async def test_users_of_the_empty_namespace_are_those_of_default():
+    """"" names default everywhere in meshd; a record kept without a namespace is default's."""
+    records = {**USERS_MAP, "U5": {"account": "dave"}}
+    admin = Admin("default")
+    out = await BotOps(FakeStore(records), admin).users({"namespace": ""})
+    assert admin.asked == ["default"]
+    assert out == [{"user": "U1", "account": "alice", "namespace": "default"},
+                   {"user": "U5", "account": "dave", "namespace": "default"}]

@@ -85,18 +85,12 @@ async def test_a_mention_anywhere_in_the_message_does_not_change_the_command():
         assert reply.ok and mesh.ops() == ["members"], text
 
 
-@pytest.mark.xfail(strict=True, reason="clean() only drops whole words that are mentions: "
-                   "'<@UBOT>: nodes' (a mention followed by punctuation, as Slack sends "
-                   "'@meshd: nodes') keeps '<@UBOT>:' as the command word")
 async def test_a_mention_followed_by_punctuation_is_stripped():
     mesh = FakeMesh({"members": []})
     reply = await bot().handle("U1", "<@UBOT>: nodes", mesh)
     assert reply.ok and mesh.ops() == ["members"]
 
 
-@pytest.mark.xfail(strict=True, reason="clean() re-joins every word with one space, so "
-                   "the JSON argument's strings lose their runs of spaces: publish sends "
-                   "'a b' for 'a  b'")
 async def test_spaces_inside_a_json_string_reach_the_mesh_unchanged():
     mesh = FakeMesh({"broker.publish": {"id": "m1"}})
     await bot().handle("U1", 'publish t {"m": "a  b"}', mesh)
@@ -217,8 +211,6 @@ async def test_an_unbalanced_quote_is_a_usage_reply():
     assert not reply.ok and "`describe SERVICE`" in reply.text and mesh.calls == []
 
 
-@pytest.mark.xfail(strict=True, reason="json_arg catches ValueError only: deeply nested "
-                   "JSON raises RecursionError out of Bot.handle")
 async def test_deeply_nested_json_is_a_reply_not_an_exception():
     mesh = FakeMesh({"rpc.call": None})
     reply = await bot().handle("U1", "call svc Ep " + "[" * 3000 + "]" * 3000, mesh)
@@ -274,8 +266,6 @@ async def test_a_usage_error_is_a_reply_for_every_command_missing_its_words():
         assert mesh.calls == [], line
 
 
-@pytest.mark.xfail(strict=True, reason="commands.logs checks N with str.isdigit(), which "
-                   "accepts '²'; int('²') then raises ValueError out of Bot.handle")
 async def test_a_digit_like_line_count_is_a_usage_reply():
     mesh = FakeMesh({"debug.logs": {"records": []}})
     reply = await bot().handle("U1", "logs svc ²", mesh)
@@ -317,10 +307,6 @@ def test_one_long_line_is_cut_at_max_chars():
     assert f"({10_000 - MAX_CHARS} characters) not shown" in note
 
 
-@pytest.mark.xfail(strict=True, reason="Reply.body() counts left-out characters as "
-                   "len(code) - len(shown) after splitlines(): a body ending in a newline "
-                   "(or with CRLF line ends) that is shown whole gets '… 0 more lines "
-                   "(1 characters) not shown'")
 def test_a_body_shown_whole_has_no_note_even_with_a_trailing_newline():
     assert Reply("h", "a\nb\n").body() == "a\nb"
 
@@ -337,9 +323,6 @@ def test_blocks_stay_within_slacks_section_limit_for_huge_replies():
         assert "not shown" in blocks[1]["text"]["text"]
 
 
-@pytest.mark.xfail(strict=True, reason="Reply.blocks() cuts the body (MAX_CHARS) before "
-                   "escaping it: '&', '<', '>' grow to 4-5 characters, so a body of them "
-                   "makes a section of ~14000 characters, over Slack's 3000")
 def test_blocks_stay_within_the_limit_when_the_body_is_all_control_characters():
     for r in (Reply("h", "&<>" * 350_000), Reply("&" * 1_000_000)):
         assert all(len(b["text"]["text"]) <= 3000 for b in r.blocks())

@@ -3,8 +3,6 @@ bounded in age (`keep` seconds) and in count (`most` entries)."""
 
 from __future__ import annotations
 
-import pytest
-
 from meshd.bot.slack import SEEN_FOR, SEEN_MAX, Seen
 
 
@@ -48,9 +46,6 @@ def test_never_more_than_most_entries():
     assert seen.first("Ev0", now=1001.0)  # the oldest were dropped
 
 
-@pytest.mark.xfail(strict=True, reason="Seen.first evicts for the count bound before it "
-                   "looks the id up: when `most` ids are held, a repeat of the oldest is "
-                   "dropped first and reported as new (Seen(most=1) never sees a repeat)")
 def test_a_repeat_is_caught_while_its_id_is_held():
     seen = Seen(keep=1e9, most=1)
     assert seen.first("Ev1", now=0.0)
