@@ -57,7 +57,7 @@ def verify_rates() -> tuple[float, float, float]:
 SERVICE = '''
 import trio
 from typing import Any
-from sdk import Service
+from meshd_sdk import Service
 service = Service("authecho")
 
 @service.handler("Echo.Call")
@@ -69,7 +69,7 @@ trio.run(service.run)
 
 
 def rpc_latency(calls: int = 2000) -> tuple[float, float]:
-    from sdk import Client
+    from meshd_sdk import Client
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

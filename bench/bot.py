@@ -34,7 +34,7 @@ from tests.integration.test_bot import start_bot  # noqa: E402
 SERVICES = 100
 MANY = '''
 import sys, trio
-from sdk import Service
+from meshd_sdk import Service
 
 async def main(n):
     async with trio.open_nursery() as nursery:

@@ -72,7 +72,7 @@ def _cpu(pid: int) -> float:
 
 def _meshd_sub(sock: str, buffer: int, policy: str, seconds: float, q: Any) -> None:
     async def main() -> None:
-        from sdk import Client
+        from meshd_sdk import Client
 
         client = Client(sock)
         n = 0
@@ -112,7 +112,7 @@ def _meshd_sub(sock: str, buffer: int, policy: str, seconds: float, q: Any) -> N
 
 def _meshd_pub(sock: str, stop: Any, q: Any) -> None:
     async def main() -> None:
-        from sdk import Client
+        from meshd_sdk import Client
 
         n = 0
         t0 = time.perf_counter()
@@ -307,7 +307,7 @@ async def _paced(call: Callable[[], Any], callers: int, seconds: float) -> dict[
 
 
 async def _meshd_durable(sock: Path, callers: int, seconds: float) -> dict[str, Any]:
-    from sdk import Client
+    from meshd_sdk import Client
 
     client = Client(sock, pool=callers + 4)
 
@@ -363,7 +363,7 @@ def _jetstream(url: str, callers: int, seconds: float) -> dict[str, Any]:
 async def _fanout(pub_sock: Path, sub_sock: Path, n: int,
                   interest_at: Callable[[], bool]) -> int:
     """Subscribe at one daemon, publish `n` from another; how many arrived."""
-    from sdk import Client
+    from meshd_sdk import Client
 
     got = 0
     async with Client(sub_sock).subscribe(CORE_TOPIC, buffer=n, policy="block") as sub:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def sim(scenario: str, *args: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "sim", "run", scenario, "--json", *args]
+    cmd = [sys.executable, "-m", "meshd_sim", "run", scenario, "--json", *args]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 

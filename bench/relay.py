@@ -30,7 +30,7 @@ def main() -> int:
     if reason:
         print(f"not measured: {reason}")
         return 0
-    from sdk import Client
+    from meshd_sdk import Client
 
     hosts = Hosts(3, net=202)
     with tempfile.TemporaryDirectory() as tmp:

@@ -183,7 +183,7 @@ def _in_server(target: Callable[[Any], None]) -> tuple[Any, int]:
 async def _meshd_client(sock: Path, callers: int, seconds: float,
                         env: tuple[str, str] | None = None) -> tuple[float, list[float]]:
     """Calls through the daemon at `sock`, or through environment `env` (name, token)."""
-    from sdk import Client
+    from meshd_sdk import Client
 
     client = Client(sock, pool=callers + 4) if env is None else \
         Client(env=env[0], token=env[1], pool=callers + 4)
@@ -197,7 +197,7 @@ async def _meshd_client(sock: Path, callers: int, seconds: float,
 
 ECHO_SERVICE = '''
 import trio
-from sdk import Service
+from meshd_sdk import Service
 from typing import Any
 service = Service("benchecho")
 

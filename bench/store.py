@@ -44,7 +44,7 @@ VALUE = b"v" * 100
 
 
 def sim(*args: str) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "sim", "run", "store-3d", "--json", *args],
+    out = subprocess.run([sys.executable, "-m", "meshd_sim", "run", "store-3d", "--json", *args],
                          cwd=ROOT, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)["metrics"]
 
@@ -132,7 +132,7 @@ def asyncio_harness(op_factory: Callable[[], Any], clients: int, seconds: float)
 
 def meshd_ops(sock: Path, write: bool) -> Callable[[], Any]:
     async def factory() -> Any:
-        from sdk import Store
+        from meshd_sdk import Store
 
         store = Store(addr=sock)
 

@@ -139,7 +139,7 @@ def main() -> int:
             control(a.data_dir, "tunnel.expose", name="sink", to=f"127.0.0.1:{sink.port}")
             wait_for(lambda: control(b.data_dir, "tunnel.list") != [], 10, "tunnel on b")
             port = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "cli", "tunnel", "connect", "sink",
+            proc = subprocess.Popen([sys.executable, "-m", "meshd_cli", "tunnel", "connect", "sink",
                                      "--listen", f"127.0.0.1:{port}", "--data-dir",
                                      str(b.data_dir)], stdout=subprocess.PIPE, text=True)
             assert proc.stdout is not None

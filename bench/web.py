@@ -52,7 +52,7 @@ FAST = {"MESHD_RPC_REGISTRY_SYNC_INTERVAL": "1", "MESHD_STORE_SYNC_INTERVAL": "1
 LOADER = '''
 import sys, time, trio
 from dataclasses import dataclass
-from sdk import Service
+from meshd_sdk import Service
 
 @dataclass
 class Order:

@@ -1,5 +1,5 @@
-"""`python -m cli` is the `meshd` command."""
+"""`python -m meshd_cli` is the `meshd` command (named so in its help and completion)."""
 
 from .main import main
 
-main()
+main(prog_name="meshd")

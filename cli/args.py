@@ -7,7 +7,7 @@ Rules:
 
 from __future__ import annotations
 
-from cli.output import fail
+from meshd_cli.output import fail
 
 
 def parse_pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:

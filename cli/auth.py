@@ -22,9 +22,16 @@ import time
 
 import click
 
-from cli.client import Client, client_options, env_option, environment, namespace_option, token_file
-from cli.output import json_option, say, show, show_lines
 from meshd.envs import Environments
+from meshd_cli.client import (
+    Client,
+    client_options,
+    env_option,
+    environment,
+    namespace_option,
+    token_file,
+)
+from meshd_cli.output import json_option, say, show, show_lines
 
 
 @click.group()

@@ -24,10 +24,10 @@ from typing import Any
 import click
 import trio
 
-from cli.client import Client, client_options, current_token, namespace_option, run
-from cli.output import fail, json_option, say, show
 from meshd import tlsconf
 from meshd.transport import addr as addrs
+from meshd_cli.client import Client, client_options, current_token, namespace_option, run
+from meshd_cli.output import fail, json_option, say, show
 
 
 @click.group()

@@ -23,9 +23,9 @@ from typing import Any
 
 import click
 
-from cli.args import parse_duration, parse_pairs
-from cli.client import Client, client_options, namespace_option, run
-from cli.output import fail, json_option, line, print_table, show_lines
+from meshd_cli.args import parse_duration, parse_pairs
+from meshd_cli.client import Client, client_options, namespace_option, run
+from meshd_cli.output import fail, json_option, line, print_table, show_lines
 
 
 def _parse_body(body: str | None) -> Any:
@@ -96,7 +96,7 @@ def subscribe(pattern: str, queue: str | None, durable: str | None, buffer: int 
               as_json: bool) -> None:
     """Print messages on PATTERN (wildcards * and >) until Ctrl-C."""
     from meshd.errors import MeshError
-    from sdk.broker import Subscription
+    from meshd_sdk.broker import Subscription
 
     control = client._control()
 

@@ -37,11 +37,11 @@ from typing import Any
 import click
 import trio
 
-from cli.output import fail, line
 from meshd.control import ControlClient, socket_path
 from meshd.datadir import default_data_dir
 from meshd.envs import EnvError, Environment, Environments
 from meshd.errors import MeshError
+from meshd_cli.output import fail, line
 
 
 def token_file() -> Path:
@@ -228,7 +228,7 @@ class Client:
                    on_reply: Callable[[Any], None], namespace: str = "default") -> None:
         """A streaming call of ENDPOINT of SERVICE in `namespace`: send each request, then
         hand each reply to `on_reply`."""
-        from sdk import Client as SdkClient
+        from meshd_sdk import Client as SdkClient
 
         env = self.remote()
         if env is not None:

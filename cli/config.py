@@ -18,8 +18,8 @@ from typing import Any
 
 import click
 
-from cli.client import Client, client_options, namespace_option
-from cli.output import fail, json_option, line, print_table, say
+from meshd_cli.client import Client, client_options, namespace_option
+from meshd_cli.output import fail, json_option, line, print_table, say
 
 
 @click.group()

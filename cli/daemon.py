@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import click
 import trio
 
-from cli.client import Client, client_options, data_dir_option
-from cli.output import console, fail, json_option
+from meshd_cli.client import Client, client_options, data_dir_option
+from meshd_cli.output import console, fail, json_option
 
 if TYPE_CHECKING:
     from meshd.node import Node
@@ -62,6 +62,11 @@ if TYPE_CHECKING:
               envvar="MESHD_CONFIG", help="TOML settings file.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--print-settings", is_flag=True, help="Print the effective settings and exit.")
+@click.option("--print-systemd-unit", is_flag=True, help="Print a hardened systemd unit that "
+              "runs this `meshd up` (its other options; data dir /var/lib/meshd unless "
+              "given) and exit.")
+@click.option("--unit-user", default="meshd", show_default=True, metavar="USER",
+              help="With --print-systemd-unit: the user the unit runs the daemon as.")
 @data_dir_option
 @json_option
 def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str | None,
@@ -71,8 +76,12 @@ def up(name: str | None, bind: str | None, advertise: str | None, ws_listen: str
        auth_root: str | None,
        tags: tuple[str, ...], profile: str | None, secret_file: Path | None,
        config_file: Path | None, log_level: str | None, print_settings: bool,
-       data_dir: Path | None, as_json: bool) -> None:
+       print_systemd_unit: bool, unit_user: str, data_dir: Path | None,
+       as_json: bool) -> None:
     """Run a node in the foreground (Ctrl-C leaves the cluster gracefully)."""
+    if print_systemd_unit:
+        click.echo(_systemd_unit(unit_user, data_dir), nl=False)
+        return
     from meshd.node import Node, NodeError
     from meshd.secure.keyring import KeyringError, parse_secret
     from meshd.settings import SettingsError, as_dict, load_settings
@@ -188,6 +197,34 @@ def _ready(node: Node, as_json: bool) -> None:
         click.echo(f"    {node.bootstrap_token}")
     click.echo("  Ctrl-C leaves the cluster gracefully.")
     sys.stdout.flush()
+
+
+def _systemd_unit(user: str, data_dir: Path | None) -> str:
+    """The unit for this command line: the options given (but these two and --json)."""
+    import shutil
+
+    from meshd import systemd_unit
+
+    ctx = click.get_current_context()
+    where = str(data_dir.expanduser().resolve()) if data_dir else systemd_unit.DATA_DIR
+    found = shutil.which("meshd")
+    command = [os.path.abspath(found)] if found else [sys.executable, "-m", "meshd_cli"]
+    command += ["up", "--data-dir", where]
+    skip = {"print_systemd_unit", "unit_user", "as_json", "data_dir", "print_settings"}
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if param.name in skip or value in (None, False, ()) or not param.opts:
+            continue
+        option = max(param.opts, key=len)
+        if value is True:
+            command.append(option)
+            continue
+        for one in value if isinstance(value, tuple) else (value,):
+            command += [option, str(one)]
+    try:
+        return systemd_unit.unit(command, user, where)
+    except systemd_unit.UnitError as exc:
+        fail(f"400 bad request: {exc}")
 
 
 def _toml(data: dict[str, Any]) -> str:

@@ -17,9 +17,9 @@ from typing import Any
 
 import click
 
-from cli.args import parse_duration
-from cli.client import Client, client_options
-from cli.output import json_option, line, print_table, show
+from meshd_cli.args import parse_duration
+from meshd_cli.client import Client, client_options
+from meshd_cli.output import json_option, line, print_table, show
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 _COLORS = {"debug": "dim", "info": "", "warning": "yellow", "error": "red", "critical": "red"}
@@ -153,7 +153,7 @@ def trace(trace_id: str, client: Client, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(found))
         return
-    from cli.output import console
+    from meshd_cli.output import console
 
     console.print(f"trace {found['trace_id']}  ({len(found['spans'])} spans)")
     for text in _tree(found["spans"]):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import click
 
-from cli.output import fail, json_option, say, show
 from meshd.envs import EnvError, Environment, Environments
 from meshd.errors import MeshError
+from meshd_cli.output import fail, json_option, say, show
 
 
 def _load() -> Environments:

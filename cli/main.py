@@ -20,24 +20,27 @@ import json
 
 import click
 
-from cli import (
+from meshd_cli import (
     auth,
     bot,
     broker,
+    completion,
     config,
     daemon,
     debug,
+    doctor,
     env,
     members,
     namespaces,
     network,
+    new,
     nodes,
     runtime,
     services,
     store,
     tunnel,
 )
-from cli.output import json_option
+from meshd_cli.output import json_option
 
 
 def _version() -> str:
@@ -62,9 +65,11 @@ def main(token: str | None, env: str | None) -> None:
 @json_option
 def version_cmd(as_json: bool) -> None:
     """Print the meshd version."""
+    from meshd import versions
     from meshd.membership.messages import VERSION
 
-    info = {"version": _version(), "membership_protocol": VERSION}
+    info = {"version": _version(), "membership_protocol": VERSION,
+            "protocols": versions.describe()}
     if as_json:
         click.echo(json.dumps(info))
     else:
@@ -74,7 +79,7 @@ def version_cmd(as_json: bool) -> None:
 def _register(group: click.Group) -> None:
     """Each module's COMMANDS on the root group (the help lists them by name)."""
     for module in (daemon, members, services, namespaces, store, config, broker, debug,
-                   auth, network, tunnel, nodes, env, runtime, bot):
+                   auth, network, tunnel, nodes, env, runtime, bot, new, completion, doctor):
         for command in module.COMMANDS:
             group.add_command(command)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import click
 
-from cli.client import Client, client_options
-from cli.output import json_option, say, show
+from meshd_cli.client import Client, client_options
+from meshd_cli.output import json_option, say, show
 
 
 @click.command("join")
@@ -54,7 +54,7 @@ def _member_row(r: dict[str, Any]) -> tuple[str, ...]:
     rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f} ms"
     return (r["name"] + (" *" if r["self"] else ""), r["id"][:8], r["address"],
             f"[{_STATUS_COLORS.get(r['status'], 'white')}]{r['status']}[/]",
-            str(r["incarnation"]), tags, rtt, r.get("reach", ""))
+            str(r["incarnation"]), r.get("version") or "?", tags, rtt, r.get("reach", ""))
 
 
 @click.command()
@@ -67,7 +67,8 @@ def members(status_filter: str | None, client: Client, as_json: bool) -> None:
     if status_filter:
         rows = [r for r in rows if r["status"] == status_filter]
     show(rows, as_json,
-         ("name", "id", "address", "status", "incarnation", "tags", "rtt", "reach"),
+         ("name", "id", "address", "status", "incarnation", "version", "tags", "rtt",
+          "reach"),
          (_member_row(r) for r in rows))
 
 

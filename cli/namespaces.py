@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from cli.client import Client, client_options
-from cli.output import json_option, show
+from meshd_cli.client import Client, client_options
+from meshd_cli.output import json_option, show
 
 
 def _count(value: Any) -> str:

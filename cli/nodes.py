@@ -14,8 +14,8 @@ import time
 
 import click
 
-from cli.client import Client, client_options
-from cli.output import json_option, show
+from meshd_cli.client import Client, client_options
+from meshd_cli.output import json_option, show
 
 
 @click.group()

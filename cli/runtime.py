@@ -23,8 +23,8 @@ from typing import Any
 
 import click
 
-from cli.args import parse_pairs
-from cli.client import (
+from meshd_cli.args import parse_pairs
+from meshd_cli.client import (
     Client,
     _make_client,
     _node_options,
@@ -32,7 +32,7 @@ from cli.client import (
     client_options,
     namespace_option,
 )
-from cli.output import fail, json_option, print_table, say
+from meshd_cli.output import fail, json_option, print_table, say
 
 
 def _source(text: str) -> str:

@@ -25,9 +25,9 @@ from typing import Any
 
 import click
 
-from cli.args import parse_meta
-from cli.client import Client, call_via, client_options, namespace_option, via_options
-from cli.output import console, fail, json_option, line, say, show
+from meshd_cli.args import parse_meta
+from meshd_cli.client import Client, call_via, client_options, namespace_option, via_options
+from meshd_cli.output import console, fail, json_option, line, say, show
 
 
 @click.command()

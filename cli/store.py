@@ -23,9 +23,9 @@ from typing import Any
 
 import click
 
-from cli.args import parse_meta
-from cli.client import Client, chosen_namespace, client_options, namespace_option
-from cli.output import fail, json_option, line, say
+from meshd_cli.args import parse_meta
+from meshd_cli.client import Client, chosen_namespace, client_options, namespace_option
+from meshd_cli.output import fail, json_option, line, say
 
 
 def _store_options(f: Callable[..., Any]) -> Callable[..., Any]:

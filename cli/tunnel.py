@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from cli.client import Client, client_options, tunnel_via, via_options
-from cli.output import fail, json_option, line, say, show_lines
 from meshd.errors import MeshError
+from meshd_cli.client import Client, client_options, tunnel_via, via_options
+from meshd_cli.output import fail, json_option, line, say, show_lines
 
 
 @click.group()

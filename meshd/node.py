@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from . import datadir, namespaces, tlsconf
+from . import datadir, namespaces, tlsconf, versions
 from .auth.eviction import Evictor
 from .auth.ops import AuthOps
 from .auth.service import PIN_FILE, ROOT_TAG, AuthService
@@ -39,6 +39,7 @@ from .broker.service import BrokerService
 from .control import ControlServer, socket_path
 from .debug.ops import DebugOps
 from .debug.service import DebugService
+from .doctor.probe import DoctorProbe
 from .errors import MeshError
 from .gateway.upstream import Upstream
 from .identity import Identity
@@ -196,6 +197,8 @@ class Node:
         tags["id"] = self.identity.node_id
         self.boot = os.urandom(6).hex()  # changes at every start: stale instances vanish
         tags["boot"] = self.boot
+        tags["ver"] = package_version()  # `meshd members` and `meshd doctor` show skew
+        tags[versions.TAG] = versions.tag()  # the protocol versions it speaks
         pin = self._auth_pin()
         if pin:
             tags[ROOT_TAG] = pin  # the auth root we trust (nodes joining through us pin it)
@@ -353,6 +356,7 @@ class Node:
                 RuntimeOps(self.runtime, self.auth, self.name, self.auth_ops.require_admin),
                 BotOps(self.store, self.auth_ops.require_admin),
                 DebugOps(self.debug),
+                DoctorProbe(self.core, self.links, package_version(), self.keyring),
                 self.tunnels, self.auth_ops):
             table.add(component.ops())
         return table

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from . import versions
 from .membership.messages import STATE_NAMES
 from .ops import REQUEST_REMOTE, Op, mesh_resource
 from .secure.keyring import format_secret
@@ -64,6 +65,7 @@ class NodeOps:
             "links": len({id(v) for v in n.links.links.values()}),
             "uptime_s": round(time.time() - n.started, 1), "stats": self.stats(),
             "version": package_version(),
+            "protocols": versions.describe(),
             "metrics": getattr(n, "metrics_address", ""),
             "api": getattr(n, "api_address", ""),
             "web": getattr(n, "web_address", ""),

@@ -56,7 +56,7 @@ from typing import Any, Literal, Protocol
 
 import trio
 
-from . import namespaces
+from . import namespaces, versions
 from .errors import MeshError, bad_request, not_found, too_many
 
 log = logging.getLogger("meshd.ops")
@@ -344,6 +344,8 @@ async def serve_request(table: OpTable, framed: Framing, req: Any,
         args = req.get("args") or {}
         if not isinstance(args, dict):
             raise bad_request("args must be a map")
+        if "v" in req:  # a client naming the control protocol versions it speaks
+            versions.offered("control", req["v"])
         token = req.get("token")
         REQUEST_TOKEN.set(token if isinstance(token, str) and token else None)
         if req.get("remote") is True:  # a local client acting for someone outside (the

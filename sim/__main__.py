@@ -1,4 +1,4 @@
-"""`python -m sim run SCENARIO [--nodes N] [--seed S] [--json]`: run a scenario, report."""
+"""`python -m meshd_sim run SCENARIO [--nodes N] [--seed S] [--json]`: run a scenario, report."""
 
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COPY = ("meshd", "sdk", "cli", "sim", "tests", "pyproject.toml")
+RENAMED = {"meshd_sdk": "sdk", "meshd_cli": "cli", "meshd_sim": "sim"}  # as setup.py maps them
 TIMEOUT = 300  # seconds per test run; a mutant that hangs its tests counts as caught
 
 
@@ -414,6 +415,8 @@ def _copy_tree(dest: Path) -> None:
             shutil.copytree(src, dest / name, ignore=ignore)
         else:
             shutil.copy2(src, dest / name)
+    for name, folder in RENAMED.items():  # the import names the distribution gives them
+        (dest / name).symlink_to(folder, target_is_directory=True)
 
 
 def _apply(tree: Path, m: Mutation) -> None:

@@ -10,8 +10,8 @@ import random
 
 import trio
 
-from sdk import Service
-from sdk.bot import CommandReply, CommandRequest, bot_command
+from meshd_sdk import Service
+from meshd_sdk.bot import CommandReply, CommandRequest, bot_command
 
 service = Service("dice")
 

@@ -190,7 +190,7 @@ class SlackBot:
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Registers as `meshd-bot`, then serves Slack until cancelled; started() gives the
         HTTP port (0 with Socket Mode only)."""
-        from sdk import Service
+        from meshd_sdk import Service
 
         self.trio_token = trio.lowlevel.current_trio_token()
         service = Service(SERVICE, addr=self.socket, reconnect=True)

@@ -79,7 +79,7 @@ def _meshd_version() -> str:
     try:
         return metadata.version("meshd")
     except metadata.PackageNotFoundError:
-        return "0.1.0"
+        return "0+unknown"
 
 
 VERSION = _meshd_version()

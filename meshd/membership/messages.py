@@ -21,7 +21,10 @@ from typing import Any, ClassVar
 
 import cbor2
 
-VERSION = 2  # 2: alives and member states carry the identity key and its signature
+from meshd.versions import PROTOCOLS
+
+VERSION = PROTOCOLS["membership"].high  # what this node sends (meshd/versions.py)
+# 2: alives and member states carry the identity key and its signature
 
 # Bounds checked while decoding. Sizes of whole packets and frames are the shell's business;
 # these bound each field so a hostile peer cannot make us hold huge objects.
@@ -283,8 +286,9 @@ def decode_packet(data: bytes) -> list[Message]:
         raise DecodeError(f"not valid CBOR: {type(exc).__name__}") from None
     if type(raw) is not list or len(raw) != 2:
         raise DecodeError("packet must be [version, items]")
-    if type(raw[0]) is not int or raw[0] != VERSION:
-        raise DecodeError(f"unsupported version {raw[0]!r}")
+    if type(raw[0]) is not int or raw[0] not in PROTOCOLS["membership"]:
+        raise DecodeError(f"membership protocol version {raw[0]!r}: this node speaks "
+                          f"{PROTOCOLS['membership']} (a different meshd release?)")
     items = raw[1]
     if type(items) is not list or not items or len(items) > MAX_ITEMS:
         raise DecodeError(f"packet must carry 1..{MAX_ITEMS} messages")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from meshd import versions
 from meshd.errors import MeshError, bad_request
 from meshd.ops import Emit, Op, mesh_resource
 from meshd.transport import addr as addrs
@@ -22,7 +23,7 @@ from .core import Membership
 from .messages import STATE_NAMES
 from .service import MembershipService
 
-RESERVED_TAGS = ("id", "boot", "authroot")
+RESERVED_TAGS = ("id", "boot", "authroot", "ver", versions.TAG)
 
 
 class MembershipOps:
@@ -48,6 +49,8 @@ class MembershipOps:
                 "name": m.name, "id": m.tags.get("id", ""), "address": m.addr,
                 "status": STATE_NAMES[m.state], "incarnation": m.incarnation, "tags": tags,
                 "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
+                "version": m.tags.get("ver", ""),  # "" from a release that did not say
+                "protocols": versions.describe(versions.parse(m.tags.get(versions.TAG))),
                 "self": m.name == me,
                 "reach": self._reach(m, unreached),
             })

@@ -2,6 +2,10 @@
 with a user token, over one WebSocket (`meshd up --proxy-listen HOST:PORT`).
 
 Rules:
+- The first message may name the proxy protocol versions the client speaks, `"v": [low,
+  high]` (none: the baseline); the proxy speaks the highest both do, says which in the
+  control session's first reply (`"v"`), and refuses a client with none in common (426,
+  naming both ranges).
 - The first message is a CBOR map: {"op": "call", "token", "service", "endpoint", "body",
   "timeout", "meta", "namespace"}, {"op": "tunnel", "token", "name"} or {"op": "control"} (a remote
   environment's control session, below); anything else is a 400 and the socket closes.
@@ -39,7 +43,7 @@ from typing import Any
 
 import trio
 
-from meshd import namespaces, wire
+from meshd import namespaces, versions, wire
 from meshd.errors import MeshError, bad_request
 from meshd.ops import REQUEST_REMOTE, REQUEST_SOURCE, StreamSlots, serve_request
 from meshd.transport import listeners as serving
@@ -92,8 +96,9 @@ class EdgeProxy:
 
         try:
             req = await self._first_message(ws, ticket)
+            version = versions.offered("proxy", req.get("v"))  # 426 with none in common
             if req.get("op") == "control":
-                await self._control(ws, ticket)
+                await self._control(ws, ticket, version)
                 return
             token = req.get("token")
             if not isinstance(token, str) or not token:
@@ -116,13 +121,13 @@ class EdgeProxy:
         except trio_websocket.ConnectionClosed:
             pass
 
-    async def _control(self, ws: Any, ticket: serving.Ticket) -> None:
+    async def _control(self, ws: Any, ticket: serving.Ticket, version: int) -> None:
         """A remote environment's control session on this WebSocket."""
         framed = WsFraming(ws, MAX_MESSAGE)
         REQUEST_REMOTE.set(True)
         REQUEST_SOURCE.set(f"remote:{getattr(ws.remote, 'address', '?')}")
         self.stats["proxy_control_sessions"] += 1
-        await framed.write({"ok": True, "node": self.node.name})
+        await framed.write({"ok": True, "node": self.node.name, "v": version})
         req: Any = {}
         while True:
             try:

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from meshd import versions
 from meshd.control import ControlClient
 from meshd.errors import MeshError
 
@@ -79,7 +80,7 @@ async def _hello(ws: Any) -> WsFraming:
     """Open the control session: the proxy answers {"ok": true, "node"} (an older or
     hostile endpoint: a clear error, not a hang)."""
     framed = WsFraming(ws, MAX_REPLY)
-    await framed.write({"op": "control"})
+    await framed.write({"op": "control", "v": versions.mine("proxy")})
     with trio.move_on_after(CONNECT_TIMEOUT) as scope:
         try:
             reply = await framed.read()

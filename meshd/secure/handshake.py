@@ -31,10 +31,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from meshd.identity import Identity, node_id_from_public, verify
+from meshd.versions import PROTOCOLS
 
 from .keyring import HINT_BYTES, Keyring
 
-VERSION = 2  # 2: link frames are AES-256-GCM (1 was ChaCha20-Poly1305)
+VERSION = PROTOCOLS["link"].high  # what this node sends (meshd/versions.py)
+# 2: link frames are AES-256-GCM (1 was ChaCha20-Poly1305)
 MAX_HANDSHAKE_BYTES = 4096
 SECRET_MISMATCH = "the cluster secret does not match"
 
@@ -63,9 +65,11 @@ def _decode(data: bytes, kind: str, nfields: int) -> list[Any]:
         msg = cbor2.loads(data, max_depth=4)
     except Exception:
         raise HandshakeError("peer did not speak the meshd link protocol") from None
-    if type(msg) is not list or len(msg) < 2 or msg[0] != VERSION:
-        raise HandshakeError(f"peer did not speak meshd link protocol version {VERSION} "
-                             "(a different meshd release?)")
+    if type(msg) is not list or len(msg) < 2 or msg[0] not in PROTOCOLS["link"]:
+        spoke = msg[0] if type(msg) is list and msg else "?"
+        raise HandshakeError(f"the peer spoke meshd link protocol version {spoke!r}, this "
+                             f"node speaks {PROTOCOLS['link']} (a different meshd release: "
+                             "upgrade the older side)")
     if msg[1] == "reject" and len(msg) == 3 and isinstance(msg[2], str):
         raise HandshakeError(msg[2][:200])
     if msg[1] != kind or len(msg) != nfields:

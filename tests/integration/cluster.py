@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,7 +18,8 @@ import trio
 
 from meshd.control import ControlClient
 from meshd.errors import MeshError
-from meshd.secure.keyring import format_secret, new_secret
+from meshd_sdk.testing import Cluster as HarnessCluster
+from meshd_sdk.testing import Node as Daemon
 
 
 class LoopbackServer:
@@ -227,93 +227,12 @@ class Lines:
             return "\n".join(self.lines)
 
 
-class Daemon:
-    def __init__(self, root: Path, name: str, secret: str, profile: str = "local",
-                 extra: tuple[str, ...] = (), prefix: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.prefix = prefix or []
-        self.env = env or {}
-        self.root = root
-        self.name = name
-        self.secret = secret
-        self.profile = profile
-        self.extra = extra
-        self.data_dir = root / name
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.addr = ""
-        self.log = root / f"{name}.log"
+class Cluster(HarnessCluster):
+    """The harness's cluster (meshd_sdk.testing: one way to start test daemons), with the
+    test services of tests/integration/services."""
 
-    def start(self, join: list[str] | None = None, wait: bool = True,
-              bind: str = "127.0.0.1:0", env: dict[str, str] | None = None) -> Daemon:
-        cmd = [*self.prefix, sys.executable, "-m", "cli", "up", "--name", self.name, "--bind", bind,
-               "--profile", self.profile, "--data-dir", str(self.data_dir), "--json",
-               *self.extra]
-        for peer in join or []:
-            cmd += ["--join", peer]
-        full_env = {**os.environ, "MESHD_SECRET": self.secret, **self.env, **(env or {})}
-        full_env.pop("MESHD_ADDR", None)
-        full_env["PYTHONPATH"] = os.pathsep.join(sys.path)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                     stderr=open(self.log, "ab"), env=full_env)  # noqa: SIM115
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = 15.0) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdout is not None
-        line = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line or self.proc.poll() is not None:
-                break
-        if not line:
-            raise AssertionError(f"{self.name} did not start: {self.log.read_text()[-2000:]}")
-        status = json.loads(line)
-        self.addr = status["address"]
-        return status
-
-    def assert_running(self) -> None:
-        """Fail at once (not as a "not yet" a wait would retry) if the process has exited."""
-        assert self.proc is not None, f"{self.name} was never started"
-        code = self.proc.poll()
-        if code is not None:
-            raise AssertionError(f"daemon {self.name} exited with code {code}: "
-                                 f"{self.log.read_text()[-2000:]}")
-
-    def members(self) -> dict[str, dict[str, Any]]:
-        return {m["name"]: m for m in control(self.data_dir, "members")}
-
-    def status_of(self, name: str) -> str | None:
-        m = self.members().get(name)
-        return None if m is None else m["status"]
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(5)
-
-    def terminate(self) -> float:
-        """SIGTERM; returns seconds until exit."""
-        assert self.proc is not None
-        start = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(10)
-        return time.monotonic() - start
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-class Cluster:
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.secret = format_secret(new_secret())
-        self.daemons: dict[str, Daemon] = {}
+        super().__init__(root)
         self.services: list[Any] = []
 
     def service(self, daemon: Daemon, name: str = "testsvc", **kw: Any) -> Any:
@@ -321,17 +240,10 @@ class Cluster:
         self.services.append(svc)
         return svc
 
-    def add(self, name: str, join: list[str] | None = None, **kw: Any) -> Daemon:
-        d = Daemon(self.root, name, kw.pop("secret", self.secret), **kw)
-        self.daemons[name] = d
-        d.start(join=join)
-        return d
-
     def close(self) -> None:
         for svc in self.services:
             svc.stop()
-        for d in self.daemons.values():
-            d.stop()
+        super().close()
 
 
 SERVICES = Path(__file__).parent / "services"

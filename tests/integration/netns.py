@@ -74,6 +74,14 @@ class Hosts:
             run("ip", "netns", "exec", self.names[a], "iptables", "-I", "OUTPUT", "-d",
                 self.ips[b], "-j", "DROP")
 
+    def block_udp(self, i: int, j: int) -> None:
+        """Drop UDP between hosts i and j (both ways): TCP still passes."""
+        for a, b in ((i, j), (j, i)):
+            run("ip", "netns", "exec", self.names[a], "iptables", "-I", "INPUT", "-p", "udp",
+                "-s", self.ips[b], "-j", "DROP")
+            run("ip", "netns", "exec", self.names[a], "iptables", "-I", "OUTPUT", "-p", "udp",
+                "-d", self.ips[b], "-j", "DROP")
+
     def heal(self, i: int) -> None:
         run("ip", "netns", "exec", self.names[i], "iptables", "-F")
 

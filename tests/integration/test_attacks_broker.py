@@ -12,7 +12,7 @@ import cbor2
 import trio
 
 from meshd.secure.keyring import parse_secret
-from sdk import Client
+from meshd_sdk import Client
 
 from .attacks import RoguePeer
 from .cluster import control, wait_for

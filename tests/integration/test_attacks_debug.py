@@ -31,7 +31,7 @@ from meshd.proxy.remote import RemoteControlClient
 from meshd.proxy.via import Via
 from meshd.secure.keyring import parse_secret
 from meshd.transport.links import CLOSE, DATA, END, OPEN, PING, WINDOW
-from sdk import Client, Service
+from meshd_sdk import Client, Service
 
 from .attacks import RoguePeer, idle_connections, proxy_request, slow_send
 from .cluster import Cluster, control, control_stream, wait_for

@@ -39,7 +39,7 @@ import pytest
 import trio
 import trio_websocket
 
-from sdk import Client
+from meshd_sdk import Client
 
 from .attacks import HttpConn, HttpResponse, one, request, slow_send, upgrade_request
 from .cluster import SERVICES, Cluster, Daemon, control, wait_for

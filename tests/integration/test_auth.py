@@ -18,7 +18,7 @@ import trio
 from meshd.auth.tokens import TokenError, Verifier, unverified_claims
 from meshd.control import ControlClient
 from meshd.errors import MeshError
-from sdk import Auth, Client, Store
+from meshd_sdk import Auth, Client, Store
 
 from .cluster import control, control_stream, wait_for
 
@@ -186,10 +186,10 @@ def test_bootstrap_once_and_login_rate_limit(cluster):
     a = cluster.add("a", env=FAST)
     token = (a.data_dir / "admin.token").read_text()
     assert oct((a.data_dir / "admin.token").stat().st_mode & 0o777) == "0o600"
-    out = subprocess.run([sys.executable, "-m", "cli", "auth", "bootstrap", "--data-dir",
+    out = subprocess.run([sys.executable, "-m", "meshd_cli", "auth", "bootstrap", "--data-dir",
                           str(a.data_dir)], capture_output=True, text=True, timeout=10)
     assert out.returncode == 1 and out.stderr.startswith("409")
-    who = subprocess.run([sys.executable, "-m", "cli", "--token", token, "auth", "whoami",
+    who = subprocess.run([sys.executable, "-m", "meshd_cli", "--token", token, "auth", "whoami",
                           "--json", "--data-dir", str(a.data_dir)], capture_output=True,
                          text=True, timeout=10)
     assert '"id": "admin"' in who.stdout
@@ -271,7 +271,7 @@ def refused(d, name, token=None, /, **args) -> MeshError:
 
 
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """A controlled environment for `python -m cli`: no MESHD_* of the caller's, the token
+    """A controlled environment for `python -m meshd_cli`: no MESHD_* of the caller's, the token
     file in a temp dir (the user's config dir is never touched), this tree's code."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHD_")}
     env["MESHD_TOKEN_FILE"] = str(tmp_path / "config" / "token.json")
@@ -283,7 +283,7 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def meshd(*args: str, env: dict[str, str], stdin: str | None = None
           ) -> subprocess.CompletedProcess[str]:
     # a new session: no controlling terminal, so a secret prompt reads stdin
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meshd_cli", *args], capture_output=True,
                           text=True, timeout=30, env=env, input=stdin,
                           start_new_session=True)
 

@@ -252,7 +252,7 @@ def test_tokens_reach_their_own_namespace_unless_a_rule_lets_them_in(mesh):
         return control(m.a.data_dir, "status")["stats"]["proxy_control_sessions"]
 
     opened = sessions()
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "watch", "--json", "--token", dora],
+    proc = subprocess.Popen([sys.executable, "-m", "meshd_cli", "watch", "--json", "--token", dora],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=prod)
     try:

@@ -31,7 +31,8 @@ def start_bot(d, slack: FakeSlack, tmp: Path, *args: str) -> tuple[subprocess.Po
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("MESHD_ADDR", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "bot", "slack", "--bot-token-file", str(tmp / "bot.token"),
+        [sys.executable, "-m", "meshd_cli", "bot", "slack", "--bot-token-file",
+         str(tmp / "bot.token"),
          "--signing-secret-file", str(tmp / "signing.secret"), "--app-token-file",
          str(tmp / "app.token"), "--api-url", slack.api_url, "--data-dir", str(d.data_dir),
          "--json", *args],
@@ -224,7 +225,7 @@ def test_socket_mode(mesh, tmp_path):
 def test_bad_input_to_the_command(tmp_path):
     env = {**os.environ, "SLACK_BOT_TOKEN": "", "PYTHONPATH": os.pathsep.join(sys.path)}
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cli", "bot", "slack", *args],
+        return subprocess.run([sys.executable, "-m", "meshd_cli", "bot", "slack", *args],
                               capture_output=True, text=True, timeout=30, env=env, cwd=ROOT)
     out = run("--listen", "127.0.0.1:0")
     assert out.returncode == 1 and "bot token" in out.stderr

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from meshd.errors import MeshError
-from sdk import Client, Service
+from meshd_sdk import Client, Service
 
 from .cluster import Cluster, Lines, control, wait_for, wait_for_async
 
@@ -52,7 +52,7 @@ def mesh(tmp_path_factory):
 
 
 def cli(daemon: Any, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args, "--data-dir",
+    return subprocess.run([sys.executable, "-m", "meshd_cli", *args, "--data-dir",
                            str(daemon.data_dir)], capture_output=True, text=True, timeout=30,
                           input=stdin)
 
@@ -481,7 +481,7 @@ async def test_publish_and_subscribe_need_permission(mesh):
 
 def test_cli_publish_subscribe_topics(mesh):
     a, b = mesh.daemons["a"], mesh.daemons["b"]
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "subscribe", "cli.*", "--json",
+    proc = subprocess.Popen([sys.executable, "-m", "meshd_cli", "subscribe", "cli.*", "--json",
                              "--data-dir", str(b.data_dir)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -540,7 +540,7 @@ def test_durable_subscriber_killed_mid_stream_resumes_after_its_last_ack(tmp_pat
         a, b = two_nodes_with(c, "kill.x")
 
         def start() -> tuple[subprocess.Popen[str], Lines]:
-            p = subprocess.Popen([sys.executable, "-m", "cli", "subscribe", "kill.x",
+            p = subprocess.Popen([sys.executable, "-m", "meshd_cli", "subscribe", "kill.x",
                                   "--durable", "w", "--json", "--data-dir", str(b.data_dir)],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             return p, Lines(p.stdout)

@@ -1,5 +1,5 @@
 """The cluster commands of `meshd` against real daemons, run as the user runs them
-(`python -m cli ...` in a controlled environment): status, invite, join PEER, graph (table,
+(`python -m meshd_cli ...` in a controlled environment): status, invite, join PEER, graph (table,
 DOT, SVG, JSON), ping, new-secret with the keys roll it feeds."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def meshd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meshd_cli", *args], capture_output=True,
                           text=True, timeout=30, env=env)
 
 

@@ -16,7 +16,7 @@ LONG_SERVICE = "a-service-name-long-enough-to-push-the-services-table-past-eight
 
 def piped(*args: str, env: dict[str, str]) -> str:
     # capture_output: stdout is a pipe, as in `meshd members | grep ...`
-    out = subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "meshd_cli", *args], env=env, capture_output=True,
                          text=True, timeout=20)
     assert out.returncode == 0, out.stderr
     return out.stdout

@@ -91,7 +91,8 @@ def test_cli_leave_command(cluster):
     a = cluster.add("a")
     b = cluster.add("b", join=[a.addr])
     wait_for(lambda: all_alive([a, b], ["a", "b"]), 10, "2 alive")
-    out = subprocess.run([sys.executable, "-m", "cli", "leave", "--data-dir", str(b.data_dir)],
+    out = subprocess.run([sys.executable, "-m", "meshd_cli", "leave", "--data-dir",
+                          str(b.data_dir)],
                          capture_output=True, text=True, timeout=10)
     assert out.returncode == 0, out.stderr
     b.proc.wait(5)
@@ -160,7 +161,7 @@ def test_secret_files_are_private_and_invite_prints_a_working_command(cluster):
 def test_cli_members_json_and_errors(cluster):
     a = cluster.add("a", extra=("--tags", "region=eu", "--tags", "role=web"))
     env = {**os.environ, "MESHD_DATA_DIR": str(a.data_dir)}
-    out = subprocess.run([sys.executable, "-m", "cli", "members", "--json"], env=env,
+    out = subprocess.run([sys.executable, "-m", "meshd_cli", "members", "--json"], env=env,
                          capture_output=True, text=True, timeout=10)
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
@@ -173,17 +174,17 @@ def test_cli_members_json_and_errors(cluster):
     wait_for(lambda: all_alive([a, b], ["a", "b"]), 10, "b joined")
     # b answers a directly within a second or two (measure pings, then probes)
     wait_for(lambda: a.members()["b"]["reach"] == "direct", 10, "b reached directly")
-    human = subprocess.run([sys.executable, "-m", "cli", "members"],
+    human = subprocess.run([sys.executable, "-m", "meshd_cli", "members"],
                            env={**env, "COLUMNS": "160"}, capture_output=True, text=True,
                            timeout=10)
     assert "region=eu" in human.stdout and "direct" in human.stdout
-    missing = subprocess.run([sys.executable, "-m", "cli", "members", "--data-dir",
+    missing = subprocess.run([sys.executable, "-m", "meshd_cli", "members", "--data-dir",
                               str(cluster.root / "nothing-here")], capture_output=True,
                              text=True, timeout=10)
     assert missing.returncode == 1
     assert missing.stderr.startswith("503 unavailable")
     assert "meshd up" in missing.stderr and "Traceback" not in missing.stderr
-    bad = subprocess.run([sys.executable, "-m", "cli", "join", "not a:host:x"], env=env,
+    bad = subprocess.run([sys.executable, "-m", "meshd_cli", "join", "not a:host:x"], env=env,
                          capture_output=True, text=True, timeout=10)
     assert bad.returncode == 1 and bad.stderr.startswith("400 bad request")
 
@@ -192,7 +193,7 @@ def test_print_settings_layers(tmp_path):
     cfg = tmp_path / "meshd.toml"
     cfg.write_text('profile = "wan"\n[membership]\nprobe_interval = 7.0\n')
     env = {**os.environ, "MESHD_MEMBERSHIP_GOSSIP_NODES": "5"}
-    out = subprocess.run([sys.executable, "-m", "cli", "up", "--config", str(cfg),
+    out = subprocess.run([sys.executable, "-m", "meshd_cli", "up", "--config", str(cfg),
                           "--print-settings", "--json", "--name", "flagged"], env=env,
                          capture_output=True, text=True, timeout=10)
     assert out.returncode == 0, out.stderr
@@ -203,7 +204,7 @@ def test_print_settings_layers(tmp_path):
     assert s["membership"]["gossip_nodes"] == 5  # env over toml/profile
     assert s["node"]["name"] == "flagged"  # flag
     # the TOML form shows every section, and reads back as the same settings
-    text = subprocess.run([sys.executable, "-m", "cli", "up", "--config", str(cfg),
+    text = subprocess.run([sys.executable, "-m", "meshd_cli", "up", "--config", str(cfg),
                            "--print-settings"], env={**env, "MESHD_DEBUG_TRACE_SAMPLE": "0.5"},
                           capture_output=True, text=True, timeout=10)
     import tomllib
@@ -212,7 +213,7 @@ def test_print_settings_layers(tmp_path):
     assert set(shown) == {"profile", "node", "membership", "limits", "rpc", "store", "broker",
                           "debug", "api", "web", "runtime"}
     assert shown["debug"]["trace_sample"] == 0.5 and shown["broker"] == s["broker"]
-    bad = subprocess.run([sys.executable, "-m", "cli", "up", "--print-settings"],
+    bad = subprocess.run([sys.executable, "-m", "meshd_cli", "up", "--print-settings"],
                          env={**os.environ, "MESHD_MEMBERSHIP_PROBE_INTERVAL": "soon"},
                          capture_output=True, text=True, timeout=10)
     assert bad.returncode == 1 and "probe_interval must be float" in bad.stderr
@@ -259,7 +260,7 @@ def test_keys_roll_across_the_cluster_without_downtime(cluster):
     old.start(join=[a.addr], wait=False)
     old.proc.wait(10)
     assert old.proc.returncode == 1 and "secret does not match" in old.log.read_text()
-    bad = subprocess.run([sys.executable, "-m", "cli", "keys", "remove", new, "--data-dir",
+    bad = subprocess.run([sys.executable, "-m", "meshd_cli", "keys", "remove", new, "--data-dir",
                           str(a.data_dir)], capture_output=True, text=True, timeout=10)
     assert bad.returncode == 1 and "primary" in bad.stderr
 

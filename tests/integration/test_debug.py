@@ -14,7 +14,7 @@ import cbor2
 import trio
 
 from meshd.secure.keyring import parse_secret
-from sdk import Client
+from meshd_sdk import Client
 
 from .attacks import RoguePeer
 from .cluster import control, control_stream, wait_for
@@ -60,7 +60,7 @@ def test_a_service_log_line_on_a_is_read_and_followed_from_c(cluster):
     assert not any(r["message"] == marker for r in logged(c, "--level", "warning"))
     assert any(r["service"] == "meshd" and r["node"] == "b" for r in logged(c, "--node", "b"))
     # -f: a line logged after the command started arrives while it runs
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "logs", "testsvc", "-f", "--json",
+    proc = subprocess.Popen([sys.executable, "-m", "meshd_cli", "logs", "testsvc", "-f", "--json",
                              "-n", "1", "--data-dir", str(c.data_dir)],
                             stdout=subprocess.PIPE, text=True)
     try:

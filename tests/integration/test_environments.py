@@ -4,7 +4,7 @@ including a tunnel; watches, refusals and the SDK's `Client(env=)` likewise.
 
 One cluster serves the whole file: node a (proxy endpoint on wss://, a test service, a
 tunnel) and node b joined to it. "The laptop" is a HOME, an environments file and an empty
-data dir: every command runs there as `python -m cli ...` with environment `prod` (a's
+data dir: every command runs there as `python -m meshd_cli ...` with environment `prod` (a's
 proxy) current, and is compared with the same command run on a's own data dir.
 
 Every command of `meshd` is in exactly one table below (a test walks the click tree and
@@ -30,11 +30,11 @@ import click
 import pytest
 import trio
 
-from cli.main import main as meshd_cli
 from meshd.envs import Environments
 from meshd.proxy.remote import RemoteControlClient
 from meshd.proxy.via import CONNECT_TIMEOUT, Via
 from meshd.secure.keyring import format_secret, new_secret
+from meshd_cli.main import main as meshd_cli
 
 from .cluster import Cluster, Daemon, Lines, client_stream, control, wait_for
 from .test_tls import Pki, admin_token, make_pki, stop, tls_node
@@ -97,6 +97,9 @@ LOCAL_BY_NATURE: dict[str, str] = {
     "env remove": "writes the environments file on this machine",
     "auth logout": "forgets tokens kept on this machine; tells no node",
     "bot slack": "runs the bot beside a node, on its control socket (it refuses --env)",
+    "new": "writes a new project's files on this machine; talks to no node",
+    "completion": "prints the shell completion script; talks to no node",
+    "doctor": "checks the node on this host: its data dir, processes and probes (refuses --env)",
 }
 
 
@@ -173,7 +176,7 @@ class Mesh:
 
 def meshd(*args: str, env: dict[str, str], timeout: float = 60,
           stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meshd_cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env, input=stdin)
 
 
@@ -485,7 +488,7 @@ def watcher(mesh: Mesh, laptop: Laptop, *args: str) -> tuple[subprocess.Popen[st
     command = command_of(args)
     assert has_json(command) and "--json" in args
     laptop.driven.add(command)
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "meshd_cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=mesh.environ())
     return proc, Lines(proc.stdout)
 
@@ -598,7 +601,7 @@ async def test_members_events_through_the_environment(mesh):
 def test_tunnel_through_the_environment(mesh, laptop, tmp_path):
     port = free_port()
     laptop.driven.add("tunnel connect")
-    cmd = [sys.executable, "-m", "cli", "tunnel", "connect", "echo", "--listen",
+    cmd = [sys.executable, "-m", "meshd_cli", "tunnel", "connect", "echo", "--listen",
            f"127.0.0.1:{port}", "--env", "prod"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=mesh.environ())
@@ -692,7 +695,7 @@ def test_refusals_through_the_environment(mesh, laptop, tmp_path):
 
 
 async def test_sdk_client_env_calls_through_the_environment(mesh, monkeypatch):
-    from sdk import Client
+    from meshd_sdk import Client
 
     monkeypatch.setenv("MESHD_ENV_FILE", str(mesh.env_file))
     monkeypatch.delenv("MESHD_TOKEN", raising=False)

@@ -14,7 +14,7 @@ import httpx
 import trio
 from openapi_spec_validator import validate
 
-from sdk import Client
+from meshd_sdk import Client
 
 from .cluster import SERVICES, control, wait_for
 from .test_broker import FAST, ready, sees, sock

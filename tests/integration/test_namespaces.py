@@ -11,7 +11,7 @@ import re
 
 import trio
 
-from sdk import Client
+from meshd_sdk import Client
 
 from .cluster import SERVICES, wait_for
 from .test_cli import cli_env, meshd, ok

@@ -102,7 +102,7 @@ def test_rpc_and_tunnel_cross_a_blocked_link_through_a_relay(cluster):
     import os
     import socket as socketlib
 
-    from sdk import Client
+    from meshd_sdk import Client
 
     from .cluster import control
     from .test_tunnel import free_port
@@ -157,7 +157,7 @@ def test_rpc_and_tunnel_cross_a_blocked_link_through_a_relay(cluster):
 
             def tunnel_digest() -> str:
                 port = free_port()
-                proc = subprocess.Popen([*hosts.prefix(0), sysmod.executable, "-m", "cli",
+                proc = subprocess.Popen([*hosts.prefix(0), sysmod.executable, "-m", "meshd_cli",
                                          "tunnel", "connect", "src", "--listen",
                                          f"127.0.0.1:{port}", "--data-dir", str(h0.data_dir)],
                                         stdout=subprocess.PIPE, text=True)
@@ -201,7 +201,7 @@ def assert_traced_through_the_relay(h0: Daemon, h1: Daemon, h2: Daemon) -> None:
     handler's under h2's; `debug.trace` on h0 gathers them from all three nodes."""
     import os
 
-    from sdk import Client
+    from meshd_sdk import Client
 
     from .cluster import control
 
@@ -252,7 +252,7 @@ def test_chain_of_four_hosts_members_two_relays_away_stay_alive_and_answer(clust
     """h0 - h1 - h2 - h3 with only neighbours reaching each other: no single helper reaches
     both h0 and h3, so h3 stays alive on h0 only through probes that follow the route, and an
     RPC from h0 reaches a service on h3 through two relays."""
-    from sdk import Client
+    from meshd_sdk import Client
 
     from .cluster import control
 

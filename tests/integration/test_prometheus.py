@@ -17,7 +17,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshd.errors import MeshError
-from sdk import Client
+from meshd_sdk import Client
 
 from .cluster import control, wait_for
 

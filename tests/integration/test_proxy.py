@@ -23,7 +23,7 @@ from .test_tunnel import EchoServer, free_port, refused, sessions, through
 def outside(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MESHD_TOKEN", "MESHD_ADDR")}
     env["MESHD_TOKEN_FILE"] = "/nonexistent/token.json"
-    cmd = [sys.executable, "-m", "cli"] + (["--token", token] if token else []) + list(args)
+    cmd = [sys.executable, "-m", "meshd_cli"] + (["--token", token] if token else []) + list(args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
 
 
@@ -58,7 +58,7 @@ def test_outside_client_calls_and_tunnels_through_the_proxy(cluster, tmp_path):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("MESHD_TOKEN", "MESHD_ADDR")}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "--token", ada, "tunnel", "connect",
+    proc = subprocess.Popen([sys.executable, "-m", "meshd_cli", "--token", ada, "tunnel", "connect",
                              "echo", "--via", via, "--listen", f"127.0.0.1:{port}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -69,7 +69,7 @@ def test_outside_client_calls_and_tunnels_through_the_proxy(cluster, tmp_path):
         proc.terminate()
         proc.wait(5)
     port2 = free_port()
-    proc2 = subprocess.Popen([sys.executable, "-m", "cli", "tunnel", "connect", "echo",
+    proc2 = subprocess.Popen([sys.executable, "-m", "meshd_cli", "tunnel", "connect", "echo",
                               "--via", via, "--listen", f"127.0.0.1:{port2}"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     stderr = Lines(proc2.stderr)

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from meshd.errors import MeshError
-from sdk import Client
+from meshd_sdk import Client
 
 from .cluster import SERVICES, control, control_stream, wait_for
 
@@ -55,7 +55,7 @@ def sdk_call(daemon, service, endpoint, body, **kw):
 
 
 def cli(daemon, *args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "cli", *args, "--data-dir",
+    return subprocess.run([sys.executable, "-m", "meshd_cli", *args, "--data-dir",
                            str(daemon.data_dir)], capture_output=True, text=True, timeout=20,
                           input=stdin)
 

@@ -26,7 +26,7 @@ ENV = {**FAST, "MESHD_RUNTIME_GRACE": "3", "MESHD_RUNTIME_STOP_TIMEOUT": "3"}
 
 
 def meshd(d, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args, "--data-dir", str(d.data_dir)],
+    return subprocess.run([sys.executable, "-m", "meshd_cli", *args, "--data-dir", str(d.data_dir)],
                           capture_output=True, text=True, timeout=30, cwd=ROOT)
 
 
@@ -127,7 +127,7 @@ def test_a_restarted_node_brings_its_replicas_back_and_stopping_leaves_no_orphan
 TAGGED = '''
 import trio
 from dataclasses import dataclass
-from sdk import Service
+from meshd_sdk import Service
 
 VERSION = "{version}"
 {crash}

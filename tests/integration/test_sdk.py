@@ -17,7 +17,7 @@ from .cluster import SERVICES, Daemon, control, wait_for
 
 CLIENT = """
 import json, sys, trio
-from sdk import Client
+from meshd_sdk import Client
 
 async def main():
     async with Client() as client:
@@ -79,7 +79,7 @@ def test_service_and_client_find_the_daemon_through_the_default_data_dir(cluster
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == {"echo": {"text": "hi"}, "caller": "node:a"}
         # so does the CLI without --data-dir
-        cli = subprocess.run([sys.executable, "-m", "cli", "status", "--json"],
+        cli = subprocess.run([sys.executable, "-m", "meshd_cli", "status", "--json"],
                              capture_output=True, text=True, timeout=30, env=env)
         assert cli.returncode == 0 and json.loads(cli.stdout)["name"] == "a", cli.stderr
 
@@ -90,7 +90,7 @@ def test_service_and_client_find_the_daemon_through_the_default_data_dir(cluster
         for out, text in ((with_dir, "x"), (via_addr, "y")):
             assert out.returncode == 0, out.stderr
             assert json.loads(out.stdout) == {"echo": {"text": text}, "caller": "node:b"}
-        cli = subprocess.run([sys.executable, "-m", "cli", "status", "--json"],
+        cli = subprocess.run([sys.executable, "-m", "meshd_cli", "status", "--json"],
                              capture_output=True, text=True, timeout=30,
                              env={**env, "MESHD_ADDR": str(b.data_dir / "meshd.sock")})
         assert cli.returncode == 0 and json.loads(cli.stdout)["name"] == "b", cli.stderr

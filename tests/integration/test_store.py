@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from meshd.errors import MeshError
-from sdk import Config, Store
+from meshd_sdk import Config, Store
 
 from .cluster import Daemon, Lines, control, wait_for, wait_for_async
 
@@ -43,7 +43,7 @@ def value_at(d, key, db="default", table="store"):
 
 
 def cli(daemon, *args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "cli", *args, "--data-dir",
+    return subprocess.run([sys.executable, "-m", "meshd_cli", *args, "--data-dir",
                            str(daemon.data_dir)], capture_output=True, text=True, timeout=20,
                           input=stdin)
 
@@ -206,7 +206,7 @@ def test_cli_config_watch_and_del_across_nodes(cluster):
     """README: `meshd config set/get/watch --json`; `config del` deletes a path and
     everything below it, on every node."""
     a, b, _ = three(cluster)
-    watch = subprocess.Popen([sys.executable, "-m", "cli", "config", "watch", "db", "--json",
+    watch = subprocess.Popen([sys.executable, "-m", "meshd_cli", "config", "watch", "db", "--json",
                               "--data-dir", str(b.data_dir)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     lines = Lines(watch.stdout)
@@ -259,7 +259,7 @@ def test_cli_config_watch_and_del_across_nodes(cluster):
 def test_sdk_store_watch_delete_and_set_remove_across_nodes(cluster):
     """README: Store(...).delete / remove / watch; `meshd store watch` prints each change."""
     a, b, _ = three(cluster)
-    cli_watch = subprocess.Popen([sys.executable, "-m", "cli", "store", "watch", "--prefix",
+    cli_watch = subprocess.Popen([sys.executable, "-m", "meshd_cli", "store", "watch", "--prefix",
                                   "cart:", "--json", "--data-dir", str(b.data_dir)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = Lines(cli_watch.stdout)
@@ -432,7 +432,7 @@ def test_config_history_and_keys_by_substring(cluster):
             scopes=["ops"])
     token = control(a.data_dir, "auth.token.create", account="olga", ttl=600)["token"]
     env = {**os.environ, "MESHD_TOKEN": token}
-    out = subprocess.run([sys.executable, "-m", "cli", "config", "history", "--json",
+    out = subprocess.run([sys.executable, "-m", "meshd_cli", "config", "history", "--json",
                           "--data-dir", str(a.data_dir)], capture_output=True, text=True,
                          timeout=20, env=env)
     assert out.returncode == 0, out.stderr

@@ -12,7 +12,7 @@ import sys
 
 import trio
 
-from sdk import Config, Store
+from meshd_sdk import Config, Store
 
 from .cluster import Lines, wait_for
 from .test_cli import cli_env, meshd, ok
@@ -92,7 +92,7 @@ def test_store_and_config_are_per_namespace(cluster, tmp_path):
 def test_a_watch_follows_its_namespace_only(cluster, tmp_path):
     a = cluster.add("a")
     env = cli_env(tmp_path, MESHD_DATA_DIR=str(a.data_dir))
-    watch = subprocess.Popen([sys.executable, "-m", "cli", "store", "watch", "--namespace",
+    watch = subprocess.Popen([sys.executable, "-m", "meshd_cli", "store", "watch", "--namespace",
                               "team-a", "--database", "orders", "--json"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env)
     try:

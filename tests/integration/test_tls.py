@@ -125,7 +125,7 @@ def outside_env(**extra: str) -> dict[str, str]:
 def connect_via(name: str, via: str, *args: str, token: str | None = None,
                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "cli"] + (["--token", token] if token else []) + [
+    cmd = [sys.executable, "-m", "meshd_cli"] + (["--token", token] if token else []) + [
         "tunnel", "connect", name, "--via", via, "--listen", f"127.0.0.1:{port}", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env or outside_env())
@@ -249,7 +249,7 @@ def test_via_sends_only_a_token_the_user_gave(cluster, pki):
     via = f"wss://127.0.0.1:{port}"
 
     def cli(*args: str, environ: dict[str, str] = env) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "meshd_cli", *args], capture_output=True,
                               text=True, timeout=30, env=environ)
 
     # ...but --via never sends it: the proxy sees no token
@@ -299,7 +299,7 @@ def test_plain_ws_via_still_works_on_loopback_and_warns_elsewhere(cluster, pki):
 
 def up_refusal(tmp_path: Path, *flags: str, env: dict[str, str] | None = None
                ) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "cli", "up", "--bind", "127.0.0.1:0", "--data-dir",
+    cmd = [sys.executable, "-m", "meshd_cli", "up", "--bind", "127.0.0.1:0", "--data-dir",
            str(tmp_path / "refused"), "--proxy-listen", f"127.0.0.1:{free_port()}", *flags]
     full = {k: v for k, v in os.environ.items() if not k.startswith("MESHD_")}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30,

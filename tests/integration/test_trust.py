@@ -230,7 +230,7 @@ def test_item9_a_revoked_node_is_shut_out_and_gets_no_new_secret(cluster):
     wait_for(lambda: all(d.status_of(n) == "alive" for d in (a, b, c) for n in "abc"), 15,
              "3 alive")
     c_id = node_id(c)
-    out = subprocess.run([sys.executable, "-m", "cli", "nodes", "revoke", "c", "--json",
+    out = subprocess.run([sys.executable, "-m", "meshd_cli", "nodes", "revoke", "c", "--json",
                           "--data-dir", str(a.data_dir)], capture_output=True, text=True,
                          timeout=15)
     assert out.returncode == 0, out.stderr
@@ -239,7 +239,7 @@ def test_item9_a_revoked_node_is_shut_out_and_gets_no_new_secret(cluster):
              "c evicted on a and b")
     with pytest.raises(MeshError):
         control(c.data_dir, "ping", node="a", count=1)
-    listed = subprocess.run([sys.executable, "-m", "cli", "nodes", "revocations", "--json",
+    listed = subprocess.run([sys.executable, "-m", "meshd_cli", "nodes", "revocations", "--json",
                              "--data-dir", str(b.data_dir)], capture_output=True, text=True,
                             timeout=15)
     assert c_id in {r["id"] for r in json.loads(listed.stdout)}
@@ -292,7 +292,7 @@ def test_item10_a_retired_issuer_key_can_be_revoked_and_its_cached_tokens_stop(c
         assert as_token(d, "auth.whoami", old)["id"] == "ada"  # verified and cached
     # a rotates in turn: b's key retires; then it is revoked, and what it signed stops
     control(a.data_dir, "auth.keys.rotate")
-    out = subprocess.run([sys.executable, "-m", "cli", "auth", "keys", "revoke", b_kid,
+    out = subprocess.run([sys.executable, "-m", "meshd_cli", "auth", "keys", "revoke", b_kid,
                           "--data-dir", str(a.data_dir)], capture_output=True, text=True,
                          timeout=15)
     assert out.returncode == 0, out.stderr

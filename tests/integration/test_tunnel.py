@@ -102,7 +102,7 @@ def refused(port: int, payload: bytes = b"hello") -> None:
 
 
 def start_connect(daemon, name, port, token=None):
-    cmd = [sys.executable, "-m", "cli"]
+    cmd = [sys.executable, "-m", "meshd_cli"]
     if token:
         cmd += ["--token", token]
     cmd += ["tunnel", "connect", name, "--listen", f"127.0.0.1:{port}", "--data-dir",
@@ -276,7 +276,8 @@ def test_tunnel_errors(cluster):
         control(a.data_dir, "tunnel.expose", name="x", to="127.0.0.1:1")
     assert (info.value.status, info.value.detail) == (
         409, "tunnel 'x' is already exposed here; close it first")
-    bad = subprocess.run([sys.executable, "-m", "cli", "tunnel", "expose", "y", "--to", "nope",
+    bad = subprocess.run([sys.executable, "-m", "meshd_cli", "tunnel", "expose", "y", "--to",
+                          "nope",
                           "--data-dir", str(a.data_dir)], capture_output=True, text=True,
                          timeout=10)
     assert bad.returncode == 1 and bad.stderr.startswith("400 bad request: --to: ")

@@ -6,7 +6,7 @@ import socket
 
 import trio
 
-from sdk import Client
+from meshd_sdk import Client
 
 from .cluster import control, control_stream, wait_for
 

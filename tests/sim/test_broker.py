@@ -19,10 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 from meshd.broker.consumer import Consumer
-from sim.__main__ import main as sim_main
-from sim.brokersim import BrokerNode, BrokerSimulation
-from sim.engine import Simulation
-from sim.scenario import ScenarioError, load
+from meshd_sim.__main__ import main as sim_main
+from meshd_sim.brokersim import BrokerNode, BrokerSimulation
+from meshd_sim.engine import Simulation
+from meshd_sim.scenario import ScenarioError, load
 
 PUBLISH = "{kind='broker-publish', at=5.0, duration=95.0, rate=10.0}"
 CUT = "{kind='partition', at=30.0, duration=40.0, fractions=[0.5, 0.5]}"
@@ -103,7 +103,7 @@ def test_same_run_across_processes_and_hash_seeds():
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed,
                "PYTHONPATH": os.pathsep.join(sys.path)}
-        out = subprocess.run([sys.executable, "-m", "sim", "run", "broker-partition",
+        out = subprocess.run([sys.executable, "-m", "meshd_sim", "run", "broker-partition",
                               "--set", "duration=100", "--json"], check=True,
                              capture_output=True, text=True, env=env)
         shas.append(json.loads(out.stdout)["event_log_sha256"])

@@ -1,4 +1,4 @@
-"""`python -m sim` run as a user runs it (a subprocess): `list`, `run` with `--set`,
+"""`python -m meshd_sim` run as a user runs it (a subprocess): `list`, `run` with `--set`,
 `--lifeguard/--no-lifeguard`, and the `steady` scenario's result at sizes that take a
 second or two."""
 
@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from sim.scenario import SCENARIO_DIR
+from meshd_sim.scenario import SCENARIO_DIR
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SMALL_STEADY = ("--set", "duration=200", "--set", "warmup=20")
@@ -21,7 +21,7 @@ SMALL_STEADY = ("--set", "duration=200", "--set", "warmup=20")
 
 def sim(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-m", "sim", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meshd_sim", *args], capture_output=True,
                           text=True, timeout=120, env=env)
 
 

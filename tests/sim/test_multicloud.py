@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sim.engine import Simulation
-from sim.scenario import ScenarioError, load
+from meshd_sim.engine import Simulation
+from meshd_sim.scenario import ScenarioError, load
 
 
 def run(name: str, *overrides: str, seed: int | None = None) -> tuple[Simulation, dict]:

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from meshd.membership.messages import ALIVE
-from sim.__main__ import main as sim_main
-from sim.engine import Simulation
-from sim.scenario import ScenarioError, load, parse
+from meshd_sim.__main__ import main as sim_main
+from meshd_sim.engine import Simulation
+from meshd_sim.scenario import ScenarioError, load, parse
 
 
 def run(name: str, *overrides: str, nodes: int | None = None, seed: int | None = None):
@@ -146,7 +146,7 @@ def test_event_log_is_identical_across_processes_and_hash_seeds():
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         out = subprocess.run(
-            [sys.executable, "-m", "sim", "run", "slow-nodes", "--nodes", "20", "--duration",
+            [sys.executable, "-m", "meshd_sim", "run", "slow-nodes", "--nodes", "20", "--duration",
              "120", "--json"], check=True, capture_output=True, text=True, env=env)
         shas.append(json.loads(out.stdout)["event_log_sha256"])
     assert shas[0] == shas[1]

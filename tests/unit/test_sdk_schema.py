@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sdk.schema import SchemaError, describe, dump, load
+from meshd_sdk.schema import SchemaError, describe, dump, load
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
-from sdk import Service
+from meshd_sdk import Service
 
 
 @dataclass

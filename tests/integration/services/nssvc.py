@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from sdk import Client, Service, current_call
+from meshd_sdk import Client, Service, current_call
 
 
 @dataclass

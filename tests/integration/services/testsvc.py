@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import trio
 
-from sdk import Service, current_call
+from meshd_sdk import Service, current_call
 
 
 @dataclass
@@ -54,7 +54,7 @@ async def caller(req: Text) -> Text:
 @service.handler("Test.Relay")
 async def relay(req: Text) -> Text:
     # call another service from inside a handler: it carries this service's identity
-    from sdk import Client
+    from meshd_sdk import Client
 
     async with Client() as client:
         return Text((await client.call(req.text, "Test.Caller", {"text": ""}))["text"])

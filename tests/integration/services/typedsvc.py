@@ -9,7 +9,7 @@ from typing import NotRequired, TypedDict
 
 import trio
 
-from sdk import Service
+from meshd_sdk import Service
 
 
 class Order(TypedDict):

@@ -15,7 +15,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from sdk import Service
+from meshd_sdk import Service
 
 
 async def app(scope, receive, send):

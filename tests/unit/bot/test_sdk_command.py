@@ -3,9 +3,9 @@ user a request's body names."""
 
 from __future__ import annotations
 
-from sdk import Service
-from sdk.bot import CommandReply, CommandRequest, bot_command
-from sdk.service import _CURRENT, CallInfo
+from meshd_sdk import Service
+from meshd_sdk.bot import CommandReply, CommandRequest, bot_command
+from meshd_sdk.service import _CURRENT, CallInfo
 
 
 def dice() -> Service:

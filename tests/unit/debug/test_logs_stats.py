@@ -11,7 +11,7 @@ from meshd.debug import logs, stats
 from meshd.debug.service import merge_summaries, summarize
 from meshd.debug.stats import BUCKETS, MAX_SERIES, OTHER, CallStats, NodeSampler, Series
 from meshd.debug.traces import Span
-from sdk.logship import Shipper
+from meshd_sdk.logship import Shipper
 
 
 def test_handler_keeps_only_its_nodes_records():

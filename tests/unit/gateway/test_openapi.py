@@ -8,6 +8,7 @@ import copy
 import json
 import re
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from referencing.exceptions import PointerToNowhere
 
 from meshd.errors import MeshError
 from meshd.gateway import openapi
-from sdk.schema import describe
+from meshd_sdk.schema import describe
 
 ERROR_CODES = {"400", "401", "403", "404", "408", "413", "429", "500", "503"}
 FIXED = {"/health", "/openapi.json", "/rpc", "/events/{topic}"}
@@ -119,7 +120,7 @@ def test_greeter_stream_and_http_service_document():
     check(doc)
     assert doc["openapi"] == "3.1.0"
     assert doc["info"]["title"] == "meshd API gateway"
-    assert doc["info"]["version"] == openapi.VERSION == "0.1.0"
+    assert doc["info"]["version"] == openapi.VERSION == metadata.version("meshd")
     assert "Micro" in doc["info"]["description"]
     assert doc["servers"] == [{"url": "https://api.example.com"}]
     assert list(doc["paths"]) == ["/health", "/openapi.json", "/rpc", "/events/{topic}",

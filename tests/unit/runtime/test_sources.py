@@ -81,14 +81,14 @@ async def test_a_module_and_a_venv_built_once(tmp_path):
     assert mod.argv == (sys.executable, "-m", "http.server")
     app = tmp_path / "app"
     app.mkdir()
-    (app / "main.py").write_text("import sdk\n")
+    (app / "main.py").write_text("import meshd_sdk\n")
     (app / "requirements.txt").write_text("# nothing beyond what this python has\n")
     first = await sources.prepare(spec(str(app)))
     python = Path(first.argv[0])
     assert python != Path(sys.executable) and python.name == "python"
     # the venv sees this python's packages (the SDK)
-    subprocess.run([str(python), "-c", "import sdk, trio"], check=True)
-    (app / "main.py").write_text("import sdk  # v2\n")
+    subprocess.run([str(python), "-c", "import meshd_sdk, trio"], check=True)
+    (app / "main.py").write_text("import meshd_sdk  # v2\n")
     second = await sources.prepare(spec(str(app), version=2))
     assert second.argv[0] == first.argv[0]  # same requirements: the same venv
     (app / "requirements.txt").write_text("no-such-package-xyz==0.0.0\n")
