@@ -190,13 +190,14 @@ class DebugService:
     def latest_sample(self) -> dict[str, Any]:
         return dict(self.sampler.samples[-1]) if self.sampler.samples else {}
 
-    def take_logs(self, service: str, instance: str, records: Any) -> int:
+    def take_logs(self, service: str, instance: str, records: Any,
+                  now: float | None = None) -> int:
         """A local service's log records (its session's frames): each checked, a bad one
         dropped alone; at most logs.MAX_BATCH per frame and LOG_RATE a second per instance
         (bursts of LOG_BURST), the rest dropped and counted. Returns how many were kept."""
         if not isinstance(records, list):
             return 0
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         kept = 0
         for raw in records[:logmod.MAX_BATCH]:
             try:

@@ -72,10 +72,15 @@ def test_a_chatty_instance_is_held_to_its_quota():
     from meshd.debug import service as svc
 
     debug = DebugService("a", None, _Links(), DebugSettings(), dict, dict)  # type: ignore[arg-type]
-    kept = sum(debug.take_logs("s", "i1", [{"message": f"m{n}", "level": "info"}] * 256)
+    kept = sum(debug.take_logs("s", "i1", [{"message": f"m{n}", "level": "info"}] * 256,
+                               now=100.0)  # one instant: no refill, whatever the host's speed
                for n in range(20))
-    assert kept <= svc.LOG_BURST + 10 and debug.stats["debug_log_records_dropped"] > 0
-    assert debug.take_logs("s", "i2", [{"message": "other", "level": "info"}]) == 1
+    assert kept == svc.LOG_BURST and debug.stats["debug_log_records_dropped"] == 20 * 256 - kept
+    assert debug.take_logs("s", "i2", [{"message": "other", "level": "info"}], now=100.0) == 1
+    # a second later the instance has LOG_RATE more (taken in frames of MAX_BATCH)
+    later = [{"message": "later", "level": "info"}] * 256
+    assert sum(debug.take_logs("s", "i1", later, now=101.0) for _ in range(3)) \
+        == svc.LOG_RATE
     debug.own_logs.add({**REC, "node": "a", "service": "meshd"})
     assert len(debug.own_logs) == 1  # the node's own lines are in a buffer of their own
 
