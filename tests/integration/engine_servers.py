@@ -1,0 +1,114 @@
+"""Real PostgreSQL and Redis servers for tests (Debian's packages), each on a free loopback
+port in a temporary dir, stopped and removed after: what the store engines (issue 21) are
+tested against.
+
+Rules:
+- PostgreSQL refuses to run as root: as root, its data dir is given to the `postgres` user
+  and initdb/pg_ctl run as that user (runuser). Authentication is `trust` on 127.0.0.1 only.
+- Redis runs without persistence (--save '' --appendonly no) on 127.0.0.1 only.
+- Every start is bounded (START_TIMEOUT); a server that does not come up fails with the end
+  of its log; leaving the block stops the server even if the test failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def why_no_postgres() -> str | None:
+    return None if postgres_bin() else "PostgreSQL is not installed (apt-get install postgresql)"
+
+
+def why_no_redis() -> str | None:
+    return None if shutil.which("redis-server") else \
+        "Redis is not installed (apt-get install redis-server)"
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.getuid() == 0 else cmd
+
+
+def _wait_port(port: int, proc_alive: object, log: Path, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        if callable(proc_alive) and not proc_alive():
+            break
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    raise AssertionError(f"{what} did not start on port {port}: {tail}")
+
+
+@contextlib.contextmanager
+def postgres(root: Path) -> Iterator[str]:
+    """A running PostgreSQL; yields its DSN (database postgres, user postgres)."""
+    bindir = postgres_bin()
+    assert bindir is not None, why_no_postgres()
+    root.mkdir(parents=True, exist_ok=True)
+    # its own dir under /tmp: pytest's are root's alone, and the server runs as postgres
+    home = Path(tempfile.mkdtemp(prefix="meshd-pg-"))
+    data, log = home / "pgdata", root / "postgres.log"
+    if os.getuid() == 0:
+        shutil.chown(home, "postgres", "postgres")
+        log = home / "postgres.log"
+    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                                 "--auth=trust", "-E", "UTF8", "--no-sync"]),
+                   check=True, capture_output=True, timeout=120)
+    port = free_port()
+    opts = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={home} " \
+           "-c fsync=off"
+    try:
+        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log),
+                                     "-o", opts, "-w", "-t", str(int(START_TIMEOUT)),
+                                     "start"]),
+                       check=True, capture_output=True, timeout=START_TIMEOUT + 10)
+        _wait_port(port, None, log, "PostgreSQL")
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                                     "-w", "stop"]), capture_output=True, timeout=60)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis(root: Path) -> Iterator[str]:
+    """A running Redis; yields its URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), root / "redis.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                                 "--dir", str(root), "--save", "", "--appendonly", "no",
+                                 "--protected-mode", "yes"], stdout=out, stderr=out)
+    try:
+        _wait_port(port, lambda: proc.poll() is None, log, "Redis")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
