@@ -45,6 +45,23 @@ class LoopbackServer:
         raise NotImplementedError
 
 
+def free_port() -> int:
+    """A loopback TCP port free right now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen[Any], grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+
+
 def control(data_dir: Path, op: str, /, **args: Any) -> Any:
     async def go() -> Any:
         client = ControlClient(data_dir / "meshd.sock")

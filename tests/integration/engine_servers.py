@@ -23,13 +23,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .cluster import free_port, stop
+
 START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def postgres_bin() -> Path | None:
@@ -106,9 +102,4 @@ def redis(root: Path) -> Iterator[str]:
         _wait_port(port, lambda: proc.poll() is None, log, "Redis")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
