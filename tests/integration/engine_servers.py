@@ -20,7 +20,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .cluster import free_port, stop
@@ -58,9 +59,23 @@ def _wait_port(port: int, proc_alive: object, log: Path, what: str) -> None:
     raise AssertionError(f"{what} did not start on port {port}: {tail}")
 
 
+@dataclass
+class EngineServer:
+    """A running engine: `url` to reach it; `stop()` and `start()` take it down and bring it
+    back on the same port with its data (as an operator restarting it would)."""
+
+    url: str
+    stop: Callable[[], None]
+    start: Callable[[], None]
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].split("/")[0])
+
+
 @contextlib.contextmanager
-def postgres(root: Path) -> Iterator[str]:
-    """A running PostgreSQL; yields its DSN (database postgres, user postgres)."""
+def postgres(root: Path) -> Iterator[EngineServer]:
+    """A running PostgreSQL (database postgres, user postgres)."""
     bindir = postgres_bin()
     assert bindir is not None, why_no_postgres()
     root.mkdir(parents=True, exist_ok=True)
@@ -76,30 +91,48 @@ def postgres(root: Path) -> Iterator[str]:
     port = free_port()
     opts = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={home} " \
            "-c fsync=off"
-    try:
+
+    def start() -> None:
         subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log),
                                      "-o", opts, "-w", "-t", str(int(START_TIMEOUT)),
                                      "start"]),
                        check=True, capture_output=True, timeout=START_TIMEOUT + 10)
         _wait_port(port, None, log, "PostgreSQL")
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
+
+    def halt() -> None:
         subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
                                      "-w", "stop"]), capture_output=True, timeout=60)
+
+    try:
+        start()
+        yield EngineServer(f"postgresql://postgres@127.0.0.1:{port}/postgres", halt, start)
+    finally:
+        halt()
         shutil.rmtree(home, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def redis(root: Path) -> Iterator[str]:
-    """A running Redis; yields its URL."""
+def redis(root: Path) -> Iterator[EngineServer]:
+    """A running Redis (its data lives as long as the process: no persistence)."""
     root.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), root / "redis.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port),
-                                 "--dir", str(root), "--save", "", "--appendonly", "no",
-                                 "--protected-mode", "yes"], stdout=out, stderr=out)
-    try:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port",
+                                     str(port), "--dir", str(root), "--save", "",
+                                     "--appendonly", "no", "--protected-mode", "yes"],
+                                    stdout=out, stderr=out)
+        procs.append(proc)
         _wait_port(port, lambda: proc.poll() is None, log, "Redis")
-        yield f"redis://127.0.0.1:{port}/0"
+
+    def halt() -> None:
+        for proc in procs:
+            stop(proc)
+
+    try:
+        start()
+        yield EngineServer(f"redis://127.0.0.1:{port}/0", halt, start)
     finally:
-        stop(proc)
+        halt()

@@ -22,22 +22,30 @@ def refused(port: int) -> bool:
 def test_postgres_starts_answers_and_stops(tmp_path):
     import psycopg
 
-    with postgres(tmp_path / "pg") as dsn:
-        with psycopg.connect(dsn, connect_timeout=10) as conn:
+    with postgres(tmp_path / "pg") as server:
+        with psycopg.connect(server.url, connect_timeout=10) as conn:
             conn.execute("CREATE TABLE t (k text PRIMARY KEY, v int)")
             conn.execute("INSERT INTO t VALUES ('a', 1)")
+        server.stop()
+        assert refused(server.port)
+        server.start()  # back on its port, with its data
+        with psycopg.connect(server.url, connect_timeout=10) as conn:
             assert conn.execute("SELECT v FROM t WHERE k = 'a'").fetchone() == (1,)
-        port = int(dsn.rsplit(":", 1)[1].split("/")[0])
-    assert refused(port)
+    assert refused(server.port)
 
 
 @pytest.mark.skipif(why_no_redis() is not None, reason=why_no_redis() or "")
 def test_redis_starts_answers_and_stops(tmp_path):
     import redis as redis_client
 
-    with redis(tmp_path / "redis") as url:
-        r = redis_client.Redis.from_url(url, socket_timeout=10)
+    with redis(tmp_path / "redis") as server:
+        r = redis_client.Redis.from_url(server.url, socket_timeout=10)
         assert r.incrby("n", 2) == 2 and r.get("n") == b"2"
         r.close()
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
-    assert refused(port)
+        server.stop()
+        assert refused(server.port)
+        server.start()
+        r = redis_client.Redis.from_url(server.url, socket_timeout=10)
+        assert r.ping()
+        r.close()
+    assert refused(server.port)
