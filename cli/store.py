@@ -19,13 +19,14 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from meshd_cli.args import parse_meta
 from meshd_cli.client import Client, chosen_namespace, client_options, namespace_option
-from meshd_cli.output import fail, json_option, line, say
+from meshd_cli.output import fail, json_option, line, print_table, say
 
 
 def _store_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,14 +124,89 @@ def store_list(prefix: str | None, contains: str | None, limit: int, database: s
     say(keys, as_json, "\n".join(keys))
 
 
-@store.command("databases")
+@store.group("databases", invoke_without_command=True)
 @client_options
 @json_option
 @namespace_option_hidden
-def store_databases(client: Client, as_json: bool) -> None:
-    """List databases."""
-    names = _call(client, "store.databases")
-    say(names, as_json, "\n".join(names))
+@click.pass_context
+def store_databases(ctx: click.Context, client: Client, as_json: bool) -> None:
+    """List databases with their backends (embedded, postgres, redis); `create` puts a new
+    database on an engine."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = _call(client, "store.databases", detail=True)
+    if as_json:
+        say(rows, True, "")
+        return
+    print_table(["database", "backend"], [
+        (r["name"], r["backend"] + (f" (migrating to {r['migrating_to']})"
+                                    if r.get("migrating_to") else "")) for r in rows])
+
+
+def _dsn(path: str) -> str:
+    """The DSN in the file at `path` (first line): a credential, so never an argument."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"400 bad request: cannot read the DSN file {path}: "
+             f"{getattr(exc, 'strerror', None) or exc}")
+    dsn = text.strip()
+    if not dsn or "\n" in dsn:
+        fail(f"400 bad request: the DSN file {path} must hold one line (the DSN)")
+    return dsn
+
+
+BACKEND = click.Choice(["postgres", "redis"])
+
+
+@store_databases.command("create")
+@click.argument("name")
+@click.option("--backend", type=BACKEND, required=True, help="The engine that keeps it.")
+@click.option("--dsn-file", required=True, metavar="FILE",
+              help="A file holding the engine's DSN (postgresql://USER:PASS@HOST:PORT/DB or "
+                   "redis://HOST:PORT/N); replicated to every node, never shown.")
+@client_options
+@json_option
+@namespace_option_hidden
+def store_databases_create(name: str, backend: str, dsn_file: str, client: Client,
+                           as_json: bool) -> None:
+    """Create the database NAME on an engine: every node serves it from there."""
+    r = _call(client, "store.databases.create", database=name, backend=backend,
+              dsn=_dsn(dsn_file))
+    say(r, as_json, f"created database {name} on {backend}")
+
+
+@store.command("migrate")
+@click.argument("database")
+@click.option("--to", "to", type=BACKEND, required=True, help="The engine to move it to.")
+@click.option("--dsn-file", required=True, metavar="FILE", help="A file holding its DSN.")
+@click.option("--grace", type=click.FloatRange(0, 3600), default=None,
+              help="Seconds to keep copying writes still reaching the embedded store after "
+                   "the switch (default: the store.migrate_grace setting, 30).")
+@client_options
+@json_option
+@namespace_option_hidden
+def store_migrate(database: str, to: str, dsn_file: str, grace: float | None,
+                  client: Client, as_json: bool) -> None:
+    """Copy the embedded DATABASE to an engine and switch it over (writes made meanwhile,
+    through any node, are copied too)."""
+    args: dict[str, Any] = {"database": database, "to": to, "dsn": _dsn(dsn_file),
+                            "namespace": client.namespace(chosen_namespace())}
+    if grace is not None:
+        args["grace"] = grace
+
+    def show(ev: Any) -> None:
+        if as_json:
+            line(json.dumps(ev))
+        elif ev.get("phase") == "copying" and "of" in ev:
+            line(f"copied {ev['done']} of {ev['of']} keys", err=True)
+        elif ev.get("phase") == "copying":
+            line(f"copying {database} to {to}", err=True)
+        elif ev.get("phase") == "switched":
+            line(f"switched {database} to {to}; copying late writes", err=True)
+        elif ev.get("phase") == "done":
+            line(f"migrated {database} to {to}: {ev['copied']} copies in {ev['seconds']} s")
+    client.stream("store.migrate", show, **args)
 
 
 @store.command("tables")

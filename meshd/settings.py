@@ -256,6 +256,14 @@ class StoreSettings:
     max_key_bytes: int = 1024
     # How long a write with replicas > 1 waits for the other replicas' acknowledgements.
     replica_timeout: float = 5.0
+    # Databases on engines (PostgreSQL, Redis): connections per engine and node, and the
+    # bound on every engine call (connect, wait for a connection, statement).
+    engine_pool: int = 16
+    engine_timeout: float = 5.0
+    # `meshd store migrate` keeps copying writes that still reach the embedded store this
+    # long after the switch (from nodes the switch had not reached yet): well above how long
+    # a replicated record takes to arrive (batch_interval, one anti-entropy round).
+    migrate_grace: float = 30.0
     # A replicated record stamped more than this ahead of our clock is refused and counted
     # (store_future_refused) instead of merged: one node with a clock in the future would
     # otherwise drag every node's hybrid clock forward and win every conflict until real

@@ -45,7 +45,9 @@ from meshd import namespaces
 from meshd.errors import MeshError, bad_request
 from meshd.ops import REQUEST_TOKEN, Emit, Op, mesh_resource
 
-from .service import CONFIG_DB, SYSTEM_DBS, StoreService, config_args
+from .engines.bindings import ACTIVE, check_binding
+from .engines.migrate import Migration
+from .service import CONFIG_DB, SYSTEM_DBS, StoreService, _now_ms, config_args
 
 PREFIX = "@"
 
@@ -128,6 +130,8 @@ class StoreOps:
             self._store("store.set", st.set_op, write=True),
             Op("store.watch", self.watch, "checked", "stream"),
             Op("store.databases", self.databases, listing),
+            Op("store.databases.create", self.create_database, "checked"),
+            Op("store.migrate", self.migrate, "checked", "stream"),
             Op("store.tables", self.tables, listing),
             Op("config.get", self.config_get, "checked"),
             Op("config.set", self.config_set, "checked"),
@@ -244,9 +248,68 @@ class StoreOps:
         await self.store.watch(checked, mine)
 
     async def databases(self, args: dict[str, Any]) -> Any:
+        """The namespace's databases: names, or with `detail` one row per database with
+        its backend ("embedded", "postgres", "redis") and, while a migration copies it,
+        "migrating_to"."""
         ns = namespaces.check(args.get("namespace"))
         kept = await self.store.databases(args)
-        return [n for n in (caller_name(ns, db) for db in kept) if n is not None]
+        names = [(n, db) for n, db in ((caller_name(ns, db), db) for db in kept)
+                 if n is not None]
+        if not args.get("detail"):
+            return [n for n, _ in names]
+        bound = self.store.engines.rows()
+        rows = []
+        for name, db in names:
+            b = bound.get(db)
+            if b is None:
+                rows.append({"name": name, "backend": "embedded"})
+            elif b["state"] == ACTIVE:
+                rows.append({"name": name, "backend": b["backend"]})
+            else:
+                rows.append({"name": name, "backend": "embedded",
+                             "migrating_to": b["backend"]})
+        return rows
+
+    def _bindable(self, args: dict[str, Any]) -> tuple[str, str, str, str, str]:
+        """Checked args of binding a database to an engine (an admin act: the binding holds
+        a credential and decides where the data lives): (namespace, caller's name, kept
+        name, backend, dsn)."""
+        self.require_admin()
+        ns = namespaces.check(args.get("namespace"))
+        name = caller_database(args.get("database"))
+        if not name or len(name) > 128 or "\x00" in name:
+            raise bad_request("database must be 1..128 characters", id="meshd.store")
+        if ns == namespaces.DEFAULT and (name in SYSTEM_DBS or name == CONFIG_DB):
+            raise MeshError(403, f"the {name} database is meshd's own and stays embedded",
+                            id="meshd.store")
+        backend, dsn = check_binding(args.get("backend"), args.get("dsn"))
+        return ns, name, stored_name(ns, name), backend, dsn
+
+    async def create_database(self, args: dict[str, Any]) -> Any:
+        """Bind a new database to an engine (every node serves it from there); the engine
+        is reached first, so a binding that cannot work is a 503 and nothing is bound."""
+        ns, name, db, backend, dsn = self._bindable(args)
+        engines = self.store.engines
+        if engines.binding(db) is not None:
+            raise MeshError(409, f"database {name!r} is already bound to "
+                                 f"{engines.binding(db)['backend']}", id="meshd.store")
+        if db in self.store.rep.state.databases(_now_ms()):
+            raise MeshError(409, f"database {name!r} holds data in the embedded store: move "
+                                 f"it with `meshd store migrate {name} --to {backend}`",
+                            id="meshd.store")
+        await engines.probe(backend, dsn, db)
+        await engines.bind(db, backend, dsn, ACTIVE, self._who())
+        return {"database": name, "backend": backend, "namespace": ns}
+
+    async def migrate(self, args: dict[str, Any], emit: Emit) -> None:
+        _, name, db, backend, dsn = self._bindable({**args, "backend": args.get("to")})
+        grace = args.get("grace", self.store.s.migrate_grace)
+        if not isinstance(grace, int | float) or isinstance(grace, bool) or \
+                not 0 <= grace <= 3600:
+            raise bad_request("grace must be 0..3600 seconds", id="meshd.store")
+        result = await Migration(self.store, db, name, backend, dsn, self._who(), grace,
+                                 emit).run()
+        await emit(result)
 
     async def tables(self, args: dict[str, Any]) -> Any:
         ns = namespaces.check(args.get("namespace"))
@@ -262,7 +325,6 @@ class StoreOps:
 
     def counts(self) -> dict[str, int]:
         """Live keys per namespace (for `meshd namespaces`), system databases left out."""
-        from .service import _now_ms
         from .state import live
 
         now = _now_ms()

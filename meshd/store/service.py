@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from meshd.membership.messages import ALIVE
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from . import crdt, paths
+from .engines.base import Query
+from .engines.bindings import ENGINES_DB, Engines
 from .persist import FILE, StoreDB
 from .replication import StoreReplicator, WireError, split_acks
 from .state import live, view
@@ -51,7 +54,7 @@ CONFIG_DB = "config"
 HISTORY = "~history/"
 HISTORY_TTL = 30 * 86400
 HISTORY_MAX = 200
-SYSTEM_DBS = ("auth", "routing", "broker", "runtime", "bot")
+SYSTEM_DBS = ("auth", "routing", "broker", "runtime", "bot", ENGINES_DB)
 
 
 def _now_ms() -> int:
@@ -88,8 +91,10 @@ class StoreService:
         self._committed = trio.Event()
         self._commit_wanted = trio.Event()
         self._watchers: list[tuple[str | None, str | None, str, trio.MemorySendChannel[Any]]] = []
+        self._following: set[trio.MemorySendChannel[Any]] = set()
         self._kick = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.engines = Engines(self, self.node, settings, self._engine_changed, self._wanted)
         self.stats = {"store_bad_messages": 0, "store_commits": 0, "store_reads": 0,
                       "store_writes": 0}
         links.handlers[CHANNEL] = self._serve_channel
@@ -104,6 +109,7 @@ class StoreService:
                 self._nursery = nursery
                 nursery.start_soon(self._committer)
                 nursery.start_soon(self._timer)
+                await nursery.start(self.engines.run)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -116,15 +122,29 @@ class StoreService:
     def _changed(self, db: str, tbl: str, key: str, state: crdt.State, local: bool) -> None:
         self._dirty[(db, tbl, key)] = state
         self._commit_wanted.set()
-        if not self._watchers:
-            return
-        now = _now_ms()
-        rec = view(key, state, now)
+        if self._watchers:
+            self._notify(db, tbl, key, view(key, state, _now_ms()),
+                         "local" if local else "replica")
+
+    def _wanted(self, db: str, tbl: str, key: str) -> bool:
+        """Whether some watcher follows this key."""
+        return any((wdb is None or wdb == db) and (wtbl is None or wtbl == tbl)
+                   and key.startswith(prefix) for wdb, wtbl, prefix, _ in self._watchers)
+
+    def _engine_changed(self, db: str, tbl: str, key: str, rec: dict[str, Any] | None,
+                        by: str) -> None:
+        """A change an engine committed (through any node, or another client of it)."""
+        self._notify(db, tbl, key, rec or {"key": key},
+                     "local" if by == self.node else "replica", engine=True)
+
+    def _notify(self, db: str, tbl: str, key: str, rec: dict[str, Any], origin: str,
+                engine: bool = False) -> None:
         for wdb, wtbl, prefix, chan in list(self._watchers):
+            if engine and chan in self._following:
+                continue  # a migration follows the embedded store's changes only
             if (wdb is None or wdb == db) and (wtbl is None or wtbl == tbl) \
                     and key.startswith(prefix):
-                event = {"database": db, "table": tbl, "key": key, "origin":
-                         "local" if local else "replica",
+                event = {"database": db, "table": tbl, "key": key, "origin": origin,
                          "deleted": "value" not in rec and "counter" not in rec
                          and "members" not in rec, "record": rec}
                 try:
@@ -265,6 +285,12 @@ class StoreService:
             raise bad_request("ttl is too large", id="meshd.store")
         replicas = _int_arg(args, "replicas", 1)
         expiry = _now_ms() + int(ttl * 1000) if ttl else None
+        engine = self.engines.engine_for(db)
+        if engine is not None:
+            self.stats["store_writes"] += 1
+            wall, count, _ = self.hlc.now()
+            return await engine.write(db, tbl, key, value, metadata, expiry, (wall, count),
+                                      self.node)
         delta = {"lww": crdt.lww(self.hlc.now(), value, metadata, expiry)}
         state = await self._commit_local(db, tbl, key, delta, replicas)
         return view(key, state, _now_ms())
@@ -277,6 +303,13 @@ class StoreService:
         limit, offset = _int_arg(args, "limit", 0), _int_arg(args, "offset", 0)
         if limit < 0 or offset < 0:
             raise bad_request("limit and offset must not be negative", id="meshd.store")
+        engine = self.engines.engine_for(db)
+        if engine is not None:
+            self.stats["store_reads"] += 1
+            found = await engine.read(db, tbl, self._query(args, key), _now_ms())
+            if key is not None and not found:
+                raise not_found(f"no key {key!r} in {db}/{tbl}", id="meshd.store")
+            return found
         self._exists(db, tbl)
         self.stats["store_reads"] += 1
         now = _now_ms()
@@ -290,17 +323,29 @@ class StoreService:
     async def delete(self, args: dict[str, Any]) -> Any:
         db, tbl = self._names(args)
         key = self._key(args)
+        engine = self.engines.engine_for(db)
+        if engine is not None:
+            if not await engine.delete(db, tbl, key, self.node):
+                raise not_found(f"no key {key!r} in {db}/{tbl}", id="meshd.store")
+            return {"deleted": key}
         self._exists(db, tbl)
+        if not await self.forget(db, tbl, key, _int_arg(args, "replicas", 1)):
+            raise not_found(f"no key {key!r} in {db}/{tbl}", id="meshd.store")
+        return {"deleted": key}
+
+    async def forget(self, db: str, tbl: str, key: str, replicas: int = 1) -> bool:
+        """Delete a key of the embedded store (value, counter and set); False if it held
+        nothing."""
         current = self.rep.state.get(db, tbl, key)
         if current is None or not self._live(current):
-            raise not_found(f"no key {key!r} in {db}/{tbl}", id="meshd.store")
+            return False
         delta: crdt.State = {"lww": crdt.lww(self.hlc.now(), None)}
         if "counter" in current:
             delta["counter"] = crdt.counter_reset(current["counter"])
         if "set" in current:
             delta["set"] = crdt.set_remove(current["set"])
-        await self._commit_local(db, tbl, key, delta, _int_arg(args, "replicas", 1))
-        return {"deleted": key}
+        await self._commit_local(db, tbl, key, delta, replicas)
+        return True
 
     def json_records(self, db: str, tbl: str) -> dict[str, Any]:
         """Live records of a table whose values are JSON, decoded (system databases such as
@@ -325,8 +370,19 @@ class StoreService:
 
         return live(state, _now_ms() if now is None else now)
 
+    def _query(self, args: dict[str, Any], key: str | None = None) -> Query:
+        limit, offset = _int_arg(args, "limit", 0), _int_arg(args, "offset", 0)
+        if limit < 0 or offset < 0:
+            raise bad_request("limit and offset must not be negative", id="meshd.store")
+        return Query(key=key, prefix=_text_arg(args, "prefix"),
+                     suffix=_text_arg(args, "suffix"), contains=_text_arg(args, "contains"),
+                     limit=limit, offset=offset)
+
     async def list_keys(self, args: dict[str, Any]) -> Any:
         db, tbl = self._names(args)
+        engine = self.engines.engine_for(db)
+        if engine is not None:
+            return await engine.list_keys(db, tbl, self._query(args), _now_ms())
         self._exists(db, tbl)
         rows = self.rep.state.read(db, tbl, _now_ms(), prefix=_text_arg(args, "prefix"),
                                    suffix=_text_arg(args, "suffix"),
@@ -339,11 +395,14 @@ class StoreService:
         """User databases: not the system databases (auth, routing, broker: meshd's own,
         read by admins only) nor config (every namespace's config tree, reached through the
         config ops alone)."""
-        return [db for db in self.rep.state.databases(_now_ms())
-                if db not in SYSTEM_DBS and db != CONFIG_DB]
+        names = set(self.rep.state.databases(_now_ms())) | set(self.engines.bindings())
+        return sorted(db for db in names if db not in SYSTEM_DBS and db != CONFIG_DB)
 
     async def tables(self, args: dict[str, Any]) -> Any:
         db = args.get("database", "default")
+        engine = self.engines.engine_for(db)
+        if engine is not None:
+            return await engine.tables(db)
         names = self.rep.state.table_names(db, _now_ms())
         if not names:
             raise not_found(f"no database {db!r}", id="meshd.store")
@@ -355,6 +414,10 @@ class StoreService:
         delta = args.get("delta", 0)
         if not isinstance(delta, int) or isinstance(delta, bool):
             raise bad_request("delta must be an integer", id="meshd.store")
+        engine = self.engines.engine_for(db)
+        if engine is not None:
+            return {"key": key, "counter": await engine.counter(db, tbl, key, delta,
+                                                                self.node)}
         current = self.rep.state.get(db, tbl, key) or {}
         if delta == 0:
             return {"key": key, "counter": crdt.counter_value(current.get("counter"))}
@@ -366,11 +429,17 @@ class StoreService:
         db, tbl = self._names(args)
         key = self._key(args)
         op, member = args.get("op"), args.get("member")
+        engine = self.engines.engine_for(db)
         current = self.rep.state.get(db, tbl, key) or {}
         if op == "members":
-            return {"key": key, "members": crdt.set_members(current.get("set"))}
+            return {"key": key, "members": await engine.members(db, tbl, key)
+                    if engine is not None else crdt.set_members(current.get("set"))}
         if not isinstance(member, str) or not member:
             raise bad_request("member must be non-empty text", id="meshd.store")
+        if engine is not None and op in ("add", "remove"):
+            add, remove = ([member], []) if op == "add" else ([], [member])
+            return {"key": key, "members": await engine.set_change(db, tbl, key, add, remove,
+                                                                   self.node)}
         if op == "add":
             tag = f"{self.node}:{self.hlc.now()[0]}:{self.hlc.now()[1]}"
             change = {"set": crdt.set_add(current.get("set"), member, tag)}
@@ -383,6 +452,21 @@ class StoreService:
             raise bad_request("op must be add, remove or members", id="meshd.store")
         state = await self._commit_local(db, tbl, key, change, _int_arg(args, "replicas", 1))
         return {"key": key, "members": crdt.set_members(state.get("set"))}
+
+    @contextlib.contextmanager
+    def follow(self, db: str) -> Iterator[trio.MemoryReceiveChannel[Any]]:
+        """Every change of database `db` landing here while in the block (unbounded: a
+        migration must not miss one)."""
+        send, recv = trio.open_memory_channel[Any](math.inf)
+        entry = (db, None, "", send)
+        self._watchers.append(entry)
+        self._following.add(send)
+        try:
+            yield recv
+        finally:
+            self._following.discard(send)
+            with contextlib.suppress(ValueError):
+                self._watchers.remove(entry)
 
     async def watch(self, args: dict[str, Any], emit: Any) -> None:
         db = args.get("database")

@@ -28,6 +28,7 @@ from typing import Any
 
 import click
 import pytest
+import redis as redis_py
 import trio
 
 from meshd.envs import Environments
@@ -37,6 +38,7 @@ from meshd.secure.keyring import format_secret, new_secret
 from meshd_cli.main import main as meshd_cli
 
 from .cluster import Cluster, Daemon, Lines, client_stream, control, wait_for
+from .engine_servers import redis, why_no_redis
 from .test_tls import Pki, admin_token, make_pki, stop, tls_node
 from .test_tunnel import EchoServer, free_port, refused, through
 
@@ -50,6 +52,7 @@ BROKER = "test_broker_through_the_environment"
 DEBUG = "test_debug_through_the_environment"
 RUNTIME = "test_runtime_through_the_environment"
 BOT = "test_bot_map_through_the_environment"
+ENGINES = "test_store_engines_through_the_environment"
 
 # Commands that work through an environment as they do locally, and the test that runs
 # each through `prod` (with --json where the command has it) and checks its result.
@@ -75,6 +78,7 @@ THROUGH: dict[str, str] = {
     "auth login": REFUSALS,
     "run": RUNTIME, "ps": RUNTIME, "update": RUNTIME, "kill": RUNTIME,
     "bot map": BOT, "bot unmap": BOT, "bot users": BOT,
+    "store databases create": ENGINES, "store migrate": ENGINES,
 }
 
 # Commands for the node's operator: through an environment, the op is refused with 403.
@@ -326,7 +330,7 @@ def test_reads_through_the_environment_match_the_node(mesh, laptop):
     assert remote["path"] == ["a", "b"] and all(x > 0 for x in remote["rtt_ms"])
 
     remote, local = both("store", "databases", "--json")
-    assert remote == local and "default" in remote
+    assert remote == local and {"name": "default", "backend": "embedded"} in remote
     remote, local = both("store", "tables", "--database", "default", "--json")
     assert remote == local and "store" in remote
     remote, local = both("tunnel", "list", "--json")
@@ -736,4 +740,46 @@ def test_bot_map_through_the_environment(mesh, laptop):
     assert {"user": "U0LAPTOP", "account": "ops", "namespace": "default"} in listed
     assert laptop.ok("bot", "unmap", "U0LAPTOP", "--json") == {"unmapped": "U0LAPTOP"}
     assert all(u["user"] != "U0LAPTOP" for u in laptop.on_node("bot", "users", "--json"))
+    laptop.drove_its_commands()
+
+
+def test_store_engines_through_the_environment(mesh, laptop, tmp_path):
+    """A database created on Redis and an embedded one migrated there, through prod: the DSN
+    file is read on the laptop and the node serves both from Redis."""
+    if why_no_redis() is not None:
+        pytest.fail(why_no_redis())
+    with redis(tmp_path / "redis") as server:
+        dsn = tmp_path / "dsn"
+        dsn.write_text(server.url + "\n")
+        made = laptop.ok("store", "databases", "create", "env-orders", "--backend", "redis",
+                         "--dsn-file", str(dsn), "--json")
+        assert made["backend"] == "redis" and server.url not in json.dumps(made)
+        laptop.ok("store", "write", "o1", "on-redis", "--database", "env-orders", "--json")
+        assert laptop.on_node("store", "read", "o1", "--database", "env-orders",
+                              "--json")["value"] == "on-redis"
+
+        laptop.ok("store", "write", "m1", "moved", "--database", "env-moving", "--json")
+        events = laptop.lines("store", "migrate", "env-moving", "--to", "redis",
+                              "--dsn-file", str(dsn), "--grace", "0", "--json")
+        assert events[-1]["phase"] == "done", events
+        rows = {r["name"]: r["backend"] for r in laptop.on_node("store", "databases", "--json")}
+        assert rows["env-orders"] == rows["env-moving"] == "redis"
+        assert laptop.ok("store", "read", "m1", "--database", "env-moving",
+                         "--json")["value"] == "moved"
+        # the value now lives in Redis: the engine's own client finds the key there
+        found = redis_py.Redis.from_url(server.url).keys("meshd:v:*m1")
+        assert len(found) == 1, found
+        # a service account (it may write the store) may not bind databases: admin only
+        laptop.ok("auth", "accounts", "create", "env-svc", "--secret", "svc-secret-1",
+                  "--scope", "service", "--json")
+        svc = tmp_path / "environments.json"
+        shutil.copy(mesh.env_file, svc)
+        laptop.ok("auth", "login", "--env", "prod", "--id", "env-svc", "--secret",
+                  "svc-secret-1", "--json", env_file=svc)
+        out = laptop.run("store", "databases", "create", "env-x", "--backend", "redis",
+                         "--dsn-file", str(dsn), "--json", env_file=svc)
+        assert (out.returncode, out.stdout) == (1, ""), out.stderr
+        assert out.stderr.startswith("403 forbidden") and "Traceback" not in out.stderr
+        assert "env-x" not in {r["name"] for r in laptop.on_node("store", "databases",
+                                                                 "--json")}
     laptop.drove_its_commands()

@@ -93,7 +93,8 @@ def test_write_on_a_read_on_c_and_every_kind(cluster):
     # an expired record is gone from listings too
     keys = json.loads(cli(b, "store", "list", "--json").stdout)
     assert keys == ["greeting", "hits", "tags"]
-    assert json.loads(cli(b, "store", "databases", "--json").stdout) == ["default"]
+    assert json.loads(cli(b, "store", "databases", "--json").stdout) == [
+        {"name": "default", "backend": "embedded"}]
     assert json.loads(cli(b, "store", "tables", "--json").stdout) == ["store"]
     assert cli(a, "store", "delete", "greeting").returncode == 0
     wait_for(lambda: value_at(c, "greeting") is None, 5, "delete on c")

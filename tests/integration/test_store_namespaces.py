@@ -46,7 +46,9 @@ def test_store_and_config_are_per_namespace(cluster, tmp_path):
 
     # listings show the namespace's own databases, under the caller's names
     def databases(*args):
-        return json.loads(ok("store", "databases", "--json", *args, env=env_a))
+        rows = json.loads(ok("store", "databases", "--json", *args, env=env_a))
+        assert all(r["backend"] == "embedded" for r in rows), rows
+        return [r["name"] for r in rows]
     assert databases("--namespace", "team-a") == ["orders"]
     assert "orders" in databases() and not any(d.startswith("@") for d in databases())
     assert databases("--namespace", "nobody") == []  # unknown namespace: empty, not an error

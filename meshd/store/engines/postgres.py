@@ -1,0 +1,378 @@
+"""The PostgreSQL store engine: databases kept in one table of a PostgreSQL database.
+
+Rules:
+- Every record of every bound database is a row of `meshd_kv` (db, tbl, key: the primary
+  key, collation "C" so prefix scans use it). The table, its trigger and function are made
+  on first use, under an advisory lock (nodes starting together do not race); PostgreSQL 14
+  or newer (CREATE OR REPLACE TRIGGER).
+- Each operation is one autocommit statement: linearizable per key, acknowledged only after
+  PostgreSQL committed it. Counters add in the statement (`counter = counter + delta`), set
+  changes rewrite the array in the statement, so concurrent changes through any number of
+  nodes never lose one another. A write replaces the value, metadata and expiry (last commit
+  wins, as PostgreSQL orders them); counters and sets of the key are left as they are, as in
+  the embedded store; a delete removes the row.
+- TTL: `expiry` (ms since the epoch) is filtered on every read; a sweeper removes rows that
+  expired more than a minute ago and hold nothing else, every SWEEP_EVERY seconds.
+- Watches: a trigger NOTIFYs channel `meshd_kv` with (db, tbl, key, deleted, application
+  name) for every row changed, whoever changed it (psql included); each node LISTENs on one
+  connection of its own, reads back what a watcher wants and reports it. A node's sessions
+  are named `meshd:NODE`, so an event says which node made the change. Notifications missed
+  while the listening connection was down are lost (as LISTEN/NOTIFY promises); it
+  reconnects with backoff.
+- The pool (psycopg_pool) holds up to `pool` connections per node; every statement is
+  bounded by `timeout` (statement_timeout, pool wait, connect timeout). A failure is an
+  EngineDown naming the cause (never the DSN); a failure on a broken connection makes the
+  pool check its idle connections, so after a restart of PostgreSQL service resumes
+  without restarting meshd.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from .base import EngineDown, OnChange, Query, Record, Wanted, record, redact
+
+log = logging.getLogger("meshd.store.postgres")
+T = TypeVar("T")
+CHANNEL = "meshd_kv"
+SWEEP_EVERY = 60.0
+LISTEN_POLL = 1.0  # seconds the listening thread waits before it looks for cancellation
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meshd_kv (
+    db text COLLATE "C" NOT NULL,
+    tbl text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    value bytea,
+    metadata jsonb,
+    expiry bigint,
+    ver_wall bigint,
+    ver_count bigint,
+    written_by text,
+    counter bigint NOT NULL DEFAULT 0,
+    members text[] NOT NULL DEFAULT '{}',
+    PRIMARY KEY (db, tbl, key)
+);
+CREATE OR REPLACE FUNCTION meshd_kv_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE r meshd_kv;
+BEGIN
+    IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
+    PERFORM pg_notify('meshd_kv', json_build_array(r.db, r.tbl, r.key, TG_OP = 'DELETE',
+                      current_setting('application_name'))::text);
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER meshd_kv_notify AFTER INSERT OR UPDATE OR DELETE ON meshd_kv
+    FOR EACH ROW EXECUTE FUNCTION meshd_kv_notify();
+"""
+
+COLUMNS = "key, value, metadata, expiry, ver_wall, ver_count, written_by, counter, members"
+LIVE = ("((value IS NOT NULL AND (expiry IS NULL OR expiry > %(now)s)) OR counter <> 0 "
+        "OR cardinality(members) > 0)")
+KEY = "db = %(db)s AND tbl = %(tbl)s AND key = %(key)s"
+
+
+def _record(row: tuple[Any, ...], now_ms: int) -> Record:
+    key, value, metadata, expiry, wall, count, by, counter, members = row
+    version = (wall, count) if wall is not None else None
+    return record(key, bytes(value) if value is not None else None, metadata, expiry,
+                  version, by, counter, list(members or ()), now_ms)
+
+
+def _app_node(app: str) -> str:
+    return app[len("meshd:"):] if app.startswith("meshd:") else ""
+
+
+class PostgresEngine:
+    backend = "postgres"
+
+    def __init__(self, dsn: str, node: str, *, pool: int = 16, timeout: float = 5.0) -> None:
+        import psycopg_pool
+
+        self.dsn = dsn
+        self.node = node
+        self.timeout = timeout
+        self._limiter = trio.CapacityLimiter(pool)
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.pool = psycopg_pool.ConnectionPool(
+            dsn, min_size=1, max_size=pool, open=False, timeout=timeout,
+            kwargs=self._connect_args(), reconnect_timeout=0, name=f"meshd-{node}")
+        self.pool.open(wait=False)
+
+    def _connect_args(self) -> dict[str, Any]:
+        ms = int(self.timeout * 1000)
+        return {"autocommit": True, "application_name": f"meshd:{self.node}"[:63],
+                "connect_timeout": max(1, math.ceil(self.timeout)),
+                "options": f"-c statement_timeout={ms} -c lock_timeout={ms}"}
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(self._guarded, fn, *args, limiter=self._limiter)
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        import psycopg
+        import psycopg_pool
+
+        try:
+            with self.pool.connection() as conn:
+                if not self._schema_ready:
+                    self._ensure_schema(conn)
+                return fn(conn, *args)
+        except psycopg_pool.PoolTimeout:
+            raise EngineDown(self.backend, f"no connection within {self.timeout:g} s: "
+                             f"{self._why_not()}") from None
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                self.pool.check()  # drop every connection a restart broke, not one per call
+            raise EngineDown(self.backend, redact(str(exc).strip(), self.dsn)) from None
+
+    def _why_not(self) -> str:
+        """Why no connection can be had (the pool does not say): one direct attempt."""
+        import psycopg
+
+        try:
+            psycopg.connect(self.dsn, **{**self._connect_args(), "connect_timeout": 2}).close()
+        except psycopg.Error as exc:
+            return redact(str(exc).strip().splitlines()[0], self.dsn)
+        return "every connection is busy"
+
+    def _ensure_schema(self, conn: Any) -> None:
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('meshd_kv'))")
+                conn.execute(SCHEMA)
+            self._schema_ready = True
+
+    async def close(self) -> None:
+        self._stop.set()
+        await trio.to_thread.run_sync(self.pool.close)
+
+    # --- operations --------------------------------------------------------------------------
+
+    async def write(self, db: str, tbl: str, key: str, value: bytes, metadata: dict[str, Any],
+                    expiry: int | None, version: tuple[int, int], by: str) -> Record:
+        def go(conn: Any) -> tuple[Any, ...]:
+            return conn.execute(
+                f"INSERT INTO meshd_kv (db, tbl, key, value, metadata, expiry, ver_wall, "
+                "ver_count, written_by) VALUES (%(db)s, %(tbl)s, %(key)s, %(value)s, "
+                "%(meta)s, %(expiry)s, %(wall)s, %(count)s, %(by)s) "
+                "ON CONFLICT (db, tbl, key) DO UPDATE SET value = excluded.value, "
+                "metadata = excluded.metadata, expiry = excluded.expiry, "
+                "ver_wall = excluded.ver_wall, ver_count = excluded.ver_count, "
+                f"written_by = excluded.written_by RETURNING {COLUMNS}",
+                {"db": db, "tbl": tbl, "key": key, "value": value,
+                 "meta": json.dumps(metadata), "expiry": expiry, "wall": version[0],
+                 "count": version[1], "by": by}).fetchone()
+        return _record(await self._run(go), _now_ms())
+
+    async def read(self, db: str, tbl: str, q: Query, now_ms: int) -> list[Record]:
+        rows = await self._run(self._select, COLUMNS, db, tbl, q, now_ms)
+        return [_record(r, now_ms) for r in rows]
+
+    async def list_keys(self, db: str, tbl: str, q: Query, now_ms: int) -> list[str]:
+        return [r[0] for r in await self._run(self._select, "key", db, tbl, q, now_ms)]
+
+    @staticmethod
+    def _select(conn: Any, columns: str, db: str, tbl: str, q: Query,
+                now_ms: int) -> list[tuple[Any, ...]]:
+        where = ["db = %(db)s", "tbl = %(tbl)s", LIVE]
+        params: dict[str, Any] = {"db": db, "tbl": tbl, "now": now_ms}
+        if q.key is not None:
+            where.append("key = %(key)s")
+            params["key"] = q.key
+        if q.prefix:
+            where.append("key >= %(prefix)s AND starts_with(key, %(prefix)s)")
+            params["prefix"] = q.prefix
+        if q.suffix:
+            where.append("right(key, char_length(%(suffix)s)) = %(suffix)s")
+            params["suffix"] = q.suffix
+        if q.contains:
+            where.append("strpos(key, %(contains)s) > 0")
+            params["contains"] = q.contains
+        sql = f"SELECT {columns} FROM meshd_kv WHERE {' AND '.join(where)} ORDER BY key"
+        if q.limit:
+            sql += " LIMIT %(limit)s"
+            params["limit"] = q.limit
+        if q.offset:
+            sql += " OFFSET %(offset)s"
+            params["offset"] = q.offset
+        return conn.execute(sql, params).fetchall()
+
+    async def delete(self, db: str, tbl: str, key: str, by: str) -> bool:
+        def go(conn: Any) -> bool:
+            row = conn.execute(f"DELETE FROM meshd_kv WHERE {KEY} RETURNING {LIVE}",
+                               {"db": db, "tbl": tbl, "key": key, "now": _now_ms()}).fetchone()
+            return bool(row and row[0])
+        return await self._run(go)
+
+    async def tables(self, db: str) -> list[str]:
+        def go(conn: Any) -> list[str]:
+            return [r[0] for r in conn.execute(
+                "SELECT DISTINCT tbl FROM meshd_kv WHERE db = %s ORDER BY tbl", (db,))]
+        return await self._run(go)
+
+    async def counter(self, db: str, tbl: str, key: str, delta: int, by: str) -> int:
+        args = {"db": db, "tbl": tbl, "key": key, "delta": delta, "by": by}
+
+        def go(conn: Any) -> int:
+            if delta == 0:
+                row = conn.execute(f"SELECT counter FROM meshd_kv WHERE {KEY}", args).fetchone()
+            else:
+                row = conn.execute(
+                    "INSERT INTO meshd_kv (db, tbl, key, counter) VALUES (%(db)s, %(tbl)s, "
+                    "%(key)s, %(delta)s) ON CONFLICT (db, tbl, key) DO UPDATE SET "
+                    "counter = meshd_kv.counter + excluded.counter RETURNING counter",
+                    args).fetchone()
+            return int(row[0]) if row else 0
+        return await self._run(go)
+
+    async def members(self, db: str, tbl: str, key: str) -> list[str]:
+        def go(conn: Any) -> list[str]:
+            row = conn.execute(f"SELECT members FROM meshd_kv WHERE {KEY}",
+                               {"db": db, "tbl": tbl, "key": key}).fetchone()
+            return sorted(row[0]) if row else []
+        return await self._run(go)
+
+    async def set_change(self, db: str, tbl: str, key: str, add: list[str], remove: list[str],
+                         by: str) -> list[str]:
+        args = {"db": db, "tbl": tbl, "key": key, "add": sorted(set(add)), "rm": remove}
+
+        def go(conn: Any) -> list[str]:
+            if not add:
+                row = conn.execute(
+                    "UPDATE meshd_kv SET members = ARRAY(SELECT m FROM unnest(members) m "
+                    f"WHERE NOT m = ANY(%(rm)s::text[]) ORDER BY m) WHERE {KEY} "
+                    "RETURNING members", args).fetchone()
+            else:
+                row = conn.execute(
+                    "INSERT INTO meshd_kv (db, tbl, key, members) VALUES (%(db)s, %(tbl)s, "
+                    "%(key)s, %(add)s::text[]) ON CONFLICT (db, tbl, key) DO UPDATE SET "
+                    "members = ARRAY(SELECT m FROM unnest(meshd_kv.members) m "
+                    "WHERE NOT m = ANY(%(rm)s::text[]) UNION SELECT unnest(%(add)s::text[]) "
+                    "ORDER BY 1) RETURNING members", args).fetchone()
+            return sorted(row[0]) if row else []
+        return await self._run(go)
+
+    async def copy_value(self, db: str, tbl: str, key: str, value: bytes,
+                         metadata: dict[str, Any], expiry: int | None,
+                         version: tuple[int, int], by: str) -> bool:
+        def go(conn: Any) -> bool:
+            return conn.execute(
+                "INSERT INTO meshd_kv (db, tbl, key, value, metadata, expiry, ver_wall, "
+                "ver_count, written_by) VALUES (%(db)s, %(tbl)s, %(key)s, %(value)s, "
+                "%(meta)s, %(expiry)s, %(wall)s, %(count)s, %(by)s) "
+                "ON CONFLICT (db, tbl, key) DO UPDATE SET value = excluded.value, "
+                "metadata = excluded.metadata, expiry = excluded.expiry, "
+                "ver_wall = excluded.ver_wall, ver_count = excluded.ver_count, "
+                "written_by = excluded.written_by WHERE meshd_kv.ver_wall IS NULL OR "
+                "(meshd_kv.ver_wall, meshd_kv.ver_count) < (excluded.ver_wall, "
+                "excluded.ver_count) RETURNING 1",
+                {"db": db, "tbl": tbl, "key": key, "value": value,
+                 "meta": json.dumps(metadata), "expiry": expiry, "wall": version[0],
+                 "count": version[1], "by": by}).fetchone() is not None
+        return await self._run(go)
+
+    async def copy_delete(self, db: str, tbl: str, key: str, version: tuple[int, int]) -> bool:
+        def go(conn: Any) -> bool:
+            # keeps the version (a tombstone), so an older copy cannot bring the value back
+            return conn.execute(
+                "UPDATE meshd_kv SET value = NULL, metadata = NULL, expiry = NULL, "
+                f"ver_wall = %(wall)s, ver_count = %(count)s WHERE {KEY} AND "
+                "value IS NOT NULL AND (ver_wall IS NULL OR (ver_wall, ver_count) < "
+                "(%(wall)s, %(count)s)) RETURNING 1",
+                {"db": db, "tbl": tbl, "key": key, "wall": version[0],
+                 "count": version[1]}).fetchone() is not None
+        return await self._run(go)
+
+    async def drop(self, db: str) -> int:
+        def go(conn: Any) -> int:
+            return conn.execute("DELETE FROM meshd_kv WHERE db = %s", (db,)).rowcount
+        return await self._run(go)
+
+    # --- watches and housekeeping ------------------------------------------------------------
+
+    async def run(self, on_change: OnChange, wanted: Wanted,
+                  task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        send, recv = trio.open_memory_channel[tuple[str, str, str, bool, str]](10_000)
+        token = trio.lowlevel.current_trio_token()
+
+        def heard(payload: str) -> None:
+            try:
+                db, tbl, key, deleted, app = json.loads(payload)
+            except (ValueError, TypeError):
+                return
+            if wanted(db, tbl, key):
+                try:
+                    send.send_nowait((db, tbl, key, bool(deleted), _app_node(app)))
+                except trio.WouldBlock:
+                    log.warning("watch events of %s dropped: watchers are behind", db)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sweeper)
+            nursery.start_soon(self._report, recv, on_change)
+            task_status.started()
+            try:
+                await trio.to_thread.run_sync(self._listen, heard, token, cancellable=True)
+            finally:
+                self._stop.set()
+
+    def _listen(self, heard: Callable[[str], None], token: Any) -> None:
+        """The listening connection's thread: LISTEN, hand each notification to the trio
+        side, reconnect with backoff; returns when stopped."""
+        import psycopg
+
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.dsn, **self._connect_args()) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    backoff = 0.5
+                    while not self._stop.is_set():
+                        for n in conn.notifies(timeout=LISTEN_POLL):
+                            trio.from_thread.run_sync(heard, n.payload, trio_token=token)
+            except psycopg.Error as exc:
+                log.info("postgres watch connection lost (%s); reconnecting",
+                         redact(str(exc).strip(), self.dsn))
+            except trio.RunFinishedError:
+                return
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _report(self, recv: Any, on_change: OnChange) -> None:
+        async for db, tbl, key, deleted, by in recv:
+            rec: Record | None = None
+            if not deleted:
+                try:
+                    rows = await self.read(db, tbl, Query(key=key), _now_ms())
+                except EngineDown:
+                    continue
+                rec = rows[0] if rows else None
+            on_change(db, tbl, key, rec, by)
+
+    async def _sweeper(self) -> None:
+        def go(conn: Any) -> int:
+            return conn.execute(
+                "DELETE FROM meshd_kv WHERE expiry < %s AND counter = 0 AND "
+                "cardinality(members) = 0", (_now_ms() - 60_000,)).rowcount
+        while True:
+            await trio.sleep(SWEEP_EVERY)
+            try:
+                await self._run(go)
+            except EngineDown as exc:
+                log.debug("expired rows not swept: %s", exc.detail)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
