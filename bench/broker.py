@@ -19,6 +19,11 @@ own process as in bench/rpc.py:
       in the OS, as JetStream 2.9: survives the daemon being killed, not a power loss).
   (d) copies on the wire per published message at 10 daemons with 1 interested node
       (sum of `broker_copies_out` over every daemon / messages published). Goal: 1.
+  (e) durable topics on NATS JetStream (issue 21): acked publishes/s, 32 concurrent
+      publishers, meshd `client.publish()` to a topic created with `--backend nats` (the
+      daemon publishes to JetStream and answers after the PubAck) vs nats-py's own
+      `js.publish` to the same server, file storage R1, in the same run. Goal >= 0.5x.
+      `--jetstream-only` runs the host baseline and (e) alone.
 Host baseline: trio TCP echo at 32 callers (bench/rpc.py (a)) and the load average, so slow
 days are visible. Also CPU microseconds per message of each process in (a), (b) and (c),
 read from /proc: rates swing between runs on a shared machine, CPU per message much less.
@@ -306,30 +311,34 @@ async def _paced(call: Callable[[], Any], callers: int, seconds: float) -> dict[
             "last": (c3 - c2) / max(t3 - t2, 1e-9), "count": count}
 
 
-async def _meshd_durable(sock: Path, callers: int, seconds: float) -> dict[str, Any]:
+async def _meshd_durable(sock: Path, callers: int, seconds: float,
+                         topic: str = DURABLE_TOPIC) -> dict[str, Any]:
     from meshd_sdk import Client
 
     client = Client(sock, pool=callers + 4)
 
     async def call() -> None:
-        await client.publish(DURABLE_TOPIC, BODY)
+        await client.publish(topic, BODY)
 
     async with client:
         return await _paced(call, callers, seconds)
 
 
-def _jetstream(url: str, callers: int, seconds: float) -> dict[str, Any]:
+def _jetstream(url: str, callers: int, seconds: float, stream: str = "BENCH"
+               ) -> dict[str, Any]:
     """nats-py on asyncio, measured as `_paced` measures meshd."""
     import nats
     from nats.js.api import StorageType
 
+    subject = f"bench.js.{stream.lower()}"
+
     async def main() -> dict[str, Any]:
         nc = await nats.connect(url)
         js = nc.jetstream()
-        await js.add_stream(name="BENCH", subjects=["bench.js"], storage=StorageType.FILE,
+        await js.add_stream(name=stream, subjects=[subject], storage=StorageType.FILE,
                             num_replicas=1)
         for _ in range(20):
-            await js.publish("bench.js", BODY)
+            await js.publish(subject, BODY)
         count = 0
         marks: list[tuple[float, int]] = []
         start = time.perf_counter()
@@ -338,7 +347,7 @@ def _jetstream(url: str, callers: int, seconds: float) -> dict[str, Any]:
         async def worker() -> None:
             nonlocal count
             while time.perf_counter() < deadline:
-                await js.publish("bench.js", BODY)
+                await js.publish(subject, BODY)
                 count += 1
 
         async def ticker() -> None:
@@ -485,6 +494,8 @@ def main() -> int:
     ap.add_argument("--buffer", type=int, default=100_000,
                     help="the meshd subscriber's buffer in (a), messages")
     ap.add_argument("--nodes", type=int, default=10, help="daemons in (d)")
+    ap.add_argument("--jetstream-only", action="store_true",
+                    help="the host baseline and (e) only")
     opts = ap.parse_args()
     import importlib.util
 
@@ -498,6 +509,13 @@ def main() -> int:
     me = os.getpid()
 
     out["baseline"] = rpcbench.host_baseline(CALLERS, min(secs, 3.0))[0]
+
+    if opts.jetstream_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            out["e"] = nats_backed(Path(tmp), secs)
+        out["load_after"] = os.getloadavg()[0]
+        report_e(out, time.monotonic() - started)
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -566,6 +584,8 @@ def main() -> int:
         (root / "wire").mkdir()
         out["d"] = wire_copies(root / "wire", opts.nodes, n_wire)
         print(f"(d) {opts.nodes} daemons: {out['d']['copies']:.3f} copies per message")
+        (root / "e").mkdir()
+        out["e"] = nats_backed(root / "e", secs)
 
     out["load_after"] = os.getloadavg()[0]
     report(out, opts, secs, n_wire, time.monotonic() - started)
@@ -623,6 +643,55 @@ def report(out: dict[str, Any], opts: Any, secs: float, n_wire: int, took: float
           f"{d['copies']:.3f}, copies in {d['copies_in']:.3f}, link batches "
           f"{d['batches']:.3f}")
     print(rpcbench.baseline_footer(out["baseline"], out["load_before"], took, CALLERS))
+    report_e(out, None)
+
+
+# --- (e) durable topics on NATS JetStream ---------------------------------------------------------
+
+NATS_TOPIC = "bench.nats"
+
+
+def nats_backed(root: Path, secs: float) -> dict[str, Any]:
+    """(e): js.publish straight to a JetStream server, then meshd publishing to a topic on
+    that same server (one daemon), in turn; CPU per publish of each process."""
+    out: dict[str, Any] = {}
+    with nats_server(root, jetstream=True) as (url, npid):
+        cpu = CpuMeter({"nats-server": npid, "publisher": os.getpid()})
+        out["nats"] = _jetstream(url, CALLERS, secs, stream="BENCHE")
+        out["nats_cpu"] = cpu.per(out["nats"]["count"])
+        print(f"(e) JetStream js.publish: {out['nats']['rate']:,.0f} acked publishes/s")
+        (root / "meshd").mkdir()
+        c = Cluster(root / "meshd")
+        try:
+            a = c.add("a")
+            (root / "url").write_text(url)
+            control(a.data_dir, "broker.topics.create", topic=NATS_TOPIC, durable=True,
+                    backend="nats", url=url)
+            cpu = CpuMeter({"daemon": a.proc.pid, "nats-server": npid,
+                            "publisher": os.getpid()})
+            out["meshd"] = trio.run(_meshd_durable, a.data_dir / "meshd.sock", CALLERS, secs,
+                                    NATS_TOPIC)
+            out["meshd_cpu"] = cpu.per(out["meshd"]["count"])
+            stats = _stats(a)
+            out["fast"] = stats.get("broker_nats_fast", 0)
+            print(f"(e) meshd -> JetStream: {out['meshd']['rate']:,.0f} acked publishes/s")
+        finally:
+            c.close()
+    return out
+
+
+def report_e(out: dict[str, Any], took: float | None) -> None:
+    e = out["e"]
+    m, n = e["meshd"]["rate"], e["nats"]["rate"]
+    ratio = m / n if n else float("inf")
+    print(f"\n{'':40}{'meshd':>10}{'NATS':>10}{'ratio':>8}{'goal':>9}  holds")
+    print(f"{'(e) acked publishes/s, NATS-backed topic':40}{m:10,.0f}{n:10,.0f}{ratio:8.2f}"
+          f"{'>= 0.5':>9}  {'yes' if ratio >= 0.5 else 'NO'}")
+    print(f"(e) CPU us per publish: meshd {_cpus(e['meshd_cpu'])}; "
+          f"js.publish {_cpus(e['nats_cpu'])}; {e['meshd']['count']:,} published through "
+          f"meshd ({e['fast']:,} on the fast path), {e['nats']['count']:,} by js.publish")
+    if took is not None:
+        print(rpcbench.baseline_footer(out["baseline"], out["load_before"], took, CALLERS))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ Rules:
   printed and flushed (so a subscriber killed mid-stream repeats only what it had not
   printed).
 - Durations (--delay, --max-age) are written like 30s, 5m, 1h30m, 250ms, 2d.
+- `topics create TOPIC --durable --backend nats --url-file F` keeps the topic in NATS
+  JetStream; F holds the server's URL (it may hold a password, so it is read from a file,
+  never taken on the command line, and never printed: a bad file is a 400 line naming the
+  file, not its content).
 """
 
 from __future__ import annotations
@@ -183,25 +187,59 @@ def topics(ctx: click.Context, namespace: str | None, client: Client, as_json: b
               "message goes to TOPIC.dead (default: broker setting, 5).")
 @click.option("--ack-wait", metavar="DUR", help="Redeliver an unacked message after this "
               "(default 30s).")
+@click.option("--backend", type=click.Choice(["embedded", "nats"]), default="embedded",
+              show_default=True, help="Where the messages are kept: each node's embedded log, "
+              "or a NATS JetStream server (needs --url-file).")
+@click.option("--url-file", metavar="FILE", help="With --backend nats: a file holding the "
+              "server's URL, nats://[user:password@]host[:port].")
 @namespace_option
 @client_options
 @json_option
 def topics_create(topic: str, durable: bool, max_age: str | None, max_msgs: int | None,
                   replicas: int | None, max_deliver: int | None, ack_wait: str | None,
-                  namespace: str | None, client: Client, as_json: bool) -> None:
+                  backend: str, url_file: str | None, namespace: str | None, client: Client,
+                  as_json: bool) -> None:
     """Create the durable topic TOPIC (and TOPIC.dead for its dead letters)."""
     args: dict[str, Any] = {"topic": topic, "durable": durable, "max_msgs": max_msgs,
                             "replicas": replicas, "max_deliver": max_deliver,
                             "namespace": client.namespace(namespace)}
+    if backend == "nats":
+        args["backend"], args["url"] = "nats", _read_url(url_file)
+    elif url_file is not None:
+        fail("400 bad request: --url-file is for --backend nats (the embedded log needs no "
+             "server)")
     if max_age is not None:
         args["max_age"] = parse_duration(max_age, "--max-age")
     if ack_wait is not None:
         args["ack_wait"] = parse_duration(ack_wait, "--ack-wait")
     r = client.call("broker.topics.create", **{k: v for k, v in args.items()
                                                if v is not None})
-    show_lines(r, as_json, [f"created durable topic {topic} (and {topic}.dead)"
+    where = f" on NATS at {r['server']}" if r.get("backend") == "nats" else ""
+    show_lines(r, as_json, [f"created durable topic {topic} (and {topic}.dead){where}"
                             if not topic.endswith(".dead") else
-                            f"created durable topic {topic}"])
+                            f"created durable topic {topic}{where}"])
+
+
+def _read_url(path: str | None) -> str:
+    """The NATS URL in the --url-file (checked here too, so a bad file is said at once);
+    a 400 line naming the file, never its content."""
+    from meshd.broker.jetstream import parse_url
+    from meshd.errors import MeshError
+
+    if path is None:
+        fail("400 bad request: --backend nats needs --url-file FILE (a file holding the "
+             "server's URL, nats://[user:password@]host[:port])")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"400 bad request: --url-file {path}: cannot read it "
+             f"({getattr(exc, 'strerror', None) or type(exc).__name__})")
+    try:
+        parse_url(text)
+    except MeshError as exc:
+        fail(f"400 bad request: --url-file {path}: {exc.detail}")
+    return text
 
 
 @topics.command("delete")
@@ -212,7 +250,10 @@ def topics_create(topic: str, durable: bool, max_age: str | None, max_msgs: int 
 def topics_delete(topic: str, namespace: str | None, client: Client, as_json: bool) -> None:
     """Delete the durable topic TOPIC, its messages and its subscribers' state."""
     r = client.call("broker.topics.delete", topic=topic, namespace=client.namespace(namespace))
-    show_lines(r, as_json, [f"deleted durable topic {topic}"])
+    left = r.get("streams_left")
+    show_lines(r, as_json, [f"deleted durable topic {topic}"] + (
+        [f"(NATS could not be reached: delete the streams {', '.join(left)} there)"]
+        if left else []))
 
 
 COMMANDS = [publish, subscribe, topics]

@@ -301,6 +301,10 @@ class BrokerSettings:
     # A publish to a topic with --replicas N waits this long for N-1 other nodes to hold the
     # message before it answers 408 (as the store's replica_timeout).
     replica_timeout: float = 5.0
+    # Durable topics on NATS JetStream (--backend nats): the bound on every call to the
+    # server (a publish's PubAck, making a stream or consumer); past it the caller gets a
+    # 503 saying so, never a hang (nats-py's own default request timeout is 5 s too).
+    engine_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,6 +520,8 @@ def load_settings(toml: dict[str, Any] | None = None, env: dict[str, str] | None
             or broker.subscriber_buffer < 1 or broker.max_message_bytes < 1:
         raise SettingsError("broker: max_deliver, max_in_flight, subscriber_buffer and "
                             "max_message_bytes must be at least 1, ack_wait above 0")
+    if broker.engine_timeout <= 0:
+        raise SettingsError("broker.engine_timeout must be above 0 (seconds)")
     if min(debug.log_buffer, debug.span_buffer, debug.stats_buffer,
            debug.log_buffer_bytes) < 1 \
             or debug.stats_interval <= 0 or debug.query_timeout <= 0:

@@ -30,6 +30,10 @@ Theory of operation (docs/broker.md "Durable topics"):
   see a delayed message (it would arrive early).
 - Retention (max-age, max-msgs) trims the log every TRIM_EVERY seconds; a message trimmed
   before a subscriber acked it is counted as lost for that subscriber.
+- Backends: a definition without `backend` (or `embedded`) is this module's log; one with
+  `backend: nats` keeps its messages in NATS JetStream (jetstream.py, which this class
+  hands publishes, subscribers' acks and views of such topics to). The URL in such a
+  definition is a credential: `public` settings are what any view shows.
 - Items from peers are checked strictly; a malformed one is counted by the caller and
   dropped. A peer acks or naks only by (namespace, topic, name, sequence): it acts as a
   node, and nodes are trusted to deliver (the rules were checked where the subscriber
@@ -56,6 +60,7 @@ from meshd.store import crdt
 
 from . import messages
 from .consumer import Consumer
+from .jetstream import BACKENDS, JetStreamTopics, is_nats, parse_url, public
 from .log import BrokerLog, TopicSettings
 from .mirrors import ReplicaWaits, check_item, choose, taker
 from .origin import DURABLE, Dead, Key, Origin, log_of, mirror_ns
@@ -94,6 +99,16 @@ def parse_settings(args: dict[str, Any], defaults: Any) -> dict[str, Any]:
                 or not math.isfinite(value):
             raise bad_request(f"{name} must be a number of at least {low}", id="meshd.broker")
         out[name] = kind(value)
+    backend = args.get("backend") or "embedded"
+    if backend not in BACKENDS:
+        raise bad_request(f"backend must be one of {', '.join(BACKENDS)}", id="meshd.broker")
+    url = args.get("url")
+    if backend == "nats":
+        parse_url(url)  # a 400 saying what is wrong (never quoting the URL)
+        out["backend"], out["url"] = "nats", url.strip()
+    elif url is not None:
+        raise bad_request("a url is for --backend nats (the embedded log needs none)",
+                          id="meshd.broker")
     out.setdefault("replicas", 1)
     out.setdefault("max_deliver", defaults.max_deliver)
     out.setdefault("ack_wait", defaults.ack_wait)
@@ -148,6 +163,9 @@ class DurableTopics:
         self._taking: set[tuple[str, str]] = set()
         # absorbs sent and not yet confirmed: (node, ns, topic, name) -> (item, tries left)
         self._absorbs: dict[tuple[str, str, str, str], tuple[dict[str, Any], int]] = {}
+        # topics on NATS JetStream (their own component; its tasks in our nursery)
+        self.jetstream = JetStreamTopics(broker, settings, self.stats, self.definition,
+                                         self.definitions)
         broker.durable = self
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -160,6 +178,7 @@ class DurableTopics:
                 nursery.start_soon(self._saver)
                 nursery.start_soon(self._trimmer)
                 nursery.start_soon(self._absorber)
+                await nursery.start(self.jetstream.run)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -201,10 +220,18 @@ class DurableTopics:
         topic = check_topic(topic)
         names = [topic] if topic.endswith(DEAD_SUFFIX) else [topic, topic + DEAD_SUFFIX]
         for name in names:
+            held = self.definition(ns, name)
+            if held is not None and is_nats(held) != is_nats(settings):
+                raise MeshError(409, f"durable topic {name!r} exists with backend "
+                                     f"{public(held)['backend']}: delete it first (`meshd "
+                                     f"topics delete {name}`)", id="meshd.broker")
+        if is_nats(settings):  # the server makes the streams, or says why not (503, 400)
+            await self.jetstream.prepare(ns, names, settings)
+        for name in names:
             raw = json.dumps(settings, sort_keys=True).encode()
             await self.store._commit_local(DB, TABLE, topic_key(ns, name),
                                            {"lww": crdt.lww(self.store.hlc.now(), raw)}, 1)
-        return {"topic": topic, "namespace": ns, **settings}
+        return {"topic": topic, "namespace": ns, **public(settings)}
 
     async def delete(self, ns: str, topic: str) -> dict[str, Any]:
         topic = check_topic(topic)
@@ -212,6 +239,12 @@ class DurableTopics:
             raise not_found(f"no durable topic {topic!r} in namespace {ns!r}",
                             id="meshd.broker")
         names = [topic] if topic.endswith(DEAD_SUFFIX) else [topic, topic + DEAD_SUFFIX]
+        definition = self.definition(ns, topic)
+        left: list[str] = []
+        if is_nats(definition):
+            assert definition is not None
+            left = await self.jetstream.drop(
+                ns, [n for n in names if is_nats(self.definition(ns, n))], definition)
         for name in names:
             if self.definition(ns, name) is not None:
                 await self.store._commit_local(
@@ -220,7 +253,10 @@ class DurableTopics:
             for (log_ns, held) in list(self.log.topics()):
                 if held == name and log_of(log_ns)[1] == ns:
                     self._drop_local(log_ns, name)  # ours and copies of others'
-        return {"deleted": topic, "namespace": ns}
+        out: dict[str, Any] = {"deleted": topic, "namespace": ns}
+        if left:
+            out["streams_left"] = left  # NATS could not be reached: delete them there
+        return out
 
     def _drop_local(self, ns: str, topic: str) -> None:
         self._logged.pop((ns, topic), None)
@@ -245,7 +281,10 @@ class DurableTopics:
                       delay: float | None, minted: bool = False) -> dict[str, Any]:
         """Append to our log (acknowledged once committed, and with `--replicas N` once
         N-1 other nodes hold it), then deliver. `minted`: the id was made here just now
-        (no duplicate can exist: the log does not look for one)."""
+        (no duplicate can exist: the log does not look for one). A topic on NATS is
+        published to its stream instead (jetstream.py)."""
+        if is_nats(definition):
+            return await self.jetstream.publish(ns, msg, definition, delay, minted)
         done = trio.Event()
         box: list[Any] = []
 
@@ -279,6 +318,8 @@ class DurableTopics:
         """The same without a task (a publish on a multiplexed control connection):
         `finish` gets the answer once committed. Not with --replicas (False: use
         publish)."""
+        if is_nats(definition):
+            return self.jetstream.publish_fast(ns, msg, definition, delay, minted, finish)
         if int(definition.get("replicas", 1)) != 1:
             return False
         self.stats["broker_durable_fast"] += 1
@@ -546,10 +587,11 @@ class DurableTopics:
             known += 1
         for (origin, key, log_origin), seqs in by_origin.items():
             self._send_settle(origin, key, kind, seqs, delay, log_origin)
-        return known
+        return known + self.jetstream.settle_tags(sub, kind, tags, delay)
 
     def release(self, sub: LocalSub) -> None:
         """A durable member went away: nak what it held, so it is offered again now."""
+        self.jetstream.release(sub)  # (messages of NATS topics: not counted as attempts)
         self.settle_tags(sub, "nak", list(sub.unacked), 0.0)
 
     def _key(self, ns: str, topic: str, name: str, log_origin: str | None) -> Key:
@@ -727,6 +769,9 @@ class DurableTopics:
         out = []
         held = self.log.topics()
         for (t_ns, topic), definition in sorted(self.definitions(ns).items()):
+            if is_nats(definition):
+                out.append(self.jetstream.row(t_ns, topic, definition))
+                continue
             subs = {}
             for key, c in self.consumers.items():
                 if key[:2] == (t_ns, topic):
@@ -735,7 +780,7 @@ class DurableTopics:
                                     "dead": self._deadc.get(key, 0),
                                     "lost": self._lost.get(key, 0)}
             out.append({"namespace": t_ns, "topic": topic, "durable": True,
-                        "settings": {k: v for k, v in definition.items() if k != "durable"},
+                        "settings": public(definition),
                         "messages": self.log.count(t_ns, topic) if (t_ns, topic) in held
                         else 0,
                         "last_seq": self.log.last_seq(t_ns, topic) if (t_ns, topic) in held

@@ -8,6 +8,9 @@ Rules:
   to subscribe (the pattern as written: a rule for `orders.*` is what lets `orders.*` be
   subscribed), `topic:TOPIC:admin` to create or delete a durable topic. Listing topics
   reads the mesh (`mesh:topics:`).
+- `broker.topics.create` takes `backend` ("embedded", the default, or "nats") and for NATS
+  a `url` (nats://[user:password@]host[:port]); the URL is kept in the definition and never
+  answered back: views show `backend` and `server` (host:port) only.
 - `broker.publisher` is a session for publishing fast: frames go one way, failures come
   back numbered, `flush` confirms (meshd/broker/ops.py `publisher`).
 - `broker.subscribe` is a session: the reply names the subscription, then the daemon sends
@@ -274,6 +277,7 @@ class BrokerOps:
                    if self.broker._live(m.name)]
         cluster = await overview.gather(self.node, ns, self.view(ns), members,
                                         self.broker.links)
+        await self.durable.jetstream.describe(ns, cluster["durable"])  # NATS's own counts
         return {"namespace": ns, "node": self.node, "durable": cluster["durable"],
                 "subscriptions": cluster["subscriptions"],
                 "unanswered": cluster["unanswered"], "interest": interest,

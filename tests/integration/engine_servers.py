@@ -1,11 +1,14 @@
-"""Real PostgreSQL and Redis servers for tests (Debian's packages), each on a free loopback
-port in a temporary dir, stopped and removed after: what the store engines (issue 21) are
-tested against.
+"""Real PostgreSQL, Redis and NATS servers for tests (Debian's packages), each on a free
+loopback port in a temporary dir, stopped and removed after: what the store engines and
+durable topics on NATS JetStream (issue 21) are tested against.
 
 Rules:
 - PostgreSQL refuses to run as root: as root, its data dir is given to the `postgres` user
   and initdb/pg_ctl run as that user (runuser). Authentication is `trust` on 127.0.0.1 only.
 - Redis runs without persistence (--save '' --appendonly no) on 127.0.0.1 only.
+- nats-server runs with JetStream (-js) and its store dir in the temporary dir, on
+  127.0.0.1 only, with a user and password when asked; `stop()` and `start()` bring it
+  back on the same port with the same store (a server that went away and came back).
 - Every start is bounded (START_TIMEOUT); a server that does not come up fails with the end
   of its log; leaving the block stops the server even if the test failed.
 """
@@ -36,6 +39,14 @@ def postgres_bin() -> Path | None:
 
 def why_no_postgres() -> str | None:
     return None if postgres_bin() else "PostgreSQL is not installed (apt-get install postgresql)"
+
+
+def nats_bin() -> str | None:
+    return shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/sbin")
+
+
+def why_no_nats() -> str | None:
+    return None if nats_bin() else "nats-server is not installed (apt-get install nats-server)"
 
 
 def why_no_redis() -> str | None:
@@ -136,3 +147,39 @@ def redis(root: Path) -> Iterator[EngineServer]:
         yield EngineServer(f"redis://127.0.0.1:{port}/0", halt, start)
     finally:
         halt()
+
+
+
+@contextlib.contextmanager
+def nats(root: Path, user: str | None = None, password: str | None = None
+         ) -> Iterator[EngineServer]:
+    """A running nats-server with JetStream (file store in a temporary dir); its URL holds
+    the user and password when given (then the server requires them)."""
+    binary = nats_bin()
+    assert binary is not None, why_no_nats()
+    root.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="meshd-nats-", dir=root))
+    port, log = free_port(), home / "nats.log"
+    auth = ["--user", user, "--pass", password] if user and password else []
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([binary, "-js", "-sd", str(home / "jetstream"),
+                                     "-a", "127.0.0.1", "-p", str(port), *auth],
+                                    stdout=out, stderr=out)
+        procs.append(proc)
+        _wait_port(port, lambda: proc.poll() is None, log, "nats-server")
+
+    def halt() -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                stop(proc)
+
+    creds = f"{user}:{password}@" if user and password else ""
+    try:
+        start()
+        yield EngineServer(f"nats://{creds}127.0.0.1:{port}", halt, start)
+    finally:
+        halt()
+        shutil.rmtree(home, ignore_errors=True)
