@@ -47,6 +47,7 @@ from meshd.ops import REQUEST_TOKEN, Emit, Op, mesh_resource
 
 from .engines.bindings import ACTIVE, check_binding
 from .engines.migrate import Migration
+from .engines.bindings import ENGINES_DB
 from .service import CONFIG_DB, SYSTEM_DBS, StoreService, _now_ms, config_args
 
 PREFIX = "@"
@@ -155,6 +156,9 @@ class StoreOps:
             raise MeshError(403, "the config database holds every namespace's config tree: "
                                  "use `meshd config` (config.*), which checks the rules of "
                                  "each namespace")
+        if ns == namespaces.DEFAULT and db == ENGINES_DB:
+            raise MeshError(403, "the engines database holds the engines' credentials: "
+                                 "`meshd store databases` shows the bindings")
         if ns == namespaces.DEFAULT and db in SYSTEM_DBS:
             if write:
                 raise MeshError(403, f"the {db} database is written by meshd itself (use "

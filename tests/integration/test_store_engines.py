@@ -129,10 +129,20 @@ def test_the_dsn_is_never_shown_nor_logged(backend, tmp_path):
             server.start()
             if backend == "redis":
                 wait_for(lambda: _set_password(server.url, password), 10, "password set")
-            shown = [meshd(n, *args).stdout + meshd(n, *args).stderr for n in (a, b)
-                     for args in (("store", "databases", "--json"), ("status", "--json"),
-                                  ("debug", "dump", "--json") if False else ("members",))]
-            assert all(password not in text for text in shown)
+            outs = [meshd(n, *args) for n in (a, b)
+                    for args in (("store", "databases", "--json"), ("status", "--json"),
+                                 ("logs", "--json"), ("members", "--json"))]
+            assert all(password not in o.stdout + o.stderr for o in outs)
+            assert all("vault" in o.stdout for o in outs[0::4])
+            # the bindings' own database is refused even to the node's operator
+            for args in (("store", "list", "--database", "engines", "--table", "databases"),
+                         ("store", "read", "vault", "--database", "engines", "--table",
+                          "databases"),
+                         ("store", "export", "--database", "engines", "--table",
+                          "databases")):
+                out = meshd(a, *args)
+                assert (out.returncode, out.stdout) == (1, ""), (args, out.stdout)
+                assert out.stderr.startswith("403 forbidden: the engines database"), args
             c.close()
             for node in (a, b):
                 assert password not in Path(node.log).read_text(errors="replace")
