@@ -400,6 +400,21 @@ MUTATIONS = [
              "        body = self.body()\n",
              ("tests/unit/bot/test_core.py",),
              "a reply's Slack section exceeds 3000 characters after escaping"),
+    Mutation("engine-redact-keeps-quoted-password", "meshd/store/engines/base.py",
+             """(password\\s*=\\s*)('(?:[^'\\\\]|\\\\.)*'?|\\S+)""",
+             """(password\\s*=\\s*)(\\S+)""",
+             ("tests/unit/store/test_engine_names.py",),
+             "a quoted keyword password with a space is only partly redacted"),
+    Mutation("engine-redact-keeps-userinfo", "meshd/store/engines/base.py",
+             'text = _USERINFO.sub(r"\\g<scheme><credentials>@", text)',
+             "text = text",
+             ("tests/unit/store/test_engine_names.py",),
+             "user:password@ of a URL left in error texts"),
+    Mutation("redis-names-without-lengths", "meshd/store/engines/redis.py",
+             'return str(len(raw)).encode() + b":" + raw',
+             'return raw + b":"',
+             ("tests/unit/store/test_engine_names.py",),
+             "Redis names joined by a separator: (\"a:b\", \"c\") and (\"a\", \"b:c\") collide"),
 ]
 
 

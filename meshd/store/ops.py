@@ -45,9 +45,8 @@ from meshd import namespaces
 from meshd.errors import MeshError, bad_request
 from meshd.ops import REQUEST_TOKEN, Emit, Op, mesh_resource
 
-from .engines.bindings import ACTIVE, check_binding
+from .engines.bindings import ACTIVE, ENGINES_DB, check_binding
 from .engines.migrate import Migration
-from .engines.bindings import ENGINES_DB
 from .service import CONFIG_DB, SYSTEM_DBS, StoreService, _now_ms, config_args
 
 PREFIX = "@"

@@ -128,7 +128,7 @@ def live(rec: Record) -> bool:
 
 
 _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^@/\s]*@", re.I)
-_PASSWORD_KV = re.compile(r"(password\s*=\s*)(\S+)", re.I)
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.I)
 
 
 def redact(text: str, secret: str = "") -> str:
