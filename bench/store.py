@@ -1,4 +1,4 @@
-"""Store targets: `python bench/store.py [--seconds S] [--clients N]`.
+"""Store targets: `python bench/store.py [--seconds S] [--clients N] [--quick] [--json]`.
 
 1. Gossip Glomers 3d as a simulator workload (sim/scenarios/store-3d.toml: 25 nodes,
    100 ms links, 100 writes/s for 20 s): msgs_per_op, latency_p50_ms, latency_max_ms, with
@@ -10,12 +10,48 @@
    the same harness (N concurrent clients, each looping for S seconds, 100-byte values)
    through the meshd SDK on one node, etcd's v3 JSON gateway over HTTP, and redis-py.
    Goals: meshd writes >= 1x etcd, meshd reads >= 0.5x Redis.
+4. Store databases on engines (issue 21): a real PostgreSQL and a real Redis started as the
+   tests start them (tests/integration/engine_servers.py), one meshd daemon with database
+   `bench_pg` bound to PostgreSQL and `bench_redis` to Redis (`store.databases.create`).
+   For each engine, in the same run and in turn (meshd, then direct, per operation):
+   writes/s and reads/s of 100-byte values over 1,000 keys (all written before any
+   measurement, so every read finds its key), 32 concurrent callers for S seconds, through
+   the meshd SDK vs the engine's own Python client doing the equivalent operation directly.
+   Goals: PostgreSQL writes and reads >= 0.5x, Redis writes and reads >= 0.5x.
+   - meshd: `meshd_sdk.Store(database, table, addr=socket)`, 32 trio tasks sharing one
+     Store (the SDK pipelines every caller over one multiplexed control connection);
+     `store.write(key, value)` and `store.read(key)`. The daemon runs the engine's blocking
+     client (psycopg / redis-py) in worker threads, 16 connections (store.engine_pool).
+   - direct, the fairest counterpart: the engine's asyncio client, 32 asyncio tasks sharing
+     one pool of 16 connections (as many as meshd's engine pool): psycopg's
+     AsyncConnectionPool (autocommit; psycopg prepares repeated statements on both sides)
+     and redis.asyncio with a BlockingConnectionPool. asyncio rather than blocking clients in
+     32 threads because meshd's SDK also serves its 32 callers from one event loop; the
+     equivalent operation is what an application using the engine itself would send:
+       PostgreSQL write: INSERT ... ON CONFLICT (db, tbl, key) DO UPDATE of the value,
+         metadata, expiry, version and writer into `bench_direct`, a table with the columns,
+         collation and primary key of meshd's `meshd_kv` (without its NOTIFY trigger, which
+         meshd's watches need: part of what meshd costs); read: SELECT those columns by
+         primary key.
+       Redis write: HSET of a hash with the fields meshd keeps (v, m, w, c, b); read:
+         HGETALL. (meshd's write is one Lua script that also keeps the table index and
+         publishes the change; its read is a MULTI of HGETALL, HGET, SMEMBERS.)
+   Also CPU microseconds per operation of each process (/proc, over the window): the
+   daemon, the engine server (every PostgreSQL process; redis-server) and the client (this
+   process): rates swing between runs on a shared machine, CPU per operation much less.
+Host baseline: trio TCP echo at 32 callers (bench/rpc.py) and the load average, printed
+first and again at the end, so slow days are visible.
+Flags: --seconds S (default 5) per measurement, --quick (1 s windows), --engines-only (the
+host baseline and 4 only), --json (the results as one JSON document on stdout, progress on
+stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -25,20 +61,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import cbor2  # noqa: E402
+import rpc as rpcbench  # noqa: E402  (bench/rpc.py: the host baseline)
 import trio  # noqa: E402
 
 from meshd.hlc import HLC  # noqa: E402
 from meshd.store import crdt  # noqa: E402
 from meshd.store.replication import StoreReplicator  # noqa: E402
-from tests.integration.cluster import Cluster  # noqa: E402
+from tests.integration.cluster import Cluster, control  # noqa: E402
+from tests.integration.engine_servers import postgres as postgres_server  # noqa: E402
+from tests.integration.engine_servers import redis as redis_server  # noqa: E402
+from tests.integration.engine_servers import why_no_postgres, why_no_redis  # noqa: E402
 
 VALUE = b"v" * 100
 
@@ -222,24 +263,10 @@ def ensure_servers() -> bool:
     return bool(shutil.which("etcd") and shutil.which("redis-server"))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--clients", type=int, default=16)
-    opts = ap.parse_args()
-
-    d3 = sim("--set", "store_batch_interval=0.1")
-    d3e = sim("--set", "store_batch_interval=0.5")
-    print(f"3d (100 ms batches): {d3['msgs_per_op']} msgs/op, p50 {d3['latency_p50_ms']} ms, "
-          f"max {d3['latency_max_ms']} ms  (goals < 30, < 400 ms, < 600 ms)")
-    print(f"3e (500 ms batches): {d3e['msgs_per_op']} msgs/op, p50 {d3e['latency_p50_ms']} ms, "
-          f"max {d3e['latency_max_ms']} ms  (goals < 20, < 1000 ms, < 2000 ms)", flush=True)
-    sent, full = anti_entropy()
-    print(f"anti-entropy, 100 of 100,000 keys differ: {sent} bytes vs {full} for the whole "
-          f"table = {100 * sent / full:.2f}% (goal < 2%)", flush=True)
-
+def etcd_redis(clients: int, seconds: float) -> dict[str, float] | None:
+    """3: meshd (embedded store) against etcd and Redis; None when they are not installed."""
     if not ensure_servers():
-        return 0
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         etcd_port, redis_port = free_port(), free_port()
@@ -262,7 +289,7 @@ def main() -> int:
             wait_port(redis_port)
             node = cluster.add("bench", profile="lan")
             sock = node.data_dir / "meshd.sock"
-            c, s = opts.clients, opts.seconds
+            c, s = clients, seconds
             results = {
                 "meshd write": trio_harness(meshd_ops(sock, True), c, s),
                 "etcd write": asyncio_harness(etcd_ops(etcd_port, True), c, s),
@@ -277,16 +304,362 @@ def main() -> int:
             redis_proc.terminate()
             etcd.wait(10)
             redis_proc.wait(10)
-    print(f"\n{opts.clients} concurrent clients, {opts.seconds:g} s each, 100-byte values, "
-          "1,000 keys")
+    print(f"\n{clients} concurrent clients, {seconds:g} s each, 100-byte values, 1,000 keys")
     for name, ops in results.items():
         print(f"  {name:12} {ops:9.0f} ops/s")
     print(f"meshd writes / etcd writes: {results['meshd write'] / results['etcd write']:.2f} "
           "(goal >= 1)")
     print(f"meshd reads / redis reads:  {results['meshd read'] / results['redis read']:.2f} "
-          "(goal >= 0.5)")
+          "(goal >= 0.5)", flush=True)
+    return results
+
+
+# --- 4. store databases on engines (issue 21) ---------------------------------------------------
+
+CALLERS = 32
+KEYS = 1000
+POOL = 16  # connections: meshd's engine pool (store.engine_pool) and the direct clients'
+TABLE = "bench"
+GOAL = 0.5
+ENGINE_DBS = {"postgres": "bench_pg", "redis": "bench_redis"}
+ENGINE_NAMES = {"postgres": "PostgreSQL", "redis": "Redis"}
+OPS = ("write", "read")
+
+# meshd_kv's columns, collation and primary key (meshd/store/engines/postgres.py), without
+# its NOTIFY trigger
+PG_DIRECT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bench_direct (
+    db text COLLATE "C" NOT NULL,
+    tbl text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    value bytea,
+    metadata jsonb,
+    expiry bigint,
+    ver_wall bigint,
+    ver_count bigint,
+    written_by text,
+    counter bigint NOT NULL DEFAULT 0,
+    members text[] NOT NULL DEFAULT '{}',
+    PRIMARY KEY (db, tbl, key)
+)"""
+PG_DIRECT_WRITE = (
+    "INSERT INTO bench_direct (db, tbl, key, value, metadata, expiry, ver_wall, ver_count, "
+    "written_by) VALUES (%(db)s, %(tbl)s, %(key)s, %(value)s, %(meta)s, %(expiry)s, "
+    "%(wall)s, %(count)s, %(by)s) ON CONFLICT (db, tbl, key) DO UPDATE SET "
+    "value = excluded.value, metadata = excluded.metadata, expiry = excluded.expiry, "
+    "ver_wall = excluded.ver_wall, ver_count = excluded.ver_count, "
+    "written_by = excluded.written_by")
+PG_DIRECT_READ = (
+    "SELECT key, value, metadata, expiry, ver_wall, ver_count, written_by, counter, members "
+    "FROM bench_direct WHERE db = %(db)s AND tbl = %(tbl)s AND key = %(key)s")
+
+Op = Callable[[str], Awaitable[Any]]
+RunAll = Callable[[list[Callable[[], Awaitable[None]]]], Awaitable[None]]
+
+
+def _key(i: int, n: int, callers: int) -> str:
+    """Caller i's n-th key: the callers interleave over the keys, so two of them rarely ask
+    for one key at once (no row-lock waits in PostgreSQL), and every key is visited."""
+    return f"k{(n * callers + i) % KEYS}"
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        return rpcbench._cpu_seconds(pid)
+    except (OSError, IndexError):
+        return 0.0
+
+
+def _children(parent: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                out.append(int(entry.name))
+    return out
+
+
+class CpuMeter:
+    """CPU microseconds per operation of named groups of processes over a window, from
+    /proc (a group's processes are listed at both ends: PostgreSQL's backends come and go)."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+        self._start: dict[str, dict[int, float]] = {}
+
+    def _snap(self) -> dict[str, dict[int, float]]:
+        return {name: {pid: _cpu_seconds(pid) for pid in pids()}
+                for name, pids in self.groups.items()}
+
+    def start(self) -> None:
+        self._start = self._snap()
+
+    def per_op(self, ops: int) -> dict[str, float]:
+        end = self._snap()
+        return {name: sum(t - self._start[name].get(pid, 0.0) for pid, t in now.items())
+                * 1e6 / max(ops, 1) for name, now in end.items()}
+
+
+async def _trio_all(fns: list[Callable[[], Awaitable[None]]]) -> None:
+    async with trio.open_nursery() as nursery:
+        for fn in fns:
+            nursery.start_soon(fn)
+
+
+async def _asyncio_all(fns: list[Callable[[], Awaitable[None]]]) -> None:
+    await asyncio.gather(*(fn() for fn in fns))
+
+
+async def _window(op: Op, fill: Op | None, callers: int, seconds: float, meter: CpuMeter,
+                  run_all: RunAll) -> dict[str, Any]:
+    """Write every key once with `fill` (when given), warm up, then `callers` workers
+    calling `op` for `seconds`: ops/s, count, CPU microseconds per op of each process."""
+    if fill is not None:
+        async def filler(i: int) -> None:
+            for k in range(i, KEYS, callers):
+                await fill(f"k{k}")
+        await run_all([lambda i=i: filler(i) for i in range(callers)])
+
+    async def warm(i: int) -> None:
+        for n in range(8):
+            await op(_key(i, n, callers))
+    await run_all([lambda i=i: warm(i) for i in range(callers)])
+
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal count
+        n = 0
+        while time.perf_counter() < deadline:
+            await op(_key(i, n, callers))
+            n += 1
+            count += 1
+
+    meter.start()
+    start = time.perf_counter()
+    await run_all([lambda i=i: worker(i) for i in range(callers)])
+    took = time.perf_counter() - start
+    return {"rate": count / took, "count": count, "seconds": took,
+            "cpu_us": meter.per_op(count)}
+
+
+async def _meshd_phase(sock: Path, db: str, which: str, callers: int, seconds: float,
+                       meter: CpuMeter) -> dict[str, Any]:
+    from meshd_sdk import Store
+
+    store = Store(database=db, table=TABLE, addr=sock)
+
+    async def write(key: str) -> None:
+        await store.write(key, VALUE)
+
+    async def read(key: str) -> None:
+        rows = await store.read(key)
+        if not rows or rows[0].get("value") != VALUE:
+            raise AssertionError(f"meshd read of {key} in {db}: {rows!r}")
+
+    try:
+        return await _window(write if which == "write" else read,
+                             write if which == "write" else None, callers, seconds, meter,
+                             _trio_all)
+    finally:
+        await store.aclose()
+
+
+async def _postgres_phase(url: str, which: str, callers: int, seconds: float,
+                          meter: CpuMeter) -> dict[str, Any]:
+    from psycopg_pool import AsyncConnectionPool
+
+    pool = AsyncConnectionPool(url, min_size=POOL, max_size=POOL, open=False,
+                               kwargs={"autocommit": True})
+    await pool.open(wait=True)
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(PG_DIRECT_SCHEMA)
+
+        async def write(key: str) -> None:
+            async with pool.connection() as conn:
+                await conn.execute(PG_DIRECT_WRITE, {
+                    "db": "bench_direct", "tbl": TABLE, "key": key, "value": VALUE,
+                    "meta": "{}", "expiry": None, "wall": int(time.time() * 1000),
+                    "count": 0, "by": "bench"})
+
+        async def read(key: str) -> None:
+            async with pool.connection() as conn:
+                cur = await conn.execute(PG_DIRECT_READ, {"db": "bench_direct", "tbl": TABLE,
+                                                          "key": key})
+                row = await cur.fetchone()
+            if row is None or bytes(row[1]) != VALUE:
+                raise AssertionError(f"psycopg read of {key}: {row!r}")
+
+        return await _window(write if which == "write" else read,
+                             write if which == "write" else None, callers, seconds, meter,
+                             _asyncio_all)
+    finally:
+        await pool.close()
+
+
+async def _redis_phase(url: str, which: str, callers: int, seconds: float,
+                       meter: CpuMeter) -> dict[str, Any]:
+    import redis.asyncio as aredis
+
+    pool = aredis.BlockingConnectionPool.from_url(url, max_connections=POOL)
+    r = aredis.Redis(connection_pool=pool)
+    try:
+        async def write(key: str) -> None:
+            await r.hset(f"bench:{key}", mapping={
+                "v": VALUE, "m": b"{}", "w": int(time.time() * 1000), "c": 0, "b": b"bench"})
+
+        async def read(key: str) -> None:
+            got = await r.hgetall(f"bench:{key}")
+            if got.get(b"v") != VALUE:
+                raise AssertionError(f"redis-py read of {key}: {got!r}")
+
+        return await _window(write if which == "write" else read,
+                             write if which == "write" else None, callers, seconds, meter,
+                             _asyncio_all)
+    finally:
+        await r.aclose()
+        await pool.aclose()
+
+
+def _postgres_pids(url: str) -> Callable[[], list[int]]:
+    """Every process of the PostgreSQL server at `url` (the postmaster and its children)."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    stat = Path(f"/proc/{backend}/stat").read_text()
+    postmaster = int(stat.rsplit(")", 1)[1].split()[1])
+    return lambda: [postmaster, *_children(postmaster)]
+
+
+def _redis_pids(url: str) -> Callable[[], list[int]]:
+    import redis as redis_py
+
+    r = redis_py.Redis.from_url(url)
+    try:
+        pid = int(r.info("server")["process_id"])
+    finally:
+        r.close()
+    return lambda: [pid]
+
+
+def engines(root: Path, callers: int, seconds: float) -> dict[str, Any]:
+    """4: per engine and operation, meshd then direct, in one run (see the docstring)."""
+    why = why_no_postgres() or why_no_redis()
+    if why is not None:
+        print(f"4. skipped: {why}")
+        return {"skipped": why}
+    out: dict[str, Any] = {}
+    with postgres_server(root / "postgres") as pg, redis_server(root / "redis") as rd:
+        (root / "meshd").mkdir()
+        cluster = Cluster(root / "meshd")
+        try:
+            node = cluster.add("bench")
+            assert node.proc is not None
+            daemon = node.proc.pid
+            sock = node.data_dir / "meshd.sock"
+            urls = {"postgres": pg.url, "redis": rd.url}
+            for backend, db in ENGINE_DBS.items():
+                control(node.data_dir, "store.databases.create", database=db,
+                        backend=backend, dsn=urls[backend])
+            server_pids = {"postgres": _postgres_pids(pg.url), "redis": _redis_pids(rd.url)}
+            direct = {"postgres": _postgres_phase, "redis": _redis_phase}
+            me = os.getpid()
+            for backend in ENGINE_DBS:
+                meter = CpuMeter({"daemon": lambda: [daemon], backend: server_pids[backend],
+                                  "client": lambda: [me]})
+                for which in OPS:
+                    m = trio.run(_meshd_phase, sock, ENGINE_DBS[backend], which, callers,
+                                 seconds, meter)
+                    d = asyncio.run(direct[backend](urls[backend], which, callers, seconds,
+                                                    meter))
+                    out[f"{backend} {which}"] = {"meshd": m, "direct": d,
+                                                 "ratio": m["rate"] / max(d["rate"], 1e-9)}
+                    print(f"4. {ENGINE_NAMES[backend]} {which}s: meshd {m['rate']:,.0f}/s, "
+                          f"direct {d['rate']:,.0f}/s", flush=True)
+            out["daemon_pid"] = daemon
+        finally:
+            cluster.close()
+    return out
+
+
+def _cpus(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+
+
+def report_engines(res: dict[str, Any], callers: int, seconds: float) -> None:
+    if "skipped" in res:
+        return
+    print(f"\n4. store databases on engines: {callers} concurrent callers, {seconds:g} s "
+          f"each, 100-byte values, {KEYS:,} keys; meshd SDK vs the engine's own asyncio "
+          f"client ({POOL} connections)")
+    print(f"{'':22}{'meshd/s':>10}{'direct/s':>10}{'ratio':>8}{'goal':>9}  holds")
+    for backend in ENGINE_DBS:
+        for which in OPS:
+            r = res[f"{backend} {which}"]
+            print(f"{ENGINE_NAMES[backend] + ' ' + which + 's':22}{r['meshd']['rate']:10,.0f}"
+                  f"{r['direct']['rate']:10,.0f}{r['ratio']:8.2f}{'>= ' + str(GOAL):>9}  "
+                  f"{'yes' if r['ratio'] >= GOAL else 'NO'}")
+    print("CPU us per operation (daemon, engine server, client process):")
+    for backend in ENGINE_DBS:
+        for which in OPS:
+            r = res[f"{backend} {which}"]
+            print(f"  {ENGINE_NAMES[backend] + ' ' + which + 's':20} meshd: "
+                  f"{_cpus(r['meshd']['cpu_us'])}; direct: {_cpus(r['direct']['cpu_us'])}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients in 3")
+    ap.add_argument("--callers", type=int, default=CALLERS, help="concurrent callers in 4")
+    ap.add_argument("--quick", action="store_true", help="1 s windows (a smoke run)")
+    ap.add_argument("--engines-only", action="store_true",
+                    help="the host baseline and 4 (PostgreSQL and Redis engines) only")
+    ap.add_argument("--json", action="store_true",
+                    help="the results as JSON on stdout (the human output goes to stderr)")
+    opts = ap.parse_args()
+    secs = 1.0 if opts.quick else opts.seconds
+    stdout = sys.stdout
+    human = contextlib.redirect_stdout(sys.stderr) if opts.json else contextlib.nullcontext()
+    started = time.monotonic()
+    out: dict[str, Any] = {"seconds": secs, "callers": opts.callers,
+                           "load_before": os.getloadavg()[0]}
+    with human:
+        out["baseline"] = rpcbench.host_baseline(CALLERS, min(secs, 3.0))[0]
+        if not opts.engines_only:
+            d3 = sim("--set", "store_batch_interval=0.1")
+            d3e = sim("--set", "store_batch_interval=0.5")
+            print(f"3d (100 ms batches): {d3['msgs_per_op']} msgs/op, p50 "
+                  f"{d3['latency_p50_ms']} ms, max {d3['latency_max_ms']} ms  (goals < 30, "
+                  "< 400 ms, < 600 ms)")
+            print(f"3e (500 ms batches): {d3e['msgs_per_op']} msgs/op, p50 "
+                  f"{d3e['latency_p50_ms']} ms, max {d3e['latency_max_ms']} ms  (goals < 20, "
+                  "< 1000 ms, < 2000 ms)", flush=True)
+            sent, full = anti_entropy()
+            print(f"anti-entropy, 100 of 100,000 keys differ: {sent} bytes vs {full} for the "
+                  f"whole table = {100 * sent / full:.2f}% (goal < 2%)", flush=True)
+            out["sim_3d"], out["sim_3e"] = d3, d3e
+            out["anti_entropy"] = {"sent": sent, "full": full}
+            out["etcd_redis"] = etcd_redis(opts.clients, secs)
+        with tempfile.TemporaryDirectory() as tmp:
+            out["engines"] = engines(Path(tmp), opts.callers, secs)
+        out["load_after"] = os.getloadavg()[0]
+        took = time.monotonic() - started
+        out["took"] = took
+        report_engines(out["engines"], opts.callers, secs)
+        print(rpcbench.baseline_footer(out["baseline"], out["load_before"], took, CALLERS))
+    if opts.json:
+        print(json.dumps(out, indent=2, default=str), file=stdout)
     return 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())
