@@ -115,6 +115,11 @@ def table_namespace(table: str, base: str) -> str | None:
         else None
 
 
+# System databases other than auth whose records only a signer writes: a member that could
+# write a binding would send a database's data to a server of its choosing.
+SIGNED_DBS = frozenset({"engines"})
+
+
 class NoIssuerKey(MeshError):
     """This node holds no usable issuer key: the request must go to a signer."""
 
@@ -185,6 +190,10 @@ class AuthService:
         self.service_on_node: Callable[[str, str, str], bool] = \
             lambda service, node, namespace: False
         store.rep.accept = self._accept
+        # database bindings (their DSNs say where a database's data goes) are written signed
+        # by a signer and merged from peers only when the signature holds, as auth records
+        store.engines.sign = self.write_signed
+        store.engines.verify = self.verify_signed
         store.rep.merge_first = records.MERGE_FIRST
         # a deleted account or rule stays deleted: its old signed record must not come back
         # by replay once a tombstone is collected, so auth tombstones never are (they are
@@ -276,8 +285,32 @@ class AuthService:
             self._trust_version = version
         return self.trust
 
+    async def write_signed(self, db: str, table: str, key: str, raw: bytes | None) -> None:
+        """Write one record of a signed system database (SIGNED_DBS) here, signed with this
+        node's issuer key; 409 naming the signers when this node holds none."""
+        try:
+            kid, private = self._record_key()
+        except NoIssuerKey:
+            signers = ", ".join(self.signers()) or "none yet"
+            raise MeshError(409, f"only a node holding an issuer key writes {db} records: run "
+                                 f"this on a signer ({signers})", id="meshd.auth") from None
+        ts = self.store.hlc.now()
+        meta = records.sign(kid, private, f"{db}/{table}", key, ts, raw, None)
+        await self.store._commit_local(db, table, key, {"lww": crdt.lww(ts, raw, meta, None)},
+                                       1)
+
+    def verify_signed(self, db: str, table: str, key: str, state: crdt.State) -> str | None:
+        """None if this record of a signed system database carries a trusted signature,
+        else why not."""
+        if set(state) != {"lww"}:
+            return "signed records are registers only"
+        return self._trusted().check(f"{db}/{table}", key, state["lww"])
+
     def _accept(self, db: str, table: str, key: str, state: crdt.State) -> bool:
         """Store replication hook: may this record from a peer merge?"""
+        if db in SIGNED_DBS:
+            why = self.verify_signed(db, table, key, state)
+            return True if why is None else self._refuse(f"{db}/{table}", key, why)
         if db != DB:
             return True
         if set(state) != {"lww"}:
@@ -295,7 +328,7 @@ class AuthService:
         now = time.monotonic()
         if now - self._refused_logged > 10:
             self._refused_logged = now
-            log.warning("refused an auth record %s/%s from a peer: %s", table, key, why)
+            log.warning("refused a signed record %s/%s from a peer: %s", table, key, why)
         return False
 
     def _held_keys(self) -> list[tuple[records.KeyInfo, bytes]]:

@@ -326,7 +326,8 @@ class JetStreamTopics:
         stats.update({"broker_nats_published": 0, "broker_nats_delivered": 0,
                       "broker_nats_redelivered": 0, "broker_nats_dead": 0,
                       "broker_nats_bad": 0, "broker_nats_moved": 0,
-                      "broker_nats_returned": 0, "broker_nats_fast": 0})
+                      "broker_nats_returned": 0, "broker_nats_fast": 0,
+                      "broker_nats_failed": 0, "broker_nats_bad_definitions": 0})
         self._links: dict[Server, _Link] = {}
         self._servers: dict[str, Server] = {}  # url -> parsed (the URL is never a dict key
         # anywhere shown: this cache lives in memory only)
@@ -359,6 +360,18 @@ class JetStreamTopics:
                 self._servers.clear()
             self._servers[url] = found  # type: ignore[index]
         return found
+
+    def usable(self, ns: str, topic: str, definition: dict[str, Any]) -> bool:
+        """Whether a definition (replicated: a member may have sent it) can be served: its
+        URL parses and its limits are numbers. Unusable ones are skipped and counted."""
+        try:
+            self.server(definition)
+            stream_spec(ns, topic, definition, self.s)
+            float(definition.get("ack_wait", self.s.ack_wait))
+            return True
+        except Exception:
+            self.stats["broker_nats_bad_definitions"] += 1
+            return False
 
     def _link(self, definition: dict[str, Any]) -> _Link:
         server = self.server(definition)
@@ -558,6 +571,8 @@ class JetStreamTopics:
                 defined[sub.ns] = {k: d for k, d in self.definitions(sub.ns).items()
                                    if is_nats(d)}
             for (_, topic), d in defined[sub.ns].items():
+                if not self.usable(sub.ns, topic, d):
+                    continue
                 if matches(sub.pattern, topic):
                     out[(sub.ns, topic, sub.durable)] = d  # type: ignore[index]
         return out
@@ -577,8 +592,23 @@ class JetStreamTopics:
                     if key not in table:
                         table[key] = serving = _Serving(key, d)  # type: ignore[arg-type]
                         assert self._nursery is not None
-                        self._nursery.start_soon(work, serving)
+                        self._nursery.start_soon(self._guarded, work, serving)
             await trio.sleep(DISCOVER_EVERY)
+
+    async def _guarded(self, work: Callable[[_Serving], Any], serving: _Serving) -> None:
+        """Serve one consumer; whatever fails in it (a definition a member sent, an odd
+        answer of the server) ends that consumer, logged, never the node. The discoverer
+        starts it again on its next pass."""
+        try:
+            await work(serving)
+        except Exception:
+            self.stats["broker_nats_failed"] += 1
+            log.exception("NATS consumer of %s failed", serving.key[1])
+            await trio.sleep(RETRY_MAX)  # before the discoverer may start it again
+        finally:
+            for table in (self._serving, self._moving):
+                if table.get(serving.key) is serving:  # type: ignore[call-overload]
+                    del table[serving.key]  # type: ignore[arg-type]
 
     async def _keep_bound(self, serving: _Serving, st: _Link, spec: dict[str, Any],
                           bind: Callable[[], Any], bound: list[Any]) -> None:
@@ -807,6 +837,9 @@ class JetStreamTopics:
             if not is_nats(definition):
                 return
             assert definition is not None
+            if not self.usable(ns, row["topic"], definition):
+                row["nats"] = {"error": "the topic's definition cannot be used"}
+                return
             stream = stream_name(ns, row["topic"])
             info: dict[str, Any] = {"stream": stream}
             row["nats"] = info

@@ -8,9 +8,9 @@ Rules:
   to subscribe (the pattern as written: a rule for `orders.*` is what lets `orders.*` be
   subscribed), `topic:TOPIC:admin` to create or delete a durable topic. Listing topics
   reads the mesh (`mesh:topics:`).
-- `broker.topics.create` takes `backend` ("embedded", the default, or "nats") and for NATS
-  a `url` (nats://[user:password@]host[:port]); the URL is kept in the definition and never
-  answered back: views show `backend` and `server` (host:port) only.
+- `broker.topics.create` takes `backend` ("embedded", the default, or "nats": admins only)
+  and for NATS a `url` (nats://[user:password@]host[:port]); the URL is kept in the
+  definition and never answered back: views show `backend` and `server` (host:port) only.
 - `broker.publisher` is a session for publishing fast: frames go one way, failures come
   back numbered, `flush` confirms (meshd/broker/ops.py `publisher`).
 - `broker.subscribe` is a session: the reply names the subscription, then the daemon sends
@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -51,7 +52,8 @@ MAX_CREDIT = 4096  # messages a client may hold unconsumed (the default: its buf
 
 class BrokerOps:
     def __init__(self, broker: BrokerService, durable: DurableTopics, auth: Any,
-                 node: str) -> None:
+                 node: str, require_admin: Callable[[str], Any] | None = None) -> None:
+        self.require_admin = require_admin
         self.broker = broker
         self.durable = durable
         self.auth = auth
@@ -301,6 +303,10 @@ class BrokerOps:
         self._check(ns, topic, "admin")
         if not topic.endswith(DEAD_SUFFIX):
             self._check(ns, topic + DEAD_SUFFIX, "admin")
+        if args.get("backend") not in (None, "embedded") and self.require_admin is not None:
+            # a topic on an outside server sends its messages there: for admins only, as
+            # databases on engines (topic:NAME:admin is granted to services by default)
+            self.require_admin(ns)
         settings = parse_settings(args, self.broker.s)
         return await self.durable.create(ns, topic, settings)
 

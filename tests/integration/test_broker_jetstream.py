@@ -342,12 +342,14 @@ def test_a_bad_url_file_is_a_clear_cli_error(env):
             (("--url-file", str(secretish)), "is not a NATS URL"),
             ((), "--backend nats needs --url-file"),
             (("--url-file", str(unreachable)), "503"),
-            (("--url-file", str(refused)), "Authorization Violation"),  # the cause
+            # the cause; on a loaded host the server's reset can overtake its -ERR line
+            (("--url-file", str(refused)), ("Authorization Violation", "reset by peer")),
     ]:
         r = cli(env.a, "topics", "create", "js.bad", "--durable", "--backend", "nats", *args)
         assert r.returncode != 0, (args, r.stdout)
         out = r.stderr.strip()
-        assert expected in out and "Traceback" not in out, (args, out)
+        wanted = expected if isinstance(expected, tuple) else (expected,)
+        assert any(w in out for w in wanted) and "Traceback" not in out, (args, out)
         assert len(out.splitlines()) == 1, out
         assert "hunter2" not in out and "pw-unreach" not in out
     r = cli(env.a, "topics", "create", "js.bad", "--durable", "--url-file", str(secretish))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -66,7 +67,26 @@ def check_binding(backend: Any, dsn: Any) -> tuple[str, str]:
                                       or "=" in dsn):
         raise MeshError(400, "a postgres DSN is a URL (postgresql://USER@HOST:PORT/DB) or "
                              "key=value pairs (host=... dbname=...)", id="meshd.store")
+    _parse(backend, dsn)
     return backend, dsn
+
+
+def _parse(backend: str, dsn: str) -> None:
+    """Parse the DSN with the engine's own client, refusing what it would refuse later; the
+    client's message is not shown (it may quote a piece of the password)."""
+    try:
+        if backend == "postgres":
+            from psycopg.conninfo import conninfo_to_dict
+
+            conninfo_to_dict(dsn)
+        else:
+            import redis
+
+            redis.ConnectionPool.from_url(dsn).make_connection()  # no I/O: checks options
+    except Exception as exc:
+        raise MeshError(400, f"the {backend} DSN cannot be used ({type(exc).__name__}): check "
+                             "its syntax and options; characters such as % # @ / in a "
+                             "password must be percent-encoded", id="meshd.store") from None
 
 
 class Engines:
@@ -81,6 +101,10 @@ class Engines:
         self._scopes: dict[tuple[str, str], trio.CancelScope] = {}
         self._cache: tuple[Any, dict[str, dict[str, Any]]] = (None, {})
         self._nursery: trio.Nursery | None = None
+        # set by the auth service: bindings are signed records (a member must not redirect
+        # a database); without it (a store alone, in unit tests) they are plain records
+        self.sign: Callable[[str, str, str, bytes | None], Awaitable[None]] | None = None
+        self.verify: Callable[[str, str, str, Any], str | None] | None = None
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -103,9 +127,13 @@ class Engines:
         if mark != self._cache[0] or mark is None:
             found = {}
             for db, b in self.store.json_records(ENGINES_DB, TABLE).items():
-                if isinstance(b, dict) and b.get("backend") in BACKENDS \
-                        and isinstance(b.get("dsn"), str):
-                    found[db] = b
+                if not (isinstance(b, dict) and b.get("backend") in BACKENDS
+                        and isinstance(b.get("dsn"), str)):
+                    continue
+                if self.verify is not None and table is not None and self.verify(
+                        ENGINES_DB, TABLE, db, table.records.get(db, {})) is not None:
+                    continue  # unsigned or not by a trusted key: never followed
+                found[db] = b
             self._cache = (mark, found)
         return self._cache[1]
 
@@ -115,8 +143,13 @@ class Engines:
     async def bind(self, db: str, backend: str, dsn: str, state: str, by: str) -> None:
         record = {"backend": backend, "dsn": dsn, "state": state, "by": by,
                   "at": round(time.time(), 3)}
-        await self.store.write({"database": ENGINES_DB, "table": TABLE, "key": db,
-                                "value": json.dumps(record).encode()})
+        raw = json.dumps(record).encode()
+        if self.sign is not None:
+            await self.sign(ENGINES_DB, TABLE, db, raw)
+        else:
+            await self.store.write({"database": ENGINES_DB, "table": TABLE, "key": db,
+                                    "value": raw})
+        self._cache = (None, {})
 
     # --- engines -----------------------------------------------------------------------------
 
@@ -134,7 +167,13 @@ class Engines:
         if engine is None:
             if self._nursery is None:
                 raise MeshError(503, "the store is not running", id="meshd.store")
-            engine = make_engine(backend, dsn, self.node, self.settings)
+            try:
+                engine = make_engine(backend, dsn, self.node, self.settings)
+            except MeshError:
+                raise
+            except Exception as exc:  # a DSN the client refuses (its text may quote it)
+                raise MeshError(400, f"the {backend} DSN cannot be used "
+                                     f"({type(exc).__name__})", id="meshd.store") from None
             self._engines[key] = engine
             self._scopes[key] = trio.CancelScope()
             self._nursery.start_soon(self._serve, engine, self._scopes[key])
@@ -155,12 +194,22 @@ class Engines:
             raise
 
     async def _serve(self, engine: Engine, scope: trio.CancelScope) -> None:
+        """Run the engine's watches until its scope is cancelled; a failure (whatever an
+        engine or a hostile peer of it caused) is logged and the watches start again after
+        a pause, never taking the node down."""
+        pause = 1.0
         with scope:
-            try:
-                await engine.run(self.on_change, self.wanted)
-            except MeshError as exc:  # its watch listener gave up: watches of it stop
-                log.warning("%s engine stopped serving watches: %s", engine.backend,
-                            exc.detail)
+            while True:
+                try:
+                    await engine.run(self.on_change, self.wanted)
+                except MeshError as exc:
+                    log.warning("%s engine stopped serving watches: %s", engine.backend,
+                                exc.detail)
+                except Exception:
+                    log.exception("%s engine watches failed; starting them again",
+                                  engine.backend)
+                await trio.sleep(pause)
+                pause = min(pause * 2, 30.0)
 
     async def _closer(self) -> None:
         """Close engines no binding names any more (a binding moved or was removed)."""

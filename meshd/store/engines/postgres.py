@@ -31,6 +31,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,13 +40,19 @@ from typing import Any, TypeVar
 
 import trio
 
+from meshd.wire import WireError, loads_json
+
 from .base import EngineDown, OnChange, Query, Record, Wanted, record, redact
+from .workers import Workers
 
 log = logging.getLogger("meshd.store.postgres")
 T = TypeVar("T")
 CHANNEL = "meshd_kv"
 SWEEP_EVERY = 60.0
+MAX_NOTICE = 8000  # bytes: PostgreSQL's own limit on a NOTIFY payload
 LISTEN_POLL = 1.0  # seconds the listening thread waits before it looks for cancellation
+STALL_GRACE = 2.0  # seconds past the timeout before the watchdog ends a call
+STALL_CHECK = 0.5  # how often it looks
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meshd_kv (
@@ -86,12 +94,28 @@ def _record(row: tuple[Any, ...], now_ms: int) -> Record:
                   version, by, counter, list(members or ()), now_ms)
 
 
+def _shutdown(fd: int) -> None:
+    """Shut the socket `fd` down both ways (the call blocked on it gets an error); the fd
+    itself stays the client's to close."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 def _app_node(app: str) -> str:
     return app[len("meshd:"):] if app.startswith("meshd:") else ""
 
 
 class PostgresEngine:
     backend = "postgres"
+    bad_notices = 0  # malformed notices on the channel (anyone who may connect can send)
 
     def __init__(self, dsn: str, node: str, *, pool: int = 16, timeout: float = 5.0) -> None:
         import psycopg_pool
@@ -99,10 +123,17 @@ class PostgresEngine:
         self.dsn = dsn
         self.node = node
         self.timeout = timeout
-        self._limiter = trio.CapacityLimiter(pool)
+        self._workers = Workers(pool, "meshd-postgres")
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._stop = threading.Event()
+        self._heard_lock = threading.Lock()
+        self._heard_queue: list[str] = []
+        self._heard_woken = False
+        # calls in flight: deadline and socket (the watchdog ends those past it, since the
+        # client has no read timeout of its own and statement_timeout needs a live server)
+        self._calls: dict[object, tuple[float, int]] = {}
+        self._checking = False
         self.pool = psycopg_pool.ConnectionPool(
             dsn, min_size=1, max_size=pool, open=False, timeout=timeout,
             kwargs=self._connect_args(), reconnect_timeout=0, name=f"meshd-{node}")
@@ -117,7 +148,7 @@ class PostgresEngine:
     # --- plumbing ----------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(self._guarded, fn, *args, limiter=self._limiter)
+        return await self._workers.run(self._guarded, fn, *args)
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         import psycopg
@@ -127,14 +158,42 @@ class PostgresEngine:
             with self.pool.connection() as conn:
                 if not self._schema_ready:
                     self._ensure_schema(conn)
-                return fn(conn, *args)
+                call = object()
+                self._calls[call] = (time.monotonic() + self.timeout + STALL_GRACE,
+                                     conn.pgconn.socket)
+                try:
+                    return fn(conn, *args)
+                finally:
+                    self._calls.pop(call, None)
         except psycopg_pool.PoolTimeout:
             raise EngineDown(self.backend, f"no connection within {self.timeout:g} s: "
                              f"{self._why_not()}") from None
         except psycopg.Error as exc:
             if isinstance(exc, psycopg.OperationalError):
-                self.pool.check()  # drop every connection a restart broke, not one per call
+                self._check_soon()  # drop every connection a restart broke, not one per call
             raise EngineDown(self.backend, redact(str(exc).strip(), self.dsn)) from None
+        except EngineDown:
+            raise
+        except Exception as exc:  # a row this engine cannot read (written by hand?) and the like
+            raise EngineDown(self.backend, f"{type(exc).__name__}: "
+                                           f"{redact(str(exc)[:200], self.dsn)}") from None
+
+    def _check_soon(self) -> None:
+        """Have the pool check its idle connections, in a thread of its own (a check meets
+        the same dead server and waits for it: never on a caller's time)."""
+        with self._heard_lock:
+            if self._checking:
+                return
+            self._checking = True
+
+        def check() -> None:
+            try:
+                self.pool.check()
+            except Exception as exc:  # the pool closed meanwhile, and the like
+                log.debug("postgres pool check failed: %s", redact(str(exc), self.dsn))
+            finally:
+                self._checking = False
+        threading.Thread(target=check, name="meshd-postgres-check", daemon=True).start()
 
     def _why_not(self) -> str:
         """Why no connection can be had (the pool does not say): one direct attempt."""
@@ -158,6 +217,7 @@ class PostgresEngine:
     async def close(self) -> None:
         self._stop.set()
         await trio.to_thread.run_sync(self.pool.close)
+        self._workers.close()
 
     # --- operations --------------------------------------------------------------------------
 
@@ -309,9 +369,15 @@ class PostgresEngine:
         token = trio.lowlevel.current_trio_token()
 
         def heard(payload: str) -> None:
+            # anyone who may connect can NOTIFY this channel: the payload is untrusted
             try:
-                db, tbl, key, deleted, app = json.loads(payload)
-            except (ValueError, TypeError):
+                db, tbl, key, deleted, app = loads_json(payload, max_bytes=MAX_NOTICE)
+            except (WireError, ValueError, TypeError):
+                self.bad_notices += 1
+                return
+            if not (all(isinstance(x, str) for x in (db, tbl, key, app))
+                    and isinstance(deleted, bool)):
+                self.bad_notices += 1
                 return
             if wanted(db, tbl, key):
                 try:
@@ -321,6 +387,7 @@ class PostgresEngine:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sweeper)
+            nursery.start_soon(self._watchdog)
             nursery.start_soon(self._report, recv, on_change)
             task_status.started()
             try:
@@ -341,7 +408,7 @@ class PostgresEngine:
                     backoff = 0.5
                     while not self._stop.is_set():
                         for n in conn.notifies(timeout=LISTEN_POLL):
-                            trio.from_thread.run_sync(heard, n.payload, trio_token=token)
+                            self._heard(n.payload, heard, token)
             except psycopg.Error as exc:
                 log.info("postgres watch connection lost (%s); reconnecting",
                          redact(str(exc).strip(), self.dsn))
@@ -349,6 +416,26 @@ class PostgresEngine:
                 return
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 10.0)
+
+    def _heard(self, payload: str, heard: Callable[[str], None], token: Any) -> None:
+        """Queue a notification for trio, waking it once per burst (not once per row: a
+        blocking round trip per notification cost more than the writes themselves)."""
+        with self._heard_lock:
+            self._heard_queue.append(payload)
+            if self._heard_woken:
+                return
+            self._heard_woken = True
+
+        def drain() -> None:
+            with self._heard_lock:
+                self._heard_woken = False
+                payloads, self._heard_queue = self._heard_queue, []
+            for p in payloads:
+                try:
+                    heard(p)
+                except Exception:  # one odd notice never stops watches or the node
+                    log.exception("a postgres change notice could not be handled")
+        token.run_sync_soon(drain)
 
     async def _report(self, recv: Any, on_change: OnChange) -> None:
         async for db, tbl, key, deleted, by in recv:
@@ -360,6 +447,19 @@ class PostgresEngine:
                     continue
                 rec = rows[0] if rows else None
             on_change(db, tbl, key, rec, by)
+
+    async def _watchdog(self) -> None:
+        """Shut down the socket of a call that outlived its deadline (a server or a network
+        that stopped answering mid-session): the blocked call then fails with an error,
+        which answers 503, and its connection is discarded by the pool."""
+        while True:
+            await trio.sleep(STALL_CHECK)
+            now = time.monotonic()
+            for call, (deadline, fd) in list(self._calls.items()):
+                if deadline <= now and self._calls.pop(call, None) is not None:
+                    log.warning("a postgres call got no answer within %.0f s: its connection "
+                                "is closed", self.timeout + STALL_GRACE)
+                    _shutdown(fd)
 
     async def _sweeper(self) -> None:
         def go(conn: Any) -> int:

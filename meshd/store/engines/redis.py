@@ -63,9 +63,11 @@ from typing import Any
 
 import trio
 
-from meshd.errors import bad_request
+from meshd.errors import MeshError, bad_request
+from meshd.wire import WireError, loads_json
 
 from .base import EngineDown, OnChange, Query, Record, Wanted, live, record, redact
+from .workers import Workers
 
 log = logging.getLogger("meshd.store")
 
@@ -73,6 +75,7 @@ BACKEND = "redis"
 BATCH = 256  # index entries fetched per round trip by scans
 HEALTH_CHECK = 10  # seconds idle before a pooled connection is pinged before use
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0  # resubscribing after Redis went away
+MAX_CHANGE = 16384  # bytes of a change message (db, table, key, node: bounded names)
 POLL = 1.0  # seconds a watch poll waits for a message (how soon it notices cancellation)
 
 
@@ -237,6 +240,7 @@ class RedisEngine:
     """A Redis server serving the databases bound to it (see the module docstring)."""
 
     backend = BACKEND
+    bad_changes = 0  # malformed messages on the change channel (any client can publish)
 
     def __init__(self, url: str, *, pool: int = 16, timeout: float = 5.0) -> None:
         import redis
@@ -247,7 +251,7 @@ class RedisEngine:
         self.pool_size = pool
         self.timeout = timeout
         self._redis = redis
-        self._limiter = trio.CapacityLimiter(pool)
+        self._workers = Workers(pool, "meshd-redis")
         self._watch_limiter = trio.CapacityLimiter(1)
         opts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                                 "health_check_interval": HEALTH_CHECK,
@@ -279,11 +283,17 @@ class RedisEngine:
             return fn(*args)
         except (self._redis.RedisError, OSError) as exc:
             raise self._down(exc) from None
+        except (EngineDown, MeshError):
+            raise
+        except Exception as exc:  # a record written by another client, a DSN option redis-py
+            raise EngineDown(BACKEND, f"{type(exc).__name__}: "  # refuses, and the like
+                                      f"{redact(str(exc)[:200], self.url)}") from None
 
     async def _call(self, fn: Callable[..., Any], *args: Any,
                     limiter: trio.CapacityLimiter | None = None) -> Any:
-        return await trio.to_thread.run_sync(self._guard, fn, args,
-                                             limiter=limiter or self._limiter)
+        if limiter is None:
+            return await self._workers.run(self._guard, fn, args)
+        return await trio.to_thread.run_sync(self._guard, fn, args, limiter=limiter)
 
     def _keys(self, db: str, tbl: str, key: str) -> list[bytes]:
         return [name("v", db, tbl, key), name("n", db, tbl), name("s", db, tbl, key),
@@ -322,7 +332,9 @@ class RedisEngine:
         value = metadata = expiry = version = by = None
         if h and b"w" in h:
             value, version = h.get(b"v", b""), (int(h[b"w"]), int(h[b"c"]))
-            metadata = json.loads(h.get(b"m") or b"{}")
+            metadata = loads_json(h.get(b"m") or b"{}", max_bytes=MAX_CHANGE * 64)
+            if not isinstance(metadata, dict):
+                raise ValueError("metadata is not an object")
             expiry = int(h[b"e"]) if b"e" in h else None
             by = (h.get(b"b") or b"").decode()
         return record(key, value, metadata, expiry, version, by,
@@ -493,6 +505,7 @@ class RedisEngine:
     async def close(self) -> None:
         for pool in (self._pool, self._watch_pool):
             await trio.to_thread.run_sync(pool.disconnect)
+        self._workers.close()
 
     # --- watches ---------------------------------------------------------------------------
 
@@ -542,11 +555,14 @@ class RedisEngine:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _deliver(self, data: bytes, on_change: OnChange, wanted: Wanted) -> None:
+        # anyone who may connect can PUBLISH on the channel: the message is untrusted
         try:
             gone = data[:1] == b"1"
-            db, tbl, key, by = json.loads(data[1:])
-            assert all(isinstance(x, str) for x in (db, tbl, key, by))
-        except (ValueError, TypeError, AssertionError):
+            db, tbl, key, by = loads_json(data[1:], max_bytes=MAX_CHANGE)
+        except (WireError, ValueError, TypeError):
+            db = None
+        if db is None or not all(isinstance(x, str) for x in (db, tbl, key, by)):
+            self.bad_changes += 1
             log.debug("malformed redis change message: %r", data[:200])
             return
         if not wanted(db, tbl, key):  # nobody watches it: no read back
