@@ -264,6 +264,10 @@ def test_non_admin_tokens_cannot_bind_migrate_or_reach_the_engines_database(tmp_
             ("store.delete", {**engines, "key": "orders"}),
             ("store.counter", {**engines, "key": "orders", "delta": 1}),
             ("store.set", {**engines, "key": "orders", "op": "add", "member": "x"}),
+            # a durable topic on an outside NATS server sends its messages there: admins
+            # only, though services hold topic:*:admin by the default rules
+            ("broker.topics.create", {"topic": "orders.paid", "durable": True,
+                                      "backend": "nats", "url": "nats://127.0.0.1:9"}),
         ]
         for token in tokens:
             for op, args in attempts:
@@ -293,6 +297,7 @@ def test_non_admin_tokens_cannot_bind_migrate_or_reach_the_engines_database(tmp_
         for token in tokens:
             assert trio.run(streams, token) == [403, 403]
         assert backends(a) == {"orders": "embedded"}
+        assert control(a.data_dir, "broker.topics")["durable"] == []
         serving(a)
     finally:
         c.close()
