@@ -71,6 +71,7 @@ from urllib.parse import quote, unquote, urlsplit
 import cbor2
 import trio
 
+from meshd import wire
 from meshd.debug.traces import TRACEPARENT
 from meshd.errors import MeshError, bad_request
 from meshd.ops import Finish
@@ -705,13 +706,16 @@ class JetStreamTopics:
         ns, topic, name = serving.key
         try:
             meta = msg.metadata
-            m = messages.decode_message(cbor2.loads(msg.data), self.broker.s.max_message_bytes)
+            m = messages.decode_message(wire.loads(msg.data, max_depth=64),
+                                        self.broker.s.max_message_bytes)
             if m.topic != topic:
                 raise messages.WireError("a message of another topic")
         except Exception as exc:
             self.stats["broker_nats_bad"] += 1
-            log.warning("a message on the stream of %s is not a meshd message (%s): "
-                        "terminated", topic, type(exc).__name__)
+            if self.stats["broker_nats_bad"] & (self.stats["broker_nats_bad"] - 1) == 0:
+                log.warning("a message on the stream of %s is not a meshd message (%s): "  # 1,
+                            "terminated (%d so far)", topic,  # 2, 4, 8...: never a flood
+                            type(exc).__name__, self.stats["broker_nats_bad"])
             self._settle(st, [(msg, "term", None)])
             return
         where = (meta.stream, int(meta.sequence.stream))

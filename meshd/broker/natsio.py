@@ -69,6 +69,8 @@ CONNECT_WAIT = 2.0  # how long a call waits for a connection being made before i
 PING_INTERVAL = 10.0  # a silent server is noticed after PING_INTERVAL * MAX_PINGS seconds
 MAX_PINGS = 3
 SWEEP_EVERY = 0.1  # seconds between checks for publishes past their deadline
+PENDING_MSGS = 65536  # messages received and not yet handed to trio, per subscription
+PENDING_BYTES = 64 * 1024 * 1024  # and their bytes
 PENDING_PUBLISHES = 16384  # PubAcks awaited at once per connection
 
 
@@ -395,8 +397,11 @@ class Link:
     async def _subscribe(self, subject: str, group: str, cb: Any) -> Any:
         assert self.nc is not None
         try:
-            return await self.nc.subscribe(subject, queue=group, cb=cb, pending_msgs_limit=-1,
-                                           pending_bytes_limit=-1)
+            # bounded: anyone who may publish on the server can send to a deliver subject;
+            # what is dropped past the bounds JetStream delivers again after ack_wait
+            return await self.nc.subscribe(subject, queue=group, cb=cb,
+                                           pending_msgs_limit=PENDING_MSGS,
+                                           pending_bytes_limit=PENDING_BYTES)
         except Exception as exc:
             raise self.error(exc, "subscribe") from None
 
