@@ -72,12 +72,12 @@ import cbor2
 import trio
 
 from meshd import wire
+from meshd.bridge import AsyncioBridge, BridgeClosed
 from meshd.debug.traces import TRACEPARENT
 from meshd.errors import MeshError, bad_request
 from meshd.ops import Finish
 
 from . import messages
-from .bridge import AsyncioBridge, BridgeClosed
 from .origin import DURABLE
 from .service import BrokerService, LocalSub
 from .subjects import matches

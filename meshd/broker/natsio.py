@@ -1,5 +1,5 @@
 """The asyncio side of durable topics on NATS JetStream: connections, streams, consumers,
-publishes and acks, run on the broker's asyncio bridge (bridge.py). Imported only when a
+publishes and acks, run on the broker's asyncio bridge (meshd/bridge.py). Imported only when a
 topic is bound to NATS (nats-py is imported here and nowhere else).
 
 Theory of operation: this module does I/O only; meshd/broker/jetstream.py (trio) decides.
@@ -59,7 +59,8 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from .bridge import AsyncioBridge
+from meshd.bridge import AsyncioBridge
+
 from .jetstream import NOT_BEFORE, EngineError, Server, not_before
 
 log = logging.getLogger("meshd.broker")

@@ -44,9 +44,16 @@ Redis clients (redis-cli, other programs) are not seen, and a watcher disconnect
 Redis is down misses the changes of that time; `run` resubscribes with backoff once Redis is
 back.
 
+Clients. Single-key operations (write, read of a key, delete, counters, sets) run on
+redis.asyncio on an asyncio loop this engine owns while `run` runs (meshd/bridge.py: work
+crosses in batches, no thread per call); scans, tables, drop, migration copies and the
+watch run on the blocking client in worker threads (workers.py), as do single-key
+operations before the loop is up. hiredis parses replies for both when installed (a
+dependency of meshd).
+
 Errors and bounds. Every redis-py error becomes `EngineDown` whose cause is redacted (never
-the URL or its password). Calls run in worker threads, at most `pool` at a time (a
-CapacityLimiter as large as the connection pool); each round trip is bounded by `timeout`
+the URL or its password). At most `pool` calls run at a time on each client (threads and
+connection pools of that size); each round trip is bounded by `timeout`
 (socket, connect and pool waits), and nothing is retried, so a script is never applied
 twice. A connection left over from before a restart of Redis is noticed when taken from the
 pool (and by the health check) and replaced, so the same engine object works again once
@@ -63,6 +70,7 @@ from typing import Any
 
 import trio
 
+from meshd.bridge import AsyncioBridge
 from meshd.errors import MeshError, bad_request
 from meshd.wire import WireError, loads_json
 
@@ -252,6 +260,9 @@ class RedisEngine:
         self.timeout = timeout
         self._redis = redis
         self._workers = Workers(pool, "meshd-redis")
+        self._bridge: AsyncioBridge | None = None  # while run() runs
+        self._ar: Any = None
+        self._ascripts: dict[str, Any] = {}
         self._watch_limiter = trio.CapacityLimiter(1)
         opts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                                 "health_check_interval": HEALTH_CHECK,
@@ -287,6 +298,68 @@ class RedisEngine:
             raise
         except Exception as exc:  # a record written by another client, a DSN option redis-py
             raise EngineDown(BACKEND, f"{type(exc).__name__}: "  # refuses, and the like
+                                      f"{redact(str(exc)[:200], self.url)}") from None
+
+    # --- the asyncio client (hot paths) ------------------------------------------------------
+
+    async def _aclient(self) -> Any:
+        """The redis.asyncio client, made on the bridge's loop on first use."""
+        if self._ar is None:
+            import redis.asyncio as aredis
+            from redis.asyncio.retry import Retry as ARetry
+            from redis.backoff import NoBackoff
+
+            pool = aredis.BlockingConnectionPool.from_url(
+                self.url, max_connections=self.pool_size, timeout=self.timeout,
+                socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+                health_check_interval=HEALTH_CHECK, retry=ARetry(NoBackoff(), 0))
+            self._ar = aredis.Redis(connection_pool=pool)
+            self._ascripts = {n: self._ar.register_script(src) for n, src in (
+                ("write", _WRITE), ("delete", _DELETE), ("counter", _COUNTER),
+                ("set_change", _SET_CHANGE))}
+        return self._ar
+
+    async def _ascript(self, which: str, db: str, tbl: str, key: str, by: str,
+                       *extra: Any) -> Any:
+        await self._aclient()
+        return await self._ascripts[which](
+            keys=self._keys(db, tbl, key),
+            args=[tbl, key, self.channel, _payload(db, tbl, key, by), *extra])
+
+    def _fetch1(self, db: str, tbl: str, key: str) -> tuple[Any, Any, Any]:
+        return self._fetch(db, tbl, [key])[0]
+
+    async def _afetch(self, db: str, tbl: str, key: str) -> tuple[Any, Any, Any]:
+        r = await self._aclient()
+        pipe = r.pipeline(transaction=True)
+        pipe.hgetall(name("v", db, tbl, key))
+        pipe.hget(name("n", db, tbl), key)
+        pipe.smembers(name("s", db, tbl, key))
+        got = await pipe.execute()
+        return got[0], got[1], got[2]
+
+    async def _ahget(self, hkey: bytes, field: str) -> Any:
+        return await (await self._aclient()).hget(hkey, field)
+
+    async def _asmembers(self, skey: bytes) -> Any:
+        return await (await self._aclient()).smembers(skey)
+
+    async def _hot(self, fn: Callable[..., Any], sync: Callable[..., Any], *args: Any) -> Any:
+        """`await fn(*args)` on the bridge's loop (single-key operations: no thread per
+        call), or `sync(*args)` in a worker thread while the loop is not running (before
+        run() started it, or without run(), as the engine's own tests use it); errors as
+        `_guard` maps them."""
+        bridge = self._bridge
+        if bridge is None:
+            return await self._call(sync, *args)
+        try:
+            return await bridge.call(fn, *args)
+        except (self._redis.RedisError, OSError) as exc:
+            raise self._down(exc) from None
+        except (EngineDown, MeshError, trio.Cancelled):
+            raise
+        except Exception as exc:
+            raise EngineDown(BACKEND, f"{type(exc).__name__}: "
                                       f"{redact(str(exc)[:200], self.url)}") from None
 
     async def _call(self, fn: Callable[..., Any], *args: Any,
@@ -450,18 +523,25 @@ class RedisEngine:
     async def write(self, db: str, tbl: str, key: str, value: bytes, metadata: dict[str, Any],
                     expiry: int | None, version: tuple[int, int], by: str) -> Record:
         meta = _metadata(metadata)
-        counter, members = await self._call(
-            self._script, "write", db, tbl, key, by, value, meta, version[0], version[1], by,
-            "" if expiry is None else expiry)
+        counter, members = await self._hot(
+            self._ascript, self._script, "write", db, tbl, key, by, value, meta, version[0],
+            version[1], by, "" if expiry is None else expiry)
         return record(key, value, metadata, expiry, version, by,
                       int(counter) if counter is not None else None,
                       [m.decode() for m in members or ()], _now_ms())
 
     async def read(self, db: str, tbl: str, q: Query, now_ms: int) -> list[Record]:
-        return await self._call(self._read, db, tbl, q, now_ms)
+        if q.key is None:
+            return await self._call(self._read, db, tbl, q, now_ms)
+        got = await self._hot(self._afetch, self._fetch1, db, tbl, q.key)
+        try:
+            rec = self._record(q.key, got, now_ms)
+        except Exception as exc:
+            raise EngineDown(BACKEND, f"an unreadable record: {type(exc).__name__}") from None
+        return [rec] if live(rec) else []
 
     async def delete(self, db: str, tbl: str, key: str, by: str) -> bool:
-        return bool(await self._call(self._script, "delete", db, tbl, key, by))
+        return bool(await self._hot(self._ascript, self._script, "delete", db, tbl, key, by))
 
     async def list_keys(self, db: str, tbl: str, q: Query, now_ms: int) -> list[str]:
         if q.key is not None:
@@ -473,18 +553,19 @@ class RedisEngine:
 
     async def counter(self, db: str, tbl: str, key: str, delta: int, by: str) -> int:
         if delta == 0:
-            got = await self._call(self._r.hget, name("n", db, tbl), key)
+            got = await self._hot(self._ahget, self._r.hget, name("n", db, tbl), key)
             return int(got or 0)
-        return int(await self._call(self._script, "counter", db, tbl, key, by, delta))
+        return int(await self._hot(self._ascript, self._script, "counter", db, tbl, key, by,
+                                   delta))
 
     async def members(self, db: str, tbl: str, key: str) -> list[str]:
-        got = await self._call(self._r.smembers, name("s", db, tbl, key))
+        got = await self._hot(self._asmembers, self._r.smembers, name("s", db, tbl, key))
         return sorted(m.decode() for m in got)
 
     async def set_change(self, db: str, tbl: str, key: str, add: list[str], remove: list[str],
                          by: str) -> list[str]:
-        got = await self._call(self._script, "set_change", db, tbl, key, by, len(remove),
-                               *remove, *add)
+        got = await self._hot(self._ascript, self._script, "set_change", db, tbl, key, by,
+                              len(remove), *remove, *add)
         return sorted(m.decode() for m in got)
 
     async def copy_value(self, db: str, tbl: str, key: str, value: bytes,
@@ -525,6 +606,24 @@ class RedisEngine:
 
     async def run(self, on_change: OnChange, wanted: Wanted,
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the asyncio loop of the hot paths, and serve watches, until cancelled."""
+        bridge = AsyncioBridge("meshd-redis-loop")
+
+        async def close_client() -> None:
+            if self._ar is not None:
+                await self._ar.aclose()
+                self._ar = None
+        bridge.on_stop.append(close_client)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bridge.run)
+            self._bridge = bridge
+            try:
+                await self._watch(on_change, wanted, task_status)
+            finally:
+                self._bridge = None
+                nursery.cancel_scope.cancel()
+
+    async def _watch(self, on_change: OnChange, wanted: Wanted, task_status: Any) -> None:
         """Report every change published by meshd's writers (module docstring: Watches)."""
         started, backoff = False, BACKOFF_MIN
         while True:
