@@ -248,18 +248,25 @@ async def _relay(read_caller: Any, to_service: Any, read_service: Any, to_caller
     """Pump caller->service and service->caller until the service side ends the stream."""
 
     async def upstream(cancel: trio.CancelScope) -> None:
-        try:
-            while True:
+        while True:
+            try:
                 frame = await read_caller()
-                if not isinstance(frame, dict):
-                    continue
-                if "msg" in frame:
-                    await to_service({"msg": frame["msg"]})
-                else:
-                    await to_service({"end": True})
-                    return
-        except (EOFError, ChannelClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            cancel.cancel()  # the caller went away: stop the whole stream
+            except (EOFError, ChannelClosed, trio.BrokenResourceError,
+                    trio.ClosedResourceError):
+                cancel.cancel()  # the caller went away: stop the whole stream
+                return
+            if not isinstance(frame, dict):
+                continue
+            try:
+                await to_service({"msg": frame["msg"]} if "msg" in frame else {"end": True})
+            except (EOFError, ChannelClosed, trio.BrokenResourceError,
+                    trio.ClosedResourceError):
+                # the service side ended first (a server stream that finished before our
+                # end reached it): what it sent is still to be relayed, so nothing is
+                # cancelled here; the other direction ends the stream
+                return
+            if "msg" not in frame:
+                return
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(upstream, nursery.cancel_scope)
