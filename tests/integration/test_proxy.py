@@ -105,6 +105,9 @@ def test_the_api_gateway_forwards_to_services_after_the_check(cluster):
             scope="dev", access="granted")
     wait_for(lambda: "ada" in {x["id"] for x in control(b.data_dir, "auth.accounts.list")},
              10, "account on b")
+    # b checks the call against its own copy of the rules: the grant must be there too
+    wait_for(lambda: "dev" in {x["id"] for x in control(b.data_dir, "auth.rules.list")},
+             10, "rule on b")
     ada = control(a.data_dir, "auth.token.create", account="ada", ttl=600)["token"]
 
     def post(path: str, body: bytes, token: str | None) -> tuple[int, dict]:
