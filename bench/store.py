@@ -75,6 +75,7 @@ import trio  # noqa: E402
 
 from meshd.hlc import HLC  # noqa: E402
 from meshd.store import crdt  # noqa: E402
+from meshd.store.engines.postgres import TABLE_SQL  # noqa: E402
 from meshd.store.replication import StoreReplicator  # noqa: E402
 from tests.integration.cluster import Cluster, control  # noqa: E402
 from tests.integration.engine_servers import postgres as postgres_server  # noqa: E402
@@ -325,23 +326,9 @@ ENGINE_DBS = {"postgres": "bench_pg", "redis": "bench_redis"}
 ENGINE_NAMES = {"postgres": "PostgreSQL", "redis": "Redis"}
 OPS = ("write", "read")
 
-# meshd_kv's columns, collation and primary key (meshd/store/engines/postgres.py), without
-# its NOTIFY trigger
-PG_DIRECT_SCHEMA = """
-CREATE TABLE IF NOT EXISTS bench_direct (
-    db text COLLATE "C" NOT NULL,
-    tbl text COLLATE "C" NOT NULL,
-    key text COLLATE "C" NOT NULL,
-    value bytea,
-    metadata jsonb,
-    expiry bigint,
-    ver_wall bigint,
-    ver_count bigint,
-    written_by text,
-    counter bigint NOT NULL DEFAULT 0,
-    members text[] NOT NULL DEFAULT '{}',
-    PRIMARY KEY (db, tbl, key)
-)"""
+# meshd_kv's columns, collation and primary key (the engine's own table definition),
+# without its NOTIFY trigger
+PG_DIRECT_SCHEMA = TABLE_SQL.replace("meshd_kv", "bench_direct")
 PG_DIRECT_WRITE = (
     "INSERT INTO bench_direct (db, tbl, key, value, metadata, expiry, ver_wall, ver_count, "
     "written_by) VALUES (%(db)s, %(tbl)s, %(key)s, %(value)s, %(meta)s, %(expiry)s, "

@@ -54,7 +54,7 @@ LISTEN_POLL = 1.0  # seconds the listening thread waits before it looks for canc
 STALL_GRACE = 2.0  # seconds past the timeout before the watchdog ends a call
 STALL_CHECK = 0.5  # how often it looks
 
-SCHEMA = """
+TABLE_SQL = """
 CREATE TABLE IF NOT EXISTS meshd_kv (
     db text COLLATE "C" NOT NULL,
     tbl text COLLATE "C" NOT NULL,
@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS meshd_kv (
     counter bigint NOT NULL DEFAULT 0,
     members text[] NOT NULL DEFAULT '{}',
     PRIMARY KEY (db, tbl, key)
-);
+)"""
+SCHEMA = TABLE_SQL + """;
 CREATE OR REPLACE FUNCTION meshd_kv_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE r meshd_kv;
 BEGIN

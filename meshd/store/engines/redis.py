@@ -232,6 +232,17 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _queue_fetch(pipe: Any, db: str, tbl: str, keys: list[str]) -> Any:
+    """Queue on `pipe` (sync or asyncio) the reads of each key's value hash, counter and
+    members, three replies per key."""
+    ckey = name("n", db, tbl)
+    for key in keys:
+        pipe.hgetall(name("v", db, tbl, key))
+        pipe.hget(ckey, key)
+        pipe.smembers(name("s", db, tbl, key))
+    return pipe
+
+
 def _payload(db: str, tbl: str, key: str, by: str) -> bytes:
     return json.dumps([db, tbl, key, by], separators=(",", ":")).encode()
 
@@ -289,16 +300,25 @@ class RedisEngine:
         cause = str(exc) or type(exc).__name__
         return EngineDown(BACKEND, redact(cause, self.url))
 
+    def _failure(self, exc: Exception) -> Exception:
+        """What a failed call raises: redis-py's errors and any other failure (a record
+        written by another client, a DSN option redis-py refuses, ...) as EngineDown with a
+        redacted cause; meshd's own errors as they are."""
+        if isinstance(exc, EngineDown | MeshError):
+            return exc
+        if isinstance(exc, self._redis.RedisError | OSError):
+            return self._down(exc)
+        return EngineDown(BACKEND, f"{type(exc).__name__}: "
+                                   f"{redact(str(exc)[:200], self.url)}")
+
     def _guard(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         try:
             return fn(*args)
-        except (self._redis.RedisError, OSError) as exc:
-            raise self._down(exc) from None
-        except (EngineDown, MeshError):
-            raise
-        except Exception as exc:  # a record written by another client, a DSN option redis-py
-            raise EngineDown(BACKEND, f"{type(exc).__name__}: "  # refuses, and the like
-                                      f"{redact(str(exc)[:200], self.url)}") from None
+        except Exception as exc:
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from None
 
     # --- the asyncio client (hot paths) ------------------------------------------------------
 
@@ -331,11 +351,7 @@ class RedisEngine:
 
     async def _afetch(self, db: str, tbl: str, key: str) -> tuple[Any, Any, Any]:
         r = await self._aclient()
-        pipe = r.pipeline(transaction=True)
-        pipe.hgetall(name("v", db, tbl, key))
-        pipe.hget(name("n", db, tbl), key)
-        pipe.smembers(name("s", db, tbl, key))
-        got = await pipe.execute()
+        got = await _queue_fetch(r.pipeline(transaction=True), db, tbl, [key]).execute()
         return got[0], got[1], got[2]
 
     async def _ahget(self, hkey: bytes, field: str) -> Any:
@@ -354,13 +370,11 @@ class RedisEngine:
             return await self._call(sync, *args)
         try:
             return await bridge.call(fn, *args)
-        except (self._redis.RedisError, OSError) as exc:
-            raise self._down(exc) from None
-        except (EngineDown, MeshError, trio.Cancelled):
-            raise
         except Exception as exc:
-            raise EngineDown(BACKEND, f"{type(exc).__name__}: "
-                                      f"{redact(str(exc)[:200], self.url)}") from None
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from None
 
     async def _call(self, fn: Callable[..., Any], *args: Any,
                     limiter: trio.CapacityLimiter | None = None) -> Any:
@@ -379,12 +393,7 @@ class RedisEngine:
 
     def _fetch(self, db: str, tbl: str, keys: list[str]) -> list[tuple[Any, Any, Any]]:
         """(value hash, counter, members) of each key, as one snapshot (MULTI)."""
-        pipe = self._r.pipeline(transaction=True)
-        ckey = name("n", db, tbl)
-        for key in keys:
-            pipe.hgetall(name("v", db, tbl, key))
-            pipe.hget(ckey, key)
-            pipe.smembers(name("s", db, tbl, key))
+        pipe = _queue_fetch(self._r.pipeline(transaction=True), db, tbl, keys)
         out = pipe.execute() if keys else []
         return [tuple(out[i:i + 3]) for i in range(0, len(out), 3)]  # type: ignore[misc]
 
