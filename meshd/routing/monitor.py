@@ -15,7 +15,11 @@ Rules:
   that has not answered (a direct ack, or an ack it relayed back for one of our routed
   probes) for 2 probe intervals plus a probe timeout is down, to be avoided at
   once, without waiting for membership to suspect it (which takes a random wait for its
-  turn in someone's probe list). A down hop stays watched until it answers again.
+  turn in someone's probe list). A down hop stays watched until it answers again, or
+  until membership finds it silent to direct pings (the core's `unreached`): then our
+  advert no longer has the link, so the graph has no edge from us to it, and it may carry
+  traffic again further along a path (a node two hops away that we cannot reach directly
+  is a relay like any other; avoiding it for good would cut every route through it).
 - Suspected members that we do not watch are to be avoided as transit (see table.py); dead
   and left members are not members of the routing graph at all.
 """
@@ -89,7 +93,7 @@ class LinkMonitor:
     def watch(self, hops: set[str], now: float) -> list[str]:
         """Update `down` for the next hops in use; returns the hops to ping now."""
         limit = self.core.s.silent_after()
-        watched = hops | self.down
+        watched = (hops | self.down) - self.core.unreached
         for h in [h for h in self._watched if h not in watched]:
             del self._watched[h]
         down = set()

@@ -265,17 +265,37 @@ def test_chain_of_four_hosts_members_two_relays_away_stay_alive_and_answer(clust
             hosts.block(i, j)
         cluster.service(h3)
 
+        seen: dict[str, object] = {}
+
         def chain_routes() -> bool:
             to_h3 = {r["destination"]: r for r in control(h0.data_dir, "routes")}.get("h3")
             to_h0 = {r["destination"]: r for r in control(h3.data_dir, "routes")}.get("h0")
+            seen["h0 to h3"], seen["h3 to h0"] = to_h3, to_h0
             return (to_h3 is not None and to_h3["path"] == ["h0", "h1", "h2", "h3"]
                     and to_h0 is not None and to_h0["path"] == ["h3", "h2", "h1", "h0"])
+
+        def state() -> str:
+            """What each node sees when the routes do not form: its links and members."""
+            out = [f"last routes: {seen}"]
+            for d in daemons:
+                try:
+                    edges = control(d.data_dir, "graph")["edges"]
+                    members = {m["name"]: (m["status"], m["reach"])
+                               for m in control(d.data_dir, "members")}
+                except Exception as exc:  # diagnostics only: report and go on
+                    out.append(f"{d.name}: {exc}")
+                    continue
+                out.append(f"{d.name}: edges {edges} members {members}")
+            return "\n".join(out)
 
         def reach() -> dict[str, str]:
             return {r["name"]: r["reach"] for r in control(h0.data_dir, "members")}
 
         with logs_on_failure(daemons):
-            wait_for(chain_routes, 90, "routes along the chain both ways")
+            try:
+                wait_for(chain_routes, 90, "routes along the chain both ways")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{state()}") from None
             # routes can form a moment before h0 finds h3 silent to a direct ping (P6)
             wait_for(lambda: reach()["h3"] == "via h1", 10, "h3 reached via h1")
             assert reach()["h1"] == "direct"

@@ -81,6 +81,22 @@ def test_watched_hop_is_down_after_two_intervals_and_a_timeout_of_silence_and_ba
     assert mon.watch(set(), 104.7) == []
 
 
+def test_down_hop_found_silent_to_direct_pings_is_no_longer_avoided_as_a_relay():
+    """A hop that stopped answering is avoided only while it is our neighbour: once
+    membership finds it silent to direct pings our advert drops the link, and it must be
+    free to carry traffic further along a path (h0-h1-h2-h3: h2 is h3's only way in)."""
+    core = FakeCore(["g1", "g2"])
+    mon = LinkMonitor(core)
+    limit = 2 * core.s.probe_interval + core.s.probe_timeout
+    core.members["g1"].rtt_at = 100.0
+    mon.watch({"g1"}, 100.0)
+    mon.watch({"g1"}, 100.0 + limit + 0.1)
+    assert mon.down == frozenset({"g1"}) and "g1" in mon.avoid(100.0 + limit + 0.1)
+    core.unreached = frozenset({"g1"})
+    assert mon.watch(set(), 100.0 + limit + 0.2) == []
+    assert mon.down == frozenset() and mon.avoid(100.0 + limit + 0.2) == frozenset()
+
+
 def test_suspected_hop_that_answers_us_is_not_avoided_one_that_is_silent_is():
     core = FakeCore(["g1", "g2", "x"])
     mon = LinkMonitor(core)
