@@ -123,16 +123,25 @@ def postgres(root: Path) -> Iterator[EngineServer]:
 
 
 @contextlib.contextmanager
-def redis(root: Path) -> Iterator[EngineServer]:
-    """A running Redis (its data lives as long as the process: no persistence)."""
+def redis(root: Path, tls: tuple[Path, Path, Path] | None = None) -> Iterator[EngineServer]:
+    """A running Redis (its data lives as long as the process: no persistence); with `tls`
+    = (certificate, key, CA) it speaks only TLS and the URL is rediss:// trusting that CA."""
     root.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), root / "redis.log"
     procs: list[subprocess.Popen[bytes]] = []
+    listen = ["--port", str(port)]
+    url = f"redis://127.0.0.1:{port}/0"
+    if tls is not None:
+        cert, key, ca = tls
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+                  "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                  "--tls-auth-clients", "no"]
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
 
     def start() -> None:
         with open(log, "ab") as out:
-            proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port",
-                                     str(port), "--dir", str(root), "--save", "",
+            proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", *listen,
+                                     "--dir", str(root), "--save", "",
                                      "--appendonly", "no", "--protected-mode", "yes"],
                                     stdout=out, stderr=out)
         procs.append(proc)
@@ -144,7 +153,7 @@ def redis(root: Path) -> Iterator[EngineServer]:
 
     try:
         start()
-        yield EngineServer(f"redis://127.0.0.1:{port}/0", halt, start)
+        yield EngineServer(url, halt, start)
     finally:
         halt()
 

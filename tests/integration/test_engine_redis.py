@@ -41,9 +41,14 @@ def raw(server):
     r.close()
 
 
-@pytest.fixture
-async def engine(server, raw):
+@pytest.fixture(params=["resp", "threads"])
+async def engine(request, server, raw, nursery):
+    """The engine as a node runs it ("resp": `run` running, single-key operations on the
+    multiplexed connection) and before `run` started ("threads": all on redis-py)."""
     eng = RedisEngine(server.url, pool=4, timeout=5.0)
+    if request.param == "resp":
+        await nursery.start(eng.run, lambda *ev: None, lambda *k: False)
+        assert eng._mux is not None
     try:
         yield eng
     finally:
@@ -250,7 +255,8 @@ async def test_drop(engine, raw):
     assert await engine.drop("gone") == 0
 
 
-async def test_watch_reports_every_change(server, engine):
+async def test_watch_reports_every_change(server, raw):
+    engine = RedisEngine(server.url, pool=2, timeout=5.0)
     events: list[tuple] = []
     arrived = trio.Event()
 
@@ -300,6 +306,7 @@ async def test_watch_reports_every_change(server, engine):
         assert trio.current_time() - cancelled_at < 2.0  # run notices cancellation soon
     finally:
         await other.close()
+        await engine.close()
 
 
 async def test_down_then_back_with_the_same_engine(tmp_path):
@@ -364,3 +371,163 @@ async def test_a_silent_server_is_bounded_by_timeout():
         assert trio.current_time() - start < 2.0
         assert err.value.status == 503
         await eng.close()
+
+
+async def running(eng: RedisEngine, nursery) -> RedisEngine:
+    await nursery.start(eng.run, lambda *ev: None, lambda *k: False)
+    return eng
+
+
+async def test_one_connection_keeps_replies_in_order_through_cancelled_callers(server, raw,
+                                                                               nursery):
+    """Many callers share one pipelined connection: each gets its own reply, also when
+    callers around it were cancelled while waiting (their replies are read and dropped)."""
+    eng = await running(RedisEngine(server.url, pool=2, timeout=5.0), nursery)
+    keys = [f"k{i}" for i in range(200)]
+    for i, key in enumerate(keys):
+        await eng.write("db", "t", key, f"v{i}".encode(), {"i": i}, None, (i + 1, 0), "n")
+    got: dict[str, bytes] = {}
+
+    async def read(key: str) -> None:
+        got[key] = (await eng.read("db", "t", Query(key=key), now_ms()))[0]["value"]
+
+    async def cancelled(key: str) -> None:
+        with trio.CancelScope() as scope:
+            scope.cancel()  # cancelled at its first checkpoint: after queueing or before
+            await eng.read("db", "t", Query(key=key), now_ms())
+
+    async with trio.open_nursery() as inner:
+        for i, key in enumerate(keys):
+            inner.start_soon(read if i % 3 else cancelled, key)
+    assert got == {k: f"v{i}".encode() for i, k in enumerate(keys) if i % 3}
+    # the connection is the same one and still in step
+    conn = eng._mux._conn
+    assert conn is not None and not conn.closed and not conn.waiting
+    assert (await eng.read("db", "t", Query(key="k0"), now_ms()))[0]["value"] == b"v0"
+    assert eng._mux._conn is conn
+
+
+async def test_error_reply_fails_its_call_only_and_scripts_reload(server, raw, nursery):
+    """A record another client overwrote with the wrong type fails that call with 503; the
+    calls after it on the same connection are fine; scripts flushed from Redis are loaded
+    again (NOSCRIPT) without applying anything twice."""
+    eng = await running(RedisEngine(server.url, pool=2, timeout=5.0), nursery)
+    await eng.write("db", "t", "k", b"v", {}, None, (1, 0), "n")
+    raw.set(name("v", "db", "t", "bad"), b"not a hash")
+    with pytest.raises(EngineDown) as err:
+        await eng.read("db", "t", Query(key="bad"), now_ms())
+    assert err.value.status == 503 and "WRONGTYPE" in err.value.detail
+    conn = eng._mux._conn
+    assert (await eng.read("db", "t", Query(key="k"), now_ms()))[0]["value"] == b"v"
+    assert eng._mux._conn is conn and not conn.closed
+    raw.script_flush()
+    assert await eng.counter("db", "t", "c", 5, "n") == 5  # EVALSHA, NOSCRIPT, EVAL once
+    assert await eng.counter("db", "t", "c", 0, "n") == 5
+    assert (await eng.read("db", "t", Query(key="k"), now_ms()))[0]["value"] == b"v"
+
+
+async def test_running_engine_down_and_silent_are_bounded_and_redacted(nursery):
+    port = free_port()  # nothing listens there
+    url = f"redis://meshd:s3cret-pw@127.0.0.1:{port}/0"
+    eng = await running(RedisEngine(url, pool=2, timeout=1.0), nursery)
+    with trio.fail_after(3), pytest.raises(EngineDown) as err:
+        await eng.write("db", "t", "k", b"v", {}, None, (1, 0), "n")
+    assert err.value.status == 503 and "s3cret-pw" not in err.value.detail
+    with socket.socket() as lst:  # accepts connections (backlog) but never answers
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(8)
+        silent = await running(RedisEngine(f"redis://127.0.0.1:{lst.getsockname()[1]}/0",
+                                           pool=2, timeout=0.5), nursery)
+        for _ in range(2):  # a timed-out connection is closed; the next call tries anew
+            start = trio.current_time()
+            with pytest.raises(EngineDown) as err:
+                await silent.read("db", "t", Query(key="k"), now_ms())
+            assert trio.current_time() - start < 2.0 and err.value.status == 503
+
+
+async def test_tls_url_with_the_servers_ca(tmp_path, nursery):
+    """rediss:// with ssl_ca_certs: the hot paths, the watch and the blocking client all
+    speak TLS; a CA that did not sign the server's certificate is refused."""
+    from .test_tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    with redis(tmp_path / "redis", tls=(pki.cert, pki.key, pki.ca)) as srv:
+        assert srv.url.startswith("rediss://")
+        events: list[tuple] = []
+        eng = RedisEngine(srv.url, pool=2, timeout=5.0)
+        await nursery.start(eng.run, lambda *ev: events.append(ev), lambda *k: True)
+        await eng.write("db", "t", "k", b"v", {}, None, (1, 0), "n")
+        assert (await eng.read("db", "t", Query(key="k"), now_ms()))[0]["value"] == b"v"
+        assert await eng.list_keys("db", "t", Query(), now_ms()) == ["k"]  # redis-py, TLS
+        with trio.fail_after(5):
+            while not events:
+                await trio.sleep(0.05)
+        assert events[0][:3] == ("db", "t", "k")
+        # a CA that did not sign it, or a name the certificate does not hold: refused
+        for url in (srv.url.replace(str(pki.ca), str(pki.other_ca)),
+                    srv.url.replace("127.0.0.1", "localhost")):
+            wrong = await running(RedisEngine(url, pool=2, timeout=2.0), nursery)
+            with trio.fail_after(5), pytest.raises(EngineDown) as err:
+                await wrong.read("db", "t", Query(key="k"), now_ms())
+            assert err.value.status == 503
+        # unless the URL says not to check
+        lax = await running(RedisEngine(srv.url.replace("127.0.0.1", "localhost").replace(
+            str(pki.ca), str(pki.other_ca)) + "&ssl_cert_reqs=none", pool=2, timeout=2.0),
+            nursery)
+        assert (await lax.read("db", "t", Query(key="k"), now_ms()))[0]["value"] == b"v"
+        with pytest.raises(EngineDown) as err:
+            RedisEngine(srv.url + "&ssl_no_such_option=1")
+        assert "ssl_no_such_option" in err.value.detail
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_forged_change_message_reports_what_redis_holds(server, raw, nursery):
+    """Anyone who may connect can PUBLISH on the change channel: a message that says a live
+    key is gone (or names a key that holds nothing) is checked against Redis."""
+    events: list[tuple] = []
+    eng = RedisEngine(server.url, pool=2, timeout=5.0)
+    await nursery.start(eng.run, lambda *ev: events.append(ev), lambda *k: True)
+    await eng.write("db", "t", "k", b"v", {}, None, (1, 0), "n")
+    with trio.fail_after(5):
+        while not events:
+            await trio.sleep(0.02)
+    events.clear()
+    raw.publish(eng.channel, b'1["db","t","k","liar"]')  # "gone", but it is not
+    raw.publish(eng.channel, b'0["db","t","nothing","liar"]')  # "changed", holds nothing
+    raw.publish(eng.channel, b"0[not json")
+    with trio.fail_after(5):
+        while len(events) < 2:
+            await trio.sleep(0.02)
+    assert events[0][:3] == ("db", "t", "k") and events[0][3]["value"] == b"v"
+    assert events[1][:4] == ("db", "t", "nothing", None)
+    with trio.fail_after(5):
+        while eng.bad_changes < 1:
+            await trio.sleep(0.02)
+
+
+async def test_acl_user_and_password_on_both_clients(tmp_path, nursery):
+    """A URL naming an ACL user authenticates as that user on the pipelined connection,
+    the watch and the blocking client alike; a wrong password is a 503 that never shows it."""
+    with redis(tmp_path / "redis") as srv:
+        import redis as redis_client
+
+        admin = redis_client.Redis.from_url(srv.url)
+        admin.execute_command("ACL", "SETUSER", "meshd", "on", ">s3cret-pw", "~meshd:*",
+                              "&meshd:*", "+@all")
+        admin.execute_command("ACL", "SETUSER", "default", "off")
+        good = srv.url.replace("redis://", "redis://meshd:s3cret-pw@")
+        events: list[tuple] = []
+        eng = RedisEngine(good, pool=2, timeout=5.0)
+        await nursery.start(eng.run, lambda *ev: events.append(ev), lambda *k: True)
+        await eng.write("db", "t", "k", b"v", {}, None, (1, 0), "n")
+        assert (await eng.read("db", "t", Query(key="k"), now_ms()))[0]["value"] == b"v"
+        assert await eng.list_keys("db", "t", Query(), now_ms()) == ["k"]
+        with trio.fail_after(5):
+            while not events:
+                await trio.sleep(0.02)
+        bad = await running(RedisEngine(good.replace("s3cret-pw", "wrong-pw"), pool=2,
+                                        timeout=2.0), nursery)
+        with pytest.raises(EngineDown) as err:
+            await bad.read("db", "t", Query(key="k"), now_ms())
+        assert err.value.status == 503 and "wrong-pw" not in err.value.detail
+        nursery.cancel_scope.cancel()

@@ -1,4 +1,4 @@
-"""The Redis engine: databases bound to a Redis server (redis-py, in trio worker threads).
+"""The Redis engine: databases bound to a Redis server (resp.py on trio; redis-py threads).
 
 Theory of operation
 -------------------
@@ -37,27 +37,28 @@ Watches (at most once, as Redis pub/sub promises). Each script also PUBLISHes th
 one channel, ``meshd:changes:<redis db number>`` (pub/sub ignores db numbers; the suffix
 keeps two meshd clusters on two db numbers of one server apart). The payload is compact: a
 flag "1" (nothing left on the key) or "0", then the JSON list [db, tbl, key, written_by].
-`run` subscribes on a connection of its own, polls for messages (at most 1 s per poll, so
-cancellation is noticed within a second), reads the record and reports it. Every node bound
-to the same Redis sees the changes made through every other node. Changes made by other
-Redis clients (redis-cli, other programs) are not seen, and a watcher disconnected while
-Redis is down misses the changes of that time; `run` resubscribes with backoff once Redis is
-back.
+`run` subscribes on a connection of its own (resp.follow), reads the record back (only of
+keys someone watches; the message's flag is not believed, since anyone who may connect can
+PUBLISH) and reports it. Every node bound to the same Redis sees the changes made
+through every other node. Changes made by other Redis clients (redis-cli, other programs)
+are not seen, and a watcher disconnected while Redis is down misses the changes of that
+time; `run` resubscribes with backoff once Redis is back.
 
-Clients. Single-key operations (write, read of a key, delete, counters, sets) run on
-redis.asyncio on an asyncio loop this engine owns while `run` runs (meshd/bridge.py: work
-crosses in batches, no thread per call); scans, tables, drop, migration copies and the
-watch run on the blocking client in worker threads (workers.py), as do single-key
-operations before the loop is up. hiredis parses replies for both when installed (a
-dependency of meshd).
+Clients. Single-key operations (write, read of a key, delete, counters, sets) and the
+watch run in the node's trio thread on resp.py while `run` runs: every node's calls share
+one pipelined connection, and a read is one script (value, counter and members as one
+snapshot). Scans, tables, drop and migration copies run on redis-py's blocking client in
+worker threads (workers.py), as do single-key operations before `run` started. hiredis
+parses replies for both (a dependency of meshd).
 
-Errors and bounds. Every redis-py error becomes `EngineDown` whose cause is redacted (never
-the URL or its password). At most `pool` calls run at a time on each client (threads and
-connection pools of that size); each round trip is bounded by `timeout`
-(socket, connect and pool waits), and nothing is retried, so a script is never applied
-twice. A connection left over from before a restart of Redis is noticed when taken from the
-pool (and by the health check) and replaced, so the same engine object works again once
-Redis is back.
+Errors and bounds. Every client error becomes `EngineDown` whose cause is redacted (never
+the URL or its password). At most `pool` calls run at a time on the blocking client
+(threads and a connection pool of that size); each round trip is bounded by `timeout`
+(socket, connect and pool waits; a whole call on resp.py), and nothing is retried, so a
+script is never applied twice (a NOSCRIPT reply means it did not run). A blocking
+connection left over from before a restart of Redis is noticed when taken from the pool (and
+by the health check) and replaced, and resp.py connects anew after a failure, so the same
+engine object works again once Redis is back.
 """
 
 from __future__ import annotations
@@ -66,25 +67,27 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import trio
 
-from meshd.bridge import AsyncioBridge
 from meshd.errors import MeshError, bad_request
 from meshd.wire import WireError, loads_json
 
+from . import resp
 from .base import EngineDown, OnChange, Query, Record, Wanted, live, record, redact
 from .workers import Workers
 
 log = logging.getLogger("meshd.store")
 
 BACKEND = "redis"
+T = TypeVar("T")
 BATCH = 256  # index entries fetched per round trip by scans
 HEALTH_CHECK = 10  # seconds idle before a pooled connection is pinged before use
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0  # resubscribing after Redis went away
 MAX_CHANGE = 16384  # bytes of a change message (db, table, key, node: bounded names)
-POLL = 1.0  # seconds a watch poll waits for a message (how soon it notices cancellation)
+WATCH_QUEUE = 10_000  # changes heard and not yet read back and reported
 
 
 def _part(text: str) -> bytes:
@@ -135,6 +138,13 @@ local function put(value, meta, wall, counter, by, expiry)
   tidy()  -- a value already expired leaves nothing
   tell()
 end
+"""
+
+# A key's value hash (flat), counter and members, as one snapshot. KEYS = value hash, table
+# counters, member set; ARGV[1] = key.
+_READ = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGET', KEYS[2], ARGV[1]),
+        redis.call('SMEMBERS', KEYS[3])}
 """
 
 # ARGV[5..10] = value, metadata, wall, counter, by, expiry ("" = none)
@@ -228,6 +238,20 @@ return n
 """
 
 
+_SOURCES = {"write": _WRITE, "copy_value": _COPY_VALUE, "copy_delete": _COPY_DELETE,
+            "delete": _DELETE, "counter": _COUNTER, "set_change": _SET_CHANGE, "tidy": _TIDY,
+            "drop": _DROP}
+
+
+def _readable(convert: Callable[[], T]) -> T:
+    """`convert()` of what Redis answered; data another client put in meshd's names that
+    does not convert is a 503 naming it, never a crash of the request."""
+    try:
+        return convert()
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise EngineDown(BACKEND, f"an unreadable record: {type(exc).__name__}") from None
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -260,6 +284,7 @@ class RedisEngine:
 
     backend = BACKEND
     bad_changes = 0  # malformed messages on the change channel (any client can publish)
+    dropped_changes = 0  # changes not reported: WATCH_QUEUE full (watchers behind)
 
     def __init__(self, url: str, *, pool: int = 16, timeout: float = 5.0) -> None:
         import redis
@@ -271,28 +296,20 @@ class RedisEngine:
         self.timeout = timeout
         self._redis = redis
         self._workers = Workers(pool, "meshd-redis")
-        self._bridge: AsyncioBridge | None = None  # while run() runs
-        self._ar: Any = None
-        self._ascripts: dict[str, Any] = {}
-        self._watch_limiter = trio.CapacityLimiter(1)
+        self._mux: resp.Multiplexer | None = None  # while run() runs
         opts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                                 "health_check_interval": HEALTH_CHECK,
                                 "retry": Retry(NoBackoff(), 0)}
         try:
+            self._addr = resp.address(url)
             self._pool = redis.BlockingConnectionPool.from_url(
                 url, max_connections=pool, timeout=timeout, **opts)
-            # watches hold a connection for as long as they run: not one of the pool's
-            self._watch_pool = redis.ConnectionPool.from_url(url, max_connections=2, **opts)
-        except (ValueError, redis.RedisError) as exc:
+        except (ValueError, OSError, redis.RedisError) as exc:
             raise self._down(exc) from None
         self._r = redis.Redis(connection_pool=self._pool)
-        self._watch_r = redis.Redis(connection_pool=self._watch_pool)
         number = self._pool.connection_kwargs.get("db", 0)
         self.channel = f"meshd:changes:{number}".encode()
-        self._scripts = {n: self._r.register_script(src) for n, src in (
-            ("write", _WRITE), ("copy_value", _COPY_VALUE), ("copy_delete", _COPY_DELETE),
-            ("delete", _DELETE), ("counter", _COUNTER), ("set_change", _SET_CHANGE),
-            ("tidy", _TIDY), ("drop", _DROP))}
+        self._scripts = {n: self._r.register_script(src) for n, src in _SOURCES.items()}
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -306,7 +323,8 @@ class RedisEngine:
         redacted cause; meshd's own errors as they are."""
         if isinstance(exc, EngineDown | MeshError):
             return exc
-        if isinstance(exc, self._redis.RedisError | OSError):
+        if isinstance(exc, self._redis.RedisError | OSError | resp.ReplyFailed
+                      | resp.hiredis.HiredisError):
             return self._down(exc)
         return EngineDown(BACKEND, f"{type(exc).__name__}: "
                                    f"{redact(str(exc)[:200], self.url)}")
@@ -320,56 +338,47 @@ class RedisEngine:
                 raise
             raise failure from None
 
-    # --- the asyncio client (hot paths) ------------------------------------------------------
-
-    async def _aclient(self) -> Any:
-        """The redis.asyncio client, made on the bridge's loop on first use."""
-        if self._ar is None:
-            import redis.asyncio as aredis
-            from redis.asyncio.retry import Retry as ARetry
-            from redis.backoff import NoBackoff
-
-            pool = aredis.BlockingConnectionPool.from_url(
-                self.url, max_connections=self.pool_size, timeout=self.timeout,
-                socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-                health_check_interval=HEALTH_CHECK, retry=ARetry(NoBackoff(), 0))
-            self._ar = aredis.Redis(connection_pool=pool)
-            self._ascripts = {n: self._ar.register_script(src) for n, src in (
-                ("write", _WRITE), ("delete", _DELETE), ("counter", _COUNTER),
-                ("set_change", _SET_CHANGE))}
-        return self._ar
+    # --- the multiplexed connection (hot paths) ----------------------------------------------
 
     async def _ascript(self, which: str, db: str, tbl: str, key: str, by: str,
                        *extra: Any) -> Any:
-        await self._aclient()
-        return await self._ascripts[which](
-            keys=self._keys(db, tbl, key),
-            args=[tbl, key, self.channel, _payload(db, tbl, key, by), *extra])
+        assert self._mux is not None
+        return await self._mux.script(
+            _SOURCES[which], self._keys(db, tbl, key),
+            [tbl, key, self.channel, _payload(db, tbl, key, by), *extra])
 
     def _fetch1(self, db: str, tbl: str, key: str) -> tuple[Any, Any, Any]:
         return self._fetch(db, tbl, [key])[0]
 
     async def _afetch(self, db: str, tbl: str, key: str) -> tuple[Any, Any, Any]:
-        r = await self._aclient()
-        got = await _queue_fetch(r.pipeline(transaction=True), db, tbl, [key]).execute()
-        return got[0], got[1], got[2]
+        assert self._mux is not None
+        flat, counter, members = await self._mux.script(
+            _READ, [name("v", db, tbl, key), name("n", db, tbl), name("s", db, tbl, key)],
+            [key])
+        return dict(zip(flat[::2], flat[1::2], strict=True)), counter, members
+
+    async def _aone(self, *command: Any) -> Any:
+        assert self._mux is not None
+        reply = (await self._mux.call(command))[0]
+        if isinstance(reply, resp.ReplyFailed):
+            raise reply
+        return reply
 
     async def _ahget(self, hkey: bytes, field: str) -> Any:
-        return await (await self._aclient()).hget(hkey, field)
+        return await self._aone("HGET", hkey, field)
 
     async def _asmembers(self, skey: bytes) -> Any:
-        return await (await self._aclient()).smembers(skey)
+        return await self._aone("SMEMBERS", skey)
 
     async def _hot(self, fn: Callable[..., Any], sync: Callable[..., Any], *args: Any) -> Any:
-        """`await fn(*args)` on the bridge's loop (single-key operations: no thread per
-        call), or `sync(*args)` in a worker thread while the loop is not running (before
-        run() started it, or without run(), as the engine's own tests use it); errors as
-        `_guard` maps them."""
-        bridge = self._bridge
-        if bridge is None:
+        """`await fn(*args)` on the multiplexed connection (single-key operations: no
+        thread per call), or `sync(*args)` in a worker thread while `run` is not running
+        (before it started, or without it, as some of the engine's own tests use it);
+        errors as `_guard` maps them."""
+        if self._mux is None:
             return await self._call(sync, *args)
         try:
-            return await bridge.call(fn, *args)
+            return await fn(*args)
         except Exception as exc:
             failure = self._failure(exc)
             if failure is exc:
@@ -523,8 +532,12 @@ class RedisEngine:
                     break
         return n
 
-    def _record_now(self, db: str, tbl: str, key: str) -> Record | None:
-        rec = self._record(key, self._fetch(db, tbl, [key])[0], _now_ms())
+    async def _record_now(self, db: str, tbl: str, key: str) -> Record | None:
+        got = await self._hot(self._afetch, self._fetch1, db, tbl, key)
+        try:
+            rec = self._record(key, got, _now_ms())
+        except Exception as exc:
+            raise EngineDown(BACKEND, f"an unreadable record: {type(exc).__name__}") from None
         return rec if live(rec) else None
 
     # --- the Engine protocol ---------------------------------------------------------------
@@ -535,9 +548,9 @@ class RedisEngine:
         counter, members = await self._hot(
             self._ascript, self._script, "write", db, tbl, key, by, value, meta, version[0],
             version[1], by, "" if expiry is None else expiry)
-        return record(key, value, metadata, expiry, version, by,
-                      int(counter) if counter is not None else None,
-                      [m.decode() for m in members or ()], _now_ms())
+        return _readable(lambda: record(key, value, metadata, expiry, version, by,
+                                        int(counter) if counter is not None else None,
+                                        [m.decode() for m in members or ()], _now_ms()))
 
     async def read(self, db: str, tbl: str, q: Query, now_ms: int) -> list[Record]:
         if q.key is None:
@@ -563,19 +576,19 @@ class RedisEngine:
     async def counter(self, db: str, tbl: str, key: str, delta: int, by: str) -> int:
         if delta == 0:
             got = await self._hot(self._ahget, self._r.hget, name("n", db, tbl), key)
-            return int(got or 0)
-        return int(await self._hot(self._ascript, self._script, "counter", db, tbl, key, by,
-                                   delta))
+            return _readable(lambda: int(got or 0))
+        got = await self._hot(self._ascript, self._script, "counter", db, tbl, key, by, delta)
+        return _readable(lambda: int(got))
 
     async def members(self, db: str, tbl: str, key: str) -> list[str]:
         got = await self._hot(self._asmembers, self._r.smembers, name("s", db, tbl, key))
-        return sorted(m.decode() for m in got)
+        return _readable(lambda: sorted(m.decode() for m in got))
 
     async def set_change(self, db: str, tbl: str, key: str, add: list[str], remove: list[str],
                          by: str) -> list[str]:
         got = await self._hot(self._ascript, self._script, "set_change", db, tbl, key, by,
                               len(remove), *remove, *add)
-        return sorted(m.decode() for m in got)
+        return _readable(lambda: sorted(m.decode() for m in got))
 
     async def copy_value(self, db: str, tbl: str, key: str, value: bytes,
                          metadata: dict[str, Any], expiry: int | None,
@@ -593,96 +606,88 @@ class RedisEngine:
         return int(await self._call(self._drop, db))
 
     async def close(self) -> None:
-        for pool in (self._pool, self._watch_pool):
-            await trio.to_thread.run_sync(pool.disconnect)
+        await trio.to_thread.run_sync(self._pool.disconnect)
         self._workers.close()
 
     # --- watches ---------------------------------------------------------------------------
 
-    def _subscribe(self) -> Any:
-        ps = self._watch_r.pubsub()
-        try:
-            ps.subscribe(self.channel)
-            deadline = time.monotonic() + self.timeout
-            while time.monotonic() < deadline:
-                msg = ps.get_message(timeout=max(0.0, deadline - time.monotonic()))
-                if msg and msg["type"] == "subscribe":
-                    return ps
-            raise self._redis.TimeoutError("no confirmation of the subscription")
-        except BaseException:
-            ps.close()
-            raise
-
     async def run(self, on_change: OnChange, wanted: Wanted,
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the asyncio loop of the hot paths, and serve watches, until cancelled."""
-        bridge = AsyncioBridge("meshd-redis-loop")
-
-        async def close_client() -> None:
-            if self._ar is not None:
-                await self._ar.aclose()
-                self._ar = None
-        bridge.on_stop.append(close_client)
+        """Own the multiplexed connection of the hot paths, and serve watches, until
+        cancelled."""
+        mux = resp.Multiplexer(self._addr, self.timeout)
         async with trio.open_nursery() as nursery:
-            await nursery.start(bridge.run)
-            self._bridge = bridge
+            await nursery.start(mux.run)
+            self._mux = mux
             try:
                 await self._watch(on_change, wanted, task_status)
             finally:
-                self._bridge = None
+                self._mux = None
                 nursery.cancel_scope.cancel()
 
     async def _watch(self, on_change: OnChange, wanted: Wanted, task_status: Any) -> None:
-        """Report every change published by meshd's writers (module docstring: Watches)."""
-        started, backoff = False, BACKOFF_MIN
-        while True:
-            ps = None
+        """Report every change published by meshd's writers (module docstring: Watches).
+        The subscription only queues what it hears; a task of its own reads back and
+        reports, so a slow read never stops the subscriber socket being read."""
+        send, recv = trio.open_memory_channel[tuple[str, str, str, str]](WATCH_QUEUE)
+
+        def heard(data: bytes) -> None:
+            change = self._parse(data)
+            if change is None or not wanted(*change[:3]):  # nobody watches it: no read
+                return
             try:
-                ps = await self._call(self._subscribe, limiter=self._watch_limiter)
-                if not started:
-                    started = True
-                    task_status.started()
-                backoff = BACKOFF_MIN
-                log.debug("redis watch subscribed")
-                while True:
-                    msg = await self._call(ps.get_message, True, POLL,
-                                           limiter=self._watch_limiter)
-                    if msg and msg.get("type") == "message":
-                        await self._deliver(msg["data"], on_change, wanted)
-            except EngineDown as exc:
-                log.warning("redis watch lost (%s); resubscribing in %.1f s", exc.detail,
-                            backoff)
-            finally:
-                if ps is not None:
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(ps.close, limiter=self._watch_limiter)
-            if not started:  # never hold meshd's start on a down engine
+                send.send_nowait(change)
+            except trio.WouldBlock:
+                self.dropped_changes += 1
+                log.warning("a redis change was dropped: watchers are behind")
+
+        started = False
+
+        def subscribed(_: Any = None) -> None:
+            nonlocal started, backoff
+            backoff = BACKOFF_MIN
+            if not started:
                 started = True
                 task_status.started()
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def _deliver(self, data: bytes, on_change: OnChange, wanted: Wanted) -> None:
-        # anyone who may connect can PUBLISH on the channel: the message is untrusted
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report, recv, on_change)
+            backoff = BACKOFF_MIN
+            while True:
+                try:
+                    await resp.follow(self._addr, self.channel, self.timeout, heard,
+                                      task_status=SimpleNamespace(started=subscribed))
+                except (*resp.ERRORS, trio.TooSlowError, resp.ReplyFailed) as exc:
+                    cause = redact(str(exc) or type(exc).__name__, self.url)
+                    log.warning("redis watch lost (%s); resubscribing in %.1f s", cause,
+                                backoff)
+                subscribed()  # never hold meshd's start on a down engine
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _parse(self, data: bytes) -> tuple[str, str, str, str] | None:
+        """(db, tbl, key, written_by) of a change message, None if malformed. Anyone who
+        may connect can PUBLISH on the channel: the message is untrusted, and only says
+        which key to read back (its "nothing left" flag is not believed)."""
         try:
-            gone = data[:1] == b"1"
             db, tbl, key, by = loads_json(data[1:], max_bytes=MAX_CHANGE)
         except (WireError, ValueError, TypeError):
             db = None
         if db is None or not all(isinstance(x, str) for x in (db, tbl, key, by)):
             self.bad_changes += 1
             log.debug("malformed redis change message: %r", data[:200])
-            return
-        if not wanted(db, tbl, key):  # nobody watches it: no read back
-            return
-        rec = None
-        if not gone:
+            return None
+        return db, tbl, key, by
+
+    async def _report(self, recv: Any, on_change: OnChange) -> None:
+        async for db, tbl, key, by in recv:
             try:
-                rec = await self._call(self._record_now, db, tbl, key)
+                rec = await self._record_now(db, tbl, key)
             except EngineDown as exc:  # the change is lost: at most once
-                log.debug("redis watch could not read %s/%s/%s: %s", db, tbl, key, exc.detail)
-                return
-        try:
-            on_change(db, tbl, key, rec, by)
-        except Exception:
-            log.exception("a store watcher failed on a redis change")
+                log.debug("redis watch could not read %r/%r/%r: %s", db, tbl, key,
+                          exc.detail)
+                continue
+            try:
+                on_change(db, tbl, key, rec, by)
+            except Exception:
+                log.exception("a store watcher failed on a redis change")

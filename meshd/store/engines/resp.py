@@ -1,0 +1,435 @@
+"""Redis connections on trio: one multiplexed connection for calls, one for the change feed.
+
+The Redis engine's hot paths (single-key operations and its watch) run here, in the node's
+own trio thread: redis-py's blocking client would need a worker thread per call and its
+asyncio client a loop in another thread, and crossing threads cost more than Redis's own
+work. hiredis parses the replies and packs the commands; this module only moves bytes.
+
+Rules:
+- `Multiplexer`: one connection carries every caller's commands, pipelined, as the
+  multiplexed connections of StackExchange.Redis and redis-rs do. A call's commands are
+  queued as one contiguous chunk together with its place in the reply queue (no checkpoint
+  between the two), and the writer task sends everything queued in one write; Redis
+  answers in order, so the reader task hands replies out first in, first out (a call that
+  expects n replies takes the next n; an error reply counts as one).
+- The connection is made on first use: connect, then AUTH (as redis-py: user and password
+  when the URL names a user) and SELECT. Callers that queued behind a connection attempt
+  that failed get its failure instead of trying again one after another. Any I/O or
+  protocol failure closes the connection and fails every call waiting on it; the next call
+  connects anew, so the same engine works again once Redis is back. Nothing is resent: a
+  call that failed may or may not have been applied.
+- Every call has one deadline, `timeout` after it began, covering the connect and the
+  replies. The connection watches the deadline of its oldest call, whether or not that
+  caller still waits (a cancelled caller keeps its place; its replies are read and
+  dropped): past it, the connection is closed and every call on it fails (a reply that late
+  means the connection or Redis is stuck, and every later call is queued behind it).
+- Bounded: at most MAX_WAITING calls and MAX_OUTGOING unsent bytes per connection; past
+  that a call fails at once (`Overloaded`).
+- `follow`: a connection in subscriber mode on one channel, handing each message's payload
+  to a callback. It PINGs every `ping_every` seconds and ends (TimeoutError) when nothing,
+  not even the PONG, arrived for `ping_every + timeout`: a connection that went silent (an
+  idle NAT or load balancer dropped it) is found and the caller subscribes again. TCP
+  keepalive is on for both kinds of connection.
+- URLs: redis://, rediss:// (TLS) and unix:// as redis-py reads them
+  (redis.connection.parse_url), with redis-py's TLS options: ssl_ca_certs, ssl_ca_path,
+  ssl_ca_data, ssl_certfile, ssl_keyfile, ssl_password, ssl_cert_reqs (required, the
+  default; optional; none), ssl_check_hostname (on unless ssl_cert_reqs=none),
+  ssl_min_version (771 = TLS 1.2, 772 = TLS 1.3) and ssl_ciphers. Any other ssl_ option is refused
+  rather than ignored.
+- The tasks of a connection run in the nursery of the `Multiplexer.run` that made it and
+  end with it; `follow`'s in its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import hiredis
+import trio
+
+READ_SIZE = 65536
+MAX_WAITING = 10_000  # calls queued on one connection
+MAX_OUTGOING = 64 * 1024 * 1024  # bytes queued and not yet sent on one connection
+PING_EVERY = 10.0  # seconds between PINGs on a subscriber connection
+_MORE = object()  # hiredis: not enough data yet (a RESP3 false is False, never this)
+ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, hiredis.HiredisError)
+
+
+class ReplyFailed(Exception):
+    """Redis answered a call with an error reply (its text is the message)."""
+
+
+class Overloaded(OSError):
+    """Too many calls (or bytes) already queued on the connection."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str | None
+    port: int
+    path: str | None
+    username: str | None = field(repr=False)
+    password: str | None = field(repr=False)
+    db: int
+    tls: ssl.SSLContext | None = None
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
+              "required": ssl.CERT_REQUIRED}
+_TLS_OPTIONS = {"ssl_ca_certs", "ssl_ca_path", "ssl_ca_data", "ssl_certfile", "ssl_keyfile",
+                "ssl_password", "ssl_cert_reqs", "ssl_check_hostname", "ssl_min_version",
+                "ssl_ciphers"}
+
+
+def _tls_context(kw: dict[str, Any]) -> ssl.SSLContext:
+    unknown = sorted(k for k in kw if k.startswith("ssl_") and k not in _TLS_OPTIONS)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not supported by meshd's Redis client")
+    reqs = kw.get("ssl_cert_reqs", "required")
+    if isinstance(reqs, str):
+        if reqs not in _CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}")
+        reqs = _CERT_REQS[reqs]
+    ctx = ssl.create_default_context()  # the system's CAs, plus any given below
+    if kw.get("ssl_ca_certs") or kw.get("ssl_ca_path") or kw.get("ssl_ca_data"):
+        ctx.load_verify_locations(kw.get("ssl_ca_certs"), kw.get("ssl_ca_path"),
+                                  kw.get("ssl_ca_data"))
+    ctx.check_hostname = bool(kw.get("ssl_check_hostname", True)) and reqs != ssl.CERT_NONE
+    ctx.verify_mode = reqs
+    if kw.get("ssl_keyfile") and not kw.get("ssl_certfile"):
+        raise ValueError("ssl_keyfile needs ssl_certfile")
+    if kw.get("ssl_certfile"):
+        ctx.load_cert_chain(kw["ssl_certfile"], kw.get("ssl_keyfile"),
+                            password=kw.get("ssl_password") or "")  # never a prompt
+    version = kw.get("ssl_min_version")
+    if version is not None:
+        try:
+            ctx.minimum_version = ssl.TLSVersion(version)
+        except ValueError:
+            raise ValueError("ssl_min_version is a TLS version number, as redis-py reads it: "
+                             "771 (TLS 1.2) or 772 (TLS 1.3)") from None
+    if kw.get("ssl_ciphers"):
+        ctx.set_ciphers(kw["ssl_ciphers"])
+    return ctx
+
+
+def address(url: str) -> Address:
+    """Where `url` points. Raises ValueError (or OSError, ssl.SSLError: unreadable TLS
+    files) for a URL that cannot be used."""
+    from redis.connection import SSLConnection, parse_url
+
+    kw = parse_url(url)
+    tls = _tls_context(kw) if kw.get("connection_class") is SSLConnection else None
+    return Address(kw.get("host", "localhost") if "path" not in kw else None,
+                   int(kw.get("port", 6379)), kw.get("path"), kw.get("username"),
+                   kw.get("password"), int(kw.get("db", 0) or 0), tls)
+
+
+def script_sha(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+def _pack(commands: Sequence[Sequence[Any]]) -> bytes:
+    return b"".join(hiredis.pack_command(tuple(c)) for c in commands)
+
+
+def _keepalive(sock: Any) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+async def _open(addr: Address, deadline: float) -> tuple[trio.abc.Stream, Any]:
+    """A connected, authenticated stream on the right db, and its reply reader; by
+    `deadline` (TimeoutError after it)."""
+    reader = hiredis.Reader(replyError=ReplyFailed, notEnoughData=_MORE)
+    raw: trio.abc.Stream | None = None
+    try:
+        with trio.fail_at(deadline):
+            if addr.path is not None:
+                raw = stream = await trio.open_unix_socket(addr.path)
+            else:
+                tcp = await trio.open_tcp_stream(addr.host or "localhost", addr.port)
+                raw = stream = tcp
+                _keepalive(tcp)
+                if addr.tls is not None:
+                    stream = trio.SSLStream(tcp, addr.tls, server_hostname=addr.host,
+                                            https_compatible=True)
+                    await stream.do_handshake()
+            hello: list[tuple[Any, ...]] = []
+            if addr.username:  # as redis-py: a named user, with its password or ""
+                hello.append(("AUTH", addr.username, addr.password or ""))
+            elif addr.password:
+                hello.append(("AUTH", addr.password))
+            if addr.db:
+                hello.append(("SELECT", addr.db))
+            if hello:
+                await stream.send_all(_pack(hello))
+                for _ in hello:
+                    reply = await _next_reply(stream, reader)
+                    if isinstance(reply, ReplyFailed):
+                        raise reply
+    except BaseException as exc:
+        if raw is not None:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(raw)
+        if isinstance(exc, trio.TooSlowError):
+            raise TimeoutError("no connection to Redis in time") from None
+        raise
+    return stream, reader
+
+
+async def _next_reply(stream: trio.abc.Stream, reader: Any) -> Any:
+    while (reply := reader.gets()) is _MORE:
+        data = await stream.receive_some(READ_SIZE)
+        if not data:
+            raise ConnectionResetError("Redis closed the connection")
+        reader.feed(data)
+    return reply
+
+
+class _Call:
+    __slots__ = ("count", "deadline", "done", "error", "replies")
+
+    def __init__(self, count: int, deadline: float) -> None:
+        self.count = count
+        self.deadline = deadline
+        self.replies: list[Any] = []
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
+class _Connection:
+    def __init__(self, stream: trio.abc.Stream, reader: Any) -> None:
+        self.stream = stream
+        self.reader = reader
+        self.waiting: collections.deque[_Call] = collections.deque()
+        self.outgoing: list[bytes] = []
+        self.outgoing_bytes = 0
+        self.lot = trio.lowlevel.ParkingLot()  # the writer and the deadline watch park here
+        self.closed = False
+        self._scope = trio.CancelScope()
+
+    def queue(self, call: _Call, data: bytes) -> None:
+        if len(self.waiting) >= MAX_WAITING or self.outgoing_bytes + len(data) > MAX_OUTGOING:
+            raise Overloaded("too many calls queued on the connection to Redis")
+        self.outgoing.append(data)
+        self.outgoing_bytes += len(data)
+        self.waiting.append(call)
+        self.lot.unpark_all()
+
+    def fail(self, exc: BaseException) -> None:
+        """Close: every call still waiting gets `exc`, and the tasks end."""
+        if self.closed:
+            return
+        self.closed = True
+        while self.waiting:
+            call = self.waiting.popleft()
+            call.error = exc
+            call.done.set()
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        """Writer, reader and deadline watch, until the connection fails or the owner
+        ends."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write)
+                    nursery.start_soon(self._read)
+                    nursery.start_soon(self._deadlines)
+        finally:
+            self.fail(ConnectionResetError("the connection to Redis was closed"))
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                if not self.outgoing:
+                    await self.lot.park()
+                    continue
+                data = b"".join(self.outgoing)
+                self.outgoing.clear()
+                self.outgoing_bytes = 0
+                await self.stream.send_all(data)
+        except ERRORS as exc:
+            self.fail(exc)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                data = await self.stream.receive_some(READ_SIZE)
+                if not data:
+                    raise ConnectionResetError("Redis closed the connection")
+                self.reader.feed(data)
+                while (reply := self.reader.gets()) is not _MORE:
+                    if not self.waiting:
+                        raise hiredis.ProtocolError("a reply nobody asked for")
+                    call = self.waiting[0]
+                    call.replies.append(reply)
+                    if len(call.replies) == call.count:
+                        self.waiting.popleft()
+                        call.done.set()
+        except ERRORS as exc:
+            self.fail(exc)
+
+    async def _deadlines(self) -> None:
+        """Close the connection when its oldest call is past its deadline."""
+        while True:
+            if not self.waiting:
+                await self.lot.park()
+                continue
+            head = self.waiting[0]
+            with trio.move_on_at(head.deadline):
+                await head.done.wait()
+                continue
+            self.fail(TimeoutError("no reply from Redis in time"))
+            return
+
+
+class Multiplexer:
+    """Calls of many tasks over one pipelined connection (module docstring)."""
+
+    def __init__(self, addr: Address, timeout: float) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self._conn: _Connection | None = None
+        self._connecting = trio.Lock()
+        self._attempts_ended = 0
+        self._last_failure: str | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the connection's tasks until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            if self._conn is not None:
+                self._conn.fail(ConnectionResetError("the engine stopped"))
+                self._conn = None
+
+    async def _connection(self, deadline: float) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        seen = self._attempts_ended  # an attempt under way now ends after this
+        acquired = False
+        with trio.move_on_at(deadline):
+            await self._connecting.acquire()
+            acquired = True
+        if not acquired:
+            raise TimeoutError("no connection to Redis in time")
+        try:
+            conn = self._conn
+            if conn is not None and not conn.closed:
+                return conn
+            if self._attempts_ended != seen and self._last_failure is not None:
+                raise ConnectionError(self._last_failure)  # the attempt we waited on
+            if self._nursery is None:
+                raise ConnectionResetError("the engine is not running")
+            try:
+                stream, reader = await _open(self.addr, deadline)
+            except Exception as exc:  # (a cancelled caller's attempt fails nobody else)
+                self._attempts_ended += 1
+                self._last_failure = str(exc) or type(exc).__name__
+                raise
+            self._attempts_ended += 1
+            self._last_failure = None
+            nursery = self._nursery
+            conn = _Connection(stream, reader)
+            if nursery is None:  # the engine stopped while we connected
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+                raise ConnectionResetError("the engine is not running")
+            nursery.start_soon(conn.run)
+            self._conn = conn
+            return conn
+        finally:
+            self._connecting.release()
+
+    async def call(self, *commands: Sequence[Any]) -> list[Any]:
+        """Send `commands` as one chunk; their replies, in order. Error replies are in the
+        list as ReplyFailed instances (a script's caller raises them, see `script`)."""
+        if not commands:
+            return []
+        deadline = trio.current_time() + self.timeout
+        conn = await self._connection(deadline)
+        call = _Call(len(commands), deadline)
+        conn.queue(call, _pack(commands))
+        with trio.move_on_at(deadline + 1.0):  # the connection ends it at the deadline
+            await call.done.wait()
+        if not call.done.is_set():
+            conn.fail(TimeoutError("no reply from Redis in time"))
+        if call.error is not None:
+            raise call.error
+        return call.replies
+
+    async def script(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """EVALSHA of `source`, loading it with EVAL when Redis does not hold it yet (a
+        NOSCRIPT reply means the script did not run, so this never applies it twice)."""
+        sha = script_sha(source)
+        reply = (await self.call(("EVALSHA", sha, len(keys), *keys, *args)))[0]
+        if isinstance(reply, ReplyFailed) and str(reply).startswith("NOSCRIPT"):
+            reply = (await self.call(("EVAL", source, len(keys), *keys, *args)))[0]
+        if isinstance(reply, ReplyFailed):
+            raise reply
+        return reply
+
+
+async def follow(addr: Address, channel: bytes, timeout: float,
+                 on_message: Callable[[bytes], None], ping_every: float = PING_EVERY,
+                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Subscribe to `channel` on a connection of its own and call `on_message` (which must
+    not block) with each message's payload; started once the subscription is confirmed.
+    Returns never: raises when the connection ends or goes silent (module docstring)."""
+    stream, reader = await _open(addr, trio.current_time() + timeout)
+    try:
+        await stream.send_all(_pack([("SUBSCRIBE", channel)]))
+        with trio.fail_after(timeout):
+            reply = await _next_reply(stream, reader)
+        if isinstance(reply, ReplyFailed):
+            raise reply
+        if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
+            raise hiredis.ProtocolError("no confirmation of the subscription")
+        task_status.started()
+
+        silent = trio.CancelScope(deadline=trio.current_time() + ping_every + timeout)
+        lost: list[BaseException] = []
+
+        async def ping() -> None:
+            try:
+                while True:
+                    await trio.sleep(ping_every)
+                    await stream.send_all(_pack([("PING",)]))
+            except ERRORS as exc:
+                lost.append(exc)
+                silent.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping)
+            with silent:
+                while True:
+                    msg = await _next_reply(stream, reader)
+                    silent.deadline = trio.current_time() + ping_every + timeout
+                    if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message" \
+                            and isinstance(msg[2], bytes):
+                        on_message(msg[2])
+            nursery.cancel_scope.cancel()
+        if lost:
+            raise lost[0]
+        raise TimeoutError(f"the subscription went silent for {ping_every + timeout:g} s")
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
