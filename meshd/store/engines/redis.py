@@ -63,6 +63,7 @@ engine object works again once Redis is back.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -100,6 +101,12 @@ def name(kind: str, *parts: str) -> bytes:
     return b"meshd:" + kind.encode() + b":" + b"".join(_part(p) for p in parts)
 
 
+@functools.lru_cache(maxsize=4096)
+def _table_part(db: str, tbl: str) -> bytes:
+    """P(db)P(tbl): the same few tables are named on every call."""
+    return _part(db) + _part(tbl)
+
+
 # Every per-key script gets KEYS = value hash, table counters, member set, table index,
 # database tables; ARGV[1] = table, ARGV[2] = key, ARGV[3] = channel, ARGV[4] = payload.
 _PRELUDE = """
@@ -109,8 +116,7 @@ local function dead()
   return redis.call('EXISTS', vkey, skey) == 0 and redis.call('HEXISTS', ckey, key) == 0
 end
 local function keep()
-  redis.call('ZADD', ikey, 0, key)
-  redis.call('SADD', tkey, tbl)
+  if redis.call('ZADD', ikey, 0, key) == 1 then redis.call('SADD', tkey, tbl) end
 end
 local function tidy()
   if dead() then
@@ -130,13 +136,15 @@ end
 local function put(value, meta, wall, counter, by, expiry)
   redis.call('DEL', vkey)
   redis.call('HSET', vkey, 'v', value, 'm', meta, 'w', wall, 'c', counter, 'b', by)
+  keep()
   if expiry ~= '' then
     redis.call('HSET', vkey, 'e', expiry)
     redis.call('PEXPIREAT', vkey, expiry)
+    tidy()  -- a value already expired leaves nothing
+    tell()
+  else
+    redis.call('PUBLISH', chan, '0' .. payload)  -- the key holds a value
   end
-  keep()
-  tidy()  -- a value already expired leaves nothing
-  tell()
 end
 """
 
@@ -352,9 +360,8 @@ class RedisEngine:
 
     async def _afetch(self, db: str, tbl: str, key: str) -> tuple[Any, Any, Any]:
         assert self._mux is not None
-        flat, counter, members = await self._mux.script(
-            _READ, [name("v", db, tbl, key), name("n", db, tbl), name("s", db, tbl, key)],
-            [key])
+        flat, counter, members = await self._mux.script(_READ, self._keys(db, tbl, key)[:3],
+                                                        [key])
         return dict(zip(flat[::2], flat[1::2], strict=True)), counter, members
 
     async def _aone(self, *command: Any) -> Any:
@@ -392,8 +399,10 @@ class RedisEngine:
         return await trio.to_thread.run_sync(self._guard, fn, args, limiter=limiter)
 
     def _keys(self, db: str, tbl: str, key: str) -> list[bytes]:
-        return [name("v", db, tbl, key), name("n", db, tbl), name("s", db, tbl, key),
-                name("i", db, tbl), name("t", db)]
+        dt = _table_part(db, tbl)
+        k = _part(key)
+        return [b"meshd:v:" + dt + k, b"meshd:n:" + dt, b"meshd:s:" + dt + k, b"meshd:i:" + dt,
+                name("t", db)]
 
     def _script(self, which: str, db: str, tbl: str, key: str, by: str, *extra: Any) -> Any:
         return self._scripts[which](keys=self._keys(db, tbl, key),

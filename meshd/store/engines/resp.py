@@ -43,6 +43,7 @@ Rules:
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import socket
 import ssl
@@ -131,6 +132,7 @@ def address(url: str) -> Address:
                    kw.get("password"), int(kw.get("db", 0) or 0), tls)
 
 
+@functools.lru_cache(maxsize=64)
 def script_sha(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 

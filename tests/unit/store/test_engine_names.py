@@ -68,3 +68,14 @@ def test_separators_in_parts_cannot_make_two_names_collide():
 def test_a_quoted_keyword_password_with_spaces_is_redacted_whole():
     shown = redact(r"could not connect (host=db1 password='two words \' here' dbname=x)")
     assert shown == "could not connect (host=db1 password=<password> dbname=x)"
+
+
+@given(st.text(max_size=20), st.text(max_size=20), st.text(max_size=20))
+def test_the_script_keys_are_the_documented_names(db, tbl, key):
+    """The hot path builds a key's five names from a cached (db, table) part: they are
+    exactly the names `name` documents (a mismatch would split one record in two)."""
+    from meshd.store.engines.redis import RedisEngine
+
+    keys = RedisEngine._keys(None, db, tbl, key)  # type: ignore[arg-type]
+    assert keys == [name("v", db, tbl, key), name("n", db, tbl), name("s", db, tbl, key),
+                    name("i", db, tbl), name("t", db)]
