@@ -40,9 +40,12 @@ from typing import Any, TypeVar
 
 import trio
 
+from meshd.errors import bad_request
 from meshd.wire import WireError, loads_json
 
+from . import pgsql
 from .base import EngineDown, OnChange, Query, Record, Wanted, record, redact
+from .pgpipe import BadParameter, Pipeline, Statement, StatementFailed
 from .workers import Workers
 
 log = logging.getLogger("meshd.store.postgres")
@@ -53,6 +56,7 @@ MAX_NOTICE = 8000  # bytes: PostgreSQL's own limit on a NOTIFY payload
 LISTEN_POLL = 1.0  # seconds the listening thread waits before it looks for cancellation
 STALL_GRACE = 2.0  # seconds past the timeout before the watchdog ends a call
 STALL_CHECK = 0.5  # how often it looks
+PIPELINES = 4  # pipelined connections per node for the single-key statements (pgpipe.py)
 
 TABLE_SQL = """
 CREATE TABLE IF NOT EXISTS meshd_kv (
@@ -139,6 +143,7 @@ class PostgresEngine:
             dsn, min_size=1, max_size=pool, open=False, timeout=timeout,
             kwargs=self._connect_args(), reconnect_timeout=0, name=f"meshd-{node}")
         self.pool.open(wait=False)
+        self._pipeline: Pipeline | None = None  # while run() runs
 
     def _connect_args(self) -> dict[str, Any]:
         ms = int(self.timeout * 1000)
@@ -150,6 +155,46 @@ class PostgresEngine:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._workers.run(self._guarded, fn, *args)
+
+    async def _hot(self, statement: Statement, *params: Any) -> list[tuple[Any, ...]]:
+        """A single-key statement: on the pipelined connection while `run` runs, else in a
+        worker thread (psycopg's RawCursor runs the same $n text); failures as EngineDown
+        naming the cause."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            return await self._run(_execute, statement.sql, params)
+        try:
+            return await pipeline.call(statement, params)
+        except BadParameter as exc:
+            raise bad_request(str(exc), id="meshd.store") from None
+        except (StatementFailed, OSError, ValueError) as exc:
+            cause = str(exc).strip() or type(exc).__name__
+        except Exception as exc:  # psycopg's errors of the connect (in its thread)
+            import psycopg
+
+            if not isinstance(exc, psycopg.Error):
+                raise
+            cause = str(exc).strip() or type(exc).__name__
+        raise EngineDown(self.backend, redact(cause, self.dsn))
+
+    def _connect_pipelined(self) -> Any:
+        """A connection for the pipeline (in a worker thread): the schema made, the hot
+        statements prepared."""
+        import psycopg
+
+        conn = psycopg.connect(self.dsn, **self._connect_args())
+        try:
+            if not self._schema_ready:
+                self._ensure_schema(conn)
+            for st in pgsql.ALL:
+                res = conn.pgconn.prepare(st.name.encode(), st.sql.encode())
+                if res.status != psycopg.pq.ExecStatus.COMMAND_OK:
+                    raise psycopg.OperationalError(
+                        (res.error_message or b"").decode(errors="replace").strip())
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         import psycopg
@@ -224,22 +269,16 @@ class PostgresEngine:
 
     async def write(self, db: str, tbl: str, key: str, value: bytes, metadata: dict[str, Any],
                     expiry: int | None, version: tuple[int, int], by: str) -> Record:
-        def go(conn: Any) -> tuple[Any, ...]:
-            return conn.execute(
-                f"INSERT INTO meshd_kv (db, tbl, key, value, metadata, expiry, ver_wall, "
-                "ver_count, written_by) VALUES (%(db)s, %(tbl)s, %(key)s, %(value)s, "
-                "%(meta)s, %(expiry)s, %(wall)s, %(count)s, %(by)s) "
-                "ON CONFLICT (db, tbl, key) DO UPDATE SET value = excluded.value, "
-                "metadata = excluded.metadata, expiry = excluded.expiry, "
-                "ver_wall = excluded.ver_wall, ver_count = excluded.ver_count, "
-                f"written_by = excluded.written_by RETURNING {COLUMNS}",
-                {"db": db, "tbl": tbl, "key": key, "value": value,
-                 "meta": json.dumps(metadata), "expiry": expiry, "wall": version[0],
-                 "count": version[1], "by": by}).fetchone()
-        return _record(await self._run(go), _now_ms())
+        rows = await self._hot(pgsql.WRITE, db, tbl, key, value, json.dumps(metadata), expiry,
+                               version[0], version[1], by)
+        return _record(rows[0], _now_ms())
 
     async def read(self, db: str, tbl: str, q: Query, now_ms: int) -> list[Record]:
-        rows = await self._run(self._select, COLUMNS, db, tbl, q, now_ms)
+        if q.key is not None and not q.offset:
+            rows = await self._hot(pgsql.READ_KEY, db, tbl, q.key, now_ms)
+            rows = [r for r in rows if q.matches(r[0])]
+        else:
+            rows = await self._run(self._select, COLUMNS, db, tbl, q, now_ms)
         return [_record(r, now_ms) for r in rows]
 
     async def list_keys(self, db: str, tbl: str, q: Query, now_ms: int) -> list[str]:
@@ -272,11 +311,8 @@ class PostgresEngine:
         return conn.execute(sql, params).fetchall()
 
     async def delete(self, db: str, tbl: str, key: str, by: str) -> bool:
-        def go(conn: Any) -> bool:
-            row = conn.execute(f"DELETE FROM meshd_kv WHERE {KEY} RETURNING {LIVE}",
-                               {"db": db, "tbl": tbl, "key": key, "now": _now_ms()}).fetchone()
-            return bool(row and row[0])
-        return await self._run(go)
+        rows = await self._hot(pgsql.DELETE, db, tbl, key, _now_ms())
+        return bool(rows and rows[0][0])
 
     async def tables(self, db: str) -> list[str]:
         def go(conn: Any) -> list[str]:
@@ -285,46 +321,24 @@ class PostgresEngine:
         return await self._run(go)
 
     async def counter(self, db: str, tbl: str, key: str, delta: int, by: str) -> int:
-        args = {"db": db, "tbl": tbl, "key": key, "delta": delta, "by": by}
-
-        def go(conn: Any) -> int:
-            if delta == 0:
-                row = conn.execute(f"SELECT counter FROM meshd_kv WHERE {KEY}", args).fetchone()
-            else:
-                row = conn.execute(
-                    "INSERT INTO meshd_kv (db, tbl, key, counter) VALUES (%(db)s, %(tbl)s, "
-                    "%(key)s, %(delta)s) ON CONFLICT (db, tbl, key) DO UPDATE SET "
-                    "counter = meshd_kv.counter + excluded.counter RETURNING counter",
-                    args).fetchone()
-            return int(row[0]) if row else 0
-        return await self._run(go)
+        if delta == 0:
+            rows = await self._hot(pgsql.COUNTER, db, tbl, key)
+        else:
+            rows = await self._hot(pgsql.COUNTER_ADD, db, tbl, key, delta)
+        return int(rows[0][0]) if rows else 0
 
     async def members(self, db: str, tbl: str, key: str) -> list[str]:
-        def go(conn: Any) -> list[str]:
-            row = conn.execute(f"SELECT members FROM meshd_kv WHERE {KEY}",
-                               {"db": db, "tbl": tbl, "key": key}).fetchone()
-            return sorted(row[0]) if row else []
-        return await self._run(go)
+        rows = await self._hot(pgsql.MEMBERS, db, tbl, key)
+        return sorted(rows[0][0]) if rows else []
 
     async def set_change(self, db: str, tbl: str, key: str, add: list[str], remove: list[str],
                          by: str) -> list[str]:
-        args = {"db": db, "tbl": tbl, "key": key, "add": sorted(set(add)), "rm": remove}
-
-        def go(conn: Any) -> list[str]:
-            if not add:
-                row = conn.execute(
-                    "UPDATE meshd_kv SET members = ARRAY(SELECT m FROM unnest(members) m "
-                    f"WHERE NOT m = ANY(%(rm)s::text[]) ORDER BY m) WHERE {KEY} "
-                    "RETURNING members", args).fetchone()
-            else:
-                row = conn.execute(
-                    "INSERT INTO meshd_kv (db, tbl, key, members) VALUES (%(db)s, %(tbl)s, "
-                    "%(key)s, %(add)s::text[]) ON CONFLICT (db, tbl, key) DO UPDATE SET "
-                    "members = ARRAY(SELECT m FROM unnest(meshd_kv.members) m "
-                    "WHERE NOT m = ANY(%(rm)s::text[]) UNION SELECT unnest(%(add)s::text[]) "
-                    "ORDER BY 1) RETURNING members", args).fetchone()
-            return sorted(row[0]) if row else []
-        return await self._run(go)
+        if add:
+            rows = await self._hot(pgsql.SET_CHANGE, db, tbl, key, json.dumps(sorted(set(add))),
+                                   json.dumps(remove))
+        else:
+            rows = await self._hot(pgsql.SET_REMOVE, db, tbl, key, json.dumps(remove))
+        return sorted(rows[0][0]) if rows else []
 
     async def copy_value(self, db: str, tbl: str, key: str, value: bytes,
                          metadata: dict[str, Any], expiry: int | None,
@@ -386,7 +400,10 @@ class PostgresEngine:
                 except trio.WouldBlock:
                     log.warning("watch events of %s dropped: watchers are behind", db)
 
+        pipeline = Pipeline(self._connect_pipelined, self.timeout, PIPELINES)
         async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            self._pipeline = pipeline
             nursery.start_soon(self._sweeper)
             nursery.start_soon(self._watchdog)
             nursery.start_soon(self._report, recv, on_change)
@@ -395,6 +412,8 @@ class PostgresEngine:
                 await trio.to_thread.run_sync(self._listen, heard, token, cancellable=True)
             finally:
                 self._stop.set()
+                self._pipeline = None
+                nursery.cancel_scope.cancel()
 
     def _listen(self, heard: Callable[[str], None], token: Any) -> None:
         """The listening connection's thread: LISTEN, hand each notification to the trio
@@ -473,6 +492,14 @@ class PostgresEngine:
                 await self._run(go)
             except EngineDown as exc:
                 log.debug("expired rows not swept: %s", exc.detail)
+
+
+def _execute(conn: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """A $n statement through psycopg (the hot statements before the pipeline runs)."""
+    import psycopg
+
+    cur = psycopg.RawCursor(conn).execute(sql, params)
+    return cur.fetchall() if cur.description is not None else []
 
 
 def _now_ms() -> int:
