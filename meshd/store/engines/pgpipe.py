@@ -19,12 +19,9 @@ Rules:
   began less than STUCK ago), so they share its batches; another is opened only when every
   open one is held up, so a statement waiting on a row lock (another client's
   transaction) holds up only the calls already behind it on its connection.
-- As in resp.py: one deadline per call (`timeout` after it began) covers the connect and
-  the answer; the connection is closed when its oldest call is past its deadline, whether
-  or not that caller still waits (a cancelled caller keeps its place; its result is read
-  and dropped); callers queued behind a failed connect get its failure; at most
-  MAX_WAITING calls per connection (`Overloaded` past it). Any failure of the connection
-  fails every call on it; the next call connects anew. Nothing is resent.
+- Deadlines, queue bounds and connecting once as inflight.py says (as for Redis). Any
+  failure of a connection fails every call on it; the next call connects anew. Nothing is
+  resent. When no more connections can be had, a call queues on the least busy one.
 - Parameters go as text, except those the statement marks binary (bytea values). Results
   come as text and are converted by the statement's column kinds (text, bytea, int, json,
   bool); JSON is decoded with meshd's bounded decoder.
@@ -33,7 +30,6 @@ Rules:
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,17 +38,14 @@ import trio
 
 from meshd.wire import loads_json
 
-MAX_WAITING = 10_000
+from .inflight import Call, Gate, Inflight
+
 STUCK = 0.2  # seconds the oldest call of a connection waits before calls go elsewhere
 MAX_JSON = 64 * 1024 * 1024  # bytes of one JSON column (metadata, members)
 
 
 class StatementFailed(Exception):
     """PostgreSQL refused the statement (its error message)."""
-
-
-class Overloaded(OSError):
-    """Too many calls already queued on the connection."""
 
 
 @dataclass(frozen=True)
@@ -96,23 +89,22 @@ def _param(value: Any) -> bytes | None:
     return text.encode()
 
 
-class _Call:
-    __slots__ = ("deadline", "done", "ended", "error", "result", "statement")
+class _Call(Call):
+    __slots__ = ("ended", "result", "statement")
 
     def __init__(self, statement: Statement, deadline: float) -> None:
+        super().__init__(deadline)
         self.statement = statement
-        self.deadline = deadline
         self.result: Any = None
         self.ended = False  # the end of its results came; its Sync is next
-        self.error: BaseException | None = None
-        self.done = trio.Event()
 
 
-class _Connection:
+class _Connection(Inflight):
     def __init__(self, conn: Any) -> None:
         import psycopg
         from psycopg import pq
 
+        super().__init__("PostgreSQL")
         self.conn = conn
         self.pg = conn.pgconn
         self.pq = pq
@@ -120,40 +112,17 @@ class _Connection:
         self.fd = self.pg.socket
         self.pg.nonblocking = 1
         self.pg.enter_pipeline_mode()
-        self.waiting: collections.deque[_Call] = collections.deque()  # in queue order
         self.sent = 0  # how many of `waiting` (from its head) were sent
         self.outgoing: list[tuple[_Call, list[bytes | None], list[int]]] = []
-        self.lot = trio.lowlevel.ParkingLot()
-        self.closed = False
-        self._scope = trio.CancelScope()
 
     def queue(self, call: _Call, params: list[bytes | None], formats: list[int]) -> None:
-        if len(self.waiting) >= MAX_WAITING:
-            raise Overloaded("too many calls queued on the connection to PostgreSQL")
+        self.admit(call)
         self.outgoing.append((call, params, formats))
-        self.waiting.append(call)
-        self.lot.unpark_all()
 
-    def fail(self, exc: BaseException) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        while self.waiting:
-            call = self.waiting.popleft()
-            call.error = exc
-            call.done.set()
-        self._scope.cancel()
-
-    async def run(self) -> None:
-        try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write)
-                    nursery.start_soon(self._read)
-                    nursery.start_soon(self._deadlines)
-        finally:
-            self.fail(ConnectionResetError("the connection to PostgreSQL was closed"))
+    async def serve(self) -> None:
+        async def close() -> None:
             self.conn.close()  # PQfinish: a Terminate message, never a wait
+        await self.run([self._write, self._read], close)
 
     def _why(self) -> str:
         return (self.pg.error_message or b"").decode(errors="replace").strip() \
@@ -215,18 +184,6 @@ class _Connection:
             self.fail(exc if isinstance(exc, OSError)
                       else ConnectionResetError(str(exc) or self._why()))
 
-    async def _deadlines(self) -> None:
-        while True:
-            if not self.waiting:
-                await self.lot.park()
-                continue
-            head = self.waiting[0]
-            with trio.move_on_at(head.deadline):
-                await head.done.wait()
-                continue
-            self.fail(TimeoutError("no answer from PostgreSQL in time"))
-            return
-
 
 def _rows(res: Any, columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
     readers = [_READERS[c] for c in columns]
@@ -252,9 +209,7 @@ class Pipeline:
         self.timeout = timeout
         self.size = max(1, size)
         self._conns: list[_Connection] = []
-        self._connecting = trio.Lock()
-        self._attempts_ended = 0
-        self._last_failure: str | None = None
+        self._gate = Gate("PostgreSQL")
         self._nursery: trio.Nursery | None = None
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -287,44 +242,27 @@ class Pipeline:
         conn = self._choice()
         if conn is not None:
             return conn
-        seen = self._attempts_ended  # an attempt under way now ends after this
-        acquired = False
-        with trio.move_on_at(deadline):
-            await self._connecting.acquire()
-            acquired = True
-        if not acquired:
-            raise TimeoutError("no connection to PostgreSQL in time")
-        try:
-            conn = self._choice()
-            if conn is not None:
-                return conn
-            busy = min(self._conns, key=lambda c: len(c.waiting), default=None)
-            if self._attempts_ended != seen and self._last_failure is not None:
-                if busy is not None:
-                    return busy
-                raise ConnectionError(self._last_failure)  # the attempt we waited on
+        busy = min(self._conns, key=lambda c: len(c.waiting), default=None)
+
+        async def connect() -> _Connection:
             if self._nursery is None:
                 raise ConnectionResetError("the engine is not running")
-            try:
-                # the connect's own timeout bounds the thread (connect_timeout)
-                raw = await trio.to_thread.run_sync(self._connect, cancellable=True)
-            except Exception as exc:
-                self._attempts_ended += 1
-                self._last_failure = str(exc).strip() or type(exc).__name__
-                if busy is not None and not busy.closed:
-                    return busy
-                raise
-            self._attempts_ended += 1
-            self._last_failure = None
+            # the connect's own timeout bounds the thread (connect_timeout)
+            raw = await trio.to_thread.run_sync(self._connect, cancellable=True)
             conn = _Connection(raw)
             if self._nursery is None:
                 raw.close()
                 raise ConnectionResetError("the engine is not running")
-            self._nursery.start_soon(conn.run)
+            self._nursery.start_soon(conn.serve)
             self._conns.append(conn)
             return conn
-        finally:
-            self._connecting.release()
+
+        try:
+            return await self._gate.open(deadline, self._choice, connect)
+        except Exception:
+            if busy is not None and not busy.closed:
+                return busy  # no more connections to be had: queue behind the held-up one
+            raise
 
     async def call(self, statement: Statement, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Run a prepared statement; its rows, converted by its column kinds."""
@@ -334,10 +272,5 @@ class Pipeline:
         call = _Call(statement, deadline)
         conn.queue(call, encoded,
                    [1 if i in statement.binary else 0 for i in range(len(params))])
-        with trio.move_on_at(deadline + 1.0):  # the connection ends it at the deadline
-            await call.done.wait()
-        if not call.done.is_set():
-            conn.fail(TimeoutError("no answer from PostgreSQL in time"))
-        if call.error is not None:
-            raise call.error
+        await conn.wait(call)
         return call.result or []

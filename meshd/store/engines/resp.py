@@ -18,13 +18,8 @@ Rules:
   protocol failure closes the connection and fails every call waiting on it; the next call
   connects anew, so the same engine works again once Redis is back. Nothing is resent: a
   call that failed may or may not have been applied.
-- Every call has one deadline, `timeout` after it began, covering the connect and the
-  replies. The connection watches the deadline of its oldest call, whether or not that
-  caller still waits (a cancelled caller keeps its place; its replies are read and
-  dropped): past it, the connection is closed and every call on it fails (a reply that late
-  means the connection or Redis is stuck, and every later call is queued behind it).
-- Bounded: at most MAX_WAITING calls and MAX_OUTGOING unsent bytes per connection; past
-  that a call fails at once (`Overloaded`).
+- Deadlines, queue bounds and connecting once as inflight.py says; also at most
+  MAX_OUTGOING unsent bytes per connection (`Overloaded` past it).
 - `follow`: a connection in subscriber mode on one channel, handing each message's payload
   to a callback. It PINGs every `ping_every` seconds and ends (TimeoutError) when nothing,
   not even the PONG, arrived for `ping_every + timeout`: a connection that went silent (an
@@ -42,7 +37,6 @@ Rules:
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import socket
@@ -54,8 +48,9 @@ from typing import Any
 import hiredis
 import trio
 
+from .inflight import Call, Gate, Inflight, Overloaded
+
 READ_SIZE = 65536
-MAX_WAITING = 10_000  # calls queued on one connection
 MAX_OUTGOING = 64 * 1024 * 1024  # bytes queued and not yet sent on one connection
 PING_EVERY = 10.0  # seconds between PINGs on a subscriber connection
 _MORE = object()  # hiredis: not enough data yet (a RESP3 false is False, never this)
@@ -64,10 +59,6 @@ ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, hiredis.H
 
 class ReplyFailed(Exception):
     """Redis answered a call with an error reply (its text is the message)."""
-
-
-class Overloaded(OSError):
-    """Too many calls (or bytes) already queued on the connection."""
 
 
 @dataclass(frozen=True)
@@ -197,60 +188,33 @@ async def _next_reply(stream: trio.abc.Stream, reader: Any) -> Any:
     return reply
 
 
-class _Call:
-    __slots__ = ("count", "deadline", "done", "error", "replies")
+class _Call(Call):
+    __slots__ = ("count", "replies")
 
     def __init__(self, count: int, deadline: float) -> None:
+        super().__init__(deadline)
         self.count = count
-        self.deadline = deadline
         self.replies: list[Any] = []
-        self.error: BaseException | None = None
-        self.done = trio.Event()
 
 
-class _Connection:
+class _Connection(Inflight):
     def __init__(self, stream: trio.abc.Stream, reader: Any) -> None:
+        super().__init__("Redis")
         self.stream = stream
         self.reader = reader
-        self.waiting: collections.deque[_Call] = collections.deque()
         self.outgoing: list[bytes] = []
         self.outgoing_bytes = 0
-        self.lot = trio.lowlevel.ParkingLot()  # the writer and the deadline watch park here
-        self.closed = False
-        self._scope = trio.CancelScope()
 
     def queue(self, call: _Call, data: bytes) -> None:
-        if len(self.waiting) >= MAX_WAITING or self.outgoing_bytes + len(data) > MAX_OUTGOING:
-            raise Overloaded("too many calls queued on the connection to Redis")
+        if self.outgoing_bytes + len(data) > MAX_OUTGOING:
+            raise Overloaded("too many bytes queued on the connection to Redis")
+        self.admit(call)
         self.outgoing.append(data)
         self.outgoing_bytes += len(data)
-        self.waiting.append(call)
-        self.lot.unpark_all()
 
-    def fail(self, exc: BaseException) -> None:
-        """Close: every call still waiting gets `exc`, and the tasks end."""
-        if self.closed:
-            return
-        self.closed = True
-        while self.waiting:
-            call = self.waiting.popleft()
-            call.error = exc
-            call.done.set()
-        self._scope.cancel()
-
-    async def run(self) -> None:
-        """Writer, reader and deadline watch, until the connection fails or the owner
-        ends."""
-        try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write)
-                    nursery.start_soon(self._read)
-                    nursery.start_soon(self._deadlines)
-        finally:
-            self.fail(ConnectionResetError("the connection to Redis was closed"))
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self.stream)
+    async def serve(self) -> None:
+        await self.run([self._write, self._read],
+                       lambda: trio.aclose_forcefully(self.stream))
 
     async def _write(self) -> None:
         try:
@@ -283,19 +247,6 @@ class _Connection:
         except ERRORS as exc:
             self.fail(exc)
 
-    async def _deadlines(self) -> None:
-        """Close the connection when its oldest call is past its deadline."""
-        while True:
-            if not self.waiting:
-                await self.lot.park()
-                continue
-            head = self.waiting[0]
-            with trio.move_on_at(head.deadline):
-                await head.done.wait()
-                continue
-            self.fail(TimeoutError("no reply from Redis in time"))
-            return
-
 
 class Multiplexer:
     """Calls of many tasks over one pipelined connection (module docstring)."""
@@ -304,9 +255,7 @@ class Multiplexer:
         self.addr = addr
         self.timeout = timeout
         self._conn: _Connection | None = None
-        self._connecting = trio.Lock()
-        self._attempts_ended = 0
-        self._last_failure: str | None = None
+        self._gate = Gate("Redis")
         self._nursery: trio.Nursery | None = None
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -322,44 +271,29 @@ class Multiplexer:
                 self._conn.fail(ConnectionResetError("the engine stopped"))
                 self._conn = None
 
-    async def _connection(self, deadline: float) -> _Connection:
+    def _ready(self) -> _Connection | None:
         conn = self._conn
-        if conn is not None and not conn.closed:
+        return conn if conn is not None and not conn.closed else None
+
+    async def _connection(self, deadline: float) -> _Connection:
+        conn = self._ready()
+        if conn is not None:
             return conn
-        seen = self._attempts_ended  # an attempt under way now ends after this
-        acquired = False
-        with trio.move_on_at(deadline):
-            await self._connecting.acquire()
-            acquired = True
-        if not acquired:
-            raise TimeoutError("no connection to Redis in time")
-        try:
-            conn = self._conn
-            if conn is not None and not conn.closed:
-                return conn
-            if self._attempts_ended != seen and self._last_failure is not None:
-                raise ConnectionError(self._last_failure)  # the attempt we waited on
+
+        async def connect() -> _Connection:
             if self._nursery is None:
                 raise ConnectionResetError("the engine is not running")
-            try:
-                stream, reader = await _open(self.addr, deadline)
-            except Exception as exc:  # (a cancelled caller's attempt fails nobody else)
-                self._attempts_ended += 1
-                self._last_failure = str(exc) or type(exc).__name__
-                raise
-            self._attempts_ended += 1
-            self._last_failure = None
-            nursery = self._nursery
+            stream, reader = await _open(self.addr, deadline)
             conn = _Connection(stream, reader)
-            if nursery is None:  # the engine stopped while we connected
+            if self._nursery is None:  # the engine stopped while we connected
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
                 raise ConnectionResetError("the engine is not running")
-            nursery.start_soon(conn.run)
+            self._nursery.start_soon(conn.serve)
             self._conn = conn
             return conn
-        finally:
-            self._connecting.release()
+
+        return await self._gate.open(deadline, self._ready, connect)
 
     async def call(self, *commands: Sequence[Any]) -> list[Any]:
         """Send `commands` as one chunk; their replies, in order. Error replies are in the
@@ -370,12 +304,7 @@ class Multiplexer:
         conn = await self._connection(deadline)
         call = _Call(len(commands), deadline)
         conn.queue(call, _pack(commands))
-        with trio.move_on_at(deadline + 1.0):  # the connection ends it at the deadline
-            await call.done.wait()
-        if not call.done.is_set():
-            conn.fail(TimeoutError("no reply from Redis in time"))
-        if call.error is not None:
-            raise call.error
+        await conn.wait(call)
         return call.replies
 
     async def script(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:

@@ -10,7 +10,7 @@ import socket
 import pytest
 import trio
 
-from meshd.store.engines import resp
+from meshd.store.engines import inflight, resp
 
 
 def addr_of(port: int, **kw) -> resp.Address:
@@ -90,7 +90,7 @@ async def test_stalled_connection_is_closed_at_the_oldest_calls_deadline_even_if
 
 
 async def test_queue_is_bounded(nursery, monkeypatch):
-    monkeypatch.setattr(resp, "MAX_WAITING", 3)
+    monkeypatch.setattr(inflight, "MAX_WAITING", 3)
     port = await silent_server(nursery)
     mux = resp.Multiplexer(addr_of(port), timeout=5.0)
     await nursery.start(mux.run)

@@ -1,0 +1,141 @@
+"""What the pipelined engine connections share (resp.py for Redis, pgpipe.py for
+PostgreSQL): the calls in flight on one connection, their deadlines, and connecting once.
+
+Rules:
+- `Inflight` holds a connection's calls in the order they were queued (the order the
+  server answers in). At most MAX_WAITING (`Overloaded` past it). `fail(exc)` ends every
+  call still waiting with `exc` and cancels the connection's tasks; nothing is resent.
+- A call's deadline is `timeout` after it began and covers the connect too. The
+  connection watches the deadline of its oldest call, whether or not that caller still
+  waits (a cancelled caller keeps its place; its answer is read and dropped): past it, the
+  connection fails (an answer that late means the connection or the server is stuck, and
+  every later call is queued behind it). `wait` has a backstop a second later.
+- `Gate`: one connect attempt at a time, each bounded by the caller's deadline; callers
+  that queued behind an attempt that failed get its failure instead of trying again one
+  after another (k callers would otherwise wait k timeouts).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+
+MAX_WAITING = 10_000  # calls queued on one connection
+T = TypeVar("T")
+
+
+class Overloaded(OSError):
+    """Too many calls already queued on the connection."""
+
+
+class Call:
+    __slots__ = ("deadline", "done", "error")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
+class Inflight:
+    def __init__(self, server: str) -> None:
+        self.server = server  # for messages: "Redis", "PostgreSQL"
+        self.waiting: collections.deque[Any] = collections.deque()
+        self.lot = trio.lowlevel.ParkingLot()  # tasks waiting for work park here
+        self.closed = False
+        self._scope = trio.CancelScope()
+
+    def admit(self, call: Call) -> None:
+        """Queue `call` (its request must be queued with it, with no checkpoint between)."""
+        if len(self.waiting) >= MAX_WAITING:
+            raise Overloaded(f"too many calls queued on the connection to {self.server}")
+        self.waiting.append(call)
+        self.lot.unpark_all()
+
+    def fail(self, exc: BaseException) -> None:
+        """Close: every call still waiting gets `exc`, and the tasks end."""
+        if self.closed:
+            return
+        self.closed = True
+        while self.waiting:
+            call = self.waiting.popleft()
+            call.error = exc
+            call.done.set()
+        self._scope.cancel()
+
+    async def run(self, tasks: list[Callable[[], Awaitable[None]]],
+                  close: Callable[[], Awaitable[None]]) -> None:
+        """The connection's `tasks` and its deadline watch, until it fails or the owner
+        ends; then `close` (shielded)."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    for task in tasks:
+                        nursery.start_soon(task)
+                    nursery.start_soon(self._deadlines)
+        finally:
+            self.fail(ConnectionResetError(f"the connection to {self.server} was closed"))
+            with trio.CancelScope(shield=True):
+                await close()
+
+    async def _deadlines(self) -> None:
+        while True:
+            if not self.waiting:
+                await self.lot.park()
+                continue
+            head = self.waiting[0]
+            with trio.move_on_at(head.deadline):
+                await head.done.wait()
+                continue
+            self.fail(TimeoutError(f"no answer from {self.server} in time"))
+            return
+
+    async def wait(self, call: Call) -> None:
+        """Until `call` is answered (or failed); raises its error."""
+        with trio.move_on_at(call.deadline + 1.0):  # the deadline watch ends it first
+            await call.done.wait()
+        if not call.done.is_set():
+            self.fail(TimeoutError(f"no answer from {self.server} in time"))
+        if call.error is not None:
+            raise call.error
+
+
+class Gate:
+    """Connect attempts one at a time (module docstring)."""
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+        self._lock = trio.Lock()
+        self._ended = 0
+        self._failure: str | None = None
+
+    async def open(self, deadline: float, ready: Callable[[], T | None],
+                   connect: Callable[[], Awaitable[T]]) -> T:
+        """`ready()` if it gives a connection once the gate is ours, else `connect()`."""
+        seen = self._ended  # an attempt under way now ends after this
+        acquired = False
+        with trio.move_on_at(deadline):
+            await self._lock.acquire()
+            acquired = True
+        if not acquired:
+            raise TimeoutError(f"no connection to {self.server} in time")
+        try:
+            got = ready()
+            if got is not None:
+                return got
+            if self._ended != seen and self._failure is not None:
+                raise ConnectionError(self._failure)  # the attempt we waited on
+            try:
+                conn = await connect()
+            except Exception as exc:  # (a cancelled caller's attempt fails nobody else)
+                self._ended += 1
+                self._failure = str(exc).strip() or type(exc).__name__
+                raise
+            self._ended += 1
+            self._failure = None
+            return conn
+        finally:
+            self._lock.release()
