@@ -274,3 +274,20 @@ class Pipeline:
                    [1 if i in statement.binary else 0 for i in range(len(params))])
         await conn.wait(call)
         return call.result or []
+
+
+async def notifications(conn: Any, heard: Callable[[bytes], None]) -> None:
+    """Hand the payload of every notification that arrives on `conn` (a psycopg
+    connection that LISTENs) to `heard`, driving its libpq connection from this trio
+    thread; raises (OSError, psycopg.Error) when the connection is lost."""
+    from psycopg import pq
+
+    pg = conn.pgconn
+    pg.nonblocking = 1
+    while True:
+        while (note := pg.notifies()) is not None:
+            heard(note.extra)
+        await trio.lowlevel.wait_readable(pg.socket)
+        pg.consume_input()
+        if pg.status != pq.ConnStatus.OK:
+            raise ConnectionResetError("the listening connection to PostgreSQL failed")

@@ -15,10 +15,15 @@ Rules:
   expired more than a minute ago and hold nothing else, every SWEEP_EVERY seconds.
 - Watches: a trigger NOTIFYs channel `meshd_kv` with (db, tbl, key, deleted, application
   name) for every row changed, whoever changed it (psql included); each node LISTENs on one
-  connection of its own, reads back what a watcher wants and reports it. A node's sessions
+  connection of its own (driven from its trio thread, pgpipe.notifications), reads back what
+  a watcher wants and reports it (the notice only names the key: anyone who may connect
+  can NOTIFY). A node's sessions
   are named `meshd:NODE`, so an event says which node made the change. Notifications missed
   while the listening connection was down are lost (as LISTEN/NOTIFY promises); it
   reconnects with backoff.
+- The single-key statements (pgsql.py) run prepared on pipelined connections driven from
+  the node's trio thread (pgpipe.py) while `run` runs; scans, tables, copies and drops on
+  the pool in worker threads.
 - The pool (psycopg_pool) holds up to `pool` connections per node; every statement is
   bounded by `timeout` (statement_timeout, pool wait, connect timeout). A failure is an
   EngineDown naming the cause (never the DSN); a failure on a broken connection makes the
@@ -45,7 +50,7 @@ from meshd.wire import WireError, loads_json
 
 from . import pgsql
 from .base import EngineDown, OnChange, Query, Record, Wanted, record, redact
-from .pgpipe import BadParameter, Pipeline, Statement, StatementFailed
+from .pgpipe import BadParameter, Pipeline, Statement, StatementFailed, notifications
 from .workers import Workers
 
 log = logging.getLogger("meshd.store.postgres")
@@ -53,7 +58,6 @@ T = TypeVar("T")
 CHANNEL = "meshd_kv"
 SWEEP_EVERY = 60.0
 MAX_NOTICE = 8000  # bytes: PostgreSQL's own limit on a NOTIFY payload
-LISTEN_POLL = 1.0  # seconds the listening thread waits before it looks for cancellation
 STALL_GRACE = 2.0  # seconds past the timeout before the watchdog ends a call
 STALL_CHECK = 0.5  # how often it looks
 PIPELINES = 4  # pipelined connections per node for the single-key statements (pgpipe.py)
@@ -131,10 +135,7 @@ class PostgresEngine:
         self._workers = Workers(pool, "meshd-postgres")
         self._schema_ready = False
         self._schema_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._heard_lock = threading.Lock()
-        self._heard_queue: list[str] = []
-        self._heard_woken = False
+        self._check_lock = threading.Lock()
         # calls in flight: deadline and socket (the watchdog ends those past it, since the
         # client has no read timeout of its own and statement_timeout needs a live server)
         self._calls: dict[object, tuple[float, int]] = {}
@@ -227,7 +228,7 @@ class PostgresEngine:
     def _check_soon(self) -> None:
         """Have the pool check its idle connections, in a thread of its own (a check meets
         the same dead server and waits for it: never on a caller's time)."""
-        with self._heard_lock:
+        with self._check_lock:
             if self._checking:
                 return
             self._checking = True
@@ -261,7 +262,6 @@ class PostgresEngine:
             self._schema_ready = True
 
     async def close(self) -> None:
-        self._stop.set()
         await trio.to_thread.run_sync(self.pool.close)
         self._workers.close()
 
@@ -380,11 +380,11 @@ class PostgresEngine:
 
     async def run(self, on_change: OnChange, wanted: Wanted,
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        send, recv = trio.open_memory_channel[tuple[str, str, str, bool, str]](10_000)
-        token = trio.lowlevel.current_trio_token()
+        send, recv = trio.open_memory_channel[tuple[str, str, str, str]](10_000)
 
-        def heard(payload: str) -> None:
-            # anyone who may connect can NOTIFY this channel: the payload is untrusted
+        def heard(payload: bytes) -> None:
+            # anyone who may connect can NOTIFY this channel: the payload is untrusted, and
+            # only says which key to read back (its "deleted" flag is not believed)
             try:
                 db, tbl, key, deleted, app = loads_json(payload, max_bytes=MAX_NOTICE)
             except (WireError, ValueError, TypeError):
@@ -396,7 +396,7 @@ class PostgresEngine:
                 return
             if wanted(db, tbl, key):
                 try:
-                    send.send_nowait((db, tbl, key, bool(deleted), _app_node(app)))
+                    send.send_nowait((db, tbl, key, _app_node(app)))
                 except trio.WouldBlock:
                     log.warning("watch events of %s dropped: watchers are behind", db)
 
@@ -409,64 +409,53 @@ class PostgresEngine:
             nursery.start_soon(self._report, recv, on_change)
             task_status.started()
             try:
-                await trio.to_thread.run_sync(self._listen, heard, token, cancellable=True)
+                await self._listen(heard)
             finally:
-                self._stop.set()
                 self._pipeline = None
                 nursery.cancel_scope.cancel()
 
-    def _listen(self, heard: Callable[[str], None], token: Any) -> None:
-        """The listening connection's thread: LISTEN, hand each notification to the trio
-        side, reconnect with backoff; returns when stopped."""
+    def _connect_listening(self) -> Any:
+        """The listening connection (in a worker thread): TCP keepalive on, so a connection
+        that went silent is found within a minute or so, then LISTEN."""
+        import psycopg
+
+        conn = psycopg.connect(self.dsn, **self._connect_args(), keepalives=1,
+                               keepalives_idle=30, keepalives_interval=10,
+                               keepalives_count=3)
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _listen(self, heard: Callable[[bytes], None]) -> None:
+        """LISTEN on a connection of its own, in this trio thread (pgpipe.notifications),
+        handing each notification to `heard`; reconnect with backoff. Until cancelled."""
         import psycopg
 
         backoff = 0.5
-        while not self._stop.is_set():
+        while True:
             try:
-                with psycopg.connect(self.dsn, **self._connect_args()) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                conn = await trio.to_thread.run_sync(self._connect_listening, cancellable=True)
+                try:
                     backoff = 0.5
-                    while not self._stop.is_set():
-                        for n in conn.notifies(timeout=LISTEN_POLL):
-                            self._heard(n.payload, heard, token)
-            except psycopg.Error as exc:
+                    await notifications(conn, heard)
+                finally:
+                    conn.close()
+            except (OSError, psycopg.Error) as exc:
                 log.info("postgres watch connection lost (%s); reconnecting",
                          redact(str(exc).strip(), self.dsn))
-            except trio.RunFinishedError:
-                return
-            self._stop.wait(backoff)
+            await trio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
-    def _heard(self, payload: str, heard: Callable[[str], None], token: Any) -> None:
-        """Queue a notification for trio, waking it once per burst (not once per row: a
-        blocking round trip per notification cost more than the writes themselves)."""
-        with self._heard_lock:
-            self._heard_queue.append(payload)
-            if self._heard_woken:
-                return
-            self._heard_woken = True
-
-        def drain() -> None:
-            with self._heard_lock:
-                self._heard_woken = False
-                payloads, self._heard_queue = self._heard_queue, []
-            for p in payloads:
-                try:
-                    heard(p)
-                except Exception:  # one odd notice never stops watches or the node
-                    log.exception("a postgres change notice could not be handled")
-        token.run_sync_soon(drain)
-
     async def _report(self, recv: Any, on_change: OnChange) -> None:
-        async for db, tbl, key, deleted, by in recv:
-            rec: Record | None = None
-            if not deleted:
-                try:
-                    rows = await self.read(db, tbl, Query(key=key), _now_ms())
-                except EngineDown:
-                    continue
-                rec = rows[0] if rows else None
-            on_change(db, tbl, key, rec, by)
+        async for db, tbl, key, by in recv:
+            try:
+                rows = await self.read(db, tbl, Query(key=key), _now_ms())
+            except EngineDown:
+                continue  # the change is lost: as LISTEN/NOTIFY, at most once
+            on_change(db, tbl, key, rows[0] if rows else None, by)
 
     async def _watchdog(self) -> None:
         """Shut down the socket of a call that outlived its deadline (a server or a network
