@@ -135,3 +135,36 @@ async def test_down_and_back_on_the_same_engine_object(tmp_path, nursery):
                     await trio.sleep(0.2)
         assert rows[0]["value"] == b"v"
         await eng.close()
+
+
+async def test_a_forged_notice_reports_what_postgresql_holds(server, nursery):
+    """Anyone who may connect can NOTIFY the channel: a notice saying a live key was
+    deleted is checked against the table (and junk is counted, never fatal)."""
+    import json
+
+    import psycopg
+
+    events: list[tuple] = []
+    eng = PostgresEngine(server.url, "node-a", pool=2, timeout=5.0)
+    await nursery.start(eng.run, lambda *ev: events.append(ev), lambda *k: True)
+    await eng.write("fdb", "t", "k", b"v", {}, None, (1, 0), "n")
+    with trio.fail_after(5):
+        while not events:
+            await trio.sleep(0.02)
+    events.clear()
+
+    def notify(payload: str) -> None:
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_notify('meshd_kv', %s)", (payload,))
+
+    await trio.to_thread.run_sync(notify, json.dumps(["fdb", "t", "k", True, "meshd:liar"]))
+    await trio.to_thread.run_sync(notify, "[" * 3000)
+    await trio.to_thread.run_sync(notify, json.dumps(["fdb", "t", "none", False, "x"]))
+    with trio.fail_after(5):
+        while len(events) < 2:
+            await trio.sleep(0.02)
+    assert events[0][:3] == ("fdb", "t", "k") and events[0][3]["value"] == b"v"
+    assert events[0][4] == "liar"
+    assert events[1][:4] == ("fdb", "t", "none", None)
+    assert eng.bad_notices == 1
+    await eng.close()
