@@ -32,12 +32,21 @@ class Overloaded(OSError):
 
 
 class Call:
-    __slots__ = ("deadline", "done", "error")
+    __slots__ = ("deadline", "error", "finished", "task")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
         self.error: BaseException | None = None
-        self.done = trio.Event()
+        self.finished = False
+        self.task: Any = None  # the caller while it waits
+
+    def finish(self) -> None:
+        """Answered (or failed): wake the caller if it still waits (no Event per call:
+        one is made and set for every operation on the hot path)."""
+        self.finished = True
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
 
 class Inflight:
@@ -63,7 +72,7 @@ class Inflight:
         while self.waiting:
             call = self.waiting.popleft()
             call.error = exc
-            call.done.set()
+            call.finish()
         self._scope.cancel()
 
     async def run(self, tasks: list[Callable[[], Awaitable[None]]],
@@ -82,22 +91,31 @@ class Inflight:
                 await close()
 
     async def _deadlines(self) -> None:
+        """Sleep until the oldest call's deadline (calls are queued in the order they
+        began, so it is the earliest); fail the connection if that call is still waiting
+        then. One wakeup per deadline, not per call."""
         while True:
             if not self.waiting:
                 await self.lot.park()
                 continue
-            head = self.waiting[0]
-            with trio.move_on_at(head.deadline):
-                await head.done.wait()
-                continue
-            self.fail(TimeoutError(f"no answer from {self.server} in time"))
-            return
+            deadline = self.waiting[0].deadline
+            if trio.current_time() >= deadline:
+                self.fail(TimeoutError(f"no answer from {self.server} in time"))
+                return
+            await trio.sleep_until(deadline)
 
     async def wait(self, call: Call) -> None:
         """Until `call` is answered (or failed); raises its error."""
-        with trio.move_on_at(call.deadline + 1.0):  # the deadline watch ends it first
-            await call.done.wait()
-        if not call.done.is_set():
+        if not call.finished:
+            call.task = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> Any:
+                call.task = None  # it keeps its place; its answer is dropped
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            with trio.move_on_at(call.deadline + 1.0):  # the deadline watch ends it first
+                await trio.lowlevel.wait_task_rescheduled(abort)
+        if not call.finished:
             self.fail(TimeoutError(f"no answer from {self.server} in time"))
         if call.error is not None:
             raise call.error

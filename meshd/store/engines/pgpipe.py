@@ -160,7 +160,7 @@ class _Connection(Inflight):
             elif res.status == status.PIPELINE_SYNC:
                 self.waiting.popleft()
                 self.sent -= 1
-                call.done.set()
+                call.finish()
             elif call.ended:
                 raise ConnectionResetError("PostgreSQL answered out of order")
             elif res.status in (status.TUPLES_OK, status.COMMAND_OK):

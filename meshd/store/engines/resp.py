@@ -243,7 +243,7 @@ class _Connection(Inflight):
                     call.replies.append(reply)
                     if len(call.replies) == call.count:
                         self.waiting.popleft()
-                        call.done.set()
+                        call.finish()
         except ERRORS as exc:
             self.fail(exc)
 
