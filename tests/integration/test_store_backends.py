@@ -64,6 +64,15 @@ def two(root: Path) -> tuple[Cluster, Daemon, Daemon]:
 SERVERS = {"postgres": (postgres, why_no_postgres), "redis": (redis, why_no_redis)}
 
 
+def bound(nodes: tuple[Daemon, ...], name: str, backend: str) -> None:
+    """Wait until every node in `nodes` serves `name` from `backend`: the binding reaches
+    other nodes by replication, and a write before that lands in the embedded store."""
+    def seen(node: Daemon) -> bool:
+        return any(r.get("name") == name and r.get("backend") == backend
+                   for r in control(node.data_dir, "store.databases", detail=True))
+    wait_for(lambda: all(seen(n) for n in nodes), 30, f"{name} bound to {backend} everywhere")
+
+
 @pytest.fixture(scope="module", params=["embedded", "postgres", "redis"])
 def mesh(request, tmp_path_factory) -> Iterator[Mesh]:
     backend = request.param
@@ -84,6 +93,7 @@ def mesh(request, tmp_path_factory) -> Iterator[Mesh]:
             out = meshd(a, "store", "databases", "create", DB, "--backend", backend,
                         "--dsn-file", dsn_file(root, server.url))
             assert out.returncode == 0, out.stderr
+            bound((a, b), DB, backend)
             yield Mesh(backend, a, b, server)
         finally:
             c.close()

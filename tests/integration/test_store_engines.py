@@ -15,7 +15,7 @@ from meshd.errors import MeshError
 
 from .cluster import control, wait_for
 from .engine_servers import postgres, redis, why_no_postgres, why_no_redis
-from .test_store_backends import dsn_file, meshd, two
+from .test_store_backends import bound, dsn_file, meshd, two
 
 SERVERS = {"postgres": (postgres, why_no_postgres), "redis": (redis, why_no_redis)}
 BACKENDS = pytest.mark.parametrize("backend", ["postgres", "redis"])
@@ -36,10 +36,12 @@ def with_password(url: str, password: str) -> str:
     return f"{scheme}://{user}:{password}@{rest}"
 
 
-def bind(node, name: str, backend: str, dsn: str) -> None:
+def bind(node, name: str, backend: str, dsn: str, *others) -> None:
+    """Bind on `node`; return once `others` serve it from the engine too."""
     out = meshd(node, "store", "databases", "create", name, "--backend", backend,
                 "--dsn-file", dsn)
     assert out.returncode == 0, out.stderr
+    bound((node, *others), name, backend)
 
 
 @BACKENDS
@@ -48,7 +50,7 @@ def test_engine_down_is_503_with_the_cause_and_service_resumes_when_it_is_back(b
     with server_for(backend, tmp_path) as server:
         c, a, b = two(tmp_path / "mesh")
         try:
-            bind(a, "orders", backend, dsn_file(tmp_path, server.url))
+            bind(a, "orders", backend, dsn_file(tmp_path, server.url), b)
             control(a.data_dir, "store.write", database="orders", key="k1", value=b"1")
             server.stop()
             started = time.monotonic()
@@ -74,7 +76,7 @@ def test_nothing_acknowledged_is_lost_when_a_node_is_killed_mid_write(backend, t
     with server_for(backend, tmp_path) as server:
         c, a, b = two(tmp_path / "mesh")
         try:
-            bind(a, "ledger", backend, dsn_file(tmp_path, server.url))
+            bind(a, "ledger", backend, dsn_file(tmp_path, server.url), b)
             acked: list[str] = []
             stop = threading.Event()
 
@@ -119,7 +121,7 @@ def test_the_dsn_is_never_shown_nor_logged(backend, tmp_path):
                 r = redis_client.Redis.from_url(server.url)
                 r.config_set("requirepass", password)
                 r.close()
-            bind(a, "vault", backend, dsn_file(tmp_path, url))
+            bind(a, "vault", backend, dsn_file(tmp_path, url), b)
             control(b.data_dir, "store.write", database="vault", key="k", value=b"v")
             server.stop()  # errors now: their causes must not carry the password
             for node in (a, b):
