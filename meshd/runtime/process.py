@@ -51,6 +51,7 @@ from .spec import Spec
 
 MAX_LINE = 8192
 HEALTH_EVERY = 1.0  # seconds between looks at the registry
+KILL_WAIT = 2.0  # seconds a stop waits for the rest of a group to die of its SIGKILL
 Logs = Callable[[str, str, list[dict[str, Any]]], Any]  # (service, instance, records)
 Environ = Callable[[Spec, str], Awaitable[dict[str, str]]]
 
@@ -346,6 +347,12 @@ class Replica:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
+        # the rest of the group dies of the same SIGKILL a moment later (the kernel tears
+        # each process down on its own): return once it is gone, so a stopped replica
+        # leaves nothing running (bounded: a process in uninterruptible sleep may linger)
+        with trio.move_on_after(KILL_WAIT):
+            while group_alive(proc.pid):
+                await trio.sleep(0.02)
 
     async def _forward(self, stream: Any, level: str, name: str) -> None:
         buf = b""
