@@ -82,6 +82,15 @@ MUTATIONS = [
              "    if False:",
              ("tests/integration/test_engine_pgpipe.py",),
              "a key with NUL is cut short by libpq instead of refused"),
+    Mutation("store-fast-path-skips-the-checks", "meshd/store/ops.py",
+             "                checked = self._store_args(args, write)\n"
+             "            except MeshError:\n                return False\n"
+             "            return bool(fast(checked, finish))",
+             "                checked = {**args, \"database\": args.get(\"database\")}\n"
+             "            except MeshError:\n                return False\n"
+             "            return bool(fast(checked, finish))",
+             ("tests/integration/test_store_fast_path.py",),
+             "the store's fast path answers without checking the caller"),
     Mutation("lww-tiebreak-ignores-node", "meshd/store/crdt.py",
              "return a if lww_ts(a) >= lww_ts(b) else b",
              "return a if lww_ts(a)[:2] >= lww_ts(b)[:2] else b",

@@ -36,6 +36,7 @@ from meshd.errors import MeshError, bad_request, not_found
 from meshd.hlc import HLC
 from meshd.membership.core import Membership
 from meshd.membership.messages import ALIVE
+from meshd.ops import Finish
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from . import crdt, paths
@@ -96,7 +97,7 @@ class StoreService:
         self._nursery: trio.Nursery | None = None
         self.engines = Engines(self, self.node, settings, self._engine_changed, self._wanted)
         self.stats = {"store_bad_messages": 0, "store_commits": 0, "store_reads": 0,
-                      "store_writes": 0}
+                      "store_writes": 0, "store_fast_path": 0}
         links.handlers[CHANNEL] = self._serve_channel
 
     def _peers(self) -> list[str]:
@@ -263,7 +264,9 @@ class StoreService:
                 self.rep.acks.pop(wid, None)
         return state
 
-    async def write(self, args: dict[str, Any]) -> Any:
+    def _write_args(self, args: dict[str, Any]
+                    ) -> tuple[str, str, str, bytes, dict[str, Any], int | None, int]:
+        """A write's (db, tbl, key, value, metadata, expiry, replicas), checked."""
         db, tbl = self._names(args)
         key = self._key(args)
         value = args.get("value")
@@ -285,6 +288,55 @@ class StoreService:
             raise bad_request("ttl is too large", id="meshd.store")
         replicas = _int_arg(args, "replicas", 1)
         expiry = _now_ms() + int(ttl * 1000) if ttl else None
+        return db, tbl, key, value, metadata, expiry, replicas
+
+    def write_fast(self, args: dict[str, Any], finish: Finish) -> bool:
+        """store.write on a database whose engine answers through a callback (the control
+        connection's fast path, no task); False sends it the ordinary way (an embedded
+        database, bad input, an engine not connected yet)."""
+        try:
+            db, tbl, key, value, metadata, expiry, _ = self._write_args(args)
+        except MeshError:
+            return False
+        engine = self.engines.engine_for(db)
+        fast = getattr(engine, "write_fast", None)
+        if fast is None:
+            return False
+        wall, count, _ = self.hlc.now()
+        if not fast(db, tbl, key, value, metadata, expiry, (wall, count), self.node, finish):
+            return False
+        self.stats["store_writes"] += 1
+        self.stats["store_fast_path"] += 1
+        return True
+
+    def read_fast(self, args: dict[str, Any], finish: Finish) -> bool:
+        """store.read of one key on an engine database, answered through a callback (as
+        write_fast); a scan, paging or filters go the ordinary way."""
+        key = args.get("key")
+        if not isinstance(key, str) or any(args.get(a) for a in (
+                "prefix", "suffix", "contains", "limit", "offset")):
+            return False
+        try:
+            db, tbl = self._names(args)
+        except MeshError:
+            return False
+        engine = self.engines.engine_for(db)
+        fast = getattr(engine, "read_fast", None)
+        if fast is None:
+            return False
+
+        def found(rows: Any, error: MeshError | None) -> None:
+            if error is None and not rows:
+                error = not_found(f"no key {key!r} in {db}/{tbl}", id="meshd.store")
+            finish(None if error is not None else rows, error)
+        if not fast(db, tbl, key, _now_ms(), found):
+            return False
+        self.stats["store_reads"] += 1
+        self.stats["store_fast_path"] += 1
+        return True
+
+    async def write(self, args: dict[str, Any]) -> Any:
+        db, tbl, key, value, metadata, expiry, replicas = self._write_args(args)
         engine = self.engines.engine_for(db)
         if engine is not None:
             self.stats["store_writes"] += 1

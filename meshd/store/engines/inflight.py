@@ -10,6 +10,8 @@ Rules:
   waits (a cancelled caller keeps its place; its answer is read and dropped): past it, the
   connection fails (an answer that late means the connection or the server is stuck, and
   every later call is queued behind it). `wait` has a backstop a second later.
+- A call is awaited by its caller (`wait`) or answered through a callback (`then`), run
+  where the answer is read: a request on a control connection's fast path needs no task.
 - `Gate`: one connect attempt at a time, each bounded by the caller's deadline; callers
   that queued behind an attempt that failed get its failure instead of trying again one
   after another (k callers would otherwise wait k timeouts).
@@ -18,11 +20,13 @@ Rules:
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
 
+log = logging.getLogger("meshd.store")
 MAX_WAITING = 10_000  # calls queued on one connection
 T = TypeVar("T")
 
@@ -32,21 +36,28 @@ class Overloaded(OSError):
 
 
 class Call:
-    __slots__ = ("deadline", "error", "finished", "task")
+    __slots__ = ("deadline", "error", "finished", "task", "then")
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, then: Callable[[Any], None] | None = None) -> None:
         self.deadline = deadline
         self.error: BaseException | None = None
         self.finished = False
         self.task: Any = None  # the caller while it waits
+        self.then = then  # or: called with the call once it is answered (no caller task)
 
     def finish(self) -> None:
         """Answered (or failed): wake the caller if it still waits (no Event per call:
-        one is made and set for every operation on the hot path)."""
+        one is made and set for every operation on the hot path), or call `then`."""
         self.finished = True
         task, self.task = self.task, None
         if task is not None:
             trio.lowlevel.reschedule(task)
+        then, self.then = self.then, None
+        if then is not None:
+            try:
+                then(self)
+            except Exception:  # a caller's bug never stops the connection
+                log.exception("an engine call's answer could not be handled")
 
 
 class Inflight:

@@ -561,6 +561,68 @@ class RedisEngine:
                                         int(counter) if counter is not None else None,
                                         [m.decode() for m in members or ()], _now_ms()))
 
+    def write_fast(self, db: str, tbl: str, key: str, value: bytes, metadata: dict[str, Any],
+                   expiry: int | None, version: tuple[int, int], by: str,
+                   done: Callable[[Any, MeshError | None], None]) -> bool:
+        """`write` answered through `done(record, None)` or `done(None, error)` without a
+        task (the control connection's fast path); False when it cannot be (no open
+        connection, odd metadata): the caller awaits `write` instead."""
+        mux = self._mux
+        if mux is None:
+            return False
+        try:
+            meta = _metadata(metadata)
+        except MeshError:
+            return False
+
+        def then(reply: Any, error: BaseException | None) -> None:
+            if error is not None:
+                done(None, self._answer_failure(error))
+                return
+            try:
+                counter, members = reply
+                rec = _readable(lambda: record(
+                    key, value, metadata, expiry, version, by,
+                    int(counter) if counter is not None else None,
+                    [m.decode() for m in members or ()], _now_ms()))
+            except (EngineDown, ValueError, TypeError) as exc:
+                done(None, self._answer_failure(exc))
+                return
+            done(rec, None)
+        return mux.script_soon(
+            _SOURCES["write"], self._keys(db, tbl, key),
+            [tbl, key, self.channel, _payload(db, tbl, key, by), value, meta, version[0],
+             version[1], by, "" if expiry is None else expiry], then)
+
+    def read_fast(self, db: str, tbl: str, key: str, now_ms: int,
+                  done: Callable[[Any, MeshError | None], None]) -> bool:
+        """`read` of one key answered through `done(rows, error)` (as write_fast)."""
+        mux = self._mux
+        if mux is None:
+            return False
+
+        def then(reply: Any, error: BaseException | None) -> None:
+            if error is not None:
+                done(None, self._answer_failure(error))
+                return
+            try:
+                flat, counter, members = reply
+                got = (dict(zip(flat[::2], flat[1::2], strict=True)), counter, members)
+                rec = self._record(key, got, now_ms)
+            except Exception as exc:
+                done(None, EngineDown(BACKEND, f"an unreadable record: {type(exc).__name__}"))
+                return
+            done([rec] if live(rec) else [], None)
+        return mux.script_soon(_READ, self._keys(db, tbl, key)[:3], [key], then)
+
+    def _answer_failure(self, exc: BaseException) -> MeshError:
+        """What a fast path answers for a failed call: meshd's own errors as they are,
+        anything else as EngineDown (503) with a redacted cause."""
+        if isinstance(exc, MeshError):
+            return exc
+        failure = self._failure(exc) if isinstance(exc, Exception) else None
+        return failure if isinstance(failure, MeshError) else self._down(exc)
+
     async def read(self, db: str, tbl: str, q: Query, now_ms: int) -> list[Record]:
         if q.key is None:
             return await self._call(self._read, db, tbl, q, now_ms)

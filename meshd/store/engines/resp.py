@@ -191,8 +191,9 @@ async def _next_reply(stream: trio.abc.Stream, reader: Any) -> Any:
 class _Call(Call):
     __slots__ = ("count", "replies")
 
-    def __init__(self, count: int, deadline: float) -> None:
-        super().__init__(deadline)
+    def __init__(self, count: int, deadline: float,
+                 then: Callable[[Any], None] | None = None) -> None:
+        super().__init__(deadline, then)
         self.count = count
         self.replies: list[Any] = []
 
@@ -306,6 +307,43 @@ class Multiplexer:
         conn.queue(call, _pack(commands))
         await conn.wait(call)
         return call.replies
+
+    def call_soon(self, commands: Sequence[Sequence[Any]],
+                  then: Callable[[list[Any] | None, BaseException | None], None]) -> bool:
+        """Queue `commands` on the open connection; `then(replies, None)` or `then(None,
+        error)` runs once answered, in the reader (it must not block). False, and nothing
+        queued, when no connection is open or the queue is full: the caller goes the way
+        that awaits (which connects)."""
+        conn = self._ready()
+        if conn is None or not commands:
+            return False
+        call = _Call(len(commands), trio.current_time() + self.timeout,
+                     lambda c: then(c.replies if c.error is None else None, c.error))
+        try:
+            conn.queue(call, _pack(commands))
+        except Overloaded:
+            return False
+        return True
+
+    def script_soon(self, source: str, keys: Sequence[Any], args: Sequence[Any],
+                    then: Callable[[Any, BaseException | None], None]) -> bool:
+        """`script`, answered through `then(reply, error)` as `call_soon` says."""
+        def answered(replies: list[Any] | None, error: BaseException | None) -> None:
+            reply = replies[0] if replies else None
+            if isinstance(reply, ReplyFailed) and str(reply).startswith("NOSCRIPT"):
+                if not self.call_soon([("EVAL", source, len(keys), *keys, *args)], loaded):
+                    then(None, ConnectionResetError("the connection to Redis was closed"))
+                return
+            loaded(replies, error)
+
+        def loaded(replies: list[Any] | None, error: BaseException | None) -> None:
+            reply = replies[0] if replies else None
+            if error is None and isinstance(reply, ReplyFailed):
+                error, reply = reply, None
+            then(reply, error)
+
+        return self.call_soon([("EVALSHA", script_sha(source), len(keys), *keys, *args)],
+                              answered)
 
     async def script(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """EVALSHA of `source`, loading it with EVAL when Redis does not hold it yet (a
