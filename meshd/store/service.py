@@ -298,16 +298,17 @@ class StoreService:
             db, tbl, key, value, metadata, expiry, _ = self._write_args(args)
         except MeshError:
             return False
-        engine = self.engines.engine_for(db)
-        fast = getattr(engine, "write_fast", None)
-        if fast is None:
-            return False
+        fast = getattr(self.engines.engine_for(db), "write_fast", None)
         wall, count, _ = self.hlc.now()
-        if not fast(db, tbl, key, value, metadata, expiry, (wall, count), self.node, finish):
-            return False
-        self.stats["store_writes"] += 1
-        self.stats["store_fast_path"] += 1
-        return True
+        return fast is not None and self._took("store_writes", fast(
+            db, tbl, key, value, metadata, expiry, (wall, count), self.node, finish))
+
+    def _took(self, stat: str, taken: bool) -> bool:
+        """Count an operation a fast path took (`taken`); whether it did."""
+        if taken:
+            self.stats[stat] += 1
+            self.stats["store_fast_path"] += 1
+        return taken
 
     def read_fast(self, args: dict[str, Any], finish: Finish) -> bool:
         """store.read of one key on an engine database, answered through a callback (as
@@ -320,8 +321,7 @@ class StoreService:
             db, tbl = self._names(args)
         except MeshError:
             return False
-        engine = self.engines.engine_for(db)
-        fast = getattr(engine, "read_fast", None)
+        fast = getattr(self.engines.engine_for(db), "read_fast", None)
         if fast is None:
             return False
 
@@ -329,11 +329,7 @@ class StoreService:
             if error is None and not rows:
                 error = not_found(f"no key {key!r} in {db}/{tbl}", id="meshd.store")
             finish(None if error is not None else rows, error)
-        if not fast(db, tbl, key, _now_ms(), found):
-            return False
-        self.stats["store_reads"] += 1
-        self.stats["store_fast_path"] += 1
-        return True
+        return self._took("store_reads", fast(db, tbl, key, _now_ms(), found))
 
     async def write(self, args: dict[str, Any]) -> Any:
         db, tbl, key, value, metadata, expiry, replicas = self._write_args(args)

@@ -575,20 +575,12 @@ class RedisEngine:
         except MeshError:
             return False
 
-        def then(reply: Any, error: BaseException | None) -> None:
-            if error is not None:
-                done(None, self._answer_failure(error))
-                return
-            try:
-                counter, members = reply
-                rec = _readable(lambda: record(
-                    key, value, metadata, expiry, version, by,
-                    int(counter) if counter is not None else None,
-                    [m.decode() for m in members or ()], _now_ms()))
-            except (EngineDown, ValueError, TypeError) as exc:
-                done(None, self._answer_failure(exc))
-                return
-            done(rec, None)
+        def written(reply: Any) -> Record:
+            counter, members = reply
+            return record(key, value, metadata, expiry, version, by,
+                          int(counter) if counter is not None else None,
+                          [m.decode() for m in members or ()], _now_ms())
+        then = self._answering(done, written)
         return mux.script_soon(
             _SOURCES["write"], self._keys(db, tbl, key),
             [tbl, key, self.channel, _payload(db, tbl, key, by), value, meta, version[0],
@@ -601,27 +593,35 @@ class RedisEngine:
         if mux is None:
             return False
 
-        def then(reply: Any, error: BaseException | None) -> None:
-            if error is not None:
-                done(None, self._answer_failure(error))
-                return
-            try:
-                flat, counter, members = reply
-                got = (dict(zip(flat[::2], flat[1::2], strict=True)), counter, members)
-                rec = self._record(key, got, now_ms)
-            except Exception as exc:
-                done(None, EngineDown(BACKEND, f"an unreadable record: {type(exc).__name__}"))
-                return
-            done([rec] if live(rec) else [], None)
+        def rows(reply: Any) -> list[Record]:
+            flat, counter, members = reply
+            rec = self._record(key, (dict(zip(flat[::2], flat[1::2], strict=True)), counter,
+                                     members), now_ms)
+            return [rec] if live(rec) else []
+        then = self._answering(done, rows)
         return mux.script_soon(_READ, self._keys(db, tbl, key)[:3], [key], then)
 
-    def _answer_failure(self, exc: BaseException) -> MeshError:
-        """What a fast path answers for a failed call: meshd's own errors as they are,
-        anything else as EngineDown (503) with a redacted cause."""
-        if isinstance(exc, MeshError):
-            return exc
-        failure = self._failure(exc) if isinstance(exc, Exception) else None
-        return failure if isinstance(failure, MeshError) else self._down(exc)
+    def _answering(self, done: Callable[[Any, MeshError | None], None],
+                   convert: Callable[[Any], Any]) -> Callable[[Any, BaseException | None], None]:
+        """A fast path's callback: `done(convert(reply), None)`, or `done(None, error)` with
+        the failure as an answer (meshd's own errors as they are; a reply that does not
+        convert is an unreadable record; anything else EngineDown with a redacted cause)."""
+        def then(reply: Any, error: BaseException | None) -> None:
+            if error is None:
+                try:
+                    result = convert(reply)
+                except MeshError as exc:
+                    error = exc
+                except Exception as exc:
+                    error = EngineDown(BACKEND, f"an unreadable record: {type(exc).__name__}")
+                else:
+                    done(result, None)
+                    return
+            if not isinstance(error, MeshError):
+                failure = self._failure(error) if isinstance(error, Exception) else None
+                error = failure if isinstance(failure, MeshError) else self._down(error)
+            done(None, error)
+        return then
 
     async def read(self, db: str, tbl: str, q: Query, now_ms: int) -> list[Record]:
         if q.key is None:
