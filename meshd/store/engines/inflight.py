@@ -12,6 +12,7 @@ Rules:
   every later call is queued behind it). `wait` has a backstop a second later.
 - A call is awaited by its caller (`wait`) or answered through a callback (`then`), run
   where the answer is read: a request on a control connection's fast path needs no task.
+- `Connections`: a client's connections, served by its `run` and failed when it ends.
 - `Gate`: one connect attempt at a time, each bounded by the caller's deadline; callers
   that queued behind an attempt that failed get its failure instead of trying again one
   after another (k callers would otherwise wait k timeouts).
@@ -168,3 +169,44 @@ class Gate:
             return conn
         finally:
             self._lock.release()
+
+
+class Connections:
+    """The pipelined connections of one engine client (resp.Multiplexer,
+    pgpipe.Pipeline): each served in the nursery of the client's `run`, all failed when it
+    ends, made one attempt at a time through `_gate`."""
+
+    def __init__(self, server: str) -> None:
+        self._conns: list[Any] = []  # newest last; closed ones leave at the next `_add`
+        self._gate = Gate(server)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the connections' tasks until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for conn in self._conns:
+                conn.fail(ConnectionResetError("the engine stopped"))
+            self._conns = []
+
+    async def _add(self, connect: Callable[[], Awaitable[T]], wrap: Callable[[T], Any],
+                   discard: Callable[[T], Awaitable[None]]) -> Any:
+        """`connect()`, `wrap` what it gives into a connection and serve it; refused while
+        `run` is not running (before it, or when it stopped during the connect: then what
+        was connected is `discard`ed)."""
+        if self._nursery is None:
+            raise ConnectionResetError("the engine is not running")
+        raw = await connect()
+        if self._nursery is None:
+            with trio.CancelScope(shield=True):
+                await discard(raw)
+            raise ConnectionResetError("the engine is not running")
+        conn = wrap(raw)
+        self._nursery.start_soon(conn.serve)
+        self._conns = [c for c in self._conns if not c.closed] + [conn]
+        return conn

@@ -38,7 +38,7 @@ import trio
 
 from meshd.wire import loads_json
 
-from .inflight import Call, Gate, Inflight
+from .inflight import Call, Connections, Inflight
 
 STUCK = 0.2  # seconds the oldest call of a connection waits before calls go elsewhere
 MAX_JSON = 64 * 1024 * 1024  # bytes of one JSON column (metadata, members)
@@ -199,30 +199,16 @@ def _rows(res: Any, columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
     return out
 
 
-class Pipeline:
+class Pipeline(Connections):
     """Prepared statements of many tasks over up to `size` pipelined connections (module
     docstring). `connect` is a blocking function (run in a worker thread) returning a
     psycopg connection in autocommit mode with the statements prepared on it."""
 
     def __init__(self, connect: Callable[[], Any], timeout: float, size: int = 4) -> None:
+        super().__init__("PostgreSQL")
         self._connect = connect
         self.timeout = timeout
         self.size = max(1, size)
-        self._conns: list[_Connection] = []
-        self._gate = Gate("PostgreSQL")
-        self._nursery: trio.Nursery | None = None
-
-    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
-            for conn in self._conns:
-                conn.fail(ConnectionResetError("the engine stopped"))
-            self._conns = []
 
     def _choice(self) -> _Connection | None:
         """The first live connection that is not held up (its oldest call began less than
@@ -244,18 +230,15 @@ class Pipeline:
             return conn
         busy = min(self._conns, key=lambda c: len(c.waiting), default=None)
 
-        async def connect() -> _Connection:
-            if self._nursery is None:
-                raise ConnectionResetError("the engine is not running")
+        async def opened() -> Any:
             # the connect's own timeout bounds the thread (connect_timeout)
-            raw = await trio.to_thread.run_sync(self._connect, cancellable=True)
-            conn = _Connection(raw)
-            if self._nursery is None:
-                raw.close()
-                raise ConnectionResetError("the engine is not running")
-            self._nursery.start_soon(conn.serve)
-            self._conns.append(conn)
-            return conn
+            return await trio.to_thread.run_sync(self._connect, cancellable=True)
+
+        async def discard(raw: Any) -> None:
+            raw.close()
+
+        async def connect() -> _Connection:
+            return await self._add(opened, _Connection, discard)
 
         try:
             return await self._gate.open(deadline, self._choice, connect)

@@ -48,7 +48,7 @@ from typing import Any
 import hiredis
 import trio
 
-from .inflight import Call, Gate, Inflight, Overloaded
+from .inflight import Call, Connections, Inflight, Overloaded
 
 READ_SIZE = 65536
 MAX_OUTGOING = 64 * 1024 * 1024  # bytes queued and not yet sent on one connection
@@ -249,28 +249,18 @@ class _Connection(Inflight):
             self.fail(exc)
 
 
-class Multiplexer:
+class Multiplexer(Connections):
     """Calls of many tasks over one pipelined connection (module docstring)."""
 
     def __init__(self, addr: Address, timeout: float) -> None:
+        super().__init__("Redis")
         self.addr = addr
         self.timeout = timeout
-        self._conn: _Connection | None = None
-        self._gate = Gate("Redis")
-        self._nursery: trio.Nursery | None = None
 
-    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the connection's tasks until cancelled."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
-            if self._conn is not None:
-                self._conn.fail(ConnectionResetError("the engine stopped"))
-                self._conn = None
+    @property
+    def _conn(self) -> _Connection | None:
+        """The connection (the newest made)."""
+        return self._conns[-1] if self._conns else None
 
     def _ready(self) -> _Connection | None:
         conn = self._conn
@@ -282,17 +272,9 @@ class Multiplexer:
             return conn
 
         async def connect() -> _Connection:
-            if self._nursery is None:
-                raise ConnectionResetError("the engine is not running")
-            stream, reader = await _open(self.addr, deadline)
-            conn = _Connection(stream, reader)
-            if self._nursery is None:  # the engine stopped while we connected
-                with trio.CancelScope(shield=True):
-                    await trio.aclose_forcefully(stream)
-                raise ConnectionResetError("the engine is not running")
-            self._nursery.start_soon(conn.serve)
-            self._conn = conn
-            return conn
+            return await self._add(lambda: _open(self.addr, deadline),
+                                   lambda opened: _Connection(*opened),
+                                   lambda opened: trio.aclose_forcefully(opened[0]))
 
         return await self._gate.open(deadline, self._ready, connect)
 
