@@ -7,8 +7,8 @@ Rules:
 - A record's columns are `RECORD_COLUMNS` in `RECORD_KINDS`; members travel as JSON arrays
   both ways (`array_to_json`, `jsonb_array_elements_text`), so no array literal is ever
   built by hand. The bytea value is the only binary parameter.
-- `live($n)`: the row holds something at time $n (ms): a value not expired, a counter, or
-  members; as the scans of postgres.py decide it.
+- `live(now)`: the row holds something at time `now` (ms, a placeholder: "$4" here,
+  "%(now)s" in postgres.py's scans): a value not expired, a counter, or members.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ RECORD_KINDS = ("text", "bytea", "json", "int", "int", "int", "text", "int", "js
 KEY = "db = $1 AND tbl = $2 AND key = $3"
 
 
-def live(n: int) -> str:
-    return (f"((value IS NOT NULL AND (expiry IS NULL OR expiry > ${n})) OR counter <> 0 "
+def live(now: str) -> str:
+    return (f"((value IS NOT NULL AND (expiry IS NULL OR expiry > {now})) OR counter <> 0 "
             "OR cardinality(members) > 0)")
 
 
@@ -40,11 +40,11 @@ WRITE = Statement(
 # $4 now (ms)
 READ_KEY = Statement(
     "meshd_read_key",
-    f"SELECT {RECORD_COLUMNS} FROM meshd_kv WHERE {KEY} AND {live(4)}", RECORD_KINDS)
+    f"SELECT {RECORD_COLUMNS} FROM meshd_kv WHERE {KEY} AND {live('$4')}", RECORD_KINDS)
 
 # $4 now (ms): whether the row held anything
 DELETE = Statement(
-    "meshd_delete", f"DELETE FROM meshd_kv WHERE {KEY} RETURNING {live(4)}", ("bool",))
+    "meshd_delete", f"DELETE FROM meshd_kv WHERE {KEY} RETURNING {live('$4')}", ("bool",))
 
 COUNTER = Statement("meshd_counter", f"SELECT counter FROM meshd_kv WHERE {KEY}", ("int",))
 

@@ -91,8 +91,7 @@ CREATE OR REPLACE TRIGGER meshd_kv_notify AFTER INSERT OR UPDATE OR DELETE ON me
 """
 
 COLUMNS = "key, value, metadata, expiry, ver_wall, ver_count, written_by, counter, members"
-LIVE = ("((value IS NOT NULL AND (expiry IS NULL OR expiry > %(now)s)) OR counter <> 0 "
-        "OR cardinality(members) > 0)")
+LIVE = pgsql.live("%(now)s")
 KEY = "db = %(db)s AND tbl = %(tbl)s AND key = %(key)s"
 
 
