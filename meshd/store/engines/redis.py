@@ -251,6 +251,12 @@ _SOURCES = {"write": _WRITE, "copy_value": _COPY_VALUE, "copy_delete": _COPY_DEL
             "drop": _DROP}
 
 
+def _fetched(reply: Any) -> tuple[dict[bytes, bytes], Any, Any]:
+    """The _READ script's reply as the (value hash, counter, members) `_record` takes."""
+    flat, counter, members = reply
+    return dict(zip(flat[::2], flat[1::2], strict=True)), counter, members
+
+
 def _readable(convert: Callable[[], T]) -> T:
     """`convert()` of what Redis answered; data another client put in meshd's names that
     does not convert is a 503 naming it, never a crash of the request."""
@@ -360,9 +366,7 @@ class RedisEngine:
 
     async def _afetch(self, db: str, tbl: str, key: str) -> tuple[Any, Any, Any]:
         assert self._mux is not None
-        flat, counter, members = await self._mux.script(_READ, self._keys(db, tbl, key)[:3],
-                                                        [key])
-        return dict(zip(flat[::2], flat[1::2], strict=True)), counter, members
+        return _fetched(await self._mux.script(_READ, self._keys(db, tbl, key)[:3], [key]))
 
     async def _aone(self, *command: Any) -> Any:
         assert self._mux is not None
@@ -541,14 +545,6 @@ class RedisEngine:
                     break
         return n
 
-    async def _record_now(self, db: str, tbl: str, key: str) -> Record | None:
-        got = await self._hot(self._afetch, self._fetch1, db, tbl, key)
-        try:
-            rec = self._record(key, got, _now_ms())
-        except Exception as exc:
-            raise EngineDown(BACKEND, f"an unreadable record: {type(exc).__name__}") from None
-        return rec if live(rec) else None
-
     # --- the Engine protocol ---------------------------------------------------------------
 
     async def write(self, db: str, tbl: str, key: str, value: bytes, metadata: dict[str, Any],
@@ -594,9 +590,7 @@ class RedisEngine:
             return False
 
         def rows(reply: Any) -> list[Record]:
-            flat, counter, members = reply
-            rec = self._record(key, (dict(zip(flat[::2], flat[1::2], strict=True)), counter,
-                                     members), now_ms)
+            rec = self._record(key, _fetched(reply), now_ms)
             return [rec] if live(rec) else []
         then = self._answering(done, rows)
         return mux.script_soon(_READ, self._keys(db, tbl, key)[:3], [key], then)
@@ -753,12 +747,12 @@ class RedisEngine:
     async def _report(self, recv: Any, on_change: OnChange) -> None:
         async for db, tbl, key, by in recv:
             try:
-                rec = await self._record_now(db, tbl, key)
+                rows = await self.read(db, tbl, Query(key=key), _now_ms())
             except EngineDown as exc:  # the change is lost: at most once
                 log.debug("redis watch could not read %r/%r/%r: %s", db, tbl, key,
                           exc.detail)
                 continue
             try:
-                on_change(db, tbl, key, rec, by)
+                on_change(db, tbl, key, rows[0] if rows else None, by)
             except Exception:
                 log.exception("a store watcher failed on a redis change")
