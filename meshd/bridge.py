@@ -175,21 +175,11 @@ class AsyncioBridge:
 
     def _drain_loop(self) -> None:
         self._loop_woken = False
-        while self._to_loop:
-            fn, args = self._to_loop.popleft()
-            try:
-                fn(*args)
-            except Exception:  # B2
-                log.exception("asyncio bridge: a posted function failed")
+        _run_queued(self._to_loop, "a posted function")
 
     def _drain_trio(self) -> None:
         self._trio_woken = False
-        while self._to_trio:
-            fn, args = self._to_trio.popleft()
-            try:
-                fn(*args)
-            except Exception:  # B2
-                log.exception("asyncio bridge: a function sent to trio failed")
+        _run_queued(self._to_trio, "a function sent to trio")
 
     async def _stop(self) -> None:
         self._closed = True
@@ -215,3 +205,14 @@ class AsyncioBridge:
         for done in list(self._waiting):
             done.set()  # their outcome is missing: BridgeClosed
         self._token = None
+
+
+def _run_queued(queue: Any, what: str) -> None:
+    """Run every (fn, args) queued, in order; one that fails is logged and the rest run
+    (B2)."""
+    while queue:
+        fn, args = queue.popleft()
+        try:
+            fn(*args)
+        except Exception:  # B2
+            log.exception("asyncio bridge: %s failed", what)
