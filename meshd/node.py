@@ -373,6 +373,7 @@ class Node:
                 **self.web_stats, **self.runtime.stats,
                 **self.upstream.stats,
                 "suspicions": self.core.suspicions, "refutations": self.core.refutations,
+                **{f"push_pulls_{k}": n for k, n in self.core.push_pulls.items()},
                 "broker_pending": sum(len(c.pending) for c in
                                       self.durable.origin.consumers.values())}
 

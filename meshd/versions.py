@@ -45,7 +45,7 @@ class Range:
 # handshake and frames; replication: store, registry and broker sync over links; control:
 # the control socket's requests; proxy: outside clients over WebSocket (environments).
 PROTOCOLS: dict[str, Range] = {
-    "membership": Range(2, 2),
+    "membership": Range(2, 3),
     "link": Range(2, 2),
     "replication": Range(1, 1),
     "control": Range(1, 1),

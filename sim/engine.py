@@ -40,6 +40,7 @@ from meshd import namespaces
 from meshd.hlc import HLC
 from meshd.membership.core import Membership, Output
 from meshd.membership.messages import ALIVE, decode_packet, encode_packet
+from meshd.membership.table import Names
 from meshd.registry.core import select, view
 from meshd.registry.replication import Replicator
 
@@ -95,6 +96,8 @@ class Simulation:
         self.nodes: list[SimNode] = []
         self.by_addr: dict[str, SimNode] = {}
         self.by_name: dict[str, SimNode] = {}
+        # one name table for every core: members' records are shared while nodes agree
+        self.member_names = Names()
         self._up = 0
         self.net = Network(scenario.link, self._rng("network"), scenario.stream_timeout)
         self.fault_rng = self._rng("faults")
@@ -184,7 +187,8 @@ class Simulation:
     def _start_core(self, node: SimNode) -> Membership:
         core = Membership(node.name, node.addr, self.settings,
                           self._rng(f"core:{node.name}:{node.incarnation}"),
-                          self.now + node.offset, incarnation=node.incarnation)
+                          self.now + node.offset, incarnation=node.incarnation,
+                          names=self.member_names)
         node.core = core
         if self.sc.registry:
             node.replicator = self._start_replicator(node, core)
@@ -201,7 +205,7 @@ class Simulation:
 
     def _start_replicator(self, node: SimNode, core: Membership) -> Replicator:
         def peers() -> list[str]:
-            return [m.addr for m in core.member_list() if m.state == ALIVE and m is not core.me]
+            return [m.addr for m in core.member_list() if m.state == ALIVE and m.name != core.name]
 
         hlc = HLC(node.name, lambda: int((self.now + node.offset) * 1000))
         return Replicator(node.name, hlc, peers, self._rng(f"reg:{node.name}:{node.incarnation}"),

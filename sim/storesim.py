@@ -70,7 +70,7 @@ class StoreSim:
         sim = self.sim
 
         def peers() -> list[str]:
-            return [m.addr for m in core.member_list() if m.state == ALIVE and m is not core.me]
+            return [m.addr for m in core.member_list() if m.state == ALIVE and m.name != core.name]
 
         clock_cls = HLC if self.sc.store_hlc else _WallClockOnly
         hlc = clock_cls(node.name, lambda: int((sim.now + node.offset) * 1000),

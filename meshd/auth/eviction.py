@@ -56,7 +56,7 @@ class Evictor:
         if not ids:
             return
         for m in self.core.member_list():
-            if m is self.core.me or m.state not in (0, 1):
+            if m.name == self.core.name or m.state not in (0, 1):
                 continue
             if (m.key and node_id_from_public(m.key) in ids) or m.tags.get("id") in ids:
                 log.warning("member %s at %s is revoked: evicting it", m.name, m.addr)

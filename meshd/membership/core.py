@@ -90,10 +90,14 @@ Dissemination
       `gossip_nodes` random members (alive, suspect, or dead for less than
       gossip_to_the_dead).
 Anti-entropy
-  A1. Every push-pull period (scaled up with log2 N) the full state is exchanged over a stream
-      with one random live member. The receiver merges first and replies after, so the reply
-      already carries its refutations (this is what lets a healed partition reunite in one
-      exchange). Merging treats a remote "dead" as a suspicion, never as a death.
+  A1. Every push-pull period (scaled up with log2 N) state is exchanged over a stream with
+      one random live member. To a member that takes digests (membership protocol 3) we send
+      our table's bucket digests (table.py); it answers with its members in the buckets that
+      differ, we merge them, then send back our records in those buckets that differ from
+      what it showed, as a one-way PushPull (reply=True). To others the full state goes, and
+      the receiver merges first and replies after, so the reply already carries its
+      refutations (this is what lets a healed partition reunite in one exchange). Merging
+      treats a remote "dead" as a suspicion, never as a death.
   A2. Every reconnect interval, with probability (#dead / #alive), one dead member's last
       address is sent a join push-pull, until reconnect_timeout after its death. Left members
       are retried only with reconnect_left.
@@ -106,6 +110,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -126,6 +131,8 @@ from .messages import (
     Ack,
     Alive,
     Dead,
+    Digest,
+    DigestReply,
     IndirectPing,
     MemberState,
     Message,
@@ -135,6 +142,17 @@ from .messages import (
     Suspect,
 )
 from .suspicion import Suspicion
+from .table import (
+    NO_POS,
+    Member,
+    MemberTable,
+    Names,
+    differing_buckets,
+    pack_digest,
+    record_hash,
+    want_bitmap,
+    wanted_buckets,
+)
 
 # Packet framing bytes around the items (array headers, version).
 PACKET_OVERHEAD = 4
@@ -147,30 +165,8 @@ class MembershipError(ValueError):
     """Bad arguments to the core (too large tags, a bad name...)."""
 
 
-@dataclass(slots=True)
-class Member:
-    """One member as this node sees it."""
-
-    name: str
-    addr: str
-    incarnation: int
-    state: int
-    tags: dict[str, str]
-    state_change: float
-    key: bytes = b""  # identity key this member proved (S5)
-    sig: bytes = b""  # its signature of its alive at this incarnation
-    rtt: float | None = None  # smoothed RTT of direct probes (UDP ping -> ack)
-    rtt_at: float | None = None  # when the last direct ack came (our clock)
-    # when it last relayed an ack back to us (a routed probe through it): alive as a hop
-    heard_at: float | None = None
-
-    @property
-    def status(self) -> str:
-        return STATE_NAMES[self.state]
-
-    def to_state(self) -> MemberState:
-        return MemberState(self.name, self.addr, self.incarnation, self.state, self.tags,
-                           self.key, self.sig)
+__all__ = ["STATE_NAMES", "Member", "MemberEvent", "Membership", "MembershipError", "Output",
+           "Send"]
 
 
 @dataclass(slots=True)
@@ -263,10 +259,13 @@ class _Former:
         self.since = since
 
 
-def _record_rtt(m: Member, rtt: float, now: float, unreached: set[str]) -> None:
-    m.rtt = rtt if m.rtt is None else 0.8 * m.rtt + 0.2 * rtt
-    m.rtt_at = now
-    unreached.discard(m.name)
+def _record_rtt(table: MemberTable, i: int, rtt: float, now: float,
+                unreached: set[str]) -> None:
+    """A direct ack from member i: smoothed RTT (UDP ping -> ack) and when it came."""
+    p = table.probe_data(i)
+    p.rtt = rtt if p.rtt is None else 0.8 * p.rtt + 0.2 * rtt
+    p.rtt_at = now
+    unreached.discard(table.names.names[i])
 
 
 def encoded_size(msg: Message) -> int:
@@ -298,6 +297,7 @@ class Membership:
         key: bytes = b"",
         sign: Callable[[bytes], bytes] | None = None,
         verify: Callable[[Alive], bool] | None = None,
+        names: Names | None = None,
     ) -> None:
         if not name or len(name) > 128:
             raise MembershipError("node name must be 1..128 characters")
@@ -308,19 +308,24 @@ class Membership:
                 f"{settings.max_meta_bytes}")
         self.s = settings
         self.rng = rng
-        self.me = Member(name, addr, incarnation, ALIVE, tags, now, key=key)
-        self.members: dict[str, Member] = {name: self.me}
+        # the member table; `names` is shared by the cores of one simulation (table.py)
+        self._t = MemberTable(names)
+        self._names = self._t.names
+        self._me = self._names.intern(name)
+        self._name = name
+        self._t.put(self._me, self._names.record(self._me, addr, incarnation, ALIVE, tags, key,
+                                                 b""), now)
         self._sign = sign
         self._verify = verify
         self.bad_alives = 0  # alives refused by verify (bad signature, revoked key)
         self._key_index: tuple[int, dict[bytes, str], dict[str, bytes]] = (-1, {}, {})
         self.leaving = False
-        # live members other than self, for O(1) random choice and removal
-        self._live: list[str] = []
-        self._live_pos: dict[str, int] = {}
+        # live members other than self (ids), for O(1) random choice and removal
+        self._live = array("i")
+        self._live_pos = array("i")  # by id: position in _live, or NO_POS
         self._recent_dead: dict[str, float] = {}
         self._former: dict[str, _Former] = {}
-        self._probe_list: list[str] = []
+        self._probe_list = array("i")
         self._probe_index = 0
         self._probe: _Probe | None = None
         self._seq = 0
@@ -337,12 +342,16 @@ class Membership:
         self._events: list[MemberEvent] = []
         self._gossip_armed = False
         self._now = now
-        self._snapshot_cache: tuple[list[MemberState], int] | None = None
         # bumped on every change of the member table, so views built on it can be cached
         self.member_version = 0
         self._addr_index: tuple[int, dict[str, str]] = (-1, {})
+        self._list_cache: tuple[tuple[int, int], list[Member]] | None = None
         # routing table lookup set by the shell (P5): member name -> first hop name or None
         self.next_hop: Callable[[str], str | None] | None = None
+        # whether a member takes digest push-pulls (A1); None: every member does. The
+        # daemon asks the member's advertised protocol versions.
+        self.takes_digests: Callable[[str], bool] | None = None
+        self.push_pulls = {"full": 0, "digest": 0, "same": 0}  # started by us, by kind
         self._transit_turn = 0
         # members found silent to a direct ping (P6) that have not answered one since
         self._unreached: set[str] = set()
@@ -362,7 +371,20 @@ class Membership:
 
     @property
     def name(self) -> str:
-        return self.me.name
+        return self._name
+
+    @property
+    def me(self) -> Member:
+        """This node as a member (a snapshot, as every Member)."""
+        return self._t.member(self._me)
+
+    @property
+    def members(self) -> MemberTable:
+        """name -> Member, self included (a read-only mapping)."""
+        return self._t
+
+    def _my(self) -> MemberState:
+        return self._t.recs[self._me]  # type: ignore[return-value]
 
     @property
     def unreached(self) -> frozenset[str]:
@@ -379,7 +401,13 @@ class Membership:
         return len(self._live) + 1
 
     def member_list(self) -> list[Member]:
-        return list(self.members.values())
+        """Every member, self included, as snapshots. Kept until the table or a probe's
+        data changes: the routing monitor asks several times a tick."""
+        key = (self.member_version, self._t.probe_version)
+        cache = self._list_cache
+        if cache is None or cache[0] != key:
+            cache = self._list_cache = (key, self._t.values())
+        return list(cache[1])
 
     def name_at(self, addr: str) -> str | None:
         """The member at an address (the first one, as the table lists them). The index is
@@ -387,8 +415,8 @@ class Membership:
         version, index = self._addr_index
         if version != self.member_version:
             index = {}
-            for m in self.members.values():
-                index.setdefault(m.addr, m.name)
+            for r in self._t.records():
+                index.setdefault(r.addr, r.node)
             self._addr_index = (self.member_version, index)
         return index.get(addr)
 
@@ -396,13 +424,14 @@ class Membership:
         version, by_key, by_addr = self._key_index
         if version != self.member_version:
             by_key, by_addr = {}, {}
-            for m in self.members.values():
-                if m.key and m.state in (ALIVE, SUSPECT):
-                    by_key.setdefault(m.key, m.name)
-                    by_addr[m.addr] = m.key  # a live member's address is its own
-            for m in self.members.values():
-                if m.key and m.state not in (ALIVE, SUSPECT):
-                    by_addr.setdefault(m.addr, m.key)  # a dead one's, until reaped
+            records = self._t.records()
+            for r in records:
+                if r.key and r.state in (ALIVE, SUSPECT):
+                    by_key.setdefault(r.key, r.node)
+                    by_addr[r.addr] = r.key  # a live member's address is its own
+            for r in records:
+                if r.key and r.state not in (ALIVE, SUSPECT):
+                    by_addr.setdefault(r.addr, r.key)  # a dead one's, until reaped
             self._key_index = (self.member_version, by_key, by_addr)
         return by_key, by_addr
 
@@ -416,30 +445,41 @@ class Membership:
         not reach another key); None if no member with a key is there."""
         return self._identity_index()[1].get(addr)
 
-    def restore(self, states: Iterable[MemberState], now: float) -> None:
+    def restore(self, states: list[MemberState], now: float) -> None:
         """Load members as known without gossiping them (a converged start, or a member list
-        persisted before a restart). Probing verifies them from there."""
-        added = False
-        for st in states:
-            if st.node == self.me.name or st.node in self.members:
+        persisted before a restart). Probing verifies them from there. The states become
+        the table's records: they must not be changed afterwards."""
+        states = list(states) if not isinstance(states, list) else states
+        before = len(self._t)
+        ids = self._names.ids_of(states)
+        self._t.load(ids, states, now, self._me)
+        if len(self._t) == before:
+            return
+        recs = self._t.recs
+        self._grow_pos()
+        live_pos, live = self._live_pos, self._live
+        probe = self._probe_list
+        in_probe = set(probe) if probe else ()
+        for i in ids:
+            if i == self._me or i in in_probe:
                 continue
-            self.members[st.node] = Member(st.node, st.addr, st.incarnation, st.state,
-                                           dict(st.tags), now, key=st.key, sig=st.sig)
-            if st.state in (ALIVE, SUSPECT) and st.node not in self._live_pos:
-                self._live_pos[st.node] = len(self._live)
-                self._live.append(st.node)
-            self._probe_list.append(st.node)
-            added = True
-        if added:
-            self._table_changed()
-            self.rng.shuffle(self._probe_list)
-            self._probe_index = 0
+            rec = recs[i]
+            if rec is None:
+                continue
+            if rec.state in (ALIVE, SUSPECT) and live_pos[i] == NO_POS:
+                live_pos[i] = len(live)
+                live.append(i)
+            probe.append(i)
+        self._table_changed()
+        self.rng.shuffle(probe)
+        self._probe_index = 0
 
     def join(self, addrs: Iterable[str], now: float, timeout: float = 10.0) -> Output:
         """Contact seeds with a join push-pull (A3)."""
         self._now = now
+        me = self._my()
         for addr in addrs:
-            if addr == self.me.addr:
+            if addr == me.addr:
                 continue
             self._joins[addr] = now + timeout
             self._schedule(now + timeout, self._join_expired, addr)
@@ -451,11 +491,12 @@ class Membership:
         self._now = now
         if not self.leaving:
             self.leaving = True
-            msg = Dead(self.me.incarnation, self.me.name, self.me.name)
-            self.me.state = LEFT
-            self.me.state_change = now
+            me = self._my()
+            msg = Dead(me.incarnation, self._name, self._name)
+            self._t.put(self._me, self._names.record(self._me, me.addr, me.incarnation, LEFT,
+                                                     me.tags, me.key, me.sig), now)
             self._table_changed()
-            self._broadcast(self.me.name, msg)
+            self._broadcast(self._name, msg)
             self._gossip(now)
         return self._flush()
 
@@ -463,9 +504,9 @@ class Membership:
         """Declare a member dead now (an admin revoked its identity): the shell's verify
         refuses its alives from then on, so it cannot refute."""
         self._now = now
-        m = self.members.get(name)
-        if m is not None and m is not self.me and m.state in (ALIVE, SUSPECT):
-            self._on_dead(Dead(m.incarnation, name, self.me.name), self.me.addr, now, False)
+        m = self._t.rec(name)
+        if m is not None and name != self._name and m.state in (ALIVE, SUSPECT):
+            self._on_dead(Dead(m.incarnation, name, self._name), self._my().addr, now, False)
         return self._flush()
 
     def update_tags(self, tags: dict[str, str], now: float) -> Output:
@@ -476,24 +517,28 @@ class Membership:
         if size > self.s.max_meta_bytes:
             raise MembershipError(
                 f"tags take {size} bytes encoded; the limit is {self.s.max_meta_bytes}")
-        self.me.tags = tags
+        me = self._my()
         if self.leaving:
-            return self._flush()  # saying goodbye: an alive now would undo the leave
-        self.me.incarnation += 1
+            # saying goodbye: an alive now would undo the leave
+            self._t.put(self._me, MemberState(me.node, me.addr, me.incarnation, me.state, tags,
+                                              me.key, me.sig), None)
+            return self._flush()
+        self._t.put(self._me, MemberState(me.node, me.addr, me.incarnation + 1, me.state, tags,
+                                          me.key, me.sig), None)
         self._broadcast_self_alive()
         return self._flush()
 
     def measure(self, names: Iterable[str], now: float) -> Output:
         """Ping these members once to learn whether and how fast they answer (P6)."""
         self._now = now
-        me = self.me
+        me = self._my()
         for name in names:
-            m = self.members.get(name)
-            if m is None or m is me or m.state not in (ALIVE, SUSPECT):
+            m = self._t.rec(name)
+            if m is None or name == self._name or m.state not in (ALIVE, SUSPECT):
                 continue
             w = _Measure(name, self._next_seq(), now)
             self._acks[w.seq] = w
-            self._send(m.addr, Ping(w.seq, name, me.name, me.addr, True), piggyback=False)
+            self._send(m.addr, Ping(w.seq, name, me.node, me.addr, True), piggyback=False)
             self._schedule(now + self.s.probe_interval, self._measure_expired, w)
         return self._flush()
 
@@ -501,9 +546,13 @@ class Membership:
         if not w.done:
             w.done = True
             self._acks.pop(w.seq, None)
-            m = self.members.get(w.target)
+            i = self._t.id_of(w.target)
+            if i is None:
+                return
+            p = self._t.probed.get(i)
+            rtt_at = None if p is None else p.rtt_at
             # one lost ping of a member that answered moments ago proves nothing
-            if m is not None and (m.rtt_at is None or now - m.rtt_at > self.s.silent_after()):
+            if rtt_at is None or now - rtt_at > self.s.silent_after():
                 self._unreached.add(w.target)
 
     def pending_broadcasts(self) -> int:
@@ -604,50 +653,60 @@ class Membership:
 
     def _broadcast_self_alive(self) -> None:
         self._table_changed()
-        me = self.me
-        msg = Alive(me.incarnation, me.name, me.addr, dict(me.tags), me.key)
+        me = self._my()
+        msg = Alive(me.incarnation, me.node, me.addr, dict(me.tags), me.key)
         if self._sign is not None:
-            msg.sig = me.sig = self._sign(msg.payload())
-        self._broadcast(me.name, msg)
+            msg.sig = self._sign(msg.payload())
+            self._t.put(self._me, MemberState(me.node, me.addr, me.incarnation, me.state,
+                                              me.tags, me.key, msg.sig), None)
+        self._broadcast(me.node, msg)
 
     def _table_changed(self) -> None:
-        self._snapshot_cache = None
         self.member_version += 1
 
-    def _event(self, kind: str, m: Member, detail: str = "") -> None:
+    def _event(self, kind: str, m: MemberState, detail: str = "") -> None:
         self._table_changed()
-        self._events.append(MemberEvent(kind, m.name, m.addr, m.incarnation, m.tags, detail))
+        self._events.append(MemberEvent(kind, m.node, m.addr, m.incarnation, m.tags, detail))
 
     # --- member table bookkeeping ---------------------------------------------------------
 
-    def _add_member(self, name: str, addr: str, inc: int, tags: dict[str, str], now: float,
-                    state: int = ALIVE, key: bytes = b"", sig: bytes = b"") -> Member:
-        m = Member(name, addr, inc, state, dict(tags), now, key=key, sig=sig)
-        self.members[name] = m
-        if state in (ALIVE, SUSPECT):
-            self._live_add(name)
+    def _grow_pos(self) -> None:
+        short = len(self._names) - len(self._live_pos)
+        if short > 0:
+            self._live_pos.extend([NO_POS] * short)
+
+    def _add_member(self, i: int, rec: MemberState, now: float) -> None:
+        self._t.put(i, rec, now)
+        if rec.state in (ALIVE, SUSPECT):
+            self._live_add(i)
         # insert at a random position of the probe list (memberlist does the same)
         pos = self.rng.randint(0, len(self._probe_list))
-        self._probe_list.insert(pos, name)
+        self._probe_list.insert(pos, i)
         if pos < self._probe_index:
             self._probe_index += 1
-        self._former.pop(name, None)
-        return m
+        self._former.pop(rec.node, None)
 
-    def _live_add(self, name: str) -> None:
-        if name not in self._live_pos:
-            self._live_pos[name] = len(self._live)
-            self._live.append(name)
-        self._recent_dead.pop(name, None)
+    def _live_add(self, i: int) -> None:
+        self._grow_pos()
+        if self._live_pos[i] == NO_POS:
+            self._live_pos[i] = len(self._live)
+            self._live.append(i)
+        self._recent_dead.pop(self._names.names[i], None)
 
-    def _live_remove(self, name: str) -> None:
-        pos = self._live_pos.pop(name, None)
-        if pos is None:
+    def _live_remove(self, i: int) -> None:
+        self._grow_pos()
+        pos = self._live_pos[i]
+        if pos == NO_POS:
             return
+        self._live_pos[i] = NO_POS
         last = self._live.pop()
-        if last != name:
+        if last != i:
             self._live[pos] = last
             self._live_pos[last] = pos
+
+    def _is_live(self, name: str) -> bool:
+        i = self._names.ids.get(name)
+        return i is not None and i < len(self._live_pos) and self._live_pos[i] != NO_POS
 
     def _random_live(self, k: int, exclude: tuple[str, ...] = ()) -> list[str]:
         """Up to k distinct random live members (not self), excluding `exclude`."""
@@ -655,14 +714,15 @@ class Membership:
         n = len(live)
         if n == 0 or k <= 0:
             return []
+        names = self._names.names
         if n <= 2 * (k + len(exclude)):
-            pool = [x for x in live if x not in exclude]
+            pool = [names[x] for x in live if names[x] not in exclude]
             return self.rng.sample(pool, min(k, len(pool)))
         chosen: list[str] = []
         attempts = 0
         while len(chosen) < k and attempts < 8 * k:
             attempts += 1
-            cand = live[self.rng.randrange(n)]
+            cand = names[live[self.rng.randrange(n)]]
             if cand in exclude or cand in chosen:
                 continue
             chosen.append(cand)
@@ -680,13 +740,15 @@ class Membership:
         if self.next_hop is None:
             return None
         hop = self.next_hop(name)
-        if hop is None or hop == name or hop == self.me.name or hop not in self._live_pos:
+        if hop is None or hop == name or hop == self._name or not self._is_live(hop):
             return None
         return hop
 
     def _known_direct(self, name: str) -> bool:
         """It answered a direct ping and was not found silent to one since."""
-        return self.members[name].rtt_at is not None and name not in self._unreached
+        i = self._t.id_of(name)
+        p = None if i is None else self._t.probed.get(i)
+        return p is not None and p.rtt_at is not None and name not in self._unreached
 
     def _is_direct(self, name: str) -> bool:
         """Worth a packet: not found silent to a direct ping (a new member is presumed
@@ -695,7 +757,7 @@ class Membership:
 
     def _transit_hops(self) -> list[str]:
         """Next hops that some live unreached member is routed through (P5)."""
-        hops = {self._table_hop(name) for name in self._unreached if name in self._live_pos}
+        hops = {self._table_hop(name) for name in self._unreached if self._is_live(name)}
         hops.discard(None)
         return sorted(hops)  # type: ignore[arg-type]
 
@@ -712,31 +774,61 @@ class Membership:
                     break
         return picked or self._random_live(k, exclude)
 
-    def _set_dead(self, m: Member, state: int, now: float) -> None:
+    def _set_dead(self, i: int, m: MemberState, incarnation: int, state: int,
+                  now: float) -> MemberState:
         was_live = m.state in (ALIVE, SUSPECT)
-        m.state = state
-        m.state_change = now
+        rec = self._names.record(i, m.addr, incarnation, state, m.tags, m.key, m.sig)
+        self._t.put(i, rec, now)
         if was_live:
-            self._live_remove(m.name)
-        self._recent_dead[m.name] = now
-        self._former[m.name] = _Former(m.addr, state, now)
-        self._schedule(now + self.s.gossip_to_the_dead, self._reap, (m.name, now))
+            self._live_remove(i)
+        name = rec.node
+        self._recent_dead[name] = now
+        self._former[name] = _Former(rec.addr, state, now)
+        self._schedule(now + self.s.gossip_to_the_dead, self._reap, (name, now))
+        return rec
+
+    def _compact(self) -> None:
+        """Renumber a daemon's names once reaped ones outnumber the known (table.py)."""
+        old_names = self._names.names
+        old = self._t
+        fresh = MemberTable()
+        fresh.put(fresh.names.intern(self._name), old.recs[self._me], old.since[self._me])
+        remap: dict[int, int] = {self._me: 0}
+        for i, rec in enumerate(old.recs):
+            if rec is None or i == self._me:
+                continue
+            j = fresh.names.intern(old_names[i])
+            fresh.names.last[j] = rec
+            fresh.put(j, rec, old.since[i])
+            remap[i] = j
+            if i in old.probed:
+                fresh.probed[j] = old.probed[i]
+        self._t, self._names, self._me = fresh, fresh.names, 0
+        self._live = array("i", [remap[i] for i in self._live])
+        self._live_pos = array("i", [NO_POS]) * len(fresh.names)
+        for pos, i in enumerate(self._live):
+            self._live_pos[i] = pos
+        kept = [(n, remap[i]) for n, i in enumerate(self._probe_list) if i in remap]
+        self._probe_index = sum(1 for n, _ in kept if n < self._probe_index)
+        self._probe_list = array("i", [i for _, i in kept])
+        self._table_changed()
 
     # --- probing (P1-P4, L1, L3) ----------------------------------------------------------
 
-    def _next_probe_target(self) -> Member | None:
+    def _next_probe_target(self) -> MemberState | None:
         probe_list = self._probe_list
+        recs = self._t.recs
         for _ in range(len(probe_list) + 1):
             if self._probe_index >= len(probe_list):
                 # reshuffle at each wrap, dropping reaped names
-                probe_list[:] = [n for n in probe_list if n in self.members]
+                probe_list = self._probe_list = array(
+                    "i", [i for i in probe_list if recs[i] is not None])
                 self.rng.shuffle(probe_list)
                 self._probe_index = 0
                 if not probe_list:
                     return None
-            name = probe_list[self._probe_index]
+            m = recs[probe_list[self._probe_index]]
             self._probe_index += 1
-            m = self.members.get(name)
             if m is not None and m.state in (ALIVE, SUSPECT):
                 return m
         return None
@@ -755,26 +847,27 @@ class Membership:
         target = self._next_probe_target()
         if target is None:
             return
-        probe = _Probe(target.name, self._next_seq(), now, interval)
+        tname = target.node
+        probe = _Probe(tname, self._next_seq(), now, interval)
         self._probe = probe
         self._acks[probe.seq] = probe
         extra = None
         if lifeguard and target.state == SUSPECT:
-            extra = [Suspect(target.incarnation, target.name, self.me.name)]
-        hop = self._route_via(target.name)
+            extra = [Suspect(target.incarnation, tname, self._name)]
+        me = self._my()
+        hop = self._route_via(tname)
         if hop is None:
-            if self.next_hop is not None and not self._known_direct(target.name) \
-                    and now - target.state_change < self.s.route_grace:
+            if self.next_hop is not None and not self._known_direct(tname) \
+                    and now - self._t.since[self._names.ids[tname]] < self.s.route_grace:
                 probe.routed = True  # blind: no route yet and it never answered us directly
-            self._send(target.addr,
-                       Ping(probe.seq, target.name, self.me.name, self.me.addr), extra,
-                       to=target.name)
+            self._send(target.addr, Ping(probe.seq, tname, self._name, me.addr), extra,
+                       to=tname)
         else:
             probe.routed = True
             probe.via = hop
-            self._send(self.members[hop].addr,
-                       IndirectPing(probe.seq, target.name, target.addr, self.me.name,
-                                    self.me.addr, lifeguard), extra, to=hop)
+            self._send(self._t.rec(hop).addr,  # type: ignore[union-attr]
+                       IndirectPing(probe.seq, tname, target.addr, self._name, me.addr,
+                                    lifeguard), extra, to=hop)
         timeout = self.s.probe_timeout
         if lifeguard:
             timeout = self._awareness.scale(timeout)
@@ -783,23 +876,24 @@ class Membership:
     def _probe_indirect(self, probe: _Probe, now: float) -> None:
         if probe.done:
             return
-        target = self.members.get(probe.target)
+        target = self._t.rec(probe.target)
         if target is None or target.state not in (ALIVE, SUSPECT):
             self._probe_done(probe)
             return
-        helpers = self._random_direct(self.s.indirect_checks, (target.name,))
-        hop = self._table_hop(target.name)  # the route's way, even if we never marked it
+        tname = target.node
+        helpers = self._random_direct(self.s.indirect_checks, (tname,))
+        hop = self._table_hop(tname)  # the route's way, even if we never marked it
         if hop is not None and hop not in helpers:
             helpers.append(hop)
         nack = self.s.lifeguard
+        my_addr = self._my().addr
         for name in helpers:
-            helper = self.members[name]
-            self._send(helper.addr, IndirectPing(probe.seq, target.name, target.addr,
-                                                 self.me.name, self.me.addr, nack), to=name)
+            helper = self._t.rec(name)
+            self._send(helper.addr, IndirectPing(  # type: ignore[union-attr]
+                probe.seq, tname, target.addr, self._name, my_addr, nack), to=name)
         probe.expected_nacks = len(helpers) if nack else 0
         if self.s.tcp_fallback and hop is None:
-            self._send_reliable(target.addr,
-                                Ping(probe.seq, target.name, self.me.name, self.me.addr))
+            self._send_reliable(target.addr, Ping(probe.seq, tname, self._name, my_addr))
         self._schedule(probe.start + probe.interval, self._probe_final, probe)
 
     def _probe_final(self, probe: _Probe, now: float) -> None:
@@ -817,16 +911,16 @@ class Membership:
                 self._awareness.apply(max(0, probe.expected_nacks - probe.nacks))
             else:
                 self._awareness.apply(1)
-        target = self.members.get(probe.target)
+        target = self._t.rec(probe.target)
         if target is None or target.state not in (ALIVE, SUSPECT):
             return
         if probe.routed and probe.nacks == 0 and self.s.lifeguard:
             return  # no relay confirmed the target silent: the path failed, not the target
-        self._on_suspect(Suspect(target.incarnation, target.name, self.me.name),
-                         self.me.addr, now, False)
+        self._on_suspect(Suspect(target.incarnation, target.node, self._name),
+                         self._my().addr, now, False)
 
     def _on_ping(self, msg: Ping, sender: str, now: float, reliable: bool) -> None:
-        if msg.target != self.me.name:
+        if msg.target != self._name:
             return  # meant for a node that used to have our address
         if reliable:
             self._send_reliable(sender, Ack(msg.seq))
@@ -835,28 +929,30 @@ class Membership:
 
     def _on_indirect_ping(self, msg: IndirectPing, sender: str, now: float,
                           reliable: bool) -> None:
-        if msg.target == self.me.name:  # we are the target (a relay before us routed here)
+        if msg.target == self._name:  # we are the target (a relay before us routed here)
             self._send(sender, Ack(msg.seq))
             return
         hop = self._table_hop(msg.target)
-        if hop is not None and (self.members[hop].addr == sender or msg.hops >= MAX_HOPS):
+        hop_rec = None if hop is None else self._t.rec(hop)
+        if hop_rec is not None and (hop_rec.addr == sender or msg.hops >= MAX_HOPS):
             hop = None  # the route leads back where the request came from, or too far
         direct = msg.target not in self._unreached
         if hop is None and not direct:
             return  # we cannot reach it and know no way on: we cannot help
         relay = _Relay(self._next_seq(), sender, msg.seq, msg.nack)
         self._acks[relay.seq] = relay
+        my_addr = self._my().addr
         if direct:
-            self._send(msg.target_addr, Ping(relay.seq, msg.target, self.me.name, self.me.addr),
+            self._send(msg.target_addr, Ping(relay.seq, msg.target, self._name, my_addr),
                        to=msg.target)
         if hop is not None:
             # a forwarding relay passes the nack of the last relay back; it has none itself
-            self._send(self.members[hop].addr,
-                       IndirectPing(relay.seq, msg.target, msg.target_addr, self.me.name,
-                                    self.me.addr, msg.nack, msg.hops + 1))
+            self._send(self._t.rec(hop).addr,  # type: ignore[union-attr]
+                       IndirectPing(relay.seq, msg.target, msg.target_addr, self._name,
+                                    my_addr, msg.nack, msg.hops + 1))
         # only a relay that pings the target itself and knows it answers directly (as far
         # as it knows) may say "silent"
-        final = hop is None and (self.next_hop is None or msg.target not in self.members
+        final = hop is None and (self.next_hop is None or msg.target not in self._t
                                  or self._known_direct(msg.target))
         relay.nack = msg.nack and (final or hop is not None)
         if relay.nack and hop is None:
@@ -883,29 +979,33 @@ class Membership:
             waiter.done = True
             if self.s.lifeguard:
                 self._awareness.apply(-1)
-            target = self.members.get(waiter.target)
+            ti = self._t.id_of(waiter.target)
+            target = None if ti is None else self._t.recs[ti]
             if reliable and target is not None:
                 self._events.append(MemberEvent(
-                    "udp-unreachable", target.name, target.addr, target.incarnation, {},
+                    "udp-unreachable", target.node, target.addr, target.incarnation, {},
                     "answered over TCP but not over UDP: check firewalls for UDP"))
             if target is not None and not reliable and sender == target.addr:
-                _record_rtt(target, now - waiter.start, now, self._unreached)
-                self._direct_misses.pop(target.name, None)
+                _record_rtt(self._t, ti, now - waiter.start, now,  # type: ignore[arg-type]
+                            self._unreached)
+                self._direct_misses.pop(target.node, None)
             elif waiter.via is not None:
-                hop = self.members.get(waiter.via)
-                if hop is not None and sender == hop.addr:
-                    hop.heard_at = now
+                hi = self._t.id_of(waiter.via)
+                if hi is not None and sender == self._t.recs[hi].addr:  # type: ignore[union-attr]
+                    self._t.probe_data(hi).heard_at = now
             elif target is not None and not waiter.routed and self.next_hop is not None:
                 # alive, but only a helper got through: the direct path may be broken
-                misses = self._direct_misses.get(target.name, 0) + 1
-                self._direct_misses[target.name] = misses
+                misses = self._direct_misses.get(target.node, 0) + 1
+                self._direct_misses[target.node] = misses
                 if misses >= DIRECT_MISSES:
-                    self._unreached.add(target.name)
+                    self._unreached.add(target.node)
         elif isinstance(waiter, _Measure):
             waiter.done = True
-            target = self.members.get(waiter.target)
+            ti = self._t.id_of(waiter.target)
+            target = None if ti is None else self._t.recs[ti]
             if target is not None and not reliable and sender == target.addr:
-                _record_rtt(target, now - waiter.start, now, self._unreached)
+                _record_rtt(self._t, ti, now - waiter.start, now,  # type: ignore[arg-type]
+                            self._unreached)
         else:
             waiter.done = True
             self._send(waiter.requester_addr, Ack(waiter.orig_seq))
@@ -921,7 +1021,10 @@ class Membership:
 
     def _refute(self, accused_incarnation: int) -> None:
         self.refutations += 1
-        self.me.incarnation = max(self.me.incarnation, accused_incarnation) + 1
+        me = self._my()
+        self._t.put(self._me, MemberState(me.node, me.addr,
+                                          max(me.incarnation, accused_incarnation) + 1,
+                                          me.state, me.tags, me.key, me.sig), None)
         self._broadcast_self_alive()
         if self.s.lifeguard:
             self._awareness.apply(1)
@@ -935,8 +1038,8 @@ class Membership:
 
     def _on_alive(self, msg: Alive, sender: str, now: float, reliable: bool) -> None:
         name = msg.node
-        if name == self.me.name:
-            me = self.me
+        if name == self._name:
+            me = self._my()
             if self.leaving or msg.incarnation < me.incarnation:
                 return
             if msg.incarnation == me.incarnation and msg.addr == me.addr \
@@ -946,27 +1049,30 @@ class Membership:
                 # another identity claims our name (S5): refuting would not stop it
                 if self._verified(msg):
                     self._events.append(MemberEvent(
-                        "conflict", me.name, msg.addr, msg.incarnation, dict(msg.tags),
-                        f"name {me.name} is also claimed by another identity at {msg.addr}"))
+                        "conflict", name, msg.addr, msg.incarnation, dict(msg.tags),
+                        f"name {name} is also claimed by another identity at {msg.addr}"))
                 return
             if msg.addr != me.addr and msg.incarnation >= me.incarnation and not me.key:
                 # another node uses our name: refuting would make us fight over it forever
                 # (with identity keys the key says who it is: ours is our earlier life)
-                self._events.append(MemberEvent("conflict", me.name, msg.addr,
+                self._events.append(MemberEvent("conflict", name, msg.addr,
                                                 msg.incarnation, dict(msg.tags),
-                                                f"name {me.name} is also used by {msg.addr}"))
+                                                f"name {name} is also used by {msg.addr}"))
                 return
             self._refute(msg.incarnation)
             return
-        m = self.members.get(name)
-        if m is None:
+        names = self._names
+        i = self._t.id_of(name)
+        if i is None:
             if tags_size(msg.tags) > self.s.max_meta_bytes or not self._verified(msg):
                 return
-            m = self._add_member(name, msg.addr, msg.incarnation, msg.tags, now,
-                                 key=msg.key, sig=msg.sig)
+            i = names.intern(name)
+            rec = names.record(i, msg.addr, msg.incarnation, ALIVE, msg.tags, msg.key, msg.sig)
+            self._add_member(i, rec, now)
             self._broadcast(name, msg)
-            self._event("join", m)
+            self._event("join", rec)
             return
+        m: MemberState = self._t.recs[i]  # type: ignore[assignment]
         if m.key and msg.key != m.key:
             # the name is bound to another identity while it is in the table (S5)
             if msg.incarnation > m.incarnation and self._verified(msg):
@@ -982,56 +1088,52 @@ class Membership:
                 return
             if tags_size(msg.tags) > self.s.max_meta_bytes or not self._verified(msg):
                 return
-            m.addr = msg.addr  # a dead node came back on a new address
-            self._table_changed()
+            # a dead node came back on a new address
         elif (msg.incarnation <= m.incarnation
               or tags_size(msg.tags) > self.s.max_meta_bytes or not self._verified(msg)):
             return
         old_state = m.state
-        m.incarnation = msg.incarnation
-        m.tags = dict(msg.tags)
-        if m.key != msg.key or m.sig != msg.sig:
-            m.key, m.sig = msg.key, msg.sig
-            self._table_changed()
-        if old_state != ALIVE:
-            m.state = ALIVE
-            m.state_change = now
+        rec = names.record(i, msg.addr, msg.incarnation, ALIVE, msg.tags, msg.key, msg.sig)
+        self._t.put(i, rec, None if old_state == ALIVE else now)
         self._suspicions.pop(name, None)
         if old_state in (DEAD, LEFT):
-            self._live_add(name)
+            self._live_add(i)
             self._former.pop(name, None)
-            if name not in self._probe_list:
-                self._probe_list.insert(self.rng.randint(0, len(self._probe_list)), name)
+            if i not in self._probe_list:
+                self._probe_list.insert(self.rng.randint(0, len(self._probe_list)), i)
         self._broadcast(name, msg)
         kind = "join" if old_state in (DEAD, LEFT) else \
             "alive" if old_state == SUSPECT else "update"
-        self._event(kind, m)
+        self._event(kind, rec)
 
-    def _accused(self, msg: Suspect | Dead) -> Member | None:
+    def _accused(self, msg: Suspect | Dead) -> int | None:
         """The member a suspect/dead message may act on (S1, S2); refutes if it is us."""
-        m = self.members.get(msg.node)
-        if m is None or msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):
+        i = self._t.id_of(msg.node)
+        if i is None:
             return None
-        if m is self.me:
+        m: MemberState = self._t.recs[i]  # type: ignore[assignment]
+        if msg.incarnation < m.incarnation or m.state in (DEAD, LEFT):
+            return None
+        if i == self._me:
             if not self.leaving:
                 self._refute(msg.incarnation)
             return None
-        return m
+        return i
 
     def _on_suspect(self, msg: Suspect, sender: str, now: float, reliable: bool) -> None:
-        m = self._accused(msg)
-        if m is None:
+        i = self._accused(msg)
+        if i is None:
             return
-        name = m.name
+        m: MemberState = self._t.recs[i]  # type: ignore[assignment]
+        name = m.node
         if m.state == SUSPECT:
             sus = self._suspicions.get(name)
             if sus is not None and sus.confirm(msg.source):
                 self._broadcast(name, msg)
                 self._schedule(sus.deadline(), self._suspicion_expired, (name, sus))
             return
-        m.incarnation = msg.incarnation
-        m.state = SUSPECT
-        m.state_change = now
+        rec = self._names.record(i, m.addr, msg.incarnation, SUSPECT, m.tags, m.key, m.sig)
+        self._t.put(i, rec, now)
         self.suspicions += 1
         n = self.num_live()
         k = self.s.suspicion_mult - 2
@@ -1041,39 +1143,45 @@ class Membership:
         self._suspicions[name] = sus
         self._schedule(sus.deadline(), self._suspicion_expired, (name, sus))
         self._broadcast(name, msg)
-        self._event("suspect", m, f"by {msg.source}")
+        self._event("suspect", rec, f"by {msg.source}")
 
     def _suspicion_expired(self, arg: tuple[str, Suspicion], now: float) -> None:
         name, sus = arg
         if self._suspicions.get(name) is not sus or now < sus.deadline():
             return  # cancelled, or a later deadline (an earlier one fired first)
-        m = self.members[name]
-        self._on_dead(Dead(m.incarnation, name, self.me.name), self.me.addr, now, False)
+        m = self._t.rec(name)
+        assert m is not None
+        self._on_dead(Dead(m.incarnation, name, self._name), self._my().addr, now, False)
 
     def _on_dead(self, msg: Dead, sender: str, now: float, reliable: bool) -> None:
-        m = self._accused(msg)
-        if m is None:
+        i = self._accused(msg)
+        if i is None:
             return
-        name = m.name
+        m: MemberState = self._t.recs[i]  # type: ignore[assignment]
+        name = m.node
         self._suspicions.pop(name, None)
-        m.incarnation = msg.incarnation
         state = LEFT if msg.source == name else DEAD
-        self._set_dead(m, state, now)
+        rec = self._set_dead(i, m, msg.incarnation, state, now)
         self._broadcast(name, msg)
-        self._event("left" if state == LEFT else "dead", m,
+        self._event("left" if state == LEFT else "dead", rec,
                     "" if state == LEFT else f"by {msg.source}")
 
     def _reap(self, arg: tuple[str, float], now: float) -> None:
         name, since = arg
-        m = self.members.get(name)
-        if m is None or m.state not in (DEAD, LEFT) or m.state_change != since:
+        i = self._t.id_of(name)
+        if i is None:
             return
-        del self.members[name]
+        m: MemberState = self._t.recs[i]  # type: ignore[assignment]
+        if m.state not in (DEAD, LEFT) or self._t.since[i] != since:
+            return
+        self._t.remove(i)
         self._recent_dead.pop(name, None)
         self._unreached.discard(name)
         self._direct_misses.pop(name, None)
         self._broadcasts.drop(name)
         self._event("reap", m)
+        if self._t.wants_compaction():
+            self._compact()
 
     # --- gossip (D2) ---------------------------------------------------------------------
 
@@ -1106,7 +1214,7 @@ class Membership:
         limit = self.s.retransmit_limit(self.num_live())
         budget = self.s.packet_budget - PACKET_OVERHEAD
         for name in targets:
-            m = self.members.get(name)
+            m = self._t.rec(name)
             if m is None:
                 continue
             msgs = self._broadcasts.take(budget, limit, name)
@@ -1119,22 +1227,16 @@ class Membership:
 
     # --- anti-entropy (A1-A3) ------------------------------------------------------------
 
-    def _snapshot(self) -> tuple[list[MemberState], int]:
-        """The member table as push-pull states, with its estimated encoded size. Cached
-        until the table changes (every change emits an event or is our own alive)."""
-        if self._snapshot_cache is None:
-            states = [m.to_state() for m in self.members.values()]
-            # estimated from the fields (exact encoding of thousands of states is costly and
-            # the shell measures real bytes): 12 bytes of headers and numbers per state
-            size = 16 + len(self.me.name) + sum(
-                12 + len(st.node) + len(st.addr) + _tags_estimate(st.tags) for st in states)
-            self._snapshot_cache = (states, size)
-        return self._snapshot_cache
+    def _states_size(self, states: list[MemberState]) -> int:
+        """Estimated encoded size of push-pull states (exact encoding of thousands of states
+        is costly and the shell measures real bytes): 12 bytes of headers and numbers each."""
+        return 16 + len(self._name) + sum(
+            12 + len(st.node) + len(st.addr) + _tags_estimate(st.tags) for st in states)
 
     def _send_push_pull(self, addr: str, join: bool, reply: bool = False) -> None:
-        states, size = self._snapshot()
-        msg = PushPull(self.me.name, join, reply, states)
-        self._sends.append(Send(addr, [msg], True, size))
+        states = self._t.records()
+        msg = PushPull(self._name, join, reply, states)
+        self._sends.append(Send(addr, [msg], True, self._states_size(states)))
 
     def _push_pull_round(self, _: Any, now: float) -> None:
         n = self.num_live()
@@ -1143,28 +1245,67 @@ class Membership:
         if self.leaving:
             return
         peers = self._random_direct(1)
-        if peers:
-            self._send_push_pull(self.members[peers[0]].addr, join=False)
+        if not peers:
+            return
+        peer = peers[0]
+        addr = self._t.rec(peer).addr  # type: ignore[union-attr]
+        if self.takes_digests is not None and not self.takes_digests(peer):
+            self.push_pulls["full"] += 1
+            self._send_push_pull(addr, join=False)
+            return
+        self.push_pulls["digest"] += 1
+        msg = Digest(self._name, pack_digest(self._t.digest))
+        self._sends.append(Send(addr, [msg], True, PACKET_OVERHEAD + 8 + len(self._name)
+                                + len(msg.buckets)))
+
+    def _on_digest(self, msg: Digest, sender: str, now: float, reliable: bool) -> None:
+        """A1 with digests: answer with our records in the buckets whose digests differ,
+        and ask for the sender's records in them."""
+        if not reliable:
+            return
+        differ = differing_buckets(self._t.digest, msg.buckets)
+        states = self._t.bucket_records(differ) if differ else []
+        reply = DigestReply(self._name, want_bitmap(differ), states)
+        self._sends.append(Send(sender, [reply], True,
+                                self._states_size(states) + len(reply.want)))
+
+    def _on_digest_reply(self, msg: DigestReply, sender: str, now: float,
+                         reliable: bool) -> None:
+        """Merge what differs, then send back ours in those buckets (merged first, so it
+        carries our refutations), leaving out what the peer just showed it holds."""
+        if not reliable:
+            return
+        wanted = wanted_buckets(msg.want)
+        if not wanted:
+            self.push_pulls["same"] += 1
+            return
+        self._merge(msg.states, msg.source, sender, now)
+        theirs = {st.node: record_hash(st) for st in msg.states}
+        ours = [st for st in self._t.bucket_records(wanted)
+                if theirs.get(st.node) != record_hash(st)]
+        if ours:
+            back = PushPull(self._name, False, True, ours)
+            self._sends.append(Send(sender, [back], True, self._states_size(ours)))
 
     def _on_push_pull(self, msg: PushPull, sender: str, now: float, reliable: bool) -> None:
         if not reliable:
             return  # full state only travels on streams
-        self._merge(msg, sender, now)
+        self._merge(msg.states, msg.source, sender, now)
         if not msg.reply:
             self._send_push_pull(sender, join=msg.join, reply=True)
         elif sender in self._joins:
             del self._joins[sender]
             self._events.append(MemberEvent("join-ok", msg.source, sender, 0))
 
-    def _merge(self, msg: PushPull, sender: str, now: float) -> None:
-        members = self.members
-        for st in msg.states:
-            m = members.get(st.node)
+    def _merge(self, states: list[MemberState], source: str, sender: str, now: float) -> None:
+        table = self._t
+        for st in states:
+            m = table.rec(st.node)
             if m is not None and st.incarnation < m.incarnation:
                 continue  # older news than ours: no rule would apply it
             if st.state == ALIVE:
                 if m is not None and st.incarnation == m.incarnation and st.addr == m.addr \
-                        and m is not self.me:
+                        and st.node != self._name:
                     continue  # nothing new (fast path: most of a push-pull)
                 self._on_alive(Alive(st.incarnation, st.node, st.addr, st.tags, st.key,
                                      st.sig), sender, now, True)
@@ -1172,7 +1313,7 @@ class Membership:
                 self._on_dead(Dead(st.incarnation, st.node, st.node), sender, now, True)
             else:
                 # a remote "dead" is only a suspicion here: we may still reach the node
-                self._on_suspect(Suspect(st.incarnation, st.node, msg.source), sender, now,
+                self._on_suspect(Suspect(st.incarnation, st.node, source), sender, now,
                                  True)
 
     def _join_expired(self, addr: str, now: float) -> None:
@@ -1219,4 +1360,6 @@ Membership._handlers = {
     Suspect: Membership._on_suspect,
     Dead: Membership._on_dead,
     PushPull: Membership._on_push_pull,
+    Digest: Membership._on_digest,
+    DigestReply: Membership._on_digest_reply,
 }

@@ -16,15 +16,17 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import cbor2
 
 from meshd.versions import PROTOCOLS
 
-VERSION = PROTOCOLS["membership"].high  # what this node sends (meshd/versions.py)
 # 2: alives and member states carry the identity key and its signature
+# 3: digest push-pull (Digest, DigestReply), sent only to members that advertise 3
+VERSION = 2  # what a packet says unless it carries a version-3 message
+DIGEST_VERSION = 3
 
 # Bounds checked while decoding. Sizes of whole packets and frames are the shell's business;
 # these bound each field so a hostile peer cannot make us hold huge objects.
@@ -37,6 +39,7 @@ MAX_STATES = 100_000  # members in one push-pull
 MAX_UINT = 2**63 - 1
 MAX_SEQ = 2**32 - 1
 MAX_HOPS = 8  # relays a routed indirect probe may pass (core.py P5)
+DIGEST_BUCKETS = 256  # anti-entropy digest buckets (table.py), 4 bytes each on the wire
 KEY_BYTES = 32  # ed25519 public key
 SIG_BYTES = 64  # ed25519 signature
 
@@ -152,7 +155,8 @@ class Dead:
 
 @dataclass(slots=True)
 class MemberState:
-    """One member as carried by push-pull."""
+    """One member as carried by push-pull, and as a member table holds it (a record: never
+    changed once made, shared by the cores of a simulation)."""
 
     node: str
     addr: str
@@ -161,6 +165,8 @@ class MemberState:
     tags: dict[str, str]
     key: bytes = b""
     sig: bytes = b""  # the member's own signature of its alive at this incarnation
+    # its digest hash once computed (membership/table.py); never on the wire
+    h: int = field(default=-1, compare=False, repr=False)
 
     def to_wire(self) -> list[Any]:
         return [self.node, self.addr, self.incarnation, self.state, self.tags, self.key,
@@ -183,12 +189,44 @@ class PushPull:
                 [s.to_wire() for s in self.states]]
 
 
-Message = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | PushPull
+@dataclass(slots=True)
+class Digest:
+    """Anti-entropy by digest (version 3): the sender's member table as DIGEST_BUCKETS
+    bucket digests (table.py). The receiver answers with a DigestReply."""
+
+    TYPE: ClassVar[int] = 9
+    source: str
+    buckets: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.source, self.buckets]
+
+
+@dataclass(slots=True)
+class DigestReply:
+    """The answer to a Digest: `want` is a bitmap of the buckets that differ (empty: the
+    tables agree) and `states` the replier's members in them. The digest's sender merges
+    them and sends its own in those buckets back as a one-way PushPull (reply=True)."""
+
+    TYPE: ClassVar[int] = 10
+    source: str
+    want: bytes
+    states: list[MemberState]
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.source, self.want, [s.to_wire() for s in self.states]]
+
+
+Message = (Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | PushPull | Digest
+           | DigestReply)
+_V3 = (Digest, DigestReply)
 
 
 def encode_packet(msgs: list[Message]) -> bytes:
-    """Encode messages as one packet."""
-    return cbor2.dumps([VERSION, [m.to_wire() for m in msgs]])
+    """Encode messages as one packet: version 2 unless it carries a version-3 message
+    (which the core sends only to members that speak 3)."""
+    version = DIGEST_VERSION if any(isinstance(m, _V3) for m in msgs) else VERSION
+    return cbor2.dumps([version, [m.to_wire() for m in msgs]])
 
 
 def wire_size(msg: Message) -> int:
@@ -246,6 +284,18 @@ def _states(v: Any) -> list[MemberState]:
     return [_state(s) for s in v]
 
 
+def _digest_blob(v: Any) -> bytes:
+    if type(v) is not bytes or len(v) != 4 * DIGEST_BUCKETS:
+        raise DecodeError(f"expected {4 * DIGEST_BUCKETS} bytes of digests")
+    return v
+
+
+def _want(v: Any) -> bytes:
+    if type(v) is not bytes or len(v) not in (0, DIGEST_BUCKETS // 8):
+        raise DecodeError(f"expected 0 or {DIGEST_BUCKETS // 8} bytes of bucket bitmap")
+    return v
+
+
 _DECODERS: dict[int, tuple[int, Any]] = {
     Ping.TYPE: (6, lambda f: Ping(_uint(f[1], MAX_SEQ), _text(f[2], MAX_NAME),
                                   _text(f[3], MAX_NAME), _text(f[4], MAX_ADDR), _flag(f[5]))),
@@ -262,16 +312,21 @@ _DECODERS: dict[int, tuple[int, Any]] = {
     Dead.TYPE: (4, lambda f: Dead(_uint(f[1]), _text(f[2], MAX_NAME), _text(f[3], MAX_NAME))),
     PushPull.TYPE: (5, lambda f: PushPull(_text(f[1], MAX_NAME), _flag(f[2]), _flag(f[3]),
                                           _states(f[4]))),
+    Digest.TYPE: (3, lambda f: Digest(_text(f[1], MAX_NAME), _digest_blob(f[2]))),
+    DigestReply.TYPE: (4, lambda f: DigestReply(_text(f[1], MAX_NAME), _want(f[2]),
+                                                _states(f[3]))),
 }
 
 
-def decode_item(item: Any) -> Message:
-    """Decode one already-parsed item ``[type, field, ...]``."""
+def decode_item(item: Any, version: int = DIGEST_VERSION) -> Message:
+    """Decode one already-parsed item ``[type, field, ...]`` of a packet of `version`."""
     if type(item) is not list or not item:
         raise DecodeError("message must be a non-empty array")
     kind = item[0]
     if type(kind) is not int or kind not in _DECODERS:
         raise DecodeError(f"unknown message type {kind!r}")
+    if version < DIGEST_VERSION and kind in (Digest.TYPE, DigestReply.TYPE):
+        raise DecodeError(f"message type {kind} needs membership protocol {DIGEST_VERSION}")
     nfields, build = _DECODERS[kind]
     if len(item) != nfields:
         raise DecodeError(f"message type {kind} needs {nfields} fields, got {len(item)}")
@@ -292,4 +347,4 @@ def decode_packet(data: bytes) -> list[Message]:
     items = raw[1]
     if type(items) is not list or not items or len(items) > MAX_ITEMS:
         raise DecodeError(f"packet must carry 1..{MAX_ITEMS} messages")
-    return [decode_item(item) for item in items]
+    return [decode_item(item, raw[0]) for item in items]

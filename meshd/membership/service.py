@@ -7,6 +7,10 @@ Rules:
   close that channel. Neither reaches the core.
 - Reliable sends (push-pull, the TCP fallback ping) each run in their own task on a channel
   named "membership"; a request's reply comes back on the same channel.
+- At most MAX_PUSH_PULLS push-pull requests (full or digest) are served at once, as
+  memberlist caps them (memberlist#158: push-pull storms at scale); more are refused by
+  closing their channel, and counted. Digests go only to members that advertise membership
+  protocol 3 (meshd/versions.py); others get the full table.
 - Event subscribers get a bounded queue; one that falls behind is dropped, never waited for,
   and one whose block ends (`subscription`) is gone at once (member_watchers counts them).
 - Leaving is confirmed, not hoped for: besides the core's gossip of Dead(self), every live
@@ -26,16 +30,19 @@ from typing import Any
 
 import trio
 
+from meshd import versions
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 from meshd.transport.udp import UdpTransport
 
 from .core import MemberEvent, Membership, Output, Send
 from .messages import (
     ALIVE,
+    DIGEST_VERSION,
     SUSPECT,
     Ack,
     Dead,
     DecodeError,
+    Digest,
     Ping,
     PushPull,
     decode_packet,
@@ -49,6 +56,8 @@ STREAM_TIMEOUT = 10.0
 # Farewells in flight at once when leaving: a small cluster hears from us directly, a large
 # one from as many members as the leave budget allows, and from their gossip.
 FAREWELL_FANOUT = 32
+# push-pull requests served at once (memberlist's maxPushPullRequests)
+MAX_PUSH_PULLS = 128
 _LOG_KINDS = {"join": logging.INFO, "left": logging.INFO, "dead": logging.WARNING,
               "suspect": logging.INFO, "alive": logging.INFO, "conflict": logging.ERROR,
               "update": logging.DEBUG, "reap": logging.DEBUG}
@@ -62,7 +71,9 @@ class MembershipService:
         self.links = links
         self.join_timeout = join_timeout
         self.stats = {"decode_errors": 0, "stream_errors": 0, "core_faults": 0,
-                      "refused_senders": 0, "member_watchers": 0}  # the last: subscribed now
+                      "refused_senders": 0, "member_watchers": 0,  # subscribed now
+                      "push_pulls_serving": 0, "push_pulls_refused": 0}
+        core.takes_digests = self._takes_digests
         # whether datagrams from an address are taken at all (not from revoked members)
         self.accept_sender: Callable[[str], bool] | None = None
         self._kick = trio.Event()
@@ -230,6 +241,14 @@ class MembershipService:
                 continue
             self._deliver(ch.peer_addr, msgs, False)
 
+    def _takes_digests(self, name: str) -> bool:
+        """Whether a member speaks membership protocol 3 (digest push-pull)."""
+        m = self.core.members.get(name)
+        if m is None:
+            return False
+        theirs = versions.parse(m.tags.get(versions.TAG)).get("membership")
+        return theirs is not None and theirs.high >= DIGEST_VERSION
+
     async def _serve_channel(self, ch: Channel) -> None:
         with trio.move_on_after(STREAM_TIMEOUT):
             data = await ch.receive()
@@ -238,19 +257,34 @@ class MembershipService:
             except DecodeError:
                 self.stats["decode_errors"] += 1
                 return
-            sender = ch.peer_addr
-            out = self._receive(sender, msgs, True)
-            if out is None:
+            request = isinstance(msgs[0], Digest) or (isinstance(msgs[0], PushPull)
+                                                      and not msgs[0].reply)
+            if request and self.stats["push_pulls_serving"] >= MAX_PUSH_PULLS:
+                self.stats["push_pulls_refused"] += 1
                 return
-            replies = [s for s in out.sends if s.reliable and s.addr == sender]
-            out.sends = [s for s in out.sends if not (s.reliable and s.addr == sender)]
-            self._dispatch(out)
-            for reply in replies:
-                await ch.send(encode_packet(reply.msgs))
+            if request:
+                self.stats["push_pulls_serving"] += 1
+            try:
+                await self._answer(ch, msgs)
+            finally:
+                if request:
+                    self.stats["push_pulls_serving"] -= 1
+
+    async def _answer(self, ch: Channel, msgs: list[Any]) -> None:
+        sender = ch.peer_addr
+        out = self._receive(sender, msgs, True)
+        if out is None:
+            return
+        replies = [s for s in out.sends if s.reliable and s.addr == sender]
+        out.sends = [s for s in out.sends if not (s.reliable and s.addr == sender)]
+        self._dispatch(out)
+        for reply in replies:
+            await ch.send(encode_packet(reply.msgs))
 
     async def _stream_send(self, send: Send) -> None:
         msg = send.msgs[0]
-        wants_reply = isinstance(msg, Ping) or (isinstance(msg, PushPull) and not msg.reply)
+        wants_reply = isinstance(msg, (Ping, Digest)) or (isinstance(msg, PushPull)
+                                                         and not msg.reply)
         reason = ""
         try:
             with trio.fail_after(STREAM_TIMEOUT):
@@ -312,7 +346,7 @@ class MembershipService:
         self._dispatch(self.core.leave(trio.current_time()))
         me = self.core.me
         peers = [m for m in self.core.member_list()
-                 if m is not me and m.state in (ALIVE, SUSPECT)]
+                 if m.name != me.name and m.state in (ALIVE, SUSPECT)]
         confirmed: set[str] = set()
         limiter = trio.CapacityLimiter(FAREWELL_FANOUT)
         with trio.move_on_at(deadline):

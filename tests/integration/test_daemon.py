@@ -281,3 +281,24 @@ def test_sigint_also_leaves_and_watch_streams_member_events(cluster):
     b.proc.wait(5)
     assert b.proc.returncode == 0
     assert {"kind": "left", "name": "b", "address": b.addr}.items() <= left.items()
+
+
+def test_daemons_that_agree_exchange_digests_not_tables(cluster):
+    """Issue 22: anti-entropy between daemons that speak membership 3 sends bucket digests;
+    once their tables agree, nothing else travels (no full table, no states)."""
+    env = {"MESHD_MEMBERSHIP_PUSH_PULL_INTERVAL": "0.5"}
+    a = cluster.add("a", env=env)
+    b = cluster.add("b", join=[a.addr], env=env)
+    c = cluster.add("c", join=[a.addr], env=env)
+
+    def stats(d: Daemon) -> dict:
+        return control(d.data_dir, "status")["stats"]
+
+    wait_for(lambda: all(stats(d)["push_pulls_same"] >= 3 for d in (a, b, c)), 30,
+             "digest rounds that found the tables equal")
+    for d in (a, b, c):
+        s = stats(d)
+        assert s["push_pulls_full"] == 0, s  # every peer advertises membership 3
+        assert s["push_pulls_digest"] >= s["push_pulls_same"] >= 3
+        assert s["push_pulls_refused"] == 0 and s["decode_errors"] == 0
+        assert d.members()[d.name]["protocols"]["membership"] == [2, 3]

@@ -21,7 +21,7 @@ def test_a_direct_ack_records_the_round_trip_then_smooths_it():
     assert b.rtt_at == t + 0.03
     t, seq = until_ping(a, "b")
     a.receive(addr("b"), [Ack(seq)], t + 0.08)
-    assert b.rtt == pytest.approx(0.8 * 0.03 + 0.2 * 0.08)
+    assert a.members["b"].rtt == pytest.approx(0.8 * 0.03 + 0.2 * 0.08)  # a new snapshot
 
 
 def test_only_an_ack_over_the_stream_reports_udp_unreachable():

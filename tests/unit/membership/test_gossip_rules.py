@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshd.membership.messages import Ack, Alive, Dead, Ping, PushPull
+from meshd.membership.messages import Ack, Alive, Dead, Digest, Ping, PushPull
 
 from .helpers import addr
 from .solo import run_until, sends_of, solo, step
@@ -38,6 +38,7 @@ def test_a_two_node_cluster_gossips_and_push_pulls_with_its_one_peer():
         ack(t, out)
         gossip.extend(s.addr for s in _gossip_sends(out))
         pushes.extend(s.addr for s, _ in sends_of(out, PushPull) if s.reliable)
+        pushes.extend(s.addr for s, _ in sends_of(out, Digest) if s.reliable)
     a.update_tags({"v": "1"}, 0.0)
     run_until(a, 2 * a.s.push_pull_interval + 1.0, see)
     assert gossip and set(gossip) == {addr("b")}

@@ -4,7 +4,7 @@ sampled rather than shuffled. One core, driven by hand with explicit times."""
 
 from __future__ import annotations
 
-from meshd.membership.messages import Ack, Dead, IndirectPing, Ping, PushPull
+from meshd.membership.messages import Ack, Dead, Digest, IndirectPing, Ping, PushPull
 
 from .helpers import addr
 from .solo import msgs, run_until, sends_of, solo, step, until_ping
@@ -87,7 +87,7 @@ def test_in_a_large_cluster_helpers_and_gossip_targets_are_k_distinct_members():
             a.receive(dests[0], [Ack(seq)], t + 0.01)  # a helper got through
             rounds += 1
         news = [s for s in out.sends
-                if not isinstance(s.msgs[0], Ping | IndirectPing | Ack | PushPull)]
+                if not isinstance(s.msgs[0], Ping | IndirectPing | Ack | PushPull | Digest)]
         if news:
             dests = [s.addr for s in news]
             assert len(dests) == fanout and len(set(dests)) == fanout, dests
