@@ -74,7 +74,7 @@ MUTATIONS = [
              ("tests/unit/membership/test_service_push_pull.py",),
              "push-pull requests past memberlist's cap are served anyway"),
     Mutation("table-restore-shares-no-records", "meshd/membership/table.py",
-             "            if shared is None or shared is not st:\n"
+             "            if last[i] is not st:\n"
              "                st = names.adopt(i, st)\n",
              "            st = MemberState(st.node, st.addr, st.incarnation, st.state, st.tags)\n",
              ("tests/unit/membership/test_table.py",),

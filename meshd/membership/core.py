@@ -386,6 +386,12 @@ class Membership:
     def _my(self) -> MemberState:
         return self._t.recs[self._me]  # type: ignore[return-value]
 
+    def _put_mine(self, incarnation: int, tags: dict[str, str], sig: bytes) -> None:
+        """Replace our own record (same state, address and key); not a state change."""
+        me = self._my()
+        self._t.put(self._me, MemberState(me.node, me.addr, incarnation, me.state, tags,
+                                          me.key, sig), None)
+
     @property
     def unreached(self) -> frozenset[str]:
         """Members found silent to direct pings that have not answered one since (P6)."""
@@ -520,11 +526,9 @@ class Membership:
         me = self._my()
         if self.leaving:
             # saying goodbye: an alive now would undo the leave
-            self._t.put(self._me, MemberState(me.node, me.addr, me.incarnation, me.state, tags,
-                                              me.key, me.sig), None)
+            self._put_mine(me.incarnation, tags, me.sig)
             return self._flush()
-        self._t.put(self._me, MemberState(me.node, me.addr, me.incarnation + 1, me.state, tags,
-                                          me.key, me.sig), None)
+        self._put_mine(me.incarnation + 1, tags, me.sig)
         self._broadcast_self_alive()
         return self._flush()
 
@@ -546,10 +550,9 @@ class Membership:
         if not w.done:
             w.done = True
             self._acks.pop(w.seq, None)
-            i = self._t.id_of(w.target)
-            if i is None:
+            if w.target not in self._t:
                 return
-            p = self._t.probed.get(i)
+            p = self._t.probe_of(w.target)
             rtt_at = None if p is None else p.rtt_at
             # one lost ping of a member that answered moments ago proves nothing
             if rtt_at is None or now - rtt_at > self.s.silent_after():
@@ -657,8 +660,7 @@ class Membership:
         msg = Alive(me.incarnation, me.node, me.addr, dict(me.tags), me.key)
         if self._sign is not None:
             msg.sig = self._sign(msg.payload())
-            self._t.put(self._me, MemberState(me.node, me.addr, me.incarnation, me.state,
-                                              me.tags, me.key, msg.sig), None)
+            self._put_mine(me.incarnation, me.tags, msg.sig)
         self._broadcast(me.node, msg)
 
     def _table_changed(self) -> None:
@@ -746,8 +748,7 @@ class Membership:
 
     def _known_direct(self, name: str) -> bool:
         """It answered a direct ping and was not found silent to one since."""
-        i = self._t.id_of(name)
-        p = None if i is None else self._t.probed.get(i)
+        p = self._t.probe_of(name)
         return p is not None and p.rtt_at is not None and name not in self._unreached
 
     def _is_direct(self, name: str) -> bool:
@@ -1022,9 +1023,7 @@ class Membership:
     def _refute(self, accused_incarnation: int) -> None:
         self.refutations += 1
         me = self._my()
-        self._t.put(self._me, MemberState(me.node, me.addr,
-                                          max(me.incarnation, accused_incarnation) + 1,
-                                          me.state, me.tags, me.key, me.sig), None)
+        self._put_mine(max(me.incarnation, accused_incarnation) + 1, me.tags, me.sig)
         self._broadcast_self_alive()
         if self.s.lifeguard:
             self._awareness.apply(1)

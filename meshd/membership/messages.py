@@ -220,6 +220,7 @@ class DigestReply:
 Message = (Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | PushPull | Digest
            | DigestReply)
 _V3 = (Digest, DigestReply)
+_V3_TYPES = frozenset(c.TYPE for c in _V3)
 
 
 def encode_packet(msgs: list[Message]) -> bytes:
@@ -325,7 +326,7 @@ def decode_item(item: Any, version: int = DIGEST_VERSION) -> Message:
     kind = item[0]
     if type(kind) is not int or kind not in _DECODERS:
         raise DecodeError(f"unknown message type {kind!r}")
-    if version < DIGEST_VERSION and kind in (Digest.TYPE, DigestReply.TYPE):
+    if version < DIGEST_VERSION and kind in _V3_TYPES:
         raise DecodeError(f"message type {kind} needs membership protocol {DIGEST_VERSION}")
     nfields, build = _DECODERS[kind]
     if len(item) != nfields:

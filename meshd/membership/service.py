@@ -63,6 +63,11 @@ _LOG_KINDS = {"join": logging.INFO, "left": logging.INFO, "dead": logging.WARNIN
               "update": logging.DEBUG, "reap": logging.DEBUG}
 
 
+def _push_pull_request(msg: Any) -> bool:
+    """A push-pull that asks for an answer on its stream (full or digest)."""
+    return isinstance(msg, Digest) or (isinstance(msg, PushPull) and not msg.reply)
+
+
 class MembershipService:
     def __init__(self, core: Membership, udp: UdpTransport, links: LinkManager,
                  join_timeout: float = 5.0) -> None:
@@ -242,12 +247,15 @@ class MembershipService:
             self._deliver(ch.peer_addr, msgs, False)
 
     def _takes_digests(self, name: str) -> bool:
-        """Whether a member speaks membership protocol 3 (digest push-pull)."""
+        """Whether we and a member both speak membership protocol 3 (digest push-pull)."""
         m = self.core.members.get(name)
         if m is None:
             return False
-        theirs = versions.parse(m.tags.get(versions.TAG)).get("membership")
-        return theirs is not None and theirs.high >= DIGEST_VERSION
+        try:
+            return versions.use("membership", versions.parse(m.tags.get(versions.TAG)),
+                                name) >= DIGEST_VERSION
+        except versions.VersionError:
+            return False
 
     async def _serve_channel(self, ch: Channel) -> None:
         with trio.move_on_after(STREAM_TIMEOUT):
@@ -257,8 +265,7 @@ class MembershipService:
             except DecodeError:
                 self.stats["decode_errors"] += 1
                 return
-            request = isinstance(msgs[0], Digest) or (isinstance(msgs[0], PushPull)
-                                                      and not msgs[0].reply)
+            request = _push_pull_request(msgs[0])
             if request and self.stats["push_pulls_serving"] >= MAX_PUSH_PULLS:
                 self.stats["push_pulls_refused"] += 1
                 return
@@ -283,8 +290,7 @@ class MembershipService:
 
     async def _stream_send(self, send: Send) -> None:
         msg = send.msgs[0]
-        wants_reply = isinstance(msg, (Ping, Digest)) or (isinstance(msg, PushPull)
-                                                         and not msg.reply)
+        wants_reply = isinstance(msg, Ping) or _push_pull_request(msg)
         reason = ""
         try:
             with trio.fail_after(STREAM_TIMEOUT):

@@ -114,27 +114,32 @@ class Names:
             self._ids_memo = (states, ids)
         return ids
 
-    def record(self, i: int, addr: str, incarnation: int, state: int, tags: dict[str, str],
-               key: bytes, sig: bytes) -> MemberState:
-        """A record with these fields: the last one made for member i if it matches."""
+    def _last_if(self, i: int, addr: str, incarnation: int, state: int,
+                 tags: dict[str, str], key: bytes, sig: bytes) -> MemberState | None:
+        """The last record made for member i if it has these fields."""
         last = self.last[i]
         if last is not None and last.incarnation == incarnation and last.state == state \
                 and last.addr == addr and last.key == key and last.sig == sig \
                 and (last.tags is tags or last.tags == tags):
             return last
-        rec = MemberState(self.names[i], addr, incarnation, state, tags, key, sig)
-        self.last[i] = rec
+        return None
+
+    def record(self, i: int, addr: str, incarnation: int, state: int, tags: dict[str, str],
+               key: bytes, sig: bytes) -> MemberState:
+        """A record with these fields: the last one made for member i if it matches."""
+        rec = self._last_if(i, addr, incarnation, state, tags, key, sig)
+        if rec is None:
+            rec = self.last[i] = MemberState(self.names[i], addr, incarnation, state, tags,
+                                             key, sig)
         return rec
 
     def adopt(self, i: int, rec: MemberState) -> MemberState:
         """Share `rec` (a record another core made, or a decoded state) as the last one."""
-        last = self.last[i]
-        if last is not None and last is not rec and last.incarnation == rec.incarnation \
-                and last.state == rec.state and last.addr == rec.addr and last.key == rec.key \
-                and last.sig == rec.sig and last.tags == rec.tags:
-            return last
-        self.last[i] = rec
-        return rec
+        last = self._last_if(i, rec.addr, rec.incarnation, rec.state, rec.tags, rec.key,
+                             rec.sig)
+        if last is None:
+            last = self.last[i] = rec
+        return last
 
 
 class _Probed:
@@ -296,7 +301,8 @@ class MemberTable:
         return old
 
     def load(self, ids: array, states: list[MemberState], since: float, skip: int) -> None:
-        """Bulk put of many records into an empty table (a restore), except id `skip`."""
+        """`put` of many new members at once (a restore), except id `skip` and members the
+        table holds already; put's steps are inlined: the simulator restores 10^8 here."""
         names = self.names
         if ids:
             self._grow(max(ids))
@@ -305,13 +311,17 @@ class MemberTable:
         for i, st in zip(ids, states, strict=True):
             if i == skip or recs[i] is not None:
                 continue
-            shared = last[i]
-            if shared is None or shared is not st:
+            if last[i] is not st:
                 st = names.adopt(i, st)
             recs[i] = st
             self.since[i] = since
             digest[buckets[i]] ^= record_hash(st)
             self._count += 1
+
+    def probe_of(self, name: str) -> _Probed | None:
+        """What this node measured of a member (None if nothing, or not a member)."""
+        i = self.id_of(name)
+        return None if i is None else self.probed.get(i)
 
     def probe_data(self, i: int) -> _Probed:
         """Member i's probe data, to be changed by the caller."""
