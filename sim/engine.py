@@ -225,19 +225,24 @@ class Simulation:
                 self._push(when, REG, dst, (node.addr, msg))
 
     def _apply(self, node: SimNode, out: Output) -> None:
-        now = self.now
-        for send in out.sends:
-            self._transmit(node, send)
-        for ev in out.events:
-            self.log(f"{now:.6f} {node.name} {ev.kind} {ev.node} {ev.incarnation}")
-            self.metrics.event(now, node.name, ev, self)
+        if out.sends:
+            for send in out.sends:
+                self._transmit(node, send)
+        if out.events:
+            now = self.now
+            for ev in out.events:
+                self.log(f"{now:.6f} {node.name} {ev.kind} {ev.node} {ev.incarnation}")
+                self.metrics.event(now, node.name, ev, self)
         self._schedule_tick(node)
 
-    def _schedule_tick(self, node: SimNode) -> None:
+    def _schedule_tick(self, node: SimNode, local: float | None = None) -> None:
+        """Queue the node's next tick, at its earliest deadline (`local`: the core's, when
+        the caller just asked for it)."""
         core = node.core
         if core is None or not node.up or node.pause_mode == FULL:
             return
-        local = core.next_deadline()
+        if local is None:
+            local = core.next_deadline()
         if node.replicator is not None:
             local = min(local, node.replicator.next_deadline())
         if node.store is not None:
@@ -246,7 +251,9 @@ class Simulation:
         if deadline < node.tick_at:
             node.tick_at = deadline
             # the local deadline rides along: (d - offset) + offset need not equal d in floats
-            self._push(deadline if deadline > self.now else self.now, TICK, node, local)
+            self._seq += 1
+            heapq.heappush(self._heap, (deadline if deadline > self.now else self.now,
+                                        self._seq, TICK, node, local))
 
     def _transmit(self, src: SimNode, send: Any) -> None:
         now = self.now
@@ -256,15 +263,18 @@ class Simulation:
             data = encode_packet(msgs)
             size = len(data)
             msgs = decode_packet(data)
-        self.metrics.sent(now, size)
+        metrics = self.metrics
+        metrics.sent(now, size)
         dst = self.by_addr.get(send.addr)
         if dst is None:
             return
         when = self.net.delivery_time(src.idx, dst.idx, size, now, send.reliable)
         if when is None:
-            self.metrics.dropped += 1
+            metrics.dropped += 1
             return
-        self._push(when, DELIVER, dst, (src.addr, msgs, send.reliable))
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, DELIVER, dst,
+                                    (src.addr, msgs, send.reliable)))
 
     def _deliver(self, node: SimNode, payload: tuple[str, list[Any], bool]) -> None:
         sender, msgs, reliable = payload
@@ -641,7 +651,9 @@ class Simulation:
                 elif target.pause_mode:
                     target.backlog.append(payload)
                 else:
-                    self._deliver(target, payload)
+                    sender, msgs, reliable = payload
+                    self._apply(target, target.core.receive(sender, msgs, when + target.offset,
+                                                            reliable))
             elif kind == TICK:
                 if target.tick_at != payload - target.offset or not target.up \
                         or target.pause_mode == FULL:
@@ -652,7 +664,14 @@ class Simulation:
                     self._reg_send(target, target.replicator.tick(local_now))
                 if target.store is not None:
                     self.storesim.send(target, target.store.tick(local_now))
-                self._apply(target, target.core.tick(local_now))
+                core = target.core
+                due = core.next_deadline()
+                if due <= local_now:
+                    self._apply(target, core.tick(local_now))
+                else:
+                    # what was due is done (an ack came): tick() would do nothing, and every
+                    # call into the core sets its clock first
+                    self._schedule_tick(target, due)
             elif kind == STORE:
                 if target.up and target.store is not None and not target.paused:
                     self.storesim.deliver(target, payload)

@@ -86,9 +86,12 @@ class Network:
     def delivery_time(self, src: int, dst: int, size: int, now: float,
                       reliable: bool, connect: bool = True) -> float | None:
         """When a message sent now arrives, or None if it never does."""
-        if not self.reachable(src, dst):
+        groups = self.group_of
+        if groups is not None and groups[src] != groups[dst]:
             return None
-        link = self.link(src, dst)
+        if self.restricted and not self.reachable(src, dst):
+            return None
+        link = self.link(src, dst) if self.links else self.default
         start = now
         if link.bandwidth > 0:
             start = max(now, self.egress_free[src])
@@ -97,6 +100,8 @@ class Network:
         if not reliable:
             if link.loss > 0 and self.rng.random() < link.loss:
                 return None
+            if link.jitter > 0 and link.jitter_kind == "uniform":  # _latency, inlined
+                return start + (link.latency + self.rng.random() * link.jitter)
             return start + self._latency(link)
         # stream: a connection setup round trip (unless it rides an open link), then
         # retransmissions on loss

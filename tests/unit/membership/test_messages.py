@@ -23,6 +23,7 @@ from meshd.membership.messages import (
     Suspect,
     decode_packet,
     encode_packet,
+    wire_size,
 )
 
 names = st.text(min_size=1, max_size=20)
@@ -52,6 +53,35 @@ def test_round_trip(msgs):
 def _decode_only_raises_decode_error(data: bytes) -> None:
     with contextlib.suppress(DecodeError):
         decode_packet(data)
+
+
+probe_messages = st.one_of(
+    st.builds(Ping, seqs, names, names, addrs, st.booleans()),
+    st.builds(IndirectPing, seqs, names, addrs, names, addrs, st.booleans(),
+              st.integers(0, 2**40)),
+    st.builds(Ack, st.integers(-2**63, 2**64 - 1)),
+    st.builds(Nack, seqs),
+)
+
+
+@given(st.one_of(probe_messages, messages))
+def test_wire_size_is_the_encoded_size(msg):
+    # the probe messages' sizes are counted, not encoded: the count must be the encoder's
+    assert wire_size(msg) == len(cbor2.dumps(msg.to_wire()))
+
+
+@pytest.mark.parametrize("n", [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, -1, -24,
+                               -25, -257, -2**32, -2**32 - 1])
+def test_wire_size_at_the_cbor_length_boundaries(n):
+    for msg in (Ack(n), Ping(n, "é" * 30, "x" * 300, "a:1")):
+        assert wire_size(msg) == len(cbor2.dumps(msg.to_wire()))
+
+
+@pytest.mark.parametrize("length", [0, 1, 23, 24, 25, 255, 256, 65535, 65536])
+def test_wire_size_at_the_text_length_boundaries(length):
+    for text in ("x" * length, "é" * (length // 2)):
+        msg = IndirectPing(7, text, "a:1", text, "b:2", True, 3)
+        assert wire_size(msg) == len(cbor2.dumps(msg.to_wire()))
 
 
 @settings(max_examples=10_000, suppress_health_check=[HealthCheck.too_slow], deadline=None)

@@ -143,3 +143,53 @@ def test_a_simulated_member_costs_at_most_60_bytes_per_node():
     per_entry = (large - small) / (cores * 400)
     print(f"{per_entry:.1f} bytes per member per node")
     assert per_entry <= 60, f"{per_entry:.1f} bytes per member per node"
+
+
+def _view(c: Membership) -> tuple:
+    """Everything restore decides for a core, by name: live order and positions, probe
+    order, the table's records, state-change times and digest."""
+    names = c._names.names
+    live = [names[i] for i in c._live]
+    pos = {names[i]: p for i, p in enumerate(c._live_pos) if p >= 0}
+    probe = [names[i] for i in c._probe_list]
+    recs = {names[i]: (r, c._t.since[i]) for i, r in enumerate(c._t.recs) if r is not None}
+    return live, pos, probe, recs, list(c._t.digest), len(c._t), c.num_live()
+
+
+def _restored(one_run: bool, me: int, states: list[MemberState]) -> Membership:
+    names = Names()
+    for st in states:
+        names.intern(st.node)
+    c = Membership(f"n{me:02d}", addr(f"n{me:02d}"), settings(), random.Random(7), 0.0,
+                   names=names)
+    plan = names.restore_plan(states)
+    if not one_run:
+        plan.lo = plan.hi = -1  # force restore's member-by-member loop
+    c.restore(states, 5.0)
+    return c
+
+
+def test_restoring_one_run_of_ids_decides_what_the_member_by_member_loop_does():
+    # ALIVE, SUSPECT and DEAD members, and the restoring node inside and outside the list
+    states = [MemberState(f"n{i:02d}", addr(f"n{i:02d}"), i % 3, (ALIVE, SUSPECT, DEAD)[i % 3],
+                          {}) for i in range(40)]
+    for me in (0, 13, 14, 39, 77):
+        fast, slow = _restored(True, me, states), _restored(False, me, states)
+        assert _view(fast) == _view(slow), me
+        live, pos, probe, recs, _, count, _ = _view(fast)
+        assert all(live[p] == name for name, p in pos.items())
+        assert f"n{me:02d}" not in live and f"n{me:02d}" not in probe
+        assert count == 40 + (me >= 40)
+        assert recs["n05"][1] == 5.0 and recs.get(f"n{me:02d}", (None, 0.0))[1] == 0.0
+
+
+def test_shuffle_gives_random_shuffles_permutation():
+    from meshd.membership.core import shuffle
+
+    for n in (0, 1, 2, 3, 17, 1000):
+        for seed in range(5):
+            a, b = list(range(n)), list(range(n))
+            ra, rb = random.Random(seed), random.Random(seed)
+            ra.shuffle(a)
+            shuffle(rb, b)
+            assert a == b and ra.random() == rb.random()
