@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any, ClassVar
 
 import cbor2
@@ -294,7 +295,9 @@ def _tags(v: Any) -> dict[str, str]:
     for key, value in v.items():
         _text(key, MAX_TAG_TEXT)
         _text(value, MAX_TAG_TEXT, allow_empty=True)
-    return v
+    # interned: the keys and most values (versions, auth root) are the same on every member,
+    # and a daemon holds thousands of members' tags (interned strings die with their users)
+    return {intern(key): intern(value) for key, value in v.items()}
 
 
 def _blob(v: Any, size: int) -> bytes:
@@ -308,8 +311,9 @@ def _state(v: Any) -> MemberState:
     if type(v) is not list or len(v) != 7:
         raise DecodeError("member state must be a 7-item array")
     state = _uint(v[3], LEFT)
-    return MemberState(_text(v[0], MAX_NAME), _text(v[1], MAX_ADDR), _uint(v[2]), state,
-                       _tags(v[4]), _blob(v[5], KEY_BYTES), _blob(v[6], SIG_BYTES))
+    return MemberState(intern(_text(v[0], MAX_NAME)), intern(_text(v[1], MAX_ADDR)),
+                       _uint(v[2]), state, _tags(v[4]), _blob(v[5], KEY_BYTES),
+                       _blob(v[6], SIG_BYTES))
 
 
 def _states(v: Any) -> list[MemberState]:

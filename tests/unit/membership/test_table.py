@@ -7,7 +7,18 @@ import random
 import tracemalloc
 
 from meshd.membership.core import Membership
-from meshd.membership.messages import ALIVE, DEAD, SUSPECT, Alive, Dead, MemberState, Suspect
+from meshd.membership.messages import (
+    ALIVE,
+    DEAD,
+    SUSPECT,
+    Alive,
+    Dead,
+    MemberState,
+    PushPull,
+    Suspect,
+    decode_packet,
+    encode_packet,
+)
 from meshd.membership.table import (
     DIGEST_BUCKETS,
     MemberTable,
@@ -193,3 +204,41 @@ def test_shuffle_gives_random_shuffles_permutation():
             ra.shuffle(a)
             shuffle(rb, b)
             assert a == b and ra.random() == rb.random()
+
+
+def _daemon_table_memory(members: int) -> int:
+    """Bytes a daemon's core (its own Names) allocates to hold `members` members whose
+    records were already decoded (the records are what gossip delivers; this is the table)."""
+    packets = [encode_packet([PushPull("x", False, False, [
+        MemberState(f"node-{i:05d}", f"10.1.{i // 250}.{i % 250}:7946", 3, ALIVE,
+                    {"id": f"{i:032x}", "ver": "0.9.0"}, i.to_bytes(32, "big"), bytes(64))
+        for i in range(j, min(members, j + 100))])]) for j in range(0, members, 100)]
+    decoded = [decode_packet(p)[0].states for p in packets]
+    tracemalloc.start()
+    base = tracemalloc.take_snapshot()
+    c = Membership("me", "10.0.0.1:7946", settings(), random.Random(1), 0.0)
+    for states in decoded:
+        c.restore(states, 0.0)
+    c.name_of_key(bytes(32))  # the identity index a daemon builds to check peers
+    used = sum(st.size_diff for st in tracemalloc.take_snapshot().compare_to(base, "filename"))
+    tracemalloc.stop()
+    assert len(c.members) == members + 1
+    return used
+
+
+def test_a_daemon_member_costs_the_table_at_most_500_bytes():
+    """Issue 22: a daemon <= 500 bytes per member for its table (slope between 1,000 and
+    3,000 members, identity index included), on top of the records themselves."""
+    small, large = _daemon_table_memory(1000), _daemon_table_memory(3000)
+    per_member = (large - small) / 2000
+    print(f"{per_member:.0f} bytes per member")
+    assert per_member <= 500, f"{per_member:.0f} bytes per member"
+
+
+def test_decoded_member_states_share_their_repeated_strings():
+    states = decode_packet(encode_packet([PushPull("x", False, False, [
+        MemberState(f"n{i}", "h:1", 1, ALIVE, {"ver": "0.9.0", "id": str(i)}) for i in range(2)
+    ])]))[0].states
+    a, b = states
+    assert a.addr is b.addr and a.tags["ver"] is b.tags["ver"]
+    assert next(iter(a.tags)) is next(iter(b.tags))
