@@ -5,10 +5,16 @@ Rules:
   to the `max_links` nearest). An advert replaces the same origin's older one (by version).
 - The graph has an edge only where both ends advertise each other (a link one side cannot
   use is not a link); its weight is the mean of the two RTTs.
-- Shortest paths by latency from this node give each destination a path and a next hop.
+- Shortest paths by latency from this node give each destination a path and a next hop;
+  every hop also costs `hop_cost` (default HOP_COST, what a relay's own work adds:
+  bench/relay.py), so a relayed path must beat the direct one by more than its relays cost
+  and RTT noise between members that answer directly does not send traffic through relays
+  (on one host, an idle 10-daemon cluster had routed 7 of 9 peers through relays). A
+  route's `cost` is its latency, without the hop costs.
 - Recompute is rate-limited to once per `min_interval` and only when something changed.
 - Hysteresis: a destination keeps its current path while that path still exists and the new
-  best is not at least `switch_gain` (fraction) cheaper, so jittery RTTs do not flap routes.
+  best is not at least `switch_gain` (fraction) cheaper (hop costs included), so jittery
+  RTTs do not flap routes.
 - Members set as `avoid` (silent next hops, suspects) carry no transit traffic: paths go around
   them at once, without waiting for their adverts to age out; they stay reachable as
   destinations. A path through an avoided node no longer "exists" for hysteresis.
@@ -21,6 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
+
+# What one hop costs on top of its link's RTT, in seconds: a relay's own processing (one
+# hop added 0.9-2.5 ms to a direct call in bench/relay.py, 2026-11-30).
+HOP_COST = 0.002
 
 
 @dataclass(frozen=True)
@@ -37,8 +47,9 @@ class Route:
 
 class RoutingTable:
     def __init__(self, me: str, switch_gain: float = 0.10, min_interval: float = 1.0,
-                 max_links: int = 64) -> None:
+                 max_links: int = 64, hop_cost: float = HOP_COST) -> None:
         self.me = me
+        self.hop_cost = hop_cost
         self.switch_gain = switch_gain
         self.min_interval = min_interval
         self.max_links = max_links
@@ -77,7 +88,7 @@ class RoutingTable:
             for peer, rtt in links.items():
                 back = self.adverts.get(peer, (0, {}))[1].get(origin)
                 if back is not None:
-                    g.add_edge(origin, peer, weight=(rtt + back) / 2)
+                    g.add_edge(origin, peer, weight=(rtt + back) / 2 + self.hop_cost)
         return g
 
     def recompute(self, now: float, force: bool = False) -> bool:
@@ -97,12 +108,15 @@ class RoutingTable:
         for dest, path in paths.items():
             if dest == self.me:
                 continue
-            best = Route(dest, path[1], tuple(path), dist[dest])
+            weight = dist[dest]
+            best = Route(dest, path[1], tuple(path), self._latency(weight, path))
             old = self.routes.get(dest)
             if old is not None and old.path != best.path:
-                old_cost = _path_cost(g, old.path, self.avoid)
-                if old_cost is not None and best.cost > old_cost * (1 - self.switch_gain):
-                    best = Route(dest, old.next_hop, old.path, old_cost)  # keep: not better
+                old_weight = _path_cost(g, old.path, self.avoid)
+                if old_weight is not None and weight > old_weight * (1 - self.switch_gain):
+                    # keep: not better
+                    best = Route(dest, old.next_hop, old.path,
+                                 self._latency(old_weight, old.path))
             if old is None or old.next_hop != best.next_hop:
                 changed = True
                 if old is not None:
@@ -112,6 +126,10 @@ class RoutingTable:
             changed = True
         self.routes = new
         return changed
+
+    def _latency(self, weight: float, path: tuple[str, ...] | list[str]) -> float:
+        """A path's latency: its weight without the hop costs."""
+        return max(0.0, weight - self.hop_cost * (len(path) - 1))
 
     def route(self, dest: str) -> Route | None:
         return self.routes.get(dest)

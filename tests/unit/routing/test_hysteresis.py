@@ -14,7 +14,9 @@ from meshd.routing.table import RoutingTable
 
 
 def _table(via_x: tuple[float, float], via_y: tuple[float, float]) -> RoutingTable:
-    t = RoutingTable("s")  # the default gain, as routing/service.py and the simulator use
+    # the default gain, as routing/service.py and the simulator use; no hop cost, so the
+    # thresholds below are the gain's alone (test_table_rules.py tests hop costs)
+    t = RoutingTable("s", hop_cost=0.0)
     _advertise(t, 1, via_x, via_y)
     t.recompute(0.0, force=True)
     return t

@@ -4,6 +4,8 @@ under hysteresis."""
 
 from __future__ import annotations
 
+import math
+
 from meshd.routing.table import RoutingTable
 
 
@@ -157,3 +159,25 @@ def test_an_avoided_destination_compares_whole_path_costs_of_its_last_hops():
         r = t.route("z")
         assert r.path == ("s", "p", "z"), order
         assert r.to_dict()["latency_ms"] == 32.0, order
+
+
+def _direct_or_relayed(direct: float, leg: float, **kw: float) -> RoutingTable:
+    """s reaches d directly (RTT `direct`) or through r (two legs of RTT `leg`)."""
+    t = RoutingTable("s", **kw)
+    t.advertise("s", 1, {"d": direct, "r": leg})
+    t.advertise("r", 1, {"s": leg, "d": leg})
+    t.advertise("d", 1, {"s": direct, "r": leg})
+    t.recompute(0.0, force=True)
+    return t
+
+
+def test_a_relay_must_beat_the_direct_path_by_more_than_its_hop_cost():
+    # 0.8 ms through a relay against 1 ms direct: RTT noise between members on one LAN
+    t = _direct_or_relayed(0.0010, 0.0004)
+    r = t.route("d")
+    assert r.path == ("s", "d"), "a direct member went through a relay for 0.2 ms"
+    assert math.isclose(r.cost, 0.0010), "a route's cost is its latency, hop costs apart"
+    assert _direct_or_relayed(0.0010, 0.0004, hop_cost=0.0).route("d").path == ("s", "r", "d")
+    # a relay that saves more than its cost (20 ms against 50) still carries the traffic
+    far = _direct_or_relayed(0.050, 0.010).route("d")
+    assert far.path == ("s", "r", "d") and math.isclose(far.cost, 0.020)
