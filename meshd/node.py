@@ -124,6 +124,7 @@ class Node:
         self._conflict: str | None = None
         self._first_node = False
         self._seeds: set[str] = set()  # names of the seeds we joined through
+        self._synced_boots: dict[str, str] = {}  # member -> the boot we synced with at its join
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -565,9 +566,20 @@ class Node:
 
     def _sync_newcomer(self, ev: Any) -> None:
         """A member (re)joined: exchange store and registry state with it right away, so it
-        does not wait for the next random anti-entropy round (auth state lives there)."""
+        does not wait for the next random anti-entropy round (auth state lives there). Not
+        when it comes back from a death it refuted in the same run (its `boot` tag is the
+        one we synced with): it lost nothing, and every member syncing with it at once
+        would load a node that was just too slow to answer."""
         if ev.kind != "join" or ev.node == self.name:
             return
+        boot = ev.tags.get("boot")
+        if boot is not None:
+            if self._synced_boots.get(ev.node) == boot:
+                return
+            if len(self._synced_boots) > 2 * len(self.core.members) + 64:
+                self._synced_boots = {n: b for n, b in self._synced_boots.items()
+                                      if n in self.core.members}
+            self._synced_boots[ev.node] = boot
         if getattr(self.store, "_nursery", None) is not None:
             self.store._send(self.store.rep.sync_with(ev.addr))
         if getattr(self.registry, "_nursery", None) is not None:
