@@ -39,11 +39,24 @@
    Also CPU microseconds per operation of each process (/proc, over the window): the
    daemon, the engine server (every PostgreSQL process; redis-server) and the client (this
    process): rates swing between runs on a shared machine, CPU per operation much less.
+5. `--keys N` (alone: only the host baseline and this): the embedded store holding N keys
+   (issue 22; goals at N = 1,000,000: the daemon's RSS < 300 MB, reads >= 0.5x Redis). One
+   daemon on loopback (lan profile, default store.cache_bytes); its RSS (VmRSS) before,
+   after writing N keys of 100-byte values (LOAD_CALLERS concurrent store.write calls
+   through one SDK connection: group commit makes that the fastest path), and after a
+   restart (digests rebuilt from store.db); store.db's size. Then reads of random keys
+   against a redis-server on loopback holding the same N keys (redis-py's asyncio client),
+   same harness as 3: "hot" (1,000 keys, which the cache holds) and "cold" (uniform over
+   all N keys: almost every read misses the cache and asks SQLite); ROUNDS alternating
+   windows of each (meshd, redis, meshd, ...: a shared host's load swings within minutes),
+   the median of the per-round ratios, and the daemon's CPU microseconds per read.
+   `--prefill`: write store.db directly (StoreDB.save, in batches, before the daemon
+   starts) instead of through the daemon, to measure the reads without the long load.
 Host baseline: trio TCP echo at 32 callers (bench/rpc.py) and the load average, printed
 first and again at the end, so slow days are visible.
-Flags: --seconds S (default 5) per measurement, --quick (1 s windows), --engines-only (the
-host baseline and 4 only), --json (the results as one JSON document on stdout, progress on
-stderr).
+Flags: --keys N (5 only), --seconds S (default 5) per measurement, --quick (1 s windows),
+--engines-only (the host baseline and 4 only), --json (the results as one JSON document on
+stdout, progress on stderr).
 """
 
 from __future__ import annotations
@@ -77,7 +90,7 @@ from meshd.hlc import HLC  # noqa: E402
 from meshd.store import crdt  # noqa: E402
 from meshd.store.engines.postgres import TABLE_SQL  # noqa: E402
 from meshd.store.replication import StoreReplicator  # noqa: E402
-from tests.integration.cluster import Cluster, control  # noqa: E402
+from tests.integration.cluster import Cluster, Daemon, control  # noqa: E402
 from tests.integration.engine_servers import postgres as postgres_server  # noqa: E402
 from tests.integration.engine_servers import redis as redis_server  # noqa: E402
 from tests.integration.engine_servers import why_no_postgres, why_no_redis  # noqa: E402
@@ -313,6 +326,231 @@ def etcd_redis(clients: int, seconds: float) -> dict[str, float] | None:
     print(f"meshd reads / redis reads:  {results['meshd read'] / results['redis read']:.2f} "
           "(goal >= 0.5)", flush=True)
     return results
+
+
+# --- 5. the embedded store holding many keys (issue 22) -----------------------------------------
+
+LOAD_CALLERS = 256
+HOT_KEYS = 1000
+ROUNDS = 3
+RSS_GOAL_MB = 300
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def big_key(i: int) -> str:
+    return f"key-{i:07d}"
+
+
+def load_meshd(sock: Path, keys: int) -> float:
+    """Write `keys` keys through the SDK (LOAD_CALLERS concurrent writes); seconds."""
+    async def main() -> float:
+        from meshd_sdk import Store
+
+        store = Store(addr=sock)
+        nxt = 0
+        t0 = time.perf_counter()
+        last = t0
+
+        async def worker() -> None:
+            nonlocal nxt, last
+            while nxt < keys:
+                i = nxt
+                nxt += 1
+                await store.write(big_key(i), VALUE)
+                if i % 100_000 == 0 and i and time.perf_counter() - last > 1:
+                    last = time.perf_counter()
+                    print(f"  {i:,} keys written, {i / (last - t0):,.0f}/s", flush=True)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(LOAD_CALLERS):
+                nursery.start_soon(worker)
+        took = time.perf_counter() - t0
+        await store.aclose()
+        return took
+    return trio.run(main)
+
+
+def prefill(data_dir: Path, keys: int) -> float:
+    """Write `keys` keys into data_dir/store.db as a daemon would have; seconds."""
+    from meshd.store.persist import FILE, StoreDB
+    from meshd.store.records import key_hash
+
+    t0 = time.perf_counter()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = StoreDB(data_dir / FILE)
+    try:
+        wall = int(time.time() * 1000)
+        for start in range(0, keys, 20_000):
+            rows = []
+            for i in range(start, min(keys, start + 20_000)):
+                state = {"lww": crdt.lww((wall, i, "bench"), VALUE)}
+                rows.append(("default", "store", big_key(i), state, key_hash(big_key(i), state)))
+            db.save(rows)
+    finally:
+        db.close()
+    return time.perf_counter() - t0
+
+
+def load_redis(port: int, keys: int) -> None:
+    import redis as redis_py
+
+    r = redis_py.Redis(host="127.0.0.1", port=port)
+    try:
+        for start in range(0, keys, 10_000):
+            pipe = r.pipeline(transaction=False)
+            for i in range(start, min(keys, start + 10_000)):
+                pipe.set(big_key(i), VALUE)
+            pipe.execute()
+    finally:
+        r.close()
+
+
+def pick(keys: int, hot: bool) -> Callable[[int], str]:
+    """The key of a caller's n-th read: random over HOT_KEYS or over all `keys`."""
+    rng = random.Random(7)
+    span = min(HOT_KEYS, keys) if hot else keys
+    table = [rng.randrange(span) for _ in range(1 << 16)]
+    return lambda n: big_key(table[(n * 7919) % len(table)])
+
+
+def meshd_reads(sock: Path, key_of: Callable[[int], str]) -> Callable[[], Any]:
+    async def factory() -> Any:
+        from meshd_sdk import Store
+
+        store = Store(addr=sock)
+
+        async def op(n: int) -> None:
+            if await store.get(key_of(n)) != VALUE:
+                raise AssertionError(f"meshd read of {key_of(n)}")
+        return op, store.aclose
+    return factory
+
+
+def redis_reads(port: int, key_of: Callable[[int], str]) -> Callable[[], Any]:
+    async def factory() -> Any:
+        import redis.asyncio as aredis
+
+        r = aredis.Redis(host="127.0.0.1", port=port)
+
+        async def op(n: int) -> None:
+            if await r.get(key_of(n)) != VALUE:
+                raise AssertionError(f"redis read of {key_of(n)}")
+        return op, r.aclose
+    return factory
+
+
+def many_keys(keys: int, clients: int, seconds: float, direct: bool = False
+              ) -> dict[str, Any] | None:
+    """5: one daemon holding `keys` keys: RSS, and reads against Redis (see the docstring)."""
+    if not shutil.which("redis-server"):
+        print("5. skipped: redis-server is not installed (apt-get install redis-server)")
+        return None
+    out: dict[str, Any] = {"keys": keys, "load_callers": LOAD_CALLERS}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        redis_port = free_port()
+        redis_proc = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(root)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cluster = Cluster(root)
+        try:
+            wait_port(redis_port)
+            node = Daemon(root, "bench", cluster.secret, profile="lan")
+            cluster.daemons["bench"] = node
+            out["prefilled"] = direct
+            if direct:
+                out["prefill_seconds"] = prefill(node.data_dir, keys)
+                print(f"5. store.db prefilled with {keys:,} keys in "
+                      f"{out['prefill_seconds']:.0f} s", flush=True)
+            node.start()
+            assert node.proc is not None
+            sock = node.data_dir / "meshd.sock"
+            time.sleep(2)  # let the daemon settle (its components start)
+            out["rss_before_kib"] = rss_kib(node.proc.pid)
+            if not direct:
+                print(f"5. daemon RSS before: {out['rss_before_kib'] / 1024:.1f} MB; writing "
+                      f"{keys:,} keys of {len(VALUE)} bytes", flush=True)
+                out["load_seconds"] = load_meshd(sock, keys)
+            time.sleep(2)
+            out["rss_loaded_kib"] = rss_kib(node.proc.pid)
+            out["store_db_bytes"] = sum(p.stat().st_size for p in node.data_dir.glob("store.db*"))
+            if not direct:
+                took = out["load_seconds"]
+                print(f"   {keys:,} keys in {took:.0f} s ({keys / took:,.0f}/s); RSS "
+                      f"{out['rss_loaded_kib'] / 1024:.1f} MB; store.db "
+                      f"{out['store_db_bytes'] / 1e6:.0f} MB", flush=True)
+            node.stop()  # SIGKILL: what was acknowledged is on disk
+            t0 = time.perf_counter()
+            node.start()
+            out["restart_seconds"] = time.perf_counter() - t0
+            time.sleep(2)
+            out["rss_restarted_kib"] = rss_kib(node.proc.pid)
+            print(f"   restarted in {out['restart_seconds']:.1f} s; RSS "
+                  f"{out['rss_restarted_kib'] / 1024:.1f} MB", flush=True)
+            load_redis(redis_port, keys)
+            for kind in ("hot", "cold"):
+                key_of = pick(keys, kind == "hot")
+                rounds = []
+                for _ in range(ROUNDS):
+                    cpu0 = _cpu_seconds(node.proc.pid)
+                    t0 = time.perf_counter()
+                    m = trio_harness(meshd_reads(sock, key_of), clients, seconds)
+                    cpu_us = (_cpu_seconds(node.proc.pid) - cpu0) * 1e6 / (
+                        m * (time.perf_counter() - t0))
+                    r = asyncio_harness(redis_reads(redis_port, key_of), clients, seconds)
+                    rounds.append({"meshd": m, "redis": r, "ratio": m / r,
+                                   "daemon_cpu_us": cpu_us})
+                    print(f"   {kind} reads: meshd {m:,.0f}/s ({cpu_us:.0f} us daemon CPU "
+                          f"per read), redis {r:,.0f}/s: {m / r:.2f}x", flush=True)
+                ratios = sorted(x["ratio"] for x in rounds)
+                out[f"{kind} reads"] = {"rounds": rounds, "ratio": ratios[len(ratios) // 2]}
+            out["rss_after_reads_kib"] = rss_kib(node.proc.pid)
+            out["redis_rss_kib"] = rss_kib(redis_proc.pid)
+        finally:
+            cluster.close()
+            redis_proc.terminate()
+            redis_proc.wait(10)
+    return out
+
+
+def report_many_keys(res: dict[str, Any] | None, clients: int, seconds: float) -> None:
+    if res is None:
+        return
+    n = res["keys"]
+    grown = res["rss_loaded_kib"] - res["rss_before_kib"]
+    peak_mb = max(res["rss_loaded_kib"], res["rss_restarted_kib"],
+                  res["rss_after_reads_kib"]) / 1024
+    print(f"\n5. the embedded store with {n:,} keys of {len(VALUE)}-byte values, one daemon")
+    if res["prefilled"]:
+        print(f"  store.db prefilled directly ({res['prefill_seconds']:.0f} s); RSS at start / "
+              f"after a restart / after the reads: {res['rss_before_kib'] / 1024:.1f} / "
+              f"{res['rss_restarted_kib'] / 1024:.1f} / "
+              f"{res['rss_after_reads_kib'] / 1024:.1f} MB")
+    else:
+        print(f"  RSS before / after writing / after a restart / after the reads: "
+              f"{res['rss_before_kib'] / 1024:.1f} / {res['rss_loaded_kib'] / 1024:.1f} / "
+              f"{res['rss_restarted_kib'] / 1024:.1f} / "
+              f"{res['rss_after_reads_kib'] / 1024:.1f} MB ({grown * 1024 / n:.1f} bytes "
+              f"per key written); written in {res['load_seconds']:.0f} s "
+              f"({n / res['load_seconds']:,.0f} writes/s, {LOAD_CALLERS} concurrent)")
+    print(f"  goal RSS < {RSS_GOAL_MB} MB: {'yes' if peak_mb < RSS_GOAL_MB else 'NO'} "
+          f"(peak {peak_mb:.0f} MB); store.db {res['store_db_bytes'] / n:.0f} bytes per key; "
+          f"restart {res['restart_seconds']:.1f} s; redis-server RSS "
+          f"{res['redis_rss_kib'] / 1024:.0f} MB")
+    for kind in ("hot", "cold"):
+        r = res[f"{kind} reads"]
+        rounds = ", ".join(f"{x['meshd']:,.0f}/{x['redis']:,.0f} ({x['daemon_cpu_us']:.0f} us)"
+                           for x in r["rounds"])
+        print(f"  {kind} reads ({clients} clients, {ROUNDS} x {seconds:g} s each), meshd/redis "
+              f"per s (daemon CPU per read): {rounds}; median ratio {r['ratio']:.2f}x "
+              f"(goal >= 0.5: {'yes' if r['ratio'] >= 0.5 else 'NO'})")
 
 
 # --- 4. store databases on engines (issue 21) ---------------------------------------------------
@@ -607,6 +845,10 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients in 3")
     ap.add_argument("--callers", type=int, default=CALLERS, help="concurrent callers in 4")
     ap.add_argument("--quick", action="store_true", help="1 s windows (a smoke run)")
+    ap.add_argument("--keys", type=int, default=0,
+                    help="5 only: the embedded store holding this many keys (1000000)")
+    ap.add_argument("--prefill", action="store_true",
+                    help="with --keys: write store.db directly, not through the daemon")
     ap.add_argument("--engines-only", action="store_true",
                     help="the host baseline and 4 (PostgreSQL and Redis engines) only")
     ap.add_argument("--json", action="store_true",
@@ -620,7 +862,13 @@ def main() -> int:
                            "load_before": os.getloadavg()[0]}
     with human:
         out["baseline"] = rpcbench.host_baseline(CALLERS, min(secs, 3.0))[0]
-        if not opts.engines_only:
+        if opts.keys:
+            out["many_keys"] = many_keys(opts.keys, opts.clients, secs, opts.prefill)
+            out["took"] = time.monotonic() - started
+            report_many_keys(out["many_keys"], opts.clients, secs)
+            print(rpcbench.baseline_footer(out["baseline"], out["load_before"], out["took"],
+                                           CALLERS))
+        elif not opts.engines_only:
             d3 = sim("--set", "store_batch_interval=0.1")
             d3e = sim("--set", "store_batch_interval=0.5")
             print(f"3d (100 ms batches): {d3['msgs_per_op']} msgs/op, p50 "
@@ -635,13 +883,14 @@ def main() -> int:
             out["sim_3d"], out["sim_3e"] = d3, d3e
             out["anti_entropy"] = {"sent": sent, "full": full}
             out["etcd_redis"] = etcd_redis(opts.clients, secs)
-        with tempfile.TemporaryDirectory() as tmp:
-            out["engines"] = engines(Path(tmp), opts.callers, secs)
+        if not opts.keys:
+            with tempfile.TemporaryDirectory() as tmp:
+                out["engines"] = engines(Path(tmp), opts.callers, secs)
+            took = time.monotonic() - started
+            out["took"] = took
+            report_engines(out["engines"], opts.callers, secs)
+            print(rpcbench.baseline_footer(out["baseline"], out["load_before"], took, CALLERS))
         out["load_after"] = os.getloadavg()[0]
-        took = time.monotonic() - started
-        out["took"] = took
-        report_engines(out["engines"], opts.callers, secs)
-        print(rpcbench.baseline_footer(out["baseline"], out["load_before"], took, CALLERS))
     if opts.json:
         print(json.dumps(out, indent=2, default=str), file=stdout)
     return 0

@@ -338,14 +338,13 @@ class StoreOps:
 
     def counts(self) -> dict[str, int]:
         """Live keys per namespace (for `meshd namespaces`), system databases left out."""
-        from .state import live
-
         now = _now_ms()
+        state = self.store.rep.state
         out: dict[str, int] = {}
-        for (db, _table), t in self.store.rep.state.tables.items():
+        for db, table in list(state.tables):
             if db in SYSTEM_DBS or db == CONFIG_DB:
                 continue
-            n = sum(1 for s in t.records.values() if live(s, now))
+            n = state.count_live(db, table, now)
             if n:
                 ns = namespace_of(db)
                 out[ns] = out.get(ns, 0) + n

@@ -49,13 +49,16 @@ from typing import Any
 from meshd.hlc import HLC
 
 from . import crdt
-from .state import BUCKETS, StoreState, bucket_of, split_name
+from .records import Records
+from .state import BUCKETS, StoreState, split_name
 
 Send = tuple[str, dict[str, Any]]
 ChangeHook = Callable[[str, str, str, crdt.State, bool], None]
 REPAIR_BYTES = 8 << 20  # records in one repair message (links carry up to 64 MiB)
 REPAIR_TABLES = 64  # tables whose bucket digests go in one message (4096 numbers each)
 REPAIR_KEYS = 100_000  # key hashes in one message (about 4 MB)
+CHUNK_KEYS = 20_000  # our key hashes read at once when answering a key list
+PAGE_KEYS = 512  # records read at once for a repair message
 
 
 class WireError(ValueError):
@@ -67,7 +70,7 @@ class StoreReplicator:
                  rng: random.Random, now: float, *, batch_interval: float = 0.05,
                  sync_interval: float = 10.0, fanout: int = 4, all_threshold: int = 64,
                  tombstone_grace: float = 86400.0, repair_bytes: int = REPAIR_BYTES,
-                 repair_keys: int = REPAIR_KEYS) -> None:
+                 repair_keys: int = REPAIR_KEYS, records: Records | None = None) -> None:
         self.node = node
         self.repair_bytes = repair_bytes
         self.repair_keys = repair_keys
@@ -79,7 +82,7 @@ class StoreReplicator:
         self.fanout = fanout
         self.all_threshold = all_threshold
         self.tombstone_grace_ms = int(tombstone_grace * 1000)
-        self.state = StoreState()
+        self.state = StoreState(records)  # in memory unless given (the daemon: on disk)
         self.pending: dict[tuple[str, str, str], tuple[crdt.State, str | None]] = {}
         self.pending_acks: list[int] = []
         self.next_flush = float("inf")
@@ -215,10 +218,11 @@ class StoreReplicator:
                     break
                 mine = self.state.bucket_digests(name)
                 differing = [i for i in range(BUCKETS) if mine[i] != remote[i]]
+                sizes = self.state.bucket_sizes(name)
+                if sum(sizes[b] for b in differing) > budget:
+                    # only the buckets that fit: the rest next round
+                    differing, more = self._fit(name, differing, budget), True
                 hashes = self.state.key_hashes(name, differing)
-                if len(hashes) > budget:  # only the buckets that fit: the rest next round
-                    differing, hashes, more = self._fit(name, differing, budget), {}, True
-                    hashes = self.state.key_hashes(name, differing)
                 budget -= len(hashes)
                 keys[name] = {"b": differing, "k": hashes}
             out: dict[str, Any] = {"t": "keys", "tables": keys}
@@ -235,17 +239,21 @@ class StoreReplicator:
                         or not isinstance(spec.get("b"), list):
                     raise WireError("bad key list")
                 theirs: dict[str, int] = spec["k"]
-                mine = self.state.key_hashes(name, spec["b"])
                 db, tbl = split_name(name)
-                for key, h in mine.items():
-                    if theirs.get(key) != h:
-                        if budget <= 0:
-                            more = True
-                            break
-                        state = self.state.get(db, tbl, key)
-                        budget -= _size(key, state)
-                        records.append([db, tbl, key, state])
-                wanted = [k for k, h in theirs.items() if mine.get(k) != h]
+                seen: dict[str, int] = {}  # our hashes of their keys
+                # a bounded number of our key hashes at a time (a far-behind peer names
+                # every bucket of a large table)
+                for chunk in self.state.bucket_chunks(name, spec["b"], CHUNK_KEYS):
+                    mine = self.state.key_hashes(name, chunk)
+                    seen.update((k, h) for k, h in mine.items() if k in theirs)
+                    if budget > 0:
+                        differ = [k for k, h in mine.items() if theirs.get(k) != h]
+                        found, budget, cut = self._budgeted(db, tbl, differ, budget)
+                        records += found
+                        more = more or cut
+                    elif any(theirs.get(k) != h for k, h in mine.items()):
+                        more = True
+                wanted = [k for k, h in theirs.items() if seen.get(k) != h]
                 if wanted:
                     want[name] = wanted
             reply = {"t": "records", "e": records, "want": want}
@@ -263,14 +271,10 @@ class StoreReplicator:
             more = bool(msg.get("more"))
             for name, keys in _map(msg.get("want")).items():
                 db, tbl = split_name(name)
-                for key in keys if isinstance(keys, list) else []:
-                    s = self.state.get(db, tbl, key) if isinstance(key, str) else None
-                    if s is not None:
-                        if budget <= 0:
-                            more = True
-                            break
-                        budget -= _size(key, s)
-                        fill.append([db, tbl, key, s])
+                asked = [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+                found, budget, cut = self._budgeted(db, tbl, asked, budget)
+                fill += found
+                more = more or cut
             if fill:
                 out.append((sender, {"t": "fill", "e": fill}))
             if more and (fill or self.state.roots() != before):
@@ -281,6 +285,32 @@ class StoreReplicator:
             self._merge_entries(_entries(msg.get("e")), sender, now, False)
             return []
         raise WireError(f"unknown store message {kind!r}")
+
+    def _budgeted(self, db: str, tbl: str, keys: list[str], budget: int
+                  ) -> tuple[list[list[Any]], int, bool]:
+        """The records of `keys` (those we hold) while `budget` bytes last: (records, budget
+        left, whether some were left out). Read a page at a time, without filling the
+        cache."""
+        out: list[list[Any]] = []
+        for i in range(0, len(keys), PAGE_KEYS):
+            for key, state in self.state.peek(db, tbl, keys[i:i + PAGE_KEYS]):
+                if budget <= 0:
+                    return out, budget, True
+                budget -= _size(key, state)
+                out.append([db, tbl, key, state])
+        return out, budget, False
+
+    def _fit(self, name: str, buckets: list[int], budget: int) -> list[int]:
+        """The leading buckets whose keys fit in `budget` key hashes (at least one)."""
+        sizes = self.state.bucket_sizes(name)
+        chosen, used = [], 0
+        for b in buckets:
+            n = sizes[b]
+            if chosen and used + n > budget:
+                break
+            chosen.append(b)
+            used += n
+        return chosen
 
     def _merge_entries(self, entries: list[list[Any]], sender: str, now: float,
                        forward: bool) -> int:
@@ -317,25 +347,6 @@ def split_acks(sends: list[Send]) -> tuple[list[Send], list[Send]]:
     for send in sends:
         (acks if send[1].get("t") == "ack" else now).append(send)
     return now, acks
-
-
-    def _fit(self, name: str, buckets: list[int], budget: int) -> list[int]:
-        """The leading buckets whose keys fit in `budget` key hashes (at least one)."""
-        t = self.state.tables.get(split_name(name))
-        if t is None:
-            return buckets
-        per_bucket: dict[int, int] = {}
-        for key in t.hashes:
-            b = bucket_of(key)
-            per_bucket[b] = per_bucket.get(b, 0) + 1
-        chosen, used = [], 0
-        for b in buckets:
-            n = per_bucket.get(b, 0)
-            if chosen and used + n > budget:
-                break
-            chosen.append(b)
-            used += n
-        return chosen
 
 
 def _size(key: str, state: crdt.State) -> int:

@@ -1,8 +1,12 @@
 """Store shell: durable local writes, replication over links, control operations, watches.
 
 Rules:
-- A local write is applied in memory, then acknowledged only after the SQLite commit that
-  holds it (group commit in a worker thread, so the event loop never waits on fsync).
+- Records live in SQLite with a bounded cache in memory (diskrecords.py, store.cache_bytes);
+  the digests anti-entropy compares stay in memory (state.py), rebuilt from the file when
+  the node starts.
+- A local write is applied (readable at once), then acknowledged only after the SQLite
+  commit that holds it (group commit in a worker thread, so the event loop never waits on
+  fsync).
   With `replicas` = N > 1 the write also waits until N-1 other nodes acknowledged it.
 - A replica acknowledges only what is on its disk: acks the replicator returns are held
   until the commit that holds everything merged so far has completed.
@@ -40,6 +44,7 @@ from meshd.ops import Finish
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from . import crdt, paths
+from .diskrecords import DiskRecords
 from .engines.base import Query
 from .engines.bindings import ENGINES_DB, Engines
 from .persist import FILE, StoreDB
@@ -71,24 +76,23 @@ class StoreService:
         self.node = core.me.name
         self.hlc = HLC(self.node, _now_ms, max_drift_ms=int(settings.max_clock_drift * 1000))
         self.db = StoreDB(data_dir / FILE)
+        self.records = DiskRecords(self.db, settings.cache_bytes)
         self.rep = StoreReplicator(
             self.node, self.hlc, self._peers, random.Random(), trio.current_time(),
             batch_interval=settings.batch_interval, sync_interval=settings.sync_interval,
             fanout=settings.fanout, all_threshold=settings.all_threshold,
-            tombstone_grace=settings.tombstone_grace)
-        loaded = 0
-        for db, tbl, key, state in self.db.load():
-            self.rep.state.apply(db, tbl, key, state)
-            reg = state.get("lww")
-            if reg is not None:
-                self.hlc.observe((reg[0][0], reg[0][1], reg[0][2]))
-            loaded += 1
+            tombstone_grace=settings.tombstone_grace, records=self.records)
+        # records from our own file are kept whatever their time, but the clock moves only
+        # to the newest one within the drift bound
+        newest = self.records.newest(_now_ms() + self.hlc.max_drift_ms
+                                     if self.hlc.max_drift_ms is not None else 1 << 62)
+        if newest is not None:
+            self.hlc.observe((newest[0], newest[1], self.node))
+        loaded = sum(t.count for t in self.rep.state.tables.values())
         if loaded:
-            log.info("loaded %d records from %s", loaded, self.db.path)
+            log.info("%d records in %s", loaded, self.db.path)
         self.rep.on_change = self._changed
         self.rep.on_drop = self._drop
-        self._dirty: dict[tuple[str, str, str], Any] = {}
-        self._dropped: list[tuple[str, str, str]] = []
         self._committed = trio.Event()
         self._commit_wanted = trio.Event()
         self._watchers: list[tuple[str | None, str | None, str, trio.MemorySendChannel[Any]]] = []
@@ -114,14 +118,13 @@ class StoreService:
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
-                if self._dirty:
+                if self.records.dirty():
                     await trio.to_thread.run_sync(self._commit_now)
             self.db.close()
 
     # --- durability --------------------------------------------------------------------------
 
     def _changed(self, db: str, tbl: str, key: str, state: crdt.State, local: bool) -> None:
-        self._dirty[(db, tbl, key)] = state
         self._commit_wanted.set()
         if self._watchers:
             self._notify(db, tbl, key, view(key, state, _now_ms()),
@@ -154,11 +157,10 @@ class StoreService:
                     self._watchers.remove((wdb, wtbl, prefix, chan))
 
     def _commit_now(self) -> int:
-        rows = [(db, tbl, key, state) for (db, tbl, key), state in self._dirty.items()]
-        dropped = self._dropped
-        self._dirty = {}
-        self._dropped = []
+        """Commit what is pending (at shutdown, the event loop waiting)."""
+        rows, dropped = self.records.begin_commit()
         self.db.save(rows, dropped)
+        self.records.end_commit()
         return len(rows)
 
     async def _committer(self) -> None:
@@ -166,10 +168,13 @@ class StoreService:
             await self._commit_wanted.wait()
             self._commit_wanted = trio.Event()
             done, self._committed = self._committed, trio.Event()
-            rows = [(db, tbl, key, state) for (db, tbl, key), state in self._dirty.items()]
-            dropped = self._dropped
-            self._dirty, self._dropped = {}, []
-            await trio.to_thread.run_sync(self.db.save, rows, dropped)
+            rows, dropped = self.records.begin_commit()
+            try:
+                await trio.to_thread.run_sync(self.db.save, rows, dropped)
+            except BaseException:
+                self.records.abort_commit()
+                raise
+            self.records.end_commit()
             self.stats["store_commits"] += 1
             done.set()
 
@@ -180,9 +185,7 @@ class StoreService:
         await event.wait()
 
     def _drop(self, db: str, tbl: str, key: str) -> None:
-        self._dirty.pop((db, tbl, key), None)
-        self._dropped.append((db, tbl, key))
-        self._commit_wanted.set()
+        self._commit_wanted.set()  # the records hold the delete until it is committed
 
     # --- replication -----------------------------------------------------------------------
 
@@ -238,6 +241,8 @@ class StoreService:
 
     def _exists(self, db: str, tbl: str) -> None:
         now = _now_ms()
+        if self.rep.state.table_live(db, tbl, now):
+            return
         if db not in self.rep.state.databases(now):
             raise not_found(f"no database {db!r}", id="meshd.store")
         if tbl not in self.rep.state.table_names(db, now):
@@ -432,12 +437,11 @@ class StoreService:
         if engine is not None:
             return await engine.list_keys(db, tbl, self._query(args), _now_ms())
         self._exists(db, tbl)
-        rows = self.rep.state.read(db, tbl, _now_ms(), prefix=_text_arg(args, "prefix"),
+        return self.rep.state.keys(db, tbl, _now_ms(), prefix=_text_arg(args, "prefix"),
                                    suffix=_text_arg(args, "suffix"),
                                    limit=_int_arg(args, "limit", 0),
                                    offset=_int_arg(args, "offset", 0),
                                    contains=_text_arg(args, "contains"))
-        return [k for k, _ in rows]
 
     async def databases(self, args: dict[str, Any]) -> Any:
         """User databases: not the system databases (auth, routing, broker: meshd's own,

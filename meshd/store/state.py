@@ -2,47 +2,90 @@
 
 Rules:
 - `apply` merges a remote or local state into a key; it reports whether anything changed.
-- Each table keeps, per key, a 64-bit hash of (key, canonical state), and BUCKETS bucket
-  digests (xor of the hashes of the keys in the bucket), updated incrementally. Two replicas
-  hold the same table iff its root (count, xor) matches; a differing root narrows to the
-  differing buckets, then to the differing keys, so repair traffic grows with the difference,
-  not with the data.
+- The entries (state and hash per key) live in a records.Records backend: on disk behind a
+  bounded cache in the daemon (diskrecords.py), in memory in the simulator and tests
+  (memrecords.py). What is kept here in memory per table does not grow with its keys
+  beyond counts: BUCKETS bucket digests (xor of the hashes of the keys in the bucket) and
+  key counts per bucket, the root (count, xor), and how many keys are live whatever the
+  time (`steady`: reads ask the backend whether a table exists only when none is).
+- Two replicas hold the same table iff its root matches; a differing root narrows to the
+  differing buckets, then (asking the backend for the keys of those buckets) to the
+  differing keys, so repair traffic grows with the difference, not with the data.
 - Reads never return expired or deleted records. Deleted LWW records (tombstones) are dropped
   once older than the grace period; until then they win against older writes everywhere.
 """
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import cbor2
-
 from . import crdt
+from .memrecords import MemoryRecords
+from .records import BUCKETS, FOREVER, Entry, Records, bucket_of, key_hash, live_until
 
-BUCKETS = 4096
+PAGE = 500  # states a table's iteration reads at once
 
-
-def key_hash(key: str, state: crdt.State) -> int:
-    data = key.encode() + b"\x00" + cbor2.dumps(crdt.canonical(state), canonical=True)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-
-
-def bucket_of(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(),
-                          "big") % BUCKETS
+__all__ = ["BUCKETS", "StoreState", "Table", "bucket_of", "key_hash", "live", "split_name",
+           "view"]
 
 
 @dataclass
 class Table:
-    records: dict[str, crdt.State] = field(default_factory=dict)
-    hashes: dict[str, int] = field(default_factory=dict)
+    """What memory holds of one table (its entries are in the backend: `records`)."""
+
+    records: Mapping[str, crdt.State]
     buckets: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    sizes: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    count: int = 0
     xor: int = 0
+    steady: int = 0
 
     def root(self) -> list[int]:
-        return [len(self.records), self.xor]
+        return [self.count, self.xor]
+
+    def add(self, bucket: int, h: int, until: int, sign: int) -> None:
+        """Count an entry in (sign 1) or out (sign -1)."""
+        self.buckets[bucket] ^= h
+        self.xor ^= h
+        self.sizes[bucket] += sign
+        self.count += sign
+        self.steady += sign * (until >= FOREVER)
+
+
+class TableView(Mapping[str, crdt.State]):
+    """A table's states by key, read from the backend (iterating lists the keys first and
+    reads their states page by page, without filling the cache)."""
+
+    def __init__(self, state: StoreState, db: str, tbl: str) -> None:
+        self._state, self._db, self._tbl = state, db, tbl
+
+    def __getitem__(self, key: str) -> crdt.State:
+        e = self._state.records.get(self._db, self._tbl, key)
+        if e is None:
+            raise KeyError(key)
+        return e.state
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and \
+            self._state.records.get(self._db, self._tbl, key) is not None
+
+    def __len__(self) -> int:
+        t = self._state.tables.get((self._db, self._tbl))
+        return 0 if t is None else t.count
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state.records.keys(self._db, self._tbl))
+
+    def items(self) -> Iterator[tuple[str, crdt.State]]:  # type: ignore[override]
+        keys = self._state.records.keys(self._db, self._tbl)
+        for i in range(0, len(keys), PAGE):
+            for k, e in self._state.records.rows(self._db, self._tbl, keys[i:i + PAGE]):
+                yield k, e.state
+
+    def values(self) -> Iterator[crdt.State]:  # type: ignore[override]
+        return (s for _, s in self.items())
 
 
 def live(state: crdt.State | None, now_ms: int) -> bool:
@@ -70,74 +113,89 @@ def view(key: str, state: crdt.State, now_ms: int) -> dict[str, Any]:
 
 
 class StoreState:
-    def __init__(self) -> None:
+    def __init__(self, records: Records | None = None) -> None:
+        self.records: Records = records if records is not None else MemoryRecords()
         self.tables: dict[tuple[str, str], Table] = {}
+        for db, tbl, bucket, h, until in self.records.summary():
+            self._table(db, tbl).add(bucket, h, until, 1)
+
+    def _table(self, db: str, tbl: str) -> Table:
+        t = self.tables.get((db, tbl))
+        if t is None:
+            t = self.tables[(db, tbl)] = Table(TableView(self, db, tbl))
+        return t
 
     def table(self, db: str, tbl: str) -> Table | None:
         return self.tables.get((db, tbl))
 
     def get(self, db: str, tbl: str, key: str) -> crdt.State | None:
-        t = self.tables.get((db, tbl))
-        return None if t is None else t.records.get(key)
+        if (db, tbl) not in self.tables:
+            return None
+        e = self.records.get(db, tbl, key)
+        return None if e is None else e.state
 
     def apply(self, db: str, tbl: str, key: str, state: crdt.State) -> crdt.State | None:
         """Merge `state` into the key; the merged state if it changed, else None."""
-        t = self.tables.get((db, tbl))
-        if t is None:
-            t = self.tables[(db, tbl)] = Table()
-        old = t.records.get(key)
-        merged = crdt.merge(old, state)
+        old = self.records.get(db, tbl, key) if (db, tbl) in self.tables else None
+        merged = crdt.merge(None if old is None else old.state, state)
         new_hash = key_hash(key, merged)
-        old_hash = t.hashes.get(key)
-        if old_hash == new_hash:
+        if old is not None and old.hash == new_hash:
             return None
+        t = self._table(db, tbl)
         b = bucket_of(key)
-        if old_hash is not None:
-            t.buckets[b] ^= old_hash
-            t.xor ^= old_hash
-        t.buckets[b] ^= new_hash
-        t.xor ^= new_hash
-        t.hashes[key] = new_hash
-        t.records[key] = merged
+        if old is not None:
+            t.add(b, old.hash, live_until(old.state), -1)
+        t.add(b, new_hash, live_until(merged), 1)
+        self.records.put(db, tbl, key, Entry(merged, new_hash))
         return merged
 
     def drop(self, db: str, tbl: str, key: str) -> None:
         t = self.tables.get((db, tbl))
-        if t is None or key not in t.records:
+        old = None if t is None else self.records.get(db, tbl, key)
+        if t is None or old is None:
             return
-        h = t.hashes.pop(key)
-        t.buckets[bucket_of(key)] ^= h
-        t.xor ^= h
-        del t.records[key]
-        if not t.records:
+        t.add(bucket_of(key), old.hash, live_until(old.state), -1)
+        self.records.delete(db, tbl, key)
+        if not t.count:
             del self.tables[(db, tbl)]
 
     # --- queries ---------------------------------------------------------------------------
 
+    def table_live(self, db: str, tbl: str, now_ms: int) -> bool:
+        """Whether the table holds a live record."""
+        t = self.tables.get((db, tbl))
+        return t is not None and (t.steady > 0 or self.records.any_live(db, tbl, now_ms))
+
     def databases(self, now_ms: int) -> list[str]:
-        return sorted({db for (db, tbl), t in self.tables.items()
-                       if any(live(s, now_ms) for s in t.records.values())})
+        return sorted({db for (db, tbl) in self.tables if self.table_live(db, tbl, now_ms)})
 
     def table_names(self, db: str, now_ms: int) -> list[str]:
-        return sorted(tbl for (d, tbl), t in self.tables.items()
-                      if d == db and any(live(s, now_ms) for s in t.records.values()))
+        return sorted(tbl for (d, tbl) in self.tables
+                      if d == db and self.table_live(d, tbl, now_ms))
+
+    def count_live(self, db: str, tbl: str, now_ms: int) -> int:
+        return self.records.count_live(db, tbl, now_ms) if (db, tbl) in self.tables else 0
+
+    def keys(self, db: str, tbl: str, now_ms: int, prefix: str | None = None,
+             suffix: str | None = None, limit: int = 0, offset: int = 0,
+             contains: str | None = None) -> list[str]:
+        """Live keys, sorted, filtered, then paged."""
+        if (db, tbl) not in self.tables:
+            return []
+        keys = [k for k in self.records.keys(db, tbl, prefix, now_ms)
+                if (suffix is None or k.endswith(suffix))
+                and (contains is None or contains in k)]
+        keys = keys[offset:]
+        return keys[:limit] if limit else keys
 
     def read(self, db: str, tbl: str, now_ms: int, key: str | None = None,
              prefix: str | None = None, suffix: str | None = None, limit: int = 0,
              offset: int = 0, contains: str | None = None) -> list[tuple[str, crdt.State]]:
-        t = self.tables.get((db, tbl))
-        if t is None:
-            return []
         if key is not None:
-            s = t.records.get(key)
+            s = self.get(db, tbl, key)
             return [(key, s)] if s is not None and live(s, now_ms) else []
-        keys = sorted(k for k in t.records
-                      if (prefix is None or k.startswith(prefix))
-                      and (suffix is None or k.endswith(suffix))
-                      and (contains is None or contains in k))
-        rows = [(k, t.records[k]) for k in keys if live(t.records[k], now_ms)]
-        rows = rows[offset:]
-        return rows[:limit] if limit else rows
+        keys = self.keys(db, tbl, now_ms, prefix, suffix, limit, offset, contains)
+        return [(k, e.state) for k, e in self.records.rows(db, tbl, keys)]
 
     # --- digests ---------------------------------------------------------------------------
 
@@ -148,27 +206,51 @@ class StoreState:
         t = self.tables.get(split_name(name))
         return list(t.buckets) if t is not None else [0] * BUCKETS
 
-    def key_hashes(self, name: str, buckets: list[int]) -> dict[str, int]:
+    def bucket_sizes(self, name: str) -> list[int]:
+        """How many keys each bucket of the table holds."""
         t = self.tables.get(split_name(name))
-        if t is None:
+        return list(t.sizes) if t is not None else [0] * BUCKETS
+
+    def bucket_chunks(self, name: str, buckets: list[Any], most: int) -> list[list[int]]:
+        """The valid ones of `buckets` in runs holding at most `most` keys of the table
+        (a bucket holding more is a run of its own)."""
+        sizes = self.bucket_sizes(name)
+        chunks: list[list[int]] = [[]]
+        held = 0
+        for b in buckets:
+            if type(b) is not int or not 0 <= b < BUCKETS:
+                continue
+            if chunks[-1] and held + sizes[b] > most:
+                chunks.append([])
+                held = 0
+            chunks[-1].append(b)
+            held += sizes[b]
+        return [c for c in chunks if c]
+
+    def peek(self, db: str, tbl: str, keys: list[str]) -> list[tuple[str, crdt.State]]:
+        """The states of those of `keys` the table holds, in their order, without filling
+        the backend's cache (repair traffic must not push the hot records out)."""
+        if (db, tbl) not in self.tables:
+            return []
+        return [(k, e.state) for k, e in self.records.rows(db, tbl, keys)]
+
+    def key_hashes(self, name: str, buckets: list[int]) -> dict[str, int]:
+        db, tbl = split_name(name)
+        if (db, tbl) not in self.tables:
             return {}
-        wanted = set(buckets)
-        return {k: h for k, h in t.hashes.items() if bucket_of(k) in wanted}
+        return self.records.hashes(db, tbl, [b for b in buckets
+                                            if type(b) is int and 0 <= b < BUCKETS])
 
     def collect(self, now_ms: int, grace_ms: int,
                 keep: frozenset[str] = frozenset()) -> list[tuple[str, str, str]]:
         """Drop LWW tombstones older than the grace period (and nothing else on the key),
         except in the databases named in `keep`."""
         dropped = []
-        for (db, tbl), t in list(self.tables.items()):
+        for db, tbl, key in self.records.tombstones(now_ms - grace_ms):
             if db in keep:
                 continue
-            for key, s in list(t.records.items()):
-                reg = s.get("lww")
-                if reg is not None and reg[1] is None and len(s) == 1 \
-                        and now_ms - reg[0][0] > grace_ms:
-                    self.drop(db, tbl, key)
-                    dropped.append((db, tbl, key))
+            self.drop(db, tbl, key)
+            dropped.append((db, tbl, key))
         return dropped
 
 

@@ -20,6 +20,7 @@ import trio.testing
 from meshd.settings import StoreSettings
 from meshd.store import crdt
 from meshd.store.persist import FILE, StoreDB
+from meshd.store.records import key_hash
 from meshd.store.service import StoreService
 
 
@@ -36,8 +37,9 @@ def _umask(mask: int) -> Any:
         os.umask(old)
 
 
-def _row(key: str = "k") -> tuple[str, str, str, Any]:
-    return ("d", "t", key, {"lww": crdt.lww((1, 0, "a"), b"v")})
+def _row(key: str = "k") -> tuple[str, str, str, Any, int]:
+    state = {"lww": crdt.lww((1, 0, "a"), b"v")}
+    return ("d", "t", key, state, key_hash(key, state))
 
 
 def test_a_new_store_and_its_wal_and_shm_are_0600(tmp_path):

@@ -1,0 +1,68 @@
+"""Store entries kept in memory (records.Records): the simulator's and the tests' backend.
+
+Rules:
+- Plain dicts per table; nothing is durable. Answers exactly what diskrecords.DiskRecords
+  answers for the same puts and deletes (tests/unit/store/test_records.py runs both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from .records import Entry, bucket_of, live_until, tombstone_wall
+
+
+class MemoryRecords:
+    def __init__(self) -> None:
+        self._tables: dict[tuple[str, str], dict[str, Entry]] = {}
+
+    def get(self, db: str, tbl: str, key: str) -> Entry | None:
+        t = self._tables.get((db, tbl))
+        return None if t is None else t.get(key)
+
+    def put(self, db: str, tbl: str, key: str, entry: Entry) -> None:
+        self._tables.setdefault((db, tbl), {})[key] = entry
+
+    def delete(self, db: str, tbl: str, key: str) -> None:
+        t = self._tables.get((db, tbl))
+        if t is not None:
+            t.pop(key, None)
+            if not t:
+                del self._tables[(db, tbl)]
+
+    def summary(self) -> Iterator[tuple[str, str, int, int, int]]:
+        for (db, tbl), t in self._tables.items():
+            for key, e in t.items():
+                yield db, tbl, bucket_of(key), e.hash, live_until(e.state)
+
+    def keys(self, db: str, tbl: str, prefix: str | None = None,
+             live_at: int | None = None) -> list[str]:
+        t = self._tables.get((db, tbl), {})
+        return sorted(k for k, e in t.items()
+                      if (prefix is None or k.startswith(prefix))
+                      and (live_at is None or live_until(e.state) > live_at))
+
+    def rows(self, db: str, tbl: str, keys: Iterable[str]) -> list[tuple[str, Entry]]:
+        t = self._tables.get((db, tbl), {})
+        return [(k, t[k]) for k in keys if k in t]
+
+    def hashes(self, db: str, tbl: str, buckets: Iterable[int]) -> dict[str, int]:
+        wanted = set(buckets)
+        return {k: e.hash for k, e in self._tables.get((db, tbl), {}).items()
+                if bucket_of(k) in wanted}
+
+    def any_live(self, db: str, tbl: str, now: int) -> bool:
+        return any(live_until(e.state) > now for e in self._tables.get((db, tbl), {}).values())
+
+    def count_live(self, db: str, tbl: str, now: int) -> int:
+        return sum(1 for e in self._tables.get((db, tbl), {}).values()
+                   if live_until(e.state) > now)
+
+    def tombstones(self, before: int) -> list[tuple[str, str, str]]:
+        out = []
+        for (db, tbl), t in self._tables.items():
+            for key, e in t.items():
+                wall = tombstone_wall(e.state)
+                if wall is not None and wall < before:
+                    out.append((db, tbl, key))
+        return out
