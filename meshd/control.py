@@ -54,6 +54,7 @@ from .ops import (
     serve_request,
 )
 from .transport import listeners as serving
+from .transport.rawio import RawSocket
 
 log = logging.getLogger("meshd.control")
 LENGTH = struct.Struct(">I")
@@ -102,7 +103,9 @@ class Framed:
     """Length-prefixed CBOR frames on a stream, read through a buffer (one receive often
     brings several frames: fewer system calls and wake-ups on busy connections). Any number
     of tasks may write at once: frames queued while one of them sends go out together in
-    the next send."""
+    the next send. On a socket, reads and writes skip trio's scheduler round when the
+    kernel has the data or the room (transport/rawio.py), and write_nowait sends at once
+    when nothing else is sending (the flusher sends only what the socket did not take)."""
 
     concurrent_writes = True  # Conn needs no lock of its own around write()
 
@@ -117,10 +120,14 @@ class Framed:
         self._lot = trio.lowlevel.ParkingLot()
         self.flushing = False  # run_flusher is running: write_nowait may be used
         self.last_size = 0  # bytes of the last frame read
+        # a socket: reads and writes without a scheduler round each (transport/rawio.py)
+        self._raw = RawSocket.of(stream)
+        self._receive = self._raw.receive_some if self._raw is not None else \
+            stream.receive_some
 
     async def _fill(self, n: int) -> None:
         while len(self._buf) < n:
-            chunk = await self.stream.receive_some(max(65536, n - len(self._buf)))
+            chunk = await self._receive(max(65536, n - len(self._buf)))
             if not chunk:
                 raise EOFError
             self._buf += chunk
@@ -171,7 +178,10 @@ class Framed:
         chunk = bytes(self._out)
         self._out.clear()
         try:
-            await self.stream.send_all(chunk)
+            if self._raw is not None:
+                await self._raw.send_all(self.stream, chunk)
+            else:
+                await self.stream.send_all(chunk)
         except BaseException as exc:
             self._broken = exc
             raise
@@ -188,7 +198,21 @@ class Framed:
             raise RuntimeError("write_nowait needs the connection's run_flusher running")
         self._queue(value)
         if not self._sending:
+            if self._raw is not None and self._send_now():
+                return
             self._lot.unpark_all()
+
+    def _send_now(self) -> bool:
+        """Send what is queued at once, as far as the socket takes it (nobody is sending);
+        whether all of it went. A failure breaks the connection as a failed send does."""
+        try:
+            n = self._raw.send_now(self._out)  # type: ignore[union-attr]
+        except OSError as exc:
+            self._broken = trio.BrokenResourceError(str(exc))
+            return False  # the flusher learns it and stops
+        self._sent += n
+        del self._out[:n]
+        return not self._out
 
     async def run_flusher(self) -> None:
         """Send what write_nowait queues, until cancelled or the connection fails."""

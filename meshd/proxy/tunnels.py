@@ -34,6 +34,7 @@ from meshd.ops import REQUEST_TOKEN, Conn, Op, mesh_resource
 from meshd.transport import addr as addrs
 from meshd.transport import listeners as serving
 from meshd.transport.links import Channel, ChannelClosed, LinkError
+from meshd.transport.rawio import RawSocket
 
 log = logging.getLogger("meshd.tunnel")
 CHANNEL = "tunnel"
@@ -260,12 +261,27 @@ async def _both(a: Any, b: Any) -> tuple[int, int]:
 
 async def pipe_channel_stream(ch: Channel, stream: trio.SocketStream,
                                close_stream: bool = True) -> tuple[int, int]:
+    """Pipe `ch` and `stream` both ways until both ends finished; (bytes in, bytes out).
+    A TCP stream is read and written through rawio (no scheduler round per chunk)."""
+    return await _pipe_channel_stream(ch, stream, close_stream, RawSocket.of(stream))
+
+
+async def _pipe_channel_stream(ch: Channel, stream: trio.SocketStream, close_stream: bool,
+                               raw: RawSocket | None) -> tuple[int, int]:
     async def from_channel() -> bytes:
         data = await ch.receive()
         return data
 
     async def from_stream() -> bytes:
+        if raw is not None:
+            return await raw.receive_some(CHUNK)
         return await stream.receive_some(CHUNK)
+
+    async def to_stream(data: bytes) -> None:
+        if raw is not None:
+            await raw.send_all(stream, data)
+        else:
+            await stream.send_all(data)
 
     async def close_write() -> None:
         await stream.send_eof()
@@ -273,7 +289,7 @@ async def pipe_channel_stream(ch: Channel, stream: trio.SocketStream,
     async def channel_eof() -> None:
         await ch.send(b"")  # an empty message is end-of-data: the other way stays open
 
-    pipes = (_pipe(from_channel, stream.send_all, close_write),
+    pipes = (_pipe(from_channel, to_stream, close_write),
              _pipe(from_stream, ch.send, channel_eof))
     if not close_stream:
         return await _both(*pipes)

@@ -45,6 +45,8 @@ from meshd.registry.service import LocalInstance, RegistryService
 from meshd.registry.versions import version_matches
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
+from . import remote
+
 log = logging.getLogger("meshd.rpc")
 # How deep a body handed to a service may nest: its frame ({"call", "body", ...}) adds a
 # level, and a service decodes frames no deeper than meshd.wire's 32 (a deeper one would end
@@ -360,12 +362,23 @@ class RpcService:
     def call_fast(self, service: str, endpoint: str, body: Any, timeout: Any,
                   meta: dict[str, Any], selector: Any, token: str | None, namespace: str,
                   finish: Finish, size: int) -> bool:
-        """Hand a call to a local instance without a task: the service's reply (or a 408
-        at the deadline, or a 503 if the instance goes) is passed to `finish`. Only when
-        every candidate runs here, one is ready and the caller may call it: otherwise
+        """Hand a call to an instance without a task: the service's reply (or a 408
+        at the deadline, or a 503 if the instance goes) is passed to `finish`. A local
+        instance only when it is ready and the caller may call it; one on another node
+        when its call channel takes the request at once (remote.call_remote). Otherwise
         False, and the ordinary path (`call`) runs, with its retries and its errors.
         `size` bounds the body's encoded size (the request's): only a larger one is
-        measured."""
+        measured. A call it declines leaves the round-robin turn to the ordinary path."""
+        turn = self._rr
+        taken = self._call_fast(service, endpoint, body, timeout, meta, selector, token,
+                                namespace, finish, size)
+        if not taken:
+            self._rr = turn
+        return taken
+
+    def _call_fast(self, service: str, endpoint: str, body: Any, timeout: Any,
+                   meta: dict[str, Any], selector: Any, token: str | None, namespace: str,
+                   finish: Finish, size: int) -> bool:
         selector = selector or self.selector
         if len(service) > MAX_NAME or len(endpoint) > MAX_NAME:
             return False
@@ -375,9 +388,17 @@ class RpcService:
         me = self.core.me.name
         try:
             candidates = self.candidates(service, endpoint, namespace)
-            if any(c["node"] != me for c in candidates):
-                return False
             inst = self._pick(candidates, set(), selector)
+            if inst is not None and inst["node"] != me:
+                mux = self._muxes.get(self.node_addr(inst))
+                if mux is None:
+                    return False  # the ordinary path opens the channel
+                if size > self.max_body:
+                    self.check_body(body)
+                return remote.call_remote(self, mux, inst, endpoint, body, timeout, meta,
+                                          token, finish, {"service": service,
+                                                          "selector": selector,
+                                                          "namespace": namespace})
             local = self.registry.local.get(inst["id"]) if inst is not None else None
             if local is None or local.closed or not local.ready.is_set() or \
                     not getattr(local.conn.framed, "flushing", False):
@@ -411,10 +432,14 @@ class RpcService:
         local.pending[call.cid] = call  # type: ignore[assignment]
         self.stats["rpc_calls"] += 1
         self.stats["rpc_fast_calls"] += 1
+        self._add_deadline(deadline, call)
+        return True
+
+    def _add_deadline(self, deadline: float, call: Any) -> None:
+        """Expire `call` (its `expire()`, unless `finished`) at `deadline`."""
         if not self._deadlines or deadline < self._deadlines[0][0]:
             self._earlier.set()
         heapq.heappush(self._deadlines, (deadline, next(self._deadline_n), call))
-        return True
 
     async def _expire_fast_calls(self) -> None:
         """Fail fast calls still unanswered at their deadline (408)."""
@@ -448,6 +473,9 @@ class RpcService:
         concurrently; replies go back tagged with the same id. One call's failure is that
         call's error reply; it never ends the channel the other calls share."""
         slots = trio.Semaphore(MAX_CALLS_PER_CHANNEL)
+        # most requests are handed to their service in the channel's reader (remote.serve);
+        # those it declines come here
+        ch.hook = lambda data: remote.serve(self, ch, data, slots)
 
         async def serve(data: bytes) -> None:
             try:
@@ -579,6 +607,22 @@ class _Mux:
         self.next_id = 0
         self.pending: dict[int, trio.MemorySendChannel[Any]] = {}
         self.broken = False
+        ch.hook = self.on_reply  # replies are handed over in the link's reader
+
+    def on_reply(self, data: bytes) -> bool:
+        """Hand a reply to its caller (read_replies' rules); always takes it."""
+        try:
+            reply = wire.loads(data, max_depth=64)
+        except wire.WireError:
+            return True
+        rid = reply.get("id") if isinstance(reply, dict) else None
+        if type(rid) is not int:
+            return True
+        waiter = self.pending.pop(rid, None)
+        if waiter is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                waiter.send_nowait(reply)
+        return True
 
     async def call(self, request: dict[str, Any], node: str) -> Any:
         self.next_id += 1
@@ -603,19 +647,8 @@ class _Mux:
         call (unknown, not an integer, or a duplicate) is dropped: a peer's bad reply fails
         at most the call it names, never this node."""
         try:
-            while True:
-                data = await self.ch.receive()
-                try:
-                    reply = wire.loads(data, max_depth=64)
-                except wire.WireError:
-                    continue
-                rid = reply.get("id") if isinstance(reply, dict) else None
-                if type(rid) is not int:
-                    continue
-                waiter = self.pending.pop(rid, None)
-                if waiter is not None:
-                    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                        waiter.send_nowait(reply)
+            while True:  # the replies the hook could not take (the link sends from tasks)
+                self.on_reply(await self.ch.receive())
         except ChannelClosed:
             pass
         finally:

@@ -23,6 +23,18 @@ Rules:
   (a sealed frame never sent would break the nonce sequence) and bounded by SEND_STALL (a
   peer that reads nothing that long loses the link). A reader takes the messages a group of
   frames brought without yielding with `Channel.receive_ready`.
+- Callback paths (no task per message): `Channel.send_nowait` seals a one-frame message
+  at once and leaves it to the link's flusher task when the window has room and no
+  multi-frame send is under way on the channel (else False, nothing sent: use `send`).
+  A channel's `hook` is handed each one-frame message as it arrives, in the reader, while
+  nothing waits in the channel's queue; a hook that declines (returns False or fails)
+  leaves it queued for `receive`, and every message after it goes to the queue until the
+  queue is empty again (order is kept). A taken message gives its window back as a
+  received one does. On a link relayed with trace tags a queued frame goes untagged (a
+  sampled call's frames must be sent from its task). On a TCP link a queued frame that
+  nothing waits before goes to the socket at once (rawio.py), and the reader receives
+  without a scheduler round per receive; what the socket does not take waits for the
+  flusher, in order.
 - One link per peer address: a link dialed while another is being set up waits for it; if
   both sides dial at once, the link dialed by the lower node id is kept and the other stops
   taking new channels and closes once idle; a newer link dialed by the same side replaces
@@ -68,6 +80,7 @@ Bounds (a member may act as a node, never take the node down):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -89,6 +102,7 @@ from meshd.secure.keyring import Keyring
 
 from . import addr as addrs
 from . import listeners as serving
+from .rawio import YIELD_EVERY, RawSocket
 
 log = logging.getLogger("meshd.transport.links")
 
@@ -175,6 +189,11 @@ class ChannelStream:
         except ChannelClosed:
             raise trio.BrokenResourceError("relay channel closed") from None
 
+    def send_nowait(self, data: bytes) -> bool:
+        """Send `data` untagged without waiting if the channel takes it now (else False,
+        nothing sent)."""
+        return self.ch.send_nowait(b"\x00" + data if self.tagged else data)
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if not self._buf:
             try:
@@ -213,14 +232,14 @@ class ChannelClosed(Exception):
 class _Reader:
     """Buffered reads: one receive call often brings several frames."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
+    def __init__(self, stream: trio.abc.Stream, raw: RawSocket | None = None) -> None:
+        self.receive_some = raw.receive_some if raw is not None else stream.receive_some
         self.buf = bytearray()
 
     async def read(self, n: int) -> bytes:
         buf = self.buf
         while len(buf) < n:
-            chunk = await self.stream.receive_some(max(n - len(buf), 262144))
+            chunk = await self.receive_some(max(n - len(buf), 262144))
             if not chunk:
                 raise LinkError("connection closed by peer")
             buf += chunk
@@ -267,6 +286,11 @@ class Channel:
         self._closed_remote = False
         self._send_lock = trio.Lock()
         self._stash: tuple[int, bytes] | None = None  # taken by receive_ready, not a message
+        # taken in the reader (see the rules): a hook that returns False leaves the message
+        self.hook: Callable[[bytes], bool] | None = None
+        self._queued = 0  # frames in the queue (messages waiting for receive)
+        self._partial = False  # DATA parts of a message came, its END part not yet
+        self._holding = False  # receive took a message from the queue, not returned yet
 
     @property
     def peer_id(self) -> str:
@@ -291,11 +315,32 @@ class Channel:
         if ftype == DATA and not payload:
             raise FrameError(f"empty DATA frame on channel {self.id}")
         cost = max(len(payload), MIN_FRAME_COST)
+        if ftype == DATA:
+            self._partial = True
+        elif self._partial:
+            self._partial = False
+        elif self.hook is not None and not self._queued and self._stash is None and \
+                not self._holding and self.link.can_queue and self._hooked(payload):
+            self._consumed += cost  # taken at once: its window goes back like receive's
+            if self._consumed >= WINDOW_BYTES // 4:
+                grant, self._consumed = self._consumed, 0
+                self.link.queue_frame(WINDOW, self.id, grant.to_bytes(4, "big"))
+            return
         self._buffered += cost
         if self._buffered > WINDOW_BYTES:
             raise FrameError(f"peer overran the flow-control window on channel {self.id}")
         self.link._hold(cost)
+        self._queued += 1
         self._in_send.send_nowait((ftype, payload))
+
+    def _hooked(self, payload: bytes) -> bool:
+        """Whether the hook took the message (a failing hook declines it: the message
+        goes the ordinary way, and the link is not the hook's to break)."""
+        try:
+            return bool(self.hook(payload))  # type: ignore[misc]
+        except Exception:
+            log.exception("hook of channel %r failed", self.name)
+            return False
 
     def _on_window(self, increment: int) -> None:
         self._send_window += increment
@@ -304,6 +349,7 @@ class Channel:
 
     def _on_close(self) -> None:
         self._closed_remote = True
+        self._queued += 1
         self._in_send.send_nowait((CLOSE, b""))
         self._window_changed.set()
 
@@ -317,6 +363,21 @@ class Channel:
                 await self._send_message(message)
         else:
             await self._send_message(message)
+
+    def send_nowait(self, message: bytes) -> bool:
+        """Queue a one-frame message for the link's flusher without waiting; False (nothing
+        sent) when it cannot go that way now: too long for one frame, a multi-frame send
+        under way, the window short, the channel or link closed, or a link that sends
+        only from tasks (relayed with trace tags). Then `send` it."""
+        cost = max(len(message), MIN_FRAME_COST)
+        link = self.link
+        if len(message) > CHUNK or self._send_lock.locked() or self._send_window < cost or \
+                self._closed_local or self._closed_remote or link.closed or \
+                not link.can_queue:
+            return False
+        self._send_window -= cost
+        link.queue_frame(END, self.id, message)
+        return True
 
     async def _send_message(self, message: bytes) -> None:
         if self._closed_local:
@@ -357,6 +418,7 @@ class Channel:
             item = self._in.receive_nowait()
         except trio.WouldBlock:
             return None
+        self._queued -= 1
         ftype, payload = item
         if ftype != END:
             self._stash = item  # a close, or the first part of a long message: receive's
@@ -371,6 +433,7 @@ class Channel:
         parts: list[bytes] = []
         size = 0
         link = self.link
+        self._holding = self._stash is not None
         try:
             if self._consumed >= WINDOW_BYTES // 4 and not link.closed:  # receive_ready's
                 grant, self._consumed = self._consumed, 0
@@ -380,7 +443,10 @@ class Channel:
                     (ftype, payload), self._stash = self._stash, None
                 else:
                     ftype, payload = await self._in.receive()
+                    self._queued -= 1
+                    self._holding = True
                 if ftype == CLOSE:
+                    self._queued += 1
                     self._in_send.send_nowait((CLOSE, b""))  # stay closed for later calls
                     raise ChannelClosed("peer closed the channel")
                 cost = max(len(payload), MIN_FRAME_COST)
@@ -405,6 +471,7 @@ class Channel:
                     return message if not parts else b"".join(parts)
         finally:
             link.assembling -= size
+            self._holding = False
 
     async def aclose(self) -> None:
         if not self._closed_local:
@@ -441,8 +508,16 @@ class Link:
         self._out: list[bytes] = []  # sealed frames waiting for the writer (see _send)
         self._writing = False
         self._sent = trio.Event()  # set when the batch being gathered has been written
-        self._tagged = bool(getattr(stream, "tagged", False))  # see _send
+        self.tagged = bool(getattr(stream, "tagged", False))  # see _send
         self._tag_lock = trio.Lock()
+        # a tagged link's frames with the trace tag of their sender (_send_tagged), unsealed
+        # (None) or already sealed (the sealed frame)
+        self._tag_out: collections.deque[tuple[bytes, str, bool]] = collections.deque()
+        self._flush_lot = trio.lowlevel.ParkingLot()  # the flusher waits here for frames
+        self._raw = RawSocket.of(stream)  # TCP: sends and receives without a scheduler round
+        self._reader: _Reader | None = None  # set by the read loop
+        self._in_frame = False  # the read loop has a frame's header, not yet its body
+        self.can_queue = False  # queue_frame may be used: the flusher runs (see run)
         self.closed = False
         self.draining = False
         self.relayed = False
@@ -456,11 +531,11 @@ class Link:
         A write is shielded from its caller's cancellation (a frame sealed but never sent
         would leave a gap in the peer's nonce sequence) and bounded by SEND_STALL instead:
         a peer that reads nothing for that long loses the link. A relayed link whose frames
-        carry trace tags sends each frame from its own caller's task, one at a time (the
-        tag is the sending task's call: _send_tagged)."""
+        carry trace tags sends each frame in a relay message of its own, tagged with its
+        sender's call (_send_tagged)."""
         if self.closed:
             raise ChannelClosed(f"link to {self.peer_addr} closed")
-        if self._tagged:
+        if self.tagged:
             await self._send_tagged(ftype, cid, payload)
             return
         data = self.cipher.seal(HEADER.pack(ftype, cid) + payload)  # no await: in order
@@ -473,6 +548,11 @@ class Link:
             if self.closed:
                 raise ChannelClosed(f"link to {self.peer_addr} broke")
             return
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """Write what is queued, batch after batch, until the queue is empty (the caller
+        is the link's one writer until it returns)."""
         self._writing = True
         try:
             while self._out:
@@ -487,16 +567,109 @@ class Link:
             if self.closed:
                 self._sent.set()  # those queued behind a failed write learn it now
 
+    def queue_frame(self, ftype: int, cid: int, payload: bytes) -> None:
+        """Seal a frame now and leave it to the flusher (or to whichever task is writing):
+        for callbacks, which cannot wait. Only while `can_queue`. (A tagged link's frame
+        is sealed when written, untagged: callbacks carry no sampled call's context.)"""
+        if self.tagged:
+            plain = HEADER.pack(ftype, cid) + payload
+            if self._tag_out or self._tag_lock.locked():
+                self._tag_out.append((plain, "", False))  # behind what waits, in order
+            else:  # nothing waits before it: sealed now, and sent now if the relay channel
+                data = self.cipher.seal(plain)  # takes it
+                st = self.manager.stats
+                st["link_frames_out"] += 1
+                st["link_bytes_out"] += len(data)
+                if self.stream.send_nowait(data):
+                    return
+                self._tag_out.append((data, "", True))
+            self._flush_lot.unpark_all()
+            return
+        data = self.cipher.seal(HEADER.pack(ftype, cid) + payload)  # in order, as _send
+        st = self.manager.stats
+        st["link_frames_out"] += 1
+        st["link_bytes_out"] += len(data)
+        if not self._writing and not self._out and self._raw is not None:
+            try:  # nothing before it waits to be sent: straight to the socket
+                sent = self._raw.send_now(data)
+            except OSError as exc:  # the connection failed: the link ends (as _write's)
+                log.debug("link %s broke: %s", self.peer_addr, exc)
+                self._mark_closed()
+                if self._nursery is not None:
+                    self._nursery.cancel_scope.cancel()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]  # the rest goes first, from the flusher
+        self._out.append(data)
+        if not self._writing:
+            self._flush_lot.unpark_all()
+
+    async def _flusher(self) -> None:
+        """Write what queue_frame left, until the link ends."""
+        self.can_queue = True
+        try:
+            while not self.closed:
+                if self.tagged:
+                    if not self._tag_out:
+                        await self._flush_lot.park()
+                        continue
+                    async with self._tag_lock:
+                        await self._drain_tagged()
+                    continue
+                if not self._out or self._writing:
+                    await self._flush_lot.park()
+                    continue
+                await self._drain()
+        except ChannelClosed:
+            pass
+        finally:
+            self.can_queue = False
+
     async def _send_tagged(self, ftype: int, cid: int, payload: bytes) -> None:
-        async with self._tag_lock:
-            data = self.cipher.seal(HEADER.pack(ftype, cid) + payload)
-            st = self.manager.stats
-            st["link_frames_out"] += 1
-            st["link_bytes_out"] += len(data)
-            await self._write(data)
+        """Queue the frame with this task's trace tag; whoever holds the tag lock writes
+        the queue in order (a frame is sealed just before it is written, so the nonces
+        stay in the order of the wire). Returns once the frame was written."""
+        self._tag_out.append((HEADER.pack(ftype, cid) + payload, RELAYED.get(), False))
+        try:
+            async with self._tag_lock:
+                await self._drain_tagged()
+        except trio.Cancelled:
+            self._flush_lot.unpark_all()  # our frame may still be queued: the flusher's
+            raise
+        if self.closed:
+            raise ChannelClosed(f"link to {self.peer_addr} broke")
+
+    async def _drain_tagged(self) -> None:
+        """Seal and write a tagged link's queue, each frame in its own relay message
+        tagged as its sender's (the caller holds the tag lock)."""
+        st = self.manager.stats
+        while self._tag_out:
+            data, tag, sealed = self._tag_out.popleft()
+            if not sealed:
+                data = self.cipher.seal(data)
+                st["link_frames_out"] += 1
+                st["link_bytes_out"] += len(data)
+            token = RELAYED.set(tag)  # what ChannelStream tags the message with
+            try:
+                await self._write(data)
+            finally:
+                RELAYED.reset(token)
 
     async def _write(self, data: bytes) -> None:
+        """Write `data` whole (ChannelClosed if the link broke). On TCP what the socket
+        takes at once goes without trio's stream (rawio.py), yielding every
+        rawio.YIELD_EVERY writes; the rest through it."""
+        raw = self._raw
         try:
+            if raw is not None:
+                sent = raw.send_now(data)
+                if sent == len(data):
+                    raw.writes += 1
+                    if raw.writes % YIELD_EVERY == 0:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return
+                data = memoryview(data)[sent:]  # type: ignore[assignment]
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + SEND_STALL
                 await self.stream.send_all(data)
@@ -561,6 +734,7 @@ class Link:
     def _mark_closed(self) -> None:
         if not self.closed:
             self.closed = True
+            self.can_queue = False
             for ch in list(self.channels.values()):
                 ch._on_close()
             self.manager.buffered -= self.buffered  # the link's unread bytes go with it
@@ -574,6 +748,7 @@ class Link:
                 # errors are handled inside the nursery: with strict exception groups an
                 # exception leaving it would arrive wrapped in a group
                 nursery.start_soon(self._keepalive)
+                nursery.start_soon(self._flusher)
                 if not self.initiator and self.manager.node_of_key is not None:
                     nursery.start_soon(self._member_watch)
                 try:
@@ -614,7 +789,9 @@ class Link:
                 await self._send(PING, 0, b"")
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
-        reader = _Reader(self.stream)
+        reader = self._reader = _Reader(self.stream, self._raw)
+        if isinstance(self.stream, ChannelStream):  # relayed: frames taken in the outer
+            self.stream.ch.hook = self._take_relayed  # link's reader when they can be
         while True:
             try:
                 header = await reader.read(4)
@@ -622,51 +799,88 @@ class Link:
                 return
             (n,) = LENGTH.unpack(header)
             self.cipher.check_length(n)
+            self._in_frame = True  # its header is read: the hook must not go first
             body = await reader.read(n)
-            plain = self.cipher.open(body)
-            self.last_rx = trio.current_time()
-            st = self.manager.stats
-            st["link_frames_in"] += 1
-            st["link_bytes_in"] += 4 + n
-            if len(plain) < HEADER.size:
-                raise FrameError("frame without header")
-            ftype, cid = HEADER.unpack_from(plain)
-            if ftype == PING:
-                continue
-            payload = plain[HEADER.size:]
-            if ftype == OPEN:
-                if cid in self.channels or (cid % 2 == 1) != (not self.initiator):
-                    raise FrameError(f"peer opened channel {cid} twice or with our parity")
-                if not 0 < len(payload) <= MAX_CHANNEL_NAME:
-                    raise FrameError("channel name empty or too long")
-                revoked = self.manager.is_revoked
-                if revoked is not None and revoked(self.peer_public):
-                    raise FrameError("the peer's identity was revoked")  # ends the link
-                name = payload.decode("utf-8", "replace")
-                ch = Channel(self, cid, name)
-                self.channels[cid] = ch
-                handler = self.manager.handlers.get(name)
-                if handler is None or len(self.channels) > self.manager.max_channels:
-                    if handler is not None:
-                        self.manager.stats["channels_refused_cap"] += 1
-                    nursery.start_soon(ch.aclose)
-                else:
-                    nursery.start_soon(self._serve_channel, handler, ch)
-                continue
-            ch = self.channels.get(cid)
-            if ftype in (DATA, END):
-                if ch is not None:
-                    ch._on_data(ftype, payload)
-            elif ftype == WINDOW:
-                if len(payload) != 4:
-                    raise FrameError("bad window frame")
-                if ch is not None:
-                    ch._on_window(int.from_bytes(payload, "big"))
-            elif ftype == CLOSE:
-                if ch is not None:
-                    ch._on_close()
+            self._in_frame = False
+            self._on_frame(self.cipher.open(body), n, nursery)
+
+    def _on_frame(self, plain: bytes, n: int, nursery: trio.Nursery) -> None:
+        """Act on one opened frame (FrameError: the peer broke the protocol)."""
+        self.last_rx = trio.current_time()
+        st = self.manager.stats
+        st["link_frames_in"] += 1
+        st["link_bytes_in"] += 4 + n
+        if len(plain) < HEADER.size:
+            raise FrameError("frame without header")
+        ftype, cid = HEADER.unpack_from(plain)
+        if ftype == PING:
+            return
+        payload = plain[HEADER.size:]
+        if ftype == OPEN:
+            if cid in self.channels or (cid % 2 == 1) != (not self.initiator):
+                raise FrameError(f"peer opened channel {cid} twice or with our parity")
+            if not 0 < len(payload) <= MAX_CHANNEL_NAME:
+                raise FrameError("channel name empty or too long")
+            revoked = self.manager.is_revoked
+            if revoked is not None and revoked(self.peer_public):
+                raise FrameError("the peer's identity was revoked")  # ends the link
+            name = payload.decode("utf-8", "replace")
+            ch = Channel(self, cid, name)
+            self.channels[cid] = ch
+            handler = self.manager.handlers.get(name)
+            if handler is None or len(self.channels) > self.manager.max_channels:
+                if handler is not None:
+                    self.manager.stats["channels_refused_cap"] += 1
+                nursery.start_soon(ch.aclose)
             else:
-                raise FrameError(f"unknown frame type {ftype}")
+                nursery.start_soon(self._serve_channel, handler, ch)
+            return
+        ch = self.channels.get(cid)
+        if ftype in (DATA, END):
+            if ch is not None:
+                ch._on_data(ftype, payload)
+        elif ftype == WINDOW:
+            if len(payload) != 4:
+                raise FrameError("bad window frame")
+            if ch is not None:
+                ch._on_window(int.from_bytes(payload, "big"))
+        elif ftype == CLOSE:
+            if ch is not None:
+                ch._on_close()
+        else:
+            raise FrameError(f"unknown frame type {ftype}")
+
+    def _take_relayed(self, message: bytes) -> bool:
+        """The relay channel's hook of a relayed link: a message that holds whole frames,
+        with nothing of the stream read before it, is opened and acted on here, in the
+        outer link's reader (no task hop); else it stays for the read loop (False). Once a
+        frame was opened the message is taken whatever happens (the nonces moved on): a
+        bad frame closes this link, never the outer one."""
+        stream = self.stream
+        nursery = self._nursery
+        if self.closed or nursery is None or self._reader is None or self._reader.buf or \
+                self._in_frame or stream._buf or stream.ch._holding:  # type: ignore[attr-defined]
+            return False  # something read before it is not acted on yet: order first
+        if stream.tagged:  # type: ignore[attr-defined]
+            message = message[1 + TAG_BYTES:] if message[:1] == b"\x01" else message[1:]
+        bounds, pos, size = [], 0, len(message)
+        while pos < size:
+            if size - pos < 4:
+                return False
+            (n,) = LENGTH.unpack_from(message, pos)
+            if size - pos - 4 < n:
+                return False
+            bounds.append((pos + 4, n))
+            pos += 4 + n
+        if not bounds:
+            return False  # end of the stream: the read loop's to see
+        try:
+            for start, n in bounds:
+                self.cipher.check_length(n)
+                self._on_frame(self.cipher.open(message[start:start + n]), n, nursery)
+        except FrameError as exc:
+            self.protocol_fault(str(exc))
+        return True
 
     async def _serve_channel(self, handler: Callable[[Channel], Awaitable[None]],
                              ch: Channel) -> None:
@@ -933,7 +1147,9 @@ class LinkManager:
 
     async def _serve_relay(self, ch: Channel) -> None:
         """Carry a relayed link one hop further, or end it here if we are its destination.
-        What passes through is the endpoints' ciphertext; a hop limit stops loops."""
+        What passes through is the endpoints' ciphertext; a hop limit stops loops. A
+        message goes on from the reader that brought it when it can (`forward`: no task
+        hop); a pump per direction carries the rest, in order."""
         try:
             head = wire.loads(await ch.receive(), max_depth=4, max_bytes=1024)
             dest, hops, tagged = head["dest"], head["hops"], head.get("tags", False)
@@ -974,19 +1190,32 @@ class LinkManager:
                 del recent[next(iter(recent))]
             return True
 
+        busy = {ch: False, onward: False}  # a pump is sending a message from that side
+
+        def forward(src: Channel, dst: Channel, message: bytes) -> bool:
+            """In the reader: pass a message straight on when nothing of its direction is
+            waiting (order kept) and it needs no span; else the pump takes it."""
+            if busy[src] or (tracer is not None and message[:1] == b"\x01"):
+                return False
+            return dst.send_nowait(message)
+
         async def pump(src: Channel, dst: Channel, cancel: trio.CancelScope) -> None:
             try:
                 while True:
                     message = await src.receive()
+                    busy[src] = True
                     if tracer is not None and message[:1] == b"\x01" and \
                             record(message[1:1 + TAG_BYTES]):
                         await self._relay_traced(tracer, message, src, dst, dest)
                     else:
                         await dst.send(message)
+                    busy[src] = False
             except ChannelClosed:
                 cancel.cancel()  # one side is gone: the relayed link ends both ways
 
         async with onward, trio.open_nursery() as nursery:
+            ch.hook = lambda message: forward(ch, onward, message)
+            onward.hook = lambda message: forward(onward, ch, message)
             nursery.start_soon(pump, ch, onward, nursery.cancel_scope)
             nursery.start_soon(pump, onward, ch, nursery.cancel_scope)
 

@@ -176,14 +176,21 @@ class RelayTap:
         manager.open_channel = tapped_open  # type: ignore[method-assign]
 
     def _tap(self, ch: Channel) -> Channel:
-        receive = ch.receive
+        receive, hooked = ch.receive, ch._hooked
 
         async def recording_receive() -> bytes:
             data = await receive()
             self.carried.append(data)
             return data
 
+        def recording_hook(data: bytes) -> bool:  # what the relay passes on in the reader
+            taken = hooked(data)
+            if taken:
+                self.carried.append(data)
+            return taken
+
         ch.receive = recording_receive  # type: ignore[method-assign]
+        ch._hooked = recording_hook  # type: ignore[method-assign]
         return ch
 
     @property
