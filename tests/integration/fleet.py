@@ -378,6 +378,8 @@ def victims_of(plan: Plan) -> list[str]:
     pool = list(range(plan.seeds, plan.nodes))
     if plan.kills > len(pool) - 1:
         raise ValueError("too many kills for this cluster")
+    if plan.kills <= 0:
+        return []
     step = len(pool) / plan.kills
     return [f"node{pool[int(step * i + step / 2)]}" for i in range(plan.kills)]
 
