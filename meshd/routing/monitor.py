@@ -35,13 +35,16 @@ from .rtt import RttFilter
 from .vivaldi import Coordinate, VivaldiClient
 
 
-def links_changed(old: dict[str, float], new: dict[str, float], tolerance: float = 0.2
-                  ) -> bool:
+def links_changed(old: dict[str, float], new: dict[str, float], tolerance: float = 0.2,
+                  floor: float = 0.001) -> bool:
     """Whether an advert of `new` is news after `old`: another set of links, or an RTT that
-    moved by more than `tolerance` (relative); smaller moves wait for the periodic refresh."""
+    moved by more than `tolerance` (relative) and more than `floor` seconds (sub-millisecond
+    jitter on a LAN or one host is no news: a route would not move for it, a hop costing
+    2 ms, and each advert is a store write every member merges); smaller moves wait for the
+    periodic refresh."""
     if old.keys() != new.keys():
         return True
-    return any(abs(new[k] - v) > tolerance * v for k, v in old.items())
+    return any(abs(new[k] - v) > max(tolerance * v, floor) for k, v in old.items())
 
 
 def _last_answer(m: Any) -> float:

@@ -1,7 +1,9 @@
 """Routing shell: advertise this node's direct links, build the next-hop table from everyone's.
 
 Rules:
-- Every `advertise_interval`, and at once when they change (monitor.links_changed), this
+- Every `advertise_interval` (15 s: each advert is a store write every member merges and
+  commits, so N nodes cost N^2 / 15 merges a second), and at once when they change
+  (monitor.links_changed: another link set, or an RTT that moved by 20% and 1 ms), this
   node publishes its direct links (members it probed directly
   and got an ack from, with their RTT) and its Vivaldi coordinate, as a record in the store's
   system database "routing" (table "links", key = node name). The store replicates it like
@@ -36,7 +38,7 @@ DB, TABLE = "routing", "links"
 
 
 class RoutingService:
-    def __init__(self, core: Any, store: Any, advertise_interval: float = 5.0,
+    def __init__(self, core: Any, store: Any, advertise_interval: float = 15.0,
                  recompute_interval: float = 1.0,
                  measure: Callable[[list[str]], None] | None = None) -> None:
         self.core = core

@@ -115,3 +115,10 @@ def test_links_changed_only_for_another_set_or_a_large_move():
     assert not links_changed(old, {"a": 0.011, "b": 0.019})
     assert links_changed(old, {"a": 0.013, "b": 0.020})
     assert links_changed(old, {"a": 0.010})
+
+
+def test_sub_millisecond_jitter_is_no_news():
+    # loopback or one LAN: 0.3 ms -> 0.6 ms doubles but moves no route (a hop costs 2 ms)
+    old = {"a": 0.0003, "b": 0.0020}
+    assert not links_changed(old, {"a": 0.0006, "b": 0.0028})
+    assert links_changed(old, {"a": 0.0015, "b": 0.0020}), "a move past 1 ms is news"
