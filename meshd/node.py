@@ -73,6 +73,8 @@ from .transport.udp import UdpTransport
 
 log = logging.getLogger("meshd.node")
 
+PEERS_SAVE_INTERVAL = 10.0  # s: the most often the member list goes to the state file
+
 
 class NodeError(RuntimeError):
     """The node cannot start (or must stop); str() is one line for the operator."""
@@ -125,6 +127,7 @@ class Node:
         self._first_node = False
         self._seeds: set[str] = set()  # names of the seeds we joined through
         self._synced_boots: dict[str, str] = {}  # member -> the boot we synced with at its join
+        self._peers_dirty = False  # the member list changed since the state file was written
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -220,7 +223,7 @@ class Node:
         self.links.is_revoked = self._key_revoked
         self.membership = MembershipService(self.core, self.udp, self.links,
                                             s.limits.join_timeout)
-        self.membership.on_change = self._schedule_save
+        self.membership.on_change = self._members_changed
         self.registry = RegistryService(self.core, self.links, self.boot,
                                         ttl=s.rpc.instance_ttl,
                                         sync_interval=s.rpc.registry_sync_interval)
@@ -322,6 +325,7 @@ class Node:
                 await nursery.start(control.run)
                 await nursery.start(self.evictor.run)
                 nursery.start_soon(self._watch_signals)
+                nursery.start_soon(self._save_peers)
                 await self._initial_join()
                 await nursery.start(self.runtime.run)
                 if self._first_node and not self.auth.bootstrapped() \
@@ -615,6 +619,24 @@ class Node:
                 trio.lowlevel.current_trio_token().run_sync_soon(self._save_soon)
             except RuntimeError:
                 self._save_pending = False
+
+    def _members_changed(self) -> None:
+        """Membership changed: our own incarnation is saved at once (a restart must start
+        above it); the peers list at most every PEERS_SAVE_INTERVAL (_save_peers). Writing
+        the state file (two fsyncs) at every suspicion and refutation blocked the event loop
+        in a suspicion storm, which made more of them."""
+        core = getattr(self, "core", None)
+        if core is not None and core.me.incarnation != self.state.get("incarnation"):
+            self._schedule_save()
+        else:
+            self._peers_dirty = True
+
+    async def _save_peers(self) -> None:
+        while True:
+            await trio.sleep(PEERS_SAVE_INTERVAL)
+            if self._peers_dirty:
+                self._peers_dirty = False
+                self._save_state()
 
     def _save_soon(self) -> None:
         self._save_pending = False

@@ -1,7 +1,10 @@
-"""Node._sync_newcomer: which (re)joins get an immediate store and registry sync. A new
-member and a restarted one (a new `boot` tag) do; a member back from a death it refuted in
-the same run does not (every member syncing with it at once loads a node that was only too
-slow to answer)."""
+"""Node's reactions to membership events, without the storms they made at 50 daemons.
+
+- _sync_newcomer: a new member and a restarted one (a new `boot` tag) get an immediate store
+  and registry sync; a member back from a death it refuted in the same run does not (every
+  member syncing with it at once loads a node that was only too slow to answer).
+- _members_changed: the state file is written at once only when our incarnation moved.
+"""
 
 from __future__ import annotations
 
@@ -47,3 +50,15 @@ def test_new_and_restarted_members_are_synced_at_once_refuted_deaths_are_not():
     Node._sync_newcomer(node, MemberEvent("update", "a", "a:1", 2, {"boot": "300"}))
     Node._sync_newcomer(node, MemberEvent("join", "me", "me:1", 1, {"boot": "1"}))
     assert store.synced == ["a:1", "a:1", "b:1"]
+
+
+def test_member_changes_save_the_state_file_at_once_only_when_our_incarnation_moved():
+    saves: list[str] = []
+    node = SimpleNamespace(state={"incarnation": 3}, _peers_dirty=False,
+                           core=SimpleNamespace(me=SimpleNamespace(incarnation=3)),
+                           _schedule_save=lambda: saves.append("now"))
+    Node._members_changed(node)  # a suspicion or a refutation of another member
+    assert saves == [] and node._peers_dirty, "the peers wait for the periodic save"
+    node.core.me.incarnation = 4  # we refuted a suspicion of ourselves
+    Node._members_changed(node)
+    assert saves == ["now"], "a restart must start above the incarnation we reached"
