@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -122,7 +123,8 @@ class Node:
         self.created_cluster = False
         self._lock = datadir.DataDirLock(self.data_dir)
         self._cancel: trio.CancelScope | None = None
-        self._save_pending = False
+        self._save_wanted = trio.Event()  # the state file is to be written at once
+        self._state_lock = threading.Lock()
         self._conflict: str | None = None
         self._first_node = False
         self._seeds: set[str] = set()  # names of the seeds we joined through
@@ -613,18 +615,14 @@ class Node:
     # --- persistence ---------------------------------------------------------------------
 
     def _schedule_save(self) -> None:
-        if not self._save_pending:
-            self._save_pending = True
-            try:
-                trio.lowlevel.current_trio_token().run_sync_soon(self._save_soon)
-            except RuntimeError:
-                self._save_pending = False
+        """Write the state file soon, from the saver task's worker thread."""
+        self._save_wanted.set()
 
     def _members_changed(self) -> None:
         """Membership changed: our own incarnation is saved at once (a restart must start
         above it); the peers list at most every PEERS_SAVE_INTERVAL (_save_peers). Writing
-        the state file (two fsyncs) at every suspicion and refutation blocked the event loop
-        in a suspicion storm, which made more of them."""
+        the state file (two fsyncs) at every suspicion and refutation, on the event loop,
+        blocked it in a suspicion storm, which made more of them."""
         core = getattr(self, "core", None)
         if core is not None and core.me.incarnation != self.state.get("incarnation"):
             self._schedule_save()
@@ -632,29 +630,41 @@ class Node:
             self._peers_dirty = True
 
     async def _save_peers(self) -> None:
+        """The saver: at once when asked, else every PEERS_SAVE_INTERVAL if the members
+        changed; the file is written in a worker thread (fsyncs take long on a busy disk)."""
         while True:
-            await trio.sleep(PEERS_SAVE_INTERVAL)
-            if self._peers_dirty:
-                self._peers_dirty = False
-                self._save_state()
+            with trio.move_on_after(PEERS_SAVE_INTERVAL):
+                await self._save_wanted.wait()
+            if not self._save_wanted.is_set() and not self._peers_dirty:
+                continue
+            self._save_wanted = trio.Event()
+            self._peers_dirty = False
+            state = self._state_now()
+            if state is not None and state != self.state:
+                await trio.to_thread.run_sync(self._write_state, state)
+                self.state = state
 
-    def _save_soon(self) -> None:
-        self._save_pending = False
-        self._save_state()
-
-    def _save_state(self) -> None:
+    def _state_now(self) -> dict[str, Any] | None:
         core = getattr(self, "core", None)
         if core is None:
-            return
+            return None
         peers = [m.addr for m in core.member_list()
                  if m.name != core.me.name and m.state == 0]
         if not peers:  # alone for now: keep the last known peers for the next restart
             peers = list(self.state.get("peers", []))
         seeds = sorted(set(self.state.get("seeds", [])) | self._seeds)[:16]
-        state = {"incarnation": core.me.incarnation, "peers": peers[:64],
-                 "node_id": self.identity.node_id, "name": self.name, "seeds": seeds}
-        if state != self.state:
+        return {"incarnation": core.me.incarnation, "peers": peers[:64],
+                "node_id": self.identity.node_id, "name": self.name, "seeds": seeds}
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        with self._state_lock:  # the saver's thread and a start-up or shutdown save
             datadir.write_json(self.data_dir / datadir.STATE_FILE, state)
+
+    def _save_state(self) -> None:
+        """Write the state file now, on this thread (start-up and shutdown)."""
+        state = self._state_now()
+        if state is not None and state != self.state:
+            self._write_state(state)
             self.state = state
 
     # --- views (the CLI's `meshd up` prints them) ------------------------------------------
