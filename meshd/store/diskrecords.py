@@ -4,10 +4,13 @@ Rules:
 - Memory holds three things only: changes not committed yet (`pending`: a put or a delete
   per key, newest wins), the changes the running commit is writing (`committing`), and a
   bounded LRU cache (cache.py) of entries equal to what is on disk. A read looks in that
-  order, then in SQLite (and caches what it found there).
+  order, then in SQLite (and caches what it found there, unless asked not to: `fill`
+  False, for the reads of merges and tombstone GC, which are no use of the record).
 - The owner commits: `begin_commit` hands over the pending changes (they stay readable as
   `committing`), the owner writes them with StoreDB.save in a worker thread, then calls
-  `end_commit`, which moves them to the cache (they are on disk now). If the save failed,
+  `end_commit`, which puts back in the cache those that were in use: keys cached when
+  written, or read while pending (`hot`); the rest only leave memory, so a bulk write, a
+  catch-up or a repair does not push the hot records out. If the save failed,
   `abort_commit` puts them back in front of anything newer. Nothing is acknowledged before
   its commit, as before: a kill -9 loses only what no one was told is stored.
 - Every query that SQLite answers is corrected by the changes in memory (pending, then
@@ -17,7 +20,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import cbor2
 
@@ -36,6 +39,12 @@ class DiskRecords:
         self.cache = RecordCache(cache_bytes)
         self.pending: Changes = {}
         self.committing: Changes = {}
+        # keys of uncommitted changes to cache once committed: they were in use
+        self.hot: set[tuple[str, str, str]] = set()
+        # set before the summary scan at start: the scan also finds `newest(newest_bound)`
+        # (no second scan of the whole file)
+        self.newest_bound: int | None = None
+        self._newest: tuple[int | None, tuple[int, int] | None] = (None, None)
 
     # --- reads and writes -----------------------------------------------------------------
 
@@ -47,28 +56,36 @@ class DiskRecords:
                 return True, t[key]
         return False, None
 
-    def get(self, db: str, tbl: str, key: str) -> Entry | None:
+    def get(self, db: str, tbl: str, key: str, fill: bool = True) -> Entry | None:
+        ck = (db, tbl, key)
         if self.pending or self.committing:
             found, change = self._change(db, tbl, key)
             if found:
+                if fill and change is not None:
+                    self.hot.add(ck)
                 return change
-        ck = (db, tbl, key)
-        entry = self.cache.get(ck)
+        entry = self.cache.get(ck) if fill else self.cache.peek(ck)
         if entry is not None:
             return entry
         row = self.db.get(db, tbl, key)
         if row is None:
             return None
         entry = Entry(cbor2.loads(row[0]), row[1])
-        self.cache.add(ck, entry)
+        if fill:
+            self.cache.add(ck, entry)
         return entry
 
     def put(self, db: str, tbl: str, key: str, entry: Entry) -> None:
-        self.cache.discard((db, tbl, key))
+        ck = (db, tbl, key)
+        if ck in self.cache:
+            self.cache.discard(ck)
+            self.hot.add(ck)
         self.pending.setdefault((db, tbl), {})[key] = entry
 
     def delete(self, db: str, tbl: str, key: str) -> None:
-        self.cache.discard((db, tbl, key))
+        ck = (db, tbl, key)
+        self.cache.discard(ck)
+        self.hot.discard(ck)
         self.pending.setdefault((db, tbl), {})[key] = None
 
     # --- commits --------------------------------------------------------------------------
@@ -91,13 +108,20 @@ class DiskRecords:
         return rows, deleted
 
     def end_commit(self) -> None:
-        """The commit of what `begin_commit` handed over is on disk."""
+        """The commit of what `begin_commit` handed over is on disk: the changed keys that
+        were in use go back in the cache (unless changed again since)."""
         done, self.committing = self.committing, {}
+        hot = self.hot
+        if not hot:
+            return
         for (db, tbl), t in done.items():
             newer = self.pending.get((db, tbl), {})
             for key, change in t.items():
-                if change is not None and key not in newer:
-                    self.cache.add((db, tbl, key), change)
+                ck = (db, tbl, key)
+                if ck in hot and key not in newer:
+                    hot.discard(ck)
+                    if change is not None:
+                        self.cache.add(ck, change)
 
     def abort_commit(self) -> None:
         """The commit failed: its changes are pending again (behind newer ones)."""
@@ -116,13 +140,28 @@ class DiskRecords:
     def summary(self) -> Iterator[tuple[str, str, int, int, int]]:
         if self.pending or self.committing:
             raise RuntimeError("summary is for a freshly opened store")
-        return self.db.summary()
+        if self.newest_bound is None:
+            return self.db.summary()
+        return self._summary(self.newest_bound)
+
+    def _summary(self, bound: int) -> Iterator[tuple[str, str, int, int, int]]:
+        best: tuple[int, int] | None = None
+        for db, tbl, bucket, h, until, wall, cnt in self.db.summary_times():
+            if wall is not None and wall <= bound and (best is None or (wall, cnt) > best):
+                best = (wall, cnt)
+            yield db, tbl, bucket, h, until
+        self._newest = (bound, best)
 
     def keys(self, db: str, tbl: str, prefix: str | None = None,
-             live_at: int | None = None) -> list[str]:
-        found = self.db.keys(db, tbl, prefix, live_at)
+             live_at: int | None = None, stop: int = 0,
+             match: Callable[[str], bool] | None = None) -> list[str]:
         changes = {k: c for k, c in self._changes(db, tbl).items()
-                   if prefix is None or k.startswith(prefix)}
+                   if (prefix is None or k.startswith(prefix))
+                   and (match is None or match(k))}
+        # each change hides at most one key on disk: the first stop + len(changes) on disk
+        # hold the first `stop` of what is left of them
+        found = self.db.keys(db, tbl, prefix, live_at, stop + len(changes) if stop else 0,
+                             match)
         if not changes:
             return found
         keep = set(found)
@@ -131,7 +170,8 @@ class DiskRecords:
                 keep.discard(key)
             else:
                 keep.add(key)
-        return sorted(keep)
+        out = sorted(keep)
+        return out[:stop] if stop else out
 
     def rows(self, db: str, tbl: str, keys: Iterable[str]) -> list[tuple[str, Entry]]:
         keys = list(keys)
@@ -174,25 +214,37 @@ class DiskRecords:
         return any(k not in changes for k in self.db.live_keys(db, tbl, now, len(changes) + 1))
 
     def count_live(self, db: str, tbl: str, now: int) -> int:
-        n = self.db.count_live(db, tbl, now)
-        for key, change in self._changes(db, tbl).items():
-            on_disk = self.db.until(db, tbl, key)
+        changes = self._changes(db, tbl)
+        if not changes:
+            return self.db.count_live(db, tbl, now)
+        n, untils = self.db.count_live_except(db, tbl, now, list(changes))
+        for key, change in changes.items():
+            on_disk = untils.get(key)
             n -= on_disk is not None and on_disk > now
             n += change is not None and live_until(change.state) > now
         return n
 
-    def tombstones(self, before: int) -> list[tuple[str, str, str]]:
+    def tombstones(self, before: int, skip: frozenset[str] = frozenset(),
+                   limit: int = 0) -> list[tuple[str, str, str]]:
         changed: set[tuple[str, str, str]] = set()
         out = []
         for (db, tbl) in {*self.pending, *self.committing}:
+            if db in skip:
+                continue
             for key, change in self._changes(db, tbl).items():
                 changed.add((db, tbl, key))
                 wall = None if change is None else tombstone_wall(change.state)
                 if wall is not None and wall < before:
                     out.append((db, tbl, key))
-        out += [k for k in self.db.tombstones(before) if k not in changed]
-        return out
+        # each change hides at most one of those on disk
+        out += [k for k in self.db.tombstones(before, skip,
+                                              limit + len(changed) if limit else 0)
+                if k not in changed]
+        return out[:limit] if limit else out
 
     def newest(self, max_wall: int) -> tuple[int, int] | None:
         """The newest register timestamp on disk at or before `max_wall` (see StoreDB)."""
+        bound, found = self._newest
+        if bound == max_wall and not self.pending and not self.committing:
+            return found  # the summary scan found it
         return self.db.newest(max_wall)

@@ -7,7 +7,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .records import Entry, bucket_of, live_until, tombstone_wall
 
@@ -16,7 +16,7 @@ class MemoryRecords:
     def __init__(self) -> None:
         self._tables: dict[tuple[str, str], dict[str, Entry]] = {}
 
-    def get(self, db: str, tbl: str, key: str) -> Entry | None:
+    def get(self, db: str, tbl: str, key: str, fill: bool = True) -> Entry | None:
         t = self._tables.get((db, tbl))
         return None if t is None else t.get(key)
 
@@ -36,11 +36,14 @@ class MemoryRecords:
                 yield db, tbl, bucket_of(key), e.hash, live_until(e.state)
 
     def keys(self, db: str, tbl: str, prefix: str | None = None,
-             live_at: int | None = None) -> list[str]:
+             live_at: int | None = None, stop: int = 0,
+             match: Callable[[str], bool] | None = None) -> list[str]:
         t = self._tables.get((db, tbl), {})
-        return sorted(k for k, e in t.items()
-                      if (prefix is None or k.startswith(prefix))
-                      and (live_at is None or live_until(e.state) > live_at))
+        out = sorted(k for k, e in t.items()
+                     if (prefix is None or k.startswith(prefix))
+                     and (live_at is None or live_until(e.state) > live_at)
+                     and (match is None or match(k)))
+        return out[:stop] if stop else out
 
     def rows(self, db: str, tbl: str, keys: Iterable[str]) -> list[tuple[str, Entry]]:
         t = self._tables.get((db, tbl), {})
@@ -58,11 +61,16 @@ class MemoryRecords:
         return sum(1 for e in self._tables.get((db, tbl), {}).values()
                    if live_until(e.state) > now)
 
-    def tombstones(self, before: int) -> list[tuple[str, str, str]]:
+    def tombstones(self, before: int, skip: frozenset[str] = frozenset(),
+                   limit: int = 0) -> list[tuple[str, str, str]]:
         out = []
         for (db, tbl), t in self._tables.items():
+            if db in skip:
+                continue
             for key, e in t.items():
                 wall = tombstone_wall(e.state)
                 if wall is not None and wall < before:
                     out.append((db, tbl, key))
+                    if len(out) == limit:
+                        return out
         return out

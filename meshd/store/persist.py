@@ -26,8 +26,9 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,13 @@ from meshd.sqlitefile import open_private, transaction
 
 from .records import columns, key_hash
 
+log = logging.getLogger("meshd.store")
 SCHEMA_VERSION = 2
 FILE = "store.db"
 CHUNK = 500  # host parameters in one IN (...) list
 BACKFILL = 10_000  # rows per transaction when upgrading from schema 1
 READER_CACHE_KIB = 8192  # the reader's page cache (SQLite's default is 2 MiB)
+BUSY_MS = 5000  # how long the reader waits on a lock (WAL recovery after a kill -9)
 
 SCHEMA = """
     CREATE TABLE IF NOT EXISTS records (
@@ -87,6 +90,7 @@ class StoreDB:
         try:
             self.reader = sqlite3.connect(str(path), check_same_thread=False,
                                           isolation_level=None)
+            self.reader.execute(f"PRAGMA busy_timeout={BUSY_MS}")
             self.reader.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
             self.reader.execute("PRAGMA query_only=1")
         except sqlite3.DatabaseError as exc:
@@ -94,20 +98,40 @@ class StoreDB:
             raise StoreFileError(f"{path} cannot be read ({exc})") from None
 
     def _backfill(self) -> None:
-        """Fill the derived columns of rows an older meshd wrote (schema 1)."""
+        """Fill the derived columns of rows an older meshd wrote (schema 1), in primary key
+        order a batch at a time (each batch goes on from where the last one ended: no row
+        is read twice; after a crash, the rows filled already are skipped once)."""
+        after: tuple[str, str, str] | None = None
+        filled = 0
         while True:
-            todo = self.conn.execute(
-                "SELECT db, tbl, key, state FROM records WHERE hash IS NULL LIMIT ?",
-                (BACKFILL,)).fetchall()
+            if after is None:
+                todo = self.conn.execute(
+                    "SELECT db, tbl, key, state FROM records WHERE hash IS NULL "
+                    "ORDER BY db, tbl, key LIMIT ?", (BACKFILL,)).fetchall()
+            else:
+                todo = self.conn.execute(
+                    "SELECT db, tbl, key, state FROM records WHERE (db, tbl, key) > (?, ?, ?) "
+                    "AND hash IS NULL ORDER BY db, tbl, key LIMIT ?",
+                    (*after, BACKFILL)).fetchall()
             if not todo:
+                if filled:
+                    log.info("%s: %d records upgraded to schema %d", self.path, filled,
+                             SCHEMA_VERSION)
                 return
+            values = []
+            for db, tbl, key, blob in todo:
+                state = cbor2.loads(blob)
+                values.append((signed(key_hash(key, state)), *columns(key, state), db, tbl,
+                               key))
             with transaction(self.conn) as cur:
                 cur.executemany(
                     "UPDATE records SET hash=?, bucket=?, until=?, tomb=?, wall=?, cnt=? "
-                    "WHERE db=? AND tbl=? AND key=?",
-                    [(signed(key_hash(key, cbor2.loads(blob))),
-                      *columns(key, cbor2.loads(blob)), db, tbl, key)
-                     for db, tbl, key, blob in todo])
+                    "WHERE db=? AND tbl=? AND key=?", values)
+            after = todo[-1][:3]
+            filled += len(todo)
+            if filled % (10 * BACKFILL) < len(todo):
+                log.info("%s: %d records upgraded to schema %d so far", self.path, filled,
+                         SCHEMA_VERSION)
 
     # --- the writer (a worker thread) --------------------------------------------------------
 
@@ -134,10 +158,17 @@ class StoreDB:
                 "SELECT db, tbl, bucket, hash, until FROM records"):
             yield db, tbl, bucket, unsigned(h), until
 
-    def keys(self, db: str, tbl: str, prefix: str | None,
-             live_at: int | None) -> list[str]:
+    def summary_times(self) -> Iterator[tuple[str, str, int, int, int, Any, Any]]:
+        """`summary` with each row's register timestamp (wall, count), or Nones."""
+        for db, tbl, bucket, h, until, wall, cnt in self.reader.execute(
+                "SELECT db, tbl, bucket, hash, until, wall, cnt FROM records"):
+            yield db, tbl, bucket, unsigned(h), until, wall, cnt
+
+    def keys(self, db: str, tbl: str, prefix: str | None, live_at: int | None,
+             stop: int = 0, match: Callable[[str], bool] | None = None) -> list[str]:
         """Sorted keys (text sorts as its UTF-8 bytes: by code point), from `prefix` on
-        while they start with it."""
+        while they start with it, only those `match` accepts if given; the first `stop`
+        of them if not 0 (the cursor stops there: a page of a large table reads a page)."""
         sql = "SELECT key FROM records WHERE db=? AND tbl=?"
         args: list[Any] = [db, tbl]
         if prefix:
@@ -146,15 +177,22 @@ class StoreDB:
         if live_at is not None:
             sql += " AND until > ?"
             args.append(live_at)
-        cur = self.reader.execute(sql + " ORDER BY key", args)
+        sql += " ORDER BY key"
+        if stop and not prefix and match is None:
+            sql += " LIMIT ?"
+            args.append(stop)
+        cur = self.reader.execute(sql, args)
         try:
-            if not prefix:
+            if not prefix and match is None:
                 return [k for (k,) in cur]
             out = []
             for (k,) in cur:
-                if not k.startswith(prefix):
+                if prefix and not k.startswith(prefix):
                     break
-                out.append(k)
+                if match is None or match(k):
+                    out.append(k)
+                    if len(out) == stop:
+                        break
             return out
         finally:
             cur.close()
@@ -189,16 +227,42 @@ class StoreDB:
                                    "AND until > ?", (db, tbl, now)).fetchone()
         return int(n)
 
+    def count_live_except(self, db: str, tbl: str, now: int, keys: list[str]
+                          ) -> tuple[int, dict[str, int]]:
+        """`count_live`, and key -> until of those of `keys` on disk, from one snapshot (a
+        commit landing in between would count a key twice or not at all)."""
+        self.reader.execute("BEGIN")
+        try:
+            n = self.count_live(db, tbl, now)
+            untils: dict[str, int] = {}
+            for i in range(0, len(keys), CHUNK):
+                part = keys[i:i + CHUNK]
+                untils.update(self.reader.execute(
+                    f"SELECT key, until FROM records WHERE db=? AND tbl=? AND key IN "
+                    f"({','.join('?' * len(part))})", [db, tbl, *part]).fetchall())
+        finally:
+            self.reader.execute("COMMIT")
+        return n, untils
+
     def until(self, db: str, tbl: str, key: str) -> int | None:
         """The key's `until` on disk; None if the key is not on disk."""
         row = self.reader.execute("SELECT until FROM records WHERE db=? AND tbl=? AND key=?",
                                   (db, tbl, key)).fetchall()
         return row[0][0] if row else None
 
-    def tombstones(self, before: int) -> list[tuple[str, str, str]]:
-        return [(db, tbl, key) for db, tbl, key in self.reader.execute(
-            "SELECT db, tbl, key FROM records WHERE tomb IS NOT NULL AND tomb < ?",
-            (before,)).fetchall()]
+    def tombstones(self, before: int, skip: Iterable[str] = (),
+                   limit: int = 0) -> list[tuple[str, str, str]]:
+        """Keys of tombstones written before `before`, none in the databases `skip` names,
+        at most `limit` if not 0."""
+        skip = sorted(skip)
+        sql = "SELECT db, tbl, key FROM records WHERE tomb IS NOT NULL AND tomb < ?"
+        if skip:
+            sql += f" AND db NOT IN ({','.join('?' * len(skip))})"
+        args: list[Any] = [before, *skip]
+        if limit:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [(db, tbl, key) for db, tbl, key in self.reader.execute(sql, args).fetchall()]
 
     def newest(self, max_wall: int) -> tuple[int, int] | None:
         """The newest (wall, count) of a register at or before `max_wall`."""

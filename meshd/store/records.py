@@ -18,7 +18,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, Protocol
 
 import cbor2
@@ -88,8 +88,9 @@ class Records(Protocol):
     """Where a store's entries live. Writes (`put`, `delete`) are visible to every read at
     once; a disk backend makes them durable when its owner commits."""
 
-    def get(self, db: str, tbl: str, key: str) -> Entry | None:
-        """The key's entry (may be kept in a cache for the next read)."""
+    def get(self, db: str, tbl: str, key: str, fill: bool = True) -> Entry | None:
+        """The key's entry (kept in a cache for the next read unless `fill` is False: the
+        reads of merges and tombstone GC must not push the hot records out)."""
 
     def put(self, db: str, tbl: str, key: str, entry: Entry) -> None: ...
 
@@ -100,9 +101,10 @@ class Records(Protocol):
         counts in memory are rebuilt from."""
 
     def keys(self, db: str, tbl: str, prefix: str | None = None,
-             live_at: int | None = None) -> list[str]:
+             live_at: int | None = None, stop: int = 0,
+             match: Callable[[str], bool] | None = None) -> list[str]:
         """The table's keys starting with `prefix`, sorted; only those live at `live_at`
-        (ms) when given."""
+        (ms) when given, and those `match` accepts; the first `stop` of them if not 0."""
 
     def rows(self, db: str, tbl: str, keys: Iterable[str]) -> list[tuple[str, Entry]]:
         """The entries of those of `keys` that exist, in that order, without filling the
@@ -115,5 +117,7 @@ class Records(Protocol):
 
     def count_live(self, db: str, tbl: str, now: int) -> int: ...
 
-    def tombstones(self, before: int) -> list[tuple[str, str, str]]:
-        """(db, tbl, key) of pure LWW tombstones written before `before` (ms)."""
+    def tombstones(self, before: int, skip: frozenset[str] = frozenset(),
+                   limit: int = 0) -> list[tuple[str, str, str]]:
+        """(db, tbl, key) of pure LWW tombstones written before `before` (ms), none in the
+        databases named in `skip`; at most `limit` of them if not 0."""

@@ -42,6 +42,7 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
@@ -50,8 +51,9 @@ from meshd.hlc import HLC
 
 from . import crdt
 from .records import Records
-from .state import BUCKETS, StoreState, split_name
+from .state import BUCKETS, StoreState, bucket_of, split_name
 
+log = logging.getLogger("meshd.store")
 Send = tuple[str, dict[str, Any]]
 ChangeHook = Callable[[str, str, str, crdt.State, bool], None]
 REPAIR_BYTES = 8 << 20  # records in one repair message (links carry up to 64 MiB)
@@ -99,6 +101,8 @@ class StoreReplicator:
         # databases whose deletes are remembered for ever: a signed record there must never
         # come back by replay once its tombstone is gone (the auth database)
         self.keep_tombstones: frozenset[str] = frozenset()
+        # errors of the records backend a timer tick survives (the daemon: sqlite3.Error)
+        self.backend_errors: tuple[type[Exception], ...] = ()
         self.stats = {"store_msgs_out": 0, "store_bytes_repair": 0, "store_repairs": 0,
                       "store_refused": 0,
                       "store_future_refused": 0}
@@ -141,8 +145,14 @@ class StoreReplicator:
             out += self._flush()
         if now >= self.next_sync:
             self.next_sync = now + self.sync_interval * (0.5 + self.rng.random())
-            for db, tbl, key in self.state.collect(self.hlc.clock(), self.tombstone_grace_ms,
-                                                   self.keep_tombstones):
+            dropped: list[tuple[str, str, str]] = []
+            try:
+                self.state.collect(self.hlc.clock(), self.tombstone_grace_ms,
+                                   self.keep_tombstones, dropped)
+            except self.backend_errors as exc:  # the disk failed: try again next tick
+                log.warning("tombstone collection stopped after %d keys: %s", len(dropped),
+                            exc)
+            for db, tbl, key in dropped:
                 if self.on_drop is not None:
                     self.on_drop(db, tbl, key)
             peers = self.peers()
@@ -238,22 +248,30 @@ class StoreReplicator:
                 if not isinstance(spec, dict) or not isinstance(spec.get("k"), dict) \
                         or not isinstance(spec.get("b"), list):
                     raise WireError("bad key list")
+                if budget <= 0:  # the records are full: the other tables next round
+                    more = True
+                    break
                 theirs: dict[str, int] = spec["k"]
                 db, tbl = split_name(name)
                 seen: dict[str, int] = {}  # our hashes of their keys
                 # a bounded number of our key hashes at a time (a far-behind peer names
-                # every bucket of a large table)
-                for chunk in self.state.bucket_chunks(name, spec["b"], CHUNK_KEYS):
+                # every bucket of a large table), and none once the records are full: one
+                # message costs a bounded amount of work, the next round covers the rest
+                chunks = self.state.bucket_chunks(name, spec["b"], CHUNK_KEYS)
+                done: set[int] | None = None  # the buckets compared, if not all of them
+                for n, chunk in enumerate(chunks):
+                    if budget <= 0:
+                        done = {b for c in chunks[:n] for b in c}
+                        more = True
+                        break
                     mine = self.state.key_hashes(name, chunk)
                     seen.update((k, h) for k, h in mine.items() if k in theirs)
-                    if budget > 0:
-                        differ = [k for k, h in mine.items() if theirs.get(k) != h]
-                        found, budget, cut = self._budgeted(db, tbl, differ, budget)
-                        records += found
-                        more = more or cut
-                    elif any(theirs.get(k) != h for k, h in mine.items()):
-                        more = True
-                wanted = [k for k, h in theirs.items() if seen.get(k) != h]
+                    differ = [k for k, h in mine.items() if theirs.get(k) != h]
+                    found, budget, cut = self._budgeted(db, tbl, differ, budget)
+                    records += found
+                    more = more or cut
+                wanted = [k for k, h in theirs.items() if seen.get(k) != h
+                          and (done is None or (type(k) is str and bucket_of(k) in done))]
                 if wanted:
                     want[name] = wanted
             reply = {"t": "records", "e": records, "want": want}

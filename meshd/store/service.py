@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,20 +78,24 @@ class StoreService:
         self.hlc = HLC(self.node, _now_ms, max_drift_ms=int(settings.max_clock_drift * 1000))
         self.db = StoreDB(data_dir / FILE)
         self.records = DiskRecords(self.db, settings.cache_bytes)
+        # records from our own file are kept whatever their time, but the clock moves only
+        # to the newest one within the drift bound (found by the scan that rebuilds the
+        # digests)
+        bound = _now_ms() + self.hlc.max_drift_ms if self.hlc.max_drift_ms is not None \
+            else 1 << 62
+        self.records.newest_bound = bound
         self.rep = StoreReplicator(
             self.node, self.hlc, self._peers, random.Random(), trio.current_time(),
             batch_interval=settings.batch_interval, sync_interval=settings.sync_interval,
             fanout=settings.fanout, all_threshold=settings.all_threshold,
             tombstone_grace=settings.tombstone_grace, records=self.records)
-        # records from our own file are kept whatever their time, but the clock moves only
-        # to the newest one within the drift bound
-        newest = self.records.newest(_now_ms() + self.hlc.max_drift_ms
-                                     if self.hlc.max_drift_ms is not None else 1 << 62)
+        newest = self.records.newest(bound)
         if newest is not None:
             self.hlc.observe((newest[0], newest[1], self.node))
         loaded = sum(t.count for t in self.rep.state.tables.values())
         if loaded:
             log.info("%d records in %s", loaded, self.db.path)
+        self.rep.backend_errors = (sqlite3.Error,)
         self.rep.on_change = self._changed
         self.rep.on_drop = self._drop
         self._committed = trio.Event()
@@ -119,7 +124,7 @@ class StoreService:
         finally:
             with trio.CancelScope(shield=True):
                 if self.records.dirty():
-                    await trio.to_thread.run_sync(self._commit_now)
+                    await self._commit_now()
             self.db.close()
 
     # --- durability --------------------------------------------------------------------------
@@ -156,10 +161,16 @@ class StoreService:
                 except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                     self._watchers.remove((wdb, wtbl, prefix, chan))
 
-    def _commit_now(self) -> int:
-        """Commit what is pending (at shutdown, the event loop waiting)."""
+    async def _commit_now(self) -> int:
+        """Commit what is pending (at shutdown). As in `_committer`, only the save runs in
+        the worker thread: the records change on the event loop's thread, never while a
+        task of another service reads them."""
         rows, dropped = self.records.begin_commit()
-        self.db.save(rows, dropped)
+        try:
+            await trio.to_thread.run_sync(self.db.save, rows, dropped)
+        except BaseException:
+            self.records.abort_commit()
+            raise
         self.records.end_commit()
         return len(rows)
 
@@ -195,7 +206,13 @@ class StoreService:
             with trio.move_on_at(deadline):
                 await self._kick.wait()
             self._kick = trio.Event()
-            self._send(self.rep.tick(trio.current_time()))
+            try:
+                sends = self.rep.tick(trio.current_time())
+            except sqlite3.Error as exc:  # the disk failed: the store and the node go on
+                log.warning("store timer: %s", exc)
+                await trio.sleep(1)  # the deadline may not have moved
+                continue
+            self._send(sends)
 
     def _send(self, sends: list[tuple[str, dict[str, Any]]]) -> None:
         assert self._nursery is not None
@@ -221,6 +238,8 @@ class StoreService:
         except (WireError, ValueError, TypeError, KeyError, AttributeError) as exc:
             self.stats["store_bad_messages"] += 1
             log.debug("bad store message from %s: %s", ch.peer_addr, exc)
+        except sqlite3.Error as exc:  # the disk failed: this message only is lost
+            log.warning("store message from %s not handled: %s", ch.peer_addr, exc)
 
     # --- operations ------------------------------------------------------------------------
 

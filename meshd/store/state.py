@@ -17,7 +17,8 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from array import array
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from .memrecords import MemoryRecords
 from .records import BUCKETS, FOREVER, Entry, Records, bucket_of, key_hash, live_until
 
 PAGE = 500  # states a table's iteration reads at once
+COLLECT_MAX = 5000  # tombstones one collection drops at most (the next tick drops more)
 
 __all__ = ["BUCKETS", "StoreState", "Table", "bucket_of", "key_hash", "live", "split_name",
            "view"]
@@ -36,8 +38,9 @@ class Table:
     """What memory holds of one table (its entries are in the backend: `records`)."""
 
     records: Mapping[str, crdt.State]
-    buckets: list[int] = field(default_factory=lambda: [0] * BUCKETS)
-    sizes: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    # unboxed: 48 kB per table (lists of ints took 67 kB)
+    buckets: array[int] = field(default_factory=lambda: array("Q", bytes(8 * BUCKETS)))
+    sizes: array[int] = field(default_factory=lambda: array("I", bytes(4 * BUCKETS)))
     count: int = 0
     xor: int = 0
     steady: int = 0
@@ -136,7 +139,8 @@ class StoreState:
 
     def apply(self, db: str, tbl: str, key: str, state: crdt.State) -> crdt.State | None:
         """Merge `state` into the key; the merged state if it changed, else None."""
-        old = self.records.get(db, tbl, key) if (db, tbl) in self.tables else None
+        old = self.records.get(db, tbl, key, fill=False) if (db, tbl) in self.tables \
+            else None
         merged = crdt.merge(None if old is None else old.state, state)
         new_hash = key_hash(key, merged)
         if old is not None and old.hash == new_hash:
@@ -151,7 +155,7 @@ class StoreState:
 
     def drop(self, db: str, tbl: str, key: str) -> None:
         t = self.tables.get((db, tbl))
-        old = None if t is None else self.records.get(db, tbl, key)
+        old = None if t is None else self.records.get(db, tbl, key, fill=False)
         if t is None or old is None:
             return
         t.add(bucket_of(key), old.hash, live_until(old.state), -1)
@@ -182,9 +186,9 @@ class StoreState:
         """Live keys, sorted, filtered, then paged."""
         if (db, tbl) not in self.tables:
             return []
-        keys = [k for k in self.records.keys(db, tbl, prefix, now_ms)
-                if (suffix is None or k.endswith(suffix))
-                and (contains is None or contains in k)]
+        # a page reads no further than its end
+        stop = offset + limit if limit > 0 and offset >= 0 else 0
+        keys = self.records.keys(db, tbl, prefix, now_ms, stop, _matcher(suffix, contains))
         keys = keys[offset:]
         return keys[:limit] if limit else keys
 
@@ -212,14 +216,13 @@ class StoreState:
         return list(t.sizes) if t is not None else [0] * BUCKETS
 
     def bucket_chunks(self, name: str, buckets: list[Any], most: int) -> list[list[int]]:
-        """The valid ones of `buckets` in runs holding at most `most` keys of the table
-        (a bucket holding more is a run of its own)."""
+        """The valid ones of `buckets`, each once, in runs holding at most `most` keys of
+        the table (a bucket holding more is a run of its own). A peer naming one bucket
+        many times gets it read once."""
         sizes = self.bucket_sizes(name)
         chunks: list[list[int]] = [[]]
         held = 0
-        for b in buckets:
-            if type(b) is not int or not 0 <= b < BUCKETS:
-                continue
+        for b in dict.fromkeys(b for b in buckets if type(b) is int and 0 <= b < BUCKETS):
             if chunks[-1] and held + sizes[b] > most:
                 chunks.append([])
                 held = 0
@@ -241,17 +244,29 @@ class StoreState:
         return self.records.hashes(db, tbl, [b for b in buckets
                                             if type(b) is int and 0 <= b < BUCKETS])
 
-    def collect(self, now_ms: int, grace_ms: int,
-                keep: frozenset[str] = frozenset()) -> list[tuple[str, str, str]]:
+    def collect(self, now_ms: int, grace_ms: int, keep: frozenset[str] = frozenset(),
+                dropped: list[tuple[str, str, str]] | None = None
+                ) -> list[tuple[str, str, str]]:
         """Drop LWW tombstones older than the grace period (and nothing else on the key),
-        except in the databases named in `keep`."""
-        dropped = []
-        for db, tbl, key in self.records.tombstones(now_ms - grace_ms):
-            if db in keep:
-                continue
+        except in the databases named in `keep`, at most COLLECT_MAX at once; returns (and
+        appends to `dropped`, so a caller sees what was dropped before a backend failure)
+        the keys dropped."""
+        if dropped is None:
+            dropped = []
+        for db, tbl, key in self.records.tombstones(now_ms - grace_ms, keep, COLLECT_MAX):
             self.drop(db, tbl, key)
             dropped.append((db, tbl, key))
         return dropped
+
+
+def _matcher(suffix: str | None, contains: str | None) -> Callable[[str], bool] | None:
+    """The test of a key's suffix and contents, None when neither is asked."""
+    if suffix is None and contains is None:
+        return None
+
+    def match(k: str) -> bool:
+        return (suffix is None or k.endswith(suffix)) and (contains is None or contains in k)
+    return match
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -34,7 +34,17 @@ async def _write_all(sock) -> None:
     await store.add("team", "ada")
     await store.write("gone", b"x")
     await store.delete("gone")
+    await store.write("ttl-long", b"kept", ttl=3600)
+    await store.write("ttl-short", b"expires", ttl=1)
     await store.aclose()
+
+
+async def _get(sock, key: str) -> bytes | None:
+    store = Store(addr=sock, table="big")
+    try:
+        return await store.get(key)
+    finally:
+        await store.aclose()
 
 
 async def _read_all(sock) -> dict[str, bytes | None]:
@@ -56,7 +66,15 @@ def _check(daemon) -> None:
     assert got == {f"key-{i:05d}": _value(i) for i in range(KEYS)}
     keys = control(daemon.data_dir, "store.list", table="big", prefix="key-001")
     assert keys == [f"key-{i:05d}" for i in range(100, 200)]
-    assert len(control(daemon.data_dir, "store.list", table="big")) == KEYS + 2
+    # a value with a TTL read back from disk; an expired one is gone (wait for its expiry)
+    assert trio.run(_get, sock, "ttl-long") == b"kept"
+    wait_for(lambda: trio.run(_get, sock, "ttl-short") is None, 30, "ttl-short expired")
+    assert len(control(daemon.data_dir, "store.list", table="big")) == KEYS + 3
+    # pages of the listing
+    assert control(daemon.data_dir, "store.list", table="big", prefix="key-", limit=3,
+                   offset=2) == ["key-00002", "key-00003", "key-00004"]
+    assert control(daemon.data_dir, "store.list", table="big", suffix="7",
+                   limit=2) == ["key-00007", "key-00017"]
     assert control(daemon.data_dir, "store.counter", table="big", key="hits")["counter"] == 5
     assert control(daemon.data_dir, "store.set", table="big", key="team",
                    op="members")["members"] == ["ada"]
@@ -71,6 +89,6 @@ def test_more_records_than_the_cache_holds_read_back_after_kill9_and_restart(clu
     a.start()
     _check(a)
     b = cluster.add("b", join=[a.addr], env=SMALL_CACHE)
-    wait_for(lambda: len(control(b.data_dir, "store.list", table="big")) == KEYS + 2, 60,
+    wait_for(lambda: len(control(b.data_dir, "store.list", table="big")) == KEYS + 3, 60,
              "every record on the node that joined later")
     _check(b)

@@ -154,3 +154,58 @@ async def test_a_replica_sends_its_ack_only_after_the_commit_holding_the_write(t
         finally:
             gate.set()  # never leave the commit thread blocked (it cannot be cancelled)
             nursery.cancel_scope.cancel()
+
+
+# --- review of issue 22: disk errors and the shutdown commit ------------------------------
+
+async def test_a_disk_error_ends_one_store_message_and_the_timer_goes_on(tmp_path):
+    links = _Links(tmp_path / FILE)
+    svc = StoreService(_Core(), links, tmp_path, StoreSettings())  # type: ignore[arg-type]
+
+    def broken(*args: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    now = int(time.time() * 1000)
+    svc.rep.state.apply("d", "t", "k", {"lww": crdt.lww((now, 0, "a"), b"v")})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(svc.run)
+        await svc._durable()
+        svc.records.cache.clear()
+        svc.db.hashes = broken  # type: ignore[method-assign]
+        svc.db.tombstones = broken  # type: ignore[method-assign]
+        await svc._serve_channel(_In({"t": "keys", "tables": {
+            "d\x00t": {"b": list(range(4096)), "k": {}}}}))
+        svc.rep.next_sync = 0.0  # a sync tick now: tombstone collection fails
+        svc._kick.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert svc.rep.next_sync > 0.0, "the tick ran"
+        # the store still serves: a write is committed and acknowledged
+        await svc._commit_local("d", "t", "k2", {"lww": crdt.lww((now + 1, 0, "a"), b"w")}, 1)
+        assert svc.rep.state.get("d", "t", "k2") is not None
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_shutdown_commit_changes_the_records_on_the_event_loop_thread(tmp_path):
+    links = _Links(tmp_path / FILE)
+    svc = StoreService(_Core(), links, tmp_path, StoreSettings())  # type: ignore[arg-type]
+    loop_thread = threading.get_ident()
+    threads: list[tuple[str, int]] = []
+    for name in ("begin_commit", "end_commit"):
+        real = getattr(svc.records, name)
+
+        def traced(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            threads.append((_name, threading.get_ident()))
+            return _real(*args)
+
+        setattr(svc.records, name, traced)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(svc.run)
+        # merged without asking for a commit: only the shutdown commit writes it
+        svc.rep.state.apply("d", "t", "k", {"lww": crdt.lww((1, 0, "a"), b"v")})
+        nursery.cancel_scope.cancel()
+    assert threads == [("begin_commit", loop_thread), ("end_commit", loop_thread)]
+    db = StoreDB(tmp_path / FILE)
+    try:
+        assert [r[2] for r in db.load()] == ["k"]
+    finally:
+        db.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from meshd.store.engines.base import redact, where
@@ -14,6 +14,9 @@ from meshd.store.engines.redis import name
 
 PASSWORDS = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zs")), min_size=8,
                     max_size=40)
+# what a redacted message shows besides the password
+SKELETON = ("could not connect (host=db1 user=app password=<password> dbname=x) "
+            "(postgresql://db1/x?sslmode=require&password=<password>) <credentials>")
 
 
 @given(PASSWORDS)
@@ -28,6 +31,8 @@ def test_a_url_password_never_survives_redaction(password):
 
 @given(PASSWORDS)
 def test_a_keyword_password_never_survives_redaction(password):
+    # a password such as "postgres" or "password" is in the text around it anyway
+    assume(password not in SKELETON and quote(password, safe="") not in SKELETON)
     quoted = "'" + password.replace("\\", "\\\\").replace("'", "\\'") + "'"
     for form in (f"host=db1 user=app password={quoted} dbname=x",
                  f"host=db1 password = {quoted}",

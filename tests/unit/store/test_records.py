@@ -98,6 +98,10 @@ class Pair:
                                                                     prefix=prefix)
             assert d.keys(db, tbl, now, suffix="7", limit=5, offset=2) == \
                 m.keys(db, tbl, now, suffix="7", limit=5, offset=2)
+            for page in ({"limit": 7, "offset": 3}, {"limit": 1}, {"prefix": "k1", "limit": 4},
+                         {"contains": "2", "limit": 3, "offset": 1}, {"offset": 5}):
+                assert d.keys(db, tbl, now, **page) == m.keys(db, tbl, now, **page)
+                assert d.read(db, tbl, now, **page) == m.read(db, tbl, now, **page)
             some = sorted(random.Random(len(t.records)).sample(range(BUCKETS), 300))
             assert d.key_hashes(name, some) == m.key_hashes(name, some)
             for key in list(t.records)[:50]:
@@ -153,6 +157,7 @@ def test_the_cache_stays_within_its_bound_and_evicted_reads_equal_cached_ones(tm
     pair = Pair(tmp_path, cache_bytes=bound)
     for i in range(3000):
         pair.apply("d", "t", f"k{i}", _lww(i, _value(i)))
+        pair.on_disk.get("d", "t", f"k{i}")  # read while pending: cached once committed
         if i % 100 == 99:
             pair.commit()
             assert pair.disk.cache.bytes <= bound
@@ -172,6 +177,8 @@ def test_the_least_recently_used_entry_is_evicted_first(tmp_path):
     for i in range(100):
         pair.apply("d", "t", f"k{i}", _lww(i, _value(i)))
     pair.commit()
+    for i in range(100):
+        pair.on_disk.get("d", "t", f"k{i}")  # read from disk: cached
     cache = pair.disk.cache
     held = [f"k{i}" for i in range(100) if ("d", "t", f"k{i}") in cache]
     assert held and len(held) < 100
@@ -188,7 +195,10 @@ def test_a_scan_does_not_push_hot_records_out_of_the_cache(tmp_path):
     for i in range(500):
         pair.apply("d", "t", f"k{i:03d}", _lww(i, _value(i)))
     pair.commit()
+    for i in range(0, 500, 25):
+        pair.on_disk.get("d", "t", f"k{i:03d}")
     hot = {k for k in [("d", "t", f"k{i:03d}") for i in range(500)] if k in pair.disk.cache}
+    assert hot
     assert len(pair.on_disk.read("d", "t", NOW)) == 500
     assert {k for k in hot if k in pair.disk.cache} == hot
 
@@ -248,6 +258,21 @@ def test_anti_entropy_between_disk_replicas_converges(tmp_path):
     assert rounds >= 2, "the repair had to be split into bounded rounds"
     assert reps["b"].state.get("db", "t", "k00005")["lww"][1] == b"new"
     assert reps["a"].state.get("db", "t", "only-b")["lww"][1] == b"b"
+    # the repairs are committed, and read back from the files alone after a restart
+    roots = reps["a"].state.roots()
+    expected = reps["a"].state.read("db", "t", NOW)
+    hashes = reps["a"].state.key_hashes("db\x00t", list(range(BUCKETS)))
+    for n in ("a", "b"):
+        records = reps[n].state.records
+        rows, deleted = records.begin_commit()
+        dbs[n].save(rows, deleted)
+        records.end_commit()
+        dbs[n].close()
+        dbs[n] = StoreDB(tmp_path / n / FILE)
+        reopened = StoreState(DiskRecords(dbs[n], 0))
+        assert reopened.roots() == roots
+        assert reopened.read("db", "t", NOW) == expected
+        assert reopened.key_hashes("db\x00t", list(range(BUCKETS))) == hashes
     for db in dbs.values():
         db.close()
 
@@ -338,13 +363,15 @@ def test_memory_does_not_grow_with_the_keys_of_a_table(tmp_path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["put", "drop", "commit", "begin", "end"]),
-                          st.integers(0, 30), st.integers(0, 59)), max_size=60))
-def test_any_sequence_of_changes_and_commits_reads_the_same(ops: list[Any]):
+@given(st.lists(st.tuples(st.sampled_from(["put", "drop", "commit", "begin", "end", "abort",
+                                           "read"]),
+                          st.integers(0, 30), st.integers(0, 59)), max_size=60),
+       st.sampled_from([0, 3000, 1 << 20]))
+def test_any_sequence_of_changes_and_commits_reads_the_same(ops: list[Any], cache: int):
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        pair = Pair(Path(tmp), cache_bytes=3000)
+        pair = Pair(Path(tmp), cache_bytes=cache)
         started: tuple[Any, Any] | None = None
         for op, k, i in ops:
             key = f"k{k}"
@@ -360,11 +387,20 @@ def test_any_sequence_of_changes_and_commits_reads_the_same(ops: list[Any]):
                 pair.db.save(*started)
                 pair.disk.end_commit()
                 started = None
+            elif op == "abort" and started is not None:  # the save failed
+                pair.disk.abort_commit()
+                started = None
+            elif op == "read":  # a client read: fills the cache
+                pair.on_disk.get("d", "t", key)
             pair.check()
+            for (db, tbl, ckey), (entry, _) in pair.disk.cache._items.items():
+                on_disk = pair.db.get(db, tbl, ckey)  # the cache holds what is on disk
+                assert on_disk is not None and cbor2.loads(on_disk[0]) == entry.state \
+                    and on_disk[1] == entry.hash
         if started is not None:
             pair.db.save(*started)
             pair.disk.end_commit()
-        pair.reopen(3000)
+        pair.reopen(cache)
         pair.check()
         pair.db.close()
 
