@@ -322,10 +322,16 @@ class ControlServer:
 
             def finish(result: Any, error: MeshError | None) -> None:
                 room.release()
+                if not framed.flushing:
+                    return  # the client hung up (its flusher stopped): nobody to answer
                 frame = {"id": rid, "ok": True, "result": result} if error is None else \
                     {"id": rid, "ok": False, "error": error.to_dict()}
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                try:
                     framed.write_nowait(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                except Exception:  # e.g. a result that does not encode: this reply only
+                    log.exception("reply to a fast call of %s failed", op.name)
 
             REQUEST_TOKEN.set(token or None)
             if req.get("remote") is True:

@@ -479,6 +479,11 @@ MUTATIONS = [
              "            if False:",
              ("tests/unit/secure/test_link_callbacks.py",),
              "a link that always has data to read starves the other tasks"),
+    Mutation("served-reply-frees-its-slot-early", "meshd/rpc/remote.py",
+             "_send_reply, ch, payload, self.deadline, self.slots)\n        return True",
+             "_send_reply, ch, payload, self.deadline, self.slots)\n        return False",
+             ("tests/unit/transport/test_rpc_fast_paths.py",),
+             "a caller granting no window piles up replies past the channel's call slots"),
     # -- the API gateway (issue 16) --------------------------------------------------------
     Mutation("remote-request-acts-as-node", "meshd/ops.py",
              "    return None if REQUEST_REMOTE.get() else node",

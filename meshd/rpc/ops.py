@@ -6,8 +6,9 @@ Rules:
 - A call's timeout defaults to rpc.default_timeout; metadata must be a map.
 - Both take `namespace` ("default" when absent; an invalid name is a 400): only instances
   of that namespace are candidates.
-- On a multiplexed control connection a call to a service whose every instance runs on
-  this node goes by RpcService.call_fast (no task per call); anything else, and anything
+- On a multiplexed control connection a call goes by RpcService.call_fast (no task per
+  call) when its picked instance is ready here or its node's call channel takes the
+  request at once (rpc/remote.py); anything else, and anything
   the fast path does not take (bad input, a refusal, no ready instance), runs the ordinary
   way, which gives the same answers.
 """

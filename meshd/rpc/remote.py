@@ -28,6 +28,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,13 +38,14 @@ from meshd import wire
 from meshd.debug import traces
 from meshd.errors import MeshError, unavailable
 from meshd.ops import REQUEST_REMOTE, Finish
-from meshd.transport.links import Channel, ChannelClosed
+from meshd.transport.links import CHUNK, Channel, ChannelClosed
 
 if TYPE_CHECKING:
     from meshd.registry.service import LocalInstance
 
     from .service import RpcService, _Mux
 
+log = logging.getLogger("meshd.rpc")
 BODY_DEPTH = 30  # as service.BODY_DEPTH (a frame around the body adds a level)
 
 
@@ -89,12 +91,13 @@ def call_remote(rpc: RpcService, mux: _Mux, inst: dict[str, Any], endpoint: str,
     if not mux.ch.send_nowait(data):
         return False
     mux.next_id = rid
-    call = RemoteCall(rpc, mux, rid, inst, endpoint, body, timeout, meta, token, remote,
-                      finish, trace, retry)
+    deadline = trio.current_time() + timeout
+    call = RemoteCall(rpc, mux, rid, inst, endpoint, body, timeout, deadline, meta, token,
+                      remote, finish, trace, retry)
     mux.pending[rid] = call  # type: ignore[assignment]
     rpc.stats["rpc_calls"] += 1
     rpc.stats["rpc_fast_calls"] += 1
-    rpc._add_deadline(trio.current_time() + timeout, call)
+    rpc._add_deadline(deadline, call)
     return True
 
 
@@ -102,15 +105,16 @@ class RemoteCall:
     """A call taken by `call_remote`: waits in its mux's `pending` (the reply, or None when
     the channel is lost, comes through send_nowait) and in the deadline heap."""
 
-    __slots__ = ("body", "endpoint", "finish", "finished", "inst", "meta", "mux", "remote",
-                 "retry", "rid", "rpc", "timeout", "token", "trace")
+    __slots__ = ("body", "deadline", "endpoint", "finish", "finished", "inst", "meta", "mux",
+                 "remote", "retry", "rid", "rpc", "timeout", "token", "trace")
 
     def __init__(self, rpc: RpcService, mux: _Mux, rid: int, inst: dict[str, Any],
-                 endpoint: str, body: Any, timeout: float, meta: dict[str, Any],
-                 token: str | None, remote: bool, finish: Finish,
+                 endpoint: str, body: Any, timeout: float, deadline: float,
+                 meta: dict[str, Any], token: str | None, remote: bool, finish: Finish,
                  trace: tuple[Any, ...] | None, retry: dict[str, Any]) -> None:
         self.rpc, self.mux, self.rid, self.inst = rpc, mux, rid, inst
         self.endpoint, self.body, self.timeout, self.meta = endpoint, body, timeout, meta
+        self.deadline = deadline
         self.token, self.remote, self.finish, self.trace = token, remote, finish, trace
         self.retry = retry
         self.finished = False
@@ -149,15 +153,23 @@ class RemoteCall:
         self._end(None, _too_slow(f"{self.inst['service']}.{self.endpoint}", self.timeout))
 
     async def _again(self) -> None:
-        """The instance was gone: the ordinary path picks another (skipping this one)."""
+        """The instance was gone: the ordinary path picks another (skipping this one), in
+        what remains of the call's deadline, the fast try counted as one of its tries. It
+        never raises: its errors are the call's answer."""
         REQUEST_REMOTE.set(self.remote)
         r = self.retry
         try:
             result = await self.rpc._call(r["service"], self.endpoint, self.body,
                                           self.timeout, dict(self.meta), r["selector"],
-                                          self.token, r["namespace"])
+                                          self.token, r["namespace"], deadline=self.deadline,
+                                          tried=(self.inst["id"],))
         except MeshError as exc:
             self._end(None, exc)
+            return
+        except Exception:  # a bug retrying one call fails that call, never the service
+            log.exception("retrying a call to %s failed", self.inst.get("service"))
+            self._end(None, MeshError(500, "internal error retrying the call",
+                                      id="meshd.rpc"))
             return
         self._end(result, None)
 
@@ -170,7 +182,10 @@ class RemoteCall:
             rpc._client_done(ctx, parent, self.inst["service"], self.endpoint, wall, t0,
                              exc.status if exc is not None else 0,
                              exc.detail if exc is not None else "")
-        self.finish(result, exc)
+        try:
+            self.finish(result, exc)
+        except Exception:  # the caller's end failed: that call's, not the caller of _end's
+            log.exception("answering a call to %s failed", self.inst.get("service"))
 
 
 # --- callee side -------------------------------------------------------------------------------
@@ -192,6 +207,10 @@ def serve(rpc: RpcService, ch: Channel, data: bytes, slots: trio.Semaphore) -> b
             not isinstance(endpoint, str) or type(timeout) not in (int, float) or \
             timeout != timeout:
         return False
+    try:
+        seconds = max(0.0, min(float(timeout), 3600.0))
+    except OverflowError:  # an integer too big for a float: the ordinary path's 400
+        return False
     local = rpc.registry.local.get(inst_id)
     if local is None or local.closed or not local.ready.is_set() or \
             not getattr(local.conn.framed, "flushing", False):
@@ -209,27 +228,45 @@ def serve(rpc: RpcService, ch: Channel, data: bytes, slots: trio.Semaphore) -> b
         wire.check_plain(req.get("body"), BODY_DEPTH)
     except (MeshError, wire.WireError):
         return False  # the ordinary path answers with the reason
+    # everything that may decline is checked: from here the slot is the call's, given
+    # back when its reply was sent (ServedCall), or now if anything fails on the way
     try:
         slots.acquire_nowait()
     except trio.WouldBlock:
         return False
+    try:
+        taken = _hand_over(rpc, ch, local, req, rid, endpoint, meta, peer, who, seconds,
+                           slots)
+    except BaseException:
+        slots.release()
+        raise
+    if not taken:
+        slots.release()
+    return taken
+
+
+def _hand_over(rpc: RpcService, ch: Channel, local: LocalInstance, req: dict[str, Any],
+               rid: int, endpoint: str, meta: dict[str, Any], peer: str | None,
+               who: str | None, seconds: float, slots: trio.Semaphore) -> bool:
+    """serve's part once the call holds its slot: True when the service has the call;
+    False (the caller gives the slot back) when its session is gone."""
     if who:
         meta["caller"] = who
     now = trio.current_time()
-    deadline = now + max(0.0, min(float(timeout), 3600.0))
+    deadline = now + seconds
     trace = None
     if rpc.debug is not None:
         ctx, parent = rpc.debug.tracer.begin(meta)
         rpc._instance_begins(local)
         trace = (ctx, parent, time.time(), time.perf_counter())
     local.next_call += 1
-    call = ServedCall(rpc, ch, local, local.next_call, rid, endpoint, peer, slots, trace)
+    call = ServedCall(rpc, ch, local, local.next_call, rid, endpoint, peer, slots,
+                      trace, deadline)
     try:
         local.conn.framed.write_nowait({"call": call.cid, "endpoint": endpoint,
                                         "body": req.get("body"), "meta": meta,
-                                        "timeout": max(0.0, deadline - now)})
+                                        "timeout": seconds})
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        slots.release()
         if trace is not None and local.stats is not None:
             local.stats.in_flight -= 1
         return False
@@ -241,16 +278,20 @@ def serve(rpc: RpcService, ch: Channel, data: bytes, slots: trio.Semaphore) -> b
 
 class ServedCall:
     """A request taken by `serve`: waits in the instance's `pending` (the registry hands
-    it the service's reply, or a 503 when the instance goes) and in the deadline heap."""
+    it the service's reply, or a 503 when the instance goes) and in the deadline heap. It
+    holds its channel's call slot until its reply was sent (or given up at the deadline):
+    a caller that grants no window for replies gets no more than MAX_CALLS_PER_CHANNEL
+    of them waiting here, as on the ordinary path."""
 
-    __slots__ = ("ch", "cid", "endpoint", "finished", "local", "peer", "rid", "rpc",
-                 "slots", "trace")
+    __slots__ = ("ch", "cid", "deadline", "endpoint", "finished", "local", "peer", "rid",
+                 "rpc", "slots", "trace")
 
     def __init__(self, rpc: RpcService, ch: Channel, local: LocalInstance, cid: int, rid: int,
                  endpoint: str, peer: str | None, slots: trio.Semaphore,
-                 trace: tuple[Any, ...] | None) -> None:
+                 trace: tuple[Any, ...] | None, deadline: float) -> None:
         self.rpc, self.ch, self.local, self.cid, self.rid = rpc, ch, local, cid, rid
         self.endpoint, self.peer, self.slots, self.trace = endpoint, peer, slots, trace
+        self.deadline = deadline
         self.finished = False
 
     def send_nowait(self, reply: Any) -> None:
@@ -273,8 +314,17 @@ class ServedCall:
             id="meshd.rpc").to_dict()})
 
     def _reply(self, reply: dict[str, Any]) -> None:
+        handed = False  # to _send_reply, which gives the slot back once it is done
+        try:
+            handed = self._send(reply)
+        finally:
+            if not handed:
+                self.slots.release()
+
+    def _send(self, reply: dict[str, Any]) -> bool:
+        """Send the reply now if the window has room; else hand it to a task that sends it
+        before the call's deadline (True: that task has the slot now)."""
         rpc = self.rpc
-        self.slots.release()
         if self.trace is not None:
             from .service import _outcome
 
@@ -290,15 +340,29 @@ class ServedCall:
         except wire.WireError as exc:
             payload = wire.dumps({"id": self.rid, "ok": False, "error": MeshError(
                 500, f"the reply cannot be sent: {exc}", id="meshd.rpc").to_dict()})
-        if self.ch.send_nowait(payload):
-            return
         ch = self.ch
-        if ch._closed_local or ch._closed_remote or ch.link.closed or rpc._nursery is None:
-            return  # the caller is gone: nobody to answer
-        rpc._nursery.start_soon(_send_reply, ch, payload)
+        if ch.send_nowait(payload):
+            return False
+        if ch._closed_local or ch._closed_remote or ch.link.closed or rpc._nursery is None \
+                or trio.current_time() >= self.deadline:
+            return False  # the caller is gone, or gave up on the call: nobody to answer
+        rpc._nursery.start_soon(_send_reply, ch, payload, self.deadline, self.slots)
+        return True
 
 
-async def _send_reply(ch: Channel, payload: bytes) -> None:
-    """A reply the window had no room for at once."""
-    with contextlib.suppress(ChannelClosed):
-        await ch.send(payload)
+async def _send_reply(ch: Channel, payload: bytes, deadline: float,
+                      slots: trio.Semaphore) -> None:
+    """A reply the window had no room for at once: sent before the call's deadline (the
+    caller has given up on it by then), holding the call's slot until it is done."""
+    try:
+        with trio.move_on_at(deadline) as scope:
+            with contextlib.suppress(ChannelClosed):
+                await ch.send(payload)
+        if scope.cancelled_caught and len(payload) > CHUNK:
+            # some of its frames may have gone: the rest of the channel cannot be trusted.
+            # It ends for the caller (CLOSE) and for its handler here (as if the caller
+            # had closed it: a forgotten channel hears nothing more)
+            await ch.aclose()
+            ch._on_close()
+    finally:
+        slots.release()

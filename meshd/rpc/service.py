@@ -234,7 +234,11 @@ class RpcService:
 
     async def _call(self, service: str, endpoint: str, body: Any, timeout: float,
                     meta: dict[str, str], selector: str, token: str | None,
-                    namespace: str, version: str = "") -> Any:
+                    namespace: str, version: str = "", deadline: float | None = None,
+                    tried: tuple[str, ...] = ()) -> Any:
+        """`deadline` and `tried`: a call whose first try already went (remote.RemoteCall's
+        retry): it keeps its deadline, and each instance it tried counts as one of its tries
+        and is not picked again."""
         if len(service) > MAX_NAME or len(endpoint) > MAX_NAME:
             raise bad_request(f"service and endpoint names are at most {MAX_NAME} characters",
                               id="meshd.rpc")
@@ -243,16 +247,17 @@ class RpcService:
         if selector not in SELECTORS:
             raise bad_request(f"selector must be one of {', '.join(SELECTORS)}", id="meshd.rpc")
         self.check_body(body)
-        deadline = trio.current_time() + timeout
+        if deadline is None:
+            deadline = trio.current_time() + timeout
         self._stamp(meta)
         candidates = self.candidates(service, endpoint, namespaces.check(namespace), version)
-        tried: set[str] = set()
+        picked: set[str] = set(tried)
         last = "no instance answered"
-        for _ in range(self.retries + 1):
-            inst = self._pick(candidates, tried, selector)
+        for _ in range(self.retries + 1 - len(tried)):
+            inst = self._pick(candidates, picked, selector)
             if inst is None:
                 break
-            tried.add(inst["id"])
+            picked.add(inst["id"])
             try:
                 with trio.fail_at(deadline):
                     return await self._call_instance(inst, endpoint, body, meta, deadline,
@@ -448,7 +453,10 @@ class RpcService:
             heap = self._deadlines
             while heap and (heap[0][2].finished or heap[0][0] <= now):
                 _, _, call = heapq.heappop(heap)
-                call.expire()
+                try:
+                    call.expire()
+                except Exception:  # one call's failure ends that call, never this task
+                    log.exception("expiring a fast call failed")
             self._earlier = trio.Event()
             with trio.move_on_at(heap[0][0] if heap else math.inf):
                 await self._earlier.wait()

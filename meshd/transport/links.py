@@ -214,6 +214,8 @@ class ChannelStream:
 
 
 RELAY = "relay"
+YIELD_FRAMES = 256  # frames the reader handles between yields at most
+YIELD_BYTES = 256 * 1024  # or bytes
 SEND_STALL = 30.0  # seconds a link write may make no progress before the link is dropped
 MAX_HOPS = 8
 TAG_BYTES = 55  # a traceparent on a tagged relay message
@@ -376,8 +378,7 @@ class Channel:
                 not link.can_queue:
             return False
         self._send_window -= cost
-        link.queue_frame(END, self.id, message)
-        return True
+        return link.queue_frame(END, self.id, message)  # False: the link broke on it
 
     async def _send_message(self, message: bytes) -> None:
         if self._closed_local:
@@ -567,10 +568,11 @@ class Link:
             if self.closed:
                 self._sent.set()  # those queued behind a failed write learn it now
 
-    def queue_frame(self, ftype: int, cid: int, payload: bytes) -> None:
+    def queue_frame(self, ftype: int, cid: int, payload: bytes) -> bool:
         """Seal a frame now and leave it to the flusher (or to whichever task is writing):
         for callbacks, which cannot wait. Only while `can_queue`. (A tagged link's frame
-        is sealed when written, untagged: callbacks carry no sampled call's context.)"""
+        is sealed when written, untagged: callbacks carry no sampled call's context.) False
+        when the connection failed on it: the link is closed and the frame lost."""
         if self.tagged:
             plain = HEADER.pack(ftype, cid) + payload
             if self._tag_out or self._tag_lock.locked():
@@ -581,10 +583,10 @@ class Link:
                 st["link_frames_out"] += 1
                 st["link_bytes_out"] += len(data)
                 if self.stream.send_nowait(data):
-                    return
+                    return True
                 self._tag_out.append((data, "", True))
             self._flush_lot.unpark_all()
-            return
+            return True
         data = self.cipher.seal(HEADER.pack(ftype, cid) + payload)  # in order, as _send
         st = self.manager.stats
         st["link_frames_out"] += 1
@@ -597,13 +599,14 @@ class Link:
                 self._mark_closed()
                 if self._nursery is not None:
                     self._nursery.cancel_scope.cancel()
-                return
+                return False
             if sent == len(data):
-                return
+                return True
             data = data[sent:]  # the rest goes first, from the flusher
         self._out.append(data)
         if not self._writing:
             self._flush_lot.unpark_all()
+        return True
 
     async def _flusher(self) -> None:
         """Write what queue_frame left, until the link ends."""
@@ -792,6 +795,7 @@ class Link:
         reader = self._reader = _Reader(self.stream, self._raw)
         if isinstance(self.stream, ChannelStream):  # relayed: frames taken in the outer
             self.stream.ch.hook = self._take_relayed  # link's reader when they can be
+        frames = size = 0  # handled since the last yield (each an AEAD open, maybe a hook)
         while True:
             try:
                 header = await reader.read(4)
@@ -803,6 +807,11 @@ class Link:
             body = await reader.read(n)
             self._in_frame = False
             self._on_frame(self.cipher.open(body), n, nursery)
+            frames += 1
+            size += 4 + n
+            if frames >= YIELD_FRAMES or size >= YIELD_BYTES:  # a flood of small frames
+                frames = size = 0  # cannot hold the loop (rawio's streak is a backstop)
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _on_frame(self, plain: bytes, n: int, nursery: trio.Nursery) -> None:
         """Act on one opened frame (FrameError: the peer broke the protocol)."""

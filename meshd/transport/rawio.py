@@ -9,8 +9,9 @@ cost. RawSocket does the system call at once, non-blocking, and leaves waiting t
 Rules:
 - `of(stream)` wraps only a trio.SocketStream (TCP or unix); anything else (WebSocket,
   relayed channel) gets None and goes through its stream as before.
-- It reads and writes the stream's own descriptor (os.read/os.write; trio made it
-  non-blocking) and owns nothing: trio's stream stays the owner of the connection. The
+- It reads and writes the stream's own socket (os.read on its descriptor, socket.send
+  with MSG_NOSIGNAL, so a reset peer never raises SIGPIPE whatever its disposition; trio
+  made it non-blocking) and owns nothing: trio's stream stays the owner of the connection. The
   descriptor is asked for at every call, so once the stream is closed (-1) a call fails
   (OSError) instead of touching a descriptor number the process reused.
 - `send_now` sends what the kernel takes now and says how much (0 when its buffer is full):
@@ -20,7 +21,8 @@ Rules:
   the other tasks either.
 - `receive_some` returns data already there without yielding, up to YIELD_EVERY times in a
   row; then it yields once, so a link that always has data cannot starve the other tasks.
-  With nothing there it waits for the socket in trio (cancellable).
+  With nothing there it waits for the socket in trio (cancellable). A cancelled caller
+  reads nothing; bytes read are returned even if a cancel arrives during the yield.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from typing import Any
 import trio
 
 YIELD_EVERY = 8  # receives in a row without a yield
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 class RawSocket:
     def __init__(self, stream: trio.SocketStream) -> None:
         self._trio_sock = stream.socket
+        self._sock: socket.socket = stream.socket._sock  # type: ignore[attr-defined]
         self._streak = 0
         self.writes = 0  # writes sent whole by send_now (the link yields every YIELD_EVERY)
 
@@ -50,13 +54,14 @@ class RawSocket:
 
     def send_now(self, data: bytes | bytearray | memoryview) -> int:
         """Bytes of `data` the kernel took now (0: its buffer is full)."""
-        try:
-            return os.write(self._trio_sock.fileno(), data)
+        try:  # MSG_NOSIGNAL: a reset peer is an EPIPE, never a SIGPIPE to the process
+            return self._sock.send(data, _NOSIGNAL)
         except (BlockingIOError, InterruptedError):
             return 0
 
     async def receive_some(self, max_bytes: int) -> bytes:
         """Up to max_bytes, b"" at end of stream (trio.BrokenResourceError on a reset)."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller reads nothing
         while True:
             try:
                 data = os.read(self._trio_sock.fileno(), max_bytes)
@@ -68,8 +73,8 @@ class RawSocket:
                 raise trio.BrokenResourceError(str(exc)) from exc
             self._streak += 1
             if self._streak >= YIELD_EVERY:
-                self._streak = 0
-                await trio.lowlevel.checkpoint()
+                self._streak = 0  # read: a yield that cannot raise Cancelled and lose it
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
     async def send_all(self, stream: trio.SocketStream, data: bytes) -> None:

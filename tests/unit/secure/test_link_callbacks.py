@@ -168,3 +168,107 @@ async def test_raw_receive_with_data_always_there_still_lets_other_tasks_run():
             nursery.cancel_scope.cancel()
     await stream.aclose()
     right.close()
+
+
+async def test_raw_receive_never_loses_bytes_to_a_cancel():
+    """A cancelled caller reads nothing (the bytes stay for the next read), also when the
+    receive would have yielded after reading (its streak): trio's receive_some rule."""
+    left, right = socket.socketpair()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(left))
+    raw = rawio.RawSocket.of(stream)
+    assert raw is not None
+    right.sendall(b"ab")
+    for streak in (0, rawio.YIELD_EVERY - 1):
+        raw._streak = streak
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await raw.receive_some(1)
+        assert scope.cancelled_caught
+    assert await raw.receive_some(1) == b"a" and await raw.receive_some(1) == b"b"
+    await stream.aclose()
+    right.close()
+
+
+async def test_send_nowait_on_a_link_whose_connection_failed_says_it_was_not_sent():
+    """A raw write that fails closes the link: send_nowait returns False (the caller goes
+    the ordinary way, which learns the link is gone), never True for a lost frame."""
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(nursery)
+        chans, release = await _served(b)
+        ch = await a.open_channel(b.advertise, "sink")
+        with trio.fail_after(GUARD):
+            while not chans or not ch.link.can_queue:
+                await trio.sleep(0.01)
+        assert ch.link._raw is not None and not ch.link._out and not ch.link._writing
+        ch.link._raw._sock.shutdown(socket.SHUT_WR)  # the next write fails (EPIPE)
+        assert not ch.send_nowait(b"lost")
+        assert ch.link.closed
+        release.set()
+        nursery.cancel_scope.cancel()
+
+
+def test_a_reset_peer_is_an_error_not_a_sigpipe_even_with_sigpipe_at_its_default():
+    """rawio sends with MSG_NOSIGNAL: code that resets SIGPIPE to SIG_DFL (embedding, a
+    signal helper) does not let a peer's reset kill the process (checked in a child)."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import signal, socket, trio
+        from meshd.transport import rawio
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        left, right = socket.socketpair()
+        right.close()
+        raw = rawio.RawSocket.of(trio.SocketStream(trio.socket.from_stdlib_socket(left)))
+        try:
+            raw.send_now(b"x" * 65536)
+            raw.send_now(b"x" * 65536)
+        except OSError:
+            print("error")
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, "error"), out.stderr
+
+
+async def test_a_flood_of_small_frames_already_read_still_lets_other_tasks_run():
+    """2,000 PINGs arrive in one receive: the reader yields every YIELD_FRAMES frames, not
+    only every rawio.YIELD_EVERY receives (counted per task step by an instrument)."""
+    from meshd.transport import links as links_mod
+
+    async with trio.open_nursery() as nursery:
+        a, b = await _pair(nursery)
+        chans, release = await _served(b)
+        ch = await a.open_channel(b.advertise, "sink")
+        with trio.fail_after(GUARD):
+            while not chans or not ch.link.can_queue:
+                await trio.sleep(0.01)
+        most = 0
+
+        class Steps(trio.abc.Instrument):
+            start: int | None = None
+
+            def before_task_step(self, task: trio.lowlevel.Task) -> None:
+                self.start = b.stats["link_frames_in"]
+
+            def after_task_step(self, task: trio.lowlevel.Task) -> None:
+                nonlocal most
+                if self.start is not None:
+                    most = max(most, b.stats["link_frames_in"] - self.start)
+
+        link = ch.link
+        flood = b"".join(link.cipher.seal(links_mod.HEADER.pack(links_mod.PING, 0))
+                         for _ in range(2000))  # sealed in order, no await between
+        before = b.stats["link_frames_in"]
+        steps = Steps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            assert link._raw is not None and link._raw.send_now(flood) == len(flood)
+            with trio.fail_after(GUARD):
+                while b.stats["link_frames_in"] < before + 2000:
+                    await trio.sleep(0.01)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert most <= links_mod.YIELD_FRAMES
+        release.set()
+        nursery.cancel_scope.cancel()
