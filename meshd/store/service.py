@@ -162,9 +162,9 @@ class StoreService:
                     self._watchers.remove((wdb, wtbl, prefix, chan))
 
     async def _commit_now(self) -> int:
-        """Commit what is pending (at shutdown). As in `_committer`, only the save runs in
-        the worker thread: the records change on the event loop's thread, never while a
-        task of another service reads them."""
+        """Commit what is pending (the committer's rounds, and at shutdown). Only the save
+        runs in the worker thread: the records change on the event loop's thread, never
+        while a task of another service reads them."""
         rows, dropped = self.records.begin_commit()
         try:
             await trio.to_thread.run_sync(self.db.save, rows, dropped)
@@ -179,13 +179,7 @@ class StoreService:
             await self._commit_wanted.wait()
             self._commit_wanted = trio.Event()
             done, self._committed = self._committed, trio.Event()
-            rows, dropped = self.records.begin_commit()
-            try:
-                await trio.to_thread.run_sync(self.db.save, rows, dropped)
-            except BaseException:
-                self.records.abort_commit()
-                raise
-            self.records.end_commit()
+            await self._commit_now()
             self.stats["store_commits"] += 1
             done.set()
 
