@@ -406,9 +406,10 @@ class PostgresEngine:
             nursery.start_soon(self._sweeper)
             nursery.start_soon(self._watchdog)
             nursery.start_soon(self._report, recv, on_change)
-            task_status.started()
             try:
-                await self._listen(heard)
+                # started once the first LISTEN is on (or failed: the engine may be down,
+                # and the watch reconnects): a write made right after start is heard
+                await self._listen(heard, task_status.started)
             finally:
                 self._pipeline = None
                 nursery.cancel_scope.cancel()
@@ -428,15 +429,24 @@ class PostgresEngine:
             raise
         return conn
 
-    async def _listen(self, heard: Callable[[bytes], None]) -> None:
+    async def _listen(self, heard: Callable[[bytes], None],
+                      tried: Callable[[], None] = lambda: None) -> None:
         """LISTEN on a connection of its own, in this trio thread (pgpipe.notifications),
-        handing each notification to `heard`; reconnect with backoff. Until cancelled."""
+        handing each notification to `heard`; reconnect with backoff. Until cancelled.
+        `tried` is called once, after the first attempt to LISTEN (whatever came of it)."""
         import psycopg
 
         backoff = 0.5
+        first = True
         while True:
             try:
-                conn = await trio.to_thread.run_sync(self._connect_listening, cancellable=True)
+                try:
+                    conn = await trio.to_thread.run_sync(self._connect_listening,
+                                                         cancellable=True)
+                finally:
+                    if first:
+                        first = False
+                        tried()
                 try:
                     backoff = 0.5
                     await notifications(conn, heard)
