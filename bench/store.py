@@ -293,10 +293,7 @@ def etcd_redis(clients: int, seconds: float) -> dict[str, float] | None:
              f"http://127.0.0.1:{peer_port}", "--initial-cluster",
              f"default=http://127.0.0.1:{peer_port}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        redis_proc = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        redis_proc = start_redis(redis_port, root)
         cluster = Cluster(root)
         try:
             wait_port(etcd_port)
@@ -455,10 +452,7 @@ def many_keys(keys: int, clients: int, seconds: float, direct: bool = False
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         redis_port = free_port()
-        redis_proc = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        redis_proc = start_redis(redis_port, root)
         cluster = Cluster(root)
         try:
             wait_port(redis_port)
@@ -837,6 +831,14 @@ def report_engines(res: dict[str, Any], callers: int, seconds: float) -> None:
             r = res[f"{backend} {which}"]
             print(f"  {ENGINE_NAMES[backend] + ' ' + which + 's':20} meshd: "
                   f"{_cpus(r['meshd']['cpu_us'])}; direct: {_cpus(r['direct']['cpu_us'])}")
+
+
+def start_redis(port: int, root: Path) -> subprocess.Popen:
+    """A redis-server on 127.0.0.1:port with no persistence, its files under root."""
+    return subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(root)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import pytest
 import trio
@@ -40,14 +41,22 @@ async def _served(b: LinkManager) -> tuple[list[Channel], trio.Event]:
     return chans, release
 
 
+async def _sink(nursery: trio.Nursery) -> tuple[Any, Any, Any, list, trio.Event]:
+    """Two linked managers and a's channel "sink" to b, once b serves it and a's link can
+    queue: (a, b, the channel, b's served channels, the event that ends b's serving)."""
+    a, b = await _pair(nursery)
+    chans, release = await _served(b)
+    ch = await a.open_channel(b.advertise, "sink")
+    with trio.fail_after(GUARD):
+        while not chans or not ch.link.can_queue:
+            await trio.sleep(0.01)
+    return a, b, ch, chans, release
+
+
 async def test_send_nowait_sends_one_frame_messages_in_order_and_declines_the_rest():
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery)
-        chans, release = await _served(b)
-        ch = await a.open_channel(b.advertise, "sink")
+        _, _, ch, chans, release = await _sink(nursery)
         with trio.fail_after(GUARD):
-            while not chans or not ch.link.can_queue:
-                await trio.sleep(0.01)
             far = chans[0]
             assert ch.send_nowait(b"one") and ch.send_nowait(b"two")
             await ch.send(b"three")
@@ -193,12 +202,7 @@ async def test_send_nowait_on_a_link_whose_connection_failed_says_it_was_not_sen
     """A raw write that fails closes the link: send_nowait returns False (the caller goes
     the ordinary way, which learns the link is gone), never True for a lost frame."""
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery)
-        chans, release = await _served(b)
-        ch = await a.open_channel(b.advertise, "sink")
-        with trio.fail_after(GUARD):
-            while not chans or not ch.link.can_queue:
-                await trio.sleep(0.01)
+        _, _, ch, _, release = await _sink(nursery)
         assert ch.link._raw is not None and not ch.link._out and not ch.link._writing
         ch.link._raw._sock.shutdown(socket.SHUT_WR)  # the next write fails (EPIPE)
         assert not ch.send_nowait(b"lost")
@@ -237,12 +241,7 @@ async def test_a_flood_of_small_frames_already_read_still_lets_other_tasks_run()
     from meshd.transport import links as links_mod
 
     async with trio.open_nursery() as nursery:
-        a, b = await _pair(nursery)
-        chans, release = await _served(b)
-        ch = await a.open_channel(b.advertise, "sink")
-        with trio.fail_after(GUARD):
-            while not chans or not ch.link.can_queue:
-                await trio.sleep(0.01)
+        _, b, ch, _, release = await _sink(nursery)
         most = 0
 
         class Steps(trio.abc.Instrument):
