@@ -157,25 +157,39 @@ class TunnelService:
                             _pipe(lambda: target.receive_some(CHUNK), stream.send_all,
                                   stream.send_eof))
             return
-        try:
-            ch = await self.node.links.open_channel(self.node.rpc.node_addr(inst), CHANNEL)
-        except (LinkError, ChannelClosed) as exc:
-            raise unavailable(f"cannot reach node {inst['node']}: {exc}") from None
+        ch, reply = await self._open_far_end(inst, name, token)
         async with ch:
-            try:
-                await ch.send(wire.dumps({"name": name, "token": token}))
-                reply = wire.loads(await ch.receive(), max_depth=8)
-            except ChannelClosed:
-                raise unavailable(f"node {inst['node']} closed tunnel {name!r} while it was "
-                                  "being set up") from None
-            except wire.WireError:
-                reply = None
             if not isinstance(reply, dict) or not reply.get("ok"):
                 raise MeshError.from_dict(reply.get("error") if isinstance(reply, dict)
                                           else None)
             if ack is not None:
                 await ack()
             await pipe_channel_stream(ch, stream, close_stream=False)
+
+    async def _open_far_end(self, inst: dict[str, Any], name: str,
+                            token: str | None) -> tuple[Channel, Any]:
+        """A tunnel channel to the exposing node and its answer to the request. A link that
+        went away under the request (it lost to the peer's simultaneous dial, or broke) is
+        tried once more on a fresh one: nothing of the client's stream was read yet (at
+        worst the target saw one connection that carried nothing)."""
+        addr = self.node.rpc.node_addr(inst)
+        for attempt in (1, 2):
+            try:
+                ch = await self.node.links.open_channel(addr, CHANNEL)
+            except (LinkError, ChannelClosed) as exc:
+                raise unavailable(f"cannot reach node {inst['node']}: {exc}") from None
+            try:
+                await ch.send(wire.dumps({"name": name, "token": token}))
+                try:
+                    return ch, wire.loads(await ch.receive(), max_depth=8)
+                except wire.WireError:
+                    return ch, None
+            except ChannelClosed:
+                await ch.aclose()
+                if attempt == 2 or not ch.link.closed:
+                    raise unavailable(f"node {inst['node']} closed tunnel {name!r} while it "
+                                      "was being set up") from None
+        raise AssertionError("unreachable")
 
     # --- exposing side -----------------------------------------------------------------------
 

@@ -119,6 +119,7 @@ MAX_CHANNEL_NAME = 64
 MAX_CHANNELS = 8192  # open channels per link (streams, tunnels, calls in flight)
 MAX_MESSAGE = 64 << 20  # one channel message, all its DATA parts together
 KEY_PREFIX = "key:"  # address of an accepted link whose claimed address is someone else's
+DRAIN_GRACE = 2.0  # seconds an idle link that lost to a simultaneous dial stays open
 NON_MEMBER_GRACE = 30.0  # seconds an accepted link may stay without being a live member
 LINK_BUFFER = 128 << 20  # unread bytes one link may leave on its channels (32 full windows)
 NODE_BUFFER = 1 << 30  # unread bytes on all links together
@@ -524,6 +525,7 @@ class Link:
         self.relayed = False
         self.last_rx = trio.current_time()
         self._nursery: trio.Nursery | None = None
+        self._drain_grace: float | None = None  # set when it lost to a simultaneous dial
 
     async def _send(self, ftype: int, cid: int, payload: bytes) -> None:
         """Seal a frame and send it. Frames sent while a write is under way go out together
@@ -734,6 +736,18 @@ class Link:
         if self.draining and not self.channels and self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def close_when_idle_after(self, grace: float) -> None:
+        """Close this draining link once `grace` seconds passed with no channel open on it
+        (one that opens meanwhile keeps it until the last channel ends, see _forget)."""
+        self._drain_grace = grace
+        if self._nursery is not None:  # else run() starts the watch
+            self._nursery.start_soon(self._close_if_idle, grace)
+
+    async def _close_if_idle(self, grace: float) -> None:
+        await trio.sleep(grace)
+        if not self.channels and self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
     def _mark_closed(self) -> None:
         if not self.closed:
             self.closed = True
@@ -752,6 +766,8 @@ class Link:
                 # exception leaving it would arrive wrapped in a group
                 nursery.start_soon(self._keepalive)
                 nursery.start_soon(self._flusher)
+                if self._drain_grace is not None:  # it lost a simultaneous dial already
+                    nursery.start_soon(self._close_if_idle, self._drain_grace)
                 if not self.initiator and self.manager.node_of_key is not None:
                     nursery.start_soon(self._member_watch)
                 try:
@@ -1051,8 +1067,11 @@ class LinkManager:
             keep_new = link.initiator_id <= old.initiator_id
             loser = old if keep_new else link
             loser.draining = True
-            if not loser.channels and loser._nursery is not None:
-                loser._nursery.cancel_scope.cancel()
+            # in a simultaneous dial the peer may have opened a channel on the loser before
+            # it saw the winner (its OPEN is on the wire): an idle loser closes after a
+            # grace then, not at once
+            loser.close_when_idle_after(
+                0 if link.initiator_id == old.initiator_id else DRAIN_GRACE)
             if not keep_new:
                 return
         self.links[link.peer_addr] = link
@@ -1093,8 +1112,7 @@ class LinkManager:
                 # closes once its last channel ends, at once if it has none)
                 link.draining = True
                 self._unregister(link)
-                if not link.channels and link._nursery is not None:
-                    link._nursery.cancel_scope.cancel()
+                link.close_when_idle_after(0)
                 continue
             if addr.startswith(KEY_PREFIX):
                 raise LinkError(f"no link to {addr}")

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import cbor2
 import pytest
@@ -148,6 +149,7 @@ class _StubChannel:
         self.sent: list[bytes] = []
         self.peer_addr = "stub:1"
         self.peer_node = "stub"
+        self.link = SimpleNamespace(closed=False)  # the link stays up unless a test says
 
     async def receive(self) -> bytes:
         from meshd.transport.links import ChannelClosed
@@ -186,17 +188,21 @@ async def test_item5_malformed_or_duplicate_rpc_replies_do_not_end_the_caller():
     assert mux.broken
 
 
-async def test_item6_tunnel_closed_during_setup_is_a_503_not_a_crash():
-    from types import SimpleNamespace
-
+@pytest.mark.parametrize("link_closed", [False, True], ids=["far-end-closed", "link-died"])
+async def test_item6_tunnel_closed_during_setup_is_a_503_not_a_crash(link_closed: bool):
     from meshd.proxy.tunnels import TunnelService
+
+    opened: list[_StubChannel] = []
 
     class Links:
         def __init__(self) -> None:
             self.handlers: dict[str, object] = {}
 
         async def open_channel(self, addr: str, name: str) -> _StubChannel:
-            return _StubChannel([])  # the exposing side closes before replying
+            ch = _StubChannel([])  # the exposing side closes before replying
+            ch.link.closed = link_closed
+            opened.append(ch)
+            return ch
 
     node = SimpleNamespace(links=Links(), name="a", registry=SimpleNamespace(
         instances=lambda name: [{"node": "b", "metadata": {"target": "x:1"}}]),
@@ -205,3 +211,7 @@ async def test_item6_tunnel_closed_during_setup_is_a_503_not_a_crash():
     with pytest.raises(MeshError) as info:
         await tunnels._carry("db", None, stream=None)
     assert info.value.status == 503
+    # a link that went away under the request is tried once more; a far end that closed
+    # the channel on a live link said no: not retried
+    assert len(opened) == (2 if link_closed else 1)
+    assert all(len(ch.sent) == 1 for ch in opened)

@@ -168,6 +168,11 @@ def test_previous_and_current_nodes_join_call_store_and_tunnel_both_ways(previou
             line = proc.stdout.readline()
             assert "listening" in line, line
             payload = f"through {name} from {user.name}".encode() * 1000
-            assert through(port, payload) == payload
+            try:
+                assert through(port, payload) == payload
+            except (AssertionError, OSError) as exc:  # say what the tunnel client saw
+                proc.terminate()
+                raise AssertionError(f"tunnel {name} from {user.name}: {exc!r}; the client "
+                                     f"said: {proc.communicate(timeout=10)}") from exc
     finally:
         c.close()
