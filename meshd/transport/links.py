@@ -740,8 +740,16 @@ class Link:
         """Close this draining link once `grace` seconds passed with no channel open on it
         (one that opens meanwhile keeps it until the last channel ends, see _forget)."""
         self._drain_grace = grace
-        if self._nursery is not None:  # else run() starts the watch
-            self._nursery.start_soon(self._close_if_idle, grace)
+        nursery = self._nursery
+        if nursery is None:  # not running yet: run() starts the watch
+            return
+        if grace <= 0:
+            if not self.channels:
+                nursery.cancel_scope.cancel()
+            return
+        # RuntimeError: its tasks have all ended, the link is closing anyway
+        with contextlib.suppress(RuntimeError):
+            nursery.start_soon(self._close_if_idle, grace)
 
     async def _close_if_idle(self, grace: float) -> None:
         await trio.sleep(grace)

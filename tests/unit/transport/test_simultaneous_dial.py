@@ -92,3 +92,17 @@ async def test_a_new_link_that_loses_at_once_still_closes_when_idle(mesh: Mesh) 
                    guard=DRAIN_GRACE + GUARD)
     assert not won.closed
     assert sum(1 for lk in low.manager.live if not lk.closed) == 1
+
+
+async def test_draining_a_link_whose_tasks_ended_does_nothing(mesh: Mesh) -> None:
+    # a link can be ending (its nursery closed, `closed` not set yet) when another task
+    # drains it: that must not raise into that task (it took a daemon down once)
+    low, high = await ordered(mesh)
+    link = await high.manager.connect(low.addr)
+    await link.aclose()
+    await wait_for(lambda: link not in high.manager.live, "the link ended")
+    assert link._nursery is not None and link._nursery._closed  # its tasks are over
+    link.closed = False  # the moment between its nursery's end and _mark_closed
+    for grace in (DRAIN_GRACE, 0.0):
+        link.close_when_idle_after(grace)
+    assert link._drain_grace == 0.0
