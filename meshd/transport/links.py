@@ -37,8 +37,9 @@ Rules:
   flusher, in order.
 - One link per peer address: a link dialed while another is being set up waits for it; if
   both sides dial at once, the link dialed by the lower node id is kept and the other stops
-  taking new channels and closes once idle; a newer link dialed by the same side replaces
-  the older one.
+  taking new channels and closes once idle, after DRAIN_GRACE (the peer may have opened a
+  channel on it before it saw the winner: that channel is served to its end); a newer link
+  dialed by the same side replaces the older one (closed at once if idle).
 - Any protocol fault (bad frame, unknown type, window overrun, failed decryption) closes the
   link and counts it; it never escapes the link's task.
 - Keepalive: each side pings every KEEPALIVE seconds; a link that heard nothing for
@@ -733,7 +734,12 @@ class Link:
             self._release(ch._buffered)
             ch._buffered = 0
         self.channels.pop(ch.id, None)
-        if self.draining and not self.channels and self._nursery is not None:
+        if self.draining:
+            self._end_if_unused()
+
+    def _end_if_unused(self) -> None:
+        """End this (draining) link if no channel is open on it: its tasks are cancelled."""
+        if not self.channels and self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
     def close_when_idle_after(self, grace: float) -> None:
@@ -744,8 +750,7 @@ class Link:
         if nursery is None:  # not running yet: run() starts the watch
             return
         if grace <= 0:
-            if not self.channels:
-                nursery.cancel_scope.cancel()
+            self._end_if_unused()
             return
         # RuntimeError: its tasks have all ended, the link is closing anyway
         with contextlib.suppress(RuntimeError):
@@ -753,8 +758,7 @@ class Link:
 
     async def _close_if_idle(self, grace: float) -> None:
         await trio.sleep(grace)
-        if not self.channels and self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        self._end_if_unused()
 
     def _mark_closed(self) -> None:
         if not self.closed:
