@@ -296,7 +296,10 @@ def test_tunnel_errors(cluster):
 
 def test_a_busy_tunnel_does_not_starve_another_on_the_same_link(cluster):
     """Both sessions share the a<->b link: while one moves bulk data, small round trips on
-    the other keep completing (per-channel flow control; frames interleave)."""
+    the other keep completing (per-channel flow control; frames interleave). The bulk
+    sender goes on until the chat is done (so no host is too slow for the chat to finish
+    first), then half-closes; every byte must come back. Only a stall fails on time: each
+    1 MiB send and each read waits at most STALL seconds."""
     a = cluster.add("a")
     b = cluster.add("b", join=[a.addr])
     echo = EchoServer()
@@ -305,17 +308,36 @@ def test_a_busy_tunnel_does_not_starve_another_on_the_same_link(cluster):
     wait_for(lambda: len(control(b.data_dir, "tunnel.list")) == 2, 10, "tunnels on b")
     bulk_port, chat_port = free_port(), free_port()
     procs = [start_connect(b, "bulk", bulk_port), start_connect(b, "chat", chat_port)]
-    size = 400 * 1024 * 1024
+    chunk = b"B" * (1024 * 1024)
+    cap = 2048  # chunks: the loop ends even if the chat never does
+    stall = 60.0
     try:
-        bulk_done = threading.Event()
-        bulk_result: list[bytes | BaseException] = []
+        chat_done = threading.Event()
+        sent, back = [0], [0]
+        errors: list[BaseException] = []
 
         def bulk() -> None:
             try:
-                bulk_result.append(through(bulk_port, b"B" * size, timeout=120))
+                with socket.create_connection(("127.0.0.1", bulk_port), timeout=stall) as s:
+                    def reader() -> None:
+                        try:
+                            while data := s.recv(1 << 20):
+                                back[0] += len(data)
+                        except BaseException as exc:  # handed to the test below
+                            errors.append(exc)
+
+                    r = threading.Thread(target=reader, daemon=True)
+                    r.start()
+                    while (sent[0] < 8 or not chat_done.is_set()) and sent[0] < cap:
+                        s.sendall(chunk)
+                        sent[0] += 1
+                    s.shutdown(socket.SHUT_WR)
+                    r.join(stall * 2)
+                    if r.is_alive():
+                        errors.append(AssertionError(
+                            f"no end of the echo: {back[0]} of {sent[0] << 20} bytes back"))
             except BaseException as exc:  # handed to the test below
-                bulk_result.append(exc)
-            bulk_done.set()
+                errors.append(exc)
 
         t = threading.Thread(target=bulk, daemon=True)
         t.start()
@@ -327,19 +349,21 @@ def test_a_busy_tunnel_does_not_starve_another_on_the_same_link(cluster):
                 s.sendall(msg)
                 got = b""
                 while len(got) < len(msg):
-                    chunk = s.recv(64)
-                    assert chunk, f"the chat tunnel closed after {got!r}"
-                    got += chunk
+                    part = s.recv(64)
+                    assert part, f"the chat tunnel closed after {got!r}"
+                    got += part
                 assert got == msg
                 rounds += 1
-        finished_during_bulk = not bulk_done.is_set()
-        t.join(150)
+        still_sending = t.is_alive() and not errors
+        chat_done.set()
+        t.join(stall * 4)
         assert rounds == 20
-        assert finished_during_bulk, "the bulk transfer ended first: nothing was shown"
-        assert bulk_done.is_set(), "the bulk transfer did not finish"
-        if isinstance(bulk_result[0], BaseException):
-            raise bulk_result[0]
-        assert len(bulk_result[0]) == size
+        assert not t.is_alive(), "the bulk transfer did not finish"
+        if errors:
+            raise errors[0]
+        assert still_sending, "the bulk transfer ended before the chat did"
+        assert sent[0] < cap, "the chat never finished while the bulk ran"
+        assert back[0] == sent[0] * len(chunk)
     finally:
         for p in procs:
             p.terminate()
