@@ -39,7 +39,10 @@ Rules (the model):
   a link channel. A message is lost when the pair cannot reach each other when it is sent
   or when it arrives (a cut drops what is in flight), when its destination is down, or when
   the sender's membership holds no live member to send it to (the outbox's addr_of). Each
-  item travels alone (the daemon batches what waits; batching changes no decision).
+  item travels alone (the daemon batches what waits; batching changes no decision). A
+  delivery that could not be sent at all (unreachable, or no member to send it to: the
+  daemon's outbox fails to ship it) is returned to its consumer without counting the
+  attempt (durable.dropped, after RETURN_DELAY); one lost in flight counts.
 - Partitions split nodes in index order (side 0: the first nodes, and so on; the engine cuts
   at random), so a scenario places subscribers on a known side by node index.
 - Subscribers are clients attached to one node from `at`; after their node restarts they
@@ -104,6 +107,7 @@ from .engine import SimNode, Simulation
 from .scenario import Fault, ScenarioError, _table
 
 PAUSE_STEP = 0.05
+UNSENT = ("unreachable", "no-member")  # drops the sender's outbox sees (durable.dropped)
 Key = tuple[str, str, str]  # (namespace, topic, durable name), as durable.py
 MsgKey = tuple[str, str, str, str, int]  # (origin, namespace, topic, name, seq)
 _DEFAULTS = BrokerSettings()
@@ -189,7 +193,7 @@ class BrokerNode:
         self.w = sim.workload
         self.name = node.name
         self.incarnation = node.incarnation
-        self.hlc = HLC(node.name, lambda: int(self.clock() * 1000))
+        self.hlc = HLC(node.name, lambda: node.wall_ms(sim.now), **sim.hlc_bounds())
         self.interest = InterestTable(node.name, self.hlc)
         self.rng = sim._rng(f"broker:{node.name}:{node.incarnation}")
         self.log = log if log is not None else {}  # durable: survives a crash
@@ -646,6 +650,10 @@ class BrokerSimulation(Simulation):
                        else "broker_acks_dropped"] += 1
             self.log(f"{self.now:.6f} {src.name} drop {kind} {item['durable']} "
                      f"{item.get('seq', item.get('seqs'))} {dst} {why}")
+            if kind == "deliver" and why in UNSENT:
+                key = (item["ns"], item["topic"], item["durable"])
+                src.later(0.0, lambda a, src=src: src.settle(*a),
+                          (key, "return", [item["seq"]], RETURN_DELAY, dst))
 
     # --- the ledger -------------------------------------------------------------------------
 

@@ -58,8 +58,9 @@ NAMESPACES = (namespaces.DEFAULT, "team-a", "team-b")
 
 
 class SimNode:
-    __slots__ = ("addr", "backlog", "core", "degraded_until", "idx", "incarnation", "name",
-                 "offset", "pause_mode", "replicator", "routing", "store", "tick_at", "up")
+    __slots__ = ("addr", "backlog", "core", "degraded_until", "idx", "incarnation", "jump",
+                 "name", "offset", "pause_mode", "replicator", "routing", "store", "tick_at",
+                 "up")
 
     def __init__(self, idx: int, name: str, addr: str) -> None:
         self.idx = idx
@@ -72,6 +73,9 @@ class SimNode:
         self.up = False
         self.tick_at = math.inf
         self.offset = 0.0
+        # a wall-clock jump (sim/nemesis.py): seen by what reads the wall clock (the HLCs),
+        # not by the timers of the cores, which run on a monotonic clock as the daemon's do
+        self.jump = 0.0
         self.pause_mode = NO_PAUSE
         self.backlog: list[tuple[str, list[Any], bool]] = []
         self.degraded_until = -math.inf
@@ -80,6 +84,10 @@ class SimNode:
     @property
     def paused(self) -> bool:
         return self.pause_mode != NO_PAUSE
+
+    def wall_ms(self, now: float) -> int:
+        """This node's wall clock at simulated time `now`, in ms (what an HLC reads)."""
+        return int((now + self.offset + self.jump) * 1000)
 
 
 class Simulation:
@@ -207,9 +215,14 @@ class Simulation:
         def peers() -> list[str]:
             return [m.addr for m in core.member_list() if m.state == ALIVE and m.name != core.name]
 
-        hlc = HLC(node.name, lambda: int((self.now + node.offset) * 1000))
+        hlc = HLC(node.name, lambda: node.wall_ms(self.now), **self.hlc_bounds())
         return Replicator(node.name, hlc, peers, self._rng(f"reg:{node.name}:{node.incarnation}"),
                           self.now + node.offset, sync_interval=self.sc.registry_sync_interval)
+
+    def hlc_bounds(self) -> dict[str, Any]:
+        """Keyword arguments for the registry's and the broker's HLCs: the daemon's defaults
+        (a nemesis widens the drift bound as an operator would for its clocks)."""
+        return {}
 
     def _reg_send(self, node: SimNode, sends: list[tuple[str, Any]]) -> None:
         for addr, msg in sends:
@@ -364,6 +377,11 @@ class Simulation:
             node = pool[self.fault_rng.randrange(len(pool))] if pool else None
         if node is None:
             return
+        self._crash(node, f.restart_after)
+
+    def _crash(self, node: SimNode, restart_after: float | None) -> None:
+        """kill -9: the node stops at once and forgets what it held in memory; restarted
+        (joining again) after `restart_after` seconds unless None."""
         core = node.core
         assert core is not None
         self.metrics.crash(node.name, core.me.incarnation, self.now)
@@ -378,8 +396,8 @@ class Simulation:
         self.log(f"{self.now:.6f} {node.name} crash {core.me.incarnation}")
         if self.routingsim is not None:
             self.routingsim.on_crash()
-        if f.restart_after is not None:
-            self.call_at(self.now + f.restart_after, self._restart, node)
+        if restart_after is not None:
+            self.call_at(self.now + restart_after, self._restart, node)
 
     def _restart(self, node: SimNode) -> None:
         if node.up:
@@ -600,8 +618,14 @@ class Simulation:
 
     def _resume(self, arg: tuple[SimNode, Fault]) -> None:
         node, f = arg
+        if self._resume_node(node):
+            self._schedule_next_pause(node, f)
+
+    def _resume_node(self, node: SimNode) -> bool:
+        """End a node's pause: its due timers fire, then what queued up (False: it was not
+        paused, or is down)."""
         if not node.up or not node.paused:
-            return
+            return False
         node.pause_mode = NO_PAUSE
         node.degraded_until = self.now
         self.log(f"{self.now:.6f} {node.name} resume")
@@ -613,7 +637,13 @@ class Simulation:
         for payload in backlog:
             if node.up and node.pause_mode == NO_PAUSE:
                 self._deliver(node, payload)
-        self._schedule_next_pause(node, f)
+        return True
+
+    def failed(self, exc: Exception, target: Any) -> bool:
+        """An exception escaped a core or a handler at `self.now` (`target`: the event's
+        node, or the function of a scheduled call): True to go on with the run (the nemesis
+        records it as a violation and crashes the node), False to raise it."""
+        return False
 
     def _registry_result(self) -> dict[str, Any]:
         out = _registry_outcome(self.nodes, self.metrics.registry_latest)
@@ -641,50 +671,56 @@ class Simulation:
         pop = heapq.heappop
         handled = 0
         progress = _Progress(end) if self._progress else None
-        while heap and heap[0][0] <= end:
-            when, _, kind, target, payload = pop(heap)
-            self.now = when
-            handled += 1
-            if kind == DELIVER:
-                if not target.up:
-                    self.metrics.dropped += 1
-                elif target.pause_mode:
-                    target.backlog.append(payload)
-                else:
-                    sender, msgs, reliable = payload
-                    self._apply(target, target.core.receive(sender, msgs, when + target.offset,
-                                                            reliable))
-            elif kind == TICK:
-                if target.tick_at != payload - target.offset or not target.up \
-                        or target.pause_mode == FULL:
-                    continue
-                target.tick_at = math.inf
-                local_now = max(when + target.offset, payload)
-                if target.replicator is not None:
-                    self._reg_send(target, target.replicator.tick(local_now))
-                if target.store is not None:
-                    self.storesim.send(target, target.store.tick(local_now))
-                core = target.core
-                due = core.next_deadline()
-                if due <= local_now:
-                    self._apply(target, core.tick(local_now))
-                else:
-                    # what was due is done (an ack came): tick() would do nothing, and every
-                    # call into the core sets its clock first
-                    self._schedule_tick(target, due)
-            elif kind == STORE:
-                if target.up and target.store is not None and not target.paused:
-                    self.storesim.deliver(target, payload)
-            elif kind == REG:
-                if target.up and target.replicator is not None and not target.paused:
-                    sender, msg = payload
-                    self._reg_send(target, target.replicator.receive(
-                        sender, msg, when + target.offset))
-                    self._schedule_tick(target)
-            else:
-                target(payload)
-            if progress is not None and handled % 20000 == 0:
-                progress.update(when)
+        while True:  # (a try costs nothing until it catches: see failed)
+            try:
+                while heap and heap[0][0] <= end:
+                    when, _, kind, target, payload = pop(heap)
+                    self.now = when
+                    handled += 1
+                    if kind == DELIVER:
+                        if not target.up:
+                            self.metrics.dropped += 1
+                        elif target.pause_mode:
+                            target.backlog.append(payload)
+                        else:
+                            sender, msgs, reliable = payload
+                            self._apply(target, target.core.receive(
+                                sender, msgs, when + target.offset, reliable))
+                    elif kind == TICK:
+                        if target.tick_at != payload - target.offset or not target.up \
+                                or target.pause_mode == FULL:
+                            continue
+                        target.tick_at = math.inf
+                        local_now = max(when + target.offset, payload)
+                        if target.replicator is not None:
+                            self._reg_send(target, target.replicator.tick(local_now))
+                        if target.store is not None:
+                            self.storesim.send(target, target.store.tick(local_now))
+                        core = target.core
+                        due = core.next_deadline()
+                        if due <= local_now:
+                            self._apply(target, core.tick(local_now))
+                        else:
+                            # what was due is done (an ack came): tick() would do nothing,
+                            # and every call into the core sets its clock first
+                            self._schedule_tick(target, due)
+                    elif kind == STORE:
+                        if target.up and target.store is not None and not target.paused:
+                            self.storesim.deliver(target, payload)
+                    elif kind == REG:
+                        if target.up and target.replicator is not None and not target.paused:
+                            sender, msg = payload
+                            self._reg_send(target, target.replicator.receive(
+                                sender, msg, when + target.offset))
+                            self._schedule_tick(target)
+                    else:
+                        target(payload)
+                    if progress is not None and handled % 20000 == 0:
+                        progress.update(when)
+                break
+            except Exception as exc:
+                if not self.failed(exc, target):
+                    raise
         if progress is not None:
             progress.close()
         self.now = end

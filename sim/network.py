@@ -7,7 +7,9 @@ Rules:
   each lost segment costs a retransmission timeout (200 ms, doubling); past `stream_timeout`
   the stream fails. Opening a stream costs one round trip.
 - Each node's egress is a queue at the link bandwidth (bytes/s), if one is set.
-- Nodes in different partition groups cannot reach each other, in either direction.
+- Nodes in different partition groups cannot reach each other, in either direction. Cuts
+  may also be one-way: `blocked` holds (src, dst) pairs that cannot send (sim/nemesis.py
+  builds its halves, islands, one-way cuts and bridges from them).
 - Gateways: in a zone marked `restricted`, only its gateway nodes reach other zones (the
   others sit behind NAT or a firewall); both ends of a cross-zone packet must be allowed.
 - All randomness comes from the one `random.Random` handed in.
@@ -41,6 +43,7 @@ class Network:
         self.egress_free: list[float] = []
         self.gateway: list[bool] = []
         self.restricted: set[int] = set()  # zones where only gateways reach out
+        self.blocked: frozenset[tuple[int, int]] = frozenset()  # (src, dst) that cannot send
 
     def add_node(self, zone: int = 0, gateway: bool = False) -> None:
         self.zone_of.append(zone)
@@ -50,6 +53,8 @@ class Network:
     def reachable(self, src: int, dst: int) -> bool:
         """Whether src can reach dst at all right now (partitions, gateway rules)."""
         if self.group_of is not None and self.group_of[src] != self.group_of[dst]:
+            return False
+        if self.blocked and (src, dst) in self.blocked:
             return False
         zs, zd = self.zone_of[src], self.zone_of[dst]
         if zs == zd or not self.restricted:
@@ -88,6 +93,8 @@ class Network:
         """When a message sent now arrives, or None if it never does."""
         groups = self.group_of
         if groups is not None and groups[src] != groups[dst]:
+            return None
+        if self.blocked and (src, dst) in self.blocked:
             return None
         if self.restricted and not self.reachable(src, dst):
             return None

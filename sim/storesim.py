@@ -22,6 +22,7 @@ import cbor2
 
 from meshd.hlc import HLC, MAX_DRIFT_MS
 from meshd.store import crdt
+from meshd.store.memrecords import MemoryRecords
 from meshd.store.replication import StoreReplicator
 
 from .metrics import quantile_index
@@ -61,6 +62,9 @@ class StoreSim:
         self.converged: list[float] = []
         self.versions_at_heal = 0
         self.counter = 0
+        # node name -> its records, kept across crashes when set (sim/nemesis.py: a store's
+        # file survives kill -9); None: a crashed node's store is gone with it
+        self.disks: dict[str, MemoryRecords] | None = None
 
     # --- nodes -----------------------------------------------------------------------------
 
@@ -73,14 +77,21 @@ class StoreSim:
             return [m.addr for m in core.member_list() if m.state == ALIVE and m.name != core.name]
 
         clock_cls = HLC if self.sc.store_hlc else _WallClockOnly
-        hlc = clock_cls(node.name, lambda: int((sim.now + node.offset) * 1000),
+        hlc = clock_cls(node.name, lambda: node.wall_ms(sim.now),
                         max_drift_ms=self._drift_ms())
+        records = None
+        if self.disks is not None:
+            records = self.disks.setdefault(node.name, MemoryRecords())
         rep = StoreReplicator(node.name, hlc, peers,
                               sim._rng(f"store:{node.name}:{node.incarnation}"),
                               sim.now + node.offset,
                               batch_interval=self.sc.store_batch_interval,
                               sync_interval=self.sc.store_sync_interval,
-                              tombstone_grace=self.sc.store_tombstone_grace)
+                              tombstone_grace=self.sc.store_tombstone_grace, records=records)
+        if records is not None:  # store/service.py: the clock moves to the newest record
+            newest = records.newest(node.wall_ms(sim.now) + hlc.max_drift_ms)
+            if newest is not None:
+                hlc.observe((newest[0], newest[1], node.name))
         rep.on_change = lambda db, tbl, key, state, local, n=node: self._changed(n, key, state)
         return rep
 

@@ -149,6 +149,7 @@ class DurableTopics:
         self._tags: dict[int, tuple[str, Key, int, LocalSub, str | None]] = {}
         self.stats = {"broker_durable_fast": 0, "broker_durable_published": 0,
                       "broker_dead": 0, "broker_lost": 0, "broker_commits": 0,
+                      "broker_deliveries_unsent": 0,
                       "broker_commit_us": 0}
         self._lost: dict[Key, int] = {}
         self._saved: dict[Key, int] = {}  # the ack floor as last saved
@@ -619,6 +620,19 @@ class DurableTopics:
         was delivered to it)."""
         self.origin.settle(key, kind, seqs, delay, time.time(), peer)
         self._kick.set()
+
+    def dropped(self, node: str, items: list[Any]) -> None:
+        """Items for `node` that never left this node (links.Outbox.on_drop): a delivery
+        among them was not attempted, so it is offered again after RETURN_DELAY without
+        counting the attempt, as a return (O3). Acks and naks lost so are redelivered by
+        their consumers' ack timeout, as any lost in the network."""
+        for item in items:
+            if isinstance(item, dict) and item.get("t") == "deliver":
+                key = self._key(item["ns"], item["topic"], item["durable"], item.get("log"))
+                self.origin.settle(key, "return", [item["seq"]], RETURN_DELAY, time.time(),
+                                   node)
+                self.stats["broker_deliveries_unsent"] += 1
+                self._kick.set()
 
     def on_gone(self, node: str) -> None:
         """A member died or left: what we delivered to it is offered again now; copies of

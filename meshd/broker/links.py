@@ -16,6 +16,10 @@ Rules:
   do not rely on this pipe for safety: the origin redelivers whatever is not acked.
 - `close()` ends the pump (the node left or died); what is still queued is dropped and
   counted.
+- Whatever is dropped is handed to `on_drop(node, items)` if set: a durable delivery that
+  never left this node was never attempted, so the origin offers it again without counting
+  the attempt (durable.DurableTopics.dropped), and a subscriber cut off for longer than
+  max_deliver ack waits does not send its messages to the dead letter topic.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class Outbox:
         self._more = trio.Event()  # set when an item is queued or the outbox closes
         self._room = trio.Event()  # set when the pump takes items (a full outbox waits)
         self._ch: Channel | None = None
+        self.on_drop: Callable[[str, list[Any]], None] | None = None
 
     async def put(self, item: Any) -> None:
         """Queue one item for the node (waits only while the outbox is full: a publisher
@@ -62,13 +67,18 @@ class Outbox:
     def put_nowait(self, item: Any) -> bool:
         """Queue an item if there is room (acks and naks: small, never worth blocking)."""
         if len(self._items) >= self.size:
-            self.stats["broker_copies_dropped"] += 1
+            self._dropped([item])
             return False
         return self._queue(item)
 
+    def _dropped(self, items: list[Any]) -> None:
+        self.stats["broker_copies_dropped"] += len(items)
+        if self.on_drop is not None and items:
+            self.on_drop(self.node, items)
+
     def _queue(self, item: Any) -> bool:
         if self._closed:
-            self.stats["broker_copies_dropped"] += 1
+            self._dropped([item])
             return False
         self._items.append(item)
         self._more.set()
@@ -99,8 +109,9 @@ class Outbox:
         finally:
             self._closed = True
             self._room.set()
-            self.stats["broker_copies_dropped"] += len(self._items)
+            left = list(self._items)
             self._items.clear()
+            self._dropped(left)
             with trio.CancelScope(shield=True):
                 await self._close_channel()
 
@@ -122,7 +133,7 @@ class Outbox:
                 log.debug("broker batch to %s failed (attempt %d): %s", self.node,
                           attempt + 1, exc)
                 await self._close_channel()
-        self.stats["broker_copies_dropped"] += len(batch)
+        self._dropped(batch)
 
     async def _close_channel(self) -> None:
         ch, self._ch = self._ch, None

@@ -266,6 +266,8 @@ class BrokerService:
         box = self._outboxes.get(node)
         if box is None:
             box = self._outboxes[node] = Outbox(node, self.links, self.addr_of, self.stats)
+            if self.durable is not None:
+                box.on_drop = self.durable.dropped
             assert self._nursery is not None
             self._nursery.start_soon(box.run)
         return box

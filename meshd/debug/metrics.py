@@ -215,6 +215,9 @@ STATS: dict[str, Stat] = {
     "broker_dead": Stat("meshd_broker_dropped_total", "Messages dropped.",
                         _why("dead_letter")),
     "broker_lost": Stat("meshd_broker_dropped_total", "Messages dropped.", _why("retention")),
+    "broker_deliveries_unsent": Stat(
+        "meshd_broker_deliveries_unsent_total",
+        "Durable deliveries that could not be sent, offered again without counting an attempt."),
     "broker_redelivered": Stat("meshd_broker_redelivered_total", "Messages redelivered."),
     "broker_pending": Stat("meshd_broker_pending",
                            "Durable messages delivered and not yet acknowledged."),

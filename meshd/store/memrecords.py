@@ -30,6 +30,18 @@ class MemoryRecords:
             if not t:
                 del self._tables[(db, tbl)]
 
+    def newest(self, max_wall: int) -> tuple[int, int] | None:
+        """The newest (wall, count) of a register at or before `max_wall` (a scan)."""
+        best: tuple[int, int] | None = None
+        for t in self._tables.values():
+            for e in t.values():
+                reg = e.state.get("lww")
+                if reg is not None and reg[0][0] <= max_wall:
+                    ts = (reg[0][0], reg[0][1])
+                    if best is None or ts > best:
+                        best = ts
+        return best
+
     def summary(self) -> Iterator[tuple[str, str, int, int, int]]:
         for (db, tbl), t in self._tables.items():
             for key, e in t.items():

@@ -109,6 +109,9 @@ class Pair:
                 assert d.read(db, tbl, now, key=key) == m.read(db, tbl, now, key=key)
             assert list(d.tables[(db, tbl)].records.items()) == list(t.records.items())
         assert sorted(d.records.tombstones(now)) == sorted(m.records.tombstones(now))
+        if not self.disk.pending and not self.disk.committing:  # (newest reads the file)
+            for bound in (NOW - 4990, NOW - 4000, NOW + 10**9):  # a restarted clock's start
+                assert d.records.newest(bound) == m.records.newest(bound)
 
 
 def test_disk_records_answer_as_memory_before_during_and_after_commits(tmp_path):
