@@ -9,6 +9,7 @@ import click
 
 from .brokersim import BrokerSimulation
 from .engine import Simulation
+from .nemesis import NemesisSimulation
 from .report import print_report
 from .scenario import SCENARIO_DIR, ScenarioError, load
 
@@ -44,7 +45,8 @@ def run(scenario: str, nodes: int | None, seed: int | None, duration: float | No
             sc.nodes = nodes
     except ScenarioError as exc:
         raise click.ClickException(str(exc)) from None
-    kind = BrokerSimulation if sc.broker is not None else Simulation
+    kind = NemesisSimulation if sc.nemesis is not None else \
+        BrokerSimulation if sc.broker is not None else Simulation
     sim = kind(sc, seed=seed, event_log=event_log,
                progress=sys.stderr.isatty() and not as_json)
     result = sim.run()

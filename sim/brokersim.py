@@ -42,7 +42,7 @@ Rules (the model):
   item travels alone (the daemon batches what waits; batching changes no decision). A
   delivery that could not be sent at all (unreachable, or no member to send it to: the
   daemon's outbox fails to ship it) is returned to its consumer without counting the
-  attempt (durable.dropped, after RETURN_DELAY); one lost in flight counts.
+  attempt (durable.dropped, again after UNSENT_DELAY); one lost in flight counts.
 - Partitions split nodes in index order (side 0: the first nodes, and so on; the engine cuts
   at random), so a scenario places subscribers on a known side by node index.
 - Subscribers are clients attached to one node from `at`; after their node restarts they
@@ -94,7 +94,7 @@ import cbor2
 from meshd import namespaces
 from meshd.broker import messages
 from meshd.broker.consumer import DEAD, DELIVER, Consumer, Offer
-from meshd.broker.durable import DISCOVER_EVERY, RETURN_DELAY
+from meshd.broker.durable import DISCOVER_EVERY, RETURN_DELAY, UNSENT_DELAY
 from meshd.broker.interest import InterestTable, check_queue
 from meshd.broker.origin import DURABLE, Dead, Origin
 from meshd.broker.subjects import check_pattern, check_topic, matches
@@ -193,7 +193,7 @@ class BrokerNode:
         self.w = sim.workload
         self.name = node.name
         self.incarnation = node.incarnation
-        self.hlc = HLC(node.name, lambda: node.wall_ms(sim.now), **sim.hlc_bounds())
+        self.hlc = HLC(node.name, lambda: int(self.clock() * 1000), **sim.hlc_bounds())
         self.interest = InterestTable(node.name, self.hlc)
         self.rng = sim._rng(f"broker:{node.name}:{node.incarnation}")
         self.log = log if log is not None else {}  # durable: survives a crash
@@ -207,6 +207,7 @@ class BrokerNode:
         self.turn = itertools.count()
         self.tag_ids = itertools.count(1)
         self.wake_at = math.inf
+        self.wake_local = -math.inf  # the consumers' deadline the next wake is for
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -215,7 +216,9 @@ class BrokerNode:
         return n.up and n.core is not None and n.incarnation == self.incarnation
 
     def clock(self) -> float:
-        return self.sim.now + self.node.offset
+        """The node's wall clock (durable.py times deliveries by time.time(): a clock jump
+        moves its ack deadlines)."""
+        return self.sim.now + self.node.offset + self.node.jump
 
     def later(self, delay: float, fn: Callable[[Any], None], arg: Any = None) -> None:
         """Run fn(arg) `delay` from now if this node life is still running; while the node
@@ -340,9 +343,12 @@ class BrokerNode:
     def kick(self) -> None:
         self.wake(self.sim.now)
 
-    def wake(self, at: float) -> None:
+    def wake(self, at: float, local: float = -math.inf) -> None:
+        """Run the deliverer at simulated time `at` (for the deadline `local` on our clock,
+        if it wakes for one) unless it runs sooner."""
         if at < self.wake_at:
             self.wake_at = at
+            self.wake_local = local
             self.later(at - self.sim.now, self.deliverer, at)
 
     def deliverer(self, at: float) -> None:
@@ -350,9 +356,13 @@ class BrokerNode:
         if at != self.wake_at:
             return  # superseded by an earlier wake
         self.wake_at = math.inf
+        # the deadline it woke for, on our clock: (d - offset) + offset need not equal d in
+        # floats, and a round that finds nothing due would wake again at the same time
+        now = max(self.clock(), self.wake_local)
+        self.wake_local = -math.inf
         self.discover()
         for key in list(self.consumers):
-            self.offer(key)
+            self.offer(key, now)
         self.schedule_deliverer()
 
     def schedule_deliverer(self) -> None:
@@ -371,13 +381,13 @@ class BrokerNode:
             else:
                 deadline = min(deadline, d)
         self.sim.stats["broker_deliverer_busy_wakes"] += busy
-        self.wake(max(self.sim.now, deadline - self.node.offset))
+        self.wake(max(self.sim.now, deadline - self.node.offset - self.node.jump), deadline)
 
-    def offer(self, key: Key) -> None:
+    def offer(self, key: Key, now: float) -> None:
         """durable._offer: carry out what the origin core decides (O2)."""
         ns, topic, name = key
         entries = self.log[(ns, topic)]
-        for action in self.origin.offer(key, self.clock()):
+        for action in self.origin.offer(key, now):
             if isinstance(action, Dead):
                 self.sim.offered(self, key, Offer(DEAD, action.seq, action.attempt))
                 continue  # published to TOPIC.dead: its subscribers are not modelled
@@ -653,7 +663,7 @@ class BrokerSimulation(Simulation):
             if kind == "deliver" and why in UNSENT:
                 key = (item["ns"], item["topic"], item["durable"])
                 src.later(0.0, lambda a, src=src: src.settle(*a),
-                          (key, "return", [item["seq"]], RETURN_DELAY, dst))
+                          (key, "return", [item["seq"]], UNSENT_DELAY, dst))
 
     # --- the ledger -------------------------------------------------------------------------
 

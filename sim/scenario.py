@@ -4,10 +4,12 @@ Rules:
 - Every key is checked: an unknown key, a wrong type or an out-of-range value raises
   ScenarioError naming the key, never a traceback from deep inside the engine.
 - Faults name node counts as `count` or `fraction` so one scenario runs at any size.
-- `--set a.b=value` overrides any top-level, `membership.*`, `network.*` or `broker.*` key;
+- `--set a.b=value` overrides any top-level, `membership.*`, `network.*`, `broker.*` or
+  `nemesis.*` key;
   the value is parsed as a TOML literal (numbers, booleans, strings, arrays).
 - A `[broker]` table makes it a broker scenario (sim/brokersim.py parses and runs it); the
-  `broker-publish` fault needs one.
+  `broker-publish` fault needs one. A `[nemesis]` table (with a [broker] one) makes it a
+  nemesis run (sim/nemesis.py).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class Scenario:
     zone_links: list[tuple[str, str, Link]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     broker: Any = None  # sim.brokersim.BrokerWorkload, from a [broker] table
+    nemesis: Any = None  # sim.nemesis.NemesisSettings, from a [nemesis] table
 
 
 _TOP_KEYS = {"name": str, "description": str, "nodes": int, "duration": float,
@@ -207,11 +210,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
         value = _parse_literal(text.strip(), key)
         if len(parts) == 1:
             raw[parts[0]] = value
-        elif len(parts) == 2 and parts[0] in ("membership", "network", "broker"):
+        elif len(parts) == 2 and parts[0] in ("membership", "network", "broker", "nemesis"):
             raw.setdefault(parts[0], {})[parts[1]] = value
         else:
-            raise ScenarioError(f"--set key must be NAME, membership.NAME, network.NAME or "
-                                f"broker.NAME, got {key!r}")
+            raise ScenarioError(f"--set key must be NAME, membership.NAME, network.NAME, "
+                                f"broker.NAME or nemesis.NAME, got {key!r}")
 
 
 def resolve_path(name: str) -> Path:
@@ -245,6 +248,7 @@ def parse(raw: dict[str, Any]) -> Scenario:
     network_raw = raw.pop("network", {})
     faults_raw = raw.pop("faults", [])
     broker_raw = raw.pop("broker", None)
+    nemesis_raw = raw.pop("nemesis", None)
     top = _table(raw, _TOP_KEYS, "scenario")
     if "name" not in top:
         raise ScenarioError("scenario needs a name")
@@ -294,4 +298,11 @@ def parse(raw: dict[str, Any]) -> Scenario:
         sc.broker = parse_broker(broker_raw)
     elif any(f.kind == "broker-publish" for f in sc.faults):
         raise ScenarioError("broker-publish needs a [broker] table in the scenario")
+    if nemesis_raw is not None:
+        from .nemesis import parse_nemesis  # it runs on the engine, which imports us
+
+        sc.nemesis = parse_nemesis(nemesis_raw)
+        if sc.broker is None or not sc.registry or not sc.store:
+            raise ScenarioError("a [nemesis] scenario needs a [broker] table, registry = true "
+                                "and store = true")
     return sc

@@ -19,7 +19,8 @@ TIMING_SENSITIVE = {"test_netns.py", "test_doctor.py", "test_leave.py", "test_mu
 # PostgreSQL, Redis and NATS servers; beside the netns relay chain they made its routes
 # miss their 90 s on 2 of 4 clean-clone runs)
 CPU_BOUND = {"test_messages.py", "test_fuzz_proxy.py", "test_membership.py",
-             "test_store_engines.py", "test_attacks_engines.py", "test_broker_jetstream.py"}
+             "test_store_engines.py", "test_attacks_engines.py", "test_broker_jetstream.py",
+             "test_nemesis.py"}
 SERIAL = "timing-and-cpu"
 
 

@@ -77,6 +77,9 @@ DISCOVER_EVERY = 0.5
 READ_AHEAD = 256
 MAX_REPLICAS = 7
 RETURN_DELAY = 0.2
+# an undeliverable delivery (its outbox could not send it) comes again this much later: the
+# member's link is down, so each try costs a dial; not counted as an attempt (`dropped`)
+UNSENT_DELAY = 5.0
 ABSORB_EVERY = 1.0  # seconds between sends of an absorb not yet confirmed
 ABSORB_TRIES = 60  # a delivery that found no member is offered again this much later
 
@@ -623,13 +626,13 @@ class DurableTopics:
 
     def dropped(self, node: str, items: list[Any]) -> None:
         """Items for `node` that never left this node (links.Outbox.on_drop): a delivery
-        among them was not attempted, so it is offered again after RETURN_DELAY without
+        among them was not attempted, so it is offered again after UNSENT_DELAY without
         counting the attempt, as a return (O3). Acks and naks lost so are redelivered by
         their consumers' ack timeout, as any lost in the network."""
         for item in items:
             if isinstance(item, dict) and item.get("t") == "deliver":
                 key = self._key(item["ns"], item["topic"], item["durable"], item.get("log"))
-                self.origin.settle(key, "return", [item["seq"]], RETURN_DELAY, time.time(),
+                self.origin.settle(key, "return", [item["seq"]], UNSENT_DELAY, time.time(),
                                    node)
                 self.stats["broker_deliveries_unsent"] += 1
                 self._kick.set()

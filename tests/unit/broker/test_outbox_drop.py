@@ -59,7 +59,7 @@ def test_a_delivery_that_never_left_is_offered_again_without_counting_an_attempt
     from types import SimpleNamespace
 
     from meshd.broker.consumer import Consumer
-    from meshd.broker.durable import DurableTopics
+    from meshd.broker.durable import UNSENT_DELAY, DurableTopics
     from meshd.broker.interest import InterestTable
     from meshd.broker.origin import Dead, Deliver
     from meshd.hlc import HLC
@@ -81,7 +81,7 @@ def test_a_delivery_that_never_left_is_offered_again_without_counting_an_attempt
     durable.dropped("a", [{"t": "ack", "seqs": [7]}, item])
     assert durable.stats["broker_deliveries_unsent"] == 1
     # offered again at attempt 1 once due: max_deliver 1 is not spent by the unsent one
-    now = time.time() + 1  # (the daemon's durable clock is the wall clock)
+    now = time.time() + UNSENT_DELAY + 1  # (durable delivery runs on the wall clock)
     assert durable.origin.offer(key, now) == [Deliver("a", 1, 1)]
     durable.dropped("b", [item])  # never given to b: nothing happens
     assert durable.origin.offer(key, now + 100)[0] == Dead(1, 1, "not acked after 1 deliveries")

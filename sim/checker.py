@@ -1,0 +1,182 @@
+"""The nemesis's checker: invariants over what the cluster holds and what clients were told.
+
+Job: given the nodes' views and states at a quiet period (faults healed for long enough) and
+the ledger of what the workload did and which operations were acknowledged, return the
+violations. Pure functions over plain data; sim/nemesis.py gathers the data and keeps the
+ledger, tests/sim/test_checker.py plants each kind of violation.
+
+Rules (the issue's invariants, as checked here):
+- membership: every running node sees exactly the running nodes as alive.
+- digests: every running node holds the same registry digest, and the same store roots.
+- registry: an instance registered (or removed) by a node that is still in the same life
+  is held as its last write, with that write's timestamp, on every running node.
+- LWW keys (a Jepsen-style history check): the register every node holds has a timestamp
+  at or after every acknowledged write of the key (a later write or delete may supersede an
+  acknowledged one; nothing may undo it), and its value is the one written with that
+  timestamp (no value the workload did not write).
+- counters: the value lies between the sum of the acknowledged increments and that plus the
+  increments whose outcome the client never learned (all deltas are positive); with none
+  unknown it equals the acknowledged sum.
+- OR-sets (add wins): an element added by an acknowledged add is present unless a remove
+  (acknowledged or not) removed that add's tag; an element whose every tag was removed by
+  acknowledged removes, and that no later add re-added, is absent; nothing is present that
+  was never added.
+- broker: every (durable name, message) owed for an acknowledged publish was handed to a
+  member of the name at least once; no message was handed to a queue group more often than
+  its origin offered it (a duplicate only after a redelivery).
+Each violation names its invariant, the nodes involved and `subjects` (node names, keys,
+message ids) that select the event-log lines of its excerpt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Finding:
+    invariant: str
+    detail: str
+    nodes: list[str] = field(default_factory=list)
+    subjects: list[str] = field(default_factory=list)
+
+
+def membership(views: Mapping[str, Iterable[str]], running: Iterable[str]) -> list[Finding]:
+    """`views`: each running node's alive members (itself included)."""
+    want = sorted(running)
+    out = []
+    for node, alive in sorted(views.items()):
+        got = sorted(alive)
+        if got != want:
+            missing = sorted(set(want) - set(got))
+            extra = sorted(set(got) - set(want))
+            out.append(Finding("membership-agrees",
+                               f"{node} sees alive {len(got)} of {len(want)} running: "
+                               f"missing {missing[:10]}, not running {extra[:10]}",
+                               [node, *missing[:5], *extra[:5]], [node, *missing[:5]]))
+    return out
+
+
+def digests(what: str, by_node: Mapping[str, Any]) -> list[Finding]:
+    """Every node's digest of `what` ("registry", "store") must be equal."""
+    groups: dict[str, list[str]] = {}
+    for node, d in sorted(by_node.items()):
+        groups.setdefault(repr(d), []).append(node)
+    if len(groups) <= 1:
+        return []
+    sizes = sorted((len(v), v[0]) for v in groups.values())
+    odd = [n for v in groups.values() if len(v) < sizes[-1][0] for n in v]
+    return [Finding(f"{what}-digests-equal",
+                    f"{len(groups)} different {what} digests among {len(by_node)} nodes; "
+                    f"nodes off the largest group: {odd[:10]}", odd[:10], odd[:5])]
+
+
+def registry(latest: Mapping[str, tuple[Any, str, bool]],
+             held: Mapping[str, Mapping[str, Any]]) -> list[Finding]:
+    """`latest`: entry key -> (timestamp of its last write, owner, whether it removed the
+    instance) for owners still in the life that wrote it; `held`: running node -> {entry
+    key: timestamp}. A removal's tombstone may have been collected (absent is fine)."""
+    out = []
+    for key, (ts, owner, gone) in sorted(latest.items()):
+        wrong = sorted(n for n, entries in held.items()
+                       if entries.get(key) != ts and not (gone and key not in entries))
+        if wrong:
+            out.append(Finding("registry-write-kept",
+                               f"{key} (last written {ts} by {owner}) is not held as that "
+                               f"write on {wrong[:10]}", [owner, *wrong[:5]], [key, owner]))
+    return out
+
+
+@dataclass
+class LwwKey:
+    """A register's ledger: the newest acknowledged write, every value written by ts."""
+    acked: tuple[int, int, str] | None = None
+    written: dict[tuple[int, int, str], bytes | None] = field(default_factory=dict)
+
+
+def lww(key: str, ledger: LwwKey, held: list[Any] | None) -> list[Finding]:
+    """`held`: the register every node holds (crdt.lww form), None if the key is absent."""
+    if held is None:
+        if ledger.acked is None:
+            return []
+        return [Finding("lww-acked-write-kept", f"{key}: acknowledged write {ledger.acked} "
+                        "is gone and nothing superseded it", [ledger.acked[2]], [key])]
+    ts = (held[0][0], held[0][1], held[0][2])
+    if ts not in ledger.written:
+        return [Finding("lww-no-invented-value", f"{key} holds {ts}, which no client wrote",
+                        [ts[2]], [key])]
+    if ledger.written[ts] != held[1]:
+        return [Finding("lww-no-invented-value", f"{key} holds {held[1]!r} at {ts}, but "
+                        f"{ledger.written[ts]!r} was written then", [ts[2]], [key])]
+    if ledger.acked is not None and ts < ledger.acked:
+        return [Finding("lww-acked-write-kept",
+                        f"{key}: acknowledged write {ledger.acked} lost to the older {ts}",
+                        [ledger.acked[2], ts[2]], [key])]
+    return []
+
+
+@dataclass
+class CounterKey:
+    acked: int = 0
+    unknown: int = 0
+
+
+def counter(key: str, ledger: CounterKey, value: int) -> list[Finding]:
+    low, high = ledger.acked, ledger.acked + ledger.unknown
+    if low <= value <= high:
+        return []
+    return [Finding("counter-sum", f"{key} = {value}; acknowledged increments sum to {low}"
+                    + (f" (up to {high} with those of unknown outcome)" if high != low else ""),
+                    [], [key])]
+
+
+@dataclass
+class SetKey:
+    acked_adds: dict[str, str] = field(default_factory=dict)  # tag -> element
+    adds: dict[str, str] = field(default_factory=dict)  # every add's tag -> element
+    removed: set[str] = field(default_factory=set)  # tags any remove removed
+    acked_removed: set[str] = field(default_factory=set)
+
+
+def or_set(key: str, ledger: SetKey, members: Iterable[str]) -> list[Finding]:
+    present = set(members)
+    out = []
+    lost = sorted({e for tag, e in ledger.acked_adds.items()
+                   if tag not in ledger.removed and e not in present})
+    if lost:
+        out.append(Finding("set-acked-add-kept",
+                           f"{key}: acknowledged adds of {lost[:10]} are gone, no remove saw "
+                           "them", [], [key]))
+    live = {e for tag, e in ledger.adds.items() if tag not in ledger.acked_removed}
+    back = sorted(present - live)
+    if back:
+        invented = [e for e in back if e not in ledger.adds.values()]
+        out.append(Finding("set-acked-remove-kept" if not invented else "set-no-invented-member",
+                           f"{key}: {back[:10]} present, but every add of them was removed by "
+                           "an acknowledged remove" if not invented else
+                           f"{key}: {invented[:10]} present, never added", [], [key]))
+    return out
+
+
+def broker(owed: Iterable[tuple[str, str]], received: Mapping[tuple[str, str], int],
+           dead: Mapping[tuple[str, str], str]) -> list[Finding]:
+    """`owed`: (durable name, message id) pairs; `received`: hand-overs per pair; `dead`:
+    pairs moved to the dead letter topic, with the reason."""
+    out = []
+    for name, msg in owed:
+        if received.get((name, msg), 0) == 0:
+            why = dead.get((name, msg))
+            out.append(Finding("broker-durable-delivered",
+                               f"{msg} acknowledged to its publisher, never delivered to "
+                               f"durable subscriber {name!r}"
+                               + (f" (dead-lettered: {why})" if why else ""), [], [msg]))
+    return out
+
+
+def queue_duplicates(extra: Mapping[tuple[str, str], int]) -> list[Finding]:
+    """`extra`: (name, message) -> hand-overs beyond the offers of it (must be none)."""
+    return [Finding("broker-no-duplicate-without-redelivery",
+                    f"{msg} handed to queue group {name!r} {n} more times than offered",
+                    [], [msg]) for (name, msg), n in sorted(extra.items()) if n > 0]

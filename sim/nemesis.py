@@ -1,0 +1,617 @@
+"""Nemesis: rounds of random faults against membership, registry, store and broker together,
+with a client workload and the checker (sim/checker.py) at every quiet period.
+
+Theory of operation
+-------------------
+The run is a sequence of rounds: a fault phase (`fault_phase` s) in which the workload runs
+and the nemesis starts a fault every `every` s (uniform between its bounds, from the seed),
+then a quiet period (`quiet` s): every fault is healed at its start, the workload stops, and
+after `settle` s the checker looks at every node. Faults, drawn with weights `kinds`:
+- partition: halves, islands (3-5 groups), one-way (one side cannot send to the other) or a
+  bridge (two halves and one node that reaches both), as one-way blocked pairs
+  (network.Network.blocked); one partition at a time.
+- crash: kill -9 of a running node (at most a third of the nodes down at once); it restarts
+  when the fault ends. Store records and the broker's log survive (they are on disk; the
+  model commits what a node holds at once), everything else is lost.
+- pause: a running node handles nothing, timers included, until the fault ends.
+- clock: a node's wall clock jumps by up to `max_jump` s either way (the total offset stays
+  within `max_offset`): seen by the HLCs and the broker's delivery times, not by the
+  membership core's timers (monotonic in the daemon).
+- loss: every datagram is lost with a probability up to `loss`; streams pay retransmits.
+- latency: every link gets up to `latency_ms` more latency.
+Clock offsets of up to `max_offset` s are drawn for every node at the start (the scenario's
+clock_offset fault). The drift bound of every HLC is raised to twice `max_offset` plus a
+margin, as an operator must set store.max_clock_drift for such clocks.
+
+The workload (fault phases only, from its own seeded stream), through random running nodes:
+- store: LWW writes and deletes, counter increments, OR-set adds and removes, each asking for
+  `replicas` 1 or 2 at random; an op with replicas 1 is acknowledged at once (the local
+  commit), one with 2 when a peer's ack arrives within `ack_timeout` s, else its outcome is
+  unknown to the client (it may still land).
+- registry: instances registered and removed by their nodes.
+- broker: durable publishes through brokersim (acknowledged once in the origin's log), to
+  the scenario's [broker] durable subscribers.
+
+Rules:
+- Everything is deterministic from the seed: the same run gives the same event log (sha256)
+  and the same violations, so any violation replays byte-identically.
+- A violation records the simulated time, the invariant, the nodes, and an excerpt: the last
+  event-log lines (of the last EXCERPT_RING) that name its subjects.
+- An exception escaping any core or handler is a violation ("no-crash-from-exception"); the
+  node it happened on (if known) is crashed and restarted at the next quiet period.
+
+Not modelled (listed in the result's `not_modelled`): core (non-durable) publishes and plain
+subscribers, durable replicas > 1, group-commit windows (kill -9 loses nothing a node held),
+a client retrying an op whose outcome it never learned.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from meshd.membership.messages import ALIVE
+from meshd.store import crdt
+
+from . import checker
+from .brokersim import BrokerNode, BrokerSimulation
+from .engine import FULL, SimNode
+from .scenario import ScenarioError, _table
+from .storesim import StoreSim
+
+DB, TBL = "nemesis", "t"
+EXCERPT_RING = 20000  # event-log lines kept for excerpts
+EXCERPT_LINES = 30
+MAX_EXCEPTIONS = 20  # past this many the run stops and raises
+KINDS = ("partition", "crash", "pause", "clock", "loss", "latency")
+NOT_MODELLED = ["core (non-durable) publishes and plain subscribers",
+                "durable topics with replicas > 1",
+                "group-commit windows: kill -9 loses nothing a node had applied",
+                "clients retrying an operation whose outcome they never learned"]
+
+
+@dataclass(slots=True)
+class NemesisSettings:
+    fault_phase: float = 1200.0
+    quiet: float = 240.0
+    settle: float = 120.0
+    every: tuple[float, float] = (20.0, 90.0)
+    length: tuple[float, float] = (5.0, 90.0)
+    kinds: dict[str, float] | None = None  # weights; None: all of KINDS alike
+    max_offset: float = 288.0
+    max_jump: float = 120.0
+    loss: float = 0.2
+    latency_ms: float = 300.0
+    store_rate: float = 4.0  # ops per second
+    registry_rate: float = 0.5
+    publish_rate: float = 1.0
+    keys: int = 20  # per kind of value
+    ack_timeout: float = 5.0
+
+
+_KEYS = {"fault_phase": float, "quiet": float, "settle": float, "every": list,
+         "length": list, "kinds": dict, "max_offset": float, "max_jump": float,
+         "loss": float, "latency_ms": float, "store_rate": float, "registry_rate": float,
+         "publish_rate": float, "keys": int, "ack_timeout": float}
+
+
+def _pair(v: list[Any], where: str) -> tuple[float, float]:
+    if len(v) != 2 or not all(isinstance(x, int | float) and not isinstance(x, bool)
+                              for x in v) or not 0 < v[0] <= v[1]:
+        raise ScenarioError(f"{where} must be [low, high] seconds with 0 < low <= high")
+    return (float(v[0]), float(v[1]))
+
+
+def parse_nemesis(raw: Any) -> NemesisSettings:
+    """The [nemesis] table; ScenarioError naming the key that is wrong."""
+    t = _table(raw, _KEYS, "nemesis")
+    s = NemesisSettings()
+    for key in ("fault_phase", "quiet", "settle", "max_offset", "max_jump", "loss",
+                "latency_ms", "store_rate", "registry_rate", "publish_rate", "keys",
+                "ack_timeout"):
+        if key in t:
+            setattr(s, key, t[key])
+    for key in ("every", "length"):
+        if key in t:
+            setattr(s, key, _pair(t[key], f"nemesis.{key}"))
+    if "kinds" in t:
+        kinds = t["kinds"]
+        for k, w in kinds.items():
+            if k not in KINDS:
+                raise ScenarioError(f"nemesis.kinds.{k}: not a fault; known: {', '.join(KINDS)}")
+            if not isinstance(w, int | float) or isinstance(w, bool) or w < 0:
+                raise ScenarioError(f"nemesis.kinds.{k} must be a weight >= 0")
+        if not any(kinds.values()):
+            raise ScenarioError("nemesis.kinds must give some fault a weight above 0")
+        s.kinds = {k: float(kinds[k]) for k in KINDS if k in kinds}
+    if s.fault_phase <= 0 or s.quiet <= 0:
+        raise ScenarioError("nemesis.fault_phase and nemesis.quiet must be above 0")
+    if not 0 < s.settle < s.quiet:
+        raise ScenarioError("nemesis.settle must be above 0 and shorter than nemesis.quiet")
+    if s.loss > 1:
+        raise ScenarioError("nemesis.loss is a probability between 0 and 1")
+    if s.keys < 1 or s.ack_timeout <= 0:
+        raise ScenarioError("nemesis.keys must be at least 1 and nemesis.ack_timeout above 0")
+    return s
+
+
+@dataclass(slots=True)
+class _StoreOp:
+    kind: str
+    key: str
+    node: str
+    delta: int = 0
+    ts: tuple[int, int, str] | None = None
+    tags: tuple[str, ...] = ()
+    element: str = ""
+
+
+class NemesisStore(StoreSim):
+    """The store workload's shell: records on disk across crashes, the drift bound of the
+    nemesis's clocks, and acks noticed as they arrive."""
+
+    def __init__(self, sim: NemesisSimulation) -> None:
+        super().__init__(sim)
+        self.disks = {}
+        self.nemesis = sim
+        self.waiting: dict[str, dict[int, tuple[Any, _StoreOp]]] = {}  # node -> wid -> op
+
+    def _drift_ms(self) -> int:
+        return self.nemesis.drift_ms
+
+    def deliver(self, node: Any, payload: tuple[str, Any]) -> None:
+        super().deliver(node, payload)
+        waiting = self.waiting.get(node.name)
+        if waiting:
+            rep = node.store
+            for wid, (owner, op) in list(waiting.items()):
+                if owner is not rep:
+                    continue
+                if rep.acks.get(wid):
+                    del waiting[wid]
+                    rep.acks.pop(wid, None)
+                    self.nemesis.store_acked(op)
+
+
+class NemesisSimulation(BrokerSimulation):
+    """The broker simulation (membership, registry, store and broker on every node) with the
+    nemesis's faults, workload and checks (see the module rules)."""
+
+    def __init__(self, scenario: Any, **kwargs: Any) -> None:
+        if scenario.nemesis is None:
+            raise ScenarioError("a nemesis run needs a [nemesis] table in the scenario")
+        if not scenario.registry or not scenario.store:
+            raise ScenarioError("a nemesis scenario needs registry = true and store = true")
+        super().__init__(scenario, **kwargs)
+        self.ns: NemesisSettings = scenario.nemesis
+        self.drift_ms = int((2 * self.ns.max_offset + 10) * 1000)
+        self.storesim = NemesisStore(self)
+        self.nrng = self._rng("nemesis")
+        self.wrng = self._rng("workload")
+        self.ring: collections.deque[str] = collections.deque(maxlen=EXCERPT_RING)
+        self.violations: list[dict[str, Any]] = []
+        self.fault_counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self.quiet_periods = 0
+        self.checked_ops = 0
+        self.phase_end = 0.0
+        self.in_phase = False
+        self.cut_until: float | None = None
+        self.paused_until: dict[str, float] = {}
+        self.base_link = {"loss": self.net.default.loss, "latency": self.net.default.latency}
+        self.link_until: dict[str, float] = {}  # "loss", "latency" -> when it ends
+        self.exceptions = 0
+        # the ledger
+        self.lww_keys: dict[str, checker.LwwKey] = {}
+        self.counters: dict[str, checker.CounterKey] = {}
+        self.sets: dict[str, checker.SetKey] = {}
+        self.store_ops = {"acked": 0, "unknown": 0, "issued": 0}
+        # entry key -> (ts of its last write, owner, the owner's life then, a removal)
+        self.reg_latest: dict[str, tuple[Any, str, int, bool]] = {}
+        self.reg_mine: dict[str, list[str]] = {}  # node -> its live instances this life
+        self.reg_count = 0
+        self.dead_letters: dict[tuple[str, str], str] = {}
+        self.checked_publishes = 0
+        self.dup_reported: set[tuple[str, str]] = set()
+
+    # --- engine hooks -----------------------------------------------------------------------
+
+    def hlc_bounds(self) -> dict[str, Any]:
+        return {"max_drift_ms": self.drift_ms}
+
+    def log(self, line: str) -> None:
+        super().log(line)
+        self.ring.append(line)
+
+    def _schedule_faults(self) -> None:
+        super()._schedule_faults()
+        self.call_at(self.sc.warmup, self._round)
+
+    def failed(self, exc: Exception, target: Any) -> bool:
+        self.exceptions += 1
+        node = target if isinstance(target, SimNode) else getattr(
+            getattr(target, "__self__", None), "node", None)
+        name = node.name if isinstance(node, SimNode) else None
+        where = "".join(traceback.format_exception(exc, limit=-4)).strip()
+        self.violation(checker.Finding("no-crash-from-exception",
+                                       f"{type(exc).__name__}: {exc}\n{where}",
+                                       [name] if name else [], [name] if name else []))
+        if isinstance(node, SimNode) and node.up:
+            self._crash(node, None)  # restarted with the others at the next quiet period
+        return self.exceptions < MAX_EXCEPTIONS
+
+    # --- rounds -----------------------------------------------------------------------------
+
+    def _round(self, _arg: Any = None) -> None:
+        s = self.ns
+        if self.now + s.fault_phase > self.sc.duration:
+            return
+        self.phase_end = self.now + s.fault_phase
+        self.in_phase = True
+        self.log(f"{self.now:.6f} - nemesis round until {self.phase_end:.3f}")
+        self.call_at(self.phase_end, self._quiet)
+        self.call_at(self.now + self.nrng.uniform(*s.every), self._fault)
+        for rate, fn in ((s.store_rate, self._store_op), (s.registry_rate, self._registry_op),
+                         (s.publish_rate, self._publish)):
+            if rate > 0:
+                self.call_at(self.now + self.wrng.expovariate(rate), self._work, (rate, fn))
+
+    def _work(self, arg: tuple[float, Any]) -> None:
+        rate, fn = arg
+        if not self.in_phase:
+            return
+        fn()
+        self.call_at(self.now + self.wrng.expovariate(rate), self._work, arg)
+
+    def _quiet(self, _arg: Any = None) -> None:
+        self.in_phase = False
+        self._heal_all()
+        self.call_at(self.now + self.ns.settle, self._check)
+        self.call_at(self.now + self.ns.quiet, self._round)
+
+    # --- faults -----------------------------------------------------------------------------
+
+    def _fault(self, _arg: Any = None) -> None:
+        if not self.in_phase:
+            return
+        s = self.ns
+        kinds = s.kinds or dict.fromkeys(KINDS, 1.0)
+        names = list(kinds)
+        kind = self.nrng.choices(names, weights=[kinds[k] for k in names])[0]
+        end = min(self.now + self.nrng.uniform(*s.length), self.phase_end)
+        if getattr(self, f"_start_{kind}")(end):
+            self.fault_counts[kind] += 1
+        self.call_at(self.now + self.nrng.uniform(*s.every), self._fault)
+
+    def _running(self) -> list[SimNode]:
+        return [n for n in self.nodes if n.up and not n.paused]
+
+    def _start_partition(self, end: float) -> bool:
+        if self.cut_until is not None:
+            return False
+        n = len(self.nodes)
+        order = list(range(n))
+        self.nrng.shuffle(order)
+        form = self.nrng.choice(("halves", "islands", "one-way", "bridge"))
+        if form == "islands":
+            k = self.nrng.randint(3, 5)
+            group = {idx: pos % k for pos, idx in enumerate(order)}
+        else:
+            group = {idx: int(pos >= n // 2) for pos, idx in enumerate(order)}
+        bridge = order[0] if form == "bridge" else None
+        blocked = set()
+        for a in range(n):
+            for b in range(n):
+                if group[a] == group[b] or bridge in (a, b):
+                    continue
+                if form == "one-way" and group[a] != 0:
+                    continue  # side 1 still reaches side 0
+                blocked.add((a, b))
+        self.net.blocked = frozenset(blocked)
+        self.cut_until = end
+        sides = sorted({g for g in group.values()})
+        members = [" ".join(self.nodes[i].name for i in sorted(group) if group[i] == g)
+                   for g in sides]
+        self.log(f"{self.now:.6f} - nemesis partition {form}"
+                 + (f" bridge {self.nodes[bridge].name}" if bridge is not None else "")
+                 + "".join(f" | {m}" for m in members))
+        self.call_at(end, self._end_partition, end)
+        return True
+
+    def _end_partition(self, end: float) -> None:
+        if self.cut_until == end:
+            self.net.blocked = frozenset()
+            self.cut_until = None
+            self.log(f"{self.now:.6f} - nemesis heal partition")
+
+    def _start_crash(self, end: float) -> bool:
+        down = sum(1 for n in self.nodes if not n.up)
+        pool = [n for n in self.nodes if n.up]
+        if not pool or down + 1 > len(self.nodes) // 3:
+            return False
+        node = pool[self.nrng.randrange(len(pool))]
+        self._crash(node, None)
+        self.call_at(end, self._restart, node)
+        return True
+
+    def _start_pause(self, end: float) -> bool:
+        pool = self._running()
+        if not pool:
+            return False
+        node = pool[self.nrng.randrange(len(pool))]
+        node.pause_mode = FULL
+        node.degraded_until = float("inf")
+        self.paused_until[node.name] = end
+        self.log(f"{self.now:.6f} {node.name} pause full {end - self.now:.3f}")
+        self.call_at(end, self._end_pause, (node, end))
+        return True
+
+    def _end_pause(self, arg: tuple[SimNode, float]) -> None:
+        node, end = arg
+        if self.paused_until.get(node.name) == end:
+            del self.paused_until[node.name]
+            self._resume_node(node)
+
+    def _start_clock(self, end: float) -> bool:
+        pool = [n for n in self.nodes if n.up]
+        node = pool[self.nrng.randrange(len(pool))]
+        s = self.ns
+        jump = self.nrng.uniform(-s.max_jump, s.max_jump)
+        total = max(-s.max_offset, min(s.max_offset, node.offset + node.jump + jump))
+        node.jump = total - node.offset
+        self.log(f"{self.now:.6f} {node.name} clock jump {jump:+.3f} now {total:+.3f}")
+        return True
+
+    def _start_loss(self, end: float) -> bool:
+        return self._link_fault("loss", self.nrng.uniform(0.01, self.ns.loss), end)
+
+    def _start_latency(self, end: float) -> bool:
+        extra = self.nrng.uniform(0.01, self.ns.latency_ms / 1000)
+        return self._link_fault("latency", self.base_link["latency"] + extra, end)
+
+    def _link_fault(self, kind: str, value: float, end: float) -> bool:
+        """Set every link's `kind` ("loss", "latency") until `end` (one at a time)."""
+        if kind in self.link_until:
+            return False
+        setattr(self.net.default, kind, value)
+        self.link_until[kind] = end
+        self.log(f"{self.now:.6f} - nemesis {kind} {value:.4f}")
+        self.call_at(end, self._end_link_fault, (kind, end))
+        return True
+
+    def _end_link_fault(self, arg: tuple[str, float]) -> None:
+        kind, end = arg
+        if self.link_until.get(kind) == end:
+            del self.link_until[kind]
+            setattr(self.net.default, kind, self.base_link[kind])
+            self.log(f"{self.now:.6f} - nemesis {kind} ends")
+
+    def _heal_all(self) -> None:
+        if self.cut_until is not None:
+            self._end_partition(self.cut_until)
+        for kind, end in list(self.link_until.items()):
+            self._end_link_fault((kind, end))
+        for node in self.nodes:
+            if node.name in self.paused_until:
+                self._end_pause((node, self.paused_until[node.name]))
+            if not node.up:
+                self._restart(node)
+        self.log(f"{self.now:.6f} - nemesis quiet")
+
+    # --- the workload -----------------------------------------------------------------------
+
+    def _client_node(self, attr: str) -> SimNode | None:
+        pool = [n for n in self.nodes if n.up and not n.paused and getattr(n, attr) is not None]
+        return pool[self.wrng.randrange(len(pool))] if pool else None
+
+    def _store_op(self) -> None:
+        node = self._client_node("store")
+        if node is None:
+            return
+        rng, rep, keys = self.wrng, node.store, self.ns.keys
+        kind = rng.choice(("write", "write", "delete", "incr", "add", "add", "remove"))
+        now = self.now + node.offset
+        self.store_ops["issued"] += 1
+        n = self.store_ops["issued"]
+        if kind in ("write", "delete"):
+            key = f"r{rng.randrange(keys)}"
+            ts = rep.hlc.now()
+            value = None if kind == "delete" else f"v{n}".encode()
+            delta: crdt.State = {"lww": crdt.lww(ts, value)}
+            self.lww_keys.setdefault(key, checker.LwwKey()).written[ts] = value
+            op = _StoreOp(kind, key, node.name, ts=ts)
+        else:
+            key = f"{'c' if kind == 'incr' else 's'}{rng.randrange(keys)}"
+            current = rep.state.get(DB, TBL, key) or {}
+            if kind == "incr":
+                d = rng.randint(1, 5)
+                delta = {"counter": crdt.counter_add(current.get("counter"), node.name, d)}
+                self.counters.setdefault(key, checker.CounterKey())
+                op = _StoreOp(kind, key, node.name, delta=d)
+            elif kind == "add":
+                element = f"e{rng.randrange(keys)}"
+                tag = f"{node.name}:{rep.hlc.now()[0]}:{rep.hlc.now()[1]}"  # store/service.py
+                delta = {"set": crdt.set_add(current.get("set"), element, tag)}
+                self.sets.setdefault(key, checker.SetKey()).adds[tag] = element
+                op = _StoreOp(kind, key, node.name, tags=(tag,), element=element)
+            else:
+                have = crdt.set_members(current.get("set"))
+                if not have:
+                    return
+                element = have[rng.randrange(len(have))]
+                removed = crdt.set_remove(current.get("set"), element)
+                assert removed is not None
+                seen = tuple(current["set"]["adds"].get(element, ()))
+                delta = {"set": removed}
+                self.sets.setdefault(key, checker.SetKey()).removed.update(seen)
+                op = _StoreOp(kind, key, node.name, tags=seen, element=element)
+        replicas = rng.choice((1, 2))
+        _, wid = rep.local(DB, TBL, key, delta, now, want_acks=replicas > 1)
+        self.log(f"{self.now:.6f} {node.name} store {kind} {key} {op.element or op.delta or ''}"
+                 f" r{replicas}")
+        if wid is None:
+            self.store_acked(op)
+        else:
+            self.storesim.waiting.setdefault(node.name, {})[wid] = (rep, op)
+            self.call_at(self.now + self.ns.ack_timeout, self._ack_timeout, (node, rep, wid))
+        self._schedule_tick(node)
+
+    def _ack_timeout(self, arg: tuple[SimNode, Any, int]) -> None:
+        node, rep, wid = arg
+        waiting = self.storesim.waiting.get(node.name, {})
+        entry = waiting.get(wid)
+        if entry is None or entry[0] is not rep:
+            return  # acknowledged, or the op's node life is over (decided below)
+        del waiting[wid]
+        rep.acks.pop(wid, None)
+        self.store_unknown(entry[1])
+
+    def store_acked(self, op: _StoreOp) -> None:
+        self.store_ops["acked"] += 1
+        if op.kind in ("write", "delete"):
+            led = self.lww_keys[op.key]
+            assert op.ts is not None
+            if led.acked is None or op.ts > led.acked:
+                led.acked = op.ts
+        elif op.kind == "incr":
+            self.counters[op.key].acked += op.delta
+        elif op.kind == "add":
+            self.sets[op.key].acked_adds[op.tags[0]] = op.element
+        else:
+            self.sets[op.key].acked_removed.update(op.tags)
+
+    def store_unknown(self, op: _StoreOp) -> None:
+        self.store_ops["unknown"] += 1
+        if op.kind == "incr":
+            self.counters[op.key].unknown += op.delta
+
+    def _crash(self, node: SimNode, restart_after: float | None) -> None:
+        # ops waiting for acks on the node: the client never learns their outcome
+        for _rep, op in self.storesim.waiting.pop(node.name, {}).values():
+            self.store_unknown(op)
+        self.reg_mine.pop(node.name, None)  # (its instances die with it: see _check)
+        super()._crash(node, restart_after)
+
+    def _registry_op(self) -> None:
+        node = self._client_node("replicator")
+        if node is None:
+            return
+        rep = node.replicator
+        mine = self.reg_mine.setdefault(node.name, [])
+        now = self.now + node.offset
+        if mine and self.wrng.random() < 0.4:
+            key = mine.pop(self.wrng.randrange(len(mine)))
+            sends = rep.write(key, str(node.incarnation), None, now)
+            what = "deregister"
+        else:
+            self.reg_count += 1
+            key = f"i{self.reg_count}"
+            sends = rep.write(key, str(node.incarnation),
+                              {"service": f"svc{self.reg_count % 5}", "node": node.name,
+                               "id": key}, now)
+            mine.append(key)
+            what = "register"
+        entry = rep.state.entries[f"{node.name}/{key}"]
+        self.reg_latest[entry.key] = (entry.ts, node.name, node.incarnation,
+                                      entry.value is None)
+        self.log(f"{self.now:.6f} {node.name} registry {what} {key}")
+        self._reg_send(node, sends)
+        self._schedule_tick(node)
+
+    def _publish(self) -> None:
+        self._publish_one(None)  # type: ignore[arg-type]
+
+    def offered(self, b: BrokerNode, key: Any, o: Any) -> None:
+        super().offered(b, key, o)
+        if o.kind != "deliver":
+            origin_seq = (b.name, *key[:2], o.seq)
+            for msg_id, (origin, ns, topic, seq, _) in self.published.items():
+                if (origin, ns, topic, seq) == origin_seq:
+                    self.dead_letters[(key[2], msg_id)] = f"attempt {o.attempt}"
+                    self.log(f"{self.now:.6f} {b.name} dead {key[2]} {msg_id}")
+                    break
+
+    # --- checks -----------------------------------------------------------------------------
+
+    def violation(self, f: checker.Finding) -> None:
+        subjects = [s for s in f.subjects if s]
+        lines = [line for line in self.ring if any(s in line.split() for s in subjects)] \
+            if subjects else list(self.ring)
+        self.violations.append({"time": round(self.now, 3), "invariant": f.invariant,
+                                "nodes": f.nodes, "detail": f.detail,
+                                "excerpt": lines[-EXCERPT_LINES:]})
+        self.log(f"{self.now:.6f} - violation {f.invariant} {' '.join(f.nodes)}")
+
+    def _check(self, _arg: Any = None) -> None:
+        self.quiet_periods += 1
+        up = [n for n in self.nodes if n.up]
+        findings: list[checker.Finding] = []
+        views = {n.name: [m.name for m in n.core.member_list() if m.state == ALIVE]
+                 for n in up}
+        findings += checker.membership(views, [n.name for n in up])
+        # digests of what readers see: a tombstone is collected at a different moment on
+        # each node (the registry's after 600 s as each saw it; the store's by its clock),
+        # so raw digests differ for a while after every collection
+        findings += checker.digests("registry", {n.name: sorted(
+            (k, e.ts) for k, e in n.replicator.state.entries.items() if e.value is not None)
+            for n in up})
+        findings += checker.digests("store", {n.name: self._store_view(n) for n in up})
+        held = {n.name: {k: e.ts for k, e in n.replicator.state.entries.items()} for n in up}
+        live = {n.name: n.incarnation for n in up}
+        latest = {k: (ts, owner, gone) for k, (ts, owner, life, gone)
+                  in self.reg_latest.items() if live.get(owner) == life}
+        findings += checker.registry(latest, held)
+        self.checked_ops += len(latest)
+        if up:
+            state = up[0].store.state
+            for key, led in sorted(self.lww_keys.items()):
+                s = state.get(DB, TBL, key)
+                findings += checker.lww(key, led, s.get("lww") if s else None)
+            for key, cled in sorted(self.counters.items()):
+                s = state.get(DB, TBL, key) or {}
+                findings += checker.counter(key, cled, crdt.counter_value(s.get("counter")))
+            for key, sled in sorted(self.sets.items()):
+                s = state.get(DB, TBL, key) or {}
+                findings += checker.or_set(key, sled, crdt.set_members(s.get("set")))
+            self.checked_ops += self.store_ops["acked"]
+        owed = self._owed(self.phase_end)
+        findings += checker.broker(owed, self.received_n, self.dead_letters)
+        self.checked_ops += len(owed)
+        extra = {}
+        for msg_id, (origin, ns, topic, seq, _) in self.published.items():
+            for name in self.names:
+                n = self.received_n.get((name, msg_id), 0)
+                if n > 1 and (name, msg_id) not in self.dup_reported:
+                    over = n - self.offers.get((origin, ns, topic, name, seq), 0)
+                    if over > 0:
+                        extra[(name, msg_id)] = over
+                        self.dup_reported.add((name, msg_id))
+        findings += checker.queue_duplicates(extra)
+        for f in findings:
+            self.violation(f)
+        self.log(f"{self.now:.6f} - nemesis check {len(findings)} violations")
+
+    def _store_view(self, node: SimNode) -> list[Any]:
+        """What a reader of the workload's keys gets on `node`."""
+        state = node.store.state
+        out: list[Any] = []
+        for key in [*sorted(self.lww_keys), *sorted(self.counters), *sorted(self.sets)]:
+            s = state.get(DB, TBL, key) or {}
+            reg = s.get("lww")
+            out.append((key, None if reg is None or reg[1] is None else (reg[0], reg[1]),
+                        crdt.counter_value(s.get("counter")), crdt.set_members(s.get("set"))))
+        return out
+
+    # --- the result -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        result = super().run()
+        result["violations"] = self.violations
+        result["faults"] = dict(self.fault_counts)
+        result["quiet_periods"] = self.quiet_periods
+        result["checked_ops"] = self.checked_ops
+        result["not_modelled"] = NOT_MODELLED
+        result["metrics"].update({f"store_ops_{k}": v for k, v in self.store_ops.items()})
+        result["metrics"]["registry_ops"] = self.reg_count
+        return result

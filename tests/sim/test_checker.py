@@ -1,0 +1,85 @@
+"""Issue 23: the nemesis's checker (sim/checker.py) finds each kind of violation planted in
+otherwise good data, and passes the good data."""
+
+from __future__ import annotations
+
+from meshd.store import crdt
+from meshd_sim import checker
+
+
+def invariants(findings: list[checker.Finding]) -> list[str]:
+    return [f.invariant for f in findings]
+
+
+def test_membership_agrees_only_when_every_node_sees_exactly_the_running_ones():
+    running = ["a", "b", "c"]
+    good = {"a": ["a", "b", "c"], "b": ["c", "b", "a"], "c": ["a", "b", "c"]}
+    assert checker.membership(good, running) == []
+    bad = dict(good, b=["a", "b"], c=["a", "b", "c", "d"])
+    found = checker.membership(bad, running)
+    assert invariants(found) == ["membership-agrees"] * 2
+    assert "missing ['c']" in found[0].detail and "not running ['d']" in found[1].detail
+
+
+def test_digests_must_be_equal_and_the_odd_nodes_are_named():
+    assert checker.digests("store", {"a": [1], "b": [1], "c": [1]}) == []
+    (f,) = checker.digests("store", {"a": [1], "b": [2], "c": [1]})
+    assert f.invariant == "store-digests-equal" and f.nodes == ["b"]
+
+
+def test_registry_writes_are_held_as_written_and_removals_may_be_collected():
+    ts = (5, 0, "a")
+    latest = {"a/i1": (ts, "a", False), "a/i2": ((6, 0, "a"), "a", True)}
+    held = {"a": {"a/i1": ts, "a/i2": (6, 0, "a")}, "b": {"a/i1": ts}}  # b collected i2
+    assert checker.registry(latest, held) == []
+    (f,) = checker.registry(latest, dict(held, c={"a/i1": (4, 0, "a")}))
+    assert f.invariant == "registry-write-kept" and "c" in f.nodes
+    (f,) = checker.registry(latest, dict(held, c={}))  # a registration missing
+    assert f.invariant == "registry-write-kept"
+
+
+def test_lww_history_an_acknowledged_write_may_be_superseded_never_undone():
+    led = checker.LwwKey(acked=(10, 0, "a"),
+                         written={(10, 0, "a"): b"x", (12, 0, "b"): None, (8, 0, "c"): b"old"})
+    assert checker.lww("k", led, crdt.lww((10, 0, "a"), b"x")) == []
+    assert checker.lww("k", led, crdt.lww((12, 0, "b"), None)) == []  # a later delete
+    assert invariants(checker.lww("k", led, crdt.lww((8, 0, "c"), b"old"))) == [
+        "lww-acked-write-kept"]
+    assert invariants(checker.lww("k", led, None)) == ["lww-acked-write-kept"]
+    assert invariants(checker.lww("k", led, crdt.lww((10, 0, "a"), b"y"))) == [
+        "lww-no-invented-value"]
+    assert invariants(checker.lww("k", led, crdt.lww((99, 0, "z"), b"x"))) == [
+        "lww-no-invented-value"]
+    assert checker.lww("k", checker.LwwKey(), None) == []  # nothing acknowledged
+
+
+def test_counters_lie_between_the_acknowledged_sum_and_that_plus_the_unknown():
+    assert checker.counter("c", checker.CounterKey(acked=7), 7) == []
+    assert invariants(checker.counter("c", checker.CounterKey(acked=7), 6)) == ["counter-sum"]
+    assert invariants(checker.counter("c", checker.CounterKey(acked=7), 8)) == ["counter-sum"]
+    led = checker.CounterKey(acked=7, unknown=3)
+    assert [checker.counter("c", led, v) == [] for v in (6, 7, 10, 11)] == [
+        False, True, True, False]
+
+
+def test_or_set_adds_win_and_acknowledged_removes_hold():
+    led = checker.SetKey(acked_adds={"a:1": "x", "b:1": "y"},
+                         adds={"a:1": "x", "b:1": "y", "c:1": "z", "a:2": "w"},
+                         removed={"b:1", "a:2"}, acked_removed={"a:2"})
+    assert checker.or_set("s", led, ["x"]) == []  # y removed (unacked remove landed)
+    assert checker.or_set("s", led, ["x", "y", "z"]) == []  # y's remove may not have landed
+    assert invariants(checker.or_set("s", led, [])) == ["set-acked-add-kept"]
+    assert invariants(checker.or_set("s", led, ["x", "w"])) == ["set-acked-remove-kept"]
+    assert invariants(checker.or_set("s", led, ["x", "q"])) == ["set-no-invented-member"]
+
+
+def test_durable_messages_are_owed_until_delivered_and_duplicates_need_a_redelivery():
+    owed = [("billing", "m1"), ("audit", "m1"), ("billing", "m2")]
+    received = {("billing", "m1"): 1, ("audit", "m1"): 2, ("billing", "m2"): 1}
+    assert checker.broker(owed, received, {}) == []
+    found = checker.broker(owed, {("billing", "m1"): 1}, {("audit", "m1"): "attempt 5"})
+    assert invariants(found) == ["broker-durable-delivered"] * 2
+    assert "dead-lettered: attempt 5" in found[0].detail and found[0].subjects == ["m1"]
+    assert checker.queue_duplicates({("billing", "m1"): 0}) == []
+    assert invariants(checker.queue_duplicates({("billing", "m1"): 1})) == [
+        "broker-no-duplicate-without-redelivery"]

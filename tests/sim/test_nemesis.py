@@ -1,0 +1,131 @@
+"""Issue 23: the nemesis (sim/nemesis.py) runs membership, registry, store and broker cores
+together under rounds of faults, checks them at every quiet period, and finds a broken core.
+
+Short runs: one round of 400 s of faults then a quiet period (about 12 s of wall time
+each); one simulated hour of the bundled scenario (`test_one_simulated_hour`); the 24-hour
+runs of seeds 1-10 are in the soak (tests/sim/test_soak.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from meshd.registry import replication
+from meshd.store import crdt
+from meshd_sim.nemesis import NemesisSimulation
+from meshd_sim.scenario import ScenarioError, load
+
+SHORT = ["nemesis.fault_phase=400", "nemesis.quiet=180", "nemesis.settle=120",
+         "duration=700"]
+
+
+def run(extra: list[str] | None = None, seed: int | None = None) -> dict:
+    return NemesisSimulation(load("nemesis", SHORT + (extra or [])), seed=seed).run()
+
+
+def test_a_short_run_injects_faults_checks_everything_and_finds_nothing():
+    r = run()
+    assert r["violations"] == [], r["violations"][:3]
+    assert r["quiet_periods"] == 1
+    assert sum(r["faults"].values()) >= 4 and set(r["faults"]) == {
+        "partition", "crash", "pause", "clock", "loss", "latency"}
+    m = r["metrics"]
+    assert m["store_ops_acked"] > 1000 and m["registry_ops"] > 100
+    assert m["broker_publishes_acked"] > 300 and m["broker_lost"] == 0
+    # every acknowledged store op, live registry write and owed message was looked at
+    assert r["checked_ops"] >= m["store_ops_acked"] + m["broker_publishes_acked"]
+    assert r["not_modelled"]
+
+
+def test_every_kind_of_fault_happens_and_is_healed_for_the_check():
+    for kind in ("partition", "crash", "pause", "clock", "loss", "latency"):
+        r = run([f"nemesis.kinds={{{kind} = 1}}", "nemesis.every=[10, 30]"])
+        assert r["faults"][kind] >= 5, (kind, r["faults"])
+        assert sum(r["faults"].values()) == r["faults"][kind]
+        assert r["violations"] == [], (kind, r["violations"][:2])
+
+
+def test_the_same_seed_replays_byte_identically():
+    a, b = run(seed=3), run(seed=3)
+    assert a["event_log_sha256"] == b["event_log_sha256"]
+    assert a["violations"] == b["violations"] and a["faults"] == b["faults"]
+    assert run(seed=4)["event_log_sha256"] != a["event_log_sha256"]
+
+
+def test_a_register_merge_that_keeps_the_older_write_is_caught(monkeypatch):
+    def older_wins(a, b):
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return a if crdt.lww_ts(a) <= crdt.lww_ts(b) else b
+
+    monkeypatch.setattr(crdt, "merge_lww", older_wins)
+    r = run(["nemesis.kinds={crash = 1}"])
+    found = {v["invariant"] for v in r["violations"]}
+    assert "lww-acked-write-kept" in found, found
+    v = next(v for v in r["violations"] if v["invariant"] == "lww-acked-write-kept")
+    key = v["detail"].split(":")[0]
+    assert v["excerpt"] and all(key in line.split() for line in v["excerpt"])
+    # a violation replays from its seed
+    again = run(["nemesis.kinds={crash = 1}"])
+    assert again["violations"] == r["violations"]
+
+
+def test_an_exception_in_a_core_is_a_violation_and_the_run_goes_on(monkeypatch):
+    real = replication.Replicator.receive
+    calls = {"n": 0}
+
+    def flaky(self, sender, msg, now):
+        calls["n"] += 1
+        if calls["n"] == 500:
+            raise KeyError("planted")
+        return real(self, sender, msg, now)
+
+    monkeypatch.setattr(replication.Replicator, "receive", flaky)
+    r = run(["nemesis.kinds={clock = 1}"])
+    (v,) = [v for v in r["violations"] if v["invariant"] == "no-crash-from-exception"]
+    assert "KeyError: 'planted'" in v["detail"] and v["nodes"]
+    assert r["quiet_periods"] == 1  # it went on to the check, with the node restarted
+    assert r["metrics"]["broker_lost"] == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("nemesis.quiet=0", "nemesis.fault_phase and nemesis.quiet must be above 0"),
+    ("nemesis.settle=500", "nemesis.settle must be above 0 and shorter than nemesis.quiet"),
+    ("nemesis.every=[5]", "nemesis.every must be [low, high]"),
+    ("nemesis.kinds={meteor = 1}", "nemesis.kinds.meteor: not a fault"),
+    ("nemesis.kinds={crash = 0}", "nemesis.kinds must give some fault a weight above 0"),
+    ("nemesis.loss=2", "nemesis.loss is a probability"),
+    ("nemesis.colour=1", "unknown key nemesis.colour"),
+])
+def test_bad_nemesis_settings_are_named(override, message):
+    with pytest.raises(ScenarioError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load("nemesis", [override])
+
+
+def test_the_cli_prints_the_issue_json_keys_and_refuses_bad_input_cleanly():
+    out = subprocess.run([sys.executable, "-m", "meshd_sim", "run", "nemesis", "--seed", "2",
+                          "--duration", "400", "--set", "nemesis.fault_phase=200",
+                          "--set", "nemesis.quiet=150", "--set", "nemesis.settle=100",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    for key in ("violations", "faults", "quiet_periods", "checked_ops"):
+        assert key in r
+    assert r["seed"] == 2 and r["quiet_periods"] == 1
+    bad = subprocess.run([sys.executable, "-m", "meshd_sim", "run", "nemesis", "--set",
+                          "nemesis.quiet=-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "nemesis.quiet must not be negative" in bad.stderr
+
+
+def test_one_simulated_hour():
+    """CI's run of the bundled scenario: one simulated hour of seed 1 (2 rounds)."""
+    r = NemesisSimulation(load("nemesis", ["duration=3600"])).run()
+    assert r["violations"] == [], r["violations"][:3]
+    assert r["quiet_periods"] == 2
+    assert sum(r["faults"].values()) >= 20
