@@ -216,8 +216,10 @@ class Simulation:
             return [m.addr for m in core.member_list() if m.state == ALIVE and m.name != core.name]
 
         hlc = HLC(node.name, lambda: node.wall_ms(self.now), **self.hlc_bounds())
-        return Replicator(node.name, hlc, peers, self._rng(f"reg:{node.name}:{node.incarnation}"),
-                          self.now + node.offset, sync_interval=self.sc.registry_sync_interval)
+        rep = Replicator(node.name, hlc, peers, self._rng(f"reg:{node.name}:{node.incarnation}"),
+                         self.now + node.offset, sync_interval=self.sc.registry_sync_interval)
+        rep.boot = str(node.incarnation)  # (the registry workloads write it as the boot id)
+        return rep
 
     def hlc_bounds(self) -> dict[str, Any]:
         """Keyword arguments for the registry's and the broker's HLCs: the daemon's defaults

@@ -65,6 +65,7 @@ DB, TBL = "nemesis", "t"
 EXCERPT_RING = 20000  # event-log lines kept for excerpts
 EXCERPT_LINES = 30
 MAX_EXCEPTIONS = 20  # past this many the run stops and raises
+REG_PER_NODE = 6  # a node's registered instances: at this many, one goes
 KINDS = ("partition", "crash", "pause", "clock", "loss", "latency")
 NOT_MODELLED = ["core (non-durable) publishes and plain subscribers",
                 "durable topics with replicas > 1",
@@ -500,7 +501,7 @@ class NemesisSimulation(BrokerSimulation):
         rep = node.replicator
         mine = self.reg_mine.setdefault(node.name, [])
         now = self.now + node.offset
-        if mine and self.wrng.random() < 0.4:
+        if mine and (len(mine) >= REG_PER_NODE or self.wrng.random() < 0.4):
             key = mine.pop(self.wrng.randrange(len(mine)))
             sends = rep.write(key, str(node.incarnation), None, now)
             what = "deregister"

@@ -142,6 +142,12 @@ class Consumer:
             out.append(self._deliver(seq, now))
         return out
 
+    def may_offer(self, now: float) -> bool:
+        """False when `poll(now)` is sure to return nothing (a cheap check first)."""
+        return bool((self._again and self._again[0][0] <= now)
+                    or (self._room() and (self.walked < self.last or (
+                        self._scheduled and self._scheduled[0][0] <= now))))
+
     def next_deadline(self) -> float | None:
         """When `poll` may have work without new input (None: only input brings work)."""
         while self._again and self._stale(*self._again[0]):

@@ -139,8 +139,8 @@ class Origin:
         its node (ours: delivered here) and publishes each Dead to TOPIC.dead; a message
         the log no longer holds is reported with `lost`."""
         c = self.consumers.get(key)
-        if c is None:
-            return []
+        if c is None or (key not in self.unrouted and not c.may_offer(now)):
+            return []  # (nothing due: no route to look up; an unrouted one looks again)
         if self._route(key) is None:
             self.unrouted.add(key)
             return []

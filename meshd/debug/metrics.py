@@ -177,6 +177,8 @@ STATS: dict[str, Stat] = {
                               "RPC calls from other nodes served here."),
     "registry_future_refused": Stat("meshd_registry_records_refused_total",
                                     "Registry records refused.", _why("future_timestamp")),
+    "registry_stale_removed": Stat("meshd_registry_stale_removed_total",
+                                   "Instances of this node's earlier boots removed."),
     # store
     "store_reads": Stat("meshd_store_operations_total", "Store operations.",
                         (("op", "read"),)),

@@ -20,7 +20,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshd import namespaces
@@ -34,10 +34,10 @@ class Entry:
     boot: str
     value: dict[str, Any] | None  # None = tombstone
     seen_at: float = 0.0
+    owner: str = field(init=False, compare=False, repr=False)  # the node before the "/"
 
-    @property
-    def owner(self) -> str:
-        return self.key.split("/", 1)[0]
+    def __post_init__(self) -> None:
+        self.owner = self.key.split("/", 1)[0]
 
     def digest_part(self) -> int:
         h = hashlib.blake2b(f"{self.key}|{self.ts[0]}|{self.ts[1]}|{self.ts[2]}".encode(),
@@ -73,6 +73,8 @@ class RegistryState:
         self.entries: dict[str, Entry] = {}
         self.tombstone_ttl = tombstone_ttl
         self._digest: dict[str, list[int]] = {}  # owner -> [count, xor]
+        self._owned: dict[str, dict[str, Entry]] = {}  # owner -> its entries by key
+        self._tombs: dict[str, Entry] = {}  # the tombstones, by key (what collect looks at)
 
     def _account(self, e: Entry, sign: int) -> None:
         d = self._digest.setdefault(e.owner, [0, 0])
@@ -90,6 +92,11 @@ class RegistryState:
             self._account(old, -1)
         e.seen_at = now
         self.entries[e.key] = e
+        self._owned.setdefault(e.owner, {})[e.key] = e
+        if e.value is None:
+            self._tombs[e.key] = e
+        else:
+            self._tombs.pop(e.key, None)
         self._account(e, +1)
         return True
 
@@ -101,16 +108,19 @@ class RegistryState:
         return sorted(o for o in owners if self._digest.get(o) != remote.get(o))
 
     def entries_of(self, owners: list[str]) -> list[Entry]:
-        wanted = set(owners)
-        return [e for e in self.entries.values() if e.owner in wanted]
+        return [e for o in dict.fromkeys(owners) for e in self._owned.get(o, {}).values()]
 
     def collect(self, now: float) -> int:
         """Drop tombstones older than the ttl; returns how many."""
-        old = [e for e in self.entries.values()
-               if e.value is None and now - e.seen_at > self.tombstone_ttl]
+        old = [e for e in self._tombs.values() if now - e.seen_at > self.tombstone_ttl]
         for e in old:
             self._account(e, -1)
             del self.entries[e.key]
+            del self._tombs[e.key]
+            owned = self._owned[e.owner]
+            del owned[e.key]
+            if not owned:
+                del self._owned[e.owner]
         return len(old)
 
     def live(self, boots: dict[str, str]) -> list[Entry]:

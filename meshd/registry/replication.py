@@ -17,6 +17,11 @@ Rules:
 - An entry whose HLC timestamp is more than the clock's drift bound ahead of our physical
   clock is refused, not applied, and counted (`registry_future_refused`): one node with a
   clock in the future must not drag every clock forward (see hlc.py).
+- A node removes its own instances of earlier boots: an entry it owns that arrives from a
+  peer with another boot id than `boot` (set by the shell) and a value is answered with a
+  tombstone of ours, so a restarted node's old instances (never served: their boot is not
+  the live one) do not stay in every node's state, digest and repairs for ever (the nemesis
+  restarted nodes every few minutes and each life's instances piled up).
 - The core never does I/O: `write`, `receive` and `tick` return (address, message) pairs.
 """
 
@@ -46,7 +51,8 @@ class Replicator:
         self.state = RegistryState()
         self.next_sync = now + rng.uniform(0, sync_interval)
         self.on_change: Callable[[str, Entry, Entry | None], None] | None = None
-        self.stats = {"registry_future_refused": 0}
+        self.boot: str | None = None  # this node's boot id: our entries of others are removed
+        self.stats = {"registry_future_refused": 0, "registry_stale_removed": 0}
 
     def write(self, key: str, boot: str, value: dict[str, Any] | None, now: float) -> list[Send]:
         """A local change (value None deletes): applied here, then pushed."""
@@ -66,12 +72,27 @@ class Replicator:
                     kind = "delete" if e.value is None else (
                         "create" if old is None or old.value is None else "update")
                     self.on_change(kind, e, old)
+        if source is not None and self.boot is not None:
+            changed += self._remove_stale(changed, now)
         if not changed:
             return []
         msg = {"t": "delta", "entries": [e.to_wire() for e in changed]}
         targets = [p for p in self.peers() if p != source]
         self.rng.shuffle(targets)
         return [(addr, msg) for addr in targets[:self.fanout]]
+
+    def _remove_stale(self, changed: list[Entry], now: float) -> list[Entry]:
+        """Tombstones for our own entries of an earlier boot among `changed` (the rules)."""
+        out = []
+        for e in changed:
+            if e.value is not None and e.boot != self.boot and e.owner == self.node:
+                tomb = Entry(e.key, self.hlc.now(), self.boot or "", None)
+                if self.state.apply(tomb, now):
+                    out.append(tomb)
+                    self.stats["registry_stale_removed"] += 1
+                    if self.on_change is not None:
+                        self.on_change("delete", tomb, e)
+        return out
 
     def next_deadline(self) -> float:
         return self.next_sync

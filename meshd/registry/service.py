@@ -79,6 +79,7 @@ class RegistryService:
         self.replicator = Replicator(self.node, self.hlc, self._peer_addrs, self.rng,
                                      trio.current_time(), fanout, sync_interval)
         self.replicator.on_change = self._notify
+        self.replicator.boot = boot
         self.state = self.replicator.state
         self.local: dict[str, LocalInstance] = {}
         self.on_drop: list[Callable[[str], None]] = []  # called with a dropped instance id

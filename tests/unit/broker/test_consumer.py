@@ -198,3 +198,27 @@ def test_a_due_delayed_message_does_not_wake_a_full_consumer():
     assert c.poll(6.0) == []
     c.ack(3)
     assert c.next_deadline() == 5.0 and [o.seq for o in c.poll(6.0)] == [2]
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from(["append", "delayed", "poll", "ack", "nak"]),
+                          st.integers(1, 12), st.floats(0, 100)), max_size=40))
+def test_may_offer_is_false_only_when_poll_has_nothing(ops):
+    c = Consumer(ack_wait=10, max_in_flight=3, max_deliver=3)
+    now, seq = 0.0, 0
+    for op, n, dt in ops:
+        now += dt / 10
+        if op == "append":
+            seq += 1
+            c.append(seq)
+        elif op == "delayed":
+            seq += 1
+            c.append(seq, not_before=now + dt)
+        elif op == "ack":
+            c.ack(n)
+        elif op == "nak":
+            c.nak(n, now, dt / 10)
+        else:
+            quiet = not c.may_offer(now)
+            got = c.poll(now)
+            assert not (quiet and got), (got, c)

@@ -129,3 +129,39 @@ def test_unknown_message_raises_wire_error():
         reps["a"].receive("b", {"t": "nope"}, 0.0)
     with pytest.raises(WireError):
         reps["a"].receive("b", [1, 2], 0.0)
+
+
+def test_a_restarted_node_removes_its_instances_of_earlier_boots_when_it_sees_them():
+    reps = _replicators(["a", "b"])
+    for r in reps.values():
+        r.boot = "boot1"
+    deliver(reps, reps["a"].write("i1", "boot1", {"service": "s"}, 0.0), src="a")
+    deliver(reps, reps["b"].write("j1", "boot1", {"service": "s"}, 0.0), src="b")
+    assert reps["b"].state.entries["a/i1"].value is not None
+    # a restarts (kill -9): a new boot and an empty state; anti-entropy brings i1 back
+    clock = {"t": 2000}
+    reps["a"] = Replicator("a", HLC("a", lambda: clock["t"]), lambda: ["b"],
+                           random.Random("a2"), 0.0, fanout=1, sync_interval=5.0)
+    reps["a"].boot = "boot2"
+    deliver(reps, reps["a"].write("i2", "boot2", {"service": "s"}, 0.0), src="a")
+    deliver(reps, reps["a"].sync_with("b"), src="a")
+    for r in reps.values():
+        assert r.state.entries["a/i1"].value is None, "the old boot's instance is removed"
+        assert r.state.entries["a/i2"].value == {"service": "s"}
+        assert r.state.entries["b/j1"].value == {"service": "s"}  # not ours: kept
+    assert reps["a"].stats["registry_stale_removed"] == 1
+    assert reps["a"].state.digest() == reps["b"].state.digest()
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(entries, st.floats(0, 2000)), max_size=20), st.floats(0, 3000))
+def test_the_owner_index_and_tombstone_list_answer_as_a_scan_of_every_entry(items, later):
+    s = RegistryState()
+    for e, now in items:
+        s.apply(Entry(e.key, e.ts, e.boot, e.value), now)
+    s.collect(later)
+    for owners in (["a"], ["b", "c"], ["c", "a", "a"], ["z"]):
+        assert sorted(e.key for e in s.entries_of(owners)) == sorted(
+            k for k, e in s.entries.items() if e.owner in owners)
+    assert all(now_seen.value is not None or later - now_seen.seen_at <= s.tombstone_ttl
+               for now_seen in s.entries.values()), "an old tombstone was not collected"
