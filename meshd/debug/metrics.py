@@ -177,6 +177,9 @@ STATS: dict[str, Stat] = {
                               "RPC calls from other nodes served here."),
     "registry_future_refused": Stat("meshd_registry_records_refused_total",
                                     "Registry records refused.", _why("future_timestamp")),
+    "registry_old_tombstones_dropped": Stat(
+        "meshd_registry_records_refused_total", "Registry records refused.",
+        _why("collected_tombstone")),
     "registry_stale_removed": Stat("meshd_registry_stale_removed_total",
                                    "Instances of this node's earlier boots removed."),
     # store

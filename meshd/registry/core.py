@@ -110,9 +110,12 @@ class RegistryState:
     def entries_of(self, owners: list[str]) -> list[Entry]:
         return [e for o in dict.fromkeys(owners) for e in self._owned.get(o, {}).values()]
 
-    def collect(self, now: float) -> int:
-        """Drop tombstones older than the ttl; returns how many."""
-        old = [e for e in self._tombs.values() if now - e.seen_at > self.tombstone_ttl]
+    def collect(self, now: float, wall_ms: int | None = None) -> int:
+        """Drop tombstones seen more than the ttl ago, or (given the HLC's wall, ms) written
+        more than the ttl before it; returns how many."""
+        written_before = -1 if wall_ms is None else wall_ms - int(self.tombstone_ttl * 1000)
+        old = [e for e in self._tombs.values()
+               if now - e.seen_at > self.tombstone_ttl or e.ts[0] < written_before]
         for e in old:
             self._account(e, -1)
             del self.entries[e.key]

@@ -22,6 +22,14 @@ Rules:
   tombstone of ours, so a restarted node's old instances (never served: their boot is not
   the live one) do not stay in every node's state, digest and repairs for ever (the nemesis
   restarted nodes every few minutes and each life's instances piled up).
+- Tombstones are collected `ttl` after they were written, by `wall()` (the newest of our
+  clock and the times this node has seen from any node, so nodes agree on it within a
+  gossip round whatever their clocks), or `ttl` after this node saw one, whichever comes first. A
+  tombstone from a peer for a key we do not hold, written more than `ttl` before `wall()`,
+  is dropped: we collected it already. Before this rule tombstones were collected
+  only `ttl` after each node saw them, so one node still held one when another had
+  collected it; the repair brought it back to the one that had collected it, which kept it
+  another ttl, and so on: the nemesis found tombstones bouncing between nodes for ever.
 - The core never does I/O: `write`, `receive` and `tick` return (address, message) pairs.
 """
 
@@ -52,7 +60,8 @@ class Replicator:
         self.next_sync = now + rng.uniform(0, sync_interval)
         self.on_change: Callable[[str, Entry, Entry | None], None] | None = None
         self.boot: str | None = None  # this node's boot id: our entries of others are removed
-        self.stats = {"registry_future_refused": 0, "registry_stale_removed": 0}
+        self.stats = {"registry_future_refused": 0, "registry_stale_removed": 0,
+                      "registry_old_tombstones_dropped": 0}
 
     def write(self, key: str, boot: str, value: dict[str, Any] | None, now: float) -> list[Send]:
         """A local change (value None deletes): applied here, then pushed."""
@@ -61,7 +70,12 @@ class Replicator:
 
     def _apply(self, entries: list[Entry], source: str | None, now: float) -> list[Send]:
         changed = []
+        old_before = self.wall() - int(self.state.tombstone_ttl * 1000)
         for e in entries:
+            if source is not None and e.value is None and e.ts[0] < old_before \
+                    and e.key not in self.state.entries:
+                self.stats["registry_old_tombstones_dropped"] += 1
+                continue  # collected here already, or never needed: see the rules
             if source is not None and not self.hlc.observe(e.ts):  # source None: our own
                 self.stats["registry_future_refused"] += 1
                 continue
@@ -80,6 +94,11 @@ class Replicator:
         targets = [p for p in self.peers() if p != source]
         self.rng.shuffle(targets)
         return [(addr, msg) for addr in targets[:self.fanout]]
+
+    def wall(self) -> int:
+        """The time tombstones are aged by (ms): the newest of our clock and what the HLC
+        has seen from any node."""
+        return max(self.hlc.wall, self.hlc.clock())
 
     def _remove_stale(self, changed: list[Entry], now: float) -> list[Entry]:
         """Tombstones for our own entries of an earlier boot among `changed` (the rules)."""
@@ -101,7 +120,7 @@ class Replicator:
         if now < self.next_sync:
             return []
         self.next_sync = now + self.sync_interval * (0.5 + self.rng.random())
-        self.state.collect(now)
+        self.state.collect(now, self.wall())
         peers = self.peers()
         if not peers:
             return []

@@ -240,7 +240,7 @@ class RegistryService:
                     self._drop_local(local, f"no heartbeat for {self.ttl:.0f} s")
                     with trio.CancelScope(shield=True), trio.move_on_after(0.5):
                         await local.conn.aclose()
-            self.state.collect(trio.current_time())
+            self.state.collect(trio.current_time(), self.replicator.wall())
 
     def _write(self, inst_id: str, record: dict[str, Any] | None) -> None:
         self._send_all(self.replicator.write(inst_id, self.boot, record,

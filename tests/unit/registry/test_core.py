@@ -67,6 +67,10 @@ def test_tombstones_are_collected_after_ttl():
     s.apply(Entry("a/1", (1, 0, "a"), "x", None), 0.0)
     assert s.collect(5.0) == 0
     assert s.collect(11.0) == 1 and not s.entries and not s.digest()
+    # written more than the ttl before the wall it is aged by: gone, however late it was seen
+    s.apply(Entry("a/2", (50_000, 0, "a"), "x", None), 100.0)
+    assert s.collect(101.0, wall_ms=59_000) == 0
+    assert s.collect(101.0, wall_ms=60_001) == 1 and not s.entries
 
 
 @pytest.mark.parametrize("raw", [None, [], ["nokey", [1, 0, "a"], "x", None],
@@ -165,3 +169,26 @@ def test_the_owner_index_and_tombstone_list_answer_as_a_scan_of_every_entry(item
             k for k, e in s.entries.items() if e.owner in owners)
     assert all(now_seen.value is not None or later - now_seen.seen_at <= s.tombstone_ttl
                for now_seen in s.entries.values()), "an old tombstone was not collected"
+
+
+def test_a_collected_tombstone_does_not_come_back_from_a_peer_that_still_holds_it():
+    clock = {"t": 1000}
+    reps = {n: Replicator(n, HLC(n, lambda: clock["t"]), lambda n=n: ["b" if n == "a" else "a"],
+                          random.Random(n), 0.0, fanout=1, sync_interval=5.0)
+            for n in ("a", "b")}
+    deliver(reps, reps["a"].write("i1", "x", {"service": "s"}, 0.0), src="a")
+    deliver(reps, reps["a"].write("i1", "x", None, 1.0), src="a")  # removed: a tombstone
+    deliver(reps, reps["a"].write("i2", "x", {"service": "s"}, 1.0), src="a")
+    assert reps["b"].state.entries["a/i1"].value is None
+    clock["t"] += 700_000  # 700 s later; a collects its tombstone, b (saw it later) not yet
+    assert reps["a"].state.collect(700.0) == 1 and "a/i1" not in reps["a"].state.entries
+    deliver(reps, reps["a"].sync_with("b"), src="a")  # the digests differ: b sends i1's
+    assert "a/i1" not in reps["a"].state.entries, "the tombstone came back"
+    assert reps["a"].stats["registry_old_tombstones_dropped"] == 1
+    assert reps["a"].state.entries["a/i2"].value == {"service": "s"}
+    assert reps["b"].state.collect(705.0) == 1  # b collects it in turn: the same digests
+    assert reps["a"].state.digest() == reps["b"].state.digest()
+    # a young tombstone for a key we do not hold is still taken (it may delete a value
+    # that reaches us later)
+    deliver(reps, reps["b"].write("j1", "x", None, 706.0), src="b")
+    assert reps["a"].state.entries["b/j1"].value is None
