@@ -189,12 +189,15 @@ class NemesisSimulation(BrokerSimulation):
         self.ns: NemesisSettings = scenario.nemesis
         self.drift_ms = int((2 * self.ns.max_offset + 10) * 1000)
         self.storesim = NemesisStore(self)
+        if self.net.default.bandwidth <= 0 and not self.net.links:
+            self.size_messages = False  # (registry and store bytes are not reported)
         self.nrng = self._rng("nemesis")
         self.wrng = self._rng("workload")
         self.ring: collections.deque[str] = collections.deque(maxlen=EXCERPT_RING)
         self.violations: list[dict[str, Any]] = []
         self.fault_counts: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.quiet_periods = 0
+        self.rounds = 0
         self.checked_ops = 0
         self.phase_end = 0.0
         self.in_phase = False
@@ -250,6 +253,7 @@ class NemesisSimulation(BrokerSimulation):
             return
         self.phase_end = self.now + s.fault_phase
         self.in_phase = True
+        self.rounds += 1
         self.log(f"{self.now:.6f} - nemesis round until {self.phase_end:.3f}")
         self.call_at(self.phase_end, self._quiet)
         self.call_at(self.now + self.nrng.uniform(*s.every), self._fault)
@@ -423,7 +427,10 @@ class NemesisSimulation(BrokerSimulation):
             self.lww_keys.setdefault(key, checker.LwwKey()).written[ts] = value
             op = _StoreOp(kind, key, node.name, ts=ts)
         else:
-            key = f"{'c' if kind == 'incr' else 's'}{rng.randrange(keys)}"
+            # (sets get new keys each round: an OR-set keeps every tag it was ever given,
+            # so one key churned for 24 hours would grow without end; the store's, as is)
+            key = f"c{rng.randrange(keys)}" if kind == "incr" else \
+                f"s{self.rounds}.{rng.randrange(keys)}"
             current = rep.state.get(DB, TBL, key) or {}
             if kind == "incr":
                 d = rng.randint(1, 5)

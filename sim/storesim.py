@@ -124,7 +124,7 @@ class StoreSim:
     def send(self, node: Any, sends: list[tuple[str, Any]]) -> None:
         sim = self.sim
         for addr, msg in sends:
-            size = len(cbor2.dumps(msg))
+            size = len(cbor2.dumps(msg)) if sim.size_messages else 0
             if sim.now >= self.sc.warmup:
                 self.msgs += 1
                 self.bytes += size

@@ -111,11 +111,14 @@ class RegistryState:
         return [e for o in dict.fromkeys(owners) for e in self._owned.get(o, {}).values()]
 
     def collect(self, now: float, wall_ms: int | None = None) -> int:
-        """Drop tombstones seen more than the ttl ago, or (given the HLC's wall, ms) written
-        more than the ttl before it; returns how many."""
-        written_before = -1 if wall_ms is None else wall_ms - int(self.tombstone_ttl * 1000)
-        old = [e for e in self._tombs.values()
-               if now - e.seen_at > self.tombstone_ttl or e.ts[0] < written_before]
+        """Drop tombstones written more than the ttl before `wall_ms` (the replicator's
+        wall(): every node ages them alike), or without it seen more than the ttl before
+        `now`; returns how many."""
+        if wall_ms is None:
+            old = [e for e in self._tombs.values() if now - e.seen_at > self.tombstone_ttl]
+        else:
+            written_before = wall_ms - int(self.tombstone_ttl * 1000)
+            old = [e for e in self._tombs.values() if e.ts[0] < written_before]
         for e in old:
             self._account(e, -1)
             del self.entries[e.key]
