@@ -616,10 +616,15 @@ class Simulation:
         if self.now >= until or not node.up or node.paused:
             return
         length = self._pause_length(f)
-        node.pause_mode = FULL if f.mode == "full" else RECEIVE
-        node.degraded_until = math.inf
-        self.log(f"{self.now:.6f} {node.name} pause {f.mode} {length:.3f}")
+        self._pause_node(node, f.mode, length)
         self.call_at(self.now + length, self._resume, (node, f))
+
+    def _pause_node(self, node: SimNode, mode: str, length: float) -> None:
+        """Pause a node ("full" or "receive", see the module rules) for `length` seconds;
+        the caller ends it with _resume_node."""
+        node.pause_mode = FULL if mode == "full" else RECEIVE
+        node.degraded_until = math.inf
+        self.log(f"{self.now:.6f} {node.name} pause {mode} {length:.3f}")
 
     def _resume(self, arg: tuple[SimNode, Fault]) -> None:
         node, f = arg

@@ -57,7 +57,7 @@ from meshd.store import crdt
 
 from . import checker
 from .brokersim import BrokerNode, BrokerSimulation
-from .engine import FULL, SimNode
+from .engine import SimNode
 from .scenario import ScenarioError, _table
 from .storesim import StoreSim
 
@@ -345,10 +345,8 @@ class NemesisSimulation(BrokerSimulation):
         if not pool:
             return False
         node = pool[self.nrng.randrange(len(pool))]
-        node.pause_mode = FULL
-        node.degraded_until = float("inf")
+        self._pause_node(node, "full", end - self.now)
         self.paused_until[node.name] = end
-        self.log(f"{self.now:.6f} {node.name} pause full {end - self.now:.3f}")
         self.call_at(end, self._end_pause, (node, end))
         return True
 

@@ -629,13 +629,14 @@ class DurableTopics:
         among them was not attempted, so it is offered again after UNSENT_DELAY without
         counting the attempt, as a return (O3). Acks and naks lost so are redelivered by
         their consumers' ack timeout, as any lost in the network."""
-        for item in items:
-            if isinstance(item, dict) and item.get("t") == "deliver":
-                key = self._key(item["ns"], item["topic"], item["durable"], item.get("log"))
-                self.origin.settle(key, "return", [item["seq"]], UNSENT_DELAY, time.time(),
-                                   node)
-                self.stats["broker_deliveries_unsent"] += 1
-                self._kick.set()
+        unsent = [item for item in items
+                  if isinstance(item, dict) and item.get("t") == "deliver"]
+        for item in unsent:
+            key = self._key(item["ns"], item["topic"], item["durable"], item.get("log"))
+            self.origin.settle(key, "return", [item["seq"]], UNSENT_DELAY, time.time(), node)
+        if unsent:
+            self.stats["broker_deliveries_unsent"] += len(unsent)
+            self._kick.set()
 
     def on_gone(self, node: str) -> None:
         """A member died or left: what we delivered to it is offered again now; copies of

@@ -24,12 +24,12 @@ Rules:
   restarted nodes every few minutes and each life's instances piled up).
 - Tombstones are collected `ttl` after they were written, by `wall()` (the newest of our
   clock and the times this node has seen from any node, so nodes agree on it within a
-  gossip round whatever their clocks), or `ttl` after this node saw one, whichever comes first. A
-  tombstone from a peer for a key we do not hold, written more than `ttl` before `wall()`,
-  is dropped: we collected it already. Before this rule tombstones were collected
-  only `ttl` after each node saw them, so one node still held one when another had
-  collected it; the repair brought it back to the one that had collected it, which kept it
-  another ttl, and so on: the nemesis found tombstones bouncing between nodes for ever.
+  gossip round whatever their clocks). A tombstone from a peer for a key we do not hold,
+  written more than `ttl` before `wall()`, is dropped: we collected it already. Before
+  these rules tombstones were collected only `ttl` after each node saw them, so one node
+  still held one when another had collected it; the repair brought it back to the one that
+  had collected it, which kept it another ttl, and so on: the nemesis found tombstones
+  bouncing between nodes for ever.
 - The core never does I/O: `write`, `receive` and `tick` return (address, message) pairs.
 """
 
