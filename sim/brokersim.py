@@ -48,8 +48,14 @@ Rules (the model):
 - Subscribers are clients attached to one node from `at`; after their node restarts they
   subscribe again `resubscribe_after` seconds later (a client reconnecting). A paused node
   handles broker messages and timers only when it resumes (they are retried every
-  PAUSE_STEP).
-- Not modelled: core (non-durable) delivery and plain subscribers, delays, dead-letter
+  PAUSE_STEP; messages in one queue per node, so they keep their order).
+- Core delivery (service.publish, deliver_local; only when the scenario names
+  `core_subscribers`): a core publish routes through the real table (route(...,
+  queues=not durable)) and sends one "copy" item to each node it names (ours: delivered
+  here), through the outbox like a delivery; the receiving node hands it to every local
+  plain subscriber whose pattern matches and to one local member of each group the copy
+  names (local_targets). At most once: nothing is retried, a copy lost is lost.
+- Not modelled: delays, dead-letter
   topics' own subscribers, retention, replicas (R>1 is not built), outbox back-pressure,
   a publisher retrying a publish it got no answer for (dedup by message id), wall-clock
   save intervals, multi-hop relaying (a cut pair is unreachable).
@@ -113,6 +119,15 @@ MsgKey = tuple[str, str, str, str, int]  # (origin, namespace, topic, name, seq)
 _DEFAULTS = BrokerSettings()
 
 
+def pause_retry(now: float) -> float:
+    """When what waits for a paused node looks again: the next multiple of PAUSE_STEP.
+    (Messages wait in one queue per node, in the order they came: retried each on its own,
+    PAUSE_STEP after its own arrival, they were handed over out of order; the nemesis saw
+    a core message delivered after the next one from the same publisher.)"""
+    at = (math.floor(now / PAUSE_STEP) + 1) * PAUSE_STEP
+    return at if at > now else at + PAUSE_STEP
+
+
 # --- the scenario's [broker] table ----------------------------------------------------------
 
 @dataclass(slots=True)
@@ -120,6 +135,15 @@ class Subscriber:
     durable: str
     pattern: str
     node: int  # index: n0000 is 0
+    at: float = 1.0
+
+
+@dataclass(slots=True)
+class CoreSubscriber:
+    """A core (not durable) subscriber: plain, or a member of queue group `queue`."""
+    pattern: str
+    node: int
+    queue: str | None = None
     at: float = 1.0
 
 
@@ -135,12 +159,14 @@ class BrokerWorkload:
     handle_ms: float = 2.0
     resubscribe_after: float = 1.0
     subscribers: list[Subscriber] = field(default_factory=list)
+    core_subscribers: list[CoreSubscriber] = field(default_factory=list)
 
 
 _KEYS = {"namespace": str, "topics": list, "ack_wait": float, "max_deliver": int,
          "max_in_flight": int, "sync_interval": float, "fanout": int, "handle_ms": float,
-         "resubscribe_after": float, "subscribers": list}
+         "resubscribe_after": float, "subscribers": list, "core_subscribers": list}
 _SUB_KEYS = {"durable": str, "pattern": str, "node": int, "at": float}
+_CORE_KEYS = {"pattern": str, "node": int, "queue": str, "at": float}
 
 
 def parse_broker(raw: Any) -> BrokerWorkload:
@@ -167,6 +193,16 @@ def parse_broker(raw: Any) -> BrokerWorkload:
             check_queue(DURABLE + s["durable"])
             w.subscribers.append(Subscriber(s["durable"], check_pattern(s["pattern"]),
                                             s["node"], s.get("at", 1.0)))
+        for i, item in enumerate(t.get("core_subscribers", [])):
+            s = _table(item, _CORE_KEYS, f"broker.core_subscribers[{i}]")
+            if "pattern" not in s or "node" not in s:
+                raise ScenarioError(f"broker.core_subscribers[{i}] needs pattern and node")
+            queue = check_queue(s.get("queue"))
+            if queue is not None and queue.startswith(DURABLE):
+                raise ScenarioError(f"broker.core_subscribers[{i}]: a queue group named "
+                                    f"{DURABLE}... is a durable subscriber's")
+            w.core_subscribers.append(CoreSubscriber(check_pattern(s["pattern"]), s["node"],
+                                                     queue, s.get("at", 1.0)))
     except MeshError as exc:
         raise ScenarioError(f"broker: {exc.detail}") from None
     if not w.subscribers:
@@ -175,6 +211,12 @@ def parse_broker(raw: Any) -> BrokerWorkload:
 
 
 # --- one node's broker (the shell, modelled) ------------------------------------------------
+
+@dataclass(eq=False)
+class _CoreSub:
+    """A local core subscriber (service.LocalSub without a durable name)."""
+    cfg: CoreSubscriber
+
 
 @dataclass(eq=False)
 class _Sub:
@@ -203,6 +245,7 @@ class BrokerNode:
         self.where = self.origin.where
         self.tags: dict[int, tuple[str, Key, int, _Sub]] = {}
         self.by_key: dict[tuple[str, str, str], list[_Sub]] = {}
+        self.core_by_key: dict[tuple[str, str, str | None], list[_CoreSub]] = {}
         self.sent: dict[str, int] = {}
         self.turn = itertools.count()
         self.tag_ids = itertools.count(1)
@@ -227,7 +270,7 @@ class BrokerNode:
             if not self.alive():
                 return
             if self.node.paused:
-                self.sim.call_at(self.sim.now + PAUSE_STEP, run, a)
+                self.sim.call_at(pause_retry(self.sim.now), run, a)
                 return
             fn(a)
         self.sim.call_at(self.sim.now + delay, run, arg)
@@ -255,8 +298,7 @@ class BrokerNode:
         return float(self.sent.get(name, 0))
 
     def peers(self) -> list[str]:
-        return [m.addr for m in self.node.core.member_list()  # type: ignore[union-attr]
-                if m.state == ALIVE and m.name != self.name]
+        return self.node.core.alive_peers()  # type: ignore[union-attr]
 
     def on_member(self, ev: Any) -> None:
         """service.on_member."""
@@ -306,6 +348,43 @@ class BrokerNode:
         sub = _Sub(cfg, self.w.namespace, group)
         self.by_key.setdefault((sub.ns, cfg.pattern, group), []).append(sub)
         self.push({self.name: record})
+
+    def subscribe_core(self, cfg: CoreSubscriber) -> None:
+        """service.add_sub for a core subscriber."""
+        record = self.interest.subscribe(self.w.namespace, cfg.pattern, cfg.queue)
+        key = (self.w.namespace, cfg.pattern, cfg.queue)
+        self.core_by_key.setdefault(key, []).append(_CoreSub(cfg))
+        self.push({self.name: record})
+
+    def publish_core(self, ns: str, msg: messages.Message) -> None:
+        """service.publish: one copy per interested node, durable groups left out."""
+        delivery = self.interest.route(ns, msg.topic, self.route_cost, self.load,
+                                       queues=lambda q: not q.startswith(DURABLE))
+        wired = msg.to_wire()
+        for node, c in delivery.copies.items():
+            if not c.plain and not c.groups:
+                continue
+            if node == self.name:
+                self.deliver_core(self.name, ns, wired, bool(c.plain), list(c.groups))
+                continue
+            self.sent[node] = self.sent.get(node, 0) + 1
+            self.send_item(node, {"t": "copy", "ns": ns, "msg": wired, "plain": bool(c.plain),
+                                  "groups": list(c.groups)})
+
+    def deliver_core(self, origin: str, ns: str, wired: dict[str, Any], plain: bool,
+                     groups: list[str]) -> None:
+        """service.deliver_local: every matching plain subscriber here, one member of
+        each group the copy names (local_targets, T1-T2)."""
+        targets = self.interest.local_targets(ns, wired["topic"], groups)
+        if plain:
+            for pattern in targets.plain:
+                for sub in list(self.core_by_key.get((ns, pattern, None), ())):
+                    self.sim.core_received(self, sub, origin, wired)
+        for group, patterns in targets.groups.items():
+            members = [s for p in patterns for s in self.core_by_key.get((ns, p, group), ())]
+            if members:
+                self.sim.core_received(self, members[next(self.turn) % len(members)],
+                                       origin, wired)
 
     def publish(self, ns: str, msg: messages.Message) -> int:
         """durable.publish: append to our log (acknowledged then), tell our consumers."""
@@ -429,6 +508,9 @@ class BrokerNode:
         if kind == "deliver":
             messages.decode_message(item["msg"], _DEFAULTS.max_message_bytes)
             self.deliver_here(peer, item)
+        elif kind == "copy":
+            messages.decode_message(item["msg"], _DEFAULTS.max_message_bytes)
+            self.deliver_core(peer, item["ns"], item["msg"], item["plain"], item["groups"])
         else:
             self.settle((item["ns"], item["topic"], item["durable"]), kind, item["seqs"],
                         item.get("delay"), peer)
@@ -503,8 +585,10 @@ class BrokerSimulation(Simulation):
         super().__init__(scenario, **kwargs)
         self.workload: BrokerWorkload = scenario.broker
         self.bnodes: dict[str, BrokerNode] = {}
-        self.attached: dict[str, list[Subscriber]] = {}  # node -> its clients' subscriptions
+        # node -> its clients' subscriptions
+        self.attached: dict[str, list[Subscriber | CoreSubscriber]] = {}
         self._fifo: dict[tuple[int, int], float] = {}
+        self._held: dict[str, list[Any]] = {}  # node -> what arrived while it was paused
         self._ids = itertools.count(1)
         self.names: dict[str, list[str]] = {}  # durable name -> its patterns
         for s in self.workload.subscribers:
@@ -512,6 +596,8 @@ class BrokerSimulation(Simulation):
         # the ledger
         # message id -> (origin, namespace, topic, seq, published at)
         self.published: dict[str, tuple[str, str, str, int, float]] = {}
+        self.id_at: dict[tuple[str, str, str, int], str] = {}  # (origin, ns, topic, seq) -> id
+        self.repeated: list[tuple[str, str]] = []  # (name, id) of each hand-over past the first
         self.partition_publishes: list[int] = []
         self.received_n: dict[tuple[str, str], int] = {}  # (name, id) -> hand-overs
         self.received_by: dict[tuple[str, str], int] = {}  # (name, node) -> hand-overs
@@ -522,11 +608,17 @@ class BrokerSimulation(Simulation):
         self.acked_keys: dict[MsgKey, None] = {}
         self.heal_at: float | None = None
         self.owed_at_heal = 0
+        # core delivery's ledger: id -> (origin, topic, seq per origin and topic, published)
+        self.core_published: dict[str, tuple[str, str, int, float]] = {}
+        self.core_seq: dict[tuple[str, str], int] = {}
+        self.core_got: dict[int, list[str]] = {}  # core subscriber (index) -> ids, in order
+        self._core_ids = itertools.count(1)
+        self._core_index = {id(c): i for i, c in enumerate(self.workload.core_subscribers)}
         self.stats = {"broker_redeliveries": 0, "broker_unjustified_offers": 0,
                       "broker_offered_after_ack": 0, "broker_deliveries_dropped": 0,
                       "broker_acks_dropped": 0, "broker_dead": 0, "broker_returns": 0,
                       "broker_deliverer_busy_wakes": 0, "broker_interest_dropped": 0,
-                      "broker_msgs": 0, "broker_bytes": 0}
+                      "broker_msgs": 0, "broker_bytes": 0, "broker_copies_dropped": 0}
 
     # --- engine hooks -----------------------------------------------------------------------
 
@@ -572,6 +664,12 @@ class BrokerSimulation(Simulation):
                 raise ScenarioError(f"broker subscriber {cfg.durable!r} is on node {cfg.node}"
                                     f" but the scenario has {self.n_initial} nodes")
             self.call_at(cfg.at, self._subscribe, cfg)
+        for core_cfg in self.workload.core_subscribers:
+            if core_cfg.node >= self.n_initial:
+                raise ScenarioError(f"broker core subscriber {core_cfg.pattern!r} is on node "
+                                    f"{core_cfg.node} but the scenario has {self.n_initial} "
+                                    "nodes")
+            self.call_at(core_cfg.at, self._subscribe, core_cfg)
 
     def _fault_broker_publish(self, f: Fault) -> None:
         interval = 1.0 / max(f.rate, 1e-9)
@@ -580,7 +678,7 @@ class BrokerSimulation(Simulation):
 
     # --- the clients ------------------------------------------------------------------------
 
-    def _subscribe(self, cfg: Subscriber) -> None:
+    def _subscribe(self, cfg: Subscriber | CoreSubscriber) -> None:
         node = self.nodes[cfg.node]
         b = self.bnodes.get(node.name)
         if b is None or not b.alive() or node.paused:  # its daemon is not there: retry
@@ -589,6 +687,11 @@ class BrokerSimulation(Simulation):
         attached = self.attached.setdefault(node.name, [])
         if not any(c is cfg for c in attached):
             attached.append(cfg)
+        if isinstance(cfg, CoreSubscriber):
+            b.subscribe_core(cfg)
+            self.log(f"{self.now:.6f} {node.name} subscribe-core {cfg.queue or '-'} "
+                     f"{cfg.pattern}")
+            return
         b.subscribe(cfg)
         self.log(f"{self.now:.6f} {node.name} subscribe {cfg.durable} {cfg.pattern}")
 
@@ -607,9 +710,28 @@ class BrokerSimulation(Simulation):
         ns = self.workload.namespace
         seq = b.publish(ns, msg)
         self.published[msg.id] = (node.name, ns, topic, seq, self.now)
+        self.id_at[(node.name, ns, topic, seq)] = msg.id
         if self.net.group_of is not None:
             self.partition_publishes[self.net.group_of[node.idx]] += 1
         self.log(f"{self.now:.6f} {node.name} publish {msg.id} {topic} {seq}")
+
+    def publish_core(self, node: SimNode, topic: str) -> str:
+        """A client's core publish through `node` (running); the message id."""
+        b = self.bnodes[node.name]
+        n = next(self._core_ids)
+        key = (node.name, topic)
+        seq = self.core_seq[key] = self.core_seq.get(key, 0) + 1
+        msg = messages.Message(f"c{n:07d}", topic, {"n": n}, b.clock(), "client:sim")
+        self.core_published[msg.id] = (node.name, topic, seq, self.now)
+        self.log(f"{self.now:.6f} {node.name} publish-core {msg.id} {topic} {seq}")
+        b.publish_core(self.workload.namespace, msg)
+        return msg.id
+
+    def core_received(self, b: BrokerNode, sub: _CoreSub, origin: str,
+                      wired: dict[str, Any]) -> None:
+        i = self._core_index[id(sub.cfg)]
+        self.core_got.setdefault(i, []).append(wired["id"])
+        self.log(f"{self.now:.6f} {b.name} receive-core {i} {wired['id']} from {origin}")
 
     # --- the network ------------------------------------------------------------------------
 
@@ -641,8 +763,12 @@ class BrokerSimulation(Simulation):
         if not self.net.reachable(src.node.idx, dst.idx):
             self.dropped(src, dst.name, payload, "cut-in-flight")
             return
-        if dst.paused:
-            self.call_at(self.now + PAUSE_STEP, self._arrive, arg)
+        held = self._held.get(dst.name)
+        if dst.paused or held is not None:  # behind what came before it (see pause_retry)
+            if held is None:
+                held = self._held[dst.name] = []
+                self.call_at(pause_retry(self.now), self._drain, dst)
+            held.append(arg)
             return
         if payload["t"] == "interest":
             b.receive_interest(src.node.addr, payload)
@@ -650,12 +776,24 @@ class BrokerSimulation(Simulation):
             for item in payload["items"]:
                 b.receive_item(src.name, item)
 
+    def _drain(self, dst: SimNode) -> None:
+        """What arrived for `dst` while it was paused, in the order it came, once it runs."""
+        if dst.paused:
+            self.call_at(pause_retry(self.now), self._drain, dst)
+            return
+        for arg in self._held.pop(dst.name, []):
+            self._arrive(arg)
+
     def dropped(self, src: BrokerNode, dst: str, payload: dict[str, Any], why: str) -> None:
         if payload["t"] == "interest":
             self.stats["broker_interest_dropped"] += 1
             return
         for item in payload["items"]:
             kind = item["t"]
+            if kind == "copy":  # at most once: gone
+                self.stats["broker_copies_dropped"] += 1
+                self.log(f"{self.now:.6f} {src.name} drop copy {item['msg']['id']} {dst} {why}")
+                continue
             self.stats["broker_deliveries_dropped" if kind == "deliver"
                        else "broker_acks_dropped"] += 1
             self.log(f"{self.now:.6f} {src.name} drop {kind} {item['durable']} "
@@ -696,7 +834,9 @@ class BrokerSimulation(Simulation):
     def received(self, b: BrokerNode, origin: str, item: dict[str, Any]) -> None:
         name, msg_id = item["durable"], item["msg"]["id"]
         pair = (name, msg_id)
-        self.received_n[pair] = self.received_n.get(pair, 0) + 1
+        n = self.received_n[pair] = self.received_n.get(pair, 0) + 1
+        if n > 1:
+            self.repeated.append(pair)
         self.received_by[(name, b.name)] = self.received_by.get((name, b.name), 0) + 1
         self.first_at.setdefault(pair, self.now)
         self.log(f"{self.now:.6f} {b.name} receive {name} {msg_id} {item['attempt']} "
@@ -747,6 +887,8 @@ class BrokerSimulation(Simulation):
             "broker_duplicates_without_redelivery": without,
             "broker_owed_at_heal": self.owed_at_heal,
             "broker_caught_up_after_heal_s": caught_up,
+            "broker_core_published": len(self.core_published),
+            "broker_core_handed": sum(len(ids) for ids in self.core_got.values()),
         }
         out.update(self.stats)
         return out

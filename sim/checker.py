@@ -27,6 +27,11 @@ Rules (the issue's invariants, as checked here):
 - broker: every (durable name, message) owed for an acknowledged publish was handed to a
   member of the name at least once; no message was handed to a queue group more often than
   its origin offered it (a duplicate only after a redelivery).
+- core delivery (checked as each hand-over happens, CoreLedger): no core subscriber and no
+  queue group is handed a message twice (at most once; a group: one member); each
+  subscriber gets one publisher's messages on a topic in publish order; and with faults
+  healed, a probe published through a running node reaches every matching subscriber that
+  is attached and one member of every matching group (core_delivered).
 Each violation names its invariant, the nodes involved and `subjects` (node names, keys,
 message ids) that select the event-log lines of its excerpt.
 """
@@ -183,3 +188,51 @@ def queue_duplicates(extra: Mapping[tuple[str, str], int]) -> list[Finding]:
     return [Finding("broker-no-duplicate-without-redelivery",
                     f"{msg} handed to queue group {name!r} {n} more times than offered",
                     [], [msg]) for (name, msg), n in sorted(extra.items()) if n > 0]
+
+
+@dataclass
+class CoreLedger:
+    """What core subscribers were handed so far, by subscriber and by queue group."""
+
+    got: dict[str, set[str]] = field(default_factory=dict)  # subscriber -> message ids
+    groups: dict[str, set[str]] = field(default_factory=dict)  # queue group -> message ids
+    last: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (sub, origin, topic)
+
+    def handed(self, sub: str, group: str | None, msg: str, origin: str, topic: str,
+               seq: int) -> list[Finding]:
+        """One hand-over of `msg` (seq `seq` of `origin` on `topic`) to subscriber `sub`, a
+        member of `group` (None: plain); the violations it shows."""
+        mine = self.got.setdefault(sub, set())
+        if group is not None and msg in self.groups.setdefault(group, set()):
+            return [Finding("broker-core-at-most-once",
+                            f"{msg} handed to queue group {group!r} twice (now to {sub})",
+                            [], [msg])]
+        if msg in mine:
+            return [Finding("broker-core-at-most-once", f"{msg} handed to {sub} twice",
+                            [], [msg])]
+        mine.add(msg)
+        if group is not None:
+            self.groups[group].add(msg)
+        key = (sub, origin, topic)
+        before = self.last.get(key, 0)
+        self.last[key] = max(before, seq)
+        if seq < before:
+            return [Finding("broker-core-in-order",
+                            f"{msg} (seq {seq} from {origin} on {topic}) handed to {sub} after "
+                            f"seq {before}", [origin], [msg])]
+        return []
+
+
+def core_delivered(probes: Iterable[tuple[str, Iterable[str]]], ledger: CoreLedger
+                   ) -> list[Finding]:
+    """`probes`: (message id, the subscribers and groups that must have it): core
+    messages published with every fault healed for a while."""
+    out = []
+    for msg, targets in probes:
+        missing = sorted(t for t in targets if msg not in ledger.got.get(t, ())
+                         and msg not in ledger.groups.get(t, ()))
+        if missing:
+            out.append(Finding("broker-core-delivered-when-healed",
+                               f"{msg}, published with every fault healed, never reached "
+                               f"{', '.join(missing)}", [], [msg]))
+    return out

@@ -216,7 +216,7 @@ class Simulation:
 
     def _start_replicator(self, node: SimNode, core: Membership) -> Replicator:
         def peers() -> list[str]:
-            return [m.addr for m in core.member_list() if m.state == ALIVE and m.name != core.name]
+            return core.alive_peers()
 
         hlc = HLC(node.name, lambda: node.wall_ms(self.now), **self.hlc_bounds())
         rep = Replicator(node.name, hlc, peers, self._rng(f"reg:{node.name}:{node.incarnation}"),

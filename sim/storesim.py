@@ -69,12 +69,11 @@ class StoreSim:
     # --- nodes -----------------------------------------------------------------------------
 
     def start_node(self, node: Any, core: Any) -> StoreReplicator:
-        from meshd.membership.messages import ALIVE
 
         sim = self.sim
 
         def peers() -> list[str]:
-            return [m.addr for m in core.member_list() if m.state == ALIVE and m.name != core.name]
+            return core.alive_peers()
 
         clock_cls = HLC if self.sc.store_hlc else _WallClockOnly
         hlc = clock_cls(node.name, lambda: node.wall_ms(sim.now),

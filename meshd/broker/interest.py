@@ -252,6 +252,7 @@ class InterestTable:
         self.max_patterns = max_patterns
         self.max_record_bytes = max_record_bytes
         self.records: dict[str, Record] = {}
+        self.changes = 0  # bumped whenever `records` changes: views on it are cached by it
         self._local: dict[Key, int] = {}
         self._local_bytes = _RECORD_OVERHEAD
         self._routes: _Spaces[tuple[str, str | None, str]] = _Spaces()  # (node, queue, pattern)
@@ -399,6 +400,7 @@ class InterestTable:
         return msg
 
     def _set(self, node: str, rec: Record | None) -> None:
+        self.changes += 1
         old = self.records.pop(node, None)
         old_subs = old.subs if old is not None else {}
         new_subs = rec.subs if rec is not None else {}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .consumer import DEAD, Consumer
 from .interest import InterestTable
@@ -81,6 +82,8 @@ class Origin:
         self.unrouted: set[Key] = set()  # consumers whose last offer found no member
         self.dirty: set[Key] = set()
         self.given: dict[str, int] = {}  # deliveries sent per node (part of its load)
+        # what `wanted` found, consumers held or not, by (interest changes, logs)
+        self._wanted: tuple[Any, list[Key]] = (None, [])
         self.stats = {"broker_settles_refused": 0, "broker_redelivered": 0}
 
     # --- consumers (O1, O5) -------------------------------------------------------------------
@@ -88,20 +91,23 @@ class Origin:
     def wanted(self, delivered: Iterable[tuple[str, str]]) -> list[Key]:
         """O1: keys of consumers to create, for the logs (log namespace, topic) this node
         delivers."""
-        logs = list(delivered)
+        logs = tuple(delivered)
         if not logs:
             return []
-        out = []
-        for rec in list(self.interest.records.values()):
-            for (ns, pattern, queue) in rec.subs:
-                if not queue or not queue.startswith(DURABLE):
-                    continue
-                for log_ns, topic in logs:
-                    key = (log_ns, topic, queue[len(DURABLE):])
-                    if key not in self.consumers and log_of(log_ns)[1] == ns \
-                            and matches(pattern, topic) and key not in out:
-                        out.append(key)
-        return out
+        memo = (self.interest.changes, logs)
+        if self._wanted[0] != memo:  # (the deliverer asks every round: most find no change)
+            out: list[Key] = []
+            for rec in list(self.interest.records.values()):
+                for (ns, pattern, queue) in rec.subs:
+                    if not queue or not queue.startswith(DURABLE):
+                        continue
+                    for log_ns, topic in logs:
+                        key = (log_ns, topic, queue[len(DURABLE):])
+                        if log_of(log_ns)[1] == ns and matches(pattern, topic) \
+                                and key not in out:
+                            out.append(key)
+            self._wanted = (memo, out)
+        return [key for key in self._wanted[1] if key not in self.consumers]
 
     def add(self, key: Key, consumer: Consumer) -> None:
         self.consumers[key] = consumer

@@ -375,8 +375,7 @@ class BrokerService:
     # --- interest replication -------------------------------------------------------------------
 
     def _peers(self) -> list[str]:
-        return [m.addr for m in self.core.member_list()
-                if m.state == ALIVE and m.name != self.node]
+        return self.core.alive_peers()
 
     def _push(self, record: dict[str, Any], records: dict[str, Any] | None = None,
               exclude: str | None = None) -> None:

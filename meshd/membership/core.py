@@ -363,6 +363,7 @@ class Membership:
         self.member_version = 0
         self._addr_index: tuple[int, dict[str, str]] = (-1, {})
         self._list_cache: tuple[tuple[int, int], list[Member]] | None = None
+        self._peers_cache: tuple[int, list[str]] = (-1, [])
         # routing table lookup set by the shell (P5): member name -> first hop name or None
         self.next_hop: Callable[[str], str | None] | None = None
         # whether a member takes digest push-pulls (A1); None: every member does. The
@@ -431,6 +432,15 @@ class Membership:
         if cache is None or cache[0] != key:
             cache = self._list_cache = (key, self._t.values())
         return list(cache[1])
+
+    def alive_peers(self) -> list[str]:
+        """The addresses of the alive members but us, in table order (where replicators
+        push). Kept until the member table changes: they ask on every write."""
+        version, addrs = self._peers_cache
+        if version != self.member_version:
+            addrs = [r.addr for r in self._t.records() if r.state == ALIVE and r.node != self.name]
+            self._peers_cache = (self.member_version, addrs)
+        return list(addrs)
 
     def name_at(self, addr: str) -> str | None:
         """The member at an address (the first one, as the table lists them). The index is

@@ -71,15 +71,18 @@ class Replicator:
     def _apply(self, entries: list[Entry], source: str | None, now: float) -> list[Send]:
         changed = []
         old_before = self.wall() - int(self.state.tombstone_ttl * 1000)
+        held = self.state.entries
         for e in entries:
+            old = held.get(e.key)
+            if old is not None and old.ts >= e.ts:
+                continue  # (most of a repair: nothing to observe or apply)
             if source is not None and e.value is None and e.ts[0] < old_before \
-                    and e.key not in self.state.entries:
+                    and old is None:
                 self.stats["registry_old_tombstones_dropped"] += 1
                 continue  # collected here already, or never needed: see the rules
             if source is not None and not self.hlc.observe(e.ts):  # source None: our own
                 self.stats["registry_future_refused"] += 1
                 continue
-            old = self.state.entries.get(e.key)
             if self.state.apply(e, now):
                 changed.append(e)
                 if self.on_change is not None:

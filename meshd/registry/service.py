@@ -283,8 +283,7 @@ class RegistryService:
             send.close()
 
     def _peer_addrs(self) -> list[str]:
-        return [m.addr for m in self.core.member_list()
-                if m.state == ALIVE and m.name != self.node]
+        return self.core.alive_peers()
 
     def _send_all(self, sends: list[tuple[str, dict[str, Any]]]) -> None:
         if self._nursery is None:

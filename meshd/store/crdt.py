@@ -14,6 +14,10 @@ Rules:
 - Set: each add tags the element with a unique (node, counter) tag; a remove removes the tags
   it has seen; an element is present while it has a tag not removed. A concurrent add wins.
 - Everything is plain data (dicts, lists, ints, bytes) so it encodes to CBOR as is.
+- A set change travels as a delta (`set_add_delta`, `set_remove_delta`): the one new tag,
+  or the tags removed. A delta is itself a state, so merging it is the same merge; a
+  replica's work and the bytes sent grow with the change, not with the set (whole sets were
+  sent before, and a set of hundreds of tags cost every replica a sort of all of them per add).
 """
 
 from __future__ import annotations
@@ -95,16 +99,42 @@ def counter_live(c: dict[str, Any] | None) -> bool:
 # --- OR-set: {"adds": {elem: [tag...]}, "removed": [tag...]}; tag = "node:counter" ---------
 
 def merge_set(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The union of both sides' tags (a list the other side holds too is kept as it is:
+    replicas merge one new tag into sets of hundreds, so work goes to what differs)."""
     if a is None:
         return b
     if b is None:
         return a
-    adds: dict[str, list[str]] = {}
-    for src in (a["adds"], b["adds"]):
-        for elem, tags in src.items():
-            adds[elem] = sorted(set(adds.get(elem, [])) | set(tags))
-    removed = sorted(set(a["removed"]) | set(b["removed"]))
-    return {"adds": dict(sorted(adds.items())), "removed": removed}
+    adds = dict(a["adds"])
+    for elem, tags in b["adds"].items():
+        have = adds.get(elem)
+        if have is None:
+            adds[elem] = sorted(set(tags))
+        elif have != tags:
+            adds[elem] = sorted({*have, *tags})
+    ra, rb = a["removed"], b["removed"]
+    return {"adds": adds, "removed": ra if not rb or ra == rb else sorted({*ra, *rb})}
+
+
+def _normal_set(s: dict[str, Any]) -> dict[str, Any]:
+    return {"adds": {e: sorted(set(tags)) for e, tags in sorted(s["adds"].items())},
+            "removed": sorted(set(s["removed"]))}
+
+
+def set_add_delta(elem: str, tag: str) -> dict[str, Any]:
+    """What an add changes (a delta: replicas merge it into what they hold)."""
+    return {"adds": {elem: [tag]}, "removed": []}
+
+
+def set_remove_delta(s: dict[str, Any] | None, elem: str | None = None
+                     ) -> dict[str, Any] | None:
+    """What removing `elem` (every element when None) changes: the tags of it seen in `s`
+    (None when there are none)."""
+    if s is None:
+        return None
+    seen = sorted({t for e, tags in s["adds"].items() if elem is None or e == elem
+                   for t in tags})
+    return {"adds": {}, "removed": seen} if seen else None
 
 
 def set_add(s: dict[str, Any] | None, elem: str, tag: str) -> dict[str, Any]:
@@ -117,6 +147,14 @@ def set_remove(s: dict[str, Any] | None, elem: str | None = None) -> dict[str, A
         return None
     seen = [t for e, tags in s["adds"].items() if elem is None or e == elem for t in tags]
     return merge_set(s, {"adds": {}, "removed": seen})
+
+
+def set_live(s: dict[str, Any] | None) -> bool:
+    """Whether the set has a member (set_members without building the list)."""
+    if s is None:
+        return False
+    removed = set(s["removed"])
+    return any(t not in removed for tags in s["adds"].values() for t in tags)
 
 
 def set_members(s: dict[str, Any] | None) -> list[str]:
@@ -147,7 +185,5 @@ def canonical(state: State) -> State:
         out["counter"] = {k: {n: v for n, v in sorted(state["counter"][k].items()) if v}
                           for k in ("p", "n", "bp", "bn")}
     if "set" in state:
-        s = merge_set(state["set"], {"adds": {}, "removed": []})
-        assert s is not None
-        out["set"] = s
+        out["set"] = _normal_set(state["set"])
     return out

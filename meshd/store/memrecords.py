@@ -1,8 +1,10 @@
 """Store entries kept in memory (records.Records): the simulator's and the tests' backend.
 
 Rules:
-- Plain dicts per table; nothing is durable. Answers exactly what diskrecords.DiskRecords
-  answers for the same puts and deletes (tests/unit/store/test_records.py runs both).
+- Plain dicts per table; nothing is durable. Tombstones are indexed apart (by table, key:
+  the time written), so a collection looks at them alone, not at every record.
+- Answers exactly what diskrecords.DiskRecords answers for the same puts and deletes
+  (tests/unit/store/test_records.py runs both).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .records import Entry, bucket_of, live_until, tombstone_wall
 class MemoryRecords:
     def __init__(self) -> None:
         self._tables: dict[tuple[str, str], dict[str, Entry]] = {}
+        self._tombs: dict[tuple[str, str], dict[str, int]] = {}
 
     def get(self, db: str, tbl: str, key: str, fill: bool = True) -> Entry | None:
         t = self._tables.get((db, tbl))
@@ -22,11 +25,22 @@ class MemoryRecords:
 
     def put(self, db: str, tbl: str, key: str, entry: Entry) -> None:
         self._tables.setdefault((db, tbl), {})[key] = entry
+        wall = tombstone_wall(entry.state)
+        if wall is not None:
+            self._tombs.setdefault((db, tbl), {})[key] = wall
+        else:
+            self._untomb(db, tbl, key)
+
+    def _untomb(self, db: str, tbl: str, key: str) -> None:
+        tombs = self._tombs.get((db, tbl))
+        if tombs is not None and tombs.pop(key, None) is not None and not tombs:
+            del self._tombs[(db, tbl)]
 
     def delete(self, db: str, tbl: str, key: str) -> None:
         t = self._tables.get((db, tbl))
         if t is not None:
             t.pop(key, None)
+            self._untomb(db, tbl, key)
             if not t:
                 del self._tables[(db, tbl)]
 
@@ -76,12 +90,11 @@ class MemoryRecords:
     def tombstones(self, before: int, skip: frozenset[str] = frozenset(),
                    limit: int = 0) -> list[tuple[str, str, str]]:
         out = []
-        for (db, tbl), t in self._tables.items():
+        for (db, tbl), t in self._tombs.items():
             if db in skip:
                 continue
-            for key, e in t.items():
-                wall = tombstone_wall(e.state)
-                if wall is not None and wall < before:
+            for key, wall in t.items():
+                if wall < before:
                     out.append((db, tbl, key))
                     if len(out) == limit:
                         return out

@@ -56,7 +56,7 @@ def bucket_of(key: str) -> int:
 
 def live_until(state: crdt.State) -> int:
     """The time (ms) until which `state` is live (see the rules)."""
-    if crdt.counter_live(state.get("counter")) or crdt.set_members(state.get("set")):
+    if crdt.counter_live(state.get("counter")) or crdt.set_live(state.get("set")):
         return FOREVER
     reg = state.get("lww")
     if reg is None or reg[1] is None:

@@ -40,7 +40,6 @@ from meshd import wire
 from meshd.errors import MeshError, bad_request, not_found
 from meshd.hlc import HLC
 from meshd.membership.core import Membership
-from meshd.membership.messages import ALIVE
 from meshd.ops import Finish
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
@@ -110,8 +109,7 @@ class StoreService:
         links.handlers[CHANNEL] = self._serve_channel
 
     def _peers(self) -> list[str]:
-        return [m.addr for m in self.core.member_list()
-                if m.state == ALIVE and m.name != self.node]
+        return self.core.alive_peers()
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -408,8 +406,9 @@ class StoreService:
         delta: crdt.State = {"lww": crdt.lww(self.hlc.now(), None)}
         if "counter" in current:
             delta["counter"] = crdt.counter_reset(current["counter"])
-        if "set" in current:
-            delta["set"] = crdt.set_remove(current["set"])
+        removed = crdt.set_remove_delta(current.get("set"))
+        if removed is not None:
+            delta["set"] = removed
         await self._commit_local(db, tbl, key, delta, replicas)
         return True
 
@@ -507,11 +506,11 @@ class StoreService:
                                                                    self.node)}
         if op == "add":
             tag = f"{self.node}:{self.hlc.now()[0]}:{self.hlc.now()[1]}"
-            change = {"set": crdt.set_add(current.get("set"), member, tag)}
+            change = {"set": crdt.set_add_delta(member, tag)}  # (a delta: see crdt)
         elif op == "remove":
-            removed = crdt.set_remove(current.get("set"), member)
-            if removed is None:
-                return {"key": key, "members": []}
+            removed = crdt.set_remove_delta(current.get("set"), member)
+            if removed is None:  # no tag of it here: nothing to remove
+                return {"key": key, "members": crdt.set_members(current.get("set"))}
             change = {"set": removed}
         else:
             raise bad_request("op must be add, remove or members", id="meshd.store")

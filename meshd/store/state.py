@@ -97,7 +97,7 @@ def live(state: crdt.State | None, now_ms: int) -> bool:
     reg = state.get("lww")
     if reg is not None and reg[1] is not None and (reg[3] is None or reg[3] > now_ms):
         return True
-    return crdt.counter_live(state.get("counter")) or bool(crdt.set_members(state.get("set")))
+    return crdt.counter_live(state.get("counter")) or crdt.set_live(state.get("set"))
 
 
 def view(key: str, state: crdt.State, now_ms: int) -> dict[str, Any]:
@@ -142,6 +142,8 @@ class StoreState:
         old = self.records.get(db, tbl, key, fill=False) if (db, tbl) in self.tables \
             else None
         merged = crdt.merge(None if old is None else old.state, state)
+        if old is not None and merged == old.state:
+            return None  # (cheaper than hashing it to find the same)
         new_hash = key_hash(key, merged)
         if old is not None and old.hash == new_hash:
             return None

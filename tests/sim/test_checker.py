@@ -83,3 +83,31 @@ def test_durable_messages_are_owed_until_delivered_and_duplicates_need_a_redeliv
     assert checker.queue_duplicates({("billing", "m1"): 0}) == []
     assert invariants(checker.queue_duplicates({("billing", "m1"): 1})) == [
         "broker-no-duplicate-without-redelivery"]
+
+
+def test_core_delivery_is_at_most_once_per_subscriber_and_group_and_in_order():
+    ledger = checker.CoreLedger()
+    assert ledger.handed("core0", None, "c1", "a", "orders.x", 1) == []
+    assert ledger.handed("core0", None, "c2", "a", "orders.x", 2) == []
+    assert ledger.handed("core0", None, "c4", "b", "orders.x", 1) == []  # another publisher
+    assert ledger.handed("core1", "shipping", "c1", "a", "orders.x", 1) == []
+    # the same message again: to the subscriber, and to another member of the group
+    assert invariants(ledger.handed("core0", None, "c2", "a", "orders.x", 2)) == \
+        ["broker-core-at-most-once"]
+    (f,) = ledger.handed("core2", "shipping", "c1", "a", "orders.x", 1)
+    assert f.invariant == "broker-core-at-most-once" and "'shipping'" in f.detail
+    # an older message of a publisher after a newer one on the same topic
+    assert ledger.handed("core0", None, "c5", "a", "orders.x", 4) == []
+    (f,) = ledger.handed("core0", None, "c3", "a", "orders.x", 3)
+    assert f.invariant == "broker-core-in-order" and f.nodes == ["a"]
+    assert ledger.handed("core0", None, "c6", "a", "orders.y", 1) == []  # another topic
+
+
+def test_core_probes_must_reach_every_target_once_healed():
+    ledger = checker.CoreLedger()
+    ledger.handed("core0", None, "p1", "a", "orders.x", 1)
+    ledger.handed("core3", "shipping", "p1", "a", "orders.x", 1)
+    assert checker.core_delivered([("p1", ["core0", "shipping"])], ledger) == []
+    (f,) = checker.core_delivered([("p1", ["core0", "core1", "shipping", "audit"])], ledger)
+    assert f.invariant == "broker-core-delivered-when-healed"
+    assert f.detail.endswith("never reached audit, core1") and f.subjects == ["p1"]

@@ -13,8 +13,10 @@ import sys
 
 import pytest
 
+from meshd.broker import interest
 from meshd.registry import replication
 from meshd.store import crdt
+from meshd_sim import brokersim
 from meshd_sim.nemesis import NemesisSimulation
 from meshd_sim.scenario import ScenarioError, load
 
@@ -35,6 +37,10 @@ def test_a_short_run_injects_faults_checks_everything_and_finds_nothing():
     m = r["metrics"]
     assert m["store_ops_acked"] > 1000 and m["registry_ops"] > 100
     assert m["broker_publishes_acked"] > 300 and m["broker_lost"] == 0
+    # core publishes reached their subscribers (one plain subscriber takes every topic, the
+    # queue group too), and the quiet period's probes were checked
+    assert m["broker_core_published"] > 300
+    assert m["broker_core_handed"] > 2 * m["broker_core_published"] * 0.8
     # every acknowledged store op, live registry write and owed message was looked at
     assert r["checked_ops"] >= m["store_ops_acked"] + m["broker_publishes_acked"]
     assert r["not_modelled"]
@@ -76,6 +82,45 @@ def test_a_register_merge_that_keeps_the_older_write_is_caught(monkeypatch):
     # a violation replays from its seed
     again = run(["nemesis.kinds={crash = 1}"])
     assert again["violations"] == r["violations"]
+
+
+def test_messages_for_a_paused_node_keep_their_order():
+    """Regression (seed 1, 24 hours, t=20518): messages that came for a paused node were
+    each retried PAUSE_STEP after their own arrival, so a core message was handed over
+    after the next one from the same publisher once the node resumed. With pauses alone
+    and 20 core publishes a second, the old model broke order in every seed of 1-3."""
+    r = run(["nemesis.kinds={pause = 1}", "nemesis.core_rate=20", "nemesis.every=[5, 10]"],
+            seed=1)
+    assert r["faults"]["pause"] >= 40
+    assert r["violations"] == [], r["violations"][:3]
+    assert r["metrics"]["broker_core_handed"] > 10_000
+
+
+def test_a_copy_sent_twice_is_caught_as_a_core_duplicate(monkeypatch):
+    """A shell that resends core copies (as a naive retry would) breaks at-most-once."""
+    send_item = brokersim.BrokerNode.send_item
+
+    def twice(self, node, item):
+        send_item(self, node, item)
+        if item["t"] == "copy":
+            send_item(self, node, item)
+
+    monkeypatch.setattr(brokersim.BrokerNode, "send_item", twice)
+    r = run(["nemesis.kinds={latency = 1}"])
+    found = {v["invariant"] for v in r["violations"]}
+    assert "broker-core-at-most-once" in found, found
+
+
+def test_a_node_that_forgets_its_plain_subscribers_fails_the_quiet_probes(monkeypatch):
+    local_targets = interest.InterestTable.local_targets
+
+    def groups_only(self, ns, topic, groups):
+        return interest.Targets((), local_targets(self, ns, topic, groups).groups)
+
+    monkeypatch.setattr(interest.InterestTable, "local_targets", groups_only)
+    r = run(["nemesis.kinds={latency = 1}"])
+    found = {v["invariant"] for v in r["violations"]}
+    assert found == {"broker-core-delivered-when-healed"}, found
 
 
 def test_an_exception_in_a_core_is_a_violation_and_the_run_goes_on(monkeypatch):

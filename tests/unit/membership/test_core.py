@@ -417,3 +417,28 @@ def test_name_at_follows_the_member_table():
     assert core.name_at(addr("b")) == "b" and core.name_at("nowhere:1") is None
     core.receive(addr("b"), [Alive(0, "newbie", "newbie:7946", {})], 1.0)
     assert core.name_at("newbie:7946") == "newbie"
+
+
+def test_alive_peers_follows_every_state_change():
+    """alive_peers is cached by member_version: each change of state must bump it, or
+    replicators would keep pushing to the dead and never to the returned."""
+    h = Harness()
+    h.add(*[f"n{i}" for i in range(6)])
+    a = h.cores["n0"]
+
+    def expected() -> list[str]:
+        return [m.addr for m in a.member_list() if m.status == "alive" and m.name != "n0"]
+
+    assert a.alive_peers() == expected() and len(expected()) == 5
+    a.receive(addr("n1"), [Suspect(0, "n5", "n1")], 0.0)
+    assert addr("n5") not in a.alive_peers() and a.alive_peers() == expected()
+    a.receive(addr("n5"), [Alive(1, "n5", addr("n5"), {})], 0.1)  # refuted
+    assert addr("n5") in a.alive_peers() and a.alive_peers() == expected()
+    a.receive(addr("n1"), [Dead(1, "n5", "n1")], 0.2)  # as a suspicion (S2), then expiry
+    h.down = set(h.cores) - {"n0"}
+    h.tick("n0", settings().suspicion_max(6) + 1.0)
+    assert addr("n5") not in a.alive_peers() and a.alive_peers() == expected()
+    a.receive(addr("n5"), [Alive(2, "n5", addr("n5"), {})], 50.0)  # back
+    assert addr("n5") in a.alive_peers() and a.alive_peers() == expected()
+    a.alive_peers().clear()  # a copy: the cache is not the caller's to change
+    assert a.alive_peers() == expected()

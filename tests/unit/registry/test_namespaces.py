@@ -36,6 +36,9 @@ class FakeCore:
     def member_list(self) -> list[Member]:
         return list(self.members.values())
 
+    def alive_peers(self) -> list[str]:
+        return [m.addr for m in self.members.values() if m.state == ALIVE and m.name != "me"]
+
 
 def _record(node: str, inst: str, service: str, namespace: str | None) -> dict:
     record = {"service": service, "id": inst, "node": node, "address": f"{node}:1",

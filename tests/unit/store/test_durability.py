@@ -80,6 +80,10 @@ class _Core:
     def member_list() -> list[Any]:
         return []
 
+    @staticmethod
+    def alive_peers() -> list[str]:
+        return []
+
 
 class _Out:
     """An outgoing channel that notes, for each message, whether key k was on disk."""
