@@ -33,7 +33,10 @@ Rules (the model):
   durable once appended (it survives a crash of its node), a publish acknowledged at once
   (group commit time is not modelled), nothing trimmed (no retention). A consumer's state
   survives a crash exactly as it was (the daemon saves it within SAVE_EVERY: after a crash
-  it may repeat the acks of that last moment; the model repeats none).
+  it may repeat the acks of that last moment; the model repeats none), unless the
+  simulation sets `save_states` (the nemesis): then the states saved SAVE_EVERY after a
+  change (durable._saver) are what a restarted origin resumes from, and a consumer never
+  saved starts afresh.
 - Network: every broker message is one stream message through the engine's network model
   (latency, jitter, loss as retransmission delay, partitions) in order per pair of nodes, as
   a link channel. A message is lost when the pair cannot reach each other when it is sent
@@ -100,7 +103,7 @@ import cbor2
 from meshd import namespaces
 from meshd.broker import messages
 from meshd.broker.consumer import DEAD, DELIVER, Consumer, Offer
-from meshd.broker.durable import DISCOVER_EVERY, RETURN_DELAY, UNSENT_DELAY
+from meshd.broker.durable import DISCOVER_EVERY, RETURN_DELAY, SAVE_EVERY, UNSENT_DELAY
 from meshd.broker.interest import InterestTable, check_queue
 from meshd.broker.origin import DURABLE, Dead, Origin
 from meshd.broker.subjects import check_pattern, check_topic, matches
@@ -251,6 +254,9 @@ class BrokerNode:
         self.tag_ids = itertools.count(1)
         self.wake_at = math.inf
         self.wake_local = -math.inf  # the consumers' deadline the next wake is for
+        # consumer states on disk (with sim.save_states: durable._saver), and a save due
+        self.saved: dict[Key, dict[str, Any]] = {}
+        self.save_due = False
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -442,7 +448,22 @@ class BrokerNode:
         self.discover()
         for key in list(self.consumers):
             self.offer(key, now)
+        self.want_save()
         self.schedule_deliverer()
+
+    def want_save(self) -> None:
+        """durable._saver: dirty states go to disk SAVE_EVERY later (all dirty ones then)."""
+        if self.sim.save_states and self.origin.dirty and not self.save_due:
+            self.save_due = True
+            self.later(SAVE_EVERY, self.save)
+
+    def save(self, _arg: Any = None) -> None:
+        self.save_due = False
+        dirty, self.origin.dirty = self.origin.dirty, set()
+        for key in dirty:
+            c = self.consumers.get(key)
+            if c is not None:
+                self.saved[key] = c.state()
 
     def schedule_deliverer(self) -> None:
         """The deliverer's next wake: the consumers' next deadline, at most DISCOVER_EVERY
@@ -492,12 +513,14 @@ class BrokerNode:
                 self.sim.acked(self, key, seq)
             else:
                 self.sim.justify((self.name, *key, seq))
+        self.want_save()
         self.kick()
 
     def on_gone(self, node: str) -> None:
         """durable.on_gone: the origin core offers again what the member had (O4)."""
         for key, seq in self.origin.gone(node, self.clock()):
             self.sim.justify((self.name, *key, seq))
+        self.want_save()
         self.kick()
 
     # --- the subscriber's side (durable.py) -------------------------------------------------
@@ -584,6 +607,7 @@ class BrokerSimulation(Simulation):
             raise ScenarioError("a broker simulation needs a [broker] table in the scenario")
         super().__init__(scenario, **kwargs)
         self.workload: BrokerWorkload = scenario.broker
+        self.save_states = False  # consumer states lost since their last save at a crash
         self.bnodes: dict[str, BrokerNode] = {}
         # node -> its clients' subscriptions
         self.attached: dict[str, list[Subscriber | CoreSubscriber]] = {}
@@ -628,8 +652,11 @@ class BrokerSimulation(Simulation):
         b = BrokerNode(self, node, old.log if old is not None else None)
         self.bnodes[node.name] = b
         if old is not None:  # a restart: the log and the consumers' saved state survive
-            for key, c in old.consumers.items():
-                restored = b.consumer(key, c.state())
+            b.saved = old.saved
+            states = old.saved if self.save_states else \
+                {key: c.state() for key, c in old.consumers.items()}
+            for key, state in states.items():
+                restored = b.consumer(key, state)
                 for seq in restored.pending:
                     self.justify((node.name, *key, seq))
             for cfg in self.attached.get(node.name, []):

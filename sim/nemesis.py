@@ -11,8 +11,12 @@ after `settle` s the checker looks at every node. Faults, drawn with weights `ki
   bridge (two halves and one node that reaches both), as one-way blocked pairs
   (network.Network.blocked); one partition at a time.
 - crash: kill -9 of a running node (at most a third of the nodes down at once); it restarts
-  when the fault ends. Store records and the broker's log survive (they are on disk; the
-  model commits what a node holds at once), everything else is lost.
+  when the fault ends. What was on disk survives, everything else is lost: store records
+  are committed `commit_ms` after a change (a group commit; a write is acknowledged to its
+  client, and a replica's ack sent, only after the commit that holds it, as
+  store/service.py does), the broker's log at once (an append is its commit), consumer
+  states SAVE_EVERY after a change (durable._saver: a restarted origin offers again what
+  was acked since).
 - pause: a running node handles nothing, timers included, until the fault ends.
 - clock: a node's wall clock jumps by up to `max_jump` s either way (the total offset stays
   within `max_offset`): seen by the HLCs and the broker's delivery times, not by the
@@ -44,9 +48,8 @@ Rules:
 - An exception escaping any core or handler is a violation ("no-crash-from-exception"); the
   node it happened on (if known) is crashed and restarted at the next quiet period.
 
-Not modelled (listed in the result's `not_modelled`): durable replicas > 1, group-commit
-windows (kill -9 loses nothing a node held), a client retrying an op whose outcome it never
-learned.
+Not modelled (listed in the result's `not_modelled`): durable replicas > 1, a client
+retrying an op whose outcome it never learned.
 """
 
 from __future__ import annotations
@@ -54,12 +57,15 @@ from __future__ import annotations
 import collections
 import itertools
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from meshd.broker.subjects import matches
 from meshd.membership.messages import ALIVE
 from meshd.store import crdt
+from meshd.store.memrecords import MemoryRecords
+from meshd.store.replication import StoreReplicator, split_acks
 
 from . import checker
 from .brokersim import BrokerNode, BrokerSimulation
@@ -75,7 +81,6 @@ REG_PER_NODE = 6  # a node's registered instances: at this many, one goes
 KINDS = ("partition", "crash", "pause", "clock", "loss", "latency")
 CORE_PROBES = 3  # nodes that each publish a core probe per topic in a quiet period
 NOT_MODELLED = ["durable topics with replicas > 1",
-                "group-commit windows: kill -9 loses nothing a node had applied",
                 "clients retrying an operation whose outcome they never learned"]
 
 
@@ -97,12 +102,14 @@ class NemesisSettings:
     core_rate: float = 1.0  # core publishes per second (with [broker] core_subscribers)
     keys: int = 20  # per kind of value
     ack_timeout: float = 5.0
+    commit_ms: float = 4.0  # a group commit (its fsync): kill -9 loses what is younger
 
 
 _KEYS = {"fault_phase": float, "quiet": float, "settle": float, "every": list,
          "length": list, "kinds": dict, "max_offset": float, "max_jump": float,
          "loss": float, "latency_ms": float, "store_rate": float, "registry_rate": float,
-         "publish_rate": float, "core_rate": float, "keys": int, "ack_timeout": float}
+         "publish_rate": float, "core_rate": float, "keys": int, "ack_timeout": float,
+         "commit_ms": float}
 
 
 def _pair(v: list[Any], where: str) -> tuple[float, float]:
@@ -118,7 +125,7 @@ def parse_nemesis(raw: Any) -> NemesisSettings:
     s = NemesisSettings()
     for key in ("fault_phase", "quiet", "settle", "max_offset", "max_jump", "loss",
                 "latency_ms", "store_rate", "registry_rate", "publish_rate", "core_rate", "keys",
-                "ack_timeout"):
+                "ack_timeout", "commit_ms"):
         if key in t:
             setattr(s, key, t[key])
     for key in ("every", "length"):
@@ -140,6 +147,8 @@ def parse_nemesis(raw: Any) -> NemesisSettings:
         raise ScenarioError("nemesis.settle must be above 0 and shorter than nemesis.quiet")
     if s.loss > 1:
         raise ScenarioError("nemesis.loss is a probability between 0 and 1")
+    if s.commit_ms <= 0:
+        raise ScenarioError("nemesis.commit_ms must be above 0")
     if s.keys < 1 or s.ack_timeout <= 0:
         raise ScenarioError("nemesis.keys must be at least 1 and nemesis.ack_timeout above 0")
     return s
@@ -157,30 +166,119 @@ class _StoreOp:
 
 
 class NemesisStore(StoreSim):
-    """The store workload's shell: records on disk across crashes, the drift bound of the
+    """The store workload's shell: each node's disk holds what it committed (memory starts
+    as the disk at a restart; kill -9 loses what was not committed), the drift bound of the
     nemesis's clocks, and acks noticed as they arrive."""
 
     def __init__(self, sim: NemesisSimulation) -> None:
         super().__init__(sim)
         self.disks = {}
         self.nemesis = sim
-        self.waiting: dict[str, dict[int, tuple[Any, _StoreOp]]] = {}  # node -> wid -> op
+        # node -> wid -> (replicator, op, committed here)
+        self.waiting: dict[str, dict[int, list[Any]]] = {}
+        # per node: keys changed since its last commit; what waits for the next commit
+        # ((done, lost): lost if the node is killed first); the life a commit is due for
+        self.dirty: dict[str, dict[tuple[str, str, str], None]] = {}
+        self.on_commit: dict[str, list[tuple[Callable[[], None],
+                                             Callable[[], None] | None]]] = {}
+        self.commit_due: dict[str, int] = {}
+        self.delay = sim.ns.commit_ms / 1000
+        self.stats = {"store_commits": 0, "store_uncommitted_lost": 0,
+                      "store_acks_lost_uncommitted": 0}
 
     def _drift_ms(self) -> int:
         return self.nemesis.drift_ms
 
+    def records_for(self, node: Any) -> MemoryRecords | None:
+        disk = self.disks.setdefault(node.name, MemoryRecords())
+        return disk.copy()
+
+    def start_node(self, node: Any, core: Any) -> StoreReplicator:
+        rep = super().start_node(node, core)
+        changed = rep.on_change
+
+        def on_change(db: str, tbl: str, key: str, state: Any, local: bool) -> None:
+            self._dirty(node, (db, tbl, key))
+            if changed is not None:
+                changed(db, tbl, key, state, local)
+        rep.on_change = on_change
+        rep.on_drop = lambda db, tbl, key: self._dirty(node, (db, tbl, key))
+        return rep
+
+    # --- group commit (service.py: _durable, _committer) --------------------------------------
+
+    def _dirty(self, node: Any, key: tuple[str, str, str]) -> None:
+        self.dirty.setdefault(node.name, {})[key] = None
+        self._want_commit(node)
+
+    def after_commit(self, node: Any, done: Callable[[], None],
+                     lost: Callable[[], None] | None = None) -> None:
+        """done() once everything the node holds now is committed; lost() if it is killed
+        before that."""
+        self.on_commit.setdefault(node.name, []).append((done, lost))
+        self._want_commit(node)
+
+    def _want_commit(self, node: Any) -> None:
+        if node.name not in self.commit_due:
+            self.commit_due[node.name] = node.incarnation
+            self.sim.call_at(self.sim.now + self.delay, self._commit, (node, node.incarnation))
+
+    def _commit(self, arg: tuple[Any, int]) -> None:
+        node, life = arg
+        if self.commit_due.get(node.name) != life or node.incarnation != life or not node.up:
+            return  # killed since: crashed() dropped what it was for
+        if node.paused:  # (the commit thread stops with the process)
+            self.sim.call_at(self.sim.now + self.delay, self._commit, arg)
+            return
+        del self.commit_due[node.name]
+        self.stats["store_commits"] += 1
+        mem, disk = node.store.state.records, self.disks[node.name]
+        for db, tbl, key in self.dirty.pop(node.name, {}):
+            e = mem.get(db, tbl, key, fill=False)
+            if e is None:
+                disk.delete(db, tbl, key)
+            else:
+                disk.put(db, tbl, key, e)
+        for done, _ in self.on_commit.pop(node.name, []):
+            done()
+
+    def crashed(self, node: Any) -> None:
+        """kill -9: what was not committed is gone, and what waited for it is lost."""
+        self.stats["store_uncommitted_lost"] += len(self.dirty.pop(node.name, {}))
+        self.commit_due.pop(node.name, None)
+        for _, lost in self.on_commit.pop(node.name, []):
+            self.stats["store_acks_lost_uncommitted"] += 1
+            if lost is not None:
+                lost()
+
+    # --- messages ----------------------------------------------------------------------------
+
     def deliver(self, node: Any, payload: tuple[str, Any]) -> None:
-        super().deliver(node, payload)
+        sender, msg = payload
+        rep = node.store
+        now, acks = split_acks(rep.receive(sender, msg, self.sim.now + node.offset))
+        self.send(node, now)
+        if acks:  # an ack promises the records are on disk here: after the commit
+            self.after_commit(node, lambda: self.send(node, acks))
+        self.sim._schedule_tick(node)
         waiting = self.waiting.get(node.name)
         if waiting:
-            rep = node.store
-            for wid, (owner, op) in list(waiting.items()):
-                if owner is not rep:
-                    continue
-                if rep.acks.get(wid):
-                    del waiting[wid]
-                    rep.acks.pop(wid, None)
-                    self.nemesis.store_acked(op)
+            for wid, (owner, op, committed) in list(waiting.items()):
+                if owner is rep and committed and rep.acks.get(wid):
+                    self._acked(node, rep, wid, op)
+
+    def local_committed(self, node: Any, rep: Any, wid: int) -> None:
+        """A write with replicas 2 is committed here: acknowledged if its peer's ack came."""
+        entry = self.waiting.get(node.name, {}).get(wid)
+        if entry is not None and entry[0] is rep:
+            entry[2] = True
+            if rep.acks.get(wid):
+                self._acked(node, rep, wid, entry[1])
+
+    def _acked(self, node: Any, rep: Any, wid: int, op: _StoreOp) -> None:
+        del self.waiting[node.name][wid]
+        rep.acks.pop(wid, None)
+        self.nemesis.store_acked(op)
 
 
 class NemesisSimulation(BrokerSimulation):
@@ -196,6 +294,7 @@ class NemesisSimulation(BrokerSimulation):
         self.ns: NemesisSettings = scenario.nemesis
         self.drift_ms = int((2 * self.ns.max_offset + 10) * 1000)
         self.storesim = NemesisStore(self)
+        self.save_states = True  # kill -9 loses consumer states younger than SAVE_EVERY
         if self.net.default.bandwidth <= 0 and not self.net.links:
             self.size_messages = False  # (registry and store bytes are not reported)
         self.nrng = self._rng("nemesis")
@@ -474,10 +573,12 @@ class NemesisSimulation(BrokerSimulation):
         _, wid = rep.local(DB, TBL, key, delta, now, want_acks=replicas > 1)
         self.log(f"{self.now:.6f} {node.name} store {kind} {key} {op.element or op.delta or ''}"
                  f" r{replicas}")
-        if wid is None:
-            self.store_acked(op)
+        store = self.storesim
+        if wid is None:  # acknowledged once committed here (service.py _commit_local)
+            store.after_commit(node, lambda: self.store_acked(op), lambda: self.store_unknown(op))
         else:
-            self.storesim.waiting.setdefault(node.name, {})[wid] = (rep, op)
+            store.waiting.setdefault(node.name, {})[wid] = [rep, op, False]
+            store.after_commit(node, lambda: store.local_committed(node, rep, wid))
             self.call_at(self.now + self.ns.ack_timeout, self._ack_timeout, (node, rep, wid))
         self._schedule_tick(node)
 
@@ -512,8 +613,9 @@ class NemesisSimulation(BrokerSimulation):
 
     def _crash(self, node: SimNode, restart_after: float | None) -> None:
         # ops waiting for acks on the node: the client never learns their outcome
-        for _rep, op in self.storesim.waiting.pop(node.name, {}).values():
+        for _rep, op, _ in self.storesim.waiting.pop(node.name, {}).values():
             self.store_unknown(op)
+        self.storesim.crashed(node)
         self.reg_mine.pop(node.name, None)  # (its instances die with it: see _check)
         super()._crash(node, restart_after)
 
@@ -694,4 +796,5 @@ class NemesisSimulation(BrokerSimulation):
         result["not_modelled"] = NOT_MODELLED
         result["metrics"].update({f"store_ops_{k}": v for k, v in self.store_ops.items()})
         result["metrics"]["registry_ops"] = self.reg_count
+        result["metrics"].update(self.storesim.stats)
         return result

@@ -78,9 +78,7 @@ class StoreSim:
         clock_cls = HLC if self.sc.store_hlc else _WallClockOnly
         hlc = clock_cls(node.name, lambda: node.wall_ms(sim.now),
                         max_drift_ms=self._drift_ms())
-        records = None
-        if self.disks is not None:
-            records = self.disks.setdefault(node.name, MemoryRecords())
+        records = self.records_for(node)
         rep = StoreReplicator(node.name, hlc, peers,
                               sim._rng(f"store:{node.name}:{node.incarnation}"),
                               sim.now + node.offset,
@@ -93,6 +91,11 @@ class StoreSim:
                 hlc.observe((newest[0], newest[1], node.name))
         rep.on_change = lambda db, tbl, key, state, local, n=node: self._changed(n, key, state)
         return rep
+
+    def records_for(self, node: Any) -> MemoryRecords | None:
+        """The records a (re)starting node's store runs on: its disk's, when disks are kept
+        (None: a fresh store)."""
+        return None if self.disks is None else self.disks.setdefault(node.name, MemoryRecords())
 
     def _drift_ms(self) -> int:
         """The HLC drift bound: the daemon's default, or wider when the scenario sets clocks

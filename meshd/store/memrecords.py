@@ -19,6 +19,14 @@ class MemoryRecords:
         self._tables: dict[tuple[str, str], dict[str, Entry]] = {}
         self._tombs: dict[tuple[str, str], dict[str, int]] = {}
 
+    def copy(self) -> MemoryRecords:
+        """Another backend holding the same entries (the simulator's disk, read back by a
+        node that restarts)."""
+        out = MemoryRecords()
+        out._tables = {k: dict(t) for k, t in self._tables.items()}
+        out._tombs = {k: dict(t) for k, t in self._tombs.items()}
+        return out
+
     def get(self, db: str, tbl: str, key: str, fill: bool = True) -> Entry | None:
         t = self._tables.get((db, tbl))
         return None if t is None else t.get(key)

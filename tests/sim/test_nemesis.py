@@ -149,6 +149,10 @@ def test_an_exception_in_a_core_is_a_violation_and_the_run_goes_on(monkeypatch):
     ("nemesis.kinds={crash = 0}", "nemesis.kinds must give some fault a weight above 0"),
     ("nemesis.loss=2", "nemesis.loss is a probability"),
     ("nemesis.colour=1", "unknown key nemesis.colour"),
+    ("nemesis.commit_ms=0", "nemesis.commit_ms must be above 0"),
+    ("broker.core_subscribers=[{node = 1}]", "broker.core_subscribers[0] needs pattern and node"),
+    ('broker.core_subscribers=[{pattern = "a", node = 1, queue = "durable:x"}]',
+     "is a durable subscriber's"),
 ])
 def test_bad_nemesis_settings_are_named(override, message):
     with pytest.raises(ScenarioError, match=message.replace("[", r"\[").replace(".", r"\.")):
@@ -177,3 +181,17 @@ def test_one_simulated_hour():
     assert r["violations"] == [], r["violations"][:3]
     assert r["quiet_periods"] == 2
     assert sum(r["faults"].values()) >= 20
+
+
+def test_kill_9_loses_what_was_not_committed_and_nothing_acknowledged():
+    """Store changes reach the disk a group commit after they are made: with commits of
+    2 s, crashes lose changes and the outcome of ops waiting for them; no acknowledged op
+    is lost, and the broker resumes from consumer states saved before the crash."""
+    r = run(["nemesis.kinds={crash = 1}", "nemesis.commit_ms=2000", "nemesis.every=[5, 15]"],
+            seed=2)
+    m = r["metrics"]
+    assert r["faults"]["crash"] >= 10
+    assert m["store_uncommitted_lost"] > 0 and m["store_acks_lost_uncommitted"] > 0
+    assert m["store_ops_unknown"] > 0 and m["store_commits"] > 1000
+    assert r["violations"] == [], r["violations"][:3]
+    assert m["broker_lost"] == 0
