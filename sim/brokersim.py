@@ -460,7 +460,7 @@ class BrokerNode:
     def save(self, _arg: Any = None) -> None:
         self.save_due = False
         dirty, self.origin.dirty = self.origin.dirty, set()
-        for key in dirty:
+        for key in sorted(dirty):  # (a set of str: its order would follow the hash seed)
             c = self.consumers.get(key)
             if c is not None:
                 self.saved[key] = c.state()
@@ -612,7 +612,8 @@ class BrokerSimulation(Simulation):
         # node -> its clients' subscriptions
         self.attached: dict[str, list[Subscriber | CoreSubscriber]] = {}
         self._fifo: dict[tuple[int, int], float] = {}
-        self._held: dict[str, list[Any]] = {}  # node -> what arrived while it was paused
+        # node -> what arrived while it was paused, with the node life it came for
+        self._held: dict[str, list[tuple[Any, BrokerNode]]] = {}
         self._ids = itertools.count(1)
         self.names: dict[str, list[str]] = {}  # durable name -> its patterns
         for s in self.workload.subscribers:
@@ -795,7 +796,7 @@ class BrokerSimulation(Simulation):
             if held is None:
                 held = self._held[dst.name] = []
                 self.call_at(pause_retry(self.now), self._drain, dst)
-            held.append(arg)
+            held.append((arg, b))
             return
         if payload["t"] == "interest":
             b.receive_interest(src.node.addr, payload)
@@ -808,8 +809,12 @@ class BrokerSimulation(Simulation):
         if dst.paused:
             self.call_at(pause_retry(self.now), self._drain, dst)
             return
-        for arg in self._held.pop(dst.name, []):
-            self._arrive(arg)
+        for arg, b in self._held.pop(dst.name, []):
+            if self.bnodes.get(dst.name) is b and b.alive():
+                self._arrive(arg)
+            else:  # the life it came for ended (kill -9 while paused): lost with it
+                src, _, data = arg
+                self.dropped(src, dst.name, cbor2.loads(data), "down")
 
     def dropped(self, src: BrokerNode, dst: str, payload: dict[str, Any], why: str) -> None:
         if payload["t"] == "interest":

@@ -253,6 +253,14 @@ class NemesisStore(StoreSim):
 
     # --- messages ----------------------------------------------------------------------------
 
+    def send(self, node: Any, sends: list[tuple[str, Any]]) -> None:
+        """On its disk first (service.py _send_one): what a node sends waits for the commit
+        of its uncommitted changes, and is lost with them."""
+        if sends and self.dirty.get(node.name):
+            self.after_commit(node, lambda: StoreSim.send(self, node, sends))
+        else:
+            super().send(node, sends)
+
     def deliver(self, node: Any, payload: tuple[str, Any]) -> None:
         sender, msg = payload
         rep = node.store
@@ -554,7 +562,11 @@ class NemesisSimulation(BrokerSimulation):
                 op = _StoreOp(kind, key, node.name, delta=d)
             elif kind == "add":
                 element = f"e{rng.randrange(keys)}"
-                tag = f"{node.name}:{rep.hlc.now()[0]}:{rep.hlc.now()[1]}"  # store/service.py
+                ts = rep.hlc.now()
+                tag = f"{node.name}:{ts[0]}:{ts[1]}:{node.incarnation}"  # store/service.py
+                if tag in self.sets.get(key, checker.SetKey()).adds:
+                    self.violation(checker.Finding("set-tag-unique", f"{key}: tag {tag} made "
+                                                   "twice", [node.name], [key]))
                 delta = {"set": crdt.set_add_delta(element, tag)}  # as store/service.py
                 self.sets.setdefault(key, checker.SetKey()).adds[tag] = element
                 op = _StoreOp(kind, key, node.name, tags=(tag,), element=element)
@@ -600,7 +612,9 @@ class NemesisSimulation(BrokerSimulation):
             if led.acked is None or op.ts > led.acked:
                 led.acked = op.ts
         elif op.kind == "incr":
-            self.counters[op.key].acked += op.delta
+            led = self.counters[op.key]
+            led.acked += op.delta
+            led.slots.setdefault(op.node, checker.CounterKey()).acked += op.delta
         elif op.kind == "add":
             self.sets[op.key].acked_adds[op.tags[0]] = op.element
         else:
@@ -609,7 +623,10 @@ class NemesisSimulation(BrokerSimulation):
     def store_unknown(self, op: _StoreOp) -> None:
         self.store_ops["unknown"] += 1
         if op.kind == "incr":
-            self.counters[op.key].unknown += op.delta
+            led = self.counters[op.key]
+            for one in (led, led.slots.setdefault(op.node, checker.CounterKey())):
+                one.unknown += op.delta
+                one.parts.append(op.delta)
 
     def _crash(self, node: SimNode, restart_after: float | None) -> None:
         # ops waiting for acks on the node: the client never learns their outcome
@@ -748,7 +765,11 @@ class NemesisSimulation(BrokerSimulation):
                 findings += checker.lww(key, led, s.get("lww") if s else None)
             for key, cled in sorted(self.counters.items()):
                 s = state.get(DB, TBL, key) or {}
-                findings += checker.counter(key, cled, crdt.counter_value(s.get("counter")))
+                c = s.get("counter")
+                findings += checker.counter(key, cled, crdt.counter_value(c))
+                for node, nled in sorted(cled.slots.items()):
+                    findings += checker.counter(f"{key}[{node}]", nled,
+                                                c["p"].get(node, 0) if c else 0)
             for key, sled in sorted(self.sets.items()):
                 s = state.get(DB, TBL, key) or {}
                 findings += checker.or_set(key, sled, crdt.set_members(s.get("set")))

@@ -15,6 +15,13 @@ Rules:
   whatever their time, but do not push the clock past that bound either.
 - Replication messages travel one per link channel "store"; malformed ones are dropped and
   counted. The replicator (sans-IO) decides what to send.
+- Nothing leaves a node before it is on the node's disk: a store message waits for the
+  commit of everything applied before it (when something is uncommitted). Otherwise a
+  node killed after a push and before its commit restarts without the change its peers
+  hold: its counter slot starts lower than theirs and swallows its next increments (the
+  nemesis's review found this), and its clock may hand out timestamps it already used.
+- An OR-set tag is `node:wall:count:life`: one HLC reading and this process's random life
+  id, so a node restarted with its clock set back never makes a tag it made before.
 - Watches get every change that lands on this node (local or replicated) under their prefix.
 - Config is the "config" database: one table per namespace, one record per dot path holding
   JSON. A path's value is built from the records at, above and below it, in write order.
@@ -27,6 +34,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -103,6 +111,7 @@ class StoreService:
         self._following: set[trio.MemorySendChannel[Any]] = set()
         self._kick = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._life = secrets.token_hex(4)  # in OR-set tags: unique to this process
         self.engines = Engines(self, self.node, settings, self._engine_changed, self._wanted)
         self.stats = {"store_bad_messages": 0, "store_commits": 0, "store_reads": 0,
                       "store_writes": 0, "store_fast_path": 0}
@@ -214,6 +223,8 @@ class StoreService:
     async def _send_one(self, addr: str, payload: bytes) -> None:
         try:
             with trio.fail_after(10):
+                if self.records.pending or self.records.committing:  # on disk first: rules
+                    await self._durable()
                 async with await self.links.open_channel(addr, CHANNEL) as ch:
                     await ch.send(payload)
         except (LinkError, ChannelClosed, trio.TooSlowError) as exc:
@@ -505,7 +516,8 @@ class StoreService:
             return {"key": key, "members": await engine.set_change(db, tbl, key, add, remove,
                                                                    self.node)}
         if op == "add":
-            tag = f"{self.node}:{self.hlc.now()[0]}:{self.hlc.now()[1]}"
+            ts = self.hlc.now()
+            tag = f"{self.node}:{ts[0]}:{ts[1]}:{self._life}"  # (see the rules)
             change = {"set": crdt.set_add_delta(member, tag)}  # (a delta: see crdt)
         elif op == "remove":
             removed = crdt.set_remove_delta(current.get("set"), member)

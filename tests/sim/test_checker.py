@@ -111,3 +111,14 @@ def test_core_probes_must_reach_every_target_once_healed():
     (f,) = checker.core_delivered([("p1", ["core0", "core1", "shipping", "audit"])], ledger)
     assert f.invariant == "broker-core-delivered-when-healed"
     assert f.detail.endswith("never reached audit, core1") and f.subjects == ["p1"]
+
+
+def test_a_counter_is_the_acknowledged_sum_plus_whole_increments_of_unknown_outcome():
+    led = checker.CounterKey(acked=1, unknown=5, parts=[5])
+    assert checker.counter("c", led, 1) == [] and checker.counter("c", led, 6) == []
+    # within [acked, acked + unknown] but no subset of the unknown ones makes it: the
+    # acknowledged +1 was swallowed by a +5 that a restarted node had lost
+    (f,) = checker.counter("c", led, 5)
+    assert f.invariant == "counter-sum" and "no subset of them adds 4" in f.detail
+    led = checker.CounterKey(acked=3, unknown=9, parts=[2, 3, 4])
+    assert [v for v in range(14) if not checker.counter("c", led, v)] == [3, 5, 6, 7, 8, 9, 10, 12]

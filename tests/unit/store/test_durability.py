@@ -128,9 +128,8 @@ class _In:
         return self.payload
 
 
-async def test_a_replica_sends_its_ack_only_after_the_commit_holding_the_write(tmp_path):
-    links = _Links(tmp_path / FILE)
-    svc = StoreService(_Core(), links, tmp_path, StoreSettings())  # type: ignore[arg-type]
+def _slow_disk(svc: StoreService) -> tuple[threading.Event, threading.Event]:
+    """Commits of `svc` wait for the returned gate; the other event is set once one does."""
     gate, saving = threading.Event(), threading.Event()
     real_save = svc.db.save
 
@@ -140,6 +139,13 @@ async def test_a_replica_sends_its_ack_only_after_the_commit_holding_the_write(t
         real_save(rows, deleted)
 
     svc.db.save = slow_save  # type: ignore[method-assign]
+    return gate, saving
+
+
+async def test_a_replica_sends_its_ack_only_after_the_commit_holding_the_write(tmp_path):
+    links = _Links(tmp_path / FILE)
+    svc = StoreService(_Core(), links, tmp_path, StoreSettings())  # type: ignore[arg-type]
+    gate, saving = _slow_disk(svc)
     batch = {"t": "batch", "fwd": False, "ack": [7],
              "e": [["d", "t", "k", {"lww": crdt.lww((int(time.time() * 1000), 0, "a"),
                                                      b"v")}]]}
@@ -158,6 +164,61 @@ async def test_a_replica_sends_its_ack_only_after_the_commit_holding_the_write(t
         finally:
             gate.set()  # never leave the commit thread blocked (it cannot be cancelled)
             nursery.cancel_scope.cancel()
+
+
+class _CoreWithPeer(_Core):
+    @staticmethod
+    def alive_peers() -> list[str]:
+        return ["127.0.0.1:7001"]
+
+
+async def test_a_local_write_is_pushed_only_after_the_commit_holding_it(tmp_path):
+    """Issue 23 (the nemesis's review): a push that left before the commit, then kill -9,
+    and the restarted node's counter slot was behind its peers': its next increments were
+    swallowed by the max-merge. Nothing leaves a node before it is on its disk."""
+    links = _Links(tmp_path / FILE)
+    svc = StoreService(_CoreWithPeer(), links, tmp_path, StoreSettings())  # type: ignore[arg-type]
+    gate, saving = _slow_disk(svc)
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(svc.run)
+            svc.rep.local("d", "t", "k", {"counter": crdt.counter_add(None, "b", 5)},
+                          trio.current_time())
+            svc._changed("d", "t", "k", {}, True)  # (what on_change does: a commit wanted)
+            svc._kick.set()
+            await trio.to_thread.run_sync(saving.wait)
+            await trio.sleep(2 * svc.rep.batch_interval)  # the batch is due: it must wait
+            await trio.testing.wait_all_tasks_blocked()
+            assert links.sent == [], "pushed while the commit holding the write was running"
+            gate.set()
+            with trio.fail_after(10):  # a hang guard, not a timing check
+                await links.any_sent.wait()
+            msg, on_disk = links.sent[0]
+            assert msg["t"] == "batch" and msg["e"][0][2] == "k" and on_disk == 1
+        finally:
+            gate.set()  # never leave the commit thread blocked (it cannot be cancelled)
+            nursery.cancel_scope.cancel()
+
+
+async def test_or_set_tags_are_unique_to_a_process(tmp_path):
+    """A node restarted with its clock set back reads the same HLC times again: its tags
+    carry its life id, so an add never reuses a tag of an earlier life."""
+    tags, lives = [], []
+    for _ in range(2):  # two lives of one node on one data dir
+        svc = StoreService(_Core(), _Links(tmp_path / FILE), tmp_path,  # type: ignore[arg-type]
+                           StoreSettings())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            await svc.set_op({"database": "d", "table": "t", "key": "s", "op": "add",
+                              "member": f"x{len(tags)}"})
+            state = svc.rep.state.get("d", "t", "s")
+            tags.append(state["set"]["adds"][f"x{len(tags)}"][0])
+            lives.append(svc._life)
+            nursery.cancel_scope.cancel()
+    assert lives[0] != lives[1]
+    for tag, life in zip(tags, lives, strict=True):
+        node, wall, count, end = tag.split(":")
+        assert node == "b" and int(wall) > 0 and int(count) >= 0 and end == life
 
 
 # --- review of issue 22: disk errors and the shutdown commit ------------------------------
