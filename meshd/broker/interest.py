@@ -253,6 +253,7 @@ class InterestTable:
         self.max_record_bytes = max_record_bytes
         self.records: dict[str, Record] = {}
         self.changes = 0  # bumped whenever `records` changes: views on it are cached by it
+        self._digest: tuple[int, dict[str, list[int]]] = (-1, {})
         self._local: dict[Key, int] = {}
         self._local_bytes = _RECORD_OVERHEAD
         self._routes: _Spaces[tuple[str, str | None, str]] = _Spaces()  # (node, queue, pattern)
@@ -343,7 +344,11 @@ class InterestTable:
         return True
 
     def digest(self) -> dict[str, list[int]]:
-        return {n: [r.ts[0], r.ts[1]] for n, r in self.records.items()}
+        """Our digest (R5); the same object until the records change: read it, send it,
+        never change it (every sync sends it: most find nothing changed)."""
+        if self._digest[0] != self.changes:
+            self._digest = (self.changes, {n: [r.ts[0], r.ts[1]] for n, r in self.records.items()})
+        return self._digest[1]
 
     def differing(self, remote: Any) -> list[str]:
         """Nodes whose versions differ between us and a peer's digest (strictly decoded)."""

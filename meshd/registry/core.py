@@ -35,6 +35,8 @@ class Entry:
     value: dict[str, Any] | None  # None = tombstone
     seen_at: float = 0.0
     owner: str = field(init=False, compare=False, repr=False)  # the node before the "/"
+    # to_wire's answer, made once: repairs send every entry of an owner again and again
+    wire: list[Any] | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.owner = self.key.split("/", 1)[0]
@@ -45,7 +47,10 @@ class Entry:
         return int.from_bytes(h, "big")
 
     def to_wire(self) -> list[Any]:
-        return [self.key, list(self.ts), self.boot, self.value]
+        """The wire form (the same list each time: send it, never change it)."""
+        if self.wire is None:
+            self.wire = [self.key, list(self.ts), self.boot, self.value]
+        return self.wire
 
 
 class WireError(ValueError):

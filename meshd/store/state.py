@@ -150,9 +150,10 @@ class StoreState:
         t = self._table(db, tbl)
         b = bucket_of(key)
         if old is not None:
-            t.add(b, old.hash, live_until(old.state), -1)
-        t.add(b, new_hash, live_until(merged), 1)
-        self.records.put(db, tbl, key, Entry(merged, new_hash))
+            t.add(b, old.hash, _until(old), -1)
+        until = live_until(merged)
+        t.add(b, new_hash, until, 1)
+        self.records.put(db, tbl, key, Entry(merged, new_hash, until))
         return merged
 
     def drop(self, db: str, tbl: str, key: str) -> None:
@@ -160,7 +161,7 @@ class StoreState:
         old = None if t is None else self.records.get(db, tbl, key, fill=False)
         if t is None or old is None:
             return
-        t.add(bucket_of(key), old.hash, live_until(old.state), -1)
+        t.add(bucket_of(key), old.hash, _until(old), -1)
         self.records.delete(db, tbl, key)
         if not t.count:
             del self.tables[(db, tbl)]
@@ -259,6 +260,10 @@ class StoreState:
             self.drop(db, tbl, key)
             dropped.append((db, tbl, key))
         return dropped
+
+
+def _until(e: Entry) -> int:
+    return live_until(e.state) if e.until is None else e.until
 
 
 def _matcher(suffix: str | None, contains: str | None) -> Callable[[str], bool] | None:
