@@ -94,7 +94,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -387,10 +387,9 @@ class BrokerNode:
                 for sub in list(self.core_by_key.get((ns, pattern, None), ())):
                     self.sim.core_received(self, sub, origin, wired)
         for group, patterns in targets.groups.items():
-            members = [s for p in patterns for s in self.core_by_key.get((ns, p, group), ())]
-            if members:
-                self.sim.core_received(self, members[next(self.turn) % len(members)],
-                                       origin, wired)
+            sub = self.one_of(ns, group, patterns, self.core_by_key)
+            if sub is not None:
+                self.sim.core_received(self, sub, origin, wired)
 
     def publish(self, ns: str, msg: messages.Message) -> int:
         """durable.publish: append to our log (acknowledged then), tell our consumers."""
@@ -554,9 +553,12 @@ class BrokerNode:
         handle = self.w.handle_ms / 1000 * self.rng.uniform(0.5, 1.5)
         self.later(handle, lambda t: self.settle_tags(sub, "ack", [t]), tag)
 
-    def one_of(self, ns: str, group: str, patterns: tuple[str, ...]) -> _Sub | None:
-        """service._one_of: round robin over the group's members here."""
-        members = [s for p in patterns for s in self.by_key.get((ns, p, group), ())]
+    def one_of(self, ns: str, group: str, patterns: tuple[str, ...],
+               subs: Mapping[tuple[str, str, Any], list[Any]] | None = None) -> Any:
+        """service._one_of: round robin over the group's members here (in `subs`: the
+        durable subscribers unless given)."""
+        subs = self.by_key if subs is None else subs
+        members = [s for p in patterns for s in subs.get((ns, p, group), ())]
         if not members:
             return None
         return members[next(self.turn) % len(members)]

@@ -138,15 +138,14 @@ def set_remove_delta(s: dict[str, Any] | None, elem: str | None = None
 
 
 def set_add(s: dict[str, Any] | None, elem: str, tag: str) -> dict[str, Any]:
-    return merge_set(s, {"adds": {elem: [tag]}, "removed": []}) or {}
+    return merge_set(s, set_add_delta(elem, tag)) or {}
 
 
 def set_remove(s: dict[str, Any] | None, elem: str | None = None) -> dict[str, Any] | None:
     """Remove what we have seen of `elem` (or of every element when None)."""
     if s is None:
         return None
-    seen = [t for e, tags in s["adds"].items() if elem is None or e == elem for t in tags]
-    return merge_set(s, {"adds": {}, "removed": seen})
+    return merge_set(s, set_remove_delta(s, elem) or {"adds": {}, "removed": []})
 
 
 def set_live(s: dict[str, Any] | None) -> bool:
