@@ -657,6 +657,22 @@ MUTATIONS = [
              'return raw + b":"',
              ("tests/unit/store/test_engine_names.py",),
              "Redis names joined by a separator: (\"a:b\", \"c\") and (\"a\", \"b:c\") collide"),
+    Mutation("key-hash-ascii-keys-by-code-point", "meshd/store/records.py",
+             "        out.sort(key=len)\n",
+             "        pass\n",
+             ("tests/unit/store/test_key_hash.py",),
+             "ASCII keys of different lengths hashed in code point order, not canonical CBOR's:"
+             " replicas of this and older versions disagree on every digest"),
+    Mutation("registry-tombstone-collected-twice", "meshd/registry/core.py",
+             "                    old[e.key] = e\n",
+             "                    old[f\"{e.key}#{len(old)}\"] = e\n",
+             ("tests/unit/registry/test_core.py",),
+             "a key stored twice as a tombstone comes up twice from the heap: a KeyError"),
+    Mutation("memrecords-bucket-of-first-key-only", "meshd/store/memrecords.py",
+             "        if key not in t:\n",
+             "        if not t:\n",
+             ("tests/unit/store/test_records.py",),
+             "the memory backend knows the bucket of a table's first key only"),
 ]
 
 

@@ -10,7 +10,9 @@ Rules:
   served: a crashed node's instances vanish everywhere as soon as it is declared dead.
 - Digest for anti-entropy: per owner node, (count, xor of entry hashes). Two replicas agree
   on an owner iff its digests match; only differing owners' entries are exchanged.
-- Tombstones are dropped after `tombstone_ttl` seconds of local time.
+- Tombstones are dropped after `tombstone_ttl` seconds of local time. A heap of their
+  write times finds the due ones (collect runs every tick: a scan of every tombstone each
+  time cost more than anything else the registry does).
 - Every served instance belongs to one namespace (its record's "namespace"; a record that
   names none, from before namespaces or from an old node, is in "default"). Reads select
   by service and namespace (`select`); replication does not look at namespaces at all, so
@@ -20,6 +22,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +83,9 @@ class RegistryState:
         self._digest: dict[str, list[int]] = {}  # owner -> [count, xor]
         self._owned: dict[str, dict[str, Entry]] = {}  # owner -> its entries by key
         self._tombs: dict[str, Entry] = {}  # the tombstones, by key (what collect looks at)
+        # (wall ms written, key) of each tombstone stored: an entry whose key holds another
+        # entry by the time it comes up is passed over
+        self._tomb_times: list[tuple[int, str]] = []
 
     def _account(self, e: Entry, sign: int) -> None:
         d = self._digest.setdefault(e.owner, [0, 0])
@@ -100,6 +106,7 @@ class RegistryState:
         self._owned.setdefault(e.owner, {})[e.key] = e
         if e.value is None:
             self._tombs[e.key] = e
+            heapq.heappush(self._tomb_times, (e.ts[0], e.key))
         else:
             self._tombs.pop(e.key, None)
         self._account(e, +1)
@@ -120,11 +127,17 @@ class RegistryState:
         wall(): every node ages them alike), or without it seen more than the ttl before
         `now`; returns how many."""
         if wall_ms is None:
-            old = [e for e in self._tombs.values() if now - e.seen_at > self.tombstone_ttl]
+            old = {e.key: e for e in self._tombs.values()
+                   if now - e.seen_at > self.tombstone_ttl}
         else:
             written_before = wall_ms - int(self.tombstone_ttl * 1000)
-            old = [e for e in self._tombs.values() if e.ts[0] < written_before]
-        for e in old:
+            old = {}  # (a key stored twice as a tombstone comes up twice: dropped once)
+            times = self._tomb_times
+            while times and times[0][0] < written_before:
+                e = self._tombs.get(heapq.heappop(times)[1])
+                if e is not None and e.ts[0] < written_before:
+                    old[e.key] = e
+        for e in old.values():
             self._account(e, -1)
             del self.entries[e.key]
             del self._tombs[e.key]

@@ -2,7 +2,9 @@
 
 Rules:
 - Plain dicts per table; nothing is durable. Tombstones are indexed apart (by table, key:
-  the time written), so a collection looks at them alone, not at every record.
+  the time written), so a collection looks at them alone, not at every record. Each key's
+  bucket is kept beside it (a bucket's hashes are read by anti-entropy without hashing
+  every key of the table again).
 - Answers exactly what diskrecords.DiskRecords answers for the same puts and deletes
   (tests/unit/store/test_records.py runs both).
 """
@@ -18,6 +20,7 @@ class MemoryRecords:
     def __init__(self) -> None:
         self._tables: dict[tuple[str, str], dict[str, Entry]] = {}
         self._tombs: dict[tuple[str, str], dict[str, int]] = {}
+        self._buckets: dict[tuple[str, str], dict[str, int]] = {}
 
     def copy(self) -> MemoryRecords:
         """Another backend holding the same entries (the simulator's disk, read back by a
@@ -25,6 +28,7 @@ class MemoryRecords:
         out = MemoryRecords()
         out._tables = {k: dict(t) for k, t in self._tables.items()}
         out._tombs = {k: dict(t) for k, t in self._tombs.items()}
+        out._buckets = {k: dict(t) for k, t in self._buckets.items()}
         return out
 
     def get(self, db: str, tbl: str, key: str, fill: bool = True) -> Entry | None:
@@ -32,7 +36,10 @@ class MemoryRecords:
         return None if t is None else t.get(key)
 
     def put(self, db: str, tbl: str, key: str, entry: Entry) -> None:
-        self._tables.setdefault((db, tbl), {})[key] = entry
+        t = self._tables.setdefault((db, tbl), {})
+        if key not in t:
+            self._buckets.setdefault((db, tbl), {})[key] = bucket_of(key)
+        t[key] = entry
         wall = tombstone_wall(entry.state)
         if wall is not None:
             self._tombs.setdefault((db, tbl), {})[key] = wall
@@ -47,10 +54,12 @@ class MemoryRecords:
     def delete(self, db: str, tbl: str, key: str) -> None:
         t = self._tables.get((db, tbl))
         if t is not None:
-            t.pop(key, None)
+            if t.pop(key, None) is not None:
+                del self._buckets[(db, tbl)][key]
             self._untomb(db, tbl, key)
             if not t:
                 del self._tables[(db, tbl)]
+                del self._buckets[(db, tbl)]
 
     def newest(self, max_wall: int) -> tuple[int, int] | None:
         """The newest (wall, count) of a register at or before `max_wall` (a scan)."""
@@ -66,8 +75,9 @@ class MemoryRecords:
 
     def summary(self) -> Iterator[tuple[str, str, int, int, int]]:
         for (db, tbl), t in self._tables.items():
+            of = self._buckets[(db, tbl)]
             for key, e in t.items():
-                yield db, tbl, bucket_of(key), e.hash, live_until(e.state)
+                yield db, tbl, of[key], e.hash, live_until(e.state)
 
     def keys(self, db: str, tbl: str, prefix: str | None = None,
              live_at: int | None = None, stop: int = 0,
@@ -85,8 +95,9 @@ class MemoryRecords:
 
     def hashes(self, db: str, tbl: str, buckets: Iterable[int]) -> dict[str, int]:
         wanted = set(buckets)
+        of = self._buckets.get((db, tbl), {})
         return {k: e.hash for k, e in self._tables.get((db, tbl), {}).items()
-                if bucket_of(k) in wanted}
+                if of[k] in wanted}
 
     def any_live(self, db: str, tbl: str, now: int) -> bool:
         return any(live_until(e.state) > now for e in self._tables.get((db, tbl), {}).values())

@@ -65,19 +65,30 @@ def _canonical_key(k: str) -> tuple[int, bytes]:
     return (len(b), b)
 
 
+def _canonical_order(keys: Iterable[str]) -> list[str]:
+    """`keys` in canonical CBOR's order. Keys all ASCII (node ids, the common case) are
+    sorted plainly, then stably by length: their length is their encoding's, and code
+    point order is byte order (no key function encodes each one)."""
+    out = sorted(keys)
+    if all(map(str.isascii, out)):
+        out.sort(key=len)
+    else:
+        out.sort(key=_canonical_key)
+    return out
+
+
 def _ordered(state: crdt.State) -> dict[str, object]:
     """crdt.canonical(state) for a state without "lww", its maps in canonical key order."""
     out: dict[str, object] = {}
     s = state.get("set")
     if s is not None:  # ("set" sorts before "counter": shorter)
         adds = s["adds"]
-        out["set"] = {"adds": {e: sorted(set(adds[e])) for e in sorted(adds, key=_canonical_key)},
+        out["set"] = {"adds": {e: sorted(set(adds[e])) for e in _canonical_order(adds)},
                       "removed": sorted(set(s["removed"]))}
     c = state.get("counter")
     if c is not None:
-        out["counter"] = {part: {n: c[part][n] for n in sorted(c[part], key=_canonical_key)
-                                 if c[part][n]}
-                          for part in ("n", "p", "bn", "bp")}
+        out["counter"] = {part: {n: m[n] for n in _canonical_order(m) if m[n]}
+                          for part in ("n", "p", "bn", "bp") for m in (c[part],)}
     return out
 
 

@@ -73,6 +73,21 @@ def test_tombstones_are_collected_after_ttl():
     assert s.collect(101.0, wall_ms=60_001) == 1 and not s.entries
 
 
+def test_collection_by_write_time_takes_each_due_tombstone_once_and_nothing_else():
+    s = RegistryState(tombstone_ttl=10)
+    s.apply(Entry("a/1", (1_000, 0, "a"), "x", None), 0.0)
+    s.apply(Entry("a/1", (2_000, 0, "a"), "x", None), 0.0)  # a newer tombstone, same key
+    s.apply(Entry("a/2", (1_500, 0, "a"), "x", None), 0.0)
+    s.apply(Entry("a/2", (1_600, 0, "a"), "x", {"service": "s"}), 0.0)  # back: a value
+    s.apply(Entry("a/3", (30_000, 0, "a"), "x", None), 0.0)  # not due yet
+    s.apply(Entry("a/4", (500, 0, "a"), "x", None), 0.0)  # due, stored last
+    assert s.collect(0.0, wall_ms=11_000) == 1 and "a/4" not in s.entries  # a/1 not yet
+    assert s.collect(0.0, wall_ms=20_000) == 1  # a/1 once, though stored twice
+    assert sorted(s.entries) == ["a/2", "a/3"] and s.entries["a/2"].value is not None
+    assert s.collect(0.0, wall_ms=40_001) == 1 and sorted(s.entries) == ["a/2"]
+    assert s.collect(0.0, wall_ms=10**9) == 0 and s.entries["a/2"].value is not None
+
+
 @pytest.mark.parametrize("raw", [None, [], ["nokey", [1, 0, "a"], "x", None],
                                  ["a/1", [1, 0], "x", None], ["a/1", [1, 0, "a"], 5, None],
                                  ["a/1", [1, 0, "a"], "x", [1]]])

@@ -34,6 +34,20 @@ def test_the_fast_way_gives_the_general_way_s_hash(key, state):
     assert key_hash(key, state) == general(key, state)
 
 
+ascii_keys = st.text(alphabet="ab-09é", max_size=8)
+
+
+@settings(max_examples=300)
+@given(ascii_keys, st.dictionaries(ascii_keys, st.integers(1, 9), max_size=8),
+       st.dictionaries(ascii_keys, st.lists(ascii_keys, max_size=3), max_size=8))
+def test_keys_of_many_lengths_are_laid_out_in_canonical_order(key, counts, adds):
+    # node ids and elements of different lengths: canonical order is shorter first, which
+    # plain sorting is not ("n10" < "n9"); "é" mixes in keys whose encoding is longer
+    state = {"counter": {"p": counts, "n": {}, "bp": {}, "bn": {}},
+             "set": {"adds": adds, "removed": []}}
+    assert key_hash(key, state) == general(key, state)
+
+
 def test_order_and_repeats_do_not_change_the_hash_and_content_does():
     a = {"set": {"adds": {"bb": ["t2", "t1"], "a": ["t3"]}, "removed": ["t2", "t2"]},
          "counter": {"p": {"node-10": 3, "n2": 1}, "n": {}, "bp": {"x": 0}, "bn": {}}}
