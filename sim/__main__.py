@@ -1,4 +1,5 @@
-"""`python -m meshd_sim run SCENARIO [--nodes N] [--seed S] [--json]`: run a scenario, report."""
+"""`python -m meshd_sim run SCENARIO [--nodes N] [--seed S] [--json]`: run a scenario, report;
+`python -m meshd_sim check EVENT_LOG [--json]`: check a nemesis run's event log afterwards."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 
 import click
 
+from . import history
 from .brokersim import BrokerSimulation
 from .engine import Simulation
 from .nemesis import NemesisSimulation
@@ -54,6 +56,28 @@ def run(scenario: str, nodes: int | None, seed: int | None, duration: float | No
         click.echo(json.dumps(result, sort_keys=True))
     else:
         print_report(result)
+
+
+@main.command("check")
+@click.argument("event_log", type=click.File("r", encoding="utf-8"))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def check_log(event_log, as_json: bool) -> None:
+    """Check a nemesis run's EVENT_LOG (written with --event-log) against the invariants."""
+    try:
+        report = history.check(event_log)
+    except history.HistoryError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"violations": report.violations, "checks": report.checks,
+                               "checked_ops": report.checked_ops, "lines": report.lines},
+                              sort_keys=True))
+        return
+    click.echo(f"{report.lines} lines, {report.checks} checks, {report.checked_ops} checked "
+               f"ops: {len(report.violations)} violations")
+    for v in report.violations:
+        click.echo(f"  {v['time']:.3f} {v['invariant']} {' '.join(v['nodes'])}: {v['detail']}")
+    if report.violations:
+        sys.exit(1)
 
 
 @main.command("list")

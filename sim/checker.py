@@ -2,8 +2,9 @@
 
 Job: given the nodes' views and states at a quiet period (faults healed for long enough) and
 the ledger of what the workload did and which operations were acknowledged, return the
-violations. Pure functions over plain data; sim/nemesis.py gathers the data and keeps the
-ledger, tests/sim/test_checker.py plants each kind of violation.
+violations. Pure functions over plain data (and the store ledger's rules): sim/nemesis.py
+gathers the data and keeps a ledger as the run goes, sim/history.py rebuilds both from the
+event log afterwards; tests/sim/test_checker.py plants each kind of violation.
 
 Rules (the issue's invariants, as checked here):
 - membership: every running node sees exactly the running nodes as alive.
@@ -51,6 +52,19 @@ class Finding:
     detail: str
     nodes: list[str] = field(default_factory=list)
     subjects: list[str] = field(default_factory=list)
+
+
+EXCERPT_LINES = 30
+
+
+def violation(f: Finding, now: float, ring: Iterable[str]) -> dict[str, Any]:
+    """The result's record of `f`, found at `now`, with the last EXCERPT_LINES lines of
+    `ring` (recent event-log lines) that name one of its subjects."""
+    subjects = [s for s in f.subjects if s]
+    lines = [line for line in ring if any(s in line.split() for s in subjects)] \
+        if subjects else list(ring)
+    return {"time": round(now, 3), "invariant": f.invariant, "nodes": f.nodes,
+            "detail": f.detail, "excerpt": lines[-EXCERPT_LINES:]}
 
 
 def membership(views: Mapping[str, Iterable[str]], running: Iterable[str]) -> list[Finding]:
@@ -161,6 +175,50 @@ class SetKey:
     adds: dict[str, str] = field(default_factory=dict)  # every add's tag -> element
     removed: set[str] = field(default_factory=set)  # tags any remove removed
     acked_removed: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class StoreOp:
+    """A store operation a client issued (through `node`): a write or delete with its
+    timestamp, an increment, or a set add (its tag) or remove (the tags it saw)."""
+    kind: str
+    key: str
+    node: str
+    id: int = 0
+    delta: int = 0
+    ts: tuple[int, int, str] | None = None
+    tags: tuple[str, ...] = ()
+    element: str = ""
+
+
+@dataclass
+class StoreLedger:
+    """What the workload's clients were told, by key: the ledgers the store checks read."""
+    lww_keys: dict[str, LwwKey] = field(default_factory=dict)
+    counters: dict[str, CounterKey] = field(default_factory=dict)
+    sets: dict[str, SetKey] = field(default_factory=dict)
+
+    def acked(self, op: StoreOp) -> None:
+        if op.kind in ("write", "delete"):
+            led = self.lww_keys[op.key]
+            assert op.ts is not None
+            if led.acked is None or op.ts > led.acked:
+                led.acked = op.ts
+        elif op.kind == "incr":
+            cled = self.counters[op.key]
+            cled.acked += op.delta
+            cled.slots.setdefault(op.node, CounterKey()).acked += op.delta
+        elif op.kind == "add":
+            self.sets[op.key].acked_adds[op.tags[0]] = op.element
+        else:
+            self.sets[op.key].acked_removed.update(op.tags)
+
+    def unknown(self, op: StoreOp) -> None:
+        if op.kind == "incr":
+            cled = self.counters[op.key]
+            for one in (cled, cled.slots.setdefault(op.node, CounterKey())):
+                one.unknown += op.delta
+                one.parts.append(op.delta)
 
 
 def or_set(key: str, ledger: SetKey, members: Iterable[str]) -> list[Finding]:

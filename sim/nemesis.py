@@ -1,5 +1,6 @@
 """Nemesis: rounds of random faults against membership, registry, store and broker together,
-with a client workload and the checker (sim/checker.py) at every quiet period.
+with a client workload and the checker (sim/checker.py) at every quiet period, and the
+checker over the event log (sim/history.py) after the run.
 
 Theory of operation
 -------------------
@@ -40,6 +41,12 @@ The workload (fault phases only, from its own seeded stream), through random run
   probes in each quiet period (CORE_PROBES nodes publish one per topic at settle/2; each
   must reach every matching subscriber, one member of each matching group, by the check).
 
+The event log carries `hist` records for the event-log checker: each store op issued and
+what its client was told, registry writes, durable offers and dead letters, core probes,
+exceptions, and at each check what every node sees and holds (see sim/history.py). They
+are written beside the other lines and change nothing the run decides: without them the
+log is what it was before they were written.
+
 Rules:
 - Everything is deterministic from the seed: the same run gives the same event log (sha256)
   and the same violations, so any violation replays byte-identically.
@@ -56,6 +63,9 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
+import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +77,7 @@ from meshd.store import crdt
 from meshd.store.memrecords import MemoryRecords
 from meshd.store.replication import StoreReplicator, split_acks
 
-from . import checker
+from . import checker, history
 from .brokersim import BrokerNode, BrokerSimulation
 from .engine import SimNode
 from .scenario import ScenarioError, _table
@@ -75,7 +85,6 @@ from .storesim import StoreSim
 
 DB, TBL = "nemesis", "t"
 EXCERPT_RING = 20000  # event-log lines kept for excerpts
-EXCERPT_LINES = 30
 MAX_EXCEPTIONS = 20  # past this many the run stops and raises
 REG_PER_NODE = 6  # a node's registered instances: at this many, one goes
 KINDS = ("partition", "crash", "pause", "clock", "loss", "latency")
@@ -152,17 +161,6 @@ def parse_nemesis(raw: Any) -> NemesisSettings:
     if s.keys < 1 or s.ack_timeout <= 0:
         raise ScenarioError("nemesis.keys must be at least 1 and nemesis.ack_timeout above 0")
     return s
-
-
-@dataclass(slots=True)
-class _StoreOp:
-    kind: str
-    key: str
-    node: str
-    delta: int = 0
-    ts: tuple[int, int, str] | None = None
-    tags: tuple[str, ...] = ()
-    element: str = ""
 
 
 class NemesisStore(StoreSim):
@@ -283,7 +281,7 @@ class NemesisStore(StoreSim):
             if rep.acks.get(wid):
                 self._acked(node, rep, wid, entry[1])
 
-    def _acked(self, node: Any, rep: Any, wid: int, op: _StoreOp) -> None:
+    def _acked(self, node: Any, rep: Any, wid: int, op: checker.StoreOp) -> None:
         del self.waiting[node.name][wid]
         rep.acks.pop(wid, None)
         self.nemesis.store_acked(op)
@@ -299,6 +297,11 @@ class NemesisSimulation(BrokerSimulation):
         if not scenario.registry or not scenario.store:
             raise ScenarioError("a nemesis scenario needs registry = true and store = true")
         super().__init__(scenario, **kwargs)
+        # the event log goes to a file of the run's own as well, read back by the
+        # event-log checker after the run (sim/history.py)
+        self.user_log = self._log_file
+        self._log_file = self.history_file = tempfile.TemporaryFile(  # noqa: SIM115 (run closes)
+            "w+", encoding="utf-8", prefix="meshd-nemesis-")
         self.ns: NemesisSettings = scenario.nemesis
         self.drift_ms = int((2 * self.ns.max_offset + 10) * 1000)
         self.storesim = NemesisStore(self)
@@ -321,9 +324,10 @@ class NemesisSimulation(BrokerSimulation):
         self.link_until: dict[str, float] = {}  # "loss", "latency" -> when it ends
         self.exceptions = 0
         # the ledger
-        self.lww_keys: dict[str, checker.LwwKey] = {}
-        self.counters: dict[str, checker.CounterKey] = {}
-        self.sets: dict[str, checker.SetKey] = {}
+        self.ledger = checker.StoreLedger()
+        self.lww_keys = self.ledger.lww_keys
+        self.counters = self.ledger.counters
+        self.sets = self.ledger.sets
         self.store_ops = {"acked": 0, "unknown": 0, "issued": 0}
         # entry key -> (ts of its last write, owner, the owner's life then, a removal)
         self.reg_latest: dict[str, tuple[Any, str, int, bool]] = {}
@@ -350,6 +354,15 @@ class NemesisSimulation(BrokerSimulation):
     def log(self, line: str) -> None:
         super().log(line)
         self.ring.append(line)
+        if self.user_log is not None:
+            self.user_log.write(line + "\n")
+
+    def hist(self, node: str, kind: str, data: Any, raw: str | None = None) -> None:
+        """A history record for the event-log checker (sim/history.py): what a client did
+        or was told, or what the nodes held at a check (`raw`: `data` as JSON already)."""
+        text = raw if raw is not None else json.dumps(data, separators=(",", ":"),
+                                                      sort_keys=True)
+        self.log(f"{self.now:.6f} {node} hist {kind} {text}")
 
     def _schedule_faults(self) -> None:
         super()._schedule_faults()
@@ -361,6 +374,7 @@ class NemesisSimulation(BrokerSimulation):
             getattr(target, "__self__", None), "node", None)
         name = node.name if isinstance(node, SimNode) else None
         where = "".join(traceback.format_exception(exc, limit=-4)).strip()
+        self.hist(name or "-", "exception", {"detail": f"{type(exc).__name__}: {exc}\n{where}"})
         self.violation(checker.Finding("no-crash-from-exception",
                                        f"{type(exc).__name__}: {exc}\n{where}",
                                        [name] if name else [], [name] if name else []))
@@ -378,6 +392,10 @@ class NemesisSimulation(BrokerSimulation):
         self.in_phase = True
         self.rounds += 1
         self.log(f"{self.now:.6f} - nemesis round until {self.phase_end:.3f}")
+        if self.rounds == 1:
+            self.hist("-", "setup", {
+                "core": [[c.pattern, c.queue] for c in self.workload.core_subscribers],
+                "durable": {name: list(p) for name, p in self.names.items()}})
         self.call_at(self.phase_end, self._quiet)
         self.call_at(self.now + self.nrng.uniform(*s.every), self._fault)
         for rate, fn in ((s.store_rate, self._store_op), (s.registry_rate, self._registry_op),
@@ -548,7 +566,7 @@ class NemesisSimulation(BrokerSimulation):
             value = None if kind == "delete" else f"v{n}".encode()
             delta: crdt.State = {"lww": crdt.lww(ts, value)}
             self.lww_keys.setdefault(key, checker.LwwKey()).written[ts] = value
-            op = _StoreOp(kind, key, node.name, ts=ts)
+            op = checker.StoreOp(kind, key, node.name, n, ts=ts)
         else:
             # (sets get new keys each round: an OR-set keeps every tag it was ever given,
             # so one key churned for 24 hours would grow without end; the store's, as is)
@@ -559,7 +577,7 @@ class NemesisSimulation(BrokerSimulation):
                 d = rng.randint(1, 5)
                 delta = {"counter": crdt.counter_add(current.get("counter"), node.name, d)}
                 self.counters.setdefault(key, checker.CounterKey())
-                op = _StoreOp(kind, key, node.name, delta=d)
+                op = checker.StoreOp(kind, key, node.name, n, delta=d)
             elif kind == "add":
                 element = f"e{rng.randrange(keys)}"
                 ts = rep.hlc.now()
@@ -569,7 +587,7 @@ class NemesisSimulation(BrokerSimulation):
                                                    "twice", [node.name], [key]))
                 delta = {"set": crdt.set_add_delta(element, tag)}  # as store/service.py
                 self.sets.setdefault(key, checker.SetKey()).adds[tag] = element
-                op = _StoreOp(kind, key, node.name, tags=(tag,), element=element)
+                op = checker.StoreOp(kind, key, node.name, n, tags=(tag,), element=element)
             else:
                 have = crdt.set_members(current.get("set"))
                 if not have:
@@ -580,11 +598,19 @@ class NemesisSimulation(BrokerSimulation):
                 seen = tuple(removed["removed"])
                 delta = {"set": removed}
                 self.sets.setdefault(key, checker.SetKey()).removed.update(seen)
-                op = _StoreOp(kind, key, node.name, tags=seen, element=element)
+                op = checker.StoreOp(kind, key, node.name, n, tags=seen, element=element)
         replicas = rng.choice((1, 2))
         _, wid = rep.local(DB, TBL, key, delta, now, want_acks=replicas > 1)
         self.log(f"{self.now:.6f} {node.name} store {kind} {key} {op.element or op.delta or ''}"
                  f" r{replicas}")
+        rec: dict[str, Any] = {"id": n, "kind": kind, "key": key}
+        if op.ts is not None:
+            rec["ts"], rec["value"] = op.ts, None if kind == "delete" else f"v{n}"
+        elif kind == "incr":
+            rec["delta"] = op.delta
+        else:
+            rec["element"], rec["tags"] = op.element, op.tags
+        self.hist(node.name, "op", rec)
         store = self.storesim
         if wid is None:  # acknowledged once committed here (service.py _commit_local)
             store.after_commit(node, lambda: self.store_acked(op), lambda: self.store_unknown(op))
@@ -604,29 +630,15 @@ class NemesisSimulation(BrokerSimulation):
         rep.acks.pop(wid, None)
         self.store_unknown(entry[1])
 
-    def store_acked(self, op: _StoreOp) -> None:
+    def store_acked(self, op: checker.StoreOp) -> None:
         self.store_ops["acked"] += 1
-        if op.kind in ("write", "delete"):
-            led = self.lww_keys[op.key]
-            assert op.ts is not None
-            if led.acked is None or op.ts > led.acked:
-                led.acked = op.ts
-        elif op.kind == "incr":
-            led = self.counters[op.key]
-            led.acked += op.delta
-            led.slots.setdefault(op.node, checker.CounterKey()).acked += op.delta
-        elif op.kind == "add":
-            self.sets[op.key].acked_adds[op.tags[0]] = op.element
-        else:
-            self.sets[op.key].acked_removed.update(op.tags)
+        self.hist(op.node, "acked", op.id)
+        self.ledger.acked(op)
 
-    def store_unknown(self, op: _StoreOp) -> None:
+    def store_unknown(self, op: checker.StoreOp) -> None:
         self.store_ops["unknown"] += 1
-        if op.kind == "incr":
-            led = self.counters[op.key]
-            for one in (led, led.slots.setdefault(op.node, checker.CounterKey())):
-                one.unknown += op.delta
-                one.parts.append(op.delta)
+        self.hist(op.node, "unknown", op.id)
+        self.ledger.unknown(op)
 
     def _crash(self, node: SimNode, restart_after: float | None) -> None:
         # ops waiting for acks on the node: the client never learns their outcome
@@ -659,6 +671,8 @@ class NemesisSimulation(BrokerSimulation):
         self.reg_latest[entry.key] = (entry.ts, node.name, node.incarnation,
                                       entry.value is None)
         self.log(f"{self.now:.6f} {node.name} registry {what} {key}")
+        self.hist(node.name, "reg", {"key": entry.key, "ts": entry.ts, "life": node.incarnation,
+                                     "gone": entry.value is None})
         self._reg_send(node, sends)
         self._schedule_tick(node)
 
@@ -702,14 +716,20 @@ class NemesisSimulation(BrokerSimulation):
                     if attached and matches(cfg.pattern, topic):
                         targets.add(cfg.queue or f"core{i}")
                 self.core_probes.append((msg_id, sorted(targets)))
+                self.hist(node.name, "probe", {"msg": msg_id, "targets": sorted(targets)})
 
     def offered(self, b: BrokerNode, key: Any, o: Any) -> None:
         super().offered(b, key, o)
+        msg_id = self.id_at.get((b.name, *key[:2], o.seq))
+        if msg_id is None:
+            return
         if o.kind != "deliver":
-            msg_id = self.id_at.get((b.name, *key[:2], o.seq))
-            if msg_id is not None:
-                self.dead_letters[(key[2], msg_id)] = f"attempt {o.attempt}"
-                self.log(f"{self.now:.6f} {b.name} dead {key[2]} {msg_id}")
+            self.dead_letters[(key[2], msg_id)] = f"attempt {o.attempt}"
+            self.log(f"{self.now:.6f} {b.name} dead {key[2]} {msg_id}")
+            self.hist(b.name, "dead", {"name": key[2], "msg": msg_id,
+                                       "why": f"attempt {o.attempt}"})
+        else:
+            self.hist(b.name, "offer", {"name": key[2], "msg": msg_id})
 
     # --- checks -----------------------------------------------------------------------------
 
@@ -730,12 +750,7 @@ class NemesisSimulation(BrokerSimulation):
         return list(self.owed_open)
 
     def violation(self, f: checker.Finding) -> None:
-        subjects = [s for s in f.subjects if s]
-        lines = [line for line in self.ring if any(s in line.split() for s in subjects)] \
-            if subjects else list(self.ring)
-        self.violations.append({"time": round(self.now, 3), "invariant": f.invariant,
-                                "nodes": f.nodes, "detail": f.detail,
-                                "excerpt": lines[-EXCERPT_LINES:]})
+        self.violations.append(checker.violation(f, self.now, self.ring))
         self.log(f"{self.now:.6f} - violation {f.invariant} {' '.join(f.nodes)}")
 
     def _check(self, _arg: Any = None) -> None:
@@ -751,9 +766,12 @@ class NemesisSimulation(BrokerSimulation):
         findings += checker.digests("registry", {n.name: sorted(
             (k, e.ts) for k, e in n.replicator.state.entries.items() if e.value is not None)
             for n in up})
-        seen: dict[tuple[str, int], tuple[Any, Any]] = {}
-        findings += checker.digests("store", {n.name: self._store_view(n, seen) for n in up})
+        seen: dict[tuple[str, int], tuple[Any, Any, str]] = {}
+        frags: dict[str, list[str]] = {}
+        findings += checker.digests("store", {n.name: self._store_view(
+            n, seen, frags.setdefault(n.name, [])) for n in up})
         held = {n.name: {k: e.ts for k, e in n.replicator.state.entries.items()} for n in up}
+        self._observed(up, views, frags)
         live = {n.name: n.incarnation for n in up}
         latest = {k: (ts, owner, gone) for k, (ts, owner, life, gone)
                   in self.reg_latest.items() if live.get(owner) == life}
@@ -796,12 +814,13 @@ class NemesisSimulation(BrokerSimulation):
             self.violation(f)
         self.log(f"{self.now:.6f} - nemesis check {len(findings)} violations")
 
-    def _store_view(self, node: SimNode, seen: dict[tuple[str, int], tuple[Any, Any]]
-                    ) -> list[Any]:
-        """What a reader of the workload's keys gets on `node`. A key's view is made once
-        per state (`seen`: most nodes hold the same states; looked up by key and entry
-        hash, and taken only if the states are equal, so a bad hash cannot hide a
-        difference)."""
+    def _store_view(self, node: SimNode, seen: dict[tuple[str, int], tuple[Any, Any, str]],
+                    frags: list[str]) -> list[Any]:
+        """What a reader of the workload's keys gets on `node`; each key's history record
+        (its register, counter value and per-node increments, set members, as JSON) goes to
+        `frags`. A key's view is made once per state (`seen`: most nodes hold the same
+        states; looked up by key and entry hash, and taken only if the states are equal, so
+        a bad hash cannot hide a difference)."""
         records = node.store.state.records
         out: list[Any] = []
         for key in [*sorted(self.lww_keys), *sorted(self.counters), *sorted(self.sets)]:
@@ -810,19 +829,72 @@ class NemesisSimulation(BrokerSimulation):
             hit = None if e is None else seen.get((key, e.hash))
             if hit is not None and hit[0] == s:
                 out.append(hit[1])
+                frags.append(hit[2])
                 continue
             reg = s.get("lww")
             view = (key, None if reg is None or reg[1] is None else (reg[0], reg[1]),
                     crdt.counter_value(s.get("counter")), crdt.set_members(s.get("set")))
+            c = s.get("counter")
+            frag = json.dumps([key, None if reg is None else [
+                reg[0], None if reg[1] is None else reg[1].decode()], view[2],
+                c["p"] if c else {}, view[3]], separators=(",", ":"), sort_keys=True)
             if e is not None:
-                seen[(key, e.hash)] = (s, view)
+                seen[(key, e.hash)] = (s, view, frag)
             out.append(view)
+            frags.append(frag)
         return out
+
+    def _observed(self, up: list[SimNode], alive: dict[str, list[str]],
+                  frags: dict[str, list[str]]) -> None:
+        """The history record of a check: the running nodes (and their lives), what each
+        sees as alive, holds in the registry and reads from the workload's keys; each
+        distinct view written once, the nodes naming it by its index."""
+        def index(views: list[str], refs: dict[str, int], text: str) -> int:
+            if text not in refs:
+                refs[text] = len(views)
+                views.append(text)
+            return refs[text]
+        parts = [f'"up":{json.dumps({n.name: n.incarnation for n in up}, sort_keys=True)}']
+        for what, by_node in (
+                ("alive", {n: json.dumps(sorted(v), separators=(",", ":"))
+                           for n, v in alive.items()}),
+                ("registry", {n.name: json.dumps(
+                    {k: [e.ts, e.value is not None] for k, e in n.replicator.state.entries.items()},
+                    separators=(",", ":"), sort_keys=True) for n in up}),
+                ("store", {n: "[" + ",".join(f) + "]" for n, f in frags.items()})):
+            views: list[str] = []
+            refs: dict[str, int] = {}
+            names = {n: index(views, refs, text) for n, text in sorted(by_node.items())}
+            parts.append(f'"{what}":{json.dumps(names, sort_keys=True)}')
+            parts.append(f'"{what}_views":[{",".join(views)}]')
+        self.hist("-", "check", None, "{" + ",".join(parts) + "}")
 
     # --- the result -------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         result = super().run()
+        for v in self.violations:
+            v["found_by"] = ["quiet-period"]
+        # the checker over the event log, afterwards: the same invariants from what the
+        # log alone says; each of its findings marks the same one (time, invariant and
+        # detail) found in the run, or is added (found by it alone)
+        started = time.perf_counter()
+        self.history_file.flush()
+        self.history_file.seek(0)
+        report = history.check(self.history_file)
+        self.history_file.close()
+        by_key = {(v["time"], v["invariant"], v["detail"]): v for v in self.violations}
+        for v in report.violations:
+            same = by_key.get((v["time"], v["invariant"], v["detail"]))
+            if same is not None:
+                if "event-log" not in same["found_by"]:
+                    same["found_by"].append("event-log")
+            else:
+                self.violations.append({**v, "found_by": ["event-log"]})
+        result["history_check"] = {"violations": len(report.violations),
+                                   "checked_ops": report.checked_ops, "lines": report.lines,
+                                   "checks": report.checks,
+                                   "wall_s": round(time.perf_counter() - started, 3)}
         result["violations"] = self.violations
         result["faults"] = dict(self.fault_counts)
         result["quiet_periods"] = self.quiet_periods

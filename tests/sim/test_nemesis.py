@@ -44,6 +44,10 @@ def test_a_short_run_injects_faults_checks_everything_and_finds_nothing():
     # every acknowledged store op, live registry write and owed message was looked at
     assert r["checked_ops"] >= m["store_ops_acked"] + m["broker_publishes_acked"]
     assert r["not_modelled"]
+    # the checker over the event log, afterwards, looked at the same operations
+    assert r["history_check"]["violations"] == 0
+    assert r["history_check"]["checked_ops"] == r["checked_ops"]
+    assert r["history_check"]["checks"] == 1
 
 
 def test_every_kind_of_fault_happens_and_is_healed_for_the_check():
@@ -79,6 +83,7 @@ def test_a_register_merge_that_keeps_the_older_write_is_caught(monkeypatch):
     v = next(v for v in r["violations"] if v["invariant"] == "lww-acked-write-kept")
     key = v["detail"].split(":")[0]
     assert v["excerpt"] and all(key in line.split() for line in v["excerpt"])
+    assert v["found_by"] == ["quiet-period", "event-log"]  # both checkers see it
     # a violation replays from its seed
     again = run(["nemesis.kinds={crash = 1}"])
     assert again["violations"] == r["violations"]
@@ -109,6 +114,7 @@ def test_a_copy_sent_twice_is_caught_as_a_core_duplicate(monkeypatch):
     r = run(["nemesis.kinds={latency = 1}"])
     found = {v["invariant"] for v in r["violations"]}
     assert "broker-core-at-most-once" in found, found
+    assert all(v["found_by"] == ["quiet-period", "event-log"] for v in r["violations"])
 
 
 def test_a_node_that_forgets_its_plain_subscribers_fails_the_quiet_probes(monkeypatch):
@@ -121,6 +127,7 @@ def test_a_node_that_forgets_its_plain_subscribers_fails_the_quiet_probes(monkey
     r = run(["nemesis.kinds={latency = 1}"])
     found = {v["invariant"] for v in r["violations"]}
     assert found == {"broker-core-delivered-when-healed"}, found
+    assert all(v["found_by"] == ["quiet-period", "event-log"] for v in r["violations"])
 
 
 def test_an_exception_in_a_core_is_a_violation_and_the_run_goes_on(monkeypatch):
@@ -137,6 +144,7 @@ def test_an_exception_in_a_core_is_a_violation_and_the_run_goes_on(monkeypatch):
     r = run(["nemesis.kinds={clock = 1}"])
     (v,) = [v for v in r["violations"] if v["invariant"] == "no-crash-from-exception"]
     assert "KeyError: 'planted'" in v["detail"] and v["nodes"]
+    assert v["found_by"] == ["quiet-period", "event-log"]
     assert r["quiet_periods"] == 1  # it went on to the check, with the node restarted
     assert r["metrics"]["broker_lost"] == 0
 
