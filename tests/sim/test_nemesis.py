@@ -187,7 +187,8 @@ def test_one_simulated_hour():
     """CI's run of the bundled scenario: one simulated hour of seed 1 (2 rounds)."""
     r = NemesisSimulation(load("nemesis", ["duration=3600"])).run()
     assert r["violations"] == [], r["violations"][:3]
-    assert r["quiet_periods"] == 2
+    assert r["quiet_periods"] == 2 == r["history_check"]["checks"]
+    assert r["history_check"]["checked_ops"] == r["checked_ops"]
     assert sum(r["faults"].values()) >= 20
 
 

@@ -43,4 +43,5 @@ def test_nemesis_24_hours(seed):
     print(f"seed {seed}: {seconds:.0f} simulated s in {wall:.0f} s wall, faults {r['faults']},"
           f" {r['quiet_periods']} quiet periods, {r['checked_ops']} ops checked")
     assert r["violations"] == [], r["violations"][:3]
-    assert r["quiet_periods"] == int(seconds // 1440)
+    assert r["quiet_periods"] == int(seconds // 1440) == r["history_check"]["checks"]
+    assert r["history_check"]["checked_ops"] == r["checked_ops"]
