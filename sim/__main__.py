@@ -74,6 +74,9 @@ def check_log(event_log, as_json: bool) -> None:
         return
     click.echo(f"{report.lines} lines, {report.checks} checks, {report.checked_ops} checked "
                f"ops: {len(report.violations)} violations")
+    if not report.checks:
+        click.echo("warning: the run made no check (shorter than one round): only what is "
+                   "checked as it happens was", err=True)
     for v in report.violations:
         click.echo(f"  {v['time']:.3f} {v['invariant']} {' '.join(v['nodes'])}: {v['detail']}")
     if report.violations:

@@ -63,7 +63,8 @@ def violation(f: Finding, now: float, ring: Iterable[str]) -> dict[str, Any]:
     subjects = [s for s in f.subjects if s]
     lines = [line for line in ring if any(s in line.split() for s in subjects)] \
         if subjects else list(ring)
-    return {"time": round(now, 3), "invariant": f.invariant, "nodes": f.nodes,
+    # (the time as the event log writes it, rounded: the same for a checker reading it)
+    return {"time": round(float(f"{now:.6f}"), 3), "invariant": f.invariant, "nodes": f.nodes,
             "detail": f.detail, "excerpt": lines[-EXCERPT_LINES:]}
 
 

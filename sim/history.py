@@ -4,12 +4,16 @@ says, run after the run (and by `python -m meshd_sim check LOG` on a saved log).
 Job: read an event log of a nemesis run line by line, rebuild from it the history of what
 clients did and were told, and at every check record (a quiet period's observation of the
 nodes) judge what the nodes held against that history, with the pure functions of
-sim/checker.py. It shares no state with the run: a bug in the run's own bookkeeping (the
-ledger sim/nemesis.py keeps as it goes) shows as a difference between the two checkers.
+sim/checker.py. It shares no state with the run, only the rules (checker.StoreLedger, the
+check functions): a slip in how the run gathers its check's data or keeps its ledger (what
+it counts, owes, filters by life) shows as a difference between the two checkers. What
+the run records is its own: an acknowledgement recorded too early, or a wrong view taken
+of a node's state, would mislead both.
 
 What it reads (the nemesis writes each `hist` record as `TIME NODE hist KIND JSON`):
-- `setup`: the core subscribers ([pattern, queue group or null], by index) and the
-  durable names with their patterns.
+- `setup` (first): the core subscribers ([pattern, queue group or null], by index) and the
+  durable names with their patterns; `round`: a fault phase starts (publishes until its
+  end are owed at the next check); `end` (last): the run's number of checks.
 - `op` (a store operation issued through NODE: id, kind, key, and the write's timestamp and
   value, the increment, or the set tags), then `acked` or `unknown` with its id: what the
   client was told.
@@ -24,11 +28,14 @@ logged), `receive NAME ID ATTEMPT from ORIGIN`, `publish-core ID TOPIC SEQ` and
 `receive-core INDEX ID from ORIGIN`.
 
 Rules:
-- Stronger than the in-run check where the log allows: the store's invariants are judged
-  on every distinct view the nodes hold, not on one node's.
-- A line it cannot parse is an error naming the line number (a truncated or foreign log),
-  never a silent pass. Memory: the history (one entry per operation, message and
-  registry key), not the log.
+- The in-run check's invariants and data, plus: the store's invariants are judged on
+  every distinct view the nodes hold, not on one node's; each op's client is told its
+  outcome once (`client-told-once`). Digests compare what readers see (a tombstone as
+  absent, a counter by its value), as the run's do.
+- Never a silent pass: a line it cannot parse, a log without the setup record first or
+  without the end record last (cut off), or with fewer checks than the end record says,
+  is an error naming what is wrong. Memory: the history (one entry per operation, message
+  and registry key), not the log.
 """
 
 from __future__ import annotations
@@ -65,6 +72,13 @@ class _History:
         self.report = Report()
         self.ring: collections.deque[str] = collections.deque(maxlen=EXCERPT_RING)
         self.setup = False
+        self.ended = False
+        self.phase_end = 0.0
+        self.handlers: dict[str, Any] = {
+            "setup": self._setup, "round": self._round, "end": self._end, "op": self._op,
+            "acked": self._acked, "unknown": self._unknown, "reg": self._reg,
+            "offer": self._offer, "dead": self._dead, "probe": self._probe,
+            "exception": self._exception, "check": self._check}
         self.core: list[tuple[str, str | None]] = []
         self.durable: dict[str, list[str]] = {}
         self.ops: dict[int, checker.StoreOp] = {}
@@ -74,7 +88,8 @@ class _History:
         self.sets = self.ledger.sets
         self.acked = 0
         self.reg_latest: dict[str, tuple[Any, str, int, bool]] = {}
-        self.published: dict[str, str] = {}  # durable message id -> topic, in order
+        # durable message id -> (topic, publish time), in order
+        self.published: dict[str, tuple[str, float]] = {}
         self.owed_open: dict[tuple[str, str], None] = {}
         self.owed_total = 0
         self.owed_scanned = 0
@@ -92,7 +107,6 @@ class _History:
     # --- reading ----------------------------------------------------------------------------
 
     def line(self, number: int, text: str) -> None:
-        self.ring.append(text)
         fields = text.split(" ", 4)
         if len(fields) < 3:
             raise HistoryError(f"line {number}: not an event-log line: {text[:80]!r}")
@@ -101,12 +115,22 @@ class _History:
         except ValueError:
             raise HistoryError(f"line {number}: no time: {text[:80]!r}") from None
         node, what = fields[1], fields[2]
+        if self.ended:
+            raise HistoryError(f"line {number}: after the end record: {text[:80]!r}")
+        if what != "hist":
+            self.ring.append(text)  # (excerpts: as the run's, without history records)
+        elif not self.setup and fields[3:4] != ["setup"]:
+            raise HistoryError(f"line {number}: a history record before the setup record: "
+                               "not the event log of a nemesis run")
         try:
             if what == "hist":
-                kind, data = fields[3], json.loads(fields[4])
-                getattr(self, f"_{kind}")(node, data)
+                handler = self.handlers.get(fields[3])
+                if handler is None:
+                    raise HistoryError(f"line {number}: unknown history record "
+                                       f"{fields[3]!r}")
+                handler(node, json.loads(fields[4]))
             elif what == "publish":
-                self.published[fields[3]] = fields[4].split(" ")[0]
+                self.published[fields[3]] = (fields[4].split(" ")[0], self.now)
             elif what == "receive":
                 name, msg_id = fields[3], fields[4].split(" ")[0]
                 pair = (name, msg_id)
@@ -128,9 +152,20 @@ class _History:
     # --- history records --------------------------------------------------------------------
 
     def _setup(self, _node: str, data: dict[str, Any]) -> None:
+        if self.setup:
+            raise ValueError("a second setup record")
         self.setup = True
         self.core = [(p, q) for p, q in data["core"]]
         self.durable = {name: list(p) for name, p in data["durable"].items()}
+
+    def _round(self, _node: str, d: dict[str, Any]) -> None:
+        self.phase_end = float(d["until"])
+
+    def _end(self, _node: str, d: dict[str, Any]) -> None:
+        self.ended = True
+        if d["checks"] != self.report.checks:
+            raise HistoryError(f"the end record counts {d['checks']} checks, the log holds "
+                               f"{self.report.checks}")
 
     def _op(self, node: str, d: dict[str, Any]) -> None:
         kind, key = d["kind"], d["key"]
@@ -221,7 +256,11 @@ class _History:
         live = [sorted((k, tuple(ts)) for k, (ts, is_live) in v.items() if is_live)
                 for v in reg_views]
         found += checker.digests("registry", {n: live[i] for n, i in d["registry"].items()})
-        found += checker.digests("store", d["store"])
+        # what readers see (the run's digests): a tombstone is an absent value, a counter
+        # its value; the registers and per-node counts themselves are judged below
+        seen_views = [[(k, None if reg is None or reg[1] is None else reg, value, members)
+                       for k, reg, value, _, members in v] for v in d["store_views"]]
+        found += checker.digests("store", {n: seen_views[i] for n, i in d["store"].items()})
         held = {n: {k: tuple(ts) for k, (ts, _) in reg_views[i].items()}
                 for n, i in d["registry"].items()}
         latest = {k: (ts, owner, gone) for k, (ts, owner, life, gone)
@@ -276,12 +315,14 @@ class _History:
         received yet (a pair received stays received)."""
         ids = list(self.published)
         for msg_id in ids[self.owed_scanned:]:
-            topic = self.published[msg_id]
+            topic, t = self.published[msg_id]
+            if t >= self.phase_end:
+                break
+            self.owed_scanned += 1
             for name, patterns in self.durable.items():
                 if any(matches(p, topic) for p in patterns):
                     self.owed_open[(name, msg_id)] = None
                     self.owed_total += 1
-        self.owed_scanned = len(ids)
         for pair in [p for p in self.owed_open if p in self.received]:
             del self.owed_open[pair]
         return list(self.owed_open)
@@ -297,6 +338,10 @@ def check(lines: Iterable[str]) -> Report:
     for n, text in enumerate(lines, 1):
         h.line(n, text.rstrip("\n"))
     h.report.lines = n
-    if n and not h.setup:
-        raise HistoryError("no history records: not the event log of a nemesis run")
+    if not h.setup:
+        raise HistoryError("no setup record: not the event log of a nemesis run"
+                           if n else "the log is empty")
+    if not h.ended:
+        raise HistoryError(f"no end record after line {n}: the log was cut off (or the run "
+                           "did not finish)")
     return h.report

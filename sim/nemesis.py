@@ -45,7 +45,9 @@ The event log carries `hist` records for the event-log checker: each store op is
 what its client was told, registry writes, durable offers and dead letters, core probes,
 exceptions, and at each check what every node sees and holds (see sim/history.py). They
 are written beside the other lines and change nothing the run decides: without them the
-log is what it was before they were written.
+log is what it was before they were written. The whole log also goes to a temporary file
+of the run's own, which the event-log checker reads after the run; history records are
+kept out of violations' excerpts.
 
 Rules:
 - Everything is deterministic from the seed: the same run gives the same event log (sha256)
@@ -298,10 +300,13 @@ class NemesisSimulation(BrokerSimulation):
             raise ScenarioError("a nemesis scenario needs registry = true and store = true")
         super().__init__(scenario, **kwargs)
         # the event log goes to a file of the run's own as well, read back by the
-        # event-log checker after the run (sim/history.py)
+        # event-log checker after the run (sim/history.py); written here (_write), not by
+        # the engine
         self.user_log = self._log_file
-        self._log_file = self.history_file = tempfile.TemporaryFile(  # noqa: SIM115 (run closes)
+        self._log_file = None
+        self.history_file: Any = tempfile.TemporaryFile(  # noqa: SIM115 (run closes it)
             "w+", encoding="utf-8", prefix="meshd-nemesis-")
+        self.history_error: str | None = None
         self.ns: NemesisSettings = scenario.nemesis
         self.drift_ms = int((2 * self.ns.max_offset + 10) * 1000)
         self.storesim = NemesisStore(self)
@@ -352,20 +357,38 @@ class NemesisSimulation(BrokerSimulation):
         return {"max_drift_ms": self.drift_ms}
 
     def log(self, line: str) -> None:
-        super().log(line)
+        self._write(line)
         self.ring.append(line)
-        if self.user_log is not None:
-            self.user_log.write(line + "\n")
 
     def hist(self, node: str, kind: str, data: Any, raw: str | None = None) -> None:
         """A history record for the event-log checker (sim/history.py): what a client did
-        or was told, or what the nodes held at a check (`raw`: `data` as JSON already)."""
+        or was told, or what the nodes held at a check (`raw`: `data` as JSON already).
+        Not kept for excerpts."""
         text = raw if raw is not None else json.dumps(data, separators=(",", ":"),
                                                       sort_keys=True)
-        self.log(f"{self.now:.6f} {node} hist {kind} {text}")
+        self._write(f"{self.now:.6f} {node} hist {kind} {text}")
+
+    def _write(self, line: str) -> None:
+        """A line into the log's sha256, the run's own file and the caller's file. A
+        failed write to the run's own file ends the event-log check (reported in the
+        result), never a node: it is not the cluster's fault."""
+        data = line + "\n"
+        self._sha.update(data.encode())
+        if self.history_file is not None:
+            try:
+                self.history_file.write(data)
+            except OSError as exc:
+                self.history_error = f"cannot write the event log for its checker: {exc}"
+                self.history_file.close()
+                self.history_file = None
+        if self.user_log is not None:
+            self.user_log.write(data)
 
     def _schedule_faults(self) -> None:
         super()._schedule_faults()
+        self.hist("-", "setup", {
+            "core": [[c.pattern, c.queue] for c in self.workload.core_subscribers],
+            "durable": {name: list(p) for name, p in self.names.items()}})
         self.call_at(self.sc.warmup, self._round)
 
     def failed(self, exc: Exception, target: Any) -> bool:
@@ -392,10 +415,7 @@ class NemesisSimulation(BrokerSimulation):
         self.in_phase = True
         self.rounds += 1
         self.log(f"{self.now:.6f} - nemesis round until {self.phase_end:.3f}")
-        if self.rounds == 1:
-            self.hist("-", "setup", {
-                "core": [[c.pattern, c.queue] for c in self.workload.core_subscribers],
-                "durable": {name: list(p) for name, p in self.names.items()}})
+        self.hist("-", "round", {"until": self.phase_end})
         self.call_at(self.phase_end, self._quiet)
         self.call_at(self.now + self.nrng.uniform(*s.every), self._fault)
         for rate, fn in ((s.store_rate, self._store_op), (s.registry_rate, self._registry_op),
@@ -632,13 +652,13 @@ class NemesisSimulation(BrokerSimulation):
 
     def store_acked(self, op: checker.StoreOp) -> None:
         self.store_ops["acked"] += 1
-        self.hist(op.node, "acked", op.id)
         self.ledger.acked(op)
+        self.hist(op.node, "acked", op.id)
 
     def store_unknown(self, op: checker.StoreOp) -> None:
         self.store_ops["unknown"] += 1
-        self.hist(op.node, "unknown", op.id)
         self.ledger.unknown(op)
+        self.hist(op.node, "unknown", op.id)
 
     def _crash(self, node: SimNode, restart_after: float | None) -> None:
         # ops waiting for acks on the node: the client never learns their outcome
@@ -871,30 +891,40 @@ class NemesisSimulation(BrokerSimulation):
 
     # --- the result -------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        result = super().run()
-        for v in self.violations:
-            v["found_by"] = ["quiet-period"]
-        # the checker over the event log, afterwards: the same invariants from what the
-        # log alone says; each of its findings marks the same one (time, invariant and
-        # detail) found in the run, or is added (found by it alone)
+    def _history_check(self) -> dict[str, Any]:
+        """The checker over the event log, afterwards: the invariants again from what the
+        log alone says. Each of its findings marks one found in the run with the same
+        time, invariant and detail, or is added (found by it alone)."""
+        if self.history_file is None:
+            return {"error": self.history_error}
         started = time.perf_counter()
         self.history_file.flush()
         self.history_file.seek(0)
         report = history.check(self.history_file)
-        self.history_file.close()
-        by_key = {(v["time"], v["invariant"], v["detail"]): v for v in self.violations}
+        by_key: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for v in self.violations:
+            by_key.setdefault((v["time"], v["invariant"], v["detail"]), []).append(v)
         for v in report.violations:
             same = by_key.get((v["time"], v["invariant"], v["detail"]))
-            if same is not None:
-                if "event-log" not in same["found_by"]:
-                    same["found_by"].append("event-log")
+            if same:
+                same.pop(0)["found_by"].append("event-log")
             else:
                 self.violations.append({**v, "found_by": ["event-log"]})
-        result["history_check"] = {"violations": len(report.violations),
-                                   "checked_ops": report.checked_ops, "lines": report.lines,
-                                   "checks": report.checks,
-                                   "wall_s": round(time.perf_counter() - started, 3)}
+        return {"violations": len(report.violations), "checked_ops": report.checked_ops,
+                "lines": report.lines, "checks": report.checks,
+                "wall_s": round(time.perf_counter() - started, 3)}
+
+    def run(self) -> dict[str, Any]:
+        try:
+            result = super().run()
+            self.hist("-", "end", {"checks": self.quiet_periods})
+            result["event_log_sha256"] = self._sha.hexdigest()  # (the end record too)
+            for v in self.violations:
+                v["found_by"] = ["quiet-period"]
+            result["history_check"] = self._history_check()
+        finally:
+            if self.history_file is not None:
+                self.history_file.close()
         result["violations"] = self.violations
         result["faults"] = dict(self.fault_counts)
         result["quiet_periods"] = self.quiet_periods

@@ -7,6 +7,7 @@ its lines in memory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -49,8 +50,20 @@ def test_a_clean_log_checks_clean_and_counts_what_the_run_counted(clean):
     assert report.checks == 1 == result["quiet_periods"]
     assert report.checked_ops == result["checked_ops"] == result["history_check"]["checked_ops"]
     assert report.lines == len(lines)
-    # without the history records the log is what it was before they were written
-    assert not any(" hist " in line for line in result["violations"])
+
+
+def test_the_history_records_change_nothing_the_run_decides(clean, monkeypatch):
+    """The same run without writing them gives the log without them, byte for byte."""
+    _, lines, result = clean
+    monkeypatch.setattr(NemesisSimulation, "hist", lambda self, *a, **k: None)
+    monkeypatch.setattr(NemesisSimulation, "_observed", lambda self, *a: None)
+    monkeypatch.setattr(NemesisSimulation, "_history_check", lambda self: {})
+    plain = NemesisSimulation(load("nemesis", SHORT), seed=2).run()
+    without = "".join(line + "\n" for line in lines if " hist " not in line)
+    assert hashlib.sha256(without.encode()).hexdigest() == plain["event_log_sha256"]
+    assert plain["checked_ops"] == result["checked_ops"]
+    assert hashlib.sha256("".join(line + "\n" for line in lines).encode()).hexdigest() \
+        == result["event_log_sha256"]
 
 
 def test_the_cli_checks_a_saved_log_and_exits_non_zero_on_a_violation(clean, tmp_path):
@@ -73,10 +86,25 @@ def test_the_cli_checks_a_saved_log_and_exits_non_zero_on_a_violation(clean, tmp
     assert out.returncode == 1 and "line 6" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_a_log_without_history_records_is_refused(clean):
+def test_a_log_that_is_not_a_whole_nemesis_log_is_refused(clean):
     _, lines, _ = clean
-    with pytest.raises(history.HistoryError, match="not the event log of a nemesis run"):
-        history.check([line for line in lines if " hist " not in line])
+    plain = [line for line in lines if " hist " not in line and " receive-core " not in line]
+    with pytest.raises(history.HistoryError, match="no setup record: not the event log"):
+        history.check(plain)
+    with pytest.raises(history.HistoryError, match="the log is empty"):
+        history.check([])
+    with pytest.raises(history.HistoryError, match=r"no end record after line .*cut off"):
+        history.check(lines[:len(lines) // 2])
+    with pytest.raises(history.HistoryError, match="no end record"):
+        history.check(lines[:2])  # the setup record alone
+    i = check_index(lines)
+    with pytest.raises(history.HistoryError, match="the end record counts 1 checks, the "
+                       "log holds 0"):
+        history.check([*lines[:i], *lines[i + 1:]])
+    with pytest.raises(history.HistoryError, match="after the end record"):
+        history.check([*lines, lines[-2]])
+    with pytest.raises(history.HistoryError, match="unknown history record 'nope'"):
+        history.check([*lines[:i], hist("1.0", "-", "nope", {}), *lines[i:]])
 
 
 def test_an_acknowledged_write_the_nodes_do_not_hold_is_caught(clean):
@@ -133,6 +161,24 @@ def test_a_queue_group_handed_a_message_more_often_than_offered_is_caught(clean)
     i = lines.index(once)
     assert found([*lines[:i + 1], once, *lines[i + 1:]]) == {
         "broker-no-duplicate-without-redelivery"}
+    # offered twice (a redelivery), handed over twice: nothing wrong
+    name, msg = once.split()[3:5]
+    offer = hist(once.split()[0], "-", "offer", {"name": name, "msg": msg})
+    assert found([*lines[:i], offer, once, *lines[i:]]) == set()
+
+
+def test_a_dead_lettered_message_is_named_as_such(clean):
+    _, lines, _ = clean
+    msg = next(line.split()[3] for line in lines if line.split()[2] == "publish")
+    kept = [line for line in lines
+            if not (line.split()[2] == "receive" and line.split()[4] == msg)]
+    i = check_index(kept)
+    dead = hist(kept[i].split()[0], "n0001", "dead", {"name": "audit", "msg": msg,
+                                                      "why": "attempt 5"})
+    (v,) = [v for v in history.check([*kept[:i], dead, *kept[i:]]).violations
+            if "audit" in v["detail"]]
+    assert v["invariant"] == "broker-durable-delivered" and "dead-lettered: attempt 5" in \
+        v["detail"]
 
 
 def test_a_core_message_handed_twice_or_out_of_order_is_caught(clean):
@@ -183,3 +229,96 @@ def test_a_registry_write_the_nodes_do_not_hold_is_caught(clean):
     forged = hist(t, owner, "reg", {"key": f"{owner}/i999999", "ts": [1, 0, owner],
                                     "life": life - 1, "gone": False})
     assert found([*lines[:i], forged, *lines[i:]]) == set()
+
+
+def edit_check(lines: list[str], edit) -> list[str]:
+    """`lines` with the check record's data changed by edit(data)."""
+    i = check_index(lines)
+    head, data = lines[i].split(" hist check ")
+    d = json.loads(data)
+    edit(d)
+    return [*lines[:i], f"{head} hist check {json.dumps(d)}", *lines[i + 1:]]
+
+
+def test_a_value_no_client_wrote_is_caught(clean):
+    _, lines, _ = clean
+
+    def invent(d):
+        for view in d["store_views"]:
+            (entry,) = [k for k in view if k[0] == "r1"]
+            entry[1][1] = "not-written"
+    assert found(edit_check(lines, invent)) == {"lww-no-invented-value"}
+
+
+def test_set_members_no_client_added_or_all_removed_are_caught(clean):
+    _, lines, _ = clean
+
+    def invent(d):
+        for view in d["store_views"]:
+            for k in view:
+                if k[0] == "s1.0":
+                    k[4] = sorted([*k[4], "zz"])
+    assert found(edit_check(lines, invent)) == {"set-no-invented-member"}
+    # an acknowledged remove of every tag of a member the nodes still show
+    d = json.loads(lines[check_index(lines)].split(" hist check ")[1])
+    entry = next(k for k in d["store_views"][0] if k[0].startswith("s") and k[4])
+    key, member = entry[0], entry[4][0]
+    tags = [t for line in lines if " hist op " in line
+            for op in [json.loads(line.split(" hist op ")[1])]
+            if op["kind"] == "add" and op["key"] == key and op["element"] == member
+            for t in op["tags"]]
+    i = check_index(lines)
+    t = lines[i - 1].split()[0]
+    forged = [hist(t, "n0001", "op", {"id": 10**9, "kind": "remove", "key": key,
+                                      "element": member, "tags": tags}),
+              hist(t, "n0001", "acked", 10**9)]
+    assert found([*lines[:i], *forged, *lines[i:]]) == {"set-acked-remove-kept"}
+
+
+def test_a_set_tag_made_twice_is_caught(clean):
+    _, lines, _ = clean
+    add = next(line for line in lines if " hist op " in line and '"kind":"add"' in line)
+    op = json.loads(add.split(" hist op ")[1])
+    again = add.replace(f'"id":{op["id"]}', '"id":1000000000')
+    i = lines.index(add)
+    assert found([*lines[:i + 1], again, *lines[i + 1:]]) == {"set-tag-unique"}
+
+
+def test_registries_that_differ_are_caught(clean):
+    _, lines, _ = clean
+
+    def extra(d):
+        view = dict(d["registry_views"][d["registry"]["n0006"]])
+        view["n0006/i999999"] = [[1, 0, "n0006"], True]
+        d["registry_views"].append(view)
+        d["registry"]["n0006"] = len(d["registry_views"]) - 1
+    assert found(edit_check(lines, extra)) == {"registry-digests-equal"}
+
+
+def test_a_core_message_handed_to_a_subscriber_whose_pattern_does_not_match_is_caught(clean):
+    _, lines, _ = clean
+    paid = next(line for line in lines if line.split()[2] == "publish-core"
+                and line.split()[4] == "orders.paid")
+    t, origin, _, msg = paid.split()[:4]
+    i = lines.index(paid)
+    # core1 subscribes to orders.created only
+    forged = f"{t} n0017 receive-core 1 {msg} from {origin}"
+    assert found([*lines[:i + 1], forged, *lines[i + 1:]]) == {"broker-core-matching"}
+
+
+def test_a_probe_that_never_arrived_is_caught(clean):
+    _, lines, _ = clean
+    probe = json.loads(next(line for line in lines if " hist probe " in line)
+                       .split(" hist probe ")[1])
+    kept = [line for line in lines
+            if not (line.split()[2] == "receive-core" and line.split()[4] == probe["msg"])]
+    assert len(kept) < len(lines)
+    assert found(kept) == {"broker-core-delivered-when-healed"}
+
+
+def test_an_exception_without_a_node_is_caught(clean):
+    _, lines, _ = clean
+    i = check_index(lines)
+    exc = hist(lines[i].split()[0], "-", "exception", {"detail": "ValueError: x"})
+    (v,) = history.check([*lines[:i], exc, *lines[i:]]).violations
+    assert v["invariant"] == "no-crash-from-exception" and v["nodes"] == []
