@@ -11,12 +11,12 @@ Issue 15's targets, measured side by side in one run:
   full (log records, one in ten 2 KB long, and spans of typical size), measured in a fresh
   process.
 For (d) it also prints the CPU of the daemon, the service and the caller per call (steadier
-than calls/s on a shared host). The three configurations run side by side (three pairs of
-daemons) and are loaded in turn, S seconds each, R rounds: a host that slows down mid-run
-slows all of them; each ratio is the median over rounds of the configuration's figure over
-off's in the same round. The host baseline (trio TCP echo
-at 32) is
-printed first.
+than calls/s on a shared host), and for (c) each process's: daemon A, daemon B, the service
+and the caller (which also runs the scraper). The three configurations run side by side
+(three pairs of daemons) and are loaded in turn, S seconds each, R rounds: a host that slows
+down mid-run slows all of them; each ratio is the median over rounds of the configuration's
+figure over off's in the same round. The host baseline (trio TCP echo at 32) is printed
+first.
 """
 
 from __future__ import annotations
@@ -130,14 +130,22 @@ def main() -> int:
     rpcbench.host_baseline(32, opts.seconds)  # printed with the figures below
     results: dict[str, dict[str, list[float]]] = {n: {"c": [], "d": []} for n in CONFIGS}
     cpu: dict[str, list[float]] = {n: [] for n in CONFIGS}  # (d): µs of CPU per call
+    # (c): µs of CPU per call of daemon A, daemon B, the service and the caller
+    cpu_c: dict[str, list[list[float]]] = {n: [] for n in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         running = {name: start_config(root, name, env) for name, env in CONFIGS.items()}
         try:
             for r in range(opts.rounds):  # every configuration in turn, round after round
                 for name, run in running.items():
+                    pids_c = (run["a"].proc.pid, run["b"].proc.pid,
+                              run["cluster"].services[0].proc.pid, os.getpid())
+                    before_c = [rpcbench._cpu_seconds(p) for p in pids_c]
                     got = {"c": trio.run(_measure, run["a"].data_dir / "meshd.sock",
                                          opts.seconds, run["metrics"])}
+                    cpu_c[name].append([(rpcbench._cpu_seconds(p) - b) * 1e6
+                                        / (got["c"] * opts.seconds)
+                                        for p, b in zip(pids_c, before_c, strict=True)])
                     pids = (run["b"].proc.pid, run["cluster"].services[0].proc.pid,
                             os.getpid())
                     before = sum(rpcbench._cpu_seconds(p) for p in pids)
@@ -170,6 +178,11 @@ def main() -> int:
         print(f"{name:<12}{med['c']:14,.0f}{paired(name, 'c'):8.3f}"
               f"{med['d']:14,.0f}{paired(name, 'd'):8.3f}{statistics.median(cpu[name]):17.1f}"
               f"{paired(name, 'cpu'):8.3f}")
+    print("\n(c) CPU µs per call, medians over rounds: daemon A / daemon B / service / caller")
+    for name in CONFIGS:
+        per = [statistics.median(r[i] for r in cpu_c[name]) for i in range(4)]
+        print(f"{name:<12}" + " / ".join(f"{x:.1f}" for x in per)
+              + f"   total {sum(per):.1f}")
     print(f"\nidle daemon RSS: {rss / 1e6:.1f} MB; debug buffers full at default sizes "
           f"({fill[1]} log records, {fill[2]} spans): {int(fill[0]) / 1e6:.1f} MB "
           "(goal <= 10 MB)")

@@ -693,6 +693,22 @@ MUTATIONS = [
              "        if not t:\n",
              ("tests/unit/store/test_records.py",),
              "the memory backend knows the bucket of a table's first key only"),
+    # -- fast calls' deadlines: answered calls must not wait for their deadline ----------
+    Mutation("deadlines-never-compacted", "meshd/rpc/deadlines.py",
+             "        if len(heap) >= self._compact_at:\n",
+             "        if False:\n",
+             ("tests/unit/test_rpc_deadlines.py",),
+             "answered calls behind a slow one stay until its deadline (GC pauses)"),
+    Mutation("deadlines-finished-top-kept", "meshd/rpc/deadlines.py",
+             "        while heap and heap[0][2].finished:\n            heapq.heappop(heap)\n",
+             "",
+             ("tests/unit/test_rpc_deadlines.py",),
+             "answered calls leave only at compactions: thousands held at a time"),
+    Mutation("deadlines-finished-expired", "meshd/rpc/deadlines.py",
+             "            if not call.finished:\n                out.append(call)\n",
+             "            out.append(call)\n",
+             ("tests/unit/test_rpc_deadlines.py",),
+             "a call answered already is expired too (a second answer, a 408)"),
 ]
 
 

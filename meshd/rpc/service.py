@@ -24,8 +24,6 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
 import math
 import os
@@ -46,6 +44,7 @@ from meshd.registry.versions import version_matches
 from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from . import remote
+from .deadlines import Deadlines
 
 log = logging.getLogger("meshd.rpc")
 # How deep a body handed to a service may nest: its frame ({"call", "body", ...}) adds a
@@ -88,9 +87,8 @@ class RpcService:
         self.debug: Any = None  # DebugService (spans, call stats), set by the node
         self.stats = {"rpc_calls": 0, "rpc_errors": 0, "rpc_remote_served": 0,
                       "rpc_fast_calls": 0}
-        # deadlines of fast calls: (deadline, n, call), woken when an earlier one arrives
-        self._deadlines: list[tuple[float, int, _FastCall]] = []
-        self._deadline_n = itertools.count()
+        # deadlines of fast calls; the expiry task is woken when an earlier one arrives
+        self._deadlines = Deadlines()
         self._earlier = trio.Event()
         links.handlers[CHANNEL] = self._serve_channel
 
@@ -442,23 +440,19 @@ class RpcService:
 
     def _add_deadline(self, deadline: float, call: Any) -> None:
         """Expire `call` (its `expire()`, unless `finished`) at `deadline`."""
-        if not self._deadlines or deadline < self._deadlines[0][0]:
+        if self._deadlines.add(deadline, call):
             self._earlier.set()
-        heapq.heappush(self._deadlines, (deadline, next(self._deadline_n), call))
 
     async def _expire_fast_calls(self) -> None:
         """Fail fast calls still unanswered at their deadline (408)."""
         while True:
-            now = trio.current_time()
-            heap = self._deadlines
-            while heap and (heap[0][2].finished or heap[0][0] <= now):
-                _, _, call = heapq.heappop(heap)
+            for call in self._deadlines.due(trio.current_time()):
                 try:
                     call.expire()
                 except Exception:  # one call's failure ends that call, never this task
                     log.exception("expiring a fast call failed")
             self._earlier = trio.Event()
-            with trio.move_on_at(heap[0][0] if heap else math.inf):
+            with trio.move_on_at(self._deadlines.next_at()):
                 await self._earlier.wait()
 
     async def call_instance(self, inst: dict[str, Any], endpoint: str, body: Any,
