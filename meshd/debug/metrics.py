@@ -17,6 +17,8 @@ Rules:
   No ids, keys, addresses, topics or instances; Prometheus adds `instance` itself.
 - RPC histograms: `meshd_rpc_server_duration_seconds` and `..._client_...` labelled service,
   endpoint and status ("ok" for 0, else the number, e.g. "404"), buckets stats.BUCKETS.
+- `meshd_gc_pause_seconds` labelled generation ("0", "1", "2"): the process's garbage
+  collector pauses (debug/gcpauses.py), buckets stats.BUCKETS.
 - The listener accepts through meshd/transport/listeners.py like every listener of the
   node (a Gate: caps on open and pending connections and per source address, counted as
   `metrics_*`). One request per connection, parsed by h11: the TLS handshake (with an
@@ -50,7 +52,8 @@ from prometheus_client.utils import floatToGoString
 
 from meshd.transport import listeners as serving
 
-from .stats import BUCKETS, CallStats
+from .gcpauses import GcPauses
+from .stats import BUCKETS, CallStats, Series
 
 log = logging.getLogger("meshd.debug.metrics")
 PATH = "/metrics"
@@ -68,6 +71,7 @@ class MetricsSource(Protocol):
 
     node: str
     calls: CallStats
+    gc: GcPauses
 
     def node_stats(self) -> dict[str, int]: ...
     def members_by_state(self) -> dict[str, int]: ...
@@ -314,16 +318,30 @@ def status_label(status: int) -> str:
     return "ok" if status == 0 else str(status)
 
 
+_BOUNDS = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]
+
+
+def _buckets(series: Series) -> list[tuple[str, int]]:
+    return list(zip(_BOUNDS, series.cumulative(), strict=True))
+
+
+def _gc(pauses: GcPauses) -> Metric:
+    fam = HistogramMetricFamily("meshd_gc_pause_seconds",
+                                "Pauses of this process's garbage collector, by generation.",
+                                labels=("generation",))
+    for generation, series in sorted(pauses.series.items()):
+        fam.add_metric([str(generation)], _buckets(series), series.total)
+    return fam
+
+
 def _rpc(calls: CallStats) -> Iterator[Metric]:
-    bounds = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]
     for side in ("server", "client"):
         fam = HistogramMetricFamily(
             f"meshd_rpc_{side}_duration_seconds",
             f"Duration of RPC calls {'served' if side == 'server' else 'made'} by this node.",
             labels=RPC_LABELS)
         for (service, endpoint, status), series in calls.by_side(side).items():
-            fam.add_metric([service, endpoint, status_label(status)],
-                           list(zip(bounds, series.cumulative(), strict=True)),
+            fam.add_metric([service, endpoint, status_label(status)], _buckets(series),
                            series.total)
         yield fam
 
@@ -335,6 +353,7 @@ class _Collector:
     def collect(self) -> Iterator[Metric]:
         src = self.source
         yield from _rpc(src.calls)
+        yield _gc(src.gc)
         members = GaugeMetricFamily("meshd_members", "Members this node knows, by state.",
                                     labels=("state",))
         counts = src.members_by_state()

@@ -47,6 +47,7 @@ from meshd.transport.links import Channel, ChannelClosed, LinkError, LinkManager
 
 from . import answers as checked
 from . import logs as logmod
+from .gcpauses import GcPauses
 from .logs import LEVEL_NO, BufferHandler, LogBuffer
 from .stats import CallStats, NodeSampler
 from .traces import Sampler, Span, SpanBuffer, Tracer
@@ -161,6 +162,7 @@ class DebugService:
         self._log_quota = TokenBuckets(LOG_BURST, LOG_RATE, cap=4096)  # per instance
         self.spans = SpanBuffer(settings.span_buffer)
         self.calls = CallStats()
+        self.gc = GcPauses()  # the process's collector pauses, counted while run() runs
         self.tracer = Tracer(node, Sampler(settings.trace_sample), self.spans,
                              enabled=settings.tracing)
         self.sampler = NodeSampler(settings.stats_buffer, probe)
@@ -225,14 +227,18 @@ class DebugService:
         root = logging.getLogger("meshd")
         root.addHandler(handler)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.sampler.run, self.settings.stats_interval)
-                for exporter in self.exporters:
-                    await nursery.start(exporter)
-                task_status.started()
-                await trio.sleep_forever()
+            with self.gc.watching():
+                await self._run(task_status)
         finally:
             root.removeHandler(handler)
+
+    async def _run(self, task_status: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.sampler.run, self.settings.stats_interval)
+            for exporter in self.exporters:
+                await nursery.start(exporter)
+            task_status.started()
+            await trio.sleep_forever()
 
     # --- this node's answers -------------------------------------------------------------
 

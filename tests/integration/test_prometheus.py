@@ -131,6 +131,9 @@ def test_prometheus_scrapes_three_nodes_and_an_error_is_counted(cluster, tmp_pat
             raise AssertionError(f"{exc}; targets: {targets[:2000]}") from None
         rows = query(port, 'meshd_rpc_server_duration_seconds_count{status="500"}')
         assert {r["metric"]["instance"] for r in rows} == {address["a"]}
+        # `meshd up` makes a full collection once the node is up: counted on every daemon
+        rows = query(port, 'meshd_gc_pause_seconds_count{generation="2"} > 0')
+        assert {r["metric"]["instance"] for r in rows} == set(address.values())
     finally:
         proc.terminate()
         try:

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshd.debug import metrics
+from meshd.debug.gcpauses import GcPauses
 from meshd.debug.metrics import SAMPLE, STATS, MetricsExporter
 from meshd.debug.stats import BUCKETS, MAX_SERIES, OTHER, CallStats
 from meshd.tlsconf import server_context
@@ -28,6 +29,7 @@ class FakeNode:
     def __init__(self) -> None:
         self.node = "a"
         self.calls = CallStats()
+        self.gc = GcPauses()
         self.stats: dict[str, int] = {}
         self.members: dict[str, int] = {"alive": 3}
         self.score = 0
@@ -58,6 +60,29 @@ def scrape(src: FakeNode) -> dict[str, Any]:
 def values(family: Any, suffix: str = "") -> dict[tuple[tuple[str, str], ...], float]:
     return {tuple(sorted(s.labels.items())): s.value for s in family.samples
             if s.name == family.name + suffix}
+
+
+def test_gc_pauses_are_a_histogram_by_generation():
+    import gc
+
+    src = FakeNode()
+    with src.gc.watching():
+        gc.collect(2)
+        gc.collect(2)
+        gc.collect(1)
+    gc.collect(2)  # not watched any more: not counted
+    fam = scrape(src)["meshd_gc_pause_seconds"]
+    assert fam.type == "histogram"
+    counts = {s.labels["generation"]: s.value for s in fam.samples
+              if s.name == "meshd_gc_pause_seconds_count"}
+    assert counts == {"0": src.gc.series[0].count, "1": 1, "2": 2}
+    total = {s.labels["generation"]: s.value for s in fam.samples
+             if s.name == "meshd_gc_pause_seconds_sum"}
+    assert total["2"] == pytest.approx(src.gc.series[2].total) and total["2"] > 0
+    inf = {s.labels["generation"]: s.value for s in fam.samples
+           if s.name == "meshd_gc_pause_seconds_bucket" and s.labels["le"] == "+Inf"}
+    assert inf == counts
+    assert 0 < src.gc.longest <= total["2"] + total["1"] + total["0"]
 
 
 def test_rpc_histograms_are_cumulative_and_match_the_observations():
@@ -125,7 +150,8 @@ def test_node_counters_through_the_table_only():
         (("listener", "link_tcp"), ("reason", "cap")): 1}
     # a key outside the table is not exported; a key the node does not report is absent
     text = MetricsExporter(src).render().decode()
-    assert "no_such_counter" not in text and "5.0" not in text
+    lines = [ln for ln in text.splitlines() if not ln.startswith(("#", "meshd_gc_pause"))]
+    assert "no_such_counter" not in text and not any(" 5.0" in ln for ln in lines)
     assert "meshd_membership_suspicions" not in fams
 
 
@@ -149,7 +175,8 @@ def test_the_naming_contract():
     src.calls.observe("server", "s", "e", 0, 0.1)
     src.calls.observe("client", "s", "e", 0, 0.1)
     fams = scrape(src)
-    assert len(fams) == 4 + len({s.metric for s in (*STATS.values(), *SAMPLE.values())})
+    # members, health score, two RPC histograms, GC pauses, and the tables' metrics
+    assert len(fams) == 5 + len({s.metric for s in (*STATS.values(), *SAMPLE.values())})
     for fam in fams.values():
         assert fam.name.startswith("meshd_"), fam.name
         for s in fam.samples:
