@@ -8,10 +8,15 @@ p50 (answered calls held until their deadline, 150-400 ms a collection: docs/ben
 
 Rules:
 - `GcPauses.watching()` hooks the interpreter's `gc.callbacks` for the block it guards and
-  unhooks on the way out (the DebugService's run owns it); several nodes in one process
-  each count the process's pauses (the collector is per process, not per node).
+  unhooks on the way out (the DebugService's run owns it); a nested `watching()` of the
+  same GcPauses adds no second hook. Several nodes in one process each count the process's
+  pauses (the collector is per process, not per node).
 - The callback does constant work (two clock reads and a histogram bucket), never raises,
-  never allocates tracked objects of its own on the way.
+  never allocates tracked objects of its own on the way. A "stop" without its "start"
+  (hooked in the middle of a collection) is not counted.
+- A collection can happen anywhere, while the series are read too: `snapshot()` copies them
+  and starts again if a pause was counted meanwhile, so a scrape's count, sum and buckets
+  agree.
 """
 
 from __future__ import annotations
@@ -30,25 +35,38 @@ GENERATIONS = (0, 1, 2)
 class GcPauses:
     def __init__(self) -> None:
         self.series = {g: Series() for g in GENERATIONS}  # seconds per collection
-        self.longest = 0.0
-        self._began = 0.0
+        self._began: float | None = None
+        self._hooked = False
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._began = time.perf_counter()
             return
-        took = time.perf_counter() - self._began
+        began, self._began = self._began, None
         series = self.series.get(info.get("generation"))
-        if series is not None:
-            series.observe(took)
-            if took > self.longest:
-                self.longest = took
+        if began is not None and series is not None:
+            series.observe(time.perf_counter() - began)
+
+    def snapshot(self) -> dict[int, Series]:
+        """A consistent copy of the series (none changed while it was taken)."""
+        while True:
+            counts = [s.count for s in self.series.values()]
+            copy = {g: Series(s.count, s.total, s.errors, s.buckets[:])
+                    for g, s in self.series.items()}
+            if [s.count for s in self.series.values()] == counts:
+                return copy
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[GcPauses]:
+        if self._hooked:
+            yield self
+            return
         gc.callbacks.append(self._callback)
+        self._hooked = True
         try:
             yield self
         finally:
+            self._hooked = False
+            self._began = None
             with contextlib.suppress(ValueError):
                 gc.callbacks.remove(self._callback)

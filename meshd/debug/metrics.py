@@ -329,7 +329,7 @@ def _gc(pauses: GcPauses) -> Metric:
     fam = HistogramMetricFamily("meshd_gc_pause_seconds",
                                 "Pauses of this process's garbage collector, by generation.",
                                 labels=("generation",))
-    for generation, series in sorted(pauses.series.items()):
+    for generation, series in sorted(pauses.snapshot().items()):
         fam.add_metric([str(generation)], _buckets(series), series.total)
     return fam
 
@@ -384,10 +384,11 @@ class MetricsExporter:
         return generate_latest(self.registry)
 
     async def _render(self) -> bytes:
-        """The text of a scrape: the families read in the node's thread (no counter moves
-        while they are read), formatted in a worker thread (the slow part stays off the
-        event loop). Scrapes within RENDER_REUSE seconds of one share its text, so many
-        scrapers cost one render."""
+        """The text of a scrape: the families read in the node's thread (no node counter
+        moves while they are read; the collector's pauses, which any allocation may add
+        to, are copied whole by GcPauses.snapshot), formatted in a worker thread (the slow
+        part stays off the event loop). Scrapes within RENDER_REUSE seconds of one share
+        its text, so many scrapers cost one render."""
         async with self._render_lock:
             now = trio.current_time()
             if self._rendered is not None and now - self._rendered[0] < RENDER_REUSE:

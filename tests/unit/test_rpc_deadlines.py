@@ -36,12 +36,30 @@ def test_due_calls_come_out_in_deadline_order_and_finished_ones_never():
     assert len(d) == 0 and d.next_at() == math.inf
 
 
-def test_add_says_when_a_call_is_the_new_earliest():
+def test_add_says_when_the_expiry_task_must_wake_sooner_than_it_planned():
     d = Deadlines()
+    assert d.next_at() == math.inf  # the task sleeps with nothing to wait for
     assert d.add(10.0, FakeCall(0)) is True
     assert d.add(20.0, FakeCall(1)) is False
     assert d.add(5.0, FakeCall(2)) is True
     assert d.add(5.0, FakeCall(3)) is False  # not earlier than what the task waits for
+    assert d.next_at() == 5.0
+    assert d.add(6.0, FakeCall(4)) is False
+
+
+def test_one_call_at_a_time_does_not_wake_the_task_per_call():
+    """Each call answered before the next one begins: the heap is empty at every add, and
+    yet the task, asleep until the first call's deadline, need not be woken."""
+    d = Deadlines()
+    wakes = 0
+    for n in range(10_000):
+        call = FakeCall(n)
+        if d.add(10.0 + n * 1e-3, call):
+            wakes += 1
+            d.due(n * 1e-3)  # the task wakes, finds nothing due, and plans again
+            d.next_at()
+        call.finished = True
+    assert wakes == 1
 
 
 def test_calls_answered_in_order_leave_at_once():
@@ -72,6 +90,21 @@ def test_finished_calls_behind_a_slow_one_are_compacted_away():
     assert {c.name for c in d.due(math.inf)} == {-1} | {c.name for c in open_calls}
 
 
+def test_a_drained_burst_does_not_leave_the_threshold_high():
+    """A stalled service's 10,000 calls all expire; afterwards the answered calls behind
+    one slow call are rebuilt away as soon as the heap has doubled again."""
+    d = Deadlines()
+    for n in range(10_000):
+        d.add(1.0, FakeCall(n))
+    assert len(d.due(1.0)) == 10_000 and len(d) == 0
+    d.add(50.0, FakeCall(-1))  # the slow one, at the top from now on
+    for n in range(10_000):
+        call = FakeCall(n)
+        d.add(60.0, call)
+        call.finished = True
+        assert len(d) <= 2 * MIN_COMPACT + 1
+
+
 def test_compaction_keeps_every_unfinished_call():
     d = Deadlines()
     calls = [FakeCall(n) for n in range(10 * MIN_COMPACT)]
@@ -85,11 +118,12 @@ def test_compaction_keeps_every_unfinished_call():
                                            reverse=True)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "finish", "due"]),
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "add", "finish", "due"]),
                           st.integers(0, 50), st.floats(0, 100)), max_size=300))
 def test_due_agrees_with_a_plain_list(ops):
-    d, model, made = Deadlines(), [], []
+    """Compaction at 4 held calls (not 1024), so the rebuilds run here too."""
+    d, model, made = Deadlines(min_compact=4), [], []
     for op, n, at in ops:
         if op == "add":
             call = FakeCall(len(made))

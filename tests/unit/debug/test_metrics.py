@@ -82,7 +82,39 @@ def test_gc_pauses_are_a_histogram_by_generation():
     inf = {s.labels["generation"]: s.value for s in fam.samples
            if s.name == "meshd_gc_pause_seconds_bucket" and s.labels["le"] == "+Inf"}
     assert inf == counts
-    assert 0 < src.gc.longest <= total["2"] + total["1"] + total["0"]
+
+
+def test_gc_pauses_count_a_stop_only_after_its_start_and_hook_once():
+    import gc
+
+    pauses = GcPauses()
+    pauses._callback("stop", {"generation": 2, "collected": 0})  # hooked mid-collection
+    assert pauses.series[2].count == 0
+    with pauses.watching(), pauses.watching():  # nested: one hook, each pause once
+        assert gc.callbacks.count(pauses._callback) == 1
+        gc.collect(2)
+    assert pauses.series[2].count == 1 and pauses._callback not in gc.callbacks
+    assert 0 < pauses.series[2].total < 60
+
+
+def test_gc_pause_snapshot_is_taken_again_if_a_pause_lands_while_copying():
+    pauses = GcPauses()
+    pauses.series[2].observe(0.001)
+    real = pauses.series[2]
+    reads = {"n": 0}
+
+    class Moving:  # a pause counted once the copy has its count, before it has its sum
+        def __getattr__(self, name: str):
+            if name == "total":
+                reads["n"] += 1
+                if reads["n"] == 1:
+                    real.observe(0.002)
+            return getattr(real, name)
+
+    pauses.series[2] = Moving()  # type: ignore[assignment]
+    snap = pauses.snapshot()
+    assert snap[2].count == 2 and sum(snap[2].buckets) == 2
+    assert snap[2].total == pytest.approx(0.003) and reads["n"] == 2
 
 
 def test_rpc_histograms_are_cumulative_and_match_the_observations():
