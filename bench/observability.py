@@ -100,6 +100,15 @@ async def _measure(sock: Path, seconds: float, metrics: list[str]) -> float:
     return rate
 
 
+def _measured(daemon: Any, pids: tuple[int, ...], seconds: float,
+              metrics: list[str]) -> tuple[float, list[float]]:
+    """Calls/s through `daemon`, and each of `pids`' µs of CPU per call meanwhile."""
+    before = [rpcbench._cpu_seconds(p) for p in pids]
+    rate = trio.run(_measure, daemon.data_dir / "meshd.sock", seconds, metrics)
+    return rate, [(rpcbench._cpu_seconds(p) - b) * 1e6 / (rate * seconds)
+                  for p, b in zip(pids, before, strict=True)]
+
+
 def start_config(root: Path, name: str, env: dict[str, str]) -> dict[str, Any]:
     """A pair of daemons with the echo service, run with `env` (one configuration)."""
     where = root / name.replace(" ", "-")
@@ -138,21 +147,16 @@ def main() -> int:
         try:
             for r in range(opts.rounds):  # every configuration in turn, round after round
                 for name, run in running.items():
-                    pids_c = (run["a"].proc.pid, run["b"].proc.pid,
-                              run["cluster"].services[0].proc.pid, os.getpid())
-                    before_c = [rpcbench._cpu_seconds(p) for p in pids_c]
-                    got = {"c": trio.run(_measure, run["a"].data_dir / "meshd.sock",
-                                         opts.seconds, run["metrics"])}
-                    cpu_c[name].append([(rpcbench._cpu_seconds(p) - b) * 1e6
-                                        / (got["c"] * opts.seconds)
-                                        for p, b in zip(pids_c, before_c, strict=True)])
-                    pids = (run["b"].proc.pid, run["cluster"].services[0].proc.pid,
-                            os.getpid())
-                    before = sum(rpcbench._cpu_seconds(p) for p in pids)
-                    got["d"] = trio.run(_measure, run["b"].data_dir / "meshd.sock",
-                                        opts.seconds, run["metrics"])
-                    spent = sum(rpcbench._cpu_seconds(p) for p in pids) - before
-                    cpu[name].append(spent * 1e6 / (got["d"] * opts.seconds))
+                    service = run["cluster"].services[0].proc.pid
+                    got_c, per_c = _measured(run["a"], (run["a"].proc.pid, run["b"].proc.pid,
+                                                        service, os.getpid()), opts.seconds,
+                                             run["metrics"])
+                    got_d, per_d = _measured(run["b"], (run["b"].proc.pid, service,
+                                                        os.getpid()), opts.seconds,
+                                             run["metrics"])
+                    got = {"c": got_c, "d": got_d}
+                    cpu_c[name].append(per_c)
+                    cpu[name].append(sum(per_d))
                     for case in ("c", "d"):
                         results[name][case].append(got[case])
                     print(f"round {r + 1} {name:<11} (c) {got['c']:8,.0f}/s  "
